@@ -1,0 +1,394 @@
+//! `cwm bench …`: throughput of the store against the raw disk ceiling measured in the same
+//! run, and recovery time. Results are JSON objects; the CLI prints them.
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::io::{self, AlignedBuf, EngineKind, IoEngine, Op};
+use crate::store::format::{payload_checksum, payload_offset, record_len};
+use crate::store::{BlockDesc, BlockImage, Store, StoreConfig, StoreError, WindowSpec};
+
+/// Fills `buf` with a fast deterministic pseudo-random sequence (xorshift64*).
+pub fn fill_random(buf: &mut [u8], seed: u64) {
+    let mut x = seed | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+fn gbps(bytes: u64, secs: f64) -> f64 {
+    if secs <= 0.0 {
+        return 0.0;
+    }
+    bytes as f64 / secs / 1e9
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Raw O_DIRECT sequential write (+ fdatasync) and read of `bytes` in `chunk`-sized ops through
+/// `engine`: the ceiling the store is compared with.
+pub fn raw_disk(
+    engine: &dyn IoEngine,
+    dir: &Path,
+    bytes: u64,
+    chunk: usize,
+    batch: usize,
+) -> Result<(f64, f64), StoreError> {
+    let path = dir.join("raw-ceiling.bin");
+    let fs = |e| StoreError::Fs {
+        context: format!("raw ceiling file {}", path.display()),
+        source: e,
+    };
+    let (file, _) = io::open_direct(&path, true).map_err(fs)?;
+    crate::store::preallocate_file(&file, bytes).map_err(fs)?;
+    let fd = file.as_raw_fd();
+    let mut bufs: Vec<AlignedBuf> = (0..batch).map(|_| AlignedBuf::zeroed(chunk)).collect();
+    for (i, b) in bufs.iter_mut().enumerate() {
+        fill_random(b, i as u64 + 7);
+    }
+    let n = (bytes / chunk as u64) as usize;
+    let t = Instant::now();
+    let mut i = 0;
+    while i < n {
+        let k = batch.min(n - i);
+        let mut ops: Vec<Op<'_>> = bufs[..k]
+            .iter()
+            .enumerate()
+            .map(|(j, b)| Op::write(fd, ((i + j) * chunk) as u64, b))
+            .collect();
+        engine.run(&mut ops).map_err(|e| StoreError::Io {
+            context: "raw write".into(),
+            source: e,
+        })?;
+        i += k;
+    }
+    engine.fdatasync(fd).map_err(|e| StoreError::Io {
+        context: "raw fdatasync".into(),
+        source: e,
+    })?;
+    let w = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut i = 0;
+    while i < n {
+        let k = batch.min(n - i);
+        let mut ops: Vec<Op<'_>> = bufs[..k]
+            .iter_mut()
+            .enumerate()
+            .map(|(j, b)| Op::read(fd, ((i + j) * chunk) as u64, b))
+            .collect();
+        engine.run(&mut ops).map_err(|e| StoreError::Io {
+            context: "raw read".into(),
+            source: e,
+        })?;
+        i += k;
+    }
+    let r = t.elapsed().as_secs_f64();
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    let total = (n * chunk) as u64;
+    Ok((gbps(total, w), gbps(total, r)))
+}
+
+/// Result of `cwm bench store`.
+#[derive(Debug, Serialize)]
+pub struct StoreBench {
+    /// I/O engine.
+    pub engine: &'static str,
+    /// Bytes per run.
+    pub bytes: u64,
+    /// Block payload bytes.
+    pub block_bytes: u64,
+    /// Queue depth.
+    pub queue_depth: u32,
+    /// Runs (the figures are medians).
+    pub runs: usize,
+    /// Window write (blocks, fdatasync, manifest, fdatasync), GB/s.
+    pub write_gbps: f64,
+    /// Verified read after reopen, GB/s.
+    pub read_gbps: f64,
+    /// Raw O_DIRECT write + fdatasync, GB/s.
+    pub raw_write_gbps: f64,
+    /// Raw O_DIRECT read, GB/s.
+    pub raw_read_gbps: f64,
+    /// `write_gbps / raw_write_gbps`.
+    pub write_ratio: f64,
+    /// `read_gbps / raw_read_gbps`.
+    pub read_ratio: f64,
+    /// Reopen (recovery) time, seconds.
+    pub reopen_seconds: f64,
+}
+
+/// Parameters of `cwm bench store`.
+#[derive(Debug, Clone)]
+pub struct StoreBenchArgs {
+    /// Where to put the files (a temporary directory is made inside).
+    pub dir: std::path::PathBuf,
+    /// Bytes per run.
+    pub bytes: u64,
+    /// Block payload bytes.
+    pub block_bytes: u64,
+    /// I/O engine.
+    pub engine: EngineKind,
+    /// Queue depth.
+    pub queue_depth: u32,
+    /// Runs.
+    pub runs: usize,
+}
+
+/// `cwm bench store`: write a window, reopen, read it back verified; raw disk in the same run.
+pub fn store(a: &StoreBenchArgs) -> Result<StoreBench, StoreError> {
+    let engine = io::build_engine(a.engine, a.queue_depth);
+    let batch = a.queue_depth.max(1) as usize;
+    let n = (a.bytes / a.block_bytes).max(1) as usize;
+    let total = n as u64 * a.block_bytes;
+    let rl = record_len(a.block_bytes) as usize;
+    let po = payload_offset(a.block_bytes);
+    let bl = a.block_bytes as usize;
+    // Two sets of images: one is written while the other's checksums are computed.
+    let mut sets: Vec<Vec<AlignedBuf>> = (0..2)
+        .map(|s| {
+            (0..batch)
+                .map(|i| {
+                    let mut b = AlignedBuf::zeroed(rl);
+                    fill_random(&mut b[po..po + bl], (s * batch + i) as u64 + 1);
+                    b
+                })
+                .collect()
+        })
+        .collect();
+    let (mut ws, mut rs, mut rws, mut rrs, mut reopen) = (vec![], vec![], vec![], vec![], vec![]);
+    for run in 0..a.runs.max(1) {
+        let tmp = tempfile::Builder::new()
+            .prefix("cwm-bench-")
+            .tempdir_in(&a.dir)
+            .map_err(|e| StoreError::Fs {
+                context: "temporary directory".into(),
+                source: e,
+            })?;
+        let (rw, rr) = raw_disk(engine.as_ref(), tmp.path(), total, bl, batch)?;
+        rws.push(rw);
+        rrs.push(rr);
+        let mut cfg = StoreConfig::new(tmp.path().join("store"));
+        cfg.segment_size = (1u64 << 30).max(record_len(a.block_bytes) * 4);
+        let (st, _) = Store::open_with_engine(cfg.clone(), engine.clone())?;
+        let spec = WindowSpec {
+            name: format!("bench-{run}"),
+            session: "bench".into(),
+            namespace: "bench".into(),
+            layout: b"{}".to_vec(),
+            tokens: (0..n as u32 * 16).collect(),
+            blocks: (0..n)
+                .map(|i| BlockDesc {
+                    key: ((run as u128) << 64) | i as u128,
+                    len: a.block_bytes,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let mut w = st.begin_window(spec)?;
+        let nb = n.div_ceil(batch);
+        let mut sums: Vec<Vec<u64>> = vec![Vec::new(); 2];
+        // Checksums of batch 0 up front; then batch i+1's while batch i is written.
+        sums[0] = sets[0]
+            .iter()
+            .map(|b| payload_checksum(&b[po..po + bl]))
+            .collect();
+        for bi in 0..nb {
+            let (cur, next) = if bi % 2 == 0 {
+                let (a0, a1) = sets.split_at_mut(1);
+                (&mut a0[0], &mut a1[0])
+            } else {
+                let (a0, a1) = sets.split_at_mut(1);
+                (&mut a1[0], &mut a0[0])
+            };
+            let first = bi * batch;
+            let k = batch.min(n - first);
+            let cur_sums = std::mem::take(&mut sums[bi % 2]);
+            let next_ref: &Vec<AlignedBuf> = next;
+            let res = std::thread::scope(|s| {
+                let h = s.spawn(|| {
+                    next_ref
+                        .iter()
+                        .map(|b| payload_checksum(&b[po..po + bl]))
+                        .collect::<Vec<u64>>()
+                });
+                let mut imgs: Vec<BlockImage<'_>> = cur[..k]
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(j, b)| BlockImage {
+                        index: first + j,
+                        image: &mut b[..],
+                        checksum: Some(cur_sums[j]),
+                    })
+                    .collect();
+                let r = w.write_blocks(&mut imgs);
+                (r, h.join())
+            });
+            res.0?;
+            sums[(bi + 1) % 2] = res
+                .1
+                .map_err(|_| StoreError::Validation("checksum thread panicked".into()))?;
+        }
+        w.commit()?;
+        ws.push(gbps(total, t.elapsed().as_secs_f64()));
+        drop(st);
+        let t = Instant::now();
+        let (st, _) = Store::open_with_engine(cfg, engine.clone())?;
+        reopen.push(t.elapsed().as_secs_f64());
+        let r = st.open_window(&format!("bench-{run}"))?;
+        let t = Instant::now();
+        // Two readers on alternating batches: one verifies while the other's reads are in flight.
+        let sets_ref = &mut sets;
+        let (s0, s1) = sets_ref.split_at_mut(1);
+        let halves = [&mut s0[0], &mut s1[0]];
+        let results: Vec<Result<(), StoreError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = halves
+                .into_iter()
+                .enumerate()
+                .map(|(h, bufs)| {
+                    let st = &st;
+                    let r = &r;
+                    s.spawn(move || -> Result<(), StoreError> {
+                        let mut bi = h;
+                        while bi * batch < n {
+                            let first = bi * batch;
+                            let k = batch.min(n - first);
+                            let mut imgs: Vec<&mut [u8]> =
+                                bufs[..k].iter_mut().map(|b| &mut b[..]).collect();
+                            st.read_blocks(r, first, &mut imgs)?;
+                            bi += 2;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(StoreError::Validation("reader panicked".into())))
+                })
+                .collect()
+        });
+        for res in results {
+            res?;
+        }
+        rs.push(gbps(total, t.elapsed().as_secs_f64()));
+    }
+    let (w, r, rw, rr) = (median(ws), median(rs), median(rws), median(rrs));
+    Ok(StoreBench {
+        engine: engine.name(),
+        bytes: total,
+        block_bytes: a.block_bytes,
+        queue_depth: a.queue_depth,
+        runs: a.runs.max(1),
+        write_gbps: w,
+        read_gbps: r,
+        raw_write_gbps: rw,
+        raw_read_gbps: rr,
+        write_ratio: if rw > 0.0 { w / rw } else { 0.0 },
+        read_ratio: if rr > 0.0 { r / rr } else { 0.0 },
+        reopen_seconds: median(reopen),
+    })
+}
+
+/// Result of `cwm bench recovery`.
+#[derive(Debug, Serialize)]
+pub struct RecoveryBench {
+    /// Records in the log.
+    pub records: u64,
+    /// Windows recovered.
+    pub windows: u64,
+    /// Bytes of the log.
+    pub log_bytes: u64,
+    /// Seconds to open (recover) the store.
+    pub open_seconds: f64,
+    /// Seconds it took to build the log (not part of the figure).
+    pub build_seconds: f64,
+}
+
+/// `cwm bench recovery`: builds a log of `records` small records (windows of 99 blocks of
+/// 4 KiB plus a manifest), then times a reopen.
+pub fn recovery(
+    dir: &Path,
+    records: u64,
+    engine: EngineKind,
+    queue_depth: u32,
+) -> Result<RecoveryBench, StoreError> {
+    let tmp = tempfile::Builder::new()
+        .prefix("cwm-bench-recovery-")
+        .tempdir_in(dir)
+        .map_err(|e| StoreError::Fs {
+            context: "temporary directory".into(),
+            source: e,
+        })?;
+    let eng: Arc<dyn IoEngine> = io::build_engine(engine, queue_depth);
+    let cfg = StoreConfig::new(tmp.path().join("store"));
+    let per = 100u64;
+    let windows = records.div_ceil(per);
+    let block = 4096u64;
+    let t = Instant::now();
+    {
+        let (st, _) = Store::open_with_engine(cfg.clone(), eng.clone())?;
+        let mut imgs: Vec<AlignedBuf> = (0..per - 1)
+            .map(|i| {
+                let mut b = AlignedBuf::zeroed(record_len(block) as usize);
+                let po = payload_offset(block);
+                fill_random(&mut b[po..po + block as usize], i + 1);
+                b
+            })
+            .collect();
+        for wi in 0..windows {
+            let spec = WindowSpec {
+                name: format!("w{wi}"),
+                session: "bench".into(),
+                namespace: "bench".into(),
+                layout: b"{}".to_vec(),
+                tokens: (0..(per as u32 - 1) * 16).collect(),
+                blocks: (0..per - 1)
+                    .map(|i| BlockDesc {
+                        key: (u128::from(wi) << 64) | u128::from(i),
+                        len: block,
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            let mut w = st.begin_window(spec)?;
+            let mut bi: Vec<BlockImage<'_>> = imgs
+                .iter_mut()
+                .enumerate()
+                .map(|(i, b)| BlockImage {
+                    index: i,
+                    image: &mut b[..],
+                    checksum: None,
+                })
+                .collect();
+            w.write_blocks(&mut bi)?;
+            w.commit()?;
+        }
+    }
+    let build = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let (st, report) = Store::open_with_engine(cfg, eng)?;
+    let open = t.elapsed().as_secs_f64();
+    let stats = st.stats()?;
+    Ok(RecoveryBench {
+        records: report.records,
+        windows: report.windows,
+        log_bytes: stats.used_bytes,
+        open_seconds: open,
+        build_seconds: build,
+    })
+}

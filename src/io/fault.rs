@@ -1,0 +1,133 @@
+//! A fault-injecting engine wrapper: fails the Nth write (optionally after writing part of it),
+//! or the Nth `fdatasync`, with a chosen errno. Used by tests to prove that ENOSPC, EIO, torn
+//! writes and fsync failures give clean typed errors and never a visible partial window.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::{AlignedBuf, IoEngine, IoError, Op, OpBuf};
+
+/// What to break, counted from the moment the plan is set.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FaultPlan {
+    /// Fail the write op with this 0-based index (counting every write op).
+    pub fail_write: Option<u64>,
+    /// errno of the failing write (e.g. `libc::ENOSPC`, `libc::EIO`).
+    pub write_errno: i32,
+    /// Before failing, write the first half of that op (a torn write).
+    pub torn: bool,
+    /// Fail the `fdatasync` with this 0-based index.
+    pub fail_fsync: Option<u64>,
+    /// errno of the failing `fdatasync`.
+    pub fsync_errno: i32,
+    /// Keep failing every write after the first failure (a full device) instead of once.
+    pub sticky: bool,
+}
+
+/// Wraps an engine and injects the faults of its current [`FaultPlan`].
+pub struct FaultEngine {
+    inner: Arc<dyn IoEngine>,
+    plan: Mutex<FaultPlan>,
+    writes: AtomicU64,
+    fsyncs: AtomicU64,
+    tripped: std::sync::atomic::AtomicBool,
+}
+
+impl FaultEngine {
+    /// Wraps `inner` with no faults planned.
+    #[must_use]
+    pub fn new(inner: Arc<dyn IoEngine>) -> Self {
+        Self {
+            inner,
+            plan: Mutex::new(FaultPlan::default()),
+            writes: AtomicU64::new(0),
+            fsyncs: AtomicU64::new(0),
+            tripped: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Replaces the plan and resets the counters.
+    pub fn set_plan(&self, plan: FaultPlan) {
+        if let Ok(mut p) = self.plan.lock() {
+            *p = plan;
+        }
+        self.writes.store(0, Ordering::SeqCst);
+        self.fsyncs.store(0, Ordering::SeqCst);
+        self.tripped.store(false, Ordering::SeqCst);
+    }
+
+    /// Removes every planned fault.
+    pub fn clear(&self) {
+        self.set_plan(FaultPlan::default());
+    }
+
+    /// Write ops seen since the plan was set.
+    #[must_use]
+    pub fn writes_seen(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
+    }
+
+    fn plan(&self) -> FaultPlan {
+        self.plan.lock().map(|p| *p).unwrap_or_default()
+    }
+}
+
+fn injected(op: &'static str, offset: u64, errno: i32) -> IoError {
+    IoError::Os {
+        op,
+        offset,
+        source: std::io::Error::from_raw_os_error(errno),
+    }
+}
+
+impl IoEngine for FaultEngine {
+    fn name(&self) -> &'static str {
+        "fault"
+    }
+
+    fn run(&self, ops: &mut [Op<'_>]) -> Result<(), IoError> {
+        let plan = self.plan();
+        let mut first = None;
+        for op in ops.iter_mut() {
+            let is_write = matches!(op.buf, OpBuf::Write(_));
+            if is_write {
+                let n = self.writes.fetch_add(1, Ordering::SeqCst);
+                let fail = plan.fail_write == Some(n)
+                    || (plan.sticky && self.tripped.load(Ordering::SeqCst));
+                if fail {
+                    self.tripped.store(true, Ordering::SeqCst);
+                    if plan.torn {
+                        if let OpBuf::Write(b) = &op.buf {
+                            let half = (b.len() / 2) & !4095;
+                            if half > 0 {
+                                let _ =
+                                    self.inner
+                                        .run(&mut [Op::write(op.fd, op.offset, &b[..half])]);
+                            }
+                        }
+                    }
+                    first.get_or_insert(injected("write", op.offset, plan.write_errno));
+                    continue;
+                }
+            }
+            if let Err(e) = self.inner.run(std::slice::from_mut(op)) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    fn fdatasync(&self, fd: RawFd) -> Result<(), IoError> {
+        let plan = self.plan();
+        let n = self.fsyncs.fetch_add(1, Ordering::SeqCst);
+        if plan.fail_fsync == Some(n) {
+            return Err(injected("fdatasync", 0, plan.fsync_errno));
+        }
+        self.inner.fdatasync(fd)
+    }
+
+    fn register_fixed(&self, region: Arc<AlignedBuf>) -> bool {
+        self.inner.register_fixed(region)
+    }
+}

@@ -1,0 +1,372 @@
+//! The io_uring engine: one dedicated thread owns the ring and is fed batches through a
+//! crossbeam channel. Callers block until their whole batch has finished. Short transfers are
+//! resubmitted for the remainder; a transfer of zero bytes is an error. An idle ring thread
+//! blocks on the channel; it never spins.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use io_uring::{opcode, types, IoUring};
+
+use super::{AlignedBuf, IoEngine, IoError, Op, OpBuf};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    Fsync,
+}
+
+/// An op with its buffer as a raw pointer, for the ring thread.
+struct RawOp {
+    kind: Kind,
+    fd: RawFd,
+    ptr: *mut u8,
+    len: usize,
+    offset: u64,
+    start_offset: u64,
+    wanted: usize,
+    fixed: Option<u16>,
+}
+
+struct Batch {
+    ops: Vec<RawOp>,
+    done: Sender<Result<(), IoError>>,
+}
+
+// SAFETY: the pointers in a Batch refer to buffers the submitting thread keeps borrowed (and
+// alive) until it receives the batch's completion; only the ring thread touches them meanwhile.
+unsafe impl Send for Batch {}
+
+struct BatchState {
+    batch: Batch,
+    remaining: usize,
+    error: Option<IoError>,
+}
+
+/// Fixed-buffer regions registered with the ring (kept alive here while registered).
+#[derive(Default)]
+struct Fixed {
+    regions: Vec<Arc<AlignedBuf>>,
+}
+
+/// io_uring engine; see the module docs.
+pub struct UringEngine {
+    tx: Option<Sender<Msg>>,
+    thread: Option<JoinHandle<()>>,
+    fixed: Arc<Mutex<Fixed>>,
+    queue_depth: u32,
+}
+
+enum Msg {
+    Batch(Batch),
+    Register(Arc<AlignedBuf>, Sender<bool>),
+}
+
+// SAFETY: see `Batch`; `Register` carries an Arc that is Send on its own.
+unsafe impl Send for Msg {}
+
+impl UringEngine {
+    /// Sets up a ring with `queue_depth` entries and starts its thread.
+    pub fn new(queue_depth: u32) -> std::io::Result<Self> {
+        let qd = queue_depth.clamp(1, 4096);
+        let ring = IoUring::builder().build(qd)?;
+        let (tx, rx) = unbounded::<Msg>();
+        let fixed = Arc::new(Mutex::new(Fixed::default()));
+        let thread = std::thread::Builder::new()
+            .name("cwm-uring".into())
+            .spawn(move || ring_thread(ring, rx, qd as usize))?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+            fixed,
+            queue_depth: qd,
+        })
+    }
+
+    /// The queue depth the ring was built with.
+    #[must_use]
+    pub fn queue_depth(&self) -> u32 {
+        self.queue_depth
+    }
+
+    fn fixed_index(&self, ptr: *const u8, len: usize) -> Option<u16> {
+        let fixed = self.fixed.lock().ok()?;
+        fixed
+            .regions
+            .iter()
+            .position(|r| {
+                let start = r.as_ptr() as usize;
+                let p = ptr as usize;
+                p >= start && p + len <= start + r.len()
+            })?
+            .try_into()
+            .ok()
+    }
+
+    fn submit(&self, ops: Vec<RawOp>) -> Result<(), IoError> {
+        let tx = self.tx.as_ref().ok_or(IoError::EngineGone)?;
+        let (dtx, drx) = bounded(1);
+        tx.send(Msg::Batch(Batch { ops, done: dtx }))
+            .map_err(|_| IoError::EngineGone)?;
+        drx.recv().map_err(|_| IoError::EngineGone)?
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl IoEngine for UringEngine {
+    fn name(&self) -> &'static str {
+        "io_uring"
+    }
+
+    fn run(&self, ops: &mut [Op<'_>]) -> Result<(), IoError> {
+        let raw: Vec<RawOp> = ops
+            .iter_mut()
+            .map(|op| {
+                let (kind, ptr, len) = match &mut op.buf {
+                    OpBuf::Write(b) => (Kind::Write, b.as_ptr().cast_mut(), b.len()),
+                    OpBuf::Read(b) => (Kind::Read, b.as_mut_ptr(), b.len()),
+                };
+                RawOp {
+                    kind,
+                    fd: op.fd,
+                    ptr,
+                    len,
+                    offset: op.offset,
+                    start_offset: op.offset,
+                    wanted: len,
+                    fixed: self.fixed_index(ptr, len),
+                }
+            })
+            .collect();
+        if raw.is_empty() {
+            return Ok(());
+        }
+        // The borrow of `ops` lasts until `submit` returns, which happens only after the ring
+        // thread has finished with every pointer.
+        self.submit(raw)
+    }
+
+    fn fdatasync(&self, fd: RawFd) -> Result<(), IoError> {
+        self.submit(vec![RawOp {
+            kind: Kind::Fsync,
+            fd,
+            ptr: std::ptr::null_mut(),
+            len: 0,
+            offset: 0,
+            start_offset: 0,
+            wanted: 0,
+            fixed: None,
+        }])
+    }
+
+    fn register_fixed(&self, region: Arc<AlignedBuf>) -> bool {
+        let Some(tx) = self.tx.as_ref() else {
+            return false;
+        };
+        let (rtx, rrx) = bounded(1);
+        if tx.send(Msg::Register(region.clone(), rtx)).is_err() {
+            return false;
+        }
+        let ok = rrx.recv().unwrap_or(false);
+        if ok {
+            if let Ok(mut f) = self.fixed.lock() {
+                f.regions.push(region);
+            }
+        }
+        ok
+    }
+}
+
+fn ring_thread(mut ring: IoUring, rx: Receiver<Msg>, qd: usize) {
+    let mut batches: HashMap<u32, BatchState> = HashMap::new();
+    let mut queue: VecDeque<(u32, u32)> = VecDeque::new();
+    let mut next_id: u32 = 0;
+    let mut inflight = 0usize;
+    let mut registered: Vec<Arc<AlignedBuf>> = Vec::new();
+    let mut open = true;
+
+    let mut accept = |msg: Msg,
+                      batches: &mut HashMap<u32, BatchState>,
+                      queue: &mut VecDeque<(u32, u32)>,
+                      ring: &mut IoUring| match msg {
+        Msg::Batch(b) => {
+            let id = next_id;
+            next_id = next_id.wrapping_add(1);
+            for i in 0..b.ops.len() {
+                queue.push_back((id, i as u32));
+            }
+            let remaining = b.ops.len();
+            batches.insert(
+                id,
+                BatchState {
+                    batch: b,
+                    remaining,
+                    error: None,
+                },
+            );
+        }
+        Msg::Register(region, reply) => {
+            // Registering replaces the whole table, so pass every region registered so far.
+            // Only possible while nothing is in flight; callers register at set-up time.
+            registered.push(region);
+            let iovecs: Vec<libc::iovec> = registered
+                .iter()
+                .map(|r| libc::iovec {
+                    iov_base: r.as_ptr() as *mut libc::c_void,
+                    iov_len: r.len(),
+                })
+                .collect();
+            let _ = ring.submitter().unregister_buffers();
+            // SAFETY: every iovec points into an AlignedBuf kept alive by `registered` (and by
+            // the engine's own list) for as long as the ring exists.
+            let ok = unsafe { ring.submitter().register_buffers(&iovecs) }.is_ok();
+            if !ok {
+                registered.pop();
+            }
+            let _ = reply.send(ok);
+        }
+    };
+
+    loop {
+        if inflight == 0 && queue.is_empty() {
+            if !open {
+                break;
+            }
+            match rx.recv() {
+                Ok(m) => accept(m, &mut batches, &mut queue, &mut ring),
+                Err(_) => break,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(m) => accept(m, &mut batches, &mut queue, &mut ring),
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        while inflight < qd {
+            let Some((bid, oi)) = queue.pop_front() else {
+                break;
+            };
+            let Some(state) = batches.get(&bid) else {
+                continue;
+            };
+            let op = &state.batch.ops[oi as usize];
+            let fd = types::Fd(op.fd);
+            let len = op.len.min(u32::MAX as usize & !4095) as u32;
+            let entry = match (op.kind, op.fixed) {
+                (Kind::Write, Some(idx)) => opcode::WriteFixed::new(fd, op.ptr, len, idx)
+                    .offset(op.offset)
+                    .build(),
+                (Kind::Write, None) => opcode::Write::new(fd, op.ptr, len)
+                    .offset(op.offset)
+                    .build(),
+                (Kind::Read, Some(idx)) => opcode::ReadFixed::new(fd, op.ptr, len, idx)
+                    .offset(op.offset)
+                    .build(),
+                (Kind::Read, None) => opcode::Read::new(fd, op.ptr, len).offset(op.offset).build(),
+                (Kind::Fsync, _) => opcode::Fsync::new(fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build(),
+            }
+            .user_data((u64::from(bid) << 32) | u64::from(oi));
+            // SAFETY: the buffer stays valid until the batch completes (see `Batch`), and the
+            // queue has room: at most `qd` entries are ever in flight in a ring of `qd` entries.
+            if unsafe { ring.submission().push(&entry) }.is_err() {
+                queue.push_front((bid, oi));
+                break;
+            }
+            inflight += 1;
+        }
+        if inflight == 0 {
+            continue;
+        }
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+            Err(e) => {
+                // The ring itself is broken: fail everything still pending.
+                for (_, st) in batches.drain() {
+                    let _ = st.batch.done.send(Err(IoError::Os {
+                        op: "io_uring_enter",
+                        offset: 0,
+                        source: std::io::Error::new(e.kind(), e.to_string()),
+                    }));
+                }
+                return;
+            }
+        }
+        let cqes: Vec<(u64, i32)> = ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (ud, res) in cqes {
+            inflight -= 1;
+            let bid = (ud >> 32) as u32;
+            let oi = (ud & 0xffff_ffff) as usize;
+            let Some(state) = batches.get_mut(&bid) else {
+                continue;
+            };
+            let op = &mut state.batch.ops[oi];
+            let opname = match op.kind {
+                Kind::Read => "read",
+                Kind::Write => "write",
+                Kind::Fsync => "fdatasync",
+            };
+            let mut finished = true;
+            if res < 0 {
+                if matches!(-res, libc::EINTR | libc::EAGAIN) {
+                    queue.push_front((bid, oi as u32));
+                    finished = false;
+                } else {
+                    state.error.get_or_insert(IoError::Os {
+                        op: opname,
+                        offset: op.offset,
+                        source: std::io::Error::from_raw_os_error(-res),
+                    });
+                }
+            } else if op.kind != Kind::Fsync {
+                let n = res as usize;
+                if n == 0 {
+                    state.error.get_or_insert(IoError::Short {
+                        op: opname,
+                        offset: op.start_offset,
+                        done: (op.wanted - op.len) as u64,
+                        wanted: op.wanted as u64,
+                    });
+                } else if n < op.len {
+                    // Short transfer: continue with the remainder.
+                    // SAFETY: n < len, so the advanced pointer stays inside the buffer.
+                    op.ptr = unsafe { op.ptr.add(n) };
+                    op.len -= n;
+                    op.offset += n as u64;
+                    queue.push_front((bid, oi as u32));
+                    finished = false;
+                }
+            }
+            if finished {
+                state.remaining -= 1;
+                if state.remaining == 0 {
+                    if let Some(st) = batches.remove(&bid) {
+                        let _ = st.batch.done.send(st.error.map_or(Ok(()), Err));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! cwm — Context Window Manager.
+//!
+//! A sidecar beside a vLLM server that freezes a conversation's KV cache into a durable,
+//! checksummed block log under a name (a *window*) and thaws it back later.
+//!
+//! Where a byte goes: `device` (the engine's KV cache) → `pipeline` (gather, checksum) →
+//! [`store`] (records, manifests, commit protocol) → [`io`] (io_uring or pread/pwrite, O_DIRECT)
+//! → the segment files; and back the same way on thaw.
+
+pub mod bench;
+pub mod io;
+pub mod log;
+pub mod store;

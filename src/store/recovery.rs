@@ -1,0 +1,524 @@
+//! Recovery: scan record headers of every segment (payloads only for manifests and
+//! tombstones), stop a segment's scan at its first invalid header, apply manifests and
+//! tombstones in sequence order, and expose exactly the windows whose manifest and blocks are
+//! all present.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::format::{
+    payload_checksum, payload_offset, record_len, HeaderError, RecordHeader, RecordKind,
+    SegmentHeader, PAGE,
+};
+use super::manifest::{Manifest, Tombstone};
+use super::segment::{self, Segment};
+use super::{
+    name_key, Appender, BlockEntry, Loc, State, StoreConfig, StoreError, WindowEntry, WindowInfo,
+};
+use crate::io::{self, AlignedBuf, IoEngine};
+
+/// What recovery tolerates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecoveryMode {
+    /// Any invalid record (a torn tail included), damaged manifest or incomplete window fails
+    /// the open with a report.
+    Strict,
+    /// Torn segment tails (a crash mid-write) are cut off; damaged manifests and incomplete
+    /// windows are reported and left invisible. The default.
+    #[default]
+    TolerateTail,
+}
+
+impl std::str::FromStr for RecoveryMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "strict" => Ok(Self::Strict),
+            "tolerate-tail" => Ok(Self::TolerateTail),
+            o => Err(format!(
+                "unknown recovery mode {o:?}: use strict or tolerate-tail"
+            )),
+        }
+    }
+}
+
+/// What recovery found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RecoveryReport {
+    /// Segments scanned.
+    pub segments: u64,
+    /// Valid records found.
+    pub records: u64,
+    /// Windows exposed.
+    pub windows: u64,
+    /// Segments whose scan stopped at an invalid (torn) header: (segment id, offset, why).
+    pub torn_tails: Vec<(u64, u64, String)>,
+    /// Manifests or tombstones whose payload failed its checksum: (segment id, offset).
+    pub damaged_records: Vec<(u64, u64)>,
+    /// Damaged regions inside segments skipped to reach later valid records:
+    /// (segment id, from, to, why).
+    pub damaged_regions: Vec<(u64, u64, u64, String)>,
+    /// Windows not exposed because a block is missing: names.
+    pub incomplete_windows: Vec<String>,
+    /// Segment files removed because their header was never written (crash at creation).
+    pub removed_empty_segments: Vec<u64>,
+    /// Bytes of torn tails cut off.
+    pub truncated_bytes: u64,
+}
+
+struct Rec {
+    h: RecordHeader,
+    offset: u64,
+    len: u64,
+}
+
+enum Meta {
+    Manifest(Manifest, Loc),
+    Tombstone(Tombstone),
+}
+
+struct Cand {
+    seq: u64,
+    loc: Loc,
+    payload_len: u64,
+    checksum: u64,
+}
+
+const SCAN_WINDOW: usize = 256 * 1024;
+
+type Recovered = (State, Appender, u64, RecoveryReport);
+
+pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recovered, StoreError> {
+    let strict = cfg.recovery == RecoveryMode::Strict;
+    let mut report = RecoveryReport::default();
+    let mut ids: Vec<u64> = std::fs::read_dir(&cfg.dir)
+        .map_err(|e| StoreError::from_fs("list", &cfg.dir, e))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| segment::parse_file_name(&e.file_name().to_string_lossy()))
+        .collect();
+    ids.sort_unstable();
+
+    let mut state = State::default();
+    let mut metas: Vec<(u64, Meta)> = Vec::new();
+    let mut cands: HashMap<u128, Vec<Cand>> = HashMap::new();
+    let mut max_seq = 0u64;
+    let mut used = 0u64;
+    let mut last: Option<Arc<Segment>> = None;
+    let mut page = AlignedBuf::zeroed(PAGE as usize);
+
+    for (n, &id) in ids.iter().enumerate() {
+        let path = cfg.dir.join(segment::file_name(id));
+        let (file, _) =
+            io::open_direct(&path, false).map_err(|e| StoreError::from_fs("open", &path, e))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| StoreError::from_fs("stat", &path, e))?
+            .len();
+        let header = if file_len < PAGE {
+            Err(HeaderError::Empty)
+        } else {
+            engine
+                .read_exact_at(file.as_raw_fd(), 0, &mut page)
+                .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+            SegmentHeader::decode(&page)
+        };
+        let header = match header {
+            Ok(h) if h.segment_id == id => h,
+            Err(HeaderError::Empty) if n + 1 == ids.len() => {
+                // Crash while creating the newest segment: it holds nothing.
+                drop(file);
+                std::fs::remove_file(&path).map_err(|e| StoreError::from_fs("remove", &path, e))?;
+                report.removed_empty_segments.push(id);
+                continue;
+            }
+            Ok(_) => {
+                return Err(StoreError::Recovery(format!(
+                    "{} has the header of another segment; run `cwm fsck`",
+                    path.display()
+                )))
+            }
+            Err(e) => return Err(StoreError::Recovery(format!(
+                "segment header of {} is invalid ({e}); run `cwm fsck --repair` to set it aside",
+                path.display()
+            ))),
+        };
+        let seg = Arc::new(Segment {
+            id,
+            generation: header.generation,
+            size: header.segment_size,
+            file,
+            path: path.clone(),
+            frontier: AtomicU64::new(PAGE),
+            live: AtomicU64::new(0),
+            sealed: AtomicBool::new(true),
+            failed: AtomicBool::new(false),
+        });
+        report.segments += 1;
+        let (recs, frontier, torn, damaged) = scan(engine, &seg, file_len)?;
+        if let Some((from, to, why)) = damaged.first() {
+            if strict {
+                return Err(StoreError::Recovery(format!(
+                    "{}: invalid record header at offset {from} ({why}), valid records resume at {to}; run `cwm fsck`",
+                    path.display()
+                )));
+            }
+        }
+        for (from, to, why) in damaged {
+            report.damaged_regions.push((id, from, to, why));
+        }
+        if let Some((off, why)) = torn {
+            if strict {
+                return Err(StoreError::Recovery(format!(
+                    "{}: invalid record header at offset {off} ({why}); strict recovery refuses a torn tail (open with tolerate-tail to cut it off)",
+                    path.display()
+                )));
+            }
+            report.torn_tails.push((id, off, why));
+        }
+        seg.frontier.store(frontier, Ordering::SeqCst);
+        used += frontier;
+        for r in recs {
+            max_seq = max_seq.max(r.h.seq);
+            report.records += 1;
+            let loc = Loc {
+                seg: seg.clone(),
+                offset: r.offset,
+                len: r.len,
+            };
+            match r.h.kind {
+                RecordKind::Block => cands.entry(r.h.key).or_default().push(Cand {
+                    seq: r.h.seq,
+                    loc,
+                    payload_len: r.h.payload_len,
+                    checksum: r.h.payload_xxh3,
+                }),
+                RecordKind::Manifest | RecordKind::Tombstone => {
+                    match read_meta(engine, &seg, &r) {
+                        Ok(Some(m)) => {
+                            let m = match m {
+                                MetaPayload::Manifest(m) => Meta::Manifest(m, loc),
+                                MetaPayload::Tombstone(t) => {
+                                    // Tombstones stay live until compaction retires them.
+                                    seg.live.fetch_add(r.len, Ordering::SeqCst);
+                                    Meta::Tombstone(t)
+                                }
+                            };
+                            metas.push((r.h.seq, m));
+                        }
+                        Ok(None) | Err(_) => {
+                            if strict {
+                                return Err(StoreError::Recovery(format!(
+                                    "{}: damaged {:?} record at offset {}",
+                                    path.display(),
+                                    r.h.kind,
+                                    r.offset
+                                )));
+                            }
+                            report.damaged_records.push((id, r.offset));
+                        }
+                    }
+                }
+            }
+        }
+        // Cut off torn tails and unused preallocation so stale bytes can never be read as
+        // records after later appends.
+        if file_len > frontier && (n + 1 != ids.len()) {
+            seg.file
+                .set_len(frontier)
+                .map_err(|e| StoreError::from_fs("truncate", &path, e))?;
+        }
+        if let Some((_, off, _)) = report.torn_tails.last() {
+            if report.torn_tails.last().map(|t| t.0) == Some(id) {
+                report.truncated_bytes += file_len.saturating_sub(*off);
+            }
+        }
+        state.segments.insert(id, seg.clone());
+        last = Some(seg);
+    }
+
+    // Apply manifests and tombstones in sequence order.
+    metas.sort_by_key(|(s, _)| *s);
+    let mut live: BTreeMap<String, (u64, Manifest, Loc)> = BTreeMap::new();
+    for (seq, m) in metas {
+        match m {
+            Meta::Manifest(m, loc) => {
+                let newer = live
+                    .get(&m.name)
+                    .map_or(true, |(_, old, _)| m.version > old.version);
+                if newer {
+                    live.insert(m.name.clone(), (seq, m, loc));
+                }
+            }
+            Meta::Tombstone(t) => {
+                if live
+                    .get(&t.name)
+                    .is_some_and(|(_, m, _)| m.version == t.version)
+                {
+                    live.remove(&t.name);
+                }
+            }
+        }
+    }
+    for cs in cands.values_mut() {
+        cs.sort_by_key(|c| c.seq);
+    }
+    let mut windows: Vec<(u64, Manifest, Loc)> = live.into_values().collect();
+    windows.sort_by_key(|(s, _, _)| *s);
+    for (seq, m, mloc) in windows {
+        // Resolve every block to the newest matching record written before the manifest.
+        let mut resolved = Vec::with_capacity(m.blocks.len());
+        for b in &m.blocks {
+            let found = cands.get(&b.key).and_then(|cs| {
+                cs.iter()
+                    .rev()
+                    .find(|c| c.seq < seq && c.checksum == b.checksum && c.payload_len == b.len)
+            });
+            match found {
+                Some(c) => resolved.push(c),
+                None => break,
+            }
+        }
+        if resolved.len() != m.blocks.len() {
+            if strict {
+                return Err(StoreError::Recovery(format!(
+                    "window {:?} refers to a block that is not in the log",
+                    m.name
+                )));
+            }
+            report.incomplete_windows.push(m.name.clone());
+            continue;
+        }
+        for (b, c) in m.blocks.iter().zip(resolved) {
+            match state.blocks.get_mut(&b.key) {
+                Some(e) => e.refs += 1,
+                None => {
+                    c.loc.seg.live.fetch_add(c.loc.len, Ordering::SeqCst);
+                    state.blocks.insert(
+                        b.key,
+                        BlockEntry {
+                            loc: c.loc.clone(),
+                            payload_len: c.payload_len,
+                            checksum: c.checksum,
+                            refs: 1,
+                        },
+                    );
+                }
+            }
+        }
+        mloc.seg.live.fetch_add(mloc.len, Ordering::SeqCst);
+        let info = WindowInfo {
+            name: m.name.clone(),
+            version: m.version,
+            seq,
+            session: m.session.clone(),
+            namespace: m.namespace.clone(),
+            num_tokens: m.tokens.len() as u64,
+            num_blocks: m.blocks.len() as u64,
+            bytes: m.blocks.iter().map(|b| b.len).sum(),
+            created_unix_ms: m.created_unix_ms,
+        };
+        state.windows.insert(
+            m.name.clone(),
+            WindowEntry {
+                info,
+                manifest: mloc,
+                keys: m.blocks.iter().map(|b| b.key).collect(),
+            },
+        );
+    }
+    report.windows = state.windows.len() as u64;
+
+    // The newest segment stays the active one if it has room: cut its tail, re-preallocate
+    // (zeros), and make that durable before anything is appended after the recovered records.
+    let mut active = None;
+    if let Some(seg) = last {
+        let f = seg.frontier();
+        if f + PAGE < seg.size && !strict_keep_sealed(&seg) {
+            reset_tail(&seg.file, f, seg.size)
+                .map_err(|e| StoreError::from_fs("reset the tail of", &seg.path, e))?;
+            seg.sealed.store(false, Ordering::SeqCst);
+            active = Some(seg);
+        } else {
+            let _ = seg.file.set_len(f);
+        }
+    }
+    let next_segment = ids.last().map_or(1, |l| l + 1);
+    Ok((
+        state,
+        Appender {
+            active,
+            next_seq: max_seq + 1,
+            next_segment,
+        },
+        used,
+        report,
+    ))
+}
+
+fn strict_keep_sealed(_seg: &Segment) -> bool {
+    false
+}
+
+fn reset_tail(file: &File, frontier: u64, size: u64) -> std::io::Result<()> {
+    file.set_len(frontier)?;
+    segment::preallocate(file, size)?;
+    file.sync_all()
+}
+
+enum MetaPayload {
+    Manifest(Manifest),
+    Tombstone(Tombstone),
+}
+
+fn read_meta(
+    engine: &dyn IoEngine,
+    seg: &Segment,
+    r: &Rec,
+) -> Result<Option<MetaPayload>, StoreError> {
+    let mut img = AlignedBuf::zeroed(r.len as usize);
+    engine
+        .read_exact_at(seg.fd(), r.offset, &mut img)
+        .map_err(|e| StoreError::io("reading a manifest during recovery", e))?;
+    let po = payload_offset(r.h.payload_len);
+    let p = &img[po..po + r.h.payload_len as usize];
+    if payload_checksum(p) != r.h.payload_xxh3 {
+        return Ok(None);
+    }
+    Ok(match r.h.kind {
+        RecordKind::Manifest => Manifest::decode(p)
+            .ok()
+            .and_then(|m| (name_key(&m.name) == r.h.key).then_some(MetaPayload::Manifest(m))),
+        RecordKind::Tombstone => Tombstone::decode(p).ok().map(MetaPayload::Tombstone),
+        RecordKind::Block => None,
+    })
+}
+
+type Scan = (
+    Vec<Rec>,
+    u64,
+    Option<(u64, String)>,
+    Vec<(u64, u64, String)>,
+);
+
+/// Walks the record headers of one segment. Reads 256 KiB windows while records are small and
+/// single header pages once they are large, so the cost follows the number of records.
+fn scan(engine: &dyn IoEngine, seg: &Segment, file_len: u64) -> Result<Scan, StoreError> {
+    let mut recs = Vec::new();
+    let mut buf = AlignedBuf::zeroed(SCAN_WINDOW);
+    let (mut win_start, mut win_len) = (0u64, 0u64);
+    let mut off = PAGE;
+    let mut last_seq = 0u64;
+    let mut big = false;
+    let mut damaged = Vec::new();
+    let end = file_len.min(seg.size);
+    let torn = loop {
+        if off + PAGE > end {
+            break None;
+        }
+        if !(off >= win_start && off + PAGE <= win_start + win_len) {
+            let want = if big {
+                PAGE
+            } else {
+                (end - off).min(SCAN_WINDOW as u64) & !(PAGE - 1)
+            };
+            engine
+                .read_exact_at(seg.fd(), off, &mut buf[..want as usize])
+                .map_err(|e| StoreError::io(format!("scanning {}", seg.path.display()), e))?;
+            win_start = off;
+            win_len = want;
+        }
+        let at = (off - win_start) as usize;
+        let bad = match RecordHeader::decode(&buf[at..at + PAGE as usize], seg.generation) {
+            Err(HeaderError::Empty) => break None,
+            Err(e) => Err(e.to_string()),
+            Ok(h) if h.segment_id != seg.id => Err("record of another segment".to_string()),
+            Ok(h) if h.seq <= last_seq => Err("sequence number does not increase".to_string()),
+            Ok(h) if off + record_len(h.payload_len) > end => {
+                Err("record runs past the end of the segment".to_string())
+            }
+            Ok(h) => Ok(h),
+        };
+        let h = match bad {
+            Ok(h) => h,
+            Err(why) => {
+                // A torn tail, or damage in the middle? Look for a later valid record.
+                match find_next(engine, seg, off + PAGE, end, last_seq)? {
+                    Some(next) => {
+                        damaged.push((off, next, why));
+                        off = next;
+                        win_len = 0;
+                        continue;
+                    }
+                    None => break Some((off, why)),
+                }
+            }
+        };
+        let len = record_len(h.payload_len);
+        last_seq = h.seq;
+        recs.push(Rec {
+            h,
+            offset: off,
+            len,
+        });
+        off += len;
+        big = len > 16 * PAGE;
+    };
+    let frontier = match &torn {
+        Some((o, _)) => *o,
+        None => off.min(end.max(PAGE)),
+    };
+    Ok((recs, frontier, torn, damaged))
+}
+
+/// Finds the next page at or after `from` holding a valid record header of this segment with a
+/// sequence number above `last_seq`. Skips holes (never-written preallocated space) with
+/// `SEEK_DATA`, so a torn tail followed by unwritten space costs little to rule out.
+fn find_next(
+    engine: &dyn IoEngine,
+    seg: &Segment,
+    from: u64,
+    end: u64,
+    last_seq: u64,
+) -> Result<Option<u64>, StoreError> {
+    let mut buf = AlignedBuf::zeroed(SCAN_WINDOW);
+    let mut off = from;
+    while off + PAGE <= end {
+        // SAFETY: lseek on an owned descriptor; no memory is passed.
+        let data = unsafe { libc::lseek(seg.fd(), off as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            return Ok(None); // ENXIO: no data after `off`
+        }
+        let data = (data as u64) & !(PAGE - 1);
+        if data > off {
+            off = data;
+            continue;
+        }
+        let want = (end - off).min(SCAN_WINDOW as u64) & !(PAGE - 1);
+        if want == 0 {
+            break;
+        }
+        engine
+            .read_exact_at(seg.fd(), off, &mut buf[..want as usize])
+            .map_err(|e| StoreError::io(format!("scanning {}", seg.path.display()), e))?;
+        for p in 0..(want / PAGE) {
+            let at = (p * PAGE) as usize;
+            if let Ok(h) = RecordHeader::decode(&buf[at..at + PAGE as usize], seg.generation) {
+                let o = off + p * PAGE;
+                if h.segment_id == seg.id
+                    && h.seq > last_seq
+                    && o + record_len(h.payload_len) <= end
+                {
+                    return Ok(Some(o));
+                }
+            }
+        }
+        off += want;
+    }
+    Ok(None)
+}

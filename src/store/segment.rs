@@ -1,0 +1,159 @@
+//! Segment files: fixed-size, preallocated, a header page first, records after it.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use super::format::{SegmentHeader, PAGE};
+use super::StoreError;
+use crate::io::{self, AlignedBuf, IoEngine};
+
+/// One open segment file.
+pub(crate) struct Segment {
+    pub id: u64,
+    pub generation: u64,
+    pub size: u64,
+    pub file: File,
+    pub path: PathBuf,
+    /// Offset just past the last record written (or found at recovery).
+    pub frontier: AtomicU64,
+    /// Bytes of records something still refers to.
+    pub live: AtomicU64,
+    /// No more appends: full, or a write / fdatasync failed on it.
+    pub sealed: AtomicBool,
+    /// A write or fdatasync failed: the segment is read-only from now on.
+    pub failed: AtomicBool,
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Segment({})", self.id)
+    }
+}
+
+/// File name of segment `id`.
+pub(crate) fn file_name(id: u64) -> String {
+    format!("segment-{id:010}.log")
+}
+
+/// Parses a segment id out of a file name written by [`file_name`].
+pub(crate) fn parse_file_name(name: &str) -> Option<u64> {
+    name.strip_prefix("segment-")?
+        .strip_suffix(".log")?
+        .parse()
+        .ok()
+}
+
+pub(crate) fn random_u64() -> u64 {
+    let mut v = [0u8; 8];
+    // SAFETY: getrandom writes at most v.len() bytes into v.
+    let n = unsafe { libc::getrandom(v.as_mut_ptr().cast(), v.len(), 0) };
+    if n == 8 {
+        return u64::from_le_bytes(v);
+    }
+    // Fallback: hash of time and pid through std's randomly keyed hasher.
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+pub(crate) fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Preallocates `len` bytes of `file` (zeros when read). File systems without fallocate are
+/// tolerated (the file then grows as it is written).
+pub(crate) fn preallocate(file: &File, len: u64) -> std::io::Result<()> {
+    // SAFETY: fallocate on an owned descriptor; no memory is passed.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => file.set_len(len),
+        _ => Err(e),
+    }
+}
+
+impl Segment {
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Creates segment `id`: preallocate, write and sync the header page, sync the directory.
+    pub fn create(
+        dir: &Path,
+        id: u64,
+        size: u64,
+        engine: &dyn IoEngine,
+    ) -> Result<Segment, StoreError> {
+        let path = dir.join(file_name(id));
+        let fs = |what: &str, e: std::io::Error| StoreError::from_fs(what, &path, e);
+        let (file, _direct) = io::open_direct(&path, true).map_err(|e| fs("create", e))?;
+        if let Err(e) = preallocate(&file, size) {
+            let _ = std::fs::remove_file(&path);
+            return Err(fs("preallocate", e));
+        }
+        let header = SegmentHeader {
+            segment_id: id,
+            generation: random_u64(),
+            segment_size: size,
+            created_unix_ms: now_unix_ms(),
+        };
+        let mut page = AlignedBuf::zeroed(PAGE as usize);
+        header.encode(&mut page);
+        let fd = file.as_raw_fd();
+        let res = engine
+            .write_all_at(fd, 0, &page)
+            .and_then(|()| engine.fdatasync(fd));
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(&path);
+            return Err(StoreError::Io {
+                context: format!("writing the header of {}", path.display()),
+                source: e,
+            });
+        }
+        io::sync_dir(dir).map_err(|e| fs("sync directory of", e))?;
+        Ok(Segment {
+            id,
+            generation: header.generation,
+            size,
+            file,
+            path,
+            frontier: AtomicU64::new(PAGE),
+            live: AtomicU64::new(0),
+            sealed: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    /// Marks the segment sealed and gives back its unused preallocated tail.
+    pub fn seal(&self) {
+        if !self.sealed.swap(true, Ordering::SeqCst) {
+            let f = self.frontier.load(Ordering::SeqCst);
+            let _ = self.file.set_len(f);
+        }
+    }
+
+    /// Marks the segment failed (read-only) after a write or fdatasync error.
+    pub fn fail(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+        self.seal();
+    }
+
+    pub fn frontier(&self) -> u64 {
+        self.frontier.load(Ordering::SeqCst)
+    }
+}

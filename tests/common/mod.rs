@@ -1,0 +1,127 @@
+//! Helpers shared by the integration tests. Every store scenario runs on both I/O engines.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cwm::io::fault::FaultEngine;
+use cwm::io::psync::PsyncEngine;
+use cwm::io::uring::UringEngine;
+use cwm::io::IoEngine;
+use cwm::store::{BlockDesc, RecoveryReport, Store, StoreConfig, WindowSpec};
+
+/// Both engines (io_uring only where the kernel allows it; the skip is printed).
+pub fn engines() -> Vec<(&'static str, Arc<dyn IoEngine>)> {
+    let mut v: Vec<(&'static str, Arc<dyn IoEngine>)> =
+        vec![("psync", Arc::new(PsyncEngine::new()))];
+    match UringEngine::new(32) {
+        Ok(e) => v.push(("io_uring", Arc::new(e))),
+        Err(e) => eprintln!("SKIPPED io_uring engine: {e}"),
+    }
+    v
+}
+
+/// A config with small segments so file-level surgery stays cheap.
+pub fn config(dir: &Path) -> StoreConfig {
+    let mut c = StoreConfig::new(dir);
+    c.segment_size = 4 << 20;
+    c
+}
+
+pub fn open(dir: &Path, engine: &Arc<dyn IoEngine>) -> (Store, RecoveryReport) {
+    Store::open_with_engine(config(dir), engine.clone()).expect("open store")
+}
+
+pub fn fault(engine: &Arc<dyn IoEngine>) -> Arc<FaultEngine> {
+    Arc::new(FaultEngine::new(engine.clone()))
+}
+
+/// Deterministic payload bytes.
+pub fn payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    cwm::bench::fill_random(&mut v, seed.wrapping_mul(0x9E37_79B9) + 1);
+    v
+}
+
+/// A spec with the given keys, each block `len` bytes.
+pub fn spec(name: &str, keys: &[u128], len: u64) -> WindowSpec {
+    WindowSpec {
+        name: name.into(),
+        session: format!("session-{name}"),
+        namespace: "test-model".into(),
+        layout: b"{\"test\":1}".to_vec(),
+        tokens: (0..keys.len() as u32 * 16).collect(),
+        blocks: keys.iter().map(|&key| BlockDesc { key, len }).collect(),
+        ..Default::default()
+    }
+}
+
+/// Writes a window whose block `i` holds `payload(key, len)`.
+pub fn put(store: &Store, name: &str, keys: &[u128], len: u64) -> cwm::store::WindowInfo {
+    let payloads: Vec<Vec<u8>> = keys
+        .iter()
+        .map(|&k| payload(k as u64, len as usize))
+        .collect();
+    let refs: Vec<&[u8]> = payloads.iter().map(|p| &p[..]).collect();
+    store
+        .put_window(spec(name, keys, len), &refs)
+        .expect("put window")
+}
+
+/// Asserts a window reads back verified and bit-exact.
+pub fn check(store: &Store, name: &str, keys: &[u128], len: u64) {
+    let (m, blocks) = store
+        .read_window(name)
+        .unwrap_or_else(|e| panic!("read {name}: {e}"));
+    assert_eq!(m.blocks.len(), keys.len());
+    for (i, b) in blocks.iter().enumerate() {
+        assert_eq!(
+            b,
+            &payload(keys[i] as u64, len as usize),
+            "{name} block {i}"
+        );
+    }
+}
+
+pub fn keys(base: u128, n: usize) -> Vec<u128> {
+    (0..n as u128).map(|i| (base << 32) | i).collect()
+}
+
+/// The segment files of a data dir, sorted.
+pub fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("list")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Copies a data dir (without its LOCK file).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("list") {
+        let e = e.expect("entry");
+        if e.file_name() == "LOCK" {
+            continue;
+        }
+        std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+    }
+}
+
+/// Flips one bit of a file.
+pub fn flip_bit(path: &Path, offset: u64, bit: u8) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).expect("read");
+    b[0] ^= 1 << bit;
+    f.write_all_at(&b, offset).expect("write");
+    f.sync_all().expect("sync");
+}
