@@ -143,10 +143,12 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
                     path.display()
                 )))
             }
-            Err(e) => return Err(StoreError::Recovery(format!(
+            Err(e) => {
+                return Err(StoreError::Recovery(format!(
                 "segment header of {} is invalid ({e}); run `cwm fsck --repair` to set it aside",
                 path.display()
-            ))),
+            )))
+            }
         };
         let seg = Arc::new(Segment {
             id,

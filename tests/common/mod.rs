@@ -104,7 +104,7 @@ pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");
     for e in std::fs::read_dir(from).expect("list") {
         let e = e.expect("entry");
-        if e.file_name() == "LOCK" {
+        if e.file_name() == "LOCK" || e.path().is_dir() {
             continue;
         }
         std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
