@@ -1,5 +1,6 @@
 //! A flipped bit in a block header or payload is detected, never returned; the intact prefix is
 //! reported. A flipped header in the middle of a segment does not hide later windows.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 mod common;
 use common::*;
 

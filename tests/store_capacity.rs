@@ -1,5 +1,6 @@
 //! EC-020 (quota: exactly full, one byte under, far over), EC-014 (zero-size block), EC-010
 //! (empty window): refused before any byte is written, with the bytes needed and free.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 mod common;
 use common::*;
 

@@ -1,5 +1,6 @@
 //! Dedup: two windows sharing blocks store them once; deleting one keeps the other intact,
 //! before and after a reopen; reference counts and live bytes follow.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 mod common;
 use common::*;
 

@@ -1,6 +1,7 @@
 //! ENOSPC and EIO injected in the middle of a window's blocks and in its manifest, torn (short)
 //! writes, and fdatasync failures: a clean typed error, no visible partial window, and the
 //! store still usable afterwards (and after a reopen).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 mod common;
 use common::*;
 use cwm::io::fault::FaultPlan;

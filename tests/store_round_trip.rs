@@ -1,4 +1,5 @@
 //! Round trip and reopen after a clean shutdown, on both engines.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 mod common;
 use common::*;
 

@@ -1,5 +1,6 @@
 //! Bytes from an earlier use of a segment never validate: the header checksum is seeded with
 //! the segment's generation.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 mod common;
 use common::*;
 use std::os::unix::fs::FileExt;

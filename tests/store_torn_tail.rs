@@ -1,6 +1,7 @@
 //! Torn tail: cut the log at every 4 KiB boundary inside the last window's records (and
 //! zero-fill instead of cutting, as a preallocated file would look) and reopen: the earlier
 //! window is intact and verified, the torn one invisible, and the store keeps working.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 mod common;
 use common::*;
 

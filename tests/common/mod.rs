@@ -1,4 +1,5 @@
 //! Helpers shared by the integration tests. Every store scenario runs on both I/O engines.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
