@@ -8,6 +8,11 @@
 //! → the segment files; and back the same way on thaw.
 
 pub mod bench;
+pub mod device;
 pub mod io;
+pub mod keys;
+pub mod layout;
 pub mod log;
+pub mod pipeline;
 pub mod store;
+pub mod tier;

@@ -252,7 +252,7 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
             Meta::Manifest(m, loc) => {
                 let newer = live
                     .get(&m.name)
-                    .map_or(true, |(_, old, _)| m.version > old.version);
+                    .is_none_or(|(_, old, _)| m.version > old.version);
                 if newer {
                     live.insert(m.name.clone(), (seq, m, loc));
                 }

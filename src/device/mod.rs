@@ -1,0 +1,212 @@
+//! Where KV caches live and how bytes get in and out of them. The `host` backend reaches a KV
+//! cache in another process's memory (a shared-memory file, or the process itself through
+//! process_vm_readv/writev) with CPU gather/scatter; the CUDA backend (a later change) plugs
+//! into the same [`KvMemory`] trait with kernels.
+
+pub mod host;
+
+use crate::layout::{transpose_piece, Compat, Inner, Layout, PieceKind};
+
+/// Errors of the device layer.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// Bad request (a block id out of range, a size mismatch).
+    #[error("invalid input: {0}")]
+    Validation(String),
+    /// The engine process is gone (or its memory unmapped) mid-transfer.
+    #[error("the engine's memory is no longer reachable: {0}")]
+    Gone(String),
+    /// Any other OS failure reaching the memory.
+    #[error("KV memory access failed: {0}")]
+    Os(String),
+}
+
+impl DeviceError {
+    /// Stable wire code.
+    #[must_use]
+    pub fn code(&self) -> &'static str {
+        match self {
+            DeviceError::Validation(_) => "VALIDATION",
+            DeviceError::Gone(_) => "INTERRUPTED",
+            DeviceError::Os(_) => "INTERNAL",
+        }
+    }
+}
+
+/// A byte range inside one registered tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    /// Tensor index.
+    pub tensor: u32,
+    /// Byte offset inside it.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// An engine's KV memory as the sidecar sees it.
+pub trait KvMemory: Send + Sync {
+    /// Bytes of each registered tensor (bounds for every access).
+    fn tensor_sizes(&self) -> Vec<u64>;
+    /// Copies `regions[i]` into `dst[i]` (equal lengths) for every i.
+    fn read(&self, regions: &[Region], dst: &mut [&mut [u8]]) -> Result<(), DeviceError>;
+    /// Copies `src[i]` into `regions[i]` for every i.
+    fn write(&self, regions: &[Region], src: &[&[u8]]) -> Result<(), DeviceError>;
+}
+
+/// Checks every block id against the layout before anything is copied.
+pub fn check_block_ids(layout: &Layout, ids: &[u64]) -> Result<(), DeviceError> {
+    if let Some((i, id)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, &b)| b >= layout.num_blocks)
+    {
+        return Err(DeviceError::Validation(format!(
+            "block id {id} (position {i}) is out of range: the KV cache has {} blocks",
+            layout.num_blocks
+        )));
+    }
+    Ok(())
+}
+
+fn regions_of(layout: &Layout, id: u64) -> impl Iterator<Item = Region> + '_ {
+    layout.pieces.iter().map(move |p| Region {
+        tensor: p.tensor,
+        offset: p.offset + id * p.block_stride,
+        len: p.len,
+    })
+}
+
+fn split_pieces<'a>(layout: &Layout, mut payload: &'a mut [u8]) -> Vec<&'a mut [u8]> {
+    let mut out = Vec::with_capacity(layout.pieces.len());
+    for p in &layout.pieces {
+        let (a, b) = payload.split_at_mut(p.len as usize);
+        out.push(a);
+        payload = b;
+    }
+    out
+}
+
+/// Gathers blocks `ids` into `payloads` (one `block_bytes` slice per block), on up to
+/// `threads` threads. Every id is checked first.
+pub fn gather(
+    layout: &Layout,
+    mem: &dyn KvMemory,
+    ids: &[u64],
+    payloads: &mut [&mut [u8]],
+    threads: usize,
+) -> Result<(), DeviceError> {
+    check_block_ids(layout, ids)?;
+    let bb = layout.block_bytes() as usize;
+    if payloads.len() != ids.len() || payloads.iter().any(|p| p.len() != bb) {
+        return Err(DeviceError::Validation(
+            "gather: one block_bytes slice per block".into(),
+        ));
+    }
+    let per = ids.len().div_ceil(threads.max(1)).max(1);
+    let work = |ids: &[u64], pls: &mut [&mut [u8]]| -> Result<(), DeviceError> {
+        let mut regions = Vec::with_capacity(ids.len() * layout.pieces.len());
+        let mut dsts: Vec<&mut [u8]> = Vec::with_capacity(regions.capacity());
+        for (&id, p) in ids.iter().zip(pls.iter_mut()) {
+            regions.extend(regions_of(layout, id));
+            dsts.extend(split_pieces(layout, p));
+        }
+        mem.read(&regions, &mut dsts)
+    };
+    if threads <= 1 || ids.len() < 4 {
+        return work(ids, payloads);
+    }
+    std::thread::scope(|s| {
+        let hs: Vec<_> = ids
+            .chunks(per)
+            .zip(payloads.chunks_mut(per))
+            .map(|(i, p)| s.spawn(move || work(i, p)))
+            .collect();
+        hs.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(DeviceError::Os("gather thread panicked".into())))
+        })
+    })
+}
+
+/// Scatters `payloads` (laid out per `window`'s piece table) into blocks `ids` of `engine`'s
+/// layout, transposing pieces when the two differ only in dimension order.
+pub fn scatter(
+    engine: &Layout,
+    window: &Layout,
+    compat: Compat,
+    mem: &dyn KvMemory,
+    ids: &[u64],
+    payloads: &[&[u8]],
+    threads: usize,
+) -> Result<(), DeviceError> {
+    check_block_ids(engine, ids)?;
+    let bb = engine.block_bytes() as usize;
+    if payloads.len() != ids.len() || payloads.iter().any(|p| p.len() != bb) {
+        return Err(DeviceError::Validation(
+            "scatter: one block_bytes slice per block".into(),
+        ));
+    }
+    let per = ids.len().div_ceil(threads.max(1)).max(1);
+    let work = |ids: &[u64], pls: &[&[u8]]| -> Result<(), DeviceError> {
+        let mut regions = Vec::with_capacity(ids.len() * engine.pieces.len());
+        let mut permuted: Vec<Vec<u8>> = Vec::new();
+        let mut srcs: Vec<&[u8]> = Vec::with_capacity(regions.capacity());
+        for (&id, p) in ids.iter().zip(pls.iter()) {
+            regions.extend(regions_of(engine, id));
+            let mut at = 0usize;
+            for (wp, ep) in window.pieces.iter().zip(&engine.pieces) {
+                let piece = &p[at..at + wp.len as usize];
+                at += wp.len as usize;
+                if compat == Compat::Permute && wp.kind != PieceKind::Latent {
+                    let mut t = vec![0u8; ep.len as usize];
+                    transpose_piece(
+                        piece,
+                        &mut t,
+                        engine.num_kv_heads as usize,
+                        engine.block_size as usize,
+                        engine.row_bytes(wp.kind) as usize,
+                        if window.inner == Inner::Hnd {
+                            Inner::Hnd
+                        } else {
+                            Inner::Nhd
+                        },
+                    );
+                    permuted.push(t);
+                } else {
+                    srcs.push(piece);
+                }
+            }
+        }
+        if compat == Compat::Permute {
+            // Rebuild the source list in region order from the permuted copies.
+            let mut it = permuted.iter();
+            let mut out: Vec<&[u8]> = Vec::with_capacity(regions.len());
+            let mut plain = srcs.into_iter();
+            for (k, _) in regions.iter().enumerate() {
+                let wp = &window.pieces[k % window.pieces.len()];
+                if wp.kind == PieceKind::Latent {
+                    out.extend(plain.next());
+                } else {
+                    out.extend(it.next().map(|v| &v[..]));
+                }
+            }
+            return mem.write(&regions, &out);
+        }
+        mem.write(&regions, &srcs)
+    };
+    if threads <= 1 || ids.len() < 4 {
+        return work(ids, payloads);
+    }
+    std::thread::scope(|s| {
+        let hs: Vec<_> = ids
+            .chunks(per)
+            .zip(payloads.chunks(per))
+            .map(|(i, p)| s.spawn(move || work(i, p)))
+            .collect();
+        hs.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(DeviceError::Os("scatter thread panicked".into())))
+        })
+    })
+}
