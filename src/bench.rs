@@ -423,3 +423,120 @@ pub fn recovery(
         build_seconds: build,
     })
 }
+
+/// Result of `cwm bench pipeline`.
+#[derive(Debug, Serialize)]
+pub struct PipelineBench {
+    /// Session tokens.
+    pub tokens: u32,
+    /// KV bytes frozen and thawed.
+    pub bytes: u64,
+    /// I/O engine.
+    pub engine: &'static str,
+    /// Freeze (gather, checksum, write, fdatasync, manifest), GB/s.
+    pub freeze_gbps: f64,
+    /// Thaw (read, verify, scatter), GB/s.
+    pub thaw_gbps: f64,
+    /// Raw O_DIRECT write + fdatasync of the same bytes, GB/s.
+    pub raw_write_gbps: f64,
+    /// Raw O_DIRECT read of the same bytes, GB/s.
+    pub raw_read_gbps: f64,
+    /// `freeze_gbps / raw_write_gbps`.
+    pub freeze_ratio: f64,
+    /// `thaw_gbps / raw_read_gbps`.
+    pub thaw_ratio: f64,
+    /// Runs (medians).
+    pub runs: usize,
+}
+
+/// `cwm bench pipeline`: host-backend freeze and thaw of a Llama-3.1-8B-shaped session against
+/// the raw disk (the ceiling here: memory copies are far faster than this disk).
+pub fn pipeline(
+    dir: &Path,
+    tokens: u32,
+    engine: EngineKind,
+    runs: usize,
+) -> Result<PipelineBench, String> {
+    use crate::device::synthetic::Synthetic;
+    use crate::layout::{Dtype, Layout};
+    use crate::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, ThawRequest};
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let nb = u64::from(tokens.max(1).div_ceil(16));
+    let layout = Layout::flash_2nbhd(32, 2 * nb + 8, 16, 8, 128, Dtype::Bf16);
+    let syn = Synthetic::new(layout.clone(), "bench", 3).map_err(|x| e(&x))?;
+    let eng = io::build_engine(engine, 32);
+    let toks: Vec<u32> = (0..tokens).collect();
+    let bytes = layout.block_bytes() * nb;
+    let (mut fs, mut ts, mut rws, mut rrs) = (vec![], vec![], vec![], vec![]);
+    for run in 0..runs.max(1) {
+        let tmp = tempfile::Builder::new()
+            .prefix("cwm-bench-pipeline-")
+            .tempdir_in(dir)
+            .map_err(|x| e(&x))?;
+        let (rw0, rr0) = raw_disk(
+            eng.as_ref(),
+            tmp.path(),
+            bytes,
+            layout.block_bytes() as usize,
+            32,
+        )
+        .map_err(|x| e(&x))?;
+        let (store, _) =
+            Store::open_with_engine(StoreConfig::new(tmp.path().join("s")), eng.clone())
+                .map_err(|x| e(&x))?;
+        let cfg = PipelineConfig::default();
+        let f = freeze(
+            &store,
+            &syn.engine,
+            FreezeRequest {
+                window: format!("b{run}"),
+                session: "s".into(),
+                tokens: toks.clone(),
+                block_ids: (0..nb).map(|i| 2 * i).collect(),
+                ..Default::default()
+            },
+            &cfg,
+            None,
+            &|| {},
+        )
+        .map_err(|x| e(&x))?;
+        fs.push(gbps(bytes, f.durable_secs));
+        let t = thaw(
+            &store,
+            &syn.engine,
+            &ThawRequest {
+                window: format!("b{run}"),
+                block_ids: (0..nb).map(|i| 2 * i + 1).collect(),
+                expect_tokens: None,
+            },
+            &cfg,
+            None,
+        )
+        .map_err(|x| e(&x))?;
+        ts.push(gbps(t.bytes, t.loaded_secs));
+        drop(store);
+        let (rw1, rr1) = raw_disk(
+            eng.as_ref(),
+            tmp.path(),
+            bytes,
+            layout.block_bytes() as usize,
+            32,
+        )
+        .map_err(|x| e(&x))?;
+        rws.push(rw0.max(rw1));
+        rrs.push(rr0.max(rr1));
+    }
+    let (f, t, rw, rr) = (median(fs), median(ts), median(rws), median(rrs));
+    Ok(PipelineBench {
+        tokens,
+        bytes,
+        engine: eng.name(),
+        freeze_gbps: f,
+        thaw_gbps: t,
+        raw_write_gbps: rw,
+        raw_read_gbps: rr,
+        freeze_ratio: if rw > 0.0 { f / rw } else { 0.0 },
+        thaw_ratio: if rr > 0.0 { t / rr } else { 0.0 },
+        runs: runs.max(1),
+    })
+}

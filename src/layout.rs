@@ -401,13 +401,15 @@ impl Layout {
                 .and_then(|x| x.checked_add(p.len));
             match last {
                 Some(end) if end <= *size => {}
-                _ => return bad(format!(
+                _ => {
+                    return bad(format!(
                     "piece {i} (layer {} {:?}) of block {} ends past the {size} bytes of tensor {}",
                     p.layer,
                     p.kind,
                     self.num_blocks - 1,
                     p.tensor
-                )),
+                ))
+                }
             }
         }
         Ok(())

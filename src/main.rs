@@ -52,6 +52,24 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Host-backend freeze/thaw throughput vs raw O_DIRECT write/read of the same bytes.
+    Pipeline {
+        /// Session length in tokens (Llama-3.1-8B shape, 2 MiB per 16-token block).
+        #[arg(long, default_value_t = 16_384)]
+        tokens: u32,
+        /// Directory for the benchmark files (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// I/O engine: uring or psync.
+        #[arg(long, default_value = "uring")]
+        engine: EngineKind,
+        /// Runs (figures are medians).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Reopen time of a log of many small records.
     Recovery {
         /// Records in the log.
@@ -124,6 +142,26 @@ fn main() -> ExitCode {
                         r.engine, r.queue_depth, r.bytes >> 20, r.block_bytes >> 10, r.runs,
                         r.write_gbps, r.raw_write_gbps, r.write_ratio,
                         r.read_gbps, r.raw_read_gbps, r.read_ratio, r.reopen_seconds
+                    );
+                }
+            })
+        }
+        Cmd::Bench(BenchCmd::Pipeline {
+            tokens,
+            dir,
+            engine,
+            runs,
+            json,
+        }) => {
+            let dir = dir.unwrap_or_else(std::env::temp_dir);
+            cwm::bench::pipeline(&dir, tokens, engine, runs).map(|r| {
+                if json {
+                    print_json(&r);
+                } else {
+                    println!(
+                        "pipeline ({} tokens, {} MiB, {}):\n  freeze {:.2} GB/s vs raw write {:.2} GB/s  ratio {:.3}\n  thaw   {:.2} GB/s vs raw read  {:.2} GB/s  ratio {:.3}",
+                        r.tokens, r.bytes >> 20, r.engine, r.freeze_gbps, r.raw_write_gbps, r.freeze_ratio,
+                        r.thaw_gbps, r.raw_read_gbps, r.thaw_ratio
                     );
                 }
             })

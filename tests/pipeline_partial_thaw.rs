@@ -18,9 +18,26 @@ fn corrupt_block_restores_the_intact_prefix() {
         let src: Vec<u64> = (0..8).collect();
         {
             let (store, _) = open(&dir, &io);
-            freeze(&store, &syn.engine, FreezeRequest { window: "w".into(), session: "s".into(), tokens: tokens.clone(), block_ids: src.clone(), ..Default::default() }, &PipelineConfig::default(), None, &|| {}).unwrap();
+            freeze(
+                &store,
+                &syn.engine,
+                FreezeRequest {
+                    window: "w".into(),
+                    session: "s".into(),
+                    tokens: tokens.clone(),
+                    block_ids: src.clone(),
+                    ..Default::default()
+                },
+                &PipelineConfig::default(),
+                None,
+                &|| {},
+            )
+            .unwrap();
         }
-        let orig: Vec<Vec<u8>> = src.iter().map(|&b| block_bytes_of(&layout, syn.local.as_ref(), b)).collect();
+        let orig: Vec<Vec<u8>> = src
+            .iter()
+            .map(|&b| block_bytes_of(&layout, syn.local.as_ref(), b))
+            .collect();
         // Corrupt block 5's payload on disk.
         let bb = layout.block_bytes();
         flip_bit(&segments(&dir)[0], 4096 + 5 * (4096 + bb) + 4096 + 777, 2);
@@ -29,19 +46,43 @@ fn corrupt_block_restores_the_intact_prefix() {
             syn.local.fill_random(t, 4242 + t as u64).unwrap();
         }
         let dst: Vec<u64> = (16..24).collect();
-        let poisoned: Vec<Vec<u8>> = dst.iter().map(|&b| block_bytes_of(&layout, syn.local.as_ref(), b)).collect();
-        let cfg = PipelineConfig { batch_blocks: 2, ..Default::default() };
-        let rep = thaw(&store, &syn.engine, &ThawRequest { window: "w".into(), block_ids: dst.clone(), expect_tokens: None }, &cfg, None).unwrap();
+        let poisoned: Vec<Vec<u8>> = dst
+            .iter()
+            .map(|&b| block_bytes_of(&layout, syn.local.as_ref(), b))
+            .collect();
+        let cfg = PipelineConfig {
+            batch_blocks: 2,
+            ..Default::default()
+        };
+        let rep = thaw(
+            &store,
+            &syn.engine,
+            &ThawRequest {
+                window: "w".into(),
+                block_ids: dst.clone(),
+                expect_tokens: None,
+            },
+            &cfg,
+            None,
+        )
+        .unwrap();
         assert_eq!(rep.blocks_restored, 5, "{name}");
         assert_eq!(rep.tokens_restored, 80);
         assert_eq!(rep.tokens_to_recompute, tokens.len() as u64 - 80);
-        assert!(rep.corruption.as_deref().unwrap().contains("block 5"), "{:?}", rep.corruption);
+        assert!(
+            rep.corruption.as_deref().unwrap().contains("block 5"),
+            "{:?}",
+            rep.corruption
+        );
         for i in 0..8 {
             let got = block_bytes_of(&layout, syn.local.as_ref(), dst[i]);
             if i < 5 {
                 assert_eq!(got, orig[i], "{name}: block {i} not restored");
             } else {
-                assert_eq!(got, poisoned[i], "{name}: block {i} was written despite corruption");
+                assert_eq!(
+                    got, poisoned[i],
+                    "{name}: block {i} was written despite corruption"
+                );
             }
         }
     }

@@ -21,7 +21,13 @@ fn frozen(store: &cwm::store::Store, syn: &Synthetic) -> Vec<u32> {
     freeze(
         store,
         &syn.engine,
-        FreezeRequest { window: "w".into(), session: "s".into(), tokens: tokens.clone(), block_ids: vec![0, 1, 2, 3], ..Default::default() },
+        FreezeRequest {
+            window: "w".into(),
+            session: "s".into(),
+            tokens: tokens.clone(),
+            block_ids: vec![0, 1, 2, 3],
+            ..Default::default()
+        },
         &PipelineConfig::default(),
         None,
         &|| {},
@@ -35,7 +41,18 @@ fn layout_mismatch_names_both_geometries() {
     let (_t, store, syn) = setup();
     frozen(&store, &syn);
     let other = synthetic(Layout::flash_2nbhd(2, 32, 16, 4, 64, Dtype::Bf16), 4);
-    let err = thaw(&store, &other.engine, &ThawRequest { window: "w".into(), block_ids: vec![4, 5, 6, 7], expect_tokens: None }, &PipelineConfig::default(), None).unwrap_err();
+    let err = thaw(
+        &store,
+        &other.engine,
+        &ThawRequest {
+            window: "w".into(),
+            block_ids: vec![4, 5, 6, 7],
+            expect_tokens: None,
+        },
+        &PipelineConfig::default(),
+        None,
+    )
+    .unwrap_err();
     assert_eq!(err.code(), "LAYOUT_MISMATCH");
     let m = err.to_string();
     assert!(m.contains("H2") && m.contains("H4"), "{m}");
@@ -46,7 +63,18 @@ fn ec_004_a_token_mismatch_refused() {
     let (_t, store, syn) = setup();
     let mut tokens = frozen(&store, &syn);
     tokens[40] += 1;
-    let err = thaw(&store, &syn.engine, &ThawRequest { window: "w".into(), block_ids: vec![4, 5, 6, 7], expect_tokens: Some(tokens) }, &PipelineConfig::default(), None).unwrap_err();
+    let err = thaw(
+        &store,
+        &syn.engine,
+        &ThawRequest {
+            window: "w".into(),
+            block_ids: vec![4, 5, 6, 7],
+            expect_tokens: Some(tokens),
+        },
+        &PipelineConfig::default(),
+        None,
+    )
+    .unwrap_err();
     assert_eq!(err.code(), "TOKEN_MISMATCH");
     assert!(err.to_string().contains("position 40"), "{err}");
 }
@@ -55,21 +83,66 @@ fn ec_004_a_token_mismatch_refused() {
 fn out_of_range_block_ids_refused_before_copying() {
     let (_t, store, syn) = setup();
     let tokens: Vec<u32> = (0..32).collect();
-    let err = freeze(&store, &syn.engine, FreezeRequest { window: "x".into(), session: "s".into(), tokens, block_ids: vec![1, 32], ..Default::default() }, &PipelineConfig::default(), None, &|| {}).unwrap_err();
+    let err = freeze(
+        &store,
+        &syn.engine,
+        FreezeRequest {
+            window: "x".into(),
+            session: "s".into(),
+            tokens,
+            block_ids: vec![1, 32],
+            ..Default::default()
+        },
+        &PipelineConfig::default(),
+        None,
+        &|| {},
+    )
+    .unwrap_err();
     assert_eq!(err.code(), "VALIDATION");
     assert!(err.to_string().contains("block id 32"), "{err}");
-    assert_eq!(store.stats().unwrap().used_bytes, 0, "something was written");
+    assert_eq!(
+        store.stats().unwrap().used_bytes,
+        0,
+        "something was written"
+    );
     frozen(&store, &syn);
     let before = block_bytes_of(&syn.engine.layout, syn.local.as_ref(), 5);
-    let err = thaw(&store, &syn.engine, &ThawRequest { window: "w".into(), block_ids: vec![5, 6, 7, 99], expect_tokens: None }, &PipelineConfig::default(), None).unwrap_err();
+    let err = thaw(
+        &store,
+        &syn.engine,
+        &ThawRequest {
+            window: "w".into(),
+            block_ids: vec![5, 6, 7, 99],
+            expect_tokens: None,
+        },
+        &PipelineConfig::default(),
+        None,
+    )
+    .unwrap_err();
     assert_eq!(err.code(), "VALIDATION");
-    assert_eq!(block_bytes_of(&syn.engine.layout, syn.local.as_ref(), 5), before, "a block was written before the check");
+    assert_eq!(
+        block_bytes_of(&syn.engine.layout, syn.local.as_ref(), 5),
+        before,
+        "a block was written before the check"
+    );
 }
 
 #[test]
 fn ec_010_a_empty_session_refused() {
     let (_t, store, syn) = setup();
-    let err = freeze(&store, &syn.engine, FreezeRequest { window: "e".into(), session: "s".into(), ..Default::default() }, &PipelineConfig::default(), None, &|| {}).unwrap_err();
+    let err = freeze(
+        &store,
+        &syn.engine,
+        FreezeRequest {
+            window: "e".into(),
+            session: "s".into(),
+            ..Default::default()
+        },
+        &PipelineConfig::default(),
+        None,
+        &|| {},
+    )
+    .unwrap_err();
     assert_eq!(err.code(), "VALIDATION");
     assert!(err.to_string().contains("empty session"), "{err}");
 }
@@ -78,8 +151,22 @@ fn ec_010_a_empty_session_refused() {
 fn ec_022_insufficient_memory_refused_before_thaw() {
     let (_t, store, syn) = setup();
     frozen(&store, &syn);
-    let cfg = PipelineConfig { memory_available: Some(4096), ..Default::default() };
-    let err = thaw(&store, &syn.engine, &ThawRequest { window: "w".into(), block_ids: vec![4, 5, 6, 7], expect_tokens: None }, &cfg, None).unwrap_err();
+    let cfg = PipelineConfig {
+        memory_available: Some(4096),
+        ..Default::default()
+    };
+    let err = thaw(
+        &store,
+        &syn.engine,
+        &ThawRequest {
+            window: "w".into(),
+            block_ids: vec![4, 5, 6, 7],
+            expect_tokens: None,
+        },
+        &cfg,
+        None,
+    )
+    .unwrap_err();
     assert_eq!(err.code(), "INSUFFICIENT_MEMORY");
     assert!(err.to_string().contains("4096 available"), "{err}");
 }

@@ -4,6 +4,7 @@
 //! into the same [`KvMemory`] trait with kernels.
 
 pub mod host;
+pub mod synthetic;
 
 use crate::layout::{transpose_piece, Compat, Inner, Layout, PieceKind};
 
