@@ -5,6 +5,7 @@
 use cwm::device::{KvMemory, Region};
 use cwm::layout::Layout;
 
+#[allow(unused_imports)]
 pub use cwm::device::synthetic::{tensor_sizes, Synthetic};
 
 pub fn synthetic(layout: Layout, seed: u64) -> Synthetic {
