@@ -462,8 +462,9 @@ pub fn pipeline(
     use crate::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, ThawRequest};
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let nb = u64::from(tokens.max(1).div_ceil(16));
-    let layout = Layout::flash_2nbhd(32, 2 * nb + 8, 16, 8, 128, Dtype::Bf16);
+    let layout = Layout::flash_2nbhd(32, nb + 8, 16, 8, 128, Dtype::Bf16);
     let syn = Synthetic::new(layout.clone(), "bench", 3).map_err(|x| e(&x))?;
+    let chunk = layout.block_bytes() as usize;
     let eng = io::build_engine(engine, 32);
     let toks: Vec<u32> = (0..tokens).collect();
     let bytes = layout.block_bytes() * nb;
@@ -473,14 +474,8 @@ pub fn pipeline(
             .prefix("cwm-bench-pipeline-")
             .tempdir_in(dir)
             .map_err(|x| e(&x))?;
-        let (rw0, rr0) = raw_disk(
-            eng.as_ref(),
-            tmp.path(),
-            bytes,
-            layout.block_bytes() as usize,
-            32,
-        )
-        .map_err(|x| e(&x))?;
+        let raw = || raw_disk(eng.as_ref(), tmp.path(), bytes, chunk, 32).map_err(|x| e(&x));
+        let (rw0, rr0) = raw()?;
         let (store, _) =
             Store::open_with_engine(StoreConfig::new(tmp.path().join("s")), eng.clone())
                 .map_err(|x| e(&x))?;
@@ -492,7 +487,7 @@ pub fn pipeline(
                 window: format!("b{run}"),
                 session: "s".into(),
                 tokens: toks.clone(),
-                block_ids: (0..nb).map(|i| 2 * i).collect(),
+                block_ids: (0..nb).collect(),
                 ..Default::default()
             },
             &cfg,
@@ -506,7 +501,7 @@ pub fn pipeline(
             &syn.engine,
             &ThawRequest {
                 window: format!("b{run}"),
-                block_ids: (0..nb).map(|i| 2 * i + 1).collect(),
+                block_ids: (0..nb).map(|i| nb + 7 - i).collect(),
                 expect_tokens: None,
             },
             &cfg,
@@ -515,14 +510,7 @@ pub fn pipeline(
         .map_err(|x| e(&x))?;
         ts.push(gbps(t.bytes, t.loaded_secs));
         drop(store);
-        let (rw1, rr1) = raw_disk(
-            eng.as_ref(),
-            tmp.path(),
-            bytes,
-            layout.block_bytes() as usize,
-            32,
-        )
-        .map_err(|x| e(&x))?;
+        let (rw1, rr1) = raw()?;
         rws.push(rw0.max(rw1));
         rrs.push(rr0.max(rr1));
     }

@@ -209,7 +209,7 @@ impl Layout {
         head: u32,
         dtype: Dtype,
     ) -> Self {
-        let mut l = Self::base(
+        let l = Self::base(
             "flash(2,B,N,H,D)",
             num_layers,
             num_blocks,
@@ -220,19 +220,10 @@ impl Layout {
             Inner::Nhd,
         );
         let h = l.half();
-        for layer in 0..num_layers {
-            for (kind, off) in [(PieceKind::K, 0), (PieceKind::V, num_blocks * h)] {
-                l.pieces.push(Piece {
-                    layer,
-                    kind,
-                    tensor: layer,
-                    offset: off,
-                    block_stride: h,
-                    len: h,
-                });
-            }
-        }
-        l
+        l.per_layer(
+            h,
+            &[(PieceKind::K, 0, h), (PieceKind::V, num_blocks * h, h)],
+        )
     }
 
     /// Per layer one tensor `(num_blocks, 2, block_size, H, D)` (0.23–0.25, FlashInfer).
@@ -245,7 +236,7 @@ impl Layout {
         head: u32,
         dtype: Dtype,
     ) -> Self {
-        let mut l = Self::base(
+        let l = Self::base(
             "flash(B,2,N,H,D)",
             num_layers,
             num_blocks,
@@ -256,19 +247,7 @@ impl Layout {
             Inner::Nhd,
         );
         let h = l.half();
-        for layer in 0..num_layers {
-            for (kind, off) in [(PieceKind::K, 0), (PieceKind::V, h)] {
-                l.pieces.push(Piece {
-                    layer,
-                    kind,
-                    tensor: layer,
-                    offset: off,
-                    block_stride: 2 * h,
-                    len: h,
-                });
-            }
-        }
-        l
+        l.per_layer(2 * h, &[(PieceKind::K, 0, h), (PieceKind::V, h, h)])
     }
 
     /// Per layer one tensor `(num_blocks, block_size, H, 2·D)`: K and V packed in the last
@@ -282,7 +261,7 @@ impl Layout {
         head: u32,
         dtype: Dtype,
     ) -> Self {
-        let mut l = Self::base(
+        let l = Self::base(
             "packed(B,N,H,2D)",
             num_layers,
             num_blocks,
@@ -293,17 +272,7 @@ impl Layout {
             Inner::Nhd,
         );
         let p = 2 * l.half();
-        for layer in 0..num_layers {
-            l.pieces.push(Piece {
-                layer,
-                kind: PieceKind::Kv,
-                tensor: layer,
-                offset: 0,
-                block_stride: p,
-                len: p,
-            });
-        }
-        l
+        l.per_layer(p, &[(PieceKind::Kv, 0, p)])
     }
 
     /// One buffer `[L, B, H, N, C]` in one of the cross-layer orders (≥ 0.29; the CPU backend
@@ -361,17 +330,24 @@ impl Layout {
         );
         l.head_size_v = 0;
         let p = u64::from(block_size) * u64::from(head) * dtype.size();
-        for layer in 0..num_layers {
-            l.pieces.push(Piece {
-                layer,
-                kind: PieceKind::Latent,
-                tensor: layer,
-                offset: 0,
-                block_stride: p,
-                len: p,
-            });
+        l.per_layer(p, &[(PieceKind::Latent, 0, p)])
+    }
+
+    /// Adds, for every layer, pieces in tensor `layer` at `offset + b * block_stride`.
+    fn per_layer(mut self, block_stride: u64, parts: &[(PieceKind, u64, u64)]) -> Self {
+        for layer in 0..self.num_layers {
+            for &(kind, offset, len) in parts {
+                self.pieces.push(Piece {
+                    layer,
+                    kind,
+                    tensor: layer,
+                    offset,
+                    block_stride,
+                    len,
+                });
+            }
         }
-        l
+        self
     }
 
     /// Checks internal consistency and that every piece of every block lies inside its

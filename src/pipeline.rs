@@ -207,9 +207,8 @@ pub struct ThawReport {
     pub loaded_secs: f64,
 }
 
-enum Msg {
-    Batch(Vec<usize>, Vec<AlignedBuf>, Vec<u64>),
-}
+/// A gathered batch: block indices, their record images, their payload checksums.
+type Batch = (Vec<usize>, Vec<AlignedBuf>, Vec<u64>);
 
 /// Freezes a session's blocks into a window. `on_captured` runs (on the gather thread) once
 /// the engine's blocks are no longer needed.
@@ -260,7 +259,7 @@ pub fn freeze(
         .max(2)
         .min(todo.len().div_ceil(batch).max(1));
     let (free_tx, free_rx) = bounded::<Vec<AlignedBuf>>(nsets);
-    let (full_tx, full_rx) = bounded::<Msg>(nsets);
+    let (full_tx, full_rx) = bounded::<Batch>(nsets);
     for _ in 0..nsets {
         let set: Vec<AlignedBuf> = (0..batch).map(|_| AlignedBuf::zeroed(slot)).collect();
         let _ = free_tx.send(set);
@@ -293,7 +292,7 @@ pub fn freeze(
                         t.put(keys_ref[i], &set[j][po..po + bbu]);
                     }
                 }
-                if full_tx.send(Msg::Batch(chunk.to_vec(), set, sums)).is_err() {
+                if full_tx.send((chunk.to_vec(), set, sums)).is_err() {
                     return Ok(());
                 }
             }
@@ -304,7 +303,7 @@ pub fn freeze(
             Ok(())
         });
         let mut wres: Result<(), StoreError> = Ok(());
-        for Msg::Batch(idxs, mut set, sums) in full_rx.iter() {
+        for (idxs, mut set, sums) in full_rx.iter() {
             let mut imgs: Vec<BlockImage<'_>> = set
                 .iter_mut()
                 .zip(idxs.iter().zip(&sums))

@@ -5,7 +5,6 @@
 mod common;
 use common::*;
 use cwm::device::host::ProcessMemory;
-use cwm::device::{KvMemory, Region};
 use cwm::layout::{Dtype, Layout};
 use cwm::pipeline::{freeze, thaw, Engine, FreezeRequest, PipelineConfig, ThawRequest};
 use std::sync::Arc;
@@ -36,23 +35,7 @@ fn freeze_and_thaw_through_another_process_memory() {
         t.fill(0);
     }
     let mem = Arc::new(ProcessMemory::new(pid, addrs));
-    let read_block = |id: u64| -> Vec<u8> {
-        let mut out = Vec::new();
-        for p in &layout.pieces {
-            let mut b = vec![0u8; p.len as usize];
-            mem.read(
-                &[Region {
-                    tensor: p.tensor,
-                    offset: p.offset + id * p.block_stride,
-                    len: p.len,
-                }],
-                &mut [&mut b[..]],
-            )
-            .unwrap();
-            out.extend(b);
-        }
-        out
-    };
+    let read_block = |id: u64| cwm::device::read_block(&layout, mem.as_ref(), id).unwrap();
     let before: Vec<Vec<u8>> = (0..4).map(read_block).collect();
     assert!(before[0].iter().any(|&b| b != 0));
     let eng = Engine::new(layout.clone(), mem.clone(), "m", None).unwrap();

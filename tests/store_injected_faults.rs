@@ -113,3 +113,48 @@ fn fdatasync_failure_is_fatal_for_the_segment() {
         }
     }
 }
+
+#[test]
+fn read_error_bounds_the_intact_prefix() {
+    for (name, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = fault(&engine);
+        let fe: Arc<dyn IoEngine> = f.clone();
+        let (store, _) = open(tmp.path(), &fe);
+        let k = keys(1, 5);
+        put(&store, "w", &k, LEN);
+        let r = store.open_window("w").unwrap();
+        let mut bufs: Vec<cwm::io::AlignedBuf> = (0..5)
+            .map(|_| cwm::io::AlignedBuf::zeroed(r.record_len(0) as usize))
+            .collect();
+        // A bad sector inside block 2 (records: 4 KiB segment header, then 4 KiB + LEN each).
+        let bad = 4096 + 2 * (4096 + LEN) + 5000;
+        f.set_plan(FaultPlan {
+            bad_sector: Some(bad),
+            read_errno: libc::EIO,
+            ..Default::default()
+        });
+        let mut imgs: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
+        match store.read_blocks(&r, 0, &mut imgs).unwrap_err() {
+            cwm::store::StoreError::Corruption {
+                block,
+                intact_blocks,
+                detail,
+                ..
+            } => {
+                assert_eq!((block, intact_blocks), (2, 2), "{name}");
+                assert!(detail.contains("unreadable"), "{detail}");
+            }
+            e => panic!("{name}: {e}"),
+        }
+        for i in 0..2 {
+            assert_eq!(
+                r.payload(i, &bufs[i]),
+                &payload(k[i] as u64, LEN as usize)[..]
+            );
+        }
+        // Once the sector reads again, the whole window verifies.
+        f.clear();
+        check(&store, "w", &k, LEN);
+    }
+}

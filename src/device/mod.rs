@@ -6,7 +6,7 @@
 pub mod host;
 pub mod synthetic;
 
-use crate::layout::{transpose_piece, Compat, Inner, Layout, PieceKind};
+use crate::layout::{transpose_piece, Compat, Layout, PieceKind};
 
 /// Errors of the device layer.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +76,28 @@ fn regions_of(layout: &Layout, id: u64) -> impl Iterator<Item = Region> + '_ {
         offset: p.offset + id * p.block_stride,
         len: p.len,
     })
+}
+
+fn split_piece_refs<'a>(layout: &Layout, payload: &'a [u8]) -> Vec<&'a [u8]> {
+    let mut at = 0usize;
+    layout
+        .pieces
+        .iter()
+        .map(|p| {
+            let s = &payload[at..at + p.len as usize];
+            at += p.len as usize;
+            s
+        })
+        .collect()
+}
+
+/// Copies block `id` out of `mem` as the store lays it out (pieces in table order).
+pub fn read_block(layout: &Layout, mem: &dyn KvMemory, id: u64) -> Result<Vec<u8>, DeviceError> {
+    check_block_ids(layout, &[id])?;
+    let mut out = vec![0u8; layout.block_bytes() as usize];
+    let regions: Vec<Region> = regions_of(layout, id).collect();
+    mem.read(&regions, &mut split_pieces(layout, &mut out))?;
+    Ok(out)
 }
 
 fn split_pieces<'a>(layout: &Layout, mut payload: &'a mut [u8]) -> Vec<&'a mut [u8]> {
@@ -151,49 +173,38 @@ pub fn scatter(
     let per = ids.len().div_ceil(threads.max(1)).max(1);
     let work = |ids: &[u64], pls: &[&[u8]]| -> Result<(), DeviceError> {
         let mut regions = Vec::with_capacity(ids.len() * engine.pieces.len());
-        let mut permuted: Vec<Vec<u8>> = Vec::new();
-        let mut srcs: Vec<&[u8]> = Vec::with_capacity(regions.capacity());
-        for (&id, p) in ids.iter().zip(pls.iter()) {
+        for &id in ids {
             regions.extend(regions_of(engine, id));
-            let mut at = 0usize;
-            for (wp, ep) in window.pieces.iter().zip(&engine.pieces) {
-                let piece = &p[at..at + wp.len as usize];
-                at += wp.len as usize;
-                if compat == Compat::Permute && wp.kind != PieceKind::Latent {
-                    let mut t = vec![0u8; ep.len as usize];
-                    transpose_piece(
-                        piece,
-                        &mut t,
-                        engine.num_kv_heads as usize,
-                        engine.block_size as usize,
-                        engine.row_bytes(wp.kind) as usize,
-                        if window.inner == Inner::Hnd {
-                            Inner::Hnd
-                        } else {
-                            Inner::Nhd
-                        },
-                    );
-                    permuted.push(t);
-                } else {
-                    srcs.push(piece);
-                }
-            }
         }
-        if compat == Compat::Permute {
-            // Rebuild the source list in region order from the permuted copies.
-            let mut it = permuted.iter();
-            let mut out: Vec<&[u8]> = Vec::with_capacity(regions.len());
-            let mut plain = srcs.into_iter();
-            for (k, _) in regions.iter().enumerate() {
-                let wp = &window.pieces[k % window.pieces.len()];
+        if compat == Compat::Same {
+            let srcs: Vec<&[u8]> = pls
+                .iter()
+                .flat_map(|p| split_piece_refs(window, p))
+                .collect();
+            return mem.write(&regions, &srcs);
+        }
+        // Layout upgrade: transpose every piece (MLA latents have no head dimension and are
+        // copied as they are) into owned buffers first.
+        let mut owned: Vec<Vec<u8>> = Vec::with_capacity(regions.len());
+        for p in pls {
+            for (wp, piece) in window.pieces.iter().zip(split_piece_refs(window, p)) {
                 if wp.kind == PieceKind::Latent {
-                    out.extend(plain.next());
-                } else {
-                    out.extend(it.next().map(|v| &v[..]));
+                    owned.push(piece.to_vec());
+                    continue;
                 }
+                let mut t = vec![0u8; piece.len()];
+                transpose_piece(
+                    piece,
+                    &mut t,
+                    engine.num_kv_heads as usize,
+                    engine.block_size as usize,
+                    engine.row_bytes(wp.kind) as usize,
+                    window.inner,
+                );
+                owned.push(t);
             }
-            return mem.write(&regions, &out);
         }
+        let srcs: Vec<&[u8]> = owned.iter().map(|v| &v[..]).collect();
         mem.write(&regions, &srcs)
     };
     if threads <= 1 || ids.len() < 4 {

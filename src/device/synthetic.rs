@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::host::ShmMemory;
-use super::{DeviceError, KvMemory, Region};
+use super::DeviceError;
 use crate::layout::Layout;
 use crate::pipeline::{Engine, PipelineError};
 
@@ -55,25 +55,6 @@ impl Synthetic {
 
     /// Block `id` as the engine sees it, pieces in table order.
     pub fn block(&self, id: u64) -> Result<Vec<u8>, DeviceError> {
-        let l = &self.engine.layout;
-        let mut out = vec![0u8; l.block_bytes() as usize];
-        let regions: Vec<Region> = l
-            .pieces
-            .iter()
-            .map(|p| Region {
-                tensor: p.tensor,
-                offset: p.offset + id * p.block_stride,
-                len: p.len,
-            })
-            .collect();
-        let mut rest = &mut out[..];
-        let mut dsts = Vec::new();
-        for p in &l.pieces {
-            let (a, b) = rest.split_at_mut(p.len as usize);
-            dsts.push(a);
-            rest = b;
-        }
-        self.local.read(&regions, &mut dsts)?;
-        Ok(out)
+        super::read_block(&self.engine.layout, self.local.as_ref(), id)
     }
 }

@@ -17,6 +17,10 @@ pub struct FaultPlan {
     pub write_errno: i32,
     /// Before failing, write the first half of that op (a torn write).
     pub torn: bool,
+    /// A bad sector: every read whose range covers this file offset fails with `read_errno`.
+    pub bad_sector: Option<u64>,
+    /// errno of the failing read.
+    pub read_errno: i32,
     /// Fail the `fdatasync` with this 0-based index.
     pub fail_fsync: Option<u64>,
     /// errno of the failing `fdatasync`.
@@ -30,6 +34,7 @@ pub struct FaultEngine {
     inner: Arc<dyn IoEngine>,
     plan: Mutex<FaultPlan>,
     writes: AtomicU64,
+    reads: AtomicU64,
     fsyncs: AtomicU64,
     tripped: std::sync::atomic::AtomicBool,
 }
@@ -42,6 +47,7 @@ impl FaultEngine {
             inner,
             plan: Mutex::new(FaultPlan::default()),
             writes: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
             fsyncs: AtomicU64::new(0),
             tripped: std::sync::atomic::AtomicBool::new(false),
         }
@@ -53,6 +59,7 @@ impl FaultEngine {
             *p = plan;
         }
         self.writes.store(0, Ordering::SeqCst);
+        self.reads.store(0, Ordering::SeqCst);
         self.fsyncs.store(0, Ordering::SeqCst);
         self.tripped.store(false, Ordering::SeqCst);
     }
@@ -91,6 +98,13 @@ impl IoEngine for FaultEngine {
         let mut first = None;
         for op in ops.iter_mut() {
             let is_write = matches!(op.buf, OpBuf::Write(_));
+            if let (OpBuf::Read(b), Some(bad)) = (&op.buf, plan.bad_sector) {
+                self.reads.fetch_add(1, Ordering::SeqCst);
+                if (op.offset..op.offset + b.len() as u64).contains(&bad) {
+                    first.get_or_insert(injected("read", op.offset, plan.read_errno));
+                    continue;
+                }
+            }
             if is_write {
                 let n = self.writes.fetch_add(1, Ordering::SeqCst);
                 let fail = plan.fail_write == Some(n)

@@ -734,24 +734,38 @@ impl Store {
         }
         let io_res = self.engine.run(&mut ops);
         drop(ops);
+        // After a failed batch, re-read block by block: the first unreadable block bounds the
+        // intact prefix exactly, and no image left over from an earlier use is trusted.
+        let mut unreadable: Option<(usize, IoError)> = None;
         if let Err(e) = io_res {
-            // Find the first block the failed read touched is not possible in general; verify
-            // in order so the intact prefix is still reported precisely.
             crate::log::warn(&format!("read error in window {:?}: {e}", r.info.name));
+            for (i, img) in images.iter_mut().enumerate() {
+                let loc = &r.locs[start + i];
+                if let Err(e) = self.engine.read_exact_at(
+                    loc.seg.fd(),
+                    loc.offset,
+                    &mut img[..loc.len as usize],
+                ) {
+                    unreadable = Some((i, e));
+                    break;
+                }
+            }
         }
         for (i, img) in images.iter().enumerate() {
             let b = start + i;
             let want = &r.manifest.blocks[b];
-            let check = verify_image(img, &r.locs[b].seg, RecordKind::Block).and_then(|(h, p)| {
-                if h.key != want.key {
-                    Err("block key differs from the manifest's".to_string())
-                } else if h.payload_len != want.len || h.payload_xxh3 != want.checksum {
-                    Err("block length or checksum differs from the manifest's".to_string())
-                } else {
-                    let _ = p;
-                    Ok(())
-                }
-            });
+            let check = match &unreadable {
+                Some((k, e)) if *k == i => Err(format!("unreadable: {e}")),
+                _ => verify_image(img, &r.locs[b].seg, RecordKind::Block).and_then(|(h, _)| {
+                    if h.key != want.key {
+                        Err("block key differs from the manifest's".to_string())
+                    } else if h.payload_len != want.len || h.payload_xxh3 != want.checksum {
+                        Err("block length or checksum differs from the manifest's".to_string())
+                    } else {
+                        Ok(())
+                    }
+                }),
+            };
             if let Err(detail) = check {
                 return Err(StoreError::Corruption {
                     window: r.info.name.clone(),

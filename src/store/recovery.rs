@@ -181,6 +181,7 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
                     path.display()
                 )));
             }
+            report.truncated_bytes += file_len.saturating_sub(off);
             report.torn_tails.push((id, off, why));
         }
         seg.frontier.store(frontier, Ordering::SeqCst);
@@ -234,11 +235,6 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
             seg.file
                 .set_len(frontier)
                 .map_err(|e| StoreError::from_fs("truncate", &path, e))?;
-        }
-        if let Some((_, off, _)) = report.torn_tails.last() {
-            if report.torn_tails.last().map(|t| t.0) == Some(id) {
-                report.truncated_bytes += file_len.saturating_sub(*off);
-            }
         }
         state.segments.insert(id, seg.clone());
         last = Some(seg);
@@ -341,7 +337,7 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
     let mut active = None;
     if let Some(seg) = last {
         let f = seg.frontier();
-        if f + PAGE < seg.size && !strict_keep_sealed(&seg) {
+        if f + PAGE < seg.size {
             reset_tail(&seg.file, f, seg.size)
                 .map_err(|e| StoreError::from_fs("reset the tail of", &seg.path, e))?;
             seg.sealed.store(false, Ordering::SeqCst);
@@ -361,10 +357,6 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
         used,
         report,
     ))
-}
-
-fn strict_keep_sealed(_seg: &Segment) -> bool {
-    false
 }
 
 fn reset_tail(file: &File, frontier: u64, size: u64) -> std::io::Result<()> {
