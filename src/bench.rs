@@ -154,6 +154,8 @@ pub struct StoreBench {
     pub read_ratio: f64,
     /// Reopen (recovery) time, seconds.
     pub reopen_seconds: f64,
+    /// Per run, raw (write, read) GB/s just before and just after the store's passes.
+    pub raw_passes: Vec<[f64; 4]>,
 }
 
 /// Parameters of `cwm bench store`.
@@ -195,6 +197,7 @@ pub fn store(a: &StoreBenchArgs) -> Result<StoreBench, StoreError> {
         })
         .collect();
     let (mut ws, mut rs, mut rws, mut rrs, mut reopen) = (vec![], vec![], vec![], vec![], vec![]);
+    let mut raw_passes = Vec::new();
     for run in 0..a.runs.max(1) {
         let tmp = tempfile::Builder::new()
             .prefix("cwm-bench-")
@@ -313,10 +316,12 @@ pub fn store(a: &StoreBenchArgs) -> Result<StoreBench, StoreError> {
         rs.push(gbps(total, t.elapsed().as_secs_f64()));
         drop(r);
         drop(st);
-        // The ceiling is the better of a raw pass before and one after the store's.
+        // The ceiling: the mean of a raw pass just before and one just after the store's, so
+        // both see the disk in the state the measured operation saw.
         let (rw1, rr1) = raw_disk(engine.as_ref(), tmp.path(), total, bl, batch)?;
-        rws.push(rw0.max(rw1));
-        rrs.push(rr0.max(rr1));
+        raw_passes.push([rw0, rr0, rw1, rr1]);
+        rws.push((rw0 + rw1) / 2.0);
+        rrs.push((rr0 + rr1) / 2.0);
     }
     let (w, r, rw, rr) = (median(ws), median(rs), median(rws), median(rrs));
     Ok(StoreBench {
@@ -332,6 +337,7 @@ pub fn store(a: &StoreBenchArgs) -> Result<StoreBench, StoreError> {
         write_ratio: if rw > 0.0 { w / rw } else { 0.0 },
         read_ratio: if rr > 0.0 { r / rr } else { 0.0 },
         reopen_seconds: median(reopen),
+        raw_passes,
     })
 }
 
@@ -447,6 +453,8 @@ pub struct PipelineBench {
     pub thaw_ratio: f64,
     /// Runs (medians).
     pub runs: usize,
+    /// Per run: where the time went.
+    pub stages: Vec<RunStages>,
 }
 
 /// `cwm bench pipeline`: host-backend freeze and thaw of a Llama-3.1-8B-shaped session against
@@ -469,6 +477,7 @@ pub fn pipeline(
     let toks: Vec<u32> = (0..tokens).collect();
     let bytes = layout.block_bytes() * nb;
     let (mut fs, mut ts, mut rws, mut rrs) = (vec![], vec![], vec![], vec![]);
+    let mut stages = Vec::new();
     for run in 0..runs.max(1) {
         let tmp = tempfile::Builder::new()
             .prefix("cwm-bench-pipeline-")
@@ -511,8 +520,20 @@ pub fn pipeline(
         ts.push(gbps(t.bytes, t.loaded_secs));
         drop(store);
         let (rw1, rr1) = raw()?;
-        rws.push(rw0.max(rw1));
-        rrs.push(rr0.max(rr1));
+        stages.push(RunStages {
+            raw_before_gbps: (rw0, rr0),
+            raw_after_gbps: (rw1, rr1),
+            freeze_gather_secs: f.gather_secs,
+            freeze_write_secs: f.write_secs,
+            freeze_commit_secs: f.commit_secs,
+            freeze_secs: f.durable_secs,
+            thaw_read_secs: t.read_secs,
+            thaw_verify_secs: t.verify_secs,
+            thaw_scatter_secs: t.scatter_secs,
+            thaw_secs: t.loaded_secs,
+        });
+        rws.push((rw0 + rw1) / 2.0);
+        rrs.push((rr0 + rr1) / 2.0);
     }
     let (f, t, rw, rr) = (median(fs), median(ts), median(rws), median(rrs));
     Ok(PipelineBench {
@@ -526,5 +547,32 @@ pub fn pipeline(
         freeze_ratio: if rw > 0.0 { f / rw } else { 0.0 },
         thaw_ratio: if rr > 0.0 { t / rr } else { 0.0 },
         runs: runs.max(1),
+        stages,
     })
+}
+
+/// Where one run's time went (busy seconds per stage; stages overlap, so they do not add up
+/// to the total), with the raw passes around it as (write, read) GB/s.
+#[derive(Debug, Serialize)]
+pub struct RunStages {
+    /// Raw pass just before the freeze.
+    pub raw_before_gbps: (f64, f64),
+    /// Raw pass just after the thaw.
+    pub raw_after_gbps: (f64, f64),
+    /// Gather + checksum.
+    pub freeze_gather_secs: f64,
+    /// Block writes.
+    pub freeze_write_secs: f64,
+    /// fdatasync + manifest.
+    pub freeze_commit_secs: f64,
+    /// Whole freeze.
+    pub freeze_secs: f64,
+    /// Reads (both readers together).
+    pub thaw_read_secs: f64,
+    /// Verification.
+    pub thaw_verify_secs: f64,
+    /// Scatter.
+    pub thaw_scatter_secs: f64,
+    /// Whole thaw.
+    pub thaw_secs: f64,
 }

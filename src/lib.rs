@@ -14,5 +14,6 @@ pub mod keys;
 pub mod layout;
 pub mod log;
 pub mod pipeline;
+pub mod staging;
 pub mod store;
 pub mod tier;

@@ -14,11 +14,14 @@ use crossbeam_channel::bounded;
 use serde::Serialize;
 
 use crate::device::{self, DeviceError, KvMemory};
-use crate::io::AlignedBuf;
+use crate::io::IoEngine;
 use crate::keys::{block_keys, Namespace};
 use crate::layout::{Compat, Layout, LayoutError};
+use crate::staging::{SlotSet, StagingPool};
 use crate::store::format::{payload_checksum, payload_offset, record_len};
-use crate::store::{BlockDesc, BlockImage, Replace, Store, StoreError, WindowInfo, WindowSpec};
+use crate::store::{
+    BlockDesc, BlockImage, Replace, Store, StoreError, WindowInfo, WindowReader, WindowSpec,
+};
 use crate::tier::RamTier;
 
 /// Errors of the pipeline layer; codes reach the wire.
@@ -79,6 +82,7 @@ pub struct Engine {
     pub model: String,
     /// Optional cache salt.
     pub salt: Option<String>,
+    staging: std::sync::OnceLock<Arc<StagingPool>>,
 }
 
 impl Engine {
@@ -95,6 +99,7 @@ impl Engine {
             mem,
             model: model.into(),
             salt,
+            staging: std::sync::OnceLock::new(),
         })
     }
 
@@ -106,6 +111,33 @@ impl Engine {
             layout_fingerprint: self.layout.fingerprint(),
             salt: self.salt.clone(),
         }
+    }
+
+    /// The engine's staging pool, if a freeze or thaw has allocated it.
+    #[must_use]
+    pub fn staging(&self) -> Option<&Arc<StagingPool>> {
+        self.staging.get()
+    }
+
+    /// The staging pool, allocated on first use (`bytes`, slots of one block record image)
+    /// and registered with `io` as fixed buffers.
+    fn staging_pool(
+        &self,
+        cfg: &PipelineConfig,
+        io: &dyn IoEngine,
+    ) -> Result<&Arc<StagingPool>, PipelineError> {
+        let bytes = cfg.staging_bytes;
+        if let Some(p) = self.staging.get() {
+            return Ok(p);
+        }
+        let slot = record_len(self.layout.block_bytes()) as usize;
+        let pool = StagingPool::new(bytes, slot, cfg.fixed_buffers.then_some(io)).ok_or(
+            PipelineError::InsufficientMemory {
+                needed: bytes,
+                available: memory_available(),
+            },
+        )?;
+        Ok(self.staging.get_or_init(|| pool))
     }
 
     /// Keys of a token sequence in this engine's namespace.
@@ -126,6 +158,9 @@ pub struct PipelineConfig {
     pub threads: usize,
     /// Memory the thaw may assume is available (default: MemAvailable of /proc/meminfo).
     pub memory_available: Option<u64>,
+    /// Register the staging pool with the I/O engine as io_uring fixed buffers (default true).
+    /// Takes effect when the engine's pool is first allocated.
+    pub fixed_buffers: bool,
 }
 
 impl Default for PipelineConfig {
@@ -135,6 +170,7 @@ impl Default for PipelineConfig {
             batch_blocks: 32,
             threads: 2,
             memory_available: None,
+            fixed_buffers: true,
         }
     }
 }
@@ -169,6 +205,12 @@ pub struct FreezeReport {
     pub captured_secs: f64,
     /// Seconds until `durable`.
     pub durable_secs: f64,
+    /// Where the time went: gather + checksum busy seconds (gather thread).
+    pub gather_secs: f64,
+    /// Block writes busy seconds (writer thread).
+    pub write_secs: f64,
+    /// fdatasync + manifest + fdatasync seconds.
+    pub commit_secs: f64,
 }
 
 /// A thaw request.
@@ -205,10 +247,16 @@ pub struct ThawReport {
     pub corruption: Option<String>,
     /// Seconds until `loaded`.
     pub loaded_secs: f64,
+    /// Where the time went: reads busy seconds (reader thread).
+    pub read_secs: f64,
+    /// Verification busy seconds.
+    pub verify_secs: f64,
+    /// Scatter busy seconds.
+    pub scatter_secs: f64,
 }
 
 /// A gathered batch: block indices, their record images, their payload checksums.
-type Batch = (Vec<usize>, Vec<AlignedBuf>, Vec<u64>);
+type Batch = (Vec<usize>, SlotSet, Vec<u64>);
 
 /// Freezes a session's blocks into a window. `on_captured` runs (on the gather thread) once
 /// the engine's blocks are no longer needed.
@@ -250,61 +298,67 @@ pub fn freeze(
     };
     let mut w = store.begin_window(spec)?;
     let todo: Vec<usize> = (0..n).filter(|&i| w.needs_write(i)).collect();
-    let slot = record_len(bb) as usize;
+    let pool = eng.staging_pool(cfg, store.engine().as_ref())?;
     let po = payload_offset(bb);
     let bbu = bb as usize;
-    let slots_total = ((cfg.staging_bytes as usize) / slot).max(2);
-    let batch = cfg.batch_blocks.clamp(1, (slots_total / 2).max(1));
-    let nsets = (slots_total / batch)
-        .max(2)
-        .min(todo.len().div_ceil(batch).max(1));
-    let (free_tx, free_rx) = bounded::<Vec<AlignedBuf>>(nsets);
-    let (full_tx, full_rx) = bounded::<Batch>(nsets);
-    for _ in 0..nsets {
-        let set: Vec<AlignedBuf> = (0..batch).map(|_| AlignedBuf::zeroed(slot)).collect();
-        let _ = free_tx.send(set);
-    }
+    let batch = cfg.batch_blocks.clamp(1, pool.max_set());
+    let (full_tx, full_rx) = bounded::<Batch>(1);
+    let stop = std::sync::atomic::AtomicBool::new(false);
     let captured_at = std::sync::Mutex::new(0.0f64);
     let ids = &req.block_ids;
     let keys_ref = &keys;
     let todo_ref = &todo;
     let (gres, wres) = std::thread::scope(|s| {
         let captured_at = &captured_at;
-        let g = s.spawn(move || -> Result<(), PipelineError> {
+        let stop = &stop;
+        // Stage 1: gather + checksum (+ RAM tier) into staging slots.
+        let g = s.spawn(move || -> Result<f64, PipelineError> {
+            let mut busy = 0.0;
             for chunk in todo_ref.chunks(batch) {
-                let Ok(mut set) = free_rx.recv() else {
-                    return Ok(());
-                };
-                let cids: Vec<u64> = chunk.iter().map(|&i| ids[i]).collect();
-                {
-                    let mut pls: Vec<&mut [u8]> = set[..chunk.len()]
-                        .iter_mut()
-                        .map(|b| &mut b[po..po + bbu])
-                        .collect();
-                    device::gather(layout, eng.mem.as_ref(), &cids, &mut pls, cfg.threads)?;
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Ok(busy);
                 }
-                let sums: Vec<u64> = set[..chunk.len()]
-                    .iter()
-                    .map(|b| payload_checksum(&b[po..po + bbu]))
-                    .collect();
-                if let Some(t) = tier.filter(|t| t.enabled()) {
-                    for (j, &i) in chunk.iter().enumerate() {
-                        t.put(keys_ref[i], &set[j][po..po + bbu]);
+                let mut set = pool.take(chunk.len());
+                let tb = Instant::now();
+                let cids: Vec<u64> = chunk.iter().map(|&i| ids[i]).collect();
+                let mut sums = vec![0u64; chunk.len()];
+                {
+                    let mut slots = set.slices();
+                    let mut pls: Vec<&mut [u8]> =
+                        slots.iter_mut().map(|b| &mut b[po..po + bbu]).collect();
+                    device::gather(
+                        layout,
+                        eng.mem.as_ref(),
+                        &cids,
+                        &mut pls,
+                        cfg.threads,
+                        Some(&mut sums),
+                    )?;
+                    if let Some(t) = tier.filter(|t| t.enabled()) {
+                        for (p, &i) in pls.iter().zip(chunk) {
+                            t.put(keys_ref[i], p);
+                        }
                     }
                 }
+                busy += tb.elapsed().as_secs_f64();
                 if full_tx.send((chunk.to_vec(), set, sums)).is_err() {
-                    return Ok(());
+                    return Ok(busy);
                 }
             }
             if let Ok(mut c) = captured_at.lock() {
                 *c = t0.elapsed().as_secs_f64();
             }
             on_captured();
-            Ok(())
+            Ok(busy)
         });
-        let mut wres: Result<(), StoreError> = Ok(());
+        // Stage 2: write batch i while batch i+1 is gathered.
+        let mut wres: Result<f64, StoreError> = Ok(0.0);
         for (idxs, mut set, sums) in full_rx.iter() {
-            let mut imgs: Vec<BlockImage<'_>> = set
+            if wres.is_err() {
+                continue; // drain: give the slots back so the gatherer can stop
+            }
+            let mut slots = set.slices();
+            let mut imgs: Vec<BlockImage<'_>> = slots
                 .iter_mut()
                 .zip(idxs.iter().zip(&sums))
                 .map(|(b, (&index, &sum))| BlockImage {
@@ -313,23 +367,29 @@ pub fn freeze(
                     checksum: Some(sum),
                 })
                 .collect();
-            if let Err(e) = w.write_blocks(&mut imgs) {
-                wres = Err(e);
-                break;
+            let tw = Instant::now();
+            match w.write_blocks(&mut imgs) {
+                Ok(()) => {
+                    if let Ok(busy) = &mut wres {
+                        *busy += tw.elapsed().as_secs_f64();
+                    }
+                }
+                Err(e) => {
+                    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                    wres = Err(e);
+                }
             }
-            drop(imgs);
-            let _ = free_tx.send(set);
         }
-        drop(full_rx);
-        drop(free_tx);
         let gres = g
             .join()
             .unwrap_or_else(|_| Err(PipelineError::Validation("gather thread panicked".into())));
         (gres, wres)
     });
-    gres?;
-    wres?;
+    let gather_secs = gres?;
+    let write_secs = wres?;
+    let tc = Instant::now();
     let info = w.commit()?;
+    let commit_secs = tc.elapsed().as_secs_f64();
     let captured_secs = captured_at.lock().map(|c| *c).unwrap_or(0.0);
     Ok(FreezeReport {
         blocks_written: todo.len() as u64,
@@ -337,6 +397,9 @@ pub fn freeze(
         bytes: bb * n as u64,
         captured_secs,
         durable_secs: t0.elapsed().as_secs_f64(),
+        gather_secs,
+        write_secs,
+        commit_secs,
         info,
     })
 }
@@ -353,11 +416,6 @@ pub fn memory_available() -> u64 {
                 .and_then(|v| v.parse::<u64>().ok())
         })
         .map_or(u64::MAX, |kb| kb * 1024)
-}
-
-enum ReadMsg {
-    Batch(usize, Vec<AlignedBuf>, usize),
-    Corrupt(usize, Vec<AlignedBuf>, usize, String),
 }
 
 /// Thaws a window into the engine's blocks `req.block_ids`.
@@ -393,16 +451,21 @@ pub fn thaw(
     }
     device::check_block_ids(&eng.layout, &req.block_ids)?;
     let bb = eng.layout.block_bytes();
-    let slot = record_len(bb) as usize;
-    let slots_total = ((cfg.staging_bytes as usize) / slot).max(2);
-    let batch = cfg.batch_blocks.clamp(1, (slots_total / 2).max(1));
-    let nsets = (slots_total / batch).max(2).min(n.div_ceil(batch).max(1));
-    let needed = (nsets * batch * slot) as u64
-        + if compat == Compat::Permute {
-            bb * batch as u64
-        } else {
-            0
-        };
+    let tier = tier.filter(|t| t.enabled());
+    // EC-022: what this thaw must newly allocate — the staging pool on first use, transpose
+    // scratch for a layout upgrade, RAM-tier growth — against what the machine has.
+    let window_bytes = bb * n as u64;
+    let needed = if eng.staging().is_none() {
+        cfg.staging_bytes
+    } else {
+        0
+    } + if compat == Compat::Permute {
+        bb * cfg.batch_blocks as u64
+    } else {
+        0
+    } + tier.map_or(0, |t| {
+        window_bytes.min(t.capacity().saturating_sub(t.bytes()))
+    });
     let available = cfg.memory_available.unwrap_or_else(memory_available);
     if needed > available {
         return Err(PipelineError::InsufficientMemory { needed, available });
@@ -420,9 +483,12 @@ pub fn thaw(
         permuted: compat == Compat::Permute,
         corruption: None,
         loaded_secs: 0.0,
+        read_secs: 0.0,
+        verify_secs: 0.0,
+        scatter_secs: 0.0,
     };
-    // RAM tier: when every block is there, no disk read at all.
-    if let Some(t) = tier.filter(|t| t.enabled()) {
+    // RAM tier: when every block is there (and verifies), no disk read at all.
+    if let Some(t) = tier {
         let hits: Vec<_> = r
             .manifest
             .blocks
@@ -435,7 +501,10 @@ pub fn thaw(
                 .zip(&r.manifest.blocks)
                 .all(|(h, b)| payload_checksum(h) == b.checksum);
         if intact {
-            for (c, ids) in hits.chunks(batch).zip(req.block_ids.chunks(batch)) {
+            for (c, ids) in hits
+                .chunks(cfg.batch_blocks.max(1))
+                .zip(req.block_ids.chunks(cfg.batch_blocks.max(1)))
+            {
                 let pls: Vec<&[u8]> = c.iter().map(|h| &h[..]).collect();
                 device::scatter(
                     &eng.layout,
@@ -451,82 +520,135 @@ pub fn thaw(
             report.blocks_from_tier = n as u64;
             report.tokens_restored = total_tokens;
             report.tokens_to_recompute = 0;
-            report.bytes = bb * n as u64;
+            report.bytes = window_bytes;
             report.loaded_secs = t0.elapsed().as_secs_f64();
             return Ok(report);
         }
     }
-    let (free_tx, free_rx) = bounded::<Vec<AlignedBuf>>(nsets);
-    let (full_tx, full_rx) = bounded::<Result<ReadMsg, StoreError>>(nsets);
-    for _ in 0..nsets {
-        let _ = free_tx.send((0..batch).map(|_| AlignedBuf::zeroed(slot)).collect());
-    }
+    let pool = eng.staging_pool(cfg, store.engine().as_ref())?;
+    let batch = cfg.batch_blocks.clamp(1, pool.max_set());
+    let (full_tx, full_rx) = bounded::<(usize, Result<ReadBatch, StoreError>)>(2);
+    let stop = std::sync::atomic::AtomicBool::new(false);
     let rr = &r;
+    let next = std::sync::Mutex::new(0usize);
     let res: Result<(), PipelineError> = std::thread::scope(|s| {
-        s.spawn(move || {
-            let mut start = 0;
-            while start < n {
-                let k = batch.min(n - start);
-                let Ok(mut set) = free_rx.recv() else { return };
-                let res = {
-                    let mut imgs: Vec<&mut [u8]> =
-                        set[..k].iter_mut().map(|b| &mut b[..]).collect();
-                    store.read_blocks(rr, start, &mut imgs)
-                };
-                let msg = match res {
-                    Ok(()) => Ok(ReadMsg::Batch(start, set, k)),
-                    Err(StoreError::Corruption { block, detail, .. }) => {
-                        let _ =
-                            full_tx.send(Ok(ReadMsg::Corrupt(start, set, block - start, detail)));
-                        return;
+        let stop = &stop;
+        // Stage 1: two readers keep the I/O queue full (one batch is submitted while the
+        // other completes) while earlier batches are verified and scattered. Sets are taken
+        // in batch order, so the earliest batch always gets staging first.
+        let next = &next;
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let full_tx = full_tx.clone();
+                s.spawn(move || {
+                    let mut busy = 0.0;
+                    loop {
+                        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                            return busy;
+                        }
+                        let (start, mut set) = {
+                            let Ok(mut g) = next.lock() else { return busy };
+                            let start = *g;
+                            if start >= n {
+                                return busy;
+                            }
+                            let k = batch.min(n - start);
+                            *g += k;
+                            (start, pool.take(k))
+                        };
+                        let tr = Instant::now();
+                        let res = {
+                            let mut slots = set.slices();
+                            let mut imgs: Vec<&mut [u8]> =
+                                slots.iter_mut().map(|b| &mut b[..]).collect();
+                            store.read_images(rr, start, &mut imgs)
+                        };
+                        busy += tr.elapsed().as_secs_f64();
+                        let msg = res.map(|unreadable| ReadBatch {
+                            start,
+                            set,
+                            unreadable,
+                        });
+                        let stop_now = msg.as_ref().map_or(true, |m| m.unreadable.is_some());
+                        if stop_now {
+                            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        if full_tx.send((start, msg)).is_err() || stop_now {
+                            return busy;
+                        }
                     }
-                    Err(e) => Err(e),
-                };
-                let stop = msg.is_err();
-                if full_tx.send(msg).is_err() || stop {
-                    return;
-                }
-                start += k;
+                })
+            })
+            .collect();
+        drop(full_tx);
+        // Stage 2, in batch order: verify (in parallel), then scatter the verified prefix.
+        let mut out = Ok(());
+        let mut pending = std::collections::BTreeMap::new();
+        let mut expected = 0usize;
+        for (start, msg) in full_rx.iter() {
+            if out.is_err() || report.corruption.is_some() {
+                pending.clear();
+                continue; // drain: give the slots back so the readers can stop
             }
-        });
-        for msg in full_rx.iter() {
-            let (start, set, k, corrupt) = match msg? {
-                ReadMsg::Batch(s, set, k) => (s, set, k, None),
-                ReadMsg::Corrupt(s, set, good, d) => (s, set, good, Some(d)),
-            };
-            if k > 0 {
-                let pls: Vec<&[u8]> = (0..k).map(|j| rr.payload(start + j, &set[j])).collect();
-                device::scatter(
-                    &eng.layout,
-                    &wl,
-                    compat,
-                    eng.mem.as_ref(),
-                    &req.block_ids[start..start + k],
-                    &pls,
-                    cfg.threads,
-                )?;
-                if let Some(t) = tier.filter(|t| t.enabled()) {
-                    for (j, p) in pls.iter().enumerate() {
-                        t.put(rr.manifest.blocks[start + j].key, p);
+            pending.insert(start, msg);
+            while let Some(msg) = pending.remove(&expected) {
+                expected += msg.as_ref().map_or(0, |b| b.set.len());
+                let step = (|| -> Result<(), PipelineError> {
+                    let mut b = msg?;
+                    let slots = b.set.slices();
+                    let k = slots.len();
+                    let tv = Instant::now();
+                    let first_bad =
+                        first_bad_block(rr, b.start, &slots, b.unreadable.as_ref(), cfg.threads);
+                    report.verify_secs += tv.elapsed().as_secs_f64();
+                    let ts = Instant::now();
+                    let good = first_bad.as_ref().map_or(k, |(i, _)| *i);
+                    if good > 0 {
+                        let pls: Vec<&[u8]> = (0..good)
+                            .map(|j| rr.payload(b.start + j, slots[j]))
+                            .collect();
+                        device::scatter(
+                            &eng.layout,
+                            &wl,
+                            compat,
+                            eng.mem.as_ref(),
+                            &req.block_ids[b.start..b.start + good],
+                            &pls,
+                            cfg.threads,
+                        )?;
+                        if let Some(t) = tier {
+                            for (j, p) in pls.iter().enumerate() {
+                                t.put(rr.manifest.blocks[b.start + j].key, p);
+                            }
+                        }
                     }
+                    report.scatter_secs += ts.elapsed().as_secs_f64();
+                    report.blocks_restored = (b.start + good) as u64;
+                    if let Some((i, d)) = first_bad {
+                        let bad = b.start + i;
+                        crate::log::warn(&format!(
+                        "thaw of {:?}: block {bad} is corrupt ({d}); restored the first {bad} blocks, the engine recomputes the rest",
+                        rr.info.name
+                    ));
+                        if let Some(t) = tier {
+                            t.remove(rr.manifest.blocks[bad].key);
+                        }
+                        report.corruption = Some(format!("block {bad}: {d}"));
+                    }
+                    Ok(())
+                })();
+                if let Err(e) = step {
+                    out = Err(e);
+                }
+                if out.is_err() || report.corruption.is_some() {
+                    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                    pending.clear();
+                    break;
                 }
             }
-            report.blocks_restored = (start + k) as u64;
-            if let Some(d) = corrupt {
-                let bad = start + k;
-                crate::log::warn(&format!(
-                    "thaw of {:?}: block {bad} is corrupt ({d}); restored the first {bad} blocks, the engine recomputes the rest",
-                    rr.info.name
-                ));
-                if let Some(t) = tier {
-                    t.remove(rr.manifest.blocks[bad].key);
-                }
-                report.corruption = Some(format!("block {bad}: {d}"));
-                break;
-            }
-            let _ = free_tx.send(set);
         }
-        Ok(())
+        report.read_secs = readers.into_iter().map(|h| h.join().unwrap_or(0.0)).sum();
+        out
     });
     res?;
     report.tokens_restored = (report.blocks_restored * bs).min(total_tokens);
@@ -534,4 +656,47 @@ pub fn thaw(
     report.bytes = report.blocks_restored * bb;
     report.loaded_secs = t0.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// A batch of record images read but not yet verified.
+struct ReadBatch {
+    start: usize,
+    set: SlotSet,
+    unreadable: Option<(usize, crate::io::IoError)>,
+}
+
+/// Verifies the images of blocks `start..` on up to `threads` threads; returns the first bad
+/// one (position in the batch, why).
+fn first_bad_block(
+    r: &WindowReader,
+    start: usize,
+    slots: &[&mut [u8]],
+    unreadable: Option<&(usize, crate::io::IoError)>,
+    threads: usize,
+) -> Option<(usize, String)> {
+    let limit = unreadable.map_or(slots.len(), |(i, _)| *i);
+    let per = limit.div_ceil(threads.max(1)).max(1);
+    let found: Vec<Option<(usize, String)>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..limit)
+            .step_by(per)
+            .map(|from| {
+                let to = (from + per).min(limit);
+                s.spawn(move || {
+                    (from..to).find_map(|j| match r.verify(start + j, &slots[j][..]) {
+                        Ok(()) => None,
+                        Err(StoreError::Corruption { detail, .. }) => Some((j, detail)),
+                        Err(e) => Some((j, e.to_string())),
+                    })
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or(Some((0, "verifier panicked".into()))))
+            .collect()
+    });
+    found
+        .into_iter()
+        .flatten()
+        .next()
+        .or_else(|| unreadable.map(|(i, e)| (*i, format!("unreadable: {e}"))))
 }

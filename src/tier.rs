@@ -33,6 +33,12 @@ impl RamTier {
         }
     }
 
+    /// Capacity in bytes.
+    #[must_use]
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
     /// True when the tier can hold anything.
     #[must_use]
     pub fn enabled(&self) -> bool {

@@ -155,18 +155,27 @@ fn ec_022_insufficient_memory_refused_before_thaw() {
         memory_available: Some(4096),
         ..Default::default()
     };
-    let err = thaw(
-        &store,
-        &syn.engine,
-        &ThawRequest {
-            window: "w".into(),
-            block_ids: vec![4, 5, 6, 7],
-            expect_tokens: None,
-        },
-        &cfg,
+    let req = ThawRequest {
+        window: "w".into(),
+        block_ids: vec![4, 5, 6, 7],
+        expect_tokens: None,
+    };
+    // A fresh registration of the same cache has no staging pool yet: the thaw would have to
+    // allocate one, and 4096 bytes are not enough.
+    let fresh = cwm::pipeline::Engine::new(
+        syn.engine.layout.clone(),
+        syn.engine.mem.clone(),
+        "test-model",
         None,
     )
-    .unwrap_err();
+    .unwrap();
+    let err = thaw(&store, &fresh, &req, &cfg, None).unwrap_err();
     assert_eq!(err.code(), "INSUFFICIENT_MEMORY");
     assert!(err.to_string().contains("4096 available"), "{err}");
+    assert!(
+        fresh.staging().is_none(),
+        "staging allocated despite the refusal"
+    );
+    // The engine that froze already holds its staging: its thaw needs no new memory.
+    thaw(&store, &syn.engine, &req, &cfg, None).unwrap();
 }

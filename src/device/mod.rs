@@ -111,13 +111,15 @@ fn split_pieces<'a>(layout: &Layout, mut payload: &'a mut [u8]) -> Vec<&'a mut [
 }
 
 /// Gathers blocks `ids` into `payloads` (one `block_bytes` slice per block), on up to
-/// `threads` threads. Every id is checked first.
+/// `threads` threads. Every id is checked first. With `sums`, the xxh3 of each payload is
+/// computed right after its copy, while the bytes are still in cache.
 pub fn gather(
     layout: &Layout,
     mem: &dyn KvMemory,
     ids: &[u64],
     payloads: &mut [&mut [u8]],
     threads: usize,
+    sums: Option<&mut [u64]>,
 ) -> Result<(), DeviceError> {
     check_block_ids(layout, ids)?;
     let bb = layout.block_bytes() as usize;
@@ -126,24 +128,37 @@ pub fn gather(
             "gather: one block_bytes slice per block".into(),
         ));
     }
-    let per = ids.len().div_ceil(threads.max(1)).max(1);
-    let work = |ids: &[u64], pls: &mut [&mut [u8]]| -> Result<(), DeviceError> {
-        let mut regions = Vec::with_capacity(ids.len() * layout.pieces.len());
-        let mut dsts: Vec<&mut [u8]> = Vec::with_capacity(regions.capacity());
-        for (&id, p) in ids.iter().zip(pls.iter_mut()) {
-            regions.extend(regions_of(layout, id));
-            dsts.extend(split_pieces(layout, p));
+    let mut scratch = vec![0u64; ids.len()];
+    let want_sums = sums.is_some();
+    let out: &mut [u64] = match sums {
+        Some(s) if s.len() == ids.len() => s,
+        Some(_) => {
+            return Err(DeviceError::Validation(
+                "gather: one checksum per block".into(),
+            ))
         }
-        mem.read(&regions, &mut dsts)
+        None => &mut scratch,
     };
-    if threads <= 1 || ids.len() < 4 {
-        return work(ids, payloads);
+    let per = ids.len().div_ceil(threads.max(1)).max(1);
+    let work = |ids: &[u64], pls: &mut [&mut [u8]], sums: &mut [u64]| -> Result<(), DeviceError> {
+        for ((&id, p), sum) in ids.iter().zip(pls.iter_mut()).zip(sums.iter_mut()) {
+            let regions: Vec<Region> = regions_of(layout, id).collect();
+            mem.read(&regions, &mut split_pieces(layout, p))?;
+            if want_sums {
+                *sum = xxhash_rust::xxh3::xxh3_64(p);
+            }
+        }
+        Ok(())
+    };
+    if threads <= 1 || ids.len() < 2 {
+        return work(ids, payloads, out);
     }
     std::thread::scope(|s| {
         let hs: Vec<_> = ids
             .chunks(per)
             .zip(payloads.chunks_mut(per))
-            .map(|(i, p)| s.spawn(move || work(i, p)))
+            .zip(out.chunks_mut(per))
+            .map(|((i, p), o)| s.spawn(move || work(i, p, o)))
             .collect();
         hs.into_iter().try_for_each(|h| {
             h.join()

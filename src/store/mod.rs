@@ -712,6 +712,27 @@ impl Store {
         start: usize,
         images: &mut [&mut [u8]],
     ) -> Result<(), StoreError> {
+        let unreadable = self.read_images(r, start, images)?;
+        for (i, img) in images.iter().enumerate() {
+            match &unreadable {
+                Some((k, e)) if *k == i => {
+                    return Err(r.corruption(start + i, format!("unreadable: {e}")))
+                }
+                _ => r.verify(start + i, img)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads record images without verifying them: the caller must pass each through
+    /// [`WindowReader::verify`] before using its payload (the pipeline verifies on its scatter
+    /// threads). Returns the position (in `images`) and error of the first unreadable block.
+    pub(crate) fn read_images(
+        &self,
+        r: &WindowReader,
+        start: usize,
+        images: &mut [&mut [u8]],
+    ) -> Result<Option<(usize, IoError)>, StoreError> {
         let end = start + images.len();
         if end > r.locs.len() {
             return Err(StoreError::Validation(format!(
@@ -734,48 +755,20 @@ impl Store {
         }
         let io_res = self.engine.run(&mut ops);
         drop(ops);
+        let Err(e) = io_res else { return Ok(None) };
         // After a failed batch, re-read block by block: the first unreadable block bounds the
         // intact prefix exactly, and no image left over from an earlier use is trusted.
-        let mut unreadable: Option<(usize, IoError)> = None;
-        if let Err(e) = io_res {
-            crate::log::warn(&format!("read error in window {:?}: {e}", r.info.name));
-            for (i, img) in images.iter_mut().enumerate() {
-                let loc = &r.locs[start + i];
-                if let Err(e) = self.engine.read_exact_at(
-                    loc.seg.fd(),
-                    loc.offset,
-                    &mut img[..loc.len as usize],
-                ) {
-                    unreadable = Some((i, e));
-                    break;
-                }
+        crate::log::warn(&format!("read error in window {:?}: {e}", r.info.name));
+        for (i, img) in images.iter_mut().enumerate() {
+            let loc = &r.locs[start + i];
+            if let Err(e) =
+                self.engine
+                    .read_exact_at(loc.seg.fd(), loc.offset, &mut img[..loc.len as usize])
+            {
+                return Ok(Some((i, e)));
             }
         }
-        for (i, img) in images.iter().enumerate() {
-            let b = start + i;
-            let want = &r.manifest.blocks[b];
-            let check = match &unreadable {
-                Some((k, e)) if *k == i => Err(format!("unreadable: {e}")),
-                _ => verify_image(img, &r.locs[b].seg, RecordKind::Block).and_then(|(h, _)| {
-                    if h.key != want.key {
-                        Err("block key differs from the manifest's".to_string())
-                    } else if h.payload_len != want.len || h.payload_xxh3 != want.checksum {
-                        Err("block length or checksum differs from the manifest's".to_string())
-                    } else {
-                        Ok(())
-                    }
-                }),
-            };
-            if let Err(detail) = check {
-                return Err(StoreError::Corruption {
-                    window: r.info.name.clone(),
-                    block: b,
-                    intact_blocks: b,
-                    detail,
-                });
-            }
-        }
-        Ok(())
+        Ok(None)
     }
 
     /// Reads and verifies a whole window into memory (tests, `cwm demo`, small windows).
@@ -1213,6 +1206,37 @@ impl WindowReader {
     #[must_use]
     pub fn record_len(&self, i: usize) -> u64 {
         record_len(self.manifest.blocks[i].len)
+    }
+
+    /// Verifies the record image of block `b`: header checksum (with the segment generation),
+    /// kind, segment, key, length and checksum against the manifest, payload xxh3.
+    pub fn verify(&self, b: usize, image: &[u8]) -> Result<(), StoreError> {
+        let want = self
+            .manifest
+            .blocks
+            .get(b)
+            .ok_or_else(|| StoreError::Validation(format!("block {b} out of range")))?;
+        let res = verify_image(image, &self.locs[b].seg, RecordKind::Block).and_then(|(h, _)| {
+            if h.key != want.key {
+                Err("block key differs from the manifest's".to_string())
+            } else if h.payload_len != want.len || h.payload_xxh3 != want.checksum {
+                Err("block length or checksum differs from the manifest's".to_string())
+            } else {
+                Ok(())
+            }
+        });
+        res.map_err(|d| self.corruption(b, d))
+    }
+
+    /// The CORRUPTION error for block `b`.
+    #[must_use]
+    pub fn corruption(&self, b: usize, detail: String) -> StoreError {
+        StoreError::Corruption {
+            window: self.info.name.clone(),
+            block: b,
+            intact_blocks: b,
+            detail,
+        }
     }
 
     /// The payload of block `i` inside a verified record image.
