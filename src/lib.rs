@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod device;
+pub mod gpucheck;
 pub mod io;
 pub mod keys;
 pub mod layout;

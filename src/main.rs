@@ -24,6 +24,17 @@ enum Cmd {
     /// Benchmarks against ceilings measured in the same run.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// The Rust half of scripts/gpu-check.sh (CUDA IPC import, freeze/thaw, measurements).
+    GpuCheck {
+        /// `run` (freeze + thaw for a bit-exact check) or `bench` (measurements).
+        mode: String,
+        /// Spec file written by scripts/gpu_check.py.
+        #[arg(long)]
+        spec: PathBuf,
+        /// Directory for the store and raw-disk files.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -116,6 +127,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res: Result<(), String> = match cli.cmd {
         Cmd::Demo(a) => demo::run(&a),
+        Cmd::GpuCheck { mode, spec, dir } => (|| {
+            let text =
+                std::fs::read_to_string(&spec).map_err(|e| format!("{}: {e}", spec.display()))?;
+            let spec: cwm::gpucheck::Spec =
+                serde_json::from_str(&text).map_err(|e| format!("spec: {e}"))?;
+            let dir = dir.unwrap_or_else(std::env::temp_dir);
+            let out = match mode.as_str() {
+                "run" => cwm::gpucheck::run(&spec, &dir)?,
+                "bench" => cwm::gpucheck::bench(&spec, &dir)?,
+                m => return Err(format!("unknown mode {m:?}: use run or bench")),
+            };
+            print_json(&out);
+            Ok(())
+        })(),
         Cmd::Bench(BenchCmd::Store {
             bytes,
             block_bytes,

@@ -83,6 +83,7 @@ pub struct Engine {
     /// Optional cache salt.
     pub salt: Option<String>,
     staging: std::sync::OnceLock<Arc<StagingPool>>,
+    staging_mapped: std::sync::atomic::AtomicBool,
 }
 
 impl Engine {
@@ -100,6 +101,7 @@ impl Engine {
             model: model.into(),
             salt,
             staging: std::sync::OnceLock::new(),
+            staging_mapped: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -137,7 +139,24 @@ impl Engine {
                 available: memory_available(),
             },
         )?;
-        Ok(self.staging.get_or_init(|| pool))
+        let mut won = false;
+        let pool = self.staging.get_or_init(|| {
+            won = true;
+            pool
+        });
+        if won
+            && self
+                .mem
+                .register_staging(pool.region_ptr(), pool.bytes() as usize)
+        {
+            self.staging_mapped
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            crate::log::info(&format!(
+                "staging pool of {} MiB registered with the KV memory's device",
+                pool.bytes() >> 20
+            ));
+        }
+        Ok(pool)
     }
 
     /// Keys of a token sequence in this engine's namespace.
@@ -501,20 +520,47 @@ pub fn thaw(
                 .zip(&r.manifest.blocks)
                 .all(|(h, b)| payload_checksum(h) == b.checksum);
         if intact {
-            for (c, ids) in hits
-                .chunks(cfg.batch_blocks.max(1))
-                .zip(req.block_ids.chunks(cfg.batch_blocks.max(1)))
-            {
-                let pls: Vec<&[u8]> = c.iter().map(|h| &h[..]).collect();
-                device::scatter(
-                    &eng.layout,
-                    &wl,
-                    compat,
-                    eng.mem.as_ref(),
-                    ids,
-                    &pls,
-                    cfg.threads,
-                )?;
+            let mapped = eng.staging_mapped.load(std::sync::atomic::Ordering::SeqCst);
+            let pool = if mapped { eng.staging().cloned() } else { None };
+            let step = pool.as_ref().map_or(cfg.batch_blocks.max(1), |p| {
+                cfg.batch_blocks.clamp(1, p.max_set())
+            });
+            for (c, ids) in hits.chunks(step).zip(req.block_ids.chunks(step)) {
+                match &pool {
+                    // A device that reads the staging pool directly (GPU, zero-copy): stage the
+                    // tier's bytes there so the scatter is one kernel launch.
+                    Some(pool) => {
+                        let mut set = pool.take(c.len());
+                        let mut slots = set.slices();
+                        let po = payload_offset(bb);
+                        for (slot, h) in slots.iter_mut().zip(c) {
+                            slot[po..po + h.len()].copy_from_slice(h);
+                        }
+                        let pls: Vec<&[u8]> =
+                            slots.iter().map(|s| &s[po..po + bb as usize]).collect();
+                        device::scatter(
+                            &eng.layout,
+                            &wl,
+                            compat,
+                            eng.mem.as_ref(),
+                            ids,
+                            &pls,
+                            cfg.threads,
+                        )?;
+                    }
+                    None => {
+                        let pls: Vec<&[u8]> = c.iter().map(|h| &h[..]).collect();
+                        device::scatter(
+                            &eng.layout,
+                            &wl,
+                            compat,
+                            eng.mem.as_ref(),
+                            ids,
+                            &pls,
+                            cfg.threads,
+                        )?;
+                    }
+                }
             }
             report.blocks_restored = n as u64;
             report.blocks_from_tier = n as u64;

@@ -54,6 +54,12 @@ impl StagingPool {
         (self.nslots * self.slot_len) as u64
     }
 
+    /// Start of the region (for registering it with a device).
+    #[must_use]
+    pub fn region_ptr(&self) -> *mut u8 {
+        self.region.as_ptr().cast_mut()
+    }
+
     /// True when the I/O engine accepted the region as fixed buffers.
     #[must_use]
     pub fn is_fixed(&self) -> bool {

@@ -3,6 +3,8 @@
 //! process_vm_readv/writev) with CPU gather/scatter; the CUDA backend (a later change) plugs
 //! into the same [`KvMemory`] trait with kernels.
 
+#[cfg(target_os = "linux")]
+pub mod cuda;
 pub mod host;
 pub mod synthetic;
 
@@ -53,6 +55,39 @@ pub trait KvMemory: Send + Sync {
     fn read(&self, regions: &[Region], dst: &mut [&mut [u8]]) -> Result<(), DeviceError>;
     /// Copies `src[i]` into `regions[i]` for every i.
     fn write(&self, regions: &[Region], src: &[&[u8]]) -> Result<(), DeviceError>;
+
+    /// Makes a host region (the staging pool) reachable by the device for zero-copy gather
+    /// and scatter (CUDA: page-locked and mapped). False when there is nothing to do.
+    fn register_staging(&self, ptr: *mut u8, len: usize) -> bool {
+        let _ = (ptr, len);
+        false
+    }
+
+    /// Gathers whole blocks in one go (a kernel launch on a GPU). `None`: not supported for
+    /// these buffers; the caller falls back to [`KvMemory::read`].
+    fn gather_blocks(
+        &self,
+        layout: &Layout,
+        ids: &[u64],
+        payloads: &mut [&mut [u8]],
+    ) -> Option<Result<(), DeviceError>> {
+        let _ = (layout, ids, payloads);
+        None
+    }
+
+    /// Scatters whole blocks in one go, transposing when `compat` says so. `None`: not
+    /// supported for these buffers; the caller falls back to [`KvMemory::write`].
+    fn scatter_blocks(
+        &self,
+        engine: &Layout,
+        window: &Layout,
+        compat: Compat,
+        ids: &[u64],
+        payloads: &[&[u8]],
+    ) -> Option<Result<(), DeviceError>> {
+        let _ = (engine, window, compat, ids, payloads);
+        None
+    }
 }
 
 /// Checks every block id against the layout before anything is copied.
@@ -128,6 +163,27 @@ pub fn gather(
             "gather: one block_bytes slice per block".into(),
         ));
     }
+    if let Some(r) = mem.gather_blocks(layout, ids, payloads) {
+        r?;
+        if let Some(sums) = sums {
+            if sums.len() != ids.len() {
+                return Err(DeviceError::Validation(
+                    "gather: one checksum per block".into(),
+                ));
+            }
+            let per = ids.len().div_ceil(threads.max(1)).max(1);
+            std::thread::scope(|s| {
+                for (p, o) in payloads.chunks(per).zip(sums.chunks_mut(per)) {
+                    s.spawn(move || {
+                        for (p, o) in p.iter().zip(o.iter_mut()) {
+                            *o = xxhash_rust::xxh3::xxh3_64(p);
+                        }
+                    });
+                }
+            });
+        }
+        return Ok(());
+    }
     let mut scratch = vec![0u64; ids.len()];
     let want_sums = sums.is_some();
     let out: &mut [u64] = match sums {
@@ -184,6 +240,9 @@ pub fn scatter(
         return Err(DeviceError::Validation(
             "scatter: one block_bytes slice per block".into(),
         ));
+    }
+    if let Some(r) = mem.scatter_blocks(engine, window, compat, ids, payloads) {
+        return r;
     }
     let per = ids.len().div_ceil(threads.max(1)).max(1);
     let work = |ids: &[u64], pls: &[&[u8]]| -> Result<(), DeviceError> {

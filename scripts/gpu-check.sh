@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (NVIDIA GPU, driver, Python with PyTorch; no Rust, no internet):
+# correctness of the CUDA backend across layouts and its throughput against the ceilings
+# measured in the same run. Needs the prebuilt target/release/cwm. Writes gpu-check.json and
+# gpu-check.txt under $OUT (or the directory given as the first argument); prints the table
+# last; exits non-zero on any failed check.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-${OUT:-./gpu-check-out}}"
+mkdir -p "$OUT_DIR"
+CWM="${CWM:-$PWD/target/release/cwm}"
+PY="$(command -v python3 || command -v python)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$OUT_DIR/nvidia-smi.txt"
+# libnvrtc: from a CUDA toolkit or from the pip nvidia-* packages torch brings.
+extra=$("$PY" - <<'PY'
+import glob, os, site
+dirs = set()
+roots = site.getsitepackages() + ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"]
+roots += glob.glob("/usr/local/cuda-*/lib64")
+for r in roots:
+    for p in glob.glob(os.path.join(r, "**", "libnvrtc.so*"), recursive=True):
+        dirs.add(os.path.dirname(p))
+print(":".join(sorted(dirs)))
+PY
+)
+export LD_LIBRARY_PATH="${extra}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "libnvrtc dirs: ${extra:-none found}"
+"$CWM" --version || { echo "FAIL: $CWM does not run here"; exit 1; }
+export CWM_GPU_DIR="${CWM_GPU_DIR:-/tmp}"
+timeout 280 "$PY" scripts/gpu_check.py "$OUT_DIR" "$CWM" 2>&1 | tee "$OUT_DIR/gpu-check.log"
+rc=${PIPESTATUS[0]}
+exit "$rc"

@@ -1,0 +1,726 @@
+//! The CUDA backend: a KV cache in another process's GPU memory, imported with CUDA IPC
+//! (`cuIpcOpenMemHandle` on the allocation base, plus an offset per tensor), gathered and
+//! scattered by the kernel in `kernels/copy.cu` straight between GPU memory and the staging
+//! pool, which is page-locked and mapped into the device (`cuMemHostRegister`, zero-copy over
+//! PCIe). libcuda and libnvrtc are loaded at run time: without libcuda the backend reports
+//! itself unavailable with one message; without libnvrtc it falls back to copy-engine
+//! `cuMemcpy` per piece (correct, slower).
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys as cu;
+
+use super::{DeviceError, KvMemory, Region};
+use crate::layout::{Compat, Inner, Layout, PieceKind};
+
+/// The kernel source, embedded for NVRTC.
+pub const KERNEL_SOURCE: &str = include_str!("../../kernels/copy.cu");
+
+/// Default grid cap (CTAs) of the copy kernel: enough to saturate PCIe without taking the
+/// whole GPU from the forward pass (see docs/PERFORMANCE.md for the sweep).
+pub const DEFAULT_GRID: u32 = 16;
+/// Threads per CTA.
+pub const THREADS: u32 = 512;
+
+fn check(what: &str, r: cu::CUresult) -> Result<(), DeviceError> {
+    if r == cu::CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(DeviceError::Os(format!("{what}: {r:?}")))
+    }
+}
+
+/// True when libcuda can be loaded on this machine.
+#[must_use]
+pub fn available() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cu::is_culib_present() }
+}
+
+/// Why the backend cannot run here, or `None` when it can.
+#[must_use]
+pub fn unavailable_reason() -> Option<String> {
+    if available() {
+        None
+    } else {
+        Some("CUDA backend unavailable: libcuda.so could not be loaded (no NVIDIA driver on this machine)".into())
+    }
+}
+
+/// One launch-argument record per piece, laid out like `struct Piece` in kernels/copy.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelPiece {
+    /// Device address of block 0's piece.
+    pub base: u64,
+    /// Bytes between blocks.
+    pub stride: u64,
+    /// Bytes of the piece.
+    pub len: u64,
+    /// Offset inside a block payload.
+    pub off: u64,
+    /// Row bytes for permutation.
+    pub row: u64,
+    /// Transpose on scatter.
+    pub perm: i32,
+    /// Padding.
+    pub pad: i32,
+}
+
+/// The piece table the kernel gets for `engine` (device addresses from `tensor_ptrs`), with
+/// payload offsets from `window`'s table and permutation flags for `compat`.
+#[must_use]
+pub fn piece_table(
+    engine: &Layout,
+    window: &Layout,
+    compat: Compat,
+    tensor_ptrs: &[u64],
+) -> Vec<KernelPiece> {
+    let mut off = 0u64;
+    engine
+        .pieces
+        .iter()
+        .zip(&window.pieces)
+        .map(|(ep, wp)| {
+            let k = KernelPiece {
+                base: tensor_ptrs.get(ep.tensor as usize).copied().unwrap_or(0) + ep.offset,
+                stride: ep.block_stride,
+                len: ep.len,
+                off,
+                row: engine.row_bytes(ep.kind),
+                perm: i32::from(compat == Compat::Permute && ep.kind != PieceKind::Latent),
+                pad: 0,
+            };
+            off += wp.len;
+            k
+        })
+        .collect()
+}
+
+/// Launch geometry: (grid, threads) for `items` work items under a grid cap.
+#[must_use]
+pub fn launch_geometry(items: usize, grid_cap: u32) -> (u32, u32) {
+    let grid = (items as u64).clamp(1, u64::from(grid_cap.max(1))) as u32;
+    (grid, THREADS)
+}
+
+/// (outer, inner) of the window's piece order, for the kernel's permutation.
+#[must_use]
+pub fn perm_dims(window: &Layout) -> (u64, u64) {
+    let h = u64::from(window.num_kv_heads);
+    let n = u64::from(window.block_size);
+    match window.inner {
+        Inner::Hnd => (h, n),
+        Inner::Nhd => (n, h),
+    }
+}
+
+struct Ctx {
+    ctx: cu::CUcontext,
+    stream: cu::CUstream,
+    func: Option<cu::CUfunction>,
+    args: cu::CUdeviceptr,
+    args_cap: usize,
+}
+
+// SAFETY: CUDA contexts, streams and functions may be used from any thread once the context
+// is made current there (every entry point below does so under the mutex).
+unsafe impl Send for Ctx {}
+
+/// A CUDA device context with the copy kernel loaded.
+pub struct Cuda {
+    inner: Mutex<Ctx>,
+    /// Device name.
+    pub name: String,
+    /// Streaming multiprocessors.
+    pub sms: i32,
+    /// Why the kernel is not in use, if it is not (NVRTC missing or failed).
+    pub kernel_error: Option<String>,
+}
+
+impl Cuda {
+    /// Opens device `ordinal`, compiles the kernel with NVRTC.
+    pub fn new(ordinal: i32) -> Result<Arc<Self>, DeviceError> {
+        if let Some(r) = unavailable_reason() {
+            return Err(DeviceError::Os(r));
+        }
+        let mut dev: cu::CUdevice = 0;
+        let mut ctx: cu::CUcontext = std::ptr::null_mut();
+        let mut stream: cu::CUstream = std::ptr::null_mut();
+        let mut name = [0 as std::ffi::c_char; 128];
+        let mut sms = 0i32;
+        // SAFETY: plain driver API calls with valid out-pointers.
+        unsafe {
+            check("cuInit", cu::cuInit(0))?;
+            check("cuDeviceGet", cu::cuDeviceGet(&mut dev, ordinal))?;
+            check(
+                "cuDevicePrimaryCtxRetain",
+                cu::cuDevicePrimaryCtxRetain(&mut ctx, dev),
+            )?;
+            check("cuCtxSetCurrent", cu::cuCtxSetCurrent(ctx))?;
+            check("cuStreamCreate", cu::cuStreamCreate(&mut stream, 1))?;
+            let _ = cu::cuDeviceGetName(name.as_mut_ptr(), 127, dev);
+            let _ = cu::cuDeviceGetAttribute(
+                &mut sms,
+                cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                dev,
+            );
+        }
+        // SAFETY: cuDeviceGetName wrote a NUL-terminated string (the buffer starts zeroed).
+        let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        let (func, kernel_error) = match Self::load_kernel() {
+            Ok(f) => (Some(f), None),
+            Err(e) => {
+                crate::log::warn(&format!(
+                    "CUDA copy kernel unavailable ({e}); using cuMemcpy per piece"
+                ));
+                (None, Some(e))
+            }
+        };
+        let args_cap = 4 << 20;
+        let mut args: cu::CUdeviceptr = 0;
+        // SAFETY: allocation with a valid out-pointer in the current context.
+        unsafe { check("cuMemAlloc(args)", cu::cuMemAlloc_v2(&mut args, args_cap))? };
+        Ok(Arc::new(Self {
+            inner: Mutex::new(Ctx {
+                ctx,
+                stream,
+                func,
+                args,
+                args_cap,
+            }),
+            name,
+            sms,
+            kernel_error,
+        }))
+    }
+
+    fn load_kernel() -> Result<cu::CUfunction, String> {
+        // SAFETY: only tries to dlopen the library.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err("libnvrtc could not be loaded".into());
+        }
+        let ptx = cudarc::nvrtc::compile_ptx(KERNEL_SOURCE).map_err(|e| format!("NVRTC: {e:?}"))?;
+        let src = CString::new(ptx.to_src()).map_err(|e| e.to_string())?;
+        let mut module: cu::CUmodule = std::ptr::null_mut();
+        let mut func: cu::CUfunction = std::ptr::null_mut();
+        // SAFETY: src is a NUL-terminated PTX image; out-pointers are valid.
+        unsafe {
+            let r = cu::cuModuleLoadData(&mut module, src.as_ptr().cast());
+            if r != cu::CUresult::CUDA_SUCCESS {
+                return Err(format!("cuModuleLoadData: {r:?}"));
+            }
+            let r = cu::cuModuleGetFunction(&mut func, module, c"cwm_copy".as_ptr());
+            if r != cu::CUresult::CUDA_SUCCESS {
+                return Err(format!("cuModuleGetFunction: {r:?}"));
+            }
+        }
+        Ok(func)
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Ctx>, DeviceError> {
+        let g = self
+            .inner
+            .lock()
+            .map_err(|_| DeviceError::Os("CUDA context lock poisoned".into()))?;
+        // SAFETY: making our retained primary context current on this thread.
+        unsafe { check("cuCtxSetCurrent", cu::cuCtxSetCurrent(g.ctx))? };
+        Ok(g)
+    }
+
+    /// True when the copy kernel is loaded.
+    #[must_use]
+    pub fn has_kernel(&self) -> bool {
+        self.kernel_error.is_none()
+    }
+
+    /// Page-locks and maps a host region; returns its device address.
+    pub fn register_host(&self, ptr: *mut u8, len: usize) -> Result<u64, DeviceError> {
+        let _g = self.lock()?;
+        let mut d: cu::CUdeviceptr = 0;
+        // SAFETY: the caller keeps the region alive while registered (the staging pool lives
+        // as long as the engine); flags ask for a mapped, portable registration.
+        unsafe {
+            check(
+                "cuMemHostRegister",
+                cu::cuMemHostRegister_v2(
+                    ptr.cast(),
+                    len,
+                    cu::CU_MEMHOSTREGISTER_DEVICEMAP | cu::CU_MEMHOSTREGISTER_PORTABLE,
+                ),
+            )?;
+            check(
+                "cuMemHostGetDevicePointer",
+                cu::cuMemHostGetDevicePointer_v2(&mut d, ptr.cast(), 0),
+            )?;
+        }
+        Ok(d)
+    }
+
+    /// Device-to-host and host-to-device copy ceilings: GB/s of one `bytes` copy each way
+    /// between a device buffer and the page-locked host region at `host` (mapped earlier).
+    pub fn memcpy_ceiling(&self, host: *mut u8, bytes: usize) -> Result<(f64, f64), DeviceError> {
+        let g = self.lock()?;
+        let mut d: cu::CUdeviceptr = 0;
+        // SAFETY: a device allocation of `bytes`, copies within both buffers' bounds, freed
+        // before returning.
+        unsafe {
+            check("cuMemAlloc", cu::cuMemAlloc_v2(&mut d, bytes))?;
+            let run = |d2h: bool| -> Result<f64, DeviceError> {
+                let t = std::time::Instant::now();
+                if d2h {
+                    check(
+                        "cuMemcpyDtoHAsync",
+                        cu::cuMemcpyDtoHAsync_v2(host.cast(), d, bytes, g.stream),
+                    )?;
+                } else {
+                    check(
+                        "cuMemcpyHtoDAsync",
+                        cu::cuMemcpyHtoDAsync_v2(d, host.cast(), bytes, g.stream),
+                    )?;
+                }
+                check("cuStreamSynchronize", cu::cuStreamSynchronize(g.stream))?;
+                Ok(bytes as f64 / t.elapsed().as_secs_f64() / 1e9)
+            };
+            let _ = run(true)?; // warm-up
+            let d2h = run(true)?.max(run(true)?);
+            let h2d = run(false)?.max(run(false)?);
+            let _ = cu::cuMemFree_v2(d);
+            Ok((d2h, h2d))
+        }
+    }
+
+    /// Launches the copy kernel and waits for it.
+    #[expect(clippy::too_many_arguments, reason = "mirrors the kernel's parameters")]
+    fn launch(
+        &self,
+        pieces: &[KernelPiece],
+        ids: &[u64],
+        slots: &[u64],
+        num_blocks: u64,
+        scatter: bool,
+        dims: (u64, u64),
+        grid_cap: u32,
+        wait: Option<cu::CUevent>,
+    ) -> Result<(), DeviceError> {
+        let g = self.lock()?;
+        let Some(func) = g.func else {
+            return Err(DeviceError::Os("copy kernel not loaded".into()));
+        };
+        // Argument block: err (16 bytes), pieces, ids, slots.
+        let pb = std::mem::size_of_val(pieces);
+        let need = 16 + pb + 16 * ids.len();
+        if need > g.args_cap {
+            return Err(DeviceError::Validation(format!(
+                "batch too large for the launch arguments ({need} bytes)"
+            )));
+        }
+        let mut host = vec![0u8; need];
+        // SAFETY: KernelPiece is repr(C) plain data; the byte view covers exactly `pb` bytes.
+        let pbytes = unsafe { std::slice::from_raw_parts(pieces.as_ptr().cast::<u8>(), pb) };
+        host[16..16 + pb].copy_from_slice(pbytes);
+        for (i, v) in ids.iter().chain(slots).enumerate() {
+            let at = 16 + pb + 8 * i;
+            host[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        let err_d = g.args;
+        let mut pieces_d = g.args + 16;
+        let mut ids_d = g.args + 16 + pb as u64;
+        let mut slots_d = ids_d + 8 * ids.len() as u64;
+        let mut err_p = err_d;
+        let mut np = pieces.len() as i32;
+        let mut nb = ids.len() as i32;
+        let mut num = num_blocks;
+        let mut sc = i32::from(scatter);
+        let (mut outer, mut inner) = dims;
+        let (grid, threads) = launch_geometry(ids.len() * pieces.len(), grid_cap);
+        let mut params: [*mut c_void; 10] = [
+            (&mut pieces_d as *mut u64).cast(),
+            (&mut np as *mut i32).cast(),
+            (&mut ids_d as *mut u64).cast(),
+            (&mut slots_d as *mut u64).cast(),
+            (&mut nb as *mut i32).cast(),
+            (&mut num as *mut u64).cast(),
+            (&mut sc as *mut i32).cast(),
+            (&mut outer as *mut u64).cast(),
+            (&mut inner as *mut u64).cast(),
+            (&mut err_p as *mut u64).cast(),
+        ];
+        let mut err = [0u8; 4];
+        // SAFETY: the argument block fits the device buffer; `params` points at live locals of
+        // the kernel's parameter types; the stream is synchronized before `host` and the
+        // locals go out of scope, and before the staging slots are handed back.
+        unsafe {
+            check(
+                "cuMemcpyHtoDAsync(args)",
+                cu::cuMemcpyHtoDAsync_v2(g.args, host.as_ptr().cast(), need, g.stream),
+            )?;
+            if let Some(ev) = wait {
+                check("cuStreamWaitEvent", cu::cuStreamWaitEvent(g.stream, ev, 0))?;
+            }
+            check(
+                "cuLaunchKernel",
+                cu::cuLaunchKernel(
+                    func,
+                    grid,
+                    1,
+                    1,
+                    threads,
+                    1,
+                    1,
+                    0,
+                    g.stream,
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                ),
+            )?;
+            check("cuStreamSynchronize", cu::cuStreamSynchronize(g.stream))?;
+            check(
+                "cuMemcpyDtoH(err)",
+                cu::cuMemcpyDtoH_v2(err.as_mut_ptr().cast(), err_d, 4),
+            )?;
+        }
+        if u32::from_le_bytes(err) != 0 {
+            return Err(DeviceError::Validation(
+                "the kernel saw an out-of-range block id".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One tensor registered through CUDA IPC.
+#[derive(Debug, Clone)]
+pub struct IpcTensor {
+    /// The 64-byte `cudaIpcMemHandle_t` of the allocation base.
+    pub handle: [u8; 64],
+    /// Offset of the tensor in that allocation.
+    pub offset: u64,
+    /// Bytes of the tensor.
+    pub size: u64,
+}
+
+/// Another process's GPU memory, imported with CUDA IPC.
+pub struct CudaMemory {
+    cuda: Arc<Cuda>,
+    ptrs: Vec<u64>,
+    sizes: Vec<u64>,
+    opened: Vec<u64>,
+    staging: Mutex<Vec<(usize, usize, u64)>>,
+    wait: Mutex<Option<usize>>,
+    /// Grid cap of the copy kernel (CTAs).
+    pub grid: std::sync::atomic::AtomicU32,
+}
+
+// SAFETY: device addresses are plain integers; the context is behind Cuda's mutex.
+unsafe impl Send for CudaMemory {}
+// SAFETY: as above; interior state is behind mutexes.
+unsafe impl Sync for CudaMemory {}
+
+impl CudaMemory {
+    /// Opens the IPC handles (each distinct allocation once) and checks sizes.
+    pub fn open(cuda: Arc<Cuda>, tensors: &[IpcTensor]) -> Result<Self, DeviceError> {
+        let g = cuda.lock()?;
+        let mut bases: HashMap<[u8; 64], u64> = HashMap::new();
+        let mut opened = Vec::new();
+        let mut ptrs = Vec::new();
+        for t in tensors {
+            let base = match bases.get(&t.handle) {
+                Some(b) => *b,
+                None => {
+                    let mut h = cu::CUipcMemHandle { reserved: [0; 64] };
+                    for (d, s) in h.reserved.iter_mut().zip(t.handle.iter()) {
+                        *d = *s as std::ffi::c_char;
+                    }
+                    let mut d: cu::CUdeviceptr = 0;
+                    // SAFETY: a handle from the exporting process; the flag enables peer access
+                    // lazily. The mapping is closed in Drop.
+                    unsafe {
+                        check(
+                            "cuIpcOpenMemHandle",
+                            cu::cuIpcOpenMemHandle_v2(&mut d, h, 1),
+                        )?
+                    };
+                    bases.insert(t.handle, d);
+                    opened.push(d);
+                    d
+                }
+            };
+            ptrs.push(base + t.offset);
+        }
+        drop(g);
+        Ok(Self {
+            cuda,
+            ptrs,
+            sizes: tensors.iter().map(|t| t.size).collect(),
+            opened,
+            staging: Mutex::new(Vec::new()),
+            wait: Mutex::new(None),
+            grid: std::sync::atomic::AtomicU32::new(DEFAULT_GRID),
+        })
+    }
+
+    /// Device addresses of the tensors.
+    #[must_use]
+    pub fn tensor_ptrs(&self) -> &[u64] {
+        &self.ptrs
+    }
+
+    /// The context.
+    #[must_use]
+    pub fn cuda(&self) -> &Arc<Cuda> {
+        &self.cuda
+    }
+
+    /// Makes the next gathers wait on an interprocess event the engine recorded after the
+    /// forward pass that wrote the KV.
+    pub fn wait_for_event(&self, handle: &[u8; 64]) -> Result<(), DeviceError> {
+        let _g = self.cuda.lock()?;
+        let mut h = cu::CUipcEventHandle { reserved: [0; 64] };
+        for (d, s) in h.reserved.iter_mut().zip(handle.iter()) {
+            *d = *s as std::ffi::c_char;
+        }
+        let mut ev: cu::CUevent = std::ptr::null_mut();
+        // SAFETY: a handle from the exporting process; valid out-pointer.
+        unsafe { check("cuIpcOpenEventHandle", cu::cuIpcOpenEventHandle(&mut ev, h))? };
+        if let Ok(mut w) = self.wait.lock() {
+            *w = Some(ev as usize);
+        }
+        Ok(())
+    }
+
+    fn device_ptr(&self, host: *const u8, len: usize) -> Option<u64> {
+        let p = host as usize;
+        let regs = self.staging.lock().ok()?;
+        regs.iter()
+            .find(|(start, l, _)| p >= *start && p + len <= start + l)
+            .map(|(start, _, d)| d + (p - start) as u64)
+    }
+
+    fn wait_event(&self) -> Option<cu::CUevent> {
+        self.wait
+            .lock()
+            .ok()
+            .and_then(|w| w.map(|e| e as cu::CUevent))
+    }
+
+    fn bounds(
+        &self,
+        regions: &[Region],
+        lens: impl Iterator<Item = usize>,
+    ) -> Result<(), DeviceError> {
+        for (r, l) in regions.iter().zip(lens) {
+            let size = self.sizes.get(r.tensor as usize).copied().unwrap_or(0);
+            if r.offset.checked_add(r.len).is_none_or(|e| e > size) || r.len as usize != l {
+                return Err(DeviceError::Validation(format!(
+                    "region {}+{} outside tensor {} ({size} bytes)",
+                    r.offset, r.len, r.tensor
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CudaMemory {
+    fn drop(&mut self) {
+        if let Ok(_g) = self.cuda.lock() {
+            for d in &self.opened {
+                // SAFETY: closing mappings opened in `open`.
+                unsafe {
+                    let _ = cu::cuIpcCloseMemHandle(*d);
+                }
+            }
+            if let Ok(regs) = self.staging.lock() {
+                for (start, _, _) in regs.iter() {
+                    // SAFETY: unregistering regions registered in register_staging.
+                    unsafe {
+                        let _ = cu::cuMemHostUnregister(*start as *mut c_void);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl KvMemory for CudaMemory {
+    fn tensor_sizes(&self) -> Vec<u64> {
+        self.sizes.clone()
+    }
+
+    fn read(&self, regions: &[Region], dst: &mut [&mut [u8]]) -> Result<(), DeviceError> {
+        self.bounds(regions, dst.iter().map(|d| d.len()))?;
+        let _g = self.cuda.lock()?;
+        for (r, d) in regions.iter().zip(dst.iter_mut()) {
+            // SAFETY: bounds checked; synchronous copy into our buffer.
+            unsafe {
+                check(
+                    "cuMemcpyDtoH",
+                    cu::cuMemcpyDtoH_v2(
+                        d.as_mut_ptr().cast(),
+                        self.ptrs[r.tensor as usize] + r.offset,
+                        d.len(),
+                    ),
+                )?
+            };
+        }
+        Ok(())
+    }
+
+    fn write(&self, regions: &[Region], src: &[&[u8]]) -> Result<(), DeviceError> {
+        self.bounds(regions, src.iter().map(|d| d.len()))?;
+        let _g = self.cuda.lock()?;
+        for (r, s) in regions.iter().zip(src) {
+            // SAFETY: bounds checked; synchronous copy from our buffer.
+            unsafe {
+                check(
+                    "cuMemcpyHtoD",
+                    cu::cuMemcpyHtoD_v2(
+                        self.ptrs[r.tensor as usize] + r.offset,
+                        s.as_ptr().cast(),
+                        s.len(),
+                    ),
+                )?
+            };
+        }
+        Ok(())
+    }
+
+    fn register_staging(&self, ptr: *mut u8, len: usize) -> bool {
+        match self.cuda.register_host(ptr, len) {
+            Ok(d) => {
+                if let Ok(mut regs) = self.staging.lock() {
+                    regs.push((ptr as usize, len, d));
+                }
+                true
+            }
+            Err(e) => {
+                crate::log::warn(&format!(
+                    "staging pool not mapped into the GPU ({e}); using cuMemcpy"
+                ));
+                false
+            }
+        }
+    }
+
+    fn gather_blocks(
+        &self,
+        layout: &Layout,
+        ids: &[u64],
+        payloads: &mut [&mut [u8]],
+    ) -> Option<Result<(), DeviceError>> {
+        if !self.cuda.has_kernel() {
+            return None;
+        }
+        let slots: Option<Vec<u64>> = payloads
+            .iter()
+            .map(|p| self.device_ptr(p.as_ptr(), p.len()))
+            .collect();
+        let slots = slots?;
+        let table = piece_table(layout, layout, Compat::Same, &self.ptrs);
+        let wait = self.wait_event();
+        Some(self.cuda.launch(
+            &table,
+            ids,
+            &slots,
+            layout.num_blocks,
+            false,
+            (1, 1),
+            self.grid.load(std::sync::atomic::Ordering::Relaxed),
+            wait,
+        ))
+    }
+
+    fn scatter_blocks(
+        &self,
+        engine: &Layout,
+        window: &Layout,
+        compat: Compat,
+        ids: &[u64],
+        payloads: &[&[u8]],
+    ) -> Option<Result<(), DeviceError>> {
+        if !self.cuda.has_kernel() {
+            return None;
+        }
+        let slots: Option<Vec<u64>> = payloads
+            .iter()
+            .map(|p| self.device_ptr(p.as_ptr(), p.len()))
+            .collect();
+        let slots = slots?;
+        let table = piece_table(engine, window, compat, &self.ptrs);
+        Some(self.cuda.launch(
+            &table,
+            ids,
+            &slots,
+            engine.num_blocks,
+            true,
+            perm_dims(window),
+            self.grid.load(std::sync::atomic::Ordering::Relaxed),
+            None,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{CrossOrder, Dtype};
+
+    #[test]
+    fn piece_table_matches_the_layout() {
+        let l = Layout::flash_2nbhd(2, 10, 16, 2, 64, Dtype::Bf16);
+        let t = piece_table(&l, &l, Compat::Same, &[1000, 5000]);
+        assert_eq!(t.len(), 4);
+        assert_eq!(t[0].base, 1000);
+        assert_eq!(t[1].base, 1000 + 10 * 4096);
+        assert_eq!(t[2].base, 5000);
+        assert_eq!(
+            t.iter().map(|p| p.off).collect::<Vec<_>>(),
+            vec![0, 4096, 8192, 12288]
+        );
+        assert!(t
+            .iter()
+            .all(|p| p.perm == 0 && p.stride == 4096 && p.len == 4096));
+        assert_eq!(std::mem::size_of::<KernelPiece>(), 48);
+    }
+
+    #[test]
+    fn permutation_flags_and_dims() {
+        let a = Layout::cross_layer(CrossOrder::Lbhnc, 2, 8, 16, 4, 64, Dtype::Bf16);
+        let b = Layout::cross_layer(CrossOrder::Blnhc, 2, 8, 16, 4, 64, Dtype::Bf16);
+        let t = piece_table(&b, &a, Compat::Permute, &[0]);
+        assert!(t.iter().all(|p| p.perm == 1 && p.row == 256));
+        assert_eq!(perm_dims(&a), (4, 16));
+        let m = Layout::mla(2, 8, 16, 576, Dtype::Bf16);
+        assert!(piece_table(&m, &m, Compat::Permute, &[0, 0])
+            .iter()
+            .all(|p| p.perm == 0));
+    }
+
+    #[test]
+    fn launch_geometry_caps_the_grid() {
+        assert_eq!(launch_geometry(64 * 1024, 16), (16, THREADS));
+        assert_eq!(launch_geometry(3, 16), (3, THREADS));
+        assert_eq!(launch_geometry(0, 16), (1, THREADS));
+    }
+
+    #[test]
+    fn kernel_source_is_embedded() {
+        assert!(KERNEL_SOURCE.contains("cwm_copy"));
+    }
+
+    #[test]
+    fn no_gpu_reports_unavailable_not_panic() {
+        if available() {
+            eprintln!("libcuda present: the GPU checks run in scripts/gpu-check.sh");
+            return;
+        }
+        eprintln!("skipped: no GPU (libcuda absent) — checking the unavailable path instead");
+        let err = Cuda::new(0).err().expect("no CUDA here");
+        assert!(err.to_string().contains("libcuda"), "{err}");
+    }
+}

@@ -1,0 +1,373 @@
+//! `cwm gpu-check`: the Rust half of scripts/gpu-check.sh. A Python process allocates KV caches
+//! with torch, exports CUDA IPC handles and writes a spec; this imports them and either
+//! freezes + thaws (`run`, checked bit-exactly by the Python side afterwards) or measures
+//! (`bench`: copy ceilings, gather/scatter alone, a grid sweep, freeze/thaw end to end against
+//! the raw disk, thaw from the RAM tier). Until the daemon exists this subcommand is the
+//! protocol between the two processes.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::device;
+use crate::device::cuda::{Cuda, CudaMemory, IpcTensor};
+use crate::io::{self, EngineKind};
+use crate::layout::{Compat, CrossOrder, Dtype, Layout};
+use crate::pipeline::{freeze, thaw, Engine, FreezeRequest, PipelineConfig, ThawRequest};
+use crate::store::{Store, StoreConfig};
+use crate::tier::RamTier;
+
+/// Layout parameters as the Python side writes them.
+#[derive(Debug, Deserialize)]
+pub struct LayoutSpec {
+    /// flash_2nbhd, flash_n2bhd, packed_kv, cross_layer, mla.
+    pub kind: String,
+    /// Layers.
+    pub layers: u32,
+    /// Blocks.
+    pub blocks: u64,
+    /// Tokens per block.
+    pub block_size: u32,
+    /// KV heads.
+    pub heads: u32,
+    /// Head size.
+    pub head: u32,
+    /// dtype name.
+    pub dtype: String,
+    /// Cross-layer order (LBHNC, …).
+    #[serde(default)]
+    pub order: Option<String>,
+}
+
+/// One tensor as exported by torch.
+#[derive(Debug, Deserialize)]
+pub struct TensorSpec {
+    /// 64-byte IPC handle, hex.
+    pub handle: String,
+    /// Offset in the allocation.
+    pub offset: u64,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// The spec file.
+#[derive(Debug, Deserialize)]
+pub struct Spec {
+    /// Layout.
+    pub layout: LayoutSpec,
+    /// Tensors, in layout order.
+    pub tensors: Vec<TensorSpec>,
+    /// Blocks to freeze.
+    pub src: Vec<u64>,
+    /// Blocks to thaw into.
+    pub dst: Vec<u64>,
+    /// Session length in tokens.
+    pub tokens: u32,
+    /// Interprocess event recorded after the KV was written (hex), if any.
+    #[serde(default)]
+    pub event: Option<String>,
+}
+
+fn hex64(s: &str) -> Result<[u8; 64], String> {
+    let b: Vec<u8> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("bad hex: {e}"))?;
+    b.try_into()
+        .map_err(|_| "IPC handles are 64 bytes".to_string())
+}
+
+/// Builds the layout a spec names.
+pub fn layout_of(l: &LayoutSpec) -> Result<Layout, String> {
+    let dt = Dtype::parse(&l.dtype).ok_or_else(|| format!("unknown dtype {}", l.dtype))?;
+    Ok(match l.kind.as_str() {
+        "flash_2nbhd" => Layout::flash_2nbhd(l.layers, l.blocks, l.block_size, l.heads, l.head, dt),
+        "flash_n2bhd" => Layout::flash_n2bhd(l.layers, l.blocks, l.block_size, l.heads, l.head, dt),
+        "packed_kv" => Layout::packed_kv(l.layers, l.blocks, l.block_size, l.heads, l.head, dt),
+        "mla" => Layout::mla(l.layers, l.blocks, l.block_size, l.head, dt),
+        "cross_layer" => {
+            let order = match l.order.as_deref() {
+                Some("LBHNC") => CrossOrder::Lbhnc,
+                Some("LBNHC") => CrossOrder::Lbnhc,
+                Some("BLHNC") => CrossOrder::Blhnc,
+                Some("BLNHC") => CrossOrder::Blnhc,
+                o => return Err(format!("unknown cross-layer order {o:?}")),
+            };
+            Layout::cross_layer(order, l.layers, l.blocks, l.block_size, l.heads, l.head, dt)
+        }
+        k => return Err(format!("unknown layout kind {k}")),
+    })
+}
+
+struct Setup {
+    mem: Arc<CudaMemory>,
+    engine: Engine,
+    cuda: Arc<Cuda>,
+}
+
+fn setup(spec: &Spec, cfg: &PipelineConfig) -> Result<Setup, String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let layout = layout_of(&spec.layout)?;
+    let cuda = Cuda::new(0).map_err(|x| e(&x))?;
+    let tensors: Vec<IpcTensor> = spec
+        .tensors
+        .iter()
+        .map(|t| {
+            Ok(IpcTensor {
+                handle: hex64(&t.handle)?,
+                offset: t.offset,
+                size: t.size,
+            })
+        })
+        .collect::<Result<_, String>>()?;
+    let mem = Arc::new(CudaMemory::open(cuda.clone(), &tensors).map_err(|x| e(&x))?);
+    if let Some(ev) = &spec.event {
+        mem.wait_for_event(&hex64(ev)?).map_err(|x| e(&x))?;
+    }
+    let engine = Engine::new(layout, mem.clone(), "gpu-check", None).map_err(|x| e(&x))?;
+    let _ = cfg;
+    Ok(Setup { mem, engine, cuda })
+}
+
+fn tokens(n: u32) -> Vec<u32> {
+    (0..n)
+        .map(|i| i.wrapping_mul(2_654_435_761) % 128_000)
+        .collect()
+}
+
+/// `cwm gpu-check run`: freeze `src`, thaw into `dst` (the Python side compares).
+pub fn run(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let cfg = PipelineConfig {
+        staging_bytes: 512 << 20,
+        threads: 8,
+        ..Default::default()
+    };
+    let s = setup(spec, &cfg)?;
+    let tmp = tempfile::Builder::new()
+        .prefix("cwm-gpu-")
+        .tempdir_in(dir)
+        .map_err(|x| e(&x))?;
+    let (store, _) = Store::open(StoreConfig::new(tmp.path().join("store"))).map_err(|x| e(&x))?;
+    let f = freeze(
+        &store,
+        &s.engine,
+        FreezeRequest {
+            window: "gpu-check".into(),
+            session: "gpu".into(),
+            tokens: tokens(spec.tokens),
+            block_ids: spec.src.clone(),
+            ..Default::default()
+        },
+        &cfg,
+        None,
+        &|| {},
+    )
+    .map_err(|x| e(&x))?;
+    drop(store);
+    // Reopen: the thaw reads what recovery finds.
+    let (store, _) = Store::open(StoreConfig::new(tmp.path().join("store"))).map_err(|x| e(&x))?;
+    let t = thaw(
+        &store,
+        &s.engine,
+        &ThawRequest {
+            window: "gpu-check".into(),
+            block_ids: spec.dst.clone(),
+            expect_tokens: Some(tokens(spec.tokens)),
+        },
+        &cfg,
+        None,
+    )
+    .map_err(|x| e(&x))?;
+    // Out-of-range ids are refused before any launch.
+    let bad = device::check_block_ids(&s.engine.layout, &[s.engine.layout.num_blocks]).is_err();
+    Ok(json!({
+        "device": s.cuda.name,
+        "kernel": s.cuda.has_kernel(),
+        "kernel_error": s.cuda.kernel_error,
+        "staging_mapped": s.engine.staging().is_some(),
+        "freeze": f,
+        "thaw": t,
+        "out_of_range_refused": bad,
+    }))
+}
+
+fn gbps(bytes: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        bytes as f64 / secs / 1e9
+    } else {
+        0.0
+    }
+}
+
+/// Gathers (or scatters) all `ids` through the engine's staging pool, in sets; seconds.
+fn copy_all(s: &Setup, ids: &[u64], scatter: bool, cfg: &PipelineConfig) -> Result<f64, String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let pool = s.engine.staging().cloned().ok_or("no staging pool")?;
+    let l = &s.engine.layout;
+    let po = crate::store::format::payload_offset(l.block_bytes());
+    let bb = l.block_bytes() as usize;
+    let t = Instant::now();
+    for c in ids.chunks(pool.max_set()) {
+        let mut set = pool.take(c.len());
+        let mut slots = set.slices();
+        if scatter {
+            let pls: Vec<&[u8]> = slots.iter().map(|x| &x[po..po + bb]).collect();
+            device::scatter(l, l, Compat::Same, s.mem.as_ref(), c, &pls, cfg.threads)
+                .map_err(|x| e(&x))?;
+        } else {
+            let mut pls: Vec<&mut [u8]> = slots.iter_mut().map(|x| &mut x[po..po + bb]).collect();
+            device::gather(l, s.mem.as_ref(), c, &mut pls, cfg.threads, None).map_err(|x| e(&x))?;
+        }
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// `cwm gpu-check bench`: ceilings and throughput (overwrites `dst` blocks).
+pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let cfg = PipelineConfig {
+        staging_bytes: 1 << 30,
+        threads: 8,
+        ..Default::default()
+    };
+    let s = setup(spec, &cfg)?;
+    let tmp = tempfile::Builder::new()
+        .prefix("cwm-gpu-")
+        .tempdir_in(dir)
+        .map_err(|x| e(&x))?;
+    let io_engine = io::build_engine(EngineKind::Uring, 32);
+    let (store, _) = Store::open_with_engine(
+        StoreConfig::new(tmp.path().join("store")),
+        io_engine.clone(),
+    )
+    .map_err(|x| e(&x))?;
+    let bb = s.engine.layout.block_bytes();
+    let bytes = bb * spec.src.len() as u64;
+    // Freeze end to end first (allocates and maps the staging pool).
+    let (rw0, rr0) = crate::bench::raw_disk(io_engine.as_ref(), tmp.path(), bytes, bb as usize, 32)
+        .map_err(|x| e(&x))?;
+    let f = freeze(
+        &store,
+        &s.engine,
+        FreezeRequest {
+            window: "bench".into(),
+            session: "gpu".into(),
+            tokens: tokens(spec.tokens),
+            block_ids: spec.src.clone(),
+            ..Default::default()
+        },
+        &cfg,
+        None,
+        &|| {},
+    )
+    .map_err(|x| e(&x))?;
+    let t = thaw(
+        &store,
+        &s.engine,
+        &ThawRequest {
+            window: "bench".into(),
+            block_ids: spec.dst.clone(),
+            expect_tokens: None,
+        },
+        &cfg,
+        None,
+    )
+    .map_err(|x| e(&x))?;
+    let (rw1, rr1) = crate::bench::raw_disk(io_engine.as_ref(), tmp.path(), bytes, bb as usize, 32)
+        .map_err(|x| e(&x))?;
+    let pool = s.engine.staging().cloned().ok_or("no staging pool")?;
+    let (d2h, h2d) = s
+        .cuda
+        .memcpy_ceiling(pool.region_ptr(), pool.bytes() as usize)
+        .map_err(|x| e(&x))?;
+    // Gather / scatter alone, default grid, best of 3.
+    let mut g = f64::MAX;
+    let mut sc = f64::MAX;
+    for _ in 0..3 {
+        g = g.min(copy_all(&s, &spec.src, false, &cfg)?);
+        sc = sc.min(copy_all(&s, &spec.dst, true, &cfg)?);
+    }
+    // Grid sweep.
+    let mut sweep = Vec::new();
+    for grid in [2u32, 4, 8, 16, 32, 64, 132] {
+        s.mem.grid.store(grid, Ordering::Relaxed);
+        let gt = copy_all(&s, &spec.src, false, &cfg)?.min(copy_all(&s, &spec.src, false, &cfg)?);
+        let st = copy_all(&s, &spec.dst, true, &cfg)?.min(copy_all(&s, &spec.dst, true, &cfg)?);
+        sweep.push(
+            json!({"grid": grid, "gather_gbps": gbps(bytes, gt), "scatter_gbps": gbps(bytes, st)}),
+        );
+    }
+    s.mem
+        .grid
+        .store(crate::device::cuda::DEFAULT_GRID, Ordering::Relaxed);
+    // RAM tier: freeze into the tier, thaw from it.
+    let tier = RamTier::new(bytes + (64 << 20));
+    freeze(
+        &store,
+        &s.engine,
+        FreezeRequest {
+            window: "tiered".into(),
+            session: "gpu".into(),
+            tokens: tokens(spec.tokens).iter().map(|t| t + 1).collect(),
+            block_ids: spec.src.clone(),
+            ..Default::default()
+        },
+        &cfg,
+        Some(&tier),
+        &|| {},
+    )
+    .map_err(|x| e(&x))?;
+    let tt = thaw(
+        &store,
+        &s.engine,
+        &ThawRequest {
+            window: "tiered".into(),
+            block_ids: spec.dst.clone(),
+            expect_tokens: None,
+        },
+        &cfg,
+        Some(&tier),
+    )
+    .map_err(|x| e(&x))?;
+    let raw_w = (rw0 + rw1) / 2.0;
+    let raw_r = (rr0 + rr1) / 2.0;
+    let gather = gbps(bytes, g);
+    let scatter = gbps(bytes, sc);
+    let freeze_gbps = gbps(bytes, f.durable_secs);
+    let thaw_gbps = gbps(bytes, t.loaded_secs);
+    let tier_gbps = gbps(bytes, tt.loaded_secs);
+    Ok(json!({
+        "device": s.cuda.name,
+        "sms": s.cuda.sms,
+        "kernel": s.cuda.has_kernel(),
+        "kernel_error": s.cuda.kernel_error,
+        "bytes": bytes,
+        "blocks": spec.src.len(),
+        "block_bytes": bb,
+        "grid": crate::device::cuda::DEFAULT_GRID,
+        "threads_per_cta": crate::device::cuda::THREADS,
+        "d2h_pinned_gbps": d2h,
+        "h2d_pinned_gbps": h2d,
+        "gather_gbps": gather,
+        "scatter_gbps": scatter,
+        "gather_ratio": gather / d2h,
+        "scatter_ratio": scatter / h2d,
+        "raw_write_gbps": raw_w,
+        "raw_read_gbps": raw_r,
+        "freeze_gbps": freeze_gbps,
+        "thaw_gbps": thaw_gbps,
+        "freeze_ratio": freeze_gbps / raw_w.min(d2h),
+        "thaw_ratio": thaw_gbps / raw_r.min(h2d),
+        "tier_thaw_gbps": tier_gbps,
+        "tier_ratio": tier_gbps / h2d,
+        "tier_blocks": tt.blocks_from_tier,
+        "freeze": f,
+        "thaw": t,
+        "grid_sweep": sweep,
+    }))
+}
