@@ -49,7 +49,18 @@ extern "C" __global__ void cwm_copy(const Piece* __restrict__ pieces, int npiece
             uint4* d = (uint4*)dst;
             u64 n = len / 16;
             if (!perm) {
-                for (u64 i = threadIdx.x; i < n; i += blockDim.x) d[i] = s[i];
+                // Four independent 16-byte loads in flight per thread before any store:
+                // reads across PCIe (scatter) are latency-bound.
+                u64 step = blockDim.x;
+                u64 i = threadIdx.x;
+                for (; i + 3 * step < n; i += 4 * step) {
+                    uint4 a = s[i], b = s[i + step], c = s[i + 2 * step], e = s[i + 3 * step];
+                    d[i] = a;
+                    d[i + step] = b;
+                    d[i + 2 * step] = c;
+                    d[i + 3 * step] = e;
+                }
+                for (; i < n; i += step) d[i] = s[i];
             } else {
                 u64 rv = pc.row / 16;
                 for (u64 i = threadIdx.x; i < n; i += blockDim.x) {

@@ -19,7 +19,8 @@ roots = site.getsitepackages() + ["/usr/local/cuda/lib64", "/usr/local/cuda/targ
 roots += glob.glob("/usr/local/cuda-*/lib64")
 for r in roots:
     for p in glob.glob(os.path.join(r, "**", "libnvrtc.so*"), recursive=True):
-        dirs.add(os.path.dirname(p))
+        if "stubs" not in p:  # a stub libcuda there would shadow the driver's
+            dirs.add(os.path.dirname(p))
 print(":".join(sorted(dirs)))
 PY
 )

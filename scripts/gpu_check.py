@@ -73,9 +73,17 @@ def export(ts):
     out = []
     for t in ts:
         info = t.untyped_storage()._share_cuda_()
-        handle, offset = info[1], info[3]
+        handle, offset = bytes(info[1]), info[3]
+        # torch >= 2.5 prefixes the cudaIpcMemHandle_t with a format version byte and a type
+        # byte ('c': cudaMalloc segment; 'e': expandable segment, not importable this way).
+        if len(handle) == 66:
+            if handle[1:2] != b"c":
+                raise RuntimeError("expandable-segment allocations cannot be imported with cuIpcOpenMemHandle")
+            handle = handle[2:]
+        elif len(handle) == 65:
+            handle = handle[1:]
         out.append({
-            "handle": bytes(handle).hex(),
+            "handle": handle.hex(),
             "offset": int(offset) + t.storage_offset() * t.element_size(),
             "size": t.numel() * t.element_size(),
         })

@@ -489,6 +489,9 @@ pub fn pipeline(
             Store::open_with_engine(StoreConfig::new(tmp.path().join("s")), eng.clone())
                 .map_err(|x| e(&x))?;
         let cfg = PipelineConfig::default();
+        syn.engine
+            .prepare_staging(&cfg, eng.as_ref())
+            .map_err(|x| e(&x))?;
         let f = freeze(
             &store,
             &syn.engine,

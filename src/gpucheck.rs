@@ -248,7 +248,10 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
     .map_err(|x| e(&x))?;
     let bb = s.engine.layout.block_bytes();
     let bytes = bb * spec.src.len() as u64;
-    // Freeze end to end first (allocates and maps the staging pool).
+    // The staging pool is allocated and mapped at registration, as a daemon does.
+    s.engine
+        .prepare_staging(&cfg, io_engine.as_ref())
+        .map_err(|x| e(&x))?;
     let (rw0, rr0) = crate::bench::raw_disk(io_engine.as_ref(), tmp.path(), bytes, bb as usize, 32)
         .map_err(|x| e(&x))?;
     let f = freeze(

@@ -121,6 +121,16 @@ impl Engine {
         self.staging.get()
     }
 
+    /// Allocates (and maps into the device) the staging pool now, so the first freeze or thaw
+    /// does not pay for it; a daemon calls this when an engine registers.
+    pub fn prepare_staging(
+        &self,
+        cfg: &PipelineConfig,
+        io: &dyn IoEngine,
+    ) -> Result<(), PipelineError> {
+        self.staging_pool(cfg, io).map(|_| ())
+    }
+
     /// The staging pool, allocated on first use (`bytes`, slots of one block record image)
     /// and registered with `io` as fixed buffers.
     fn staging_pool(
@@ -506,69 +516,50 @@ pub fn thaw(
         verify_secs: 0.0,
         scatter_secs: 0.0,
     };
-    // RAM tier: when every block is there (and verifies), no disk read at all.
+    // RAM tier: when every block is there (and verifies), no disk read at all. On a GPU the
+    // tier's arena is mapped into the device, so this is one copy, host to device.
     if let Some(t) = tier {
-        let hits: Vec<_> = r
-            .manifest
-            .blocks
-            .iter()
-            .map_while(|b| t.get(b.key))
-            .collect();
-        let intact = hits.len() == n
-            && hits
-                .iter()
-                .zip(&r.manifest.blocks)
-                .all(|(h, b)| payload_checksum(h) == b.checksum);
-        if intact {
-            let mapped = eng.staging_mapped.load(std::sync::atomic::Ordering::SeqCst);
-            let pool = if mapped { eng.staging().cloned() } else { None };
-            let step = pool.as_ref().map_or(cfg.batch_blocks.max(1), |p| {
-                cfg.batch_blocks.clamp(1, p.max_set())
-            });
-            for (c, ids) in hits.chunks(step).zip(req.block_ids.chunks(step)) {
-                match &pool {
-                    // A device that reads the staging pool directly (GPU, zero-copy): stage the
-                    // tier's bytes there so the scatter is one kernel launch.
-                    Some(pool) => {
-                        let mut set = pool.take(c.len());
-                        let mut slots = set.slices();
-                        let po = payload_offset(bb);
-                        for (slot, h) in slots.iter_mut().zip(c) {
-                            slot[po..po + h.len()].copy_from_slice(h);
-                        }
-                        let pls: Vec<&[u8]> =
-                            slots.iter().map(|s| &s[po..po + bb as usize]).collect();
-                        device::scatter(
-                            &eng.layout,
-                            &wl,
-                            compat,
-                            eng.mem.as_ref(),
-                            ids,
-                            &pls,
-                            cfg.threads,
-                        )?;
-                    }
-                    None => {
-                        let pls: Vec<&[u8]> = c.iter().map(|h| &h[..]).collect();
-                        device::scatter(
-                            &eng.layout,
-                            &wl,
-                            compat,
-                            eng.mem.as_ref(),
-                            ids,
-                            &pls,
-                            cfg.threads,
-                        )?;
-                    }
+        t.attach(eng.mem.as_ref());
+        let keys: Vec<u128> = r.manifest.blocks.iter().map(|b| b.key).collect();
+        if let Some(hits) = t.all(&keys) {
+            let pls = hits.payloads();
+            let per = n.div_ceil(cfg.threads.max(1)).max(1);
+            let intact = pls.len() == n
+                && std::thread::scope(|sc| {
+                    let hs: Vec<_> = pls
+                        .chunks(per)
+                        .zip(r.manifest.blocks.chunks(per))
+                        .map(|(h, b)| {
+                            sc.spawn(move || {
+                                h.iter()
+                                    .zip(b)
+                                    .all(|(h, b)| payload_checksum(h) == b.checksum)
+                            })
+                        })
+                        .collect();
+                    hs.into_iter().all(|h| h.join().unwrap_or(false))
+                });
+            if intact {
+                let step = cfg.batch_blocks.max(1) * 8;
+                for (c, ids) in pls.chunks(step).zip(req.block_ids.chunks(step)) {
+                    device::scatter(
+                        &eng.layout,
+                        &wl,
+                        compat,
+                        eng.mem.as_ref(),
+                        ids,
+                        c,
+                        cfg.threads,
+                    )?;
                 }
+                report.blocks_restored = n as u64;
+                report.blocks_from_tier = n as u64;
+                report.tokens_restored = total_tokens;
+                report.tokens_to_recompute = 0;
+                report.bytes = window_bytes;
+                report.loaded_secs = t0.elapsed().as_secs_f64();
+                return Ok(report);
             }
-            report.blocks_restored = n as u64;
-            report.blocks_from_tier = n as u64;
-            report.tokens_restored = total_tokens;
-            report.tokens_to_recompute = 0;
-            report.bytes = window_bytes;
-            report.loaded_secs = t0.elapsed().as_secs_f64();
-            return Ok(report);
         }
     }
     let pool = eng.staging_pool(cfg, store.engine().as_ref())?;

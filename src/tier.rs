@@ -1,21 +1,96 @@
 //! The RAM tier: an LRU of recently frozen or thawed blocks' payloads in host memory, in front
 //! of the disk, so a recent window thaws without reading the log. Off by default on the host
 //! backend (capacity 0).
+//!
+//! Payloads live in one arena of equal slots (allocated at the first insert, slot = that
+//! block's size), which a device can map once ([`RamTier::attach`]: page-locked and mapped on a
+//! GPU) so a thaw from the tier is a single copy from host to device memory. Blocks of another
+//! size go to the heap.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::device::KvMemory;
+use crate::io::AlignedBuf;
+
+enum Stored {
+    Heap(Arc<[u8]>),
+    Slot(usize, usize),
+}
+
+struct Arena {
+    buf: AlignedBuf,
+    slot: usize,
+    free: Vec<usize>,
+}
 
 struct Inner {
-    map: HashMap<u128, (Arc<[u8]>, u64)>,
+    map: HashMap<u128, (Stored, u64)>,
     lru: BTreeMap<u64, u128>,
     bytes: u64,
     tick: u64,
+    arena: Option<Arena>,
+}
+
+impl Inner {
+    fn bytes_of<'a>(&'a self, s: &'a Stored) -> &'a [u8] {
+        match s {
+            Stored::Heap(v) => v,
+            Stored::Slot(i, len) => match &self.arena {
+                Some(a) => &a.buf[i * a.slot..i * a.slot + len],
+                None => &[],
+            },
+        }
+    }
+
+    fn evict_one(&mut self) -> bool {
+        let Some((&t, &k)) = self.lru.iter().next() else {
+            return false;
+        };
+        self.lru.remove(&t);
+        if let Some((s, _)) = self.map.remove(&k) {
+            self.release(s);
+        }
+        true
+    }
+
+    fn release(&mut self, s: Stored) {
+        match s {
+            Stored::Heap(v) => self.bytes -= v.len() as u64,
+            Stored::Slot(i, _) => {
+                if let Some(a) = &mut self.arena {
+                    self.bytes -= a.slot as u64;
+                    a.free.push(i);
+                }
+            }
+        }
+    }
 }
 
 /// LRU of block payloads by key, bounded in bytes.
 pub struct RamTier {
     capacity: u64,
     inner: Mutex<Inner>,
+    mapped: AtomicBool,
+}
+
+/// Payloads of a window's blocks held in the tier, borrowed under its lock (nothing is evicted
+/// while this lives).
+pub struct TierHits<'a> {
+    guard: MutexGuard<'a, Inner>,
+    keys: Vec<u128>,
+}
+
+impl TierHits<'_> {
+    /// The payloads, in the order asked for.
+    #[must_use]
+    pub fn payloads(&self) -> Vec<&[u8]> {
+        self.keys
+            .iter()
+            .filter_map(|k| self.guard.map.get(k).map(|(s, _)| self.guard.bytes_of(s)))
+            .collect()
+    }
 }
 
 impl RamTier {
@@ -29,7 +104,16 @@ impl RamTier {
                 lru: BTreeMap::new(),
                 bytes: 0,
                 tick: 0,
+                arena: None,
             }),
+            mapped: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        match self.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
         }
     }
 
@@ -48,58 +132,121 @@ impl RamTier {
     /// Bytes held.
     #[must_use]
     pub fn bytes(&self) -> u64 {
-        self.inner.lock().map(|i| i.bytes).unwrap_or(0)
+        self.lock().bytes
     }
 
-    /// Looks a block up (and marks it recently used).
+    /// Maps the arena into `mem`'s device once (a GPU reads it directly); false when there is
+    /// no arena yet or the device has nothing to map.
+    pub fn attach(&self, mem: &dyn KvMemory) -> bool {
+        if self.mapped.load(Ordering::SeqCst) {
+            return true;
+        }
+        let mut g = self.lock();
+        let Some(a) = g.arena.as_mut() else {
+            return false;
+        };
+        let ok = mem.register_staging(a.buf.as_mut_ptr(), a.buf.len());
+        self.mapped.store(ok, Ordering::SeqCst);
+        ok
+    }
+
+    /// A copy of one block (and marks it recently used).
     #[must_use]
     pub fn get(&self, key: u128) -> Option<Arc<[u8]>> {
-        let mut g = self.inner.lock().ok()?;
+        let mut g = self.lock();
         let i = &mut *g;
         i.tick += 1;
         let tick = i.tick;
-        let (v, t) = i.map.get_mut(&key)?;
-        i.lru.remove(t);
-        *t = tick;
+        let (_, t) = i.map.get_mut(&key)?;
+        let old = std::mem::replace(t, tick);
+        i.lru.remove(&old);
         i.lru.insert(tick, key);
-        Some(v.clone())
+        let (s, _) = i.map.get(&key)?;
+        Some(Arc::from(i.bytes_of(s)))
+    }
+
+    /// Borrows every block of `keys` when all are present (marking them recently used), so a
+    /// thaw can copy straight out of the tier.
+    #[must_use]
+    pub fn all(&self, keys: &[u128]) -> Option<TierHits<'_>> {
+        let mut g = self.lock();
+        if !keys.iter().all(|k| g.map.contains_key(k)) {
+            return None;
+        }
+        let i = &mut *g;
+        for k in keys {
+            i.tick += 1;
+            let tick = i.tick;
+            if let Some((_, t)) = i.map.get_mut(k) {
+                let old = std::mem::replace(t, tick);
+                i.lru.remove(&old);
+                i.lru.insert(tick, *k);
+            }
+        }
+        Some(TierHits {
+            guard: g,
+            keys: keys.to_vec(),
+        })
     }
 
     /// Inserts a copy of a payload, evicting least recently used blocks to make room.
     pub fn put(&self, key: u128, payload: &[u8]) {
         let len = payload.len() as u64;
-        if len > self.capacity {
+        if len == 0 || len > self.capacity {
             return;
         }
-        let Ok(mut g) = self.inner.lock() else { return };
+        let mut g = self.lock();
         let i = &mut *g;
         if i.map.contains_key(&key) {
             return;
         }
-        while i.bytes + len > self.capacity {
-            let Some((&t, &k)) = i.lru.iter().next() else {
-                break;
-            };
-            i.lru.remove(&t);
-            if let Some((v, _)) = i.map.remove(&k) {
-                i.bytes -= v.len() as u64;
+        if i.arena.is_none() && !self.mapped.load(Ordering::SeqCst) {
+            if let Some(buf) = AlignedBuf::try_zeroed(self.capacity as usize) {
+                let slot = payload.len();
+                let n = buf.len() / slot;
+                i.arena = Some(Arena {
+                    buf,
+                    slot,
+                    free: (0..n).rev().collect(),
+                });
             }
         }
+        let in_arena = i.arena.as_ref().is_some_and(|a| a.slot == payload.len());
+        let cost = if in_arena {
+            i.arena.as_ref().map_or(len, |a| a.slot as u64)
+        } else {
+            len
+        };
+        while i.bytes + cost > self.capacity
+            || (in_arena && i.arena.as_ref().is_some_and(|a| a.free.is_empty()))
+        {
+            if !i.evict_one() {
+                return;
+            }
+        }
+        let stored = match (in_arena, i.arena.as_mut()) {
+            (true, Some(a)) => match a.free.pop() {
+                Some(s) => {
+                    a.buf[s * a.slot..s * a.slot + payload.len()].copy_from_slice(payload);
+                    Stored::Slot(s, payload.len())
+                }
+                None => return,
+            },
+            _ => Stored::Heap(Arc::from(payload)),
+        };
         i.tick += 1;
         let tick = i.tick;
-        i.map.insert(key, (Arc::from(payload), tick));
+        i.map.insert(key, (stored, tick));
         i.lru.insert(tick, key);
-        i.bytes += len;
+        i.bytes += cost;
     }
 
     /// Drops a block (deleted windows, detected corruption).
     pub fn remove(&self, key: u128) {
-        if let Ok(mut g) = self.inner.lock() {
-            let i = &mut *g;
-            if let Some((v, t)) = i.map.remove(&key) {
-                i.lru.remove(&t);
-                i.bytes -= v.len() as u64;
-            }
+        let mut g = self.lock();
+        if let Some((s, t)) = g.map.remove(&key) {
+            g.lru.remove(&t);
+            g.release(s);
         }
     }
 }
@@ -121,5 +268,15 @@ mod tests {
         assert!(t.bytes() <= 300);
         t.put(5, &[0; 400]); // larger than the tier: ignored
         assert!(t.get(5).is_none());
+        // Another size goes to the heap, within the same bound.
+        t.put(6, &[6; 50]);
+        assert_eq!(t.get(6).as_deref(), Some(&[6u8; 50][..]));
+        assert!(t.bytes() <= 300);
+        let hits = t.all(&[4, 6]).expect("both present");
+        assert_eq!(hits.payloads()[1], &[6u8; 50][..]);
+        drop(hits);
+        assert!(t.all(&[2, 4]).is_none());
+        t.remove(4);
+        assert!(t.get(4).is_none());
     }
 }
