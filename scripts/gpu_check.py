@@ -211,8 +211,8 @@ def main():
             f"{'cwm freeze end to end':34} {b['freeze_gbps']:8.2f} {min(b['raw_write_gbps'], b['d2h_pinned_gbps']):8.2f} {b['freeze_ratio']:6.3f}",
             f"{'cwm thaw end to end':34} {b['thaw_gbps']:8.2f} {min(b['raw_read_gbps'], b['h2d_pinned_gbps']):8.2f} {b['thaw_ratio']:6.3f}",
             f"{'cwm thaw from RAM tier':34} {b['tier_thaw_gbps']:8.2f} {b['h2d_pinned_gbps']:8.2f} {b['tier_ratio']:6.3f}",
-            "grid sweep (CTAs: gather / scatter GB/s): " + ", ".join(
-                f"{g['grid']}: {g['gather_gbps']:.1f}/{g['scatter_gbps']:.1f}" for g in b["grid_sweep"]),
+            "launch sweep (CTAs x threads: gather / scatter GB/s): " + ", ".join(
+                f"{g['grid']}x{g['threads']}: {g['gather_gbps']:.1f}/{g['scatter_gbps']:.1f}" for g in b["grid_sweep"]),
         ]
     lines.append(f"{sum(c['ok'] for c in results['checks'])} passed, {failures} failed")
     table = "\n".join(lines)

@@ -309,7 +309,10 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
         .grid
         .store(crate::device::cuda::DEFAULT_GRID, Ordering::Relaxed);
     // RAM tier: freeze into the tier, thaw from it.
+    // The tier's arena is allocated and mapped at registration, as a daemon does.
     let tier = RamTier::new(bytes + (64 << 20));
+    tier.prepare(bb as usize);
+    let tier_mapped = tier.attach(s.mem.as_ref());
     freeze(
         &store,
         &s.engine,
@@ -369,6 +372,7 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
         "tier_thaw_gbps": tier_gbps,
         "tier_ratio": tier_gbps / h2d,
         "tier_blocks": tt.blocks_from_tier,
+        "tier_mapped": tier_mapped,
         "freeze": f,
         "thaw": t,
         "grid_sweep": sweep,

@@ -135,6 +135,21 @@ impl RamTier {
         self.lock().bytes
     }
 
+    /// Allocates the arena now for blocks of `slot` bytes (instead of at the first insert).
+    pub fn prepare(&self, slot: usize) {
+        let mut g = self.lock();
+        if g.arena.is_none() && slot > 0 {
+            if let Some(buf) = AlignedBuf::try_zeroed(self.capacity as usize) {
+                let n = buf.len() / slot;
+                g.arena = Some(Arena {
+                    buf,
+                    slot,
+                    free: (0..n).rev().collect(),
+                });
+            }
+        }
+    }
+
     /// Maps the arena into `mem`'s device once (a GPU reads it directly); false when there is
     /// no arena yet or the device has nothing to map.
     pub fn attach(&self, mem: &dyn KvMemory) -> bool {

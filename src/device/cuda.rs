@@ -99,11 +99,12 @@ pub fn piece_table(
         .collect()
 }
 
-/// Launch geometry: (grid, threads) for `items` work items under a grid cap.
+/// Launch geometry: (grid, threads) for `items` work items under a grid cap, `threads` per
+/// CTA (rounded to whole warps, 32..=1024).
 #[must_use]
-pub fn launch_geometry(items: usize, grid_cap: u32) -> (u32, u32) {
+pub fn launch_geometry(items: usize, grid_cap: u32, threads: u32) -> (u32, u32) {
     let grid = (items as u64).clamp(1, u64::from(grid_cap.max(1))) as u32;
-    (grid, THREADS)
+    (grid, (threads.clamp(32, 1024) / 32) * 32)
 }
 
 /// (outer, inner) of the window's piece order, for the kernel's permutation.
@@ -304,7 +305,7 @@ impl Cuda {
         num_blocks: u64,
         scatter: bool,
         dims: (u64, u64),
-        grid_cap: u32,
+        (grid_cap, threads): (u32, u32),
         wait: Option<cu::CUevent>,
     ) -> Result<(), DeviceError> {
         let g = self.lock()?;
@@ -337,7 +338,7 @@ impl Cuda {
         let mut num = num_blocks;
         let mut sc = i32::from(scatter);
         let (mut outer, mut inner) = dims;
-        let (grid, threads) = launch_geometry(ids.len() * pieces.len(), grid_cap);
+        let (grid, threads) = launch_geometry(ids.len() * pieces.len(), grid_cap, threads);
         let mut params: [*mut c_void; 10] = [
             (&mut pieces_d as *mut u64).cast(),
             (&mut np as *mut i32).cast(),
@@ -414,6 +415,8 @@ pub struct CudaMemory {
     wait: Mutex<Option<usize>>,
     /// Grid cap of the copy kernel (CTAs).
     pub grid: std::sync::atomic::AtomicU32,
+    /// Threads per CTA of the copy kernel.
+    pub threads: std::sync::atomic::AtomicU32,
 }
 
 // SAFETY: device addresses are plain integers; the context is behind Cuda's mutex.
@@ -461,7 +464,15 @@ impl CudaMemory {
             staging: Mutex::new(Vec::new()),
             wait: Mutex::new(None),
             grid: std::sync::atomic::AtomicU32::new(DEFAULT_GRID),
+            threads: std::sync::atomic::AtomicU32::new(THREADS),
         })
+    }
+
+    fn geometry(&self) -> (u32, u32) {
+        (
+            self.grid.load(std::sync::atomic::Ordering::Relaxed),
+            self.threads.load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     /// Device addresses of the tensors.
@@ -630,7 +641,7 @@ impl KvMemory for CudaMemory {
             layout.num_blocks,
             false,
             (1, 1),
-            self.grid.load(std::sync::atomic::Ordering::Relaxed),
+            self.geometry(),
             wait,
         ))
     }
@@ -659,7 +670,7 @@ impl KvMemory for CudaMemory {
             engine.num_blocks,
             true,
             perm_dims(window),
-            self.grid.load(std::sync::atomic::Ordering::Relaxed),
+            self.geometry(),
             None,
         ))
     }
@@ -703,9 +714,9 @@ mod tests {
 
     #[test]
     fn launch_geometry_caps_the_grid() {
-        assert_eq!(launch_geometry(64 * 1024, 16), (16, THREADS));
-        assert_eq!(launch_geometry(3, 16), (3, THREADS));
-        assert_eq!(launch_geometry(0, 16), (1, THREADS));
+        assert_eq!(launch_geometry(64 * 1024, 16, THREADS), (16, THREADS));
+        assert_eq!(launch_geometry(3, 16, 1000), (3, 992));
+        assert_eq!(launch_geometry(0, 16, 4096), (1, 1024));
     }
 
     #[test]
