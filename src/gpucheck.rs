@@ -295,19 +295,31 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
         g = g.min(copy_all(&s, &spec.src, false, &cfg)?);
         sc = sc.min(copy_all(&s, &spec.dst, true, &cfg)?);
     }
-    // Grid sweep.
+    // Launch sweep: CTAs at 512 threads, then threads per CTA at a few grids.
     let mut sweep = Vec::new();
-    for grid in [2u32, 4, 8, 16, 32, 64, 132] {
+    let geoms: Vec<(u32, u32)> = [2u32, 4, 8, 16, 32, 64, 132]
+        .iter()
+        .map(|&g| (g, crate::device::cuda::THREADS))
+        .chain([(8, 1024), (16, 256), (16, 1024), (32, 256), (32, 1024)])
+        .collect();
+    for (grid, threads) in geoms {
         s.mem.grid.store(grid, Ordering::Relaxed);
+        s.mem.threads.store(threads, Ordering::Relaxed);
         let gt = copy_all(&s, &spec.src, false, &cfg)?.min(copy_all(&s, &spec.src, false, &cfg)?);
         let st = copy_all(&s, &spec.dst, true, &cfg)?.min(copy_all(&s, &spec.dst, true, &cfg)?);
-        sweep.push(
-            json!({"grid": grid, "gather_gbps": gbps(bytes, gt), "scatter_gbps": gbps(bytes, st)}),
-        );
+        sweep.push(json!({
+            "grid": grid,
+            "threads": threads,
+            "gather_gbps": gbps(bytes, gt),
+            "scatter_gbps": gbps(bytes, st),
+        }));
     }
     s.mem
         .grid
         .store(crate::device::cuda::DEFAULT_GRID, Ordering::Relaxed);
+    s.mem
+        .threads
+        .store(crate::device::cuda::THREADS, Ordering::Relaxed);
     // RAM tier: freeze into the tier, thaw from it.
     // The tier's arena is allocated and mapped at registration, as a daemon does.
     let tier = RamTier::new(bytes + (64 << 20));

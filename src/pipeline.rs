@@ -523,12 +523,17 @@ pub fn thaw(
         let keys: Vec<u128> = r.manifest.blocks.iter().map(|b| b.key).collect();
         if let Some(hits) = t.all(&keys) {
             let pls = hits.payloads();
-            let per = n.div_ceil(cfg.threads.max(1)).max(1);
-            let intact = pls.len() == n
-                && std::thread::scope(|sc| {
-                    let hs: Vec<_> = pls
+            // Verify chunk k+1 on the CPU while chunk k is scattered (on a GPU the scatter
+            // thread mostly waits for the kernel).
+            let step = cfg.batch_blocks.max(1) * 8;
+            let verify = |k: usize| -> bool {
+                let from = k * step;
+                let to = (from + step).min(n);
+                let per = (to - from).div_ceil(cfg.threads.max(1)).max(1);
+                std::thread::scope(|sc| {
+                    let hs: Vec<_> = pls[from..to]
                         .chunks(per)
-                        .zip(r.manifest.blocks.chunks(per))
+                        .zip(r.manifest.blocks[from..to].chunks(per))
                         .map(|(h, b)| {
                             sc.spawn(move || {
                                 h.iter()
@@ -538,20 +543,37 @@ pub fn thaw(
                         })
                         .collect();
                     hs.into_iter().all(|h| h.join().unwrap_or(false))
+                })
+            };
+            let chunks = n.div_ceil(step);
+            let mut intact = pls.len() == n && verify(0);
+            let mut k = 0;
+            while intact && k < chunks {
+                let from = k * step;
+                let to = (from + step).min(n);
+                let (scattered, next_ok) = std::thread::scope(|sc| {
+                    let h = sc.spawn(|| {
+                        device::scatter(
+                            &eng.layout,
+                            &wl,
+                            compat,
+                            eng.mem.as_ref(),
+                            &req.block_ids[from..to],
+                            &pls[from..to],
+                            cfg.threads,
+                        )
+                    });
+                    let next_ok = k + 1 >= chunks || verify(k + 1);
+                    let scattered = h
+                        .join()
+                        .unwrap_or_else(|_| Err(DeviceError::Os("scatter thread panicked".into())));
+                    (scattered, next_ok)
                 });
+                scattered?;
+                intact = next_ok;
+                k += 1;
+            }
             if intact {
-                let step = cfg.batch_blocks.max(1) * 8;
-                for (c, ids) in pls.chunks(step).zip(req.block_ids.chunks(step)) {
-                    device::scatter(
-                        &eng.layout,
-                        &wl,
-                        compat,
-                        eng.mem.as_ref(),
-                        ids,
-                        c,
-                        cfg.threads,
-                    )?;
-                }
                 report.blocks_restored = n as u64;
                 report.blocks_from_tier = n as u64;
                 report.tokens_restored = total_tokens;
