@@ -232,7 +232,7 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let cfg = PipelineConfig {
         staging_bytes: 1 << 30,
-        threads: 8,
+        threads: 12,
         ..Default::default()
     };
     let s = setup(spec, &cfg)?;

@@ -525,7 +525,7 @@ pub fn thaw(
             let pls = hits.payloads();
             // Verify chunk k+1 on the CPU while chunk k is scattered (on a GPU the scatter
             // thread mostly waits for the kernel).
-            let step = cfg.batch_blocks.max(1) * 8;
+            let step = cfg.batch_blocks.max(1);
             let verify = |k: usize| -> bool {
                 let from = k * step;
                 let to = (from + step).min(n);

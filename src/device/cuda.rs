@@ -18,9 +18,10 @@ use crate::layout::{Compat, Inner, Layout, PieceKind};
 /// The kernel source, embedded for NVRTC.
 pub const KERNEL_SOURCE: &str = include_str!("../../kernels/copy.cu");
 
-/// Default grid cap (CTAs) of the copy kernel: enough to saturate PCIe without taking the
-/// whole GPU from the forward pass (see docs/PERFORMANCE.md for the sweep).
-pub const DEFAULT_GRID: u32 = 16;
+/// Default grid cap (CTAs) of the copy kernel: the smallest that saturates PCIe both ways in
+/// the H200 sweep of 2026-11-27 (8 × 512 threads: gather 51.9, scatter 51.1 GB/s; more CTAs
+/// add nothing), so the copy leaves 124 of 132 SMs to the forward pass. docs/PERFORMANCE.md.
+pub const DEFAULT_GRID: u32 = 8;
 /// Threads per CTA.
 pub const THREADS: u32 = 512;
 
