@@ -78,11 +78,19 @@ pub fn run(a: &DemoArgs) -> Result<(), String> {
         .map(|i| i.wrapping_mul(2_654_435_761u32) % 128_000)
         .collect();
     println!("  prefill (synthetic): {:.2} s", t.elapsed().as_secs_f64());
-    let cfg = PipelineConfig::default();
+    let cfg = PipelineConfig {
+        progress: Some(cwm::pipeline::Progress(std::sync::Arc::new(
+            |stage, done, total| bar(stage, done as usize, total as usize),
+        ))),
+        ..Default::default()
+    };
     let info;
     {
         let (store, _) = Store::open(StoreConfig::new(&dir)).map_err(|x| e(&x))?;
-        bar("freeze", 0, 1);
+        // The engine registers: its staging pool is allocated once, as the daemon does.
+        syn.engine
+            .prepare_staging(&cfg, store.engine().as_ref())
+            .map_err(|x| e(&x))?;
         let r = freeze(
             &store,
             &syn.engine,
@@ -98,7 +106,6 @@ pub fn run(a: &DemoArgs) -> Result<(), String> {
             &|| {},
         )
         .map_err(|x| e(&x))?;
-        bar("freeze", 1, 1);
         let bytes = r.bytes as f64;
         println!(
             "  freeze: captured after {:.3} s, durable after {:.3} s -> {:.2} GB/s [{} engine]",
@@ -106,6 +113,10 @@ pub fn run(a: &DemoArgs) -> Result<(), String> {
             r.durable_secs,
             bytes / r.durable_secs / 1e9,
             store.engine().name()
+        );
+        println!(
+            "          busy: gather+checksum {:.3} s, block writes {:.3} s, fdatasync+manifest {:.3} s (stages overlap)",
+            r.gather_secs, r.write_secs, r.commit_secs
         );
         info = r.info;
     }
@@ -138,6 +149,10 @@ pub fn run(a: &DemoArgs) -> Result<(), String> {
         r.blocks_restored,
         r.loaded_secs,
         r.bytes as f64 / r.loaded_secs / 1e9
+    );
+    println!(
+        "          busy: reads {:.3} s (two readers together), verify {:.3} s, scatter {:.3} s",
+        r.read_secs, r.verify_secs, r.scatter_secs
     );
     // Verify: the xxh3-128 digest of every thawed block equals the original's.
     let mut bad = Vec::new();

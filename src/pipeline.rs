@@ -190,6 +190,30 @@ pub struct PipelineConfig {
     /// Register the staging pool with the I/O engine as io_uring fixed buffers (default true).
     /// Takes effect when the engine's pool is first allocated.
     pub fixed_buffers: bool,
+    /// Called after each batch with (stage, blocks done, blocks in all): `freeze` counts
+    /// blocks written, `thaw` blocks scattered.
+    pub progress: Option<Progress>,
+}
+
+/// A progress function: (stage, done, total).
+pub type ProgressFn = dyn Fn(&str, u64, u64) + Send + Sync;
+
+/// A progress callback (see [`PipelineConfig::progress`]).
+#[derive(Clone)]
+pub struct Progress(pub Arc<ProgressFn>);
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress(..)")
+    }
+}
+
+impl PipelineConfig {
+    fn report(&self, stage: &str, done: u64, total: u64) {
+        if let Some(p) = &self.progress {
+            (p.0)(stage, done, total);
+        }
+    }
 }
 
 impl Default for PipelineConfig {
@@ -200,6 +224,7 @@ impl Default for PipelineConfig {
             threads: 2,
             memory_available: None,
             fixed_buffers: true,
+            progress: None,
         }
     }
 }
@@ -382,6 +407,7 @@ pub fn freeze(
         });
         // Stage 2: write batch i while batch i+1 is gathered.
         let mut wres: Result<f64, StoreError> = Ok(0.0);
+        let mut written = 0u64;
         for (idxs, mut set, sums) in full_rx.iter() {
             if wres.is_err() {
                 continue; // drain: give the slots back so the gatherer can stop
@@ -402,6 +428,8 @@ pub fn freeze(
                     if let Ok(busy) = &mut wres {
                         *busy += tw.elapsed().as_secs_f64();
                     }
+                    written += idxs.len() as u64;
+                    cfg.report("freeze", written, todo_ref.len() as u64);
                 }
                 Err(e) => {
                     stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -572,6 +600,7 @@ pub fn thaw(
                     (scattered, next_ok)
                 });
                 scattered?;
+                cfg.report("thaw", to as u64, n as u64);
                 intact = next_ok;
                 k += 1;
             }
@@ -685,6 +714,7 @@ pub fn thaw(
                     }
                     report.scatter_secs += ts.elapsed().as_secs_f64();
                     report.blocks_restored = (b.start + good) as u64;
+                    cfg.report("thaw", report.blocks_restored, n as u64);
                     if let Some((i, d)) = first_bad {
                         let bad = b.start + i;
                         crate::log::warn(&format!(
