@@ -18,6 +18,15 @@ use crate::layout::{Compat, Inner, Layout, PieceKind};
 /// The kernel source, embedded for NVRTC.
 pub const KERNEL_SOURCE: &str = include_str!("../../kernels/copy.cu");
 
+/// The kernel compiled by nvcc at build time (sm_80, sm_90, compute_90 PTX), when nvcc was
+/// there; otherwise NVRTC compiles [`KERNEL_SOURCE`] at first use.
+#[cfg(cwm_fatbin)]
+pub const KERNEL_FATBIN: Option<&[u8]> =
+    Some(include_bytes!(concat!(env!("OUT_DIR"), "/copy.fatbin")));
+/// The kernel compiled by nvcc at build time; `None`: this build had no nvcc.
+#[cfg(not(cwm_fatbin))]
+pub const KERNEL_FATBIN: Option<&[u8]> = None;
+
 /// Default grid cap (CTAs) of the copy kernel: the smallest that saturates PCIe both ways in
 /// the H200 sweep of 2026-11-27 (8 × 512 threads: gather 51.9, scatter 51.1 GB/s; more CTAs
 /// add nothing), so the copy leaves 124 of 132 SMs to the forward pass. docs/PERFORMANCE.md.
@@ -202,6 +211,26 @@ impl Cuda {
     }
 
     fn load_kernel() -> Result<cu::CUfunction, String> {
+        if let Some(fatbin) = KERNEL_FATBIN {
+            // The driver expects an 8-byte-aligned image; include_bytes! guarantees 1.
+            let mut aligned = vec![0u64; fatbin.len().div_ceil(8)];
+            for (i, b) in fatbin.iter().enumerate() {
+                aligned[i / 8] |= u64::from(*b) << (8 * (i % 8));
+            }
+            let mut module: cu::CUmodule = std::ptr::null_mut();
+            let mut func: cu::CUfunction = std::ptr::null_mut();
+            // SAFETY: a fatbin image embedded at build time; out-pointers are valid.
+            let ok = unsafe {
+                cu::cuModuleLoadData(&mut module, aligned.as_ptr().cast())
+                    == cu::CUresult::CUDA_SUCCESS
+                    && cu::cuModuleGetFunction(&mut func, module, c"cwm_copy".as_ptr())
+                        == cu::CUresult::CUDA_SUCCESS
+            };
+            if ok {
+                return Ok(func);
+            }
+            crate::log::warn("embedded kernel fatbin did not load on this GPU; trying NVRTC");
+        }
         // SAFETY: only tries to dlopen the library.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             return Err("libnvrtc could not be loaded".into());
