@@ -505,6 +505,22 @@ impl CudaMemory {
         )
     }
 
+    /// Memory of this process (tests, and engines that share a process with cwm): tensors
+    /// given by device address and size; nothing is closed on drop.
+    #[must_use]
+    pub fn from_device_ptrs(cuda: Arc<Cuda>, tensors: &[(u64, u64)]) -> Self {
+        Self {
+            cuda,
+            ptrs: tensors.iter().map(|t| t.0).collect(),
+            sizes: tensors.iter().map(|t| t.1).collect(),
+            opened: Vec::new(),
+            staging: Mutex::new(Vec::new()),
+            wait: Mutex::new(None),
+            grid: std::sync::atomic::AtomicU32::new(DEFAULT_GRID),
+            threads: std::sync::atomic::AtomicU32::new(THREADS),
+        }
+    }
+
     /// Device addresses of the tensors.
     #[must_use]
     pub fn tensor_ptrs(&self) -> &[u64] {
@@ -752,6 +768,59 @@ mod tests {
     #[test]
     fn kernel_source_is_embedded() {
         assert!(KERNEL_SOURCE.contains("cwm_copy"));
+    }
+
+    /// Runs with `--ignored` on a machine with a GPU; shown as ignored everywhere else (the
+    /// cross-process checks live in scripts/gpu-check.sh).
+    #[test]
+    #[ignore = "needs a GPU: run with --ignored there; scripts/gpu-check.sh covers IPC and layouts"]
+    fn kernels_bit_exact_on_a_gpu() {
+        use crate::device::{gather, read_block, scatter};
+        let cuda = Cuda::new(0).expect("a GPU");
+        assert!(cuda.has_kernel(), "{:?}", cuda.kernel_error);
+        let l = Layout::flash_2nbhd(2, 32, 16, 2, 64, Dtype::Bf16);
+        let size = 2 * 32 * 4096u64;
+        let mut ptrs = Vec::new();
+        for t in 0..2u64 {
+            let mut d: cu::CUdeviceptr = 0;
+            let mut host = vec![0u8; size as usize];
+            crate::bench::fill_random(&mut host, 7 + t);
+            // SAFETY: allocation and a copy of `size` bytes into it.
+            unsafe {
+                let _g = cuda.lock().expect("ctx");
+                check("alloc", cu::cuMemAlloc_v2(&mut d, size as usize)).expect("alloc");
+                check(
+                    "copy",
+                    cu::cuMemcpyHtoD_v2(d, host.as_ptr().cast(), size as usize),
+                )
+                .expect("copy");
+            }
+            ptrs.push((d, size));
+        }
+        let mem = CudaMemory::from_device_ptrs(cuda, &ptrs);
+        let pool = crate::staging::StagingPool::new(8 << 20, 4096 + l.block_bytes() as usize, None)
+            .expect("pool");
+        assert!(mem.register_staging(pool.region_ptr(), pool.bytes() as usize));
+        let want: Vec<Vec<u8>> = [3u64, 9, 20]
+            .iter()
+            .map(|&b| read_block(&l, &mem, b).expect("read"))
+            .collect();
+        let mut set = pool.take(3);
+        let mut slots = set.slices();
+        let mut pls: Vec<&mut [u8]> = slots
+            .iter_mut()
+            .map(|s| &mut s[4096..4096 + l.block_bytes() as usize])
+            .collect();
+        gather(&l, &mem, &[3, 9, 20], &mut pls, 1, None).expect("gather");
+        for (p, w) in pls.iter().zip(&want) {
+            assert_eq!(&p[..], &w[..]);
+        }
+        let srcs: Vec<&[u8]> = pls.iter().map(|p| &p[..]).collect();
+        scatter(&l, &l, Compat::Same, &mem, &[30, 0, 12], &srcs, 1).expect("scatter");
+        for (b, w) in [30u64, 0, 12].iter().zip(&want) {
+            assert_eq!(&read_block(&l, &mem, *b).expect("read")[..], &w[..]);
+        }
+        assert!(gather(&l, &mem, &[32], &mut pls[..1], 1, None).is_err());
     }
 
     #[test]
