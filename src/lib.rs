@@ -8,6 +8,7 @@
 //! → the segment files; and back the same way on thaw.
 
 pub mod bench;
+pub mod control;
 pub mod device;
 pub mod gpucheck;
 pub mod io;

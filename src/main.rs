@@ -24,6 +24,28 @@ enum Cmd {
     /// Benchmarks against ceilings measured in the same run.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Run the sidecar daemon on a Unix socket (foreground; SIGTERM/SIGINT stop it cleanly).
+    Serve(ServeArgs),
+    /// List windows.
+    Ls(ClientArgs),
+    /// Show one window.
+    Stat {
+        /// Window name.
+        name: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Delete a window.
+    Rm {
+        /// Window name.
+        name: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Ask the daemon whether it is healthy.
+    Health(ClientArgs),
+    /// Print the daemon's Prometheus metrics.
+    Metrics(ClientArgs),
     /// The Rust half of scripts/gpu-check.sh (CUDA IPC import, freeze/thaw, measurements).
     GpuCheck {
         /// `run` (freeze + thaw for a bit-exact check) or `bench` (measurements).
@@ -35,6 +57,160 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+fn default_socket() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => PathBuf::from(d).join("cwm.sock"),
+        None => PathBuf::from("/run/cwm/cwm.sock"),
+    }
+}
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// Socket of the daemon.
+    #[arg(long, env = "CWM_SOCKET", default_value_os_t = default_socket())]
+    socket: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Data directory (the block log).
+    #[arg(long, env = "CWM_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Socket path.
+    #[arg(long, env = "CWM_SOCKET", default_value_os_t = default_socket())]
+    socket: PathBuf,
+    /// Capacity of the log (e.g. 500GiB).
+    #[arg(long, env = "CWM_CAPACITY", value_parser = parse_size)]
+    capacity: Option<u64>,
+    /// Segment size.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    segment_size: u64,
+    /// I/O engine: uring or psync.
+    #[arg(long, env = "CWM_IO_ENGINE", default_value = "uring")]
+    io_engine: EngineKind,
+    /// io_uring queue depth.
+    #[arg(long, default_value_t = 32)]
+    queue_depth: u32,
+    /// Staging pool per registered engine.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    staging: u64,
+    /// RAM tier size (0: off).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    tier: u64,
+    /// Directory shared-memory KV files must live in.
+    #[arg(long, env = "CWM_SHM_DIR", default_value = "/dev/shm")]
+    shm_dir: PathBuf,
+    /// Longest accepted request line.
+    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    max_line: u64,
+    /// Extra uids allowed to connect (the server's own uid always is).
+    #[arg(long = "allow-uid")]
+    allow_uids: Vec<u32>,
+}
+
+fn serve(a: ServeArgs) -> Result<(), String> {
+    // Block SIGINT/SIGTERM in every thread; one thread waits for them.
+    // SAFETY: plain signal-mask manipulation before any other thread exists.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let mut cfg = cwm::store::StoreConfig::new(&a.data_dir);
+    cfg.segment_size = a.segment_size;
+    cfg.capacity = a.capacity.unwrap_or(u64::MAX);
+    cfg.engine = a.io_engine;
+    cfg.queue_depth = a.queue_depth;
+    let (store, report) = cwm::store::Store::open(cfg).map_err(|e| e.to_string())?;
+    cwm::log::info(&format!(
+        "store open: {} windows, {} records, {} torn tails cut",
+        report.windows,
+        report.records,
+        report.torn_tails.len()
+    ));
+    let server = cwm::control::Server::new(
+        std::sync::Arc::new(store),
+        cwm::control::ServeConfig {
+            socket: a.socket,
+            allow_uids: a.allow_uids,
+            shm_dir: a.shm_dir,
+            max_line: a.max_line as usize,
+            pipeline: cwm::pipeline::PipelineConfig {
+                staging_bytes: a.staging,
+                ..Default::default()
+            },
+            tier_bytes: a.tier,
+        },
+    );
+    let s2 = server.clone();
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: waiting on the blocked set.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        cwm::log::info(&format!("signal {sig}: stopping"));
+        s2.stop();
+    });
+    server.serve().map_err(|e| format!("serve: {e}"))?;
+    cwm::log::info("stopped");
+    Ok(())
+}
+
+fn client_call(c: &ClientArgs, req: serde_json::Value) -> Result<serde_json::Value, String> {
+    let mut cl = cwm::control::client::Client::connect(&c.socket).map_err(|e| {
+        format!(
+            "cannot reach cwm at {}: {e} (is `cwm serve` running?)",
+            c.socket.display()
+        )
+    })?;
+    cl.call_final(req).map_err(|e| e.to_string())
+}
+
+fn client(c: &ClientArgs, req: serde_json::Value, table: impl Fn(&serde_json::Value)) -> ExitCode {
+    match client_call(c, req) {
+        Ok(v) => {
+            let code = cwm::control::client::exit_code(&v);
+            if c.json {
+                println!("{v}");
+            } else if code == 0 {
+                table(&v);
+            } else {
+                eprintln!(
+                    "cwm: {}: {}",
+                    v.pointer("/error/code")
+                        .and_then(|x| x.as_str())
+                        .unwrap_or("ERROR"),
+                    v.pointer("/error/message")
+                        .and_then(|x| x.as_str())
+                        .unwrap_or("")
+                );
+            }
+            ExitCode::from(code as u8)
+        }
+        Err(e) => {
+            eprintln!("cwm: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn window_row(w: &serde_json::Value) -> String {
+    format!(
+        "{:<32} {:>4} {:>9} {:>7} {:>10.1} {}",
+        w["name"].as_str().unwrap_or(""),
+        w["version"],
+        w["num_tokens"],
+        w["num_blocks"],
+        w["bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+        w["session"].as_str().unwrap_or("")
+    )
 }
 
 #[derive(Subcommand)]
@@ -125,7 +301,53 @@ fn print_json<T: serde::Serialize>(v: &T) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let header = format!(
+        "{:<32} {:>4} {:>9} {:>7} {:>10} SESSION",
+        "WINDOW", "VER", "TOKENS", "BLOCKS", "MIB"
+    );
     let res: Result<(), String> = match cli.cmd {
+        Cmd::Serve(a) => serve(a),
+        Cmd::Ls(c) => {
+            return client(&c, serde_json::json!({"op": "list"}), |v| {
+                println!("{header}");
+                for w in v["windows"].as_array().into_iter().flatten() {
+                    println!("{}", window_row(w));
+                }
+            })
+        }
+        Cmd::Stat { name, c } => {
+            return client(&c, serde_json::json!({"op": "stat", "window": name}), |v| {
+                println!("{header}\n{}", window_row(&v["window"]));
+            })
+        }
+        Cmd::Rm { name, c } => {
+            return client(
+                &c,
+                serde_json::json!({"op": "delete", "window": name}),
+                |v| {
+                    println!(
+                        "deleted {} v{}",
+                        v["deleted"]["name"].as_str().unwrap_or(""),
+                        v["deleted"]["version"]
+                    );
+                },
+            )
+        }
+        Cmd::Health(c) => {
+            return client(&c, serde_json::json!({"op": "health"}), |v| {
+                println!(
+                    "ok: {} windows, {} bytes used, io engine {}",
+                    v["windows"],
+                    v["used_bytes"],
+                    v["io_engine"].as_str().unwrap_or("")
+                );
+            })
+        }
+        Cmd::Metrics(c) => {
+            return client(&c, serde_json::json!({"op": "metrics"}), |v| {
+                print!("{}", v["text"].as_str().unwrap_or(""));
+            })
+        }
         Cmd::Demo(a) => demo::run(&a),
         Cmd::GpuCheck { mode, spec, dir } => (|| {
             let text =

@@ -1,0 +1,570 @@
+//! The control server: newline-delimited JSON over a Unix stream socket (docs/PROTOCOL.md).
+//! One thread per connection; every request line gets one or more response lines with the same
+//! `id`, the last one marked `"final": true`. Bad input of any kind gets an error response and
+//! the connection keeps serving.
+
+pub mod client;
+pub mod protocol;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+
+use crate::device::host::{ProcessMemory, ShmMemory};
+use crate::device::KvMemory;
+use crate::pipeline::{freeze, thaw, Engine, FreezeRequest, PipelineConfig, ThawRequest};
+use crate::store::{Replace, Store};
+use crate::tier::RamTier;
+use protocol::{ApiError, Request};
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Socket path.
+    pub socket: PathBuf,
+    /// Uids allowed to connect (empty: only the server's own uid).
+    pub allow_uids: Vec<u32>,
+    /// Directory shared-memory KV files must live in.
+    pub shm_dir: PathBuf,
+    /// Longest accepted request line.
+    pub max_line: usize,
+    /// Pipeline settings.
+    pub pipeline: PipelineConfig,
+    /// RAM tier bytes (0: off).
+    pub tier_bytes: u64,
+}
+
+/// Counters for `metrics`.
+#[derive(Default)]
+pub struct Counters {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    freezes: AtomicU64,
+    thaws: AtomicU64,
+    freeze_bytes: AtomicU64,
+    thaw_bytes: AtomicU64,
+    corruption: AtomicU64,
+}
+
+/// The running server's state.
+pub struct Server {
+    store: Arc<Store>,
+    cfg: ServeConfig,
+    engines: Mutex<HashMap<String, Arc<Engine>>>,
+    idem: Mutex<HashMap<String, Vec<Value>>>,
+    tier: RamTier,
+    counters: Counters,
+    stopping: AtomicBool,
+}
+
+fn peer_uid(s: &UnixStream) -> Option<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(cred.uid)
+}
+
+impl Server {
+    /// A server over an open store.
+    #[must_use]
+    pub fn new(store: Arc<Store>, cfg: ServeConfig) -> Arc<Self> {
+        let tier = RamTier::new(cfg.tier_bytes);
+        Arc::new(Self {
+            store,
+            cfg,
+            engines: Mutex::new(HashMap::new()),
+            idem: Mutex::new(HashMap::new()),
+            tier,
+            counters: Counters::default(),
+            stopping: AtomicBool::new(false),
+        })
+    }
+
+    /// Binds the socket (mode 0600 in a 0700 directory it creates) and serves until
+    /// [`Server::stop`] is called.
+    pub fn serve(self: &Arc<Self>) -> std::io::Result<()> {
+        let sock = &self.cfg.socket;
+        if let Some(dir) = sock.parent() {
+            if !dir.exists() {
+                std::fs::create_dir_all(dir)?;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            }
+        }
+        if sock.exists() {
+            // A stale socket of an earlier run (the store's LOCK proves none is alive).
+            std::fs::remove_file(sock)?;
+        }
+        let listener = UnixListener::bind(sock)?;
+        std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600))?;
+        crate::log::info(&format!("listening on {}", sock.display()));
+        // SAFETY: getuid has no preconditions.
+        let me = unsafe { libc::getuid() };
+        for conn in listener.incoming() {
+            if self.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            let Ok(conn) = conn else { continue };
+            let uid = peer_uid(&conn);
+            let allowed = match uid {
+                Some(u) => u == me || self.cfg.allow_uids.contains(&u),
+                None => false,
+            };
+            if !allowed {
+                crate::log::warn(&format!(
+                    "refused a client with uid {uid:?}: not in the allow-list"
+                ));
+                let mut c = conn;
+                let _ = writeln!(
+                    c,
+                    "{}",
+                    protocol::error_line(
+                        &Value::Null,
+                        &ApiError::new("PERMISSION_DENIED", "this uid may not use cwm")
+                    )
+                );
+                continue;
+            }
+            let me2 = self.clone();
+            std::thread::spawn(move || me2.connection(conn));
+        }
+        let _ = std::fs::remove_file(sock);
+        Ok(())
+    }
+
+    /// Stops accepting (the accept loop exits at its next connection).
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = UnixStream::connect(&self.cfg.socket);
+    }
+
+    fn connection(&self, conn: UnixStream) {
+        let Ok(read_half) = conn.try_clone() else {
+            return;
+        };
+        let mut reader = BufReader::new(read_half);
+        let out = Mutex::new(conn);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = match (&mut reader)
+                .take(self.cfg.max_line as u64 + 1)
+                .read_until(b'\n', &mut line)
+            {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if n > self.cfg.max_line && line.last() != Some(&b'\n') {
+                // Oversized: answer, then skip the rest of the line.
+                self.send(
+                    &out,
+                    &protocol::error_line(
+                        &Value::Null,
+                        &ApiError::new(
+                            "VALIDATION",
+                            format!(
+                                "request line longer than {} bytes; the limit is max_line",
+                                self.cfg.max_line
+                            ),
+                        ),
+                    ),
+                );
+                let mut sink = Vec::new();
+                loop {
+                    sink.clear();
+                    match (&mut reader).take(1 << 20).read_until(b'\n', &mut sink) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) if sink.last() == Some(&b'\n') => break,
+                        Ok(_) => {}
+                    }
+                }
+                continue;
+            }
+            if line.iter().all(|b| b.is_ascii_whitespace()) {
+                continue;
+            }
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            match protocol::parse(&line) {
+                Ok(req) => self.handle(req, &out),
+                Err((id, e)) => {
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    self.send(&out, &protocol::error_line(&id, &e));
+                }
+            }
+        }
+    }
+
+    fn send(&self, out: &Mutex<UnixStream>, line: &str) {
+        if let Ok(mut o) = out.lock() {
+            let _ = o.write_all(line.as_bytes());
+            let _ = o.write_all(b"\n");
+        }
+    }
+
+    fn handle(&self, req: Request, out: &Mutex<UnixStream>) {
+        let id = req.id.clone();
+        // Idempotency: a retry with the same key gets the first outcome, no work done twice.
+        if let Some(k) = &req.idempotency_key {
+            let prior = self.idem.lock().ok().and_then(|m| m.get(k).cloned());
+            if let Some(lines) = prior {
+                for mut l in lines {
+                    l["id"] = id.clone();
+                    l["replayed"] = json!(true);
+                    self.send(out, &l.to_string());
+                }
+                return;
+            }
+        }
+        let mut sent: Vec<Value> = Vec::new();
+        let mut emit = |v: Value| {
+            self.send(out, &v.to_string());
+            sent.push(v);
+        };
+        match self.dispatch(&req, &mut |status, body| {
+            let mut v = json!({"id": id, "ok": true, "final": false, "status": status});
+            if let (Some(o), Value::Object(b)) = (v.as_object_mut(), body) {
+                o.extend(b);
+            }
+            emit(v);
+        }) {
+            Ok(result) => {
+                let mut v = json!({"id": id, "ok": true, "final": true});
+                if let (Some(o), Value::Object(b)) = (v.as_object_mut(), result) {
+                    o.extend(b);
+                }
+                emit(v);
+            }
+            Err(e) => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                let line = protocol::error_line(&id, &e);
+                emit(serde_json::from_str(&line).unwrap_or(Value::Null));
+            }
+        }
+        if let Some(k) = &req.idempotency_key {
+            if let Ok(mut m) = self.idem.lock() {
+                m.entry(k.clone()).or_insert(sent);
+            }
+        }
+    }
+
+    fn engine(&self, name: &str) -> Result<Arc<Engine>, ApiError> {
+        self.engines
+            .lock()
+            .map_err(|_| ApiError::internal("engine table poisoned"))?
+            .get(name)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::new(
+                    "NOT_FOUND",
+                    format!("no engine {name:?} is registered; send register first"),
+                )
+            })
+    }
+
+    fn dispatch(
+        &self,
+        req: &Request,
+        progress: &mut dyn FnMut(&str, Value),
+    ) -> Result<Value, ApiError> {
+        let a = &req.args;
+        match req.op.as_str() {
+            "hello" => Ok(json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "protocol": protocol::PROTOCOL_VERSION,
+                "capabilities": ["register.shm", "register.process", "register.cuda", "freeze", "thaw", "lookup", "list", "stat", "delete", "idempotency", "metrics"],
+            })),
+            "health" => {
+                let st = self.store.stats().map_err(ApiError::from)?;
+                Ok(
+                    json!({"status": "ok", "windows": st.windows, "used_bytes": st.used_bytes,
+                    "capacity": st.capacity, "free_bytes": st.free_bytes, "io_engine": st.engine,
+                    "engines": self.engines.lock().map(|e| e.len()).unwrap_or(0)}),
+                )
+            }
+            "register" => self.register(a),
+            "unregister" => {
+                let name = protocol::str_field(a, "engine")?;
+                let removed = self
+                    .engines
+                    .lock()
+                    .map_err(|_| ApiError::internal("engine table poisoned"))?
+                    .remove(name);
+                match removed {
+                    Some(_) => Ok(json!({"engine": name})),
+                    None => Err(ApiError::new(
+                        "NOT_FOUND",
+                        format!("no engine {name:?} is registered"),
+                    )),
+                }
+            }
+            "freeze" => {
+                let eng = self.engine(protocol::str_field(a, "engine")?)?;
+                let replace = match a.get("replace") {
+                    None | Some(Value::Bool(false)) | Some(Value::Null) => Replace::No,
+                    Some(Value::Bool(true)) => Replace::Any,
+                    Some(v) => Replace::IfVersion(v.as_u64().ok_or_else(|| {
+                        ApiError::validation("replace must be a boolean or a version number")
+                    })?),
+                };
+                let fr = FreezeRequest {
+                    window: protocol::str_field(a, "window")?.to_string(),
+                    session: protocol::opt_str(a, "session")?.unwrap_or_default(),
+                    tokens: protocol::u32_list(a, "tokens")?,
+                    block_ids: protocol::u64_list(a, "block_ids")?,
+                    replace,
+                };
+                let captured = Mutex::new(false);
+                let on_captured = || {
+                    if let Ok(mut c) = captured.lock() {
+                        *c = true;
+                    }
+                };
+                let r = freeze(
+                    &self.store,
+                    &eng,
+                    fr,
+                    &self.cfg.pipeline,
+                    Some(&self.tier).filter(|t| t.enabled()),
+                    &on_captured,
+                )
+                .map_err(ApiError::from)?;
+                progress("captured", json!({"captured_secs": r.captured_secs}));
+                self.counters.freezes.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .freeze_bytes
+                    .fetch_add(r.bytes, Ordering::Relaxed);
+                Ok(json!({"status": "durable", "window": r.info, "report": r}))
+            }
+            "thaw" => {
+                let eng = self.engine(protocol::str_field(a, "engine")?)?;
+                let tr = ThawRequest {
+                    window: protocol::str_field(a, "window")?.to_string(),
+                    block_ids: protocol::u64_list(a, "block_ids")?,
+                    expect_tokens: match a.get("tokens") {
+                        None | Some(Value::Null) => None,
+                        Some(_) => Some(protocol::u32_list(a, "tokens")?),
+                    },
+                };
+                let r = thaw(
+                    &self.store,
+                    &eng,
+                    &tr,
+                    &self.cfg.pipeline,
+                    Some(&self.tier).filter(|t| t.enabled()),
+                )
+                .map_err(ApiError::from)?;
+                if r.corruption.is_some() {
+                    self.counters.corruption.fetch_add(1, Ordering::Relaxed);
+                }
+                self.counters.thaws.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .thaw_bytes
+                    .fetch_add(r.bytes, Ordering::Relaxed);
+                Ok(json!({"status": "loaded", "report": r}))
+            }
+            "lookup" => {
+                let eng = self.engine(protocol::str_field(a, "engine")?)?;
+                let tokens = protocol::u32_list(a, "tokens")?;
+                let keys = eng.keys(&tokens);
+                let mut blocks = 0usize;
+                for k in &keys {
+                    if !self.store.contains_block(*k).map_err(ApiError::from)? {
+                        break;
+                    }
+                    blocks += 1;
+                }
+                let bs = eng.layout.block_size as usize;
+                Ok(
+                    json!({"blocks_matched": blocks, "tokens_matched": (blocks * bs).min(tokens.len())}),
+                )
+            }
+            "list" => {
+                let offset = protocol::opt_u64(a, "offset")?.unwrap_or(0) as usize;
+                let limit = protocol::opt_u64(a, "limit")?.unwrap_or(1000).min(10_000) as usize;
+                let session = protocol::opt_str(a, "session")?;
+                let all: Vec<_> = self
+                    .store
+                    .list()
+                    .map_err(ApiError::from)?
+                    .into_iter()
+                    .filter(|w| session.as_ref().is_none_or(|s| &w.session == s))
+                    .collect();
+                let total = all.len();
+                let page: Vec<_> = all.into_iter().skip(offset).take(limit).collect();
+                Ok(json!({"windows": page, "total": total}))
+            }
+            "stat" => {
+                let info = self
+                    .store
+                    .get(protocol::str_field(a, "window")?)
+                    .map_err(ApiError::from)?;
+                Ok(json!({"window": info}))
+            }
+            "delete" => {
+                let info = self
+                    .store
+                    .delete_window(
+                        protocol::str_field(a, "window")?,
+                        protocol::opt_u64(a, "expected_version")?,
+                    )
+                    .map_err(ApiError::from)?;
+                Ok(json!({"deleted": info}))
+            }
+            "metrics" => Ok(json!({"text": self.metrics_text()})),
+            op => Err(ApiError::new(
+                "UNKNOWN_OP",
+                format!("unknown op {op:?}; see docs/PROTOCOL.md (hello lists the capabilities)"),
+            )),
+        }
+    }
+
+    fn register(&self, a: &Value) -> Result<Value, ApiError> {
+        let name = protocol::str_field(a, "engine")?.to_string();
+        let layout_spec: crate::gpucheck::LayoutSpec = serde_json::from_value(
+            a.get("layout")
+                .cloned()
+                .ok_or_else(|| ApiError::validation("missing field layout"))?,
+        )
+        .map_err(|e| ApiError::validation(format!("layout: {e}")))?;
+        let layout = crate::gpucheck::layout_of(&layout_spec).map_err(ApiError::validation)?;
+        let mem = a
+            .get("memory")
+            .ok_or_else(|| ApiError::validation("missing field memory"))?;
+        let mem: Arc<dyn KvMemory> = if let Some(paths) = mem.get("shm") {
+            let paths: Vec<String> = serde_json::from_value(paths.clone()).map_err(|e| {
+                ApiError::validation(format!("memory.shm must be a list of paths: {e}"))
+            })?;
+            let allowed = std::fs::canonicalize(&self.cfg.shm_dir)
+                .unwrap_or_else(|_| self.cfg.shm_dir.clone());
+            let mut ps = Vec::new();
+            for p in &paths {
+                let c = std::fs::canonicalize(p)
+                    .map_err(|e| ApiError::validation(format!("{p}: {e}")))?;
+                if !c.starts_with(&allowed) {
+                    return Err(ApiError::new(
+                        "PERMISSION_DENIED",
+                        format!(
+                            "{p} is outside the allowed shared-memory directory {}",
+                            allowed.display()
+                        ),
+                    ));
+                }
+                ps.push(c);
+            }
+            let refs: Vec<&Path> = ps.iter().map(PathBuf::as_path).collect();
+            Arc::new(ShmMemory::open(&refs).map_err(|e| ApiError::new(e.code(), e.to_string()))?)
+        } else if let Some(p) = mem.get("process") {
+            let pid = p
+                .get("pid")
+                .and_then(Value::as_i64)
+                .ok_or_else(|| ApiError::validation("memory.process.pid must be an integer"))?;
+            let tensors: Vec<(u64, u64)> = serde_json::from_value(
+                p.get("tensors").cloned().unwrap_or(Value::Null),
+            )
+            .map_err(|e| {
+                ApiError::validation(format!(
+                    "memory.process.tensors must be [[address, bytes], …]: {e}"
+                ))
+            })?;
+            Arc::new(ProcessMemory::new(pid as i32, tensors))
+        } else {
+            return Err(ApiError::validation(
+                "memory must name shm (paths) or process (pid, tensors)",
+            ));
+        };
+        let engine = Engine::new(
+            layout,
+            mem,
+            protocol::opt_str(a, "model")?.unwrap_or_else(|| "default".into()),
+            protocol::opt_str(a, "salt")?,
+        )
+        .map_err(ApiError::from)?;
+        engine
+            .prepare_staging(&self.cfg.pipeline, self.store.engine().as_ref())
+            .map_err(ApiError::from)?;
+        let out = json!({"engine": name, "block_bytes": engine.layout.block_bytes(),
+            "fingerprint": format!("{:016x}", engine.layout.fingerprint())});
+        self.engines
+            .lock()
+            .map_err(|_| ApiError::internal("engine table poisoned"))?
+            .insert(name, Arc::new(engine));
+        Ok(out)
+    }
+
+    fn metrics_text(&self) -> String {
+        let c = &self.counters;
+        let st = self.store.stats().ok();
+        let mut s = String::new();
+        let mut put = |name: &str, help: &str, v: u64| {
+            s.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+            ));
+        };
+        put(
+            "cwm_requests_total",
+            "Requests received.",
+            c.requests.load(Ordering::Relaxed),
+        );
+        put(
+            "cwm_request_errors_total",
+            "Requests answered with an error.",
+            c.errors.load(Ordering::Relaxed),
+        );
+        put(
+            "cwm_freezes_total",
+            "Freezes made durable.",
+            c.freezes.load(Ordering::Relaxed),
+        );
+        put(
+            "cwm_thaws_total",
+            "Thaws loaded.",
+            c.thaws.load(Ordering::Relaxed),
+        );
+        put(
+            "cwm_freeze_bytes_total",
+            "KV bytes frozen.",
+            c.freeze_bytes.load(Ordering::Relaxed),
+        );
+        put(
+            "cwm_thaw_bytes_total",
+            "KV bytes thawed.",
+            c.thaw_bytes.load(Ordering::Relaxed),
+        );
+        put(
+            "cwm_corruption_events_total",
+            "Thaws stopped early by a corrupt block.",
+            c.corruption.load(Ordering::Relaxed),
+        );
+        if let Some(st) = st {
+            let ratio = if st.capacity == 0 || st.capacity == u64::MAX {
+                0.0
+            } else {
+                st.used_bytes as f64 / st.capacity as f64
+            };
+            s.push_str(&format!(
+                "# HELP cwm_storage_utilization_ratio Used over capacity.\n# TYPE cwm_storage_utilization_ratio gauge\ncwm_storage_utilization_ratio{{tier=\"disk\"}} {ratio}\n# HELP cwm_windows Visible windows.\n# TYPE cwm_windows gauge\ncwm_windows {}\n",
+                st.windows
+            ));
+        }
+        s
+    }
+}

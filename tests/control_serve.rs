@@ -1,0 +1,260 @@
+//! `cwm serve` as a child process, driven over its Unix socket: every op of the first protocol
+//! slice, the error codes for bad input (the connection keeps serving), idempotency, the CLI's
+//! exit codes, SIGTERM, and a window surviving a restart.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use cwm::control::client::Client;
+use cwm::device::host::ShmMemory;
+use cwm::layout::{Dtype, Layout};
+use serde_json::{json, Value};
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(data: &Path, socket: &Path, shm: &Path) -> Daemon {
+    let child = Command::new(env!("CARGO_BIN_EXE_cwm"))
+        .args([
+            "serve",
+            "--staging",
+            "8MiB",
+            "--max-line",
+            "4096",
+            "--segment-size",
+            "4MiB",
+        ])
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--socket")
+        .arg(socket)
+        .arg("--shm-dir")
+        .arg(shm)
+        .spawn()
+        .expect("spawn cwm serve");
+    let t = Instant::now();
+    while Client::connect(socket).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "cwm serve did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Daemon {
+        child,
+        socket: socket.to_path_buf(),
+    }
+}
+
+fn layout() -> Layout {
+    Layout::flash_2nbhd(2, 64, 16, 2, 64, Dtype::Bf16)
+}
+
+fn engine_files(dir: &Path) -> (Vec<PathBuf>, ShmMemory) {
+    let size = 2 * 64 * 4096u64;
+    let paths: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("layer{i}"))).collect();
+    for p in &paths {
+        std::fs::File::create(p).unwrap().set_len(size).unwrap();
+    }
+    let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+    let mem = ShmMemory::open(&refs).unwrap();
+    mem.fill_random(0, 1).unwrap();
+    mem.fill_random(1, 2).unwrap();
+    (paths, mem)
+}
+
+fn code(v: &Value) -> &str {
+    v.pointer("/error/code")
+        .and_then(Value::as_str)
+        .unwrap_or("OK")
+}
+
+fn cli(socket: &Path, args: &[&str]) -> (i32, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_cwm"))
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn serve_protocol_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let shm = tmp.path().join("shm");
+    std::fs::create_dir_all(&shm).unwrap();
+    let socket = tmp.path().join("run/cwm.sock");
+    let (paths, mem) = engine_files(&shm);
+    let l = layout();
+    let tokens: Vec<u32> = (1000..1000 + 16 * 5 - 4).collect();
+    let src = [3u64, 7, 11, 20, 40];
+    let want: Vec<Vec<u8>> = src
+        .iter()
+        .map(|&b| cwm::device::read_block(&l, &mem, b).unwrap())
+        .collect();
+    let reg = json!({"op": "register", "engine": "e1", "model": "tiny",
+        "layout": {"kind": "flash_2nbhd", "layers": 2, "blocks": 64, "block_size": 16, "heads": 2, "head": 64, "dtype": "bf16"},
+        "memory": {"shm": paths}});
+    {
+        let d = start(&data, &socket, &shm);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let mut c = Client::connect(&d.socket).unwrap();
+        let hello = c.call_final(json!({"op": "hello"})).unwrap();
+        assert_eq!(hello["protocol"], 1);
+        assert_eq!(
+            c.call_final(json!({"op": "health"})).unwrap()["status"],
+            "ok"
+        );
+        let r = c.call_final(reg.clone()).unwrap();
+        assert_eq!(r["block_bytes"], 16384, "{r}");
+        // Freeze: a `captured` progress line, then the final `durable` one.
+        let lines = c
+            .call(
+                json!({"op": "freeze", "engine": "e1", "session": "s1", "window": "chat-1",
+                "tokens": tokens, "block_ids": src, "idempotency_key": "f-1"}),
+            )
+            .unwrap();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines[0]["status"], "captured");
+        assert_eq!(lines[1]["status"], "durable");
+        assert_eq!(lines[1]["window"]["num_tokens"], tokens.len());
+        // The same idempotency key replays the first outcome; no second window version.
+        let again = c
+            .call(
+                json!({"op": "freeze", "engine": "e1", "session": "s1", "window": "chat-1",
+                "tokens": tokens, "block_ids": src, "idempotency_key": "f-1"}),
+            )
+            .unwrap();
+        assert_eq!(again.last().unwrap()["replayed"], true);
+        assert_eq!(again.last().unwrap()["window"]["version"], 1);
+        // Without the key, a second freeze of the name is refused.
+        let dup = c
+            .call_final(json!({"op": "freeze", "engine": "e1", "window": "chat-1", "tokens": tokens, "block_ids": src}))
+            .unwrap();
+        assert_eq!(code(&dup), "ALREADY_EXISTS");
+        let list = c.call_final(json!({"op": "list", "limit": 10})).unwrap();
+        assert_eq!(list["total"], 1);
+        let lk = c
+            .call_final(json!({"op": "lookup", "engine": "e1", "tokens": tokens}))
+            .unwrap();
+        assert_eq!(lk["blocks_matched"], 5);
+        assert_eq!(lk["tokens_matched"], tokens.len());
+        // Bad input of every kind: an error, and the connection keeps serving.
+        c.send_raw(b"{not json").unwrap();
+        assert_eq!(code(&c.read_line().unwrap()), "VALIDATION");
+        c.send_raw(&vec![b'x'; 5000]).unwrap();
+        assert!(c.read_line().unwrap()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("longer than 4096"));
+        assert_eq!(
+            code(&c.call_final(json!({"op": "nope"})).unwrap()),
+            "UNKNOWN_OP"
+        );
+        assert_eq!(
+            code(&c.call_final(json!({"op": "stat", "window": 5})).unwrap()),
+            "VALIDATION"
+        );
+        assert_eq!(
+            code(
+                &c.call_final(json!({"op": "stat", "window": "bad name!"}))
+                    .unwrap()
+            ),
+            "VALIDATION"
+        );
+        assert_eq!(
+            code(&c.call_final(json!({"op": "thaw", "engine": "e1", "window": "chat-1", "block_ids": [1, 2, 3, 4, 64]})).unwrap()),
+            "VALIDATION"
+        );
+        assert_eq!(
+            code(&c.call_final(json!({"op": "freeze", "engine": "nope", "window": "x", "tokens": [1], "block_ids": [1]})).unwrap()),
+            "NOT_FOUND"
+        );
+        let outside = json!({"op": "register", "engine": "e2",
+            "layout": reg["layout"], "memory": {"shm": ["/etc/hostname"]}});
+        assert_eq!(code(&c.call_final(outside).unwrap()), "PERMISSION_DENIED");
+        assert!(c.call_final(json!({"op": "metrics"})).unwrap()["text"]
+            .as_str()
+            .unwrap()
+            .contains("cwm_freezes_total 1"));
+        // CLI: table and exit codes.
+        let (rc, out) = cli(&socket, &["ls"]);
+        assert_eq!(rc, 0);
+        assert!(out.contains("chat-1"), "{out}");
+        assert_eq!(cli(&socket, &["stat", "missing"]).0, 3);
+        assert_eq!(cli(&socket, &["stat", "bad name!"]).0, 2);
+        // SIGTERM: clean exit 0.
+        let mut d = d;
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        loop {
+            if let Some(st) = d.child.try_wait().unwrap() {
+                assert!(st.success(), "exit status {st}");
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // Restart: the window survives and thaws bit-exactly into other (poisoned) blocks.
+    mem.fill_random(0, 99).unwrap();
+    mem.fill_random(1, 98).unwrap();
+    let d = start(&data, &socket, &shm);
+    let mut c = Client::connect(&d.socket).unwrap();
+    assert_eq!(
+        c.call_final(json!({"op": "stat", "window": "chat-1"}))
+            .unwrap()["window"]["version"],
+        1
+    );
+    c.call_final(reg).unwrap();
+    let dst = [60u64, 50, 0, 1, 2];
+    let lines = c
+        .call(json!({"op": "thaw", "engine": "e1", "window": "chat-1", "block_ids": dst, "tokens": tokens}))
+        .unwrap();
+    let fin = lines.last().unwrap();
+    assert_eq!(fin["status"], "loaded", "{fin}");
+    assert_eq!(fin["report"]["tokens_to_recompute"], 0);
+    for (i, &b) in dst.iter().enumerate() {
+        assert_eq!(
+            cwm::device::read_block(&l, &mem, b).unwrap(),
+            want[i],
+            "block {i}"
+        );
+    }
+    assert_eq!(
+        c.call_final(json!({"op": "delete", "window": "chat-1"}))
+            .unwrap()["deleted"]["name"],
+        "chat-1"
+    );
+    assert_eq!(
+        code(
+            &c.call_final(json!({"op": "stat", "window": "chat-1"}))
+                .unwrap()
+        ),
+        "NOT_FOUND"
+    );
+}
