@@ -16,6 +16,7 @@ pub mod keys;
 pub mod layout;
 pub mod log;
 pub mod pipeline;
+pub mod session;
 pub mod staging;
 pub mod store;
 pub mod tier;

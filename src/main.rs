@@ -111,6 +111,9 @@ struct ServeArgs {
     /// Extra uids allowed to connect (the server's own uid always is).
     #[arg(long = "allow-uid")]
     allow_uids: Vec<u32>,
+    /// Most sessions in ACTIVE at once.
+    #[arg(long, env = "CWM_MAX_SESSIONS", default_value_t = 100)]
+    max_sessions: usize,
 }
 
 fn serve(a: ServeArgs) -> Result<(), String> {
@@ -148,6 +151,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
                 ..Default::default()
             },
             tier_bytes: a.tier,
+            max_sessions: a.max_sessions,
         },
     );
     let s2 = server.clone();

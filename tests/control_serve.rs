@@ -3,81 +3,23 @@
 //! exit codes, SIGTERM, and a window surviving a restart.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+mod common;
+use common::daemon::{code, engine_files, register_req};
+
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cwm::control::client::Client;
-use cwm::device::host::ShmMemory;
 use cwm::layout::{Dtype, Layout};
-use serde_json::{json, Value};
+use serde_json::json;
 
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(data: &Path, socket: &Path, shm: &Path) -> Daemon {
-    let child = Command::new(env!("CARGO_BIN_EXE_cwm"))
-        .args([
-            "serve",
-            "--staging",
-            "8MiB",
-            "--max-line",
-            "4096",
-            "--segment-size",
-            "4MiB",
-        ])
-        .arg("--data-dir")
-        .arg(data)
-        .arg("--socket")
-        .arg(socket)
-        .arg("--shm-dir")
-        .arg(shm)
-        .spawn()
-        .expect("spawn cwm serve");
-    let t = Instant::now();
-    while Client::connect(socket).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "cwm serve did not come up"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Daemon {
-        child,
-        socket: socket.to_path_buf(),
-    }
+fn start(data: &Path, socket: &Path, shm: &Path) -> common::daemon::Daemon {
+    common::daemon::start(data, socket, shm, &[])
 }
 
 fn layout() -> Layout {
     Layout::flash_2nbhd(2, 64, 16, 2, 64, Dtype::Bf16)
-}
-
-fn engine_files(dir: &Path) -> (Vec<PathBuf>, ShmMemory) {
-    let size = 2 * 64 * 4096u64;
-    let paths: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("layer{i}"))).collect();
-    for p in &paths {
-        std::fs::File::create(p).unwrap().set_len(size).unwrap();
-    }
-    let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
-    let mem = ShmMemory::open(&refs).unwrap();
-    mem.fill_random(0, 1).unwrap();
-    mem.fill_random(1, 2).unwrap();
-    (paths, mem)
-}
-
-fn code(v: &Value) -> &str {
-    v.pointer("/error/code")
-        .and_then(Value::as_str)
-        .unwrap_or("OK")
 }
 
 fn cli(socket: &Path, args: &[&str]) -> (i32, String) {
@@ -108,9 +50,7 @@ fn serve_protocol_end_to_end() {
         .iter()
         .map(|&b| cwm::device::read_block(&l, &mem, b).unwrap())
         .collect();
-    let reg = json!({"op": "register", "engine": "e1", "model": "tiny",
-        "layout": {"kind": "flash_2nbhd", "layers": 2, "blocks": 64, "block_size": 16, "heads": 2, "head": 64, "dtype": "bf16"},
-        "memory": {"shm": paths}});
+    let reg = register_req(&paths);
     {
         let d = start(&data, &socket, &shm);
         use std::os::unix::fs::PermissionsExt;

@@ -39,6 +39,8 @@ pub struct ServeConfig {
     pub pipeline: PipelineConfig,
     /// RAM tier bytes (0: off).
     pub tier_bytes: u64,
+    /// Most sessions in ACTIVE at once (EC-021).
+    pub max_sessions: usize,
 }
 
 /// Counters for `metrics`.
@@ -60,6 +62,7 @@ pub struct Server {
     engines: Mutex<HashMap<String, Arc<Engine>>>,
     idem: Mutex<HashMap<String, Vec<Value>>>,
     tier: RamTier,
+    sessions: crate::session::Registry,
     counters: Counters,
     stopping: AtomicBool,
 }
@@ -89,7 +92,9 @@ impl Server {
     #[must_use]
     pub fn new(store: Arc<Store>, cfg: ServeConfig) -> Arc<Self> {
         let tier = RamTier::new(cfg.tier_bytes);
+        let sessions = crate::session::Registry::new(cfg.max_sessions.max(1));
         Arc::new(Self {
+            sessions,
             store,
             cfg,
             engines: Mutex::new(HashMap::new()),
@@ -234,18 +239,21 @@ impl Server {
                 return;
             }
         }
-        let mut sent: Vec<Value> = Vec::new();
-        let mut emit = |v: Value| {
+        let sent: Mutex<Vec<Value>> = Mutex::new(Vec::new());
+        let emit = |v: Value| {
             self.send(out, &v.to_string());
-            sent.push(v);
+            if let Ok(mut s) = sent.lock() {
+                s.push(v);
+            }
         };
-        match self.dispatch(&req, &mut |status, body| {
+        let progress = |status: &str, body: Value| {
             let mut v = json!({"id": id, "ok": true, "final": false, "status": status});
             if let (Some(o), Value::Object(b)) = (v.as_object_mut(), body) {
                 o.extend(b);
             }
             emit(v);
-        }) {
+        };
+        match self.dispatch(&req, &progress) {
             Ok(result) => {
                 let mut v = json!({"id": id, "ok": true, "final": true});
                 if let (Some(o), Value::Object(b)) = (v.as_object_mut(), result) {
@@ -259,6 +267,7 @@ impl Server {
                 emit(serde_json::from_str(&line).unwrap_or(Value::Null));
             }
         }
+        let sent = sent.into_inner().unwrap_or_default();
         if let Some(k) = &req.idempotency_key {
             if let Ok(mut m) = self.idem.lock() {
                 m.entry(k.clone()).or_insert(sent);
@@ -283,14 +292,14 @@ impl Server {
     fn dispatch(
         &self,
         req: &Request,
-        progress: &mut dyn FnMut(&str, Value),
+        progress: &(dyn Fn(&str, Value) + Sync),
     ) -> Result<Value, ApiError> {
         let a = &req.args;
         match req.op.as_str() {
             "hello" => Ok(json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "protocol": protocol::PROTOCOL_VERSION,
-                "capabilities": ["register.shm", "register.process", "register.cuda", "freeze", "thaw", "lookup", "list", "stat", "delete", "idempotency", "metrics"],
+                "capabilities": ["register.shm", "register.process", "sessions", "freeze", "thaw", "lookup", "list", "stat", "delete", "idempotency", "metrics"],
             })),
             "health" => {
                 let st = self.store.stats().map_err(ApiError::from)?;
@@ -332,22 +341,27 @@ impl Server {
                     block_ids: protocol::u64_list(a, "block_ids")?,
                     replace,
                 };
-                let captured = Mutex::new(false);
-                let on_captured = || {
-                    if let Ok(mut c) = captured.lock() {
-                        *c = true;
-                    }
-                };
-                let r = freeze(
+                // `captured` goes out from the gather thread the moment the engine's blocks are
+                // free, before the writes finish.
+                let on_captured = || progress("captured", json!({}));
+                let session = fr.session.clone();
+                if !session.is_empty() {
+                    self.sessions
+                        .begin_freeze(&session)
+                        .map_err(ApiError::from)?;
+                }
+                let res = freeze(
                     &self.store,
                     &eng,
                     fr,
                     &self.cfg.pipeline,
                     Some(&self.tier).filter(|t| t.enabled()),
                     &on_captured,
-                )
-                .map_err(ApiError::from)?;
-                progress("captured", json!({"captured_secs": r.captured_secs}));
+                );
+                if !session.is_empty() {
+                    self.sessions.end_freeze(&session, res.is_ok());
+                }
+                let r = res.map_err(ApiError::from)?;
                 self.counters.freezes.fetch_add(1, Ordering::Relaxed);
                 self.counters
                     .freeze_bytes
@@ -372,6 +386,9 @@ impl Server {
                     Some(&self.tier).filter(|t| t.enabled()),
                 )
                 .map_err(ApiError::from)?;
+                if let Some(sess) = protocol::opt_str(a, "session")? {
+                    self.sessions.thawed(&sess).map_err(ApiError::from)?;
+                }
                 if r.corruption.is_some() {
                     self.counters.corruption.fetch_add(1, Ordering::Relaxed);
                 }
@@ -430,6 +447,96 @@ impl Server {
                 Ok(json!({"deleted": info}))
             }
             "metrics" => Ok(json!({"text": self.metrics_text()})),
+            "session.open" => {
+                let s = self
+                    .sessions
+                    .open(
+                        protocol::str_field(a, "session")?,
+                        protocol::opt_u64(a, "max_context")?,
+                    )
+                    .map_err(ApiError::from)?;
+                Ok(json!({"session": s}))
+            }
+            "session.state" => {
+                let id = protocol::str_field(a, "session")?;
+                let generating = match a.get("generating") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::Bool(b)) => Some(*b),
+                    Some(_) => {
+                        return Err(ApiError::validation("field generating must be a boolean"))
+                    }
+                };
+                let mut s = self
+                    .sessions
+                    .set_generating(id, generating, protocol::opt_u64(a, "tokens")?)
+                    .map_err(ApiError::from)?;
+                if let Some(to) = protocol::opt_str(a, "state")? {
+                    let to = crate::session::SessionState::parse(&to).ok_or_else(|| {
+                        ApiError::validation(
+                            "state must be ACTIVE, FROZEN, THAWED, EXPIRED or DELETED",
+                        )
+                    })?;
+                    s = self.sessions.transition(id, to).map_err(ApiError::from)?;
+                }
+                let warning = crate::session::context_warning(s.tokens, s.max_context);
+                if warning != crate::session::ContextWarning::Ok {
+                    crate::log::warn(&format!(
+                        "session {id:?} at {}/{} tokens ({warning:?})",
+                        s.tokens,
+                        s.max_context.unwrap_or(0)
+                    ));
+                }
+                Ok(json!({"session": s, "context_warning": warning}))
+            }
+            "session.close" => {
+                let s = self
+                    .sessions
+                    .transition(
+                        protocol::str_field(a, "session")?,
+                        crate::session::SessionState::Expired,
+                    )
+                    .map_err(ApiError::from)?;
+                Ok(json!({"session": s}))
+            }
+            "session.list" => Ok(json!({"sessions": self.sessions.list()})),
+            "session.delete" => {
+                let id = protocol::str_field(a, "session")?;
+                let cascade = a.get("cascade").and_then(Value::as_bool).unwrap_or(false);
+                let windows: Vec<String> = self
+                    .store
+                    .list()
+                    .map_err(ApiError::from)?
+                    .into_iter()
+                    .filter(|w| w.session == id)
+                    .map(|w| w.name)
+                    .collect();
+                let known = self.sessions.get(id).is_ok();
+                if !known && windows.is_empty() {
+                    return Err(ApiError::new(
+                        "NOT_FOUND",
+                        format!("session {id:?} not found"),
+                    ));
+                }
+                if !windows.is_empty() && !cascade {
+                    return Err(ApiError::new(
+                        "SESSION_HAS_WINDOWS",
+                        format!(
+                            "session {id:?} has {} window(s) ({}); delete them first or pass cascade=true",
+                            windows.len(),
+                            windows.join(", ")
+                        ),
+                    ));
+                }
+                for w in &windows {
+                    self.store.delete_window(w, None).map_err(ApiError::from)?;
+                }
+                if known {
+                    self.sessions
+                        .transition(id, crate::session::SessionState::Deleted)
+                        .map_err(ApiError::from)?;
+                }
+                Ok(json!({"session": id, "windows_deleted": windows}))
+            }
             op => Err(ApiError::new(
                 "UNKNOWN_OP",
                 format!("unknown op {op:?}; see docs/PROTOCOL.md (hello lists the capabilities)"),

@@ -44,6 +44,12 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::session::SessionError> for ApiError {
+    fn from(e: crate::session::SessionError) -> Self {
+        Self::new(e.code(), e.to_string())
+    }
+}
+
 impl From<PipelineError> for ApiError {
     fn from(e: PipelineError) -> Self {
         Self::new(e.code(), e.to_string())

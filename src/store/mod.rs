@@ -1275,6 +1275,12 @@ fn lock_dir(dir: &Path) -> Result<File, StoreError> {
     Ok(f)
 }
 
+/// Milliseconds since the Unix epoch (UTC), as stored in manifests.
+#[must_use]
+pub fn now_unix_ms() -> i64 {
+    segment::now_unix_ms()
+}
+
 /// Preallocates `len` bytes of `file` (used by benchmarks for the raw-disk ceiling file).
 pub fn preallocate_file(file: &File, len: u64) -> std::io::Result<()> {
     segment::preallocate(file, len)

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests. Every store scenario runs on both I/O engines.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
+pub mod daemon;
 pub mod kv;
 
 use std::path::{Path, PathBuf};

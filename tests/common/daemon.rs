@@ -1,0 +1,117 @@
+//! Starting `cwm serve` as a child process, and a shared-memory engine for it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use cwm::control::client::Client;
+use cwm::device::host::ShmMemory;
+use serde_json::{json, Value};
+
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn start(data: &Path, socket: &Path, shm: &Path, extra: &[&str]) -> Daemon {
+    let child = Command::new(env!("CARGO_BIN_EXE_cwm"))
+        .args([
+            "serve",
+            "--staging",
+            "8MiB",
+            "--max-line",
+            "4096",
+            "--segment-size",
+            "4MiB",
+        ])
+        .args(extra)
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--socket")
+        .arg(socket)
+        .arg("--shm-dir")
+        .arg(shm)
+        .spawn()
+        .expect("spawn cwm serve");
+    let t = Instant::now();
+    while Client::connect(socket).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "cwm serve did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Daemon {
+        child,
+        socket: socket.to_path_buf(),
+    }
+}
+
+/// Two layer files of a (2, 64, 16, 2, 64) bf16 flash layout in `dir`, filled.
+pub fn engine_files(dir: &Path) -> (Vec<PathBuf>, ShmMemory) {
+    let size = 2 * 64 * 4096u64;
+    let paths: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("layer{i}"))).collect();
+    for p in &paths {
+        std::fs::File::create(p)
+            .expect("create")
+            .set_len(size)
+            .expect("size");
+    }
+    let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+    let mem = ShmMemory::open(&refs).expect("map");
+    mem.fill_random(0, 1).expect("fill");
+    mem.fill_random(1, 2).expect("fill");
+    (paths, mem)
+}
+
+pub fn register_req(paths: &[PathBuf]) -> Value {
+    json!({"op": "register", "engine": "e1", "model": "tiny",
+        "layout": {"kind": "flash_2nbhd", "layers": 2, "blocks": 64, "block_size": 16, "heads": 2, "head": 64, "dtype": "bf16"},
+        "memory": {"shm": paths}})
+}
+
+pub fn code(v: &Value) -> &str {
+    v.pointer("/error/code")
+        .and_then(Value::as_str)
+        .unwrap_or("OK")
+}
+
+/// A running daemon with engine `e1` registered, in a temp dir.
+pub struct Fixture {
+    pub tmp: tempfile::TempDir,
+    pub daemon: Daemon,
+    pub paths: Vec<PathBuf>,
+    pub mem: ShmMemory,
+}
+
+pub fn fixture(extra: &[&str]) -> Fixture {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let shm = tmp.path().join("shm");
+    std::fs::create_dir_all(&shm).expect("mkdir");
+    let (paths, mem) = engine_files(&shm);
+    let daemon = start(
+        &tmp.path().join("data"),
+        &tmp.path().join("cwm.sock"),
+        &shm,
+        extra,
+    );
+    let mut c = Client::connect(&daemon.socket).expect("connect");
+    assert_eq!(
+        code(&c.call_final(register_req(&paths)).expect("register")),
+        "OK"
+    );
+    Fixture {
+        tmp,
+        daemon,
+        paths,
+        mem,
+    }
+}

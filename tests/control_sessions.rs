@@ -1,0 +1,164 @@
+//! Sessions through the daemon: EC-001 (concurrent freezes of one session), EC-003 (freeze
+//! during generation), EC-011 (context warnings), EC-021 (too many active sessions, naming the
+//! oldest), EC-030 (an invalid transition over the wire), EC-031 (delete needs cascade).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
+mod common;
+use common::daemon::*;
+use cwm::control::client::Client;
+use serde_json::json;
+
+fn freeze_req(session: &str, window: &str, base: u32) -> serde_json::Value {
+    json!({"op": "freeze", "engine": "e1", "session": session, "window": window,
+        "tokens": (base..base + 64).collect::<Vec<u32>>(), "block_ids": [1, 2, 3, 4]})
+}
+
+#[test]
+fn ec_001_concurrent_freezes_of_one_session() {
+    let f = fixture(&[]);
+    let sock = f.daemon.socket.clone();
+    let results: Vec<serde_json::Value> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|i| {
+                let sock = sock.clone();
+                s.spawn(move || {
+                    let mut c = Client::connect(&sock).unwrap();
+                    c.call_final(freeze_req("chat", &format!("w{i}"), 100 * i))
+                        .unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = results.iter().filter(|r| code(r) == "OK").count();
+    assert_eq!(ok, 1, "{results:?}");
+    for r in &results {
+        assert!(
+            ["OK", "BUSY", "SESSION_ALREADY_FROZEN"].contains(&code(r)),
+            "{r}"
+        );
+    }
+    let mut c = Client::connect(&sock).unwrap();
+    let list = c
+        .call_final(json!({"op": "list", "session": "chat"}))
+        .unwrap();
+    assert_eq!(list["total"], 1, "duplicate windows: {list}");
+}
+
+#[test]
+fn ec_003_ec_011_ec_030_session_states_over_the_wire() {
+    let f = fixture(&[]);
+    let mut c = Client::connect(&f.daemon.socket).unwrap();
+    c.call_final(json!({"op": "session.open", "session": "s1", "max_context": 1000}))
+        .unwrap();
+    let r = c
+        .call_final(
+            json!({"op": "session.state", "session": "s1", "generating": true, "tokens": 960}),
+        )
+        .unwrap();
+    assert_eq!(r["context_warning"], "NEAR_LIMIT");
+    let r = c.call_final(freeze_req("s1", "w1", 0)).unwrap();
+    assert_eq!(code(&r), "INVALID_STATE_TRANSITION");
+    assert!(r["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("generation is in progress"));
+    let r = c
+        .call_final(
+            json!({"op": "session.state", "session": "s1", "generating": false, "tokens": 1000}),
+        )
+        .unwrap();
+    assert_eq!(r["context_warning"], "AT_LIMIT");
+    assert_eq!(
+        code(&c.call_final(freeze_req("s1", "w1", 0)).unwrap()),
+        "OK"
+    );
+    assert_eq!(
+        c.call_final(json!({"op": "session.state", "session": "s1"}))
+            .unwrap()["session"]["state"],
+        "FROZEN"
+    );
+    // FROZEN -> EXPIRED is not in the table.
+    let r = c
+        .call_final(json!({"op": "session.state", "session": "s1", "state": "EXPIRED"}))
+        .unwrap();
+    assert_eq!(code(&r), "INVALID_STATE_TRANSITION");
+    // A thaw into the session makes it THAWED; it can go ACTIVE again.
+    let r = c.call_final(json!({"op": "thaw", "engine": "e1", "session": "s1", "window": "w1", "block_ids": [10, 11, 12, 13]})).unwrap();
+    assert_eq!(r["status"], "loaded", "{r}");
+    assert_eq!(
+        c.call_final(json!({"op": "session.state", "session": "s1"}))
+            .unwrap()["session"]["state"],
+        "THAWED"
+    );
+    assert_eq!(
+        code(
+            &c.call_final(json!({"op": "session.state", "session": "s1", "state": "ACTIVE"}))
+                .unwrap()
+        ),
+        "OK"
+    );
+}
+
+#[test]
+fn ec_021_too_many_active_sessions() {
+    let f = fixture(&["--max-sessions", "2"]);
+    let mut c = Client::connect(&f.daemon.socket).unwrap();
+    c.call_final(json!({"op": "session.open", "session": "old"}))
+        .unwrap();
+    c.call_final(json!({"op": "session.open", "session": "new"}))
+        .unwrap();
+    let r = c
+        .call_final(json!({"op": "session.open", "session": "third"}))
+        .unwrap();
+    assert_eq!(code(&r), "TOO_MANY_SESSIONS");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("\"old\""),
+        "{r}"
+    );
+    c.call_final(json!({"op": "session.close", "session": "old"}))
+        .unwrap();
+    assert_eq!(
+        code(
+            &c.call_final(json!({"op": "session.open", "session": "third"}))
+                .unwrap()
+        ),
+        "OK"
+    );
+}
+
+#[test]
+fn ec_031_deleting_a_session_with_windows_needs_cascade() {
+    let f = fixture(&[]);
+    let mut c = Client::connect(&f.daemon.socket).unwrap();
+    assert_eq!(
+        code(&c.call_final(freeze_req("s9", "keep-me", 0)).unwrap()),
+        "OK"
+    );
+    let r = c
+        .call_final(json!({"op": "session.delete", "session": "s9"}))
+        .unwrap();
+    assert_eq!(code(&r), "SESSION_HAS_WINDOWS");
+    assert!(r["error"]["message"].as_str().unwrap().contains("keep-me"));
+    assert_eq!(
+        code(
+            &c.call_final(json!({"op": "stat", "window": "keep-me"}))
+                .unwrap()
+        ),
+        "OK"
+    );
+    let r = c
+        .call_final(json!({"op": "session.delete", "session": "s9", "cascade": true}))
+        .unwrap();
+    assert_eq!(r["windows_deleted"], json!(["keep-me"]));
+    assert_eq!(
+        code(
+            &c.call_final(json!({"op": "stat", "window": "keep-me"}))
+                .unwrap()
+        ),
+        "NOT_FOUND"
+    );
+    assert_eq!(
+        c.call_final(json!({"op": "session.list"})).unwrap()["sessions"][0]["state"],
+        "DELETED"
+    );
+}
