@@ -47,6 +47,18 @@ pub enum PipelineError {
         /// First differing position.
         at: usize,
     },
+    /// The thaw ran past its deadline (EC-041); blocks restored so far are valid.
+    #[error("thaw of {window:?} stopped at its deadline after {limit_secs:.1} s, having restored {blocks_restored} of {num_blocks} blocks; the engine recomputes the rest (raise timeout_ms for very large windows)")]
+    Timeout {
+        /// Window.
+        window: String,
+        /// The time allowed.
+        limit_secs: f64,
+        /// Blocks restored before the deadline.
+        blocks_restored: u64,
+        /// Blocks in the window.
+        num_blocks: u64,
+    },
     /// Not enough memory for the thaw's staging (EC-022).
     #[error("insufficient memory to thaw: needs {needed} bytes of staging, {available} available; lower staging_bytes or free memory")]
     InsufficientMemory {
@@ -68,6 +80,7 @@ impl PipelineError {
             PipelineError::Validation(_) => "VALIDATION",
             PipelineError::TokenMismatch { .. } => "TOKEN_MISMATCH",
             PipelineError::InsufficientMemory { .. } => "INSUFFICIENT_MEMORY",
+            PipelineError::Timeout { .. } => "TIMEOUT",
         }
     }
 }
@@ -190,6 +203,8 @@ pub struct PipelineConfig {
     /// Register the staging pool with the I/O engine as io_uring fixed buffers (default true).
     /// Takes effect when the engine's pool is first allocated.
     pub fixed_buffers: bool,
+    /// A thaw still running at this instant stops after its current batch with TIMEOUT.
+    pub deadline: Option<std::time::Instant>,
     /// Called after each batch with (stage, blocks done, blocks in all): `freeze` counts
     /// blocks written, `thaw` blocks scattered.
     pub progress: Option<Progress>,
@@ -209,6 +224,11 @@ impl std::fmt::Debug for Progress {
 }
 
 impl PipelineConfig {
+    fn past_deadline(&self) -> bool {
+        self.deadline
+            .is_some_and(|d| std::time::Instant::now() >= d)
+    }
+
     fn report(&self, stage: &str, done: u64, total: u64) {
         if let Some(p) = &self.progress {
             (p.0)(stage, done, total);
@@ -224,6 +244,7 @@ impl Default for PipelineConfig {
             threads: 2,
             memory_available: None,
             fixed_buffers: true,
+            deadline: None,
             progress: None,
         }
     }
@@ -459,6 +480,14 @@ pub fn freeze(
         commit_secs,
         info,
     })
+}
+
+/// The time a thaw of `bytes` may take (EC-041): twice the estimate at `gbps`, at least 30 s,
+/// at most 5 minutes.
+#[must_use]
+pub fn thaw_timeout(bytes: u64, gbps: f64) -> std::time::Duration {
+    let est = bytes as f64 / (gbps.max(0.01) * 1e9);
+    std::time::Duration::from_secs_f64((2.0 * est).clamp(30.0, 300.0))
 }
 
 /// Bytes of memory the kernel says are available (MemAvailable).
@@ -715,6 +744,17 @@ pub fn thaw(
                     report.scatter_secs += ts.elapsed().as_secs_f64();
                     report.blocks_restored = (b.start + good) as u64;
                     cfg.report("thaw", report.blocks_restored, n as u64);
+                    if first_bad.is_none()
+                        && report.blocks_restored < n as u64
+                        && cfg.past_deadline()
+                    {
+                        return Err(PipelineError::Timeout {
+                            window: rr.info.name.clone(),
+                            limit_secs: t0.elapsed().as_secs_f64(),
+                            blocks_restored: report.blocks_restored,
+                            num_blocks: n as u64,
+                        });
+                    }
                     if let Some((i, d)) = first_bad {
                         let bad = b.start + i;
                         crate::log::warn(&format!(
@@ -790,4 +830,20 @@ fn first_bad_block(
         .flatten()
         .next()
         .or_else(|| unreadable.map(|(i, e)| (*i, format!("unreadable: {e}"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thaw_timeout;
+
+    #[test]
+    fn ec_041_a_timeout_scales_with_window_size_within_bounds() {
+        // 2 MiB window: the 30 s floor.
+        assert_eq!(thaw_timeout(2 << 20, 1.0).as_secs(), 30);
+        // 128K tokens of a Llama-8B cache (16 GiB) at 1 GB/s: 2 x 17.2 s.
+        let t = thaw_timeout(16 << 30, 1.0).as_secs_f64();
+        assert!((34.0..35.0).contains(&t), "{t}");
+        // 70B-sized windows at a slow disk: capped at 5 minutes.
+        assert_eq!(thaw_timeout(100 << 30, 0.2).as_secs(), 300);
+    }
 }

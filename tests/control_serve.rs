@@ -198,3 +198,59 @@ fn serve_protocol_end_to_end() {
         "NOT_FOUND"
     );
 }
+
+#[test]
+fn a_second_instance_on_the_same_data_dir_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shm = tmp.path().join("shm");
+    std::fs::create_dir_all(&shm).unwrap();
+    let data = tmp.path().join("data");
+    let d = start(&data, &tmp.path().join("a.sock"), &shm);
+    let out = Command::new(env!("CARGO_BIN_EXE_cwm"))
+        .args(["serve", "--socket"])
+        .arg(tmp.path().join("b.sock"))
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("in use by process {}", d.child.id())),
+        "{err}"
+    );
+}
+
+#[test]
+fn ec_041_b_a_thaw_past_its_deadline_stops_with_timeout() {
+    let f = common::daemon::fixture(&[]);
+    let mut c = Client::connect(&f.daemon.socket).unwrap();
+    let tokens: Vec<u32> = (0..40 * 16).collect();
+    let r = c
+        .call_final(
+            json!({"op": "freeze", "engine": "e1", "window": "long", "tokens": tokens,
+            "block_ids": (0..40).collect::<Vec<u64>>()}),
+        )
+        .unwrap();
+    assert_eq!(code(&r), "OK", "{r}");
+    let r = c
+        .call_final(
+            json!({"op": "thaw", "engine": "e1", "window": "long", "timeout_ms": 0,
+            "block_ids": (24..64).collect::<Vec<u64>>()}),
+        )
+        .unwrap();
+    assert_eq!(code(&r), "TIMEOUT", "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("of 40 blocks"),
+        "{r}"
+    );
+    // With the scaled default deadline the same thaw completes.
+    let r = c
+        .call_final(json!({"op": "thaw", "engine": "e1", "window": "long",
+            "block_ids": (24..64).collect::<Vec<u64>>()}))
+        .unwrap();
+    assert_eq!(r["status"], "loaded", "{r}");
+}

@@ -65,6 +65,8 @@ pub struct Server {
     sessions: crate::session::Registry,
     counters: Counters,
     stopping: AtomicBool,
+    /// Estimated thaw GB/s (f64 bits), for EC-041 deadlines.
+    thaw_rate: AtomicU64,
 }
 
 fn peer_uid(s: &UnixStream) -> Option<u32> {
@@ -102,6 +104,7 @@ impl Server {
             tier,
             counters: Counters::default(),
             stopping: AtomicBool::new(false),
+            thaw_rate: AtomicU64::new(0.5f64.to_bits()),
         })
     }
 
@@ -378,11 +381,26 @@ impl Server {
                         Some(_) => Some(protocol::u32_list(a, "tokens")?),
                     },
                 };
+                // EC-041: a deadline scaled to the window (or the request's timeout_ms).
+                let limit = match protocol::opt_u64(a, "timeout_ms")? {
+                    Some(ms) => std::time::Duration::from_millis(ms),
+                    None => {
+                        let bytes = self.store.get(&tr.window).map(|w| w.bytes).unwrap_or(0);
+                        crate::pipeline::thaw_timeout(
+                            bytes,
+                            f64::from_bits(self.thaw_rate.load(Ordering::Relaxed)),
+                        )
+                    }
+                };
+                let pcfg = PipelineConfig {
+                    deadline: Some(std::time::Instant::now() + limit),
+                    ..self.cfg.pipeline.clone()
+                };
                 let r = thaw(
                     &self.store,
                     &eng,
                     &tr,
-                    &self.cfg.pipeline,
+                    &pcfg,
                     Some(&self.tier).filter(|t| t.enabled()),
                 )
                 .map_err(ApiError::from)?;
@@ -393,6 +411,13 @@ impl Server {
                     self.counters.corruption.fetch_add(1, Ordering::Relaxed);
                 }
                 self.counters.thaws.fetch_add(1, Ordering::Relaxed);
+                if r.loaded_secs > 0.0 && r.bytes > (64 << 20) {
+                    // Running estimate of thaw speed for the next deadlines.
+                    let seen = r.bytes as f64 / r.loaded_secs / 1e9;
+                    let old = f64::from_bits(self.thaw_rate.load(Ordering::Relaxed));
+                    self.thaw_rate
+                        .store((0.7 * old + 0.3 * seen).to_bits(), Ordering::Relaxed);
+                }
                 self.counters
                     .thaw_bytes
                     .fetch_add(r.bytes, Ordering::Relaxed);
