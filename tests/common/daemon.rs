@@ -57,7 +57,12 @@ pub fn start(data: &Path, socket: &Path, shm: &Path, extra: &[&str]) -> Daemon {
 
 /// Two layer files of a (2, 64, 16, 2, 64) bf16 flash layout in `dir`, filled.
 pub fn engine_files(dir: &Path) -> (Vec<PathBuf>, ShmMemory) {
-    let size = 2 * 64 * 4096u64;
+    engine_files_n(dir, 64)
+}
+
+/// Two layer files of a (2, `blocks`, 16, 2, 64) bf16 flash layout in `dir`, filled.
+pub fn engine_files_n(dir: &Path, blocks: u64) -> (Vec<PathBuf>, ShmMemory) {
+    let size = 2 * blocks * 4096u64;
     let paths: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("layer{i}"))).collect();
     for p in &paths {
         std::fs::File::create(p)
@@ -73,8 +78,12 @@ pub fn engine_files(dir: &Path) -> (Vec<PathBuf>, ShmMemory) {
 }
 
 pub fn register_req(paths: &[PathBuf]) -> Value {
+    register_req_n(paths, 64)
+}
+
+pub fn register_req_n(paths: &[PathBuf], blocks: u64) -> Value {
     json!({"op": "register", "engine": "e1", "model": "tiny",
-        "layout": {"kind": "flash_2nbhd", "layers": 2, "blocks": 64, "block_size": 16, "heads": 2, "head": 64, "dtype": "bf16"},
+        "layout": {"kind": "flash_2nbhd", "layers": 2, "blocks": blocks, "block_size": 16, "heads": 2, "head": 64, "dtype": "bf16"},
         "memory": {"shm": paths}})
 }
 
@@ -93,10 +102,15 @@ pub struct Fixture {
 }
 
 pub fn fixture(extra: &[&str]) -> Fixture {
+    fixture_n(extra, 64)
+}
+
+/// A fixture whose engine has `blocks` blocks.
+pub fn fixture_n(extra: &[&str], blocks: u64) -> Fixture {
     let tmp = tempfile::tempdir().expect("tmp");
     let shm = tmp.path().join("shm");
     std::fs::create_dir_all(&shm).expect("mkdir");
-    let (paths, mem) = engine_files(&shm);
+    let (paths, mem) = engine_files_n(&shm, blocks);
     let daemon = start(
         &tmp.path().join("data"),
         &tmp.path().join("cwm.sock"),
@@ -105,7 +119,7 @@ pub fn fixture(extra: &[&str]) -> Fixture {
     );
     let mut c = Client::connect(&daemon.socket).expect("connect");
     assert_eq!(
-        code(&c.call_final(register_req(&paths)).expect("register")),
+        code(&c.call_final(register_req_n(&paths, blocks)).expect("register")),
         "OK"
     );
     Fixture {
