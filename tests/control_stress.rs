@@ -17,7 +17,10 @@ fn thirty_two_clients_bounded_mix() {
     let mut f = fixture_n(&["--max-sessions", "1000"], CLIENTS * PER);
     let layout = Layout::flash_2nbhd(2, CLIENTS * PER, 16, 2, 64, Dtype::Bf16);
     let block = |id: u64| cwm::device::read_block(&layout, &f.mem, id).unwrap();
-    let secs = std::env::var("CWM_STRESS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(8u64);
+    let secs = std::env::var("CWM_STRESS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8u64);
     let deadline = Instant::now() + Duration::from_secs(secs);
     let sock = f.daemon.socket.clone();
     // Each client: (window name, source block ids) of its acknowledged, undeleted windows.
@@ -91,12 +94,20 @@ fn thirty_two_clients_bounded_mix() {
     let check_all = |sock: &std::path::Path| {
         let mut c = Client::connect(sock).unwrap();
         let list = c.call_final(json!({"op": "list", "limit": 10000})).unwrap();
-        assert_eq!(list["total"].as_u64().unwrap() as usize, kept.len(), "lost or extra windows");
+        assert_eq!(
+            list["total"].as_u64().unwrap() as usize,
+            kept.len(),
+            "lost or extra windows"
+        );
         for (i, (name, src)) in kept.iter().enumerate() {
             // Thaw into the owner's target range (clients are done now).
             let owner: u64 = name[1..name.find('-').unwrap()].parse().unwrap();
-            let dst: Vec<u64> = (0..src.len() as u64).map(|k| owner * PER + 16 + k).collect();
-            let r = c.call_final(json!({"op": "thaw", "engine": "e1", "window": name, "block_ids": dst})).unwrap();
+            let dst: Vec<u64> = (0..src.len() as u64)
+                .map(|k| owner * PER + 16 + k)
+                .collect();
+            let r = c
+                .call_final(json!({"op": "thaw", "engine": "e1", "window": name, "block_ids": dst}))
+                .unwrap();
             assert_eq!(r["status"], "loaded", "{i}: {r}");
             for (s, d) in src.iter().zip(&dst) {
                 assert_eq!(block(*s), block(*d), "{name}");
@@ -108,8 +119,19 @@ fn thirty_two_clients_bounded_mix() {
     // kill -9 the daemon, restart it and verify again.
     f.daemon.child.kill().unwrap();
     f.daemon.child.wait().unwrap();
-    let d = start(&f.tmp.path().join("data"), &f.tmp.path().join("cwm.sock"), &f.tmp.path().join("shm"), &[]);
+    let d = start(
+        &f.tmp.path().join("data"),
+        &f.tmp.path().join("cwm.sock"),
+        &f.tmp.path().join("shm"),
+        &[],
+    );
     let mut c = Client::connect(&d.socket).unwrap();
-    assert_eq!(code(&c.call_final(register_req_n(&f.paths, CLIENTS * PER)).unwrap()), "OK");
+    assert_eq!(
+        code(
+            &c.call_final(register_req_n(&f.paths, CLIENTS * PER))
+                .unwrap()
+        ),
+        "OK"
+    );
     check_all(&d.socket);
 }

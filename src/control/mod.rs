@@ -67,6 +67,8 @@ pub struct Server {
     stopping: AtomicBool,
     /// Estimated thaw GB/s (f64 bits), for EC-041 deadlines.
     thaw_rate: AtomicU64,
+    edge_cases: Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
+    concurrent: Mutex<std::collections::BTreeMap<String, i64>>,
 }
 
 fn peer_uid(s: &UnixStream) -> Option<u32> {
@@ -105,6 +107,8 @@ impl Server {
             counters: Counters::default(),
             stopping: AtomicBool::new(false),
             thaw_rate: AtomicU64::new(0.5f64.to_bits()),
+            edge_cases: Mutex::new(std::collections::BTreeMap::new()),
+            concurrent: Mutex::new(std::collections::BTreeMap::new()),
         })
     }
 
@@ -256,8 +260,25 @@ impl Server {
             }
             emit(v);
         };
-        match self.dispatch(&req, &progress) {
+        let op_kind = match req.op.as_str() {
+            "freeze" | "thaw" | "lookup" | "delete" => Some(req.op.clone()),
+            _ => None,
+        };
+        if let Some(k) = &op_kind {
+            self.concurrency(k, 1);
+        }
+        let res = self.dispatch(&req, &progress);
+        if let Some(k) = &op_kind {
+            self.concurrency(k, -1);
+        }
+        match res {
             Ok(result) => {
+                if result
+                    .pointer("/report/corruption")
+                    .is_some_and(|c| !c.is_null())
+                {
+                    self.edge_case("EC-050", "recovered");
+                }
                 let mut v = json!({"id": id, "ok": true, "final": true});
                 if let (Some(o), Value::Object(b)) = (v.as_object_mut(), result) {
                     o.extend(b);
@@ -266,6 +287,9 @@ impl Server {
             }
             Err(e) => {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                if let Some(ec) = protocol::edge_case_of(&e) {
+                    self.edge_case(ec, "refused");
+                }
                 let line = protocol::error_line(&id, &e);
                 emit(serde_json::from_str(&line).unwrap_or(Value::Null));
             }
@@ -642,6 +666,18 @@ impl Server {
         Ok(out)
     }
 
+    fn edge_case(&self, id: &'static str, outcome: &'static str) {
+        if let Ok(mut m) = self.edge_cases.lock() {
+            *m.entry((id, outcome)).or_insert(0) += 1;
+        }
+    }
+
+    fn concurrency(&self, op: &str, delta: i64) {
+        if let Ok(mut m) = self.concurrent.lock() {
+            *m.entry(op.to_string()).or_insert(0) += delta;
+        }
+    }
+
     fn metrics_text(&self) -> String {
         let c = &self.counters;
         let st = self.store.stats().ok();
@@ -696,6 +732,22 @@ impl Server {
                 "# HELP cwm_storage_utilization_ratio Used over capacity.\n# TYPE cwm_storage_utilization_ratio gauge\ncwm_storage_utilization_ratio{{tier=\"disk\"}} {ratio}\n# HELP cwm_windows Visible windows.\n# TYPE cwm_windows gauge\ncwm_windows {}\n",
                 st.windows
             ));
+        }
+        s.push_str("# HELP cwm_edge_case_total Edge cases met, by seed id and outcome.\n# TYPE cwm_edge_case_total counter\n");
+        if let Ok(m) = self.edge_cases.lock() {
+            for ((id, outcome), n) in m.iter() {
+                s.push_str(&format!(
+                    "cwm_edge_case_total{{edge_case_id=\"{id}\",outcome=\"{outcome}\"}} {n}\n"
+                ));
+            }
+        }
+        s.push_str("# HELP cwm_concurrent_operations Operations in progress, by type.\n# TYPE cwm_concurrent_operations gauge\n");
+        if let Ok(m) = self.concurrent.lock() {
+            for (op, n) in m.iter() {
+                s.push_str(&format!(
+                    "cwm_concurrent_operations{{operation_type=\"{op}\"}} {n}\n"
+                ));
+            }
         }
         s
     }

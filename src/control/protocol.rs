@@ -110,6 +110,34 @@ pub fn parse(line: &[u8]) -> Result<Request, (Value, ApiError)> {
     })
 }
 
+/// The seed edge case an error answers, for `cwm_edge_case_total`.
+#[must_use]
+pub fn edge_case_of(e: &ApiError) -> Option<&'static str> {
+    let m = e.message.as_str();
+    Some(match e.code.as_str() {
+        "SESSION_ALREADY_FROZEN" | "BUSY" => "EC-001",
+        "INVALID_STATE_TRANSITION" if m.contains("generation is in progress") => "EC-003",
+        "INVALID_STATE_TRANSITION" => "EC-030",
+        "TOKEN_MISMATCH" => "EC-004",
+        "CONCURRENT_MODIFICATION" => "EC-005",
+        "QUOTA_EXCEEDED" => "EC-020",
+        "NO_SPACE" => "EC-052",
+        "TOO_MANY_SESSIONS" => "EC-021",
+        "INSUFFICIENT_MEMORY" => "EC-022",
+        "SESSION_HAS_WINDOWS" => "EC-031",
+        "INTERRUPTED" => "EC-040",
+        "TIMEOUT" => "EC-041",
+        "CORRUPTION" => "EC-050",
+        "VALIDATION" if m.contains("EC-010") => "EC-010",
+        "VALIDATION" if m.contains("EC-014") => "EC-014",
+        "VALIDATION" if m.contains("characters long") || m.contains("must not be empty") => {
+            "EC-012"
+        }
+        "VALIDATION" if m.contains("only ASCII letters") => "EC-013",
+        _ => return None,
+    })
+}
+
 /// One error response line.
 #[must_use]
 pub fn error_line(id: &Value, e: &ApiError) -> String {

@@ -119,7 +119,10 @@ pub fn fixture_n(extra: &[&str], blocks: u64) -> Fixture {
     );
     let mut c = Client::connect(&daemon.socket).expect("connect");
     assert_eq!(
-        code(&c.call_final(register_req_n(&paths, blocks)).expect("register")),
+        code(
+            &c.call_final(register_req_n(&paths, blocks))
+                .expect("register")
+        ),
         "OK"
     );
     Fixture {
