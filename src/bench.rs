@@ -579,3 +579,157 @@ pub struct RunStages {
     /// Whole thaw.
     pub thaw_secs: f64,
 }
+
+/// Result of `cwm bench control`.
+#[derive(Debug, Serialize)]
+pub struct ControlBench {
+    /// Windows in the store.
+    pub windows: u64,
+    /// `stat` latency percentiles, microseconds.
+    pub stat_p50_us: f64,
+    /// 99th percentile of `stat`.
+    pub stat_p99_us: f64,
+    /// `list` (100 per page) latency, microseconds.
+    pub list_p50_us: f64,
+    /// 99th percentile of `list`.
+    pub list_p99_us: f64,
+    /// Freeze + thaw round trips per second of a 4-block (64 KiB) window, through the socket.
+    pub freeze_thaw_per_sec: f64,
+    /// Seconds spent creating the windows (not part of the figures).
+    pub populate_seconds: f64,
+}
+
+fn pct(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// `cwm bench control`: latency of `stat` and `list` over the socket against `windows` windows,
+/// and small freeze/thaw round trips per second.
+pub fn control(dir: &Path, windows: u64) -> Result<ControlBench, String> {
+    use crate::control::client::Client;
+    use crate::control::{ServeConfig, Server};
+    use serde_json::json;
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let tmp = tempfile::Builder::new()
+        .prefix("cwm-bench-control-")
+        .tempdir_in(dir)
+        .map_err(|x| e(&x))?;
+    let (store, _) = Store::open(StoreConfig::new(tmp.path().join("data"))).map_err(|x| e(&x))?;
+    let t = Instant::now();
+    let payload = vec![7u8; 1024];
+    for i in 0..windows {
+        let spec = WindowSpec {
+            name: format!("w{i}"),
+            session: format!("s{}", i % 100),
+            namespace: "bench".into(),
+            layout: b"{}".to_vec(),
+            tokens: (0..16).collect(),
+            blocks: vec![BlockDesc {
+                key: u128::from(i) << 1 | 1,
+                len: 1024,
+            }],
+            ..Default::default()
+        };
+        store.put_window(spec, &[&payload]).map_err(|x| e(&x))?;
+    }
+    let populate = t.elapsed().as_secs_f64();
+    let socket = tmp.path().join("cwm.sock");
+    let shm = tmp.path().join("shm");
+    std::fs::create_dir_all(&shm).map_err(|x| e(&x))?;
+    let server = Server::new(
+        Arc::new(store),
+        ServeConfig {
+            socket: socket.clone(),
+            allow_uids: vec![],
+            shm_dir: shm.clone(),
+            max_line: 16 << 20,
+            pipeline: crate::pipeline::PipelineConfig {
+                staging_bytes: 16 << 20,
+                ..Default::default()
+            },
+            tier_bytes: 0,
+            max_sessions: 100_000,
+        },
+    );
+    let s2 = server.clone();
+    let th = std::thread::spawn(move || s2.serve());
+    let t = Instant::now();
+    let mut c = loop {
+        match Client::connect(&socket) {
+            Ok(c) => break c,
+            Err(_) if t.elapsed().as_secs() < 10 => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(x) => return Err(x.to_string()),
+        }
+    };
+    let mut x = 88172645463325252u64;
+    let mut stat = Vec::new();
+    for _ in 0..2000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let t = Instant::now();
+        let r = c
+            .call_final(json!({"op": "stat", "window": format!("w{}", x % windows.max(1))}))
+            .map_err(|x| e(&x))?;
+        stat.push(t.elapsed().as_secs_f64() * 1e6);
+        if r["ok"] != true {
+            return Err(format!("stat failed: {r}"));
+        }
+    }
+    let mut list = Vec::new();
+    for i in 0..200u64 {
+        let t = Instant::now();
+        c.call_final(json!({"op": "list", "offset": (i * 97) % windows.max(1), "limit": 100}))
+            .map_err(|x| e(&x))?;
+        list.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    // Small freeze/thaw round trips through a shared-memory engine.
+    let layout = crate::layout::Layout::flash_2nbhd(2, 64, 16, 2, 64, crate::layout::Dtype::Bf16);
+    let mut paths = Vec::new();
+    for l in 0..2 {
+        let p = shm.join(format!("layer{l}"));
+        std::fs::File::create(&p)
+            .and_then(|f| f.set_len(2 * 64 * 4096))
+            .map_err(|x| e(&x))?;
+        paths.push(p);
+    }
+    let _ = layout;
+    c.call_final(json!({"op": "register", "engine": "b", "model": "bench",
+        "layout": {"kind": "flash_2nbhd", "layers": 2, "blocks": 64, "block_size": 16, "heads": 2, "head": 64, "dtype": "bf16"},
+        "memory": {"shm": paths}}))
+        .map_err(|x| e(&x))?;
+    let t = Instant::now();
+    let mut n = 0u64;
+    while t.elapsed().as_secs_f64() < 3.0 {
+        let name = format!("rt{n}");
+        let r = c
+            .call_final(json!({"op": "freeze", "engine": "b", "window": name,
+                "tokens": ((n * 64) as u32..(n * 64 + 64) as u32).collect::<Vec<u32>>(), "block_ids": [0, 1, 2, 3]}))
+            .map_err(|x| e(&x))?;
+        if r["ok"] != true {
+            return Err(format!("freeze failed: {r}"));
+        }
+        c.call_final(
+            json!({"op": "thaw", "engine": "b", "window": name, "block_ids": [8, 9, 10, 11]}),
+        )
+        .map_err(|x| e(&x))?;
+        n += 1;
+    }
+    let rps = n as f64 / t.elapsed().as_secs_f64();
+    server.stop();
+    let _ = th.join();
+    Ok(ControlBench {
+        windows,
+        stat_p50_us: pct(stat.clone(), 0.5),
+        stat_p99_us: pct(stat, 0.99),
+        list_p50_us: pct(list.clone(), 0.5),
+        list_p99_us: pct(list, 0.99),
+        freeze_thaw_per_sec: rps,
+        populate_seconds: populate,
+    })
+}

@@ -261,6 +261,18 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Control-socket latency (stat, list) against many windows, and freeze/thaw round trips.
+    Control {
+        /// Windows in the store.
+        #[arg(long, default_value_t = 10_000)]
+        windows: u64,
+        /// Directory for the benchmark files (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Reopen time of a log of many small records.
     Recovery {
         /// Records in the log.
@@ -413,6 +425,19 @@ fn main() -> ExitCode {
                         "pipeline ({} tokens, {} MiB, {}):\n  freeze {:.2} GB/s vs raw write {:.2} GB/s  ratio {:.3}\n  thaw   {:.2} GB/s vs raw read  {:.2} GB/s  ratio {:.3}",
                         r.tokens, r.bytes >> 20, r.engine, r.freeze_gbps, r.raw_write_gbps, r.freeze_ratio,
                         r.thaw_gbps, r.raw_read_gbps, r.thaw_ratio
+                    );
+                }
+            })
+        }
+        Cmd::Bench(BenchCmd::Control { windows, dir, json }) => {
+            let dir = dir.unwrap_or_else(std::env::temp_dir);
+            cwm::bench::control(&dir, windows).map(|r| {
+                if json {
+                    print_json(&r);
+                } else {
+                    println!(
+                        "control ({} windows): stat p50 {:.0} us p99 {:.0} us; list p50 {:.0} us p99 {:.0} us; {:.0} freeze+thaw round trips/s",
+                        r.windows, r.stat_p50_us, r.stat_p99_us, r.list_p50_us, r.list_p99_us, r.freeze_thaw_per_sec
                     );
                 }
             })

@@ -467,15 +467,10 @@ impl Server {
                 let offset = protocol::opt_u64(a, "offset")?.unwrap_or(0) as usize;
                 let limit = protocol::opt_u64(a, "limit")?.unwrap_or(1000).min(10_000) as usize;
                 let session = protocol::opt_str(a, "session")?;
-                let all: Vec<_> = self
+                let (page, total) = self
                     .store
-                    .list()
-                    .map_err(ApiError::from)?
-                    .into_iter()
-                    .filter(|w| session.as_ref().is_none_or(|s| &w.session == s))
-                    .collect();
-                let total = all.len();
-                let page: Vec<_> = all.into_iter().skip(offset).take(limit).collect();
+                    .list_page(offset, limit, session.as_deref())
+                    .map_err(ApiError::from)?;
                 Ok(json!({"windows": page, "total": total}))
             }
             "stat" => {

@@ -429,6 +429,29 @@ impl Store {
         Ok(st.windows.values().map(|w| w.info.clone()).collect())
     }
 
+    /// A page of windows (by name), optionally of one session, and how many match in all.
+    pub fn list_page(
+        &self,
+        offset: usize,
+        limit: usize,
+        session: Option<&str>,
+    ) -> Result<(Vec<WindowInfo>, usize), StoreError> {
+        let st = self.state.read().map_err(poisoned)?;
+        let matching = st
+            .windows
+            .values()
+            .filter(|w| session.is_none_or(|s| w.info.session == s));
+        let mut total = 0usize;
+        let mut page = Vec::with_capacity(limit.min(1024));
+        for w in matching {
+            if total >= offset && page.len() < limit {
+                page.push(w.info.clone());
+            }
+            total += 1;
+        }
+        Ok((page, total))
+    }
+
     /// One window's catalog entry.
     pub fn get(&self, name: &str) -> Result<WindowInfo, StoreError> {
         let name = name::validate_name(name).map_err(StoreError::Validation)?;
