@@ -652,6 +652,7 @@ pub fn control(dir: &Path, windows: u64) -> Result<ControlBench, String> {
             },
             tier_bytes: 0,
             max_sessions: 100_000,
+            metrics_addr: None,
         },
     );
     let s2 = server.clone();

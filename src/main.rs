@@ -78,9 +78,12 @@ struct ClientArgs {
 
 #[derive(clap::Args)]
 struct ServeArgs {
+    /// TOML configuration file (flags win over environment variables, which win over it).
+    #[arg(long, env = "CWM_CONFIG")]
+    config: Option<PathBuf>,
     /// Data directory (the block log).
     #[arg(long, env = "CWM_DATA_DIR")]
-    data_dir: PathBuf,
+    data_dir: Option<PathBuf>,
     /// Socket path.
     #[arg(long, env = "CWM_SOCKET", default_value_os_t = default_socket())]
     socket: PathBuf,
@@ -114,9 +117,136 @@ struct ServeArgs {
     /// Most sessions in ACTIVE at once.
     #[arg(long, env = "CWM_MAX_SESSIONS", default_value_t = 100)]
     max_sessions: usize,
+    /// Serve Prometheus metrics over HTTP at this address (e.g. 127.0.0.1:9464); off by default.
+    #[arg(long, env = "CWM_METRICS_ADDR")]
+    metrics_addr: Option<String>,
 }
 
-fn serve(a: ServeArgs) -> Result<(), String> {
+/// A size in a TOML file: an integer of bytes or a string such as "500GiB".
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum SizeVal {
+    N(u64),
+    S(String),
+}
+
+impl SizeVal {
+    fn bytes(&self) -> Result<u64, String> {
+        match self {
+            SizeVal::N(n) => Ok(*n),
+            SizeVal::S(s) => parse_size(s),
+        }
+    }
+}
+
+/// `cwm serve`'s TOML file: the same names as the flags, with `_` for `-`.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    capacity: Option<SizeVal>,
+    segment_size: Option<SizeVal>,
+    io_engine: Option<String>,
+    queue_depth: Option<u32>,
+    staging: Option<SizeVal>,
+    tier: Option<SizeVal>,
+    shm_dir: Option<PathBuf>,
+    max_line: Option<SizeVal>,
+    allow_uids: Option<Vec<u32>>,
+    max_sessions: Option<usize>,
+    metrics_addr: Option<String>,
+}
+
+/// Fills every setting that came neither from a flag nor from the environment from the TOML
+/// file.
+fn apply_config_file(a: &mut ServeArgs, m: &clap::ArgMatches) -> Result<(), String> {
+    let Some(path) = a.config.clone() else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let f: FileConfig = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let from_file = |id: &str| {
+        !matches!(
+            m.value_source(id),
+            Some(clap::parser::ValueSource::CommandLine)
+                | Some(clap::parser::ValueSource::EnvVariable)
+        )
+    };
+    let size = |v: &Option<SizeVal>| v.as_ref().map(SizeVal::bytes).transpose();
+    if from_file("data_dir") {
+        if let Some(v) = f.data_dir {
+            a.data_dir = Some(v);
+        }
+    }
+    if from_file("socket") {
+        if let Some(v) = f.socket {
+            a.socket = v;
+        }
+    }
+    if from_file("capacity") {
+        if let Some(v) = size(&f.capacity)? {
+            a.capacity = Some(v);
+        }
+    }
+    if from_file("segment_size") {
+        if let Some(v) = size(&f.segment_size)? {
+            a.segment_size = v;
+        }
+    }
+    if from_file("io_engine") {
+        if let Some(v) = f.io_engine {
+            a.io_engine = v.parse()?;
+        }
+    }
+    if from_file("queue_depth") {
+        if let Some(v) = f.queue_depth {
+            a.queue_depth = v;
+        }
+    }
+    if from_file("staging") {
+        if let Some(v) = size(&f.staging)? {
+            a.staging = v;
+        }
+    }
+    if from_file("tier") {
+        if let Some(v) = size(&f.tier)? {
+            a.tier = v;
+        }
+    }
+    if from_file("shm_dir") {
+        if let Some(v) = f.shm_dir {
+            a.shm_dir = v;
+        }
+    }
+    if from_file("max_line") {
+        if let Some(v) = size(&f.max_line)? {
+            a.max_line = v;
+        }
+    }
+    if from_file("allow_uids") {
+        if let Some(v) = f.allow_uids {
+            a.allow_uids = v;
+        }
+    }
+    if from_file("max_sessions") {
+        if let Some(v) = f.max_sessions {
+            a.max_sessions = v;
+        }
+    }
+    if from_file("metrics_addr") {
+        if let Some(v) = f.metrics_addr {
+            a.metrics_addr = Some(v);
+        }
+    }
+    Ok(())
+}
+
+fn serve(mut a: ServeArgs, m: &clap::ArgMatches) -> Result<(), String> {
+    apply_config_file(&mut a, m)?;
+    let data_dir = a.data_dir.clone().ok_or(
+        "no data directory: pass --data-dir, set CWM_DATA_DIR or data_dir in the config file",
+    )?;
     // Block SIGINT/SIGTERM in every thread; one thread waits for them.
     // SAFETY: plain signal-mask manipulation before any other thread exists.
     let set = unsafe {
@@ -127,7 +257,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     };
-    let mut cfg = cwm::store::StoreConfig::new(&a.data_dir);
+    let mut cfg = cwm::store::StoreConfig::new(&data_dir);
     cfg.segment_size = a.segment_size;
     cfg.capacity = a.capacity.unwrap_or(u64::MAX);
     cfg.engine = a.io_engine;
@@ -152,6 +282,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             },
             tier_bytes: a.tier,
             max_sessions: a.max_sessions,
+            metrics_addr: a.metrics_addr,
         },
     );
     let s2 = server.clone();
@@ -316,13 +447,21 @@ fn print_json<T: serde::Serialize>(v: &T) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let header = format!(
         "{:<32} {:>4} {:>9} {:>7} {:>10} SESSION",
         "WINDOW", "VER", "TOKENS", "BLOCKS", "MIB"
     );
     let res: Result<(), String> = match cli.cmd {
-        Cmd::Serve(a) => serve(a),
+        Cmd::Serve(a) => {
+            let empty = clap::ArgMatches::default();
+            serve(a, matches.subcommand_matches("serve").unwrap_or(&empty))
+        }
         Cmd::Ls(c) => {
             return client(&c, serde_json::json!({"op": "list"}), |v| {
                 println!("{header}");

@@ -254,3 +254,73 @@ fn ec_041_b_a_thaw_past_its_deadline_stops_with_timeout() {
         .unwrap();
     assert_eq!(r["status"], "loaded", "{r}");
 }
+
+#[test]
+fn a_client_killed_mid_freeze_leaves_nothing_partial() {
+    let f = common::daemon::fixture(&[]);
+    let l = layout();
+    let src: Vec<u64> = (0..40).collect();
+    let tokens: Vec<u32> = (0..40 * 16).collect();
+    // Send a freeze and hang up at once, several times over.
+    for i in 0..5 {
+        let mut c = Client::connect(&f.daemon.socket).unwrap();
+        c.send_raw(
+            json!({"op": "freeze", "engine": "e1", "window": format!("gone-{i}"), "tokens": tokens, "block_ids": src})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        drop(c);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c = Client::connect(&f.daemon.socket).unwrap();
+    assert_eq!(
+        c.call_final(json!({"op": "health"})).unwrap()["status"],
+        "ok"
+    );
+    // Each window is either absent or complete and verifies.
+    let want: Vec<Vec<u8>> = src
+        .iter()
+        .map(|&b| cwm::device::read_block(&l, &f.mem, b).unwrap())
+        .collect();
+    for i in 0..5 {
+        let name = format!("gone-{i}");
+        let st = c.call_final(json!({"op": "stat", "window": name})).unwrap();
+        if code(&st) == "NOT_FOUND" {
+            continue;
+        }
+        assert_eq!(st["window"]["num_blocks"], 40);
+        let dst: Vec<u64> = (24..64).collect();
+        let r = c
+            .call_final(json!({"op": "thaw", "engine": "e1", "window": name, "block_ids": dst}))
+            .unwrap();
+        assert_eq!(r["status"], "loaded", "{r}");
+        for (k, &d) in dst.iter().enumerate() {
+            assert_eq!(cwm::device::read_block(&l, &f.mem, d).unwrap(), want[k]);
+        }
+    }
+}
+
+#[test]
+fn metrics_over_http_on_loopback() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let f = common::daemon::fixture(&["--metrics-addr", &addr]);
+    let _ = &f;
+    let get = |path: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let body = get("/metrics");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("cwm_requests_total"), "{body}");
+    assert!(get("/other").starts_with("HTTP/1.1 404"));
+}

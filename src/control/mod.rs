@@ -41,6 +41,8 @@ pub struct ServeConfig {
     pub tier_bytes: u64,
     /// Most sessions in ACTIVE at once (EC-021).
     pub max_sessions: usize,
+    /// Serve Prometheus metrics over HTTP here (`GET /metrics`); off when `None`.
+    pub metrics_addr: Option<String>,
 }
 
 /// Counters for `metrics`.
@@ -125,6 +127,12 @@ impl Server {
         if sock.exists() {
             // A stale socket of an earlier run (the store's LOCK proves none is alive).
             std::fs::remove_file(sock)?;
+        }
+        if let Some(addr) = &self.cfg.metrics_addr {
+            let l = std::net::TcpListener::bind(addr)?;
+            crate::log::info(&format!("metrics on http://{}/metrics", l.local_addr()?));
+            let me = self.clone();
+            std::thread::spawn(move || me.metrics_http(l));
         }
         let listener = UnixListener::bind(sock)?;
         std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600))?;
@@ -659,6 +667,35 @@ impl Server {
             .map_err(|_| ApiError::internal("engine table poisoned"))?
             .insert(name, Arc::new(engine));
         Ok(out)
+    }
+
+    fn metrics_http(&self, l: std::net::TcpListener) {
+        for conn in l.incoming() {
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let Ok(mut conn) = conn else { continue };
+            let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let (status, body) =
+                if head.starts_with(b"GET /metrics ") || head.starts_with(b"GET /metrics?") {
+                    ("200 OK", self.metrics_text())
+                } else {
+                    ("404 Not Found", "try GET /metrics\n".to_string())
+                };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
     }
 
     fn edge_case(&self, id: &'static str, outcome: &'static str) {

@@ -1,0 +1,93 @@
+//! `cwm serve --config FILE`: settings from TOML, overridden by environment variables and flags;
+//! an unknown key is refused with the file named.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cwm::control::client::Client;
+use serde_json::json;
+
+fn wait(sock: &std::path::Path) -> Client {
+    let t = Instant::now();
+    loop {
+        if let Ok(c) = Client::connect(sock) {
+            return c;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "no socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn toml_then_env_then_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("c.sock");
+    let cfg = tmp.path().join("cwm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\nsocket = {:?}\nshm_dir = {:?}\nmax_sessions = 1\nstaging = \"8MiB\"\nsegment_size = \"4MiB\"\n",
+            tmp.path().join("data"),
+            sock,
+            tmp.path()
+        ),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_cwm");
+    // From the file alone: one active session at most.
+    let mut child = Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env_remove("CWM_MAX_SESSIONS")
+        .spawn()
+        .unwrap();
+    let mut c = wait(&sock);
+    c.call_final(json!({"op": "session.open", "session": "a"}))
+        .unwrap();
+    let r = c
+        .call_final(json!({"op": "session.open", "session": "b"}))
+        .unwrap();
+    assert_eq!(r["error"]["code"], "TOO_MANY_SESSIONS", "{r}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The environment beats the file, a flag beats the environment.
+    for (env, flag, limit) in [(Some("2"), None, 2), (Some("2"), Some("3"), 3)] {
+        let mut cmd = Command::new(bin);
+        cmd.args(["serve", "--config"]).arg(&cfg);
+        if let Some(e) = env {
+            cmd.env("CWM_MAX_SESSIONS", e);
+        }
+        if let Some(f) = flag {
+            cmd.args(["--max-sessions", f]);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut c = wait(&sock);
+        for i in 0..limit {
+            let r = c
+                .call_final(json!({"op": "session.open", "session": format!("s{i}")}))
+                .unwrap();
+            assert_eq!(r["ok"], true, "{r}");
+        }
+        let r = c
+            .call_final(json!({"op": "session.open", "session": "over"}))
+            .unwrap();
+        assert_eq!(r["error"]["code"], "TOO_MANY_SESSIONS");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    // Unknown keys are refused.
+    std::fs::write(&cfg, "data_dir = \"/tmp/x\"\nmax_sesions = 3\n").unwrap();
+    let out = Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cwm.toml") && err.contains("max_sesions"),
+        "{err}"
+    );
+}
