@@ -12,10 +12,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Session states.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum SessionState {
     /// Generating or ready to.
@@ -138,7 +138,7 @@ pub fn context_warning(tokens: u64, max: Option<u64>) -> ContextWarning {
 }
 
 /// One session.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Session {
     /// Id.
     pub id: String,
@@ -156,16 +156,22 @@ pub struct Session {
     pub created_unix_ms: i64,
     /// Creation order (not wall time).
     pub seq: u64,
-    /// Seconds since creation on the monotonic clock.
+    /// Seconds since creation (this process's monotonic clock).
+    #[serde(default)]
     pub age_secs: f64,
     #[serde(skip)]
     created: Option<Instant>,
 }
 
+/// Called with a session after each state change, under the registry's lock (the daemon
+/// writes it to the log, so states survive a restart).
+pub type Persist = Box<dyn Fn(&Session) + Send + Sync>;
+
 /// The daemon's sessions.
 pub struct Registry {
     max_active: usize,
     inner: Mutex<(HashMap<String, Session>, u64)>,
+    persist: Option<Persist>,
 }
 
 impl Registry {
@@ -175,6 +181,32 @@ impl Registry {
         Self {
             max_active,
             inner: Mutex::new((HashMap::new(), 0)),
+            persist: None,
+        }
+    }
+
+    /// A registry that starts from `sessions` (recovered from the log) and reports every state
+    /// change to `persist`. Freezes in flight when the daemon stopped are not running any more.
+    #[must_use]
+    pub fn restored(max_active: usize, sessions: Vec<Session>, persist: Persist) -> Self {
+        let mut map = HashMap::new();
+        let mut seq = 0;
+        for mut s in sessions {
+            s.freezing = false;
+            s.created = Some(Instant::now());
+            seq = seq.max(s.seq);
+            map.insert(s.id.clone(), s);
+        }
+        Self {
+            max_active,
+            inner: Mutex::new((map, seq)),
+            persist: Some(persist),
+        }
+    }
+
+    fn saved(&self, s: &Session) {
+        if let Some(p) = &self.persist {
+            p(s);
         }
     }
 
@@ -228,6 +260,7 @@ impl Registry {
             created: Some(Instant::now()),
         };
         map.insert(id.into(), s.clone());
+        self.saved(&s);
         Ok(s)
     }
 
@@ -254,7 +287,9 @@ impl Registry {
             });
         }
         s.state = to;
-        Ok(Self::snapshot(s))
+        let snap = Self::snapshot(s);
+        self.saved(&snap);
+        Ok(snap)
     }
 
     /// Sets the generation flag and token count the engine reports.
@@ -312,10 +347,13 @@ impl Registry {
 
     /// Ends a freeze: FROZEN on success; on failure the state is left as it was (EC-040).
     pub fn end_freeze(&self, id: &str, ok: bool) {
-        if let Some(s) = self.lock().0.get_mut(id) {
+        let mut g = self.lock();
+        if let Some(s) = g.0.get_mut(id) {
             s.freezing = false;
             if ok {
                 s.state = SessionState::Frozen;
+                let snap = Self::snapshot(s);
+                self.saved(&snap);
             }
         }
     }
@@ -336,7 +374,9 @@ impl Registry {
                     });
                 }
                 s.state = SessionState::Thawed;
-                Ok(Self::snapshot(s))
+                let snap = Self::snapshot(s);
+                self.saved(&snap);
+                Ok(snap)
             }
             None => {
                 *seq += 1;
@@ -353,6 +393,7 @@ impl Registry {
                     created: Some(Instant::now()),
                 };
                 map.insert(id.into(), s.clone());
+                self.saved(&s);
                 Ok(s)
             }
         }

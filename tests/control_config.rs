@@ -1,12 +1,23 @@
 //! `cwm serve --config FILE`: settings from TOML, overridden by environment variables and flags;
 //! an unknown key is refused with the file named.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+mod common;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cwm::control::client::Client;
 use serde_json::json;
+
+/// Kills the daemon even when an assertion fails first.
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 fn wait(sock: &std::path::Path) -> Client {
     let t = Instant::now();
@@ -36,12 +47,14 @@ fn toml_then_env_then_flags() {
     .unwrap();
     let bin = env!("CARGO_BIN_EXE_cwm");
     // From the file alone: one active session at most.
-    let mut child = Command::new(bin)
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .env_remove("CWM_MAX_SESSIONS")
-        .spawn()
-        .unwrap();
+    let child = Guard(
+        common::daemon::daemon_command()
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env_remove("CWM_MAX_SESSIONS")
+            .spawn()
+            .unwrap(),
+    );
     let mut c = wait(&sock);
     c.call_final(json!({"op": "session.open", "session": "a"}))
         .unwrap();
@@ -49,19 +62,25 @@ fn toml_then_env_then_flags() {
         .call_final(json!({"op": "session.open", "session": "b"}))
         .unwrap();
     assert_eq!(r["error"]["code"], "TOO_MANY_SESSIONS", "{r}");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(child);
     // The environment beats the file, a flag beats the environment.
-    for (env, flag, limit) in [(Some("2"), None, 2), (Some("2"), Some("3"), 3)] {
-        let mut cmd = Command::new(bin);
-        cmd.args(["serve", "--config"]).arg(&cfg);
+    for (i, (env, flag, limit)) in [(Some("2"), None, 2), (Some("2"), Some("3"), 3)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut cmd = common::daemon::daemon_command();
+        // A fresh data dir each time (the flag beats the file's data_dir): sessions persist.
+        cmd.args(["serve", "--config"])
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(tmp.path().join(format!("data{i}")));
         if let Some(e) = env {
             cmd.env("CWM_MAX_SESSIONS", e);
         }
         if let Some(f) = flag {
             cmd.args(["--max-sessions", f]);
         }
-        let mut child = cmd.spawn().unwrap();
+        let child = Guard(cmd.spawn().unwrap());
         let mut c = wait(&sock);
         for i in 0..limit {
             let r = c
@@ -73,8 +92,7 @@ fn toml_then_env_then_flags() {
             .call_final(json!({"op": "session.open", "session": "over"}))
             .unwrap();
         assert_eq!(r["error"]["code"], "TOO_MANY_SESSIONS");
-        child.kill().unwrap();
-        child.wait().unwrap();
+        drop(child);
     }
     // Unknown keys are refused.
     std::fs::write(&cfg, "data_dir = \"/tmp/x\"\nmax_sesions = 3\n").unwrap();

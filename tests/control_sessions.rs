@@ -162,3 +162,45 @@ fn ec_031_deleting_a_session_with_windows_needs_cascade() {
         "DELETED"
     );
 }
+
+#[test]
+fn sessions_and_idempotency_keys_survive_a_kill_9() {
+    let mut f = fixture(&[]);
+    let mut c = Client::connect(&f.daemon.socket).unwrap();
+    c.call_final(json!({"op": "session.open", "session": "s1", "max_context": 4096}))
+        .unwrap();
+    let mut req = freeze_req("s1", "w1", 0);
+    req["idempotency_key"] = json!("k-1");
+    assert_eq!(code(&c.call_final(req.clone()).unwrap()), "OK");
+    c.call_final(json!({"op": "session.open", "session": "s2"}))
+        .unwrap();
+    f.daemon.child.kill().unwrap();
+    f.daemon.child.wait().unwrap();
+    let d = start(
+        &f.tmp.path().join("data"),
+        &f.tmp.path().join("cwm.sock"),
+        &f.tmp.path().join("shm"),
+        &[],
+    );
+    let mut c = Client::connect(&d.socket).unwrap();
+    assert_eq!(code(&c.call_final(register_req(&f.paths)).unwrap()), "OK");
+    let s = c
+        .call_final(json!({"op": "session.state", "session": "s1"}))
+        .unwrap();
+    assert_eq!(s["session"]["state"], "FROZEN", "{s}");
+    assert_eq!(s["session"]["max_context"], 4096);
+    assert_eq!(
+        c.call_final(json!({"op": "session.state", "session": "s2"}))
+            .unwrap()["session"]["state"],
+        "ACTIVE"
+    );
+    // The retry is answered from the log: same outcome, no second window version.
+    let again = c.call_final(req).unwrap();
+    assert_eq!(again["replayed"], true, "{again}");
+    assert_eq!(again["window"]["version"], 1);
+    assert_eq!(
+        code(&c.call_final(freeze_req("s1", "w2", 500)).unwrap()),
+        "SESSION_ALREADY_FROZEN"
+    );
+    assert_eq!(c.call_final(json!({"op": "list"})).unwrap()["total"], 1);
+}

@@ -95,3 +95,23 @@ fn replace_and_versions() {
         assert_eq!(store.block_refs(keys(1, 2)[0]).unwrap(), 0);
     }
 }
+
+#[test]
+fn catalog_records_newest_wins_across_reopen() {
+    for (_, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let (store, _) = open(tmp.path(), &engine);
+            store.put_meta(1, b"first").unwrap();
+            store.put_meta(2, b"other").unwrap();
+            store.put_meta(1, b"second").unwrap();
+            put(&store, "w", &keys(1, 1), 4096);
+            assert!(store.put_meta(3, b"").is_err());
+        }
+        let (store, _) = open(tmp.path(), &engine);
+        let mut m = store.meta().unwrap();
+        m.sort();
+        assert_eq!(m, vec![(1, b"second".to_vec()), (2, b"other".to_vec())]);
+        check(&store, "w", &keys(1, 1), 4096);
+    }
+}

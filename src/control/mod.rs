@@ -73,6 +73,11 @@ pub struct Server {
     concurrent: Mutex<std::collections::BTreeMap<String, i64>>,
 }
 
+/// Key of a catalog record of `kind` ("session", "idem") named `name`.
+fn meta_key(kind: &str, name: &str) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(format!("cwm-{kind}\0{name}").as_bytes())
+}
+
 fn peer_uid(s: &UnixStream) -> Option<u32> {
     let mut cred = libc::ucred {
         pid: 0,
@@ -98,13 +103,44 @@ impl Server {
     #[must_use]
     pub fn new(store: Arc<Store>, cfg: ServeConfig) -> Arc<Self> {
         let tier = RamTier::new(cfg.tier_bytes);
-        let sessions = crate::session::Registry::new(cfg.max_sessions.max(1));
+        // Sessions and idempotent outcomes are catalog records in the log: restore them.
+        let mut restored = Vec::new();
+        let mut idem = HashMap::new();
+        for (_, bytes) in store.meta().unwrap_or_default() {
+            let Ok(v) = serde_json::from_slice::<Value>(&bytes) else {
+                continue;
+            };
+            match v.get("kind").and_then(Value::as_str) {
+                Some("session") => {
+                    if let Ok(s) =
+                        serde_json::from_value::<crate::session::Session>(v["session"].clone())
+                    {
+                        restored.push(s);
+                    }
+                }
+                Some("idem") => {
+                    if let (Some(k), Some(lines)) = (v["key"].as_str(), v["lines"].as_array()) {
+                        idem.insert(k.to_string(), lines.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        let st2 = store.clone();
+        let persist: crate::session::Persist = Box::new(move |s| {
+            let rec = json!({"kind": "session", "session": s}).to_string();
+            if let Err(e) = st2.put_meta(meta_key("session", &s.id), rec.as_bytes()) {
+                crate::log::warn(&format!("session {:?} state not persisted: {e}", s.id));
+            }
+        });
+        let sessions =
+            crate::session::Registry::restored(cfg.max_sessions.max(1), restored, persist);
         Arc::new(Self {
             sessions,
             store,
             cfg,
             engines: Mutex::new(HashMap::new()),
-            idem: Mutex::new(HashMap::new()),
+            idem: Mutex::new(idem),
             tier,
             counters: Counters::default(),
             stopping: AtomicBool::new(false),
@@ -304,6 +340,10 @@ impl Server {
         }
         let sent = sent.into_inner().unwrap_or_default();
         if let Some(k) = &req.idempotency_key {
+            let rec = json!({"kind": "idem", "key": k, "lines": sent}).to_string();
+            if let Err(e) = self.store.put_meta(meta_key("idem", k), rec.as_bytes()) {
+                crate::log::warn(&format!("idempotency key {k:?} not persisted: {e}"));
+            }
             if let Ok(mut m) = self.idem.lock() {
                 m.entry(k.clone()).or_insert(sent);
             }

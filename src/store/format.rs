@@ -127,6 +127,9 @@ pub enum RecordKind {
     Manifest = 2,
     /// Deletion of a window version.
     Tombstone = 3,
+    /// A catalog record of the daemon (a session, an idempotent outcome): opaque bytes under a
+    /// key; the newest record of a key wins.
+    Meta = 4,
 }
 
 impl RecordKind {
@@ -135,6 +138,7 @@ impl RecordKind {
             1 => Some(Self::Block),
             2 => Some(Self::Manifest),
             3 => Some(Self::Tombstone),
+            4 => Some(Self::Meta),
             _ => None,
         }
     }

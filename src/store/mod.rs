@@ -228,6 +228,8 @@ pub struct WindowInfo {
 
 #[derive(Default)]
 pub(crate) struct State {
+    /// Newest catalog record per key: (sequence number, payload).
+    pub meta: HashMap<u128, (u64, Vec<u8>)>,
     pub blocks: HashMap<u128, BlockEntry>,
     pub windows: BTreeMap<String, WindowEntry>,
     pub segments: BTreeMap<u64, Arc<Segment>>,
@@ -834,6 +836,44 @@ impl Store {
             }])?;
         }
         w.commit()
+    }
+
+    /// Writes a catalog record (sessions, idempotent outcomes) durably; the newest record of a
+    /// key is what [`Store::meta`] returns, also after a restart.
+    pub fn put_meta(&self, key: u128, payload: &[u8]) -> Result<(), StoreError> {
+        if payload.is_empty() {
+            return Err(StoreError::Validation(
+                "a catalog record needs a payload".into(),
+            ));
+        }
+        let mut app = self.lock_appender()?;
+        let len = record_len(payload.len() as u64);
+        let needed = len + PAGE; // room for a segment header if the append rotates
+        let capacity = self.capacity.load(Ordering::SeqCst);
+        let free = capacity.saturating_sub(self.used.load(Ordering::SeqCst));
+        if needed > free {
+            return Err(StoreError::QuotaExceeded {
+                needed,
+                free,
+                capacity,
+            });
+        }
+        let loc = self.append_payload(&mut app, RecordKind::Meta, key, payload)?;
+        self.sync(&loc.seg)?;
+        loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
+        let seq = app.next_seq - 1;
+        self.state
+            .write()
+            .map_err(poisoned)?
+            .meta
+            .insert(key, (seq, payload.to_vec()));
+        Ok(())
+    }
+
+    /// Every catalog record key with its newest payload.
+    pub fn meta(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError> {
+        let st = self.state.read().map_err(poisoned)?;
+        Ok(st.meta.iter().map(|(k, (_, v))| (*k, v.clone())).collect())
     }
 
     /// Deletes a window: writes a durable tombstone, then drops its block references. Blocks

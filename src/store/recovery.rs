@@ -201,10 +201,21 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
                     payload_len: r.h.payload_len,
                     checksum: r.h.payload_xxh3,
                 }),
-                RecordKind::Manifest | RecordKind::Tombstone => {
+                RecordKind::Manifest | RecordKind::Tombstone | RecordKind::Meta => {
                     match read_meta(engine, &seg, &r) {
                         Ok(Some(m)) => {
                             let m = match m {
+                                MetaPayload::Catalog(bytes) => {
+                                    // Catalog records stay live until compaction retires
+                                    // superseded ones.
+                                    seg.live.fetch_add(r.len, Ordering::SeqCst);
+                                    let newer =
+                                        state.meta.get(&r.h.key).is_none_or(|(s, _)| *s < r.h.seq);
+                                    if newer {
+                                        state.meta.insert(r.h.key, (r.h.seq, bytes));
+                                    }
+                                    continue;
+                                }
                                 MetaPayload::Manifest(m) => Meta::Manifest(m, loc),
                                 MetaPayload::Tombstone(t) => {
                                     // Tombstones stay live until compaction retires them.
@@ -368,6 +379,7 @@ fn reset_tail(file: &File, frontier: u64, size: u64) -> std::io::Result<()> {
 enum MetaPayload {
     Manifest(Manifest),
     Tombstone(Tombstone),
+    Catalog(Vec<u8>),
 }
 
 fn read_meta(
@@ -389,6 +401,7 @@ fn read_meta(
             .ok()
             .and_then(|m| (name_key(&m.name) == r.h.key).then_some(MetaPayload::Manifest(m))),
         RecordKind::Tombstone => Tombstone::decode(p).ok().map(MetaPayload::Tombstone),
+        RecordKind::Meta => Some(MetaPayload::Catalog(p.to_vec())),
         RecordKind::Block => None,
     })
 }

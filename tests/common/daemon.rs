@@ -21,8 +21,25 @@ impl Drop for Daemon {
     }
 }
 
+/// A `cwm` command for a test daemon: killed if the test process dies, and not holding the
+/// test harness's output pipes (an orphan must never keep `cargo test` waiting).
+pub fn daemon_command() -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cwm"));
+    c.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
+    unsafe {
+        c.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    c
+}
+
 pub fn start(data: &Path, socket: &Path, shm: &Path, extra: &[&str]) -> Daemon {
-    let child = Command::new(env!("CARGO_BIN_EXE_cwm"))
+    let child = daemon_command()
         .args([
             "serve",
             "--staging",
