@@ -71,7 +71,8 @@ pub struct Spec {
     pub event: Option<String>,
 }
 
-fn hex64(s: &str) -> Result<[u8; 64], String> {
+/// Parses a 64-byte handle written as 128 hex digits.
+pub fn hex64(s: &str) -> Result<[u8; 64], String> {
     let b: Vec<u8> = (0..s.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2).unwrap_or("zz"), 16))

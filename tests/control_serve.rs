@@ -324,3 +324,51 @@ fn metrics_over_http_on_loopback() {
     assert!(body.contains("cwm_requests_total"), "{body}");
     assert!(get("/other").starts_with("HTTP/1.1 404"));
 }
+
+#[test]
+fn connection_scoped_engines_go_away_with_their_connection() {
+    let f = common::daemon::fixture(&[]);
+    let mut reg = register_req(&f.paths);
+    reg["engine"] = json!("scoped");
+    reg["scope"] = json!("connection");
+    {
+        let mut c = Client::connect(&f.daemon.socket).unwrap();
+        assert_eq!(code(&c.call_final(reg).unwrap()), "OK");
+        let r = c
+            .call_final(json!({"op": "lookup", "engine": "scoped", "tokens": [1, 2, 3]}))
+            .unwrap();
+        assert_eq!(code(&r), "OK");
+    }
+    let mut c = Client::connect(&f.daemon.socket).unwrap();
+    let t = Instant::now();
+    loop {
+        let r = c
+            .call_final(json!({"op": "lookup", "engine": "scoped", "tokens": [1]}))
+            .unwrap();
+        if code(&r) == "NOT_FOUND" {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "scoped engine outlived its connection"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The daemon-scoped engine of the fixture is still there.
+    assert_eq!(
+        code(
+            &c.call_final(json!({"op": "lookup", "engine": "e1", "tokens": [1]}))
+                .unwrap()
+        ),
+        "OK"
+    );
+    // A CUDA registration on a machine without a driver: a clear error, not a crash.
+    if !cwm::device::cuda::available() {
+        let r = c
+            .call_final(json!({"op": "register", "engine": "gpu", "layout": register_req(&f.paths)["layout"],
+                "memory": {"cuda": {"tensors": [{"handle": "00".repeat(64), "offset": 0, "size": 1}]}}}))
+            .unwrap();
+        assert_eq!(code(&r), "UNAVAILABLE", "{r}");
+        assert!(r["error"]["message"].as_str().unwrap().contains("libcuda"));
+    }
+}

@@ -214,6 +214,24 @@ impl Server {
     }
 
     fn connection(&self, conn: UnixStream) {
+        let owned: Mutex<Vec<(String, Arc<Engine>)>> = Mutex::new(Vec::new());
+        self.serve_connection(conn, &owned);
+        // Engines registered with scope "connection" go away with it (their IPC mappings are
+        // closed when the last reference drops), unless re-registered since.
+        let owned = owned.into_inner().unwrap_or_default();
+        if let Ok(mut engines) = self.engines.lock() {
+            for (name, eng) in owned {
+                if engines.get(&name).is_some_and(|e| Arc::ptr_eq(e, &eng)) {
+                    engines.remove(&name);
+                    crate::log::info(&format!(
+                        "engine {name:?} unregistered: its connection closed"
+                    ));
+                }
+            }
+        }
+    }
+
+    fn serve_connection(&self, conn: UnixStream, owned: &Mutex<Vec<(String, Arc<Engine>)>>) {
         let Ok(read_half) = conn.try_clone() else {
             return;
         };
@@ -260,7 +278,23 @@ impl Server {
             }
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             match protocol::parse(&line) {
-                Ok(req) => self.handle(req, &out),
+                Ok(req) => {
+                    let scoped = req.op == "register"
+                        && req.args.get("scope").and_then(Value::as_str) == Some("connection");
+                    let name = req
+                        .args
+                        .get("engine")
+                        .and_then(Value::as_str)
+                        .map(str::to_string);
+                    let ok = self.handle(req, &out);
+                    if let (true, true, Some(name)) = (ok, scoped, name) {
+                        if let Ok(eng) = self.engine(&name) {
+                            if let Ok(mut o) = owned.lock() {
+                                o.push((name, eng));
+                            }
+                        }
+                    }
+                }
                 Err((id, e)) => {
                     self.counters.errors.fetch_add(1, Ordering::Relaxed);
                     self.send(&out, &protocol::error_line(&id, &e));
@@ -276,18 +310,23 @@ impl Server {
         }
     }
 
-    fn handle(&self, req: Request, out: &Mutex<UnixStream>) {
+    /// Answers one request; true when it succeeded.
+    fn handle(&self, req: Request, out: &Mutex<UnixStream>) -> bool {
         let id = req.id.clone();
         // Idempotency: a retry with the same key gets the first outcome, no work done twice.
         if let Some(k) = &req.idempotency_key {
             let prior = self.idem.lock().ok().and_then(|m| m.get(k).cloned());
             if let Some(lines) = prior {
+                let ok = lines
+                    .last()
+                    .and_then(|l| l["ok"].as_bool())
+                    .unwrap_or(false);
                 for mut l in lines {
                     l["id"] = id.clone();
                     l["replayed"] = json!(true);
                     self.send(out, &l.to_string());
                 }
-                return;
+                return ok;
             }
         }
         let sent: Mutex<Vec<Value>> = Mutex::new(Vec::new());
@@ -315,6 +354,7 @@ impl Server {
         if let Some(k) = &op_kind {
             self.concurrency(k, -1);
         }
+        let succeeded = res.is_ok();
         match res {
             Ok(result) => {
                 if result
@@ -348,6 +388,7 @@ impl Server {
                 m.entry(k.clone()).or_insert(sent);
             }
         }
+        succeeded
     }
 
     fn engine(&self, name: &str) -> Result<Arc<Engine>, ApiError> {
@@ -374,7 +415,7 @@ impl Server {
             "hello" => Ok(json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "protocol": protocol::PROTOCOL_VERSION,
-                "capabilities": ["register.shm", "register.process", "sessions", "freeze", "thaw", "lookup", "list", "stat", "delete", "idempotency", "metrics"],
+                "capabilities": ["register.shm", "register.process", "register.cuda", "sessions", "freeze", "thaw", "lookup", "list", "stat", "delete", "idempotency", "metrics"],
             })),
             "health" => {
                 let st = self.store.stats().map_err(ApiError::from)?;
@@ -685,9 +726,11 @@ impl Server {
                 ))
             })?;
             Arc::new(ProcessMemory::new(pid as i32, tensors))
+        } else if let Some(cuda) = mem.get("cuda") {
+            self.cuda_memory(cuda)?
         } else {
             return Err(ApiError::validation(
-                "memory must name shm (paths) or process (pid, tensors)",
+                "memory must name shm (paths), process (pid, tensors) or cuda (tensors)",
             ));
         };
         let engine = Engine::new(
@@ -748,6 +791,38 @@ impl Server {
         if let Ok(mut m) = self.concurrent.lock() {
             *m.entry(op.to_string()).or_insert(0) += delta;
         }
+    }
+
+    /// Imports an engine's GPU tensors (CUDA IPC handles) and its optional interprocess event.
+    fn cuda_memory(&self, cuda: &Value) -> Result<Arc<dyn KvMemory>, ApiError> {
+        use crate::device::cuda::{Cuda, CudaMemory, IpcTensor};
+        let tensors: Vec<crate::gpucheck::TensorSpec> = serde_json::from_value(
+            cuda.get("tensors").cloned().unwrap_or(Value::Null),
+        )
+        .map_err(|e| {
+            ApiError::validation(format!(
+                "memory.cuda.tensors must be [{{handle, offset, size}}, …]: {e}"
+            ))
+        })?;
+        let device = cuda.get("device").and_then(Value::as_i64).unwrap_or(0) as i32;
+        let ctx = Cuda::new(device).map_err(|e| ApiError::new("UNAVAILABLE", e.to_string()))?;
+        let ipc = tensors
+            .iter()
+            .map(|t| {
+                Ok(IpcTensor {
+                    handle: crate::gpucheck::hex64(&t.handle).map_err(ApiError::validation)?,
+                    offset: t.offset,
+                    size: t.size,
+                })
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        let m = CudaMemory::open(ctx, &ipc).map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+        if let Some(ev) = cuda.get("event").and_then(Value::as_str) {
+            let h = crate::gpucheck::hex64(ev).map_err(ApiError::validation)?;
+            m.wait_for_event(&h)
+                .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+        }
+        Ok(Arc::new(m))
     }
 
     fn metrics_text(&self) -> String {
