@@ -163,6 +163,23 @@ pub struct Session {
     created: Option<Instant>,
 }
 
+impl Session {
+    fn new(id: &str, state: SessionState, max_context: Option<u64>, seq: u64) -> Self {
+        Self {
+            id: id.into(),
+            state,
+            generating: false,
+            freezing: false,
+            tokens: 0,
+            max_context,
+            created_unix_ms: crate::store::now_unix_ms(),
+            seq,
+            age_secs: 0.0,
+            created: Some(Instant::now()),
+        }
+    }
+}
+
 /// Called with a session after each state change, under the registry's lock (the daemon
 /// writes it to the log, so states survive a restart).
 pub type Persist = Box<dyn Fn(&Session) + Send + Sync>;
@@ -247,18 +264,7 @@ impl Registry {
             });
         }
         *seq += 1;
-        let s = Session {
-            id: id.into(),
-            state: SessionState::Active,
-            generating: false,
-            freezing: false,
-            tokens: 0,
-            max_context,
-            created_unix_ms: crate::store::now_unix_ms(),
-            seq: *seq,
-            age_secs: 0.0,
-            created: Some(Instant::now()),
-        };
+        let s = Session::new(id, SessionState::Active, max_context, *seq);
         map.insert(id.into(), s.clone());
         self.saved(&s);
         Ok(s)
@@ -380,18 +386,7 @@ impl Registry {
             }
             None => {
                 *seq += 1;
-                let s = Session {
-                    id: id.into(),
-                    state: SessionState::Thawed,
-                    generating: false,
-                    freezing: false,
-                    tokens: 0,
-                    max_context: None,
-                    created_unix_ms: crate::store::now_unix_ms(),
-                    seq: *seq,
-                    age_secs: 0.0,
-                    created: Some(Instant::now()),
-                };
+                let s = Session::new(id, SessionState::Thawed, None, *seq);
                 map.insert(id.into(), s.clone());
                 self.saved(&s);
                 Ok(s)
