@@ -204,3 +204,17 @@ fn sessions_and_idempotency_keys_survive_a_kill_9() {
     );
     assert_eq!(c.call_final(json!({"op": "list"})).unwrap()["total"], 1);
 }
+
+#[test]
+fn ram_tier_serves_a_recent_window() {
+    let f = fixture(&["--tier", "4MiB"]);
+    let mut c = Client::connect(&f.daemon.socket).unwrap();
+    assert_eq!(
+        code(&c.call_final(freeze_req("t", "tiered", 7)).unwrap()),
+        "OK"
+    );
+    let r = c
+        .call_final(json!({"op": "thaw", "engine": "e1", "window": "tiered", "block_ids": [20, 21, 22, 23]}))
+        .unwrap();
+    assert_eq!(r["report"]["blocks_from_tier"], 4, "{r}");
+}

@@ -743,6 +743,12 @@ impl Server {
         engine
             .prepare_staging(&self.cfg.pipeline, self.store.engine().as_ref())
             .map_err(ApiError::from)?;
+        if self.tier.enabled() {
+            // The RAM tier's arena is sized for the first engine's blocks and mapped into its
+            // device (a GPU thaws from it with one copy).
+            self.tier.prepare(engine.layout.block_bytes() as usize);
+            self.tier.attach(engine.mem.as_ref());
+        }
         let out = json!({"engine": name, "block_bytes": engine.layout.block_bytes(),
             "fingerprint": format!("{:016x}", engine.layout.fingerprint())});
         self.engines
