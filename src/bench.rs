@@ -653,6 +653,7 @@ pub fn control(dir: &Path, windows: u64) -> Result<ControlBench, String> {
             tier_bytes: 0,
             max_sessions: 100_000,
             metrics_addr: None,
+            max_ops: 64,
         },
     );
     let s2 = server.clone();

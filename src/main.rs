@@ -120,6 +120,9 @@ struct ServeArgs {
     /// Serve Prometheus metrics over HTTP at this address (e.g. 127.0.0.1:9464); off by default.
     #[arg(long, env = "CWM_METRICS_ADDR")]
     metrics_addr: Option<String>,
+    /// Most freezes and thaws running at once (more get BUSY).
+    #[arg(long, env = "CWM_MAX_OPS", default_value_t = 64)]
+    max_ops: usize,
 }
 
 /// A size in a TOML file: an integer of bytes or a string such as "500GiB".
@@ -156,6 +159,7 @@ struct FileConfig {
     allow_uids: Option<Vec<u32>>,
     max_sessions: Option<usize>,
     metrics_addr: Option<String>,
+    max_ops: Option<usize>,
 }
 
 /// Fills every setting that came neither from a flag nor from the environment from the TOML
@@ -234,6 +238,11 @@ fn apply_config_file(a: &mut ServeArgs, m: &clap::ArgMatches) -> Result<(), Stri
             a.max_sessions = v;
         }
     }
+    if from_file("max_ops") {
+        if let Some(v) = f.max_ops {
+            a.max_ops = v;
+        }
+    }
     if from_file("metrics_addr") {
         if let Some(v) = f.metrics_addr {
             a.metrics_addr = Some(v);
@@ -283,6 +292,7 @@ fn serve(mut a: ServeArgs, m: &clap::ArgMatches) -> Result<(), String> {
             tier_bytes: a.tier,
             max_sessions: a.max_sessions,
             metrics_addr: a.metrics_addr,
+            max_ops: a.max_ops,
         },
     );
     let s2 = server.clone();

@@ -218,3 +218,50 @@ fn ram_tier_serves_a_recent_window() {
         .unwrap();
     assert_eq!(r["report"]["blocks_from_tier"], 4, "{r}");
 }
+
+#[test]
+fn max_ops_refuses_with_busy_and_durations_are_histograms() {
+    let f = fixture(&["--max-ops", "1"]);
+    let sock = f.daemon.socket.clone();
+    let results: Vec<serde_json::Value> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..8)
+            .map(|i| {
+                let sock = sock.clone();
+                s.spawn(move || {
+                    let mut c = Client::connect(&sock).unwrap();
+                    c.call_final(freeze_req(&format!("m{i}"), &format!("mw{i}"), 1000 * i))
+                        .unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = results.iter().filter(|r| code(r) == "OK").count();
+    for r in &results {
+        let c = code(r);
+        assert!(
+            c == "OK"
+                || (c == "BUSY" && r["error"]["message"].as_str().unwrap().contains("max_ops")),
+            "{r}"
+        );
+    }
+    let mut c = Client::connect(&sock).unwrap();
+    assert_eq!(
+        c.call_final(json!({"op": "list"})).unwrap()["total"]
+            .as_u64()
+            .unwrap() as usize,
+        ok
+    );
+    let text = c.call_final(json!({"op": "metrics"})).unwrap()["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        text.contains(&format!("cwm_freeze_duration_seconds_count {ok}")),
+        "{text}"
+    );
+    assert!(
+        text.contains("cwm_freeze_duration_seconds_bucket{le=\"+Inf\"}"),
+        "{text}"
+    );
+}

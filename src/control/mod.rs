@@ -43,6 +43,42 @@ pub struct ServeConfig {
     pub max_sessions: usize,
     /// Serve Prometheus metrics over HTTP here (`GET /metrics`); off when `None`.
     pub metrics_addr: Option<String>,
+    /// Most freezes and thaws running at once; more are refused with BUSY.
+    pub max_ops: usize,
+}
+
+const BUCKETS: [f64; 11] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// A Prometheus histogram of seconds.
+#[derive(Default)]
+struct Histogram {
+    counts: [u64; 12],
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, secs: f64) {
+        let i = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.counts[i] += 1;
+        self.sum += secs;
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+        let mut acc = 0;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            acc += self.counts[i];
+            out.push_str(&format!("{name}_bucket{{le=\"{b}\"}} {acc}\n"));
+        }
+        acc += self.counts[BUCKETS.len()];
+        out.push_str(&format!(
+            "{name}_bucket{{le=\"+Inf\"}} {acc}\n{name}_sum {}\n{name}_count {acc}\n",
+            self.sum
+        ));
+    }
 }
 
 /// Counters for `metrics`.
@@ -70,6 +106,8 @@ pub struct Server {
     /// Estimated thaw GB/s (f64 bits), for EC-041 deadlines.
     thaw_rate: AtomicU64,
     edge_cases: Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
+    durations: Mutex<(Histogram, Histogram)>,
+    heavy_ops: std::sync::atomic::AtomicUsize,
     concurrent: Mutex<std::collections::BTreeMap<String, i64>>,
 }
 
@@ -146,6 +184,8 @@ impl Server {
             stopping: AtomicBool::new(false),
             thaw_rate: AtomicU64::new(0.5f64.to_bits()),
             edge_cases: Mutex::new(std::collections::BTreeMap::new()),
+            durations: Mutex::new((Histogram::default(), Histogram::default())),
+            heavy_ops: std::sync::atomic::AtomicUsize::new(0),
             concurrent: Mutex::new(std::collections::BTreeMap::new()),
         })
     }
@@ -350,7 +390,33 @@ impl Server {
         if let Some(k) = &op_kind {
             self.concurrency(k, 1);
         }
-        let res = self.dispatch(&req, &progress);
+        let heavy = matches!(req.op.as_str(), "freeze" | "thaw");
+        let t0 = std::time::Instant::now();
+        let res =
+            if heavy && self.heavy_ops.fetch_add(1, Ordering::SeqCst) >= self.cfg.max_ops.max(1) {
+                Err(ApiError::new(
+                    "BUSY",
+                    format!(
+                        "{} freezes and thaws are already running (max_ops); retry shortly",
+                        self.cfg.max_ops
+                    ),
+                ))
+            } else {
+                self.dispatch(&req, &progress)
+            };
+        if heavy {
+            self.heavy_ops.fetch_sub(1, Ordering::SeqCst);
+            if res.is_ok() {
+                if let Ok(mut d) = self.durations.lock() {
+                    let h = if req.op == "freeze" {
+                        &mut d.0
+                    } else {
+                        &mut d.1
+                    };
+                    h.observe(t0.elapsed().as_secs_f64());
+                }
+            }
+        }
         if let Some(k) = &op_kind {
             self.concurrency(k, -1);
         }
@@ -885,6 +951,18 @@ impl Server {
                 "# HELP cwm_storage_utilization_ratio Used over capacity.\n# TYPE cwm_storage_utilization_ratio gauge\ncwm_storage_utilization_ratio{{tier=\"disk\"}} {ratio}\n# HELP cwm_windows Visible windows.\n# TYPE cwm_windows gauge\ncwm_windows {}\n",
                 st.windows
             ));
+        }
+        if let Ok(d) = self.durations.lock() {
+            d.0.render(
+                "cwm_freeze_duration_seconds",
+                "Freeze durations, request to durable.",
+                &mut s,
+            );
+            d.1.render(
+                "cwm_thaw_duration_seconds",
+                "Thaw durations, request to loaded.",
+                &mut s,
+            );
         }
         s.push_str("# HELP cwm_edge_case_total Edge cases met, by seed id and outcome.\n# TYPE cwm_edge_case_total counter\n");
         if let Ok(m) = self.edge_cases.lock() {

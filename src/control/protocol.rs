@@ -115,7 +115,8 @@ pub fn parse(line: &[u8]) -> Result<Request, (Value, ApiError)> {
 pub fn edge_case_of(e: &ApiError) -> Option<&'static str> {
     let m = e.message.as_str();
     Some(match e.code.as_str() {
-        "SESSION_ALREADY_FROZEN" | "BUSY" => "EC-001",
+        "SESSION_ALREADY_FROZEN" => "EC-001",
+        "BUSY" if m.contains("being frozen") => "EC-001",
         "INVALID_STATE_TRANSITION" if m.contains("generation is in progress") => "EC-003",
         "INVALID_STATE_TRANSITION" => "EC-030",
         "TOKEN_MISMATCH" => "EC-004",
