@@ -42,6 +42,36 @@ enum Cmd {
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// Freeze what a session holds (as its engine last reported) into a window.
+    Freeze {
+        /// Session.
+        #[arg(long)]
+        session: String,
+        /// Window name.
+        #[arg(long)]
+        window: String,
+        /// Replace an existing window of that name.
+        #[arg(long)]
+        replace: bool,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Thaw a window into the blocks a session's engine allocated (or into --block-ids).
+    Thaw {
+        /// Window name.
+        window: String,
+        /// Session to thaw into.
+        #[arg(long)]
+        session: Option<String>,
+        /// Engine (default: the session's).
+        #[arg(long)]
+        engine: Option<String>,
+        /// Destination block ids, comma-separated (default: the session's).
+        #[arg(long, value_delimiter = ',')]
+        block_ids: Option<Vec<u64>>,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
     /// Ask the daemon whether it is healthy.
     Health(ClientArgs),
     /// Print the daemon's Prometheus metrics.
@@ -497,6 +527,60 @@ fn main() -> ExitCode {
                     );
                 },
             )
+        }
+        Cmd::Freeze {
+            session,
+            window,
+            replace,
+            c,
+        } => {
+            return client(
+                &c,
+                serde_json::json!({"op": "freeze", "session": session, "window": window, "replace": replace}),
+                |v| {
+                    println!(
+                        "froze {} v{}: {} tokens, {} blocks, {:.1} MiB",
+                        v["window"]["name"].as_str().unwrap_or(""),
+                        v["window"]["version"],
+                        v["window"]["num_tokens"],
+                        v["window"]["num_blocks"],
+                        v["window"]["bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+                    );
+                },
+            )
+        }
+        Cmd::Thaw {
+            window,
+            session,
+            engine,
+            block_ids,
+            c,
+        } => {
+            let mut req = serde_json::json!({"op": "thaw", "window": window});
+            if let Some(s) = session {
+                req["session"] = s.into();
+            }
+            if let Some(e) = engine {
+                req["engine"] = e.into();
+            }
+            if let Some(b) = block_ids {
+                req["block_ids"] = b.into();
+            }
+            return client(&c, req, |v| {
+                let r = &v["report"];
+                println!(
+                    "thawed {}: {} of {} blocks, {} tokens restored, {} to recompute{}",
+                    r["window"].as_str().unwrap_or(""),
+                    r["blocks_restored"],
+                    r["num_blocks"],
+                    r["tokens_restored"],
+                    r["tokens_to_recompute"],
+                    r["corruption"]
+                        .as_str()
+                        .map(|c| format!(" (corruption: {c})"))
+                        .unwrap_or_default()
+                );
+            });
         }
         Cmd::Health(c) => {
             return client(&c, serde_json::json!({"op": "health"}), |v| {

@@ -161,6 +161,10 @@ pub struct Session {
     pub age_secs: f64,
     #[serde(skip)]
     created: Option<Instant>,
+    /// What the engine last reported the session holds: (engine, token ids, block ids). Not
+    /// persisted: the engine reports it again.
+    #[serde(skip)]
+    pub held: Option<(String, Vec<u32>, Vec<u64>)>,
 }
 
 impl Session {
@@ -176,6 +180,7 @@ impl Session {
             seq,
             age_secs: 0.0,
             created: Some(Instant::now()),
+            held: None,
         }
     }
 }
@@ -316,6 +321,22 @@ impl Registry {
             s.tokens = t;
         }
         Ok(Self::snapshot(s))
+    }
+
+    /// Records what the engine says the session holds (used by freezes and thaws that name only
+    /// the session, such as `cwm freeze --session S --window W`).
+    pub fn set_held(
+        &self,
+        id: &str,
+        held: (String, Vec<u32>, Vec<u64>),
+    ) -> Result<(), SessionError> {
+        let mut g = self.lock();
+        let s =
+            g.0.get_mut(id)
+                .ok_or_else(|| SessionError::NotFound(id.into()))?;
+        s.tokens = held.1.len() as u64;
+        s.held = Some(held);
+        Ok(())
     }
 
     /// Starts a freeze: the session must be ACTIVE or THAWED, not generating, not already being

@@ -265,3 +265,67 @@ fn max_ops_refuses_with_busy_and_durations_are_histograms() {
         "{text}"
     );
 }
+
+#[test]
+fn cli_freeze_and_thaw_by_session() {
+    let f = fixture(&[]);
+    let mut c = Client::connect(&f.daemon.socket).unwrap();
+    let tokens: Vec<u32> = (9000..9000 + 50).collect();
+    c.call_final(json!({"op": "session.open", "session": "chat"}))
+        .unwrap();
+    c.call_final(
+        json!({"op": "session.state", "session": "chat", "engine": "e1",
+        "token_ids": tokens, "block_ids": [5, 6, 7, 8]}),
+    )
+    .unwrap();
+    let cli = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_cwm"))
+            .args(args)
+            .arg("--socket")
+            .arg(&f.daemon.socket)
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    let (rc, out) = cli(&["freeze", "--session", "chat", "--window", "by-cli"]);
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("by-cli v1: 50 tokens, 4 blocks"), "{out}");
+    // The engine allocated new blocks for the session; thaw there.
+    c.call_final(json!({"op": "session.state", "session": "chat", "state": "THAWED"}))
+        .unwrap();
+    c.call_final(
+        json!({"op": "session.state", "session": "chat", "engine": "e1",
+        "token_ids": tokens, "block_ids": [40, 41, 42, 43]}),
+    )
+    .unwrap();
+    let (rc, out) = cli(&["thaw", "by-cli", "--session", "chat"]);
+    assert_eq!(rc, 0, "{out}");
+    assert!(
+        out.contains("4 of 4 blocks, 50 tokens restored, 0 to recompute"),
+        "{out}"
+    );
+    let layout = cwm::layout::Layout::flash_2nbhd(2, 64, 16, 2, 64, cwm::layout::Dtype::Bf16);
+    for (s, d) in [(5u64, 40u64), (6, 41), (7, 42), (8, 43)] {
+        assert_eq!(
+            cwm::device::read_block(&layout, &f.mem, s).unwrap(),
+            cwm::device::read_block(&layout, &f.mem, d).unwrap()
+        );
+    }
+    // Explicit block ids, and a missing window's exit code.
+    assert_eq!(
+        cli(&[
+            "thaw",
+            "by-cli",
+            "--engine",
+            "e1",
+            "--block-ids",
+            "50,51,52,53"
+        ])
+        .0,
+        0
+    );
+    assert_eq!(cli(&["thaw", "nope", "--session", "chat"]).0, 3);
+}

@@ -508,7 +508,27 @@ impl Server {
                 }
             }
             "freeze" => {
-                let eng = self.engine(protocol::str_field(a, "engine")?)?;
+                // Engine, tokens and blocks may come from what the session holds.
+                let sess_id = protocol::opt_str(a, "session")?;
+                let held = sess_id
+                    .as_deref()
+                    .and_then(|s| self.sessions.get(s).ok())
+                    .and_then(|s| s.held);
+                let eng_name = match (protocol::opt_str(a, "engine")?, &held) {
+                    (Some(e), _) => e,
+                    (None, Some((e, _, _))) => e.clone(),
+                    (None, None) => return Err(ApiError::validation(
+                        "missing field engine (or a session whose engine reported what it holds)",
+                    )),
+                };
+                let eng = self.engine(&eng_name)?;
+                let (tokens, block_ids) = match (a.get("tokens"), &held) {
+                    (Some(_), _) | (None, None) => (
+                        protocol::u32_list(a, "tokens")?,
+                        protocol::u64_list(a, "block_ids")?,
+                    ),
+                    (None, Some((_, t, b))) => (t.clone(), b.clone()),
+                };
                 let replace = match a.get("replace") {
                     None | Some(Value::Bool(false)) | Some(Value::Null) => Replace::No,
                     Some(Value::Bool(true)) => Replace::Any,
@@ -519,8 +539,8 @@ impl Server {
                 let fr = FreezeRequest {
                     window: protocol::str_field(a, "window")?.to_string(),
                     session: protocol::opt_str(a, "session")?.unwrap_or_default(),
-                    tokens: protocol::u32_list(a, "tokens")?,
-                    block_ids: protocol::u64_list(a, "block_ids")?,
+                    tokens,
+                    block_ids,
                     replace,
                 };
                 // `captured` goes out from the gather thread the moment the engine's blocks are
@@ -551,10 +571,27 @@ impl Server {
                 Ok(json!({"status": "durable", "window": r.info, "report": r}))
             }
             "thaw" => {
-                let eng = self.engine(protocol::str_field(a, "engine")?)?;
+                let sess_id = protocol::opt_str(a, "session")?;
+                let held = sess_id
+                    .as_deref()
+                    .and_then(|s| self.sessions.get(s).ok())
+                    .and_then(|s| s.held);
+                let eng_name =
+                    match (protocol::opt_str(a, "engine")?, &held) {
+                        (Some(e), _) => e,
+                        (None, Some((e, _, _))) => e.clone(),
+                        (None, None) => return Err(ApiError::validation(
+                            "missing field engine (or a session whose engine reported its blocks)",
+                        )),
+                    };
+                let eng = self.engine(&eng_name)?;
+                let block_ids = match (a.get("block_ids"), &held) {
+                    (Some(_), _) | (None, None) => protocol::u64_list(a, "block_ids")?,
+                    (None, Some((_, _, b))) => b.clone(),
+                };
                 let tr = ThawRequest {
                     window: protocol::str_field(a, "window")?.to_string(),
-                    block_ids: protocol::u64_list(a, "block_ids")?,
+                    block_ids,
                     expect_tokens: match a.get("tokens") {
                         None | Some(Value::Null) => None,
                         Some(_) => Some(protocol::u32_list(a, "tokens")?),
@@ -669,6 +706,14 @@ impl Server {
                     .sessions
                     .set_generating(id, generating, protocol::opt_u64(a, "tokens")?)
                     .map_err(ApiError::from)?;
+                if let Some(engine) = protocol::opt_str(a, "engine")? {
+                    let t = protocol::u32_list(a, "token_ids")?;
+                    let b = protocol::u64_list(a, "block_ids")?;
+                    self.sessions
+                        .set_held(id, (engine, t, b))
+                        .map_err(ApiError::from)?;
+                    s = self.sessions.get(id).map_err(ApiError::from)?;
+                }
                 if let Some(to) = protocol::opt_str(a, "state")? {
                     let to = crate::session::SessionState::parse(&to).ok_or_else(|| {
                         ApiError::validation(
