@@ -153,6 +153,9 @@ struct ServeArgs {
     /// Most freezes and thaws running at once (more get BUSY).
     #[arg(long, env = "CWM_MAX_OPS", default_value_t = 64)]
     max_ops: usize,
+    /// Log format on stderr: text or json (level from CWM_LOG).
+    #[arg(long, env = "CWM_LOG_FORMAT", default_value = "text")]
+    log_format: String,
 }
 
 /// A size in a TOML file: an integer of bytes or a string such as "500GiB".
@@ -283,6 +286,7 @@ fn apply_config_file(a: &mut ServeArgs, m: &clap::ArgMatches) -> Result<(), Stri
 
 fn serve(mut a: ServeArgs, m: &clap::ArgMatches) -> Result<(), String> {
     apply_config_file(&mut a, m)?;
+    cwm::log::init(a.log_format == "json");
     let data_dir = a.data_dir.clone().ok_or(
         "no data directory: pass --data-dir, set CWM_DATA_DIR or data_dir in the config file",
     )?;

@@ -109,3 +109,53 @@ fn toml_then_env_then_flags() {
         "{err}"
     );
 }
+
+#[test]
+fn json_logs_carry_structured_fields() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shm = tmp.path().join("shm");
+    std::fs::create_dir_all(&shm).unwrap();
+    let (paths, _mem) = common::daemon::engine_files(&shm);
+    let sock = tmp.path().join("j.sock");
+    let mut cmd = common::daemon::daemon_command();
+    cmd.args([
+        "serve",
+        "--log-format",
+        "json",
+        "--staging",
+        "8MiB",
+        "--segment-size",
+        "4MiB",
+        "--data-dir",
+    ])
+    .arg(tmp.path().join("data"))
+    .arg("--socket")
+    .arg(&sock)
+    .arg("--shm-dir")
+    .arg(&shm)
+    .stderr(Stdio::piped());
+    let mut child = Guard(cmd.spawn().unwrap());
+    let mut c = wait(&sock);
+    c.call_final(common::daemon::register_req(&paths)).unwrap();
+    let r = c
+        .call_final(json!({"op": "freeze", "engine": "e1", "window": "logged", "tokens": [1, 2, 3], "block_ids": [4]}))
+        .unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    child.0.kill().unwrap();
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let ev = err
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["op"] == "freeze")
+        .unwrap_or_else(|| panic!("no JSON freeze event in:\n{err}"));
+    assert_eq!(ev["fields"]["window"], "logged");
+    assert_eq!(ev["level"], "INFO");
+}

@@ -564,6 +564,18 @@ impl Server {
                     self.sessions.end_freeze(&session, res.is_ok());
                 }
                 let r = res.map_err(ApiError::from)?;
+                tracing::info!(
+                    op = "freeze",
+                    window = %r.info.name,
+                    version = r.info.version,
+                    session = %r.info.session,
+                    bytes = r.bytes,
+                    blocks_written = r.blocks_written,
+                    blocks_deduplicated = r.blocks_deduplicated,
+                    captured_secs = r.captured_secs,
+                    durable_secs = r.durable_secs,
+                    "window durable"
+                );
                 self.counters.freezes.fetch_add(1, Ordering::Relaxed);
                 self.counters
                     .freeze_bytes
@@ -626,6 +638,17 @@ impl Server {
                 if r.corruption.is_some() {
                     self.counters.corruption.fetch_add(1, Ordering::Relaxed);
                 }
+                tracing::info!(
+                    op = "thaw",
+                    window = %r.window,
+                    bytes = r.bytes,
+                    blocks_restored = r.blocks_restored,
+                    tokens_to_recompute = r.tokens_to_recompute,
+                    from_tier = r.blocks_from_tier,
+                    loaded_secs = r.loaded_secs,
+                    corruption = ?r.corruption,
+                    "window loaded"
+                );
                 self.counters.thaws.fetch_add(1, Ordering::Relaxed);
                 if r.loaded_secs > 0.0 && r.bytes > (64 << 20) {
                     // Running estimate of thaw speed for the next deadlines.
