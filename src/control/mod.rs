@@ -4,6 +4,7 @@
 //! the connection keeps serving.
 
 pub mod client;
+pub mod metrics;
 pub mod protocol;
 
 use std::collections::HashMap;
@@ -47,52 +48,6 @@ pub struct ServeConfig {
     pub max_ops: usize,
 }
 
-const BUCKETS: [f64; 11] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
-
-/// A Prometheus histogram of seconds.
-#[derive(Default)]
-struct Histogram {
-    counts: [u64; 12],
-    sum: f64,
-}
-
-impl Histogram {
-    fn observe(&mut self, secs: f64) {
-        let i = BUCKETS
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(BUCKETS.len());
-        self.counts[i] += 1;
-        self.sum += secs;
-    }
-
-    fn render(&self, name: &str, help: &str, out: &mut String) {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
-        let mut acc = 0;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            acc += self.counts[i];
-            out.push_str(&format!("{name}_bucket{{le=\"{b}\"}} {acc}\n"));
-        }
-        acc += self.counts[BUCKETS.len()];
-        out.push_str(&format!(
-            "{name}_bucket{{le=\"+Inf\"}} {acc}\n{name}_sum {}\n{name}_count {acc}\n",
-            self.sum
-        ));
-    }
-}
-
-/// Counters for `metrics`.
-#[derive(Default)]
-pub struct Counters {
-    requests: AtomicU64,
-    errors: AtomicU64,
-    freezes: AtomicU64,
-    thaws: AtomicU64,
-    freeze_bytes: AtomicU64,
-    thaw_bytes: AtomicU64,
-    corruption: AtomicU64,
-}
-
 /// The running server's state.
 pub struct Server {
     store: Arc<Store>,
@@ -101,14 +56,11 @@ pub struct Server {
     idem: Mutex<HashMap<String, Vec<Value>>>,
     tier: RamTier,
     sessions: crate::session::Registry,
-    counters: Counters,
+    metrics: metrics::Metrics,
     stopping: AtomicBool,
     /// Estimated thaw GB/s (f64 bits), for EC-041 deadlines.
     thaw_rate: AtomicU64,
-    edge_cases: Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
-    durations: Mutex<(Histogram, Histogram)>,
     heavy_ops: std::sync::atomic::AtomicUsize,
-    concurrent: Mutex<std::collections::BTreeMap<String, i64>>,
 }
 
 /// Key of a catalog record of `kind` ("session", "idem") named `name`.
@@ -180,13 +132,10 @@ impl Server {
             engines: Mutex::new(HashMap::new()),
             idem: Mutex::new(idem),
             tier,
-            counters: Counters::default(),
+            metrics: metrics::Metrics::default(),
             stopping: AtomicBool::new(false),
             thaw_rate: AtomicU64::new(0.5f64.to_bits()),
-            edge_cases: Mutex::new(std::collections::BTreeMap::new()),
-            durations: Mutex::new((Histogram::default(), Histogram::default())),
             heavy_ops: std::sync::atomic::AtomicUsize::new(0),
-            concurrent: Mutex::new(std::collections::BTreeMap::new()),
         })
     }
 
@@ -316,7 +265,7 @@ impl Server {
             if line.iter().all(|b| b.is_ascii_whitespace()) {
                 continue;
             }
-            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            self.metrics.requests.inc();
             match protocol::parse(&line) {
                 Ok(req) => {
                     let scoped = req.op == "register"
@@ -336,7 +285,7 @@ impl Server {
                     }
                 }
                 Err((id, e)) => {
-                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.errors.inc();
                     self.send(&out, &protocol::error_line(&id, &e));
                 }
             }
@@ -407,14 +356,7 @@ impl Server {
         if heavy {
             self.heavy_ops.fetch_sub(1, Ordering::SeqCst);
             if res.is_ok() {
-                if let Ok(mut d) = self.durations.lock() {
-                    let h = if req.op == "freeze" {
-                        &mut d.0
-                    } else {
-                        &mut d.1
-                    };
-                    h.observe(t0.elapsed().as_secs_f64());
-                }
+                self.metrics.observe(&req.op, t0.elapsed().as_secs_f64());
             }
         }
         if let Some(k) = &op_kind {
@@ -436,7 +378,7 @@ impl Server {
                 emit(v);
             }
             Err(e) => {
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.errors.inc();
                 if let Some(ec) = protocol::edge_case_of(&e) {
                     self.edge_case(ec, "refused");
                 }
@@ -576,10 +518,8 @@ impl Server {
                     durable_secs = r.durable_secs,
                     "window durable"
                 );
-                self.counters.freezes.fetch_add(1, Ordering::Relaxed);
-                self.counters
-                    .freeze_bytes
-                    .fetch_add(r.bytes, Ordering::Relaxed);
+                self.metrics.freezes.inc();
+                self.metrics.freeze_bytes.inc_by(r.bytes);
                 Ok(json!({"status": "durable", "window": r.info, "report": r}))
             }
             "thaw" => {
@@ -636,7 +576,7 @@ impl Server {
                     self.sessions.thawed(&sess).map_err(ApiError::from)?;
                 }
                 if r.corruption.is_some() {
-                    self.counters.corruption.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.corruption.inc();
                 }
                 tracing::info!(
                     op = "thaw",
@@ -649,7 +589,7 @@ impl Server {
                     corruption = ?r.corruption,
                     "window loaded"
                 );
-                self.counters.thaws.fetch_add(1, Ordering::Relaxed);
+                self.metrics.thaws.inc();
                 if r.loaded_secs > 0.0 && r.bytes > (64 << 20) {
                     // Running estimate of thaw speed for the next deadlines.
                     let seen = r.bytes as f64 / r.loaded_secs / 1e9;
@@ -657,9 +597,7 @@ impl Server {
                     self.thaw_rate
                         .store((0.7 * old + 0.3 * seen).to_bits(), Ordering::Relaxed);
                 }
-                self.counters
-                    .thaw_bytes
-                    .fetch_add(r.bytes, Ordering::Relaxed);
+                self.metrics.thaw_bytes.inc_by(r.bytes);
                 Ok(json!({"status": "loaded", "report": r}))
             }
             "lookup" => {
@@ -922,15 +860,11 @@ impl Server {
     }
 
     fn edge_case(&self, id: &'static str, outcome: &'static str) {
-        if let Ok(mut m) = self.edge_cases.lock() {
-            *m.entry((id, outcome)).or_insert(0) += 1;
-        }
+        self.metrics.edge_case(id, outcome);
     }
 
     fn concurrency(&self, op: &str, delta: i64) {
-        if let Ok(mut m) = self.concurrent.lock() {
-            *m.entry(op.to_string()).or_insert(0) += delta;
-        }
+        self.metrics.concurrency(op, delta);
     }
 
     /// Imports an engine's GPU tensors (CUDA IPC handles) and its optional interprocess event.
@@ -966,88 +900,6 @@ impl Server {
     }
 
     fn metrics_text(&self) -> String {
-        let c = &self.counters;
-        let st = self.store.stats().ok();
-        let mut s = String::new();
-        let mut put = |name: &str, help: &str, v: u64| {
-            s.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
-            ));
-        };
-        put(
-            "cwm_requests_total",
-            "Requests received.",
-            c.requests.load(Ordering::Relaxed),
-        );
-        put(
-            "cwm_request_errors_total",
-            "Requests answered with an error.",
-            c.errors.load(Ordering::Relaxed),
-        );
-        put(
-            "cwm_freezes_total",
-            "Freezes made durable.",
-            c.freezes.load(Ordering::Relaxed),
-        );
-        put(
-            "cwm_thaws_total",
-            "Thaws loaded.",
-            c.thaws.load(Ordering::Relaxed),
-        );
-        put(
-            "cwm_freeze_bytes_total",
-            "KV bytes frozen.",
-            c.freeze_bytes.load(Ordering::Relaxed),
-        );
-        put(
-            "cwm_thaw_bytes_total",
-            "KV bytes thawed.",
-            c.thaw_bytes.load(Ordering::Relaxed),
-        );
-        put(
-            "cwm_corruption_events_total",
-            "Thaws stopped early by a corrupt block.",
-            c.corruption.load(Ordering::Relaxed),
-        );
-        if let Some(st) = st {
-            let ratio = if st.capacity == 0 || st.capacity == u64::MAX {
-                0.0
-            } else {
-                st.used_bytes as f64 / st.capacity as f64
-            };
-            s.push_str(&format!(
-                "# HELP cwm_storage_utilization_ratio Used over capacity.\n# TYPE cwm_storage_utilization_ratio gauge\ncwm_storage_utilization_ratio{{tier=\"disk\"}} {ratio}\n# HELP cwm_windows Visible windows.\n# TYPE cwm_windows gauge\ncwm_windows {}\n",
-                st.windows
-            ));
-        }
-        if let Ok(d) = self.durations.lock() {
-            d.0.render(
-                "cwm_freeze_duration_seconds",
-                "Freeze durations, request to durable.",
-                &mut s,
-            );
-            d.1.render(
-                "cwm_thaw_duration_seconds",
-                "Thaw durations, request to loaded.",
-                &mut s,
-            );
-        }
-        s.push_str("# HELP cwm_edge_case_total Edge cases met, by seed id and outcome.\n# TYPE cwm_edge_case_total counter\n");
-        if let Ok(m) = self.edge_cases.lock() {
-            for ((id, outcome), n) in m.iter() {
-                s.push_str(&format!(
-                    "cwm_edge_case_total{{edge_case_id=\"{id}\",outcome=\"{outcome}\"}} {n}\n"
-                ));
-            }
-        }
-        s.push_str("# HELP cwm_concurrent_operations Operations in progress, by type.\n# TYPE cwm_concurrent_operations gauge\n");
-        if let Ok(m) = self.concurrent.lock() {
-            for (op, n) in m.iter() {
-                s.push_str(&format!(
-                    "cwm_concurrent_operations{{operation_type=\"{op}\"}} {n}\n"
-                ));
-            }
-        }
-        s
+        self.metrics.render(self.store.stats().ok().as_ref())
     }
 }

@@ -1,0 +1,158 @@
+//! The daemon's metrics, kept and encoded (Prometheus / OpenMetrics text) by the
+//! `prometheus-client` crate.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::store::StoreStats;
+
+type Labels = Vec<(String, String)>;
+
+const BUCKETS: [f64; 11] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// Every metric of the daemon.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests received.
+    pub requests: Counter,
+    /// Requests answered with an error.
+    pub errors: Counter,
+    /// Freezes made durable.
+    pub freezes: Counter,
+    /// Thaws loaded.
+    pub thaws: Counter,
+    /// KV bytes frozen.
+    pub freeze_bytes: Counter,
+    /// KV bytes thawed.
+    pub thaw_bytes: Counter,
+    /// Thaws stopped early by a corrupt block.
+    pub corruption: Counter,
+    edge_cases: Family<Labels, Counter>,
+    concurrent: Family<Labels, Gauge>,
+    freeze_secs: Histogram,
+    thaw_secs: Histogram,
+    utilization: Family<Labels, Gauge<f64, AtomicU64>>,
+    windows: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let m = Self {
+            requests: Counter::default(),
+            errors: Counter::default(),
+            freezes: Counter::default(),
+            thaws: Counter::default(),
+            freeze_bytes: Counter::default(),
+            thaw_bytes: Counter::default(),
+            corruption: Counter::default(),
+            edge_cases: Family::default(),
+            concurrent: Family::default(),
+            freeze_secs: Histogram::new(BUCKETS),
+            thaw_secs: Histogram::new(BUCKETS),
+            utilization: Family::default(),
+            windows: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("cwm_requests", "Requests received", m.requests.clone());
+        registry.register(
+            "cwm_request_errors",
+            "Requests answered with an error",
+            m.errors.clone(),
+        );
+        registry.register("cwm_freezes", "Freezes made durable", m.freezes.clone());
+        registry.register("cwm_thaws", "Thaws loaded", m.thaws.clone());
+        registry.register(
+            "cwm_freeze_bytes",
+            "KV bytes frozen",
+            m.freeze_bytes.clone(),
+        );
+        registry.register("cwm_thaw_bytes", "KV bytes thawed", m.thaw_bytes.clone());
+        registry.register(
+            "cwm_corruption_events",
+            "Thaws stopped early by a corrupt block",
+            m.corruption.clone(),
+        );
+        registry.register(
+            "cwm_edge_case",
+            "Seed edge cases met, by id and outcome",
+            m.edge_cases.clone(),
+        );
+        registry.register(
+            "cwm_concurrent_operations",
+            "Operations in progress, by type",
+            m.concurrent.clone(),
+        );
+        registry.register(
+            "cwm_freeze_duration_seconds",
+            "Freeze durations, request to durable",
+            m.freeze_secs.clone(),
+        );
+        registry.register(
+            "cwm_thaw_duration_seconds",
+            "Thaw durations, request to loaded",
+            m.thaw_secs.clone(),
+        );
+        registry.register(
+            "cwm_storage_utilization_ratio",
+            "Used bytes over capacity, by tier",
+            m.utilization.clone(),
+        );
+        registry.register("cwm_windows", "Visible windows", m.windows.clone());
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// Counts an edge case met.
+    pub fn edge_case(&self, id: &str, outcome: &str) {
+        self.edge_cases
+            .get_or_create(&vec![
+                ("edge_case_id".into(), id.into()),
+                ("outcome".into(), outcome.into()),
+            ])
+            .inc();
+    }
+
+    /// Moves the in-progress gauge of `op` by `delta`.
+    pub fn concurrency(&self, op: &str, delta: i64) {
+        self.concurrent
+            .get_or_create(&vec![("operation_type".into(), op.into())])
+            .inc_by(delta);
+    }
+
+    /// Records a successful freeze's or thaw's duration.
+    pub fn observe(&self, op: &str, secs: f64) {
+        match op {
+            "freeze" => self.freeze_secs.observe(secs),
+            _ => self.thaw_secs.observe(secs),
+        }
+    }
+
+    /// The text exposition, with storage gauges taken from `stats`.
+    #[must_use]
+    pub fn render(&self, stats: Option<&StoreStats>) -> String {
+        if let Some(st) = stats {
+            let ratio = if st.capacity == 0 || st.capacity == u64::MAX {
+                0.0
+            } else {
+                st.used_bytes as f64 / st.capacity as f64
+            };
+            self.utilization
+                .get_or_create(&vec![("tier".into(), "disk".into())])
+                .set(ratio);
+            self.windows.set(st.windows as i64);
+        }
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.push_str("# metrics encoding failed\n");
+        }
+        out
+    }
+}
