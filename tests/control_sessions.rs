@@ -329,3 +329,50 @@ fn cli_freeze_and_thaw_by_session() {
     );
     assert_eq!(cli(&["thaw", "nope", "--session", "chat"]).0, 3);
 }
+
+#[test]
+fn ec_002_concurrent_identical_thaws_do_the_work_once() {
+    let f = fixture(&[]);
+    let mut c = Client::connect(&f.daemon.socket).unwrap();
+    let r = c
+        .call_final(json!({"op": "freeze", "engine": "e1", "window": "shared",
+            "tokens": (0..40 * 16).collect::<Vec<u32>>(), "block_ids": (0..40).collect::<Vec<u64>>()}))
+        .unwrap();
+    assert_eq!(code(&r), "OK");
+    let sock = f.daemon.socket.clone();
+    let results: Vec<serde_json::Value> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..8)
+            .map(|_| {
+                let sock = sock.clone();
+                s.spawn(move || {
+                    let mut c = Client::connect(&sock).unwrap();
+                    c.call_final(json!({"op": "thaw", "engine": "e1", "window": "shared",
+                        "block_ids": (24..64).collect::<Vec<u64>>()}))
+                        .unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in &results {
+        assert_eq!(r["status"], "loaded", "{r}");
+        assert_eq!(r["report"]["blocks_restored"], 40);
+    }
+    let coalesced = results.iter().filter(|r| r["coalesced"] == true).count();
+    let text = c.call_final(json!({"op": "metrics"})).unwrap()["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let thaws: usize = text
+        .lines()
+        .find_map(|l| l.strip_prefix("cwm_thaws_total "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        thaws + coalesced,
+        8,
+        "each thaw either ran or shared a running one:\n{text}"
+    );
+}

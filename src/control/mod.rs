@@ -61,6 +61,18 @@ pub struct Server {
     /// Estimated thaw GB/s (f64 bits), for EC-041 deadlines.
     thaw_rate: AtomicU64,
     heavy_ops: std::sync::atomic::AtomicUsize,
+    inflight: Mutex<HashMap<String, Arc<Inflight>>>,
+}
+
+/// One in-flight request's outcome, shared with identical requests that arrive meanwhile.
+type Inflight = (Mutex<Option<Result<Value, ApiError>>>, std::sync::Condvar);
+
+/// What makes two thaws identical: engine (or session), window and destination blocks.
+fn thaw_key(a: &Value) -> String {
+    format!(
+        "{}\0{}\0{}\0{}",
+        a["engine"], a["session"], a["window"], a["block_ids"]
+    )
 }
 
 /// Key of a catalog record of `kind` ("session", "idem") named `name`.
@@ -136,6 +148,7 @@ impl Server {
             stopping: AtomicBool::new(false),
             thaw_rate: AtomicU64::new(0.5f64.to_bits()),
             heavy_ops: std::sync::atomic::AtomicUsize::new(0),
+            inflight: Mutex::new(HashMap::new()),
         })
     }
 
@@ -522,7 +535,7 @@ impl Server {
                 self.metrics.freeze_bytes.inc_by(r.bytes);
                 Ok(json!({"status": "durable", "window": r.info, "report": r}))
             }
-            "thaw" => {
+            "thaw" => self.coalesce(&thaw_key(a), || {
                 let sess_id = protocol::opt_str(a, "session")?;
                 let held = sess_id
                     .as_deref()
@@ -599,7 +612,7 @@ impl Server {
                 }
                 self.metrics.thaw_bytes.inc_by(r.bytes);
                 Ok(json!({"status": "loaded", "report": r}))
-            }
+            }),
             "lookup" => {
                 let eng = self.engine(protocol::str_field(a, "engine")?)?;
                 let tokens = protocol::u32_list(a, "tokens")?;
@@ -857,6 +870,58 @@ impl Server {
                 body.len()
             );
         }
+    }
+
+    /// Runs `f` unless an identical request (same key) is already running, in which case this
+    /// one waits for that outcome and shares it, marked `"coalesced": true` (EC-002).
+    fn coalesce(
+        &self,
+        key: &str,
+        f: impl FnOnce() -> Result<Value, ApiError>,
+    ) -> Result<Value, ApiError> {
+        let (slot, leader) = {
+            let mut m = self
+                .inflight
+                .lock()
+                .map_err(|_| ApiError::internal("in-flight table poisoned"))?;
+            match m.get(key) {
+                Some(s) => (s.clone(), false),
+                None => {
+                    let s: Arc<Inflight> = Arc::new((Mutex::new(None), std::sync::Condvar::new()));
+                    m.insert(key.to_string(), s.clone());
+                    (s, true)
+                }
+            }
+        };
+        if leader {
+            let res = f();
+            if let Ok(mut m) = self.inflight.lock() {
+                m.remove(key);
+            }
+            if let Ok(mut r) = slot.0.lock() {
+                *r = Some(res.clone());
+            }
+            slot.1.notify_all();
+            return res;
+        }
+        self.edge_case("EC-002", "coalesced");
+        let mut r = slot
+            .0
+            .lock()
+            .map_err(|_| ApiError::internal("in-flight slot poisoned"))?;
+        while r.is_none() {
+            r = slot
+                .1
+                .wait(r)
+                .map_err(|_| ApiError::internal("in-flight slot poisoned"))?;
+        }
+        let mut out = r
+            .clone()
+            .unwrap_or_else(|| Err(ApiError::internal("no outcome")));
+        if let Ok(v) = &mut out {
+            v["coalesced"] = json!(true);
+        }
+        out
     }
 
     fn edge_case(&self, id: &'static str, outcome: &'static str) {
