@@ -37,8 +37,11 @@ enum Cmd {
     },
     /// Delete a window.
     Rm {
-        /// Window name.
+        /// Window name (with --cascade: a session name).
         name: String,
+        /// NAME is a session: delete it and every window frozen from it.
+        #[arg(long)]
+        cascade: bool,
         #[command(flatten)]
         c: ClientArgs,
     },
@@ -519,7 +522,28 @@ fn main() -> ExitCode {
                 println!("{header}\n{}", window_row(&v["window"]));
             })
         }
-        Cmd::Rm { name, c } => {
+        Cmd::Rm {
+            name,
+            cascade: true,
+            c,
+        } => {
+            return client(
+                &c,
+                serde_json::json!({"op": "session.delete", "session": name, "cascade": true}),
+                |v| {
+                    println!(
+                        "deleted session {} and windows {}",
+                        v["session"].as_str().unwrap_or(""),
+                        v["windows_deleted"]
+                    );
+                },
+            )
+        }
+        Cmd::Rm {
+            name,
+            cascade: false,
+            c,
+        } => {
             return client(
                 &c,
                 serde_json::json!({"op": "delete", "window": name}),

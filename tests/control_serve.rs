@@ -98,6 +98,7 @@ fn serve_protocol_end_to_end() {
             .call_final(json!({"op": "lookup", "engine": "e1", "tokens": tokens}))
             .unwrap();
         assert_eq!(lk["blocks_matched"], 5);
+        assert_eq!(lk["block_keys"].as_array().unwrap().len(), 5);
         assert_eq!(lk["tokens_matched"], tokens.len());
         // Bad input of every kind: an error, and the connection keeps serving.
         c.send_raw(b"{not json").unwrap();

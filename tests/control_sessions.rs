@@ -328,6 +328,11 @@ fn cli_freeze_and_thaw_by_session() {
         0
     );
     assert_eq!(cli(&["thaw", "nope", "--session", "chat"]).0, 3);
+    // rm --cascade takes a session with its windows.
+    let (rc, out) = cli(&["rm", "chat", "--cascade"]);
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("by-cli"), "{out}");
+    assert_eq!(cli(&["stat", "by-cli"]).0, 3);
 }
 
 #[test]

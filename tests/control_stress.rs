@@ -20,7 +20,7 @@ fn thirty_two_clients_bounded_mix() {
     let secs = std::env::var("CWM_STRESS_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(8u64);
+        .unwrap_or(20u64);
     let deadline = Instant::now() + Duration::from_secs(secs);
     let sock = f.daemon.socket.clone();
     // Each client: (window name, source block ids) of its acknowledged, undeleted windows.

@@ -168,6 +168,12 @@ impl Server {
         }
         if let Some(addr) = &self.cfg.metrics_addr {
             let l = std::net::TcpListener::bind(addr)?;
+            if !l.local_addr()?.ip().is_loopback() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("metrics address {addr} is not a loopback address; expose it through a proxy instead"),
+                ));
+            }
             crate::log::info(&format!("metrics on http://{}/metrics", l.local_addr()?));
             let me = self.clone();
             std::thread::spawn(move || me.metrics_http(l));
@@ -625,8 +631,11 @@ impl Server {
                     blocks += 1;
                 }
                 let bs = eng.layout.block_size as usize;
+                let matched: Vec<String> =
+                    keys[..blocks].iter().map(|k| format!("{k:032x}")).collect();
                 Ok(
-                    json!({"blocks_matched": blocks, "tokens_matched": (blocks * bs).min(tokens.len())}),
+                    json!({"blocks_matched": blocks, "tokens_matched": (blocks * bs).min(tokens.len()),
+                    "block_keys": matched}),
                 )
             }
             "list" => {
