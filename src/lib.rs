@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod control;
 pub mod device;
+pub mod fsck;
 pub mod gpucheck;
 pub mod io;
 pub mod keys;

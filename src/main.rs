@@ -75,6 +75,15 @@ enum Cmd {
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// Verify a data directory offline (the daemon must not be running on it).
+    Fsck {
+        /// Data directory.
+        #[arg(long, env = "CWM_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask the daemon whether it is healthy.
     Health(ClientArgs),
     /// Print the daemon's Prometheus metrics.
@@ -609,6 +618,63 @@ fn main() -> ExitCode {
                         .unwrap_or_default()
                 );
             });
+        }
+        Cmd::Fsck { data_dir, json } => {
+            use std::io::IsTerminal;
+            let tty = std::io::stderr().is_terminal() && !json;
+            let progress = |done: usize, total: usize| {
+                if tty {
+                    eprint!("\r  verifying {done}/{total} windows");
+                    if done == total {
+                        eprintln!();
+                    }
+                }
+            };
+            return match cwm::fsck::check(cwm::store::StoreConfig::new(&data_dir), &progress) {
+                Ok(r) => {
+                    if json {
+                        print_json(&r);
+                    } else {
+                        println!("{:<32} {:>8} {:>8}  STATUS", "WINDOW", "BLOCKS", "INTACT");
+                        for w in &r.windows {
+                            println!(
+                                "{:<32} {:>8} {:>8}  {}{}",
+                                w.name,
+                                w.blocks,
+                                w.intact_blocks,
+                                w.status,
+                                w.detail
+                                    .as_deref()
+                                    .map(|d| format!(" ({d})"))
+                                    .unwrap_or_default()
+                            );
+                        }
+                        for l in &r.lost {
+                            println!(
+                                "{l:<32} {:>8} {:>8}  lost (a block is missing from the log)",
+                                "-", "-"
+                            );
+                        }
+                        println!(
+                            "{} windows, {:.1} MiB verified in {:.2} s; torn tails cut: {}, damaged regions: {}",
+                            r.windows.len(),
+                            r.bytes_verified as f64 / 1048576.0,
+                            r.seconds,
+                            r.recovery.torn_tails.len(),
+                            r.recovery.damaged_regions.len()
+                        );
+                    }
+                    if r.clean() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(5)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("cwm: {e}");
+                    ExitCode::from(if e.code() == "BUSY" { 4 } else { 1 })
+                }
+            };
         }
         Cmd::Health(c) => {
             return client(&c, serde_json::json!({"op": "health"}), |v| {
