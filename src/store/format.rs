@@ -159,7 +159,13 @@ pub struct RecordHeader {
     pub payload_xxh3: u64,
     /// Segment the record was written into.
     pub segment_id: u64,
+    /// Flag bit 0: a copy made by compaction. `seq` is then the sequence number of the
+    /// original record (so recovery orders it exactly as before), not its append position.
+    pub copied: bool,
 }
+
+/// Flag bit of a record copied by compaction.
+pub const FLAG_COPIED: u8 = 1;
 
 impl RecordHeader {
     /// Writes the header into `out[..64]`, its checksum seeded with the segment generation.
@@ -168,7 +174,7 @@ impl RecordHeader {
         out[0..4].copy_from_slice(&RECORD_MAGIC);
         out[4..6].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
         out[6] = self.kind as u8;
-        out[7] = 0;
+        out[7] = if self.copied { FLAG_COPIED } else { 0 };
         out[8..16].copy_from_slice(&self.seq.to_le_bytes());
         out[16..32].copy_from_slice(&self.key.to_le_bytes());
         out[32..40].copy_from_slice(&self.payload_len.to_le_bytes());
@@ -198,7 +204,7 @@ impl RecordHeader {
             return Err(HeaderError::Version(v));
         }
         let kind = RecordKind::from_u8(b[6]).ok_or(HeaderError::Field("kind"))?;
-        if b[7] != 0 {
+        if b[7] & !FLAG_COPIED != 0 {
             return Err(HeaderError::Field("flags"));
         }
         let payload_len = u64_at(b, 32);
@@ -212,6 +218,7 @@ impl RecordHeader {
             payload_len,
             payload_xxh3: u64_at(b, 40),
             segment_id: u64_at(b, 48),
+            copied: b[7] & FLAG_COPIED != 0,
         })
     }
 }
@@ -255,6 +262,7 @@ mod tests {
             payload_len: 2 << 20,
             payload_xxh3: 7,
             segment_id: 3,
+            copied: false,
         };
         let mut page = vec![0u8; 4096];
         h.encode(99, &mut page);

@@ -69,6 +69,9 @@ pub enum DecodeError {
     /// Bytes left over after the last field.
     #[error("{0} trailing bytes")]
     Trailing(usize),
+    /// A reserved field is not zero (found by the decoder property tests).
+    #[error("reserved field is {0}, not zero")]
+    Reserved(u16),
 }
 
 struct Writer(Vec<u8>);
@@ -150,8 +153,10 @@ impl<'a> Reader<'a> {
         if v != PAYLOAD_VERSION {
             return Err(DecodeError::Version(v));
         }
-        self.u16()?;
-        Ok(())
+        match self.u16()? {
+            0 => Ok(()),
+            r => Err(DecodeError::Reserved(r)),
+        }
     }
     fn finish(&self) -> Result<(), DecodeError> {
         match self.b.len() - self.at {

@@ -616,6 +616,7 @@ impl Store {
             payload_len,
             payload_xxh3: checksum,
             segment_id: seg.id,
+            copied: false,
         };
         let po = payload_offset(payload_len);
         h.encode(seg.generation, &mut image[..PAGE as usize]);
