@@ -512,6 +512,8 @@ pub fn pipeline(
             &store,
             &syn.engine,
             &ThawRequest {
+                prefix: false,
+                first_block: 0,
                 window: format!("b{run}"),
                 block_ids: (0..nb).map(|i| nb + 7 - i).collect(),
                 expect_tokens: None,

@@ -136,6 +136,8 @@ pub fn run(a: &DemoArgs) -> Result<(), String> {
         &store,
         &syn.engine,
         &ThawRequest {
+            prefix: false,
+            first_block: 0,
             window: "demo-window".into(),
             block_ids: dst.clone(),
             expect_tokens: Some(tokens),

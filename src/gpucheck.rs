@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use crate::device;
 use crate::device::cuda::{Cuda, CudaMemory, IpcTensor};
 use crate::io::{self, EngineKind};
-use crate::layout::{Compat, CrossOrder, Dtype, Layout};
+use crate::layout::{Compat, CrossOrder, Dtype, Inner, Layout};
 use crate::pipeline::{freeze, thaw, Engine, FreezeRequest, PipelineConfig, ThawRequest};
 use crate::store::{Store, StoreConfig};
 use crate::tier::RamTier;
@@ -40,6 +40,17 @@ pub struct LayoutSpec {
     /// Cross-layer order (LBHNC, …).
     #[serde(default)]
     pub order: Option<String>,
+    /// Kind `pieces`: the piece table itself, as the engine read it from its tensors' shapes
+    /// and strides (`layer`, `kind` k|v|kv|latent, `tensor`, `offset`, `block_stride`, `len`).
+    #[serde(default)]
+    pub pieces: Option<Vec<crate::layout::Piece>>,
+    /// Kind `pieces`: order inside a piece, `NHD`, `HND` or `opaque` (the default: never
+    /// permuted).
+    #[serde(default)]
+    pub inner: Option<String>,
+    /// Kind `pieces`: a name for the engine's layout (informational).
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// One tensor as exported by torch.
@@ -99,6 +110,30 @@ pub fn layout_of(l: &LayoutSpec) -> Result<Layout, String> {
                 o => return Err(format!("unknown cross-layer order {o:?}")),
             };
             Layout::cross_layer(order, l.layers, l.blocks, l.block_size, l.heads, l.head, dt)
+        }
+        "pieces" => {
+            let pieces = l
+                .pieces
+                .clone()
+                .filter(|p| !p.is_empty())
+                .ok_or("layout kind pieces needs a non-empty pieces list")?;
+            let inner = match l.inner.as_deref().map(str::to_ascii_lowercase).as_deref() {
+                None | Some("opaque") => Inner::Opaque,
+                Some("nhd") => Inner::Nhd,
+                Some("hnd") => Inner::Hnd,
+                Some(o) => return Err(format!("unknown inner order {o:?} (NHD, HND, opaque)")),
+            };
+            Layout::from_pieces(
+                l.name.as_deref().unwrap_or("pieces"),
+                l.layers,
+                l.blocks,
+                l.block_size,
+                l.heads,
+                l.head,
+                dt,
+                inner,
+                pieces,
+            )?
         }
         k => return Err(format!("unknown layout kind {k}")),
     })
@@ -176,6 +211,8 @@ pub fn run(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
         &store,
         &s.engine,
         &ThawRequest {
+            prefix: false,
+            first_block: 0,
             window: "gpu-check".into(),
             block_ids: spec.dst.clone(),
             expect_tokens: Some(tokens(spec.tokens)),
@@ -274,6 +311,8 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
         &store,
         &s.engine,
         &ThawRequest {
+            prefix: false,
+            first_block: 0,
             window: "bench".into(),
             block_ids: spec.dst.clone(),
             expect_tokens: None,
@@ -345,6 +384,8 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
         &store,
         &s.engine,
         &ThawRequest {
+            prefix: false,
+            first_block: 0,
             window: "tiered".into(),
             block_ids: spec.dst.clone(),
             expect_tokens: None,

@@ -68,6 +68,9 @@ pub enum Inner {
     Nhd,
     /// `[heads][tokens][channels]` (HND).
     Hnd,
+    /// The engine's own in-page order (e.g. vLLM's CPU backend stores K transposed and V
+    /// row-major in one page): pieces move whole and are never permuted.
+    Opaque,
 }
 
 /// Where the pieces of one (layer, kind) live: piece of block `b` is at
@@ -315,6 +318,55 @@ impl Layout {
         l
     }
 
+    /// A layout given by its piece table, as an engine computed it from its tensors' shapes
+    /// and strides (the vLLM connector does this, so no engine layout is hard-coded). Pieces
+    /// of a permutable order (`Nhd`, `Hnd`) must be whole K, V or packed KV pages of the
+    /// geometry; `Opaque` pieces may be any length.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "mirrors the geometry fields of the register request"
+    )]
+    pub fn from_pieces(
+        name: &str,
+        num_layers: u32,
+        num_blocks: u64,
+        block_size: u32,
+        heads: u32,
+        head: u32,
+        dtype: Dtype,
+        inner: Inner,
+        pieces: Vec<Piece>,
+    ) -> Result<Self, String> {
+        let mut l = Self::base(
+            name, num_layers, num_blocks, block_size, heads, head, dtype, inner,
+        );
+        let half = l.half();
+        for (i, p) in pieces.iter().enumerate() {
+            if p.layer >= num_layers {
+                return Err(format!("piece {i} names layer {} of {num_layers}", p.layer));
+            }
+            if p.len == 0 {
+                return Err(format!("piece {i} has zero length"));
+            }
+            let want = match p.kind {
+                PieceKind::K | PieceKind::V => half,
+                PieceKind::Kv => 2 * half,
+                PieceKind::Latent => u64::from(block_size) * u64::from(head) * dtype.size(),
+            };
+            if inner != Inner::Opaque && p.len != want {
+                return Err(format!(
+                    "piece {i} ({:?}) is {} bytes, but a {inner:?} page of this geometry is {want}",
+                    p.kind, p.len
+                ));
+            }
+        }
+        if let Some(missing) = (0..num_layers).find(|x| !pieces.iter().any(|p| p.layer == *x)) {
+            return Err(format!("no piece for layer {missing}"));
+        }
+        l.pieces = pieces;
+        Ok(l)
+    }
+
     /// MLA: per layer `(num_blocks, block_size, head_size)` (e.g. head_size 576).
     #[must_use]
     pub fn mla(num_layers: u32, num_blocks: u64, block_size: u32, head: u32, dtype: Dtype) -> Self {
@@ -434,6 +486,11 @@ impl Layout {
         }
         Ok(if self.inner == window.inner {
             Compat::Same
+        } else if self.inner == Inner::Opaque || window.inner == Inner::Opaque {
+            return Err(LayoutError::Mismatch {
+                window: format!("{} {:?} ({})", window.geometry(), window.inner, window.name),
+                engine: format!("{} {:?} ({})", self.geometry(), self.inner, self.name),
+            });
         } else {
             Compat::Permute
         })
@@ -474,7 +531,8 @@ pub fn transpose_piece(
 ) {
     let (outer, inner) = match from {
         Inner::Hnd => (heads, tokens),
-        Inner::Nhd => (tokens, heads),
+        // Opaque pieces are never permuted (compat refuses); treated as NHD for totality.
+        Inner::Nhd | Inner::Opaque => (tokens, heads),
     };
     for o in 0..outer {
         for i in 0..inner {

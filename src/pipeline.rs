@@ -297,6 +297,12 @@ pub struct ThawRequest {
     pub block_ids: Vec<u64>,
     /// Tokens the engine holds for this prefix (checked against the window, EC-004).
     pub expect_tokens: Option<Vec<u32>>,
+    /// Restore only `block_ids.len()` blocks of the window (a stored prefix of a longer
+    /// prompt); without it `block_ids` must name one destination per window block.
+    pub prefix: bool,
+    /// With `prefix`: start at this window block (the engine already holds the ones before);
+    /// `block_ids[0]` receives window block `first_block`. Tokens are still checked from 0.
+    pub first_block: usize,
 }
 
 /// What a thaw did.
@@ -513,13 +519,29 @@ pub fn thaw(
     tier: Option<&RamTier>,
 ) -> Result<ThawReport, PipelineError> {
     let t0 = Instant::now();
-    let r = store.open_window(&req.window)?;
+    let mut r = store.open_window(&req.window)?;
     let wl = Layout::from_json(&r.manifest.layout)?;
     let compat = eng.layout.compat(&wl)?;
+    let bs = u64::from(eng.layout.block_size);
+    let avail = r.num_blocks();
+    let first = req.first_block;
+    if first > 0 && (!req.prefix || first >= avail) {
+        return Err(PipelineError::Validation(format!(
+            "first_block {first} needs prefix and must be below the {avail} blocks of window {:?}",
+            r.info.name
+        )));
+    }
+    let n = if req.prefix {
+        req.block_ids.len().min(avail - first)
+    } else {
+        avail
+    };
+    // Tokens up to the end of the restored range.
+    let end_tokens = ((first + n) as u64 * bs).min(r.manifest.tokens.len() as u64);
     if let Some(expect) = &req.expect_tokens {
-        let have = &r.manifest.tokens;
+        let have = &r.manifest.tokens[..end_tokens as usize];
         let at = have.iter().zip(expect.iter()).position(|(a, b)| a != b);
-        let at = at.or_else(|| (expect.len() < have.len()).then_some(expect.len()));
+        let at = at.or_else(|| (expect.len() < have.len() && !req.prefix).then_some(expect.len()));
         if let Some(at) = at {
             return Err(PipelineError::TokenMismatch {
                 window: r.info.name.clone(),
@@ -527,8 +549,11 @@ pub fn thaw(
             });
         }
     }
-    let n = r.num_blocks();
-    if req.block_ids.len() != n {
+    if first > 0 {
+        r.skip_blocks(first, bs as usize);
+    }
+    let total_tokens = end_tokens.saturating_sub(first as u64 * bs);
+    if !req.prefix && req.block_ids.len() != n {
         return Err(PipelineError::Validation(format!(
             "window {:?} has {n} blocks but {} destination block ids were given",
             r.info.name,
@@ -556,8 +581,6 @@ pub fn thaw(
     if needed > available {
         return Err(PipelineError::InsufficientMemory { needed, available });
     }
-    let bs = u64::from(eng.layout.block_size);
-    let total_tokens = r.manifest.tokens.len() as u64;
     let mut report = ThawReport {
         window: r.info.name.clone(),
         num_blocks: n as u64,
@@ -577,7 +600,7 @@ pub fn thaw(
     // tier's arena is mapped into the device, so this is one copy, host to device.
     if let Some(t) = tier {
         t.attach(eng.mem.as_ref());
-        let keys: Vec<u128> = r.manifest.blocks.iter().map(|b| b.key).collect();
+        let keys: Vec<u128> = r.manifest.blocks[..n].iter().map(|b| b.key).collect();
         if let Some(hits) = t.all(&keys) {
             let pls = hits.payloads();
             // Verify chunk k+1 on the CPU while chunk k is scattered (on a GPU the scatter

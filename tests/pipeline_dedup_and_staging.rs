@@ -96,6 +96,8 @@ fn shared_prefix_stored_once() {
         &store,
         &syn.engine,
         &ThawRequest {
+            prefix: false,
+            first_block: 0,
             window: "two".into(),
             block_ids: dst.clone(),
             expect_tokens: Some(t2),
@@ -160,6 +162,8 @@ fn freeze_larger_than_staging_and_ram_tier() {
             &store,
             &syn.engine,
             &ThawRequest {
+                prefix: false,
+                first_block: 0,
                 window: "big".into(),
                 block_ids: dst.clone(),
                 expect_tokens: None,
@@ -190,6 +194,8 @@ fn freeze_larger_than_staging_and_ram_tier() {
             &store,
             &syn.engine,
             &ThawRequest {
+                prefix: false,
+                first_block: 0,
                 window: "big".into(),
                 block_ids: dst.clone(),
                 expect_tokens: None,

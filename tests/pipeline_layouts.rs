@@ -65,6 +65,8 @@ fn round_trip_every_layout() {
                 &store,
                 &syn.engine,
                 &ThawRequest {
+                    prefix: false,
+                    first_block: 0,
                     window: "w".into(),
                     block_ids: dst.clone(),
                     expect_tokens: Some(tokens.clone()),
@@ -118,6 +120,8 @@ fn thaw_across_a_dimension_order_change_permutes() {
         &store,
         &b.engine,
         &ThawRequest {
+            prefix: false,
+            first_block: 0,
             window: "upgrade".into(),
             block_ids: vec![19, 0, 5],
             expect_tokens: None,

@@ -58,6 +58,8 @@ fn corrupt_block_restores_the_intact_prefix() {
             &store,
             &syn.engine,
             &ThawRequest {
+                prefix: false,
+                first_block: 0,
                 window: "w".into(),
                 block_ids: dst.clone(),
                 expect_tokens: None,

@@ -62,6 +62,8 @@ fn freeze_and_thaw_through_another_process_memory() {
         &store,
         &eng,
         &ThawRequest {
+            prefix: false,
+            first_block: 0,
             window: "remote".into(),
             block_ids: vec![12, 13, 14, 15],
             expect_tokens: None,

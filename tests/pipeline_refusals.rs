@@ -45,6 +45,8 @@ fn layout_mismatch_names_both_geometries() {
         &store,
         &other.engine,
         &ThawRequest {
+            prefix: false,
+            first_block: 0,
             window: "w".into(),
             block_ids: vec![4, 5, 6, 7],
             expect_tokens: None,
@@ -67,6 +69,8 @@ fn ec_004_a_token_mismatch_refused() {
         &store,
         &syn.engine,
         &ThawRequest {
+            prefix: false,
+            first_block: 0,
             window: "w".into(),
             block_ids: vec![4, 5, 6, 7],
             expect_tokens: Some(tokens),
@@ -111,6 +115,8 @@ fn out_of_range_block_ids_refused_before_copying() {
         &store,
         &syn.engine,
         &ThawRequest {
+            prefix: false,
+            first_block: 0,
             window: "w".into(),
             block_ids: vec![5, 6, 7, 99],
             expect_tokens: None,
@@ -156,6 +162,8 @@ fn ec_022_insufficient_memory_refused_before_thaw() {
         ..Default::default()
     };
     let req = ThawRequest {
+        prefix: false,
+        first_block: 0,
         window: "w".into(),
         block_ids: vec![4, 5, 6, 7],
         expect_tokens: None,

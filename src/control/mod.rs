@@ -70,8 +70,14 @@ type Inflight = (Mutex<Option<Result<Value, ApiError>>>, std::sync::Condvar);
 /// What makes two thaws identical: engine (or session), window and destination blocks.
 fn thaw_key(a: &Value) -> String {
     format!(
-        "{}\0{}\0{}\0{}",
-        a["engine"], a["session"], a["window"], a["block_ids"]
+        "{}\0{}\0{}\0{}\0{}\0{}\0{}",
+        a["engine"],
+        a["session"],
+        a["window"],
+        a["block_ids"],
+        a["tokens"],
+        a["prefix"],
+        a["first_block"]
     )
 }
 
@@ -442,7 +448,7 @@ impl Server {
             "hello" => Ok(json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "protocol": protocol::PROTOCOL_VERSION,
-                "capabilities": ["register.shm", "register.process", "register.cuda", "sessions", "freeze", "thaw", "lookup", "list", "stat", "delete", "idempotency", "metrics"],
+                "capabilities": ["register.shm", "register.process", "register.cuda", "sessions", "freeze", "thaw", "lookup", "list", "stat", "delete", "idempotency", "metrics", "thaw.prefix", "lookup.estimate", "layout.pieces"],
             })),
             "health" => {
                 let st = self.store.stats().map_err(ApiError::from)?;
@@ -560,13 +566,39 @@ impl Server {
                     (Some(_), _) | (None, None) => protocol::u64_list(a, "block_ids")?,
                     (None, Some((_, _, b))) => b.clone(),
                 };
+                let expect_tokens = match a.get("tokens") {
+                    None | Some(Value::Null) => None,
+                    Some(_) => Some(protocol::u32_list(a, "tokens")?),
+                };
+                let prefix = match a.get("prefix") {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(_) => return Err(ApiError::validation("field prefix must be a boolean")),
+                };
+                // Without a window name, the window holding the longest stored prefix of the
+                // tokens (what `lookup` found) is restored, as far as block_ids reach.
+                let (window, prefix) = match (protocol::opt_str(a, "window")?, &expect_tokens) {
+                    (Some(w), _) => (w, prefix),
+                    (None, Some(t)) => {
+                        let found = self
+                            .store
+                            .longest_prefix(&eng.keys(t), None)
+                            .map_err(ApiError::from)?;
+                        let (w, _) = found.ok_or_else(|| {
+                            ApiError::new("NOT_FOUND", "no stored window starts with these tokens")
+                        })?;
+                        (w.name, true)
+                    }
+                    (None, None) => return Err(ApiError::validation(
+                        "missing field window (or tokens, to restore the longest stored prefix)",
+                    )),
+                };
                 let tr = ThawRequest {
-                    window: protocol::str_field(a, "window")?.to_string(),
+                    window,
                     block_ids,
-                    expect_tokens: match a.get("tokens") {
-                        None | Some(Value::Null) => None,
-                        Some(_) => Some(protocol::u32_list(a, "tokens")?),
-                    },
+                    expect_tokens,
+                    prefix,
+                    first_block: protocol::opt_u64(a, "first_block")?.unwrap_or(0) as usize,
                 };
                 // EC-041: a deadline scaled to the window (or the request's timeout_ms).
                 let limit = match protocol::opt_u64(a, "timeout_ms")? {
@@ -622,20 +654,37 @@ impl Server {
             "lookup" => {
                 let eng = self.engine(protocol::str_field(a, "engine")?)?;
                 let tokens = protocol::u32_list(a, "tokens")?;
+                let prefill = match a.get("prefill_tokens_per_s") {
+                    None | Some(Value::Null) => None,
+                    Some(v) => Some(v.as_f64().ok_or_else(|| {
+                        ApiError::validation("prefill_tokens_per_s must be a number")
+                    })?),
+                };
                 let keys = eng.keys(&tokens);
-                let mut blocks = 0usize;
-                for k in &keys {
-                    if !self.store.contains_block(*k).map_err(ApiError::from)? {
-                        break;
-                    }
-                    blocks += 1;
-                }
+                let only = protocol::opt_str(a, "window")?;
+                let found = self
+                    .store
+                    .longest_prefix(&keys, only.as_deref())
+                    .map_err(ApiError::from)?;
+                let blocks = found.as_ref().map_or(0, |(_, n)| *n);
                 let bs = eng.layout.block_size as usize;
+                let tokens_matched = (blocks * bs).min(tokens.len());
                 let matched: Vec<String> =
                     keys[..blocks].iter().map(|k| format!("{k:032x}")).collect();
+                let est = crate::decision::estimate(
+                    blocks as u64 * eng.layout.block_bytes(),
+                    f64::from_bits(self.thaw_rate.load(Ordering::Relaxed)),
+                    tokens_matched as u64,
+                    prefill,
+                );
                 Ok(
-                    json!({"blocks_matched": blocks, "tokens_matched": (blocks * bs).min(tokens.len()),
-                    "block_keys": matched}),
+                    json!({"blocks_matched": blocks, "tokens_matched": tokens_matched,
+                    "block_keys": matched,
+                    "window": found.as_ref().map(|(w, _)| w.name.clone()),
+                    "window_version": found.as_ref().map(|(w, _)| w.version),
+                    "estimated_thaw_secs": est.thaw_secs,
+                    "estimated_recompute_secs": est.recompute_secs,
+                    "thaw_wins": est.thaw_wins}),
                 )
             }
             "list" => {

@@ -124,7 +124,8 @@ pub fn perm_dims(window: &Layout) -> (u64, u64) {
     let n = u64::from(window.block_size);
     match window.inner {
         Inner::Hnd => (h, n),
-        Inner::Nhd => (n, h),
+        // Opaque pieces are never permuted (compat refuses); treated as NHD for totality.
+        Inner::Nhd | Inner::Opaque => (n, h),
     }
 }
 

@@ -12,6 +12,7 @@
 //! [`Store::open`] rebuilds windows, the block index and reference counts from them
 //! (docs/FORMAT.md argues why there is no second database).
 
+mod compact;
 pub mod format;
 pub mod manifest;
 pub mod name;
@@ -31,6 +32,7 @@ use xxhash_rust::xxh3::xxh3_128;
 use crate::io::{self, AlignedBuf, EngineKind, IoEngine, IoError, Op};
 use format::{payload_checksum, payload_offset, record_len, RecordHeader, RecordKind, PAGE};
 pub use manifest::{BlockRef, Manifest, Tombstone};
+pub use compact::{CompactOptions, CompactProgress, CompactReport};
 pub use recovery::{RecoveryMode, RecoveryReport};
 use segment::Segment;
 
@@ -228,8 +230,11 @@ pub struct WindowInfo {
 
 #[derive(Default)]
 pub(crate) struct State {
-    /// Newest catalog record per key: (sequence number, payload).
-    pub meta: HashMap<u128, (u64, Vec<u8>)>,
+    /// Newest catalog record per key: (sequence number, payload, where it is).
+    pub meta: HashMap<u128, (u64, Vec<u8>, Loc)>,
+    /// Per window-name key, the sequence number of the newest manifest or tombstone written
+    /// for it (the event recovery resolves the name to; compaction keeps it while needed).
+    pub names: HashMap<u128, u64>,
     pub blocks: HashMap<u128, BlockEntry>,
     pub windows: BTreeMap<String, WindowEntry>,
     pub segments: BTreeMap<u64, Arc<Segment>>,
@@ -472,6 +477,37 @@ impl Store {
             .map_err(poisoned)?
             .blocks
             .contains_key(&key))
+    }
+
+    /// The window holding the longest prefix of these (chained) block keys, and how many
+    /// leading blocks it holds; the newest such window on a tie. `None` when no window starts
+    /// with `keys[0]`. With `only`, just that window is considered.
+    pub fn longest_prefix(
+        &self,
+        keys: &[u128],
+        only: Option<&str>,
+    ) -> Result<Option<(WindowInfo, usize)>, StoreError> {
+        let st = self.state.read().map_err(poisoned)?;
+        let mut best: Option<(&WindowInfo, usize)> = None;
+        let only = match only {
+            Some(n) => Some(name::validate_name(n).map_err(StoreError::Validation)?),
+            None => None,
+        };
+        let candidates: Box<dyn Iterator<Item = &WindowEntry>> = match &only {
+            Some(n) => Box::new(st.windows.get(n).into_iter()),
+            None => Box::new(st.windows.values()),
+        };
+        for w in candidates {
+            let n = w.keys.iter().zip(keys).take_while(|(a, b)| a == b).count();
+            let better = match best {
+                None => n > 0,
+                Some((b, bn)) => n > bn || (n == bn && w.info.seq > b.seq),
+            };
+            if better {
+                best = Some((&w.info, n));
+            }
+        }
+        Ok(best.map(|(i, n)| (i.clone(), n)))
     }
 
     /// Reference count of a stored block (0 when absent).
@@ -863,18 +899,23 @@ impl Store {
         self.sync(&loc.seg)?;
         loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
         let seq = app.next_seq - 1;
-        self.state
+        let old = self
+            .state
             .write()
             .map_err(poisoned)?
             .meta
-            .insert(key, (seq, payload.to_vec()));
+            .insert(key, (seq, payload.to_vec(), loc));
+        // The superseded record is garbage now (compaction drops it).
+        if let Some((_, _, l)) = old {
+            l.seg.live.fetch_sub(l.len, Ordering::SeqCst);
+        }
         Ok(())
     }
 
     /// Every catalog record key with its newest payload.
     pub fn meta(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError> {
         let st = self.state.read().map_err(poisoned)?;
-        Ok(st.meta.iter().map(|(k, (_, v))| (*k, v.clone())).collect())
+        Ok(st.meta.iter().map(|(k, (_, v, _))| (*k, v.clone())).collect())
     }
 
     /// Deletes a window: writes a durable tombstone, then drops its block references. Blocks
@@ -912,7 +953,9 @@ impl Store {
             self.append_payload(&mut app, RecordKind::Tombstone, name_key(&name), &payload)?;
         self.sync(&loc.seg)?;
         loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
+        let seq = app.next_seq - 1;
         let mut st = self.state.write().map_err(poisoned)?;
+        st.names.insert(name_key(&name), seq);
         st.windows.remove(&name);
         release_window(&mut st, &entry);
         Ok(entry.info)
@@ -1204,6 +1247,7 @@ impl WindowWriter<'_> {
             &payload,
         )?;
         let seq = self.app.next_seq - 1;
+        mloc.seg.note_manifest(name_key(&m.name));
         self.store.sync(&mloc.seg)?;
         // 4. Publish.
         let info = WindowInfo {
@@ -1237,6 +1281,7 @@ impl WindowWriter<'_> {
             }
         }
         mloc.seg.live.fetch_add(mloc.len, Ordering::SeqCst);
+        st.names.insert(name_key(&m.name), seq);
         let entry = WindowEntry {
             info: info.clone(),
             manifest: mloc,
@@ -1264,6 +1309,17 @@ impl WindowReader {
     #[must_use]
     pub fn num_blocks(&self) -> usize {
         self.locs.len()
+    }
+
+    /// Drops the window's first `k` blocks (and the `k * block_size` tokens they hold) from
+    /// this reader: block `i` of the reader is then block `k + i` of the window (a thaw of a
+    /// range whose start the engine already holds).
+    pub fn skip_blocks(&mut self, k: usize, block_size: usize) {
+        let k = k.min(self.locs.len());
+        self.locs.drain(..k);
+        self.manifest.blocks.drain(..k);
+        let t = (k * block_size).min(self.manifest.tokens.len());
+        self.manifest.tokens.drain(..t);
     }
 
     /// Bytes of the record image of block `i` (what a read buffer must hold).
