@@ -11,6 +11,7 @@ pub mod bench;
 pub mod control;
 pub mod decision;
 pub mod device;
+pub mod failpoint;
 pub mod fsck;
 pub mod gpucheck;
 pub mod io;

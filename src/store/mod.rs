@@ -235,6 +235,9 @@ pub(crate) struct State {
     /// Per window-name key, the sequence number of the newest manifest or tombstone written
     /// for it (the event recovery resolves the name to; compaction keeps it while needed).
     pub names: HashMap<u128, u64>,
+    /// Per window-name key whose newest event is a tombstone: where that tombstone is. Only
+    /// these tombstones count as live bytes.
+    pub tombs: HashMap<u128, Loc>,
     pub blocks: HashMap<u128, BlockEntry>,
     pub windows: BTreeMap<String, WindowEntry>,
     pub segments: BTreeMap<u64, Arc<Segment>>,
@@ -672,6 +675,17 @@ impl Store {
             s.seal();
         }
         let id = app.next_segment;
+        crate::fail_point!("segment-rotate", a => {
+            if a == crate::failpoint::Action::ShortWrite {
+                // The file is created and preallocated but its header page never arrives
+                // (what a crash inside Segment::create leaves behind).
+                let path = self.cfg.dir.join(segment::file_name(id));
+                if let Ok((f, _)) = io::open_direct(&path, true) {
+                    let _ = segment::preallocate(&f, self.cfg.segment_size);
+                }
+            }
+            return Err(injected_error("segment-rotate"));
+        });
         let seg = Arc::new(Segment::create(
             &self.cfg.dir,
             id,
@@ -700,6 +714,10 @@ impl Store {
                 },
             });
         }
+        crate::fail_point!("fdatasync", _a => {
+            seg.fail();
+            return Err(injected_error("fdatasync"));
+        });
         self.engine.fdatasync(seg.fd()).map_err(|e| {
             // Never retried as if nothing happened: the segment becomes read-only.
             seg.fail();
@@ -956,6 +974,9 @@ impl Store {
         let seq = app.next_seq - 1;
         let mut st = self.state.write().map_err(poisoned)?;
         st.names.insert(name_key(&name), seq);
+        if let Some(old) = st.tombs.insert(name_key(&name), loc) {
+            old.seg.live.fetch_sub(old.len, Ordering::SeqCst);
+        }
         st.windows.remove(&name);
         release_window(&mut st, &entry);
         Ok(entry.info)
@@ -975,11 +996,51 @@ impl Store {
         img[po..po + payload.len()].copy_from_slice(payload);
         let sum = payload_checksum(payload);
         let loc = self.append(app, kind, key, len, sum, &mut img)?;
+        let _site = match kind {
+            RecordKind::Manifest => "manifest-write",
+            RecordKind::Meta => "meta-write",
+            _ => "",
+        };
+        crate::fail_point!(_site, a => {
+            if a == crate::failpoint::Action::ShortWrite {
+                short_write(self.engine.as_ref(), &loc, &img);
+            }
+            loc.seg.fail();
+            return Err(injected_error(_site));
+        });
         if let Err(e) = self.engine.write_all_at(loc.seg.fd(), loc.offset, &img) {
             loc.seg.fail();
             return Err(StoreError::io(format!("writing a {kind:?} record"), e));
         }
         Ok(loc)
+    }
+}
+
+/// The error an injected fault (feature `failpoints`) answers.
+#[cfg(feature = "failpoints")]
+fn injected_error(site: &str) -> StoreError {
+    StoreError::Io {
+        context: format!("failpoint {site}"),
+        source: IoError::Os {
+            op: "write",
+            offset: 0,
+            source: crate::failpoint::injected(site),
+        },
+    }
+}
+
+/// Writes part of a record image (feature `failpoints`, action `short-write`): the first half
+/// of its pages, or for a one-page record its first 2 KiB (a torn page).
+#[cfg(feature = "failpoints")]
+pub(crate) fn short_write(engine: &dyn IoEngine, loc: &Loc, img: &[u8]) {
+    let page = PAGE as usize;
+    let pages = img.len() / page;
+    if pages > 1 {
+        let _ = engine.write_all_at(loc.seg.fd(), loc.offset, &img[..(pages / 2) * page]);
+    } else if pages == 1 {
+        let mut b = AlignedBuf::zeroed(page);
+        b[..page / 2].copy_from_slice(&img[..page / 2]);
+        let _ = engine.write_all_at(loc.seg.fd(), loc.offset, &b);
     }
 }
 
@@ -1105,6 +1166,18 @@ impl WindowWriter<'_> {
             }
             return Err(e);
         }
+        crate::fail_point!("block-write", a => {
+            if let (Some(b), Some((_, loc, _))) = (blocks.first(), locs.first()) {
+                if a == crate::failpoint::Action::ShortWrite {
+                    short_write(self.store.engine.as_ref(), loc, &b.image[..loc.len as usize]);
+                }
+            }
+            for (_, loc, _) in &locs {
+                loc.seg.fail();
+            }
+            self.failed = Some("injected fault".into());
+            return Err(injected_error("block-write"));
+        });
         let mut ops: Vec<Op<'_>> = blocks
             .iter()
             .zip(&locs)
@@ -1282,6 +1355,10 @@ impl WindowWriter<'_> {
         }
         mloc.seg.live.fetch_add(mloc.len, Ordering::SeqCst);
         st.names.insert(name_key(&m.name), seq);
+        if let Some(t) = st.tombs.remove(&name_key(&m.name)) {
+            // The tombstone is no longer the newest event of the name: garbage.
+            t.seg.live.fetch_sub(t.len, Ordering::SeqCst);
+        }
         let entry = WindowEntry {
             info: info.clone(),
             manifest: mloc,

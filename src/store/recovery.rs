@@ -72,15 +72,15 @@ pub struct RecoveryReport {
     pub truncated_bytes: u64,
 }
 
-struct Rec {
-    h: RecordHeader,
-    offset: u64,
-    len: u64,
+pub(super) struct Rec {
+    pub h: RecordHeader,
+    pub offset: u64,
+    pub len: u64,
 }
 
 enum Meta {
     Manifest(Manifest, Loc),
-    Tombstone(Tombstone),
+    Tombstone(Tombstone, Loc),
 }
 
 struct Cand {
@@ -160,6 +160,7 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
             live: AtomicU64::new(0),
             sealed: AtomicBool::new(true),
             failed: AtomicBool::new(false),
+            manifest_names: std::sync::Mutex::new(std::collections::HashSet::new()),
         });
         report.segments += 1;
         let (recs, frontier, torn, damaged) = scan(engine, &seg, file_len)?;
@@ -194,6 +195,9 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
                 offset: r.offset,
                 len: r.len,
             };
+            if r.h.kind == RecordKind::Manifest {
+                seg.note_manifest(r.h.key);
+            }
             match r.h.kind {
                 RecordKind::Block => cands.entry(r.h.key).or_default().push(Cand {
                     seq: r.h.seq,
@@ -206,22 +210,20 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
                         Ok(Some(m)) => {
                             let m = match m {
                                 MetaPayload::Catalog(bytes) => {
-                                    // Catalog records stay live until compaction retires
-                                    // superseded ones.
-                                    seg.live.fetch_add(r.len, Ordering::SeqCst);
-                                    let newer =
-                                        state.meta.get(&r.h.key).is_none_or(|(s, _)| *s < r.h.seq);
+                                    // The newest record of a key is live (counted below); a
+                                    // compaction copy (same sequence number) wins over its
+                                    // original.
+                                    let newer = state
+                                        .meta
+                                        .get(&r.h.key)
+                                        .is_none_or(|(s, _, _)| *s <= r.h.seq);
                                     if newer {
-                                        state.meta.insert(r.h.key, (r.h.seq, bytes));
+                                        state.meta.insert(r.h.key, (r.h.seq, bytes, loc));
                                     }
                                     continue;
                                 }
                                 MetaPayload::Manifest(m) => Meta::Manifest(m, loc),
-                                MetaPayload::Tombstone(t) => {
-                                    // Tombstones stay live until compaction retires them.
-                                    seg.live.fetch_add(r.len, Ordering::SeqCst);
-                                    Meta::Tombstone(t)
-                                }
+                                MetaPayload::Tombstone(t) => Meta::Tombstone(t, loc),
                             };
                             metas.push((r.h.seq, m));
                         }
@@ -251,20 +253,29 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
         last = Some(seg);
     }
 
-    // Apply manifests and tombstones in sequence order.
+    for (_, _, loc) in state.meta.values() {
+        loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
+    }
+
+    // Apply manifests and tombstones in sequence order: the newest event of a name decides
+    // (a manifest replaces whatever the name held; a tombstone removes the version it names).
+    // The sort is stable and segments were scanned in id order, so of a record and its
+    // compaction copy (same sequence number) the copy comes last and wins.
     metas.sort_by_key(|(s, _)| *s);
     let mut live: BTreeMap<String, (u64, Manifest, Loc)> = BTreeMap::new();
     for (seq, m) in metas {
         match m {
             Meta::Manifest(m, loc) => {
-                let newer = live
-                    .get(&m.name)
-                    .is_none_or(|(_, old, _)| m.version > old.version);
-                if newer {
-                    live.insert(m.name.clone(), (seq, m, loc));
-                }
+                let key = name_key(&m.name);
+                state.names.insert(key, seq);
+                state.tombs.remove(&key);
+                live.insert(m.name.clone(), (seq, m, loc));
             }
-            Meta::Tombstone(t) => {
+            Meta::Tombstone(t, loc) => {
+                // The newest tombstone of a name (a copy over its original) is live while it
+                // is the name's newest event.
+                state.names.insert(name_key(&t.name), seq);
+                state.tombs.insert(name_key(&t.name), loc);
                 if live
                     .get(&t.name)
                     .is_some_and(|(_, m, _)| m.version == t.version)
@@ -274,24 +285,35 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
             }
         }
     }
+    for loc in state.tombs.values() {
+        loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
+    }
     for cs in cands.values_mut() {
         cs.sort_by_key(|c| c.seq);
     }
+    // Blocks already resolved to one of several records with the same sequence number (an
+    // original and its compaction copies): key -> chosen candidate index.
+    let mut chosen: HashMap<u128, usize> = HashMap::new();
     let mut windows: Vec<(u64, Manifest, Loc)> = live.into_values().collect();
     windows.sort_by_key(|(s, _, _)| *s);
     for (seq, m, mloc) in windows {
         // Resolve every block to the newest matching record written before the manifest.
         let mut resolved = Vec::with_capacity(m.blocks.len());
         for b in &m.blocks {
-            let found = cands.get(&b.key).and_then(|cs| {
-                cs.iter()
-                    .rev()
-                    .find(|c| c.seq < seq && c.checksum == b.checksum && c.payload_len == b.len)
-            });
-            match found {
-                Some(c) => resolved.push(c),
-                None => break,
-            }
+            let Some(cs) = cands.get(&b.key) else { break };
+            let found = cs
+                .iter()
+                .rposition(|c| c.seq < seq && c.checksum == b.checksum && c.payload_len == b.len);
+            let Some(i) = found else { break };
+            let i = match chosen.get(&b.key) {
+                Some(&j) if cs[j].seq == cs[i].seq => j,
+                _ => {
+                    let j = pick_duplicate(engine, cs, i);
+                    chosen.insert(b.key, j);
+                    j
+                }
+            };
+            resolved.push(&cs[i]);
         }
         if resolved.len() != m.blocks.len() {
             if strict {
@@ -370,6 +392,33 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
     ))
 }
 
+/// Of the records with the sequence number of `cs[i]` (an original and its compaction copies,
+/// identical when intact), the newest whose bytes verify; `i` when there is only one or none
+/// verifies (reads then report the damage). Only duplicates pay for reading payloads.
+fn pick_duplicate(engine: &dyn IoEngine, cs: &[Cand], i: usize) -> usize {
+    let seq = cs[i].seq;
+    let dups: Vec<usize> = (0..=i)
+        .rev()
+        .take_while(|&j| cs[j].seq == seq)
+        .filter(|&j| cs[j].checksum == cs[i].checksum && cs[j].payload_len == cs[i].payload_len)
+        .collect();
+    if dups.len() < 2 {
+        return i;
+    }
+    for j in dups {
+        let c = &cs[j];
+        let mut img = AlignedBuf::zeroed(c.loc.len as usize);
+        if engine
+            .read_exact_at(c.loc.seg.fd(), c.loc.offset, &mut img)
+            .is_ok()
+            && super::verify_image(&img, &c.loc.seg, RecordKind::Block).is_ok()
+        {
+            return j;
+        }
+    }
+    i
+}
+
 fn reset_tail(file: &File, frontier: u64, size: u64) -> std::io::Result<()> {
     file.set_len(frontier)?;
     segment::preallocate(file, size)?;
@@ -406,7 +455,7 @@ fn read_meta(
     })
 }
 
-type Scan = (
+pub(super) type Scan = (
     Vec<Rec>,
     u64,
     Option<(u64, String)>,
@@ -415,7 +464,11 @@ type Scan = (
 
 /// Walks the record headers of one segment. Reads 256 KiB windows while records are small and
 /// single header pages once they are large, so the cost follows the number of records.
-fn scan(engine: &dyn IoEngine, seg: &Segment, file_len: u64) -> Result<Scan, StoreError> {
+pub(super) fn scan(
+    engine: &dyn IoEngine,
+    seg: &Segment,
+    file_len: u64,
+) -> Result<Scan, StoreError> {
     let mut recs = Vec::new();
     let mut buf = AlignedBuf::zeroed(SCAN_WINDOW);
     let (mut win_start, mut win_len) = (0u64, 0u64);
@@ -445,7 +498,10 @@ fn scan(engine: &dyn IoEngine, seg: &Segment, file_len: u64) -> Result<Scan, Sto
             Err(HeaderError::Empty) => break None,
             Err(e) => Err(e.to_string()),
             Ok(h) if h.segment_id != seg.id => Err("record of another segment".to_string()),
-            Ok(h) if h.seq <= last_seq => Err("sequence number does not increase".to_string()),
+            // A compaction copy keeps its original's sequence number, out of append order.
+            Ok(h) if !h.copied && h.seq <= last_seq => {
+                Err("sequence number does not increase".to_string())
+            }
             Ok(h) if off + record_len(h.payload_len) > end => {
                 Err("record runs past the end of the segment".to_string())
             }
@@ -467,7 +523,9 @@ fn scan(engine: &dyn IoEngine, seg: &Segment, file_len: u64) -> Result<Scan, Sto
             }
         };
         let len = record_len(h.payload_len);
-        last_seq = h.seq;
+        if !h.copied {
+            last_seq = h.seq;
+        }
         recs.push(Rec {
             h,
             offset: off,
@@ -518,7 +576,7 @@ fn find_next(
             if let Ok(h) = RecordHeader::decode(&buf[at..at + PAGE as usize], seg.generation) {
                 let o = off + p * PAGE;
                 if h.segment_id == seg.id
-                    && h.seq > last_seq
+                    && (h.copied || h.seq > last_seq)
                     && o + record_len(h.payload_len) <= end
                 {
                     return Ok(Some(o));

@@ -1,9 +1,11 @@
 //! Segment files: fixed-size, preallocated, a header page first, records after it.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use super::format::{SegmentHeader, PAGE};
 use super::StoreError;
@@ -24,6 +26,9 @@ pub(crate) struct Segment {
     pub sealed: AtomicBool,
     /// A write or fdatasync failed: the segment is read-only from now on.
     pub failed: AtomicBool,
+    /// Window-name keys of every manifest record in this segment (live or not): compaction
+    /// keeps a tombstone while some other segment still holds a manifest it shadows.
+    pub manifest_names: Mutex<HashSet<u128>>,
 }
 
 impl std::fmt::Debug for Segment {
@@ -136,7 +141,23 @@ impl Segment {
             live: AtomicU64::new(0),
             sealed: AtomicBool::new(false),
             failed: AtomicBool::new(false),
+            manifest_names: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// Notes that a manifest of window-name key `key` was written into this segment.
+    pub fn note_manifest(&self, key: u128) {
+        if let Ok(mut m) = self.manifest_names.lock() {
+            m.insert(key);
+        }
+    }
+
+    /// True when a manifest of window-name key `key` was written into this segment.
+    pub fn has_manifest(&self, key: u128) -> bool {
+        // A poisoned set answers "yes": keeping a tombstone is always safe.
+        self.manifest_names
+            .lock()
+            .map_or(true, |m| m.contains(&key))
     }
 
     /// Marks the segment sealed and gives back its unused preallocated tail.

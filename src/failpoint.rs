@@ -1,0 +1,125 @@
+//! Failpoints: named places in the write path where a test can inject a fault. Compiled only
+//! with the cargo feature `failpoints` (off by default): without it the `fail_point!` sites
+//! expand to nothing, so release builds carry none.
+//!
+//! Set them with [`set`] in-process, or for a child process through the environment:
+//! `CWM_FAILPOINTS="block-write=error;fdatasync=panic"` (read once, at the first site reached).
+//!
+//! Sites: `block-write`, `manifest-write`, `meta-write` (catalog commit), `fdatasync`,
+//! `compaction-copy`, `segment-rotate`. Actions: `error` (the operation fails with a typed
+//! I/O error), `short-write` (part of the bytes reach the file, then the operation fails), and
+//! `panic`. A site fires every time it is reached until cleared.
+
+/// What an armed failpoint does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Fail with an I/O error (EIO).
+    Error,
+    /// Write part of the bytes, then fail with an I/O error.
+    ShortWrite,
+    /// Panic.
+    Panic,
+}
+
+impl std::str::FromStr for Action {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "error" => Ok(Self::Error),
+            "short-write" => Ok(Self::ShortWrite),
+            "panic" => Ok(Self::Panic),
+            o => Err(format!(
+                "unknown failpoint action {o:?}: use error, short-write or panic"
+            )),
+        }
+    }
+}
+
+/// Every failpoint site.
+pub const SITES: [&str; 6] = [
+    "block-write",
+    "manifest-write",
+    "meta-write",
+    "fdatasync",
+    "compaction-copy",
+    "segment-rotate",
+];
+
+/// The I/O error an injected fault answers.
+#[must_use]
+pub fn injected(site: &str) -> std::io::Error {
+    std::io::Error::other(format!("injected fault at failpoint {site} (EIO)"))
+}
+
+#[cfg(feature = "failpoints")]
+mod registry {
+    use super::Action;
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+
+    fn map() -> &'static Mutex<HashMap<String, Action>> {
+        static M: OnceLock<Mutex<HashMap<String, Action>>> = OnceLock::new();
+        M.get_or_init(|| {
+            let mut m = HashMap::new();
+            if let Ok(spec) = std::env::var("CWM_FAILPOINTS") {
+                for item in spec.split(';').filter(|s| !s.trim().is_empty()) {
+                    if let Some((name, action)) = item.split_once('=') {
+                        if let Ok(a) = action.trim().parse() {
+                            m.insert(name.trim().to_string(), a);
+                        }
+                    }
+                }
+            }
+            Mutex::new(m)
+        })
+    }
+
+    /// Arms (`Some`) or clears (`None`) failpoint `name`.
+    pub fn set(name: &str, action: Option<Action>) {
+        let mut m = map()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match action {
+            Some(a) => m.insert(name.to_string(), a),
+            None => m.remove(name),
+        };
+    }
+
+    /// Clears every failpoint.
+    pub fn clear() {
+        map()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+
+    /// The action armed at `name`, if any.
+    pub fn hit(name: &str) -> Option<Action> {
+        let a = map()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .copied();
+        if let Some(Action::Panic) = a {
+            panic!("failpoint {name}: injected panic");
+        }
+        a
+    }
+}
+
+#[cfg(feature = "failpoints")]
+pub use registry::{clear, hit, set};
+
+/// Runs `$body` with the armed action (`Error` or `ShortWrite`; `Panic` panics inside) when
+/// failpoint `$name` is armed. Expands to nothing without the `failpoints` feature.
+#[macro_export]
+macro_rules! fail_point {
+    ($name:expr, $a:ident => $body:expr) => {
+        #[cfg(feature = "failpoints")]
+        {
+            if let Some($a) = $crate::failpoint::hit($name) {
+                $body
+            }
+        }
+    };
+}

@@ -1,0 +1,575 @@
+//! Compaction: copies the live records of sealed segments whose live ratio is low into the
+//! append segment, then deletes the source segment once nothing in the index refers to it.
+//!
+//! Copies keep the original record's sequence number (header flag `copied`), so recovery
+//! orders them exactly as it ordered the originals: a copied manifest can never shadow a newer
+//! version or outlive a tombstone written after it. Manifests name their blocks by key, not by
+//! location, so moving a block only updates the block index; manifests are never rewritten.
+//!
+//! One batch (at most `batch_bytes`) is copied per hold of the appender lock: decide what is
+//! live, read it, verify it, append the copies, `fdatasync` them, then repoint the index. Only
+//! after every live record of a segment is durable elsewhere is the segment dropped from the
+//! index and its file unlinked. A [`super::WindowReader`] opened before holds the segment's
+//! `Arc` (and so its open file); POSIX keeps an unlinked inode readable, and segment ids and
+//! files are never reused. A crash at any point leaves the originals, the copies, or both;
+//! recovery prefers a copy whose bytes verify.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::format::{RecordHeader, RecordKind, PAGE};
+use super::recovery::{scan, Rec};
+use super::segment::Segment;
+use super::{poisoned, verify_image, Appender, Loc, State, Store, StoreError};
+use crate::io::{self, AlignedBuf, Op};
+
+/// What compaction does.
+#[derive(Debug, Clone)]
+pub struct CompactOptions {
+    /// Sealed segments whose live bytes are below this fraction of their record bytes are
+    /// compacted (default 0.5; 1.0 compacts every segment holding any garbage).
+    pub live_ratio: f64,
+    /// Most bytes copied per second (0: unlimited).
+    pub rate: u64,
+    /// Most bytes copied under one hold of the appender lock (a freeze waits at most this).
+    pub batch_bytes: u64,
+    /// Most segments compacted in one call (0: every candidate).
+    pub max_segments: usize,
+}
+
+impl Default for CompactOptions {
+    fn default() -> Self {
+        Self {
+            live_ratio: 0.5,
+            rate: 0,
+            batch_bytes: 8 << 20,
+            max_segments: 0,
+        }
+    }
+}
+
+/// What one compaction call did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CompactReport {
+    /// Segments emptied and deleted.
+    pub segments_removed: Vec<u64>,
+    /// Segments left in place, and why (a damaged live record: run `cwm fsck --repair`).
+    pub segments_skipped: Vec<(u64, String)>,
+    /// Records copied.
+    pub records_copied: u64,
+    /// Bytes copied.
+    pub bytes_copied: u64,
+    /// Records dropped (garbage).
+    pub records_dropped: u64,
+    /// Bytes of the deleted segments (records and header pages).
+    pub bytes_reclaimed: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Progress of a compaction, reported after every batch.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CompactProgress {
+    /// Segments finished.
+    pub segments_done: usize,
+    /// Segments chosen.
+    pub segments_total: usize,
+    /// Bytes copied so far.
+    pub bytes_copied: u64,
+}
+
+/// Why a record of the source segment is copied.
+enum Keep {
+    /// The indexed record of a stored block.
+    Block,
+    /// The newest catalog record of its key.
+    Meta,
+    /// The manifest of this live window.
+    Window(String),
+    /// A non-visible manifest (its window is incomplete) that is the newest event of its name
+    /// while an older manifest of that name survives elsewhere.
+    Shadow,
+    /// The tombstone that is the newest event of its name, while an older manifest of that
+    /// name survives elsewhere: dropping it would bring that manifest back.
+    Tomb,
+}
+
+struct Throttle {
+    start: Instant,
+    bytes: u64,
+    rate: u64,
+}
+
+impl Throttle {
+    fn after(&mut self, n: u64) {
+        self.bytes += n;
+        if self.rate > 0 {
+            let want = Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
+            let el = self.start.elapsed();
+            if want > el {
+                std::thread::sleep(want - el);
+                return;
+            }
+        }
+        // Let a freeze, delete or catalog write waiting on the appender lock take it.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn same(l: &Loc, seg: &Segment, offset: u64) -> bool {
+    l.seg.id == seg.id && l.offset == offset
+}
+
+/// True when the manifest or tombstone `r` of `seg` is the newest event of its name and some
+/// other segment holds a manifest of that name (which it must keep shadowing).
+fn shadows(st: &State, seg: &Segment, r: &Rec) -> bool {
+    st.names.get(&r.h.key) == Some(&r.h.seq)
+        && st
+            .segments
+            .values()
+            .any(|s| s.id != seg.id && s.has_manifest(r.h.key))
+}
+
+impl Store {
+    /// Sealed segments (never the append segment) whose live ratio is below `live_ratio`,
+    /// emptiest first.
+    pub fn compact_candidates(&self, live_ratio: f64) -> Result<Vec<u64>, StoreError> {
+        let app = self.lock_appender()?;
+        let active = app.active.as_ref().map(|s| s.id);
+        let st = self.state.read().map_err(poisoned)?;
+        let mut c: Vec<(f64, u64)> = st
+            .segments
+            .values()
+            .filter(|s| Some(s.id) != active && s.sealed.load(Ordering::SeqCst))
+            .filter_map(|s| {
+                let used = s.frontier().saturating_sub(PAGE);
+                let live = s.live.load(Ordering::SeqCst);
+                let r = if used == 0 {
+                    0.0
+                } else {
+                    live as f64 / used as f64
+                };
+                (r < live_ratio).then_some((r, s.id))
+            })
+            .collect();
+        c.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        Ok(c.into_iter().map(|(_, id)| id).collect())
+    }
+
+    /// Compacts the candidate segments (see [`CompactOptions`]); `progress` is called after
+    /// every batch. A segment with a damaged live record is skipped (reported), never
+    /// deleted; an I/O error writing copies stops the call with that error (the index still
+    /// points at the originals, so nothing is lost).
+    pub fn compact(
+        &self,
+        opts: &CompactOptions,
+        progress: &mut dyn FnMut(&CompactProgress),
+    ) -> Result<CompactReport, StoreError> {
+        let t = Instant::now();
+        let mut rep = CompactReport::default();
+        let mut ids = self.compact_candidates(opts.live_ratio)?;
+        if opts.max_segments > 0 {
+            ids.truncate(opts.max_segments);
+        }
+        let total = ids.len();
+        let mut throttle = Throttle {
+            start: Instant::now(),
+            bytes: 0,
+            rate: opts.rate,
+        };
+        for (n, id) in ids.iter().enumerate() {
+            let seg = {
+                let st = self.state.read().map_err(poisoned)?;
+                match st.segments.get(id) {
+                    Some(s) => s.clone(),
+                    None => continue,
+                }
+            };
+            let mut tick = |bytes: u64| {
+                progress(&CompactProgress {
+                    segments_done: n,
+                    segments_total: total,
+                    bytes_copied: bytes,
+                })
+            };
+            match self.compact_segment(&seg, opts, &mut rep, &mut throttle, &mut tick) {
+                Ok(()) => {}
+                Err(e @ StoreError::Corruption { .. }) => {
+                    crate::log::warn(&format!("compaction skipped segment {id}: {e}"));
+                    rep.segments_skipped.push((*id, e.to_string()));
+                }
+                Err(e) => {
+                    rep.seconds = t.elapsed().as_secs_f64();
+                    return Err(e);
+                }
+            }
+            progress(&CompactProgress {
+                segments_done: n + 1,
+                segments_total: total,
+                bytes_copied: rep.bytes_copied,
+            });
+        }
+        rep.seconds = t.elapsed().as_secs_f64();
+        Ok(rep)
+    }
+
+    fn compact_segment(
+        &self,
+        seg: &Arc<Segment>,
+        opts: &CompactOptions,
+        rep: &mut CompactReport,
+        throttle: &mut Throttle,
+        tick: &mut dyn FnMut(u64),
+    ) -> Result<(), StoreError> {
+        let (recs, _, _, _) = scan(self.engine.as_ref(), seg, seg.frontier())?;
+        let mut i = 0;
+        while i < recs.len() {
+            let mut app = self.lock_appender()?;
+            let mut batch: Vec<(&Rec, Keep)> = Vec::new();
+            let mut bytes = 0u64;
+            {
+                let st = self.state.read().map_err(poisoned)?;
+                let live_seqs: std::collections::HashSet<u64> =
+                    st.windows.values().map(|w| w.info.seq).collect();
+                let manifests: HashMap<u64, &str> = st
+                    .windows
+                    .values()
+                    .filter(|w| w.manifest.seg.id == seg.id)
+                    .map(|w| (w.manifest.offset, w.info.name.as_str()))
+                    .collect();
+                while i < recs.len()
+                    && (batch.is_empty() || bytes + recs[i].len <= opts.batch_bytes)
+                {
+                    let r = &recs[i];
+                    i += 1;
+                    let keep = match r.h.kind {
+                        RecordKind::Block => st
+                            .blocks
+                            .get(&r.h.key)
+                            .is_some_and(|b| same(&b.loc, seg, r.offset))
+                            .then_some(Keep::Block),
+                        RecordKind::Meta => st
+                            .meta
+                            .get(&r.h.key)
+                            .is_some_and(|(_, _, l)| same(l, seg, r.offset))
+                            .then_some(Keep::Meta),
+                        RecordKind::Manifest => match manifests.get(&r.offset) {
+                            Some(name) => Some(Keep::Window((*name).to_string())),
+                            // The original (or another copy) of a live manifest: drop.
+                            None if live_seqs.contains(&r.h.seq) => None,
+                            None => shadows(&st, seg, r).then_some(Keep::Shadow),
+                        },
+                        RecordKind::Tombstone => (st
+                            .tombs
+                            .get(&r.h.key)
+                            .is_some_and(|l| same(l, seg, r.offset))
+                            && shadows(&st, seg, r))
+                        .then_some(Keep::Tomb),
+                    };
+                    match keep {
+                        Some(k) => {
+                            bytes += r.len;
+                            batch.push((r, k));
+                        }
+                        None => rep.records_dropped += 1,
+                    }
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            self.copy_batch(&mut app, seg, &batch)?;
+            rep.records_copied += batch.len() as u64;
+            rep.bytes_copied += bytes;
+            drop(app);
+            tick(rep.bytes_copied);
+            throttle.after(bytes);
+        }
+        // Nothing may refer to the segment any more; then it leaves the index and the disk.
+        let _app = self.lock_appender()?;
+        {
+            let mut st = self.state.write().map_err(poisoned)?;
+            let referenced = st.blocks.values().any(|b| b.loc.seg.id == seg.id)
+                || st.windows.values().any(|w| w.manifest.seg.id == seg.id)
+                || st.meta.values().any(|(_, _, l)| l.seg.id == seg.id);
+            if referenced {
+                return Err(StoreError::Validation(format!(
+                    "segment {} is still referenced after compaction",
+                    seg.id
+                )));
+            }
+            // Tombstones left behind shadow nothing any more.
+            st.tombs.retain(|_, l| l.seg.id != seg.id);
+            st.segments.remove(&seg.id);
+        }
+        self.used.fetch_sub(seg.frontier(), Ordering::SeqCst);
+        rep.bytes_reclaimed += seg.frontier();
+        rep.segments_removed.push(seg.id);
+        std::fs::remove_file(&seg.path).map_err(|e| StoreError::from_fs("remove", &seg.path, e))?;
+        io::sync_dir(&self.cfg.dir)
+            .map_err(|e| StoreError::from_fs("sync directory", &self.cfg.dir, e))?;
+        Ok(())
+    }
+
+    /// Copies one batch of records of `seg` (read, verify, append as copies, write, sync,
+    /// repoint the index). Holds the appender lock throughout, so what was live stays live.
+    fn copy_batch(
+        &self,
+        app: &mut Appender,
+        seg: &Arc<Segment>,
+        batch: &[(&Rec, Keep)],
+    ) -> Result<(), StoreError> {
+        let mut imgs: Vec<AlignedBuf> = batch
+            .iter()
+            .map(|(r, _)| AlignedBuf::zeroed(r.len as usize))
+            .collect();
+        {
+            let mut ops: Vec<Op<'_>> = imgs
+                .iter_mut()
+                .zip(batch)
+                .map(|(img, (r, _))| Op::read(seg.fd(), r.offset, &mut img[..]))
+                .collect();
+            self.engine
+                .run(&mut ops)
+                .map_err(|e| StoreError::Corruption {
+                    window: String::new(),
+                    block: 0,
+                    intact_blocks: 0,
+                    detail: format!("segment {}: unreadable record: {e}", seg.id),
+                })?;
+        }
+        for (img, (r, _)) in imgs.iter().zip(batch) {
+            verify_image(img, seg, r.h.kind).map_err(|d| StoreError::Corruption {
+                window: String::new(),
+                block: 0,
+                intact_blocks: 0,
+                detail: format!(
+                    "segment {} offset {}: live {:?} record does not verify: {d}",
+                    seg.id, r.offset, r.h.kind
+                ),
+            })?;
+        }
+        let mut locs: Vec<Loc> = Vec::with_capacity(batch.len());
+        for (img, (r, _)) in imgs.iter_mut().zip(batch) {
+            match self.append_copy(app, &r.h, img) {
+                Ok(l) => locs.push(l),
+                Err(e) => {
+                    // Space handed out but never written: no more appends after the hole.
+                    for l in &locs {
+                        l.seg.fail();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        crate::fail_point!("compaction-copy", a => {
+            if a == crate::failpoint::Action::ShortWrite {
+                if let (Some(img), Some(l)) = (imgs.first(), locs.first()) {
+                    super::short_write(self.engine.as_ref(), l, img);
+                }
+            }
+            for l in &locs {
+                l.seg.fail();
+            }
+            return Err(super::injected_error("compaction-copy"));
+        });
+        let res = {
+            let mut ops: Vec<Op<'_>> = imgs
+                .iter()
+                .zip(&locs)
+                .map(|(img, l)| Op::write(l.seg.fd(), l.offset, &img[..]))
+                .collect();
+            self.engine.run(&mut ops)
+        };
+        if let Err(e) = res {
+            for l in &locs {
+                l.seg.fail();
+            }
+            return Err(StoreError::io(
+                format!("writing compaction copies of segment {}", seg.id),
+                e,
+            ));
+        }
+        let mut synced: Vec<u64> = Vec::new();
+        for l in &locs {
+            if !synced.contains(&l.seg.id) {
+                self.sync(&l.seg)?;
+                synced.push(l.seg.id);
+            }
+        }
+        let mut st = self.state.write().map_err(poisoned)?;
+        for ((r, k), loc) in batch.iter().zip(locs) {
+            match k {
+                Keep::Block => {
+                    if let Some(b) = st.blocks.get_mut(&r.h.key) {
+                        if same(&b.loc, seg, r.offset) {
+                            seg.live.fetch_sub(r.len, Ordering::SeqCst);
+                            loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
+                            b.loc = loc;
+                        }
+                    }
+                }
+                Keep::Meta => {
+                    if let Some((_, _, l)) = st.meta.get_mut(&r.h.key) {
+                        if same(l, seg, r.offset) {
+                            seg.live.fetch_sub(r.len, Ordering::SeqCst);
+                            loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
+                            *l = loc;
+                        }
+                    }
+                }
+                Keep::Window(name) => {
+                    loc.seg.note_manifest(r.h.key);
+                    if let Some(w) = st.windows.get_mut(name) {
+                        if same(&w.manifest, seg, r.offset) {
+                            seg.live.fetch_sub(r.len, Ordering::SeqCst);
+                            loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
+                            w.manifest = loc;
+                        }
+                    }
+                }
+                Keep::Shadow => loc.seg.note_manifest(r.h.key),
+                Keep::Tomb => {
+                    if let Some(l) = st.tombs.get_mut(&r.h.key) {
+                        if same(l, seg, r.offset) {
+                            seg.live.fetch_sub(r.len, Ordering::SeqCst);
+                            loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
+                            *l = loc;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends a compaction copy of a record (original sequence number, flag `copied`) into
+    /// the append segment; the image's header is rewritten for its new segment.
+    fn append_copy(
+        &self,
+        app: &mut Appender,
+        h: &RecordHeader,
+        image: &mut [u8],
+    ) -> Result<Loc, StoreError> {
+        let len = image.len() as u64;
+        let seg = self.segment_for(app, len)?;
+        let offset = seg.frontier.fetch_add(len, Ordering::SeqCst);
+        self.used.fetch_add(len, Ordering::SeqCst);
+        let nh = RecordHeader {
+            segment_id: seg.id,
+            copied: true,
+            ..*h
+        };
+        nh.encode(seg.generation, image);
+        Ok(Loc { seg, offset, len })
+    }
+
+    /// Bytes of records no longer referenced, outside the append segment (what a compaction
+    /// with `live_ratio` 1.0 and nothing else running brings to zero).
+    pub fn garbage_bytes(&self) -> Result<u64, StoreError> {
+        let app = self.lock_appender()?;
+        let active = app.active.as_ref().map(|s| s.id);
+        let st = self.state.read().map_err(poisoned)?;
+        Ok(st
+            .segments
+            .values()
+            .filter(|s| Some(s.id) != active)
+            .map(|s| {
+                s.frontier()
+                    .saturating_sub(PAGE)
+                    .saturating_sub(s.live.load(Ordering::SeqCst))
+            })
+            .sum())
+    }
+
+    /// Checks the in-memory index against itself and the directory: reference counts equal
+    /// the windows' references, every referenced record lies in a segment of the index, live
+    /// bytes per segment are at least what the index refers to and at most what was written,
+    /// and the segment files on disk are exactly the indexed ones. Returns the violations.
+    pub fn check_invariants(&self) -> Result<Vec<String>, StoreError> {
+        let _app = self.lock_appender()?;
+        let st = self.state.read().map_err(poisoned)?;
+        let mut v = Vec::new();
+        let mut refs: HashMap<u128, u64> = HashMap::new();
+        let mut live: HashMap<u64, u64> = HashMap::new();
+        for w in st.windows.values() {
+            for k in &w.keys {
+                *refs.entry(*k).or_default() += 1;
+            }
+            *live.entry(w.manifest.seg.id).or_default() += w.manifest.len;
+            if !st.segments.contains_key(&w.manifest.seg.id) {
+                v.push(format!(
+                    "window {:?}: manifest in removed segment {}",
+                    w.info.name, w.manifest.seg.id
+                ));
+            }
+        }
+        for (k, b) in &st.blocks {
+            let want = refs.get(k).copied().unwrap_or(0);
+            if b.refs != want {
+                v.push(format!(
+                    "block {k:032x}: refcount {} but {want} references",
+                    b.refs
+                ));
+            }
+            *live.entry(b.loc.seg.id).or_default() += b.loc.len;
+            if !st.segments.contains_key(&b.loc.seg.id) {
+                v.push(format!(
+                    "block {k:032x} in removed segment {}",
+                    b.loc.seg.id
+                ));
+            }
+        }
+        for k in refs.keys() {
+            if !st.blocks.contains_key(k) {
+                v.push(format!("block {k:032x} referenced but not indexed"));
+            }
+        }
+        for (k, l) in &st.tombs {
+            *live.entry(l.seg.id).or_default() += l.len;
+            if !st.segments.contains_key(&l.seg.id) {
+                v.push(format!(
+                    "tombstone {k:032x} in removed segment {}",
+                    l.seg.id
+                ));
+            }
+        }
+        for (k, (_, _, l)) in &st.meta {
+            *live.entry(l.seg.id).or_default() += l.len;
+            if !st.segments.contains_key(&l.seg.id) {
+                v.push(format!(
+                    "catalog record {k:032x} in removed segment {}",
+                    l.seg.id
+                ));
+            }
+        }
+        for s in st.segments.values() {
+            let counted = s.live.load(Ordering::SeqCst);
+            let want = live.get(&s.id).copied().unwrap_or(0);
+            let written = s.frontier().saturating_sub(PAGE);
+            if counted != want || counted > written {
+                v.push(format!(
+                    "segment {}: live {counted}, referenced {want}, written {written}",
+                    s.id
+                ));
+            }
+        }
+        let mut files: Vec<u64> = std::fs::read_dir(&self.cfg.dir)
+            .map_err(|e| StoreError::from_fs("list", &self.cfg.dir, e))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| super::segment::parse_file_name(&e.file_name().to_string_lossy()))
+            .collect();
+        files.sort_unstable();
+        let indexed: Vec<u64> = st.segments.keys().copied().collect();
+        if files != indexed {
+            v.push(format!(
+                "segment files {files:?} differ from the index {indexed:?}"
+            ));
+        }
+        Ok(v)
+    }
+}
