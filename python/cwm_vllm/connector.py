@@ -1,0 +1,566 @@
+"""CwmConnector: vLLM's KV connector (``KVConnectorBase_V1``) backed by cwm.
+
+Load it with::
+
+    kv_transfer_config={"kv_connector": "CwmConnector",
+                        "kv_connector_module_path": "cwm_vllm.connector",
+                        "kv_role": "kv_both",
+                        "kv_load_failure_policy": "recompute",
+                        "kv_connector_extra_config": {"socket": "/run/cwm/cwm.sock"}}
+
+Per request (``kv_transfer_params``, e.g. ``SamplingParams(extra_args={"kv_transfer_params":
+...})`` or the OpenAI server's ``kv_transfer_params`` field)::
+
+    {"cwm": {"freeze_as": "window-name", "session": "s1", "replace": true}}  # freeze when done
+    {"cwm": {"thaw": "window-name"}}   # restore the prompt's prefix from that window
+
+Any prompt whose prefix is stored (in any window of the same model and layout) is served from
+cwm without asking. Extra config keys: ``socket`` (default $CWM_SOCKET or cwm's default),
+``salt`` (namespace salt), ``prefill_tokens_per_s`` (the engine's prefill rate: cwm then
+recomputes prefixes whose thaw would be slower), ``timeout_s`` (per control call, default 30),
+``load`` / ``save`` (false turns either direction off).
+
+If cwm is down or answers an error, vLLM keeps serving: loads are reported failed (vLLM
+recomputes with ``kv_load_failure_policy="recompute"``), freezes are dropped, each failure is
+logged once per cause, and the connector reconnects (and re-registers) when cwm is back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from .client import Client, CwmError, CwmUnavailable
+from .layout import LayoutError, cuda_ipc_region, describe, layer_order, layout_request
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+# Under "vllm." so vLLM's logging configuration (format, level) applies.
+logger = logging.getLogger("vllm.cwm_connector")
+
+#: vLLM versions this connector was written and tested against.
+SUPPORTED_VLLM = ">=0.32,<0.33"
+
+
+@dataclass
+class LoadSpec:
+    """Restore window blocks ``first_block ..`` into ``block_ids`` for a request."""
+
+    req_id: str
+    window: str
+    tokens: list[int]
+    first_block: int
+    block_ids: list[int]
+    session: str | None = None
+
+
+@dataclass
+class SaveSpec:
+    """Freeze a finished request's blocks as a window."""
+
+    req_id: str
+    window: str
+    tokens: list[int]
+    block_ids: list[int]
+    session: str | None = None
+    replace: bool = False
+
+
+@dataclass
+class CwmConnectorMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+def cwm_params(request: Any) -> dict:
+    """The ``cwm`` part of a request's ``kv_transfer_params`` (empty when absent)."""
+    p = getattr(request, "kv_transfer_params", None) or {}
+    c = p.get("cwm") if isinstance(p, dict) else None
+    return c if isinstance(c, dict) else {}
+
+
+class _Once:
+    """Logs a failure once per cause until the next success."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def fail(self, cause: str, msg: str, *args: Any) -> None:
+        with self._lock:
+            if cause in self._seen:
+                return
+            self._seen.add(cause)
+        logger.warning(msg, *args)
+
+    def ok(self) -> None:
+        with self._lock:
+            if self._seen:
+                logger.info("cwm: operations succeed again")
+            self._seen.clear()
+
+
+def _cause(e: BaseException) -> str:
+    return e.code if isinstance(e, CwmError) else type(e).__name__
+
+
+def _allow_ptrace_by(pid: int) -> None:
+    """Where Yama restricts ptrace (scope 1), let cwm's process (and only it) read and write
+    this process's memory with process_vm_readv/writev."""
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            if f.read().strip() != "1":
+                return
+    except OSError:
+        return
+    PR_SET_PTRACER = 0x59616D61
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PTRACER, ctypes.c_ulong(pid), 0, 0, 0) != 0:
+        logger.warning("cwm: prctl(PR_SET_PTRACER, %d) failed: errno %d", pid, ctypes.get_errno())
+
+
+def _peer_pid(client: Client) -> int | None:
+    import socket
+    import struct
+
+    s = client._sock
+    if s is None:
+        return None
+    try:
+        cred = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", cred)[0]
+    except OSError:
+        return None
+
+
+class CwmConnector(KVConnectorBase_V1):
+    """Named, durable, verifiable KV windows for vLLM through cwm."""
+
+    def __init__(
+        self,
+        vllm_config: "VllmConfig",
+        role: KVConnectorRole,
+        kv_cache_config: "KVCacheConfig | None" = None,
+    ):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        cfg = self._kv_transfer_config
+        extra = lambda k, d=None: cfg.get_from_extra_config(k, d)  # noqa: E731
+        from .client import default_socket
+
+        self._socket: str = extra("socket") or default_socket()
+        self._timeout = float(extra("timeout_s", 30.0))
+        self._salt = extra("salt")
+        rate = extra("prefill_tokens_per_s")
+        self._prefill_rate = float(rate) if rate else None
+        self._load_on = bool(extra("load", True))
+        self._save_on = bool(extra("save", True))
+        self._block_size = vllm_config.cache_config.block_size
+        mc = vllm_config.model_config
+        self._model = f"{mc.model}:{mc.dtype}"
+        self._engine_base = f"vllm-{cfg.engine_id}"
+        self._once = _Once()
+        if getattr(cfg, "kv_load_failure_policy", "recompute") != "recompute":
+            logger.warning(
+                "cwm: kv_load_failure_policy is %r; set it to 'recompute' so a failed or "
+                "corrupt load is recomputed instead of failing the request",
+                cfg.kv_load_failure_policy,
+            )
+        # Scheduler side.
+        self._client: Client | None = None
+        self._down_until = 0.0
+        self._matches: dict[str, tuple[str, int, int]] = {}
+        self._loads: list[LoadSpec] = []
+        self._saves: list[SaveSpec] = []
+        self.stats = {"lookups": 0, "matched_tokens": 0, "loads": 0, "saves": 0}
+        # Worker side.
+        self._engine: str | None = None
+        self._register_req: dict | None = None
+        self._reg: Client | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._sent: set[str] = set()
+        self._recved: set[str] = set()
+        self._finished_seen: set[str] = set()
+        self._load_errors: set[int] = set()
+        self._event = None
+        logger.info("cwm: connector (%s) on %s", role.name, self._socket)
+
+    # ------------------------------------------------------------------ scheduler side
+    def _scheduler_client(self) -> Client | None:
+        if time.monotonic() < self._down_until:
+            return None
+        if self._client is None:
+            self._client = Client(self._socket, timeout=self._timeout)
+        return self._client
+
+    def _call(self, fn):
+        c = self._scheduler_client()
+        if c is None:
+            return None
+        try:
+            out = fn(c)
+            self._once.ok()
+            return out
+        except CwmUnavailable as e:
+            self._down_until = time.monotonic() + 1.0
+            self._once.fail("unreachable", "cwm: unreachable (%s); serving without it", e)
+        except CwmError as e:
+            self._once.fail(e.code, "cwm: %s", e)
+        return None
+
+    def get_num_new_matched_tokens(
+        self, request: "Request", num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        params = cwm_params(request)
+        if not self._load_on or params.get("load") is False:
+            return 0, False
+        prompt = list(request.prompt_token_ids or [])
+        bs = self._block_size
+        # vLLM must compute at least the last prompt token itself.
+        limit = (len(prompt) - 1) // bs * bs
+        if limit <= num_computed_tokens:
+            return 0, False
+        want = params.get("thaw")
+        r = self._call(
+            lambda c: c.lookup(
+                self._engine_base + "-r0",
+                prompt[:limit],
+                window=want,
+                prefill_tokens_per_s=self._prefill_rate,
+            )
+        )
+        self.stats["lookups"] += 1
+        if r is None:
+            return 0, False
+        matched = min(int(r.get("tokens_matched", 0)), limit) // bs * bs
+        if want and matched == 0:
+            self._once.fail(
+                f"nomatch:{want}",
+                "cwm: window %r does not start with this prompt; recomputing",
+                want,
+            )
+        if matched <= num_computed_tokens or not r.get("window"):
+            return 0, False
+        if not r.get("thaw_wins", True):
+            logger.debug(
+                "cwm: request %s: recomputing %d tokens (%.4f s) beats thawing them (%.4f s)",
+                request.request_id, matched, r.get("estimated_recompute_secs") or 0.0,
+                r.get("estimated_thaw_secs") or 0.0,
+            )
+            return 0, False
+        self._matches[request.request_id] = (r["window"], matched, num_computed_tokens)
+        logger.info(
+            "cwm: request %s: %d prompt tokens matched in window %r (%d computed locally)",
+            request.request_id, matched, r["window"], num_computed_tokens,
+        )
+        self.stats["matched_tokens"] += matched - num_computed_tokens
+        return matched - num_computed_tokens, True
+
+    def update_state_after_alloc(
+        self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
+    ) -> None:
+        m = self._matches.pop(request.request_id, None)
+        if num_external_tokens <= 0 or m is None:
+            return
+        window, matched, computed = m
+        bs = self._block_size
+        ids = list(blocks.get_block_ids()[0])
+        first = computed // bs
+        n = num_external_tokens // bs
+        self._loads.append(
+            LoadSpec(
+                req_id=request.request_id,
+                window=window,
+                tokens=list(request.prompt_token_ids or [])[: computed + num_external_tokens],
+                first_block=first,
+                block_ids=ids[first : first + n],
+                session=cwm_params(request).get("session"),
+            )
+        )
+        self.stats["loads"] += 1
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        meta = CwmConnectorMetadata(loads=self._loads, saves=self._saves)
+        self._loads, self._saves = [], []
+        return meta
+
+    def request_finished(
+        self, request: "Request", block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        self._matches.pop(request.request_id, None)
+        params = cwm_params(request)
+        name = params.get("freeze_as")
+        if not name or not self._save_on:
+            return False, None
+        # Tokens whose KV is in the cache (the last sampled token has none yet).
+        n = min(int(request.num_computed_tokens), len(request.all_token_ids))
+        nb = -(-n // self._block_size)
+        if nb == 0 or nb > len(block_ids):
+            return False, None
+        self._saves.append(
+            SaveSpec(
+                req_id=request.request_id,
+                window=str(name),
+                tokens=list(request.all_token_ids[:n]),
+                block_ids=list(block_ids[:nb]),
+                session=params.get("session"),
+                replace=bool(params.get("replace", False)),
+            )
+        )
+        self.stats["saves"] += 1
+        return True, {"cwm": {"window": str(name), "tokens": n}}
+
+    # ------------------------------------------------------------------ worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        try:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            rank = get_tensor_model_parallel_rank()
+        except Exception:  # noqa: BLE001 - not initialised (single process)
+            rank = 0
+        self._engine = f"{self._engine_base}-r{rank}"
+        names = layer_order(list(kv_caches))
+        tensors = [kv_caches[n] for n in names]
+        mc = self._vllm_config.model_config
+        num_blocks = self._kv_cache_config.num_blocks if self._kv_cache_config else tensors[0].shape[0]
+        try:
+            d = describe(tensors, num_blocks)
+        except LayoutError as e:
+            logger.error("cwm: cannot describe the KV cache (%s); cwm is off for this engine", e)
+            self._engine = None
+            return
+        layout = layout_request(
+            d,
+            layers=len(tensors),
+            block_size=self._block_size,
+            heads=mc.get_num_kv_heads(self._vllm_config.parallel_config),
+            head=mc.get_head_size(),
+            name=f"vllm:{tensors[0].device.type}:{tuple(tensors[0].shape)}",
+        )
+        if tensors[0].device.type == "cuda":
+            self._event = torch.cuda.Event(interprocess=True)
+            self._event.record()
+            memory = {
+                "cuda": {
+                    "tensors": [cuda_ipc_region(r) for r in d.regions],
+                    "device": tensors[0].device.index or 0,
+                    "event": bytes(self._event.ipc_handle()).hex(),
+                }
+            }
+        else:
+            memory = {
+                "process": {
+                    "pid": os.getpid(),
+                    "tensors": [[r.base, r.nbytes] for r in d.regions],
+                }
+            }
+        self._register_req = {
+            "engine": self._engine,
+            "model": self._model,
+            "salt": self._salt,
+            "layout": layout,
+            "memory": memory,
+            "scope": "connection",
+        }
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cwm")
+        self._reg = Client(self._socket, timeout=self._timeout, on_connect=self._register)
+        self._ensure_registered()
+
+    def _register(self, c: Client) -> None:
+        pid = _peer_pid(c)
+        if pid:
+            _allow_ptrace_by(pid)
+        assert self._register_req is not None
+        r = c.call("register", **self._register_req)
+        logger.info(
+            "cwm: registered engine %s (%d-byte blocks, %d pieces)",
+            self._engine, r.get("block_bytes", 0), len(self._register_req["layout"]["pieces"]),
+        )
+
+    def _ensure_registered(self) -> bool:
+        """True when the engine is registered over a live connection (registering it again
+        after cwm restarted)."""
+        if self._reg is None:
+            return False
+        try:
+            if self._reg.connected:
+                self._reg.call("hello")  # raises CwmUnavailable if cwm went away
+            else:
+                self._reg.connect()
+            return True
+        except CwmUnavailable:
+            try:
+                self._reg.connect()
+                return True
+            except CwmError as e:
+                self._once.fail(_cause(e), "cwm: cannot register the KV cache (%s); serving without cwm", e)
+        except CwmError as e:
+            self._once.fail(_cause(e), "cwm: cannot register the KV cache (%s); serving without cwm", e)
+        return False
+
+    def _meta(self) -> CwmConnectorMetadata | None:
+        if not self.has_connector_metadata():
+            return None
+        m = self._get_connector_metadata()
+        return m if isinstance(m, CwmConnectorMetadata) else None
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        m = self._meta()
+        if m is None or not m.loads:
+            return
+        for spec in m.loads:
+            if self._pool is None or self._engine is None:
+                self._load_done(spec, spec.block_ids)
+                continue
+            self._pool.submit(self._run_load, spec)
+
+    def _run_load(self, spec: LoadSpec) -> None:
+        failed = list(spec.block_ids)
+        try:
+            if self._ensure_registered():
+                with Client(self._socket, timeout=self._timeout) as c:
+                    r = c.thaw(
+                        self._engine,
+                        spec.block_ids,
+                        window=spec.window,
+                        prefix=True,
+                        first_block=spec.first_block,
+                        tokens=spec.tokens,
+                        session=spec.session,
+                    )
+                rep = r.get("report", {})
+                restored = int(rep.get("blocks_restored", 0))
+                failed = spec.block_ids[restored:]
+                if rep.get("corruption"):
+                    logger.warning(
+                        "cwm: window %r: %s; %d of %d blocks restored, the rest is recomputed",
+                        spec.window, rep["corruption"], restored, len(spec.block_ids),
+                    )
+                else:
+                    self._once.ok()
+                logger.info(
+                    "cwm: request %s: %d blocks of window %r loaded in %.4f s",
+                    spec.req_id, restored, spec.window, rep.get("loaded_secs", 0.0),
+                )
+        except CwmError as e:
+            self._once.fail(_cause(e), "cwm: load of window %r failed (%s); recomputing", spec.window, e)
+        except Exception as e:  # noqa: BLE001 - never take vLLM down
+            logger.exception("cwm: load of window %r failed unexpectedly: %s", spec.window, e)
+        finally:
+            self._load_done(spec, failed)
+
+    def _load_done(self, spec: LoadSpec, failed: list[int]) -> None:
+        with self._lock:
+            self._load_errors.update(failed)
+            self._recved.add(spec.req_id)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are asynchronous: the request waits until get_finished reports them
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: "AttentionMetadata",
+        **kwargs: Any,
+    ) -> None:
+        return  # windows are frozen whole when the request finishes (wait_for_save)
+
+    def wait_for_save(self) -> None:
+        m = self._meta()
+        if m is None or not m.saves:
+            return
+        if self._event is not None:
+            # The gathers wait on this: capture never reads KV the forward pass still writes.
+            self._event.record()
+        for spec in m.saves:
+            if self._pool is None or self._engine is None:
+                self._save_done(spec.req_id)
+                continue
+            self._pool.submit(self._run_save, spec)
+
+    def _run_save(self, spec: SaveSpec) -> None:
+        try:
+            if not self._ensure_registered():
+                return
+
+            def freeze(c: Client) -> dict:
+                return c.freeze(
+                    self._engine,
+                    spec.window,
+                    spec.tokens,
+                    spec.block_ids,
+                    session=spec.session,
+                    replace=True if spec.replace else None,
+                    on_captured=lambda _m: self._save_done(spec.req_id),
+                )
+
+            with Client(self._socket, timeout=max(self._timeout, 300.0)) as c:
+                try:
+                    r = freeze(c)
+                except CwmError as e:
+                    if e.code != "SESSION_ALREADY_FROZEN" or not spec.session:
+                        raise
+                    # The conversation went on in vLLM since the last freeze: it is live again.
+                    c.call("session.state", session=spec.session, state="THAWED")
+                    r = freeze(c)
+            w = r.get("window", {})
+            logger.info(
+                "cwm: request %s frozen as %r v%s (%s tokens, durable)",
+                spec.req_id, w.get("name"), w.get("version"), w.get("num_tokens"),
+            )
+            self._once.ok()
+        except CwmError as e:
+            self._once.fail(_cause(e), "cwm: freeze of %r failed (%s)", spec.window, e)
+        except Exception as e:  # noqa: BLE001 - never take vLLM down
+            logger.exception("cwm: freeze of %r failed unexpectedly: %s", spec.window, e)
+        finally:
+            self._save_done(spec.req_id)
+
+    def _save_done(self, req_id: str) -> None:
+        with self._lock:
+            self._sent.add(req_id)
+
+    def get_finished(
+        self, finished_req_ids: set[str]
+    ) -> tuple[set[str] | None, set[str] | None]:
+        with self._lock:
+            self._finished_seen |= set(finished_req_ids)
+            sent = {r for r in self._sent if r in self._finished_seen}
+            self._sent -= sent
+            self._finished_seen -= sent
+            recved, self._recved = self._recved, set()
+        return (sent or None), (recved or None)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        with self._lock:
+            out, self._load_errors = self._load_errors, set()
+        return out
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        for c in (self._reg, self._client):
+            if c is not None:
+                c.close()
