@@ -656,6 +656,10 @@ pub fn control(dir: &Path, windows: u64) -> Result<ControlBench, String> {
             max_sessions: 100_000,
             metrics_addr: None,
             max_ops: 64,
+            maintenance: crate::control::maint::Maintenance {
+                compact_interval_s: 0,
+                ..Default::default()
+            },
         },
     );
     let s2 = server.clone();

@@ -1,7 +1,8 @@
 //! `cwm fsck`: offline verification of a data directory. Recovery runs first (its report
 //! lists torn tails, damaged regions and incomplete windows); then every block of every window
 //! is read and both checksums verified. Each window is reported ok, damaged (with its intact
-//! prefix) or lost. Repair (dropping what cannot be read) is a later step (issue 6).
+//! prefix) or lost. [`repair`] drops what cannot be read and rewrites damaged segments;
+//! [`verify_windows`] is also the daemon's scrub.
 
 use serde::Serialize;
 
@@ -50,15 +51,22 @@ impl FsckReport {
     }
 }
 
-/// Verifies `cfg.dir`; `progress(done, total)` is called after each window.
-pub fn check(cfg: StoreConfig, progress: &dyn Fn(usize, usize)) -> Result<FsckReport, StoreError> {
+/// Reads and verifies every block of every visible window of an open store (manifest, both
+/// checksums of each block), at most `rate` bytes/s (0: unlimited). `progress(done, total)` is
+/// called after each window. Returns the verdicts and the payload bytes verified.
+pub fn verify_windows(
+    store: &Store,
+    rate: u64,
+    progress: &dyn Fn(usize, usize),
+) -> Result<(Vec<WindowCheck>, u64), StoreError> {
     let t = std::time::Instant::now();
-    let (store, recovery) = Store::open(cfg)?;
     let names: Vec<String> = store.list()?.into_iter().map(|w| w.name).collect();
     let mut windows = Vec::with_capacity(names.len());
     let mut bytes = 0u64;
     for (i, name) in names.iter().enumerate() {
         let check = match store.open_window(name) {
+            // Deleted since the list was taken (a running daemon): nothing to verify.
+            Err(StoreError::NotFound(_)) => continue,
             Err(e) => WindowCheck {
                 name: name.clone(),
                 status: "lost",
@@ -79,6 +87,12 @@ pub fn check(cfg: StoreConfig, progress: &dyn Fn(usize, usize)) -> Result<FsckRe
                         Err(e) => {
                             bad = Some((b, e.to_string()));
                             break;
+                        }
+                    }
+                    if rate > 0 {
+                        let want = std::time::Duration::from_secs_f64(bytes as f64 / rate as f64);
+                        if let Some(d) = want.checked_sub(t.elapsed()) {
+                            std::thread::sleep(d);
                         }
                     }
                 }
@@ -103,11 +117,131 @@ pub fn check(cfg: StoreConfig, progress: &dyn Fn(usize, usize)) -> Result<FsckRe
         windows.push(check);
         progress(i + 1, names.len());
     }
+    Ok((windows, bytes))
+}
+
+/// Verifies `cfg.dir`; `progress(done, total)` is called after each window.
+pub fn check(cfg: StoreConfig, progress: &dyn Fn(usize, usize)) -> Result<FsckReport, StoreError> {
+    let t = std::time::Instant::now();
+    let (store, recovery) = Store::open(cfg)?;
+    let (windows, bytes) = verify_windows(&store, 0, progress)?;
     Ok(FsckReport {
         lost: recovery.incomplete_windows.clone(),
         recovery,
         windows,
         bytes_verified: bytes,
         seconds: t.elapsed().as_secs_f64(),
+    })
+}
+
+/// What `cwm fsck --repair` changed.
+#[derive(Debug, Serialize)]
+pub struct RepairReport {
+    /// The check before repairing.
+    pub before: FsckReport,
+    /// Every change, in order, in words.
+    pub changes: Vec<String>,
+    /// Windows deleted (a tombstone written) because a block is damaged or missing.
+    pub tombstoned: Vec<String>,
+    /// Segments rewritten (live records copied out, then the file deleted).
+    pub segments_rewritten: Vec<u64>,
+    /// Bytes given back by the rewrite.
+    pub bytes_reclaimed: u64,
+    /// The check after repairing (reopened from disk).
+    pub after: FsckReport,
+}
+
+/// Repairs `cfg.dir` (offline): recovery (tolerate-tail) cuts torn tails; every window that
+/// does not verify, and every window whose blocks are not all in the log, gets a tombstone
+/// (the window is dropped whole: a shorter prefix is not written as a new version, because
+/// the store cannot tell which tokens a block prefix covers); then every segment holding a
+/// damaged region, a damaged record or garbage is rewritten by compaction, so the damaged
+/// bytes leave the disk. The catalog is the log itself: reopening rebuilds it. A damaged
+/// catalog (Meta) record is dropped with its segment's rewrite; its key then resolves to its
+/// previous intact record, if any. `progress(stage, done, total)` reports each stage.
+pub fn repair(
+    cfg: StoreConfig,
+    progress: &dyn Fn(&str, usize, usize),
+) -> Result<RepairReport, StoreError> {
+    let mut cfg = cfg;
+    cfg.recovery = crate::store::RecoveryMode::TolerateTail;
+    let before = check(cfg.clone(), &|d, t| progress("verifying", d, t))?;
+    let mut changes = Vec::new();
+    let mut tombstoned = Vec::new();
+    let (store, rep) = Store::open(cfg.clone())?;
+    for (seg, off, why) in &before.recovery.torn_tails {
+        changes.push(format!(
+            "cut the torn tail of segment {seg} at offset {off} ({why})"
+        ));
+    }
+    let _ = rep;
+    for w in before.windows.iter().filter(|w| w.status != "ok") {
+        store.delete_window(&w.name, None)?;
+        changes.push(format!(
+            "deleted window {:?} ({}: {})",
+            w.name,
+            w.status,
+            w.detail.as_deref().unwrap_or("")
+        ));
+        tombstoned.push(w.name.clone());
+    }
+    for (name, version) in store.incomplete_windows()? {
+        store.tombstone_incomplete(&name)?;
+        changes.push(format!(
+            "deleted window {name:?} version {version} (a block is missing from the log)"
+        ));
+        tombstoned.push(name);
+    }
+    let mut damaged: Vec<u64> = before
+        .recovery
+        .damaged_regions
+        .iter()
+        .map(|d| d.0)
+        .chain(before.recovery.damaged_records.iter().map(|d| d.0))
+        .collect();
+    for (seg, from, to, why) in &before.recovery.damaged_regions {
+        changes.push(format!(
+            "dropped the damaged region {from}..{to} of segment {seg} ({why})"
+        ));
+    }
+    for (seg, off) in &before.recovery.damaged_records {
+        changes.push(format!(
+            "dropped the damaged manifest, tombstone or catalog record at segment {seg} offset {off}"
+        ));
+    }
+    damaged.sort_unstable();
+    damaged.dedup();
+    store.seal_active()?;
+    let mut ids = store.compact_candidates(1.0)?;
+    ids.extend(damaged);
+    ids.sort_unstable();
+    ids.dedup();
+    let total = ids.len();
+    let crep = store.compact_segments(
+        &ids,
+        &crate::store::CompactOptions {
+            live_ratio: 1.0,
+            ..Default::default()
+        },
+        &mut |p| progress("rewriting", p.segments_done, total),
+    )?;
+    for (id, why) in &crep.segments_skipped {
+        changes.push(format!("could not rewrite segment {id}: {why}"));
+    }
+    if !crep.segments_removed.is_empty() {
+        changes.push(format!(
+            "rewrote segments {:?}: {} live records copied, {} bytes given back",
+            crep.segments_removed, crep.records_copied, crep.bytes_reclaimed
+        ));
+    }
+    drop(store);
+    let after = check(cfg, &|d, t| progress("re-verifying", d, t))?;
+    Ok(RepairReport {
+        before,
+        changes,
+        tombstoned,
+        segments_rewritten: crep.segments_removed,
+        bytes_reclaimed: crep.bytes_reclaimed,
+        after,
     })
 }

@@ -23,3 +23,4 @@ pub mod session;
 pub mod staging;
 pub mod store;
 pub mod tier;
+pub mod torture;

@@ -83,6 +83,52 @@ enum Cmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Repair: delete windows that cannot be read (tombstones), rewrite segments holding
+        /// damage, and print exactly what changed.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Reclaim space: copy live records out of sparse segments and delete them. Offline with
+    /// --data-dir, else through the daemon's socket.
+    Compact {
+        /// Data directory (offline; the daemon must not be running on it).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Compact segments whose live fraction is below this (1.0: any garbage).
+        #[arg(long, default_value_t = 0.5)]
+        live_ratio: f64,
+        /// Most bytes copied per second (0: unlimited), e.g. 200MiB.
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        rate: u64,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Ask the daemon to read and verify every window now (one scrub pass).
+    Scrub {
+        /// Most bytes read per second (0: unlimited).
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        rate: u64,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Crash torture: run `cwm serve`, drive random freezes/thaws/deletes/compactions, SIGKILL
+    /// it at random moments, restart, and verify everything acknowledged.
+    Torture {
+        /// How long to run.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Stop after this many restart cycles (0: only --seconds bounds the run).
+        #[arg(long, default_value_t = 0)]
+        cycles: u64,
+        /// Random seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Data directory (default: a fresh temporary one).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Kills land at most this many ms after an op phase starts.
+        #[arg(long, default_value_t = 150)]
+        kill_max_ms: u64,
     },
     /// Ask the daemon whether it is healthy.
     Health(ClientArgs),
@@ -168,6 +214,21 @@ struct ServeArgs {
     /// Log format on stderr: text or json (level from CWM_LOG).
     #[arg(long, env = "CWM_LOG_FORMAT", default_value = "text")]
     log_format: String,
+    /// Background compaction: segments whose live fraction is below this are compacted.
+    #[arg(long, env = "CWM_COMPACT_LIVE_RATIO", default_value_t = 0.5)]
+    compact_live_ratio: f64,
+    /// Background compaction: most bytes copied per second (0: unlimited).
+    #[arg(long, env = "CWM_COMPACT_RATE", default_value = "256MiB", value_parser = parse_size)]
+    compact_rate: u64,
+    /// Seconds between background compaction passes (0: off).
+    #[arg(long, env = "CWM_COMPACT_INTERVAL", default_value_t = 10)]
+    compact_interval: u64,
+    /// Seconds between background scrub passes (0: off, the default).
+    #[arg(long, env = "CWM_SCRUB_INTERVAL", default_value_t = 0)]
+    scrub_interval: u64,
+    /// Most bytes per second a scrub reads (0: unlimited).
+    #[arg(long, env = "CWM_SCRUB_RATE", default_value = "64MiB", value_parser = parse_size)]
+    scrub_rate: u64,
 }
 
 /// A size in a TOML file: an integer of bytes or a string such as "500GiB".
@@ -205,6 +266,11 @@ struct FileConfig {
     max_sessions: Option<usize>,
     metrics_addr: Option<String>,
     max_ops: Option<usize>,
+    compact_live_ratio: Option<f64>,
+    compact_rate: Option<SizeVal>,
+    compact_interval: Option<u64>,
+    scrub_interval: Option<u64>,
+    scrub_rate: Option<SizeVal>,
 }
 
 /// Fills every setting that came neither from a flag nor from the environment from the TOML
@@ -293,6 +359,31 @@ fn apply_config_file(a: &mut ServeArgs, m: &clap::ArgMatches) -> Result<(), Stri
             a.metrics_addr = Some(v);
         }
     }
+    if from_file("compact_live_ratio") {
+        if let Some(v) = f.compact_live_ratio {
+            a.compact_live_ratio = v;
+        }
+    }
+    if from_file("compact_rate") {
+        if let Some(v) = size(&f.compact_rate)? {
+            a.compact_rate = v;
+        }
+    }
+    if from_file("compact_interval") {
+        if let Some(v) = f.compact_interval {
+            a.compact_interval = v;
+        }
+    }
+    if from_file("scrub_interval") {
+        if let Some(v) = f.scrub_interval {
+            a.scrub_interval = v;
+        }
+    }
+    if from_file("scrub_rate") {
+        if let Some(v) = size(&f.scrub_rate)? {
+            a.scrub_rate = v;
+        }
+    }
     Ok(())
 }
 
@@ -339,6 +430,16 @@ fn serve(mut a: ServeArgs, m: &clap::ArgMatches) -> Result<(), String> {
             max_sessions: a.max_sessions,
             metrics_addr: a.metrics_addr,
             max_ops: a.max_ops,
+            maintenance: cwm::control::maint::Maintenance {
+                compact: cwm::store::CompactOptions {
+                    live_ratio: a.compact_live_ratio,
+                    rate: a.compact_rate,
+                    ..Default::default()
+                },
+                compact_interval_s: a.compact_interval,
+                scrub_interval_s: a.scrub_interval,
+                scrub_rate: a.scrub_rate,
+            },
         },
     );
     let s2 = server.clone();
@@ -352,6 +453,152 @@ fn serve(mut a: ServeArgs, m: &clap::ArgMatches) -> Result<(), String> {
     server.serve().map_err(|e| format!("serve: {e}"))?;
     cwm::log::info("stopped");
     Ok(())
+}
+
+fn fsck_repair(data_dir: &std::path::Path, json: bool) -> ExitCode {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal() && !json;
+    let progress = |stage: &str, done: usize, total: usize| {
+        if tty {
+            eprint!("\r\x1b[K  {stage} {done}/{total}");
+            if done == total {
+                eprintln!();
+            }
+        }
+    };
+    match cwm::fsck::repair(cwm::store::StoreConfig::new(data_dir), &progress) {
+        Ok(r) => {
+            if json {
+                print_json(&r);
+            } else {
+                if r.changes.is_empty() {
+                    println!("nothing to repair");
+                }
+                for c in &r.changes {
+                    println!("{c}");
+                }
+                println!(
+                    "after repair: {} windows ok, {}",
+                    r.after.windows.iter().filter(|w| w.status == "ok").count(),
+                    if r.after.clean() {
+                        "clean"
+                    } else {
+                        "STILL NOT CLEAN"
+                    }
+                );
+            }
+            if r.after.clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(5)
+            }
+        }
+        Err(e) => {
+            eprintln!("cwm: {e}");
+            ExitCode::from(if e.code() == "BUSY" { 4 } else { 1 })
+        }
+    }
+}
+
+fn compact_cmd(data_dir: Option<PathBuf>, live_ratio: f64, rate: u64, c: &ClientArgs) -> ExitCode {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal() && !c.json;
+    let bar = |done: u64, total: u64, bytes: u64| {
+        if tty {
+            eprint!(
+                "\r\x1b[K  compacting: {done}/{total} segments, {:.1} MiB copied",
+                bytes as f64 / 1048576.0
+            );
+        }
+    };
+    let opts = cwm::store::CompactOptions {
+        live_ratio,
+        rate,
+        ..Default::default()
+    };
+    let report = if let Some(dir) = data_dir {
+        let (store, _) = match cwm::store::Store::open(cwm::store::StoreConfig::new(&dir)) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("cwm: {e}");
+                return ExitCode::from(if e.code() == "BUSY" { 4 } else { 1 });
+            }
+        };
+        match store.compact(&opts, &mut |p| {
+            bar(
+                p.segments_done as u64,
+                p.segments_total as u64,
+                p.bytes_copied,
+            )
+        }) {
+            Ok(r) => serde_json::json!({"ok": true, "report": r}),
+            Err(e) => {
+                eprintln!("cwm: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        let mut cl = match cwm::control::client::Client::connect(&c.socket) {
+            Ok(cl) => cl,
+            Err(e) => {
+                eprintln!(
+                    "cwm: cannot reach cwm at {}: {e} (is `cwm serve` running?)",
+                    c.socket.display()
+                );
+                return ExitCode::from(1);
+            }
+        };
+        let req =
+            serde_json::json!({"op": "compact", "id": 1, "live_ratio": live_ratio, "rate": rate});
+        if let Err(e) = cl.send_raw(req.to_string().as_bytes()) {
+            eprintln!("cwm: {e}");
+            return ExitCode::from(1);
+        }
+        loop {
+            match cl.read_line() {
+                Ok(v) if v["final"].as_bool() == Some(true) => break v,
+                Ok(v) => bar(
+                    v.pointer("/progress/segments_done")
+                        .and_then(|x| x.as_u64())
+                        .unwrap_or(0),
+                    v.pointer("/progress/segments_total")
+                        .and_then(|x| x.as_u64())
+                        .unwrap_or(0),
+                    v.pointer("/progress/bytes_copied")
+                        .and_then(|x| x.as_u64())
+                        .unwrap_or(0),
+                ),
+                Err(e) => {
+                    eprintln!("cwm: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+    };
+    if tty {
+        eprintln!();
+    }
+    let code = cwm::control::client::exit_code(&report);
+    if c.json {
+        println!("{report}");
+    } else if code == 0 {
+        let r = &report["report"];
+        println!(
+            "compacted: segments {} deleted, {:.1} MiB copied, {:.1} MiB given back in {:.2} s",
+            r["segments_removed"],
+            r["bytes_copied"].as_f64().unwrap_or(0.0) / 1048576.0,
+            r["bytes_reclaimed"].as_f64().unwrap_or(0.0) / 1048576.0,
+            r["seconds"].as_f64().unwrap_or(0.0)
+        );
+    } else {
+        eprintln!(
+            "cwm: {}",
+            report["error"]["message"]
+                .as_str()
+                .unwrap_or("compaction failed")
+        );
+    }
+    ExitCode::from(code as u8)
 }
 
 fn client_call(c: &ClientArgs, req: serde_json::Value) -> Result<serde_json::Value, String> {
@@ -396,9 +643,10 @@ fn window_row(w: &serde_json::Value) -> String {
     format!(
         "{:<32} {:>4} {:>9} {:>7} {:>10.1} {}",
         w["name"].as_str().unwrap_or(""),
-        w["version"],
-        w["num_tokens"],
-        w["num_blocks"],
+        // Value's Display ignores widths: format the numbers themselves.
+        w["version"].as_u64().unwrap_or(0),
+        w["num_tokens"].as_u64().unwrap_or(0),
+        w["num_blocks"].as_u64().unwrap_or(0),
         w["bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
         w["session"].as_str().unwrap_or("")
     )
@@ -619,7 +867,75 @@ fn main() -> ExitCode {
                 );
             });
         }
-        Cmd::Fsck { data_dir, json } => {
+        Cmd::Fsck {
+            data_dir,
+            json,
+            repair: true,
+        } => return fsck_repair(&data_dir, json),
+        Cmd::Compact {
+            data_dir,
+            live_ratio,
+            rate,
+            c,
+        } => return compact_cmd(data_dir, live_ratio, rate, &c),
+        Cmd::Scrub { rate, c } => {
+            return client(&c, serde_json::json!({"op": "scrub", "rate": rate}), |v| {
+                for w in v["windows"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<32} {:<8} {}",
+                        w["name"].as_str().unwrap_or(""),
+                        w["status"].as_str().unwrap_or(""),
+                        w["detail"].as_str().unwrap_or("")
+                    );
+                }
+                println!(
+                    "{} problems; {:.1} MiB verified",
+                    v["problems"],
+                    v["bytes_verified"].as_f64().unwrap_or(0.0) / 1048576.0
+                );
+            })
+        }
+        Cmd::Torture {
+            seconds,
+            cycles,
+            seed,
+            data_dir,
+            kill_max_ms,
+        } => {
+            let cfg = cwm::torture::TortureConfig {
+                seconds,
+                max_cycles: cycles,
+                seed,
+                data_dir,
+                kill_max_ms,
+            };
+            return match cwm::torture::run(&cfg) {
+                Ok(s) => {
+                    println!(
+                        "torture: cycles={} kills={} windows_verified={} violations={}",
+                        s.cycles, s.kills, s.windows_verified, s.violations
+                    );
+                    eprintln!(
+                        "torture: kills during recovery={} freezes acknowledged={} deletes acknowledged={} compactions={}",
+                        s.kills_in_recovery, s.freezes_acked, s.deletes_acked, s.compactions
+                    );
+                    if s.violations == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("cwm: torture: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Cmd::Fsck {
+            data_dir,
+            json,
+            repair: false,
+        } => {
             use std::io::IsTerminal;
             let tty = std::io::stderr().is_terminal() && !json;
             let progress = |done: usize, total: usize| {

@@ -33,6 +33,14 @@ pub struct Metrics {
     pub thaw_bytes: Counter,
     /// Thaws stopped early by a corrupt block.
     pub corruption: Counter,
+    /// Scrub passes finished.
+    pub scrub_passes: Counter,
+    /// Windows a scrub found damaged or lost (counted per pass).
+    pub scrub_problems: Counter,
+    /// Bytes compaction copied.
+    pub compaction_bytes: Counter,
+    /// Segments compaction deleted.
+    pub compaction_segments: Counter,
     edge_cases: Family<Labels, Counter>,
     concurrent: Family<Labels, Gauge>,
     freeze_secs: Histogram,
@@ -52,6 +60,10 @@ impl Default for Metrics {
             freeze_bytes: Counter::default(),
             thaw_bytes: Counter::default(),
             corruption: Counter::default(),
+            scrub_passes: Counter::default(),
+            scrub_problems: Counter::default(),
+            compaction_bytes: Counter::default(),
+            compaction_segments: Counter::default(),
             edge_cases: Family::default(),
             concurrent: Family::default(),
             freeze_secs: Histogram::new(BUCKETS),
@@ -61,6 +73,26 @@ impl Default for Metrics {
             registry: Registry::default(),
         };
         registry.register("cwm_requests", "Requests received", m.requests.clone());
+        registry.register(
+            "cwm_scrub_passes",
+            "Scrub passes finished",
+            m.scrub_passes.clone(),
+        );
+        registry.register(
+            "cwm_scrub_problems",
+            "Windows found damaged or lost by scrub passes",
+            m.scrub_problems.clone(),
+        );
+        registry.register(
+            "cwm_compaction_bytes",
+            "Bytes copied by compaction",
+            m.compaction_bytes.clone(),
+        );
+        registry.register(
+            "cwm_compaction_segments",
+            "Segments deleted by compaction",
+            m.compaction_segments.clone(),
+        );
         registry.register(
             "cwm_request_errors",
             "Requests answered with an error",

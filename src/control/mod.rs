@@ -4,6 +4,7 @@
 //! the connection keeps serving.
 
 pub mod client;
+pub mod maint;
 pub mod metrics;
 pub mod protocol;
 
@@ -46,6 +47,8 @@ pub struct ServeConfig {
     pub metrics_addr: Option<String>,
     /// Most freezes and thaws running at once; more are refused with BUSY.
     pub max_ops: usize,
+    /// Background compaction and scrub.
+    pub maintenance: maint::Maintenance,
 }
 
 /// The running server's state.
@@ -184,6 +187,7 @@ impl Server {
             let me = self.clone();
             std::thread::spawn(move || me.metrics_http(l));
         }
+        self.start_maintenance();
         let listener = UnixListener::bind(sock)?;
         std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600))?;
         crate::log::info(&format!("listening on {}", sock.display()));
@@ -444,11 +448,14 @@ impl Server {
         progress: &(dyn Fn(&str, Value) + Sync),
     ) -> Result<Value, ApiError> {
         let a = &req.args;
+        if let Some(r) = self.maintenance_op(&req.op, a, progress) {
+            return r;
+        }
         match req.op.as_str() {
             "hello" => Ok(json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "protocol": protocol::PROTOCOL_VERSION,
-                "capabilities": ["register.shm", "register.process", "register.cuda", "sessions", "freeze", "thaw", "lookup", "list", "stat", "delete", "idempotency", "metrics", "thaw.prefix", "lookup.estimate", "layout.pieces"],
+                "capabilities": ["register.shm", "register.process", "register.cuda", "sessions", "freeze", "thaw", "lookup", "list", "stat", "delete", "idempotency", "metrics", "thaw.prefix", "lookup.estimate", "layout.pieces", "compact", "scrub", "check"],
             })),
             "health" => {
                 let st = self.store.stats().map_err(ApiError::from)?;

@@ -139,7 +139,11 @@ impl Store {
     /// emptiest first.
     pub fn compact_candidates(&self, live_ratio: f64) -> Result<Vec<u64>, StoreError> {
         let app = self.lock_appender()?;
-        let active = app.active.as_ref().map(|s| s.id);
+        let active = app
+            .active
+            .as_ref()
+            .filter(|s| !s.sealed.load(Ordering::SeqCst))
+            .map(|s| s.id);
         let st = self.state.read().map_err(poisoned)?;
         let mut c: Vec<(f64, u64)> = st
             .segments
@@ -169,12 +173,31 @@ impl Store {
         opts: &CompactOptions,
         progress: &mut dyn FnMut(&CompactProgress),
     ) -> Result<CompactReport, StoreError> {
-        let t = Instant::now();
-        let mut rep = CompactReport::default();
         let mut ids = self.compact_candidates(opts.live_ratio)?;
         if opts.max_segments > 0 {
             ids.truncate(opts.max_segments);
         }
+        self.compact_segments(&ids, opts, progress)
+    }
+
+    /// Compacts exactly these segments, whatever their live ratio (repair uses it to rewrite
+    /// segments holding damage). The append segment is skipped: seal it first
+    /// ([`Store::seal_active`]).
+    pub fn compact_segments(
+        &self,
+        ids: &[u64],
+        opts: &CompactOptions,
+        progress: &mut dyn FnMut(&CompactProgress),
+    ) -> Result<CompactReport, StoreError> {
+        let t = Instant::now();
+        let mut rep = CompactReport::default();
+        let active = self
+            .lock_appender()?
+            .active
+            .as_ref()
+            .filter(|s| !s.sealed.load(Ordering::SeqCst))
+            .map(|s| s.id);
+        let ids: Vec<u64> = ids.iter().copied().filter(|i| Some(*i) != active).collect();
         let total = ids.len();
         let mut throttle = Throttle {
             start: Instant::now(),
@@ -466,6 +489,56 @@ impl Store {
         };
         nh.encode(seg.generation, image);
         Ok(Loc { seg, offset, len })
+    }
+
+    /// Seals the append segment (its unused tail is given back); the next append starts a
+    /// new segment.
+    pub fn seal_active(&self) -> Result<(), StoreError> {
+        let app = self.lock_appender()?;
+        if let Some(s) = &app.active {
+            s.seal();
+        }
+        Ok(())
+    }
+
+    /// Windows not exposed because a block of their newest manifest is missing: (name,
+    /// version).
+    pub fn incomplete_windows(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let st = self.state.read().map_err(poisoned)?;
+        Ok(st
+            .incomplete
+            .iter()
+            .map(|(n, (v, _))| (n.clone(), *v))
+            .collect())
+    }
+
+    /// Writes a durable tombstone for an incomplete window (its newest manifest, whose blocks
+    /// are not all in the log), so recovery stops reporting it. Returns its version.
+    pub fn tombstone_incomplete(&self, name: &str) -> Result<u64, StoreError> {
+        let mut app = self.lock_appender()?;
+        let (version, manifest_seq) = {
+            let st = self.state.read().map_err(poisoned)?;
+            *st.incomplete
+                .get(name)
+                .ok_or_else(|| StoreError::NotFound(name.to_string()))?
+        };
+        let t = super::Tombstone {
+            name: name.to_string(),
+            version,
+            manifest_seq,
+        };
+        let key = super::name_key(name);
+        let loc = self.append_payload(&mut app, RecordKind::Tombstone, key, &t.encode())?;
+        self.sync(&loc.seg)?;
+        loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
+        let seq = app.next_seq - 1;
+        let mut st = self.state.write().map_err(poisoned)?;
+        st.names.insert(key, seq);
+        if let Some(old) = st.tombs.insert(key, loc) {
+            old.seg.live.fetch_sub(old.len, Ordering::SeqCst);
+        }
+        st.incomplete.remove(name);
+        Ok(version)
     }
 
     /// Bytes of records no longer referenced, outside the append segment (what a compaction

@@ -30,9 +30,9 @@ use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::io::{self, AlignedBuf, EngineKind, IoEngine, IoError, Op};
+pub use compact::{CompactOptions, CompactProgress, CompactReport};
 use format::{payload_checksum, payload_offset, record_len, RecordHeader, RecordKind, PAGE};
 pub use manifest::{BlockRef, Manifest, Tombstone};
-pub use compact::{CompactOptions, CompactProgress, CompactReport};
 pub use recovery::{RecoveryMode, RecoveryReport};
 use segment::Segment;
 
@@ -238,6 +238,9 @@ pub(crate) struct State {
     /// Per window-name key whose newest event is a tombstone: where that tombstone is. Only
     /// these tombstones count as live bytes.
     pub tombs: HashMap<u128, Loc>,
+    /// Windows whose newest manifest is not exposed because a block is missing (recovery's
+    /// `incomplete_windows`): name -> (version, manifest sequence number).
+    pub incomplete: BTreeMap<String, (u64, u64)>,
     pub blocks: HashMap<u128, BlockEntry>,
     pub windows: BTreeMap<String, WindowEntry>,
     pub segments: BTreeMap<u64, Arc<Segment>>,
@@ -933,7 +936,11 @@ impl Store {
     /// Every catalog record key with its newest payload.
     pub fn meta(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError> {
         let st = self.state.read().map_err(poisoned)?;
-        Ok(st.meta.iter().map(|(k, (_, v, _))| (*k, v.clone())).collect())
+        Ok(st
+            .meta
+            .iter()
+            .map(|(k, (_, v, _))| (*k, v.clone()))
+            .collect())
     }
 
     /// Deletes a window: writes a durable tombstone, then drops its block references. Blocks
@@ -1355,6 +1362,7 @@ impl WindowWriter<'_> {
         }
         mloc.seg.live.fetch_add(mloc.len, Ordering::SeqCst);
         st.names.insert(name_key(&m.name), seq);
+        st.incomplete.remove(&m.name);
         if let Some(t) = st.tombs.remove(&name_key(&m.name)) {
             // The tombstone is no longer the newest event of the name: garbage.
             t.seg.live.fetch_sub(t.len, Ordering::SeqCst);

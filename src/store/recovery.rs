@@ -323,6 +323,7 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
                 )));
             }
             report.incomplete_windows.push(m.name.clone());
+            state.incomplete.insert(m.name.clone(), (m.version, seq));
             continue;
         }
         for (b, c) in m.blocks.iter().zip(resolved) {

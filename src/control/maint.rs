@@ -1,0 +1,178 @@
+//! Maintenance in the daemon: the background compactor and scrubber, and the `compact`,
+//! `scrub` and `check` ops (docs/PROTOCOL.md).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::protocol::ApiError;
+use super::Server;
+use crate::store::CompactOptions;
+
+/// Background maintenance settings of `cwm serve`.
+#[derive(Debug, Clone)]
+pub struct Maintenance {
+    /// Compaction options (live-ratio threshold, rate, batch size).
+    pub compact: CompactOptions,
+    /// Seconds between background compaction passes (0: no background compactor).
+    pub compact_interval_s: u64,
+    /// Seconds between background scrub passes (0: off, the default).
+    pub scrub_interval_s: u64,
+    /// Most bytes/s a scrub reads (0: unlimited).
+    pub scrub_rate: u64,
+}
+
+impl Default for Maintenance {
+    fn default() -> Self {
+        Self {
+            compact: CompactOptions::default(),
+            compact_interval_s: 10,
+            scrub_interval_s: 0,
+            scrub_rate: 64 << 20,
+        }
+    }
+}
+
+fn f64_field(a: &Value, k: &str) -> Result<Option<f64>, ApiError> {
+    match a.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .filter(|x| x.is_finite() && *x >= 0.0)
+            .map(Some)
+            .ok_or_else(|| ApiError::validation(format!("{k} must be a non-negative number"))),
+    }
+}
+
+fn u64_field(a: &Value, k: &str) -> Result<Option<u64>, ApiError> {
+    match a.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| ApiError::validation(format!("{k} must be a non-negative integer"))),
+    }
+}
+
+impl Server {
+    /// Starts the background compactor and scrubber threads the config asks for.
+    pub(super) fn start_maintenance(self: &Arc<Self>) {
+        let m = &self.cfg.maintenance;
+        if m.compact_interval_s > 0 {
+            let me = self.clone();
+            std::thread::spawn(move || {
+                let every = Duration::from_secs(me.cfg.maintenance.compact_interval_s);
+                while me.sleep_unless_stopping(every) {
+                    if let Err(e) = me.compact_pass(&me.cfg.maintenance.compact, &|_| {}) {
+                        crate::log::warn(&format!("background compaction: {}", e.message));
+                    }
+                }
+            });
+        }
+        if m.scrub_interval_s > 0 {
+            let me = self.clone();
+            std::thread::spawn(move || {
+                let every = Duration::from_secs(me.cfg.maintenance.scrub_interval_s);
+                while me.sleep_unless_stopping(every) {
+                    if let Err(e) = me.scrub_pass(me.cfg.maintenance.scrub_rate) {
+                        crate::log::warn(&format!("background scrub: {}", e.message));
+                    }
+                }
+            });
+        }
+    }
+
+    /// Sleeps `d` in short steps; false once the server is stopping.
+    fn sleep_unless_stopping(&self, d: Duration) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < d {
+            if self.stopping.load(Ordering::SeqCst) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100).min(d));
+        }
+        !self.stopping.load(Ordering::SeqCst)
+    }
+
+    fn compact_pass(
+        &self,
+        opts: &CompactOptions,
+        progress: &dyn Fn(&crate::store::CompactProgress),
+    ) -> Result<Value, ApiError> {
+        let rep = self.store.compact(opts, &mut |p| progress(p))?;
+        self.metrics.compaction_bytes.inc_by(rep.bytes_copied);
+        self.metrics
+            .compaction_segments
+            .inc_by(rep.segments_removed.len() as u64);
+        if !rep.segments_removed.is_empty() {
+            crate::log::info(&format!(
+                "compaction: segments {:?} deleted, {} bytes copied, {} bytes given back in {:.2} s",
+                rep.segments_removed, rep.bytes_copied, rep.bytes_reclaimed, rep.seconds
+            ));
+        }
+        Ok(json!({ "report": rep }))
+    }
+
+    fn scrub_pass(&self, rate: u64) -> Result<Value, ApiError> {
+        let (windows, bytes) = crate::fsck::verify_windows(&self.store, rate, &|_, _| {})?;
+        let lost: Vec<(String, u64)> = self.store.incomplete_windows()?;
+        let bad = windows.iter().filter(|w| w.status != "ok").count() + lost.len();
+        self.metrics.scrub_passes.inc();
+        self.metrics.scrub_problems.inc_by(bad as u64);
+        for w in windows.iter().filter(|w| w.status != "ok") {
+            self.metrics.corruption.inc();
+            crate::log::warn(&format!(
+                "scrub: window {:?} is {}: {}",
+                w.name,
+                w.status,
+                w.detail.as_deref().unwrap_or("")
+            ));
+        }
+        for (name, _) in &lost {
+            crate::log::warn(&format!(
+                "scrub: window {name:?} is lost (a block is missing from the log)"
+            ));
+        }
+        let mut out: Vec<Value> = windows.iter().map(|w| json!(w)).collect();
+        out.extend(lost.iter().map(|(n, _)| {
+            json!({"name": n, "status": "lost", "blocks": 0, "intact_blocks": 0,
+                   "detail": "a block is missing from the log"})
+        }));
+        Ok(json!({"windows": out, "bytes_verified": bytes, "problems": bad}))
+    }
+
+    /// `compact`, `scrub` and `check`; `None` for any other op.
+    pub(super) fn maintenance_op(
+        &self,
+        op: &str,
+        a: &Value,
+        progress: &(dyn Fn(&str, Value) + Sync),
+    ) -> Option<Result<Value, ApiError>> {
+        Some(match op {
+            "compact" => (|| {
+                let mut opts = self.cfg.maintenance.compact.clone();
+                if let Some(r) = f64_field(a, "live_ratio")? {
+                    opts.live_ratio = r;
+                }
+                if let Some(r) = u64_field(a, "rate")? {
+                    opts.rate = r;
+                }
+                self.compact_pass(&opts, &|p| {
+                    progress("compacting", json!({"progress": p}));
+                })
+            })(),
+            "scrub" => (|| {
+                let rate = u64_field(a, "rate")?.unwrap_or(0);
+                self.scrub_pass(rate)
+            })(),
+            "check" => (|| {
+                let violations = self.store.check_invariants()?;
+                let garbage = self.store.garbage_bytes()?;
+                Ok(json!({"violations": violations, "garbage_bytes": garbage}))
+            })(),
+            _ => return None,
+        })
+    }
+}

@@ -1,0 +1,523 @@
+//! `cwm torture`: crash-consistency torture of the whole daemon. Starts `cwm serve` (this
+//! executable) on a data directory with a shared-memory engine, drives random freezes (shared
+//! token prefixes included, so blocks are deduplicated), thaws, deletes and compactions
+//! through the socket, SIGKILLs the server at random moments (during block writes, manifest
+//! and catalog commits, compaction, and during recovery right after a restart), restarts it
+//! and checks after every restart:
+//!
+//! - every window acknowledged durable is listed and thaws bit-exactly (expected bytes are
+//!   derived client-side from the window's tokens);
+//! - no window that was never acknowledged is visible, except one whose freeze was in flight
+//!   at the kill, and that one must thaw and verify too; a window whose delete was
+//!   acknowledged stays deleted;
+//! - the daemon's own consistency check (`check` op: reference counts equal what manifests
+//!   hold, live bytes, segment files) reports nothing;
+//! - every few cycles, after compacting everything (`live_ratio` 1.0), no garbage is left
+//!   outside the append segment (no space leaked).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::control::client::Client;
+
+/// `cwm torture` settings.
+#[derive(Debug, Clone)]
+pub struct TortureConfig {
+    /// Run this long (then one last restart and check).
+    pub seconds: u64,
+    /// Stop after this many cycles (0: no limit).
+    pub max_cycles: u64,
+    /// Random seed.
+    pub seed: u64,
+    /// Data directory (a fresh temporary one when `None`).
+    pub data_dir: Option<PathBuf>,
+    /// Kills land at most this many milliseconds after an op phase starts.
+    pub kill_max_ms: u64,
+}
+
+/// What a torture run did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TortureSummary {
+    /// Restart cycles.
+    pub cycles: u64,
+    /// SIGKILLs delivered.
+    pub kills: u64,
+    /// Kills delivered while the server was still starting (recovery).
+    pub kills_in_recovery: u64,
+    /// Window thaws verified bit-exactly.
+    pub windows_verified: u64,
+    /// Freezes acknowledged.
+    pub freezes_acked: u64,
+    /// Deletes acknowledged.
+    pub deletes_acked: u64,
+    /// Compactions run to completion.
+    pub compactions: u64,
+    /// Violations found (each also printed).
+    pub violations: u64,
+    /// First violations, in words.
+    pub details: Vec<String>,
+}
+
+const BLOCKS: u64 = 64;
+const SRC_BLOCKS: u64 = 32;
+const BS_TOKENS: usize = 16;
+/// Bytes of one block in one plane (K or V) of one layer: 16 tokens x 2 heads x 64 x bf16.
+const PLANE: u64 = 4096;
+const LAYERS: usize = 2;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // splitmix64
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+}
+
+/// The bytes block `i` of a window with `tokens` holds in one layer (K then V planes): a
+/// function of the token prefix it covers, so equal prefixes (equal keys) hold equal bytes.
+fn block_bytes(tokens: &[u32], i: usize, layer: usize) -> Vec<u8> {
+    let end = ((i + 1) * BS_TOKENS).min(tokens.len());
+    let mut seed_bytes = Vec::with_capacity(end * 4 + 8);
+    for t in &tokens[..end] {
+        seed_bytes.extend_from_slice(&t.to_le_bytes());
+    }
+    seed_bytes.extend_from_slice(&(layer as u64).to_le_bytes());
+    let seed = xxhash_rust::xxh3::xxh3_64(&seed_bytes);
+    let mut v = vec![0u8; 2 * PLANE as usize];
+    crate::bench::fill_random(&mut v, seed | 1);
+    v
+}
+
+struct Engine {
+    files: Vec<File>,
+    paths: Vec<PathBuf>,
+}
+
+impl Engine {
+    fn create(dir: &Path) -> Result<Self, String> {
+        let mut files = Vec::new();
+        let mut paths = Vec::new();
+        for l in 0..LAYERS {
+            let p = dir.join(format!("layer{l}"));
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&p)
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+            f.set_len(2 * BLOCKS * PLANE)
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+            files.push(f);
+            paths.push(p);
+        }
+        Ok(Self { files, paths })
+    }
+
+    fn write_block(&self, b: u64, layer: usize, bytes: &[u8]) -> std::io::Result<()> {
+        let f = &self.files[layer];
+        f.write_all_at(&bytes[..PLANE as usize], b * PLANE)?;
+        f.write_all_at(&bytes[PLANE as usize..], (BLOCKS + b) * PLANE)
+    }
+
+    fn read_block(&self, b: u64, layer: usize) -> std::io::Result<Vec<u8>> {
+        let f = &self.files[layer];
+        let mut v = vec![0u8; 2 * PLANE as usize];
+        f.read_exact_at(&mut v[..PLANE as usize], b * PLANE)?;
+        f.read_exact_at(&mut v[PLANE as usize..], (BLOCKS + b) * PLANE)?;
+        Ok(v)
+    }
+
+    fn register(&self) -> Value {
+        json!({"op": "register", "engine": "e1", "model": "torture",
+            "layout": {"kind": "flash_2nbhd", "layers": LAYERS, "blocks": BLOCKS, "block_size": BS_TOKENS,
+                       "heads": 2, "head": 64, "dtype": "bf16"},
+            "memory": {"shm": self.paths}})
+    }
+}
+
+struct Run {
+    exe: PathBuf,
+    data: PathBuf,
+    socket: PathBuf,
+    shm: PathBuf,
+    eng: Engine,
+    rng: Rng,
+    /// Acknowledged windows and their tokens.
+    acked: BTreeMap<String, Vec<u32>>,
+    /// Windows whose freeze or delete was in flight at a kill: present or absent, and if
+    /// present they must verify.
+    uncertain: BTreeMap<String, Vec<u32>>,
+    /// Deletes acknowledged (must stay absent).
+    deleted: std::collections::BTreeSet<String>,
+    next_window: u64,
+    sum: TortureSummary,
+}
+
+fn ok(v: &Value) -> bool {
+    v.get("ok").and_then(Value::as_bool) == Some(true)
+}
+
+impl Run {
+    fn violation(&mut self, what: String) {
+        eprintln!("torture: VIOLATION: {what}");
+        self.sum.violations += 1;
+        if self.sum.details.len() < 20 {
+            self.sum.details.push(what);
+        }
+    }
+
+    fn spawn(&self) -> Result<Child, String> {
+        use std::os::unix::process::CommandExt;
+        let mut c = Command::new(&self.exe);
+        c.args([
+            "serve",
+            "--segment-size",
+            "1MiB",
+            "--staging",
+            "8MiB",
+            "--compact-interval",
+            "1",
+            "--compact-live-ratio",
+            "0.6",
+        ])
+        .arg("--data-dir")
+        .arg(&self.data)
+        .arg("--socket")
+        .arg(&self.socket)
+        .arg("--shm-dir")
+        .arg(&self.shm)
+        .env("CWM_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe; it only sets the child's parent-death signal, so
+        // the server never outlives the torture run.
+        unsafe {
+            c.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        c.spawn()
+            .map_err(|e| format!("spawn {}: {e}", self.exe.display()))
+    }
+
+    fn connect(&self, child: &mut Child) -> Result<Client, String> {
+        let t = Instant::now();
+        loop {
+            if let Ok(c) = Client::connect(&self.socket) {
+                return Ok(c);
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(format!("cwm serve exited during start: {st}"));
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                return Err("cwm serve did not come up in 60 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn tokens_for_freeze(&mut self) -> Vec<u32> {
+        let n = 1 + self.rng.below(6) as usize;
+        let mut t: Vec<u32> = Vec::with_capacity(n * BS_TOKENS);
+        // Half the time, share a prefix with an acknowledged window (deduplicated blocks).
+        if !self.acked.is_empty() && self.rng.below(2) == 0 {
+            let i = self.rng.below(self.acked.len() as u64) as usize;
+            if let Some(base) = self.acked.values().nth(i) {
+                let k = 1 + self.rng.below((base.len() / BS_TOKENS) as u64) as usize;
+                t.extend_from_slice(&base[..(k.min(n) * BS_TOKENS).min(base.len())]);
+            }
+        }
+        while t.len() < n * BS_TOKENS {
+            t.push((self.rng.next() % 50_000) as u32);
+        }
+        t
+    }
+
+    /// Thaws `name` into the destination half of the engine and compares every byte.
+    fn verify_window(&mut self, c: &mut Client, name: &str, tokens: &[u32]) -> Result<(), String> {
+        let n = tokens.len() / BS_TOKENS;
+        let dest: Vec<u64> = (0..n as u64).map(|i| SRC_BLOCKS + i).collect();
+        let v = c
+            .call_final(json!({"op": "thaw", "engine": "e1", "window": name, "block_ids": dest}))
+            .map_err(|e| format!("thaw {name}: {e}"))?;
+        if !ok(&v) {
+            self.violation(format!("window {name} does not thaw: {v}"));
+            return Ok(());
+        }
+        for (i, &b) in dest.iter().enumerate() {
+            for l in 0..LAYERS {
+                let got = self
+                    .eng
+                    .read_block(b, l)
+                    .map_err(|e| format!("read back: {e}"))?;
+                if got != block_bytes(tokens, i, l) {
+                    self.violation(format!(
+                        "window {name} block {i} layer {l} differs after thaw"
+                    ));
+                    return Ok(());
+                }
+            }
+        }
+        self.sum.windows_verified += 1;
+        Ok(())
+    }
+
+    /// After a restart: the listed windows against the model, each one thawed and verified,
+    /// and the daemon's consistency check.
+    fn verify_all(&mut self, c: &mut Client) -> Result<(), String> {
+        let v = c
+            .call_final(json!({"op": "list", "limit": 100000}))
+            .map_err(|e| format!("list: {e}"))?;
+        let listed: Vec<String> = v["windows"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|w| w["name"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for name in self.acked.keys().cloned().collect::<Vec<_>>() {
+            if !listed.contains(&name) {
+                self.violation(format!("acknowledged window {name} is missing"));
+                self.acked.remove(&name);
+            }
+        }
+        for name in &listed {
+            if let Some(t) = self.acked.get(name).cloned() {
+                self.verify_window(c, name, &t)?;
+            } else if let Some(t) = self.uncertain.remove(name) {
+                self.verify_window(c, name, &t)?;
+                self.acked.insert(name.clone(), t);
+            } else if self.deleted.contains(name) {
+                self.violation(format!("deleted window {name} is visible again"));
+            } else {
+                self.violation(format!("never acknowledged window {name} is visible"));
+            }
+        }
+        // What was in flight and is not listed did not happen.
+        self.uncertain.clear();
+        self.check(c, false)
+    }
+
+    fn check(&mut self, c: &mut Client, expect_no_garbage: bool) -> Result<(), String> {
+        let v = c
+            .call_final(json!({"op": "check"}))
+            .map_err(|e| format!("check: {e}"))?;
+        if let Some(vs) = v["violations"].as_array() {
+            for x in vs {
+                self.violation(format!("store invariant: {x}"));
+            }
+        }
+        if expect_no_garbage {
+            let g = v["garbage_bytes"].as_u64().unwrap_or(0);
+            if g > 0 {
+                self.violation(format!(
+                    "{g} bytes of garbage left after compacting everything"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Random operations until the connection breaks (the kill) or `stop` is set.
+    fn ops(&mut self, c: &mut Client, stop: &AtomicBool) {
+        while !stop.load(Ordering::SeqCst) {
+            let r = self.rng.below(100);
+            if r < 50 || self.acked.is_empty() {
+                let name = format!("t{}", self.next_window);
+                self.next_window += 1;
+                let tokens = self.tokens_for_freeze();
+                let n = tokens.len() / BS_TOKENS;
+                let src: Vec<u64> = (0..n as u64).collect();
+                for (i, &b) in src.iter().enumerate() {
+                    for l in 0..LAYERS {
+                        if self
+                            .eng
+                            .write_block(b, l, &block_bytes(&tokens, i, l))
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+                self.uncertain.insert(name.clone(), tokens.clone());
+                let res = c.call_final(json!({"op": "freeze", "engine": "e1", "window": name,
+                    "tokens": tokens, "block_ids": src}));
+                match res {
+                    Ok(v) if ok(&v) => {
+                        self.uncertain.remove(&name);
+                        self.acked.insert(name, tokens);
+                        self.sum.freezes_acked += 1;
+                    }
+                    Ok(_) => {
+                        // Refused (e.g. quota): it must not appear.
+                        self.uncertain.remove(&name);
+                    }
+                    Err(_) => return,
+                }
+            } else if r < 75 || self.acked.len() > 24 {
+                let i = self.rng.below(self.acked.len() as u64) as usize;
+                let Some(name) = self.acked.keys().nth(i).cloned() else {
+                    continue;
+                };
+                let Some(t) = self.acked.remove(&name) else {
+                    continue;
+                };
+                self.uncertain.insert(name.clone(), t);
+                match c.call_final(json!({"op": "delete", "window": name})) {
+                    Ok(v) if ok(&v) => {
+                        self.uncertain.remove(&name);
+                        self.deleted.insert(name);
+                        self.sum.deletes_acked += 1;
+                    }
+                    Ok(v) => {
+                        self.violation(format!("delete of acknowledged {name} refused: {v}"));
+                        self.uncertain.remove(&name);
+                    }
+                    Err(_) => return,
+                }
+            } else if r < 90 {
+                let i = self.rng.below(self.acked.len() as u64) as usize;
+                let Some((name, t)) = self
+                    .acked
+                    .iter()
+                    .nth(i)
+                    .map(|(n, t)| (n.clone(), t.clone()))
+                else {
+                    continue;
+                };
+                if self.verify_window(c, &name, &t).is_err() {
+                    return;
+                }
+            } else {
+                match c.call_final(json!({"op": "compact", "live_ratio": 0.9})) {
+                    Ok(v) if ok(&v) => self.sum.compactions += 1,
+                    Ok(v) => self.violation(format!("compact failed: {v}")),
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+}
+
+fn kill(child: &mut Child) {
+    // SAFETY: kill on the pid of our own child, which we have not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+}
+
+/// Runs the torture; the summary says whether anything was violated.
+pub fn run(cfg: &TortureConfig) -> Result<TortureSummary, String> {
+    let tmp = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
+    let data = cfg
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| tmp.path().join("data"));
+    let shm = tmp.path().join("shm");
+    std::fs::create_dir_all(&shm).map_err(|e| format!("{}: {e}", shm.display()))?;
+    let mut run = Run {
+        exe: std::env::current_exe().map_err(|e| format!("current executable: {e}"))?,
+        data,
+        socket: tmp.path().join("cwm.sock"),
+        eng: Engine::create(&shm)?,
+        shm,
+        rng: Rng(cfg.seed ^ 0x5DEE_CE66_D1CE_5EED),
+        acked: BTreeMap::new(),
+        uncertain: BTreeMap::new(),
+        deleted: Default::default(),
+        next_window: 0,
+        sum: TortureSummary::default(),
+    };
+    let t0 = Instant::now();
+    let deadline = Duration::from_secs(cfg.seconds);
+    loop {
+        let last = t0.elapsed() >= deadline
+            || (cfg.max_cycles > 0 && run.sum.cycles + 1 >= cfg.max_cycles);
+        let mut child = run.spawn()?;
+        // Sometimes kill during start-up: recovery itself must survive a crash.
+        if !last && run.rng.below(8) == 0 {
+            std::thread::sleep(Duration::from_millis(run.rng.below(40)));
+            kill(&mut child);
+            run.sum.kills += 1;
+            run.sum.kills_in_recovery += 1;
+            run.sum.cycles += 1;
+            continue;
+        }
+        let mut c = match run.connect(&mut child) {
+            Ok(c) => c,
+            Err(e) => {
+                kill(&mut child);
+                return Err(e);
+            }
+        };
+        let reg = c
+            .call_final(run.eng.register())
+            .map_err(|e| format!("register: {e}"))?;
+        if !ok(&reg) {
+            kill(&mut child);
+            return Err(format!("register refused: {reg}"));
+        }
+        run.verify_all(&mut c)?;
+        run.sum.cycles += 1;
+        if last {
+            // Compact everything; then no garbage may remain outside the append segment.
+            for _ in 0..3 {
+                let v = c
+                    .call_final(json!({"op": "compact", "live_ratio": 1.0}))
+                    .map_err(|e| format!("compact: {e}"))?;
+                if !ok(&v) {
+                    run.violation(format!("final compaction failed: {v}"));
+                }
+            }
+            run.check(&mut c, true)?;
+            drop(c);
+            kill(&mut child);
+            break;
+        }
+        if run.sum.cycles % 10 == 0 {
+            for _ in 0..3 {
+                let _ = c.call_final(json!({"op": "compact", "live_ratio": 1.0}));
+            }
+            run.check(&mut c, true)?;
+        }
+        // The op phase: a timer kills the server after a random delay.
+        let delay = Duration::from_millis(1 + run.rng.below(cfg.kill_max_ms.max(1)));
+        let pid = child.id() as i32;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            // SAFETY: kill on our child's pid; it is reaped only after this thread is joined.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            stop2.store(true, Ordering::SeqCst);
+        });
+        run.ops(&mut c, &stop);
+        let _ = killer.join();
+        let _ = child.wait();
+        run.sum.kills += 1;
+    }
+    Ok(run.sum)
+}
