@@ -1,7 +1,19 @@
 #!/usr/bin/env bash
-# Runs every test of cwm: unit tests, integration tests (both I/O engines), doc tests.
-# Needs only a Rust toolchain; CPU only (the GPU checks live in scripts/gpu-check.sh).
+# Runs every test of cwm: unit tests, integration tests (both I/O engines), doc tests, then the
+# Python side (client, layouts) and the end-to-end tests against real vLLM on the CPU.
+# Needs a Rust toolchain and Python ≥ 3.10; installs vLLM's CPU build into a cached venv
+# (scripts/vllm-env.sh, ~3 GB download the first time). CPU only (the GPU checks live in
+# scripts/gpu-check.sh). CWM_SKIP_VLLM=1 skips the Python/vLLM part, saying so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bin cwm
 cargo test --release -- --test-threads="${CWM_TEST_THREADS:-2}"
+if [[ "${CWM_SKIP_VLLM:-0}" == 1 ]]; then
+  echo "SKIPPED: Python and real-vLLM end-to-end tests (CWM_SKIP_VLLM=1)"
+  exit 0
+fi
+PY="$(./scripts/vllm-env.sh | tail -n 1)"
+"$PY" -m pip install -q pytest
+# The package must install as a user would install it.
+"$PY" -m pip install -q --no-deps --force-reinstall ./python
+(cd python/tests && "$PY" -m pytest -v -p no:cacheprovider .)

@@ -18,6 +18,7 @@ Any prompt whose prefix is stored (in any window of the same model and layout) i
 cwm without asking. Extra config keys: ``socket`` (default $CWM_SOCKET or cwm's default),
 ``salt`` (namespace salt), ``prefill_tokens_per_s`` (the engine's prefill rate: cwm then
 recomputes prefixes whose thaw would be slower), ``timeout_s`` (per control call, default 30),
+``lookup_timeout_s`` (the scheduler's lookups, default 1),
 ``load`` / ``save`` (false turns either direction off).
 
 If cwm is down or answers an error, vLLM keeps serving: loads are reported failed (vLLM
@@ -170,6 +171,8 @@ class CwmConnector(KVConnectorBase_V1):
 
         self._socket: str = extra("socket") or default_socket()
         self._timeout = float(extra("timeout_s", 30.0))
+        # The scheduler waits for lookups: a stalled cwm must not stall vLLM for long.
+        self._lookup_timeout = float(extra("lookup_timeout_s", 1.0))
         self._salt = extra("salt")
         rate = extra("prefill_tokens_per_s")
         self._prefill_rate = float(rate) if rate else None
@@ -211,7 +214,7 @@ class CwmConnector(KVConnectorBase_V1):
         if time.monotonic() < self._down_until:
             return None
         if self._client is None:
-            self._client = Client(self._socket, timeout=self._timeout)
+            self._client = Client(self._socket, timeout=self._lookup_timeout)
         return self._client
 
     def _call(self, fn):
@@ -223,6 +226,7 @@ class CwmConnector(KVConnectorBase_V1):
             self._once.ok()
             return out
         except CwmUnavailable as e:
+            # Back off: while cwm is unreachable, requests are served without asking it.
             self._down_until = time.monotonic() + 1.0
             self._once.fail("unreachable", "cwm: unreachable (%s); serving without it", e)
         except CwmError as e:

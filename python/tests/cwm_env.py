@@ -1,0 +1,122 @@
+"""Test helpers: the cwm binary, a `cwm serve` child, real vLLM runs in child processes, and
+on-disk corruption of a stored block."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CWM = Path(os.environ.get("CWM_BIN", ROOT / "target" / "release" / "cwm"))
+HERE = Path(__file__).resolve().parent
+
+
+def _die_with_parent() -> None:
+    # PR_SET_PDEATHSIG(SIGKILL): no orphan daemons or engines if the test process dies.
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT / "python") + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("HF_HUB_OFFLINE", "1")
+    e.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return e
+
+
+class Cwm:
+    """`cwm serve` on a data directory, restartable."""
+
+    def __init__(self, workdir: Path):
+        self.data = workdir / "data"
+        self.sock = workdir / "sock" / "cwm.sock"
+        self.log = workdir / "cwm.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Cwm":
+        self.sock.parent.mkdir(parents=True, exist_ok=True)
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [str(CWM), "serve", "--data-dir", str(self.data), "--socket", str(self.sock),
+             "--capacity", "1GiB", "--segment-size", "64MiB"],
+            stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        for _ in range(200):
+            if self.sock.exists() and self.cli("health", check=False).returncode == 0:
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"cwm serve exited: {self.log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        raise RuntimeError("cwm serve did not come up")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([str(CWM), *args, "--socket", str(self.sock)],
+                              capture_output=True, text=True, check=check)
+
+    def windows(self) -> dict[str, dict]:
+        out = json.loads(self.cli("ls", "--json").stdout)
+        return {w["name"]: w for w in out["windows"]}
+
+    def metric(self, name: str) -> float:
+        text = json.loads(self.cli("metrics", "--json").stdout)["text"]
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+def run_vllm(workdir: Path, name: str, job: dict, timeout: float = 600) -> list[dict]:
+    """Runs vllm_run.py in a fresh process (a fresh engine) and returns its results."""
+    jf, of, lf = (workdir / f"{name}.job.json", workdir / f"{name}.out.json", workdir / f"{name}.log")
+    jf.write_text(json.dumps(job))
+    with open(lf, "wb") as log:
+        p = subprocess.run([sys.executable, str(HERE / "vllm_run.py"), str(jf), str(of)],
+                           stdout=log, stderr=subprocess.STDOUT, env=env(), timeout=timeout,
+                           preexec_fn=_die_with_parent)
+    if p.returncode != 0:
+        raise RuntimeError(f"vLLM run {name} failed ({p.returncode}): {lf.read_text()[-4000:]}")
+    return json.loads(of.read_text())["results"]
+
+
+def block_records(data: Path) -> list[tuple[Path, int, int]]:
+    """(segment file, offset of the payload, payload length) of every block record, in log
+    order (docs/FORMAT.md: header page at 0, records from 4096, 64-byte record headers)."""
+    out = []
+    for seg in sorted(data.glob("segment-*.log")):
+        with open(seg, "rb") as f:
+            off = 4096
+            while True:
+                f.seek(off)
+                h = f.read(64)
+                if len(h) < 64 or h[:4] != b"CWMR":
+                    break
+                kind = h[6]
+                (plen,) = struct.unpack_from("<Q", h, 32)
+                inline = plen <= 4032
+                if kind == 1:
+                    out.append((seg, off + (64 if inline else 4096), plen))
+                off += 4096 if inline else 4096 + -(-plen // 4096) * 4096
+    return out
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x5A]))
+        f.flush()
+        os.fsync(f.fileno())
