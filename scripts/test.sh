@@ -7,6 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bin cwm
+# Failpoints (cargo feature `failpoints`, never in default builds): every write-path site x
+# action. Run first, so target/release/cwm is the default build again afterwards.
+cargo test --release --features failpoints --test failpoints
 cargo test --release -- --test-threads="${CWM_TEST_THREADS:-2}"
 if [[ "${CWM_SKIP_VLLM:-0}" == 1 ]]; then
   echo "SKIPPED: Python and real-vLLM end-to-end tests (CWM_SKIP_VLLM=1)"

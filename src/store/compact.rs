@@ -382,9 +382,7 @@ impl Store {
                 Ok(l) => locs.push(l),
                 Err(e) => {
                     // Space handed out but never written: no more appends after the hole.
-                    for l in &locs {
-                        l.seg.fail();
-                    }
+                    self.cut_back(&locs);
                     return Err(e);
                 }
             }
@@ -395,9 +393,7 @@ impl Store {
                     super::short_write(self.engine.as_ref(), l, img);
                 }
             }
-            for l in &locs {
-                l.seg.fail();
-            }
+            self.cut_back(&locs);
             return Err(super::injected_error("compaction-copy"));
         });
         let res = {
@@ -409,9 +405,7 @@ impl Store {
             self.engine.run(&mut ops)
         };
         if let Err(e) = res {
-            for l in &locs {
-                l.seg.fail();
-            }
+            self.cut_back(&locs);
             return Err(StoreError::io(
                 format!("writing compaction copies of segment {}", seg.id),
                 e,
@@ -529,7 +523,10 @@ impl Store {
         };
         let key = super::name_key(name);
         let loc = self.append_payload(&mut app, RecordKind::Tombstone, key, &t.encode())?;
-        self.sync(&loc.seg)?;
+        if let Err(e) = self.sync(&loc.seg) {
+            self.cut_back([&loc]);
+            return Err(e);
+        }
         loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
         let seq = app.next_seq - 1;
         let mut st = self.state.write().map_err(poisoned)?;

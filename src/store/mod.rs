@@ -706,6 +706,31 @@ impl Store {
         Ok(seg)
     }
 
+    /// After a failed write or sync: marks each segment of `locs` failed (read-only) and cuts
+    /// it back to before the first of these records, so that what failed cannot reappear at
+    /// the next open. Only records appended last (under the appender lock) are ever passed.
+    pub(crate) fn cut_back<'l>(&self, locs: impl IntoIterator<Item = &'l Loc>) {
+        let mut cut: Vec<(Arc<Segment>, u64)> = Vec::new();
+        for l in locs {
+            match cut.iter_mut().find(|(s, _)| s.id == l.seg.id) {
+                Some((_, o)) => *o = (*o).min(l.offset),
+                None => cut.push((l.seg.clone(), l.offset)),
+            }
+        }
+        for (seg, offset) in cut {
+            seg.failed.store(true, Ordering::SeqCst);
+            seg.sealed.store(true, Ordering::SeqCst);
+            let f = seg.frontier.fetch_min(offset, Ordering::SeqCst);
+            if f > offset {
+                self.used.fetch_sub(f - offset, Ordering::SeqCst);
+            }
+            // Best effort: on a dying device the truncation may fail too; recovery then finds
+            // the record torn or whole (an unacknowledged outcome, either way consistent).
+            let _ = seg.file.set_len(offset.max(PAGE));
+            let _ = seg.file.sync_all();
+        }
+    }
+
     fn sync(&self, seg: &Segment) -> Result<(), StoreError> {
         if seg.failed.load(Ordering::SeqCst) {
             return Err(StoreError::Io {
@@ -917,7 +942,10 @@ impl Store {
             });
         }
         let loc = self.append_payload(&mut app, RecordKind::Meta, key, payload)?;
-        self.sync(&loc.seg)?;
+        if let Err(e) = self.sync(&loc.seg) {
+            self.cut_back([&loc]);
+            return Err(e);
+        }
         loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
         let seq = app.next_seq - 1;
         let old = self
@@ -976,7 +1004,10 @@ impl Store {
         let payload = t.encode();
         let loc =
             self.append_payload(&mut app, RecordKind::Tombstone, name_key(&name), &payload)?;
-        self.sync(&loc.seg)?;
+        if let Err(e) = self.sync(&loc.seg) {
+            self.cut_back([&loc]);
+            return Err(e);
+        }
         loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
         let seq = app.next_seq - 1;
         let mut st = self.state.write().map_err(poisoned)?;
@@ -1012,11 +1043,11 @@ impl Store {
             if a == crate::failpoint::Action::ShortWrite {
                 short_write(self.engine.as_ref(), &loc, &img);
             }
-            loc.seg.fail();
+            self.cut_back([&loc]);
             return Err(injected_error(_site));
         });
         if let Err(e) = self.engine.write_all_at(loc.seg.fd(), loc.offset, &img) {
-            loc.seg.fail();
+            self.cut_back([&loc]);
             return Err(StoreError::io(format!("writing a {kind:?} record"), e));
         }
         Ok(loc)
@@ -1165,9 +1196,7 @@ impl WindowWriter<'_> {
         let planned = self.plan_appends(blocks, &mut locs);
         if let Err(e) = planned {
             // Space may have been handed out without being written: no more appends there.
-            for (_, loc, _) in &locs {
-                loc.seg.fail();
-            }
+            self.store.cut_back(locs.iter().map(|l| &l.1));
             if !locs.is_empty() {
                 self.failed = Some(e.to_string());
             }
@@ -1179,9 +1208,7 @@ impl WindowWriter<'_> {
                     short_write(self.store.engine.as_ref(), loc, &b.image[..loc.len as usize]);
                 }
             }
-            for (_, loc, _) in &locs {
-                loc.seg.fail();
-            }
+            self.store.cut_back(locs.iter().map(|l| &l.1));
             self.failed = Some("injected fault".into());
             return Err(injected_error("block-write"));
         });
@@ -1195,10 +1222,9 @@ impl WindowWriter<'_> {
         let res = self.store.engine.run(&mut ops);
         drop(ops);
         if let Err(e) = res {
-            // A hole may now sit before later records: no more appends to these segments.
-            for (_, loc, _) in &locs {
-                loc.seg.fail();
-            }
+            // A hole may now sit before later records: no more appends to these segments, and
+            // what this batch wrote is cut off again.
+            self.store.cut_back(locs.iter().map(|l| &l.1));
             self.failed = Some(e.to_string());
             return Err(StoreError::io(
                 format!("writing blocks of window {:?}", self.spec.name),
@@ -1328,7 +1354,12 @@ impl WindowWriter<'_> {
         )?;
         let seq = self.app.next_seq - 1;
         mloc.seg.note_manifest(name_key(&m.name));
-        self.store.sync(&mloc.seg)?;
+        if let Err(e) = self.store.sync(&mloc.seg) {
+            // Not durable, not acknowledged: cut the manifest off so a later open cannot show
+            // a window whose freeze failed.
+            self.store.cut_back([&mloc]);
+            return Err(e);
+        }
         // 4. Publish.
         let info = WindowInfo {
             name: m.name.clone(),
