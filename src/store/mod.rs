@@ -352,6 +352,10 @@ fn poisoned<T>(_: T) -> StoreError {
     StoreError::Validation("internal lock poisoned by an earlier panic".into())
 }
 
+/// Size of the segment made for one-page records when a full-size one does not fit on the
+/// file system.
+const SMALL_SEGMENT: u64 = 16 * PAGE;
+
 /// The 128-bit key under which a window's manifests and tombstones are written.
 #[must_use]
 pub fn name_key(name: &str) -> u128 {
@@ -689,12 +693,27 @@ impl Store {
             }
             return Err(injected_error("segment-rotate"));
         });
-        let seg = Arc::new(Segment::create(
+        let seg = match Segment::create(
             &self.cfg.dir,
             id,
             self.cfg.segment_size,
             self.engine.as_ref(),
-        )?);
+        ) {
+            Ok(s) => s,
+            // The file system is full (EC-052). A one-page record (a tombstone, a catalog
+            // record) still gets a small segment, so deleting windows to free space keeps
+            // working on a full disk.
+            Err(StoreError::NoSpace(m)) if len <= PAGE => {
+                crate::log::warn(&format!(
+                    "{m}; segment {id} created with {} bytes only",
+                    SMALL_SEGMENT
+                ));
+                Segment::create(&self.cfg.dir, id, SMALL_SEGMENT, self.engine.as_ref())
+                    .map_err(|_| StoreError::NoSpace(m))?
+            }
+            Err(e) => return Err(e),
+        };
+        let seg = Arc::new(seg);
         app.next_segment += 1;
         self.used.fetch_add(PAGE, Ordering::SeqCst);
         self.state
