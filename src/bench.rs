@@ -741,3 +741,162 @@ pub fn control(dir: &Path, windows: u64) -> Result<ControlBench, String> {
         populate_seconds: populate,
     })
 }
+
+/// Result of `cwm bench compaction`.
+#[derive(Debug, Serialize)]
+pub struct CompactionBench {
+    /// I/O engine.
+    pub engine: &'static str,
+    /// Payload bytes populated.
+    pub populated_bytes: u64,
+    /// Raw O_DIRECT sequential read of as many bytes, GB/s (the ceiling for fsck).
+    pub raw_read_gbps: f64,
+    /// fsck (every block of every window read and both checksums verified), payload GB/s.
+    pub fsck_gbps: f64,
+    /// `fsck_gbps / raw_read_gbps`.
+    pub fsck_vs_raw: f64,
+    /// Compaction alone, unthrottled, half the windows deleted: bytes copied per second, GB/s.
+    pub compaction_gbps: f64,
+    /// Bytes that compaction copied and gave back.
+    pub compaction_copied_bytes: u64,
+    /// Bytes given back to the file system.
+    pub compaction_reclaimed_bytes: u64,
+    /// Foreground freeze throughput with nothing else running, GB/s.
+    pub freeze_alone_gbps: f64,
+    /// Foreground freeze throughput while a compaction (at `compaction_rate`) runs, GB/s.
+    pub freeze_during_compaction_gbps: f64,
+    /// `freeze_during_compaction_gbps / freeze_alone_gbps`.
+    pub freeze_ratio: f64,
+    /// Rate limit of the concurrent compaction, bytes/s (0: unlimited).
+    pub compaction_rate: u64,
+    /// Seconds the concurrent compaction ran (covers the freezes when ≥ their time).
+    pub concurrent_compaction_seconds: f64,
+    /// Seconds the freezes with compaction running took.
+    pub concurrent_freeze_seconds: f64,
+}
+
+/// `cwm bench compaction`: fsck vs raw read, compaction throughput, and foreground freeze
+/// throughput with and without a compaction running, all in one run on one directory.
+pub fn compaction(
+    dir: &Path,
+    bytes: u64,
+    engine_kind: crate::io::EngineKind,
+    rate: u64,
+) -> Result<CompactionBench, StoreError> {
+    const BLOCK: u64 = 256 << 10;
+    const PER_WINDOW: usize = 8;
+    let engine = io::build_engine(engine_kind, 32);
+    let tmp = tempfile::Builder::new()
+        .prefix("cwm-bench-")
+        .tempdir_in(dir)
+        .map_err(|e| StoreError::Fs {
+            context: "temporary directory".into(),
+            source: e,
+        })?;
+    let (_, raw_read) = raw_disk(engine.as_ref(), tmp.path(), bytes, 4 << 20, 8)?;
+    let mut cfg = StoreConfig::new(tmp.path().join("store"));
+    cfg.segment_size = 64 << 20;
+    let (st, _) = Store::open_with_engine(cfg, engine.clone())?;
+    let rl = record_len(BLOCK) as usize;
+    let po = payload_offset(BLOCK);
+    let mut imgs: Vec<AlignedBuf> = (0..PER_WINDOW)
+        .map(|i| {
+            let mut b = AlignedBuf::zeroed(rl);
+            fill_random(&mut b[po..po + BLOCK as usize], i as u64 + 3);
+            b
+        })
+        .collect();
+    let mut next = 0u64;
+    let mut freeze = |st: &Store, n: u64| -> Result<Vec<String>, StoreError> {
+        let mut names = Vec::new();
+        for _ in 0..n {
+            let w = next;
+            next += 1;
+            let spec = WindowSpec {
+                name: format!("c{w}"),
+                session: "bench".into(),
+                namespace: "bench".into(),
+                layout: b"{}".to_vec(),
+                tokens: (0..PER_WINDOW as u32 * 16).collect(),
+                blocks: (0..PER_WINDOW)
+                    .map(|i| BlockDesc {
+                        key: ((w as u128) << 32) | i as u128,
+                        len: BLOCK,
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            let mut wr = st.begin_window(spec)?;
+            let mut bi: Vec<BlockImage<'_>> = imgs
+                .iter_mut()
+                .enumerate()
+                .map(|(i, b)| BlockImage {
+                    index: i,
+                    image: &mut b[..],
+                    checksum: None,
+                })
+                .collect();
+            wr.write_blocks(&mut bi)?;
+            names.push(wr.commit()?.name);
+        }
+        Ok(names)
+    };
+    let per_window = BLOCK * PER_WINDOW as u64;
+    let n = (bytes / per_window).max(4);
+    let names = freeze(&st, n)?;
+    let t = Instant::now();
+    let (_, verified) = crate::fsck::verify_windows(&st, 0, &|_, _| {})?;
+    let fsck = gbps(verified, t.elapsed().as_secs_f64());
+    for name in names.iter().step_by(2) {
+        st.delete_window(name, None)?;
+    }
+    let opts = crate::store::CompactOptions {
+        live_ratio: 1.0,
+        ..Default::default()
+    };
+    let rep = st.compact(&opts, &mut |_| {})?;
+    let compaction = gbps(rep.bytes_copied, rep.seconds);
+    // Foreground freezes alone, then with a compaction of as much garbage running.
+    let fg = (n / 4).max(2);
+    let t = Instant::now();
+    freeze(&st, fg)?;
+    let alone = t.elapsed().as_secs_f64();
+    for name in names.iter().skip(1).step_by(4) {
+        st.delete_window(name, None)?;
+    }
+    st.seal_active()?;
+    let copts = crate::store::CompactOptions {
+        live_ratio: 1.0,
+        rate,
+        ..Default::default()
+    };
+    let (during, csecs) = std::thread::scope(|s| -> Result<(f64, f64), StoreError> {
+        let h = s.spawn(|| st.compact(&copts, &mut |_| {}));
+        let t = Instant::now();
+        let r = freeze(&st, fg);
+        let during = t.elapsed().as_secs_f64();
+        let c = h
+            .join()
+            .map_err(|_| StoreError::Validation("compaction thread panicked".into()))??;
+        r?;
+        Ok((during, c.seconds))
+    })?;
+    let fa = gbps(fg * per_window, alone);
+    let fd = gbps(fg * per_window, during);
+    Ok(CompactionBench {
+        engine: engine.name(),
+        populated_bytes: n * per_window,
+        raw_read_gbps: raw_read,
+        fsck_gbps: fsck,
+        fsck_vs_raw: if raw_read > 0.0 { fsck / raw_read } else { 0.0 },
+        compaction_gbps: compaction,
+        compaction_copied_bytes: rep.bytes_copied,
+        compaction_reclaimed_bytes: rep.bytes_reclaimed,
+        freeze_alone_gbps: fa,
+        freeze_during_compaction_gbps: fd,
+        freeze_ratio: if fa > 0.0 { fd / fa } else { 0.0 },
+        compaction_rate: rate,
+        concurrent_compaction_seconds: csecs,
+        concurrent_freeze_seconds: during,
+    })
+}

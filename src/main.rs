@@ -708,6 +708,24 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// fsck vs raw read, compaction throughput, freeze throughput with vs without compaction.
+    Compaction {
+        /// Bytes populated (windows of 8 x 256 KiB blocks).
+        #[arg(long, default_value = "512MiB", value_parser = parse_size)]
+        bytes: u64,
+        /// Rate limit of the compaction that runs beside the foreground freezes (0: unlimited).
+        #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+        compact_rate: u64,
+        /// Directory for the benchmark files (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// I/O engine: uring or psync.
+        #[arg(long, default_value = "uring")]
+        engine: EngineKind,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Reopen time of a log of many small records.
     Recovery {
         /// Records in the log.
@@ -1084,6 +1102,41 @@ fn main() -> ExitCode {
                     );
                 }
             })
+        }
+        Cmd::Bench(BenchCmd::Compaction {
+            bytes,
+            compact_rate,
+            dir,
+            engine,
+            json,
+        }) => {
+            let dir = dir.unwrap_or_else(std::env::temp_dir);
+            cwm::bench::compaction(&dir, bytes, engine, compact_rate)
+                .map_err(|e| e.to_string())
+                .map(|r| {
+                    if json {
+                        print_json(&r);
+                    } else {
+                        println!(
+                            "fsck {:.2} GB/s vs raw read {:.2} GB/s ({:.0}%); compaction {:.2} GB/s ({} MiB copied, {} MiB given back)",
+                            r.fsck_gbps,
+                            r.raw_read_gbps,
+                            r.fsck_vs_raw * 100.0,
+                            r.compaction_gbps,
+                            r.compaction_copied_bytes >> 20,
+                            r.compaction_reclaimed_bytes >> 20
+                        );
+                        println!(
+                            "freeze alone {:.2} GB/s, during compaction at {} MiB/s {:.2} GB/s (ratio {:.2}; compaction ran {:.2} s of the freezes' {:.2} s)",
+                            r.freeze_alone_gbps,
+                            r.compaction_rate >> 20,
+                            r.freeze_during_compaction_gbps,
+                            r.freeze_ratio,
+                            r.concurrent_compaction_seconds,
+                            r.concurrent_freeze_seconds
+                        );
+                    }
+                })
         }
         Cmd::Bench(BenchCmd::Recovery {
             records,
