@@ -76,19 +76,46 @@ pub fn verify_windows(
             },
             Ok(r) => {
                 let n = r.num_blocks();
-                let mut buf = AlignedBuf::zeroed(r.record_len(0) as usize);
+                let mut bufs: Vec<AlignedBuf> = Vec::new();
                 let mut bad = None;
-                for b in 0..n {
-                    if buf.len() < r.record_len(b) as usize {
-                        buf = AlignedBuf::zeroed(r.record_len(b) as usize);
+                // Batches of up to 32 blocks (one submission each); a batch that fails is
+                // re-read block by block so the first bad block is named exactly.
+                let mut b = 0;
+                while b < n {
+                    let k = (n - b).min(32);
+                    for i in 0..k {
+                        let want = r.record_len(b + i) as usize;
+                        if bufs.len() <= i {
+                            bufs.push(AlignedBuf::zeroed(want));
+                        } else if bufs[i].len() < want {
+                            bufs[i] = AlignedBuf::zeroed(want);
+                        }
                     }
-                    match store.read_blocks(&r, b, &mut [&mut buf[..]]) {
-                        Ok(()) => bytes += r.manifest.blocks[b].len,
-                        Err(e) => {
-                            bad = Some((b, e.to_string()));
+                    let batch_ok = {
+                        let mut imgs: Vec<&mut [u8]> =
+                            bufs[..k].iter_mut().map(|x| &mut x[..]).collect();
+                        store.read_blocks(&r, b, &mut imgs).is_ok()
+                    };
+                    if batch_ok {
+                        bytes += r.manifest.blocks[b..b + k]
+                            .iter()
+                            .map(|x| x.len)
+                            .sum::<u64>();
+                    } else {
+                        for i in b..b + k {
+                            match store.read_blocks(&r, i, &mut [&mut bufs[i - b][..]]) {
+                                Ok(()) => bytes += r.manifest.blocks[i].len,
+                                Err(e) => {
+                                    bad = Some((i, e.to_string()));
+                                    break;
+                                }
+                            }
+                        }
+                        if bad.is_some() {
                             break;
                         }
                     }
+                    b += k;
                     if rate > 0 {
                         let want = std::time::Duration::from_secs_f64(bytes as f64 / rate as f64);
                         if let Some(d) = want.checked_sub(t.elapsed()) {
