@@ -30,4 +30,15 @@ echo "libnvrtc dirs: ${extra:-none found}"
 export CWM_GPU_DIR="${CWM_GPU_DIR:-/tmp}"
 timeout 280 "$PY" scripts/gpu_check.py "$OUT_DIR" "$CWM" 2>&1 | tee "$OUT_DIR/gpu-check.log"
 rc=${PIPESTATUS[0]}
+# A real model (transformers, Llama-3.1-8B shape, random weights) frozen and thawed through the
+# connector's worker code: logits after thaw vs never frozen, TTFT thaw vs recompute.
+# CWM_E2E_MODEL=0 skips it (saying so); CWM_E2E_LENGTHS overrides 2048,8192,32768.
+if [[ "${CWM_E2E_MODEL:-1}" == 1 ]]; then
+  timeout 300 "$PY" scripts/e2e_model.py "$OUT_DIR" "$CWM" \
+    --lengths "${CWM_E2E_LENGTHS:-2048,8192,32768}" 2>&1 | tee "$OUT_DIR/e2e-model.log"
+  rc2=${PIPESTATUS[0]}
+  [[ $rc -eq 0 ]] && rc=$rc2
+else
+  echo "SKIPPED: scripts/e2e_model.py (CWM_E2E_MODEL=0)"
+fi
 exit "$rc"

@@ -16,8 +16,9 @@ Per request (``kv_transfer_params``, e.g. ``SamplingParams(extra_args={"kv_trans
 
 Any prompt whose prefix is stored (in any window of the same model and layout) is served from
 cwm without asking. Extra config keys: ``socket`` (default $CWM_SOCKET or cwm's default),
-``salt`` (namespace salt), ``prefill_tokens_per_s`` (the engine's prefill rate: cwm then
-recomputes prefixes whose thaw would be slower), ``timeout_s`` (per control call, default 30),
+``salt`` (namespace salt), ``prefill_tokens_per_s`` (the engine's prefill rate: a number,
+``"measure"`` (default: measured from the engine's own steps) or ``"off"``; a stored prefix whose
+estimated thaw is slower than recomputing it is recomputed, with a debug log line), ``timeout_s`` (per control call, default 30),
 ``lookup_timeout_s`` (the scheduler's lookups, default 1),
 ``load`` / ``save`` (false turns either direction off).
 
@@ -28,9 +29,7 @@ logged once per cause, and the connector reconnects (and re-registers) when cwm 
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +45,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from .client import Client, CwmError, CwmUnavailable
-from .layout import LayoutError, cuda_ipc_region, describe, layer_order, layout_request
+from .layout import LayoutError, layer_order
+from .worker import CwmWorker, LoadSpec, Once, SaveSpec
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -63,29 +63,7 @@ logger = logging.getLogger("vllm.cwm_connector")
 #: vLLM versions this connector was written and tested against.
 SUPPORTED_VLLM = ">=0.32,<0.33"
 
-
-@dataclass
-class LoadSpec:
-    """Restore window blocks ``first_block ..`` into ``block_ids`` for a request."""
-
-    req_id: str
-    window: str
-    tokens: list[int]
-    first_block: int
-    block_ids: list[int]
-    session: str | None = None
-
-
-@dataclass
-class SaveSpec:
-    """Freeze a finished request's blocks as a window."""
-
-    req_id: str
-    window: str
-    tokens: list[int]
-    block_ids: list[int]
-    session: str | None = None
-    replace: bool = False
+__all__ = ["CwmConnector", "CwmConnectorMetadata", "LoadSpec", "SaveSpec", "SUPPORTED_VLLM"]
 
 
 @dataclass
@@ -99,60 +77,6 @@ def cwm_params(request: Any) -> dict:
     p = getattr(request, "kv_transfer_params", None) or {}
     c = p.get("cwm") if isinstance(p, dict) else None
     return c if isinstance(c, dict) else {}
-
-
-class _Once:
-    """Logs a failure once per cause until the next success."""
-
-    def __init__(self) -> None:
-        self._seen: set[str] = set()
-        self._lock = threading.Lock()
-
-    def fail(self, cause: str, msg: str, *args: Any) -> None:
-        with self._lock:
-            if cause in self._seen:
-                return
-            self._seen.add(cause)
-        logger.warning(msg, *args)
-
-    def ok(self) -> None:
-        with self._lock:
-            if self._seen:
-                logger.info("cwm: operations succeed again")
-            self._seen.clear()
-
-
-def _cause(e: BaseException) -> str:
-    return e.code if isinstance(e, CwmError) else type(e).__name__
-
-
-def _allow_ptrace_by(pid: int) -> None:
-    """Where Yama restricts ptrace (scope 1), let cwm's process (and only it) read and write
-    this process's memory with process_vm_readv/writev."""
-    try:
-        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
-            if f.read().strip() != "1":
-                return
-    except OSError:
-        return
-    PR_SET_PTRACER = 0x59616D61
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PTRACER, ctypes.c_ulong(pid), 0, 0, 0) != 0:
-        logger.warning("cwm: prctl(PR_SET_PTRACER, %d) failed: errno %d", pid, ctypes.get_errno())
-
-
-def _peer_pid(client: Client) -> int | None:
-    import socket
-    import struct
-
-    s = client._sock
-    if s is None:
-        return None
-    try:
-        cred = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", cred)[0]
-    except OSError:
-        return None
 
 
 class CwmConnector(KVConnectorBase_V1):
@@ -174,15 +98,19 @@ class CwmConnector(KVConnectorBase_V1):
         # The scheduler waits for lookups: a stalled cwm must not stall vLLM for long.
         self._lookup_timeout = float(extra("lookup_timeout_s", 1.0))
         self._salt = extra("salt")
-        rate = extra("prefill_tokens_per_s")
-        self._prefill_rate = float(rate) if rate else None
+        rate = extra("prefill_tokens_per_s", "measure")
+        # A number, "measure" (the default: this engine's own prefill rate, measured from the
+        # scheduler's steps) or "off" (always thaw what matches).
+        self._measure = rate == "measure"
+        self._prefill_rate = float(rate) if rate not in (None, "", "measure", "off") else None
+        self._step: tuple[float, int] | None = None
         self._load_on = bool(extra("load", True))
         self._save_on = bool(extra("save", True))
         self._block_size = vllm_config.cache_config.block_size
         mc = vllm_config.model_config
         self._model = f"{mc.model}:{mc.dtype}"
         self._engine_base = f"vllm-{cfg.engine_id}"
-        self._once = _Once()
+        self._once = Once()
         if getattr(cfg, "kv_load_failure_policy", "recompute") != "recompute":
             logger.warning(
                 "cwm: kv_load_failure_policy is %r; set it to 'recompute' so a failed or "
@@ -197,16 +125,13 @@ class CwmConnector(KVConnectorBase_V1):
         self._saves: list[SaveSpec] = []
         self.stats = {"lookups": 0, "matched_tokens": 0, "loads": 0, "saves": 0}
         # Worker side.
-        self._engine: str | None = None
-        self._register_req: dict | None = None
-        self._reg: Client | None = None
+        self._worker: CwmWorker | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._sent: set[str] = set()
         self._recved: set[str] = set()
         self._finished_seen: set[str] = set()
         self._load_errors: set[int] = set()
-        self._event = None
         logger.info("cwm: connector (%s) on %s", role.name, self._socket)
 
     # ------------------------------------------------------------------ scheduler side
@@ -307,7 +232,29 @@ class CwmConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = CwmConnectorMetadata(loads=self._loads, saves=self._saves)
         self._loads, self._saves = [], []
+        if self._measure:
+            n = int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0)
+            self._step = (time.monotonic(), n)
         return meta
+
+    #: Steps with at least this many tokens are prefill-dominated: they measure the rate.
+    MEASURE_MIN_TOKENS = 64
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        if self._step is not None:
+            t0, n = self._step
+            self._step = None
+            dt = time.monotonic() - t0
+            if n >= self.MEASURE_MIN_TOKENS and dt > 0:
+                seen = n / dt
+                old = self._prefill_rate
+                self._prefill_rate = seen if old is None else 0.8 * old + 0.2 * seen
+        super().update_connector_output(connector_output)
+
+    @property
+    def prefill_tokens_per_s(self) -> float | None:
+        """The prefill rate lookups are decided with (configured or measured)."""
+        return self._prefill_rate
 
     def request_finished(
         self, request: "Request", block_ids: list[int]
@@ -343,85 +290,23 @@ class CwmConnector(KVConnectorBase_V1):
             rank = get_tensor_model_parallel_rank()
         except Exception:  # noqa: BLE001 - not initialised (single process)
             rank = 0
-        self._engine = f"{self._engine_base}-r{rank}"
         names = layer_order(list(kv_caches))
         tensors = [kv_caches[n] for n in names]
         mc = self._vllm_config.model_config
-        num_blocks = self._kv_cache_config.num_blocks if self._kv_cache_config else tensors[0].shape[0]
+        kc = self._kv_cache_config
+        num_blocks = kc.num_blocks if kc is not None else tensors[0].shape[0]
+        w = CwmWorker(self._socket, f"{self._engine_base}-r{rank}", self._model, self._salt,
+                      self._timeout, self._once)
         try:
-            d = describe(tensors, num_blocks)
+            w.register(tensors, num_blocks, self._block_size,
+                       heads=mc.get_num_kv_heads(self._vllm_config.parallel_config),
+                       head=mc.get_head_size(),
+                       name=f"vllm:{tensors[0].device.type}:{tuple(tensors[0].shape)}")
         except LayoutError as e:
             logger.error("cwm: cannot describe the KV cache (%s); cwm is off for this engine", e)
-            self._engine = None
             return
-        layout = layout_request(
-            d,
-            layers=len(tensors),
-            block_size=self._block_size,
-            heads=mc.get_num_kv_heads(self._vllm_config.parallel_config),
-            head=mc.get_head_size(),
-            name=f"vllm:{tensors[0].device.type}:{tuple(tensors[0].shape)}",
-        )
-        if tensors[0].device.type == "cuda":
-            self._event = torch.cuda.Event(interprocess=True)
-            self._event.record()
-            memory = {
-                "cuda": {
-                    "tensors": [cuda_ipc_region(r) for r in d.regions],
-                    "device": tensors[0].device.index or 0,
-                    "event": bytes(self._event.ipc_handle()).hex(),
-                }
-            }
-        else:
-            memory = {
-                "process": {
-                    "pid": os.getpid(),
-                    "tensors": [[r.base, r.nbytes] for r in d.regions],
-                }
-            }
-        self._register_req = {
-            "engine": self._engine,
-            "model": self._model,
-            "salt": self._salt,
-            "layout": layout,
-            "memory": memory,
-            "scope": "connection",
-        }
+        self._worker = w
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cwm")
-        self._reg = Client(self._socket, timeout=self._timeout, on_connect=self._register)
-        self._ensure_registered()
-
-    def _register(self, c: Client) -> None:
-        pid = _peer_pid(c)
-        if pid:
-            _allow_ptrace_by(pid)
-        assert self._register_req is not None
-        r = c.call("register", **self._register_req)
-        logger.info(
-            "cwm: registered engine %s (%d-byte blocks, %d pieces)",
-            self._engine, r.get("block_bytes", 0), len(self._register_req["layout"]["pieces"]),
-        )
-
-    def _ensure_registered(self) -> bool:
-        """True when the engine is registered over a live connection (registering it again
-        after cwm restarted)."""
-        if self._reg is None:
-            return False
-        try:
-            if self._reg.connected:
-                self._reg.call("hello")  # raises CwmUnavailable if cwm went away
-            else:
-                self._reg.connect()
-            return True
-        except CwmUnavailable:
-            try:
-                self._reg.connect()
-                return True
-            except CwmError as e:
-                self._once.fail(_cause(e), "cwm: cannot register the KV cache (%s); serving without cwm", e)
-        except CwmError as e:
-            self._once.fail(_cause(e), "cwm: cannot register the KV cache (%s); serving without cwm", e)
-        return False
 
     def _meta(self) -> CwmConnectorMetadata | None:
         if not self.has_connector_metadata():
@@ -434,7 +319,7 @@ class CwmConnector(KVConnectorBase_V1):
         if m is None or not m.loads:
             return
         for spec in m.loads:
-            if self._pool is None or self._engine is None:
+            if self._pool is None or self._worker is None:
                 self._load_done(spec, spec.block_ids)
                 continue
             self._pool.submit(self._run_load, spec)
@@ -442,39 +327,14 @@ class CwmConnector(KVConnectorBase_V1):
     def _run_load(self, spec: LoadSpec) -> None:
         failed = list(spec.block_ids)
         try:
-            if self._ensure_registered():
-                with Client(self._socket, timeout=self._timeout) as c:
-                    r = c.thaw(
-                        self._engine,
-                        spec.block_ids,
-                        window=spec.window,
-                        prefix=True,
-                        first_block=spec.first_block,
-                        tokens=spec.tokens,
-                        session=spec.session,
-                    )
-                rep = r.get("report", {})
-                restored = int(rep.get("blocks_restored", 0))
-                failed = spec.block_ids[restored:]
-                if rep.get("corruption"):
-                    logger.warning(
-                        "cwm: window %r: %s; %d of %d blocks restored, the rest is recomputed",
-                        spec.window, rep["corruption"], restored, len(spec.block_ids),
-                    )
-                else:
-                    self._once.ok()
-                logger.info(
-                    "cwm: request %s: %d blocks of window %r loaded in %.4f s",
-                    spec.req_id, restored, spec.window, rep.get("loaded_secs", 0.0),
-                )
-        except CwmError as e:
-            self._once.fail(_cause(e), "cwm: load of window %r failed (%s); recomputing", spec.window, e)
-        except Exception as e:  # noqa: BLE001 - never take vLLM down
-            logger.exception("cwm: load of window %r failed unexpectedly: %s", spec.window, e)
+            assert self._worker is not None
+            failed, _ = self._worker.load(spec)
         finally:
             self._load_done(spec, failed)
 
     def _load_done(self, spec: LoadSpec, failed: list[int]) -> None:
+        # Errors before the request id: get_finished (called first in a step) never reports a
+        # load whose failed blocks get_block_ids_with_load_errors would miss.
         with self._lock:
             self._load_errors.update(failed)
             self._recved.add(spec.req_id)
@@ -495,50 +355,19 @@ class CwmConnector(KVConnectorBase_V1):
         m = self._meta()
         if m is None or not m.saves:
             return
-        if self._event is not None:
+        if self._worker is not None:
             # The gathers wait on this: capture never reads KV the forward pass still writes.
-            self._event.record()
+            self._worker.record_event()
         for spec in m.saves:
-            if self._pool is None or self._engine is None:
+            if self._pool is None or self._worker is None:
                 self._save_done(spec.req_id)
                 continue
             self._pool.submit(self._run_save, spec)
 
     def _run_save(self, spec: SaveSpec) -> None:
         try:
-            if not self._ensure_registered():
-                return
-
-            def freeze(c: Client) -> dict:
-                return c.freeze(
-                    self._engine,
-                    spec.window,
-                    spec.tokens,
-                    spec.block_ids,
-                    session=spec.session,
-                    replace=True if spec.replace else None,
-                    on_captured=lambda _m: self._save_done(spec.req_id),
-                )
-
-            with Client(self._socket, timeout=max(self._timeout, 300.0)) as c:
-                try:
-                    r = freeze(c)
-                except CwmError as e:
-                    if e.code != "SESSION_ALREADY_FROZEN" or not spec.session:
-                        raise
-                    # The conversation went on in vLLM since the last freeze: it is live again.
-                    c.call("session.state", session=spec.session, state="THAWED")
-                    r = freeze(c)
-            w = r.get("window", {})
-            logger.info(
-                "cwm: request %s frozen as %r v%s (%s tokens, durable)",
-                spec.req_id, w.get("name"), w.get("version"), w.get("num_tokens"),
-            )
-            self._once.ok()
-        except CwmError as e:
-            self._once.fail(_cause(e), "cwm: freeze of %r failed (%s)", spec.window, e)
-        except Exception as e:  # noqa: BLE001 - never take vLLM down
-            logger.exception("cwm: freeze of %r failed unexpectedly: %s", spec.window, e)
+            assert self._worker is not None
+            self._worker.save(spec, on_captured=lambda: self._save_done(spec.req_id))
         finally:
             self._save_done(spec.req_id)
 
@@ -565,6 +394,7 @@ class CwmConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-        for c in (self._reg, self._client):
-            if c is not None:
-                c.close()
+        if self._worker is not None:
+            self._worker.close()
+        if self._client is not None:
+            self._client.close()

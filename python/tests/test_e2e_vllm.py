@@ -85,12 +85,23 @@ def test_freeze_as_lists_the_window(world):
                                             "requests": [
         {"prompt": P, "max_tokens": GEN, "params": {"cwm": {"freeze_as": "conv-1", "session": "s1"}}},
         {"prompt": R, "max_tokens": GEN},
+        # The conversation goes on in the same session and is frozen again (s1 is FROZEN:
+        # the connector marks it THAWED, it is live in vLLM, and freezes the new turn).
+        {"prompt": {"from": 0, "generated": GEN - 1, "suffix": tokens(6, 30)}, "max_tokens": GEN,
+         "params": {"cwm": {"freeze_as": "conv-1b", "session": "s1"}}},
     ]})
     same(out[0], ref[0], "P with the connector")
     same(out[1], ref[1], "R with the connector")
     assert out[0]["kv_transfer_params"] == {"cwm": {"window": "conv-1", "tokens": len(P) + GEN - 1}}
     ws = cwm.windows()
-    assert set(ws) == {"conv-1"}, ws
+    assert set(ws) == {"conv-1", "conv-1b"}, ws
+    assert ws["conv-1b"]["num_tokens"] == len(out[2]["prompt"]) + GEN - 1
+    assert ws["conv-1b"]["session"] == "s1"
+    from cwm_vllm.client import Client
+
+    with Client(str(cwm.sock)) as c:
+        sessions = {x["id"]: x for x in c.call("session.list")["sessions"]}
+    assert sessions["s1"]["state"] == "FROZEN", sessions
     # The tokens whose KV exists when the request finishes: the prompt and all but the last
     # generated token.
     assert ws["conv-1"]["num_tokens"] == len(P) + GEN - 1
@@ -110,7 +121,8 @@ def test_fresh_engine_after_cwm_restart_loads_the_prefix(world):
     assert out[0]["num_cached_tokens"] == 4 * BS
     assert cwm.metric("cwm_thaws_total") == 1
     log = (world["dir"] / "thaw.log").read_text()
-    assert "128 prompt tokens matched in window 'conv-1'" in log
+    # conv-1 and conv-1b (newest, chosen) both start with Q's 4 full blocks.
+    assert "128 prompt tokens matched in window 'conv-1b'" in log
     world["thaw_secs"] = out[0]["secs"]
 
 
@@ -183,15 +195,22 @@ def test_corrupt_block_and_cwm_killed_during_a_freeze(world):
     flip_byte(seg, off + plen // 2)
     cwm.start()
     pid = cwm.proc.pid
-    P3 = tokens(5, 2 * BS + 9)
+    P3, P4 = tokens(5, 2 * BS + 9), tokens(7, 3 * BS + 1)
+    # After the kill, cwm comes back (started by the hook, outside this test's control) while
+    # the same vLLM keeps running: the connector must re-register and freeze again.
+    restart = (f"setsid {CWM} serve --data-dir {cwm.data} --socket {cwm.sock} --capacity 1GiB "
+               f"--segment-size 64MiB >>{cwm.log} 2>&1 < /dev/null & "
+               f"for i in $(seq 100); do {CWM} health --socket {cwm.sock} >/dev/null 2>&1 && break; "
+               f"sleep 0.1; done")
     out = run_vllm(world["dir"], "corrupt", {"model": world["model"], "socket": str(cwm.sock),
                                              "requests": [
         {"prompt": world["Q"], "max_tokens": GEN},
         # cwm is stopped before this request and killed after it returns, with its freeze
         # sent and unanswered.
         {"prompt": P3, "max_tokens": GEN, "params": {"cwm": {"freeze_as": "conv-killed"}},
-         "before": f"kill -STOP {pid}", "after": f"sleep 1; kill -KILL {pid}"},
+         "before": f"kill -STOP {pid}", "after": f"sleep 1; kill -KILL {pid}; {restart}"},
         {"prompt": world["R"], "max_tokens": GEN},
+        {"prompt": P4, "max_tokens": GEN, "params": {"cwm": {"freeze_as": "conv-after"}}},
     ]})
     # 5. Blocks 0 and 1 came from cwm, vLLM recomputed 2 and 3: outputs equal the reference.
     same(out[0], ref[2], "Q after a corrupt block")
@@ -203,10 +222,23 @@ def test_corrupt_block_and_cwm_killed_during_a_freeze(world):
     assert len(out[1]["token_ids"]) == GEN
     cwm.proc.wait(timeout=10)
     cwm.proc = None
+    # Stop the daemon the hook started (its pid is in the data directory's LOCK file).
+    import os
+
+    other = int((cwm.data / "LOCK").read_text().split()[0])
+    os.kill(other, signal.SIGTERM)
+    for _ in range(300):
+        try:
+            os.kill(other, 0)
+            time.sleep(0.1)
+        except ProcessLookupError:
+            break
     cwm.start()
     ws = cwm.windows()
     assert "conv-killed" not in ws, "a freeze that was never acknowledged is visible"
-    assert {"conv-1", "http-1"} <= set(ws)
+    assert {"conv-1", "conv-1b", "http-1"} <= set(ws)
+    # The connector re-registered with the restarted cwm and froze the next request.
+    assert ws["conv-after"]["num_tokens"] == len(P4) + GEN - 1, ws
     # The corruption is reported, and fsck names the damaged window with its intact prefix.
     assert "corruption" in (world["dir"] / "cwm.log").read_text().lower()
     cwm.stop()

@@ -1,0 +1,123 @@
+"""CwmConnector's scheduler side against a real `cwm serve` (no engine process needed): prefix
+matching and its limits, the blocks a load goes to, the thaw-or-recompute decision with stated
+and measured prefill rates, freeze on finish, and serving on when cwm is down."""
+
+import os
+import time
+from types import SimpleNamespace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm")
+
+from vllm.config import KVTransferConfig  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
+from vllm.v1.outputs import KVConnectorOutput  # noqa: E402
+
+from cwm_env import Cwm  # noqa: E402
+from cwm_vllm.client import Client  # noqa: E402
+from cwm_vllm.connector import CwmConnector  # noqa: E402
+from cwm_vllm.layout import describe, layout_request  # noqa: E402
+
+NB, BS, H, D, L = 32, 16, 2, 32, 2
+T = list(range(500, 500 + 5 * BS))  # 5 full blocks
+
+
+def connector(sock, **extra):
+    kv = KVTransferConfig(kv_connector="CwmConnector", kv_role="kv_both",
+                          kv_load_failure_policy="recompute",
+                          kv_connector_extra_config={"socket": str(sock), **extra})
+    cfg = SimpleNamespace(kv_transfer_config=kv, cache_config=SimpleNamespace(block_size=BS),
+                          model_config=SimpleNamespace(model="tiny", dtype="bfloat16"))
+    return CwmConnector(cfg, KVConnectorRole.SCHEDULER, None), kv.engine_id
+
+
+def request(prompt, params=None, computed=0, rid="r1"):
+    return SimpleNamespace(request_id=rid, prompt_token_ids=prompt, all_token_ids=prompt,
+                           kv_transfer_params=params, num_computed_tokens=computed)
+
+
+@pytest.fixture()
+def world(tmp_path):
+    cwm = Cwm(tmp_path).start()
+    buf = torch.randn(L, NB, H, BS, 2 * D).to(torch.bfloat16)
+    d = describe([buf[i] for i in range(L)], NB)
+    conn, engine_id = connector(cwm.sock, prefill_tokens_per_s="off")
+    reg = {"engine": f"vllm-{engine_id}-r0", "model": "tiny:bfloat16",
+           "layout": layout_request(d, layers=L, block_size=BS, heads=H, head=D, name="t"),
+           "memory": {"process": {"pid": os.getpid(),
+                                  "tensors": [[r.base, r.nbytes] for r in d.regions]}}}
+    c = Client(str(cwm.sock))
+    c.call("register", **reg)
+    c.freeze(reg["engine"], "w", T, [1, 2, 3, 4, 5])
+    yield SimpleNamespace(cwm=cwm, conn=conn, engine_id=engine_id, client=c, reg=reg, buf=buf)
+    c.close()
+    cwm.stop()
+
+
+def test_matches_loads_and_limits(world):
+    conn = world.conn
+    assert conn.get_num_new_matched_tokens(request(T + [1] * 10), 0) == (5 * BS, True)
+    # Part of the prefix already computed locally: only the rest comes from cwm.
+    assert conn.get_num_new_matched_tokens(request(T + [1] * 10), 2 * BS) == (3 * BS, True)
+    blocks = SimpleNamespace(get_block_ids=lambda: ([10, 11, 12, 13, 14, 15],))
+    conn.update_state_after_alloc(request(T + [1] * 10), blocks, 3 * BS)
+    meta = conn.build_connector_meta(SimpleNamespace(total_num_scheduled_tokens=0))
+    (load,) = meta.loads
+    assert (load.window, load.first_block, load.block_ids) == ("w", 2, [12, 13, 14])
+    assert load.tokens == T
+    assert conn.build_connector_meta(SimpleNamespace()).loads == []
+    # The whole prompt stored: vLLM must still compute its last token, so one block less.
+    assert conn.get_num_new_matched_tokens(request(T, rid="r2"), 0) == (4 * BS, True)
+    # Nothing stored for this prompt; a required window that does not match.
+    assert conn.get_num_new_matched_tokens(request([9] * 100, rid="r3"), 0) == (0, False)
+    assert conn.get_num_new_matched_tokens(
+        request(T + [1], {"cwm": {"thaw": "other"}}, rid="r4"), 0) == (0, False)
+    assert conn.get_num_new_matched_tokens(
+        request(T + [1], {"cwm": {"thaw": "w"}}, rid="r5"), 0) == (5 * BS, True)
+    assert conn.get_num_new_matched_tokens(
+        request(T + [1], {"cwm": {"load": False}}, rid="r6"), 0) == (0, False)
+
+
+def test_thaw_or_recompute(world):
+    # A stated prefill rate far above what any disk can match: recompute.
+    fast, _ = connector(world.cwm.sock, prefill_tokens_per_s=1e12)
+    fast._engine_base = f"vllm-{world.engine_id}"
+    assert fast.get_num_new_matched_tokens(request(T + [1]), 0) == (0, False)
+    slow, _ = connector(world.cwm.sock, prefill_tokens_per_s=1.0)
+    slow._engine_base = f"vllm-{world.engine_id}"
+    assert slow.get_num_new_matched_tokens(request(T + [1]), 0) == (5 * BS, True)
+    # Measured: a 1,000-token step taking ≥ 10 ms; the decision follows cwm's estimate.
+    m, _ = connector(world.cwm.sock)
+    m._engine_base = f"vllm-{world.engine_id}"
+    assert m.prefill_tokens_per_s is None
+    m.build_connector_meta(SimpleNamespace(total_num_scheduled_tokens=1000))
+    time.sleep(0.01)
+    m.update_connector_output(KVConnectorOutput())
+    rate = m.prefill_tokens_per_s
+    assert rate is not None and 0 < rate <= 1000 / 0.01
+    lk = world.client.lookup(f"vllm-{world.engine_id}-r0", T, prefill_tokens_per_s=rate)
+    want = (5 * BS, True) if lk["thaw_wins"] else (0, False)
+    assert m.get_num_new_matched_tokens(request(T + [1]), 0) == want
+    # Small steps (decode) do not count.
+    m.build_connector_meta(SimpleNamespace(total_num_scheduled_tokens=4))
+    m.update_connector_output(KVConnectorOutput())
+    assert m.prefill_tokens_per_s == rate
+
+
+def test_freeze_on_finish(world):
+    conn = world.conn
+    req = request(T + [7, 8, 9], {"cwm": {"freeze_as": "next", "session": "s"}}, computed=5 * BS + 2)
+    assert conn.request_finished(req, [4, 5, 6, 7, 8, 9, 10]) == (
+        True, {"cwm": {"window": "next", "tokens": 5 * BS + 2}})
+    (save,) = conn.build_connector_meta(SimpleNamespace()).saves
+    assert save.block_ids == [4, 5, 6, 7, 8, 9] and save.tokens == (T + [7, 8])
+    assert save.session == "s"
+    assert conn.request_finished(request(T), [1, 2]) == (False, None)
+
+
+def test_cwm_down_serves_without_it(world, caplog):
+    down, _ = connector(str(world.cwm.sock) + ".gone")
+    for i in range(3):
+        assert down.get_num_new_matched_tokens(request(T + [1], rid=f"x{i}"), 0) == (0, False)
