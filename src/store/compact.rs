@@ -189,6 +189,7 @@ impl Store {
         opts: &CompactOptions,
         progress: &mut dyn FnMut(&CompactProgress),
     ) -> Result<CompactReport, StoreError> {
+        let _one = self.compacting.lock().map_err(poisoned)?;
         let t = Instant::now();
         let mut rep = CompactReport::default();
         let active = self
@@ -319,6 +320,9 @@ impl Store {
             let referenced = st.blocks.values().any(|b| b.loc.seg.id == seg.id)
                 || st.windows.values().any(|w| w.manifest.seg.id == seg.id)
                 || st.meta.values().any(|(_, _, l)| l.seg.id == seg.id);
+            if !st.segments.contains_key(&seg.id) {
+                return Ok(());
+            }
             if referenced {
                 return Err(StoreError::Validation(format!(
                     "segment {} is still referenced after compaction",

@@ -345,6 +345,8 @@ pub struct Store {
     appender: Mutex<Appender>,
     used: AtomicU64,
     capacity: AtomicU64,
+    /// One compaction at a time (the background thread, the op, repair).
+    compacting: Mutex<()>,
     _lock: File,
 }
 
@@ -391,6 +393,7 @@ impl Store {
             state: RwLock::new(state),
             appender: Mutex::new(appender),
             used: AtomicU64::new(used),
+            compacting: Mutex::new(()),
             _lock: lock,
         };
         Ok((store, report))
