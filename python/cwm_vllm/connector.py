@@ -224,7 +224,9 @@ class CwmConnector(KVConnectorBase_V1):
                 tokens=list(request.prompt_token_ids or [])[: computed + num_external_tokens],
                 first_block=first,
                 block_ids=ids[first : first + n],
-                session=cwm_params(request).get("session"),
+                # No session: restoring a stored prefix does not move a session's state (an
+                # ACTIVE session may reuse another window's prefix); freezes keep it right.
+                session=None,
             )
         )
         self.stats["loads"] += 1
