@@ -286,11 +286,19 @@ class CwmConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------------ worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        # One engine (and one window) per rank: tensor and pipeline parallel ranks each hold
+        # a slice of the KV.
+        # (Data-parallel engines are separate engines with their own engine ids.)
         try:
-            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+            from vllm.distributed.parallel_state import (
+                get_pp_group,
+                get_tensor_model_parallel_rank,
+                get_tensor_model_parallel_world_size,
+            )
 
-            rank = get_tensor_model_parallel_rank()
-        except Exception:  # noqa: BLE001 - not initialised (single process)
+            rank = (get_pp_group().rank_in_group * get_tensor_model_parallel_world_size()
+                    + get_tensor_model_parallel_rank())
+        except Exception:  # noqa: BLE001 - parallel state not initialised: one process
             rank = 0
         names = layer_order(list(kv_caches))
         tensors = [kv_caches[n] for n in names]
@@ -298,7 +306,7 @@ class CwmConnector(KVConnectorBase_V1):
         kc = self._kv_cache_config
         num_blocks = kc.num_blocks if kc is not None else tensors[0].shape[0]
         w = CwmWorker(self._socket, f"{self._engine_base}-r{rank}", self._model, self._salt,
-                      self._timeout, self._once)
+                      self._timeout, self._once, rank=rank)
         try:
             w.register(tensors, num_blocks, self._block_size,
                        heads=mc.get_num_kv_heads(self._vllm_config.parallel_config),

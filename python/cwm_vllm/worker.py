@@ -100,7 +100,8 @@ class CwmWorker:
     """One engine's KV cache registered with cwm."""
 
     def __init__(self, socket_path: str, engine: str, model: str, salt: str | None = None,
-                 timeout: float = 30.0, once: Once | None = None):
+                 timeout: float = 30.0, once: Once | None = None, rank: int = 0):
+        self.rank = rank
         self.socket = socket_path
         self.engine = engine
         self.model = model
@@ -167,6 +168,12 @@ class CwmWorker:
             self.once.fail(cause(e), "cwm: cannot register the KV cache (%s); serving without cwm", e)
         return False
 
+    def window_name(self, name: str) -> str:
+        """The window this rank stores under ``name``: with tensor or pipeline parallelism every
+        rank holds its own slice of the KV, frozen as its own window (rank 0 under the name
+        itself, rank k under ``name--rk``); the scheduler looks prefixes up in rank 0's."""
+        return name if self.rank == 0 else f"{name}--r{self.rank}"
+
     def record_event(self) -> None:
         """On a GPU: marks the end of this step's KV writes; cwm's gathers wait on it."""
         if self.event is not None:
@@ -180,7 +187,8 @@ class CwmWorker:
         try:
             if self.ensure_registered():
                 with Client(self.socket, timeout=self.timeout) as c:
-                    r = c.thaw(self.engine, spec.block_ids, window=spec.window, prefix=True,
+                    r = c.thaw(self.engine, spec.block_ids, window=self.window_name(spec.window),
+                               prefix=True,
                                first_block=spec.first_block, tokens=spec.tokens,
                                session=spec.session)
                 rep = r.get("report", {})
@@ -208,7 +216,8 @@ class CwmWorker:
                 return None
 
             def freeze(c: Client) -> dict:
-                return c.freeze(self.engine, spec.window, spec.tokens, spec.block_ids,
+                return c.freeze(self.engine, self.window_name(spec.window), spec.tokens,
+                                spec.block_ids,
                                 session=spec.session, replace=True if spec.replace else None,
                                 on_captured=(lambda _m: on_captured()) if on_captured else None)
 

@@ -121,3 +121,10 @@ def test_cwm_down_serves_without_it(world, caplog):
     down, _ = connector(str(world.cwm.sock) + ".gone")
     for i in range(3):
         assert down.get_num_new_matched_tokens(request(T + [1], rid=f"x{i}"), 0) == (0, False)
+
+
+def test_each_parallel_rank_has_its_own_window():
+    from cwm_vllm.worker import CwmWorker
+
+    assert CwmWorker("s", "e", "m").window_name("conv") == "conv"
+    assert CwmWorker("s", "e", "m", rank=3).window_name("conv") == "conv--r3"
