@@ -569,6 +569,19 @@ impl Server {
                         )),
                     };
                 let eng = self.engine(&eng_name)?;
+                // A session that cannot become THAWED is refused before any block is written.
+                if let Some(cur) = sess_id.as_deref().and_then(|s| self.sessions.get(s).ok()) {
+                    use crate::session::{SessionError, SessionState};
+                    if cur.state != SessionState::Thawed
+                        && !cur.state.allowed().contains(&SessionState::Thawed)
+                    {
+                        return Err(ApiError::from(SessionError::InvalidTransition {
+                            from: cur.state,
+                            to: SessionState::Thawed,
+                            allowed: cur.state.allowed(),
+                        }));
+                    }
+                }
                 let block_ids = match (a.get("block_ids"), &held) {
                     (Some(_), _) | (None, None) => protocol::u64_list(a, "block_ids")?,
                     (None, Some((_, _, b))) => b.clone(),
