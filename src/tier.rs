@@ -180,6 +180,13 @@ impl RamTier {
         Some(Arc::from(i.bytes_of(s)))
     }
 
+    /// True when every block of `keys` is held (without touching their recency).
+    #[must_use]
+    pub fn contains_all(&self, keys: &[u128]) -> bool {
+        let g = self.lock();
+        keys.iter().all(|k| g.map.contains_key(k))
+    }
+
     /// Borrows every block of `keys` when all are present (marking them recently used), so a
     /// thaw can copy straight out of the tier.
     #[must_use]

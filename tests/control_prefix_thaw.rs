@@ -82,3 +82,24 @@ fn prefix_thaw_through_the_daemon() {
         .unwrap();
     assert_eq!(code(&r), "NOT_FOUND", "{r}");
 }
+
+#[test]
+fn lookup_says_when_the_prefix_is_in_the_ram_tier() {
+    let f = fixture(&["--tier", "64MiB"]);
+    let mut c = Client::connect(&f.daemon.socket).unwrap();
+    let toks: Vec<u32> = (0..64).collect();
+    let r = c
+        .call_final(json!({"op": "freeze", "engine": "e1", "window": "t",
+            "tokens": toks, "block_ids": [1, 2, 3, 4]}))
+        .unwrap();
+    assert_eq!(code(&r), "OK", "{r}");
+    let lk = c
+        .call_final(json!({"op": "lookup", "engine": "e1", "tokens": toks}))
+        .unwrap();
+    assert_eq!(lk["from_tier"], true, "{lk}");
+    let none = c
+        .call_final(json!({"op": "lookup", "engine": "e1", "tokens": [5, 5, 5]}))
+        .unwrap();
+    assert_eq!(none["from_tier"], false);
+    assert_eq!(none["thaw_wins"], false, "nothing matched: nothing to thaw");
+}

@@ -63,6 +63,8 @@ pub struct Server {
     stopping: AtomicBool,
     /// Estimated thaw GB/s (f64 bits), for EC-041 deadlines.
     thaw_rate: AtomicU64,
+    /// EWMA of thaws served wholly from the RAM tier (GB/s, f64 bits): lookup's estimate.
+    tier_rate: AtomicU64,
     heavy_ops: std::sync::atomic::AtomicUsize,
     inflight: Mutex<HashMap<String, Arc<Inflight>>>,
 }
@@ -156,6 +158,7 @@ impl Server {
             metrics: metrics::Metrics::default(),
             stopping: AtomicBool::new(false),
             thaw_rate: AtomicU64::new(0.5f64.to_bits()),
+            tier_rate: AtomicU64::new(2.0f64.to_bits()),
             heavy_ops: std::sync::atomic::AtomicUsize::new(0),
             inflight: Mutex::new(HashMap::new()),
         })
@@ -662,11 +665,16 @@ impl Server {
                 );
                 self.metrics.thaws.inc();
                 if r.loaded_secs > 0.0 && r.bytes > (64 << 20) {
-                    // Running estimate of thaw speed for the next deadlines.
+                    // Running estimates of thaw speed (disk, RAM tier) for the next deadlines
+                    // and lookups' thaw-or-recompute estimates.
                     let seen = r.bytes as f64 / r.loaded_secs / 1e9;
-                    let old = f64::from_bits(self.thaw_rate.load(Ordering::Relaxed));
-                    self.thaw_rate
-                        .store((0.7 * old + 0.3 * seen).to_bits(), Ordering::Relaxed);
+                    let rate = if r.blocks_from_tier == r.blocks_restored {
+                        &self.tier_rate
+                    } else {
+                        &self.thaw_rate
+                    };
+                    let old = f64::from_bits(rate.load(Ordering::Relaxed));
+                    rate.store((0.7 * old + 0.3 * seen).to_bits(), Ordering::Relaxed);
                 }
                 self.metrics.thaw_bytes.inc_by(r.bytes);
                 Ok(json!({"status": "loaded", "report": r}))
@@ -691,9 +699,17 @@ impl Server {
                 let tokens_matched = (blocks * bs).min(tokens.len());
                 let matched: Vec<String> =
                     keys[..blocks].iter().map(|k| format!("{k:032x}")).collect();
+                // Blocks all in the RAM tier thaw at the tier's measured speed, else the disk's.
+                let from_tier =
+                    blocks > 0 && self.tier.enabled() && self.tier.contains_all(&keys[..blocks]);
+                let rate = if from_tier {
+                    &self.tier_rate
+                } else {
+                    &self.thaw_rate
+                };
                 let est = crate::decision::estimate(
                     blocks as u64 * eng.layout.block_bytes(),
-                    f64::from_bits(self.thaw_rate.load(Ordering::Relaxed)),
+                    f64::from_bits(rate.load(Ordering::Relaxed)),
                     tokens_matched as u64,
                     prefill,
                 );
@@ -702,6 +718,7 @@ impl Server {
                     "block_keys": matched,
                     "window": found.as_ref().map(|(w, _)| w.name.clone()),
                     "window_version": found.as_ref().map(|(w, _)| w.version),
+                    "from_tier": from_tier,
                     "estimated_thaw_secs": est.thaw_secs,
                     "estimated_recompute_secs": est.recompute_secs,
                     "thaw_wins": est.thaw_wins}),
