@@ -316,6 +316,7 @@ class CwmConnector(KVConnectorBase_V1):
             logger.error("cwm: cannot describe the KV cache (%s); cwm is off for this engine", e)
             return
         self._worker = w
+        w.keep_registered()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cwm")
 
     def _meta(self) -> CwmConnectorMetadata | None:

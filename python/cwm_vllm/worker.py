@@ -111,6 +111,8 @@ class CwmWorker:
         self.event = None
         self.register_req: dict | None = None
         self._reg: Client | None = None
+        self._closed = threading.Event()
+        self._keeper: threading.Thread | None = None
 
     def register(self, tensors: Sequence[Any], num_blocks: int, block_size: int, heads: int,
                  head: int, name: str | None = None) -> None:
@@ -137,6 +139,20 @@ class CwmWorker:
                              "layout": layout, "memory": memory, "scope": "connection"}
         self._reg = Client(self.socket, timeout=self.timeout, on_connect=self._register)
         self.ensure_registered()
+
+    def keep_registered(self, interval: float = 2.0) -> None:
+        """Checks the registration every ``interval`` seconds in a background thread, so after
+        a cwm restart the engine is registered again before the scheduler's next lookup needs
+        it (not only at this worker's next load or freeze)."""
+        if self._keeper is not None:
+            return
+
+        def run() -> None:
+            while not self._closed.wait(interval):
+                self.ensure_registered()
+
+        self._keeper = threading.Thread(target=run, name="cwm-keeper", daemon=True)
+        self._keeper.start()
 
     def _register(self, c: Client) -> None:
         pid = peer_pid(c)
@@ -243,5 +259,6 @@ class CwmWorker:
         return None
 
     def close(self) -> None:
+        self._closed.set()
         if self._reg is not None:
             self._reg.close()

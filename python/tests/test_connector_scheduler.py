@@ -128,3 +128,25 @@ def test_each_parallel_rank_has_its_own_window():
 
     assert CwmWorker("s", "e", "m").window_name("conv") == "conv"
     assert CwmWorker("s", "e", "m", rank=3).window_name("conv") == "conv--r3"
+
+
+def test_worker_registers_again_after_a_cwm_restart(world):
+    from cwm_vllm.worker import CwmWorker
+
+    buf = torch.randn(L, NB, H, BS, 2 * D).to(torch.bfloat16)
+    w = CwmWorker(str(world.cwm.sock), "kept", "tiny:bfloat16")
+    w.register([buf[i] for i in range(L)], NB, BS, H, D)
+    w.keep_registered(interval=0.1)
+
+    def engines():
+        with Client(str(world.cwm.sock)) as c:
+            return c.health()["engines"]
+
+    assert engines() == 2  # the fixture's engine and this one
+    world.cwm.stop()
+    world.cwm.start()  # registrations do not survive a restart: only the kept one comes back
+    deadline = time.monotonic() + 10
+    while engines() != 1:
+        assert time.monotonic() < deadline, "the worker did not register again"
+        time.sleep(0.1)
+    w.close()
