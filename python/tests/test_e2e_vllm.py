@@ -213,7 +213,10 @@ def test_corrupt_block_and_cwm_killed_during_a_freeze(world):
         # cwm is stopped before this request and killed after it returns, with its freeze
         # sent and unanswered.
         {"prompt": P3, "max_tokens": GEN, "params": {"cwm": {"freeze_as": "conv-killed"}},
-         "before": f"kill -STOP {pid}", "after": f"sleep 1; kill -KILL {pid}; {restart}"},
+         "before": f"kill -STOP {pid}",
+         # SIGKILL is asynchronous: wait until the process is gone (a zombie holds no lock).
+         "after": f"sleep 1; kill -KILL {pid}; while [ -e /proc/{pid} ] && "
+                  f"! grep -q '^State:.*Z' /proc/{pid}/status; do sleep 0.05; done; {restart}"},
         {"prompt": world["R"], "max_tokens": GEN},
         {"prompt": P4, "max_tokens": GEN, "params": {"cwm": {"freeze_as": "conv-after"}}},
     ]})
@@ -231,6 +234,7 @@ def test_corrupt_block_and_cwm_killed_during_a_freeze(world):
     import os
 
     other = int((cwm.data / "LOCK").read_text().split()[0])
+    assert other != pid and os.path.exists(f"/proc/{other}"), "cwm was not restarted by the hook"
     os.kill(other, signal.SIGTERM)
     for _ in range(300):
         try:
