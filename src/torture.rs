@@ -14,6 +14,9 @@
 //!   hold, live bytes, segment files) reports nothing;
 //! - every few cycles, after compacting everything (`live_ratio` 1.0), no garbage is left
 //!   outside the append segment (no space leaked).
+//!
+//! Half the freezes and deletes carry an idempotency key, so their outcomes are also committed
+//! as catalog records (kills land in catalog commits too).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -364,8 +367,14 @@ impl Run {
                     }
                 }
                 self.uncertain.insert(name.clone(), tokens.clone());
-                let res = c.call_final(json!({"op": "freeze", "engine": "e1", "window": name,
-                    "tokens": tokens, "block_ids": src}));
+                let mut req = json!({"op": "freeze", "engine": "e1", "window": name,
+                    "tokens": tokens, "block_ids": src});
+                // Half the freezes carry an idempotency key: their outcome is committed as a
+                // catalog record, so kills also land in catalog commits.
+                if self.rng.below(2) == 0 {
+                    req["idempotency_key"] = json!(format!("k-{name}"));
+                }
+                let res = c.call_final(req);
                 match res {
                     Ok(v) if ok(&v) => {
                         self.uncertain.remove(&name);
@@ -387,7 +396,11 @@ impl Run {
                     continue;
                 };
                 self.uncertain.insert(name.clone(), t);
-                match c.call_final(json!({"op": "delete", "window": name})) {
+                let mut req = json!({"op": "delete", "window": name});
+                if self.rng.below(2) == 0 {
+                    req["idempotency_key"] = json!(format!("d-{name}"));
+                }
+                match c.call_final(req) {
                     Ok(v) if ok(&v) => {
                         self.uncertain.remove(&name);
                         self.deleted.insert(name);
