@@ -90,12 +90,13 @@ def export(ts):
     return out
 
 
-def cwm(mode, spec, workdir):
+def cwm(mode, spec, workdir, env=None):
     path = os.path.join(workdir, f"spec-{mode}.json")
     with open(path, "w") as f:
         json.dump(spec, f)
     p = subprocess.run([CWM, "gpu-check", mode, "--spec", path, "--dir", workdir],
-                       capture_output=True, text=True, timeout=240)
+                       capture_output=True, text=True, timeout=240,
+                       env=dict(os.environ, **(env or {})))
     if p.stderr.strip():
         say(p.stderr.strip()[-2000:])
     if p.returncode != 0:
@@ -103,7 +104,7 @@ def cwm(mode, spec, workdir):
     return json.loads(p.stdout)
 
 
-def case(name, kind, L, NB, BS, H, D, nsel, workdir, order=None, bench=False):
+def case(name, kind, L, NB, BS, H, D, nsel, workdir, order=None, bench=False, env=None):
     torch.manual_seed(hash(name) % 1000)
     ts = make(kind, L, NB, BS, H, D, order)
     perm = torch.randperm(NB).tolist()
@@ -118,7 +119,7 @@ def case(name, kind, L, NB, BS, H, D, nsel, workdir, order=None, bench=False):
     spec = {"layout": layout, "tensors": export(ts), "src": src, "dst": dst,
             "tokens": nsel * BS - 3, "event": bytes(ev.ipc_handle()).hex()}
     try:
-        r = cwm("run", spec, workdir)
+        r = cwm("run", spec, workdir, env)
     except Exception as e:  # noqa: BLE001
         check(f"{name}: freeze+thaw", False, str(e)[:500])
         return None
@@ -184,6 +185,9 @@ def main():
     ]
     for name, kind, L, NB, BS, H, D, n, order in cases:
         case(name, kind, L, NB, BS, H, D, n, workdir, order)
+    # The scatter through the copy engines (cuMemcpyBatchAsync), bit-exact like the kernel's.
+    case("n2bhd, copy-engine scatter", "flash_n2bhd", 4, 512, 16, 8, 128, 64, workdir,
+         env={"CWM_SCATTER": "copy-engine"})
     # Llama-3.1-8B shape, 1,024 scattered blocks of 2 MiB (2 GiB), then measurements.
     b = case("llama8b (2,B,N,H,D)", "flash_2nbhd", 32, 4096, 16, 8, 128, 1024, workdir, bench=True)
     if b:
@@ -211,6 +215,10 @@ def main():
             f"{'cwm freeze end to end':34} {b['freeze_gbps']:8.2f} {min(b['raw_write_gbps'], b['d2h_pinned_gbps']):8.2f} {b['freeze_ratio']:6.3f}",
             f"{'cwm thaw end to end':34} {b['thaw_gbps']:8.2f} {min(b['raw_read_gbps'], b['h2d_pinned_gbps']):8.2f} {b['thaw_ratio']:6.3f}",
             f"{'cwm thaw from RAM tier':34} {b['tier_thaw_gbps']:8.2f} {b['h2d_pinned_gbps']:8.2f} {b['tier_ratio']:6.3f}",
+            (f"{'scatter via copy engines':34} {b['scatter_copy_engine_gbps']:8.2f} {b['h2d_pinned_gbps']:8.2f} {b['scatter_copy_engine_ratio']:6.3f}"
+             if b.get("scatter_copy_engine_gbps") else f"scatter via copy engines: {b.get('scatter_copy_engine_error')}"),
+            (f"{'RAM tier thaw via copy engines':34} {b['tier_copy_engine_gbps']:8.2f} {b['h2d_pinned_gbps']:8.2f} {b['tier_copy_engine_ratio']:6.3f}"
+             if b.get("tier_copy_engine_gbps") else f"RAM tier via copy engines: {b.get('tier_copy_engine_error')}"),
             "launch sweep (CTAs x threads: gather / scatter GB/s): " + ", ".join(
                 f"{g['grid']}x{g['threads']}: {g['gather_gbps']:.1f}/{g['scatter_gbps']:.1f}" for g in b["grid_sweep"]),
         ]

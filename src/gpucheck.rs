@@ -354,6 +354,17 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
             "scatter_gbps": gbps(bytes, st),
         }));
     }
+    // Scatter through the copy engines (cuMemcpyBatchAsync) instead of the kernel, best of 3;
+    // an error (old driver) is reported, not fatal.
+    s.mem.copy_engine.store(true, Ordering::Relaxed);
+    let mut sc_ce: Result<f64, String> = Ok(f64::MAX);
+    for _ in 0..3 {
+        sc_ce = match (sc_ce, copy_all(&s, &spec.dst, true, &cfg)) {
+            (Ok(a), Ok(b)) => Ok(a.min(b)),
+            (Err(x), _) | (_, Err(x)) => Err(x),
+        };
+    }
+    s.mem.copy_engine.store(false, Ordering::Relaxed);
     s.mem
         .grid
         .store(crate::device::cuda::DEFAULT_GRID, Ordering::Relaxed);
@@ -394,6 +405,23 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
         Some(&tier),
     )
     .map_err(|x| e(&x))?;
+    // The same tier thaw with the copy engines doing the scatter.
+    s.mem.copy_engine.store(true, Ordering::Relaxed);
+    let tt_ce = thaw(
+        &store,
+        &s.engine,
+        &ThawRequest {
+            prefix: false,
+            first_block: 0,
+            window: "tiered".into(),
+            block_ids: spec.dst.clone(),
+            expect_tokens: None,
+        },
+        &cfg,
+        Some(&tier),
+    )
+    .map_err(|x| e(&x));
+    s.mem.copy_engine.store(false, Ordering::Relaxed);
     let raw_w = (rw0 + rw1) / 2.0;
     let raw_r = (rr0 + rr1) / 2.0;
     let gather = gbps(bytes, g);
@@ -423,6 +451,13 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
         "thaw_gbps": thaw_gbps,
         "freeze_ratio": freeze_gbps / raw_w.min(d2h),
         "thaw_ratio": thaw_gbps / raw_r.min(h2d),
+        "scatter_copy_engine_gbps": sc_ce.as_ref().map(|t| gbps(bytes, *t)).ok(),
+        "scatter_copy_engine_ratio": sc_ce.as_ref().map(|t| gbps(bytes, *t) / h2d).ok(),
+        "scatter_copy_engine_error": sc_ce.as_ref().err(),
+        "tier_copy_engine_gbps": tt_ce.as_ref().map(|r| gbps(bytes, r.loaded_secs)).ok(),
+        "tier_copy_engine_ratio": tt_ce.as_ref().map(|r| gbps(bytes, r.loaded_secs) / h2d).ok(),
+        "tier_copy_engine_blocks": tt_ce.as_ref().map(|r| r.blocks_from_tier).ok(),
+        "tier_copy_engine_error": tt_ce.as_ref().err(),
         "tier_thaw_gbps": tier_gbps,
         "tier_ratio": tier_gbps / h2d,
         "tier_blocks": tt.blocks_from_tier,

@@ -150,6 +150,8 @@ pub struct Cuda {
     pub sms: i32,
     /// Why the kernel is not in use, if it is not (NVRTC missing or failed).
     pub kernel_error: Option<String>,
+    /// Device ordinal.
+    pub ordinal: i32,
 }
 
 impl Cuda {
@@ -208,6 +210,7 @@ impl Cuda {
             name,
             sms,
             kernel_error,
+            ordinal,
         }))
     }
 
@@ -326,6 +329,63 @@ impl Cuda {
         }
     }
 
+    /// Copies `sizes[i]` bytes from `srcs[i]` to `dsts[i]` for every i with the copy engines
+    /// (cuMemcpyBatchAsync, CUDA ≥ 12.8 drivers: one call for many pieces, DMA instead of SM
+    /// loads), and waits. Sources are read in stream order.
+    pub fn batch_copy(
+        &self,
+        dsts: &mut [u64],
+        srcs: &mut [u64],
+        sizes: &mut [usize],
+    ) -> Result<(), DeviceError> {
+        if dsts.len() != srcs.len() || dsts.len() != sizes.len() {
+            return Err(DeviceError::Validation(
+                "batch copy lists differ in length".into(),
+            ));
+        }
+        let g = self.lock()?;
+        let mut attr = cu::CUmemcpyAttributes {
+            srcAccessOrder: cu::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
+            srcLocHint: cu::CUmemLocation {
+                type_: cu::CUmemLocationType::CU_MEM_LOCATION_TYPE_HOST,
+                id: 0,
+            },
+            dstLocHint: cu::CUmemLocation {
+                type_: cu::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+                id: self.ordinal,
+            },
+            flags: 0,
+        };
+        let mut idx = [0usize; 1];
+        const CHUNK: usize = 4096;
+        let mut at = 0;
+        while at < dsts.len() {
+            let n = CHUNK.min(dsts.len() - at);
+            // SAFETY: the three lists hold `n` valid entries from `at`; every (dst, src, size)
+            // lies inside a registered region (the caller checked block ids against the
+            // validated layout, sources are mapped staging or tier slots); one attribute
+            // applies to all copies; the stream is synchronized before the lists are dropped.
+            unsafe {
+                check(
+                    "cuMemcpyBatchAsync",
+                    cu::cuMemcpyBatchAsync_v2(
+                        dsts[at..].as_mut_ptr(),
+                        srcs[at..].as_mut_ptr(),
+                        sizes[at..].as_mut_ptr(),
+                        n,
+                        &mut attr,
+                        idx.as_mut_ptr(),
+                        1,
+                        g.stream,
+                    ),
+                )?;
+            }
+            at += n;
+        }
+        // SAFETY: the stream belongs to this context, made current by lock().
+        unsafe { check("cuStreamSynchronize", cu::cuStreamSynchronize(g.stream)) }
+    }
+
     /// Launches the copy kernel and waits for it.
     #[expect(clippy::too_many_arguments, reason = "mirrors the kernel's parameters")]
     fn launch(
@@ -425,6 +485,11 @@ impl Cuda {
     }
 }
 
+/// Whether scatters use the copy engines by default (`CWM_SCATTER=copy-engine`).
+fn copy_engine_default() -> bool {
+    std::env::var("CWM_SCATTER").is_ok_and(|v| v == "copy-engine")
+}
+
 /// One tensor registered through CUDA IPC.
 #[derive(Debug, Clone)]
 pub struct IpcTensor {
@@ -448,6 +513,10 @@ pub struct CudaMemory {
     pub grid: std::sync::atomic::AtomicU32,
     /// Threads per CTA of the copy kernel.
     pub threads: std::sync::atomic::AtomicU32,
+    /// Scatter without permutation through the copy engines (cuMemcpyBatchAsync) instead of
+    /// the kernel. Off by default until measured (`CWM_SCATTER=copy-engine` turns it on;
+    /// `cwm gpu-check` measures both).
+    pub copy_engine: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: device addresses are plain integers; the context is behind Cuda's mutex.
@@ -496,6 +565,7 @@ impl CudaMemory {
             wait: Mutex::new(None),
             grid: std::sync::atomic::AtomicU32::new(DEFAULT_GRID),
             threads: std::sync::atomic::AtomicU32::new(THREADS),
+            copy_engine: std::sync::atomic::AtomicBool::new(copy_engine_default()),
         })
     }
 
@@ -519,6 +589,7 @@ impl CudaMemory {
             wait: Mutex::new(None),
             grid: std::sync::atomic::AtomicU32::new(DEFAULT_GRID),
             threads: std::sync::atomic::AtomicU32::new(THREADS),
+            copy_engine: std::sync::atomic::AtomicBool::new(copy_engine_default()),
         }
     }
 
@@ -549,6 +620,35 @@ impl CudaMemory {
             *w = Some(ev as usize);
         }
         Ok(())
+    }
+
+    /// Scatter through the copy engines: one (dst, src, len) per piece of every block.
+    fn scatter_copy_engine(
+        &self,
+        table: &[KernelPiece],
+        ids: &[u64],
+        slots: &[u64],
+        num_blocks: u64,
+    ) -> Result<(), DeviceError> {
+        let n = ids.len() * table.len();
+        let (mut dsts, mut srcs, mut sizes) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for (&id, &slot) in ids.iter().zip(slots) {
+            if id >= num_blocks {
+                return Err(DeviceError::Validation(format!(
+                    "block id {id} out of range (the engine has {num_blocks} blocks)"
+                )));
+            }
+            for k in table {
+                dsts.push(k.base + id * k.stride);
+                srcs.push(slot + k.off);
+                sizes.push(k.len as usize);
+            }
+        }
+        self.cuda.batch_copy(&mut dsts, &mut srcs, &mut sizes)
     }
 
     fn device_ptr(&self, host: *const u8, len: usize) -> Option<u64> {
@@ -710,6 +810,9 @@ impl KvMemory for CudaMemory {
             .collect();
         let slots = slots?;
         let table = piece_table(engine, window, compat, &self.ptrs);
+        if compat == Compat::Same && self.copy_engine.load(std::sync::atomic::Ordering::Relaxed) {
+            return Some(self.scatter_copy_engine(&table, ids, &slots, engine.num_blocks));
+        }
         Some(self.cuda.launch(
             &table,
             ids,
