@@ -19,7 +19,8 @@ cwm without asking. Extra config keys: ``socket`` (default $CWM_SOCKET or cwm's 
 ``salt`` (namespace salt), ``prefill_tokens_per_s`` (the engine's prefill rate: a number,
 ``"measure"`` (default: measured from the engine's own steps) or ``"off"``; a stored prefix whose
 estimated thaw is slower than recomputing it is recomputed, with a debug log line), ``timeout_s`` (per control call, default 30),
-``lookup_timeout_s`` (the scheduler's lookups, default 1),
+``lookup_timeout_s`` (the scheduler's lookups, default 1), ``model_id`` (the namespace of
+stored blocks; default: the model's real path or Hub id, with its dtype),
 ``load`` / ``save`` (false turns either direction off).
 
 If cwm is down or answers an error, vLLM keeps serving: loads are reported failed (vLLM
@@ -30,6 +31,7 @@ logged once per cause, and the connector reconnects (and re-registers) when cwm 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +61,12 @@ if TYPE_CHECKING:
 
 # Under "vllm." so vLLM's logging configuration (format, level) applies.
 logger = logging.getLogger("vllm.cwm_connector")
+
+
+def _trace(what: str, *args: Any) -> None:
+    """Debug log of the load path with a monotonic timestamp (VLLM_LOGGING_LEVEL=DEBUG)."""
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("cwm trace %.4f " + what, time.monotonic(), *args)
 
 #: vLLM versions this connector was written and tested against.
 SUPPORTED_VLLM = ">=0.32,<0.33"
@@ -104,11 +112,18 @@ class CwmConnector(KVConnectorBase_V1):
         self._measure = rate == "measure"
         self._prefill_rate = float(rate) if rate not in (None, "", "measure", "off") else None
         self._step: tuple[float, int] | None = None
+        self._steps_seen = 0
         self._load_on = bool(extra("load", True))
         self._save_on = bool(extra("save", True))
         self._block_size = vllm_config.cache_config.block_size
         mc = vllm_config.model_config
-        self._model = f"{mc.model}:{mc.dtype}"
+        # The namespace of stored blocks: the same model (and dtype) in any engine process
+        # must find them. A local directory by its real path (symlinks resolved), a Hub id as
+        # given; `model_id` overrides (e.g. the same weights at two paths).
+        model = str(mc.model)
+        if os.path.isdir(model):
+            model = os.path.realpath(model)
+        self._model = f"{extra('model_id') or model}:{mc.dtype}"
         self._engine_base = f"vllm-{cfg.engine_id}"
         self._once = Once()
         if getattr(cfg, "kv_load_failure_policy", "recompute") != "recompute":
@@ -180,6 +195,9 @@ class CwmConnector(KVConnectorBase_V1):
             )
         )
         self.stats["lookups"] += 1
+        _trace("lookup %s: %s tokens in %s, thaw wins %s (prefill rate %s)", request.request_id,
+               (r or {}).get("tokens_matched"), (r or {}).get("window"),
+               (r or {}).get("thaw_wins"), self._prefill_rate)
         if r is None:
             return 0, False
         matched = min(int(r.get("tokens_matched", 0)), limit) // bs * bs
@@ -204,6 +222,7 @@ class CwmConnector(KVConnectorBase_V1):
             request.request_id, matched, r["window"], num_computed_tokens,
         )
         self.stats["matched_tokens"] += matched - num_computed_tokens
+        _trace("matched %s", request.request_id)
         return matched - num_computed_tokens, True
 
     def update_state_after_alloc(
@@ -233,6 +252,8 @@ class CwmConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = CwmConnectorMetadata(loads=self._loads, saves=self._saves)
+        if self._loads:
+            _trace("metadata with %d loads", len(self._loads))
         self._loads, self._saves = [], []
         if self._measure:
             n = int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0)
@@ -248,6 +269,9 @@ class CwmConnector(KVConnectorBase_V1):
             self._step = None
             dt = time.monotonic() - t0
             if n >= self.MEASURE_MIN_TOKENS and dt > 0:
+                self._steps_seen += 1
+            if n >= self.MEASURE_MIN_TOKENS and dt > 0 and self._steps_seen > 1:
+                # (The engine's first prefill step includes its warm-up: not a rate.)
                 seen = n / dt
                 old = self._prefill_rate
                 self._prefill_rate = seen if old is None else 0.8 * old + 0.2 * seen
@@ -333,6 +357,7 @@ class CwmConnector(KVConnectorBase_V1):
             if self._pool is None or self._worker is None:
                 self._load_done(spec, spec.block_ids)
                 continue
+            _trace("submit load %s", spec.req_id)
             self._pool.submit(self._run_load, spec)
 
     def _run_load(self, spec: LoadSpec) -> None:
@@ -349,6 +374,7 @@ class CwmConnector(KVConnectorBase_V1):
         with self._lock:
             self._load_errors.update(failed)
             self._recved.add(spec.req_id)
+        _trace("load done %s", spec.req_id)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are asynchronous: the request waits until get_finished reports them
@@ -395,6 +421,8 @@ class CwmConnector(KVConnectorBase_V1):
             self._sent -= sent
             self._finished_seen -= sent
             recved, self._recved = self._recved, set()
+        if recved:
+            _trace("loads reported finished: %s", sorted(recved))
         return (sent or None), (recved or None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:

@@ -92,6 +92,10 @@ def test_thaw_or_recompute(world):
     m, _ = connector(world.cwm.sock)
     m._engine_base = f"vllm-{world.engine_id}"
     assert m.prefill_tokens_per_s is None
+    # The engine's first prefill step (its warm-up) is not a rate.
+    m.build_connector_meta(SimpleNamespace(total_num_scheduled_tokens=1000))
+    m.update_connector_output(KVConnectorOutput())
+    assert m.prefill_tokens_per_s is None
     m.build_connector_meta(SimpleNamespace(total_num_scheduled_tokens=1000))
     time.sleep(0.01)
     m.update_connector_output(KVConnectorOutput())
@@ -150,3 +154,20 @@ def test_worker_registers_again_after_a_cwm_restart(world):
         assert time.monotonic() < deadline, "the worker did not register again"
         time.sleep(0.1)
     w.close()
+
+
+def test_namespace_is_the_models_real_path(tmp_path):
+    real = tmp_path / "model"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+
+    def ns(model, **extra):
+        kv = KVTransferConfig(kv_connector="CwmConnector", kv_role="kv_both",
+                              kv_connector_extra_config={"socket": "/nonexistent", **extra})
+        cfg = SimpleNamespace(kv_transfer_config=kv, cache_config=SimpleNamespace(block_size=BS),
+                              model_config=SimpleNamespace(model=model, dtype="bfloat16"))
+        return CwmConnector(cfg, KVConnectorRole.SCHEDULER, None)._model
+
+    assert ns(str(real)) == ns(str(tmp_path / "link")) == f"{real}:bfloat16"
+    assert ns("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B:bfloat16"
+    assert ns(str(real), model_id="llama-8b") == "llama-8b:bfloat16"
