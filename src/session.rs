@@ -185,15 +185,22 @@ impl Session {
     }
 }
 
-/// Called with a session after each state change, under the registry's lock (the daemon
-/// writes it to the log, so states survive a restart).
+/// Called with a session after each state change (the daemon writes it to the log, so states
+/// survive a restart). Calls come in the order of the changes, outside the registry's lock: a
+/// slow write (the log's appender busy with a long freeze) never stalls readers or other
+/// sessions' flags, only later state changes, which must be written after it.
 pub type Persist = Box<dyn Fn(&Session) + Send + Sync>;
+
+type Table = (HashMap<String, Session>, u64);
 
 /// The daemon's sessions.
 pub struct Registry {
     max_active: usize,
-    inner: Mutex<(HashMap<String, Session>, u64)>,
+    inner: Mutex<Table>,
     persist: Option<Persist>,
+    /// Taken before the registry's lock is released and held while persisting: writes keep
+    /// the order of the changes.
+    persist_order: Mutex<()>,
 }
 
 impl Registry {
@@ -204,6 +211,7 @@ impl Registry {
             max_active,
             inner: Mutex::new((HashMap::new(), 0)),
             persist: None,
+            persist_order: Mutex::new(()),
         }
     }
 
@@ -223,16 +231,24 @@ impl Registry {
             max_active,
             inner: Mutex::new((map, seq)),
             persist: Some(persist),
+            persist_order: Mutex::new(()),
         }
     }
 
-    fn saved(&self, s: &Session) {
-        if let Some(p) = &self.persist {
-            p(s);
-        }
+    /// Persists a change made under `g`: takes the ordering lock, releases the registry's,
+    /// then writes.
+    fn saved(&self, g: std::sync::MutexGuard<'_, Table>, s: &Session) {
+        let Some(p) = &self.persist else { return };
+        let order = match self.persist_order.lock() {
+            Ok(o) => o,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        drop(g);
+        p(s);
+        drop(order);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (HashMap<String, Session>, u64)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         match self.inner.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -271,7 +287,7 @@ impl Registry {
         *seq += 1;
         let s = Session::new(id, SessionState::Active, max_context, *seq);
         map.insert(id.into(), s.clone());
-        self.saved(&s);
+        self.saved(g, &s);
         Ok(s)
     }
 
@@ -299,7 +315,7 @@ impl Registry {
         }
         s.state = to;
         let snap = Self::snapshot(s);
-        self.saved(&snap);
+        self.saved(g, &snap);
         Ok(snap)
     }
 
@@ -380,7 +396,7 @@ impl Registry {
             if ok {
                 s.state = SessionState::Frozen;
                 let snap = Self::snapshot(s);
-                self.saved(&snap);
+                self.saved(g, &snap);
             }
         }
     }
@@ -402,14 +418,14 @@ impl Registry {
                 }
                 s.state = SessionState::Thawed;
                 let snap = Self::snapshot(s);
-                self.saved(&snap);
+                self.saved(g, &snap);
                 Ok(snap)
             }
             None => {
                 *seq += 1;
                 let s = Session::new(id, SessionState::Thawed, None, *seq);
                 map.insert(id.into(), s.clone());
-                self.saved(&s);
+                self.saved(g, &s);
                 Ok(s)
             }
         }
@@ -431,6 +447,75 @@ mod tests {
     use super::*;
 
     const ALL: [SessionState; 5] = [Active, Frozen, Thawed, Expired, Deleted];
+
+    #[test]
+    fn persistence_runs_outside_the_registry_lock_in_change_order() {
+        use std::sync::{Arc, Mutex as M, OnceLock};
+        let reg_slot: Arc<OnceLock<Arc<Registry>>> = Arc::new(OnceLock::new());
+        let written: Arc<M<Vec<(String, SessionState, usize)>>> = Arc::default();
+        let (slot, log) = (reg_slot.clone(), written.clone());
+        let reg = Arc::new(Registry::restored(
+            8,
+            Vec::new(),
+            Box::new(move |s: &Session| {
+                // Reading the registry while a change is being written: with the write under
+                // the registry's lock this would deadlock.
+                let seen = slot.get().map_or(0, |r| r.list().len());
+                log.lock().unwrap().push((s.id.clone(), s.state, seen));
+            }),
+        ));
+        reg_slot.set(reg.clone()).ok().unwrap();
+        reg.open("a", None).unwrap();
+        reg.begin_freeze("a").unwrap();
+        reg.end_freeze("a", true);
+        reg.thawed("a").unwrap();
+        reg.transition("a", Active).unwrap();
+        reg.thawed("b").unwrap();
+        let w = written.lock().unwrap().clone();
+        let states: Vec<(&str, SessionState)> =
+            w.iter().map(|(id, st, _)| (id.as_str(), *st)).collect();
+        assert_eq!(
+            states,
+            [
+                ("a", Active),
+                ("a", Frozen),
+                ("a", Thawed),
+                ("a", Active),
+                ("b", Thawed)
+            ]
+        );
+        assert_eq!(w.last().unwrap().2, 2, "the writer saw the registry");
+    }
+
+    #[test]
+    fn writes_keep_the_order_of_concurrent_changes() {
+        use std::sync::{Arc, Mutex as M};
+        let written: Arc<M<Vec<u64>>> = Arc::default();
+        let log = written.clone();
+        let reg = Arc::new(Registry::restored(
+            1000,
+            Vec::new(),
+            Box::new(move |s: &Session| {
+                std::thread::yield_now();
+                log.lock().unwrap().push(s.seq);
+            }),
+        ));
+        std::thread::scope(|sc| {
+            for t in 0..4 {
+                let reg = reg.clone();
+                sc.spawn(move || {
+                    for i in 0..50 {
+                        reg.open(&format!("s{t}-{i}"), None).unwrap();
+                    }
+                });
+            }
+        });
+        let w = written.lock().unwrap().clone();
+        assert_eq!(w.len(), 200);
+        // Each open takes the next sequence number under the lock; the writes come in that
+        // order.
+        assert!(w.windows(2).all(|p| p[0] < p[1]), "{w:?}");
+    }
 
     fn at(r: &Registry, id: &str, path: &[SessionState]) {
         r.open(id, None).expect("open");
