@@ -214,9 +214,10 @@ def test_corrupt_block_and_cwm_killed_during_a_freeze(world):
         # sent and unanswered.
         {"prompt": P3, "max_tokens": GEN, "params": {"cwm": {"freeze_as": "conv-killed"}},
          "before": f"kill -STOP {pid}",
-         # SIGKILL is asynchronous: wait until the process is gone (a zombie holds no lock).
-         "after": f"sleep 1; kill -KILL {pid}; while [ -e /proc/{pid} ] && "
-                  f"! grep -q '^State:.*Z' /proc/{pid}/status; do sleep 0.05; done; {restart}"},
+         # SIGKILL is asynchronous: wait until the data directory's lock is free again (all
+         # of the killed process's threads gone).
+         "after": f"sleep 1; kill -KILL {pid}; for i in $(seq 400); do "
+                  f"flock -n {cwm.data}/LOCK true && break; sleep 0.05; done; {restart}"},
         {"prompt": world["R"], "max_tokens": GEN},
         {"prompt": P4, "max_tokens": GEN, "params": {"cwm": {"freeze_as": "conv-after"}}},
     ]})
