@@ -44,10 +44,15 @@ def layer_order(names: Sequence[str]) -> list[str]:
     return [n for _, n in sorted(enumerate(names), key=key)]
 
 
-def _block_dim(shape: Sequence[int], num_blocks: int) -> int:
+def _block_dim(shape: Sequence[int], num_blocks: int) -> tuple[int, int]:
+    """(dimension, kernel blocks per cache block): vLLM may view a cache block as several
+    smaller kernel blocks, `(num_blocks * ratio, ...)`."""
     for d, s in enumerate(shape):
         if s == num_blocks and all(x <= 2 for x in shape[:d]):
-            return d
+            return d, 1
+    for d, s in enumerate(shape):
+        if s > num_blocks and s % num_blocks == 0 and all(x <= 2 for x in shape[:d]):
+            return d, s // num_blocks
     raise LayoutError(f"no block dimension of size {num_blocks} in shape {tuple(shape)}")
 
 
@@ -67,7 +72,7 @@ def describe(tensors: Sequence[Any], num_blocks: int) -> Described:
             by_base[base] = len(out.regions)
             out.regions.append(Region(base=base, nbytes=st.nbytes(), storage=st))
         region = by_base[base]
-        bdim = _block_dim(shape, num_blocks)
+        bdim, ratio = _block_dim(shape, num_blocks)
         expect = 1
         for d in range(len(shape) - 1, bdim, -1):
             if shape[d] != 1 and stride[d] != expect:
@@ -75,7 +80,11 @@ def describe(tensors: Sequence[Any], num_blocks: int) -> Described:
                     f"layer {layer}: dims after the block dim are not contiguous "
                     f"(shape {tuple(shape)}, strides {tuple(stride)})")
             expect *= shape[d]
-        piece_len = math.prod(shape[bdim + 1:]) * es
+        slab = math.prod(shape[bdim + 1:])
+        if ratio > 1 and stride[bdim] != slab:
+            raise LayoutError(f"layer {layer}: the {ratio} kernel blocks of a block are not "
+                              f"contiguous (shape {tuple(shape)}, strides {tuple(stride)})")
+        piece_len = ratio * slab * es
         outer = shape[:bdim]
         n_outer = math.prod(outer)
         if n_outer == 1:
@@ -93,7 +102,8 @@ def describe(tensors: Sequence[Any], num_blocks: int) -> Described:
                 rem //= shape[d]
             out.pieces.append({
                 "layer": layer, "kind": kind, "tensor": region,
-                "offset": start + off * es, "block_stride": stride[bdim] * es, "len": piece_len,
+                "offset": start + off * es, "block_stride": ratio * stride[bdim] * es,
+                "len": piece_len,
             })
     return out
 

@@ -65,3 +65,17 @@ def test_no_block_dimension_is_refused():
 def test_layers_sorted_by_index():
     names = ["model.layers.10.attn", "model.layers.2.attn", "model.layers.1.attn"]
     assert layer_order(names) == ["model.layers.1.attn", "model.layers.2.attn", "model.layers.10.attn"]
+
+
+def test_kernel_blocks_grouped_into_cache_blocks():
+    # vLLM may view each cache block as 2 kernel blocks of half the tokens: (NB*2, H, BS/2, C).
+    t = torch.randn(NB * 2, H, BS // 2, 2 * D).to(torch.bfloat16)
+    d = describe([t], NB)
+    (p,) = d.pieces
+    assert p["len"] == 2 * H * (BS // 2) * 2 * D * 2 and p["block_stride"] == p["len"]
+    for b in [0, 5, NB - 1]:
+        got = storage_bytes(d.regions[0], p["offset"] + b * p["block_stride"], p["len"])
+        assert got == t[2 * b: 2 * b + 2].contiguous().view(torch.uint8).numpy().tobytes()
+    # Not contiguous across the kernel blocks of one cache block: refused.
+    with pytest.raises(LayoutError, match="kernel blocks"):
+        describe([torch.randn(NB * 2, 2 * 64)[:, :64]], NB)
