@@ -24,6 +24,26 @@ pub fn fill_random(buf: &mut [u8], seed: u64) {
     }
 }
 
+/// Writes a window whose block record images are `imgs` (one per block, in order).
+fn write_window(
+    st: &Store,
+    spec: WindowSpec,
+    imgs: &mut [AlignedBuf],
+) -> Result<crate::store::WindowInfo, StoreError> {
+    let mut w = st.begin_window(spec)?;
+    let mut bi: Vec<BlockImage<'_>> = imgs
+        .iter_mut()
+        .enumerate()
+        .map(|(i, b)| BlockImage {
+            index: i,
+            image: &mut b[..],
+            checksum: None,
+        })
+        .collect();
+    w.write_blocks(&mut bi)?;
+    w.commit()
+}
+
 fn gbps(bytes: u64, secs: f64) -> f64 {
     if secs <= 0.0 {
         return 0.0;
@@ -402,18 +422,7 @@ pub fn recovery(
                     .collect(),
                 ..Default::default()
             };
-            let mut w = st.begin_window(spec)?;
-            let mut bi: Vec<BlockImage<'_>> = imgs
-                .iter_mut()
-                .enumerate()
-                .map(|(i, b)| BlockImage {
-                    index: i,
-                    image: &mut b[..],
-                    checksum: None,
-                })
-                .collect();
-            w.write_blocks(&mut bi)?;
-            w.commit()?;
+            write_window(&st, spec, &mut imgs)?;
         }
     }
     let build = t.elapsed().as_secs_f64();
@@ -826,18 +835,7 @@ pub fn compaction(
                     .collect(),
                 ..Default::default()
             };
-            let mut wr = st.begin_window(spec)?;
-            let mut bi: Vec<BlockImage<'_>> = imgs
-                .iter_mut()
-                .enumerate()
-                .map(|(i, b)| BlockImage {
-                    index: i,
-                    image: &mut b[..],
-                    checksum: None,
-                })
-                .collect();
-            wr.write_blocks(&mut bi)?;
-            names.push(wr.commit()?.name);
+            names.push(write_window(st, spec, &mut imgs)?.name);
         }
         Ok(names)
     };

@@ -391,36 +391,26 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
         &|| {},
     )
     .map_err(|x| e(&x))?;
-    let tt = thaw(
-        &store,
-        &s.engine,
-        &ThawRequest {
-            prefix: false,
-            first_block: 0,
-            window: "tiered".into(),
-            block_ids: spec.dst.clone(),
-            expect_tokens: None,
-        },
-        &cfg,
-        Some(&tier),
-    )
-    .map_err(|x| e(&x))?;
+    let tier_thaw = || {
+        thaw(
+            &store,
+            &s.engine,
+            &ThawRequest {
+                prefix: false,
+                first_block: 0,
+                window: "tiered".into(),
+                block_ids: spec.dst.clone(),
+                expect_tokens: None,
+            },
+            &cfg,
+            Some(&tier),
+        )
+        .map_err(|x| e(&x))
+    };
+    let tt = tier_thaw()?;
     // The same tier thaw with the copy engines doing the scatter.
     s.mem.copy_engine.store(true, Ordering::Relaxed);
-    let tt_ce = thaw(
-        &store,
-        &s.engine,
-        &ThawRequest {
-            prefix: false,
-            first_block: 0,
-            window: "tiered".into(),
-            block_ids: spec.dst.clone(),
-            expect_tokens: None,
-        },
-        &cfg,
-        Some(&tier),
-    )
-    .map_err(|x| e(&x));
+    let tt_ce = tier_thaw();
     s.mem.copy_engine.store(false, Ordering::Relaxed);
     let raw_w = (rw0 + rw1) / 2.0;
     let raw_r = (rr0 + rr1) / 2.0;

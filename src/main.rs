@@ -289,101 +289,49 @@ fn apply_config_file(a: &mut ServeArgs, m: &clap::ArgMatches) -> Result<(), Stri
         )
     };
     let size = |v: &Option<SizeVal>| v.as_ref().map(SizeVal::bytes).transpose();
-    if from_file("data_dir") {
-        if let Some(v) = f.data_dir {
-            a.data_dir = Some(v);
-        }
+    // A key of the file applies unless its flag or environment variable was given:
+    // `take!(key)` for plain values, `take!(key, size)` for sizes; `|v| expr` maps the value.
+    macro_rules! take {
+        ($k:ident) => {
+            take!($k, |v| v)
+        };
+        ($k:ident, size) => {
+            take!($k, size, |v| v)
+        };
+        ($k:ident, |$v:ident| $e:expr) => {
+            if from_file(stringify!($k)) {
+                if let Some($v) = f.$k {
+                    a.$k = $e;
+                }
+            }
+        };
+        ($k:ident, size, |$v:ident| $e:expr) => {
+            if from_file(stringify!($k)) {
+                if let Some($v) = size(&f.$k)? {
+                    a.$k = $e;
+                }
+            }
+        };
     }
-    if from_file("socket") {
-        if let Some(v) = f.socket {
-            a.socket = v;
-        }
-    }
-    if from_file("capacity") {
-        if let Some(v) = size(&f.capacity)? {
-            a.capacity = Some(v);
-        }
-    }
-    if from_file("segment_size") {
-        if let Some(v) = size(&f.segment_size)? {
-            a.segment_size = v;
-        }
-    }
-    if from_file("io_engine") {
-        if let Some(v) = f.io_engine {
-            a.io_engine = v.parse()?;
-        }
-    }
-    if from_file("queue_depth") {
-        if let Some(v) = f.queue_depth {
-            a.queue_depth = v;
-        }
-    }
-    if from_file("staging") {
-        if let Some(v) = size(&f.staging)? {
-            a.staging = v;
-        }
-    }
-    if from_file("tier") {
-        if let Some(v) = size(&f.tier)? {
-            a.tier = v;
-        }
-    }
-    if from_file("shm_dir") {
-        if let Some(v) = f.shm_dir {
-            a.shm_dir = v;
-        }
-    }
-    if from_file("max_line") {
-        if let Some(v) = size(&f.max_line)? {
-            a.max_line = v;
-        }
-    }
-    if from_file("allow_uids") {
-        if let Some(v) = f.allow_uids {
-            a.allow_uids = v;
-        }
-    }
-    if from_file("max_sessions") {
-        if let Some(v) = f.max_sessions {
-            a.max_sessions = v;
-        }
-    }
-    if from_file("max_ops") {
-        if let Some(v) = f.max_ops {
-            a.max_ops = v;
-        }
-    }
-    if from_file("metrics_addr") {
-        if let Some(v) = f.metrics_addr {
-            a.metrics_addr = Some(v);
-        }
-    }
-    if from_file("compact_live_ratio") {
-        if let Some(v) = f.compact_live_ratio {
-            a.compact_live_ratio = v;
-        }
-    }
-    if from_file("compact_rate") {
-        if let Some(v) = size(&f.compact_rate)? {
-            a.compact_rate = v;
-        }
-    }
-    if from_file("compact_interval") {
-        if let Some(v) = f.compact_interval {
-            a.compact_interval = v;
-        }
-    }
-    if from_file("scrub_interval") {
-        if let Some(v) = f.scrub_interval {
-            a.scrub_interval = v;
-        }
-    }
-    if from_file("scrub_rate") {
-        if let Some(v) = size(&f.scrub_rate)? {
-            a.scrub_rate = v;
-        }
-    }
+    take!(data_dir, |v| Some(v));
+    take!(socket);
+    take!(capacity, size, |v| Some(v));
+    take!(segment_size, size);
+    take!(io_engine, |v| v.parse()?);
+    take!(queue_depth);
+    take!(staging, size);
+    take!(tier, size);
+    take!(shm_dir);
+    take!(max_line, size);
+    take!(allow_uids);
+    take!(max_sessions);
+    take!(max_ops);
+    take!(metrics_addr, |v| Some(v));
+    take!(compact_live_ratio);
+    take!(compact_rate, size);
+    take!(compact_interval);
+    take!(scrub_interval);
+    take!(scrub_rate, size);
     Ok(())
 }
 

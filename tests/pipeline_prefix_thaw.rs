@@ -9,6 +9,30 @@ use common::*;
 use cwm::layout::{Dtype, Layout};
 use cwm::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, PipelineError, ThawRequest};
 
+/// A prefix thaw of window "sys-prompt" from `first_block` into `block_ids`.
+fn thaw_range(
+    store: &cwm::store::Store,
+    engine: &cwm::pipeline::Engine,
+    block_ids: Vec<u64>,
+    tokens: Option<Vec<u32>>,
+    prefix: bool,
+    first_block: usize,
+) -> Result<cwm::pipeline::ThawReport, PipelineError> {
+    thaw(
+        store,
+        engine,
+        &ThawRequest {
+            window: "sys-prompt".into(),
+            block_ids,
+            expect_tokens: tokens,
+            prefix,
+            first_block,
+        },
+        &PipelineConfig::default(),
+        None,
+    )
+}
+
 #[test]
 fn prefix_ranges_restore_exactly_their_blocks() {
     let (_, io) = engines().remove(0);
@@ -56,18 +80,13 @@ fn prefix_ranges_restore_exactly_their_blocks() {
     // Restore window blocks 2..5 into 40..43 (the engine holds blocks 0 and 1 already).
     let dst: Vec<u64> = (40..43).collect();
     let before_next = block_bytes_of(&layout, syn.local.as_ref(), 43);
-    let rep = thaw(
+    let rep = thaw_range(
         &store,
         &syn.engine,
-        &ThawRequest {
-            window: "sys-prompt".into(),
-            block_ids: dst.clone(),
-            expect_tokens: Some(prompt.clone()),
-            prefix: true,
-            first_block: 2,
-        },
-        &PipelineConfig::default(),
-        None,
+        dst.clone(),
+        Some(prompt.clone()),
+        true,
+        2,
     )
     .unwrap();
     assert_eq!(rep.blocks_restored, 3);
@@ -87,18 +106,13 @@ fn prefix_ranges_restore_exactly_their_blocks() {
     // More destinations than the window has blocks: only the window's blocks are written.
     let dst: Vec<u64> = (50..60).collect();
     let untouched = block_bytes_of(&layout, syn.local.as_ref(), 56);
-    let rep = thaw(
+    let rep = thaw_range(
         &store,
         &syn.engine,
-        &ThawRequest {
-            window: "sys-prompt".into(),
-            block_ids: dst.clone(),
-            expect_tokens: Some(prompt.clone()),
-            prefix: true,
-            first_block: 0,
-        },
-        &PipelineConfig::default(),
-        None,
+        dst.clone(),
+        Some(prompt.clone()),
+        true,
+        0,
     )
     .unwrap();
     assert_eq!(rep.blocks_restored, 6);
@@ -108,40 +122,14 @@ fn prefix_ranges_restore_exactly_their_blocks() {
     // A prompt that differs inside the restored range is refused before any byte moves.
     let mut wrong = prompt.clone();
     wrong[20] ^= 1;
-    let err = thaw(
-        &store,
-        &syn.engine,
-        &ThawRequest {
-            window: "sys-prompt".into(),
-            block_ids: vec![60, 61],
-            expect_tokens: Some(wrong),
-            prefix: true,
-            first_block: 0,
-        },
-        &PipelineConfig::default(),
-        None,
-    )
-    .unwrap_err();
+    let err = thaw_range(&store, &syn.engine, vec![60, 61], Some(wrong), true, 0).unwrap_err();
     assert!(
         matches!(err, PipelineError::TokenMismatch { at: 20, .. }),
         "{err}"
     );
     // first_block without prefix, or past the window, is a validation error.
     for (prefix, first) in [(false, 1), (true, 6)] {
-        let err = thaw(
-            &store,
-            &syn.engine,
-            &ThawRequest {
-                window: "sys-prompt".into(),
-                block_ids: vec![60],
-                expect_tokens: None,
-                prefix,
-                first_block: first,
-            },
-            &PipelineConfig::default(),
-            None,
-        )
-        .unwrap_err();
+        let err = thaw_range(&store, &syn.engine, vec![60], None, prefix, first).unwrap_err();
         assert_eq!(err.code(), "VALIDATION", "{err}");
     }
 }

@@ -526,13 +526,7 @@ impl Store {
             manifest_seq,
         };
         let key = super::name_key(name);
-        let loc = self.append_payload(&mut app, RecordKind::Tombstone, key, &t.encode())?;
-        if let Err(e) = self.sync(&loc.seg) {
-            self.cut_back([&loc]);
-            return Err(e);
-        }
-        loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
-        let seq = app.next_seq - 1;
+        let (loc, seq) = self.append_synced(&mut app, RecordKind::Tombstone, key, &t.encode())?;
         let mut st = self.state.write().map_err(poisoned)?;
         st.names.insert(key, seq);
         if let Some(old) = st.tombs.insert(key, loc) {

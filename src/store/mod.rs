@@ -963,13 +963,7 @@ impl Store {
                 capacity,
             });
         }
-        let loc = self.append_payload(&mut app, RecordKind::Meta, key, payload)?;
-        if let Err(e) = self.sync(&loc.seg) {
-            self.cut_back([&loc]);
-            return Err(e);
-        }
-        loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
-        let seq = app.next_seq - 1;
+        let (loc, seq) = self.append_synced(&mut app, RecordKind::Meta, key, payload)?;
         let old = self
             .state
             .write()
@@ -1024,14 +1018,8 @@ impl Store {
             manifest_seq: entry.info.seq,
         };
         let payload = t.encode();
-        let loc =
-            self.append_payload(&mut app, RecordKind::Tombstone, name_key(&name), &payload)?;
-        if let Err(e) = self.sync(&loc.seg) {
-            self.cut_back([&loc]);
-            return Err(e);
-        }
-        loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
-        let seq = app.next_seq - 1;
+        let (loc, seq) =
+            self.append_synced(&mut app, RecordKind::Tombstone, name_key(&name), &payload)?;
         let mut st = self.state.write().map_err(poisoned)?;
         st.names.insert(name_key(&name), seq);
         if let Some(old) = st.tombs.insert(name_key(&name), loc) {
@@ -1043,6 +1031,24 @@ impl Store {
     }
 
     /// Appends a small record from an in-memory payload and writes it (no sync).
+    /// Appends one record and makes it durable (its segment cut back if that fails); counts
+    /// it live. Returns where it is and its sequence number.
+    pub(crate) fn append_synced(
+        &self,
+        app: &mut Appender,
+        kind: RecordKind,
+        key: u128,
+        payload: &[u8],
+    ) -> Result<(Loc, u64), StoreError> {
+        let loc = self.append_payload(app, kind, key, payload)?;
+        if let Err(e) = self.sync(&loc.seg) {
+            self.cut_back([&loc]);
+            return Err(e);
+        }
+        loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
+        Ok((loc, app.next_seq - 1))
+    }
+
     fn append_payload(
         &self,
         app: &mut Appender,
