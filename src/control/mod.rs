@@ -119,7 +119,7 @@ impl Server {
         // Sessions and idempotent outcomes are catalog records in the log: restore them.
         let mut restored = Vec::new();
         let mut idem = HashMap::new();
-        for (_, bytes) in store.meta().unwrap_or_default() {
+        for (_, rec_seq, bytes) in store.meta_with_seq().unwrap_or_default() {
             let Ok(v) = serde_json::from_slice::<Value>(&bytes) else {
                 continue;
             };
@@ -128,7 +128,7 @@ impl Server {
                     if let Ok(s) =
                         serde_json::from_value::<crate::session::Session>(v["session"].clone())
                     {
-                        restored.push(s);
+                        restored.push((rec_seq, s));
                     }
                 }
                 Some("idem") => {
@@ -146,8 +146,38 @@ impl Server {
                 crate::log::warn(&format!("session {:?} state not persisted: {e}", s.id));
             }
         });
+        // A window of a session committed after the session's newest record: the daemon
+        // stopped between a freeze's commit and its FROZEN record. The freeze is durable, so
+        // the session is FROZEN.
+        let windows = store.list().unwrap_or_default();
+        let frozen_late: Vec<(String, String)> = restored
+            .iter()
+            .filter(|(_, s)| {
+                matches!(
+                    s.state,
+                    crate::session::SessionState::Active | crate::session::SessionState::Thawed
+                )
+            })
+            .filter_map(|(rec_seq, s)| {
+                windows
+                    .iter()
+                    .filter(|w| w.session == s.id && w.seq > *rec_seq)
+                    .max_by_key(|w| w.seq)
+                    .map(|w| (s.id.clone(), w.name.clone()))
+            })
+            .collect();
+        let restored: Vec<crate::session::Session> = restored.into_iter().map(|(_, s)| s).collect();
         let sessions =
             crate::session::Registry::restored(cfg.max_sessions.max(1), restored, persist);
+        for (id, window) in frozen_late {
+            crate::log::warn(&format!(
+                "session {id:?}: window {window:?} was committed but the daemon stopped before \
+                 the session was marked FROZEN; it is FROZEN now"
+            ));
+            if let Err(e) = sessions.transition(&id, crate::session::SessionState::Frozen) {
+                crate::log::warn(&format!("session {id:?} not reconciled: {e}"));
+            }
+        }
         Arc::new(Self {
             sessions,
             store,

@@ -977,6 +977,17 @@ impl Store {
         Ok(())
     }
 
+    /// The newest catalog records with their sequence numbers (ordering them against windows'
+    /// manifests).
+    pub fn meta_with_seq(&self) -> Result<Vec<(u128, u64, Vec<u8>)>, StoreError> {
+        let st = self.state.read().map_err(poisoned)?;
+        Ok(st
+            .meta
+            .iter()
+            .map(|(k, (seq, v, _))| (*k, *seq, v.clone()))
+            .collect())
+    }
+
     /// Every catalog record key with its newest payload.
     pub fn meta(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError> {
         let st = self.state.read().map_err(poisoned)?;
