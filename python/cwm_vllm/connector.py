@@ -143,9 +143,12 @@ class CwmConnector(KVConnectorBase_V1):
         self._worker: CwmWorker | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        # Saves submitted and not yet reported; those cwm captured (or that failed); of those,
+        # the ids vLLM has told this worker are finished (a send may only be reported then).
+        self._saving: set[str] = set()
         self._sent: set[str] = set()
-        self._recved: set[str] = set()
         self._finished_seen: set[str] = set()
+        self._recved: set[str] = set()
         self._load_errors: set[int] = set()
         logger.info("cwm: connector (%s) on %s", role.name, self._socket)
 
@@ -209,7 +212,8 @@ class CwmConnector(KVConnectorBase_V1):
             )
         if matched <= num_computed_tokens or not r.get("window"):
             return 0, False
-        if not r.get("thaw_wins", True):
+        # A window the request names is required: restored whatever the estimate says.
+        if not r.get("thaw_wins", True) and not want:
             logger.debug(
                 "cwm: request %s: recomputing %d tokens (%.4f s) beats thawing them (%.4f s)",
                 request.request_id, matched, r.get("estimated_recompute_secs") or 0.0,
@@ -396,17 +400,27 @@ class CwmConnector(KVConnectorBase_V1):
             # The gathers wait on this: capture never reads KV the forward pass still writes.
             self._worker.record_event()
         for spec in m.saves:
+            with self._lock:
+                self._saving.add(spec.req_id)
             if self._pool is None or self._worker is None:
                 self._save_done(spec.req_id)
                 continue
             self._pool.submit(self._run_save, spec)
 
     def _run_save(self, spec: SaveSpec) -> None:
+        done = False
+
+        def release() -> None:  # once: at `captured`, or when the freeze failed
+            nonlocal done
+            if not done:
+                done = True
+                self._save_done(spec.req_id)
+
         try:
             assert self._worker is not None
-            self._worker.save(spec, on_captured=lambda: self._save_done(spec.req_id))
+            self._worker.save(spec, on_captured=release)
         finally:
-            self._save_done(spec.req_id)
+            release()
 
     def _save_done(self, req_id: str) -> None:
         with self._lock:
@@ -416,10 +430,12 @@ class CwmConnector(KVConnectorBase_V1):
         self, finished_req_ids: set[str]
     ) -> tuple[set[str] | None, set[str] | None]:
         with self._lock:
-            self._finished_seen |= set(finished_req_ids)
-            sent = {r for r in self._sent if r in self._finished_seen}
+            # Only ids with a save in flight are remembered (no growth with every request).
+            self._finished_seen |= set(finished_req_ids) & self._saving
+            sent = self._sent & self._finished_seen
             self._sent -= sent
             self._finished_seen -= sent
+            self._saving -= sent
             recved, self._recved = self._recved, set()
         if recved:
             _trace("loads reported finished: %s", sorted(recved))

@@ -85,6 +85,9 @@ def test_thaw_or_recompute(world):
     fast, _ = connector(world.cwm.sock, prefill_tokens_per_s=1e12)
     fast._engine_base = f"vllm-{world.engine_id}"
     assert fast.get_num_new_matched_tokens(request(T + [1]), 0) == (0, False)
+    # ... unless the request names the window: then it is required.
+    assert fast.get_num_new_matched_tokens(
+        request(T + [1], {"cwm": {"thaw": "w"}}, rid="req"), 0) == (5 * BS, True)
     slow, _ = connector(world.cwm.sock, prefill_tokens_per_s=1.0)
     slow._engine_base = f"vllm-{world.engine_id}"
     assert slow.get_num_new_matched_tokens(request(T + [1]), 0) == (5 * BS, True)
@@ -171,3 +174,29 @@ def test_namespace_is_the_models_real_path(tmp_path):
     assert ns(str(real)) == ns(str(tmp_path / "link")) == f"{real}:bfloat16"
     assert ns("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B:bfloat16"
     assert ns(str(real), model_id="llama-8b") == "llama-8b:bfloat16"
+
+
+def test_worker_bookkeeping_reports_each_transfer_once():
+    from cwm_vllm.connector import CwmConnectorMetadata
+    from cwm_vllm.worker import LoadSpec, SaveSpec
+
+    kv = KVTransferConfig(kv_connector="CwmConnector", kv_role="kv_both",
+                          kv_connector_extra_config={"socket": "/nonexistent"})
+    cfg = SimpleNamespace(kv_transfer_config=kv, cache_config=SimpleNamespace(block_size=BS),
+                          model_config=SimpleNamespace(model="tiny", dtype="bfloat16"))
+    w = CwmConnector(cfg, KVConnectorRole.WORKER, None)  # never registered: cwm is "down"
+    w.bind_connector_metadata(CwmConnectorMetadata(
+        loads=[LoadSpec("l1", "w", [1] * BS, 0, [7, 8])],
+        saves=[SaveSpec("s1", "w2", [1] * BS, [3])]))
+    w.start_load_kv(None)
+    w.wait_for_save()
+    # The load failed (no cwm): reported finished with its blocks as load errors, once.
+    assert w.get_finished(set()) == (None, {"l1"})
+    assert w.get_block_ids_with_load_errors() == {7, 8}
+    assert w.get_block_ids_with_load_errors() == set()
+    # The save is released (blocks freed) only once vLLM said the request finished, once.
+    assert w.get_finished({"other-1", "other-2"}) == (None, None)
+    assert w.get_finished({"s1"}) == ({"s1"}, None)
+    assert w.get_finished({"s1"}) == (None, None)
+    # Finished ids of requests without a save are not kept.
+    assert w._finished_seen == set() and w._saving == set() and w._sent == set()
