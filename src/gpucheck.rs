@@ -175,19 +175,30 @@ fn tokens(n: u32) -> Vec<u32> {
         .collect()
 }
 
-/// `cwm gpu-check run`: freeze `src`, thaw into `dst` (the Python side compares).
-pub fn run(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
-    let e = |x: &dyn std::fmt::Display| x.to_string();
+/// The pipeline settings, the imported engine and a scratch directory under `dir`.
+fn prepare(
+    spec: &Spec,
+    dir: &std::path::Path,
+    staging_bytes: u64,
+    threads: usize,
+) -> Result<(PipelineConfig, Setup, tempfile::TempDir), String> {
     let cfg = PipelineConfig {
-        staging_bytes: 512 << 20,
-        threads: 8,
+        staging_bytes,
+        threads,
         ..Default::default()
     };
     let s = setup(spec, &cfg)?;
     let tmp = tempfile::Builder::new()
         .prefix("cwm-gpu-")
         .tempdir_in(dir)
-        .map_err(|x| e(&x))?;
+        .map_err(|x| x.to_string())?;
+    Ok((cfg, s, tmp))
+}
+
+/// `cwm gpu-check run`: freeze `src`, thaw into `dst` (the Python side compares).
+pub fn run(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let (cfg, s, tmp) = prepare(spec, dir, 512 << 20, 8)?;
     let (store, _) = Store::open(StoreConfig::new(tmp.path().join("store"))).map_err(|x| e(&x))?;
     let f = freeze(
         &store,
@@ -268,16 +279,7 @@ fn copy_all(s: &Setup, ids: &[u64], scatter: bool, cfg: &PipelineConfig) -> Resu
 /// `cwm gpu-check bench`: ceilings and throughput (overwrites `dst` blocks).
 pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
     let e = |x: &dyn std::fmt::Display| x.to_string();
-    let cfg = PipelineConfig {
-        staging_bytes: 1 << 30,
-        threads: 12,
-        ..Default::default()
-    };
-    let s = setup(spec, &cfg)?;
-    let tmp = tempfile::Builder::new()
-        .prefix("cwm-gpu-")
-        .tempdir_in(dir)
-        .map_err(|x| e(&x))?;
+    let (cfg, s, tmp) = prepare(spec, dir, 1 << 30, 12)?;
     let io_engine = io::build_engine(EngineKind::Uring, 32);
     let (store, _) = Store::open_with_engine(
         StoreConfig::new(tmp.path().join("store")),

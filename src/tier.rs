@@ -180,11 +180,17 @@ impl RamTier {
         Some(Arc::from(i.bytes_of(s)))
     }
 
-    /// True when every block of `keys` is held (without touching their recency).
+    /// Whether every block of `keys` is held (without touching their recency); `None` when
+    /// the tier is busy (a thaw holds it while it copies): callers on a hot path (lookup)
+    /// must not wait for a whole thaw.
     #[must_use]
-    pub fn contains_all(&self, keys: &[u128]) -> bool {
-        let g = self.lock();
-        keys.iter().all(|k| g.map.contains_key(k))
+    pub fn contains_all(&self, keys: &[u128]) -> Option<bool> {
+        let g = match self.inner.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(keys.iter().all(|k| g.map.contains_key(k)))
     }
 
     /// Borrows every block of `keys` when all are present (marking them recently used), so a
@@ -276,6 +282,19 @@ impl RamTier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn contains_all_never_waits_for_a_thaw() {
+        let t = RamTier::new(1 << 20);
+        t.put(1, &[7u8; 100]);
+        t.put(2, &[8u8; 100]);
+        assert_eq!(t.contains_all(&[1, 2]), Some(true));
+        assert_eq!(t.contains_all(&[1, 3]), Some(false));
+        let hits = t.all(&[1, 2]).unwrap(); // a thaw copying out of the tier
+        assert_eq!(t.contains_all(&[1, 2]), None);
+        drop(hits);
+        assert_eq!(t.contains_all(&[1, 2]), Some(true));
+    }
 
     #[test]
     fn lru_eviction_keeps_recent() {

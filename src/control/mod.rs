@@ -729,9 +729,11 @@ impl Server {
                 let tokens_matched = (blocks * bs).min(tokens.len());
                 let matched: Vec<String> =
                     keys[..blocks].iter().map(|k| format!("{k:032x}")).collect();
-                // Blocks all in the RAM tier thaw at the tier's measured speed, else the disk's.
-                let from_tier =
-                    blocks > 0 && self.tier.enabled() && self.tier.contains_all(&keys[..blocks]);
+                // Blocks all in the RAM tier thaw at the tier's measured speed, else the disk's
+                // (also while a thaw holds the tier: the scheduler never waits for one).
+                let from_tier = blocks > 0
+                    && self.tier.enabled()
+                    && self.tier.contains_all(&keys[..blocks]) == Some(true);
                 let rate = if from_tier {
                     &self.tier_rate
                 } else {
