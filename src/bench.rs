@@ -460,6 +460,17 @@ pub struct PipelineBench {
     pub freeze_ratio: f64,
     /// `thaw_gbps / raw_read_gbps`.
     pub thaw_ratio: f64,
+    /// Thaw from the RAM tier (scatter while verifying), GB/s.
+    pub tier_thaw_gbps: f64,
+    /// The ceiling of a tier thaw: the bare scatter of the same payloads, unverified, GB/s.
+    pub tier_scatter_gbps: f64,
+    /// `tier_thaw_gbps / tier_scatter_gbps`.
+    pub tier_ratio: f64,
+    /// Verification alone of the same payloads on `verify_threads` threads, GB/s (verifying
+    /// before scattering, as thaws did until 2026-11-27, costs the sum of both times).
+    pub tier_verify_gbps: f64,
+    /// Threads verifying the tier thaw.
+    pub verify_threads: usize,
     /// Runs (medians).
     pub runs: usize,
     /// Per run: where the time went.
@@ -486,6 +497,8 @@ pub fn pipeline(
     let toks: Vec<u32> = (0..tokens).collect();
     let bytes = layout.block_bytes() * nb;
     let (mut fs, mut ts, mut rws, mut rrs) = (vec![], vec![], vec![], vec![]);
+    let (mut tts, mut tss, mut tvs) = (vec![], vec![], vec![]);
+    let cfg = PipelineConfig::default();
     let mut stages = Vec::new();
     for run in 0..runs.max(1) {
         let tmp = tempfile::Builder::new()
@@ -497,7 +510,6 @@ pub fn pipeline(
         let (store, _) =
             Store::open_with_engine(StoreConfig::new(tmp.path().join("s")), eng.clone())
                 .map_err(|x| e(&x))?;
-        let cfg = PipelineConfig::default();
         syn.engine
             .prepare_staging(&cfg, eng.as_ref())
             .map_err(|x| e(&x))?;
@@ -532,6 +544,10 @@ pub fn pipeline(
         )
         .map_err(|x| e(&x))?;
         ts.push(gbps(t.bytes, t.loaded_secs));
+        let (tt, tsc, tv) = tier_thaw(&store, &syn.engine, &format!("b{run}"), &cfg, bytes)?;
+        tts.push(tt);
+        tss.push(tsc);
+        tvs.push(tv);
         drop(store);
         let (rw1, rr1) = raw()?;
         stages.push(RunStages {
@@ -550,6 +566,7 @@ pub fn pipeline(
         rrs.push((rr0 + rr1) / 2.0);
     }
     let (f, t, rw, rr) = (median(fs), median(ts), median(rws), median(rrs));
+    let (tt, tsc, tv) = (median(tts), median(tss), median(tvs));
     Ok(PipelineBench {
         tokens,
         bytes,
@@ -560,9 +577,109 @@ pub fn pipeline(
         raw_read_gbps: rr,
         freeze_ratio: if rw > 0.0 { f / rw } else { 0.0 },
         thaw_ratio: if rr > 0.0 { t / rr } else { 0.0 },
+        tier_thaw_gbps: tt,
+        tier_scatter_gbps: tsc,
+        tier_ratio: if tsc > 0.0 { tt / tsc } else { 0.0 },
+        tier_verify_gbps: tv,
+        verify_threads: cfg.verify_threads,
         runs: runs.max(1),
         stages,
     })
+}
+
+/// Fills a RAM tier from `window` (an untimed thaw), then returns (thaw from the tier, bare
+/// scatter of the same payloads into the same blocks, verification alone) in GB/s, each the
+/// best of 3.
+fn tier_thaw(
+    store: &Store,
+    eng: &crate::pipeline::Engine,
+    window: &str,
+    cfg: &crate::pipeline::PipelineConfig,
+    bytes: u64,
+) -> Result<(f64, f64, f64), String> {
+    use crate::pipeline::{thaw, ThawRequest};
+    use crate::tier::RamTier;
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let keys: Vec<u128> = store
+        .open_window(window)
+        .map_err(|x| e(&x))?
+        .manifest
+        .blocks
+        .iter()
+        .map(|b| b.key)
+        .collect();
+    let nb = keys.len() as u64;
+    let tier = RamTier::new(bytes + (64 << 20));
+    tier.prepare(eng.layout.block_bytes() as usize);
+    let req = ThawRequest {
+        prefix: false,
+        first_block: 0,
+        window: window.into(),
+        block_ids: (0..nb).map(|i| nb + 7 - i).collect(),
+        expect_tokens: None,
+    };
+    thaw(store, eng, &req, cfg, Some(&tier)).map_err(|x| e(&x))?;
+    let mut best_thaw = f64::MAX;
+    for _ in 0..3 {
+        let t = thaw(store, eng, &req, cfg, Some(&tier)).map_err(|x| e(&x))?;
+        if t.blocks_from_tier != nb {
+            return Err(format!(
+                "tier thaw read the disk ({} of {nb} blocks from RAM)",
+                t.blocks_from_tier
+            ));
+        }
+        best_thaw = best_thaw.min(t.loaded_secs);
+    }
+    let hits = tier.all(&keys).ok_or("the tier lost blocks")?;
+    let pls = hits.payloads();
+    let mut best_scatter = f64::MAX;
+    for _ in 0..3 {
+        let t0 = std::time::Instant::now();
+        crate::device::scatter(
+            &eng.layout,
+            &eng.layout,
+            crate::layout::Compat::Same,
+            eng.mem.as_ref(),
+            &req.block_ids,
+            &pls,
+            cfg.threads,
+        )
+        .map_err(|x| e(&x))?;
+        best_scatter = best_scatter.min(t0.elapsed().as_secs_f64());
+    }
+    let blocks = store
+        .open_window(window)
+        .map_err(|x| e(&x))?
+        .manifest
+        .blocks;
+    let mut best_verify = f64::MAX;
+    for _ in 0..3 {
+        let t0 = std::time::Instant::now();
+        let per = pls.len().div_ceil(cfg.verify_threads.max(1)).max(1);
+        let ok = std::thread::scope(|sc| {
+            let hs: Vec<_> = pls
+                .chunks(per)
+                .zip(blocks.chunks(per))
+                .map(|(p, b)| {
+                    sc.spawn(move || {
+                        p.iter()
+                            .zip(b)
+                            .all(|(p, b)| crate::store::format::payload_checksum(p) == b.checksum)
+                    })
+                })
+                .collect();
+            hs.into_iter().all(|h| h.join().unwrap_or(false))
+        });
+        if !ok {
+            return Err("a tier payload does not verify".into());
+        }
+        best_verify = best_verify.min(t0.elapsed().as_secs_f64());
+    }
+    Ok((
+        gbps(bytes, best_thaw),
+        gbps(bytes, best_scatter),
+        gbps(bytes, best_verify),
+    ))
 }
 
 /// Where one run's time went (busy seconds per stage; stages overlap, so they do not add up

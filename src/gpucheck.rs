@@ -454,6 +454,7 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
         "tier_ratio": tier_gbps / h2d,
         "tier_blocks": tt.blocks_from_tier,
         "tier_mapped": tier_mapped,
+        "verify_threads": cfg.verify_threads,
         "freeze": f,
         "thaw": t,
         "grid_sweep": sweep,

@@ -193,6 +193,10 @@ struct ServeArgs {
     /// RAM tier size (0: off).
     #[arg(long, default_value = "0", value_parser = parse_size)]
     tier: u64,
+    /// Threads verifying a thaw from the RAM tier while it is copied (0: one per core, at
+    /// most 8).
+    #[arg(long, env = "CWM_VERIFY_THREADS", default_value_t = 0)]
+    verify_threads: usize,
     /// Directory shared-memory KV files must live in.
     #[arg(long, env = "CWM_SHM_DIR", default_value = "/dev/shm")]
     shm_dir: PathBuf,
@@ -260,6 +264,7 @@ struct FileConfig {
     queue_depth: Option<u32>,
     staging: Option<SizeVal>,
     tier: Option<SizeVal>,
+    verify_threads: Option<usize>,
     shm_dir: Option<PathBuf>,
     max_line: Option<SizeVal>,
     allow_uids: Option<Vec<u32>>,
@@ -321,6 +326,7 @@ fn apply_config_file(a: &mut ServeArgs, m: &clap::ArgMatches) -> Result<(), Stri
     take!(queue_depth);
     take!(staging, size);
     take!(tier, size);
+    take!(verify_threads);
     take!(shm_dir);
     take!(max_line, size);
     take!(allow_uids);
@@ -372,6 +378,10 @@ fn serve(mut a: ServeArgs, m: &clap::ArgMatches) -> Result<(), String> {
             max_line: a.max_line as usize,
             pipeline: cwm::pipeline::PipelineConfig {
                 staging_bytes: a.staging,
+                verify_threads: match a.verify_threads {
+                    0 => cwm::pipeline::default_verify_threads(),
+                    n => n,
+                },
                 ..Default::default()
             },
             tier_bytes: a.tier,
@@ -1031,9 +1041,10 @@ fn main() -> ExitCode {
                     print_json(&r);
                 } else {
                     println!(
-                        "pipeline ({} tokens, {} MiB, {}):\n  freeze {:.2} GB/s vs raw write {:.2} GB/s  ratio {:.3}\n  thaw   {:.2} GB/s vs raw read  {:.2} GB/s  ratio {:.3}",
+                        "pipeline ({} tokens, {} MiB, {}):\n  freeze {:.2} GB/s vs raw write {:.2} GB/s  ratio {:.3}\n  thaw   {:.2} GB/s vs raw read  {:.2} GB/s  ratio {:.3}\n  thaw from the RAM tier {:.2} GB/s vs bare scatter {:.2} GB/s  ratio {:.3} (verification alone {:.2} GB/s on {} threads)",
                         r.tokens, r.bytes >> 20, r.engine, r.freeze_gbps, r.raw_write_gbps, r.freeze_ratio,
-                        r.thaw_gbps, r.raw_read_gbps, r.thaw_ratio
+                        r.thaw_gbps, r.raw_read_gbps, r.thaw_ratio,
+                        r.tier_thaw_gbps, r.tier_scatter_gbps, r.tier_ratio, r.tier_verify_gbps, r.verify_threads
                     );
                 }
             })

@@ -269,6 +269,31 @@ impl RamTier {
         i.bytes += cost;
     }
 
+    /// Fault injection (tests, `cwm torture`): flips bit 0 of byte `at` of a held payload, as
+    /// a memory error would; false when the block is not held or is shorter.
+    #[doc(hidden)]
+    pub fn flip_bit(&self, key: u128, at: usize) -> bool {
+        let mut g = self.lock();
+        let i = &mut *g;
+        match i.map.get_mut(&key) {
+            Some((Stored::Heap(v), _)) => match Arc::get_mut(v).and_then(|v| v.get_mut(at)) {
+                Some(b) => {
+                    *b ^= 1;
+                    true
+                }
+                None => false,
+            },
+            Some((Stored::Slot(s, len), _)) if at < *len => match i.arena.as_mut() {
+                Some(a) => {
+                    a.buf[*s * a.slot + at] ^= 1;
+                    true
+                }
+                None => false,
+            },
+            _ => false,
+        }
+    }
+
     /// Drops a block (deleted windows, detected corruption).
     pub fn remove(&self, key: u128) {
         let mut g = self.lock();
