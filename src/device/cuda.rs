@@ -343,6 +343,11 @@ impl Cuda {
                 "batch copy lists differ in length".into(),
             ));
         }
+        if !has_batch_copy() {
+            return Err(DeviceError::Os(
+                "this driver has no cuMemcpyBatchAsync_v2 (CUDA 13 drivers)".into(),
+            ));
+        }
         let g = self.lock()?;
         let mut attr = cu::CUmemcpyAttributes {
             srcAccessOrder: cu::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
@@ -485,9 +490,36 @@ impl Cuda {
     }
 }
 
-/// Whether scatters use the copy engines by default (`CWM_SCATTER=copy-engine`).
+/// Whether scatters use the copy engines by default (`CWM_SCATTER=copy-engine`, and the
+/// driver can).
 fn copy_engine_default() -> bool {
-    std::env::var("CWM_SCATTER").is_ok_and(|v| v == "copy-engine")
+    if !std::env::var("CWM_SCATTER").is_ok_and(|v| v == "copy-engine") {
+        return false;
+    }
+    if !has_batch_copy() {
+        crate::log::warn(
+            "CWM_SCATTER=copy-engine: this driver has no cuMemcpyBatchAsync_v2 (CUDA 13 drivers); the copy kernel scatters instead",
+        );
+        return false;
+    }
+    true
+}
+
+/// Whether the driver exports `cuMemcpyBatchAsync_v2` (CUDA ≥ 13.0 drivers). cudarc panics on
+/// a missing symbol, so every batch copy asks first.
+#[must_use]
+pub fn has_batch_copy() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        // SAFETY: only called once libcuda is known to be present (a context exists);
+        // looking a symbol up runs no code of the library.
+        available()
+            && unsafe {
+                cu::culib()
+                    .get::<unsafe extern "C" fn()>(b"cuMemcpyBatchAsync_v2")
+                    .is_ok()
+            }
+    })
 }
 
 /// One tensor registered through CUDA IPC.
@@ -936,5 +968,7 @@ mod tests {
         eprintln!("skipped: no GPU (libcuda absent) — checking the unavailable path instead");
         let err = Cuda::new(0).err().expect("no CUDA here");
         assert!(err.to_string().contains("libcuda"), "{err}");
+        // The copy-engine probe answers instead of panicking on the missing library.
+        assert!(!has_batch_copy());
     }
 }
