@@ -471,6 +471,10 @@ pub struct PipelineBench {
     pub tier_verify_gbps: f64,
     /// Threads verifying the tier thaw.
     pub verify_threads: usize,
+    /// A 512-token freeze started while the window's freeze streams to the log: its
+    /// (captured, durable) seconds, and the big freeze's durable seconds. The small window is
+    /// captured whole first, so its engine blocks are free long before the log is.
+    pub behind: (f64, f64, f64),
     /// Runs (medians).
     pub runs: usize,
     /// Per run: where the time went.
@@ -498,6 +502,7 @@ pub fn pipeline(
     let bytes = layout.block_bytes() * nb;
     let (mut fs, mut ts, mut rws, mut rrs) = (vec![], vec![], vec![], vec![]);
     let (mut tts, mut tss, mut tvs) = (vec![], vec![], vec![]);
+    let mut behind = (0.0, 0.0, 0.0);
     let cfg = PipelineConfig::default();
     let mut stages = Vec::new();
     for run in 0..runs.max(1) {
@@ -545,6 +550,9 @@ pub fn pipeline(
         .map_err(|x| e(&x))?;
         ts.push(gbps(t.bytes, t.loaded_secs));
         let (tt, tsc, tv) = tier_thaw(&store, &syn.engine, &format!("b{run}"), &cfg, bytes)?;
+        if run == 0 {
+            behind = freeze_behind(&store, &syn.engine, &cfg, tokens, nb)?;
+        }
         tts.push(tt);
         tss.push(tsc);
         tvs.push(tv);
@@ -582,9 +590,70 @@ pub fn pipeline(
         tier_ratio: if tsc > 0.0 { tt / tsc } else { 0.0 },
         tier_verify_gbps: tv,
         verify_threads: cfg.verify_threads,
+        behind,
         runs: runs.max(1),
         stages,
     })
+}
+
+/// Freezes the whole session again under another name and, once that freeze has started, a
+/// 512-token window from other blocks; returns (small captured, small durable, big durable)
+/// seconds, all from the big freeze's start.
+fn freeze_behind(
+    store: &Store,
+    eng: &crate::pipeline::Engine,
+    cfg: &crate::pipeline::PipelineConfig,
+    tokens: u32,
+    nb: u64,
+) -> Result<(f64, f64, f64), String> {
+    use crate::pipeline::{freeze, FreezeRequest};
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let t0 = std::time::Instant::now();
+    let small = 32.min(nb);
+    let (small_rep, big_rep) = std::thread::scope(|s| {
+        let big = s.spawn(|| {
+            freeze(
+                store,
+                eng,
+                FreezeRequest {
+                    window: "behind-big".into(),
+                    session: "b".into(),
+                    tokens: (1_000_000..1_000_000 + tokens).collect(),
+                    block_ids: (0..nb).collect(),
+                    ..Default::default()
+                },
+                cfg,
+                None,
+                &|| {},
+            )
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let small_rep = freeze(
+            store,
+            eng,
+            FreezeRequest {
+                window: "behind-small".into(),
+                session: "s".into(),
+                tokens: (2_000_000..2_000_000 + 16 * small as u32).collect(),
+                block_ids: (nb..nb + small).map(|i| i % (nb + 8)).collect(),
+                ..Default::default()
+            },
+            cfg,
+            None,
+            &|| {},
+        );
+        (small_rep, big.join())
+    });
+    let small_rep = small_rep.map_err(|x| e(&x))?;
+    let big_rep = big_rep
+        .map_err(|_| "freeze thread panicked".to_string())?
+        .map_err(|x| e(&x))?;
+    let start = t0.elapsed().as_secs_f64() - small_rep.durable_secs;
+    Ok((
+        start + small_rep.captured_secs,
+        start + small_rep.durable_secs,
+        big_rep.durable_secs,
+    ))
 }
 
 /// Fills a RAM tier from `window` (an untimed thaw), then returns (thaw from the tier, bare

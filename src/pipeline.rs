@@ -388,12 +388,25 @@ pub fn freeze(
         blocks: keys.iter().map(|&key| BlockDesc { key, len: bb }).collect(),
         replace: req.replace,
     };
+    let pool = eng.staging_pool(cfg, store.engine().as_ref())?;
+    let batch = cfg.batch_blocks.clamp(1, pool.max_set());
+    // A window that fits in the pool's capture share is captured whole before the log is
+    // touched: the engine gets its blocks back at gather speed, even while another freeze
+    // holds the log.
+    store.precheck(&spec)?;
+    if let Some(sets) = pool.take_capture(n, batch) {
+        let c = Capture {
+            sets,
+            batch,
+            block_ids: &req.block_ids,
+            keys: &keys,
+        };
+        return freeze_captured(store, eng, spec, c, cfg, tier, on_captured, t0);
+    }
     let mut w = store.begin_window(spec)?;
     let todo: Vec<usize> = (0..n).filter(|&i| w.needs_write(i)).collect();
-    let pool = eng.staging_pool(cfg, store.engine().as_ref())?;
     let po = payload_offset(bb);
     let bbu = bb as usize;
-    let batch = cfg.batch_blocks.clamp(1, pool.max_set());
     let (full_tx, full_rx) = bounded::<Batch>(1);
     let stop = std::sync::atomic::AtomicBool::new(false);
     let captured_at = std::sync::Mutex::new(0.0f64);
@@ -495,6 +508,102 @@ pub fn freeze(
         gather_secs,
         write_secs,
         commit_secs,
+        info,
+    })
+}
+
+/// A whole window's staging, taken before the freeze writes anything.
+struct Capture<'a> {
+    /// Slot sets of `batch` blocks each, in window order.
+    sets: Vec<SlotSet>,
+    batch: usize,
+    block_ids: &'a [u64],
+    keys: &'a [u128],
+}
+
+/// A freeze whose window fits in staging: gather every block (the engine's blocks are free
+/// once this returns to `captured`), then take the log and write what it does not hold yet,
+/// giving each batch's slots back as soon as they are written. Blocks the log already holds
+/// are gathered too: whether the log still holds them is only known under its lock, and
+/// once `captured` the engine may reuse its blocks.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "freeze's own arguments, split out"
+)]
+fn freeze_captured(
+    store: &Store,
+    eng: &Engine,
+    spec: WindowSpec,
+    c: Capture<'_>,
+    cfg: &PipelineConfig,
+    tier: Option<&RamTier>,
+    on_captured: &(dyn Fn() + Sync),
+    t0: Instant,
+) -> Result<FreezeReport, PipelineError> {
+    let layout = &eng.layout;
+    let n = c.block_ids.len();
+    let bb = layout.block_bytes();
+    let (po, bbu) = (payload_offset(bb), bb as usize);
+    let mut sets = c.sets;
+    let mut sums = vec![0u64; n];
+    let tg = Instant::now();
+    for (k, set) in sets.iter_mut().enumerate() {
+        let from = k * c.batch;
+        let to = from + set.len();
+        let mut slots = set.slices();
+        let mut pls: Vec<&mut [u8]> = slots.iter_mut().map(|b| &mut b[po..po + bbu]).collect();
+        device::gather(
+            layout,
+            eng.mem.as_ref(),
+            &c.block_ids[from..to],
+            &mut pls,
+            cfg.threads,
+            Some(&mut sums[from..to]),
+        )?;
+        if let Some(t) = tier.filter(|t| t.enabled()) {
+            for (p, key) in pls.iter().zip(&c.keys[from..to]) {
+                t.put(*key, p);
+            }
+        }
+    }
+    let gather_secs = tg.elapsed().as_secs_f64();
+    let captured_secs = t0.elapsed().as_secs_f64();
+    on_captured();
+    let mut w = store.begin_window(spec)?;
+    let todo = (0..n).filter(|&i| w.needs_write(i)).count();
+    let tw = Instant::now();
+    let mut written = 0u64;
+    for (k, mut set) in sets.into_iter().enumerate() {
+        let from = k * c.batch;
+        let mut slots = set.slices();
+        let mut imgs: Vec<BlockImage<'_>> = slots
+            .iter_mut()
+            .enumerate()
+            .filter(|(j, _)| w.needs_write(from + j))
+            .map(|(j, b)| BlockImage {
+                index: from + j,
+                image: &mut b[..],
+                checksum: Some(sums[from + j]),
+            })
+            .collect();
+        if !imgs.is_empty() {
+            w.write_blocks(&mut imgs)?;
+            written += imgs.len() as u64;
+            cfg.report("freeze", written, todo as u64);
+        }
+    }
+    let write_secs = tw.elapsed().as_secs_f64();
+    let tc = Instant::now();
+    let info = w.commit()?;
+    Ok(FreezeReport {
+        blocks_written: todo as u64,
+        blocks_deduplicated: (n - todo) as u64,
+        bytes: bb * n as u64,
+        captured_secs,
+        durable_secs: t0.elapsed().as_secs_f64(),
+        gather_secs,
+        write_secs,
+        commit_secs: tc.elapsed().as_secs_f64(),
         info,
     })
 }

@@ -2,17 +2,31 @@
 //! record-image slots, registered with the I/O engine as fixed buffers, and lent out in sets
 //! to freezes and thaws. Memory use stays at the pool's size whatever the window size, and
 //! the same pages go engine memory → staging → disk with no other copy.
+//!
+//! A freeze whose window fits in half the pool captures it whole first
+//! ([`StagingPool::take_capture`]): the engine's blocks are free at gather speed, and the
+//! writes to the log follow. Captures together never hold more than half the pool, so the
+//! streaming freeze captures may be waiting behind always finds slots; a capture whose share
+//! is reserved goes before streaming takes, so it is not starved by their smaller sets.
 
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::io::{AlignedBuf, IoEngine};
+
+/// Free slot indices, how many slots whole-window captures hold or have reserved, and how
+/// many captures wait for free slots.
+struct Free {
+    slots: Vec<usize>,
+    captured: usize,
+    pending: usize,
+}
 
 /// A pool of equal slots inside one region.
 pub struct StagingPool {
     region: Arc<AlignedBuf>,
     slot_len: usize,
     nslots: usize,
-    free: Mutex<Vec<usize>>,
+    free: Mutex<Free>,
     cv: Condvar,
     fixed: bool,
 }
@@ -30,7 +44,11 @@ impl StagingPool {
             region,
             slot_len,
             nslots,
-            free: Mutex::new((0..nslots).rev().collect()),
+            free: Mutex::new(Free {
+                slots: (0..nslots).rev().collect(),
+                captured: 0,
+                pending: 0,
+            }),
             cv: Condvar::new(),
             fixed,
         }))
@@ -67,21 +85,63 @@ impl StagingPool {
     }
 
     /// Takes `n` slots (at most half the pool, so two sets can always be in flight), waiting
-    /// until they are free.
+    /// until they are free and no capture with a reserved share is waiting.
     #[must_use]
     pub fn take(self: &Arc<Self>, n: usize) -> SlotSet {
         let n = n.clamp(1, (self.nslots / 2).max(1));
-        let mut free = match self.free.lock() {
+        let mut free = self.lock_free();
+        while free.slots.len() < n || free.pending > 0 {
+            free = self.wait(free);
+        }
+        self.split(&mut free.slots, n, false)
+    }
+
+    /// Takes slots for a whole window of `n` blocks at once, as sets of at most `batch`;
+    /// `None` when `n` exceeds half the pool (the window streams instead). Waits first until
+    /// captures' share has room for `n` (other captures hold it only until their writes),
+    /// then, ahead of streaming takes, until `n` slots are free (streaming sets are given
+    /// back as their batches are written or scattered, whatever captures wait for).
+    #[must_use]
+    pub fn take_capture(self: &Arc<Self>, n: usize, batch: usize) -> Option<Vec<SlotSet>> {
+        let half = self.nslots / 2;
+        if n == 0 || n > half {
+            return None;
+        }
+        let mut free = self.lock_free();
+        while free.captured + n > half {
+            free = self.wait(free);
+        }
+        free.captured += n;
+        free.pending += 1;
+        while free.slots.len() < n {
+            free = self.wait(free);
+        }
+        free.pending -= 1;
+        let sets = (0..n)
+            .step_by(batch.max(1))
+            .map(|from| self.split(&mut free.slots, batch.max(1).min(n - from), true))
+            .collect();
+        self.cv.notify_all();
+        Some(sets)
+    }
+
+    fn wait<'a>(&self, g: std::sync::MutexGuard<'a, Free>) -> std::sync::MutexGuard<'a, Free> {
+        match self.cv.wait(g) {
             Ok(g) => g,
             Err(p) => p.into_inner(),
-        };
-        while free.len() < n {
-            free = match self.cv.wait(free) {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
         }
-        // Lowest-numbered free slots, ascending: consecutive blocks land in consecutive memory.
+    }
+
+    fn lock_free(&self) -> std::sync::MutexGuard<'_, Free> {
+        match self.free.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The `n` lowest-numbered free slots, ascending: consecutive blocks land in consecutive
+    /// memory.
+    fn split(self: &Arc<Self>, free: &mut Vec<usize>, n: usize, capture: bool) -> SlotSet {
         free.sort_unstable_by(|a, b| b.cmp(a));
         let at = free.len() - n;
         let mut idx = free.split_off(at);
@@ -89,6 +149,7 @@ impl StagingPool {
         SlotSet {
             pool: self.clone(),
             idx,
+            capture,
         }
     }
 
@@ -103,6 +164,8 @@ impl StagingPool {
 pub struct SlotSet {
     pool: Arc<StagingPool>,
     idx: Vec<usize>,
+    /// Part of a whole-window capture (counted in the pool's capture share).
+    capture: bool,
 }
 
 impl SlotSet {
@@ -136,11 +199,11 @@ impl SlotSet {
 
 impl Drop for SlotSet {
     fn drop(&mut self) {
-        let mut free = match self.pool.free.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        free.append(&mut self.idx);
+        let mut free = self.pool.lock_free();
+        if self.capture {
+            free.captured -= self.idx.len();
+        }
+        free.slots.append(&mut self.idx);
         self.pool.cv.notify_all();
     }
 }
@@ -168,5 +231,41 @@ mod tests {
         drop(b);
         drop(c);
         assert_eq!(pool.take(5).len(), 5);
+    }
+
+    #[test]
+    fn captures_hold_at_most_half_the_pool_and_go_first() {
+        let pool = StagingPool::new(16 * 4096, 4096, None).expect("pool");
+        assert!(pool.take_capture(9, 4).is_none(), "more than half: streams");
+        assert!(pool.take_capture(0, 4).is_none());
+        let a = pool.take_capture(5, 2).expect("5 of 16 slots");
+        assert_eq!(
+            a.iter().map(SlotSet::len).collect::<Vec<_>>(),
+            vec![2, 2, 1]
+        );
+        // A second capture of 4 waits for the share (5 + 4 > 8) though 11 slots are free,
+        // until `a` is written and dropped.
+        std::thread::scope(|s| {
+            let h = s.spawn(|| pool.take_capture(4, 4).map(|v| v.len()));
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(!h.is_finished(), "captures hold at most half the pool");
+            drop(a);
+            assert_eq!(h.join().expect("join"), Some(1));
+        });
+        // Streaming sets hold 12 of 16: a capture of 8 waits for free slots, and streaming
+        // takes queue behind it.
+        let s1 = pool.take(8);
+        let s2 = pool.take(4);
+        std::thread::scope(|s| {
+            let c = s.spawn(|| pool.take_capture(8, 8).map(|v| v.len()));
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let t = s.spawn(|| pool.take(1).len());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(!c.is_finished() && !t.is_finished());
+            drop(s1);
+            assert_eq!(c.join().expect("join"), Some(1));
+            assert_eq!(t.join().expect("join"), 1);
+        });
+        drop(s2);
     }
 }

@@ -586,34 +586,10 @@ impl Store {
     /// Starts writing a window: validates the spec, checks capacity (before any byte is
     /// written), and takes the appender lock until commit or drop.
     pub fn begin_window(&self, mut spec: WindowSpec) -> Result<WindowWriter<'_>, StoreError> {
-        spec.name = name::validate_name(&spec.name).map_err(StoreError::Validation)?;
-        if spec.blocks.is_empty() {
-            return Err(StoreError::Validation(
-                "cannot freeze an empty window: it has no blocks (EC-010)".into(),
-            ));
-        }
-        if let Some(i) = spec.blocks.iter().position(|b| b.len == 0) {
-            return Err(StoreError::Validation(format!(
-                "block {i} has zero bytes; zero-length blocks are refused (EC-014)"
-            )));
-        }
+        validate_spec(&mut spec)?;
         let app = self.lock_appender()?;
         let st = self.state.read().map_err(poisoned)?;
-        let existing = st.windows.get(&spec.name).map(|w| w.info.version);
-        match (existing, spec.replace) {
-            (Some(_), Replace::No) => return Err(StoreError::AlreadyExists(spec.name)),
-            (Some(v), Replace::IfVersion(e)) if v != e => {
-                return Err(StoreError::ConcurrentModification {
-                    name: spec.name,
-                    expected: e,
-                    actual: v,
-                })
-            }
-            (None, Replace::IfVersion(e)) if e != 0 => {
-                return Err(StoreError::NotFound(spec.name));
-            }
-            _ => {}
-        }
+        let existing = check_replace(&st, &spec)?;
         let manifest_len = manifest_payload_len(&spec);
         let (needed, writes) = self.plan_bytes(&app, &st, &spec, manifest_len)?;
         drop(st);
@@ -639,6 +615,22 @@ impl Store {
             touched: Vec::new(),
             failed: None,
         })
+    }
+
+    /// The refusals [`Store::begin_window`] would give now (bad name, no blocks,
+    /// ALREADY_EXISTS, a version mismatch), without waiting for the appender lock: a freeze
+    /// that captures before it writes checks first so that it does not capture for nothing.
+    /// `begin_window` checks again under the lock.
+    pub fn precheck(&self, spec: &WindowSpec) -> Result<(), StoreError> {
+        let mut spec = WindowSpec {
+            name: spec.name.clone(),
+            blocks: spec.blocks.clone(),
+            replace: spec.replace,
+            ..Default::default()
+        };
+        validate_spec(&mut spec)?;
+        let st = self.state.read().map_err(poisoned)?;
+        check_replace(&st, &spec).map(|_| ())
     }
 
     /// Appends one record image (header filled in here) and returns where it went. Rotates
@@ -1181,6 +1173,37 @@ pub(crate) fn verify_image<'a>(
         return Err("payload checksum mismatch".into());
     }
     Ok((h, payload))
+}
+
+/// Normalises the name and refuses empty windows and zero-length blocks.
+fn validate_spec(spec: &mut WindowSpec) -> Result<(), StoreError> {
+    spec.name = name::validate_name(&spec.name).map_err(StoreError::Validation)?;
+    if spec.blocks.is_empty() {
+        return Err(StoreError::Validation(
+            "cannot freeze an empty window: it has no blocks (EC-010)".into(),
+        ));
+    }
+    if let Some(i) = spec.blocks.iter().position(|b| b.len == 0) {
+        return Err(StoreError::Validation(format!(
+            "block {i} has zero bytes; zero-length blocks are refused (EC-014)"
+        )));
+    }
+    Ok(())
+}
+
+/// The version of the window `spec` would replace, or the refusal its `replace` asks for.
+fn check_replace(st: &State, spec: &WindowSpec) -> Result<Option<u64>, StoreError> {
+    let existing = st.windows.get(&spec.name).map(|w| w.info.version);
+    match (existing, spec.replace) {
+        (Some(_), Replace::No) => Err(StoreError::AlreadyExists(spec.name.clone())),
+        (Some(v), Replace::IfVersion(e)) if v != e => Err(StoreError::ConcurrentModification {
+            name: spec.name.clone(),
+            expected: e,
+            actual: v,
+        }),
+        (None, Replace::IfVersion(e)) if e != 0 => Err(StoreError::NotFound(spec.name.clone())),
+        _ => Ok(existing),
+    }
 }
 
 /// Writes one window; holds the appender lock. Dropping it without [`WindowWriter::commit`]
