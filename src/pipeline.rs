@@ -522,10 +522,10 @@ struct Capture<'a> {
 }
 
 /// A freeze whose window fits in staging: gather every block (the engine's blocks are free
-/// once this returns to `captured`), then take the log and write what it does not hold yet,
-/// giving each batch's slots back as soon as they are written. Blocks the log already holds
-/// are gathered too: whether the log still holds them is only known under its lock, and
-/// once `captured` the engine may reuse its blocks.
+/// once this returns to `captured`), checksum them while waiting for the log, then write what
+/// the log does not hold yet, giving each batch's slots back as soon as they are written.
+/// Blocks the log already holds are gathered too: whether the log still holds them is only
+/// known under its lock, and once `captured` the engine may reuse its blocks.
 #[expect(
     clippy::too_many_arguments,
     reason = "freeze's own arguments, split out"
@@ -545,7 +545,6 @@ fn freeze_captured(
     let bb = layout.block_bytes();
     let (po, bbu) = (payload_offset(bb), bb as usize);
     let mut sets = c.sets;
-    let mut sums = vec![0u64; n];
     let tg = Instant::now();
     for (k, set) in sets.iter_mut().enumerate() {
         let from = k * c.batch;
@@ -558,7 +557,7 @@ fn freeze_captured(
             &c.block_ids[from..to],
             &mut pls,
             cfg.threads,
-            Some(&mut sums[from..to]),
+            None,
         )?;
         if let Some(t) = tier.filter(|t| t.enabled()) {
             for (p, key) in pls.iter().zip(&c.keys[from..to]) {
@@ -566,10 +565,46 @@ fn freeze_captured(
             }
         }
     }
-    let gather_secs = tg.elapsed().as_secs_f64();
     let captured_secs = t0.elapsed().as_secs_f64();
+    let mut gather_secs = tg.elapsed().as_secs_f64();
     on_captured();
-    let mut w = store.begin_window(spec)?;
+    // Checksums on the verify threads while this thread waits for the log.
+    let (sums, w) = {
+        let mut views: Vec<Vec<&mut [u8]>> = sets.iter_mut().map(SlotSet::slices).collect();
+        let pls: Vec<&[u8]> = views
+            .iter_mut()
+            .flat_map(|v| v.iter().map(|b| &b[po..po + bbu]))
+            .collect();
+        let pls = &pls;
+        std::thread::scope(|s| {
+            let per = n.div_ceil(cfg.verify_threads.max(1)).max(1);
+            let hs: Vec<_> = pls
+                .chunks(per)
+                .map(|c| {
+                    s.spawn(move || {
+                        let t = Instant::now();
+                        let v: Vec<u64> = c.iter().map(|p| payload_checksum(p)).collect();
+                        (v, t.elapsed().as_secs_f64())
+                    })
+                })
+                .collect();
+            let w = store.begin_window(spec);
+            let mut sums = Vec::with_capacity(n);
+            let mut busy = 0.0f64;
+            for h in hs {
+                if let Ok((v, t)) = h.join() {
+                    sums.extend(v);
+                    busy = busy.max(t);
+                }
+            }
+            gather_secs += busy;
+            (sums, w)
+        })
+    };
+    let mut w = w?;
+    if sums.len() != n {
+        return Err(PipelineError::Validation("checksum thread panicked".into()));
+    }
     let todo = (0..n).filter(|&i| w.needs_write(i)).count();
     let tw = Instant::now();
     let mut written = 0u64;
