@@ -10,6 +10,17 @@ cargo build --release --bin cwm
 # Failpoints (cargo feature `failpoints`, never in default builds): every write-path site x
 # action. Run first, so target/release/cwm is the default build again afterwards.
 cargo test --release --features failpoints --test failpoints
+# NVRTC, from its PyPI wheel (a compiler library: no GPU, no driver), lets the CPU suite compile
+# every CUDA kernel for sm_80 and sm_90 and run ptxas over it. Without it that test says skipped.
+NVRTC_DIR="${CWM_NVRTC_DIR:-$HOME/.cache/cwm/nvrtc}"
+if ! find "$NVRTC_DIR" -name 'libnvrtc.so.13' 2>/dev/null | grep -q .; then
+  python3 -m pip install -q --disable-pip-version-check --target "$NVRTC_DIR" \
+    "nvidia-cuda-nvrtc==13.0.*" || echo "could not install NVRTC: the kernel compile test will say skipped"
+fi
+NVRTC_LIB="$(find "$NVRTC_DIR" -name 'libnvrtc.so.13' 2>/dev/null | head -n 1)"
+if [[ -n "$NVRTC_LIB" ]]; then
+  export LD_LIBRARY_PATH="$(dirname "$NVRTC_LIB")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 cargo test --release -- --test-threads="${CWM_TEST_THREADS:-2}"
 if [[ "${CWM_SKIP_VLLM:-0}" == 1 ]]; then
   echo "SKIPPED: Python and real-vLLM end-to-end tests (CWM_SKIP_VLLM=1)"

@@ -337,6 +337,9 @@ pub struct ThawReport {
     pub permuted: bool,
     /// The corruption that stopped the thaw early, if any.
     pub corruption: Option<String>,
+    /// A block found corrupt in the RAM tier (a memory error): dropped there, and the window
+    /// read from disk instead.
+    pub tier_corruption: Option<String>,
     /// Seconds until `loaded`.
     pub loaded_secs: f64,
     /// Where the time went: reads busy seconds (reader thread).
@@ -746,6 +749,7 @@ pub fn thaw(
         blocks_from_tier: 0,
         permuted: compat == Compat::Permute,
         corruption: None,
+        tier_corruption: None,
         loaded_secs: 0.0,
         read_secs: 0.0,
         verify_secs: 0.0,
@@ -784,6 +788,7 @@ pub fn thaw(
                     r.info.name
                 ));
                 t.remove(keys[bad]);
+                report.tier_corruption = Some(format!("block {bad}"));
             }
             Some(TierThaw::Failed(e)) => return Err(e),
             Some(TierThaw::TimedOut { verified }) => {

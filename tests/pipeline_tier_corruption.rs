@@ -87,6 +87,7 @@ fn ec_050_d_tier_bit_flip_falls_back_to_disk() {
         );
         assert_eq!(t.blocks_restored as usize, n);
         assert!(t.corruption.is_none(), "the disk copy is intact: {t:?}");
+        assert_eq!(t.tier_corruption.as_deref(), Some("block 41"));
         check("from disk after a tier bit flip");
         // The disk thaw put the good payload back: the next thaw is served from RAM again.
         assert_eq!(tier.contains_all(&keys), Some(true));

@@ -679,6 +679,9 @@ impl Server {
                 if let Some(sess) = protocol::opt_str(a, "session")? {
                     self.sessions.thawed(&sess).map_err(ApiError::from)?;
                 }
+                if r.tier_corruption.is_some() {
+                    self.metrics.corruption.inc();
+                }
                 if r.corruption.is_some() {
                     self.metrics.corruption.inc();
                 }

@@ -490,6 +490,73 @@ impl Cuda {
     }
 }
 
+/// Compiles CUDA C `src` with NVRTC into a CUBIN for `arch` (e.g. `sm_90`), which also runs
+/// ptxas over the result (inline PTX included). Needs libnvrtc only — no GPU, no driver — so
+/// the CPU test suite checks that every kernel compiles for every architecture cwm targets.
+pub fn compile_cubin(src: &str, arch: &str) -> Result<Vec<u8>, String> {
+    use cudarc::nvrtc::sys as rt;
+    // SAFETY: only tries to dlopen the library.
+    if !unsafe { rt::is_culib_present() } {
+        return Err("libnvrtc could not be loaded".into());
+    }
+    let csrc = CString::new(src).map_err(|e| e.to_string())?;
+    let opts: Vec<CString> = [
+        format!("--gpu-architecture={arch}"),
+        "-default-device".into(),
+    ]
+    .into_iter()
+    .map(|o| CString::new(o).map_err(|e| e.to_string()))
+    .collect::<Result<_, _>>()?;
+    let optp: Vec<*const std::ffi::c_char> = opts.iter().map(|o| o.as_ptr()).collect();
+    let mut prog: rt::nvrtcProgram = std::ptr::null_mut();
+    let ok = rt::nvrtcResult::NVRTC_SUCCESS;
+    // SAFETY: NUL-terminated source and options that outlive the calls; `prog` is created
+    // here, read through NVRTC's own size queries into buffers of those sizes, and destroyed
+    // on every path.
+    unsafe {
+        let r = rt::nvrtcCreateProgram(
+            &mut prog,
+            csrc.as_ptr(),
+            c"cwm.cu".as_ptr(),
+            0,
+            std::ptr::null(),
+            std::ptr::null(),
+        );
+        if r != ok {
+            return Err(format!("nvrtcCreateProgram: {r:?}"));
+        }
+        let out = (|| {
+            let r = rt::nvrtcCompileProgram(prog, optp.len() as i32, optp.as_ptr());
+            if r != ok {
+                let mut n = 0usize;
+                let mut log = Vec::new();
+                if rt::nvrtcGetProgramLogSize(prog, &mut n) == ok {
+                    log = vec![0u8; n];
+                    let _ = rt::nvrtcGetProgramLog(prog, log.as_mut_ptr().cast());
+                }
+                let log = String::from_utf8_lossy(&log);
+                return Err(format!(
+                    "NVRTC ({arch}): {r:?}: {}",
+                    log.trim_end_matches('\0')
+                ));
+            }
+            let mut n = 0usize;
+            let r = rt::nvrtcGetCUBINSize(prog, &mut n);
+            if r != ok {
+                return Err(format!("nvrtcGetCUBINSize: {r:?}"));
+            }
+            let mut bin = vec![0u8; n];
+            let r = rt::nvrtcGetCUBIN(prog, bin.as_mut_ptr().cast());
+            if r != ok {
+                return Err(format!("nvrtcGetCUBIN: {r:?}"));
+            }
+            Ok(bin)
+        })();
+        let _ = rt::nvrtcDestroyProgram(&mut prog);
+        out
+    }
+}
+
 /// Whether scatters use the copy engines by default (`CWM_SCATTER=copy-engine`, and the
 /// driver can).
 fn copy_engine_default() -> bool {
@@ -957,6 +1024,26 @@ mod tests {
             assert_eq!(&read_block(&l, &mem, *b).expect("read")[..], &w[..]);
         }
         assert!(gather(&l, &mem, &[32], &mut pls[..1], 1, None).is_err());
+    }
+
+    #[test]
+    fn nvrtc_compiles_the_kernels_for_every_target() {
+        // SAFETY: only tries to dlopen the library.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!(
+                "skipped: no libnvrtc (scripts/test.sh puts the vLLM venv's on LD_LIBRARY_PATH)"
+            );
+            return;
+        }
+        for arch in ["sm_80", "sm_90"] {
+            let bin = compile_cubin(KERNEL_SOURCE, arch).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(&bin[..4], b"\x7fELF", "{arch}: a CUBIN is an ELF image");
+        }
+        let e = compile_cubin("__global__ void k() { nope; }", "sm_90").expect_err("bad source");
+        assert!(
+            e.contains("nope"),
+            "the compiler log reaches the error: {e}"
+        );
     }
 
     #[test]
