@@ -8,6 +8,16 @@
 // piece whose addresses, length or row are not multiples of 16 bytes is copied byte by byte.
 // Every block id is checked against num_blocks: an out-of-range id copies nothing and sets
 // *err (the host checks ids before launch too).
+//
+// Three entry points share one parameter list (the host picks one per scatter, CWM_SCATTER):
+//   cwm_copy          the kernel above (gather and scatter);
+//   cwm_copy_l2       the same, its 16-byte loads asking L2 for 256-byte prefetches
+//                     (ld.global.nc.L2::256B): fewer, larger PCIe reads of mapped host memory;
+//   cwm_scatter_bulk  sm_90+: one thread per CTA streams each piece host -> shared memory ->
+//                     device with bulk-async copies (cp.async.bulk, the TMA engine), five
+//                     8 KiB stages in flight (40 KiB of the 48 KiB static shared memory
+//                     allows); no GPU memory beyond the CTA's shared memory.
+//                     Scatter only, no permutation, 16-byte-aligned pieces (the host checks).
 
 typedef unsigned long long u64;
 
@@ -21,11 +31,25 @@ struct Piece {
     int pad;
 };
 
-extern "C" __global__ void cwm_copy(const Piece* __restrict__ pieces, int npieces,
-                                    const u64* __restrict__ ids,
-                                    const u64* __restrict__ slots, int nblocks,
-                                    u64 num_blocks, int scatter, u64 outer, u64 inner,
-                                    int* err)
+template <int HINT>
+__device__ __forceinline__ uint4 ld16(const uint4* p)
+{
+    if (HINT) {
+        uint4 v;
+        asm volatile("ld.global.nc.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "l"(p));
+        return v;
+    }
+    return *p;
+}
+
+template <int HINT>
+__device__ __forceinline__ void copy_body(const Piece* __restrict__ pieces, int npieces,
+                                          const u64* __restrict__ ids,
+                                          const u64* __restrict__ slots, int nblocks,
+                                          u64 num_blocks, int scatter, u64 outer, u64 inner,
+                                          int* err)
 {
     long long items = (long long)nblocks * (long long)npieces;
     for (long long it = blockIdx.x; it < items; it += gridDim.x) {
@@ -54,13 +78,14 @@ extern "C" __global__ void cwm_copy(const Piece* __restrict__ pieces, int npiece
                 u64 step = blockDim.x;
                 u64 i = threadIdx.x;
                 for (; i + 3 * step < n; i += 4 * step) {
-                    uint4 a = s[i], b = s[i + step], c = s[i + 2 * step], e = s[i + 3 * step];
+                    uint4 a = ld16<HINT>(s + i), b = ld16<HINT>(s + i + step),
+                          c = ld16<HINT>(s + i + 2 * step), e = ld16<HINT>(s + i + 3 * step);
                     d[i] = a;
                     d[i + step] = b;
                     d[i + 2 * step] = c;
                     d[i + 3 * step] = e;
                 }
-                for (; i < n; i += step) d[i] = s[i];
+                for (; i < n; i += step) d[i] = ld16<HINT>(s + i);
             } else {
                 u64 rv = pc.row / 16;
                 for (u64 i = threadIdx.x; i < n; i += blockDim.x) {
@@ -81,4 +106,132 @@ extern "C" __global__ void cwm_copy(const Piece* __restrict__ pieces, int npiece
             }
         }
     }
+}
+
+#define CWM_PARAMS                                                                        \
+    const Piece *__restrict__ pieces, int npieces, const u64 *__restrict__ ids,           \
+        const u64 *__restrict__ slots, int nblocks, u64 num_blocks, int scatter, u64 outer, \
+        u64 inner, int *err
+
+extern "C" __global__ void cwm_copy(CWM_PARAMS)
+{
+    copy_body<0>(pieces, npieces, ids, slots, nblocks, num_blocks, scatter, outer, inner, err);
+}
+
+extern "C" __global__ void cwm_copy_l2(CWM_PARAMS)
+{
+    copy_body<1>(pieces, npieces, ids, slots, nblocks, num_blocks, scatter, outer, inner, err);
+}
+
+#define BULK_CHUNK 8192
+#define BULK_STAGES 5
+
+// Walks this CTA's (block, piece) items in grid-stride order, BULK_CHUNK bytes at a time.
+struct Cursor {
+    long long it;
+    u64 off;
+};
+
+__device__ __forceinline__ bool next_chunk(Cursor& c, const Piece* __restrict__ pieces,
+                                           int npieces, const u64* __restrict__ ids,
+                                           const u64* __restrict__ slots, long long items,
+                                           u64 num_blocks, int* err, u64& src, u64& dst,
+                                           unsigned& n)
+{
+    while (c.it < items) {
+        int b = (int)(c.it / npieces);
+        int p = (int)(c.it % npieces);
+        u64 id = ids[b];
+        if (id >= num_blocks) {
+            atomicExch(err, 1);
+        } else {
+            Piece pc = pieces[p];
+            if (c.off < pc.len) {
+                u64 left = pc.len - c.off;
+                n = (unsigned)(left < BULK_CHUNK ? left : BULK_CHUNK);
+                src = slots[b] + pc.off + c.off;
+                dst = pc.base + id * pc.stride + c.off;
+                c.off += n;
+                return true;
+            }
+        }
+        c.it += gridDim.x;
+        c.off = 0;
+    }
+    return false;
+}
+
+extern "C" __global__ void cwm_scatter_bulk(CWM_PARAMS)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    __shared__ __align__(128) unsigned char buf[BULK_STAGES][BULK_CHUNK];
+    __shared__ __align__(8) u64 bar[BULK_STAGES];
+    if (threadIdx.x != 0) return;
+    const long long items = (long long)nblocks * (long long)npieces;
+    unsigned sbuf[BULK_STAGES], sbar[BULK_STAGES];
+    for (int k = 0; k < BULK_STAGES; k++) {
+        sbuf[k] = (unsigned)__cvta_generic_to_shared(&buf[k][0]);
+        sbar[k] = (unsigned)__cvta_generic_to_shared(&bar[k]);
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(sbar[k]) : "memory");
+    }
+    // The barriers' initialisation must be visible to the bulk-copy (async) proxy.
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    Cursor ld = {(long long)blockIdx.x, 0}, st = ld;
+    u64 src, dst;
+    unsigned n;
+    long long issued = 0, done = 0;
+    // Loads are issued BULK_STAGES ahead of the stores.
+    while (issued < BULK_STAGES &&
+           next_chunk(ld, pieces, npieces, ids, slots, items, num_blocks, err, src, dst, n)) {
+        int k = (int)(issued % BULK_STAGES);
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sbar[k]),
+                     "r"(n)
+                     : "memory");
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, "
+            "[%3];" ::"r"(sbuf[k]),
+            "l"(src), "r"(n), "r"(sbar[k])
+            : "memory");
+        issued++;
+    }
+    int err_dummy = 0;
+    while (next_chunk(st, pieces, npieces, ids, slots, items, num_blocks, &err_dummy, src, dst,
+                      n)) {
+        int k = (int)(done % BULK_STAGES);
+        unsigned parity = (unsigned)((done / BULK_STAGES) & 1);
+        unsigned ready = 0;
+        while (!ready) {
+            asm volatile(
+                "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                " selp.u32 %0, 1, 0, p;\n}"
+                : "=r"(ready)
+                : "r"(sbar[k]), "r"(parity)
+                : "memory");
+        }
+        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst),
+                     "r"(sbuf[k]), "r"(n)
+                     : "memory");
+        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        done++;
+        u64 lsrc, ldst;
+        unsigned ln;
+        if (next_chunk(ld, pieces, npieces, ids, slots, items, num_blocks, err, lsrc, ldst,
+                       ln)) {
+            // Stage k is refilled once the store just issued has read it.
+            asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sbar[k]),
+                         "r"(ln)
+                         : "memory");
+            asm volatile(
+                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], "
+                "%2, [%3];" ::"r"(sbuf[k]),
+                "l"(lsrc), "r"(ln), "r"(sbar[k])
+                : "memory");
+            issued++;
+        }
+    }
+    // Every store complete (not only read from shared memory) before the CTA ends.
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+#endif
 }

@@ -95,7 +95,7 @@ def cwm(mode, spec, workdir, env=None):
     with open(path, "w") as f:
         json.dump(spec, f)
     p = subprocess.run([CWM, "gpu-check", mode, "--spec", path, "--dir", workdir],
-                       capture_output=True, text=True, timeout=240,
+                       capture_output=True, text=True, timeout=150 if mode == "bench" else 60,
                        env=dict(os.environ, **(env or {})))
     if p.stderr.strip():
         say(p.stderr.strip()[-2000:])
@@ -130,12 +130,17 @@ def case(name, kind, L, NB, BS, H, D, nsel, workdir, order=None, bench=False, en
           f"kernel={r.get('kernel')} restored={r['thaw']['blocks_restored']}")
     check(f"{name}: no other block written", untouched)
     check(f"{name}: out-of-range block id refused", r.get("out_of_range_refused"))
+    took = True
+    if env and env.get("CWM_SCATTER"):
+        took = r.get("scatter_path_taken") == env["CWM_SCATTER"]
+        check(f"{name}: the scatter took the {env['CWM_SCATTER']} path", took,
+              f"asked {r.get('scatter_path')}, took {r.get('scatter_path_taken')}")
     if name.startswith("llama"):
         check("copy kernel compiled with NVRTC and used", r.get("kernel"), str(r.get("kernel_error")))
     if not bench:
         del ts
         torch.cuda.empty_cache()
-        return None
+        return same and untouched and took
     # Torch baseline on the same cache and blocks: index_select per layer into a GPU buffer
     # (as large as the capture) + one D2H copy into pinned memory; and back.
     idx_s = torch.tensor(src, device=DEV)
@@ -161,7 +166,7 @@ def case(name, kind, L, NB, BS, H, D, nsel, workdir, order=None, bench=False, en
     del buf, pinned
     torch.cuda.empty_cache()
     try:
-        b = cwm("bench", spec, workdir)
+        b = cwm("bench", spec, workdir, env)
     except Exception as e:  # noqa: BLE001
         check("bench", False, str(e)[:500])
         return None
@@ -185,11 +190,21 @@ def main():
     ]
     for name, kind, L, NB, BS, H, D, n, order in cases:
         case(name, kind, L, NB, BS, H, D, n, workdir, order)
-    # The scatter through the copy engines (cuMemcpyBatchAsync), bit-exact like the kernel's.
-    case("n2bhd, copy-engine scatter", "flash_n2bhd", 4, 512, 16, 8, 128, 64, workdir,
-         env={"CWM_SCATTER": "copy-engine"})
+    # The other scatter paths, bit-exact like the kernel's: the copy engines
+    # (cuMemcpyBatchAsync), the L2-hinted kernel, bulk-async copies through shared memory (sm_90).
+    # Only paths that pass here are measured below (a broken one must not hang the bench).
+    good = []
+    for path in ("copy-engine", "l2", "bulk"):
+        ok = case(f"n2bhd, {path} scatter", "flash_n2bhd", 4, 512, 16, 8, 128, 64, workdir,
+                  env={"CWM_SCATTER": path})
+        if path == "bulk":
+            ok = ok and case("llama-shaped (2,B,N,H,D), bulk scatter", "flash_2nbhd", 8, 256,
+                             16, 8, 128, 64, workdir, env={"CWM_SCATTER": "bulk"})
+        if ok:
+            good.append(path)
     # Llama-3.1-8B shape, 1,024 scattered blocks of 2 MiB (2 GiB), then measurements.
-    b = case("llama8b (2,B,N,H,D)", "flash_2nbhd", 32, 4096, 16, 8, 128, 1024, workdir, bench=True)
+    b = case("llama8b (2,B,N,H,D)", "flash_2nbhd", 32, 4096, 16, 8, 128, 1024, workdir, bench=True,
+             env={"CWM_BENCH_PATHS": ",".join(good)})
     if b:
         results["bench"] = b
         check("gather >= 0.93 x pinned D2H", b["gather_ratio"] >= 0.93, f"{b['gather_ratio']:.3f}")
@@ -199,6 +214,12 @@ def main():
         check("freeze >= 0.90 x min(PCIe, disk)", b["freeze_ratio"] >= 0.90, f"{b['freeze_ratio']:.3f}")
         check("thaw >= 0.90 x min(PCIe, disk)", b["thaw_ratio"] >= 0.90, f"{b['thaw_ratio']:.3f}")
         check("RAM-tier thaw >= 0.85 x H2D", b["tier_ratio"] >= 0.85, f"{b['tier_ratio']:.3f}")
+        best = max((p for p in b.get("scatter_paths", [])
+                    if p.get("scatter_ratio") and p["took"] == p["path"]),
+                   key=lambda p: p["scatter_ratio"], default=None)
+        if best:
+            say(f"fastest other scatter path: {best['path']} at grid {best['grid']}: "
+                f"{best['scatter_ratio']:.3f} of H2D (kernel: {b['scatter_ratio']:.3f})")
     with open(os.path.join(OUT, "gpu-check.json"), "w") as f:
         json.dump(results, f, indent=1)
     lines = [f"cwm gpu-check on {results['device']} (torch {results['torch']})"]
@@ -215,10 +236,17 @@ def main():
             f"{'cwm freeze end to end':34} {b['freeze_gbps']:8.2f} {min(b['raw_write_gbps'], b['d2h_pinned_gbps']):8.2f} {b['freeze_ratio']:6.3f}",
             f"{'cwm thaw end to end':34} {b['thaw_gbps']:8.2f} {min(b['raw_read_gbps'], b['h2d_pinned_gbps']):8.2f} {b['thaw_ratio']:6.3f}",
             f"{'cwm thaw from RAM tier':34} {b['tier_thaw_gbps']:8.2f} {b['h2d_pinned_gbps']:8.2f} {b['tier_ratio']:6.3f}",
-            (f"{'scatter via copy engines':34} {b['scatter_copy_engine_gbps']:8.2f} {b['h2d_pinned_gbps']:8.2f} {b['scatter_copy_engine_ratio']:6.3f}"
-             if b.get("scatter_copy_engine_gbps") else f"scatter via copy engines: {b.get('scatter_copy_engine_error')}"),
-            (f"{'RAM tier thaw via copy engines':34} {b['tier_copy_engine_gbps']:8.2f} {b['h2d_pinned_gbps']:8.2f} {b['tier_copy_engine_ratio']:6.3f}"
-             if b.get("tier_copy_engine_gbps") else f"RAM tier via copy engines: {b.get('tier_copy_engine_error')}"),
+        ] + [
+            (f"{'scatter path %s (grid %d)' % (p['path'], p['grid']):34} {p['scatter_gbps']:8.2f} {b['h2d_pinned_gbps']:8.2f} {p['scatter_ratio']:6.3f}"
+             + ("" if p["took"] == p["path"] else f"  (took {p['took']})")
+             if p.get("scatter_gbps") else f"scatter path {p['path']}: {p.get('error')}")
+            for p in b.get("scatter_paths", [])
+        ] + [
+            (f"{'RAM tier thaw, %s scatter' % p['path']:34} {p['tier_gbps']:8.2f} {b['h2d_pinned_gbps']:8.2f} {p['tier_ratio']:6.3f}"
+             + ("" if p["took"] == p["path"] else f"  (took {p['took']})")
+             if p.get("tier_gbps") else f"RAM tier thaw, {p['path']} scatter: {p.get('error')}")
+            for p in b.get("tier_paths", [])
+        ] + [
             "launch sweep (CTAs x threads: gather / scatter GB/s): " + ", ".join(
                 f"{g['grid']}x{g['threads']}: {g['gather_gbps']:.1f}/{g['scatter_gbps']:.1f}" for g in b["grid_sweep"]),
         ]

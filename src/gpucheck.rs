@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::device;
-use crate::device::cuda::{Cuda, CudaMemory, IpcTensor};
+use crate::device::cuda::{Cuda, CudaMemory, IpcTensor, ScatterPath};
 use crate::io::{self, EngineKind};
 use crate::layout::{Compat, CrossOrder, Dtype, Inner, Layout};
 use crate::pipeline::{freeze, thaw, Engine, FreezeRequest, PipelineConfig, ThawRequest};
@@ -239,10 +239,23 @@ pub fn run(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
         "kernel": s.cuda.has_kernel(),
         "kernel_error": s.cuda.kernel_error,
         "staging_mapped": s.engine.staging().is_some(),
+        "scatter_path": s.mem.scatter_path().name(),
+        "scatter_path_taken": s.mem.last_scatter_path().name(),
         "freeze": f,
         "thaw": t,
         "out_of_range_refused": bad,
     }))
+}
+
+/// The non-default scatter paths to measure: all, or those `CWM_BENCH_PATHS` lists.
+fn bench_paths() -> Vec<ScatterPath> {
+    let all = ScatterPath::ALL.into_iter().skip(1);
+    match std::env::var("CWM_BENCH_PATHS") {
+        Ok(v) => all
+            .filter(|p| v.split(',').any(|x| x.trim() == p.name()))
+            .collect(),
+        Err(_) => all.collect(),
+    }
 }
 
 fn gbps(bytes: u64, secs: f64) -> f64 {
@@ -356,17 +369,43 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
             "scatter_gbps": gbps(bytes, st),
         }));
     }
-    // Scatter through the copy engines (cuMemcpyBatchAsync) instead of the kernel, best of 3;
-    // an error (old driver) is reported, not fatal.
-    s.mem.copy_engine.store(true, Ordering::Relaxed);
-    let mut sc_ce: Result<f64, String> = Ok(f64::MAX);
-    for _ in 0..3 {
-        sc_ce = match (sc_ce, copy_all(&s, &spec.dst, true, &cfg)) {
-            (Ok(a), Ok(b)) => Ok(a.min(b)),
-            (Err(x), _) | (_, Err(x)) => Err(x),
+    // The other scatter paths (copy engines, L2-hinted kernel, bulk-async copies), best of 3
+    // each at a few grid caps; a path that cannot run here is reported, not fatal. Only the
+    // paths CWM_BENCH_PATHS names when it is set (scripts/gpu_check.py names those that
+    // passed its bit-exact checks).
+    let measured = bench_paths();
+    let mut paths = Vec::new();
+    for path in measured.iter().copied() {
+        let grids: &[u32] = if path == ScatterPath::CopyEngine {
+            &[crate::device::cuda::DEFAULT_GRID]
+        } else {
+            &[8, 16, 32, 64]
         };
+        for &grid in grids {
+            s.mem.grid.store(grid, Ordering::Relaxed);
+            s.mem.set_scatter(path);
+            let mut best: Result<f64, String> = if s.cuda.supports(path) {
+                Ok(f64::MAX)
+            } else {
+                Err(format!("{} cannot run on this GPU or driver", path.name()))
+            };
+            for _ in 0..3 {
+                if let Ok(b) = best {
+                    best = copy_all(&s, &spec.dst, true, &cfg).map(|t| b.min(t));
+                }
+            }
+            let took = s.mem.last_scatter_path();
+            s.mem.set_scatter(ScatterPath::Kernel);
+            paths.push(json!({
+                "path": path.name(),
+                "grid": grid,
+                "took": took.name(),
+                "scatter_gbps": best.as_ref().map(|t| gbps(bytes, *t)).ok(),
+                "scatter_ratio": best.as_ref().map(|t| gbps(bytes, *t) / h2d).ok(),
+                "error": best.as_ref().err(),
+            }));
+        }
     }
-    s.mem.copy_engine.store(false, Ordering::Relaxed);
     s.mem
         .grid
         .store(crate::device::cuda::DEFAULT_GRID, Ordering::Relaxed);
@@ -410,10 +449,26 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
         .map_err(|x| e(&x))
     };
     let tt = tier_thaw()?;
-    // The same tier thaw with the copy engines doing the scatter.
-    s.mem.copy_engine.store(true, Ordering::Relaxed);
-    let tt_ce = tier_thaw();
-    s.mem.copy_engine.store(false, Ordering::Relaxed);
+    // The same tier thaw through each other scatter path (default grid).
+    let mut tier_paths = Vec::new();
+    for path in measured.iter().copied() {
+        s.mem.set_scatter(path);
+        let r = if s.cuda.supports(path) {
+            tier_thaw()
+        } else {
+            Err(format!("{} cannot run on this GPU or driver", path.name()))
+        };
+        let took = s.mem.last_scatter_path();
+        s.mem.set_scatter(ScatterPath::Kernel);
+        tier_paths.push(json!({
+            "path": path.name(),
+            "took": took.name(),
+            "tier_gbps": r.as_ref().map(|r| gbps(bytes, r.loaded_secs)).ok(),
+            "tier_ratio": r.as_ref().map(|r| gbps(bytes, r.loaded_secs) / h2d).ok(),
+            "blocks_from_tier": r.as_ref().map(|r| r.blocks_from_tier).ok(),
+            "error": r.as_ref().err(),
+        }));
+    }
     let raw_w = (rw0 + rw1) / 2.0;
     let raw_r = (rr0 + rr1) / 2.0;
     let gather = gbps(bytes, g);
@@ -443,13 +498,9 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
         "thaw_gbps": thaw_gbps,
         "freeze_ratio": freeze_gbps / raw_w.min(d2h),
         "thaw_ratio": thaw_gbps / raw_r.min(h2d),
-        "scatter_copy_engine_gbps": sc_ce.as_ref().map(|t| gbps(bytes, *t)).ok(),
-        "scatter_copy_engine_ratio": sc_ce.as_ref().map(|t| gbps(bytes, *t) / h2d).ok(),
-        "scatter_copy_engine_error": sc_ce.as_ref().err(),
-        "tier_copy_engine_gbps": tt_ce.as_ref().map(|r| gbps(bytes, r.loaded_secs)).ok(),
-        "tier_copy_engine_ratio": tt_ce.as_ref().map(|r| gbps(bytes, r.loaded_secs) / h2d).ok(),
-        "tier_copy_engine_blocks": tt_ce.as_ref().map(|r| r.blocks_from_tier).ok(),
-        "tier_copy_engine_error": tt_ce.as_ref().err(),
+        "compute_capability": format!("{}.{}", s.cuda.cc.0, s.cuda.cc.1),
+        "scatter_paths": paths,
+        "tier_paths": tier_paths,
         "tier_thaw_gbps": tier_gbps,
         "tier_ratio": tier_gbps / h2d,
         "tier_blocks": tt.blocks_from_tier,

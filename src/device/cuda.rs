@@ -34,6 +34,88 @@ pub const DEFAULT_GRID: u32 = 8;
 /// Threads per CTA.
 pub const THREADS: u32 = 512;
 
+/// How a scatter moves bytes from mapped host memory into the engine's blocks
+/// (`CWM_SCATTER`, or [`CudaMemory::set_scatter`]). Every path is checked bit-exact by
+/// `scripts/gpu_check.py`; `cwm gpu-check bench` measures each against the H2D ceiling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ScatterPath {
+    /// `cwm_copy`: SM loads of mapped host memory (the default).
+    Kernel = 0,
+    /// `cuMemcpyBatchAsync`: the copy engines, one (dst, src, len) per piece.
+    CopyEngine = 1,
+    /// `cwm_copy_l2`: the kernel with 256-byte L2 prefetch hints on its loads.
+    L2Hint = 2,
+    /// `cwm_scatter_bulk` (sm_90+): bulk-async copies through shared memory (TMA).
+    Bulk = 3,
+}
+
+impl ScatterPath {
+    /// Every path, default first.
+    pub const ALL: [ScatterPath; 4] = [
+        ScatterPath::Kernel,
+        ScatterPath::CopyEngine,
+        ScatterPath::L2Hint,
+        ScatterPath::Bulk,
+    ];
+
+    /// The `CWM_SCATTER` spelling.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            ScatterPath::Kernel => "kernel",
+            ScatterPath::CopyEngine => "copy-engine",
+            ScatterPath::L2Hint => "l2",
+            ScatterPath::Bulk => "bulk",
+        }
+    }
+
+    /// Parses a `CWM_SCATTER` value.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == s)
+    }
+
+    fn from_u8(v: u8) -> Self {
+        Self::ALL
+            .into_iter()
+            .find(|p| *p as u8 == v)
+            .unwrap_or(ScatterPath::Kernel)
+    }
+}
+
+/// The scatter path `CWM_SCATTER` asks for (the kernel when unset or unknown).
+fn scatter_default() -> ScatterPath {
+    match std::env::var("CWM_SCATTER") {
+        Err(_) => ScatterPath::Kernel,
+        Ok(v) => ScatterPath::parse(&v).unwrap_or_else(|| {
+            crate::log::warn(&format!(
+                "CWM_SCATTER={v:?} is none of kernel, copy-engine, l2, bulk; using the kernel"
+            ));
+            ScatterPath::Kernel
+        }),
+    }
+}
+
+/// Which kernel entry point a launch runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    Copy,
+    L2,
+    Bulk,
+}
+
+/// The module's entry points (`None`: not in this build or not for this GPU).
+#[derive(Clone, Copy)]
+struct Kernels {
+    copy: cu::CUfunction,
+    l2: Option<cu::CUfunction>,
+    bulk: Option<cu::CUfunction>,
+}
+
+/// Threads per CTA of `cwm_scatter_bulk` (one thread drives the copies).
+const BULK_THREADS: u32 = 32;
+
 fn check(what: &str, r: cu::CUresult) -> Result<(), DeviceError> {
     if r == cu::CUresult::CUDA_SUCCESS {
         Ok(())
@@ -132,7 +214,7 @@ pub fn perm_dims(window: &Layout) -> (u64, u64) {
 struct Ctx {
     ctx: cu::CUcontext,
     stream: cu::CUstream,
-    func: Option<cu::CUfunction>,
+    kernels: Option<Kernels>,
     args: cu::CUdeviceptr,
     args_cap: usize,
 }
@@ -152,6 +234,8 @@ pub struct Cuda {
     pub kernel_error: Option<String>,
     /// Device ordinal.
     pub ordinal: i32,
+    /// Compute capability (major, minor).
+    pub cc: (i32, i32),
 }
 
 impl Cuda {
@@ -165,6 +249,7 @@ impl Cuda {
         let mut stream: cu::CUstream = std::ptr::null_mut();
         let mut name = [0 as std::ffi::c_char; 128];
         let mut sms = 0i32;
+        let (mut major, mut minor) = (0i32, 0i32);
         // SAFETY: plain driver API calls with valid out-pointers.
         unsafe {
             check("cuInit", cu::cuInit(0))?;
@@ -181,12 +266,22 @@ impl Cuda {
                 cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
                 dev,
             );
+            let _ = cu::cuDeviceGetAttribute(
+                &mut major,
+                cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                dev,
+            );
+            let _ = cu::cuDeviceGetAttribute(
+                &mut minor,
+                cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                dev,
+            );
         }
         // SAFETY: cuDeviceGetName wrote a NUL-terminated string (the buffer starts zeroed).
         let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
             .to_string_lossy()
             .into_owned();
-        let (func, kernel_error) = match Self::load_kernel() {
+        let (kernels, kernel_error) = match Self::load_kernel((major, minor)) {
             Ok(f) => (Some(f), None),
             Err(e) => {
                 crate::log::warn(&format!(
@@ -203,7 +298,7 @@ impl Cuda {
             inner: Mutex::new(Ctx {
                 ctx,
                 stream,
-                func,
+                kernels,
                 args,
                 args_cap,
             }),
@@ -211,50 +306,71 @@ impl Cuda {
             sms,
             kernel_error,
             ordinal,
+            cc: (major, minor),
         }))
     }
 
-    fn load_kernel() -> Result<cu::CUfunction, String> {
+    /// Loads the kernels: the nvcc fatbin when this build has one, else NVRTC's PTX for this
+    /// GPU's architecture (so sm_90 code such as the bulk scatter is compiled in), else PTX
+    /// for NVRTC's default architecture.
+    fn load_kernel(cc: (i32, i32)) -> Result<Kernels, String> {
         if let Some(fatbin) = KERNEL_FATBIN {
             // The driver expects an 8-byte-aligned image; include_bytes! guarantees 1.
             let mut aligned = vec![0u64; fatbin.len().div_ceil(8)];
             for (i, b) in fatbin.iter().enumerate() {
                 aligned[i / 8] |= u64::from(*b) << (8 * (i % 8));
             }
-            let mut module: cu::CUmodule = std::ptr::null_mut();
-            let mut func: cu::CUfunction = std::ptr::null_mut();
-            // SAFETY: a fatbin image embedded at build time; out-pointers are valid.
-            let ok = unsafe {
-                cu::cuModuleLoadData(&mut module, aligned.as_ptr().cast())
-                    == cu::CUresult::CUDA_SUCCESS
-                    && cu::cuModuleGetFunction(&mut func, module, c"cwm_copy".as_ptr())
-                        == cu::CUresult::CUDA_SUCCESS
-            };
-            if ok {
-                return Ok(func);
+            match Self::module_kernels(aligned.as_ptr().cast(), cc) {
+                Ok(k) => return Ok(k),
+                Err(e) => crate::log::warn(&format!(
+                    "embedded kernel fatbin did not load on this GPU ({e}); trying NVRTC"
+                )),
             }
-            crate::log::warn("embedded kernel fatbin did not load on this GPU; trying NVRTC");
         }
         // SAFETY: only tries to dlopen the library.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             return Err("libnvrtc could not be loaded".into());
         }
-        let ptx = cudarc::nvrtc::compile_ptx(KERNEL_SOURCE).map_err(|e| format!("NVRTC: {e:?}"))?;
+        let opts = cudarc::nvrtc::CompileOptions {
+            options: vec![format!("--gpu-architecture=compute_{}{}", cc.0, cc.1)],
+            ..Default::default()
+        };
+        let ptx = match cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts) {
+            Ok(p) => p,
+            Err(e) => {
+                crate::log::warn(&format!(
+                    "NVRTC for compute_{}{}: {e:?}; compiling for its default architecture",
+                    cc.0, cc.1
+                ));
+                cudarc::nvrtc::compile_ptx(KERNEL_SOURCE).map_err(|e| format!("NVRTC: {e:?}"))?
+            }
+        };
         let src = CString::new(ptx.to_src()).map_err(|e| e.to_string())?;
+        Self::module_kernels(src.as_ptr().cast(), cc)
+    }
+
+    /// Loads a module image (fatbin or NUL-terminated PTX) and looks its entry points up.
+    fn module_kernels(image: *const c_void, cc: (i32, i32)) -> Result<Kernels, String> {
         let mut module: cu::CUmodule = std::ptr::null_mut();
-        let mut func: cu::CUfunction = std::ptr::null_mut();
-        // SAFETY: src is a NUL-terminated PTX image; out-pointers are valid.
-        unsafe {
-            let r = cu::cuModuleLoadData(&mut module, src.as_ptr().cast());
-            if r != cu::CUresult::CUDA_SUCCESS {
-                return Err(format!("cuModuleLoadData: {r:?}"));
-            }
-            let r = cu::cuModuleGetFunction(&mut func, module, c"cwm_copy".as_ptr());
-            if r != cu::CUresult::CUDA_SUCCESS {
-                return Err(format!("cuModuleGetFunction: {r:?}"));
-            }
+        // SAFETY: `image` is a fatbin or NUL-terminated PTX image that outlives the call;
+        // out-pointers are valid.
+        let r = unsafe { cu::cuModuleLoadData(&mut module, image) };
+        if r != cu::CUresult::CUDA_SUCCESS {
+            return Err(format!("cuModuleLoadData: {r:?}"));
         }
-        Ok(func)
+        let get = |name: &std::ffi::CStr| -> Option<cu::CUfunction> {
+            let mut f: cu::CUfunction = std::ptr::null_mut();
+            // SAFETY: a loaded module, a NUL-terminated name, a valid out-pointer.
+            let r = unsafe { cu::cuModuleGetFunction(&mut f, module, name.as_ptr()) };
+            (r == cu::CUresult::CUDA_SUCCESS).then_some(f)
+        };
+        let copy = get(c"cwm_copy").ok_or("cuModuleGetFunction(cwm_copy) failed")?;
+        Ok(Kernels {
+            copy,
+            l2: get(c"cwm_copy_l2"),
+            // Compiled for sm_90 and up only; an older GPU's build has an empty body.
+            bulk: (cc.0 >= 9).then(|| get(c"cwm_scatter_bulk")).flatten(),
+        })
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Ctx>, DeviceError> {
@@ -271,6 +387,18 @@ impl Cuda {
     #[must_use]
     pub fn has_kernel(&self) -> bool {
         self.kernel_error.is_none()
+    }
+
+    /// Whether `path` can run here (its kernel entry point or driver call exists).
+    #[must_use]
+    pub fn supports(&self, path: ScatterPath) -> bool {
+        let k = self.inner.lock().ok().and_then(|g| g.kernels);
+        match path {
+            ScatterPath::Kernel => k.is_some(),
+            ScatterPath::CopyEngine => has_batch_copy(),
+            ScatterPath::L2Hint => k.is_some_and(|k| k.l2.is_some()),
+            ScatterPath::Bulk => k.is_some_and(|k| k.bulk.is_some()),
+        }
     }
 
     /// Page-locks and maps a host region; returns its device address.
@@ -403,10 +531,19 @@ impl Cuda {
         dims: (u64, u64),
         (grid_cap, threads): (u32, u32),
         wait: Option<cu::CUevent>,
+        entry: Entry,
     ) -> Result<(), DeviceError> {
         let g = self.lock()?;
-        let Some(func) = g.func else {
+        let Some(k) = g.kernels else {
             return Err(DeviceError::Os("copy kernel not loaded".into()));
+        };
+        let (func, threads) = match entry {
+            Entry::Copy => (k.copy, threads),
+            Entry::L2 => (k.l2.unwrap_or(k.copy), threads),
+            Entry::Bulk => match k.bulk {
+                Some(f) => (f, BULK_THREADS),
+                None => return Err(DeviceError::Os("bulk scatter kernel not loaded".into())),
+            },
         };
         // Argument block: err (16 bytes), pieces, ids, slots.
         let pb = std::mem::size_of_val(pieces);
@@ -557,21 +694,6 @@ pub fn compile_cubin(src: &str, arch: &str) -> Result<Vec<u8>, String> {
     }
 }
 
-/// Whether scatters use the copy engines by default (`CWM_SCATTER=copy-engine`, and the
-/// driver can).
-fn copy_engine_default() -> bool {
-    if !std::env::var("CWM_SCATTER").is_ok_and(|v| v == "copy-engine") {
-        return false;
-    }
-    if !has_batch_copy() {
-        crate::log::warn(
-            "CWM_SCATTER=copy-engine: this driver has no cuMemcpyBatchAsync_v2 (CUDA 13 drivers); the copy kernel scatters instead",
-        );
-        return false;
-    }
-    true
-}
-
 /// Whether the driver exports `cuMemcpyBatchAsync_v2` (CUDA ≥ 13.0 drivers). cudarc panics on
 /// a missing symbol, so every batch copy asks first.
 #[must_use]
@@ -587,6 +709,15 @@ pub fn has_batch_copy() -> bool {
                     .is_ok()
             }
     })
+}
+
+/// Whether every piece and slot suits `cwm_scatter_bulk`: bulk-async copies need 16-byte
+/// aligned addresses and lengths, and no permutation.
+fn bulk_aligned(table: &[KernelPiece], slots: &[u64]) -> bool {
+    table
+        .iter()
+        .all(|k| k.perm == 0 && (k.base | k.stride | k.len | k.off) % 16 == 0)
+        && slots.iter().all(|s| s % 16 == 0)
 }
 
 /// One tensor registered through CUDA IPC.
@@ -612,10 +743,11 @@ pub struct CudaMemory {
     pub grid: std::sync::atomic::AtomicU32,
     /// Threads per CTA of the copy kernel.
     pub threads: std::sync::atomic::AtomicU32,
-    /// Scatter without permutation through the copy engines (cuMemcpyBatchAsync) instead of
-    /// the kernel. Off by default until measured (`CWM_SCATTER=copy-engine` turns it on;
-    /// `cwm gpu-check` measures both).
-    pub copy_engine: std::sync::atomic::AtomicBool,
+    /// The [`ScatterPath`] asked for (`CWM_SCATTER`; the kernel by default until the others
+    /// are measured: `cwm gpu-check bench` measures every path).
+    scatter: std::sync::atomic::AtomicU8,
+    /// The path the last scatter took (a path that cannot run falls back to the kernel).
+    last_scatter: std::sync::atomic::AtomicU8,
 }
 
 // SAFETY: device addresses are plain integers; the context is behind Cuda's mutex.
@@ -664,8 +796,27 @@ impl CudaMemory {
             wait: Mutex::new(None),
             grid: std::sync::atomic::AtomicU32::new(DEFAULT_GRID),
             threads: std::sync::atomic::AtomicU32::new(THREADS),
-            copy_engine: std::sync::atomic::AtomicBool::new(copy_engine_default()),
+            scatter: std::sync::atomic::AtomicU8::new(scatter_default() as u8),
+            last_scatter: std::sync::atomic::AtomicU8::new(ScatterPath::Kernel as u8),
         })
+    }
+
+    /// Chooses how scatters move bytes (see [`ScatterPath`]).
+    pub fn set_scatter(&self, path: ScatterPath) {
+        self.scatter
+            .store(path as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The path asked for.
+    #[must_use]
+    pub fn scatter_path(&self) -> ScatterPath {
+        ScatterPath::from_u8(self.scatter.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The path the last scatter actually took.
+    #[must_use]
+    pub fn last_scatter_path(&self) -> ScatterPath {
+        ScatterPath::from_u8(self.last_scatter.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     fn geometry(&self) -> (u32, u32) {
@@ -688,7 +839,8 @@ impl CudaMemory {
             wait: Mutex::new(None),
             grid: std::sync::atomic::AtomicU32::new(DEFAULT_GRID),
             threads: std::sync::atomic::AtomicU32::new(THREADS),
-            copy_engine: std::sync::atomic::AtomicBool::new(copy_engine_default()),
+            scatter: std::sync::atomic::AtomicU8::new(scatter_default() as u8),
+            last_scatter: std::sync::atomic::AtomicU8::new(ScatterPath::Kernel as u8),
         }
     }
 
@@ -889,6 +1041,7 @@ impl KvMemory for CudaMemory {
             (1, 1),
             self.geometry(),
             wait,
+            Entry::Copy,
         ))
     }
 
@@ -909,9 +1062,26 @@ impl KvMemory for CudaMemory {
             .collect();
         let slots = slots?;
         let table = piece_table(engine, window, compat, &self.ptrs);
-        if compat == Compat::Same && self.copy_engine.load(std::sync::atomic::Ordering::Relaxed) {
+        let want = self.scatter_path();
+        let path = if want == ScatterPath::Kernel
+            || !self.cuda.supports(want)
+            || (want != ScatterPath::L2Hint && compat != Compat::Same)
+            || (want == ScatterPath::Bulk && !bulk_aligned(&table, &slots))
+        {
+            ScatterPath::Kernel
+        } else {
+            want
+        };
+        self.last_scatter
+            .store(path as u8, std::sync::atomic::Ordering::Relaxed);
+        if path == ScatterPath::CopyEngine {
             return Some(self.scatter_copy_engine(&table, ids, &slots, engine.num_blocks));
         }
+        let entry = match path {
+            ScatterPath::L2Hint => Entry::L2,
+            ScatterPath::Bulk => Entry::Bulk,
+            _ => Entry::Copy,
+        };
         Some(self.cuda.launch(
             &table,
             ids,
@@ -921,6 +1091,7 @@ impl KvMemory for CudaMemory {
             perm_dims(window),
             self.geometry(),
             None,
+            entry,
         ))
     }
 }
@@ -1027,6 +1198,27 @@ mod tests {
     }
 
     #[test]
+    fn scatter_paths_parse_and_bulk_needs_alignment() {
+        for p in ScatterPath::ALL {
+            assert_eq!(ScatterPath::parse(p.name()), Some(p));
+            assert_eq!(ScatterPath::from_u8(p as u8), p);
+        }
+        assert_eq!(ScatterPath::parse("dma"), None);
+        assert_eq!(ScatterPath::from_u8(200), ScatterPath::Kernel);
+        let l = Layout::flash_2nbhd(2, 8, 16, 2, 64, Dtype::Bf16);
+        let t = piece_table(&l, &l, Compat::Same, &[1 << 20, 2 << 20]);
+        assert!(bulk_aligned(&t, &[4096, 8192]));
+        assert!(!bulk_aligned(&t, &[4096, 8200]), "a slot off 16 bytes");
+        let mut odd = t.clone();
+        odd[1].len = 72;
+        assert!(!bulk_aligned(&odd, &[4096]), "a piece length off 16 bytes");
+        let a = Layout::cross_layer(CrossOrder::Lbhnc, 2, 8, 16, 4, 64, Dtype::Bf16);
+        let b = Layout::cross_layer(CrossOrder::Blnhc, 2, 8, 16, 4, 64, Dtype::Bf16);
+        let p = piece_table(&b, &a, Compat::Permute, &[0]);
+        assert!(!bulk_aligned(&p, &[4096]), "permutation");
+    }
+
+    #[test]
     fn nvrtc_compiles_the_kernels_for_every_target() {
         // SAFETY: only tries to dlopen the library.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
@@ -1039,6 +1231,27 @@ mod tests {
             let bin = compile_cubin(KERNEL_SOURCE, arch).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(&bin[..4], b"\x7fELF", "{arch}: a CUBIN is an ELF image");
         }
+        // The PTX the runtime loads for an sm_90 GPU has the bulk and hinted copies; an sm_80
+        // build compiles the bulk kernel's body out.
+        let ptx = |arch: &str| {
+            cudarc::nvrtc::compile_ptx_with_opts(
+                KERNEL_SOURCE,
+                cudarc::nvrtc::CompileOptions {
+                    options: vec![format!("--gpu-architecture={arch}")],
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("{arch}: {e:?}"))
+            .to_src()
+        };
+        let p90 = ptx("compute_90");
+        assert!(p90.contains("cp.async.bulk.shared::cluster.global"), "bulk loads");
+        assert!(p90.contains("cp.async.bulk.global.shared::cta"), "bulk stores");
+        assert!(p90.contains("L2::256B"), "hinted loads");
+        for entry in ["cwm_copy", "cwm_copy_l2", "cwm_scatter_bulk"] {
+            assert!(p90.contains(&format!(".entry {entry}(")), "{entry}");
+        }
+        assert!(!ptx("compute_80").contains("cp.async.bulk"));
         let e = compile_cubin("__global__ void k() { nope; }", "sm_90").expect_err("bad source");
         assert!(
             e.contains("nope"),
