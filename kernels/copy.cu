@@ -34,6 +34,7 @@ struct Piece {
 template <int HINT>
 __device__ __forceinline__ uint4 ld16(const uint4* p)
 {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     if (HINT) {
         uint4 v;
         asm volatile("ld.global.nc.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -41,6 +42,7 @@ __device__ __forceinline__ uint4 ld16(const uint4* p)
                      : "l"(p));
         return v;
     }
+#endif
     return *p;
 }
 
@@ -126,7 +128,8 @@ extern "C" __global__ void cwm_copy_l2(CWM_PARAMS)
 #define BULK_CHUNK 8192
 #define BULK_STAGES 5
 
-// Walks this CTA's (block, piece) items in grid-stride order, BULK_CHUNK bytes at a time.
+// Walks this CTA's (block, piece) items in grid-stride order, BULK_CHUNK bytes at a time;
+// flags out-of-range ids in *err when err is not null.
 struct Cursor {
     long long it;
     u64 off;
@@ -143,7 +146,7 @@ __device__ __forceinline__ bool next_chunk(Cursor& c, const Piece* __restrict__ 
         int p = (int)(c.it % npieces);
         u64 id = ids[b];
         if (id >= num_blocks) {
-            atomicExch(err, 1);
+            if (err) atomicExch(err, 1);
         } else {
             Piece pc = pieces[p];
             if (c.off < pc.len) {
@@ -160,6 +163,20 @@ __device__ __forceinline__ bool next_chunk(Cursor& c, const Piece* __restrict__ 
     }
     return false;
 }
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// Starts a bulk-async copy of `n` bytes from global `src` into shared `buf`; barrier `bar`
+// completes its phase when they have arrived.
+__device__ __forceinline__ void bulk_load(unsigned buf, unsigned bar, u64 src, unsigned n)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(n)
+                 : "memory");
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+        ::"r"(buf), "l"(src), "r"(n), "r"(bar)
+        : "memory");
+}
+#endif
 
 extern "C" __global__ void cwm_scatter_bulk(CWM_PARAMS)
 {
@@ -185,18 +202,11 @@ extern "C" __global__ void cwm_scatter_bulk(CWM_PARAMS)
     while (issued < BULK_STAGES &&
            next_chunk(ld, pieces, npieces, ids, slots, items, num_blocks, err, src, dst, n)) {
         int k = (int)(issued % BULK_STAGES);
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sbar[k]),
-                     "r"(n)
-                     : "memory");
-        asm volatile(
-            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, "
-            "[%3];" ::"r"(sbuf[k]),
-            "l"(src), "r"(n), "r"(sbar[k])
-            : "memory");
+        bulk_load(sbuf[k], sbar[k], src, n);
         issued++;
     }
-    int err_dummy = 0;
-    while (next_chunk(st, pieces, npieces, ids, slots, items, num_blocks, &err_dummy, src, dst,
+    // The store cursor walks the same chunks; the load cursor already flagged bad ids.
+    while (next_chunk(st, pieces, npieces, ids, slots, items, num_blocks, nullptr, src, dst,
                       n)) {
         int k = (int)(done % BULK_STAGES);
         unsigned parity = (unsigned)((done / BULK_STAGES) & 1);
@@ -220,18 +230,15 @@ extern "C" __global__ void cwm_scatter_bulk(CWM_PARAMS)
                        ln)) {
             // Stage k is refilled once the store just issued has read it.
             asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sbar[k]),
-                         "r"(ln)
-                         : "memory");
-            asm volatile(
-                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], "
-                "%2, [%3];" ::"r"(sbuf[k]),
-                "l"(lsrc), "r"(ln), "r"(sbar[k])
-                : "memory");
+            bulk_load(sbuf[k], sbar[k], lsrc, ln);
             issued++;
         }
     }
     // Every store complete (not only read from shared memory) before the CTA ends.
     asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+#else
+    // Compiled for an architecture without bulk copies: copy nothing, and say so (*err = 2),
+    // so that a launch of this build can never pass for a scatter.
+    if (blockIdx.x == 0 && threadIdx.x == 0) atomicExch(err, 2);
 #endif
 }

@@ -393,18 +393,22 @@ pub fn freeze(
     };
     let pool = eng.staging_pool(cfg, store.engine().as_ref())?;
     let batch = cfg.batch_blocks.clamp(1, pool.max_set());
-    // A window that fits in the pool's capture share is captured whole before the log is
-    // touched: the engine gets its blocks back at gather speed, even while another freeze
-    // holds the log.
-    store.precheck(&spec)?;
-    if let Some(sets) = pool.take_capture(n, batch) {
-        let c = Capture {
-            sets,
-            batch,
-            block_ids: &req.block_ids,
-            keys: &keys,
-        };
-        return freeze_captured(store, eng, spec, c, cfg, tier, on_captured, t0);
+    // A window that fits in the pool's capture share (and surely in the log) is captured
+    // whole before the log is touched: the engine gets its blocks back at gather speed, even
+    // while another freeze holds the log.
+    if pool.captures(n) {
+        if let Some(room) = store.reserve(&spec)? {
+            if let Some(sets) = pool.take_capture(n, batch) {
+                let c = Capture {
+                    sets,
+                    batch,
+                    block_ids: &req.block_ids,
+                    keys: &keys,
+                    room,
+                };
+                return freeze_captured(eng, spec, c, cfg, tier, on_captured, t0);
+            }
+        }
     }
     let mut w = store.begin_window(spec)?;
     let todo: Vec<usize> = (0..n).filter(|&i| w.needs_write(i)).collect();
@@ -522,6 +526,8 @@ struct Capture<'a> {
     batch: usize,
     block_ids: &'a [u64],
     keys: &'a [u128],
+    /// Log room reserved for the window: once `captured`, the log cannot refuse it for room.
+    room: crate::store::Reservation<'a>,
 }
 
 /// A freeze whose window fits in staging: gather every block (the engine's blocks are free
@@ -529,12 +535,7 @@ struct Capture<'a> {
 /// the log does not hold yet, giving each batch's slots back as soon as they are written.
 /// Blocks the log already holds are gathered too: whether the log still holds them is only
 /// known under its lock, and once `captured` the engine may reuse its blocks.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "freeze's own arguments, split out"
-)]
 fn freeze_captured(
-    store: &Store,
     eng: &Engine,
     spec: WindowSpec,
     c: Capture<'_>,
@@ -591,7 +592,7 @@ fn freeze_captured(
                     })
                 })
                 .collect();
-            let w = store.begin_window(spec);
+            let w = c.room.begin(spec);
             let mut sums = Vec::with_capacity(n);
             let mut busy = 0.0f64;
             for h in hs {
@@ -791,13 +792,16 @@ pub fn thaw(
                 report.tier_corruption = Some(format!("block {bad}"));
             }
             Some(TierThaw::Failed(e)) => return Err(e),
-            Some(TierThaw::TimedOut { verified }) => {
+            Some(TierThaw::TimedOut { verified, bad }) => {
+                if let Some(b) = bad {
+                    t.remove(keys[b]);
+                }
                 return Err(PipelineError::Timeout {
                     window: r.info.name.clone(),
                     limit_secs: t0.elapsed().as_secs_f64(),
                     blocks_restored: verified as u64,
                     num_blocks: n as u64,
-                })
+                });
             }
             None => {}
         }
@@ -955,8 +959,9 @@ enum TierThaw {
     Corrupt(usize),
     /// The scatter failed.
     Failed(PipelineError),
-    /// The deadline passed; the first `verified` blocks are scattered and verified.
-    TimedOut { verified: usize },
+    /// The deadline passed; the first `verified` blocks are scattered and verified (`bad`: a
+    /// corrupt block found meanwhile).
+    TimedOut { verified: usize, bad: Option<usize> },
 }
 
 /// Scatters tier payloads into `dst` while `cfg.verify_threads` threads check them against
@@ -1039,7 +1044,10 @@ fn scatter_verifying(
             match h.join() {
                 Ok(t) => verify_secs = verify_secs.max(t),
                 Err(_) => {
-                    bad.fetch_min(0, SeqCst);
+                    // Not a corrupt block: the thaw fails instead of blaming the tier.
+                    failed = failed.or(Some(Some(PipelineError::Validation(
+                        "a tier verifier thread panicked".into(),
+                    ))));
                 }
             }
         }
@@ -1050,6 +1058,7 @@ fn scatter_verifying(
         Some(Some(e)) => TierThaw::Failed(e),
         Some(None) => TierThaw::TimedOut {
             verified: done.min(bad),
+            bad: (bad != usize::MAX).then_some(bad),
         },
         None if bad != usize::MAX => TierThaw::Corrupt(bad),
         None => TierThaw::Done {

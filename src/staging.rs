@@ -125,6 +125,12 @@ impl StagingPool {
         Some(sets)
     }
 
+    /// Whether a window of `n` blocks is captured whole ([`StagingPool::take_capture`]).
+    #[must_use]
+    pub fn captures(&self, n: usize) -> bool {
+        n > 0 && n <= self.nslots / 2
+    }
+
     fn wait<'a>(&self, g: std::sync::MutexGuard<'a, Free>) -> std::sync::MutexGuard<'a, Free> {
         match self.cv.wait(g) {
             Ok(g) => g,

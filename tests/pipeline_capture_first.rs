@@ -104,3 +104,41 @@ fn capture_does_not_wait_for_the_log() {
     );
     assert!(!captured.load(Ordering::SeqCst));
 }
+
+/// EC-020: a window the log cannot hold is refused before its capture: the engine is never
+/// told `captured` for a freeze that then fails for room.
+#[test]
+fn ec_020_d_no_capture_for_a_window_the_log_cannot_hold() {
+    let (_, io) = engines().pop().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = open(tmp.path(), &io);
+    let layout = Layout::flash_2nbhd(2, 64, 16, 2, 64, Dtype::Bf16); // 16 KiB per block
+    let syn = synthetic(layout.clone(), 6);
+    let cfg = PipelineConfig {
+        staging_bytes: 4 << 20,
+        ..Default::default()
+    };
+    store.set_capacity(store.stats().unwrap().used_bytes + 10 * (16 << 10));
+    let captured = AtomicBool::new(false);
+    let e = freeze(
+        &store,
+        &syn.engine,
+        FreezeRequest {
+            window: "big".into(),
+            session: "s".into(),
+            tokens: (0..16 * 20).collect(),
+            block_ids: (0..20).collect(),
+            ..Default::default()
+        },
+        &cfg,
+        None,
+        &|| captured.store(true, Ordering::SeqCst),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, PipelineError::Store(s) if s.code() == "QUOTA_EXCEEDED"),
+        "{e:?}"
+    );
+    assert!(!captured.load(Ordering::SeqCst), "captured, then refused");
+    assert_eq!(store.stats().unwrap().reserved_bytes, 0);
+}

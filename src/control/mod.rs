@@ -494,7 +494,7 @@ impl Server {
                 let st = self.store.stats().map_err(ApiError::from)?;
                 Ok(
                     json!({"status": "ok", "windows": st.windows, "used_bytes": st.used_bytes,
-                    "capacity": st.capacity, "free_bytes": st.free_bytes, "io_engine": st.engine,
+                    "capacity": st.capacity, "free_bytes": st.free_bytes, "reserved_bytes": st.reserved_bytes, "io_engine": st.engine,
                     "engines": self.engines.lock().map(|e| e.len()).unwrap_or(0)}),
                 )
             }

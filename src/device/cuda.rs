@@ -320,7 +320,8 @@ impl Cuda {
             for (i, b) in fatbin.iter().enumerate() {
                 aligned[i / 8] |= u64::from(*b) << (8 * (i % 8));
             }
-            match Self::module_kernels(aligned.as_ptr().cast(), cc) {
+            // The fatbin holds sm_90 code, which an sm_90+ GPU runs.
+            match Self::module_kernels(aligned.as_ptr().cast(), cc.0 >= 9) {
                 Ok(k) => return Ok(k),
                 Err(e) => crate::log::warn(&format!(
                     "embedded kernel fatbin did not load on this GPU ({e}); trying NVRTC"
@@ -331,26 +332,32 @@ impl Cuda {
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             return Err("libnvrtc could not be loaded".into());
         }
-        let opts = cudarc::nvrtc::CompileOptions {
-            options: vec![format!("--gpu-architecture=compute_{}{}", cc.0, cc.1)],
-            ..Default::default()
-        };
-        let ptx = match cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts) {
-            Ok(p) => p,
-            Err(e) => {
-                crate::log::warn(&format!(
-                    "NVRTC for compute_{}{}: {e:?}; compiling for its default architecture",
-                    cc.0, cc.1
-                ));
-                cudarc::nvrtc::compile_ptx(KERNEL_SOURCE).map_err(|e| format!("NVRTC: {e:?}"))?
-            }
-        };
+        // The GPU's own architecture, or the newest one NVRTC knows below it (a GPU newer
+        // than this NVRTC); NVRTC's default when it cannot say.
+        let want = cc.0 * 10 + cc.1;
+        let arch = nvrtc_archs()
+            .into_iter()
+            .filter(|&a| a <= want)
+            .max()
+            .or((want > 0).then_some(want));
+        let ptx = match arch {
+            Some(a) => cudarc::nvrtc::compile_ptx_with_opts(
+                KERNEL_SOURCE,
+                cudarc::nvrtc::CompileOptions {
+                    options: vec![format!("--gpu-architecture=compute_{a}")],
+                    ..Default::default()
+                },
+            ),
+            None => cudarc::nvrtc::compile_ptx(KERNEL_SOURCE),
+        }
+        .map_err(|e| format!("NVRTC ({arch:?}): {e:?}"))?;
         let src = CString::new(ptx.to_src()).map_err(|e| e.to_string())?;
-        Self::module_kernels(src.as_ptr().cast(), cc)
+        // The bulk kernel has a body only when compiled for sm_90 or newer.
+        Self::module_kernels(src.as_ptr().cast(), arch.is_some_and(|a| a >= 90))
     }
 
     /// Loads a module image (fatbin or NUL-terminated PTX) and looks its entry points up.
-    fn module_kernels(image: *const c_void, cc: (i32, i32)) -> Result<Kernels, String> {
+    fn module_kernels(image: *const c_void, bulk: bool) -> Result<Kernels, String> {
         let mut module: cu::CUmodule = std::ptr::null_mut();
         // SAFETY: `image` is a fatbin or NUL-terminated PTX image that outlives the call;
         // out-pointers are valid.
@@ -368,8 +375,8 @@ impl Cuda {
         Ok(Kernels {
             copy,
             l2: get(c"cwm_copy_l2"),
-            // Compiled for sm_90 and up only; an older GPU's build has an empty body.
-            bulk: (cc.0 >= 9).then(|| get(c"cwm_scatter_bulk")).flatten(),
+            // Only where it was compiled for sm_90 or newer (elsewhere its body says so).
+            bulk: bulk.then(|| get(c"cwm_scatter_bulk")).flatten(),
         })
     }
 
@@ -618,12 +625,41 @@ impl Cuda {
                 cu::cuMemcpyDtoH_v2(err.as_mut_ptr().cast(), err_d, 4),
             )?;
         }
-        if u32::from_le_bytes(err) != 0 {
-            return Err(DeviceError::Validation(
-                "the kernel saw an out-of-range block id".into(),
-            ));
+        match u32::from_le_bytes(err) {
+            0 => {}
+            2 => {
+                return Err(DeviceError::Os(
+                    "the bulk scatter kernel was not compiled for this GPU (sm_90 or newer)".into(),
+                ))
+            }
+            _ => {
+                return Err(DeviceError::Validation(
+                    "the kernel saw an out-of-range block id".into(),
+                ))
+            }
         }
         Ok(())
+    }
+}
+
+/// The virtual architectures this NVRTC compiles for, as 10 × major + minor (empty when it
+/// cannot say).
+fn nvrtc_archs() -> Vec<i32> {
+    use cudarc::nvrtc::sys as rt;
+    let mut n: i32 = 0;
+    // SAFETY: plain NVRTC queries with valid out-pointers; the list is sized by the count.
+    unsafe {
+        if !rt::is_culib_present()
+            || rt::nvrtcGetNumSupportedArchs(&mut n) != rt::nvrtcResult::NVRTC_SUCCESS
+            || n <= 0
+        {
+            return Vec::new();
+        }
+        let mut v = vec![0i32; n as usize];
+        if rt::nvrtcGetSupportedArchs(v.as_mut_ptr()) != rt::nvrtcResult::NVRTC_SUCCESS {
+            return Vec::new();
+        }
+        v
     }
 }
 
@@ -1227,6 +1263,8 @@ mod tests {
             );
             return;
         }
+        let archs = nvrtc_archs();
+        assert!(archs.contains(&80) && archs.contains(&90), "{archs:?}");
         for arch in ["sm_80", "sm_90"] {
             let bin = compile_cubin(KERNEL_SOURCE, arch).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(&bin[..4], b"\x7fELF", "{arch}: a CUBIN is an ELF image");
@@ -1245,13 +1283,23 @@ mod tests {
             .to_src()
         };
         let p90 = ptx("compute_90");
-        assert!(p90.contains("cp.async.bulk.shared::cluster.global"), "bulk loads");
-        assert!(p90.contains("cp.async.bulk.global.shared::cta"), "bulk stores");
+        assert!(
+            p90.contains("cp.async.bulk.shared::cluster.global"),
+            "bulk loads"
+        );
+        assert!(
+            p90.contains("cp.async.bulk.global.shared::cta"),
+            "bulk stores"
+        );
         assert!(p90.contains("L2::256B"), "hinted loads");
         for entry in ["cwm_copy", "cwm_copy_l2", "cwm_scatter_bulk"] {
             assert!(p90.contains(&format!(".entry {entry}(")), "{entry}");
         }
         assert!(!ptx("compute_80").contains("cp.async.bulk"));
+        // An architecture without the hint or the bulk copies still builds every entry point
+        // (cwm_copy must load whatever NVRTC falls back to).
+        let p75 = ptx("compute_75");
+        assert!(!p75.contains("L2::256B") && p75.contains(".entry cwm_copy("));
         let e = compile_cubin("__global__ void k() { nope; }", "sm_90").expect_err("bad source");
         assert!(
             e.contains("nope"),

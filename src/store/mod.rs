@@ -327,6 +327,8 @@ pub struct StoreStats {
     pub live_bytes: u64,
     /// `capacity - used_bytes`.
     pub free_bytes: u64,
+    /// Of `free_bytes`, promised to windows being written or captured and waiting for the log.
+    pub reserved_bytes: u64,
     /// Visible windows.
     pub windows: u64,
     /// Distinct stored blocks.
@@ -345,6 +347,9 @@ pub struct Store {
     appender: Mutex<Appender>,
     used: AtomicU64,
     capacity: AtomicU64,
+    /// Log bytes promised but not yet in `used`: windows being written (their exact need,
+    /// until commit or drop) and windows captured before they are written ([`Reservation`]).
+    reserved: AtomicU64,
     /// One compaction at a time (the background thread, the op, repair).
     compacting: Mutex<()>,
     _lock: File,
@@ -388,6 +393,7 @@ impl Store {
         let (state, appender, used, report) = recovery::recover(&cfg, engine.as_ref())?;
         let store = Store {
             capacity: AtomicU64::new(cfg.capacity),
+            reserved: AtomicU64::new(0),
             cfg,
             engine,
             state: RwLock::new(state),
@@ -436,6 +442,7 @@ impl Store {
             used_bytes: used,
             live_bytes: segments.iter().map(|s| s.live).sum(),
             free_bytes: capacity.saturating_sub(used),
+            reserved_bytes: self.reserved.load(Ordering::SeqCst),
             windows: st.windows.len() as u64,
             blocks: st.blocks.len() as u64,
             segments,
@@ -585,7 +592,13 @@ impl Store {
 
     /// Starts writing a window: validates the spec, checks capacity (before any byte is
     /// written), and takes the appender lock until commit or drop.
-    pub fn begin_window(&self, mut spec: WindowSpec) -> Result<WindowWriter<'_>, StoreError> {
+    pub fn begin_window(&self, spec: WindowSpec) -> Result<WindowWriter<'_>, StoreError> {
+        self.begin_inner(spec, 0)
+    }
+
+    /// [`Store::begin_window`] for a writer holding `own` reserved bytes, which its own need
+    /// replaces.
+    fn begin_inner(&self, mut spec: WindowSpec, own: u64) -> Result<WindowWriter<'_>, StoreError> {
         validate_spec(&mut spec)?;
         let app = self.lock_appender()?;
         let st = self.state.read().map_err(poisoned)?;
@@ -595,7 +608,9 @@ impl Store {
         drop(st);
         let capacity = self.capacity.load(Ordering::SeqCst);
         let used = self.used.load(Ordering::SeqCst);
-        let free = capacity.saturating_sub(used);
+        // Room promised to windows captured and waiting for the log is not free.
+        let others = self.reserved.load(Ordering::SeqCst).saturating_sub(own);
+        let free = capacity.saturating_sub(used).saturating_sub(others);
         if needed > free {
             return Err(StoreError::QuotaExceeded {
                 needed,
@@ -603,9 +618,13 @@ impl Store {
                 capacity,
             });
         }
+        // The writer holds its exact need until commit or drop; `own` is handed over.
+        self.reserved.fetch_add(needed, Ordering::SeqCst);
+        self.reserved.fetch_sub(own, Ordering::SeqCst);
         let n = spec.blocks.len();
         Ok(WindowWriter {
             store: self,
+            hold: needed,
             app,
             version: existing.map_or(1, |v| v + 1),
             replaces: existing,
@@ -617,20 +636,60 @@ impl Store {
         })
     }
 
-    /// The refusals [`Store::begin_window`] would give now (bad name, no blocks,
-    /// ALREADY_EXISTS, a version mismatch), without waiting for the appender lock: a freeze
-    /// that captures before it writes checks first so that it does not capture for nothing.
-    /// `begin_window` checks again under the lock.
-    pub fn precheck(&self, spec: &WindowSpec) -> Result<(), StoreError> {
-        let mut spec = WindowSpec {
+    /// For a window captured before it is written: the refusals [`Store::begin_window`]
+    /// would give now (bad name, no blocks, ALREADY_EXISTS, a version mismatch), without
+    /// waiting for the appender lock, then a reservation of log room for every record the
+    /// window could need — all its blocks, deduplicated or not, its manifest, and a segment
+    /// header per possible rotation — so that once the engine is told `captured`, the log
+    /// cannot refuse it for room. `Ok(None)`: the log might not hold that bound; the caller
+    /// streams instead and `begin_window` decides exactly.
+    pub fn reserve(&self, spec: &WindowSpec) -> Result<Option<Reservation<'_>>, StoreError> {
+        let mut v = WindowSpec {
             name: spec.name.clone(),
             blocks: spec.blocks.clone(),
             replace: spec.replace,
             ..Default::default()
         };
-        validate_spec(&mut spec)?;
-        let st = self.state.read().map_err(poisoned)?;
-        check_replace(&st, &spec).map(|_| ())
+        validate_spec(&mut v)?;
+        {
+            let st = self.state.read().map_err(poisoned)?;
+            check_replace(&st, &v)?;
+        }
+        let lens: Vec<u64> = spec
+            .blocks
+            .iter()
+            .map(|b| record_len(b.len))
+            .chain([record_len(manifest_payload_len(spec))])
+            .collect();
+        let total: u64 = lens.iter().sum();
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let room = (self.cfg.segment_size - PAGE)
+            .saturating_sub(longest)
+            .max(1);
+        let rotations = (lens.len() as u64).min(1 + total / room);
+        let bound = total + PAGE * rotations;
+        let capacity = self.capacity.load(Ordering::SeqCst);
+        let mut cur = self.reserved.load(Ordering::SeqCst);
+        loop {
+            let used = self.used.load(Ordering::SeqCst);
+            if used.saturating_add(cur).saturating_add(bound) > capacity {
+                return Ok(None);
+            }
+            match self.reserved.compare_exchange(
+                cur,
+                cur + bound,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => {
+                    return Ok(Some(Reservation {
+                        store: self,
+                        bytes: bound,
+                    }))
+                }
+                Err(now) => cur = now,
+            }
+        }
     }
 
     /// Appends one record image (header filled in here) and returns where it went. Rotates
@@ -1206,10 +1265,42 @@ fn check_replace(st: &State, spec: &WindowSpec) -> Result<Option<u64>, StoreErro
     }
 }
 
+/// Log room promised to a window captured before it is written ([`Store::reserve`]);
+/// released on drop, or handed to its writer by [`Reservation::begin`].
+pub struct Reservation<'a> {
+    store: &'a Store,
+    bytes: u64,
+}
+
+impl<'a> Reservation<'a> {
+    /// Bytes reserved.
+    #[must_use]
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// [`Store::begin_window`] for the reserved window: the room promised to other windows
+    /// is not free, this one's is.
+    pub fn begin(mut self, spec: WindowSpec) -> Result<WindowWriter<'a>, StoreError> {
+        let own = self.bytes;
+        let w = self.store.begin_inner(spec, own)?;
+        self.bytes = 0; // handed over to the writer
+        Ok(w)
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.store.reserved.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
 /// Writes one window; holds the appender lock. Dropping it without [`WindowWriter::commit`]
 /// aborts: nothing becomes visible, blocks already written are garbage.
 pub struct WindowWriter<'a> {
     store: &'a Store,
+    /// Bytes of `Store::reserved` this writer holds until commit or drop.
+    hold: u64,
     app: MutexGuard<'a, Appender>,
     spec: WindowSpec,
     version: u64,
@@ -1218,6 +1309,12 @@ pub struct WindowWriter<'a> {
     written: Vec<Option<(Loc, u64)>>,
     touched: Vec<Arc<Segment>>,
     failed: Option<String>,
+}
+
+impl Drop for WindowWriter<'_> {
+    fn drop(&mut self) {
+        self.store.reserved.fetch_sub(self.hold, Ordering::SeqCst);
+    }
 }
 
 impl WindowWriter<'_> {

@@ -1,0 +1,91 @@
+//! EC-020 for windows captured before they are written: `Store::reserve` promises log room
+//! for every record such a window could need, other writers cannot take it, the window's own
+//! writer can, and a window whose bound does not fit gets no reservation (its freeze streams
+//! and `begin_window` decides exactly). Room comes back on commit and on drop.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod common;
+use common::*;
+use cwm::io::AlignedBuf;
+use cwm::store::format::{payload_offset, record_len};
+use cwm::store::{BlockImage, WindowWriter};
+
+const LEN: u64 = 64 << 10;
+
+fn write_all(mut w: WindowWriter<'_>, keys: &[u128]) -> cwm::store::WindowInfo {
+    for (i, &k) in keys.iter().enumerate() {
+        if !w.needs_write(i) {
+            continue;
+        }
+        let p = payload(k as u64, LEN as usize);
+        let mut img = AlignedBuf::zeroed(record_len(LEN) as usize);
+        let po = payload_offset(LEN);
+        img[po..po + p.len()].copy_from_slice(&p);
+        w.write_blocks(&mut [BlockImage {
+            index: i,
+            image: &mut img[..],
+            checksum: None,
+        }])
+        .unwrap();
+    }
+    w.commit().unwrap()
+}
+
+#[test]
+fn ec_020_c_reserved_room_is_kept_for_the_captured_window() {
+    let (_, io) = engines().pop().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = open(tmp.path(), &io);
+    put(&store, "base", &keys(1, 4), LEN);
+    let used = store.stats().unwrap().used_bytes;
+    let (kb, kc) = (keys(2, 8), keys(3, 4));
+    let r = store.reserve(&spec("b", &kb, LEN)).unwrap().expect("room");
+    let rb = r.bytes();
+    assert!(
+        rb > 8 * record_len(LEN),
+        "every block and the manifest: {rb}"
+    );
+    assert_eq!(store.stats().unwrap().reserved_bytes, rb);
+    // Window c would fit in what is free, but not beside b's reservation.
+    store.set_capacity(used + rb + 3 * record_len(LEN));
+    let e = store.put_window(spec("c", &kc, LEN), &[]).unwrap_err();
+    assert_eq!(e.code(), "VALIDATION", "payload count checked first: {e}");
+    let payloads: Vec<Vec<u8>> = kc
+        .iter()
+        .map(|&k| payload(k as u64, LEN as usize))
+        .collect();
+    let refs: Vec<&[u8]> = payloads.iter().map(|p| &p[..]).collect();
+    let e = store.put_window(spec("c", &kc, LEN), &refs).unwrap_err();
+    assert_eq!(e.code(), "QUOTA_EXCEEDED", "{e}");
+    // b's own writer gets its room.
+    write_all(r.begin(spec("b", &kb, LEN)).unwrap(), &kb);
+    check(&store, "b", &kb, LEN);
+    assert_eq!(
+        store.stats().unwrap().reserved_bytes,
+        0,
+        "released at commit"
+    );
+    // Refusals are still errors, and come before any reservation.
+    let e = store.reserve(&spec("b", &kb, LEN)).err().expect("exists");
+    assert_eq!(e.code(), "ALREADY_EXISTS");
+    assert_eq!(store.stats().unwrap().reserved_bytes, 0);
+    // A bound that does not fit: no reservation (the freeze streams instead).
+    store.set_capacity(store.stats().unwrap().used_bytes + record_len(LEN));
+    assert!(store
+        .reserve(&spec("d", &keys(4, 2), LEN))
+        .unwrap()
+        .is_none());
+    // Dropped unused: the room comes back.
+    store.set_capacity(u64::MAX);
+    let r = store
+        .reserve(&spec("e", &keys(5, 2), LEN))
+        .unwrap()
+        .expect("room");
+    assert!(store.stats().unwrap().reserved_bytes > 0);
+    drop(r);
+    assert_eq!(store.stats().unwrap().reserved_bytes, 0);
+    // A writer dropped without commit gives its hold back too.
+    let w = store.begin_window(spec("f", &keys(6, 2), LEN)).unwrap();
+    assert!(store.stats().unwrap().reserved_bytes > 0);
+    drop(w);
+    assert_eq!(store.stats().unwrap().reserved_bytes, 0);
+}
