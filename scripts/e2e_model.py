@@ -17,7 +17,6 @@ recomputing the prefill.
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys

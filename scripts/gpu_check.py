@@ -20,10 +20,10 @@ import time
 
 import torch
 
-OUT, CWM = sys.argv[1], sys.argv[2]
+OUT = CWM = None  # set by main(): importing this file touches no GPU (the table is tested on CPUs)
 DEV = torch.device("cuda")
 DT = torch.bfloat16
-results = {"checks": [], "device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+results = {"checks": [], "device": None, "torch": torch.__version__}
 failures = 0
 
 
@@ -177,6 +177,9 @@ def case(name, kind, L, NB, BS, H, D, nsel, workdir, order=None, bench=False, en
 
 
 def main():
+    global OUT, CWM
+    OUT, CWM = sys.argv[1], sys.argv[2]
+    results["device"] = torch.cuda.get_device_name(0)
     os.makedirs(OUT, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="cwm-gpu-", dir=os.environ.get("CWM_GPU_DIR", "/tmp"))
     cases = [
@@ -222,6 +225,15 @@ def main():
                 f"{best['scatter_ratio']:.3f} of H2D (kernel: {b['scatter_ratio']:.3f})")
     with open(os.path.join(OUT, "gpu-check.json"), "w") as f:
         json.dump(results, f, indent=1)
+    table = render(results, b, failures)
+    with open(os.path.join(OUT, "gpu-check.txt"), "w") as f:
+        f.write(table + "\n")
+    say(table)
+    sys.exit(1 if failures else 0)
+
+
+def render(results, b, failures):
+    """The table printed last: every figure of `cwm gpu-check bench` (`b`) beside its ceiling."""
     lines = [f"cwm gpu-check on {results['device']} (torch {results['torch']})"]
     if b:
         lines += [
@@ -251,11 +263,7 @@ def main():
                 f"{g['grid']}x{g['threads']}: {g['gather_gbps']:.1f}/{g['scatter_gbps']:.1f}" for g in b["grid_sweep"]),
         ]
     lines.append(f"{sum(c['ok'] for c in results['checks'])} passed, {failures} failed")
-    table = "\n".join(lines)
-    with open(os.path.join(OUT, "gpu-check.txt"), "w") as f:
-        f.write(table + "\n")
-    say(table)
-    sys.exit(1 if failures else 0)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
