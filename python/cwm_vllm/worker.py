@@ -104,7 +104,11 @@ class CwmWorker:
         self.rank = rank
         self.socket = socket_path
         self.engine = engine
-        self.model = model
+        # The namespace of this rank's blocks. Parallel ranks hold different slices (heads,
+        # layers) of the same tokens' KV in tensors of the same shape, so with one namespace
+        # their blocks would get the same keys and deduplicate into each other: rank k would
+        # thaw rank 0's heads. Rank 0 keeps the model's own (the scheduler's lookups use it).
+        self.model = model if rank == 0 else f"{model}#rank{rank}"
         self.salt = salt
         self.timeout = timeout
         self.once = once or Once()

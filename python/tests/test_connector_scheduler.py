@@ -137,6 +137,32 @@ def test_each_parallel_rank_has_its_own_window():
     assert CwmWorker("s", "e", "m", rank=3).window_name("conv") == "conv--r3"
 
 
+def test_parallel_ranks_never_share_blocks(world):
+    """Tensor-parallel ranks hold different slices of the same tokens' KV in tensors of the
+    same shape: their blocks must not deduplicate against each other, or a rank would thaw
+    another rank's heads."""
+    from cwm_vllm.worker import CwmWorker, LoadSpec, SaveSpec
+
+    # Not the fixture's tokens T: the same model's KV for the same tokens is rightly shared.
+    tokens = list(range(9000, 9000 + 4 * BS))
+    ranks = []
+    for rank in (0, 1):
+        buf = torch.randn(L, NB, H, BS, 2 * D).to(torch.bfloat16)
+        w = CwmWorker(str(world.cwm.sock), f"tp-r{rank}", "tiny:bfloat16", rank=rank)
+        w.register([buf[i] for i in range(L)], NB, BS, H, D)
+        ranks.append((w, buf))
+    for w, _ in ranks:
+        assert w.save(SaveSpec("q", "tp", tokens, [4, 5, 6, 7])) is not None
+    for w, buf in ranks:
+        want = buf[:, 4:8].clone()
+        buf[:, 20:24] = 0
+        failed, rep = w.load(LoadSpec("q", "tp", tokens, 0, [20, 21, 22, 23]))
+        assert failed == [] and rep["blocks_restored"] == 4, rep
+        assert torch.equal(buf[:, 20:24], want), f"rank {w.rank} thawed another rank's KV"
+    for w, _ in ranks:
+        w.close()
+
+
 def test_worker_registers_again_after_a_cwm_restart(world):
     from cwm_vllm.worker import CwmWorker
 
