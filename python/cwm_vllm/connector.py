@@ -20,7 +20,8 @@ cwm without asking. Extra config keys: ``socket`` (default $CWM_SOCKET or cwm's 
 ``"measure"`` (default: measured from the engine's own steps) or ``"off"``; a stored prefix whose
 estimated thaw is slower than recomputing it is recomputed, with a debug log line), ``timeout_s`` (per control call, default 30),
 ``lookup_timeout_s`` (the scheduler's lookups, default 1), ``model_id`` (the namespace of
-stored blocks; default: the model's real path or Hub id, with its dtype),
+stored blocks; default: a digest of the model's config and weights with its dtype — see
+:func:`namespace`),
 ``load`` / ``save`` (false turns either direction off).
 
 If cwm is down or answers an error, vLLM keeps serving: loads are reported failed (vLLM
@@ -30,6 +31,7 @@ logged once per cause, and the connector reconnects (and re-registers) when cwm 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -87,6 +89,61 @@ def cwm_params(request: Any) -> dict:
     return c if isinstance(c, dict) else {}
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+SAMPLE = 64 << 10
+
+
+def weights_digest(path: str) -> str | None:
+    """A digest of a local model directory's config and weights, read sparsely: config.json
+    whole, and of each weight file its name, size and 64 KiB at its start, middle and end (a
+    few hundred KiB for a large model). Equal for the same files wherever they are; different
+    once weights are rewritten in place (a fine-tune saved over the old files changes every
+    tensor). None when the directory holds no weight file."""
+    try:
+        names = sorted(os.listdir(path))
+    except OSError:
+        return None
+    weights = [n for n in names if n.endswith(WEIGHT_SUFFIXES)]
+    if not weights:
+        return None
+    h = hashlib.sha256(b"cwm-weights-v1\0")
+    for n in (["config.json"] if "config.json" in names else []) + weights:
+        f = os.path.join(path, n)
+        size = os.path.getsize(f)
+        h.update(f"{n}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            for off in sorted({0, max(0, size // 2 - SAMPLE // 2), max(0, size - SAMPLE)}):
+                fh.seek(off)
+                h.update(fh.read(SAMPLE))
+    return h.hexdigest()[:24]
+
+
+def _hub_snapshot(repo: str, revision: str | None) -> str | None:
+    """The local snapshot directory of a Hub model already downloaded, if any."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo, revision=revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not installed, not cached, not a repo id
+        return None
+
+
+def namespace(model: str, dtype: Any, model_id: str | None = None,
+              revision: str | None = None) -> str:
+    """The namespace an engine's blocks are stored and found under (with the KV layout and
+    the salt, which cwm adds): ``model_id`` when given; else the digest of the model's weights
+    (a local directory, or the local snapshot of a Hub id), so the same weights share blocks
+    wherever they live and changed weights never meet stale KV; else the directory's real path,
+    or the Hub id with its revision."""
+    if model_id:
+        return f"{model_id}:{dtype}"
+    path = model if os.path.isdir(model) else _hub_snapshot(model, revision)
+    if path:
+        d = weights_digest(path)
+        return f"weights-{d}:{dtype}" if d else f"{os.path.realpath(path)}:{dtype}"
+    return f"{model}@{revision}:{dtype}" if revision else f"{model}:{dtype}"
+
+
 class CwmConnector(KVConnectorBase_V1):
     """Named, durable, verifiable KV windows for vLLM through cwm."""
 
@@ -117,13 +174,11 @@ class CwmConnector(KVConnectorBase_V1):
         self._save_on = bool(extra("save", True))
         self._block_size = vllm_config.cache_config.block_size
         mc = vllm_config.model_config
-        # The namespace of stored blocks: the same model (and dtype) in any engine process
-        # must find them. A local directory by its real path (symlinks resolved), a Hub id as
-        # given; `model_id` overrides (e.g. the same weights at two paths).
-        model = str(mc.model)
-        if os.path.isdir(model):
-            model = os.path.realpath(model)
-        self._model = f"{extra('model_id') or model}:{mc.dtype}"
+        # The namespace of stored blocks (see `namespace`), computed where the worker
+        # registers: by then the weights are on disk.
+        self._model_args = (str(mc.model), mc.dtype, extra("model_id"),
+                            getattr(mc, "revision", None))
+        self._model: str | None = None
         self._engine_base = f"vllm-{cfg.engine_id}"
         self._once = Once()
         if getattr(cfg, "kv_load_failure_policy", "recompute") != "recompute":
@@ -333,6 +388,8 @@ class CwmConnector(KVConnectorBase_V1):
         mc = self._vllm_config.model_config
         kc = self._kv_cache_config
         num_blocks = kc.num_blocks if kc is not None else tensors[0].shape[0]
+        if self._model is None:
+            self._model = namespace(*self._model_args)
         w = CwmWorker(self._socket, f"{self._engine_base}-r{rank}", self._model, self._salt,
                       self._timeout, self._once, rank=rank)
         try:

@@ -185,21 +185,35 @@ def test_worker_registers_again_after_a_cwm_restart(world):
     w.close()
 
 
-def test_namespace_is_the_models_real_path(tmp_path):
-    real = tmp_path / "model"
-    real.mkdir()
-    (tmp_path / "link").symlink_to(real)
+def test_namespace_follows_the_weights_not_the_path(tmp_path):
+    """Same weights anywhere share blocks; weights rewritten in place never meet stale KV."""
+    import shutil
 
-    def ns(model, **extra):
-        kv = KVTransferConfig(kv_connector="CwmConnector", kv_role="kv_both",
-                              kv_connector_extra_config={"socket": "/nonexistent", **extra})
-        cfg = SimpleNamespace(kv_transfer_config=kv, cache_config=SimpleNamespace(block_size=BS),
-                              model_config=SimpleNamespace(model=model, dtype="bfloat16"))
-        return CwmConnector(cfg, KVConnectorRole.SCHEDULER, None)._model
+    from cwm_vllm.connector import namespace
+    from tiny_model import make
 
-    assert ns(str(real)) == ns(str(tmp_path / "link")) == f"{real}:bfloat16"
-    assert ns("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B:bfloat16"
-    assert ns(str(real), model_id="llama-8b") == "llama-8b:bfloat16"
+    a = make(str(tmp_path / "a"))
+    shutil.copytree(a, tmp_path / "b")
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    ns = namespace(a, "bfloat16")
+    assert ns.startswith("weights-") and ns.endswith(":bfloat16"), ns
+    assert namespace(str(tmp_path / "b"), "bfloat16") == ns, "a copy is the same model"
+    assert namespace(str(tmp_path / "link"), "bfloat16") == ns
+    assert namespace(a, "float16") != ns
+    # A fine-tune saved over the old files: every tensor changes.
+    from safetensors.torch import load_file, save_file
+
+    f = tmp_path / "b" / "model.safetensors"
+    w = load_file(str(f))
+    save_file({k: v + 1 for k, v in w.items()}, str(f), metadata={"format": "pt"})
+    assert namespace(str(tmp_path / "b"), "bfloat16") != ns, "stale KV after a model change"
+    # No weight files: the real path; a Hub id that is not downloaded: the id (and revision).
+    (tmp_path / "empty").mkdir()
+    assert namespace(str(tmp_path / "empty"), "bfloat16") == f"{tmp_path / 'empty'}:bfloat16"
+    assert namespace("nobody/not-a-model-xyz", "bfloat16") == "nobody/not-a-model-xyz:bfloat16"
+    assert namespace("nobody/not-a-model-xyz", "bfloat16", revision="abc") == \
+        "nobody/not-a-model-xyz@abc:bfloat16"
+    assert namespace(a, "bfloat16", model_id="llama-8b") == "llama-8b:bfloat16"
 
 
 def test_worker_bookkeeping_reports_each_transfer_once():
