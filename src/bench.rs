@@ -543,6 +543,7 @@ pub fn pipeline(
                 window: format!("b{run}"),
                 block_ids: (0..nb).map(|i| nb + 7 - i).collect(),
                 expect_tokens: None,
+                salt: None,
             },
             &cfg,
             None,
@@ -686,6 +687,7 @@ fn tier_thaw(
         window: window.into(),
         block_ids: (0..nb).map(|i| nb + 7 - i).collect(),
         expect_tokens: None,
+        salt: None,
     };
     thaw(store, eng, &req, cfg, Some(&tier)).map_err(|x| e(&x))?;
     let mut best_thaw = f64::MAX;

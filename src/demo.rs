@@ -141,6 +141,7 @@ pub fn run(a: &DemoArgs) -> Result<(), String> {
             window: "demo-window".into(),
             block_ids: dst.clone(),
             expect_tokens: Some(tokens),
+            salt: None,
         },
         &cfg,
         None,

@@ -59,6 +59,17 @@ pub enum PipelineError {
         /// Blocks in the window.
         num_blocks: u64,
     },
+    /// The window was frozen in another namespace (another model, weights, adapter, salt or
+    /// input): its KV is not this request's, whatever its tokens.
+    #[error("namespace mismatch: window {window:?} was frozen as {window_ns:?}, this thaw is in {want:?} (another model, adapter, salt or multimodal input); refusing to load KV computed for other inputs")]
+    NamespaceMismatch {
+        /// Window.
+        window: String,
+        /// The window's namespace.
+        window_ns: String,
+        /// The thaw's namespace.
+        want: String,
+    },
     /// Not enough memory for the thaw's staging (EC-022).
     #[error("insufficient memory to thaw: needs {needed} bytes of staging, {available} available; lower staging_bytes or free memory")]
     InsufficientMemory {
@@ -79,6 +90,7 @@ impl PipelineError {
             PipelineError::Layout(e) => e.code(),
             PipelineError::Validation(_) => "VALIDATION",
             PipelineError::TokenMismatch { .. } => "TOKEN_MISMATCH",
+            PipelineError::NamespaceMismatch { .. } => "NAMESPACE_MISMATCH",
             PipelineError::InsufficientMemory { .. } => "INSUFFICIENT_MEMORY",
             PipelineError::Timeout { .. } => "TIMEOUT",
         }
@@ -121,10 +133,21 @@ impl Engine {
     /// The namespace of this engine's keys.
     #[must_use]
     pub fn namespace(&self) -> Namespace {
+        self.namespace_with(None, &self.layout)
+    }
+
+    /// The namespace of a request's keys: the engine's, with the request's own salt (a LoRA
+    /// adapter, a tenant's cache salt, multimodal inputs: whatever makes the same tokens'
+    /// KV differ) and the given layout's fingerprint.
+    #[must_use]
+    pub fn namespace_with(&self, salt: Option<&str>, layout: &Layout) -> Namespace {
         Namespace {
             model: self.model.clone(),
-            layout_fingerprint: self.layout.fingerprint(),
-            salt: self.salt.clone(),
+            layout_fingerprint: layout.fingerprint(),
+            salt: match (self.salt.as_deref(), salt) {
+                (e, None) => e.map(str::to_string),
+                (e, Some(r)) => Some(format!("{}#req:{r}", e.unwrap_or_default())),
+            },
         }
     }
 
@@ -185,7 +208,17 @@ impl Engine {
     /// Keys of a token sequence in this engine's namespace.
     #[must_use]
     pub fn keys(&self, tokens: &[u32]) -> Vec<u128> {
-        block_keys(&self.namespace(), tokens, self.layout.block_size)
+        self.keys_with(tokens, None)
+    }
+
+    /// Keys of a token sequence in a request's namespace ([`Engine::namespace_with`]).
+    #[must_use]
+    pub fn keys_with(&self, tokens: &[u32], salt: Option<&str>) -> Vec<u128> {
+        block_keys(
+            &self.namespace_with(salt, &self.layout),
+            tokens,
+            self.layout.block_size,
+        )
     }
 }
 
@@ -274,6 +307,8 @@ pub struct FreezeRequest {
     pub block_ids: Vec<u64>,
     /// Existing window handling.
     pub replace: Replace,
+    /// The request's own namespace salt ([`Engine::namespace_with`]).
+    pub salt: Option<String>,
 }
 
 /// What a freeze did.
@@ -314,6 +349,9 @@ pub struct ThawRequest {
     /// With `prefix`: start at this window block (the engine already holds the ones before);
     /// `block_ids[0]` receives window block `first_block`. Tokens are still checked from 0.
     pub first_block: usize,
+    /// The request's own namespace salt: the window must have been frozen with the same
+    /// (and by the same model), or the thaw is refused with NAMESPACE_MISMATCH.
+    pub salt: Option<String>,
 }
 
 /// What a thaw did.
@@ -380,12 +418,12 @@ pub fn freeze(
         )));
     }
     device::check_block_ids(layout, &req.block_ids)?;
-    let keys = eng.keys(&req.tokens);
+    let keys = eng.keys_with(&req.tokens, req.salt.as_deref());
     let bb = layout.block_bytes();
     let spec = WindowSpec {
         name: req.window.clone(),
         session: req.session.clone(),
-        namespace: eng.namespace().label(),
+        namespace: eng.namespace_with(req.salt.as_deref(), &eng.layout).label(),
         layout: layout.to_json(),
         tokens: req.tokens,
         blocks: keys.iter().map(|&key| BlockDesc { key, len: bb }).collect(),
@@ -681,6 +719,16 @@ pub fn thaw(
     let mut r = store.open_window(&req.window)?;
     let wl = Layout::from_json(&r.manifest.layout)?;
     let compat = eng.layout.compat(&wl)?;
+    // The window's KV must be this engine's model's (and this request's adapter, salt and
+    // inputs): with the window's own layout, the namespaces must agree exactly.
+    let want = eng.namespace_with(req.salt.as_deref(), &wl).label();
+    if r.manifest.namespace != want {
+        return Err(PipelineError::NamespaceMismatch {
+            window: r.info.name.clone(),
+            window_ns: r.manifest.namespace.clone(),
+            want,
+        });
+    }
     let bs = u64::from(eng.layout.block_size);
     let avail = r.num_blocks();
     let first = req.first_block;

@@ -63,6 +63,7 @@ fn corrupt_block_restores_the_intact_prefix() {
                 window: "w".into(),
                 block_ids: dst.clone(),
                 expect_tokens: None,
+                salt: None,
             },
             &cfg,
             None,

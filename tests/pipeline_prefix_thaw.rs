@@ -27,6 +27,7 @@ fn thaw_range(
             expect_tokens: tokens,
             prefix,
             first_block,
+            salt: None,
         },
         &PipelineConfig::default(),
         None,

@@ -67,6 +67,7 @@ fn freeze_and_thaw_through_another_process_memory() {
             window: "remote".into(),
             block_ids: vec![12, 13, 14, 15],
             expect_tokens: None,
+            salt: None,
         },
         &PipelineConfig::default(),
         None,

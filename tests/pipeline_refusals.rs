@@ -50,6 +50,7 @@ fn layout_mismatch_names_both_geometries() {
             window: "w".into(),
             block_ids: vec![4, 5, 6, 7],
             expect_tokens: None,
+            salt: None,
         },
         &PipelineConfig::default(),
         None,
@@ -74,6 +75,7 @@ fn ec_004_a_token_mismatch_refused() {
             window: "w".into(),
             block_ids: vec![4, 5, 6, 7],
             expect_tokens: Some(tokens),
+            salt: None,
         },
         &PipelineConfig::default(),
         None,
@@ -120,6 +122,7 @@ fn out_of_range_block_ids_refused_before_copying() {
             window: "w".into(),
             block_ids: vec![5, 6, 7, 99],
             expect_tokens: None,
+            salt: None,
         },
         &PipelineConfig::default(),
         None,
@@ -167,6 +170,7 @@ fn ec_022_insufficient_memory_refused_before_thaw() {
         window: "w".into(),
         block_ids: vec![4, 5, 6, 7],
         expect_tokens: None,
+        salt: None,
     };
     // A fresh registration of the same cache has no staging pool yet: the thaw would have to
     // allocate one, and 4096 bytes are not enough.

@@ -55,6 +55,7 @@ fn ec_050_d_tier_bit_flip_falls_back_to_disk() {
             window: "w".into(),
             block_ids: dst.clone(),
             expect_tokens: None,
+            salt: None,
         };
         let check = |what: &str| {
             for (i, want) in before.iter().enumerate() {

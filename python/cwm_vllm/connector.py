@@ -50,7 +50,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from .client import Client, CwmError, CwmUnavailable
 from .layout import LayoutError, layer_order
-from .worker import CwmWorker, LoadSpec, Once, SaveSpec
+from .worker import CwmWorker, LoadSpec, Once, SaveSpec, salted
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -87,6 +87,44 @@ def cwm_params(request: Any) -> dict:
     p = getattr(request, "kv_transfer_params", None) or {}
     c = p.get("cwm") if isinstance(p, dict) else None
     return c if isinstance(c, dict) else {}
+
+
+def request_salt(request: Any) -> str | None:
+    """What besides its tokens makes a request's KV its own: its LoRA adapter (name and
+    weights), a tenant's ``cache_salt``, its multimodal inputs (content hashes and placeholder
+    positions: the placeholder tokens are the same for every image). None for a plain
+    request. A request with a salt stores and finds blocks only under that salt, and cwm
+    refuses to thaw a window frozen under another (NAMESPACE_MISMATCH)."""
+    parts = []
+    lora = getattr(request, "lora_request", None)
+    if lora is not None:
+        path = str(getattr(lora, "lora_path", "") or "")
+        parts.append(f"lora={getattr(lora, 'lora_name', '')}:{_adapter_digest(path) or path}")
+    salt = getattr(request, "cache_salt", None)
+    if salt:
+        parts.append(f"salt={salt}")
+    for f in getattr(request, "mm_features", None) or []:
+        pos = getattr(f, "mm_position", None)
+        parts.append(f"{getattr(f, 'modality', 'mm')}="
+                     f"{getattr(f, 'mm_hash', None) or getattr(f, 'identifier', '')}"
+                     f"@{getattr(pos, 'offset', '?')}+{getattr(pos, 'length', '?')}")
+    if not parts:
+        return None
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+_ADAPTERS: dict[tuple[str, float], str | None] = {}
+
+
+def _adapter_digest(path: str) -> str | None:
+    """weights_digest of a LoRA adapter directory, cached while the directory is unchanged."""
+    try:
+        key = (path, os.stat(path).st_mtime)
+    except OSError:
+        return None
+    if key not in _ADAPTERS:
+        _ADAPTERS[key] = weights_digest(path)
+    return _ADAPTERS[key]
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -244,12 +282,14 @@ class CwmConnector(KVConnectorBase_V1):
         if limit <= num_computed_tokens:
             return 0, False
         want = params.get("thaw")
+        salt = request_salt(request)
         r = self._call(
             lambda c: c.lookup(
                 self._engine_base + "-r0",
                 prompt[:limit],
                 window=want,
                 prefill_tokens_per_s=self._prefill_rate,
+                **salted(salt),
             )
         )
         self.stats["lookups"] += 1
@@ -275,7 +315,7 @@ class CwmConnector(KVConnectorBase_V1):
                 r.get("estimated_thaw_secs") or 0.0,
             )
             return 0, False
-        self._matches[request.request_id] = (r["window"], matched, num_computed_tokens)
+        self._matches[request.request_id] = (r["window"], matched, num_computed_tokens, salt)
         logger.info(
             "cwm: request %s: %d prompt tokens matched in window %r (%d computed locally)",
             request.request_id, matched, r["window"], num_computed_tokens,
@@ -290,7 +330,7 @@ class CwmConnector(KVConnectorBase_V1):
         m = self._matches.pop(request.request_id, None)
         if num_external_tokens <= 0 or m is None:
             return
-        window, matched, computed = m
+        window, matched, computed, salt = m
         bs = self._block_size
         ids = list(blocks.get_block_ids()[0])
         first = computed // bs
@@ -305,6 +345,7 @@ class CwmConnector(KVConnectorBase_V1):
                 # No session: restoring a stored prefix does not move a session's state (an
                 # ACTIVE session may reuse another window's prefix); freezes keep it right.
                 session=None,
+                salt=salt,
             )
         )
         self.stats["loads"] += 1
@@ -362,6 +403,7 @@ class CwmConnector(KVConnectorBase_V1):
                 block_ids=list(block_ids[:nb]),
                 session=params.get("session"),
                 replace=bool(params.get("replace", False)),
+                salt=request_salt(request),
             )
         )
         self.stats["saves"] += 1

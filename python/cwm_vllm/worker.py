@@ -31,6 +31,7 @@ class LoadSpec:
     first_block: int
     block_ids: list[int]
     session: str | None = None
+    salt: str | None = None  # the request's own namespace salt (connector.request_salt)
 
 
 @dataclass
@@ -43,6 +44,12 @@ class SaveSpec:
     block_ids: list[int]
     session: str | None = None
     replace: bool = False
+    salt: str | None = None  # the request's own namespace salt (connector.request_salt)
+
+
+def salted(salt: str | None) -> dict:
+    """The ``salt`` field of a request, when it has one."""
+    return {"salt": salt} if salt else {}
 
 
 class Once:
@@ -210,7 +217,7 @@ class CwmWorker:
                     r = c.thaw(self.engine, spec.block_ids, window=self.window_name(spec.window),
                                prefix=True,
                                first_block=spec.first_block, tokens=spec.tokens,
-                               session=spec.session)
+                               session=spec.session, **salted(spec.salt))
                 rep = r.get("report", {})
                 restored = int(rep.get("blocks_restored", 0))
                 failed = spec.block_ids[restored:]
@@ -239,7 +246,8 @@ class CwmWorker:
                 return c.freeze(self.engine, self.window_name(spec.window), spec.tokens,
                                 spec.block_ids,
                                 session=spec.session, replace=True if spec.replace else None,
-                                on_captured=(lambda _m: on_captured()) if on_captured else None)
+                                on_captured=(lambda _m: on_captured()) if on_captured else None,
+                                **salted(spec.salt))
 
             with Client(self.socket, timeout=max(self.timeout, 300.0)) as c:
                 try:

@@ -240,3 +240,54 @@ def test_worker_bookkeeping_reports_each_transfer_once():
     assert w.get_finished({"s1"}) == (None, None)
     # Finished ids of requests without a save are not kept.
     assert w._finished_seen == set() and w._saving == set() and w._sent == set()
+
+
+def test_lora_cache_salt_and_multimodal_requests_keep_their_kv_apart(world):
+    """The same tokens' KV differs per LoRA adapter, tenant salt and image: such requests
+    neither match plain windows nor share blocks with each other, and a window frozen under
+    one salt is never thawed under another."""
+    from cwm_vllm.connector import request_salt
+    from cwm_vllm.worker import CwmWorker, LoadSpec, SaveSpec
+
+    def req(rid, **kw):
+        r = request(T + [1] * 10, rid=rid)
+        r.__dict__.update(kw)
+        return r
+
+    img = lambda h, off: SimpleNamespace(modality="image", mm_hash=h, identifier=h,  # noqa: E731
+                                         mm_position=SimpleNamespace(offset=off, length=8))
+    lora = lambda name: SimpleNamespace(lora_name=name, lora_int_id=1,  # noqa: E731
+                                        lora_path="/nonexistent")
+    plain = req("p")
+    salted = {
+        "lora a": req("a", lora_request=lora("a")),
+        "lora b": req("b", lora_request=lora("b")),
+        "tenant": req("t", cache_salt="tenant-1"),
+        "image x": req("x", mm_features=[img("x", 0)]),
+        "image y": req("y", mm_features=[img("y", 0)]),
+        "image x later": req("x2", mm_features=[img("x", 16)]),
+    }
+    assert request_salt(plain) is None
+    salts = {k: request_salt(r) for k, r in salted.items()}
+    assert len(set(salts.values())) == len(salts), salts
+    assert request_salt(req("a2", lora_request=lora("a"))) == salts["lora a"]
+    # The fixture's window "w" holds T's KV of the plain model: found by a plain request only.
+    assert world.conn.get_num_new_matched_tokens(plain, 0) == (5 * BS, True)
+    for k, r in salted.items():
+        assert world.conn.get_num_new_matched_tokens(r, 0) == (0, False), k
+    # Frozen under a salt: found and thawed under that salt only.
+    buf = torch.randn(L, NB, H, BS, 2 * D).to(torch.bfloat16)
+    w = CwmWorker(str(world.cwm.sock), f"vllm-{world.engine_id}-r0", "tiny:bfloat16")
+    w.register([buf[i] for i in range(L)], NB, BS, H, D)
+    s = salts["lora a"]
+    assert w.save(SaveSpec("q", "with-lora", T, [8, 9, 10, 11, 12], salt=s))["ok"]
+    m = world.conn.get_num_new_matched_tokens(req("a3", lora_request=lora("a")), 0)
+    assert m == (5 * BS, True)
+    assert world.conn.get_num_new_matched_tokens(req("b3", lora_request=lora("b")), 0) == \
+        (0, False)
+    want = buf[:, 8:13].clone()
+    failed, _ = w.load(LoadSpec("q", "with-lora", T, 0, [20, 21, 22, 23, 24], salt=salts["lora b"]))
+    assert failed == [20, 21, 22, 23, 24], "thawed under another adapter's salt"
+    failed, rep = w.load(LoadSpec("q", "with-lora", T, 0, [20, 21, 22, 23, 24], salt=s))
+    assert failed == [] and torch.equal(buf[:, 20:25], want), rep
+    w.close()

@@ -549,6 +549,7 @@ impl Server {
                     tokens,
                     block_ids,
                     replace,
+                    salt: protocol::opt_str(a, "salt")?,
                 };
                 // `captured` goes out from the gather thread the moment the engine's blocks are
                 // free, before the writes finish.
@@ -628,6 +629,7 @@ impl Server {
                     Some(Value::Bool(b)) => *b,
                     Some(_) => return Err(ApiError::validation("field prefix must be a boolean")),
                 };
+                let salt = protocol::opt_str(a, "salt")?;
                 // Without a window name, the window holding the longest stored prefix of the
                 // tokens (what `lookup` found) is restored, as far as block_ids reach.
                 let (window, prefix) = match (protocol::opt_str(a, "window")?, &expect_tokens) {
@@ -635,7 +637,7 @@ impl Server {
                     (None, Some(t)) => {
                         let found = self
                             .store
-                            .longest_prefix(&eng.keys(t), None)
+                            .longest_prefix(&eng.keys_with(t, salt.as_deref()), None)
                             .map_err(ApiError::from)?;
                         let (w, _) = found.ok_or_else(|| {
                             ApiError::new("NOT_FOUND", "no stored window starts with these tokens")
@@ -652,6 +654,7 @@ impl Server {
                     expect_tokens,
                     prefix,
                     first_block: protocol::opt_u64(a, "first_block")?.unwrap_or(0) as usize,
+                    salt,
                 };
                 // EC-041: a deadline scaled to the window (or the request's timeout_ms).
                 let limit = match protocol::opt_u64(a, "timeout_ms")? {
@@ -721,7 +724,7 @@ impl Server {
                         ApiError::validation("prefill_tokens_per_s must be a number")
                     })?),
                 };
-                let keys = eng.keys(&tokens);
+                let keys = eng.keys_with(&tokens, protocol::opt_str(a, "salt")?.as_deref());
                 let only = protocol::opt_str(a, "window")?;
                 let found = self
                     .store
