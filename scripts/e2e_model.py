@@ -16,7 +16,9 @@ recomputing the prefill.
 """
 
 import argparse
+import atexit
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,14 +34,18 @@ from cwm_vllm.worker import CwmWorker, LoadSpec, SaveSpec  # noqa: E402
 BS = 16
 
 
+SEGMENT = "4GiB"  # main() sizes it to the largest window (segments are preallocated)
+
+
 def start_cwm(cwm: str, work: Path, tier: str) -> subprocess.Popen:
     sock = work / "cwm.sock"
     if sock.exists():
         sock.unlink()
     p = subprocess.Popen([cwm, "serve", "--data-dir", str(work / "data"), "--socket", str(sock),
-                          "--capacity", "64GiB", "--segment-size", "4GiB", "--tier", tier,
+                          "--capacity", "64GiB", "--segment-size", SEGMENT, "--tier", tier,
                           "--staging", "1GiB"],
                          stdout=open(work / "cwm.log", "ab"), stderr=subprocess.STDOUT)
+    PROCS.append(p)
     for _ in range(300):
         if sock.exists():
             return p
@@ -47,9 +53,24 @@ def start_cwm(cwm: str, work: Path, tier: str) -> subprocess.Popen:
     raise RuntimeError("cwm serve did not start")
 
 
+PROCS: list[subprocess.Popen] = []
+
+
 def stop(p: subprocess.Popen) -> None:
-    p.send_signal(signal.SIGTERM)
-    p.wait(timeout=60)
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+
+
+def cleanup(work: Path) -> None:
+    """Stops any cwm still running and removes the data directory (GiBs of preallocated
+    segments: left behind, every run would eat the disk)."""
+    for p in PROCS:
+        try:
+            stop(p)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            p.kill()
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> int:
@@ -97,6 +118,10 @@ def main() -> int:
     num_blocks = 2 * max_blocks + 64
     paged = [torch.zeros(2, num_blocks, BS, H, D, device=dev) for _ in range(L)]
     work = Path(tempfile.mkdtemp(prefix="cwm-e2e-model-"))
+    atexit.register(cleanup, work)
+    global SEGMENT
+    window = max(lengths) * L * 2 * H * D * 2
+    SEGMENT = str(min(4 << 30, max(64 << 20, 2 * window)))
     # Room for the largest window twice over (the tier is pinned host memory).
     tier = f"{((max(lengths) * L * 2 * H * D * 2 * 2) >> 30) + 1}GiB"
     proc = start_cwm(a.cwm, work, tier)

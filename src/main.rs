@@ -56,6 +56,9 @@ enum Cmd {
         /// Replace an existing window of that name.
         #[arg(long)]
         replace: bool,
+        /// The request's namespace salt (a LoRA adapter, a tenant: docs/PROTOCOL.md).
+        #[arg(long)]
+        salt: Option<String>,
         #[command(flatten)]
         c: ClientArgs,
     },
@@ -72,6 +75,9 @@ enum Cmd {
         /// Destination block ids, comma-separated (default: the session's).
         #[arg(long, value_delimiter = ',')]
         block_ids: Option<Vec<u64>>,
+        /// The namespace salt the window was frozen with.
+        #[arg(long)]
+        salt: Option<String>,
         #[command(flatten)]
         c: ClientArgs,
     },
@@ -793,11 +799,12 @@ fn main() -> ExitCode {
             session,
             window,
             replace,
+            salt,
             c,
         } => {
             return client(
                 &c,
-                serde_json::json!({"op": "freeze", "session": session, "window": window, "replace": replace}),
+                serde_json::json!({"op": "freeze", "session": session, "window": window, "replace": replace, "salt": salt}),
                 |v| {
                     println!(
                         "froze {} v{}: {} tokens, {} blocks, {:.1} MiB",
@@ -815,9 +822,10 @@ fn main() -> ExitCode {
             session,
             engine,
             block_ids,
+            salt,
             c,
         } => {
-            let mut req = serde_json::json!({"op": "thaw", "window": window});
+            let mut req = serde_json::json!({"op": "thaw", "window": window, "salt": salt});
             if let Some(s) = session {
                 req["session"] = s.into();
             }

@@ -288,6 +288,10 @@ def test_lora_cache_salt_and_multimodal_requests_keep_their_kv_apart(world):
     want = buf[:, 8:13].clone()
     failed, _ = w.load(LoadSpec("q", "with-lora", T, 0, [20, 21, 22, 23, 24], salt=salts["lora b"]))
     assert failed == [20, 21, 22, 23, 24], "thawed under another adapter's salt"
+    from cwm_vllm.client import NamespaceMismatch
+
+    with pytest.raises(NamespaceMismatch):  # nor by name without the adapter
+        world.client.thaw(w.engine, [20, 21, 22, 23, 24], window="with-lora", prefix=True)
     failed, rep = w.load(LoadSpec("q", "with-lora", T, 0, [20, 21, 22, 23, 24], salt=s))
     assert failed == [] and torch.equal(buf[:, 20:25], want), rep
     w.close()

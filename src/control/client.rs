@@ -82,7 +82,8 @@ pub fn exit_code(resp: &Value) -> i32 {
         .and_then(Value::as_str)
         .unwrap_or("")
     {
-        "VALIDATION" | "UNKNOWN_OP" | "LAYOUT_MISMATCH" | "TOKEN_MISMATCH" => 2,
+        "VALIDATION" | "UNKNOWN_OP" | "LAYOUT_MISMATCH" | "TOKEN_MISMATCH"
+        | "NAMESPACE_MISMATCH" => 2,
         "NOT_FOUND" => 3,
         "BUSY" | "SESSION_ALREADY_FROZEN" | "CONCURRENT_MODIFICATION" | "ALREADY_EXISTS" => 4,
         _ => 1,

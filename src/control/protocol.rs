@@ -119,7 +119,8 @@ pub fn edge_case_of(e: &ApiError) -> Option<&'static str> {
         "BUSY" if m.contains("being frozen") => "EC-001",
         "INVALID_STATE_TRANSITION" if m.contains("generation is in progress") => "EC-003",
         "INVALID_STATE_TRANSITION" => "EC-030",
-        "TOKEN_MISMATCH" => "EC-004",
+        // EC-004: KV of other inputs refused (other tokens; another model, adapter or salt).
+        "TOKEN_MISMATCH" | "NAMESPACE_MISMATCH" => "EC-004",
         "CONCURRENT_MODIFICATION" => "EC-005",
         "QUOTA_EXCEEDED" => "EC-020",
         "NO_SPACE" => "EC-052",
