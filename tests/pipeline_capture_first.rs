@@ -40,9 +40,7 @@ fn capture_does_not_wait_for_the_log() {
         &|| {},
     )
     .unwrap();
-    let want: Vec<Vec<u8>> = (0..20)
-        .map(|b| block_bytes_of(&layout, syn.local.as_ref(), b))
-        .collect();
+    let want = blocks_of(&layout, syn.local.as_ref(), &(0..20).collect::<Vec<u64>>());
     // Another writer holds the log (as a long streaming freeze would).
     let held = store
         .begin_window(spec("holder", &keys(900, 1), 4096))

@@ -69,9 +69,7 @@ fn request_salts_and_models_keep_kv_apart() {
         salt: salt.map(Into::into),
         ..Default::default()
     };
-    let want: Vec<Vec<u8>> = (0..4)
-        .map(|b| block_bytes_of(&layout, syn.local.as_ref(), b))
-        .collect();
+    let want = blocks_of(&layout, syn.local.as_ref(), &[0, 1, 2, 3]);
     for salt in [None, Some("lora:b")] {
         match thaw(&store, &syn.engine, &tr("lora-a", salt), &cfg, None) {
             Err(e @ PipelineError::NamespaceMismatch { .. }) => {

@@ -19,10 +19,7 @@ fn ec_050_d_tier_bit_flip_falls_back_to_disk() {
         let n = 70usize;
         let tokens: Vec<u32> = (0..16 * n as u32).collect();
         let ids: Vec<u64> = (0..n as u64).collect();
-        let before: Vec<Vec<u8>> = ids
-            .iter()
-            .map(|&b| block_bytes_of(&layout, syn.local.as_ref(), b))
-            .collect();
+        let before = blocks_of(&layout, syn.local.as_ref(), &ids);
         // Small batches: the scatter runs in several chunks (8 batches each).
         let cfg = PipelineConfig {
             batch_blocks: 2,
