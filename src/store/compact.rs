@@ -124,6 +124,60 @@ fn same(l: &Loc, seg: &Segment, offset: u64) -> bool {
     l.seg.id == seg.id && l.offset == offset
 }
 
+/// What of a segment is live, for one look at the index.
+struct Live<'a> {
+    st: &'a State,
+    seg: &'a Segment,
+    live_seqs: std::collections::HashSet<u64>,
+    manifests: HashMap<u64, &'a str>,
+}
+
+impl<'a> Live<'a> {
+    fn new(st: &'a State, seg: &'a Segment) -> Self {
+        Self {
+            st,
+            seg,
+            live_seqs: st.windows.values().map(|w| w.info.seq).collect(),
+            manifests: st
+                .windows
+                .values()
+                .filter(|w| w.manifest.seg.id == seg.id)
+                .map(|w| (w.manifest.offset, w.info.name.as_str()))
+                .collect(),
+        }
+    }
+
+    /// Why record `r` of the segment must be copied, or `None` (garbage). A record once
+    /// garbage never becomes live again.
+    fn keep(&self, r: &Rec) -> Option<Keep> {
+        let (st, seg) = (self.st, self.seg);
+        match r.h.kind {
+            RecordKind::Block => st
+                .blocks
+                .get(&r.h.key)
+                .is_some_and(|b| same(&b.loc, seg, r.offset))
+                .then_some(Keep::Block),
+            RecordKind::Meta => st
+                .meta
+                .get(&r.h.key)
+                .is_some_and(|(_, _, l)| same(l, seg, r.offset))
+                .then_some(Keep::Meta),
+            RecordKind::Manifest => match self.manifests.get(&r.offset) {
+                Some(name) => Some(Keep::Window((*name).to_string())),
+                // The original (or another copy) of a live manifest: drop.
+                None if self.live_seqs.contains(&r.h.seq) => None,
+                None => shadows(st, seg, r).then_some(Keep::Shadow),
+            },
+            RecordKind::Tombstone => (st
+                .tombs
+                .get(&r.h.key)
+                .is_some_and(|l| same(l, seg, r.offset))
+                && shadows(st, seg, r))
+            .then_some(Keep::Tomb),
+        }
+    }
+}
+
 /// True when the manifest or tombstone `r` of `seg` is the newest event of its name and some
 /// other segment holds a manifest of that name (which it must keep shadowing).
 fn shadows(st: &State, seg: &Segment, r: &Rec) -> bool {
@@ -252,49 +306,19 @@ impl Store {
         let (recs, _, _, _) = scan(self.engine.as_ref(), seg, seg.frontier())?;
         let mut i = 0;
         while i < recs.len() {
-            let mut app = self.lock_appender()?;
+            // Choose and read a batch without the appender lock (reading is most of the time,
+            // and freezes wait for that lock)...
             let mut batch: Vec<(&Rec, Keep)> = Vec::new();
             let mut bytes = 0u64;
             {
                 let st = self.state.read().map_err(poisoned)?;
-                let live_seqs: std::collections::HashSet<u64> =
-                    st.windows.values().map(|w| w.info.seq).collect();
-                let manifests: HashMap<u64, &str> = st
-                    .windows
-                    .values()
-                    .filter(|w| w.manifest.seg.id == seg.id)
-                    .map(|w| (w.manifest.offset, w.info.name.as_str()))
-                    .collect();
+                let live = Live::new(&st, seg);
                 while i < recs.len()
                     && (batch.is_empty() || bytes + recs[i].len <= opts.batch_bytes)
                 {
                     let r = &recs[i];
                     i += 1;
-                    let keep = match r.h.kind {
-                        RecordKind::Block => st
-                            .blocks
-                            .get(&r.h.key)
-                            .is_some_and(|b| same(&b.loc, seg, r.offset))
-                            .then_some(Keep::Block),
-                        RecordKind::Meta => st
-                            .meta
-                            .get(&r.h.key)
-                            .is_some_and(|(_, _, l)| same(l, seg, r.offset))
-                            .then_some(Keep::Meta),
-                        RecordKind::Manifest => match manifests.get(&r.offset) {
-                            Some(name) => Some(Keep::Window((*name).to_string())),
-                            // The original (or another copy) of a live manifest: drop.
-                            None if live_seqs.contains(&r.h.seq) => None,
-                            None => shadows(&st, seg, r).then_some(Keep::Shadow),
-                        },
-                        RecordKind::Tombstone => (st
-                            .tombs
-                            .get(&r.h.key)
-                            .is_some_and(|l| same(l, seg, r.offset))
-                            && shadows(&st, seg, r))
-                        .then_some(Keep::Tomb),
-                    };
-                    match keep {
+                    match live.keep(r) {
                         Some(k) => {
                             bytes += r.len;
                             batch.push((r, k));
@@ -306,7 +330,23 @@ impl Store {
             if batch.is_empty() {
                 continue;
             }
-            self.copy_batch(&mut app, seg, &batch)?;
+            let imgs = self.read_batch(seg, &batch)?;
+            // ...then, under it, copy what is still live (what died meanwhile stays behind).
+            let mut app = self.lock_appender()?;
+            let (batch, imgs): (Vec<(&Rec, Keep)>, Vec<AlignedBuf>) = {
+                let st = self.state.read().map_err(poisoned)?;
+                let live = Live::new(&st, seg);
+                batch
+                    .into_iter()
+                    .zip(imgs)
+                    .filter_map(|((r, _), img)| live.keep(r).map(|k| ((r, k), img)))
+                    .unzip()
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            let bytes: u64 = batch.iter().map(|(r, _)| r.len).sum();
+            self.copy_batch(&mut app, seg, &batch, imgs)?;
             rep.records_copied += batch.len() as u64;
             rep.bytes_copied += bytes;
             drop(app);
@@ -342,14 +382,13 @@ impl Store {
         Ok(())
     }
 
-    /// Copies one batch of records of `seg` (read, verify, append as copies, write, sync,
-    /// repoint the index). Holds the appender lock throughout, so what was live stays live.
-    fn copy_batch(
+    /// Reads the records of a batch of `seg` and verifies them (no lock needed: sealed
+    /// segments do not change, and one that is unlinked stays readable through its open file).
+    fn read_batch(
         &self,
-        app: &mut Appender,
         seg: &Arc<Segment>,
         batch: &[(&Rec, Keep)],
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<AlignedBuf>, StoreError> {
         let mut imgs: Vec<AlignedBuf> = batch
             .iter()
             .map(|(r, _)| AlignedBuf::zeroed(r.len as usize))
@@ -380,6 +419,18 @@ impl Store {
                 ),
             })?;
         }
+        Ok(imgs)
+    }
+
+    /// Copies a batch of records of `seg`, read and verified (append as copies, write, sync,
+    /// repoint the index). Called under the appender lock, with the records still live.
+    fn copy_batch(
+        &self,
+        app: &mut Appender,
+        seg: &Arc<Segment>,
+        batch: &[(&Rec, Keep)],
+        mut imgs: Vec<AlignedBuf>,
+    ) -> Result<(), StoreError> {
         let mut locs: Vec<Loc> = Vec::with_capacity(batch.len());
         for (img, (r, _)) in imgs.iter_mut().zip(batch) {
             match self.append_copy(app, &r.h, img) {
