@@ -104,7 +104,7 @@ def main() -> int:
 
     def sync() -> None:
         if dev.type == "cuda":
-            sync()
+            torch.cuda.synchronize()
 
     t0 = time.time()
     torch.set_default_dtype(torch.bfloat16)
@@ -119,9 +119,11 @@ def main() -> int:
     paged = [torch.zeros(2, num_blocks, BS, H, D, device=dev) for _ in range(L)]
     work = Path(tempfile.mkdtemp(prefix="cwm-e2e-model-"))
     atexit.register(cleanup, work)
+    # `timeout` (gpu-check.sh) ends this script with SIGTERM: exit through atexit then too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     global SEGMENT
     window = max(lengths) * L * 2 * H * D * 2
-    SEGMENT = str(min(4 << 30, max(64 << 20, 2 * window)))
+    SEGMENT = str(min(4 << 30, max(64 << 20, (2 * window + 4095) // 4096 * 4096)))
     # Room for the largest window twice over (the tier is pinned host memory).
     tier = f"{((max(lengths) * L * 2 * H * D * 2 * 2) >> 30) + 1}GiB"
     proc = start_cwm(a.cwm, work, tier)

@@ -64,6 +64,17 @@ fn ec_020_c_reserved_room_is_kept_for_the_captured_window() {
         0,
         "released at commit"
     );
+    // A writer that takes no reservation (a catalog record) eats into a reserved window's
+    // room: the window, told `captured` on its strength, still gets it.
+    let k2 = keys(7, 2);
+    store.set_capacity(u64::MAX);
+    let r2 = store.reserve(&spec("b2", &k2, LEN)).unwrap().expect("room");
+    store.set_capacity(store.stats().unwrap().used_bytes + r2.bytes());
+    store.put_meta(42, &[7u8; 20_000]).unwrap(); // 24 KiB: more than the bound's slack
+    write_all(r2.begin(spec("b2", &k2, LEN)).unwrap(), &k2);
+    check(&store, "b2", &k2, LEN);
+    assert_eq!(store.stats().unwrap().reserved_bytes, 0);
+    store.set_capacity(u64::MAX);
     // Refusals are still errors, and come before any reservation.
     let e = store.reserve(&spec("b", &kb, LEN)).err().expect("exists");
     assert_eq!(e.code(), "ALREADY_EXISTS");

@@ -89,6 +89,12 @@ def cwm_params(request: Any) -> dict:
     return c if isinstance(c, dict) else {}
 
 
+def has_embeds(request: Any) -> bool:
+    """Whether the prompt comes (partly) as embeddings: its KV is not a function of token ids,
+    so cwm neither stores nor restores it."""
+    return getattr(request, "prompt_embeds", None) is not None
+
+
 def request_salt(request: Any) -> str | None:
     """What besides its tokens makes a request's KV its own: its LoRA adapter (name and
     weights), a tenant's ``cache_salt``, its multimodal inputs (content hashes and placeholder
@@ -113,16 +119,22 @@ def request_salt(request: Any) -> str | None:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
-_ADAPTERS: dict[tuple[str, float], str | None] = {}
+_ADAPTERS: dict[tuple, str | None] = {}
 
 
 def _adapter_digest(path: str) -> str | None:
-    """weights_digest of a LoRA adapter directory, cached while the directory is unchanged."""
+    """weights_digest of a LoRA adapter directory, cached while none of its files changes
+    (size and modification time of each: an adapter retrained in place rewrites its files
+    without touching the directory's own time)."""
     try:
-        key = (path, os.stat(path).st_mtime)
+        files = tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
+                             for e in os.scandir(path) if e.is_file()))
     except OSError:
         return None
+    key = (path, files)
     if key not in _ADAPTERS:
+        if len(_ADAPTERS) > 256:
+            _ADAPTERS.clear()
         _ADAPTERS[key] = weights_digest(path)
     return _ADAPTERS[key]
 
@@ -139,21 +151,22 @@ def weights_digest(path: str) -> str | None:
     tensor). None when the directory holds no weight file."""
     try:
         names = sorted(os.listdir(path))
-    except OSError:
+        weights = [n for n in names if n.endswith(WEIGHT_SUFFIXES)
+                   and os.path.isfile(os.path.join(path, n))]
+        if not weights:
+            return None
+        h = hashlib.sha256(b"cwm-weights-v1\0")
+        for n in (["config.json"] if "config.json" in names else []) + weights:
+            f = os.path.join(path, n)
+            size = os.path.getsize(f)
+            h.update(f"{n}\0{size}\0".encode())
+            with open(f, "rb") as fh:
+                for off in sorted({0, max(0, size // 2 - SAMPLE // 2), max(0, size - SAMPLE)}):
+                    fh.seek(off)
+                    h.update(fh.read(SAMPLE))
+        return h.hexdigest()[:24]
+    except OSError:  # a broken link, an unreadable file: no digest (the path is used)
         return None
-    weights = [n for n in names if n.endswith(WEIGHT_SUFFIXES)]
-    if not weights:
-        return None
-    h = hashlib.sha256(b"cwm-weights-v1\0")
-    for n in (["config.json"] if "config.json" in names else []) + weights:
-        f = os.path.join(path, n)
-        size = os.path.getsize(f)
-        h.update(f"{n}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            for off in sorted({0, max(0, size // 2 - SAMPLE // 2), max(0, size - SAMPLE)}):
-                fh.seek(off)
-                h.update(fh.read(SAMPLE))
-    return h.hexdigest()[:24]
 
 
 def _hub_snapshot(repo: str, revision: str | None) -> str | None:
@@ -228,7 +241,8 @@ class CwmConnector(KVConnectorBase_V1):
         # Scheduler side.
         self._client: Client | None = None
         self._down_until = 0.0
-        self._matches: dict[str, tuple[str, int, int]] = {}
+        # request id -> (window, tokens matched, tokens computed locally, request salt)
+        self._matches: dict[str, tuple[str, int, int, str | None]] = {}
         self._loads: list[LoadSpec] = []
         self._saves: list[SaveSpec] = []
         self.stats = {"lookups": 0, "matched_tokens": 0, "loads": 0, "saves": 0}
@@ -273,7 +287,7 @@ class CwmConnector(KVConnectorBase_V1):
         self, request: "Request", num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         params = cwm_params(request)
-        if not self._load_on or params.get("load") is False:
+        if not self._load_on or params.get("load") is False or has_embeds(request):
             return 0, False
         prompt = list(request.prompt_token_ids or [])
         bs = self._block_size
@@ -390,6 +404,10 @@ class CwmConnector(KVConnectorBase_V1):
         name = params.get("freeze_as")
         if not name or not self._save_on:
             return False, None
+        if has_embeds(request):
+            self._once.fail("embeds", "cwm: requests given as prompt embeddings are not frozen "
+                            "(their KV is not a function of token ids); %r skipped", name)
+            return False, None
         # Tokens whose KV is in the cache (the last sampled token has none yet).
         n = min(int(request.num_computed_tokens), len(request.all_token_ids))
         nb = -(-n // self._block_size)
@@ -431,7 +449,12 @@ class CwmConnector(KVConnectorBase_V1):
         kc = self._kv_cache_config
         num_blocks = kc.num_blocks if kc is not None else tensors[0].shape[0]
         if self._model is None:
-            self._model = namespace(*self._model_args)
+            try:
+                self._model = namespace(*self._model_args)
+            except Exception as e:  # noqa: BLE001 - never keep the engine from starting
+                logger.warning("cwm: cannot digest the model's weights (%s); using its name", e)
+                self._model = f"{self._model_args[0]}:{self._model_args[1]}"
+
         w = CwmWorker(self._socket, f"{self._engine_base}-r{rank}", self._model, self._salt,
                       self._timeout, self._once, rank=rank)
         try:

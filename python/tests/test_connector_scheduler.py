@@ -275,6 +275,11 @@ def test_lora_cache_salt_and_multimodal_requests_keep_their_kv_apart(world):
     assert world.conn.get_num_new_matched_tokens(plain, 0) == (5 * BS, True)
     for k, r in salted.items():
         assert world.conn.get_num_new_matched_tokens(r, 0) == (0, False), k
+    # Prompt embeddings: KV not a function of token ids; neither loaded nor frozen.
+    emb = req("e", prompt_embeds=torch.zeros(3, 4))
+    assert world.conn.get_num_new_matched_tokens(emb, 0) == (0, False)
+    emb.kv_transfer_params = {"cwm": {"freeze_as": "emb"}}
+    assert world.conn.request_finished(emb, [1, 2, 3, 4, 5, 6]) == (False, None)
     # Frozen under a salt: found and thawed under that salt only.
     buf = torch.randn(L, NB, H, BS, 2 * D).to(torch.bfloat16)
     w = CwmWorker(str(world.cwm.sock), f"vllm-{world.engine_id}-r0", "tiny:bfloat16")

@@ -607,20 +607,34 @@ impl Store {
         let (needed, writes) = self.plan_bytes(&app, &st, &spec, manifest_len)?;
         drop(st);
         let capacity = self.capacity.load(Ordering::SeqCst);
-        let used = self.used.load(Ordering::SeqCst);
-        // Room promised to windows captured and waiting for the log is not free.
-        let others = self.reserved.load(Ordering::SeqCst).saturating_sub(own);
-        let free = capacity.saturating_sub(used).saturating_sub(others);
-        if needed > free {
-            return Err(StoreError::QuotaExceeded {
-                needed,
-                free,
-                capacity,
-            });
+        // The writer holds its exact need until commit or drop; `own` is handed over. Room
+        // promised to windows captured and waiting for the log is not free (compare and swap:
+        // `reserve` takes room without the appender lock).
+        let mut cur = self.reserved.load(Ordering::SeqCst);
+        loop {
+            let used = self.used.load(Ordering::SeqCst);
+            let others = cur.saturating_sub(own);
+            let free = capacity.saturating_sub(used).saturating_sub(others);
+            // A reservation is honoured even if writers that take no reservation (catalog
+            // records, tombstones, compaction copies) took some of its room meanwhile: the
+            // engine was told `captured` on its strength. Capacity is then exceeded by at most
+            // what they took.
+            if needed > free && !(own > 0 && needed <= own) {
+                return Err(StoreError::QuotaExceeded {
+                    needed,
+                    free,
+                    capacity,
+                });
+            }
+            let next = cur.saturating_sub(own) + needed;
+            match self
+                .reserved
+                .compare_exchange(cur, next, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
         }
-        // The writer holds its exact need until commit or drop; `own` is handed over.
-        self.reserved.fetch_add(needed, Ordering::SeqCst);
-        self.reserved.fetch_sub(own, Ordering::SeqCst);
         let n = spec.blocks.len();
         Ok(WindowWriter {
             store: self,
@@ -655,11 +669,13 @@ impl Store {
             let st = self.state.read().map_err(poisoned)?;
             check_replace(&st, &v)?;
         }
+        // The manifest holds the normalised name (NFKC may lengthen it).
+        let manifest = manifest_payload_len(spec) - spec.name.len() as u64 + v.name.len() as u64;
         let lens: Vec<u64> = spec
             .blocks
             .iter()
             .map(|b| record_len(b.len))
-            .chain([record_len(manifest_payload_len(spec))])
+            .chain([record_len(manifest)])
             .collect();
         let total: u64 = lens.iter().sum();
         let longest = lens.iter().copied().max().unwrap_or(0);
