@@ -118,7 +118,15 @@ impl Server {
     fn scrub_pass(&self, rate: u64) -> Result<Value, ApiError> {
         let (windows, bytes) = crate::fsck::verify_windows(&self.store, rate, &|_, _| {})?;
         let lost: Vec<(String, u64)> = self.store.incomplete_windows()?;
-        let bad = windows.iter().filter(|w| w.status != "ok").count() + lost.len();
+        let catalog = self.store.scrub_catalog()?;
+        let catalog_bad = catalog.rewritten as usize + catalog.bad_tombstones.len();
+        let bad = windows.iter().filter(|w| w.status != "ok").count() + lost.len() + catalog_bad;
+        self.metrics.corruption.inc_by(catalog_bad as u64);
+        for t in &catalog.bad_tombstones {
+            crate::log::warn(&format!(
+                "scrub: {t}; the window it deleted may come back at the next start: delete it again"
+            ));
+        }
         self.metrics.scrub_passes.inc();
         self.metrics.scrub_problems.inc_by(bad as u64);
         for w in windows.iter().filter(|w| w.status != "ok") {
@@ -140,7 +148,7 @@ impl Server {
             json!({"name": n, "status": "lost", "blocks": 0, "intact_blocks": 0,
                    "detail": "a block is missing from the log"})
         }));
-        Ok(json!({"windows": out, "bytes_verified": bytes, "problems": bad}))
+        Ok(json!({"windows": out, "bytes_verified": bytes, "problems": bad, "catalog": catalog}))
     }
 
     /// `compact`, `scrub` and `check`; `None` for any other op.

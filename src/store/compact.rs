@@ -6,8 +6,10 @@
 //! version or outlive a tombstone written after it. Manifests name their blocks by key, not by
 //! location, so moving a block only updates the block index; manifests are never rewritten.
 //!
-//! One batch (at most `batch_bytes`) is copied per hold of the appender lock: decide what is
-//! live, read it, verify it, append the copies, `fdatasync` them, then repoint the index. Only
+//! One batch (at most `batch_bytes`) at a time: what is live is chosen and read and verified
+//! without the appender lock (sealed segments never change); then, under it, what is still
+//! live is appended as copies, written, `fdatasync`ed and the index repointed (a record that
+//! died meanwhile is left behind: garbage never becomes live again). Only
 //! after every live record of a segment is durable elsewhere is the segment dropped from the
 //! index and its file unlinked. A [`super::WindowReader`] opened before holds the segment's
 //! `Arc` (and so its open file); POSIX keeps an unlinked inode readable, and segment ids and
@@ -331,17 +333,23 @@ impl Store {
                 continue;
             }
             let imgs = self.read_batch(seg, &batch)?;
-            // ...then, under it, copy what is still live (what died meanwhile stays behind).
+            // ...then, under it, copy what is still live (what died meanwhile stays behind; a
+            // bad read of a record that died is no reason to keep the segment).
             let mut app = self.lock_appender()?;
+            let chosen = batch.len();
             let (batch, imgs): (Vec<(&Rec, Keep)>, Vec<AlignedBuf>) = {
                 let st = self.state.read().map_err(poisoned)?;
                 let live = Live::new(&st, seg);
-                batch
-                    .into_iter()
-                    .zip(imgs)
-                    .filter_map(|((r, _), img)| live.keep(r).map(|k| ((r, k), img)))
-                    .unzip()
+                let mut kept = (Vec::new(), Vec::new());
+                for ((r, _), img) in batch.into_iter().zip(imgs) {
+                    if let Some(k) = live.keep(r) {
+                        kept.0.push((r, k));
+                        kept.1.push(img?);
+                    }
+                }
+                kept
             };
+            rep.records_dropped += (chosen - batch.len()) as u64;
             if batch.is_empty() {
                 continue;
             }
@@ -382,13 +390,13 @@ impl Store {
         Ok(())
     }
 
-    /// Reads the records of a batch of `seg` and verifies them (no lock needed: sealed
-    /// segments do not change, and one that is unlinked stays readable through its open file).
+    /// Reads the records of a batch of `seg` and verifies each (no lock needed: sealed
+    /// segments do not change): the image, or why it cannot be copied.
     fn read_batch(
         &self,
         seg: &Arc<Segment>,
         batch: &[(&Rec, Keep)],
-    ) -> Result<Vec<AlignedBuf>, StoreError> {
+    ) -> Result<Vec<Result<AlignedBuf, StoreError>>, StoreError> {
         let mut imgs: Vec<AlignedBuf> = batch
             .iter()
             .map(|(r, _)| AlignedBuf::zeroed(r.len as usize))
@@ -408,18 +416,22 @@ impl Store {
                     detail: format!("segment {}: unreadable record: {e}", seg.id),
                 })?;
         }
-        for (img, (r, _)) in imgs.iter().zip(batch) {
-            verify_image(img, seg, r.h.kind).map_err(|d| StoreError::Corruption {
-                window: String::new(),
-                block: 0,
-                intact_blocks: 0,
-                detail: format!(
-                    "segment {} offset {}: live {:?} record does not verify: {d}",
-                    seg.id, r.offset, r.h.kind
-                ),
-            })?;
-        }
-        Ok(imgs)
+        Ok(imgs
+            .into_iter()
+            .zip(batch)
+            .map(|(img, (r, _))| match verify_image(&img, seg, r.h.kind) {
+                Ok(_) => Ok(img),
+                Err(d) => Err(StoreError::Corruption {
+                    window: String::new(),
+                    block: 0,
+                    intact_blocks: 0,
+                    detail: format!(
+                        "segment {} offset {}: live {:?} record does not verify: {d}",
+                        seg.id, r.offset, r.h.kind
+                    ),
+                }),
+            })
+            .collect())
     }
 
     /// Copies a batch of records of `seg`, read and verified (append as copies, write, sync,

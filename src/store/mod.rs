@@ -303,6 +303,18 @@ pub struct BlockImage<'b> {
     pub checksum: Option<u64>,
 }
 
+/// What [`Store::scrub_catalog`] found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CatalogScrub {
+    /// Catalog records and tombstones verified.
+    pub records: u64,
+    /// Catalog records that did not verify and were written again from memory.
+    pub rewritten: u64,
+    /// Tombstones that did not verify (the window they deleted may come back at the next
+    /// open).
+    pub bad_tombstones: Vec<String>,
+}
+
 /// Per-segment figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct SegmentStats {
@@ -1053,6 +1065,66 @@ impl Store {
             .iter()
             .map(|(k, (seq, v, _))| (*k, *seq, v.clone()))
             .collect())
+    }
+
+    /// Re-reads and verifies, from the disk, the records the index holds besides windows: the
+    /// newest catalog record of every key and every live tombstone. A catalog record whose
+    /// bytes no longer verify is written again from the copy in memory (at the next open the
+    /// store would otherwise fall back to an older record of its key, or lose it); a tombstone
+    /// that no longer verifies is reported (at the next open, the window it deleted could come
+    /// back: delete that window again).
+    pub fn scrub_catalog(&self) -> Result<CatalogScrub, StoreError> {
+        let (metas, tombs) = {
+            let st = self.state.read().map_err(poisoned)?;
+            let metas: Vec<(u128, Vec<u8>, Loc)> = st
+                .meta
+                .iter()
+                .map(|(k, (_, v, l))| (*k, v.clone(), l.clone()))
+                .collect();
+            let tombs: Vec<(u128, Loc)> = st.tombs.iter().map(|(k, l)| (*k, l.clone())).collect();
+            (metas, tombs)
+        };
+        let bad = |l: &Loc, kind: RecordKind| -> Option<String> {
+            let mut img = AlignedBuf::zeroed(l.len as usize);
+            let mut op = [Op::read(l.seg.fd(), l.offset, &mut img[..])];
+            match self.engine.run(&mut op) {
+                Err(e) => Some(format!("unreadable: {e}")),
+                Ok(()) => verify_image(&img, &l.seg, kind).err(),
+            }
+        };
+        let mut out = CatalogScrub {
+            records: (metas.len() + tombs.len()) as u64,
+            ..Default::default()
+        };
+        for (key, payload, loc) in metas {
+            if let Some(why) = bad(&loc, RecordKind::Meta) {
+                // Rewritten only if it is still the newest record of its key.
+                let current = self
+                    .state
+                    .read()
+                    .map_err(poisoned)?
+                    .meta
+                    .get(&key)
+                    .is_some_and(|(_, _, l)| l.seg.id == loc.seg.id && l.offset == loc.offset);
+                if current {
+                    crate::log::warn(&format!(
+                        "scrub: catalog record {key:032x} in segment {} does not verify ({why}); written again",
+                        loc.seg.id
+                    ));
+                    self.put_meta(key, &payload)?;
+                    out.rewritten += 1;
+                }
+            }
+        }
+        for (key, loc) in tombs {
+            if let Some(why) = bad(&loc, RecordKind::Tombstone) {
+                out.bad_tombstones.push(format!(
+                    "tombstone of name key {key:032x} in segment {} offset {}: {why}",
+                    loc.seg.id, loc.offset
+                ));
+            }
+        }
+        Ok(out)
     }
 
     /// Every catalog record key with its newest payload.
