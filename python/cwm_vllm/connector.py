@@ -140,33 +140,58 @@ def _adapter_digest(path: str) -> str | None:
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-SAMPLE = 64 << 10
+SAMPLE = 4 << 10
 
 
 def weights_digest(path: str) -> str | None:
     """A digest of a local model directory's config and weights, read sparsely: config.json
-    whole, and of each weight file its name, size and 64 KiB at its start, middle and end (a
-    few hundred KiB for a large model). Equal for the same files wherever they are; different
-    once weights are rewritten in place (a fine-tune saved over the old files changes every
-    tensor). None when the directory holds no weight file."""
+    whole; of each safetensors file its header (every tensor's name, dtype, shape, offsets)
+    and 4 KiB from the middle of every tensor — so a fine-tune, or a LoRA merged into some
+    matrices, changes it; of other weight files their size and 64 evenly spaced 4 KiB
+    samples. A few MiB for a large model. Equal for the same files wherever they are. None
+    when the directory holds no weight file or one cannot be read."""
     try:
         names = sorted(os.listdir(path))
         weights = [n for n in names if n.endswith(WEIGHT_SUFFIXES)
                    and os.path.isfile(os.path.join(path, n))]
         if not weights:
             return None
-        h = hashlib.sha256(b"cwm-weights-v1\0")
-        for n in (["config.json"] if "config.json" in names else []) + weights:
+        h = hashlib.sha256(b"cwm-weights-v2\0")
+        if "config.json" in names:
+            with open(os.path.join(path, "config.json"), "rb") as fh:
+                h.update(fh.read())
+        for n in weights:
             f = os.path.join(path, n)
             size = os.path.getsize(f)
-            h.update(f"{n}\0{size}\0".encode())
+            h.update(f"\0{n}\0{size}\0".encode())
             with open(f, "rb") as fh:
-                for off in sorted({0, max(0, size // 2 - SAMPLE // 2), max(0, size - SAMPLE)}):
+                for off in _sample_offsets(fh, n, size):
                     fh.seek(off)
                     h.update(fh.read(SAMPLE))
         return h.hexdigest()[:24]
-    except OSError:  # a broken link, an unreadable file: no digest (the path is used)
+    except (OSError, ValueError):  # a broken link, an unreadable file: no digest (path used)
         return None
+
+
+def _sample_offsets(fh: Any, name: str, size: int) -> list[int]:
+    """Where to sample a weight file: a safetensors file's header and the middle of each of
+    its tensors; any other file at 64 evenly spaced places."""
+    if name.endswith(".safetensors") and size >= 8:
+        import json
+        import struct
+
+        fh.seek(0)
+        (hlen,) = struct.unpack("<Q", fh.read(8))
+        if 8 + hlen <= size:
+            header = json.loads(fh.read(hlen))
+            offs = list(range(0, 8 + hlen, SAMPLE))
+            for k in sorted(header):
+                if k == "__metadata__":
+                    continue
+                a, b = header[k]["data_offsets"]
+                offs.append(8 + hlen + max(a, (a + b) // 2 - SAMPLE // 2))
+            return offs
+    return sorted({min(size - 1, i * size // 64) for i in range(64)} if size else {0})
 
 
 def _hub_snapshot(repo: str, revision: str | None) -> str | None:
