@@ -168,15 +168,20 @@ def main() -> int:
         r = w.save(SaveSpec(req_id=f"n{n}", window=f"ctx-{n}", tokens=toks, block_ids=src))
         ok = r is not None and r.get("status") == "durable"
         checks.append((f"freeze {n} tokens", ok))
-        # Wipe, thaw into other blocks (from the RAM tier: the freeze filled it).
-        for p in paged:
-            p.fill_(float("nan"))
-        sync()
-        t = time.perf_counter()
-        failed, rep = w.load(LoadSpec(req_id=f"n{n}", window=f"ctx-{n}", tokens=toks,
-                                      first_block=0, block_ids=dst))
-        sync()
-        tier_s = time.perf_counter() - t
+
+        def wiped_load(req_id: str) -> tuple[list[int], dict, float]:
+            """Poisons the cache, thaws the window into `dst`; (failed ids, report, seconds)."""
+            for p in paged:
+                p.fill_(float("nan"))
+            sync()
+            t = time.perf_counter()
+            failed, rep = w.load(LoadSpec(req_id=req_id, window=f"ctx-{n}", tokens=toks,
+                                          first_block=0, block_ids=dst))
+            sync()
+            return failed, rep, time.perf_counter() - t
+
+        # Thaw into other blocks (from the RAM tier: the freeze filled it).
+        failed, rep, tier_s = wiped_load(f"n{n}")
         checks.append((f"thaw {n} tokens (tier: {rep.get('blocks_from_tier')} blocks)", not failed))
         # Continue decoding from the thawed cache.
         dc = DynamicCache()
@@ -193,15 +198,8 @@ def main() -> int:
         # From disk: restart cwm (empty tier, O_DIRECT: no page cache), the worker re-registers.
         stop(proc)
         proc = start_cwm(a.cwm, work, "0")
-        for p in paged:
-            p.fill_(float("nan"))
-        sync()
         w.ensure_registered()
-        t = time.perf_counter()
-        failed, rep2 = w.load(LoadSpec(req_id=f"d{n}", window=f"ctx-{n}", tokens=toks,
-                                       first_block=0, block_ids=dst))
-        sync()
-        disk_s = time.perf_counter() - t
+        failed, rep2, disk_s = wiped_load(f"d{n}")
         checks.append((f"thaw {n} tokens from disk", not failed))
         stop(proc)
         proc = start_cwm(a.cwm, work, tier)
