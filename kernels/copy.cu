@@ -165,35 +165,80 @@ __device__ __forceinline__ bool next_chunk(Cursor& c, const Piece* __restrict__ 
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-// Starts a bulk-async copy of `n` bytes from global `src` into shared `buf`; barrier `bar`
-// completes its phase when they have arrived.
-__device__ __forceinline__ void bulk_load(unsigned buf, unsigned bar, u64 src, unsigned n)
+#define CWM_BULK 1
+// The bulk-copy primitives the kernel below is written in (kernels/emu/cuda_emu.h gives the
+// CPU emulation the tests run them under, with the same contracts).
+
+__device__ __forceinline__ unsigned smem(const void* p)
 {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(n)
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+
+// Arms barrier `bar` for one arrival; the initialisation is made visible to the bulk-copy
+// (async) proxy.
+__device__ __forceinline__ void bar_init(u64* bar)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem(bar)) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+// Starts a bulk-async copy of `n` bytes from global `src` into shared `buf`; barrier `bar`
+// completes its current phase when they have arrived.
+__device__ __forceinline__ void bulk_load(unsigned char* buf, u64* bar, u64 src, unsigned n)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem(bar)),
+                 "r"(n)
                  : "memory");
     asm volatile(
         "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-        ::"r"(buf), "l"(src), "r"(n), "r"(bar)
+        ::"r"(smem(buf)), "l"(src), "r"(n), "r"(smem(bar))
         : "memory");
+}
+
+// True once the phase of `bar` with this parity has completed.
+__device__ __forceinline__ bool bar_try_wait(u64* bar, unsigned parity)
+{
+    unsigned ready;
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(ready)
+        : "r"(smem(bar)), "r"(parity)
+        : "memory");
+    return ready != 0;
+}
+
+// Starts a bulk-async copy of `n` bytes from shared `buf` to global `dst` (its own group).
+__device__ __forceinline__ void bulk_store(u64 dst, unsigned char* buf, unsigned n)
+{
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst),
+                 "r"(smem(buf)), "r"(n)
+                 : "memory");
+    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+
+// Waits until every store started so far has read its shared memory.
+__device__ __forceinline__ void bulk_wait_read()
+{
+    asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+}
+
+// Waits until every store started so far is complete in global memory.
+__device__ __forceinline__ void bulk_wait_all()
+{
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 #endif
 
 extern "C" __global__ void cwm_scatter_bulk(CWM_PARAMS)
 {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(CWM_BULK)
     __shared__ __align__(128) unsigned char buf[BULK_STAGES][BULK_CHUNK];
     __shared__ __align__(8) u64 bar[BULK_STAGES];
     if (threadIdx.x != 0) return;
     const long long items = (long long)nblocks * (long long)npieces;
-    unsigned sbuf[BULK_STAGES], sbar[BULK_STAGES];
-    for (int k = 0; k < BULK_STAGES; k++) {
-        sbuf[k] = (unsigned)__cvta_generic_to_shared(&buf[k][0]);
-        sbar[k] = (unsigned)__cvta_generic_to_shared(&bar[k]);
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(sbar[k]) : "memory");
-    }
-    // The barriers' initialisation must be visible to the bulk-copy (async) proxy.
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    for (int k = 0; k < BULK_STAGES; k++) bar_init(&bar[k]);
     Cursor ld = {(long long)blockIdx.x, 0}, st = ld;
     u64 src, dst;
     unsigned n;
@@ -202,7 +247,7 @@ extern "C" __global__ void cwm_scatter_bulk(CWM_PARAMS)
     while (issued < BULK_STAGES &&
            next_chunk(ld, pieces, npieces, ids, slots, items, num_blocks, err, src, dst, n)) {
         int k = (int)(issued % BULK_STAGES);
-        bulk_load(sbuf[k], sbar[k], src, n);
+        bulk_load(buf[k], &bar[k], src, n);
         issued++;
     }
     // The store cursor walks the same chunks; the load cursor already flagged bad ids.
@@ -210,32 +255,22 @@ extern "C" __global__ void cwm_scatter_bulk(CWM_PARAMS)
                       n)) {
         int k = (int)(done % BULK_STAGES);
         unsigned parity = (unsigned)((done / BULK_STAGES) & 1);
-        unsigned ready = 0;
-        while (!ready) {
-            asm volatile(
-                "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                " selp.u32 %0, 1, 0, p;\n}"
-                : "=r"(ready)
-                : "r"(sbar[k]), "r"(parity)
-                : "memory");
+        while (!bar_try_wait(&bar[k], parity)) {
         }
-        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst),
-                     "r"(sbuf[k]), "r"(n)
-                     : "memory");
-        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        bulk_store(dst, buf[k], n);
         done++;
         u64 lsrc, ldst;
         unsigned ln;
         if (next_chunk(ld, pieces, npieces, ids, slots, items, num_blocks, err, lsrc, ldst,
                        ln)) {
             // Stage k is refilled once the store just issued has read it.
-            asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-            bulk_load(sbuf[k], sbar[k], lsrc, ln);
+            bulk_wait_read();
+            bulk_load(buf[k], &bar[k], lsrc, ln);
             issued++;
         }
     }
     // Every store complete (not only read from shared memory) before the CTA ends.
-    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+    bulk_wait_all();
 #else
     // Compiled for an architecture without bulk copies: copy nothing, and say so (*err = 2),
     // so that a launch of this build can never pass for a scatter.

@@ -7,6 +7,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bin cwm
+# tests/kernel_emulation.rs runs the CUDA kernels on the CPU, built by the host C++ compiler.
+if ! command -v "${CXX:-c++}" >/dev/null 2>&1; then
+  echo "installing g++ for the kernel emulation tests"
+  if [[ "$(id -u)" == 0 ]]; then SUDO=""; else SUDO=sudo; fi
+  $SUDO apt-get update -q && $SUDO apt-get install -y -q g++
+fi
 # Failpoints (cargo feature `failpoints`, never in default builds): every write-path site x
 # action. Run first, so target/release/cwm is the default build again afterwards.
 cargo test --release --features failpoints --test failpoints

@@ -97,14 +97,6 @@ fn scatter_default() -> ScatterPath {
     }
 }
 
-/// Which kernel entry point a launch runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Entry {
-    Copy,
-    L2,
-    Bulk,
-}
-
 /// The module's entry points (`None`: not in this build or not for this GPU).
 #[derive(Clone, Copy)]
 struct Kernels {
@@ -208,6 +200,78 @@ pub fn perm_dims(window: &Layout) -> (u64, u64) {
         Inner::Hnd => (h, n),
         // Opaque pieces are never permuted (compat refuses); treated as NHD for totality.
         Inner::Nhd | Inner::Opaque => (n, h),
+    }
+}
+
+/// What one gather or scatter launch does, decided from the layouts and buffers alone: the
+/// CUDA backend launches it, and tests/kernel_emulation.rs runs the same plan through the
+/// kernel source compiled for the CPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchPlan {
+    /// The path taken: `Kernel`, `L2Hint` or `Bulk` name the entry point launched;
+    /// `CopyEngine` runs the same piece table through `cuMemcpyBatchAsync` instead.
+    pub path: ScatterPath,
+    /// One record per piece (`struct Piece`).
+    pub pieces: Vec<KernelPiece>,
+    /// Host → device (scatter) rather than device → host (gather).
+    pub scatter: bool,
+    /// (outer, inner) for the permutation.
+    pub dims: (u64, u64),
+}
+
+impl LaunchPlan {
+    /// (grid, threads per CTA) for `blocks` blocks under the backend's grid cap and thread
+    /// count (`cwm_scatter_bulk` drives its copies from one thread and gets one warp).
+    #[must_use]
+    pub fn geometry(&self, blocks: usize, (grid_cap, threads): (u32, u32)) -> (u32, u32) {
+        let threads = if self.path == ScatterPath::Bulk {
+            BULK_THREADS
+        } else {
+            threads
+        };
+        launch_geometry(blocks * self.pieces.len(), grid_cap, threads)
+    }
+}
+
+/// The launch that gathers whole blocks of `layout` (tensors at `tensor_ptrs`).
+#[must_use]
+pub fn gather_plan(layout: &Layout, tensor_ptrs: &[u64]) -> LaunchPlan {
+    LaunchPlan {
+        path: ScatterPath::Kernel,
+        pieces: piece_table(layout, layout, Compat::Same, tensor_ptrs),
+        scatter: false,
+        dims: (1, 1),
+    }
+}
+
+/// The launch that scatters `window`-laid-out payloads at `slots` into `engine`'s blocks:
+/// the path `want` when `supported` says this build and GPU have it and it can do this copy
+/// (only the kernels permute; bulk copies need 16-byte alignment), the kernel otherwise.
+#[must_use]
+pub fn scatter_plan(
+    engine: &Layout,
+    window: &Layout,
+    compat: Compat,
+    tensor_ptrs: &[u64],
+    slots: &[u64],
+    want: ScatterPath,
+    supported: impl Fn(ScatterPath) -> bool,
+) -> LaunchPlan {
+    let pieces = piece_table(engine, window, compat, tensor_ptrs);
+    let path = if want == ScatterPath::Kernel
+        || !supported(want)
+        || (want != ScatterPath::L2Hint && compat != Compat::Same)
+        || (want == ScatterPath::Bulk && !bulk_aligned(&pieces, slots))
+    {
+        ScatterPath::Kernel
+    } else {
+        want
+    };
+    LaunchPlan {
+        path,
+        pieces,
+        scatter: true,
+        dims: perm_dims(window),
     }
 }
 
@@ -527,31 +591,28 @@ impl Cuda {
     }
 
     /// Launches the copy kernel and waits for it.
-    #[expect(clippy::too_many_arguments, reason = "mirrors the kernel's parameters")]
     fn launch(
         &self,
-        pieces: &[KernelPiece],
+        plan: &LaunchPlan,
         ids: &[u64],
         slots: &[u64],
         num_blocks: u64,
-        scatter: bool,
-        dims: (u64, u64),
-        (grid_cap, threads): (u32, u32),
+        geometry: (u32, u32),
         wait: Option<cu::CUevent>,
-        entry: Entry,
     ) -> Result<(), DeviceError> {
         let g = self.lock()?;
         let Some(k) = g.kernels else {
             return Err(DeviceError::Os("copy kernel not loaded".into()));
         };
-        let (func, threads) = match entry {
-            Entry::Copy => (k.copy, threads),
-            Entry::L2 => (k.l2.unwrap_or(k.copy), threads),
-            Entry::Bulk => match k.bulk {
-                Some(f) => (f, BULK_THREADS),
+        let func = match plan.path {
+            ScatterPath::Kernel | ScatterPath::CopyEngine => k.copy,
+            ScatterPath::L2Hint => k.l2.unwrap_or(k.copy),
+            ScatterPath::Bulk => match k.bulk {
+                Some(f) => f,
                 None => return Err(DeviceError::Os("bulk scatter kernel not loaded".into())),
             },
         };
+        let pieces = &plan.pieces[..];
         // Argument block: err (16 bytes), pieces, ids, slots.
         let pb = std::mem::size_of_val(pieces);
         let need = 16 + pb + 16 * ids.len();
@@ -576,9 +637,9 @@ impl Cuda {
         let mut np = pieces.len() as i32;
         let mut nb = ids.len() as i32;
         let mut num = num_blocks;
-        let mut sc = i32::from(scatter);
-        let (mut outer, mut inner) = dims;
-        let (grid, threads) = launch_geometry(ids.len() * pieces.len(), grid_cap, threads);
+        let mut sc = i32::from(plan.scatter);
+        let (mut outer, mut inner) = plan.dims;
+        let (grid, threads) = plan.geometry(ids.len(), geometry);
         let mut params: [*mut c_void; 10] = [
             (&mut pieces_d as *mut u64).cast(),
             (&mut np as *mut i32).cast(),
@@ -1066,19 +1127,12 @@ impl KvMemory for CudaMemory {
             .map(|p| self.device_ptr(p.as_ptr(), p.len()))
             .collect();
         let slots = slots?;
-        let table = piece_table(layout, layout, Compat::Same, &self.ptrs);
+        let plan = gather_plan(layout, &self.ptrs);
         let wait = self.wait_event();
-        Some(self.cuda.launch(
-            &table,
-            ids,
-            &slots,
-            layout.num_blocks,
-            false,
-            (1, 1),
-            self.geometry(),
-            wait,
-            Entry::Copy,
-        ))
+        Some(
+            self.cuda
+                .launch(&plan, ids, &slots, layout.num_blocks, self.geometry(), wait),
+        )
     }
 
     fn scatter_blocks(
@@ -1097,38 +1151,24 @@ impl KvMemory for CudaMemory {
             .map(|p| self.device_ptr(p.as_ptr(), p.len()))
             .collect();
         let slots = slots?;
-        let table = piece_table(engine, window, compat, &self.ptrs);
-        let want = self.scatter_path();
-        let path = if want == ScatterPath::Kernel
-            || !self.cuda.supports(want)
-            || (want != ScatterPath::L2Hint && compat != Compat::Same)
-            || (want == ScatterPath::Bulk && !bulk_aligned(&table, &slots))
-        {
-            ScatterPath::Kernel
-        } else {
-            want
-        };
-        self.last_scatter
-            .store(path as u8, std::sync::atomic::Ordering::Relaxed);
-        if path == ScatterPath::CopyEngine {
-            return Some(self.scatter_copy_engine(&table, ids, &slots, engine.num_blocks));
-        }
-        let entry = match path {
-            ScatterPath::L2Hint => Entry::L2,
-            ScatterPath::Bulk => Entry::Bulk,
-            _ => Entry::Copy,
-        };
-        Some(self.cuda.launch(
-            &table,
-            ids,
+        let plan = scatter_plan(
+            engine,
+            window,
+            compat,
+            &self.ptrs,
             &slots,
-            engine.num_blocks,
-            true,
-            perm_dims(window),
-            self.geometry(),
-            None,
-            entry,
-        ))
+            self.scatter_path(),
+            |p| self.cuda.supports(p),
+        );
+        self.last_scatter
+            .store(plan.path as u8, std::sync::atomic::Ordering::Relaxed);
+        if plan.path == ScatterPath::CopyEngine {
+            return Some(self.scatter_copy_engine(&plan.pieces, ids, &slots, engine.num_blocks));
+        }
+        Some(
+            self.cuda
+                .launch(&plan, ids, &slots, engine.num_blocks, self.geometry(), None),
+        )
     }
 }
 
@@ -1252,6 +1292,44 @@ mod tests {
         let b = Layout::cross_layer(CrossOrder::Blnhc, 2, 8, 16, 4, 64, Dtype::Bf16);
         let p = piece_table(&b, &a, Compat::Permute, &[0]);
         assert!(!bulk_aligned(&p, &[4096]), "permutation");
+        // The plan takes the path asked for only where it can run and can do the copy.
+        let all = |_: ScatterPath| true;
+        let path =
+            |e: &Layout, w: &Layout, c, slots: &[u64], want, sup: &dyn Fn(ScatterPath) -> bool| {
+                scatter_plan(e, w, c, &[0, 0], slots, want, sup).path
+            };
+        for want in ScatterPath::ALL {
+            assert_eq!(path(&l, &l, Compat::Same, &[4096], want, &all), want);
+            assert_eq!(
+                path(&l, &l, Compat::Same, &[4096], want, &|_| false),
+                ScatterPath::Kernel
+            );
+        }
+        assert_eq!(
+            path(&l, &l, Compat::Same, &[4100], ScatterPath::Bulk, &all),
+            ScatterPath::Kernel
+        );
+        assert_eq!(
+            path(&l, &l, Compat::Same, &[4100], ScatterPath::L2Hint, &all),
+            ScatterPath::L2Hint
+        );
+        for want in [ScatterPath::CopyEngine, ScatterPath::Bulk] {
+            assert_eq!(
+                path(&b, &a, Compat::Permute, &[4096], want, &all),
+                ScatterPath::Kernel
+            );
+        }
+        assert_eq!(
+            path(&b, &a, Compat::Permute, &[4096], ScatterPath::L2Hint, &all),
+            ScatterPath::L2Hint
+        );
+        let plan = scatter_plan(&b, &a, Compat::Permute, &[0], &[0], ScatterPath::Bulk, all);
+        assert!(plan.scatter && plan.dims == perm_dims(&a));
+        assert_eq!(plan.geometry(1000, (16, 512)), (16, 512));
+        let bulk = scatter_plan(&l, &l, Compat::Same, &[0, 0], &[0], ScatterPath::Bulk, all);
+        assert_eq!(bulk.geometry(1000, (16, 512)), (16, BULK_THREADS));
+        let g = gather_plan(&l, &[0, 0]);
+        assert!(!g.scatter && g.path == ScatterPath::Kernel && g.pieces.len() == 4);
     }
 
     #[test]
