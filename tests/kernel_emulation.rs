@@ -66,12 +66,15 @@ fn emulator(build: Build) -> LaunchFn {
         Build::NoWaitRead => 1,
         Build::WrongParity => 2,
     };
+    // Built under a name of this process, then renamed: another test process never loads a
+    // half-written library.
+    let tmp = out.with_extension(format!("{}.tmp", std::process::id()));
     let cxx = compiler();
     let res = std::process::Command::new(&cxx)
         .args(["-std=c++17", "-O2", "-Wall", "-Werror", "-shared", "-fPIC"])
         .arg(format!("-DCWM_EMU_MUTANT={mutant}"))
         .arg("-o")
-        .arg(&out)
+        .arg(&tmp)
         .arg(root.join("kernels/emu/emu.cpp"))
         .output()
         .unwrap_or_else(|e| {
@@ -84,6 +87,7 @@ fn emulator(build: Build) -> LaunchFn {
         "compiling kernels/emu/emu.cpp failed:\n{}",
         String::from_utf8_lossy(&res.stderr)
     );
+    std::fs::rename(&tmp, &out).unwrap();
     let path = std::ffi::CString::new(out.to_str().unwrap()).unwrap();
     // SAFETY: dlopen of the library just built (its initialisers only set up statics); the
     // handle is never closed, so the symbol stays valid for the process.
