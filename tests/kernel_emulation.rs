@@ -43,6 +43,8 @@ enum Build {
     NoWaitRead,
     /// `cwm_scatter_bulk` waiting on the wrong barrier parity.
     WrongParity,
+    /// `cwm_scatter_bulk` storing a stage without waiting for its load.
+    NoWait,
 }
 
 fn compiler() -> String {
@@ -65,6 +67,7 @@ fn emulator(build: Build) -> LaunchFn {
         Build::Real => 0,
         Build::NoWaitRead => 1,
         Build::WrongParity => 2,
+        Build::NoWait => 3,
     };
     // Built under a name of this process, then renamed: another test process never loads a
     // half-written library.
@@ -115,6 +118,9 @@ fn launch(
     num_blocks: u64,
     geometry: (u32, u32),
 ) -> i32 {
+    if plan.check(ids, slots).is_err() {
+        return -1;
+    }
     let f = emulator(build);
     let entry = match plan.path {
         ScatterPath::Kernel => 0,
@@ -600,13 +606,42 @@ fn out_of_range_ids_are_reported_and_touch_nothing() {
     }
 }
 
+/// What the kernel cannot check is refused before launch: a permuted piece that is not
+/// outer × inner rows (its transpose would write past it), a slot count unlike the ids'.
+#[test]
+fn plans_the_kernel_would_overrun_are_refused() {
+    let a = Layout::cross_layer(CrossOrder::Lbhnc, 2, 8, 16, 4, 64, Dtype::Bf16);
+    let b = Layout::cross_layer(CrossOrder::Blnhc, 2, 8, 16, 4, 64, Dtype::Bf16);
+    let mut plan = scatter_plan(
+        &b,
+        &a,
+        Compat::Permute,
+        &[0],
+        &[0],
+        ScatterPath::Kernel,
+        |_| true,
+    );
+    assert!(plan.check(&[1], &[0]).is_ok());
+    assert!(plan.check(&[1, 2], &[0]).is_err(), "one slot per id");
+    plan.pieces[1].len -= plan.pieces[1].row;
+    assert!(plan.check(&[1], &[0]).is_err(), "a row short");
+    plan.pieces[1].len += plan.pieces[1].row;
+    plan.pieces[1].row = 0;
+    assert!(plan.check(&[1], &[0]).is_err(), "no row size");
+}
+
 /// The emulation is strict enough to catch the bulk kernel's ordering mistakes: without the
 /// wait for its stores' reads it refills a stage still being read; with the wrong parity it
-/// would wait for a phase that never completes (a hang on the GPU).
+/// would wait for a phase that never completes (a hang on the GPU); without the wait for a
+/// load it stores what shared memory held before the load arrived.
 #[test]
 fn mutant_bulk_kernels_are_caught() {
     let l = Layout::flash_2nbhd(2, 32, 16, 8, 128, Dtype::Bf16);
-    for (build, fault) in [(Build::NoWaitRead, 101), (Build::WrongParity, 102)] {
+    for (build, fault) in [
+        (Build::NoWaitRead, 101),
+        (Build::WrongParity, 102),
+        (Build::NoWait, 105),
+    ] {
         let mem = EmuMemory::new(&l, 0, None, 3);
         let mut t = mem.tensors.lock().unwrap();
         let ptrs = mem.ptrs(&mut t);

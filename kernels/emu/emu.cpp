@@ -2,7 +2,8 @@
 #include "cuda_emu.h"
 
 // Mutants the tests must catch (CWM_EMU_MUTANT): 1 drops the wait for the stores' reads
-// before a stage is refilled, 2 waits on the other barrier parity.
+// before a stage is refilled, 2 waits on the other barrier parity, 3 stores a stage without
+// waiting for its load.
 #if defined(CWM_EMU_MUTANT) && CWM_EMU_MUTANT == 1
 #define bulk_wait_read() ((void)0)
 #elif defined(CWM_EMU_MUTANT) && CWM_EMU_MUTANT == 2
@@ -11,6 +12,8 @@ static inline bool emu_wrong_parity(unsigned long long* bar, unsigned parity)
     return bar_try_wait(bar, parity ^ 1u);
 }
 #define bar_try_wait emu_wrong_parity
+#elif defined(CWM_EMU_MUTANT) && CWM_EMU_MUTANT == 3
+#define bar_try_wait(bar, parity) ((void)(bar), (void)(parity), true)
 #endif
 
 #include "../copy.cu"
@@ -25,6 +28,7 @@ extern "C" int cwm_emu_launch(int entry, unsigned grid, unsigned threads, const 
     int err = 0;
     emu_fault = EMU_OK;
     emu_stores.clear();
+    emu_loads.clear();
     gridDim = {grid, 1, 1};
     blockDim = {threads, 1, 1};
     for (unsigned b = 0; b < grid; b++) {
@@ -46,9 +50,10 @@ extern "C" int cwm_emu_launch(int entry, unsigned grid, unsigned threads, const 
                 break;
             }
         }
-        if (!emu_stores.empty()) {
-            emu_set_fault(EMU_STORES_IN_FLIGHT);
+        if (!emu_stores.empty() || !emu_loads.empty()) {
+            emu_set_fault(EMU_IN_FLIGHT_AT_EXIT);
             emu_stores.clear();
+            emu_loads.clear();
         }
     }
     return emu_fault != EMU_OK ? 100 + emu_fault : err;

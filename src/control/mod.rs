@@ -1077,7 +1077,7 @@ impl Server {
             ))
         })?;
         let device = cuda.get("device").and_then(Value::as_i64).unwrap_or(0) as i32;
-        let ctx = Cuda::new(device).map_err(|e| ApiError::new("UNAVAILABLE", e.to_string()))?;
+        let ctx = Cuda::shared(device).map_err(|e| ApiError::new("UNAVAILABLE", e.to_string()))?;
         let ipc = tensors
             .iter()
             .map(|t| {

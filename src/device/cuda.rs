@@ -100,6 +100,7 @@ fn scatter_default() -> ScatterPath {
 /// The module's entry points (`None`: not in this build or not for this GPU).
 #[derive(Clone, Copy)]
 struct Kernels {
+    module: cu::CUmodule,
     copy: cu::CUfunction,
     l2: Option<cu::CUfunction>,
     bulk: Option<cu::CUfunction>,
@@ -220,6 +221,32 @@ pub struct LaunchPlan {
 }
 
 impl LaunchPlan {
+    /// What the kernel relies on and does not check itself: one staging slot per block id,
+    /// and every permuted piece exactly `outer × inner` rows (else its transpose would write
+    /// past the piece). Block ids are checked by the kernel (and by the callers before).
+    pub fn check(&self, ids: &[u64], slots: &[u64]) -> Result<(), DeviceError> {
+        if slots.len() != ids.len() {
+            return Err(DeviceError::Validation(
+                "launch: one staging slot per block id".into(),
+            ));
+        }
+        let (outer, inner) = self.dims;
+        if let Some(p) = self.pieces.iter().find(|p| {
+            p.perm != 0
+                && (p.row == 0
+                    || outer
+                        .checked_mul(inner)
+                        .and_then(|x| x.checked_mul(p.row))
+                        .is_none_or(|x| x != p.len))
+        }) {
+            return Err(DeviceError::Validation(format!(
+                "permuted piece of {} bytes is not {outer} x {inner} rows of {} bytes",
+                p.len, p.row
+            )));
+        }
+        Ok(())
+    }
+
     /// (grid, threads per CTA) for `blocks` blocks under the backend's grid cap and thread
     /// count (`cwm_scatter_bulk` drives its copies from one thread and gets one warp).
     #[must_use]
@@ -276,6 +303,7 @@ pub fn scatter_plan(
 }
 
 struct Ctx {
+    dev: cu::CUdevice,
     ctx: cu::CUcontext,
     stream: cu::CUstream,
     kernels: Option<Kernels>,
@@ -303,7 +331,24 @@ pub struct Cuda {
 }
 
 impl Cuda {
-    /// Opens device `ordinal`, compiles the kernel with NVRTC.
+    /// The process's context for device `ordinal`, opened at first use and kept: every
+    /// registration (and re-registration after an engine reconnects) shares one context,
+    /// stream, module and argument buffer instead of leaking a set each time.
+    pub fn shared(ordinal: i32) -> Result<Arc<Self>, DeviceError> {
+        static DEVICES: Mutex<Vec<(i32, Arc<Cuda>)>> = Mutex::new(Vec::new());
+        let mut d = DEVICES
+            .lock()
+            .map_err(|_| DeviceError::Os("CUDA device table lock poisoned".into()))?;
+        if let Some((_, c)) = d.iter().find(|(o, _)| *o == ordinal) {
+            return Ok(Arc::clone(c));
+        }
+        let c = Self::new(ordinal)?;
+        d.push((ordinal, Arc::clone(&c)));
+        Ok(c)
+    }
+
+    /// Opens device `ordinal`, compiles the kernel with NVRTC (a context of its own; see
+    /// [`Cuda::shared`]).
     pub fn new(ordinal: i32) -> Result<Arc<Self>, DeviceError> {
         if let Some(r) = unavailable_reason() {
             return Err(DeviceError::Os(r));
@@ -360,6 +405,7 @@ impl Cuda {
         unsafe { check("cuMemAlloc(args)", cu::cuMemAlloc_v2(&mut args, args_cap))? };
         Ok(Arc::new(Self {
             inner: Mutex::new(Ctx {
+                dev,
                 ctx,
                 stream,
                 kernels,
@@ -435,8 +481,15 @@ impl Cuda {
             let r = unsafe { cu::cuModuleGetFunction(&mut f, module, name.as_ptr()) };
             (r == cu::CUresult::CUDA_SUCCESS).then_some(f)
         };
-        let copy = get(c"cwm_copy").ok_or("cuModuleGetFunction(cwm_copy) failed")?;
+        let Some(copy) = get(c"cwm_copy") else {
+            // SAFETY: the module loaded above; nothing of it is in use.
+            unsafe {
+                let _ = cu::cuModuleUnload(module);
+            }
+            return Err("cuModuleGetFunction(cwm_copy) failed".into());
+        };
         Ok(Kernels {
+            module,
             copy,
             l2: get(c"cwm_copy_l2"),
             // Only where it was compiled for sm_90 or newer (elsewhere its body says so).
@@ -487,10 +540,11 @@ impl Cuda {
                     cu::CU_MEMHOSTREGISTER_DEVICEMAP | cu::CU_MEMHOSTREGISTER_PORTABLE,
                 ),
             )?;
-            check(
-                "cuMemHostGetDevicePointer",
-                cu::cuMemHostGetDevicePointer_v2(&mut d, ptr.cast(), 0),
-            )?;
+            let r = cu::cuMemHostGetDevicePointer_v2(&mut d, ptr.cast(), 0);
+            if r != cu::CUresult::CUDA_SUCCESS {
+                let _ = cu::cuMemHostUnregister(ptr.cast());
+                check("cuMemHostGetDevicePointer", r)?;
+            }
         }
         Ok(d)
     }
@@ -613,6 +667,7 @@ impl Cuda {
             },
         };
         let pieces = &plan.pieces[..];
+        plan.check(ids, slots)?;
         // Argument block: err (16 bytes), pieces, ids, slots.
         let pb = std::mem::size_of_val(pieces);
         let need = 16 + pb + 16 * ids.len();
@@ -817,6 +872,22 @@ fn bulk_aligned(table: &[KernelPiece], slots: &[u64]) -> bool {
         && slots.iter().all(|s| s % 16 == 0)
 }
 
+impl Drop for Cuda {
+    fn drop(&mut self) {
+        let Ok(g) = self.lock() else { return };
+        // SAFETY: the resources were created in `new` in this context, and nothing of this
+        // `Cuda` can use them any more (it is being dropped; every launch synchronized).
+        unsafe {
+            if let Some(k) = g.kernels {
+                let _ = cu::cuModuleUnload(k.module);
+            }
+            let _ = cu::cuMemFree_v2(g.args);
+            let _ = cu::cuStreamDestroy_v2(g.stream);
+            let _ = cu::cuDevicePrimaryCtxRelease_v2(g.dev);
+        }
+    }
+}
+
 /// One tensor registered through CUDA IPC.
 #[derive(Debug, Clone)]
 pub struct IpcTensor {
@@ -853,14 +924,24 @@ unsafe impl Send for CudaMemory {}
 unsafe impl Sync for CudaMemory {}
 
 impl CudaMemory {
-    /// Opens the IPC handles (each distinct allocation once) and checks sizes.
+    /// Opens the IPC handles (each distinct allocation once) and checks that every tensor
+    /// (offset + size) lies inside its allocation. On any failure the mappings opened so far
+    /// are closed again (an open mapping keeps the exporter's memory alive).
     pub fn open(cuda: Arc<Cuda>, tensors: &[IpcTensor]) -> Result<Self, DeviceError> {
         let g = cuda.lock()?;
-        let mut bases: HashMap<[u8; 64], u64> = HashMap::new();
+        let mut bases: HashMap<[u8; 64], (u64, u64)> = HashMap::new();
         let mut opened = Vec::new();
         let mut ptrs = Vec::new();
-        for t in tensors {
-            let base = match bases.get(&t.handle) {
+        let close = |opened: &[u64]| {
+            for d in opened {
+                // SAFETY: mappings opened above, not handed out to anyone.
+                unsafe {
+                    let _ = cu::cuIpcCloseMemHandle(*d);
+                }
+            }
+        };
+        for (i, t) in tensors.iter().enumerate() {
+            let (base, alloc) = match bases.get(&t.handle) {
                 Some(b) => *b,
                 None => {
                     let mut h = cu::CUipcMemHandle { reserved: [0; 64] };
@@ -869,18 +950,33 @@ impl CudaMemory {
                     }
                     let mut d: cu::CUdeviceptr = 0;
                     // SAFETY: a handle from the exporting process; the flag enables peer access
-                    // lazily. The mapping is closed in Drop.
-                    unsafe {
-                        check(
-                            "cuIpcOpenMemHandle",
-                            cu::cuIpcOpenMemHandle_v2(&mut d, h, 1),
-                        )?
-                    };
-                    bases.insert(t.handle, d);
+                    // lazily. The mapping is closed in Drop (or below on failure).
+                    let r = unsafe { cu::cuIpcOpenMemHandle_v2(&mut d, h, 1) };
+                    if let Err(e) = check("cuIpcOpenMemHandle", r) {
+                        close(&opened);
+                        return Err(e);
+                    }
                     opened.push(d);
-                    d
+                    let (mut start, mut size): (cu::CUdeviceptr, usize) = (0, 0);
+                    // SAFETY: valid out-pointers; `d` is a mapping in this context.
+                    let r = unsafe { cu::cuMemGetAddressRange_v2(&mut start, &mut size, d) };
+                    // The range of the mapped allocation from `d` on (the driver may not say).
+                    let alloc = if r == cu::CUresult::CUDA_SUCCESS && start <= d {
+                        (start + size as u64).saturating_sub(d)
+                    } else {
+                        u64::MAX
+                    };
+                    bases.insert(t.handle, (d, alloc));
+                    (d, alloc)
                 }
             };
+            if t.offset.checked_add(t.size).is_none_or(|end| end > alloc) {
+                close(&opened);
+                return Err(DeviceError::Validation(format!(
+                    "tensor {i}: offset {} + size {} lies outside its CUDA allocation ({alloc} bytes)",
+                    t.offset, t.size
+                )));
+            }
             ptrs.push(base + t.offset);
         }
         drop(g);
@@ -965,7 +1061,13 @@ impl CudaMemory {
         // SAFETY: a handle from the exporting process; valid out-pointer.
         unsafe { check("cuIpcOpenEventHandle", cu::cuIpcOpenEventHandle(&mut ev, h))? };
         if let Ok(mut w) = self.wait.lock() {
-            *w = Some(ev as usize);
+            if let Some(old) = w.replace(ev as usize) {
+                // SAFETY: an event opened here earlier; every launch that waited on it has
+                // synchronized (launches run under the context lock, held here).
+                unsafe {
+                    let _ = cu::cuEventDestroy_v2(old as cu::CUevent);
+                }
+            }
         }
         Ok(())
     }
@@ -1041,6 +1143,13 @@ impl Drop for CudaMemory {
                     let _ = cu::cuIpcCloseMemHandle(*d);
                 }
             }
+            if let Some(ev) = self.wait_event() {
+                // SAFETY: the event opened in `wait_for_event`; no launch is running (this
+                // memory is being dropped, launches synchronize under the lock held here).
+                unsafe {
+                    let _ = cu::cuEventDestroy_v2(ev);
+                }
+            }
             if let Ok(regs) = self.staging.lock() {
                 for (start, _, _) in regs.iter() {
                     // SAFETY: unregistering regions registered in register_staging.
@@ -1061,6 +1170,12 @@ impl KvMemory for CudaMemory {
     fn read(&self, regions: &[Region], dst: &mut [&mut [u8]]) -> Result<(), DeviceError> {
         self.bounds(regions, dst.iter().map(|d| d.len()))?;
         let _g = self.cuda.lock()?;
+        // The copies below are not ordered after the engine's streams: wait for the forward
+        // pass that wrote the KV (its event) first, like the kernel's stream does.
+        if let Some(ev) = self.wait_event() {
+            // SAFETY: an event opened in `wait_for_event`, alive until this memory drops.
+            unsafe { check("cuEventSynchronize", cu::cuEventSynchronize(ev))? };
+        }
         for (r, d) in regions.iter().zip(dst.iter_mut()) {
             // SAFETY: bounds checked; synchronous copy into our buffer.
             unsafe {
