@@ -3,8 +3,8 @@
 //! backend (capacity 0).
 //!
 //! Payloads live in one arena of equal slots (allocated at the first insert, slot = that
-//! block's size), which a device can map once ([`RamTier::attach`]: page-locked and mapped on a
-//! GPU) so a thaw from the tier is a single copy from host to device memory. Blocks of another
+//! block's size), which every engine's device maps ([`RamTier::attach`]: page-locked and mapped
+//! on a GPU) so a thaw from the tier is a single copy from host to device memory. Blocks of another
 //! size go to the heap.
 
 use std::collections::{BTreeMap, HashMap};
@@ -150,18 +150,19 @@ impl RamTier {
         }
     }
 
-    /// Maps the arena into `mem`'s device once (a GPU reads it directly); false when there is
-    /// no arena yet or the device has nothing to map.
+    /// Maps the arena into `mem`'s device (a GPU reads it directly): every engine's memory
+    /// maps it for itself, so a second engine, or an engine registered again after a restart,
+    /// also thaws from it with one copy (registering again with the same memory is a no-op).
+    /// False when there is no arena yet or the device has nothing to map.
     pub fn attach(&self, mem: &dyn KvMemory) -> bool {
-        if self.mapped.load(Ordering::SeqCst) {
-            return true;
-        }
         let mut g = self.lock();
         let Some(a) = g.arena.as_mut() else {
             return false;
         };
         let ok = mem.register_staging(a.buf.as_mut_ptr(), a.buf.len());
-        self.mapped.store(ok, Ordering::SeqCst);
+        if ok {
+            self.mapped.store(true, Ordering::SeqCst);
+        }
         ok
     }
 
@@ -344,5 +345,53 @@ mod tests {
         assert!(t.all(&[2, 4]).is_none());
         t.remove(4);
         assert!(t.get(4).is_none());
+    }
+
+    /// A device memory that records which regions it was asked to map.
+    struct Mapper(Mutex<Vec<(usize, usize)>>);
+
+    impl KvMemory for Mapper {
+        fn tensor_sizes(&self) -> Vec<u64> {
+            Vec::new()
+        }
+        fn read(
+            &self,
+            _: &[crate::device::Region],
+            _: &mut [&mut [u8]],
+        ) -> Result<(), crate::device::DeviceError> {
+            Ok(())
+        }
+        fn write(
+            &self,
+            _: &[crate::device::Region],
+            _: &[&[u8]],
+        ) -> Result<(), crate::device::DeviceError> {
+            Ok(())
+        }
+        fn register_staging(&self, ptr: *mut u8, len: usize) -> bool {
+            if let Ok(mut v) = self.0.lock() {
+                v.push((ptr as usize, len));
+            }
+            true
+        }
+    }
+
+    /// Every engine maps the arena into its own device: a second engine, or the same engine
+    /// registered again after a restart (a new memory), thaws from the tier with one copy too.
+    #[test]
+    fn every_engine_memory_maps_the_arena() {
+        let t = RamTier::new(1 << 20);
+        let (a, b) = (
+            Mapper(Mutex::new(Vec::new())),
+            Mapper(Mutex::new(Vec::new())),
+        );
+        assert!(!t.attach(&a), "no arena before the first block");
+        t.prepare(4096);
+        assert!(t.attach(&a));
+        assert!(t.attach(&b));
+        let (ra, rb) = (a.0.lock().unwrap().clone(), b.0.lock().unwrap().clone());
+        assert_eq!(ra.len(), 1);
+        assert_eq!(ra, rb, "the same arena, mapped by both");
+        assert_eq!(ra[0].1, 1 << 20);
     }
 }

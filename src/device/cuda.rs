@@ -106,6 +106,9 @@ struct Kernels {
     bulk: Option<cu::CUfunction>,
 }
 
+/// Host regions page-locked by `Cuda::register_host`: (start, len, registrations).
+static HOST_REGIONS: Mutex<Vec<(usize, usize, usize)>> = Mutex::new(Vec::new());
+
 /// Threads per CTA of `cwm_scatter_bulk` (one thread drives the copies).
 const BULK_THREADS: u32 = 32;
 
@@ -525,28 +528,63 @@ impl Cuda {
         }
     }
 
-    /// Page-locks and maps a host region; returns its device address.
+    /// Page-locks and maps a host region (portable: every context of the process sees it);
+    /// returns its device address in this context. Registrations are counted per region, so
+    /// several engines (devices, reconnects) can map the same region (the RAM tier's arena)
+    /// and the last [`Cuda::unregister_host`] unpins it.
     pub fn register_host(&self, ptr: *mut u8, len: usize) -> Result<u64, DeviceError> {
         let _g = self.lock()?;
+        let mut regs = HOST_REGIONS
+            .lock()
+            .map_err(|_| DeviceError::Os("host registration table lock poisoned".into()))?;
+        let known = regs.iter().position(|r| r.0 == ptr as usize && r.1 == len);
         let mut d: cu::CUdeviceptr = 0;
-        // SAFETY: the caller keeps the region alive while registered (the staging pool lives
-        // as long as the engine); flags ask for a mapped, portable registration.
+        // SAFETY: the caller keeps the region alive while registered (staging pools live as
+        // long as their engine, the tier's arena as long as the daemon); flags ask for a
+        // mapped, portable registration; the device pointer query has a valid out-pointer.
         unsafe {
-            check(
-                "cuMemHostRegister",
-                cu::cuMemHostRegister_v2(
-                    ptr.cast(),
-                    len,
-                    cu::CU_MEMHOSTREGISTER_DEVICEMAP | cu::CU_MEMHOSTREGISTER_PORTABLE,
-                ),
-            )?;
+            if known.is_none() {
+                check(
+                    "cuMemHostRegister",
+                    cu::cuMemHostRegister_v2(
+                        ptr.cast(),
+                        len,
+                        cu::CU_MEMHOSTREGISTER_DEVICEMAP | cu::CU_MEMHOSTREGISTER_PORTABLE,
+                    ),
+                )?;
+            }
             let r = cu::cuMemHostGetDevicePointer_v2(&mut d, ptr.cast(), 0);
             if r != cu::CUresult::CUDA_SUCCESS {
-                let _ = cu::cuMemHostUnregister(ptr.cast());
+                if known.is_none() {
+                    let _ = cu::cuMemHostUnregister(ptr.cast());
+                }
                 check("cuMemHostGetDevicePointer", r)?;
             }
         }
+        match known {
+            Some(i) => regs[i].2 += 1,
+            None => regs.push((ptr as usize, len, 1)),
+        }
         Ok(d)
+    }
+
+    /// Drops one registration of the region at `ptr`; the last one unpins it.
+    pub fn unregister_host(&self, ptr: *mut u8) {
+        let Ok(_g) = self.lock() else { return };
+        let Ok(mut regs) = HOST_REGIONS.lock() else {
+            return;
+        };
+        if let Some(i) = regs.iter().position(|r| r.0 == ptr as usize) {
+            regs[i].2 -= 1;
+            if regs[i].2 == 0 {
+                regs.remove(i);
+                // SAFETY: the region was registered by `register_host` and its last user is
+                // gone.
+                unsafe {
+                    let _ = cu::cuMemHostUnregister(ptr.cast());
+                }
+            }
+        }
     }
 
     /// Device-to-host and host-to-device copy ceilings: GB/s of one `bytes` copy each way
@@ -1136,6 +1174,11 @@ impl CudaMemory {
 
 impl Drop for CudaMemory {
     fn drop(&mut self) {
+        if let Ok(regs) = self.staging.lock() {
+            for (start, _, _) in regs.iter() {
+                self.cuda.unregister_host(*start as *mut u8);
+            }
+        }
         if let Ok(_g) = self.cuda.lock() {
             for d in &self.opened {
                 // SAFETY: closing mappings opened in `open`.
@@ -1148,14 +1191,6 @@ impl Drop for CudaMemory {
                 // memory is being dropped, launches synchronize under the lock held here).
                 unsafe {
                     let _ = cu::cuEventDestroy_v2(ev);
-                }
-            }
-            if let Ok(regs) = self.staging.lock() {
-                for (start, _, _) in regs.iter() {
-                    // SAFETY: unregistering regions registered in register_staging.
-                    unsafe {
-                        let _ = cu::cuMemHostUnregister(*start as *mut c_void);
-                    }
                 }
             }
         }
@@ -1212,11 +1247,15 @@ impl KvMemory for CudaMemory {
     }
 
     fn register_staging(&self, ptr: *mut u8, len: usize) -> bool {
+        let Ok(mut regs) = self.staging.lock() else {
+            return false;
+        };
+        if regs.iter().any(|r| r.0 == ptr as usize && r.1 == len) {
+            return true;
+        }
         match self.cuda.register_host(ptr, len) {
             Ok(d) => {
-                if let Ok(mut regs) = self.staging.lock() {
-                    regs.push((ptr as usize, len, d));
-                }
+                regs.push((ptr as usize, len, d));
                 true
             }
             Err(e) => {

@@ -56,8 +56,10 @@ pub trait KvMemory: Send + Sync {
     /// Copies `src[i]` into `regions[i]` for every i.
     fn write(&self, regions: &[Region], src: &[&[u8]]) -> Result<(), DeviceError>;
 
-    /// Makes a host region (the staging pool) reachable by the device for zero-copy gather
-    /// and scatter (CUDA: page-locked and mapped). False when there is nothing to do.
+    /// Makes a host region (a staging pool, the RAM tier's arena) reachable by the device for
+    /// zero-copy gather and scatter (CUDA: page-locked and mapped; a region may be shared by
+    /// several memories, and registering it again with the same memory is a no-op that
+    /// answers true). False when there is nothing to do.
     fn register_staging(&self, ptr: *mut u8, len: usize) -> bool {
         let _ = (ptr, len);
         false
