@@ -670,14 +670,13 @@ fn tier_thaw(
     use crate::pipeline::{thaw, ThawRequest};
     use crate::tier::RamTier;
     let e = |x: &dyn std::fmt::Display| x.to_string();
-    let keys: Vec<u128> = store
+    let blocks = store
         .open_window(window)
         .map_err(|x| e(&x))?
         .manifest
-        .blocks
-        .iter()
-        .map(|b| b.key)
-        .collect();
+        .blocks;
+    let keys: Vec<u128> = blocks.iter().map(|b| b.key).collect();
+    let sums: Vec<u64> = blocks.iter().map(|b| b.checksum).collect();
     let nb = keys.len() as u64;
     let tier = RamTier::new(bytes + (64 << 20));
     tier.prepare(eng.layout.block_bytes() as usize);
@@ -701,7 +700,7 @@ fn tier_thaw(
         }
         best_thaw = best_thaw.min(t.loaded_secs);
     }
-    let hits = tier.all(&keys).ok_or("the tier lost blocks")?;
+    let hits = tier.all(&keys, &sums).ok_or("the tier lost blocks")?;
     let pls = hits.payloads();
     let mut best_scatter = f64::MAX;
     for _ in 0..3 {

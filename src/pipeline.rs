@@ -485,8 +485,8 @@ pub fn freeze(
                         Some(&mut sums),
                     )?;
                     if let Some(t) = tier.filter(|t| t.enabled()) {
-                        for (p, &i) in pls.iter().zip(chunk) {
-                            t.put(keys_ref[i], p);
+                        for ((p, &i), &sum) in pls.iter().zip(chunk).zip(&sums) {
+                            t.put(keys_ref[i], p, sum, false);
                         }
                     }
                 }
@@ -601,11 +601,6 @@ fn freeze_captured(
             cfg.threads,
             None,
         )?;
-        if let Some(t) = tier.filter(|t| t.enabled()) {
-            for (p, key) in pls.iter().zip(&c.keys[from..to]) {
-                t.put(*key, p);
-            }
-        }
     }
     let captured_secs = t0.elapsed().as_secs_f64();
     let mut gather_secs = tg.elapsed().as_secs_f64();
@@ -646,6 +641,19 @@ fn freeze_captured(
     let mut w = w?;
     if sums.len() != n {
         return Err(PipelineError::Validation("checksum thread panicked".into()));
+    }
+    // Into the RAM tier once their checksums are known, and only the blocks this freeze
+    // writes: a block the log holds already may hold other bytes there (GPU kernels need not
+    // be bit-reproducible), and the tier must mirror the log.
+    if let Some(t) = tier.filter(|t| t.enabled()) {
+        for (k, set) in sets.iter_mut().enumerate() {
+            let from = k * c.batch;
+            for (j, b) in set.slices().iter().enumerate() {
+                if w.needs_write(from + j) {
+                    t.put(c.keys[from + j], &b[po..po + bbu], sums[from + j], false);
+                }
+            }
+        }
     }
     let todo = (0..n).filter(|&i| w.needs_write(i)).count();
     let tw = Instant::now();
@@ -809,9 +817,9 @@ pub fn thaw(
     if let Some(t) = tier {
         t.attach(eng.mem.as_ref());
         let keys: Vec<u128> = r.manifest.blocks[..n].iter().map(|b| b.key).collect();
-        let outcome = t.all(&keys).and_then(|hits| {
+        let sums: Vec<u64> = r.manifest.blocks[..n].iter().map(|b| b.checksum).collect();
+        let outcome = t.all(&keys, &sums).and_then(|hits| {
             let pls = hits.payloads();
-            let sums: Vec<u64> = r.manifest.blocks[..n].iter().map(|b| b.checksum).collect();
             (pls.len() == n)
                 .then(|| scatter_verifying(eng, &wl, compat, &req.block_ids[..n], &pls, &sums, cfg))
         });
@@ -946,8 +954,10 @@ pub fn thaw(
                             cfg.threads,
                         )?;
                         if let Some(t) = tier {
+                            // Verified log bytes: they replace other bytes held for a key.
                             for (j, p) in pls.iter().enumerate() {
-                                t.put(rr.manifest.blocks[b.start + j].key, p);
+                                let m = &rr.manifest.blocks[b.start + j];
+                                t.put(m.key, p, m.checksum, true);
                             }
                         }
                     }
@@ -1086,7 +1096,15 @@ fn scatter_verifying(
             cfg.report("thaw", done as u64, n as u64);
         }
         let scatter_secs = ts.elapsed().as_secs_f64();
-        limit.store(done, SeqCst);
+        // After a timeout only the units already handed out are waited for (one taken in the
+        // meantime is finished too, but never claimed), so the verification backlog does not
+        // overrun the deadline; otherwise every scattered block is verified.
+        let claimable = if matches!(failed, Some(None)) {
+            done.min(next.load(SeqCst))
+        } else {
+            done
+        };
+        limit.store(claimable, SeqCst);
         let mut verify_secs = 0.0f64;
         for h in verifiers {
             match h.join() {
@@ -1099,7 +1117,7 @@ fn scatter_verifying(
                 }
             }
         }
-        (done, scatter_secs, failed, verify_secs)
+        (claimable, scatter_secs, failed, verify_secs)
     });
     let bad = bad.load(SeqCst);
     match failed {

@@ -26,7 +26,8 @@ struct Arena {
 }
 
 struct Inner {
-    map: HashMap<u128, (Stored, u64)>,
+    /// key → (payload, recency tick, xxh3 of the payload as its manifest records it).
+    map: HashMap<u128, (Stored, u64, u64)>,
     lru: BTreeMap<u64, u128>,
     bytes: u64,
     tick: u64,
@@ -49,7 +50,7 @@ impl Inner {
             return false;
         };
         self.lru.remove(&t);
-        if let Some((s, _)) = self.map.remove(&k) {
+        if let Some((s, _, _)) = self.map.remove(&k) {
             self.release(s);
         }
         true
@@ -88,7 +89,12 @@ impl TierHits<'_> {
     pub fn payloads(&self) -> Vec<&[u8]> {
         self.keys
             .iter()
-            .filter_map(|k| self.guard.map.get(k).map(|(s, _)| self.guard.bytes_of(s)))
+            .filter_map(|k| {
+                self.guard
+                    .map
+                    .get(k)
+                    .map(|(s, _, _)| self.guard.bytes_of(s))
+            })
             .collect()
     }
 }
@@ -173,11 +179,11 @@ impl RamTier {
         let i = &mut *g;
         i.tick += 1;
         let tick = i.tick;
-        let (_, t) = i.map.get_mut(&key)?;
+        let (_, t, _) = i.map.get_mut(&key)?;
         let old = std::mem::replace(t, tick);
         i.lru.remove(&old);
         i.lru.insert(tick, key);
-        let (s, _) = i.map.get(&key)?;
+        let (s, _, _) = i.map.get(&key)?;
         Some(Arc::from(i.bytes_of(s)))
     }
 
@@ -194,19 +200,27 @@ impl RamTier {
         Some(keys.iter().all(|k| g.map.contains_key(k)))
     }
 
-    /// Borrows every block of `keys` when all are present (marking them recently used), so a
-    /// thaw can copy straight out of the tier.
+    /// Borrows every block of `keys` when all are present with the checksums `sums` (their
+    /// manifest's) and marks them recently used, so a thaw can copy straight out of the
+    /// tier. A block held with another checksum is a miss, not corruption: the tier holds
+    /// other bytes for that key (a freeze's gather of a block the log already held) — the
+    /// bytes themselves are verified by the thaw.
     #[must_use]
-    pub fn all(&self, keys: &[u128]) -> Option<TierHits<'_>> {
+    pub fn all(&self, keys: &[u128], sums: &[u64]) -> Option<TierHits<'_>> {
         let mut g = self.lock();
-        if !keys.iter().all(|k| g.map.contains_key(k)) {
+        if keys.len() != sums.len()
+            || !keys
+                .iter()
+                .zip(sums)
+                .all(|(k, sum)| g.map.get(k).is_some_and(|e| e.2 == *sum))
+        {
             return None;
         }
         let i = &mut *g;
         for k in keys {
             i.tick += 1;
             let tick = i.tick;
-            if let Some((_, t)) = i.map.get_mut(k) {
+            if let Some((_, t, _)) = i.map.get_mut(k) {
                 let old = std::mem::replace(t, tick);
                 i.lru.remove(&old);
                 i.lru.insert(tick, *k);
@@ -218,16 +232,25 @@ impl RamTier {
         })
     }
 
-    /// Inserts a copy of a payload, evicting least recently used blocks to make room.
-    pub fn put(&self, key: u128, payload: &[u8]) {
+    /// Inserts a copy of a payload whose xxh3 is `sum`, evicting least recently used blocks to
+    /// make room. A block already held stays as it is, unless `replace` (the bytes were just
+    /// read from the log and verified) and it is held with another checksum.
+    pub fn put(&self, key: u128, payload: &[u8], sum: u64, replace: bool) {
         let len = payload.len() as u64;
         if len == 0 || len > self.capacity {
             return;
         }
         let mut g = self.lock();
         let i = &mut *g;
-        if i.map.contains_key(&key) {
-            return;
+        match i.map.get(&key) {
+            Some(e) if !replace || e.2 == sum => return,
+            Some(_) => {
+                if let Some((s, t, _)) = i.map.remove(&key) {
+                    i.lru.remove(&t);
+                    i.release(s);
+                }
+            }
+            None => {}
         }
         if i.arena.is_none() && !self.mapped.load(Ordering::SeqCst) {
             if let Some(buf) = AlignedBuf::try_zeroed(self.capacity as usize) {
@@ -265,7 +288,7 @@ impl RamTier {
         };
         i.tick += 1;
         let tick = i.tick;
-        i.map.insert(key, (stored, tick));
+        i.map.insert(key, (stored, tick, sum));
         i.lru.insert(tick, key);
         i.bytes += cost;
     }
@@ -277,14 +300,14 @@ impl RamTier {
         let mut g = self.lock();
         let i = &mut *g;
         match i.map.get_mut(&key) {
-            Some((Stored::Heap(v), _)) => match Arc::get_mut(v).and_then(|v| v.get_mut(at)) {
+            Some((Stored::Heap(v), _, _)) => match Arc::get_mut(v).and_then(|v| v.get_mut(at)) {
                 Some(b) => {
                     *b ^= 1;
                     true
                 }
                 None => false,
             },
-            Some((Stored::Slot(s, len), _)) if at < *len => match i.arena.as_mut() {
+            Some((Stored::Slot(s, len), _, _)) if at < *len => match i.arena.as_mut() {
                 Some(a) => {
                     a.buf[*s * a.slot + at] ^= 1;
                     true
@@ -298,7 +321,7 @@ impl RamTier {
     /// Drops a block (deleted windows, detected corruption).
     pub fn remove(&self, key: u128) {
         let mut g = self.lock();
-        if let Some((s, t)) = g.map.remove(&key) {
+        if let Some((s, t, _)) = g.map.remove(&key) {
             g.lru.remove(&t);
             g.release(s);
         }
@@ -312,11 +335,11 @@ mod tests {
     #[test]
     fn contains_all_never_waits_for_a_thaw() {
         let t = RamTier::new(1 << 20);
-        t.put(1, &[7u8; 100]);
-        t.put(2, &[8u8; 100]);
+        t.put(1, &[7u8; 100], 1, false);
+        t.put(2, &[8u8; 100], 2, false);
         assert_eq!(t.contains_all(&[1, 2]), Some(true));
         assert_eq!(t.contains_all(&[1, 3]), Some(false));
-        let hits = t.all(&[1, 2]).unwrap(); // a thaw copying out of the tier
+        let hits = t.all(&[1, 2], &[1, 2]).unwrap(); // a thaw copying out of the tier
         assert_eq!(t.contains_all(&[1, 2]), None);
         drop(hits);
         assert_eq!(t.contains_all(&[1, 2]), Some(true));
@@ -325,26 +348,56 @@ mod tests {
     #[test]
     fn lru_eviction_keeps_recent() {
         let t = RamTier::new(300);
-        t.put(1, &[1; 100]);
-        t.put(2, &[2; 100]);
-        t.put(3, &[3; 100]);
+        t.put(1, &[1; 100], 1, false);
+        t.put(2, &[2; 100], 2, false);
+        t.put(3, &[3; 100], 3, false);
         assert!(t.get(1).is_some()); // 1 is now most recent
-        t.put(4, &[4; 100]); // evicts 2
+        t.put(4, &[4; 100], 4, false); // evicts 2
         assert!(t.get(2).is_none());
         assert_eq!(t.get(4).as_deref(), Some(&[4u8; 100][..]));
         assert!(t.bytes() <= 300);
-        t.put(5, &[0; 400]); // larger than the tier: ignored
+        t.put(5, &[0; 400], 5, false); // larger than the tier: ignored
         assert!(t.get(5).is_none());
         // Another size goes to the heap, within the same bound.
-        t.put(6, &[6; 50]);
+        t.put(6, &[6; 50], 6, false);
         assert_eq!(t.get(6).as_deref(), Some(&[6u8; 50][..]));
         assert!(t.bytes() <= 300);
-        let hits = t.all(&[4, 6]).expect("both present");
+        let hits = t.all(&[4, 6], &[4, 6]).expect("both present");
         assert_eq!(hits.payloads()[1], &[6u8; 50][..]);
         drop(hits);
-        assert!(t.all(&[2, 4]).is_none());
+        assert!(t.all(&[2, 4], &[2, 4]).is_none());
         t.remove(4);
         assert!(t.get(4).is_none());
+    }
+
+    /// A block held with other bytes than its manifest's (another freeze's gather of a block
+    /// the log already held) is a miss, not corruption; a freeze never replaces what is held,
+    /// bytes read from the log (verified) do.
+    #[test]
+    fn a_block_held_with_another_checksum_is_a_miss() {
+        let t = RamTier::new(1 << 20);
+        t.put(1, &[1u8; 100], 11, false);
+        t.put(1, &[2u8; 100], 22, false);
+        assert!(t.all(&[1], &[22]).is_none(), "other bytes held: a miss");
+        assert_eq!(
+            t.all(&[1], &[11]).expect("held").payloads()[0],
+            &[1u8; 100][..]
+        );
+        let before = t.bytes();
+        t.put(1, &[2u8; 100], 22, true);
+        assert!(t.all(&[1], &[11]).is_none());
+        assert_eq!(
+            t.all(&[1], &[22]).expect("replaced").payloads()[0],
+            &[2u8; 100][..]
+        );
+        assert_eq!(t.bytes(), before, "replacing frees the old copy");
+        t.put(1, &[3u8; 100], 22, true);
+        assert_eq!(
+            t.get(1).as_deref(),
+            Some(&[2u8; 100][..]),
+            "same checksum: kept"
+        );
+        assert!(t.all(&[1, 2], &[22]).is_none(), "one checksum per key");
     }
 
     /// A device memory that records which regions it was asked to map.

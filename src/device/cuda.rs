@@ -661,20 +661,26 @@ impl Cuda {
             // lies inside a registered region (the caller checked block ids against the
             // validated layout, sources are mapped staging or tier slots); one attribute
             // applies to all copies; the stream is synchronized before the lists are dropped.
-            unsafe {
-                check(
-                    "cuMemcpyBatchAsync",
-                    cu::cuMemcpyBatchAsync_v2(
-                        dsts[at..].as_mut_ptr(),
-                        srcs[at..].as_mut_ptr(),
-                        sizes[at..].as_mut_ptr(),
-                        n,
-                        &mut attr,
-                        idx.as_mut_ptr(),
-                        1,
-                        g.stream,
-                    ),
-                )?;
+            let r = unsafe {
+                cu::cuMemcpyBatchAsync_v2(
+                    dsts[at..].as_mut_ptr(),
+                    srcs[at..].as_mut_ptr(),
+                    sizes[at..].as_mut_ptr(),
+                    n,
+                    &mut attr,
+                    idx.as_mut_ptr(),
+                    1,
+                    g.stream,
+                )
+            };
+            if r != cu::CUresult::CUDA_SUCCESS {
+                // Copies queued by earlier chunks still read the sources: wait for them before
+                // the caller may reuse those buffers.
+                // SAFETY: the stream belongs to this context, made current by lock().
+                unsafe {
+                    let _ = cu::cuStreamSynchronize(g.stream);
+                }
+                return check("cuMemcpyBatchAsync", r);
             }
             at += n;
         }
