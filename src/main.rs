@@ -375,6 +375,15 @@ fn serve(mut a: ServeArgs, m: &clap::ArgMatches) -> Result<(), String> {
         report.records,
         report.torn_tails.len()
     ));
+    let damage = report.damaged_records.len()
+        + report.damaged_regions.len()
+        + report.incomplete_windows.len();
+    if damage > 0 {
+        cwm::log::warn(&format!(
+            "store open: {damage} damaged records, regions or lost windows (see `cwm health`; \
+             `cwm fsck --repair` with the daemon stopped removes them)"
+        ));
+    }
     let server = cwm::control::Server::new(
         std::sync::Arc::new(store),
         cwm::control::ServeConfig {
@@ -406,6 +415,7 @@ fn serve(mut a: ServeArgs, m: &clap::ArgMatches) -> Result<(), String> {
             },
         },
     );
+    server.opened(&report);
     let s2 = server.clone();
     std::thread::spawn(move || {
         let mut sig = 0;
@@ -979,11 +989,25 @@ fn main() -> ExitCode {
         Cmd::Health(c) => {
             return client(&c, serde_json::json!({"op": "health"}), |v| {
                 println!(
-                    "ok: {} windows, {} bytes used, io engine {}",
+                    "{}: {} windows, {} bytes used, io engine {}",
+                    v["status"].as_str().unwrap_or("ok"),
                     v["windows"],
                     v["used_bytes"],
                     v["io_engine"].as_str().unwrap_or("")
                 );
+                // EC-051: what is known to be damaged, and what to do (the daemon is up and
+                // serving, so the exit status stays 0).
+                let problems = v["integrity"]["problems"].as_array().cloned().unwrap_or_default();
+                for p in &problems {
+                    println!(
+                        "  damaged ({}): {}",
+                        p["source"].as_str().unwrap_or(""),
+                        p["what"].as_str().unwrap_or("")
+                    );
+                }
+                if let Some(r) = v["integrity"]["recovery"].as_str() {
+                    println!("  what to do: {r}");
+                }
             })
         }
         Cmd::Metrics(c) => {

@@ -116,6 +116,7 @@ impl Server {
     }
 
     fn scrub_pass(&self, rate: u64) -> Result<Value, ApiError> {
+        let started = super::integrity::Integrity::now();
         let (windows, bytes) = crate::fsck::verify_windows(&self.store, rate, &|_, _| {})?;
         let lost: Vec<(String, u64)> = self.store.incomplete_windows()?;
         let catalog = self.store.scrub_catalog()?;
@@ -143,6 +144,27 @@ impl Server {
                 "scrub: window {name:?} is lost (a block is missing from the log)"
             ));
         }
+        // What health reports from now on (a clean pass clears earlier findings).
+        let mut found: Vec<String> = windows
+            .iter()
+            .filter(|w| w.status != "ok")
+            .map(|w| {
+                format!(
+                    "window {:?} is {}: {}",
+                    w.name,
+                    w.status,
+                    w.detail.as_deref().unwrap_or("")
+                )
+            })
+            .collect();
+        found.extend(
+            lost.iter()
+                .map(|(n, _)| format!("window {n:?} is lost: a block is missing from the log")),
+        );
+        found.extend(catalog.bad_tombstones.iter().map(|t| {
+            format!("{t}; the window it deleted may come back at the next start: delete it again")
+        }));
+        self.integrity.scrubbed(started, found);
         let mut out: Vec<Value> = windows.iter().map(|w| json!(w)).collect();
         out.extend(lost.iter().map(|(n, _)| {
             json!({"name": n, "status": "lost", "blocks": 0, "intact_blocks": 0,

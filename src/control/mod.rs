@@ -4,6 +4,7 @@
 //! the connection keeps serving.
 
 pub mod client;
+pub mod integrity;
 pub mod maint;
 pub mod metrics;
 pub mod protocol;
@@ -67,6 +68,8 @@ pub struct Server {
     tier_rate: AtomicU64,
     heavy_ops: std::sync::atomic::AtomicUsize,
     inflight: Mutex<HashMap<String, Arc<Inflight>>>,
+    /// Damage known in the log (EC-051), reported by `health`.
+    integrity: integrity::Integrity,
 }
 
 /// One in-flight request's outcome, shared with identical requests that arrive meanwhile.
@@ -191,7 +194,13 @@ impl Server {
             tier_rate: AtomicU64::new(2.0f64.to_bits()),
             heavy_ops: std::sync::atomic::AtomicUsize::new(0),
             inflight: Mutex::new(HashMap::new()),
+            integrity: integrity::Integrity::default(),
         })
+    }
+
+    /// Records the damage opening the store found (its recovery report), for `health`.
+    pub fn opened(&self, report: &crate::store::RecoveryReport) {
+        self.integrity.opened(report);
     }
 
     /// Binds the socket (mode 0600 in a 0700 directory it creates) and serves until
@@ -492,8 +501,13 @@ impl Server {
             })),
             "health" => {
                 let st = self.store.stats().map_err(ApiError::from)?;
+                let status = if self.integrity.ok() {
+                    "ok"
+                } else {
+                    "degraded"
+                };
                 Ok(
-                    json!({"status": "ok", "windows": st.windows, "used_bytes": st.used_bytes,
+                    json!({"status": status, "integrity": self.integrity.report(), "windows": st.windows, "used_bytes": st.used_bytes,
                     "capacity": st.capacity, "free_bytes": st.free_bytes, "reserved_bytes": st.reserved_bytes, "io_engine": st.engine,
                     "engines": self.engines.lock().map(|e| e.len()).unwrap_or(0)}),
                 )
@@ -682,11 +696,21 @@ impl Server {
                 if let Some(sess) = protocol::opt_str(a, "session")? {
                     self.sessions.thawed(&sess).map_err(ApiError::from)?;
                 }
-                if r.tier_corruption.is_some() {
+                if let Some(c) = &r.tier_corruption {
                     self.metrics.corruption.inc();
+                    self.integrity.record(
+                        "thaw",
+                        format!(
+                            "window {:?}: {c} was corrupt in the RAM tier (a host memory error); \
+                             the disk copy was used",
+                            r.window
+                        ),
+                    );
                 }
-                if r.corruption.is_some() {
+                if let Some(c) = &r.corruption {
                     self.metrics.corruption.inc();
+                    self.integrity
+                        .record("thaw", format!("window {:?}: {c}", r.window));
                 }
                 tracing::info!(
                     op = "thaw",
