@@ -997,7 +997,10 @@ fn main() -> ExitCode {
                 );
                 // EC-051: what is known to be damaged, and what to do (the daemon is up and
                 // serving, so the exit status stays 0).
-                let problems = v["integrity"]["problems"].as_array().cloned().unwrap_or_default();
+                let problems = v["integrity"]["problems"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
                 for p in &problems {
                     println!(
                         "  damaged ({}): {}",
@@ -1008,7 +1011,7 @@ fn main() -> ExitCode {
                 if let Some(r) = v["integrity"]["recovery"].as_str() {
                     println!("  what to do: {r}");
                 }
-            })
+            });
         }
         Cmd::Metrics(c) => {
             return client(&c, serde_json::json!({"op": "metrics"}), |v| {

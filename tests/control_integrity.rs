@@ -114,6 +114,14 @@ fn ec_051_a_simulated_corruption_is_reported_by_health_and_cleared_after_repair(
             .contains("fsck"),
         "{v}"
     );
+    let m = c.call_final(json!({"op": "metrics"})).unwrap();
+    assert!(
+        m["text"]
+            .as_str()
+            .unwrap()
+            .contains("cwm_integrity_problems 1"),
+        "{m}"
+    );
     // Nothing else is lost: the intact window thaws bit-exactly.
     let dst: Vec<u64> = (40..44).collect();
     let t = c

@@ -128,6 +128,12 @@ impl Integrity {
         self.lock().problems.is_empty()
     }
 
+    /// Problems known now.
+    #[must_use]
+    pub fn problems(&self) -> usize {
+        self.lock().problems.len()
+    }
+
     /// The `integrity` object of `health`.
     #[must_use]
     pub fn report(&self) -> Value {

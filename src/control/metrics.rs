@@ -47,6 +47,8 @@ pub struct Metrics {
     thaw_secs: Histogram,
     utilization: Family<Labels, Gauge<f64, AtomicU64>>,
     windows: Gauge,
+    /// Problems known in the log (EC-051; 0 when `health` says ok).
+    pub integrity_problems: Gauge,
 }
 
 impl Default for Metrics {
@@ -70,6 +72,7 @@ impl Default for Metrics {
             thaw_secs: Histogram::new(BUCKETS),
             utilization: Family::default(),
             windows: Gauge::default(),
+            integrity_problems: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("cwm_requests", "Requests received", m.requests.clone());
@@ -137,6 +140,11 @@ impl Default for Metrics {
             m.utilization.clone(),
         );
         registry.register("cwm_windows", "Visible windows", m.windows.clone());
+        registry.register(
+            "cwm_integrity_problems",
+            "Damage known in the log (health says degraded when above 0)",
+            m.integrity_problems.clone(),
+        );
         Self { registry, ..m }
     }
 }

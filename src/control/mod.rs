@@ -1122,6 +1122,9 @@ impl Server {
     }
 
     fn metrics_text(&self) -> String {
+        self.metrics
+            .integrity_problems
+            .set(self.integrity.problems() as i64);
         self.metrics.render(self.store.stats().ok().as_ref())
     }
 }
