@@ -15,7 +15,8 @@ if ! command -v "${CXX:-c++}" >/dev/null 2>&1; then
 fi
 # Failpoints (cargo feature `failpoints`, never in default builds): every write-path site x
 # action. Run first, so target/release/cwm is the default build again afterwards.
-cargo test --release --features failpoints --test failpoints
+# tests/clock_skew.rs (EC-042) needs the same build: it injects wall-clock skew.
+cargo test --release --features failpoints --test failpoints --test clock_skew
 # NVRTC, from its PyPI wheel (a compiler library: no GPU, no driver), lets the CPU suite compile
 # every CUDA kernel for sm_80 and sm_90 and run ptxas over it. Without it that test says skipped.
 NVRTC_DIR="${CWM_NVRTC_DIR:-$HOME/.cache/cwm/nvrtc}"

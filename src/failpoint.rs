@@ -9,6 +9,8 @@
 //! `compaction-copy`, `segment-rotate`. Actions: `error` (the operation fails with a typed
 //! I/O error), `short-write` (part of the bytes reach the file, then the operation fails), and
 //! `panic`. A site fires every time it is reached until cleared.
+//!
+//! Also here: an injected wall-clock skew for stored timestamps (`CWM_CLOCK_SKEW_MS`, EC-042).
 
 /// What an armed failpoint does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,4 +124,47 @@ macro_rules! fail_point {
             }
         }
     };
+}
+
+/// Wall-clock skew injected into the timestamps cwm stores (EC-042 tests; `failpoints` builds
+/// only): milliseconds added to every stored "now". Set in-process with [`set_clock_skew_ms`],
+/// or for a child process through `CWM_CLOCK_SKEW_MS`. Ordering never depends on these
+/// timestamps (sequence numbers do that), which is what the skew tests show.
+#[cfg(feature = "failpoints")]
+mod skew {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::sync::Once;
+
+    static SKEW: AtomicI64 = AtomicI64::new(0);
+    static FROM_ENV: Once = Once::new();
+
+    /// The injected skew.
+    pub fn clock_skew_ms() -> i64 {
+        FROM_ENV.call_once(|| {
+            if let Some(v) = std::env::var("CWM_CLOCK_SKEW_MS")
+                .ok()
+                .and_then(|v| v.parse::<i64>().ok())
+            {
+                SKEW.store(v, Ordering::SeqCst);
+            }
+        });
+        SKEW.load(Ordering::SeqCst)
+    }
+
+    /// Sets the skew for this process.
+    pub fn set_clock_skew_ms(ms: i64) {
+        FROM_ENV.call_once(|| {});
+        SKEW.store(ms, Ordering::SeqCst);
+    }
+}
+
+#[cfg(feature = "failpoints")]
+pub use skew::{clock_skew_ms, set_clock_skew_ms};
+
+/// No skew outside `failpoints` builds.
+#[cfg(not(feature = "failpoints"))]
+#[inline]
+#[must_use]
+pub fn clock_skew_ms() -> i64 {
+    0
 }

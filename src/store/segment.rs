@@ -75,6 +75,7 @@ pub(crate) fn now_unix_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+        + crate::failpoint::clock_skew_ms()
 }
 
 /// Preallocates `len` bytes of `file` (zeros when read). File systems without fallocate are
