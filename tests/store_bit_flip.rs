@@ -1,4 +1,4 @@
-//! A flipped bit in a block header or payload is detected, never returned; the intact prefix is
+//! EC-050-a: a flipped bit in a block header or payload is detected, never returned; the intact prefix is
 //! reported. A flipped header in the middle of a segment does not hide later windows.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 mod common;
@@ -10,7 +10,7 @@ fn block_offset(i: u64, len: u64) -> u64 {
 }
 
 #[test]
-fn payload_bit_flip_detected_with_intact_prefix() {
+fn ec_050_a_payload_bit_flip_detected_with_intact_prefix() {
     for (name, engine) in engines() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();

@@ -883,7 +883,24 @@ impl Store {
         let mut image = AlignedBuf::zeroed(entry.manifest.len as usize);
         self.engine
             .read_exact_at(entry.manifest.seg.fd(), entry.manifest.offset, &mut image)
-            .map_err(|e| StoreError::io(format!("reading the manifest of {name:?}"), e))?;
+            .map_err(|e| match e {
+                // The segment ends before a record the index holds (the file was truncated), or
+                // the medium cannot return it: the window is damaged, as an unreadable block
+                // would make it.
+                IoError::Short { op: "read", .. } => StoreError::Corruption {
+                    window: name.clone(),
+                    block: 0,
+                    intact_blocks: 0,
+                    detail: format!("manifest cut short (the segment file was truncated?): {e}"),
+                },
+                IoError::Os { .. } if e.errno() == Some(libc::EIO) => StoreError::Corruption {
+                    window: name.clone(),
+                    block: 0,
+                    intact_blocks: 0,
+                    detail: format!("manifest unreadable: {e}"),
+                },
+                e => StoreError::io(format!("reading the manifest of {name:?}"), e),
+            })?;
         let (h, payload) = verify_image(&image, &entry.manifest.seg, RecordKind::Manifest)
             .map_err(|d| StoreError::Corruption {
                 window: name.clone(),
