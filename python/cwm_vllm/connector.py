@@ -169,7 +169,7 @@ def weights_digest(path: str) -> str | None:
                     fh.seek(off)
                     h.update(fh.read(SAMPLE))
         return h.hexdigest()[:24]
-    except (OSError, ValueError):  # a broken link, an unreadable file: no digest (path used)
+    except Exception:  # noqa: BLE001 - broken link, unreadable or malformed file: no digest
         return None
 
 
@@ -266,6 +266,11 @@ class CwmConnector(KVConnectorBase_V1):
         # Scheduler side.
         self._client: Client | None = None
         self._down_until = 0.0
+        self._backoff = 1.0
+        # Requests whose load was queued and not yet reported finished: such a request must
+        # not be frozen when it finishes (aborted while loading: its blocks are still being
+        # written, and vLLM frees it when the load ends).
+        self._loading: set[str] = set()
         # request id -> (window, tokens matched, tokens computed locally, request salt)
         self._matches: dict[str, tuple[str, int, int, str | None]] = {}
         self._loads: list[LoadSpec] = []
@@ -299,13 +304,19 @@ class CwmConnector(KVConnectorBase_V1):
         try:
             out = fn(c)
             self._once.ok()
+            self._backoff = 1.0
             return out
         except CwmUnavailable as e:
-            # Back off: while cwm is unreachable, requests are served without asking it.
-            self._down_until = time.monotonic() + 1.0
+            # Back off (1 s, doubling up to 30 s): while cwm is unreachable or stalled, requests
+            # are served without asking it, and a stalled cwm costs the scheduler one lookup
+            # timeout per backoff period, not every other second.
+            self._down_until = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, 30.0)
             self._once.fail("unreachable", "cwm: unreachable (%s); serving without it", e)
         except CwmError as e:
             self._once.fail(e.code, "cwm: %s", e)
+        except Exception as e:  # noqa: BLE001 - a lookup must never take the scheduler down
+            logger.exception("cwm: lookup failed unexpectedly: %s", e)
         return None
 
     def get_num_new_matched_tokens(
@@ -321,7 +332,12 @@ class CwmConnector(KVConnectorBase_V1):
         if limit <= num_computed_tokens:
             return 0, False
         want = params.get("thaw")
-        salt = request_salt(request)
+        try:
+            salt = request_salt(request)
+        except Exception as e:  # noqa: BLE001 - an unreadable adapter: do not share its KV
+            logger.warning("cwm: request %s: cannot salt its KV (%s); not loading it",
+                           request.request_id, e)
+            return 0, False
         r = self._call(
             lambda c: c.lookup(
                 self._engine_base + "-r0",
@@ -374,6 +390,7 @@ class CwmConnector(KVConnectorBase_V1):
         ids = list(blocks.get_block_ids()[0])
         first = computed // bs
         n = num_external_tokens // bs
+        self._loading.add(request.request_id)
         self._loads.append(
             LoadSpec(
                 req_id=request.request_id,
@@ -414,6 +431,8 @@ class CwmConnector(KVConnectorBase_V1):
                 seen = n / dt
                 old = self._prefill_rate
                 self._prefill_rate = seen if old is None else 0.8 * old + 0.2 * seen
+        for req_id in getattr(connector_output, "finished_recving", None) or ():
+            self._loading.discard(req_id)
         super().update_connector_output(connector_output)
 
     @property
@@ -429,9 +448,22 @@ class CwmConnector(KVConnectorBase_V1):
         name = params.get("freeze_as")
         if not name or not self._save_on:
             return False, None
+        if request.request_id in self._loading:
+            # Finished (aborted) while its KV was still loading: its blocks are still being
+            # written, and vLLM frees the request as soon as the load ends (a freeze then
+            # would read freed blocks and report a request vLLM no longer knows).
+            self._once.fail("aborted-loading", "cwm: request %s finished while its KV was "
+                            "loading; %r not frozen", request.request_id, name)
+            return False, None
         if has_embeds(request):
             self._once.fail("embeds", "cwm: requests given as prompt embeddings are not frozen "
                             "(their KV is not a function of token ids); %r skipped", name)
+            return False, None
+        try:
+            salt = request_salt(request)
+        except Exception as e:  # noqa: BLE001 - never take the scheduler down
+            logger.warning("cwm: request %s: cannot salt its KV (%s); %r not frozen",
+                           request.request_id, e, name)
             return False, None
         # Tokens whose KV is in the cache (the last sampled token has none yet).
         n = min(int(request.num_computed_tokens), len(request.all_token_ids))
@@ -446,7 +478,7 @@ class CwmConnector(KVConnectorBase_V1):
                 block_ids=list(block_ids[:nb]),
                 session=params.get("session"),
                 replace=bool(params.get("replace", False)),
-                salt=request_salt(request),
+                salt=salt,
             )
         )
         self.stats["saves"] += 1
@@ -480,6 +512,10 @@ class CwmConnector(KVConnectorBase_V1):
                 logger.warning("cwm: cannot digest the model's weights (%s); using its name", e)
                 self._model = f"{self._model_args[0]}:{self._model_args[1]}"
 
+        if self._worker is not None:
+            # Registered again (the KV cache was reallocated): the old registration goes.
+            self._worker.close()
+            self._worker = None
         w = CwmWorker(self._socket, f"{self._engine_base}-r{rank}", self._model, self._salt,
                       self._timeout, self._once, rank=rank)
         try:
@@ -490,9 +526,23 @@ class CwmConnector(KVConnectorBase_V1):
         except LayoutError as e:
             logger.error("cwm: cannot describe the KV cache (%s); cwm is off for this engine", e)
             return
+        except Exception as e:  # noqa: BLE001 - e.g. memory CUDA IPC cannot export
+            logger.error("cwm: cannot register the KV cache (%s); cwm is off for this engine", e)
+            return
         self._worker = w
         w.keep_registered()
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cwm")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cwm")
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        # The saves of this step are remembered now: with speculative decoding vLLM asks for
+        # the finished transfers (get_finished, told which requests finished) before
+        # wait_for_save runs, and a finished id not known to be saving would be dropped, its
+        # blocks never freed.
+        if isinstance(connector_metadata, CwmConnectorMetadata) and connector_metadata.saves:
+            with self._lock:
+                self._saving.update(s.req_id for s in connector_metadata.saves)
 
     def _meta(self) -> CwmConnectorMetadata | None:
         if not self.has_connector_metadata():
@@ -504,6 +554,10 @@ class CwmConnector(KVConnectorBase_V1):
         m = self._meta()
         if m is None or not m.loads:
             return
+        if self._worker is not None:
+            # The scatters wait on this: blocks freed by a request whose last step may still be
+            # running on the GPU (async scheduling) are written only after that step.
+            self._worker.record_event()
         for spec in m.loads:
             if self._pool is None or self._worker is None:
                 self._load_done(spec, spec.block_ids)

@@ -213,9 +213,11 @@ class CwmWorker:
         rep: dict = {}
         try:
             if self.ensure_registered():
+                # cwm stops at its deadline, before this client gives up: it never writes into
+                # blocks this worker has already reported failed (vLLM may reuse them then).
                 with Client(self.socket, timeout=self.timeout) as c:
                     r = c.thaw(self.engine, spec.block_ids, window=self.window_name(spec.window),
-                               prefix=True,
+                               prefix=True, timeout_ms=max(1, int(self.timeout * 800)),
                                first_block=spec.first_block, tokens=spec.tokens,
                                session=spec.session, **salted(spec.salt))
                 rep = r.get("report", {})

@@ -276,12 +276,11 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
                 // is the name's newest event.
                 state.names.insert(name_key(&t.name), seq);
                 state.tombs.insert(name_key(&t.name), loc);
-                if live
-                    .get(&t.name)
-                    .is_some_and(|(_, m, _)| m.version == t.version)
-                {
-                    live.remove(&t.name);
-                }
+                // Whatever version the name holds at this point of the sequence is older than
+                // the tombstone, so it is deleted: usually the version the tombstone names, but
+                // compaction may have dropped that manifest (it was dead) while an older one of
+                // the name survives in a segment not compacted yet.
+                live.remove(&t.name);
             }
         }
     }
