@@ -192,8 +192,15 @@ pub fn repair(
 ) -> Result<RepairReport, StoreError> {
     let mut cfg = cfg;
     cfg.recovery = crate::store::RecoveryMode::TolerateTail;
-    let before = check(cfg.clone(), &|d, t| progress("verifying", d, t))?;
+    // Segments whose header is unreadable fail every open: they go out of the log first
+    // (renamed, kept for inspection); windows with records there are deleted below.
     let mut changes = Vec::new();
+    for (file, why) in crate::store::set_aside_invalid_segments(&cfg.dir)? {
+        changes.push(format!(
+            "set aside a segment as {file} ({why}); its records are not recovered"
+        ));
+    }
+    let before = check(cfg.clone(), &|d, t| progress("verifying", d, t))?;
     let mut tombstoned = Vec::new();
     let (store, rep) = Store::open(cfg.clone())?;
     for (seg, off, why) in &before.recovery.torn_tails {

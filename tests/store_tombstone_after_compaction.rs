@@ -19,14 +19,21 @@ fn a_deleted_window_stays_deleted_when_compaction_dropped_the_named_version() {
         let mut cfg = StoreConfig::new(dir);
         cfg.segment_size = 1 << 20;
         cfg.engine = cwm::io::EngineKind::Psync;
-        let open = || cwm::store::Store::open_with_engine(cfg.clone(), engine.clone()).unwrap().0;
+        let open = || {
+            cwm::store::Store::open_with_engine(cfg.clone(), engine.clone())
+                .unwrap()
+                .0
+        };
         let store = open();
         // Segment 1: W v1 and a live window X that keeps segment 1 above the live ratio.
         put(&store, "w", &keys(1, 2), LEN);
         put(&store, "x", &keys(2, 12), LEN);
         // Segment 2: W v2 (fills it past the first segment).
         let k2 = keys(3, 12);
-        let p: Vec<Vec<u8>> = k2.iter().map(|&k| payload(k as u64, LEN as usize)).collect();
+        let p: Vec<Vec<u8>> = k2
+            .iter()
+            .map(|&k| payload(k as u64, LEN as usize))
+            .collect();
         let refs: Vec<&[u8]> = p.iter().map(|v| &v[..]).collect();
         let mut sp = spec("w", &k2, LEN);
         sp.replace = Replace::Any;

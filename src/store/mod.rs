@@ -33,6 +33,7 @@ use crate::io::{self, AlignedBuf, EngineKind, IoEngine, IoError, Op};
 pub use compact::{CompactOptions, CompactProgress, CompactReport};
 use format::{payload_checksum, payload_offset, record_len, RecordHeader, RecordKind, PAGE};
 pub use manifest::{BlockRef, Manifest, Tombstone};
+pub(crate) use recovery::set_aside_invalid_segments;
 pub use recovery::{RecoveryMode, RecoveryReport};
 use segment::Segment;
 

@@ -131,7 +131,22 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
         let header = match header {
             Ok(h) if h.segment_id == id => h,
             Err(HeaderError::Empty) if n + 1 == ids.len() => {
-                // Crash while creating the newest segment: it holds nothing.
+                // Crash while creating the newest segment: it holds nothing. Records are only
+                // appended after the header is durable, the first one at page 1: a segment
+                // whose header is zero but whose first record page is not lost its header
+                // some other way, and is never removed (its records may be acknowledged).
+                if file_len >= 2 * PAGE {
+                    engine
+                        .read_exact_at(file.as_raw_fd(), PAGE, &mut page)
+                        .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+                    if page.iter().any(|&b| b != 0) {
+                        return Err(StoreError::Recovery(format!(
+                            "segment header of {} is zeroed but the segment holds records; run \
+                             `cwm fsck --repair` to set it aside",
+                            path.display()
+                        )));
+                    }
+                }
                 drop(file);
                 std::fs::remove_file(&path).map_err(|e| StoreError::from_fs("remove", &path, e))?;
                 report.removed_empty_segments.push(id);
@@ -586,4 +601,53 @@ fn find_next(
         off += want;
     }
     Ok(None)
+}
+
+/// Renames every segment file of `dir` whose header is invalid (or names another segment) to
+/// `<file>.damaged`, out of the log, so the store opens without it (`cwm fsck --repair`; the
+/// windows with records there become incomplete and are deleted by the repair). The newest
+/// segment with a zeroed header and no record is left to recovery, which removes it (a crash
+/// while creating it). Returns what was set aside: (file, why).
+pub(crate) fn set_aside_invalid_segments(
+    dir: &std::path::Path,
+) -> Result<Vec<(String, String)>, StoreError> {
+    use std::io::Read;
+    let mut ids: Vec<u64> = std::fs::read_dir(dir)
+        .map_err(|e| StoreError::from_fs("list", dir, e))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| segment::parse_file_name(e.file_name().to_str()?))
+        .collect();
+    ids.sort_unstable();
+    let mut out = Vec::new();
+    for (n, &id) in ids.iter().enumerate() {
+        let path = dir.join(segment::file_name(id));
+        let mut head = vec![0u8; 2 * PAGE as usize];
+        let got = File::open(&path)
+            .and_then(|mut f| {
+                let mut at = 0;
+                while at < head.len() {
+                    match f.read(&mut head[at..])? {
+                        0 => break,
+                        k => at += k,
+                    }
+                }
+                Ok(at)
+            })
+            .map_err(|e| StoreError::from_fs("read", &path, e))?;
+        let why = match SegmentHeader::decode(&head[..got.min(PAGE as usize)]) {
+            Ok(h) if h.segment_id == id => continue,
+            Ok(h) => format!("it has the header of segment {}", h.segment_id),
+            Err(HeaderError::Empty) | Err(HeaderError::Truncated)
+                if n + 1 == ids.len() && head[PAGE as usize..].iter().all(|&b| b == 0) =>
+            {
+                continue
+            }
+            Err(e) => format!("invalid header: {e}"),
+        };
+        let aside = dir.join(format!("{}.damaged", segment::file_name(id)));
+        std::fs::rename(&path, &aside).map_err(|e| StoreError::from_fs("rename", &path, e))?;
+        io::sync_dir(dir).map_err(|e| StoreError::from_fs("sync directory of", dir, e))?;
+        out.push((aside.display().to_string(), why));
+    }
+    Ok(out)
 }
