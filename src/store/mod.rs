@@ -776,12 +776,14 @@ impl Store {
             }
             return Err(injected_error("segment-rotate"));
         });
-        let seg = match Segment::create(
-            &self.cfg.dir,
-            id,
-            self.cfg.segment_size,
-            self.engine.as_ref(),
-        ) {
+        // A record larger than a segment gets a segment of its own size: recovery scans a
+        // segment only up to the size in its header, so a record written past it would be
+        // acknowledged and then cut off as a torn tail.
+        let size = self
+            .cfg
+            .segment_size
+            .max((PAGE + len).next_multiple_of(PAGE));
+        let seg = match Segment::create(&self.cfg.dir, id, size, self.engine.as_ref()) {
             Ok(s) => s,
             // The file system is full (EC-052). A one-page record (a tombstone, a catalog
             // record) still gets a small segment, so deleting windows to free space keeps
