@@ -362,9 +362,10 @@ impl Store {
             throttle.after(bytes);
         }
         // Nothing may refer to the segment any more; then it leaves the index and the disk.
+        // (The appender lock is held to the end: nothing new can refer to it meanwhile.)
         let _app = self.lock_appender()?;
         {
-            let mut st = self.state.write().map_err(poisoned)?;
+            let st = self.state.read().map_err(poisoned)?;
             let referenced = st.blocks.values().any(|b| b.loc.seg.id == seg.id)
                 || st.windows.values().any(|w| w.manifest.seg.id == seg.id)
                 || st.meta.values().any(|(_, _, l)| l.seg.id == seg.id);
@@ -377,6 +378,19 @@ impl Store {
                     seg.id
                 )));
             }
+        }
+        // The unlink is made durable before the segment leaves the index: while its file may
+        // still come back at the next open, later compactions must still see the manifests it
+        // holds (they keep the tombstones shadowing them).
+        match std::fs::remove_file(&seg.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::from_fs("remove", &seg.path, e)),
+        }
+        io::sync_dir(&self.cfg.dir)
+            .map_err(|e| StoreError::from_fs("sync directory", &self.cfg.dir, e))?;
+        {
+            let mut st = self.state.write().map_err(poisoned)?;
             // Tombstones left behind shadow nothing any more.
             st.tombs.retain(|_, l| l.seg.id != seg.id);
             st.segments.remove(&seg.id);
@@ -384,9 +398,6 @@ impl Store {
         self.used.fetch_sub(seg.frontier(), Ordering::SeqCst);
         rep.bytes_reclaimed += seg.frontier();
         rep.segments_removed.push(seg.id);
-        std::fs::remove_file(&seg.path).map_err(|e| StoreError::from_fs("remove", &seg.path, e))?;
-        io::sync_dir(&self.cfg.dir)
-            .map_err(|e| StoreError::from_fs("sync directory", &self.cfg.dir, e))?;
         Ok(())
     }
 
