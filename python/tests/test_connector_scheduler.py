@@ -304,3 +304,54 @@ def test_lora_cache_salt_and_multimodal_requests_keep_their_kv_apart(world):
     failed, rep = w.load(LoadSpec("q", "with-lora", T, 0, [20, 21, 22, 23, 24], salt=s))
     assert failed == [] and torch.equal(buf[:, 20:25], want), rep
     w.close()
+
+
+def test_a_request_finished_while_loading_is_not_frozen(world):
+    """Aborted while its KV loads: vLLM keeps its blocks until the load ends, then frees the
+    request; a freeze then would read blocks still being written and report a request vLLM no
+    longer knows (its scheduler asserts on it)."""
+    conn = world.conn
+    req = request(T + [1] * 10, {"cwm": {"freeze_as": "after"}}, computed=0, rid="ab")
+    assert conn.get_num_new_matched_tokens(req, 0) == (5 * BS, True)
+    blocks = SimpleNamespace(get_block_ids=lambda: ([10, 11, 12, 13, 14, 15],))
+    conn.update_state_after_alloc(req, blocks, 5 * BS)
+    conn.build_connector_meta(SimpleNamespace(total_num_scheduled_tokens=0))
+    req.num_computed_tokens = 5 * BS
+    assert conn.request_finished(req, [10, 11, 12, 13, 14, 15]) == (False, None)
+    assert conn.build_connector_meta(SimpleNamespace()).saves == []
+    # Once its load is reported finished, a request of that id freezes normally again.
+    conn.update_connector_output(KVConnectorOutput(finished_recving={"ab"}))
+    assert conn.request_finished(req, [10, 11, 12, 13, 14, 15])[0] is True
+
+
+def test_a_stalled_cwm_is_asked_less_and_less_often(world, monkeypatch):
+    down, _ = connector(str(world.cwm.sock) + ".gone")
+    now = [1000.0]
+    monkeypatch.setattr("cwm_vllm.connector.time.monotonic", lambda: now[0])
+    waits = []
+    for i in range(5):
+        down.get_num_new_matched_tokens(request(T + [1], rid=f"y{i}"), 0)
+        waits.append(down._down_until - now[0])
+        now[0] = down._down_until + 0.001
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0], waits
+
+
+def test_saves_are_known_before_wait_for_save_with_speculative_decoding():
+    """With speculative decoding vLLM asks for finished transfers (naming the requests that
+    finished) before wait_for_save: a save must be remembered from the moment its metadata is
+    bound, or its finished id is dropped and its blocks are never freed."""
+    from cwm_vllm.connector import CwmConnectorMetadata
+    from cwm_vllm.worker import SaveSpec
+
+    kv = KVTransferConfig(kv_connector="CwmConnector", kv_role="kv_both",
+                          kv_connector_extra_config={"socket": "/nonexistent"})
+    cfg = SimpleNamespace(kv_transfer_config=kv, cache_config=SimpleNamespace(block_size=BS),
+                          model_config=SimpleNamespace(model="tiny", dtype="bfloat16"))
+    w = CwmConnector(cfg, KVConnectorRole.WORKER, None)
+    w.bind_connector_metadata(CwmConnectorMetadata(
+        loads=[], saves=[SaveSpec("s1", "w2", [1] * BS, [3])]))
+    # defer_finalize: the results first, then wait_for_save.
+    assert w.get_finished({"s1"}) == (None, None)
+    w.wait_for_save()
+    assert w.get_finished(set()) == ({"s1"}, None)
+    assert w._finished_seen == set() and w._saving == set() and w._sent == set()
