@@ -244,6 +244,27 @@ pub struct PipelineConfig {
     /// Called after each batch with (stage, blocks done, blocks in all): `freeze` counts
     /// blocks written, `thaw` blocks scattered.
     pub progress: Option<Progress>,
+    /// True once whoever asked for this freeze or thaw has gone (its connection closed): a
+    /// thaw stops after its current batch, a freeze not yet captured writes nothing
+    /// (INTERRUPTED). Its engine may be reusing the blocks by then.
+    pub cancel: Option<Cancel>,
+}
+
+/// A cancellation test (see [`PipelineConfig::cancel`]).
+#[derive(Clone)]
+pub struct Cancel(pub Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl std::fmt::Debug for Cancel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Cancel(..)")
+    }
+}
+
+fn requester_gone() -> PipelineError {
+    PipelineError::Device(DeviceError::Gone(
+        "the requester closed its connection; stopped (its engine may be reusing the blocks)"
+            .into(),
+    ))
 }
 
 /// A progress function: (stage, done, total).
@@ -260,6 +281,10 @@ impl std::fmt::Debug for Progress {
 }
 
 impl PipelineConfig {
+    fn cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(|c| (c.0)())
+    }
+
     fn past_deadline(&self) -> bool {
         self.deadline
             .is_some_and(|d| std::time::Instant::now() >= d)
@@ -283,6 +308,7 @@ impl Default for PipelineConfig {
             fixed_buffers: true,
             deadline: None,
             progress: None,
+            cancel: None,
         }
     }
 }
@@ -491,6 +517,10 @@ pub fn freeze(
                     }
                 }
                 busy += tb.elapsed().as_secs_f64();
+                // Gathered before the requester went: valid. After: it may have reused them.
+                if cfg.cancelled() {
+                    return Err(requester_gone());
+                }
                 if full_tx.send((chunk.to_vec(), set, sums)).is_err() {
                     return Ok(busy);
                 }
@@ -604,6 +634,10 @@ fn freeze_captured(
     }
     let captured_secs = t0.elapsed().as_secs_f64();
     let mut gather_secs = tg.elapsed().as_secs_f64();
+    if cfg.cancelled() {
+        // Part of the gather may have read blocks the engine already reused.
+        return Err(requester_gone());
+    }
     on_captured();
     // Checksums on the verify threads while this thread waits for the log.
     let (sums, w) = {
@@ -964,6 +998,9 @@ pub fn thaw(
                     report.scatter_secs += ts.elapsed().as_secs_f64();
                     report.blocks_restored = (b.start + good) as u64;
                     cfg.report("thaw", report.blocks_restored, n as u64);
+                    if report.blocks_restored < n as u64 && cfg.cancelled() {
+                        return Err(requester_gone());
+                    }
                     if first_bad.is_none()
                         && report.blocks_restored < n as u64
                         && cfg.past_deadline()
@@ -1075,6 +1112,10 @@ fn scatter_verifying(
         let mut done = 0;
         let mut failed = None;
         while done < n && bad.load(SeqCst) == usize::MAX {
+            if cfg.cancelled() {
+                failed = Some(Some(requester_gone()));
+                break;
+            }
             if cfg.past_deadline() {
                 failed = Some(None);
                 break;
@@ -1096,10 +1137,10 @@ fn scatter_verifying(
             cfg.report("thaw", done as u64, n as u64);
         }
         let scatter_secs = ts.elapsed().as_secs_f64();
-        // After a timeout only the units already handed out are waited for (one taken in the
-        // meantime is finished too, but never claimed), so the verification backlog does not
-        // overrun the deadline; otherwise every scattered block is verified.
-        let claimable = if matches!(failed, Some(None)) {
+        // After a timeout (or a failure) only the units already handed out are waited for
+        // (one taken in the meantime is finished too, but never claimed), so the verification
+        // backlog does not overrun the deadline; otherwise every scattered block is verified.
+        let claimable = if failed.is_some() {
             done.min(next.load(SeqCst))
         } else {
             done

@@ -48,6 +48,9 @@ fn records_larger_than_a_segment_survive_a_reopen() {
         check(&store, "big", &keys(2, 2), 256 << 10);
         check(&store, "small", &keys(1, 2), 8192);
         let meta = store.meta().unwrap();
-        assert!(meta.iter().any(|(k, v)| *k == 42 && *v == big_meta), "{name}");
+        assert!(
+            meta.iter().any(|(k, v)| *k == 42 && *v == big_meta),
+            "{name}"
+        );
     }
 }

@@ -94,6 +94,20 @@ fn meta_key(kind: &str, name: &str) -> u128 {
     xxhash_rust::xxh3::xxh3_128(format!("cwm-{kind}\0{name}").as_bytes())
 }
 
+/// True when the peer of connection `fd` has closed it (or shut down its writing side): a
+/// zero-timeout poll, cheap enough to ask between batches. The fd stays open (owned by the
+/// connection's thread, which is the caller's) for as long as this can be called.
+fn peer_gone(fd: std::os::fd::RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 fn peer_uid(s: &UnixStream) -> Option<u32> {
     let mut cred = libc::ucred {
         pid: 0,
@@ -411,6 +425,7 @@ impl Server {
             self.concurrency(k, 1);
         }
         let heavy = matches!(req.op.as_str(), "freeze" | "thaw");
+        let fd = out.lock().map(|c| c.as_raw_fd()).ok();
         let t0 = std::time::Instant::now();
         let res =
             if heavy && self.heavy_ops.fetch_add(1, Ordering::SeqCst) >= self.cfg.max_ops.max(1) {
@@ -422,7 +437,7 @@ impl Server {
                     ),
                 ))
             } else {
-                self.dispatch(&req, &progress)
+                self.dispatch(&req, &progress, fd)
             };
         if heavy {
             self.heavy_ops.fetch_sub(1, Ordering::SeqCst);
@@ -458,7 +473,10 @@ impl Server {
             }
         }
         let sent = sent.into_inner().unwrap_or_default();
-        if let Some(k) = &req.idempotency_key {
+        // A request cut short because its requester went is not an outcome to replay: the
+        // retry (same key) runs it again.
+        let abandoned = !succeeded && fd.is_some_and(peer_gone);
+        if let Some(k) = req.idempotency_key.as_ref().filter(|_| !abandoned) {
             let rec = json!({"kind": "idem", "key": k, "lines": sent}).to_string();
             if let Err(e) = self.store.put_meta(meta_key("idem", k), rec.as_bytes()) {
                 crate::log::warn(&format!("idempotency key {k:?} not persisted: {e}"));
@@ -488,7 +506,10 @@ impl Server {
         &self,
         req: &Request,
         progress: &(dyn Fn(&str, Value) + Sync),
+        conn: Option<std::os::fd::RawFd>,
     ) -> Result<Value, ApiError> {
+        // A freeze or thaw whose requester hangs up stops (PipelineConfig::cancel).
+        let cancel = conn.map(|fd| crate::pipeline::Cancel(Arc::new(move || peer_gone(fd))));
         let a = &req.args;
         if let Some(r) = self.maintenance_op(&req.op, a, progress) {
             return r;
@@ -574,11 +595,15 @@ impl Server {
                         .begin_freeze(&session)
                         .map_err(ApiError::from)?;
                 }
+                let pcfg = PipelineConfig {
+                    cancel: cancel.clone(),
+                    ..self.cfg.pipeline.clone()
+                };
                 let res = freeze(
                     &self.store,
                     &eng,
                     fr,
-                    &self.cfg.pipeline,
+                    &pcfg,
                     Some(&self.tier).filter(|t| t.enabled()),
                     &on_captured,
                 );
@@ -683,6 +708,7 @@ impl Server {
                 };
                 let pcfg = PipelineConfig {
                     deadline: Some(std::time::Instant::now() + limit),
+                    cancel: cancel.clone(),
                     ..self.cfg.pipeline.clone()
                 };
                 let r = thaw(
@@ -1126,5 +1152,28 @@ impl Server {
             .integrity_problems
             .set(self.integrity.problems() as i64);
         self.metrics.render(self.store.stats().ok().as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::peer_gone;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn peer_gone_sees_a_close_and_a_half_close_not_pending_data() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        assert!(!peer_gone(a.as_raw_fd()));
+        std::io::Write::write_all(&mut &b, b"{\"op\":\"hello\"}\n").expect("write");
+        assert!(
+            !peer_gone(a.as_raw_fd()),
+            "a pipelined request is not a hangup"
+        );
+        b.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        assert!(peer_gone(a.as_raw_fd()));
+        let (c, d) = UnixStream::pair().expect("pair");
+        drop(d);
+        assert!(peer_gone(c.as_raw_fd()));
     }
 }
