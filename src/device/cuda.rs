@@ -622,12 +622,14 @@ impl Cuda {
 
     /// Copies `sizes[i]` bytes from `srcs[i]` to `dsts[i]` for every i with the copy engines
     /// (cuMemcpyBatchAsync, CUDA ≥ 12.8 drivers: one call for many pieces, DMA instead of SM
-    /// loads), and waits. Sources are read in stream order.
+    /// loads), after `wait` (an event of the engine) when given, and waits. Sources are read
+    /// in stream order.
     pub fn batch_copy(
         &self,
         dsts: &mut [u64],
         srcs: &mut [u64],
         sizes: &mut [usize],
+        wait: Option<cu::CUevent>,
     ) -> Result<(), DeviceError> {
         if dsts.len() != srcs.len() || dsts.len() != sizes.len() {
             return Err(DeviceError::Validation(
@@ -640,6 +642,10 @@ impl Cuda {
             ));
         }
         let g = self.lock()?;
+        if let Some(ev) = wait {
+            // SAFETY: the caller's event (alive for the call), this context's stream.
+            unsafe { check("cuStreamWaitEvent", cu::cuStreamWaitEvent(g.stream, ev, 0))? };
+        }
         let mut attr = cu::CUmemcpyAttributes {
             srcAccessOrder: cu::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
             srcLocHint: cu::CUmemLocation {
@@ -1123,6 +1129,7 @@ impl CudaMemory {
         ids: &[u64],
         slots: &[u64],
         num_blocks: u64,
+        wait: Option<cu::CUevent>,
     ) -> Result<(), DeviceError> {
         let n = ids.len() * table.len();
         let (mut dsts, mut srcs, mut sizes) = (
@@ -1142,7 +1149,7 @@ impl CudaMemory {
                 sizes.push(k.len as usize);
             }
         }
-        self.cuda.batch_copy(&mut dsts, &mut srcs, &mut sizes)
+        self.cuda.batch_copy(&mut dsts, &mut srcs, &mut sizes, wait)
     }
 
     fn device_ptr(&self, host: *const u8, len: usize) -> Option<u64> {
@@ -1236,6 +1243,12 @@ impl KvMemory for CudaMemory {
     fn write(&self, regions: &[Region], src: &[&[u8]]) -> Result<(), DeviceError> {
         self.bounds(regions, src.iter().map(|d| d.len()))?;
         let _g = self.cuda.lock()?;
+        // As for reads: blocks freed by a request whose last step may still be running are
+        // written only after the engine's work up to its event.
+        if let Some(ev) = self.wait_event() {
+            // SAFETY: an event opened in `wait_for_event`, alive until this memory drops.
+            unsafe { check("cuEventSynchronize", cu::cuEventSynchronize(ev))? };
+        }
         for (r, s) in regions.iter().zip(src) {
             // SAFETY: bounds checked; synchronous copy from our buffer.
             unsafe {
@@ -1322,12 +1335,22 @@ impl KvMemory for CudaMemory {
         );
         self.last_scatter
             .store(plan.path as u8, std::sync::atomic::Ordering::Relaxed);
+        // Ordered after the engine's work up to its event (the connector records it before
+        // it asks for thaws): with asynchronous scheduling a step still running may be writing
+        // blocks a finished request gave up, which this thaw now fills.
+        let wait = self.wait_event();
         if plan.path == ScatterPath::CopyEngine {
-            return Some(self.scatter_copy_engine(&plan.pieces, ids, &slots, engine.num_blocks));
+            return Some(self.scatter_copy_engine(
+                &plan.pieces,
+                ids,
+                &slots,
+                engine.num_blocks,
+                wait,
+            ));
         }
         Some(
             self.cuda
-                .launch(&plan, ids, &slots, engine.num_blocks, self.geometry(), None),
+                .launch(&plan, ids, &slots, engine.num_blocks, self.geometry(), wait),
         )
     }
 }
