@@ -73,13 +73,16 @@ def describe(tensors: Sequence[Any], num_blocks: int) -> Described:
             out.regions.append(Region(base=base, nbytes=st.nbytes(), storage=st))
         region = by_base[base]
         bdim, ratio = _block_dim(shape, num_blocks)
+        # A block's slab must be one dense byte range; its dims may be permuted (FlashInfer's
+        # HND view of an NHD-shaped tensor): pieces move whole, in memory order.
         expect = 1
-        for d in range(len(shape) - 1, bdim, -1):
-            if shape[d] != 1 and stride[d] != expect:
+        for st_, sh in sorted((stride[d], shape[d]) for d in range(bdim + 1, len(shape))
+                              if shape[d] != 1):
+            if st_ != expect:
                 raise LayoutError(
                     f"layer {layer}: dims after the block dim are not contiguous "
                     f"(shape {tuple(shape)}, strides {tuple(stride)})")
-            expect *= shape[d]
+            expect *= sh
         slab = math.prod(shape[bdim + 1:])
         if ratio > 1 and stride[bdim] != slab:
             raise LayoutError(f"layer {layer}: the {ratio} kernel blocks of a block are not "

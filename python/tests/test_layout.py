@@ -51,6 +51,21 @@ def test_pieces_hold_exactly_each_blocks_bytes(name, tensors, kinds):
     assert req["kind"] == "pieces" and req["dtype"] == "bfloat16" and req["inner"] == "opaque"
 
 
+def test_a_permuted_but_dense_block_slab_is_accepted():
+    """FlashInfer's HND cache: an NHD-shaped view, (num_blocks, 2, N, H, D), of memory laid out
+    (num_blocks, 2, H, N, D). Each block is still one dense range: its bytes move whole."""
+    phys = [torch.randn(NB, 2, H, BS, D).to(torch.bfloat16) for _ in range(L)]
+    views = [p.permute(0, 1, 3, 2, 4) for p in phys]
+    assert views[0].shape == (NB, 2, BS, H, D) and not views[0].is_contiguous()
+    d = describe(views, NB)
+    assert [p["kind"] for p in d.pieces] == ["kv"] * L
+    for b in [0, 5, NB - 1]:
+        for p, t in zip(d.pieces, phys):
+            got = storage_bytes(d.regions[p["tensor"]], p["offset"] + b * p["block_stride"],
+                                p["len"])
+            assert got == t[b].contiguous().view(torch.uint8).numpy().tobytes()
+
+
 def test_non_contiguous_block_slab_is_refused():
     t = torch.randn(BS, NB, H, D).transpose(0, 1)  # block dim first, but strided inside
     with pytest.raises(LayoutError, match="not contiguous"):
