@@ -751,6 +751,12 @@ impl Store {
         h.encode(seg.generation, &mut image[..PAGE as usize]);
         if po == PAGE as usize {
             image[format::RECORD_HEADER_LEN..PAGE as usize].fill(0);
+            // The padding after the payload, up to the record's last page end: whatever an
+            // earlier use of the staging slot left there must not reach the disk.
+            let end = (len as usize).min(image.len());
+            if let Some(pad) = image.get_mut(po + payload_len as usize..end) {
+                pad.fill(0);
+            }
         } else {
             image[po + payload_len as usize..PAGE as usize].fill(0);
         }
