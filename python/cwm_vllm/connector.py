@@ -31,6 +31,7 @@ logged once per cause, and the connector reconnects (and re-registers) when cwm 
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import os
@@ -244,7 +245,9 @@ class CwmConnector(KVConnectorBase_V1):
         # scheduler's steps) or "off" (always thaw what matches).
         self._measure = rate == "measure"
         self._prefill_rate = float(rate) if rate not in (None, "", "measure", "off") else None
-        self._step: tuple[float, int] | None = None
+        # Steps scheduled and not yet reported, oldest first: (scheduled at, tokens). With
+        # asynchronous scheduling step N+1 is scheduled before step N's output comes back.
+        self._steps: collections.deque[tuple[float, int]] = collections.deque(maxlen=2)
         self._steps_seen = 0
         self._load_on = bool(extra("load", True))
         self._save_on = bool(extra("save", True))
@@ -413,16 +416,15 @@ class CwmConnector(KVConnectorBase_V1):
         self._loads, self._saves = [], []
         if self._measure:
             n = int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0)
-            self._step = (time.monotonic(), n)
+            self._steps.append((time.monotonic(), n))
         return meta
 
     #: Steps with at least this many tokens are prefill-dominated: they measure the rate.
     MEASURE_MIN_TOKENS = 64
 
     def update_connector_output(self, connector_output: Any) -> None:
-        if self._step is not None:
-            t0, n = self._step
-            self._step = None
+        if self._steps:
+            t0, n = self._steps.popleft()
             dt = time.monotonic() - t0
             if n >= self.MEASURE_MIN_TOKENS and dt > 0:
                 self._steps_seen += 1

@@ -111,6 +111,16 @@ def test_thaw_or_recompute(world):
     m.build_connector_meta(SimpleNamespace(total_num_scheduled_tokens=4))
     m.update_connector_output(KVConnectorOutput())
     assert m.prefill_tokens_per_s == rate
+    # Asynchronous scheduling: step N+1 (tiny) is scheduled before step N's output; N's
+    # tokens are still measured against N's own time.
+    m.build_connector_meta(SimpleNamespace(total_num_scheduled_tokens=2000))
+    time.sleep(0.01)
+    m.build_connector_meta(SimpleNamespace(total_num_scheduled_tokens=4))
+    m.update_connector_output(KVConnectorOutput())
+    after = m.prefill_tokens_per_s
+    assert after != rate and 0.8 * rate < after <= 0.8 * rate + 0.2 * 2000 / 0.01
+    m.update_connector_output(KVConnectorOutput())
+    assert m.prefill_tokens_per_s == after, "the small step does not count"
 
 
 def test_freeze_on_finish(world):
