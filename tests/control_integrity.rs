@@ -64,6 +64,12 @@ fn last_block_payload(file: &std::path::Path) -> u64 {
     last.expect("a block record") as u64
 }
 
+/// A daemon on the fixture's data directory, socket and shared-memory directory.
+fn restart(tmp: &tempfile::TempDir) -> common::daemon::Daemon {
+    let p = tmp.path();
+    start(&p.join("data"), &p.join("cwm.sock"), &p.join("shm"), &[])
+}
+
 #[test]
 fn ec_051_a_simulated_corruption_is_reported_by_health_and_cleared_after_repair() {
     let mut f = fixture(&[]);
@@ -147,12 +153,7 @@ fn ec_051_a_simulated_corruption_is_reported_by_health_and_cleared_after_repair(
     f.daemon.child.kill().unwrap();
     f.daemon.child.wait().unwrap();
     common::flip_bit(&seg, last_offset(&seg, KEPT.as_bytes()) + 2, 1);
-    f.daemon = start(
-        &data,
-        &f.tmp.path().join("cwm.sock"),
-        &f.tmp.path().join("shm"),
-        &[],
-    );
+    f.daemon = restart(&f.tmp);
     let mut c = Client::connect(&f.daemon.socket).unwrap();
     let v = health(&mut c);
     assert_eq!(v["status"], "degraded", "{v}");
@@ -184,12 +185,7 @@ fn ec_051_a_simulated_corruption_is_reported_by_health_and_cleared_after_repair(
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    f.daemon = start(
-        &data,
-        &f.tmp.path().join("cwm.sock"),
-        &f.tmp.path().join("shm"),
-        &[],
-    );
+    f.daemon = restart(&f.tmp);
     let mut c = Client::connect(&f.daemon.socket).unwrap();
     let v = health(&mut c);
     assert_eq!(v["status"], "ok", "{v}");

@@ -11,12 +11,15 @@
 //! rare corruption or a hang.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::kv::every_layout;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+use common::kv::tensor_sizes;
 use cwm::device::cuda::{gather_plan, scatter_plan, KernelPiece, LaunchPlan, ScatterPath};
-use cwm::device::synthetic::tensor_sizes;
 use cwm::device::{gather, read_block, scatter, DeviceError, KvMemory, Region};
 use cwm::layout::{Compat, CrossOrder, Dtype, Inner, Layout, Piece, PieceKind};
 
@@ -327,20 +330,11 @@ impl KvMemory for EmuMemory {
 }
 
 fn layouts(blocks: u64) -> Vec<Layout> {
-    let d = Dtype::Bf16;
-    vec![
-        Layout::flash_2nbhd(3, blocks, 16, 2, 64, d),
-        Layout::flash_n2bhd(3, blocks, 16, 2, 64, d),
-        Layout::packed_kv(3, blocks, 16, 2, 64, d),
-        Layout::cross_layer(CrossOrder::Lbhnc, 2, blocks, 32, 2, 64, d),
-        Layout::cross_layer(CrossOrder::Lbnhc, 2, blocks, 32, 2, 64, d),
-        Layout::cross_layer(CrossOrder::Blhnc, 2, blocks, 32, 2, 64, d),
-        Layout::cross_layer(CrossOrder::Blnhc, 2, blocks, 32, 2, 64, d),
-        Layout::mla(2, blocks, 16, 576, d),
-        // Llama-3.1-8B's per-layer page (8 KV heads of 128, 16 tokens): 32 KiB pieces, four
-        // bulk chunks each.
-        Layout::flash_2nbhd(2, blocks, 16, 8, 128, d),
-    ]
+    let mut v = every_layout(blocks);
+    // Llama-3.1-8B's per-layer page (8 KV heads of 128, 16 tokens): 32 KiB pieces, four bulk
+    // chunks each.
+    v.push(Layout::flash_2nbhd(2, blocks, 16, 8, 128, Dtype::Bf16));
+    v
 }
 
 /// Payload buffers for `n` blocks of `bb` bytes, each slot starting `skew` bytes past a

@@ -34,16 +34,7 @@ fn req(window: &str, n: usize) -> FreezeRequest {
 fn a_cancelled_freeze_stores_nothing_and_a_cancelled_thaw_stops() {
     let layout = Layout::flash_n2bhd(2, 160, 16, 2, 64, Dtype::Bf16);
     let n = 40usize;
-    let captured = PipelineConfig {
-        batch_blocks: 4,
-        ..Default::default()
-    };
-    let streaming = PipelineConfig {
-        batch_blocks: 4,
-        staging_bytes: 16 * (4096 + layout.block_bytes()),
-        ..Default::default()
-    };
-    for (mode, base) in [("captured", captured), ("streaming", streaming)] {
+    for (mode, base) in captured_and_streaming(&layout) {
         let tmp = tempfile::tempdir().unwrap();
         let (store, _) = open(tmp.path(), &engines()[0].1);
         let syn = synthetic(layout.clone(), 3);

@@ -8,17 +8,7 @@ use cwm::layout::{CrossOrder, Dtype, Layout};
 use cwm::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, ThawRequest};
 
 fn layouts(blocks: u64) -> Vec<Layout> {
-    let d = Dtype::Bf16;
-    vec![
-        Layout::flash_2nbhd(3, blocks, 16, 2, 64, d),
-        Layout::flash_n2bhd(3, blocks, 16, 2, 64, d),
-        Layout::packed_kv(3, blocks, 16, 2, 64, d),
-        Layout::cross_layer(CrossOrder::Lbhnc, 2, blocks, 32, 2, 64, d),
-        Layout::cross_layer(CrossOrder::Lbnhc, 2, blocks, 32, 2, 64, d),
-        Layout::cross_layer(CrossOrder::Blhnc, 2, blocks, 32, 2, 64, d),
-        Layout::cross_layer(CrossOrder::Blnhc, 2, blocks, 32, 2, 64, d),
-        Layout::mla(2, blocks, 16, 576, d),
-    ]
+    every_layout(blocks)
 }
 
 #[test]

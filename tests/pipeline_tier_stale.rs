@@ -8,24 +8,14 @@ mod common;
 use common::kv::*;
 use common::*;
 use cwm::layout::{Dtype, Layout};
-use cwm::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, ThawRequest};
+use cwm::pipeline::{freeze, thaw, FreezeRequest, ThawRequest};
 use cwm::tier::RamTier;
 
 #[test]
 fn a_refrozen_window_with_other_bytes_thaws_the_logs_bytes_without_false_corruption() {
     let layout = Layout::flash_n2bhd(2, 160, 16, 2, 64, Dtype::Bf16); // 16 KiB per block
     let n = 40usize;
-    let captured = PipelineConfig {
-        batch_blocks: 4,
-        ..Default::default()
-    };
-    // A staging pool of 16 blocks: a 40-block window streams.
-    let streaming = PipelineConfig {
-        batch_blocks: 4,
-        staging_bytes: 16 * (4096 + layout.block_bytes()),
-        ..Default::default()
-    };
-    for (mode, cfg) in [("captured", captured), ("streaming", streaming)] {
+    for (mode, cfg) in captured_and_streaming(&layout) {
         let tmp = tempfile::tempdir().unwrap();
         let (store, _) = open(tmp.path(), &engines()[0].1);
         let syn = synthetic(layout.clone(), 3);
