@@ -6,7 +6,8 @@
 //! `CWM_FAILPOINTS="block-write=error;fdatasync=panic"` (read once, at the first site reached).
 //!
 //! Sites: `block-write`, `manifest-write`, `meta-write` (catalog commit), `fdatasync`,
-//! `compaction-copy`, `segment-rotate`. Actions: `error` (the operation fails with a typed
+//! `compaction-copy`, `segment-rotate`, `segment-unlink` (compaction deleting a segment).
+//! Actions: `error` (the operation fails with a typed
 //! I/O error), `short-write` (part of the bytes reach the file, then the operation fails), and
 //! `panic`. A site fires every time it is reached until cleared.
 //!
@@ -38,13 +39,14 @@ impl std::str::FromStr for Action {
 }
 
 /// Every failpoint site.
-pub const SITES: [&str; 6] = [
+pub const SITES: [&str; 7] = [
     "block-write",
     "manifest-write",
     "meta-write",
     "fdatasync",
     "compaction-copy",
     "segment-rotate",
+    "segment-unlink",
 ];
 
 /// The I/O error an injected fault answers.

@@ -1,5 +1,6 @@
 //! Failpoints (feature `failpoints`) at every write-path site — block write, manifest write,
-//! catalog (meta) write, fdatasync, compaction copy, segment rotation — with every action
+//! catalog (meta) write, fdatasync, compaction copy, segment rotation, segment unlink — with
+//! every action
 //! (error, short write, panic). After the fault and a reopen, nothing partial is visible, every
 //! window committed before reads back bit-exactly, a deleted window stays deleted, the catalog
 //! keeps its last committed value, the index is consistent, and the log accepts new windows.
@@ -12,6 +13,15 @@ use cwm::failpoint::{self, Action};
 use cwm::store::{CompactOptions, Store, StoreConfig};
 
 const LEN: u64 = 64 << 10;
+
+/// Failpoints are process-wide: the tests of this file run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 fn cfg(dir: &std::path::Path) -> StoreConfig {
     let mut c = StoreConfig::new(dir);
@@ -48,7 +58,7 @@ fn expect_base(store: &Store, what: &str) {
 fn poke(store: &Store, site: &str) -> Result<(), String> {
     match site {
         "meta-write" => store.put_meta(5, b"new").map_err(|e| e.to_string()),
-        "compaction-copy" => store
+        "compaction-copy" | "segment-unlink" => store
             .compact(
                 &CompactOptions {
                     live_ratio: 1.0,
@@ -73,6 +83,7 @@ fn poke(store: &Store, site: &str) -> Result<(), String> {
 
 #[test]
 fn every_site_and_action_leaves_committed_state_intact() {
+    let _serial = serial();
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |i| {
         if !i.to_string().contains("injected panic") {
@@ -99,12 +110,17 @@ fn every_site_and_action_leaves_committed_state_intact() {
                         (_, Ok(Err(e))) => {
                             assert!(e.contains("failpoint") || e.contains("I/O"), "{what}: {e}");
                             // In-process, the failed operation left nothing visible.
-                            if site != "compaction-copy" {
+                            if site != "compaction-copy" && site != "segment-unlink" {
                                 assert!(store.get("new").is_err(), "{what}");
                             }
                         }
                         (_, Ok(Ok(()))) => panic!("{what}: the fault did not surface"),
                         (_, Err(_)) => panic!("{what}: unexpected panic"),
+                    }
+                    // A compaction retried in the same process after a failed unlink must not
+                    // drop tombstones the file left on disk still needs.
+                    if site == "segment-unlink" && action != Action::Panic {
+                        assert_eq!(poke(&store, site), Ok(()), "{what}: retry");
                     }
                 }
                 // Reopen: only what was committed before is there, whole.
@@ -127,4 +143,40 @@ fn every_site_and_action_leaves_committed_state_intact() {
         }
     }
     let _ = std::panic::take_hook();
+}
+
+/// A compaction whose unlink of a segment fails keeps that segment in its index, so a retry
+/// does not drop the tombstone that still shadows the segment's manifest: segment 1 holds a
+/// deleted window's manifest (all garbage), segment 2 its tombstone among live data.
+#[test]
+fn a_failed_segment_unlink_keeps_the_tombstones_it_needs() {
+    let _serial = serial();
+    for (ename, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        {
+            let (store, _) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
+            put(&store, "w", &keys(1, 1), LEN);
+            put(&store, "g1", &keys(2, 10), LEN);
+            store.delete_window("g1", None).unwrap();
+            store.seal_active().unwrap();
+            store.delete_window("w", None).unwrap();
+            put(&store, "live", &keys(3, 10), LEN);
+            put(&store, "g2", &keys(4, 2), LEN);
+            store.delete_window("g2", None).unwrap();
+            store.seal_active().unwrap();
+            failpoint::set("segment-unlink", Some(Action::Error));
+            let r = poke(&store, "segment-unlink");
+            failpoint::clear();
+            assert!(r.is_err(), "{ename}: {r:?}");
+            assert_eq!(poke(&store, "segment-unlink"), Ok(()), "{ename}: retry");
+        }
+        let (store, _) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
+        assert_eq!(
+            store.get("w").unwrap_err().code(),
+            "NOT_FOUND",
+            "{ename}: the deleted window came back"
+        );
+        check(&store, "live", &keys(3, 10), LEN);
+    }
 }

@@ -382,6 +382,9 @@ impl Store {
         // The unlink is made durable before the segment leaves the index: while its file may
         // still come back at the next open, later compactions must still see the manifests it
         // holds (they keep the tombstones shadowing them).
+        crate::fail_point!("segment-unlink", _a => {
+            return Err(super::injected_error("segment-unlink"));
+        });
         match std::fs::remove_file(&seg.path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

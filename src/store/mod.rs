@@ -1260,7 +1260,7 @@ impl Store {
 
 /// The error an injected fault (feature `failpoints`) answers.
 #[cfg(feature = "failpoints")]
-fn injected_error(site: &str) -> StoreError {
+pub(crate) fn injected_error(site: &str) -> StoreError {
     StoreError::Io {
         context: format!("failpoint {site}"),
         source: IoError::Os {
