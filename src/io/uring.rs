@@ -175,15 +175,19 @@ impl IoEngine for UringEngine {
         let Some(tx) = self.tx.as_ref() else {
             return false;
         };
+        // The list is locked across the ring thread's registration, so that its order (the
+        // fixed-buffer indexes ops name) is the order of the kernel's table even when two
+        // engines register at once.
+        let Ok(mut f) = self.fixed.lock() else {
+            return false;
+        };
         let (rtx, rrx) = bounded(1);
         if tx.send(Msg::Register(region.clone(), rtx)).is_err() {
             return false;
         }
         let ok = rrx.recv().unwrap_or(false);
         if ok {
-            if let Ok(mut f) = self.fixed.lock() {
-                f.regions.push(region);
-            }
+            f.regions.push(region);
         }
         ok
     }
@@ -221,19 +225,26 @@ fn ring_thread(mut ring: IoUring, rx: Receiver<Msg>, qd: usize) {
             // Registering replaces the whole table, so pass every region registered so far.
             // Only possible while nothing is in flight; callers register at set-up time.
             registered.push(region);
-            let iovecs: Vec<libc::iovec> = registered
-                .iter()
-                .map(|r| libc::iovec {
-                    iov_base: r.as_ptr() as *mut libc::c_void,
-                    iov_len: r.len(),
-                })
-                .collect();
+            let iovecs = |regs: &[Arc<AlignedBuf>]| -> Vec<libc::iovec> {
+                regs.iter()
+                    .map(|r| libc::iovec {
+                        iov_base: r.as_ptr() as *mut libc::c_void,
+                        iov_len: r.len(),
+                    })
+                    .collect()
+            };
             let _ = ring.submitter().unregister_buffers();
             // SAFETY: every iovec points into an AlignedBuf kept alive by `registered` (and by
             // the engine's own list) for as long as the ring exists.
-            let ok = unsafe { ring.submitter().register_buffers(&iovecs) }.is_ok();
+            let ok = unsafe { ring.submitter().register_buffers(&iovecs(&registered)) }.is_ok();
             if !ok {
+                // (Over 1 GiB, or RLIMIT_MEMLOCK reached.) The earlier regions stay
+                // registered: their engines' fixed I/O must keep working.
                 registered.pop();
+                if !registered.is_empty() {
+                    // SAFETY: as above, for the regions registered before.
+                    let _ = unsafe { ring.submitter().register_buffers(&iovecs(&registered)) };
+                }
             }
             let _ = reply.send(ok);
         }
@@ -299,8 +310,21 @@ fn ring_thread(mut ring: IoUring, rx: Receiver<Msg>, qd: usize) {
         match ring.submit_and_wait(1) {
             Ok(_) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+            // Transient (memory pressure): nothing was submitted, the entries stay queued.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::ENOMEM)) => {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             Err(e) => {
-                // The ring itself is broken: fail everything still pending.
+                // The ring cannot be entered. Operations already submitted still own their
+                // callers' buffers: wait until the kernel has completed every one (it posts
+                // completions without being entered), then fail everything still pending.
+                while inflight > 0 {
+                    let n = ring.completion().count();
+                    inflight = inflight.saturating_sub(n);
+                    if inflight > 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
                 for (_, st) in batches.drain() {
                     let _ = st.batch.done.send(Err(IoError::Os {
                         op: "io_uring_enter",
@@ -406,5 +430,36 @@ mod tests {
             .read_exact_at(fd, 60 * 1024, &mut past)
             .expect_err("short read");
         assert!(matches!(err, IoError::Short { done: 4096, .. }), "{err}");
+    }
+
+    /// A registration the kernel refuses (a buffer over 1 GiB) leaves the regions registered
+    /// before it in place: their fixed I/O still runs, through the same indexes.
+    #[test]
+    fn a_refused_registration_keeps_the_earlier_ones() {
+        let Ok(eng) = UringEngine::new(8) else {
+            eprintln!("SKIPPED: io_uring unavailable here");
+            return;
+        };
+        let mut a = AlignedBuf::zeroed(64 * 1024);
+        crate::bench::fill_random(&mut a, 5);
+        let a = Arc::new(a);
+        if !eng.register_fixed(a.clone()) {
+            eprintln!("SKIPPED: fixed buffers unavailable here (RLIMIT_MEMLOCK?)");
+            return;
+        }
+        let huge = Arc::new(AlignedBuf::zeroed((1 << 30) + 4096));
+        assert!(
+            !eng.register_fixed(huge),
+            "the kernel takes fixed buffers up to 1 GiB"
+        );
+        assert_eq!(eng.fixed_index(a.as_ptr(), a.len()), Some(0));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (f, _) = open_direct(&dir.path().join("x"), true).expect("open");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+        eng.run(&mut [Op::write(fd, 0, &a[..])])
+            .expect("fixed write after a refusal");
+        let mut back = AlignedBuf::zeroed(64 * 1024);
+        eng.read_exact_at(fd, 0, &mut back).expect("read");
+        assert_eq!(&back[..], &a[..]);
     }
 }

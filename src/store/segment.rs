@@ -126,12 +126,16 @@ impl Segment {
             .and_then(|()| engine.fdatasync(fd));
         if let Err(e) = res {
             let _ = std::fs::remove_file(&path);
-            return Err(StoreError::Io {
-                context: format!("writing the header of {}", path.display()),
-                source: e,
-            });
+            // (ENOSPC here is NO_SPACE, so a one-page record still gets a small segment.)
+            return Err(StoreError::io(
+                format!("writing the header of {}", path.display()),
+                e,
+            ));
         }
-        io::sync_dir(dir).map_err(|e| fs("sync directory of", e))?;
+        if let Err(e) = io::sync_dir(dir) {
+            let _ = std::fs::remove_file(&path);
+            return Err(fs("sync directory of", e));
+        }
         Ok(Segment {
             id,
             generation: header.generation,
