@@ -109,6 +109,10 @@ fn peer_gone(fd: std::os::fd::RawFd) -> bool {
 }
 
 fn peer_uid(s: &UnixStream) -> Option<u32> {
+    peer_uid_of_fd(s.as_raw_fd())
+}
+
+fn peer_uid_of_fd(fd: std::os::fd::RawFd) -> Option<u32> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -118,7 +122,7 @@ fn peer_uid(s: &UnixStream) -> Option<u32> {
     // SAFETY: getsockopt writes at most `len` bytes into `cred`.
     let r = unsafe {
         libc::getsockopt(
-            s.as_raw_fd(),
+            fd,
             libc::SOL_SOCKET,
             libc::SO_PEERCRED,
             (&mut cred as *mut libc::ucred).cast(),
@@ -533,7 +537,7 @@ impl Server {
                     "engines": self.engines.lock().map(|e| e.len()).unwrap_or(0)}),
                 )
             }
-            "register" => self.register(a),
+            "register" => self.register(a, conn.and_then(peer_uid_of_fd)),
             "unregister" => {
                 let name = protocol::str_field(a, "engine")?;
                 let removed = self
@@ -945,7 +949,26 @@ impl Server {
         }
     }
 
-    fn register(&self, a: &Value) -> Result<Value, ApiError> {
+    /// `peer`: the requester's uid. Memory it names must be its own: a shared-memory file it
+    /// owns, a process running as it (cwm reads and writes that memory with its own rights,
+    /// so an `--allow-uid` peer could otherwise name cwm's own files and processes).
+    fn register(&self, a: &Value, peer: Option<u32>) -> Result<Value, ApiError> {
+        use std::os::unix::fs::MetadataExt;
+        let owned_by_peer = |what: &str, path: &Path| -> Result<(), ApiError> {
+            let owner = std::fs::metadata(path)
+                .map_err(|e| ApiError::validation(format!("{what}: {e}")))?
+                .uid();
+            match peer {
+                Some(p) if p == owner => Ok(()),
+                _ => Err(ApiError::new(
+                    "PERMISSION_DENIED",
+                    format!(
+                        "{what} belongs to uid {owner}, not to the requester (uid {})",
+                        peer.map_or_else(|| "unknown".to_string(), |p| p.to_string())
+                    ),
+                )),
+            }
+        };
         let name = protocol::str_field(a, "engine")?.to_string();
         let layout_spec: crate::gpucheck::LayoutSpec = serde_json::from_value(
             a.get("layout")
@@ -976,6 +999,7 @@ impl Server {
                         ),
                     ));
                 }
+                owned_by_peer(p, &c)?;
                 ps.push(c);
             }
             let refs: Vec<&Path> = ps.iter().map(PathBuf::as_path).collect();
@@ -985,6 +1009,7 @@ impl Server {
                 .get("pid")
                 .and_then(Value::as_i64)
                 .ok_or_else(|| ApiError::validation("memory.process.pid must be an integer"))?;
+            owned_by_peer(&format!("process {pid}"), Path::new(&format!("/proc/{pid}")))?;
             let tensors: Vec<(u64, u64)> = serde_json::from_value(
                 p.get("tensors").cloned().unwrap_or(Value::Null),
             )
