@@ -132,7 +132,9 @@ pub enum ContextWarning {
 pub fn context_warning(tokens: u64, max: Option<u64>) -> ContextWarning {
     match max {
         Some(m) if m > 0 && tokens >= m => ContextWarning::AtLimit,
-        Some(m) if m > 0 && tokens * 100 >= m * 95 => ContextWarning::NearLimit,
+        Some(m) if m > 0 && u128::from(tokens) * 100 >= u128::from(m) * 95 => {
+            ContextWarning::NearLimit
+        }
         _ => ContextWarning::Ok,
     }
 }
@@ -306,6 +308,11 @@ impl Registry {
         let s =
             g.0.get_mut(id)
                 .ok_or_else(|| SessionError::NotFound(id.into()))?;
+        if s.freezing {
+            // The freeze ends by making the session FROZEN: a state set meanwhile (DELETED by a
+            // cascade that could not see the uncommitted window, say) would be overwritten.
+            return Err(SessionError::Busy(id.into()));
+        }
         if !s.state.allowed().contains(&to) {
             return Err(SessionError::InvalidTransition {
                 from: s.state,
@@ -393,7 +400,10 @@ impl Registry {
         let mut g = self.lock();
         if let Some(s) = g.0.get_mut(id) {
             s.freezing = false;
-            if ok {
+            if ok
+                && (s.state == SessionState::Frozen
+                    || s.state.allowed().contains(&SessionState::Frozen))
+            {
                 s.state = SessionState::Frozen;
                 let snap = Self::snapshot(s);
                 self.saved(g, &snap);
@@ -586,6 +596,31 @@ mod tests {
         r.begin_freeze("t").expect("t");
         r.end_freeze("t", false);
         assert_eq!(r.get("t").expect("t").state, Active);
+    }
+
+    /// A session being frozen changes state only through its freeze: a delete meanwhile is
+    /// BUSY (the freeze would make the deleted session FROZEN again), and a freeze ending on
+    /// a state FROZEN cannot follow leaves that state.
+    #[test]
+    fn no_state_change_while_a_freeze_runs() {
+        let r = Registry::new(10);
+        r.open("s", None).expect("open");
+        r.begin_freeze("s").expect("freeze");
+        assert_eq!(r.transition("s", Deleted).expect_err("busy").code(), "BUSY");
+        r.end_freeze("s", true);
+        assert_eq!(r.get("s").expect("s").state, Frozen);
+        r.transition("s", Deleted).expect("delete after the freeze");
+        // (A restored registry could hold a DELETED session marked freezing by a crash.)
+        r.end_freeze("s", true);
+        assert_eq!(r.get("s").expect("s").state, Deleted, "terminal");
+        assert_eq!(
+            context_warning(u64::MAX, Some(u64::MAX - 1)),
+            ContextWarning::AtLimit
+        );
+        assert_eq!(
+            context_warning(u64::MAX / 50, Some(u64::MAX / 48)),
+            ContextWarning::NearLimit
+        );
     }
 
     #[test]

@@ -20,7 +20,10 @@ fn an_allowed_uid_cannot_register_memory_it_does_not_own() {
     }
     let f = fixture(&["--allow-uid", &NOBODY.to_string()]);
     // Let the other uid reach the socket (an operator opening it up).
-    for d in [f.tmp.path().to_path_buf(), f.daemon.socket.parent().unwrap().to_path_buf()] {
+    for d in [
+        f.tmp.path().to_path_buf(),
+        f.daemon.socket.parent().unwrap().to_path_buf(),
+    ] {
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     std::fs::set_permissions(&f.daemon.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
@@ -48,15 +51,26 @@ for line in sys.argv[2:]:\n    f.write(line.encode()+b'\\n'); f.flush(); print(f
         .gid(NOBODY)
         .output()
         .expect("python3");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 3, "{lines:?}");
-    assert_eq!(lines[0]["ok"], true, "the allowed uid gets in: {:?}", lines[0]);
+    assert_eq!(
+        lines[0]["ok"], true,
+        "the allowed uid gets in: {:?}",
+        lines[0]
+    );
     for l in &lines[1..] {
         assert_eq!(l["error"]["code"], "PERMISSION_DENIED", "{l}");
-        assert!(l["error"]["message"].as_str().unwrap().contains("uid 0"), "{l}");
+        assert!(
+            l["error"]["message"].as_str().unwrap().contains("uid 0"),
+            "{l}"
+        );
     }
 }

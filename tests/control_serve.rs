@@ -87,6 +87,33 @@ fn serve_protocol_end_to_end() {
             .unwrap();
         assert_eq!(again.last().unwrap()["replayed"], true);
         assert_eq!(again.last().unwrap()["window"]["version"], 1);
+        // A refusal is not an outcome: retried under the same key once the cause is gone
+        // (here: the engine was not registered yet), the request runs.
+        let refused = c
+            .call_final(
+                json!({"op": "freeze", "engine": "later", "window": "chat-2",
+                "tokens": tokens, "block_ids": src, "idempotency_key": "f-2"}),
+            )
+            .unwrap();
+        assert_eq!(code(&refused), "NOT_FOUND", "{refused}");
+        let mut later = register_req(&paths);
+        later["engine"] = json!("later");
+        assert_eq!(code(&c.call_final(later).unwrap()), "OK");
+        let ran = c
+            .call_final(
+                json!({"op": "freeze", "engine": "later", "window": "chat-2",
+                "tokens": tokens, "block_ids": src, "idempotency_key": "f-2"}),
+            )
+            .unwrap();
+        assert_eq!(ran["status"], "durable", "{ran}");
+        assert!(ran.get("replayed").is_none(), "{ran}");
+        assert_eq!(
+            code(
+                &c.call_final(json!({"op": "delete", "window": "chat-2"}))
+                    .unwrap()
+            ),
+            "OK"
+        );
         // Without the key, a second freeze of the name is refused.
         let dup = c
             .call_final(json!({"op": "freeze", "engine": "e1", "window": "chat-1", "tokens": tokens, "block_ids": src}))
@@ -134,10 +161,13 @@ fn serve_protocol_end_to_end() {
         let outside = json!({"op": "register", "engine": "e2",
             "layout": reg["layout"], "memory": {"shm": ["/etc/hostname"]}});
         assert_eq!(code(&c.call_final(outside).unwrap()), "PERMISSION_DENIED");
-        assert!(c.call_final(json!({"op": "metrics"})).unwrap()["text"]
-            .as_str()
-            .unwrap()
-            .contains("cwm_freezes_total 1"));
+        assert!(
+            c.call_final(json!({"op": "metrics"})).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .contains("cwm_freezes_total 2"),
+            "chat-1 and chat-2"
+        );
         // CLI: table and exit codes.
         let (rc, out) = cli(&socket, &["ls"]);
         assert_eq!(rc, 0);

@@ -75,17 +75,21 @@ pub struct Server {
 /// One in-flight request's outcome, shared with identical requests that arrive meanwhile.
 type Inflight = (Mutex<Option<Result<Value, ApiError>>>, std::sync::Condvar);
 
-/// What makes two thaws identical: engine (or session), window and destination blocks.
+/// What makes two thaws identical: engine (or session), window, destination blocks, tokens,
+/// prefix range, request salt (a thaw in another namespace must be checked, not told
+/// `loaded`) and deadline.
 fn thaw_key(a: &Value) -> String {
     format!(
-        "{}\0{}\0{}\0{}\0{}\0{}\0{}",
+        "{}\0{}\0{}\0{}\0{}\0{}\0{}\0{}\0{}",
         a["engine"],
         a["session"],
         a["window"],
         a["block_ids"],
         a["tokens"],
         a["prefix"],
-        a["first_block"]
+        a["first_block"],
+        a["salt"],
+        a["timeout_ms"]
     )
 }
 
@@ -310,6 +314,10 @@ impl Server {
     }
 
     fn serve_connection(&self, conn: UnixStream, owned: &Mutex<Vec<(String, Arc<Engine>)>>) {
+        // A client that stops reading must not stall the daemon: a freeze's `captured` line is
+        // sent while its writer holds the log. A send that cannot go out in this time fails
+        // (the request still completes).
+        let _ = conn.set_write_timeout(Some(std::time::Duration::from_secs(10)));
         let Ok(read_half) = conn.try_clone() else {
             return;
         };
@@ -453,7 +461,7 @@ impl Server {
             self.concurrency(k, -1);
         }
         let succeeded = res.is_ok();
-        match res {
+        let last = match res {
             Ok(result) => {
                 if result
                     .pointer("/report/corruption")
@@ -465,7 +473,7 @@ impl Server {
                 if let (Some(o), Value::Object(b)) = (v.as_object_mut(), result) {
                     o.extend(b);
                 }
-                emit(v);
+                v
             }
             Err(e) => {
                 self.metrics.errors.inc();
@@ -473,22 +481,25 @@ impl Server {
                     self.edge_case(ec, "refused");
                 }
                 let line = protocol::error_line(&id, &e);
-                emit(serde_json::from_str(&line).unwrap_or(Value::Null));
+                serde_json::from_str(&line).unwrap_or(Value::Null)
             }
-        }
-        let sent = sent.into_inner().unwrap_or_default();
-        // A request cut short because its requester went is not an outcome to replay: the
-        // retry (same key) runs it again.
-        let abandoned = !succeeded && fd.is_some_and(peer_gone);
-        if let Some(k) = req.idempotency_key.as_ref().filter(|_| !abandoned) {
-            let rec = json!({"kind": "idem", "key": k, "lines": sent}).to_string();
+        };
+        // Only a success is an outcome to replay under an idempotency key: a refusal or a
+        // failure (BUSY, TIMEOUT, a requester that hung up, …) is run again by the retry, as a
+        // retry is meant to. It is persisted before the final line goes out, so a retry after
+        // a crash never runs a request whose success was answered.
+        if let Some(k) = req.idempotency_key.as_ref().filter(|_| succeeded) {
+            let mut lines = sent.lock().map(|s| s.clone()).unwrap_or_default();
+            lines.push(last.clone());
+            let rec = json!({"kind": "idem", "key": k, "lines": lines}).to_string();
             if let Err(e) = self.store.put_meta(meta_key("idem", k), rec.as_bytes()) {
                 crate::log::warn(&format!("idempotency key {k:?} not persisted: {e}"));
             }
             if let Ok(mut m) = self.idem.lock() {
-                m.entry(k.clone()).or_insert(sent);
+                m.entry(k.clone()).or_insert(lines);
             }
         }
+        emit(last);
         succeeded
     }
 
@@ -1009,7 +1020,10 @@ impl Server {
                 .get("pid")
                 .and_then(Value::as_i64)
                 .ok_or_else(|| ApiError::validation("memory.process.pid must be an integer"))?;
-            owned_by_peer(&format!("process {pid}"), Path::new(&format!("/proc/{pid}")))?;
+            owned_by_peer(
+                &format!("process {pid}"),
+                Path::new(&format!("/proc/{pid}")),
+            )?;
             let tensors: Vec<(u64, u64)> = serde_json::from_value(
                 p.get("tensors").cloned().unwrap_or(Value::Null),
             )
