@@ -167,6 +167,29 @@ impl Engine {
         self.staging_pool(cfg, io).map(|_| ())
     }
 
+    /// Takes `pool` (an idle pool an engine that went away left behind) as this engine's
+    /// staging, instead of allocating and pinning a new one: false when this engine has one
+    /// already or its slots are of another size.
+    pub fn adopt_staging(&self, pool: Arc<StagingPool>) -> bool {
+        if pool.slot_len() != record_len(self.layout.block_bytes()) as usize {
+            return false;
+        }
+        let mut won = false;
+        let pool = self.staging.get_or_init(|| {
+            won = true;
+            pool
+        });
+        if won
+            && self
+                .mem
+                .register_staging(pool.region_ptr(), pool.bytes() as usize)
+        {
+            self.staging_mapped
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        won
+    }
+
     /// The staging pool, allocated on first use (`bytes`, slots of one block record image)
     /// and registered with `io` as fixed buffers.
     fn staging_pool(

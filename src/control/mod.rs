@@ -70,6 +70,10 @@ pub struct Server {
     inflight: Mutex<HashMap<String, Arc<Inflight>>>,
     /// Damage known in the log (EC-051), reported by `health`.
     integrity: integrity::Integrity,
+    /// Every staging pool made for an engine. A pool only this list holds belongs to an engine
+    /// that went away (a vLLM restart): the next engine with that block size takes it, since
+    /// its memory stays pinned and registered with the I/O engine anyway.
+    staging_pools: Mutex<Vec<Arc<crate::staging::StagingPool>>>,
 }
 
 /// One in-flight request's outcome, shared with identical requests that arrive meanwhile.
@@ -217,6 +221,7 @@ impl Server {
             heavy_ops: std::sync::atomic::AtomicUsize::new(0),
             inflight: Mutex::new(HashMap::new()),
             integrity: integrity::Integrity::default(),
+            staging_pools: Mutex::new(Vec::new()),
         })
     }
 
@@ -542,9 +547,13 @@ impl Server {
                 } else {
                     "degraded"
                 };
+                let (pools, pool_bytes) = self.staging_pools.lock().map_or((0, 0), |p| {
+                    (p.len(), p.iter().map(|x| x.bytes()).sum::<u64>())
+                });
                 Ok(
                     json!({"status": status, "integrity": self.integrity.report(), "windows": st.windows, "used_bytes": st.used_bytes,
                     "capacity": st.capacity, "free_bytes": st.free_bytes, "reserved_bytes": st.reserved_bytes, "io_engine": st.engine,
+                    "staging_pools": pools, "staging_bytes": pool_bytes,
                     "engines": self.engines.lock().map(|e| e.len()).unwrap_or(0)}),
                 )
             }
@@ -1047,9 +1056,28 @@ impl Server {
             protocol::opt_str(a, "salt")?,
         )
         .map_err(ApiError::from)?;
-        engine
-            .prepare_staging(&self.cfg.pipeline, self.store.engine().as_ref())
-            .map_err(ApiError::from)?;
+        // (Slots as StagingPool::new sizes them.)
+        let slot = crate::io::align_up(crate::store::format::record_len(
+            engine.layout.block_bytes(),
+        )) as usize;
+        let idle = self.staging_pools.lock().ok().and_then(|pools| {
+            pools
+                .iter()
+                .find(|p| {
+                    Arc::strong_count(p) == 1
+                        && p.slot_len() == slot
+                        && p.slots() == ((self.cfg.pipeline.staging_bytes as usize) / slot).max(2)
+                })
+                .cloned()
+        });
+        if !idle.is_some_and(|p| engine.adopt_staging(p)) {
+            engine
+                .prepare_staging(&self.cfg.pipeline, self.store.engine().as_ref())
+                .map_err(ApiError::from)?;
+            if let (Some(p), Ok(mut pools)) = (engine.staging(), self.staging_pools.lock()) {
+                pools.push(p.clone());
+            }
+        }
         if self.tier.enabled() {
             // The RAM tier's arena is sized for the first engine's blocks and mapped into its
             // device (a GPU thaws from it with one copy).
