@@ -425,6 +425,14 @@ fn serve(mut a: ServeArgs, m: &clap::ArgMatches) -> Result<(), String> {
         s2.stop();
     });
     server.serve().map_err(|e| format!("serve: {e}"))?;
+    // Freezes and thaws still running finish (a captured freeze holds the only copy of its
+    // blocks: the engine has reused them).
+    let left = server.drain(std::time::Duration::from_secs(30));
+    if left > 0 {
+        cwm::log::warn(&format!(
+            "stopping with {left} freezes or thaws still running"
+        ));
+    }
     cwm::log::info("stopped");
     Ok(())
 }

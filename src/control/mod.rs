@@ -300,6 +300,20 @@ impl Server {
         let _ = UnixStream::connect(&self.cfg.socket);
     }
 
+    /// After [`Server::stop`]: waits up to `limit` for the freezes and thaws still running (a
+    /// freeze already `captured` holds the only copy of its blocks); returns how many were
+    /// still running. New ones are refused meanwhile.
+    pub fn drain(&self, limit: std::time::Duration) -> usize {
+        let t = std::time::Instant::now();
+        loop {
+            let n = self.heavy_ops.load(Ordering::SeqCst);
+            if n == 0 || t.elapsed() >= limit {
+                return n;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     fn connection(&self, conn: UnixStream) {
         let owned: Mutex<Vec<(String, Arc<Engine>)>> = Mutex::new(Vec::new());
         self.serve_connection(conn, &owned);
@@ -444,18 +458,29 @@ impl Server {
         let heavy = matches!(req.op.as_str(), "freeze" | "thaw");
         let fd = out.lock().map(|c| c.as_raw_fd()).ok();
         let t0 = std::time::Instant::now();
-        let res =
-            if heavy && self.heavy_ops.fetch_add(1, Ordering::SeqCst) >= self.cfg.max_ops.max(1) {
-                Err(ApiError::new(
-                    "BUSY",
-                    format!(
-                        "{} freezes and thaws are already running (max_ops); retry shortly",
-                        self.cfg.max_ops
-                    ),
-                ))
-            } else {
-                self.dispatch(&req, &progress, fd)
-            };
+        // A heavy op is counted before it looks at `stopping`: `drain` (after `stop`) then
+        // either waits for it or it sees `stopping` and refuses.
+        let running = if heavy {
+            self.heavy_ops.fetch_add(1, Ordering::SeqCst)
+        } else {
+            0
+        };
+        let res = if heavy && self.stopping.load(Ordering::SeqCst) {
+            Err(ApiError::new(
+                "UNAVAILABLE",
+                "cwm is stopping; retry when it is back",
+            ))
+        } else if heavy && running >= self.cfg.max_ops.max(1) {
+            Err(ApiError::new(
+                "BUSY",
+                format!(
+                    "{} freezes and thaws are already running (max_ops); retry shortly",
+                    self.cfg.max_ops
+                ),
+            ))
+        } else {
+            self.dispatch(&req, &progress, fd)
+        };
         if heavy {
             self.heavy_ops.fetch_sub(1, Ordering::SeqCst);
             if res.is_ok() {
