@@ -38,17 +38,21 @@ pub fn daemon_command() -> Command {
     c
 }
 
+/// `cwm serve` with the tests' defaults (8 MiB staging, 4096-byte lines, 4 MiB segments),
+/// each overridden by the same option in `extra`.
 pub fn start(data: &Path, socket: &Path, shm: &Path, extra: &[&str]) -> Daemon {
+    let mut args = vec!["serve"];
+    for (k, v) in [
+        ("--staging", "8MiB"),
+        ("--max-line", "4096"),
+        ("--segment-size", "4MiB"),
+    ] {
+        if !extra.contains(&k) {
+            args.extend([k, v]);
+        }
+    }
     let child = daemon_command()
-        .args([
-            "serve",
-            "--staging",
-            "8MiB",
-            "--max-line",
-            "4096",
-            "--segment-size",
-            "4MiB",
-        ])
+        .args(args)
         .args(extra)
         .arg("--data-dir")
         .arg(data)
