@@ -224,7 +224,9 @@ impl Registry {
         let mut map = HashMap::new();
         let mut seq = 0;
         for mut s in sessions {
+            // Flags of a running process, not state: the engine reports generation again.
             s.freezing = false;
+            s.generating = false;
             s.created = Some(Instant::now());
             seq = seq.max(s.seq);
             map.insert(s.id.clone(), s);

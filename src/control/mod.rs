@@ -76,6 +76,13 @@ pub struct Server {
     staging_pools: Mutex<Vec<Arc<crate::staging::StagingPool>>>,
 }
 
+thread_local! {
+    /// The engine `register` inserted while handling this connection's current request (none
+    /// for a replayed one): what a connection-scoped registration owns.
+    static REGISTERED: std::cell::RefCell<Option<(String, Arc<Engine>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// One in-flight request's outcome, shared with identical requests that arrive meanwhile.
 type Inflight = (Mutex<Option<Result<Value, ApiError>>>, std::sync::Condvar);
 
@@ -386,16 +393,14 @@ impl Server {
                 Ok(req) => {
                     let scoped = req.op == "register"
                         && req.args.get("scope").and_then(Value::as_str) == Some("connection");
-                    let name = req
-                        .args
-                        .get("engine")
-                        .and_then(Value::as_str)
-                        .map(str::to_string);
-                    let ok = self.handle(req, &out);
-                    if let (true, true, Some(name)) = (ok, scoped, name) {
-                        if let Ok(eng) = self.engine(&name) {
+                    REGISTERED.with(|r| *r.borrow_mut() = None);
+                    self.handle(req, &out);
+                    // Owned: exactly the engine this request registered (not one another
+                    // connection registered under the name meanwhile, nor any for a replay).
+                    if let Some(reg) = REGISTERED.with(|r| r.borrow_mut().take()) {
+                        if scoped {
                             if let Ok(mut o) = owned.lock() {
-                                o.push((name, eng));
+                                o.push(reg);
                             }
                         }
                     }
@@ -479,7 +484,11 @@ impl Server {
                 ),
             ))
         } else {
-            self.dispatch(&req, &progress, fd)
+            // A panic is answered as INTERNAL, and the counters above stay balanced.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.dispatch(&req, &progress, fd)
+            }))
+            .unwrap_or_else(|_| Err(ApiError::internal(format!("{} panicked", req.op))))
         };
         if heavy {
             self.heavy_ops.fetch_sub(1, Ordering::SeqCst);
@@ -1111,10 +1120,12 @@ impl Server {
         }
         let out = json!({"engine": name, "block_bytes": engine.layout.block_bytes(),
             "fingerprint": format!("{:016x}", engine.layout.fingerprint())});
+        let engine = Arc::new(engine);
         self.engines
             .lock()
             .map_err(|_| ApiError::internal("engine table poisoned"))?
-            .insert(name, Arc::new(engine));
+            .insert(name.clone(), engine.clone());
+        REGISTERED.with(|r| *r.borrow_mut() = Some((name, engine)));
         Ok(out)
     }
 
@@ -1169,7 +1180,10 @@ impl Server {
             }
         };
         if leader {
-            let res = f();
+            // A panic of the leader still fills the slot: its waiters (and later identical
+            // thaws) must never wait for an outcome that cannot come.
+            let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+                .unwrap_or_else(|_| Err(ApiError::internal("the thaw panicked")));
             if let Ok(mut m) = self.inflight.lock() {
                 m.remove(key);
             }
