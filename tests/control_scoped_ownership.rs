@@ -15,7 +15,11 @@ fn engines(c: &mut Client) -> serde_json::Value {
 fn wait_engines(c: &mut Client, n: u64) {
     let t = std::time::Instant::now();
     while engines(c) != json!(n) {
-        assert!(t.elapsed().as_secs() < 10, "engines: {} (want {n})", engines(c));
+        assert!(
+            t.elapsed().as_secs() < 10,
+            "engines: {} (want {n})",
+            engines(c)
+        );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
@@ -34,7 +38,7 @@ fn a_replayed_scoped_registration_owns_nothing() {
         wait_engines(&mut admin, 2);
     }
     wait_engines(&mut admin, 1); // A's engine went with A
-    // B registers e2 for good (daemon scope).
+                                 // B registers e2 for good (daemon scope).
     let mut daemon_scoped = register_req(&f.paths);
     daemon_scoped["engine"] = json!("e2");
     assert_eq!(code(&admin.call_final(daemon_scoped).unwrap()), "OK");
@@ -46,5 +50,9 @@ fn a_replayed_scoped_registration_owns_nothing() {
         assert_eq!(v["replayed"], true, "{v}");
     }
     std::thread::sleep(std::time::Duration::from_millis(200));
-    assert_eq!(engines(&mut admin), json!(2), "C's close unregistered B's engine");
+    assert_eq!(
+        engines(&mut admin),
+        json!(2),
+        "C's close unregistered B's engine"
+    );
 }

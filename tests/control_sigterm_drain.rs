@@ -36,7 +36,12 @@ fn sigterm_lets_a_captured_freeze_become_durable() {
     assert!(st.success(), "{st:?}");
     // After a restart the window is there, whole.
     let p = f.tmp.path().to_path_buf();
-    f.daemon = start(&p.join("data"), &p.join("cwm.sock"), &p.join("shm"), &["--max-line", "1048576"]);
+    f.daemon = start(
+        &p.join("data"),
+        &p.join("cwm.sock"),
+        &p.join("shm"),
+        &["--max-line", "1048576"],
+    );
     let mut c = Client::connect(&f.daemon.socket).unwrap();
     let mut reg = register_req_n(&f.paths, 256);
     reg["engine"] = json!("e1");
@@ -50,6 +55,9 @@ fn sigterm_lets_a_captured_freeze_become_durable() {
         .unwrap();
     assert_eq!(v["status"], "loaded", "{v}");
     for b in 0..n {
-        assert_eq!(cwm::device::read_block(&l, &f.mem, b).unwrap(), want[b as usize]);
+        assert_eq!(
+            cwm::device::read_block(&l, &f.mem, b).unwrap(),
+            want[b as usize]
+        );
     }
 }

@@ -70,6 +70,8 @@ pub struct Server {
     inflight: Mutex<HashMap<String, Arc<Inflight>>>,
     /// Damage known in the log (EC-051), reported by `health`.
     integrity: integrity::Integrity,
+    /// Idempotency keys with a request running (see `handle`).
+    idem_running: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Every staging pool made for an engine. A pool only this list holds belongs to an engine
     /// that went away (a vLLM restart): the next engine with that block size takes it, since
     /// its memory stays pinned and registered with the I/O engine anyway.
@@ -229,6 +231,7 @@ impl Server {
             inflight: Mutex::new(HashMap::new()),
             integrity: integrity::Integrity::default(),
             staging_pools: Mutex::new(Vec::new()),
+            idem_running: Mutex::new(HashMap::new()),
         })
     }
 
@@ -423,6 +426,32 @@ impl Server {
     /// Answers one request; true when it succeeded.
     fn handle(&self, req: Request, out: &Mutex<UnixStream>) -> bool {
         let id = req.id.clone();
+        // Requests with one idempotency key run one at a time: a retry that arrives while the
+        // first is still running waits for it, then replays its success (or runs, if it
+        // failed).
+        let key_lock = req.idempotency_key.as_ref().map(|k| {
+            self.idem_running
+                .lock()
+                .map(|mut m| m.entry(k.clone()).or_default().clone())
+                .unwrap_or_default()
+        });
+        let _key_guard = key_lock
+            .as_ref()
+            .map(|l| l.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let answered = self.handle_keyed(req, out, id);
+        drop(_key_guard);
+        if let Some(l) = key_lock {
+            if let Ok(mut m) = self.idem_running.lock() {
+                // Only this and the table hold it: nobody else is waiting on the key.
+                if Arc::strong_count(&l) == 2 {
+                    m.retain(|_, v| !Arc::ptr_eq(v, &l));
+                }
+            }
+        }
+        answered
+    }
+
+    fn handle_keyed(&self, req: Request, out: &Mutex<UnixStream>, id: Value) -> bool {
         // Idempotency: a retry with the same key gets the first outcome, no work done twice.
         if let Some(k) = &req.idempotency_key {
             let prior = self.idem.lock().ok().and_then(|m| m.get(k).cloned());
