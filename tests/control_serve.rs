@@ -253,6 +253,31 @@ fn a_second_instance_on_the_same_data_dir_is_refused() {
 }
 
 #[test]
+fn a_second_daemon_on_another_data_dir_does_not_take_a_live_socket() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shm = tmp.path().join("shm");
+    std::fs::create_dir_all(&shm).unwrap();
+    let sock = tmp.path().join("a.sock");
+    let _d = start(&tmp.path().join("data-a"), &sock, &shm);
+    let out = Command::new(env!("CARGO_BIN_EXE_cwm"))
+        .args(["serve", "--socket"])
+        .arg(&sock)
+        .arg("--data-dir")
+        .arg(tmp.path().join("data-b"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another running process"), "{err}");
+    // The first one still answers on it.
+    let mut c = Client::connect(&sock).unwrap();
+    assert_eq!(
+        c.call_final(json!({"op": "health"})).unwrap()["status"],
+        "ok"
+    );
+}
+
+#[test]
 fn ec_041_b_a_thaw_past_its_deadline_stops_with_timeout() {
     let f = common::daemon::fixture(&[]);
     let mut c = Client::connect(&f.daemon.socket).unwrap();

@@ -251,7 +251,17 @@ impl Server {
             }
         }
         if sock.exists() {
-            // A stale socket of an earlier run (the store's LOCK proves none is alive).
+            // A stale socket of an earlier run — unless something answers on it: a daemon on
+            // another data directory (the store's LOCK covers only this one's).
+            if UnixStream::connect(sock).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!(
+                        "{} is in use by another running process (another cwm?)",
+                        sock.display()
+                    ),
+                ));
+            }
             std::fs::remove_file(sock)?;
         }
         if let Some(addr) = &self.cfg.metrics_addr {
