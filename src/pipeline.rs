@@ -171,9 +171,13 @@ impl Engine {
     /// staging, instead of allocating and pinning a new one: false when this engine has one
     /// already or its slots are of another size.
     pub fn adopt_staging(&self, pool: Arc<StagingPool>) -> bool {
-        if pool.slot_len() != record_len(self.layout.block_bytes()) as usize {
-            return false;
-        }
+        pool.slot_len() == record_len(self.layout.block_bytes()) as usize
+            && self.install_staging(pool).1
+    }
+
+    /// Makes `pool` this engine's staging unless it has one already (then that one is
+    /// returned, and false), mapping it into the KV memory's device.
+    fn install_staging(&self, pool: Arc<StagingPool>) -> (&Arc<StagingPool>, bool) {
         let mut won = false;
         let pool = self.staging.get_or_init(|| {
             won = true;
@@ -186,8 +190,12 @@ impl Engine {
         {
             self.staging_mapped
                 .store(true, std::sync::atomic::Ordering::SeqCst);
+            crate::log::info(&format!(
+                "staging pool of {} MiB registered with the KV memory's device",
+                pool.bytes() >> 20
+            ));
         }
-        won
+        (pool, won)
     }
 
     /// The staging pool, allocated on first use (`bytes`, slots of one block record image)
@@ -208,24 +216,7 @@ impl Engine {
                 available: memory_available(),
             },
         )?;
-        let mut won = false;
-        let pool = self.staging.get_or_init(|| {
-            won = true;
-            pool
-        });
-        if won
-            && self
-                .mem
-                .register_staging(pool.region_ptr(), pool.bytes() as usize)
-        {
-            self.staging_mapped
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-            crate::log::info(&format!(
-                "staging pool of {} MiB registered with the KV memory's device",
-                pool.bytes() >> 20
-            ));
-        }
-        Ok(pool)
+        Ok(self.install_staging(pool).0)
     }
 
     /// Keys of a token sequence in this engine's namespace.
