@@ -167,12 +167,20 @@ impl Engine {
         self.staging_pool(cfg, io).map(|_| ())
     }
 
-    /// Takes `pool` (an idle pool an engine that went away left behind) as this engine's
-    /// staging, instead of allocating and pinning a new one: false when this engine has one
-    /// already or its slots are of another size.
+    /// Whether `pool` is the staging pool this engine would allocate under `cfg`.
+    #[must_use]
+    pub fn fits_staging(&self, pool: &StagingPool, cfg: &PipelineConfig) -> bool {
+        pool.is_sized_for(
+            cfg.staging_bytes,
+            record_len(self.layout.block_bytes()) as usize,
+        )
+    }
+
+    /// Takes `pool` (an idle pool an engine that went away left behind, one that
+    /// [`Engine::fits_staging`]) as this engine's staging, instead of allocating and pinning
+    /// a new one: false when this engine has one already.
     pub fn adopt_staging(&self, pool: Arc<StagingPool>) -> bool {
-        pool.slot_len() == record_len(self.layout.block_bytes()) as usize
-            && self.install_staging(pool).1
+        self.install_staging(pool).1
     }
 
     /// Makes `pool` this engine's staging unless it has one already (then that one is

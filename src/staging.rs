@@ -36,8 +36,7 @@ impl StagingPool {
     /// registered with `io` as fixed buffers when it can be. `None` when memory is short.
     #[must_use]
     pub fn new(bytes: u64, slot_len: usize, io: Option<&dyn IoEngine>) -> Option<Arc<Self>> {
-        let slot_len = crate::io::align_up(slot_len as u64) as usize;
-        let nslots = ((bytes as usize) / slot_len).max(2);
+        let (slot_len, nslots) = Self::geometry(bytes, slot_len);
         let region = Arc::new(AlignedBuf::try_zeroed(nslots.checked_mul(slot_len)?)?);
         let fixed = io.is_some_and(|e| e.register_fixed(region.clone()));
         Some(Arc::new(Self {
@@ -52,6 +51,19 @@ impl StagingPool {
             cv: Condvar::new(),
             fixed,
         }))
+    }
+
+    /// (slot length, slots) of a pool of `bytes` with `slot_len`-byte slots.
+    fn geometry(bytes: u64, slot_len: usize) -> (usize, usize) {
+        let slot_len = crate::io::align_up(slot_len as u64) as usize;
+        (slot_len, ((bytes as usize) / slot_len).max(2))
+    }
+
+    /// Whether this pool is the one [`StagingPool::new`] makes for `bytes` and `slot_len`
+    /// (so an engine can take it over instead of allocating its own).
+    #[must_use]
+    pub fn is_sized_for(&self, bytes: u64, slot_len: usize) -> bool {
+        Self::geometry(bytes, slot_len) == (self.slot_len, self.nslots)
     }
 
     /// Slot length in bytes.

@@ -1129,18 +1129,10 @@ impl Server {
             protocol::opt_str(a, "salt")?,
         )
         .map_err(ApiError::from)?;
-        // (Slots as StagingPool::new sizes them.)
-        let slot = crate::io::align_up(crate::store::format::record_len(
-            engine.layout.block_bytes(),
-        )) as usize;
         let idle = self.staging_pools.lock().ok().and_then(|pools| {
             pools
                 .iter()
-                .find(|p| {
-                    Arc::strong_count(p) == 1
-                        && p.slot_len() == slot
-                        && p.slots() == ((self.cfg.pipeline.staging_bytes as usize) / slot).max(2)
-                })
+                .find(|p| Arc::strong_count(p) == 1 && engine.fits_staging(p, &self.cfg.pipeline))
                 .cloned()
         });
         if !idle.is_some_and(|p| engine.adopt_staging(p)) {
