@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cwm::layout::{Dtype, Layout};
-use cwm::pipeline::{freeze, thaw, Cancel, FreezeRequest, PipelineConfig, ThawRequest};
+use cwm::pipeline::{freeze, thaw, Cancel, FreezeRequest, PipelineConfig};
 use cwm::tier::RamTier;
 
 /// Cancelled from the `after`-th question on.
@@ -66,14 +66,7 @@ fn a_cancelled_freeze_stores_nothing_and_a_cancelled_thaw_stops() {
         // A thaw from disk whose requester goes after the first batch: the later blocks stay
         // as they were.
         let dst: Vec<u64> = (0..n as u64).map(|i| 159 - i).collect();
-        let treq = ThawRequest {
-            prefix: false,
-            first_block: 0,
-            window: "w".into(),
-            block_ids: dst.clone(),
-            expect_tokens: None,
-            salt: None,
-        };
+        let treq = whole_thaw("w", &dst);
         for t in 0..tensor_sizes(&layout).len() {
             syn.local.fill_random(t, 99).unwrap();
         }

@@ -6,7 +6,7 @@ mod common;
 use common::kv::*;
 use common::*;
 use cwm::layout::{Dtype, Layout};
-use cwm::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, PipelineError, ThawRequest};
+use cwm::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, PipelineError};
 use cwm::tier::RamTier;
 
 #[test]
@@ -46,14 +46,7 @@ fn ec_050_d_tier_bit_flip_falls_back_to_disk() {
         let man = store.open_window("w").unwrap().manifest;
         let keys: Vec<u128> = man.blocks.iter().map(|b| b.key).collect();
         let dst: Vec<u64> = (0..n as u64).map(|i| 159 - i).collect();
-        let req = ThawRequest {
-            prefix: false,
-            first_block: 0,
-            window: "w".into(),
-            block_ids: dst.clone(),
-            expect_tokens: None,
-            salt: None,
-        };
+        let req = whole_thaw("w", &dst);
         let check = |what: &str| {
             for (i, want) in before.iter().enumerate() {
                 assert_eq!(

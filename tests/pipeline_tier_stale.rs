@@ -8,7 +8,7 @@ mod common;
 use common::kv::*;
 use common::*;
 use cwm::layout::{Dtype, Layout};
-use cwm::pipeline::{freeze, thaw, FreezeRequest, ThawRequest};
+use cwm::pipeline::{freeze, thaw, FreezeRequest};
 use cwm::tier::RamTier;
 
 #[test]
@@ -52,14 +52,7 @@ fn a_refrozen_window_with_other_bytes_thaws_the_logs_bytes_without_false_corrupt
             "{mode}: all deduplicated"
         );
         let dst: Vec<u64> = (0..n as u64).map(|i| 159 - i).collect();
-        let req = ThawRequest {
-            prefix: false,
-            first_block: 0,
-            window: "b".into(),
-            block_ids: dst.clone(),
-            expect_tokens: None,
-            salt: None,
-        };
+        let req = whole_thaw("b", &dst);
         for round in 0..2 {
             for t in 0..tensor_sizes(&layout).len() {
                 syn.local.fill_random(t, 99).unwrap();

@@ -55,9 +55,8 @@ impl Integrity {
     /// Records what opening the store found. Torn tails are not damage (a crash leaves one;
     /// the writes they held were never acknowledged).
     pub fn opened(&self, r: &RecoveryReport) {
-        let me = self;
         for (seg, off) in &r.damaged_records {
-            me.record(
+            self.record(
                 "open",
                 format!(
                     "a window manifest or tombstone in segment {seg} at offset {off} failed its \
@@ -66,13 +65,13 @@ impl Integrity {
             );
         }
         for (seg, from, to, why) in &r.damaged_regions {
-            me.record(
+            self.record(
                 "open",
                 format!("segment {seg} bytes {from}..{to} are damaged ({why}) and were skipped"),
             );
         }
         for name in &r.incomplete_windows {
-            me.record(
+            self.record(
                 "open",
                 format!("window {name:?} is lost: a block is missing from the log"),
             );

@@ -66,3 +66,15 @@ pub fn captured_and_streaming(
         ),
     ]
 }
+
+/// A thaw of the whole window `window` into blocks `block_ids`, no token check, no salt.
+pub fn whole_thaw(window: &str, block_ids: &[u64]) -> cwm::pipeline::ThawRequest {
+    cwm::pipeline::ThawRequest {
+        prefix: false,
+        first_block: 0,
+        window: window.into(),
+        block_ids: block_ids.to_vec(),
+        expect_tokens: None,
+        salt: None,
+    }
+}
