@@ -12,6 +12,7 @@ fn header(c: &mut Criterion) {
         payload_xxh3: 99,
         segment_id: 4,
         copied: false,
+        ditto: false,
     };
     let mut page = vec![0u8; 4096];
     c.bench_function("record_header_encode", |b| {

@@ -88,7 +88,7 @@ fn compact_then_scrub_finds_a_flipped_bit() {
     segs.sort();
     let seg = segs.last().unwrap();
     let bytes = std::fs::read(seg).unwrap();
-    let mut off = 4096usize;
+    let mut off = 8192usize; // after the segment header and its copy
     let mut flipped = 0;
     while off + 4096 <= bytes.len() && &bytes[off..off + 4] == b"CWMR" {
         let plen = u64::from_le_bytes(bytes[off + 32..off + 40].try_into().unwrap()) as usize;

@@ -129,7 +129,7 @@ proptest! {
     fn record_header_mutations(seq in any::<u64>(), key in any::<u128>(), len in 1u64..(1 << 40),
                                copy in any::<bool>(), generation in any::<u64>(),
                                edits in proptest::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 0..4)) {
-        let h = RecordHeader { kind: RecordKind::Block, seq, key, payload_len: len, payload_xxh3: seq ^ 5, segment_id: 3, copied: copy };
+        let h = RecordHeader { kind: RecordKind::Block, seq, key, payload_len: len, payload_xxh3: seq ^ 5, segment_id: 3, copied: copy, ditto: false };
         let mut page = vec![0u8; PAGE as usize];
         h.encode(generation, &mut page);
         prop_assert_eq!(RecordHeader::decode(&page, generation), Ok(h));

@@ -29,9 +29,9 @@ fn fsck_reports_ok_damaged_and_refuses_a_live_directory() {
     let (rc, v) = fsck(&dir);
     assert_eq!(rc, 0, "{v}");
     assert_eq!(v["windows"].as_array().unwrap().len(), 2);
-    // Block 3 of "bad": after the segment header, "good" (3 blocks + manifest page), then
-    // blocks 0..2 of "bad".
-    let off = 4096 + 3 * (4096 + len) + 4096 + 3 * (4096 + len) + 4096 + 10;
+    // Block 3 of "bad": after the segment header pages, "good" (3 blocks + the manifest's two
+    // copies), then blocks 0..2 of "bad".
+    let off = 8192 + 3 * (4096 + len) + 8192 + 3 * (4096 + len) + 4096 + 10;
     flip_bit(&segments(&dir)[0], off, 1);
     let (rc, v) = fsck(&dir);
     assert_eq!(rc, 5, "{v}");

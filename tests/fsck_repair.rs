@@ -1,7 +1,7 @@
-//! `cwm fsck --repair`: a flipped payload bit in one window's block and in the newest catalog
-//! record; repair deletes the damaged window (tombstone), rewrites the damaged segment, says
-//! what it changed, and afterwards fsck is clean, the intact window reads back bit-exactly and
-//! the catalog key resolves to its previous intact record.
+//! `cwm fsck --repair`: a flipped payload bit in one window's block and in one copy of the
+//! newest catalog record; repair deletes the damaged window (tombstone), rewrites the damaged
+//! segment, says what it changed, and afterwards fsck is clean, the intact window reads back
+//! bit-exactly and the catalog key still resolves to its newest record (its other copy).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 mod common;
 use common::*;
@@ -32,8 +32,9 @@ fn repair_drops_damage_and_keeps_the_rest() {
         store.put_meta(9, b"second").unwrap();
     }
     let rec = 4096 + len;
-    let bad_block3 = 4096 + 3 * rec + 4096 + 3 * rec + 4096 + 10;
-    let meta2 = 4096 + 3 * rec + 4096 + 5 * rec + 4096 + 4096;
+    // Segment header pages; every manifest and catalog record is two pages (two copies).
+    let bad_block3 = 8192 + 3 * rec + 8192 + 3 * rec + 4096 + 10;
+    let meta2 = 8192 + 3 * rec + 8192 + 5 * rec + 8192 + 8192;
     let seg = segments(&dir)[0].clone();
     flip_bit(&seg, bad_block3, 1);
     flip_bit(&seg, meta2 + 64 + 2, 3);
@@ -69,7 +70,7 @@ fn repair_drops_damage_and_keeps_the_rest() {
     let names: Vec<String> = store.list().unwrap().into_iter().map(|w| w.name).collect();
     assert_eq!(names, vec!["good".to_string()]);
     check(&store, "good", &keys(1, 3), len);
-    assert_eq!(store.meta().unwrap(), vec![(9, b"first".to_vec())]);
+    assert_eq!(store.meta().unwrap(), vec![(9, b"second".to_vec())]);
     assert_eq!(store.check_invariants().unwrap(), Vec::<String>::new());
     // Repair of a clean directory changes nothing.
     drop(store);

@@ -40,7 +40,7 @@ fn corrupt_block_restores_the_intact_prefix() {
             .collect();
         // Corrupt block 5's payload on disk.
         let bb = layout.block_bytes();
-        flip_bit(&segments(&dir)[0], 4096 + 5 * (4096 + bb) + 4096 + 777, 2);
+        flip_bit(&segments(&dir)[0], 8192 + 5 * (4096 + bb) + 4096 + 777, 2);
         let (store, _) = open(&dir, &io);
         for t in 0..tensor_sizes(&layout).len() {
             syn.local.fill_random(t, 4242 + t as u64).unwrap();

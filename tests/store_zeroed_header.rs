@@ -1,6 +1,7 @@
-//! A newest segment whose header reads as zeros is removed at open only when nothing was ever
-//! appended to it (a crash while creating it); one that holds records lost its header some
-//! other way (a zeroed sector) and is never deleted: the open fails and names fsck, whose
+//! A segment header is kept twice (pages 0 and 1): one zeroed copy is reported and costs
+//! nothing. A newest segment whose header pages both read as zeros is removed at open only
+//! when nothing was ever appended to it (a crash while creating it); one that holds records
+//! lost its header some other way and is never deleted: the open fails and names fsck, whose
 //! repair renames the segment out of the log (kept as `.damaged`) so the store opens again.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
@@ -16,8 +17,28 @@ fn a_zeroed_header_over_records_fails_the_open_and_deletes_nothing() {
             put(&store, "w", &keys(1, 3), 8192);
         }
         let seg = segments(dir)[0].clone();
+        // One copy zeroed: the other is used, and the damage reported.
+        for copy in [0usize, 4096] {
+            let mut one = std::fs::read(&seg).unwrap();
+            one[copy..copy + 4096].fill(0);
+            std::fs::write(&seg, &one).unwrap();
+            let (store, report) = open(dir, &engine);
+            check(&store, "w", &keys(1, 3), 8192);
+            assert_eq!(report.damaged_regions.len(), 1, "{name} {copy}: {report:?}");
+            assert_eq!(report.damaged_regions[0].1, copy as u64);
+            drop(store);
+            // Put the copy back from its twin.
+            let (a, b) = one.split_at_mut(4096);
+            if copy == 0 {
+                a.copy_from_slice(&b[..4096]);
+            } else {
+                b[..4096].copy_from_slice(a);
+            }
+            std::fs::write(&seg, &one).unwrap();
+        }
         let mut bytes = std::fs::read(&seg).unwrap();
         bytes[..64].fill(0);
+        bytes[4096..4096 + 64].fill(0);
         std::fs::write(&seg, &bytes).unwrap();
         let err = cwm::store::Store::open_with_engine(config(dir), engine.clone())
             .err()

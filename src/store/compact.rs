@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::format::{RecordHeader, RecordKind, PAGE};
+use super::format::{RecordHeader, RecordKind};
 use super::recovery::{scan, Rec};
 use super::segment::Segment;
-use super::{poisoned, verify_image, Appender, Loc, State, Store, StoreError};
+use super::{poisoned, verify_meta, Appender, Loc, State, Store, StoreError};
 use crate::io::{self, AlignedBuf, Op};
 
 /// What compaction does.
@@ -157,7 +157,8 @@ impl<'a> Live<'a> {
             RecordKind::Block => st
                 .blocks
                 .get(&r.h.key)
-                .is_some_and(|b| same(&b.loc, seg, r.offset))
+                .and_then(|b| b.loc.as_ref())
+                .is_some_and(|l| same(l, seg, r.offset))
                 .then_some(Keep::Block),
             RecordKind::Meta => st
                 .meta
@@ -206,7 +207,7 @@ impl Store {
             .values()
             .filter(|s| Some(s.id) != active && s.sealed.load(Ordering::SeqCst))
             .filter_map(|s| {
-                let used = s.frontier().saturating_sub(PAGE);
+                let used = s.frontier().saturating_sub(s.first_record);
                 let live = s.live.load(Ordering::SeqCst);
                 let r = if used == 0 {
                     0.0
@@ -366,7 +367,10 @@ impl Store {
         let _app = self.lock_appender()?;
         {
             let st = self.state.read().map_err(poisoned)?;
-            let referenced = st.blocks.values().any(|b| b.loc.seg.id == seg.id)
+            let referenced = st
+                .blocks
+                .values()
+                .any(|b| b.loc.as_ref().is_some_and(|l| l.seg.id == seg.id))
                 || st.windows.values().any(|w| w.manifest.seg.id == seg.id)
                 || st.meta.values().any(|(_, _, l)| l.seg.id == seg.id);
             if !st.segments.contains_key(&seg.id) {
@@ -433,7 +437,10 @@ impl Store {
         Ok(imgs
             .into_iter()
             .zip(batch)
-            .map(|(img, (r, _))| match verify_image(&img, seg, r.h.kind) {
+            .map(|(img, (r, _))| match verify_meta(&img, seg, r.h.kind) {
+                // A metadata record is copied as two fresh copies, even when only one of
+                // its copies was intact here.
+                Ok((h, p)) if super::format::copies(h.kind) == 2 => Ok(double_image(p)),
                 Ok(_) => Ok(img),
                 Err(d) => Err(StoreError::Corruption {
                     window: String::new(),
@@ -504,10 +511,10 @@ impl Store {
             match k {
                 Keep::Block => {
                     if let Some(b) = st.blocks.get_mut(&r.h.key) {
-                        if same(&b.loc, seg, r.offset) {
+                        if b.loc.as_ref().is_some_and(|l| same(l, seg, r.offset)) {
                             seg.live.fetch_sub(r.len, Ordering::SeqCst);
                             loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
-                            b.loc = loc;
+                            b.loc = Some(loc);
                         }
                     }
                 }
@@ -560,9 +567,18 @@ impl Store {
         let nh = RecordHeader {
             segment_id: seg.id,
             copied: true,
+            ditto: false,
             ..*h
         };
-        nh.encode(seg.generation, image);
+        if super::format::copies(h.kind) == 2 {
+            // Two copies, each re-sealed for the new segment.
+            let one = (len / 2) as usize;
+            let (first, second) = image.split_at_mut(one);
+            nh.encode(seg.generation, first);
+            RecordHeader { ditto: true, ..nh }.encode(seg.generation, second);
+        } else {
+            nh.encode(seg.generation, image);
+        }
         Ok(Loc { seg, offset, len })
     }
 
@@ -625,7 +641,7 @@ impl Store {
             .filter(|s| Some(s.id) != active)
             .map(|s| {
                 s.frontier()
-                    .saturating_sub(PAGE)
+                    .saturating_sub(s.first_record)
                     .saturating_sub(s.live.load(Ordering::SeqCst))
             })
             .sum())
@@ -661,12 +677,11 @@ impl Store {
                     b.refs
                 ));
             }
-            *live.entry(b.loc.seg.id).or_default() += b.loc.len;
-            if !st.segments.contains_key(&b.loc.seg.id) {
-                v.push(format!(
-                    "block {k:032x} in removed segment {}",
-                    b.loc.seg.id
-                ));
+            // A block lost to damage has no record to count.
+            let Some(l) = &b.loc else { continue };
+            *live.entry(l.seg.id).or_default() += l.len;
+            if !st.segments.contains_key(&l.seg.id) {
+                v.push(format!("block {k:032x} in removed segment {}", l.seg.id));
             }
         }
         for k in refs.keys() {
@@ -695,7 +710,7 @@ impl Store {
         for s in st.segments.values() {
             let counted = s.live.load(Ordering::SeqCst);
             let want = live.get(&s.id).copied().unwrap_or(0);
-            let written = s.frontier().saturating_sub(PAGE);
+            let written = s.frontier().saturating_sub(s.first_record);
             if counted != want || counted > written {
                 v.push(format!(
                     "segment {}: live {counted}, referenced {want}, written {written}",
@@ -717,4 +732,16 @@ impl Store {
         }
         Ok(v)
     }
+}
+
+/// A metadata record image of two copies holding `payload` (headers are written by
+/// [`Store::append_copy`]).
+fn double_image(payload: &[u8]) -> AlignedBuf {
+    let len = payload.len() as u64;
+    let one = super::format::record_len(len) as usize;
+    let po = super::format::payload_offset(len);
+    let mut img = AlignedBuf::zeroed(2 * one);
+    img[po..po + payload.len()].copy_from_slice(payload);
+    img[one + po..one + po + payload.len()].copy_from_slice(payload);
+    img
 }

@@ -3,10 +3,16 @@
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-/// Version of the segment and record formats written by this build.
+/// Version of the record format written by this build.
 pub const FORMAT_VERSION: u16 = 1;
+/// Version of the segment header written by this build: 2 keeps a copy of the header in page 1
+/// and starts records at page 2. Version 1 segments (one header page, records from page 1) are
+/// still read.
+pub const SEGMENT_VERSION: u16 = 2;
 /// Size of a segment header page and of a record header page.
 pub const PAGE: u64 = 4096;
+/// Bytes before the first record of a segment written by this build (the header and its copy).
+pub const SEGMENT_HEADER_LEN: u64 = 2 * PAGE;
 /// Encoded size of a record header (the rest of its page is zero or inline payload).
 pub const RECORD_HEADER_LEN: usize = 64;
 /// Payloads up to this size are stored inline, in the header page right after the header.
@@ -64,9 +70,21 @@ pub struct SegmentHeader {
     pub segment_size: u64,
     /// Creation time, milliseconds since the Unix epoch (UTC).
     pub created_unix_ms: i64,
+    /// Segment format version: 1 (one header page) or 2 (header copy in page 1).
+    pub version: u16,
 }
 
 impl SegmentHeader {
+    /// Offset of the first record: after the header page, and its copy from version 2 on.
+    #[must_use]
+    pub const fn first_record(&self) -> u64 {
+        if self.version >= 2 {
+            2 * PAGE
+        } else {
+            PAGE
+        }
+    }
+
     /// Encoded length.
     pub const LEN: usize = 64;
 
@@ -74,7 +92,7 @@ impl SegmentHeader {
     pub fn encode(&self, out: &mut [u8]) {
         out[..Self::LEN].fill(0);
         out[0..8].copy_from_slice(&SEGMENT_MAGIC);
-        out[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out[8..10].copy_from_slice(&self.version.to_le_bytes());
         out[16..24].copy_from_slice(&self.segment_id.to_le_bytes());
         out[24..32].copy_from_slice(&self.generation.to_le_bytes());
         out[32..40].copy_from_slice(&self.segment_size.to_le_bytes());
@@ -99,10 +117,11 @@ impl SegmentHeader {
             return Err(HeaderError::Checksum);
         }
         let v = u16_at(b, 8);
-        if v != FORMAT_VERSION {
+        if v != 1 && v != SEGMENT_VERSION {
             return Err(HeaderError::Version(v));
         }
         let h = Self {
+            version: v,
             segment_id: u64_at(b, 16),
             generation: u64_at(b, 24),
             segment_size: u64_at(b, 32),
@@ -162,10 +181,15 @@ pub struct RecordHeader {
     /// Flag bit 0: a copy made by compaction. `seq` is then the sequence number of the
     /// original record (so recovery orders it exactly as before), not its append position.
     pub copied: bool,
+    /// Flag bit 1: the second copy of a metadata record (manifest, tombstone, catalog record),
+    /// written right after the first with the same sequence number, key and payload.
+    pub ditto: bool,
 }
 
 /// Flag bit of a record copied by compaction.
 pub const FLAG_COPIED: u8 = 1;
+/// Flag bit of the second copy of a metadata record.
+pub const FLAG_DITTO: u8 = 2;
 
 impl RecordHeader {
     /// Writes the header into `out[..64]`, its checksum seeded with the segment generation.
@@ -174,7 +198,8 @@ impl RecordHeader {
         out[0..4].copy_from_slice(&RECORD_MAGIC);
         out[4..6].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
         out[6] = self.kind as u8;
-        out[7] = if self.copied { FLAG_COPIED } else { 0 };
+        out[7] =
+            if self.copied { FLAG_COPIED } else { 0 } | if self.ditto { FLAG_DITTO } else { 0 };
         out[8..16].copy_from_slice(&self.seq.to_le_bytes());
         out[16..32].copy_from_slice(&self.key.to_le_bytes());
         out[32..40].copy_from_slice(&self.payload_len.to_le_bytes());
@@ -204,7 +229,10 @@ impl RecordHeader {
             return Err(HeaderError::Version(v));
         }
         let kind = RecordKind::from_u8(b[6]).ok_or(HeaderError::Field("kind"))?;
-        if b[7] & !FLAG_COPIED != 0 {
+        if b[7] & !(FLAG_COPIED | FLAG_DITTO) != 0 {
+            return Err(HeaderError::Field("flags"));
+        }
+        if b[7] & FLAG_DITTO != 0 && kind == RecordKind::Block {
             return Err(HeaderError::Field("flags"));
         }
         let payload_len = u64_at(b, 32);
@@ -219,8 +247,26 @@ impl RecordHeader {
             payload_xxh3: u64_at(b, 40),
             segment_id: u64_at(b, 48),
             copied: b[7] & FLAG_COPIED != 0,
+            ditto: b[7] & FLAG_DITTO != 0,
         })
     }
+}
+
+/// How many copies of a record of this kind are written: two of every metadata record
+/// (manifests, tombstones, catalog records: small and decisive), one of a block (its loss is
+/// caught by its checksum and costs a partial thaw).
+#[must_use]
+pub const fn copies(kind: RecordKind) -> u64 {
+    match kind {
+        RecordKind::Block => 1,
+        _ => 2,
+    }
+}
+
+/// Bytes a record of this kind takes in the log, all its copies included.
+#[must_use]
+pub const fn stored_len(kind: RecordKind, payload_len: u64) -> u64 {
+    copies(kind) * record_len(payload_len)
 }
 
 /// Total on-disk length of a record with a payload of `payload_len` bytes.
@@ -263,6 +309,7 @@ mod tests {
             payload_xxh3: 7,
             segment_id: 3,
             copied: false,
+            ditto: false,
         };
         let mut page = vec![0u8; 4096];
         h.encode(99, &mut page);
@@ -282,6 +329,7 @@ mod tests {
             generation: 5,
             segment_size: 1 << 30,
             created_unix_ms: 1_700_000_000_000,
+            version: SEGMENT_VERSION,
         };
         let mut page = vec![0u8; 4096];
         h.encode(&mut page);

@@ -31,7 +31,10 @@ use xxhash_rust::xxh3::xxh3_128;
 
 use crate::io::{self, AlignedBuf, EngineKind, IoEngine, IoError, Op};
 pub use compact::{CompactOptions, CompactProgress, CompactReport};
-use format::{payload_checksum, payload_offset, record_len, RecordHeader, RecordKind, PAGE};
+use format::{
+    payload_checksum, payload_offset, record_len, stored_len, RecordHeader, RecordKind, PAGE,
+    SEGMENT_HEADER_LEN,
+};
 pub use manifest::{BlockRef, Manifest, Tombstone};
 pub(crate) use recovery::set_aside_invalid_segments;
 pub use recovery::{RecoveryMode, RecoveryReport};
@@ -193,7 +196,10 @@ pub(crate) struct Loc {
 
 #[derive(Clone)]
 pub(crate) struct BlockEntry {
-    pub loc: Loc,
+    /// Where the block's record is; `None` when recovery found the window's manifest but not
+    /// this block (lost to damage): the windows referring to it thaw up to it, and the next
+    /// freeze that holds the block writes it again (it is never deduplicated against).
+    pub loc: Option<Loc>,
     pub payload_len: u64,
     pub checksum: u64,
     pub refs: u64,
@@ -502,14 +508,15 @@ impl Store {
             .ok_or(StoreError::NotFound(name))
     }
 
-    /// True when a block with this key is stored (and referenced).
+    /// True when a block with this key is stored (and referenced), and not lost to damage.
     pub fn contains_block(&self, key: u128) -> Result<bool, StoreError> {
         Ok(self
             .state
             .read()
             .map_err(poisoned)?
             .blocks
-            .contains_key(&key))
+            .get(&key)
+            .is_some_and(|b| b.loc.is_some()))
     }
 
     /// The window holding the longest prefix of these (chained) block keys, and how many
@@ -531,7 +538,13 @@ impl Store {
             None => Box::new(st.windows.values()),
         };
         for w in candidates {
-            let n = w.keys.iter().zip(keys).take_while(|(a, b)| a == b).count();
+            // A block lost to damage ends the usable prefix.
+            let n = w
+                .keys
+                .iter()
+                .zip(keys)
+                .take_while(|(a, b)| a == b && st.blocks.get(a).is_some_and(|e| e.loc.is_some()))
+                .count();
             let better = match best {
                 None => n > 0,
                 Some((b, bn)) => n > bn || (n == bn && w.info.seq > b.seq),
@@ -567,18 +580,19 @@ impl Store {
         spec: &WindowSpec,
         manifest_len: u64,
     ) -> Result<(u64, Vec<bool>), StoreError> {
-        let seg_room = self.cfg.segment_size - PAGE;
+        let seg_room = self.cfg.segment_size - SEGMENT_HEADER_LEN;
         let mut writes = Vec::with_capacity(spec.blocks.len());
         let mut seen = std::collections::HashSet::new();
         let mut lens = Vec::new();
         for b in &spec.blocks {
-            let w = !st.blocks.contains_key(&b.key) && seen.insert(b.key);
+            let stored = st.blocks.get(&b.key).is_some_and(|e| e.loc.is_some());
+            let w = !stored && seen.insert(b.key);
             writes.push(w);
             if w {
                 lens.push(record_len(b.len));
             }
         }
-        lens.push(record_len(manifest_len));
+        lens.push(stored_len(RecordKind::Manifest, manifest_len));
         // Simulate appends, rotation included.
         let (mut frontier, mut size) = match &app.active {
             Some(s) if !s.sealed.load(Ordering::SeqCst) => (s.frontier(), s.size),
@@ -593,9 +607,9 @@ impl Store {
                 )));
             }
             if frontier + l > size {
-                frontier = PAGE;
+                frontier = SEGMENT_HEADER_LEN;
                 size = self.cfg.segment_size;
-                needed += PAGE;
+                needed += SEGMENT_HEADER_LEN;
             }
             frontier += l;
             needed += l;
@@ -688,15 +702,15 @@ impl Store {
             .blocks
             .iter()
             .map(|b| record_len(b.len))
-            .chain([record_len(manifest)])
+            .chain([stored_len(RecordKind::Manifest, manifest)])
             .collect();
         let total: u64 = lens.iter().sum();
         let longest = lens.iter().copied().max().unwrap_or(0);
-        let room = (self.cfg.segment_size - PAGE)
+        let room = (self.cfg.segment_size - SEGMENT_HEADER_LEN)
             .saturating_sub(longest)
             .max(1);
         let rotations = (lens.len() as u64).min(1 + total / room);
-        let bound = total + PAGE * rotations;
+        let bound = total + SEGMENT_HEADER_LEN * rotations;
         let capacity = self.capacity.load(Ordering::SeqCst);
         let mut cur = self.reserved.load(Ordering::SeqCst);
         loop {
@@ -722,7 +736,9 @@ impl Store {
     }
 
     /// Appends one record image (header filled in here) and returns where it went. Rotates
-    /// to a new segment when the active one is full, sealed or failed.
+    /// to a new segment when the active one is full, sealed or failed. A metadata record is
+    /// written twice, back to back (`image` holds room for both: [`stored_len`] bytes); its
+    /// [`Loc`] covers both copies.
     fn append(
         &self,
         app: &mut Appender,
@@ -732,7 +748,14 @@ impl Store {
         checksum: u64,
         image: &mut [u8],
     ) -> Result<Loc, StoreError> {
-        let len = record_len(payload_len);
+        let len = stored_len(kind, payload_len);
+        let one = record_len(payload_len) as usize;
+        if image.len() < len as usize {
+            return Err(StoreError::Validation(format!(
+                "record image of {} bytes for a {kind:?} record of {len}",
+                image.len()
+            )));
+        }
         let seg = self.segment_for(app, len)?;
         let offset = seg.frontier.fetch_add(len, Ordering::SeqCst);
         self.used.fetch_add(len, Ordering::SeqCst);
@@ -746,6 +769,7 @@ impl Store {
             payload_xxh3: checksum,
             segment_id: seg.id,
             copied: false,
+            ditto: false,
         };
         let po = payload_offset(payload_len);
         h.encode(seg.generation, &mut image[..PAGE as usize]);
@@ -759,6 +783,11 @@ impl Store {
             }
         } else {
             image[po + payload_len as usize..PAGE as usize].fill(0);
+        }
+        if format::copies(kind) == 2 {
+            let (first, second) = image.split_at_mut(one);
+            second[..one].copy_from_slice(first);
+            RecordHeader { ditto: true, ..h }.encode(seg.generation, &mut second[..one]);
         }
         Ok(Loc { seg, offset, len })
     }
@@ -788,25 +817,30 @@ impl Store {
         let size = self
             .cfg
             .segment_size
-            .max((PAGE + len).next_multiple_of(PAGE));
+            .max((SEGMENT_HEADER_LEN + len).next_multiple_of(PAGE));
         let seg = match Segment::create(&self.cfg.dir, id, size, self.engine.as_ref()) {
             Ok(s) => s,
             // The file system is full (EC-052). A one-page record (a tombstone, a catalog
             // record) still gets a small segment, so deleting windows to free space keeps
             // working on a full disk.
-            Err(StoreError::NoSpace(m)) if len <= PAGE => {
+            Err(StoreError::NoSpace(m)) if len <= 2 * PAGE => {
                 crate::log::warn(&format!(
                     "{m}; segment {id} created with {} bytes only",
                     SMALL_SEGMENT
                 ));
                 Segment::create(&self.cfg.dir, id, SMALL_SEGMENT, self.engine.as_ref())
+                    .or_else(|_| {
+                        // Room for this one record only.
+                        let least = SEGMENT_HEADER_LEN + len;
+                        Segment::create(&self.cfg.dir, id, least, self.engine.as_ref())
+                    })
                     .map_err(|_| StoreError::NoSpace(m))?
             }
             Err(e) => return Err(e),
         };
         let seg = Arc::new(seg);
         app.next_segment += 1;
-        self.used.fetch_add(PAGE, Ordering::SeqCst);
+        self.used.fetch_add(SEGMENT_HEADER_LEN, Ordering::SeqCst);
         self.state
             .write()
             .map_err(poisoned)?
@@ -836,7 +870,7 @@ impl Store {
             }
             // Best effort: on a dying device the truncation may fail too; recovery then finds
             // the record torn or whole (an unacknowledged outcome, either way consistent).
-            let _ = seg.file.set_len(offset.max(PAGE));
+            let _ = seg.file.set_len(offset.max(seg.first_record));
             let _ = seg.file.sync_all();
         }
     }
@@ -877,16 +911,13 @@ impl Store {
                 .get(&name)
                 .ok_or_else(|| StoreError::NotFound(name.clone()))?
                 .clone();
-            let mut locs = Vec::with_capacity(w.keys.len());
-            for k in &w.keys {
-                let b = st.blocks.get(k).ok_or_else(|| StoreError::Corruption {
-                    window: name.clone(),
-                    block: locs.len(),
-                    intact_blocks: locs.len(),
-                    detail: "block missing from the index".into(),
-                })?;
-                locs.push(b.loc.clone());
-            }
+            // A block lost to damage (None) fails verification when it is read: the window
+            // thaws up to it.
+            let locs: Vec<Option<Loc>> = w
+                .keys
+                .iter()
+                .map(|k| st.blocks.get(k).and_then(|b| b.loc.clone()))
+                .collect();
             (w, locs)
         };
         let mut image = AlignedBuf::zeroed(entry.manifest.len as usize);
@@ -910,12 +941,14 @@ impl Store {
                 },
                 e => StoreError::io(format!("reading the manifest of {name:?}"), e),
             })?;
-        let (h, payload) = verify_image(&image, &entry.manifest.seg, RecordKind::Manifest)
-            .map_err(|d| StoreError::Corruption {
-                window: name.clone(),
-                block: 0,
-                intact_blocks: 0,
-                detail: format!("manifest: {d}"),
+        let (h, payload) =
+            verify_meta(&image, &entry.manifest.seg, RecordKind::Manifest).map_err(|d| {
+                StoreError::Corruption {
+                    window: name.clone(),
+                    block: 0,
+                    intact_blocks: 0,
+                    detail: format!("manifest: {d}"),
+                }
             })?;
         let manifest = Manifest::decode(payload).map_err(|e| StoreError::Corruption {
             window: name.clone(),
@@ -978,7 +1011,10 @@ impl Store {
         }
         let mut ops = Vec::with_capacity(images.len());
         for (i, img) in images.iter_mut().enumerate() {
-            let loc = &r.locs[start + i];
+            // A lost block is not read: its verification fails.
+            let Some(loc) = &r.locs[start + i] else {
+                continue;
+            };
             let len = loc.len as usize;
             if img.len() < len {
                 return Err(StoreError::Validation(format!(
@@ -995,7 +1031,9 @@ impl Store {
         // intact prefix exactly, and no image left over from an earlier use is trusted.
         crate::log::warn(&format!("read error in window {:?}: {e}", r.info.name));
         for (i, img) in images.iter_mut().enumerate() {
-            let loc = &r.locs[start + i];
+            let Some(loc) = &r.locs[start + i] else {
+                continue;
+            };
             if let Err(e) =
                 self.engine
                     .read_exact_at(loc.seg.fd(), loc.offset, &mut img[..loc.len as usize])
@@ -1057,8 +1095,8 @@ impl Store {
             ));
         }
         let mut app = self.lock_appender()?;
-        let len = record_len(payload.len() as u64);
-        let needed = len + PAGE; // room for a segment header if the append rotates
+        let len = stored_len(RecordKind::Meta, payload.len() as u64);
+        let needed = len + SEGMENT_HEADER_LEN; // room for segment headers if the append rotates
         let capacity = self.capacity.load(Ordering::SeqCst);
         let free = capacity.saturating_sub(self.used.load(Ordering::SeqCst));
         if needed > free {
@@ -1115,7 +1153,7 @@ impl Store {
             let mut op = [Op::read(l.seg.fd(), l.offset, &mut img[..])];
             match self.engine.run(&mut op) {
                 Err(e) => Some(format!("unreadable: {e}")),
-                Ok(()) => verify_image(&img, &l.seg, kind).err(),
+                Ok(()) => verify_copies(&img, &l.seg, kind).err(),
             }
         };
         let mut out = CatalogScrub {
@@ -1233,7 +1271,7 @@ impl Store {
         payload: &[u8],
     ) -> Result<Loc, StoreError> {
         let len = payload.len() as u64;
-        let mut img = AlignedBuf::zeroed(record_len(len) as usize);
+        let mut img = AlignedBuf::zeroed(stored_len(kind, len) as usize);
         let po = payload_offset(len);
         img[po..po + payload.len()].copy_from_slice(payload);
         let sum = payload_checksum(payload);
@@ -1302,8 +1340,8 @@ fn release_window(st: &mut State, entry: &WindowEntry) {
             None => false,
         };
         if remove {
-            if let Some(b) = st.blocks.remove(k) {
-                b.loc.seg.live.fetch_sub(b.loc.len, Ordering::SeqCst);
+            if let Some(Some(l)) = st.blocks.remove(k).map(|b| b.loc) {
+                l.seg.live.fetch_sub(l.len, Ordering::SeqCst);
             }
         }
     }
@@ -1320,6 +1358,42 @@ fn manifest_payload_len(spec: &WindowSpec) -> u64 {
         + 4 * spec.tokens.len() as u64
         + 4
         + 32 * spec.blocks.len() as u64
+}
+
+/// Verifies a metadata record read from `seg` whole (both copies, or the one copy recovery
+/// found intact): the first copy that verifies wins. Returns its header and payload.
+pub(crate) fn verify_meta<'a>(
+    image: &'a [u8],
+    seg: &Segment,
+    kind: RecordKind,
+) -> Result<(RecordHeader, &'a [u8]), String> {
+    let first = verify_image(image, seg, kind);
+    if first.is_ok() || format::copies(kind) < 2 {
+        return first;
+    }
+    // The second copy starts half-way when the image holds two of them.
+    let half = image.len() / 2;
+    if half % PAGE as usize == 0 && half > 0 {
+        if let Ok((h, p)) = verify_image(&image[half..], seg, kind) {
+            if h.ditto && record_len(h.payload_len) as usize == half {
+                return Ok((h, p));
+            }
+        }
+    }
+    first
+}
+
+/// Verifies every copy a metadata record image holds (two, or the one recovery found intact):
+/// `Err` names the first copy that fails (its offset in the image) and why.
+pub(crate) fn verify_copies(image: &[u8], seg: &Segment, kind: RecordKind) -> Result<(), String> {
+    let (h, _) = verify_meta(image, seg, kind)?;
+    let one = record_len(h.payload_len) as usize;
+    let mut at = 0;
+    while at + one <= image.len() {
+        verify_image(&image[at..at + one], seg, kind).map_err(|e| format!("copy at +{at}: {e}"))?;
+        at += one;
+    }
+    Ok(())
 }
 
 /// Verifies a record image read from `seg`: header checksum (with the segment's generation),
@@ -1648,6 +1722,16 @@ impl WindowWriter<'_> {
         let mut st = self.store.state.write().map_err(poisoned)?;
         for (i, b) in m.blocks.iter().enumerate() {
             if let Some(e) = st.blocks.get_mut(&b.key) {
+                if e.loc.is_none() {
+                    // A block lost to damage, written again: every window referring to it
+                    // reads it from here on.
+                    if let Some((loc, sum)) = self.written[i].take() {
+                        loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
+                        e.loc = Some(loc);
+                        e.checksum = sum;
+                        e.payload_len = b.len;
+                    }
+                }
                 e.refs += 1;
                 continue;
             }
@@ -1656,7 +1740,7 @@ impl WindowWriter<'_> {
                 st.blocks.insert(
                     b.key,
                     BlockEntry {
-                        loc,
+                        loc: Some(loc),
                         payload_len: b.len,
                         checksum: sum,
                         refs: 1,
@@ -1690,7 +1774,7 @@ pub struct WindowReader {
     pub info: WindowInfo,
     /// The verified manifest.
     pub manifest: Manifest,
-    locs: Vec<Loc>,
+    locs: Vec<Option<Loc>>,
 }
 
 impl WindowReader {
@@ -1725,7 +1809,13 @@ impl WindowReader {
             .blocks
             .get(b)
             .ok_or_else(|| StoreError::Validation(format!("block {b} out of range")))?;
-        let res = verify_image(image, &self.locs[b].seg, RecordKind::Block).and_then(|(h, _)| {
+        let Some(loc) = &self.locs[b] else {
+            return Err(self.corruption(
+                b,
+                "the block's record was lost to damage (reported when the store was opened)".into(),
+            ));
+        };
+        let res = verify_image(image, &loc.seg, RecordKind::Block).and_then(|(h, _)| {
             if h.key != want.key {
                 Err("block key differs from the manifest's".to_string())
             } else if h.payload_len != want.len || h.payload_xxh3 != want.checksum {

@@ -1,7 +1,8 @@
-//! Recovery: scan record headers of every segment (payloads only for manifests and
-//! tombstones), stop a segment's scan at its first invalid header, apply manifests and
-//! tombstones in sequence order, and expose exactly the windows whose manifest and blocks are
-//! all present.
+//! Recovery: scan record headers of every segment (payloads only for metadata records), tell a
+//! torn tail (nothing valid after it) from a damaged region (valid records after it: skipped
+//! and reported), apply manifests and tombstones in sequence order (either copy of each), and
+//! expose every window whose manifest survives; a block lost to damage ends its window's
+//! usable prefix.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -11,10 +12,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::format::{
-    payload_checksum, payload_offset, record_len, HeaderError, RecordHeader, RecordKind,
-    SegmentHeader, PAGE,
-};
+use super::format::{record_len, HeaderError, RecordHeader, RecordKind, SegmentHeader, PAGE};
 use super::manifest::{Manifest, Tombstone};
 use super::segment::{self, Segment};
 use super::{
@@ -64,7 +62,8 @@ pub struct RecoveryReport {
     /// Damaged regions inside segments skipped to reach later valid records:
     /// (segment id, from, to, why).
     pub damaged_regions: Vec<(u64, u64, u64, String)>,
-    /// Windows not exposed because a block is missing: names.
+    /// Windows whose manifest refers to a block recovery did not find (its record was lost to
+    /// damage): they are listed and thaw up to that block. Names.
     pub incomplete_windows: Vec<String>,
     /// Segment files removed because their header was never written (crash at creation).
     pub removed_empty_segments: Vec<u64>,
@@ -110,6 +109,7 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
     let mut max_seq = 0u64;
     let mut used = 0u64;
     let mut last: Option<Arc<Segment>> = None;
+    let mut heal: Option<(u64, u64, RecordHeader)> = None;
     let mut page = AlignedBuf::zeroed(PAGE as usize);
 
     for (n, &id) in ids.iter().enumerate() {
@@ -120,24 +120,31 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
             .metadata()
             .map_err(|e| StoreError::from_fs("stat", &path, e))?
             .len();
-        let header = if file_len < PAGE {
-            Err(HeaderError::Empty)
-        } else {
-            engine
-                .read_exact_at(file.as_raw_fd(), 0, &mut page)
-                .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
-            SegmentHeader::decode(&page)
-        };
+        let (header, header_damage) =
+            read_segment_header(engine, &file, file_len, &path, &mut page)?;
+        if let Some((from, to, why)) = header_damage {
+            if strict {
+                return Err(StoreError::Recovery(format!(
+                    "{}: segment header copy at {from}..{to} is damaged ({why}); run `cwm fsck`",
+                    path.display()
+                )));
+            }
+            report.damaged_regions.push((id, from, to, why));
+        }
         let header = match header {
             Ok(h) if h.segment_id == id => h,
             Err(HeaderError::Empty) if n + 1 == ids.len() => {
                 // Crash while creating the newest segment: it holds nothing. Records are only
-                // appended after the header is durable, the first one at page 1: a segment
-                // whose header is zero but whose first record page is not lost its header
-                // some other way, and is never removed (its records may be acknowledged).
-                if file_len >= 2 * PAGE {
+                // appended after the header pages are durable, the first one at page 2 (page 1
+                // in a version 1 segment): a segment whose header pages are zero but whose
+                // first record page is not lost its header some other way, and is never
+                // removed (its records may be acknowledged).
+                for at in [PAGE, 2 * PAGE] {
+                    if file_len < at + PAGE {
+                        break;
+                    }
                     engine
-                        .read_exact_at(file.as_raw_fd(), PAGE, &mut page)
+                        .read_exact_at(file.as_raw_fd(), at, &mut page)
                         .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
                     if page.iter().any(|&b| b != 0) {
                         return Err(StoreError::Recovery(format!(
@@ -171,7 +178,8 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
             size: header.segment_size,
             file,
             path: path.clone(),
-            frontier: AtomicU64::new(PAGE),
+            first_record: header.first_record(),
+            frontier: AtomicU64::new(header.first_record()),
             live: AtomicU64::new(0),
             sealed: AtomicBool::new(true),
             failed: AtomicBool::new(false),
@@ -202,6 +210,18 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
         }
         seg.frontier.store(frontier, Ordering::SeqCst);
         used += frontier;
+        // The newest segment ends with a metadata record whose second copy is missing: it is
+        // written again once the tail is reset (below), so the record is kept twice again.
+        heal = recs
+            .last()
+            .filter(|r| {
+                n + 1 == ids.len()
+                    && !r.h.ditto
+                    && super::format::copies(r.h.kind) == 2
+                    && r.len == record_len(r.h.payload_len)
+                    && r.offset + r.len == frontier
+            })
+            .map(|r| (r.offset, r.len, r.h));
         for r in recs {
             max_seq = max_seq.max(r.h.seq);
             report.records += 1;
@@ -221,7 +241,19 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
                     checksum: r.h.payload_xxh3,
                 }),
                 RecordKind::Manifest | RecordKind::Tombstone | RecordKind::Meta => {
-                    match read_meta(engine, &seg, &r) {
+                    let mut bad_copy = Vec::new();
+                    let read = read_meta(engine, &seg, &r, &mut bad_copy);
+                    for (from, to, why) in bad_copy {
+                        if strict {
+                            return Err(StoreError::Recovery(format!(
+                                "{}: a copy of the {:?} record at offset {from} is damaged ({why})",
+                                path.display(),
+                                r.h.kind
+                            )));
+                        }
+                        report.damaged_regions.push((id, from, to, why));
+                    }
+                    match read {
                         Ok(Some(m)) => {
                             let m = match m {
                                 MetaPayload::Catalog(bytes) => {
@@ -311,25 +343,28 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
     let mut windows: Vec<(u64, Manifest, Loc)> = live.into_values().collect();
     windows.sort_by_key(|(s, _, _)| *s);
     for (seq, m, mloc) in windows {
-        // Resolve every block to the newest matching record written before the manifest.
+        // Resolve every block to the newest matching record written before the manifest. A
+        // block not found was lost to damage (a manifest is only written once its blocks are
+        // durable): the window is still exposed and thaws up to it.
         let mut resolved = Vec::with_capacity(m.blocks.len());
         for b in &m.blocks {
-            let Some(cs) = cands.get(&b.key) else { break };
-            let found = cs
-                .iter()
-                .rposition(|c| c.seq < seq && c.checksum == b.checksum && c.payload_len == b.len);
-            let Some(i) = found else { break };
-            let i = match chosen.get(&b.key) {
-                Some(&j) if cs[j].seq == cs[i].seq => j,
-                _ => {
-                    let j = pick_duplicate(engine, cs, i);
-                    chosen.insert(b.key, j);
-                    j
-                }
-            };
-            resolved.push(&cs[i]);
+            let found = cands.get(&b.key).and_then(|cs| {
+                let i = cs.iter().rposition(|c| {
+                    c.seq < seq && c.checksum == b.checksum && c.payload_len == b.len
+                })?;
+                let i = match chosen.get(&b.key) {
+                    Some(&j) if cs[j].seq == cs[i].seq => j,
+                    _ => {
+                        let j = pick_duplicate(engine, cs, i);
+                        chosen.insert(b.key, j);
+                        j
+                    }
+                };
+                Some(&cs[i])
+            });
+            resolved.push(found);
         }
-        if resolved.len() != m.blocks.len() {
+        if resolved.iter().any(Option::is_none) {
             if strict {
                 return Err(StoreError::Recovery(format!(
                     "window {:?} refers to a block that is not in the log",
@@ -337,20 +372,31 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
                 )));
             }
             report.incomplete_windows.push(m.name.clone());
-            state.incomplete.insert(m.name.clone(), (m.version, seq));
-            continue;
         }
         for (b, c) in m.blocks.iter().zip(resolved) {
             match state.blocks.get_mut(&b.key) {
-                Some(e) => e.refs += 1,
+                Some(e) => {
+                    e.refs += 1;
+                    // Lost for an older window, found for this one (written again after the
+                    // damage): every window reads it here; each verifies it against its own
+                    // manifest.
+                    if let (None, Some(c)) = (&e.loc, c) {
+                        c.loc.seg.live.fetch_add(c.loc.len, Ordering::SeqCst);
+                        e.loc = Some(c.loc.clone());
+                        e.payload_len = c.payload_len;
+                        e.checksum = c.checksum;
+                    }
+                }
                 None => {
-                    c.loc.seg.live.fetch_add(c.loc.len, Ordering::SeqCst);
+                    if let Some(c) = c {
+                        c.loc.seg.live.fetch_add(c.loc.len, Ordering::SeqCst);
+                    }
                     state.blocks.insert(
                         b.key,
                         BlockEntry {
-                            loc: c.loc.clone(),
-                            payload_len: c.payload_len,
-                            checksum: c.checksum,
+                            loc: c.map(|c| c.loc.clone()),
+                            payload_len: c.map_or(b.len, |c| c.payload_len),
+                            checksum: c.map_or(b.checksum, |c| c.checksum),
                             refs: 1,
                         },
                     );
@@ -386,10 +432,27 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
     if let Some(seg) = last {
         let f = seg.frontier();
         if f + PAGE < seg.size {
-            reset_tail(&seg.file, f, seg.size)
-                .map_err(|e| StoreError::from_fs("reset the tail of", &seg.path, e))?;
-            seg.sealed.store(false, Ordering::SeqCst);
-            active = Some(seg);
+            match reset_tail(&seg.file, f, seg.size) {
+                Ok(()) => {
+                    if let Some((offset, len, h)) = heal {
+                        if f + len + PAGE < seg.size {
+                            used += rewrite_copy(engine, &seg, offset, len, h)?;
+                        }
+                    }
+                    seg.sealed.store(false, Ordering::SeqCst);
+                    active = Some(seg);
+                }
+                // A full file system (EC-052): the segment stays sealed at its last record,
+                // and the store opens; appends get NO_SPACE (or a small segment) as usual.
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    crate::log::warn(&format!(
+                        "{}: no space to re-preallocate the newest segment; it stays sealed",
+                        seg.path.display()
+                    ));
+                    let _ = seg.file.set_len(f);
+                }
+                Err(e) => return Err(StoreError::from_fs("reset the tail of", &seg.path, e)),
+            }
         } else {
             let _ = seg.file.set_len(f);
         }
@@ -405,6 +468,57 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
         used,
         report,
     ))
+}
+
+/// A segment header (or why none decodes) and the damaged header page, if any.
+type HeaderRead = (
+    Result<SegmentHeader, HeaderError>,
+    Option<(u64, u64, String)>,
+);
+
+/// Reads a segment's header: page 0, or its copy in page 1 when page 0 does not verify
+/// (segment version 2). Also returns the damaged header page, if one of two is damaged.
+fn read_segment_header(
+    engine: &dyn IoEngine,
+    file: &File,
+    file_len: u64,
+    path: &std::path::Path,
+    page: &mut AlignedBuf,
+) -> Result<HeaderRead, StoreError> {
+    if file_len == 0 {
+        return Ok((Err(HeaderError::Empty), None));
+    }
+    if file_len < PAGE {
+        return Ok((Err(HeaderError::Truncated), None));
+    }
+    let mut read = |at: u64| -> Result<Result<SegmentHeader, HeaderError>, StoreError> {
+        if file_len < at + PAGE {
+            return Ok(Err(HeaderError::Truncated));
+        }
+        engine
+            .read_exact_at(file.as_raw_fd(), at, page)
+            .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+        Ok(SegmentHeader::decode(page))
+    };
+    let first = read(0)?;
+    match first {
+        Ok(h) if h.version < 2 => Ok((Ok(h), None)),
+        Ok(h) => {
+            // A version 2 header has its copy in page 1.
+            let damage = match read(PAGE)? {
+                Ok(c) if c == h => None,
+                Ok(_) => Some((PAGE, 2 * PAGE, "segment header copy differs".to_string())),
+                Err(e) => Some((PAGE, 2 * PAGE, format!("segment header copy: {e}"))),
+            };
+            Ok((Ok(h), damage))
+        }
+        Err(e0) => match read(PAGE)? {
+            Ok(c) if c.version >= 2 => {
+                Ok((Ok(c), Some((0, PAGE, format!("segment header: {e0}")))))
+            }
+            Ok(_) | Err(_) => Ok((Err(e0), None)),
+        },
+    }
 }
 
 /// Of the records with the sequence number of `cs[i]` (an original and its compaction copies,
@@ -434,6 +548,37 @@ fn pick_duplicate(engine: &dyn IoEngine, cs: &[Cand], i: usize) -> usize {
     i
 }
 
+/// Writes the missing copy of the metadata record at `offset` (the segment's last record, `len`
+/// bytes, header `h`) at the frontier, durably; returns the bytes added. Not referred to by the
+/// index until the next open, which merges the two copies.
+fn rewrite_copy(
+    engine: &dyn IoEngine,
+    seg: &Segment,
+    offset: u64,
+    len: u64,
+    h: RecordHeader,
+) -> Result<u64, StoreError> {
+    let mut img = AlignedBuf::zeroed(len as usize);
+    let ctx = |e| {
+        StoreError::io(
+            format!("rewriting a record copy in {}", seg.path.display()),
+            e,
+        )
+    };
+    engine
+        .read_exact_at(seg.fd(), offset, &mut img)
+        .map_err(ctx)?;
+    if super::verify_image(&img, seg, h.kind).is_err() {
+        return Ok(0);
+    }
+    RecordHeader { ditto: true, ..h }.encode(seg.generation, &mut img[..PAGE as usize]);
+    let at = seg.frontier();
+    engine.write_all_at(seg.fd(), at, &img).map_err(ctx)?;
+    engine.fdatasync(seg.fd()).map_err(ctx)?;
+    seg.frontier.store(at + len, Ordering::SeqCst);
+    Ok(len)
+}
+
 fn reset_tail(file: &File, frontier: u64, size: u64) -> std::io::Result<()> {
     file.set_len(frontier)?;
     segment::preallocate(file, size)?;
@@ -450,15 +595,18 @@ fn read_meta(
     engine: &dyn IoEngine,
     seg: &Segment,
     r: &Rec,
+    damaged: &mut Vec<(u64, u64, String)>,
 ) -> Result<Option<MetaPayload>, StoreError> {
     let mut img = AlignedBuf::zeroed(r.len as usize);
     engine
         .read_exact_at(seg.fd(), r.offset, &mut img)
         .map_err(|e| StoreError::io("reading a manifest during recovery", e))?;
-    let po = payload_offset(r.h.payload_len);
-    let p = &img[po..po + r.h.payload_len as usize];
-    if payload_checksum(p) != r.h.payload_xxh3 {
+    // Either copy that verifies; a copy that does not is reported.
+    let Ok((_, p)) = super::verify_meta(&img, seg, r.h.kind) else {
         return Ok(None);
+    };
+    if let Err(why) = super::verify_copies(&img, seg, r.h.kind) {
+        damaged.push((r.offset, r.offset + r.len, why));
     }
     Ok(match r.h.kind {
         RecordKind::Manifest => Manifest::decode(p)
@@ -479,18 +627,29 @@ pub(super) type Scan = (
 
 /// Walks the record headers of one segment. Reads 256 KiB windows while records are small and
 /// single header pages once they are large, so the cost follows the number of records.
+///
+/// An invalid or all-zero header page followed, later in the segment, by a valid record of the
+/// segment (a higher sequence number) is a damaged region: it is skipped and reported. Only
+/// when nothing valid follows is it the end of the log (all zero: clean; otherwise a torn
+/// tail). The second copy of a metadata record is merged into its first (one [`Rec`] covering
+/// both); a copy whose twin is damaged stands alone. A jump in the sequence numbers of the
+/// records written into the segment that no damaged region explains is reported as a region
+/// too (records are never skipped silently).
 pub(super) fn scan(
     engine: &dyn IoEngine,
     seg: &Segment,
     file_len: u64,
 ) -> Result<Scan, StoreError> {
-    let mut recs = Vec::new();
+    let mut recs: Vec<Rec> = Vec::new();
     let mut buf = AlignedBuf::zeroed(SCAN_WINDOW);
     let (mut win_start, mut win_len) = (0u64, 0u64);
-    let mut off = PAGE;
+    let mut off = seg.first_record;
     let mut last_seq = 0u64;
     let mut big = false;
-    let mut damaged = Vec::new();
+    let mut damaged: Vec<(u64, u64, String)> = Vec::new();
+    // A damaged region was skipped since the last record written in order (it explains a
+    // jump in sequence numbers).
+    let mut explained = false;
     let end = file_len.min(seg.size);
     let torn = loop {
         if off + PAGE > end {
@@ -509,37 +668,64 @@ pub(super) fn scan(
             win_len = want;
         }
         let at = (off - win_start) as usize;
-        let bad = match RecordHeader::decode(&buf[at..at + PAGE as usize], seg.generation) {
-            Err(HeaderError::Empty) => break None,
-            Err(e) => Err(e.to_string()),
-            Ok(h) if h.segment_id != seg.id => Err("record of another segment".to_string()),
+        let decoded = RecordHeader::decode(&buf[at..at + PAGE as usize], seg.generation);
+        if let (Ok(h), Some(prev)) = (&decoded, recs.last_mut()) {
+            if is_second_copy(prev, h, off) {
+                prev.len += record_len(h.payload_len);
+                off += record_len(h.payload_len);
+                continue;
+            }
+        }
+        let bad = match decoded {
+            // Zeros: the clean end of the log, unless valid records follow (a hole).
+            Err(HeaderError::Empty) => Err(None),
+            Err(e) => Err(Some(e.to_string())),
+            Ok(h) if h.segment_id != seg.id => Err(Some("record of another segment".to_string())),
             // A compaction copy keeps its original's sequence number, out of append order.
             Ok(h) if !h.copied && h.seq <= last_seq => {
-                Err("sequence number does not increase".to_string())
+                Err(Some("sequence number does not increase".to_string()))
             }
             Ok(h) if off + record_len(h.payload_len) > end => {
-                Err("record runs past the end of the segment".to_string())
+                Err(Some("record runs past the end of the segment".to_string()))
             }
             Ok(h) => Ok(h),
         };
         let h = match bad {
             Ok(h) => h,
             Err(why) => {
-                // A torn tail, or damage in the middle? Look for a later valid record.
+                // A torn tail or the clean end, or damage in the middle? Look for a later
+                // valid record.
                 match find_next(engine, seg, off + PAGE, end, last_seq)? {
                     Some(next) => {
+                        let why = why.unwrap_or_else(|| {
+                            "zeroed page(s) followed by valid records".to_string()
+                        });
                         damaged.push((off, next, why));
+                        explained = true;
                         off = next;
                         win_len = 0;
                         continue;
                     }
-                    None => break Some((off, why)),
+                    None => break why.map(|w| (off, w)),
                 }
             }
         };
         let len = record_len(h.payload_len);
         if !h.copied {
+            if last_seq != 0 && h.seq > last_seq + 1 && !explained {
+                let from = recs.last().map_or(seg.first_record, |r| r.offset + r.len);
+                damaged.push((
+                    from,
+                    off,
+                    format!(
+                        "sequence gap: records {}..={} are missing",
+                        last_seq + 1,
+                        h.seq - 1
+                    ),
+                ));
+            }
             last_seq = h.seq;
+            explained = false;
         }
         recs.push(Rec {
             h,
@@ -551,9 +737,44 @@ pub(super) fn scan(
     };
     let frontier = match &torn {
         Some((o, _)) => *o,
-        None => off.min(end.max(PAGE)),
+        None => off.min(end.max(seg.first_record)),
     };
+    // The log ends right after the first copy of a metadata record: its second copy was torn
+    // off (or zeroed). The first copy is kept; the loss is reported.
+    let torn = torn.or_else(|| {
+        recs.last()
+            .filter(|r| {
+                super::format::copies(r.h.kind) == 2
+                    && !r.h.ditto
+                    && r.len == record_len(r.h.payload_len)
+                    && r.offset + r.len == frontier
+            })
+            .map(|r| {
+                (
+                    frontier,
+                    format!(
+                        "the second copy of the {:?} record at {} is missing",
+                        r.h.kind, r.offset
+                    ),
+                )
+            })
+    });
     Ok((recs, frontier, torn, damaged))
+}
+
+/// True when `h`, found at `off`, is the second copy of the metadata record `prev` that ends
+/// right there.
+fn is_second_copy(prev: &Rec, h: &RecordHeader, off: u64) -> bool {
+    h.ditto
+        && !prev.h.ditto
+        && prev.offset + prev.len == off
+        && prev.len == record_len(prev.h.payload_len)
+        && prev.h.kind == h.kind
+        && prev.h.seq == h.seq
+        && prev.h.key == h.key
+        && prev.h.payload_len == h.payload_len
+        && prev.h.payload_xxh3 == h.payload_xxh3
+        && prev.h.copied == h.copied
 }
 
 /// Finds the next page at or after `from` holding a valid record header of this segment with a
@@ -611,39 +832,50 @@ fn find_next(
 pub(crate) fn set_aside_invalid_segments(
     dir: &std::path::Path,
 ) -> Result<Vec<(String, String)>, StoreError> {
-    use std::io::Read;
     let mut ids: Vec<u64> = std::fs::read_dir(dir)
         .map_err(|e| StoreError::from_fs("list", dir, e))?
         .filter_map(|e| e.ok())
         .filter_map(|e| segment::parse_file_name(e.file_name().to_str()?))
         .collect();
     ids.sort_unstable();
+    let engine = crate::io::psync::PsyncEngine::new();
+    let mut page = AlignedBuf::zeroed(PAGE as usize);
     let mut out = Vec::new();
     for (n, &id) in ids.iter().enumerate() {
         let path = dir.join(segment::file_name(id));
-        let mut head = vec![0u8; 2 * PAGE as usize];
-        let got = File::open(&path)
-            .and_then(|mut f| {
-                let mut at = 0;
-                while at < head.len() {
-                    match f.read(&mut head[at..])? {
-                        0 => break,
-                        k => at += k,
-                    }
-                }
-                Ok(at)
-            })
-            .map_err(|e| StoreError::from_fs("read", &path, e))?;
-        let why = match SegmentHeader::decode(&head[..got.min(PAGE as usize)]) {
+        let (file, _) =
+            io::open_direct(&path, false).map_err(|e| StoreError::from_fs("open", &path, e))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| StoreError::from_fs("stat", &path, e))?
+            .len();
+        // The same verdict recovery reaches (read_segment_header), so that what repair keeps
+        // always opens.
+        let (header, _) = read_segment_header(&engine, &file, file_len, &path, &mut page)?;
+        let why = match header {
             Ok(h) if h.segment_id == id => continue,
             Ok(h) => format!("it has the header of segment {}", h.segment_id),
-            Err(HeaderError::Empty) | Err(HeaderError::Truncated)
-                if n + 1 == ids.len() && head[PAGE as usize..].iter().all(|&b| b == 0) =>
-            {
-                continue
+            Err(HeaderError::Empty) if n + 1 == ids.len() => {
+                // Recovery removes it if no record follows (a crash while creating it).
+                let mut records = false;
+                for at in [PAGE, 2 * PAGE] {
+                    if file_len >= at + PAGE {
+                        engine
+                            .read_exact_at(file.as_raw_fd(), at, &mut page)
+                            .map_err(|e| {
+                                StoreError::io(format!("reading {}", path.display()), e)
+                            })?;
+                        records |= page.iter().any(|&b| b != 0);
+                    }
+                }
+                if !records {
+                    continue;
+                }
+                "its header pages are zeroed but it holds records".to_string()
             }
             Err(e) => format!("invalid header: {e}"),
         };
+        drop(file);
         let aside = dir.join(format!("{}.damaged", segment::file_name(id)));
         std::fs::rename(&path, &aside).map_err(|e| StoreError::from_fs("rename", &path, e))?;
         io::sync_dir(dir).map_err(|e| StoreError::from_fs("sync directory of", dir, e))?;

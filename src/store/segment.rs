@@ -1,4 +1,5 @@
-//! Segment files: fixed-size, preallocated, a header page first, records after it.
+//! Segment files: fixed-size, preallocated, a header page and its copy first, records after
+//! them.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -7,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use super::format::{SegmentHeader, PAGE};
+use super::format::{SegmentHeader, PAGE, SEGMENT_HEADER_LEN, SEGMENT_VERSION};
 use super::StoreError;
 use crate::io::{self, AlignedBuf, IoEngine};
 
@@ -18,6 +19,8 @@ pub(crate) struct Segment {
     pub size: u64,
     pub file: File,
     pub path: PathBuf,
+    /// Offset of the first record (after the header pages).
+    pub first_record: u64,
     /// Offset just past the last record written (or found at recovery).
     pub frontier: AtomicU64,
     /// Bytes of records something still refers to.
@@ -117,9 +120,13 @@ impl Segment {
             generation: random_u64(),
             segment_size: size,
             created_unix_ms: now_unix_ms(),
+            version: SEGMENT_VERSION,
         };
-        let mut page = AlignedBuf::zeroed(PAGE as usize);
-        header.encode(&mut page);
+        // The header and, in page 1, its copy: one damaged page never loses the generation
+        // every record header of the segment is checked with.
+        let mut page = AlignedBuf::zeroed(SEGMENT_HEADER_LEN as usize);
+        header.encode(&mut page[..PAGE as usize]);
+        header.encode(&mut page[PAGE as usize..]);
         let fd = file.as_raw_fd();
         let res = engine
             .write_all_at(fd, 0, &page)
@@ -142,7 +149,8 @@ impl Segment {
             size,
             file,
             path,
-            frontier: AtomicU64::new(PAGE),
+            first_record: SEGMENT_HEADER_LEN,
+            frontier: AtomicU64::new(SEGMENT_HEADER_LEN),
             live: AtomicU64::new(0),
             sealed: AtomicBool::new(false),
             failed: AtomicBool::new(false),
