@@ -31,8 +31,12 @@ pub struct FsckReport {
     pub recovery: RecoveryReport,
     /// Per window.
     pub windows: Vec<WindowCheck>,
-    /// Windows whose manifest exists but some block does not (never exposed).
+    /// Windows whose manifest exists but some block's record was lost to damage (listed;
+    /// they thaw up to that block).
     pub lost: Vec<String>,
+    /// Damage anywhere in the log, garbage records and padding included (a full read of
+    /// every record, [`Store::verify_log`]).
+    pub log_problems: Vec<crate::store::LogProblem>,
     /// Bytes of block payload verified.
     pub bytes_verified: u64,
     /// Seconds spent verifying.
@@ -44,6 +48,7 @@ impl FsckReport {
     #[must_use]
     pub fn clean(&self) -> bool {
         self.lost.is_empty()
+            && self.log_problems.is_empty()
             && self.recovery.torn_tails.is_empty()
             && self.recovery.damaged_regions.is_empty()
             && self.recovery.damaged_records.is_empty()
@@ -152,7 +157,9 @@ pub fn check(cfg: StoreConfig, progress: &dyn Fn(usize, usize)) -> Result<FsckRe
     let t = std::time::Instant::now();
     let (store, recovery) = Store::open(cfg)?;
     let (windows, bytes) = verify_windows(&store, 0, progress)?;
+    let log_problems = store.verify_log()?;
     Ok(FsckReport {
+        log_problems,
         lost: recovery.incomplete_windows.clone(),
         recovery,
         windows,
@@ -232,7 +239,14 @@ pub fn repair(
         .iter()
         .map(|d| d.0)
         .chain(before.recovery.damaged_records.iter().map(|d| d.0))
+        .chain(before.log_problems.iter().map(|p| p.segment))
         .collect();
+    for p in &before.log_problems {
+        changes.push(format!(
+            "rewrote segment {} (damage at offset {}: {})",
+            p.segment, p.offset, p.what
+        ));
+    }
     for (seg, from, to, why) in &before.recovery.damaged_regions {
         changes.push(format!(
             "dropped the damaged region {from}..{to} of segment {seg} ({why})"

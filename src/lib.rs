@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod control;
+pub mod damage;
 pub mod decision;
 pub mod device;
 pub mod failpoint;

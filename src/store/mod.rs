@@ -18,6 +18,7 @@ pub mod manifest;
 pub mod name;
 mod recovery;
 mod segment;
+mod verify;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -39,6 +40,7 @@ pub use manifest::{BlockRef, Manifest, Tombstone};
 pub(crate) use recovery::set_aside_invalid_segments;
 pub use recovery::{RecoveryMode, RecoveryReport};
 use segment::Segment;
+pub use verify::LogProblem;
 
 /// Errors of the store layer. Each maps to a stable wire code through [`StoreError::code`].
 #[derive(Debug, thiserror::Error)]
@@ -1418,6 +1420,20 @@ pub(crate) fn verify_image<'a>(
     let payload = &image[po..end];
     if payload_checksum(payload) != h.payload_xxh3 {
         return Err("payload checksum mismatch".into());
+    }
+    // The bytes no checksum covers (after the header in a header page, after the payload up
+    // to the record's end) are written as zeros (from segment format 2 on): anything else is
+    // damage, reported rather than ignored.
+    if seg.first_record >= SEGMENT_HEADER_LEN {
+        let rl = (record_len(h.payload_len) as usize).min(image.len());
+        let header_pad = format::RECORD_HEADER_LEN..po.min(PAGE as usize);
+        if image[header_pad]
+            .iter()
+            .chain(&image[end.min(rl)..rl])
+            .any(|&b| b != 0)
+        {
+            return Err("non-zero padding".into());
+        }
     }
     Ok((h, payload))
 }

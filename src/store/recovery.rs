@@ -498,7 +498,16 @@ fn read_segment_header(
         engine
             .read_exact_at(file.as_raw_fd(), at, page)
             .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
-        Ok(SegmentHeader::decode(page))
+        // The rest of a header page is zero (from segment format 2 on, checked).
+        Ok(SegmentHeader::decode(page).and_then(|h| {
+            if h.version >= 2 && page[SegmentHeader::LEN..].iter().any(|&b| b != 0) {
+                Err(HeaderError::Field(
+                    "non-zero bytes after the segment header",
+                ))
+            } else {
+                Ok(h)
+            }
+        }))
     };
     let first = read(0)?;
     match first {
@@ -678,7 +687,12 @@ pub(super) fn scan(
         }
         let bad = match decoded {
             // Zeros: the clean end of the log, unless valid records follow (a hole).
-            Err(HeaderError::Empty) => Err(None),
+            Err(HeaderError::Empty) if buf[at..at + PAGE as usize].iter().all(|&b| b == 0) => {
+                Err(None)
+            }
+            Err(HeaderError::Empty) => Err(Some(
+                "a page with zeros where a header belongs and bytes after them".to_string(),
+            )),
             Err(e) => Err(Some(e.to_string())),
             Ok(h) if h.segment_id != seg.id => Err(Some("record of another segment".to_string())),
             // A compaction copy keeps its original's sequence number, out of append order.
@@ -696,7 +710,7 @@ pub(super) fn scan(
                 // A torn tail or the clean end, or damage in the middle? Look for a later
                 // valid record.
                 match find_next(engine, seg, off + PAGE, end, last_seq)? {
-                    Some(next) => {
+                    Next::At(next) => {
                         let why = why.unwrap_or_else(|| {
                             "zeroed page(s) followed by valid records".to_string()
                         });
@@ -706,7 +720,17 @@ pub(super) fn scan(
                         win_len = 0;
                         continue;
                     }
-                    None => break why.map(|w| (off, w)),
+                    // Zeros to the end: the clean end of the log.
+                    Next::Nothing if why.is_none() => break None,
+                    // Bytes that are no record follow zeros: a torn write, or damage.
+                    Next::Nothing | Next::Garbage => {
+                        break Some((
+                            off,
+                            why.unwrap_or_else(|| {
+                                "zeroed page followed by bytes that are no record".to_string()
+                            }),
+                        ))
+                    }
                 }
             }
         };
@@ -786,14 +810,15 @@ fn find_next(
     from: u64,
     end: u64,
     last_seq: u64,
-) -> Result<Option<u64>, StoreError> {
+) -> Result<Next, StoreError> {
     let mut buf = AlignedBuf::zeroed(SCAN_WINDOW);
     let mut off = from;
+    let mut garbage = false;
     while off + PAGE <= end {
         // SAFETY: lseek on an owned descriptor; no memory is passed.
         let data = unsafe { libc::lseek(seg.fd(), off as libc::off_t, libc::SEEK_DATA) };
         if data < 0 {
-            return Ok(None); // ENXIO: no data after `off`
+            break; // ENXIO: no data after `off`
         }
         let data = (data as u64) & !(PAGE - 1);
         if data > off {
@@ -815,13 +840,28 @@ fn find_next(
                     && (h.copied || h.seq > last_seq)
                     && o + record_len(h.payload_len) <= end
                 {
-                    return Ok(Some(o));
+                    return Ok(Next::At(o));
                 }
             }
         }
+        garbage = garbage || buf[..want as usize].iter().any(|&b| b != 0);
         off += want;
     }
-    Ok(None)
+    Ok(if garbage {
+        Next::Garbage
+    } else {
+        Next::Nothing
+    })
+}
+
+/// What follows an invalid or empty header page.
+enum Next {
+    /// A valid record at this offset.
+    At(u64),
+    /// No valid record, but bytes that are not zero.
+    Garbage,
+    /// Zeros (or nothing) to the end.
+    Nothing,
 }
 
 /// Renames every segment file of `dir` whose header is invalid (or names another segment) to

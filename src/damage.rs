@@ -1,0 +1,411 @@
+//! The damage sweep (`cwm torture --damage`, and a bounded run in the test suite): builds a data
+//! directory of many windows (shared prefixes, deletes, replaces, catalog records) across
+//! several small segments, then, for every 4 KiB page of every file in it in turn, damages the
+//! page (zeroes it; random bytes; one flipped bit), reopens the store and checks:
+//!
+//! - **nothing lost**: every window that should exist is listed, with its version;
+//! - **nothing resurrected**: no deleted window is listed;
+//! - **nothing reverted**: every replaced window is listed with its newest version, and every
+//!   catalog key holds its newest record;
+//! - **no wrong bytes**: every block a window serves verifies and equals what was frozen (a
+//!   window whose block lay in the damaged page may thaw partially: it stops at that block);
+//! - **damage reported**: the open's recovery report, a failed block verification, or a full
+//!   verification of the log ([`Store::verify_log`]) names a problem.
+//!
+//! Then the directory is restored byte for byte from the pristine copy for the next page.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::io::{self, IoEngine};
+use crate::store::{BlockDesc, Replace, Store, StoreConfig, StoreError, WindowSpec};
+
+/// How a page is damaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Damage {
+    /// Every byte zero (a lost sector).
+    Zero,
+    /// Random bytes.
+    Random,
+    /// One bit flipped.
+    BitFlip,
+}
+
+/// Sweep settings.
+#[derive(Debug, Clone)]
+pub struct DamageConfig {
+    /// Windows frozen (at least 50 for the sweep); some are deleted or replaced.
+    pub windows: usize,
+    /// Random seed (workload, random bytes, bit positions).
+    pub seed: u64,
+    /// Segment size: small, so the log spans several segments.
+    pub segment_size: u64,
+    /// Damage kinds, each applied to every page in turn.
+    pub modes: Vec<Damage>,
+    /// Damage only every `stride`-th page (1: every page).
+    pub stride: usize,
+    /// Where to build the directory (a fresh temporary one when `None`).
+    pub dir: Option<PathBuf>,
+    /// I/O engine of the reopened stores.
+    pub engine: io::EngineKind,
+}
+
+impl Default for DamageConfig {
+    fn default() -> Self {
+        Self {
+            windows: 56,
+            seed: 1,
+            segment_size: 256 << 10,
+            modes: vec![Damage::Zero, Damage::Random, Damage::BitFlip],
+            stride: 1,
+            dir: None,
+            engine: io::EngineKind::Psync,
+        }
+    }
+}
+
+/// What a sweep found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DamageSummary {
+    /// Files in the directory (segments).
+    pub files: usize,
+    /// Pages of those files.
+    pub pages: usize,
+    /// Damage cases run (page × mode, pages whose bytes the damage would not change skipped).
+    pub cases: u64,
+    /// Windows expected after each case (summed).
+    pub windows_checked: u64,
+    /// Windows that thawed only partially (their block lay in the damaged page).
+    pub partial_windows: u64,
+    /// Opens refused (damage the store could not open past).
+    pub refused_opens: u64,
+    /// Windows missing.
+    pub lost: u64,
+    /// Deleted windows listed again.
+    pub resurrected: u64,
+    /// Windows (or catalog keys) back at an older version.
+    pub reverted: u64,
+    /// Blocks served with bytes other than those frozen.
+    pub wrong_bytes: u64,
+    /// Cases whose damage nothing reported.
+    pub unreported: u64,
+    /// The first violations, described.
+    pub failures: Vec<String>,
+}
+
+impl DamageSummary {
+    /// No property violated.
+    #[must_use]
+    pub fn clean(&self) -> bool {
+        self.refused_opens
+            + self.lost
+            + self.resurrected
+            + self.reverted
+            + self.wrong_bytes
+            + self.unreported
+            == 0
+    }
+}
+
+const BLOCK_LEN: u64 = 5000; // a header page and two payload pages
+const SYSTEM_PROMPTS: u128 = 4;
+
+fn payload(key: u128) -> Vec<u8> {
+    let mut v = vec![0u8; BLOCK_LEN as usize];
+    crate::bench::fill_random(&mut v, (key as u64) ^ ((key >> 64) as u64) ^ 0x5eed);
+    v
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // splitmix64
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// What the directory must hold.
+#[derive(Default)]
+struct Expected {
+    /// Live windows: name -> (version, block keys).
+    live: BTreeMap<String, (u64, Vec<u128>)>,
+    /// Deleted names.
+    deleted: Vec<String>,
+    /// Catalog: key -> newest payload.
+    meta: BTreeMap<u128, Vec<u8>>,
+}
+
+fn spec(name: &str, keys: &[u128], replace: Replace) -> WindowSpec {
+    WindowSpec {
+        name: name.into(),
+        session: format!("s-{name}"),
+        namespace: "damage-sweep".into(),
+        layout: b"{\"sweep\":1}".to_vec(),
+        tokens: (0..keys.len() as u32 * 16).collect(),
+        blocks: keys
+            .iter()
+            .map(|&key| BlockDesc {
+                key,
+                len: BLOCK_LEN,
+            })
+            .collect(),
+        replace,
+    }
+}
+
+fn put(store: &Store, name: &str, keys: &[u128], replace: Replace) -> Result<u64, StoreError> {
+    let payloads: Vec<Vec<u8>> = keys.iter().map(|&k| payload(k)).collect();
+    let refs: Vec<&[u8]> = payloads.iter().map(|p| &p[..]).collect();
+    Ok(store.put_window(spec(name, keys, replace), &refs)?.version)
+}
+
+fn build(cfg: &DamageConfig, dir: &Path) -> Result<Expected, StoreError> {
+    let mut sc = StoreConfig::new(dir);
+    sc.segment_size = cfg.segment_size;
+    sc.engine = cfg.engine;
+    let (store, _) = Store::open(sc)?;
+    let mut rng = Rng(cfg.seed);
+    let mut exp = Expected::default();
+    for i in 0..cfg.windows {
+        // A shared system prompt (two blocks), then one to three blocks of its own.
+        let sp = u128::from(rng.below(SYSTEM_PROMPTS as u64) as u8);
+        let mut keys = vec![(sp << 96) | 1, (sp << 96) | 2];
+        let own = 1 + rng.below(3) as u128;
+        keys.extend((0..own).map(|j| (1u128 << 120) | ((i as u128) << 32) | j));
+        let name = format!("w{i:03}");
+        let v = put(&store, &name, &keys, Replace::No)?;
+        exp.live.insert(name, (v, keys));
+        // Now and then: replace an earlier window, delete one, write catalog records.
+        if i % 7 == 3 {
+            let victim = format!("w{:03}", rng.below(i as u64));
+            if let Some(entry) = exp.live.get_mut(&victim) {
+                let keys = vec![(sp << 96) | 1, (2u128 << 120) | ((i as u128) << 32)];
+                let v = put(&store, &victim, &keys, Replace::Any)?;
+                *entry = (v, keys);
+            }
+        }
+        if i % 9 == 5 {
+            let victim = format!("w{:03}", rng.below(i as u64));
+            if exp.live.remove(&victim).is_some() {
+                store.delete_window(&victim, None)?;
+                exp.deleted.push(victim);
+            }
+        }
+        if i % 5 == 0 {
+            let key = 0xC0DE_0000 + u128::from(rng.below(4) as u8);
+            let val = format!("catalog record {i} of key {key:x}").into_bytes();
+            store.put_meta(key, &val)?;
+            exp.meta.insert(key, val);
+        }
+    }
+    Ok(exp)
+}
+
+fn data_files(dir: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, StoreError> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| StoreError::Recovery(e.to_string()))? {
+        let p = e.map_err(|e| StoreError::Recovery(e.to_string()))?.path();
+        // The LOCK file holds a pid, no data.
+        if p.file_name().is_some_and(|n| n == "LOCK") || !p.is_file() {
+            continue;
+        }
+        let bytes = std::fs::read(&p).map_err(|e| StoreError::Recovery(e.to_string()))?;
+        v.push((p, bytes));
+    }
+    v.sort();
+    Ok(v)
+}
+
+fn restore(dir: &Path, pristine: &[(PathBuf, Vec<u8>)]) -> Result<(), StoreError> {
+    let io =
+        |e: std::io::Error| StoreError::Recovery(format!("restoring the sweep directory: {e}"));
+    for e in std::fs::read_dir(dir).map_err(io)? {
+        let p = e.map_err(io)?.path();
+        if p.file_name().is_some_and(|n| n != "LOCK") && !pristine.iter().any(|(q, _)| *q == p) {
+            std::fs::remove_file(&p).map_err(io)?;
+        }
+    }
+    for (p, bytes) in pristine {
+        std::fs::write(p, bytes).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Runs the sweep.
+pub fn run(cfg: &DamageConfig) -> Result<DamageSummary, StoreError> {
+    let tmp;
+    let dir = match &cfg.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::tempdir().map_err(|e| StoreError::Recovery(e.to_string()))?;
+            tmp.path().join("sweep")
+        }
+    };
+    let exp = build(cfg, &dir)?;
+    let pristine = data_files(&dir)?;
+    let mut sum = DamageSummary {
+        files: pristine.len(),
+        pages: pristine.iter().map(|(_, b)| b.len().div_ceil(4096)).sum(),
+        ..Default::default()
+    };
+    let engine: Arc<dyn IoEngine> = io::build_engine(cfg.engine, 32);
+    let mut rng = Rng(cfg.seed ^ 0xDA3A_6E00);
+    let mut page_no = 0usize;
+    for (fi, (path, bytes)) in pristine.iter().enumerate() {
+        for p in 0..bytes.len().div_ceil(4096) {
+            page_no += 1;
+            if (page_no - 1) % cfg.stride.max(1) != 0 {
+                continue;
+            }
+            let range = p * 4096..((p + 1) * 4096).min(bytes.len());
+            for &mode in &cfg.modes {
+                let mut damaged = bytes.clone();
+                let pg = &mut damaged[range.clone()];
+                match mode {
+                    Damage::Zero => pg.fill(0),
+                    Damage::Random => crate::bench::fill_random(pg, rng.next()),
+                    Damage::BitFlip => {
+                        let bit = rng.below(pg.len() as u64 * 8) as usize;
+                        pg[bit / 8] ^= 1 << (bit % 8);
+                    }
+                }
+                if damaged[range.clone()] == bytes[range.clone()] {
+                    continue;
+                }
+                sum.cases += 1;
+                restore(&dir, &pristine)?;
+                std::fs::write(path, &damaged)
+                    .map_err(|e| StoreError::Recovery(format!("damaging: {e}")))?;
+                let what = format!(
+                    "{} page {p} ({mode:?})",
+                    path.file_name()
+                        .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+                );
+                check_case(cfg, &dir, &engine, &exp, &what, &mut sum, fi)?;
+            }
+        }
+    }
+    restore(&dir, &pristine)?;
+    Ok(sum)
+}
+
+fn fail(sum: &mut DamageSummary, what: String) {
+    if sum.failures.len() < 20 {
+        sum.failures.push(what);
+    }
+}
+
+fn check_case(
+    cfg: &DamageConfig,
+    dir: &Path,
+    engine: &Arc<dyn IoEngine>,
+    exp: &Expected,
+    what: &str,
+    sum: &mut DamageSummary,
+    _file: usize,
+) -> Result<(), StoreError> {
+    let mut sc = StoreConfig::new(dir);
+    sc.segment_size = cfg.segment_size;
+    let (store, report) = match Store::open_with_engine(sc, engine.clone()) {
+        Ok(x) => x,
+        Err(e) => {
+            sum.refused_opens += 1;
+            fail(sum, format!("{what}: open refused: {e}"));
+            return Ok(());
+        }
+    };
+    let mut reported = !(report.torn_tails.is_empty()
+        && report.damaged_records.is_empty()
+        && report.damaged_regions.is_empty()
+        && report.incomplete_windows.is_empty()
+        && report.removed_empty_segments.is_empty());
+    let listed: BTreeMap<String, u64> = store
+        .list()?
+        .into_iter()
+        .map(|w| (w.name, w.version))
+        .collect();
+    for (name, (version, keys)) in &exp.live {
+        sum.windows_checked += 1;
+        match listed.get(name) {
+            None => {
+                sum.lost += 1;
+                fail(sum, format!("{what}: window {name} lost"));
+                continue;
+            }
+            Some(v) if v != version => {
+                sum.reverted += 1;
+                fail(
+                    sum,
+                    format!("{what}: window {name} at version {v}, not {version}"),
+                );
+                continue;
+            }
+            Some(_) => {}
+        }
+        // Every block either verifies and holds what was frozen, or fails (the intact prefix
+        // ends there).
+        let r = store.open_window(name);
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                reported = true;
+                sum.partial_windows += 1;
+                if e.code() != "CORRUPTION" {
+                    fail(sum, format!("{what}: window {name}: {e}"));
+                }
+                continue;
+            }
+        };
+        let mut img = crate::io::AlignedBuf::zeroed(r.record_len(0) as usize);
+        let mut partial = false;
+        for (i, k) in keys.iter().enumerate() {
+            match store.read_blocks(&r, i, &mut [&mut img[..]]) {
+                Ok(()) if partial => {}
+                Ok(()) => {
+                    if r.payload(i, &img) != &payload(*k)[..] {
+                        sum.wrong_bytes += 1;
+                        fail(sum, format!("{what}: window {name} block {i}: wrong bytes"));
+                    }
+                }
+                Err(_) => {
+                    reported = true;
+                    partial = true;
+                }
+            }
+        }
+        if partial {
+            sum.partial_windows += 1;
+        }
+    }
+    for name in &exp.deleted {
+        if !exp.live.contains_key(name) && listed.contains_key(name) {
+            sum.resurrected += 1;
+            fail(sum, format!("{what}: deleted window {name} is back"));
+        }
+    }
+    let meta: BTreeMap<u128, Vec<u8>> = store.meta()?.into_iter().collect();
+    for (k, v) in &exp.meta {
+        if meta.get(k) != Some(v) {
+            sum.reverted += 1;
+            fail(
+                sum,
+                format!("{what}: catalog key {k:x} does not hold its newest record"),
+            );
+        }
+    }
+    if !reported && store.verify_log()?.is_empty() {
+        sum.unreported += 1;
+        fail(sum, format!("{what}: damage not reported"));
+    }
+    Ok(())
+}
