@@ -69,3 +69,45 @@ fn fsck_repair_sets_aside_a_truncated_segment_and_the_store_opens() {
     }
     assert!(store.check_invariants().unwrap().is_empty());
 }
+
+#[test]
+fn a_sealed_segment_cut_at_a_record_boundary_is_reported() {
+    let (_, engine) = engines().pop().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let len = 64 << 10;
+    {
+        let (store, _) = open(&dir, &engine);
+        for i in 0..80u128 {
+            put(&store, &format!("w{i}"), &keys(i + 1, 1), len);
+        }
+    }
+    let first = segments(&dir)[0].clone();
+    // Ten windows in: each is one block record (a header page and 64 KiB) and a manifest
+    // (two pages), after the two segment header pages. A clean cut: what remains scans as a
+    // well-formed log that simply ends early.
+    let cut = 8192 + 10 * ((4096 + len) + 8192);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&first)
+        .unwrap()
+        .set_len(cut)
+        .unwrap();
+    let (store, report) = open(&dir, &engine);
+    assert!(
+        report
+            .damaged_regions
+            .iter()
+            .any(|(s, from, _, why)| *s == 1 && *from == cut && why.contains("sealed at")),
+        "{report:?}"
+    );
+    check(&store, "w9", &keys(10, 1), len);
+    drop(store);
+    // fsck says so too (exit 5: damage).
+    let o = Command::new(env!("CARGO_BIN_EXE_cwm"))
+        .args(["fsck", "--json", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(5));
+}

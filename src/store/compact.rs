@@ -587,7 +587,7 @@ impl Store {
     pub fn seal_active(&self) -> Result<(), StoreError> {
         let app = self.lock_appender()?;
         if let Some(s) = &app.active {
-            s.seal();
+            s.seal_recorded(self.engine.as_ref());
         }
         Ok(())
     }

@@ -72,6 +72,10 @@ pub struct SegmentHeader {
     pub created_unix_ms: i64,
     /// Segment format version: 1 (one header page) or 2 (header copy in page 1).
     pub version: u16,
+    /// Length of the segment when it was sealed (rotation), written into both header pages
+    /// then; 0 while it is open (or sealed by a failure). A sealed segment found shorter, or
+    /// whose records end earlier, was truncated: reported, never taken for its whole.
+    pub sealed_len: u64,
 }
 
 impl SegmentHeader {
@@ -97,6 +101,7 @@ impl SegmentHeader {
         out[24..32].copy_from_slice(&self.generation.to_le_bytes());
         out[32..40].copy_from_slice(&self.segment_size.to_le_bytes());
         out[40..48].copy_from_slice(&self.created_unix_ms.to_le_bytes());
+        out[48..56].copy_from_slice(&self.sealed_len.to_le_bytes());
         let sum = xxh3_64(&out[0..56]);
         out[56..64].copy_from_slice(&sum.to_le_bytes());
     }
@@ -128,9 +133,17 @@ impl SegmentHeader {
             created_unix_ms: i64::from_le_bytes(
                 b[40..48].try_into().map_err(|_| HeaderError::Truncated)?,
             ),
+            sealed_len: u64_at(b, 48),
         };
         if h.segment_size < 2 * PAGE || h.segment_size % PAGE != 0 {
             return Err(HeaderError::Field("segment_size"));
+        }
+        if h.sealed_len != 0
+            && (h.sealed_len < h.first_record()
+                || h.sealed_len > h.segment_size
+                || h.sealed_len % PAGE != 0)
+        {
+            return Err(HeaderError::Field("sealed_len"));
         }
         Ok(h)
     }
@@ -330,6 +343,7 @@ mod tests {
             segment_size: 1 << 30,
             created_unix_ms: 1_700_000_000_000,
             version: SEGMENT_VERSION,
+            sealed_len: 0,
         };
         let mut page = vec![0u8; 4096];
         h.encode(&mut page);

@@ -799,7 +799,7 @@ impl Store {
             if !s.sealed.load(Ordering::SeqCst) && s.frontier() + len <= s.size {
                 return Ok(s.clone());
             }
-            s.seal();
+            s.seal_recorded(self.engine.as_ref());
         }
         let id = app.next_segment;
         crate::fail_point!("segment-rotate", a => {

@@ -178,6 +178,7 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
             size: header.segment_size,
             file,
             path: path.clone(),
+            header,
             first_record: header.first_record(),
             frontier: AtomicU64::new(header.first_record()),
             live: AtomicU64::new(0),
@@ -186,7 +187,19 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
             manifest_names: std::sync::Mutex::new(std::collections::HashSet::new()),
         });
         report.segments += 1;
-        let (recs, frontier, torn, damaged) = scan(engine, &seg, file_len)?;
+        let (recs, frontier, torn, mut damaged) = scan(engine, &seg, file_len)?;
+        if header.sealed_len > frontier {
+            // Sealed at that length, its records end earlier: truncated, or its tail damaged.
+            damaged.push((
+                frontier,
+                header.sealed_len,
+                format!(
+                    "the segment was sealed at {} bytes but its records end at {frontier} \
+                     (file of {file_len} bytes): truncated or damaged",
+                    header.sealed_len
+                ),
+            ));
+        }
         if let Some((from, to, why)) = damaged.first() {
             if strict {
                 return Err(StoreError::Recovery(format!(
@@ -431,7 +444,8 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
     let mut active = None;
     if let Some(seg) = last {
         let f = seg.frontier();
-        if f + PAGE < seg.size {
+        // A segment sealed at rotation stays sealed (its header says so).
+        if f + PAGE < seg.size && seg.header.sealed_len == 0 {
             match reset_tail(&seg.file, f, seg.size) {
                 Ok(()) => {
                     if let Some((offset, len, h)) = heal {

@@ -21,6 +21,8 @@ pub(crate) struct Segment {
     pub path: PathBuf,
     /// Offset of the first record (after the header pages).
     pub first_record: u64,
+    /// The header as written at creation (rewritten with the sealed length at rotation).
+    pub header: SegmentHeader,
     /// Offset just past the last record written (or found at recovery).
     pub frontier: AtomicU64,
     /// Bytes of records something still refers to.
@@ -121,6 +123,7 @@ impl Segment {
             segment_size: size,
             created_unix_ms: now_unix_ms(),
             version: SEGMENT_VERSION,
+            sealed_len: 0,
         };
         // The header and, in page 1, its copy: one damaged page never loses the generation
         // every record header of the segment is checked with.
@@ -149,6 +152,7 @@ impl Segment {
             size,
             file,
             path,
+            header,
             first_record: SEGMENT_HEADER_LEN,
             frontier: AtomicU64::new(SEGMENT_HEADER_LEN),
             live: AtomicU64::new(0),
@@ -178,6 +182,38 @@ impl Segment {
         if !self.sealed.swap(true, Ordering::SeqCst) {
             let f = self.frontier.load(Ordering::SeqCst);
             let _ = self.file.set_len(f);
+        }
+    }
+
+    /// Seals the segment (see [`Segment::seal`]) and records its sealed length durably in both
+    /// header pages (one after the other, each synced: a torn rewrite leaves the other), so a
+    /// later truncation of the file is detected. Best effort: a failed rewrite is logged, the
+    /// segment stays sealed either way.
+    pub fn seal_recorded(&self, engine: &dyn IoEngine) {
+        if self.sealed.load(Ordering::SeqCst) {
+            return;
+        }
+        self.seal();
+        if self.header.version < 2 || self.failed.load(Ordering::SeqCst) {
+            return;
+        }
+        let h = SegmentHeader {
+            sealed_len: self.frontier(),
+            ..self.header
+        };
+        let mut page = AlignedBuf::zeroed(PAGE as usize);
+        h.encode(&mut page);
+        for at in [0, PAGE] {
+            let res = engine
+                .write_all_at(self.fd(), at, &page)
+                .and_then(|()| engine.fdatasync(self.fd()));
+            if let Err(e) = res {
+                crate::log::warn(&format!(
+                    "recording the sealed length in {} failed: {e}",
+                    self.path.display()
+                ));
+                return;
+            }
         }
     }
 
