@@ -1,0 +1,114 @@
+//! What recovery counts and refuses, exactly (a mutation run left these unchecked): the
+//! report's segment, record and window counts and the bytes a torn tail cost; a segment file
+//! whose header names another segment; the size boundaries of a crash while creating the
+//! newest segment; recovery modes parsed strictly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod common;
+use common::*;
+use cwm::store::{RecoveryMode, Store};
+
+#[test]
+fn the_report_counts_segments_records_windows_and_cut_bytes() {
+    for (name, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let len = 256 << 10;
+        {
+            let (store, report) = open(dir, &engine);
+            assert_eq!((report.segments, report.records, report.windows), (0, 0, 0));
+            // 4 MiB segments: 12 windows of 2 blocks (plus a manifest) span two segments.
+            for i in 0..12u128 {
+                put(&store, &format!("w{i}"), &keys(i + 1, 2), len);
+            }
+        }
+        let segs = segments(dir);
+        assert_eq!(segs.len(), 2, "{name}");
+        let (store, report) = open(dir, &engine);
+        assert_eq!(report.segments, 2, "{name}");
+        // 24 block records and 12 manifests (each one record of two copies).
+        assert_eq!(report.records, 36, "{name}");
+        assert_eq!(report.windows, 12, "{name}");
+        assert_eq!(report.truncated_bytes, 0, "{name}");
+        assert!(report.torn_tails.is_empty() && report.damaged_regions.is_empty());
+        let used = store.stats().unwrap().used_bytes;
+        drop(store);
+        // Garble the header page of the last window's manifest (both copies: the log then ends
+        // at that record, a torn tail). The cut bytes are counted exactly: from that offset to
+        // the end of the (preallocated) newest segment file.
+        let last = segs[1].clone();
+        let file_len = std::fs::metadata(&last).unwrap().len();
+        let seg_used = used - std::fs::metadata(&segs[0]).unwrap().len();
+        let manifest_at = seg_used - 2 * 4096;
+        flip_bit(&last, manifest_at + 8, 0);
+        flip_bit(&last, manifest_at + 4096 + 8, 0);
+        let (_, report) = open(dir, &engine);
+        assert_eq!(report.torn_tails.len(), 1, "{name}: {report:?}");
+        assert_eq!(report.torn_tails[0].1, manifest_at, "{name}");
+        assert_eq!(report.truncated_bytes, file_len - manifest_at, "{name}");
+        assert_eq!(report.windows, 11, "{name}");
+    }
+}
+
+#[test]
+fn a_segment_file_holding_another_segments_header_is_refused() {
+    let (_, engine) = engines().pop().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    {
+        let (store, _) = open(dir, &engine);
+        put(&store, "w", &keys(1, 2), 8192);
+    }
+    let seg = segments(dir)[0].clone();
+    // Segment 1's file renamed as segment 7: its header (both copies) still says 1.
+    std::fs::rename(&seg, dir.join("segment-0000000007.log")).unwrap();
+    let err = Store::open_with_engine(config(dir), engine.clone())
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), "CORRUPTION");
+    assert!(err.to_string().contains("another segment"), "{err}");
+}
+
+#[test]
+fn newest_segment_files_of_zero_one_and_two_pages_of_zeros_are_crashes_at_creation() {
+    for pages in [0u64, 1, 2, 3] {
+        let (_, engine) = engines().pop().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        {
+            let (store, _) = open(dir, &engine);
+            put(&store, "w", &keys(1, 2), 8192);
+        }
+        let next = dir.join("segment-0000000002.log");
+        let f = std::fs::File::create(&next).unwrap();
+        f.set_len(pages * 4096).unwrap();
+        drop(f);
+        let (store, report) = open(dir, &engine);
+        assert_eq!(report.removed_empty_segments, vec![2], "{pages} pages");
+        assert!(!next.exists());
+        check(&store, "w", &keys(1, 2), 8192);
+    }
+    // Part of a page, not zero: no crash leaves that; refused, never removed.
+    let (_, engine) = engines().pop().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    {
+        let (store, _) = open(dir, &engine);
+        put(&store, "w", &keys(1, 2), 8192);
+    }
+    let next = dir.join("segment-0000000002.log");
+    std::fs::write(&next, vec![7u8; 2048]).unwrap();
+    assert!(Store::open_with_engine(config(dir), engine.clone()).is_err());
+    assert!(next.exists());
+}
+
+#[test]
+fn recovery_modes_parse_strictly() {
+    assert_eq!("strict".parse::<RecoveryMode>(), Ok(RecoveryMode::Strict));
+    assert_eq!(
+        "tolerate-tail".parse::<RecoveryMode>(),
+        Ok(RecoveryMode::TolerateTail)
+    );
+    for bad in ["", "Strict", "tolerate", "lenient"] {
+        assert!(bad.parse::<RecoveryMode>().is_err(), "{bad:?}");
+    }
+}
