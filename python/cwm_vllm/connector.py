@@ -14,6 +14,12 @@ Per request (``kv_transfer_params``, e.g. ``SamplingParams(extra_args={"kv_trans
     {"cwm": {"freeze_as": "window-name", "session": "s1", "replace": true}}  # freeze when done
     {"cwm": {"thaw": "window-name"}}   # restore the prompt's prefix from that window
 
+The finished request's ``kv_transfer_params`` say what became of them (README, "With vLLM")::
+
+    {"cwm": {"window": "window-name", "tokens": 165, "status": "pending"}}
+    {"cwm": {"window": "w", "tokens": 165, "status": "refused", "error": "ALREADY_EXISTS",
+             "thaw": {"window": "other", "status": "thawed", "tokens": 128}}}
+
 Any prompt whose prefix is stored (in any window of the same model and layout) is served from
 cwm without asking. Extra config keys: ``socket`` (default $CWM_SOCKET or cwm's default),
 ``salt`` (namespace salt), ``prefill_tokens_per_s`` (the engine's prefill rate: a number,
@@ -25,8 +31,9 @@ stored blocks; default: a digest of the model's config and weights with its dtyp
 ``load`` / ``save`` (false turns either direction off).
 
 If cwm is down or answers an error, vLLM keeps serving: loads are reported failed (vLLM
-recomputes with ``kv_load_failure_policy="recompute"``), freezes are dropped, each failure is
-logged once per cause, and the connector reconnects (and re-registers) when cwm is back.
+recomputes with ``kv_load_failure_policy="recompute"``), freezes are refused (``UNREACHABLE``)
+or dropped, each failure is logged once per cause, and the connector reconnects (and
+re-registers) when cwm is back.
 """
 
 from __future__ import annotations
@@ -75,6 +82,11 @@ def _trace(what: str, *args: Any) -> None:
 SUPPORTED_VLLM = ">=0.32,<0.33"
 
 __all__ = ["CwmConnector", "CwmConnectorMetadata", "LoadSpec", "SaveSpec", "SUPPORTED_VLLM"]
+
+#: The code of a freeze or thaw refused because cwm could not be reached (the client library's
+#: CwmUnavailable: no socket, refused, timed out, connection lost). Not a wire code: cwm's own
+#: UNAVAILABLE means it answered (no CUDA driver, or draining at shutdown).
+UNREACHABLE = CwmUnavailable.code
 
 
 @dataclass
@@ -276,6 +288,13 @@ class CwmConnector(KVConnectorBase_V1):
         self._loading: set[str] = set()
         # request id -> (window, tokens matched, tokens computed locally, request salt)
         self._matches: dict[str, tuple[str, int, int, str | None]] = {}
+        # request id -> why its freeze_as would be refused, as checked when the request was
+        # first seen: (error code or None, version of the window it replaces or None).
+        self._freeze_checks: dict[str, tuple[str | None, int | None]] = {}
+        # request id -> what became of the window its "thaw" names (its kv_transfer_params'
+        # "thaw" part), and the blocks its load goes to (a failed block lowers "tokens").
+        self._thaws: dict[str, dict[str, Any]] = {}
+        self._thaw_blocks: dict[str, list[int]] = {}
         self._loads: list[LoadSpec] = []
         self._saves: list[SaveSpec] = []
         self.stats = {"lookups": 0, "matched_tokens": 0, "loads": 0, "saves": 0}
@@ -301,47 +320,94 @@ class CwmConnector(KVConnectorBase_V1):
         return self._client
 
     def _call(self, fn):
+        return self._ask(fn)[0]
+
+    def _ask(self, fn, expected: tuple[str, ...] = ()) -> tuple[Any, str | None]:
+        """``(fn(client), None)``, or ``(None, error code)``: UNREACHABLE while cwm cannot be
+        reached (or is backed off from). Errors other than the ``expected`` codes are logged
+        once per cause."""
         c = self._scheduler_client()
         if c is None:
-            return None
-        try:
-            out = fn(c)
-            self._once.ok()
-            self._backoff = 1.0
-            return out
-        except CwmUnavailable as e:
-            # Back off (1 s, doubling up to 30 s): while cwm is unreachable or stalled, requests
-            # are served without asking it, and a stalled cwm costs the scheduler one lookup
-            # timeout per backoff period, not every other second.
-            self._down_until = time.monotonic() + self._backoff
-            self._backoff = min(self._backoff * 2, 30.0)
-            self._once.fail("unreachable", "cwm: unreachable (%s); serving without it", e)
-        except CwmError as e:
-            self._once.fail(e.code, "cwm: %s", e)
-        except Exception as e:  # noqa: BLE001 - a lookup must never take the scheduler down
-            logger.exception("cwm: lookup failed unexpectedly: %s", e)
-        return None
+            return None, UNREACHABLE
+        retried = False
+        while True:
+            was_connected = c.connected
+            try:
+                out = fn(c)
+                self._once.ok()
+                self._backoff = 1.0
+                return out, None
+            except CwmUnavailable as e:
+                if not retried and was_connected and not isinstance(e.__cause__, TimeoutError):
+                    # A connection cwm closed (it restarted): once more, on a new one.
+                    retried = True
+                    continue
+                # Back off (1 s, doubling up to 30 s): while cwm is unreachable or stalled,
+                # requests are served without asking it, and a stalled cwm costs the scheduler
+                # one lookup timeout per backoff period, not every other second.
+                self._down_until = time.monotonic() + self._backoff
+                self._backoff = min(self._backoff * 2, 30.0)
+                self._once.fail("unreachable", "cwm: unreachable (%s); serving without it", e)
+                return None, UNREACHABLE
+            except CwmError as e:
+                if e.code in expected:
+                    self._once.ok()
+                    self._backoff = 1.0
+                else:
+                    self._once.fail(e.code, "cwm: %s", e)
+                return None, e.code
+            except Exception as e:  # noqa: BLE001 - a lookup must never take the scheduler down
+                logger.exception("cwm: lookup failed unexpectedly: %s", e)
+                return None, "INTERNAL"
+
+    def _check_freeze(self, name: str, replace: bool) -> tuple[str | None, int | None]:
+        """Whether a freeze as ``name`` would be refused, asked of cwm (``stat``, within the
+        lookup timeout): (error code or None, version of the window it would replace)."""
+        w, code = self._ask(lambda c: c.stat(name), expected=("NOT_FOUND",))
+        if code == "NOT_FOUND":
+            return None, None
+        if code is not None:
+            return code, None  # UNREACHABLE, VALIDATION (a bad name), ...
+        if not replace:
+            return "ALREADY_EXISTS", None
+        return None, w.get("version")
 
     def get_num_new_matched_tokens(
         self, request: "Request", num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         params = cwm_params(request)
-        if not self._load_on or params.get("load") is False or has_embeds(request):
+        rid = request.request_id
+        name = params.get("freeze_as")
+        if name and self._save_on and rid not in self._freeze_checks:
+            # A name that is taken (without "replace") is refused now, visibly, rather than
+            # by cwm after the request has finished.
+            self._freeze_checks[rid] = self._check_freeze(str(name),
+                                                          bool(params.get("replace", False)))
+        if not self._load_on or params.get("load") is False:
+            return 0, False
+        want = str(params["thaw"]) if params.get("thaw") else None
+        if want:
+            # Restored from the window: none yet (the prompt's prefix may be vLLM's own).
+            self._thaws[rid] = {"window": want, "status": "thawed", "tokens": 0}
+        if has_embeds(request):
+            self._refuse_thaw(rid, "VALIDATION", "the prompt is given as embeddings")
             return 0, False
         prompt = list(request.prompt_token_ids or [])
         bs = self._block_size
         # vLLM must compute at least the last prompt token itself.
         limit = (len(prompt) - 1) // bs * bs
         if limit <= num_computed_tokens:
+            if want:  # nothing to restore from it; but it must exist
+                self._check_thaw(rid, want, matched=True)
             return 0, False
-        want = params.get("thaw")
         try:
             salt = request_salt(request)
         except Exception as e:  # noqa: BLE001 - an unreadable adapter: do not share its KV
             logger.warning("cwm: request %s: cannot salt its KV (%s); not loading it",
                            request.request_id, e)
+            self._refuse_thaw(rid, "INTERNAL")
             return 0, False
-        r = self._call(
+        r, code = self._ask(
             lambda c: c.lookup(
                 self._engine_base + "-r0",
                 prompt[:limit],
@@ -355,14 +421,13 @@ class CwmConnector(KVConnectorBase_V1):
                (r or {}).get("tokens_matched"), (r or {}).get("window"),
                (r or {}).get("thaw_wins"), self._prefill_rate)
         if r is None:
+            # (NOT_FOUND from a lookup: this engine is not registered, e.g. cwm just restarted.)
+            self._refuse_thaw(rid, "UNAVAILABLE" if code == "NOT_FOUND" else code or UNREACHABLE)
             return 0, False
         matched = min(int(r.get("tokens_matched", 0)), limit) // bs * bs
         if want and matched == 0:
-            self._once.fail(
-                f"nomatch:{want}",
-                "cwm: window %r does not start with this prompt; recomputing",
-                want,
-            )
+            self._check_thaw(rid, want, matched=False)
+            return 0, False
         if matched <= num_computed_tokens or not r.get("window"):
             return 0, False
         # A window the request names is required: restored whatever the estimate says.
@@ -382,6 +447,30 @@ class CwmConnector(KVConnectorBase_V1):
         _trace("matched %s", request.request_id)
         return matched - num_computed_tokens, True
 
+    def _check_thaw(self, req_id: str, window: str, matched: bool) -> None:
+        """Refuses a named window that does not exist (NOT_FOUND) or, when it matched none of
+        the prompt, does not start with it (TOKEN_MISMATCH): a lookup does not tell these
+        apart."""
+        w, code = self._ask(lambda c: c.stat(window), expected=("NOT_FOUND",))
+        if w is not None:
+            if not matched:
+                self._refuse_thaw(req_id, "TOKEN_MISMATCH", "it does not start with this prompt")
+        elif code == "NOT_FOUND":
+            self._refuse_thaw(req_id, code, "no such window")
+        else:
+            self._refuse_thaw(req_id, code or UNREACHABLE)
+
+    def _refuse_thaw(self, req_id: str, code: str, why: str | None = None) -> None:
+        """The window the request's "thaw" names is not used (``code`` says why)."""
+        t = self._thaws.get(req_id)
+        if t is None:
+            return
+        t.pop("tokens", None)
+        t.update(status="refused", error=code)
+        if why:
+            logger.warning("cwm: request %s: window %r not thawed: %s (%s); recomputing",
+                           req_id, t["window"], why, code)
+
     def update_state_after_alloc(
         self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
     ) -> None:
@@ -394,6 +483,10 @@ class CwmConnector(KVConnectorBase_V1):
         first = computed // bs
         n = num_external_tokens // bs
         self._loading.add(request.request_id)
+        thaw = self._thaws.get(request.request_id)
+        if thaw is not None:
+            thaw["tokens"] = n * bs
+            self._thaw_blocks[request.request_id] = ids[first : first + n]
         self._loads.append(
             LoadSpec(
                 req_id=request.request_id,
@@ -433,8 +526,18 @@ class CwmConnector(KVConnectorBase_V1):
                 seen = n / dt
                 old = self._prefill_rate
                 self._prefill_rate = seen if old is None else 0.8 * old + 0.2 * seen
+        bad = getattr(connector_output, "invalid_block_ids", None)
+        if bad:
+            # A load that failed from some block on (a corrupt block, cwm gone): the window's
+            # tokens before it were restored, vLLM recomputes the rest.
+            for req_id, ids in self._thaw_blocks.items():
+                hit = next((i for i, b in enumerate(ids) if b in bad), None)
+                if hit is not None and req_id in self._thaws:
+                    t = self._thaws[req_id]
+                    t["tokens"] = min(t.get("tokens", 0), hit * self._block_size)
         for req_id in getattr(connector_output, "finished_recving", None) or ():
             self._loading.discard(req_id)
+            self._thaw_blocks.pop(req_id, None)
         super().update_connector_output(connector_output)
 
     @property
@@ -445,46 +548,78 @@ class CwmConnector(KVConnectorBase_V1):
     def request_finished(
         self, request: "Request", block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        self._matches.pop(request.request_id, None)
+        """Queues the freeze a ``freeze_as`` asks for. The returned ``kv_transfer_params`` say
+        what became of it (``status``: ``pending``, handed to the worker, which freezes it after
+        this returns; or ``refused`` with an ``error`` code) and of a window the request named
+        to ``thaw``."""
+        rid = request.request_id
+        self._matches.pop(rid, None)
+        self._thaw_blocks.pop(rid, None)
+        out: dict[str, Any] = {}
+        thaw = self._thaws.pop(rid, None)
+        if thaw is not None:
+            out["thaw"] = thaw
+        check = self._freeze_checks.pop(rid, None)
         params = cwm_params(request)
         name = params.get("freeze_as")
-        if not name or not self._save_on:
-            return False, None
+        delay = False
+        if name and self._save_on:
+            delay, freeze = self._freeze(request, block_ids, params, str(name), check)
+            out.update(freeze)
+        return delay, ({"cwm": out} if out else None)
+
+    def _freeze(self, request: "Request", block_ids: list[int], params: dict, name: str,
+                check: tuple[str | None, int | None] | None) -> tuple[bool, dict[str, Any]]:
+        # Tokens whose KV is in the cache (the last sampled token has none yet).
+        n = min(int(request.num_computed_tokens), len(request.all_token_ids))
+
+        def refused(code: str, why: str) -> tuple[bool, dict[str, Any]]:
+            if code != UNREACHABLE:  # (unreachable: logged once per outage)
+                logger.warning("cwm: request %s: %s; %r not frozen (%s)", request.request_id,
+                               why, name, code)
+            return False, {"window": name, "tokens": n, "status": "refused", "error": code}
+
         if request.request_id in self._loading:
             # Finished (aborted) while its KV was still loading: its blocks are still being
             # written, and vLLM frees the request as soon as the load ends (a freeze then
             # would read freed blocks and report a request vLLM no longer knows).
-            self._once.fail("aborted-loading", "cwm: request %s finished while its KV was "
-                            "loading; %r not frozen", request.request_id, name)
-            return False, None
+            return refused("INTERRUPTED", "finished while its KV was loading")
         if has_embeds(request):
-            self._once.fail("embeds", "cwm: requests given as prompt embeddings are not frozen "
-                            "(their KV is not a function of token ids); %r skipped", name)
-            return False, None
+            return refused("VALIDATION", "a prompt given as embeddings is not frozen (its KV "
+                           "is not a function of token ids)")
         try:
             salt = request_salt(request)
         except Exception as e:  # noqa: BLE001 - never take the scheduler down
-            logger.warning("cwm: request %s: cannot salt its KV (%s); %r not frozen",
-                           request.request_id, e, name)
-            return False, None
-        # Tokens whose KV is in the cache (the last sampled token has none yet).
-        n = min(int(request.num_computed_tokens), len(request.all_token_ids))
+            return refused("INTERNAL", f"cannot salt its KV ({e})")
         nb = -(-n // self._block_size)
         if nb == 0 or nb > len(block_ids):
-            return False, None
+            return refused("VALIDATION", f"no KV to freeze ({n} tokens, {len(block_ids)} blocks)")
+        replace = bool(params.get("replace", False))
+        if check is None or check[0] == UNREACHABLE:
+            # Not seen before (or cwm was unreachable then): ask now. While the connector
+            # backs off from an unreachable cwm this answers at once.
+            check = self._check_freeze(name, replace)
+        code, replaces = check
+        if code is not None:
+            why = {"ALREADY_EXISTS": "the window exists (\"replace\": true overwrites it)",
+                   UNREACHABLE: "cwm is unreachable"}.get(code, "cwm refuses the name")
+            return refused(code, why)
         self._saves.append(
             SaveSpec(
                 req_id=request.request_id,
-                window=str(name),
+                window=name,
                 tokens=list(request.all_token_ids[:n]),
                 block_ids=list(block_ids[:nb]),
                 session=params.get("session"),
-                replace=bool(params.get("replace", False)),
+                replace=replace,
                 salt=salt,
             )
         )
         self.stats["saves"] += 1
-        return True, {"cwm": {"window": str(name), "tokens": n}}
+        out: dict[str, Any] = {"window": name, "tokens": n, "status": "pending"}
+        if replaces is not None:
+            out["replaces"] = replaces
+        return True, out
 
     # ------------------------------------------------------------------ worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:

@@ -28,6 +28,11 @@ def env() -> dict:
     e["PYTHONPATH"] = str(ROOT / "python") + os.pathsep + e.get("PYTHONPATH", "")
     e.setdefault("HF_HUB_OFFLINE", "1")
     e.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # vLLM's CPU backend keeps one more CPU out of its OpenMP threads when a KV connector is
+    # configured (vllm/utils/ompmultiprocessing.py): runs with and without cwm would compute on
+    # different thread counts, and so differ in the last bits of their logprobs. The same
+    # reservation for every run keeps them comparable (vllm_run.py reports what each used).
+    e.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
     return e
 
 
@@ -89,6 +94,11 @@ def run_vllm(workdir: Path, name: str, job: dict, timeout: float = 600) -> list[
     if p.returncode != 0:
         raise RuntimeError(f"vLLM run {name} failed ({p.returncode}): {lf.read_text()[-4000:]}")
     return json.loads(of.read_text())["results"]
+
+
+def cpu_binding(workdir: Path, name: str) -> list[dict]:
+    """The threads and CPUs each engine worker of run `name` computed on (vllm_run.py)."""
+    return json.loads((workdir / f"{name}.out.json").read_text())["workers"]
 
 
 def block_records(data: Path) -> list[tuple[Path, int, int]]:

@@ -2,6 +2,7 @@
 matching and its limits, the blocks a load goes to, the thaw-or-recompute decision with stated
 and measured prefill rates, freeze on finish, and serving on when cwm is down."""
 
+import logging
 import os
 import time
 from types import SimpleNamespace
@@ -127,7 +128,7 @@ def test_freeze_on_finish(world):
     conn = world.conn
     req = request(T + [7, 8, 9], {"cwm": {"freeze_as": "next", "session": "s"}}, computed=5 * BS + 2)
     assert conn.request_finished(req, [4, 5, 6, 7, 8, 9, 10]) == (
-        True, {"cwm": {"window": "next", "tokens": 5 * BS + 2}})
+        True, {"cwm": {"window": "next", "tokens": 5 * BS + 2, "status": "pending"}})
     (save,) = conn.build_connector_meta(SimpleNamespace()).saves
     assert save.block_ids == [4, 5, 6, 7, 8, 9] and save.tokens == (T + [7, 8])
     assert save.session == "s"
@@ -138,6 +139,122 @@ def test_cwm_down_serves_without_it(world, caplog):
     down, _ = connector(str(world.cwm.sock) + ".gone")
     for i in range(3):
         assert down.get_num_new_matched_tokens(request(T + [1], rid=f"x{i}"), 0) == (0, False)
+
+
+class Logged(logging.Handler):
+    """The connector's log lines (vLLM's loggers do not propagate to pytest's caplog)."""
+
+    def __enter__(self):
+        self.lines = []
+        logging.getLogger("vllm.cwm_connector").addHandler(self)
+        return self
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    def __exit__(self, *exc):
+        logging.getLogger("vllm.cwm_connector").removeHandler(self)
+
+    @property
+    def text(self):
+        return "\n".join(self.lines)
+
+
+def test_a_freeze_that_cannot_happen_is_refused_visibly(world):
+    """The finished request's kv_transfer_params say whether its freeze_as was handed on
+    ("pending") or refused, with the code: a taken name without "replace" (ALREADY_EXISTS,
+    checked when the request is first seen) or cwm unreachable. They used to report the window
+    either way."""
+    conn = world.conn
+    n = 5 * BS + 2
+    blocks = [4, 5, 6, 7, 8, 9, 10]
+
+    def finish(c, params, rid, seen=True):
+        req = request(T + [7, 8, 9], {"cwm": params}, computed=n, rid=rid)
+        if seen:  # the scheduler sees a request (and checks its name) before it runs
+            c.get_num_new_matched_tokens(req, 0)
+        return c.request_finished(req, blocks)
+
+    with Logged() as log:
+        assert finish(conn, {"freeze_as": "w"}, "dup") == (False, {"cwm": {
+            "window": "w", "tokens": n, "status": "refused", "error": "ALREADY_EXISTS"}})
+    assert "'w' not frozen (ALREADY_EXISTS)" in log.text, log.text
+    assert conn.build_connector_meta(SimpleNamespace()).saves == []
+    # With "replace": handed on, naming the version it replaces (a client confirms the
+    # freeze when `stat` shows a newer one).
+    assert finish(conn, {"freeze_as": "w", "replace": True}, "rep") == (True, {"cwm": {
+        "window": "w", "tokens": n, "status": "pending", "replaces": 1}})
+    # A free name is checked when the request is first seen: cwm going away afterwards does
+    # not hold the scheduler up at the finish (the worker's freeze finds out).
+    req = request(T + [7, 8, 9], {"cwm": {"freeze_as": "new"}}, computed=n, rid="new")
+    conn.get_num_new_matched_tokens(req, 0)
+    assert [s.window for s in conn.build_connector_meta(SimpleNamespace()).saves] == ["w"]
+    world.cwm.stop()
+    t0 = time.monotonic()
+    assert conn.request_finished(req, blocks) == (True, {"cwm": {
+        "window": "new", "tokens": n, "status": "pending"}})
+    assert time.monotonic() - t0 < 0.5
+    # cwm unreachable: refused with the client library's code, whether or not seen before.
+    down, _ = connector(str(world.cwm.sock) + ".gone")
+    for seen in (True, False):
+        assert finish(down, {"freeze_as": "lost-1"}, f"lost-{seen}", seen) == (False, {"cwm": {
+            "window": "lost-1", "tokens": n, "status": "refused", "error": "UNREACHABLE"}})
+    assert down.build_connector_meta(SimpleNamespace()).saves == []
+
+
+def test_a_named_thaw_says_what_became_of_it(world):
+    """A window named to thaw that does not exist is NOT_FOUND (in the log and in the
+    kv_transfer_params; it used to be logged as "does not start with this prompt"), one that
+    does not start with the prompt TOKEN_MISMATCH; a used one reports the tokens restored from
+    it, fewer when a block failed to load."""
+    conn = world.conn
+    with Logged() as log:
+        r = request(T + [1], {"cwm": {"thaw": "no-such-window"}}, rid="t1")
+        assert conn.get_num_new_matched_tokens(r, 0) == (0, False)
+        assert conn.request_finished(r, [1, 2]) == (False, {"cwm": {"thaw": {
+            "window": "no-such-window", "status": "refused", "error": "NOT_FOUND"}}})
+    assert "window 'no-such-window' not thawed: no such window (NOT_FOUND)" in log.text, log.text
+    assert "does not start" not in log.text
+    with Logged() as log:
+        r = request([9] * 100, {"cwm": {"thaw": "w", "freeze_as": "other"}}, computed=99,
+                    rid="t2")
+        assert conn.get_num_new_matched_tokens(r, 0) == (0, False)
+        assert conn.request_finished(r, [1, 2, 3, 4, 5, 6, 7]) == (True, {"cwm": {
+            "window": "other", "tokens": 99, "status": "pending",
+            "thaw": {"window": "w", "status": "refused", "error": "TOKEN_MISMATCH"}}})
+    assert "window 'w' not thawed: it does not start with this prompt (TOKEN_MISMATCH)" in \
+        log.text, log.text
+    # Used: 3 blocks restored from cwm (2 were computed locally); then a load whose second
+    # block failed restored one block's tokens.
+    for rid, bad, restored in (("t3", set(), 3 * BS), ("t4", {13}, BS)):
+        r = request(T + [1] * 10, {"cwm": {"thaw": "w"}}, rid=rid)
+        assert conn.get_num_new_matched_tokens(r, 2 * BS) == (3 * BS, True)
+        conn.update_state_after_alloc(
+            r, SimpleNamespace(get_block_ids=lambda: ([10, 11, 12, 13, 14, 15],)), 3 * BS)
+        conn.build_connector_meta(SimpleNamespace(total_num_scheduled_tokens=0))
+        conn.update_connector_output(KVConnectorOutput(finished_recving={rid},
+                                                       invalid_block_ids=bad))
+        assert conn.request_finished(r, [10, 11, 12, 13, 14, 15]) == (False, {"cwm": {
+            "thaw": {"window": "w", "status": "thawed", "tokens": restored}}})
+    # cwm unreachable.
+    down, _ = connector(str(world.cwm.sock) + ".gone")
+    r = request(T + [1], {"cwm": {"thaw": "w"}}, rid="t5")
+    assert down.get_num_new_matched_tokens(r, 0) == (0, False)
+    assert down.request_finished(r, [1])[1] == {"cwm": {"thaw": {
+        "window": "w", "status": "refused", "error": "UNREACHABLE"}}}
+
+
+def test_the_scheduler_reconnects_at_once_after_a_cwm_restart(world):
+    """A connection cwm closed (it restarted) is retried once on a new one: a restart does not
+    make the scheduler back off (and refuse freezes as UNREACHABLE meanwhile)."""
+    conn = world.conn
+    assert conn.get_num_new_matched_tokens(request(T + [1], rid="a"), 0) == (5 * BS, True)
+    world.cwm.stop()
+    world.cwm.start()
+    world.client.close()
+    world.client.call("register", **world.reg)
+    assert conn.get_num_new_matched_tokens(request(T + [1], rid="b"), 0) == (5 * BS, True)
+    assert conn._down_until == 0.0
 
 
 def test_each_parallel_rank_has_its_own_window():
@@ -293,7 +410,8 @@ def test_lora_cache_salt_and_multimodal_requests_keep_their_kv_apart(world):
     emb = req("e", prompt_embeds=torch.zeros(3, 4))
     assert world.conn.get_num_new_matched_tokens(emb, 0) == (0, False)
     emb.kv_transfer_params = {"cwm": {"freeze_as": "emb"}}
-    assert world.conn.request_finished(emb, [1, 2, 3, 4, 5, 6]) == (False, None)
+    assert world.conn.request_finished(emb, [1, 2, 3, 4, 5, 6]) == (False, {"cwm": {
+        "window": "emb", "tokens": 0, "status": "refused", "error": "VALIDATION"}})
     # Frozen under a salt: found and thawed under that salt only.
     buf = torch.randn(L, NB, H, BS, 2 * D).to(torch.bfloat16)
     w = CwmWorker(str(world.cwm.sock), f"vllm-{world.engine_id}-r0", "tiny:bfloat16")
@@ -327,7 +445,8 @@ def test_a_request_finished_while_loading_is_not_frozen(world):
     conn.update_state_after_alloc(req, blocks, 5 * BS)
     conn.build_connector_meta(SimpleNamespace(total_num_scheduled_tokens=0))
     req.num_computed_tokens = 5 * BS
-    assert conn.request_finished(req, [10, 11, 12, 13, 14, 15]) == (False, None)
+    assert conn.request_finished(req, [10, 11, 12, 13, 14, 15]) == (False, {"cwm": {
+        "window": "after", "tokens": 5 * BS, "status": "refused", "error": "INTERRUPTED"}})
     assert conn.build_connector_meta(SimpleNamespace()).saves == []
     # Once its load is reported finished, a request of that id freezes normally again.
     conn.update_connector_output(KVConnectorOutput(finished_recving={"ab"}))

@@ -5,9 +5,14 @@
 JOB: {"model": dir, "socket": path or null (no connector), "prefix_caching": bool,
       "requests": [{"prompt": [ids] | {"from": i, "generated": k, "suffix": [ids]},
                     "max_tokens": n, "params": {...} or null,
-                    "before": "shell command" or null, "after": "shell command" or null}]}
+                    "before": "shell command" or null, "after": "shell command" or null,
+                    "during": "shell command" or null}]}
 A prompt given as {"from": i, ...} is request i's prompt, its first k generated tokens, then the
-suffix (a conversation going on). Requests run one at a time, in order.
+suffix (a conversation going on). Requests run one at a time, in order; "during" runs once the
+request's first token is out (the scheduler has seen it), while it is still generating.
+OUT: {"results": [...], "workers": [{"threads", "cpus", "omp"} of each engine worker]}: the
+threads and CPUs the forward passes ran on, which must be the same for runs whose logprobs are
+compared (vLLM's CPU backend picks them itself, differently with a KV connector).
 """
 
 import json
@@ -15,10 +20,44 @@ import os
 import sys
 
 
+def _cpu_binding(worker) -> dict:
+    """Runs in an engine worker (collective_rpc): the threads its forward passes run on and its
+    main thread's CPUs."""
+    import os
+
+    import torch
+
+    return {"threads": torch.get_num_threads(), "cpus": sorted(os.sched_getaffinity(0)),
+            "omp": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_PLACES",
+                                                   "OMP_PROC_BIND")}}
+
+
+def _run_with(llm, prompt, sp, during: str) -> list:
+    """One request stepped through the engine: `during` runs when its first token is out."""
+    import subprocess
+
+    from vllm.sampling_params import RequestOutputKind
+
+    sp.output_kind = RequestOutputKind.CUMULATIVE
+    llm.llm_engine.add_request(f"during-{id(sp)}", prompt, sp)
+    done, fired = [], False
+    while llm.llm_engine.has_unfinished_requests():
+        for o in llm.llm_engine.step():
+            if not fired and o.outputs and o.outputs[0].token_ids:
+                fired = True
+                assert not o.finished, "the request finished before its 'during' hook ran"
+                subprocess.run(during, shell=True, check=True)
+            if o.finished:
+                done.append(o)
+    return done
+
+
 def main() -> None:
     job = json.load(open(sys.argv[1]))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # collective_rpc with a function (the workers' CPU binding) is pickled.
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -34,6 +73,7 @@ def main() -> None:
     llm = LLM(model=job["model"], tokenizer=job["model"], dtype="bfloat16", max_model_len=512,
               enforce_eager=True, block_size=32, max_num_seqs=4, seed=0,
               enable_prefix_caching=job.get("prefix_caching", True), **kw)
+    workers = llm.collective_rpc(_cpu_binding)
     import subprocess
     import time
 
@@ -53,7 +93,10 @@ def main() -> None:
             sps.append(SamplingParams(temperature=0.0, max_tokens=r["max_tokens"], logprobs=3,
                                       ignore_eos=True, extra_args=extra))
         t0 = time.monotonic()
-        outs = llm.generate(prompts, sps, use_tqdm=False)
+        if r.get("during"):
+            outs = _run_with(llm, prompts[0], sps[0], r["during"])
+        else:
+            outs = llm.generate(prompts, sps, use_tqdm=False)
         secs = time.monotonic() - t0
         for o in outs:
             c = o.outputs[0]
@@ -67,7 +110,7 @@ def main() -> None:
             })
         if r.get("after"):
             subprocess.run(r["after"], shell=True, check=True)
-    json.dump({"results": results}, open(sys.argv[2], "w"))
+    json.dump({"results": results, "workers": workers}, open(sys.argv[2], "w"))
 
 
 if __name__ == "__main__":
