@@ -73,8 +73,20 @@ impl Integrity {
         for name in &r.incomplete_windows {
             self.record(
                 "open",
-                format!("window {name:?} is lost: a block is missing from the log"),
+                format!(
+                    "window {name:?} lost a block record to damage: it thaws up to that block \
+                     (a freeze holding the block writes it again)"
+                ),
             );
+        }
+        for (seg, off, why) in &r.torn_tails {
+            // A crash leaves a torn tail too; only one that cost a record copy is damage.
+            if why.contains("second copy") {
+                self.record(
+                    "open",
+                    format!("segment {seg} at offset {off}: {why} (written again)"),
+                );
+            }
         }
     }
 
