@@ -14,11 +14,17 @@ use crate::store::{BlockDesc, BlockImage, Store, StoreConfig, StoreError, Window
 
 /// Fills `buf` with a fast deterministic pseudo-random sequence (xorshift64*).
 pub fn fill_random(buf: &mut [u8], seed: u64) {
-    let mut x = seed | 1;
+    fill_random_stream(buf, &mut (seed | 1));
+}
+
+/// [`fill_random`] from generator state `x` (nonzero), left where the next call continues the
+/// same sequence: buffers of a multiple of 8 bytes filled one after another hold what one
+/// `fill_random` of them all would.
+pub fn fill_random_stream(buf: &mut [u8], x: &mut u64) {
     for chunk in buf.chunks_mut(8) {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
+        *x ^= *x >> 12;
+        *x ^= *x << 25;
+        *x ^= *x >> 27;
         let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
         chunk.copy_from_slice(&v[..chunk.len()]);
     }

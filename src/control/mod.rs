@@ -62,6 +62,9 @@ pub struct Server {
     sessions: crate::session::Registry,
     metrics: metrics::Metrics,
     stopping: AtomicBool,
+    /// An eventfd [`Server::stop`] writes to, waking the accept loop (`None` if it could not be
+    /// made: the loop then looks at `stopping` every second).
+    wake: Option<std::fs::File>,
     /// Estimated thaw GB/s (f64 bits), for EC-041 deadlines.
     thaw_rate: AtomicU64,
     /// EWMA of thaws served wholly from the RAM tier (GB/s, f64 bits): lookup's estimate.
@@ -123,6 +126,29 @@ fn peer_gone(fd: std::os::fd::RawFd) -> bool {
     // SAFETY: one valid pollfd, zero timeout.
     let r = unsafe { libc::poll(&mut p, 1, 0) };
     r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// A non-blocking eventfd, or `None` (logged) if the system would not make one.
+fn eventfd() -> Option<std::fs::File> {
+    // SAFETY: eventfd has no memory preconditions; a non-negative result is a new descriptor.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        crate::log::warn(&format!(
+            "eventfd: {}; stopping may take up to a second",
+            std::io::Error::last_os_error()
+        ));
+        return None;
+    }
+    // SAFETY: fd is a fresh descriptor nothing else owns.
+    Some(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// The (device, inode) of the file at `p`, if any.
+fn file_id(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 fn peer_uid(s: &UnixStream) -> Option<u32> {
@@ -225,6 +251,7 @@ impl Server {
             tier,
             metrics: metrics::Metrics::default(),
             stopping: AtomicBool::new(false),
+            wake: eventfd(),
             thaw_rate: AtomicU64::new(0.5f64.to_bits()),
             tier_rate: AtomicU64::new(2.0f64.to_bits()),
             heavy_ops: std::sync::atomic::AtomicUsize::new(0),
@@ -279,14 +306,39 @@ impl Server {
         self.start_maintenance();
         let listener = UnixListener::bind(sock)?;
         std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600))?;
+        // Which file is ours: at exit the path is removed only if it still names it (another
+        // daemon may listen there by then).
+        let ours = file_id(sock);
+        // Never blocked in accept: the loop waits in poll for a connection or for `stop`.
+        listener.set_nonblocking(true)?;
         crate::log::info(&format!("listening on {}", sock.display()));
         // SAFETY: getuid has no preconditions.
         let me = unsafe { libc::getuid() };
-        for conn in listener.incoming() {
-            if self.stopping.load(Ordering::SeqCst) {
-                break;
+        while !self.stopping.load(Ordering::SeqCst) {
+            if !self.wait_for_connection(&listener) {
+                continue;
             }
-            let Ok(conn) = conn else { continue };
+            let conn = match listener.accept() {
+                Ok((c, _)) => c,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    // Out of descriptors or memory: do not spin on a listener that stays
+                    // readable.
+                    crate::log::warn(&format!("accept: {e}"));
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    continue;
+                }
+            };
+            if conn.set_nonblocking(false).is_err() {
+                continue;
+            }
             let uid = peer_uid(&conn);
             let allowed = match uid {
                 Some(u) => u == me || self.cfg.allow_uids.contains(&u),
@@ -310,14 +362,45 @@ impl Server {
             let me2 = self.clone();
             std::thread::spawn(move || me2.connection(conn));
         }
-        let _ = std::fs::remove_file(sock);
+        if ours.is_some() && file_id(sock) == ours {
+            let _ = std::fs::remove_file(sock);
+        }
         Ok(())
     }
 
-    /// Stops accepting (the accept loop exits at its next connection).
+    /// Waits until `listener` has a connection (true) or [`Server::stop`] was called, a signal
+    /// interrupted the wait or the fallback period passed (false).
+    fn wait_for_connection(&self, listener: &UnixListener) -> bool {
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.wake.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let timeout_ms = if self.wake.is_some() { -1 } else { 1000 };
+        // SAFETY: fds is a live array of two pollfd (a negative fd is ignored by poll).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+        if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            crate::log::warn(&format!("poll: {}", std::io::Error::last_os_error()));
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        n > 0 && fds[0].revents != 0
+    }
+
+    /// Stops accepting: the accept loop wakes and exits (whatever became of the socket path).
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        let _ = UnixStream::connect(&self.cfg.socket);
+        if let Some(mut w) = self.wake.as_ref() {
+            // The eventfd's counter only grows: it stays readable, the loop sees it whenever
+            // it polls next.
+            let _ = w.write_all(&1u64.to_ne_bytes());
+        }
     }
 
     /// After [`Server::stop`]: waits up to `limit` for the freezes and thaws still running (a
