@@ -112,3 +112,23 @@ fn recovery_modes_parse_strictly() {
         assert!(bad.parse::<RecoveryMode>().is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn an_empty_segment_file_that_is_not_the_newest_is_refused_never_removed() {
+    let (_, engine) = engines().pop().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    {
+        let (store, _) = open(dir, &engine);
+        put(&store, "w", &keys(1, 2), 8192);
+    }
+    // Segment 1 holds the window; an all-zero segment 0 before it is no crash at creation
+    // (only the newest segment can be one).
+    let zero = dir.join("segment-0000000000.log");
+    std::fs::write(&zero, vec![0u8; 3 * 4096]).unwrap();
+    let err = Store::open_with_engine(config(dir), engine.clone())
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), "CORRUPTION", "{err}");
+    assert!(zero.exists(), "removed");
+}
