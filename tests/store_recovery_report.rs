@@ -132,3 +132,21 @@ fn an_empty_segment_file_that_is_not_the_newest_is_refused_never_removed() {
     assert_eq!(err.code(), "CORRUPTION", "{err}");
     assert!(zero.exists(), "removed");
 }
+
+#[test]
+fn a_newest_segment_with_zeroed_headers_and_a_record_in_its_last_page_is_kept() {
+    let (_, engine) = engines().pop().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    {
+        let (store, _) = open(dir, &engine);
+        put(&store, "w", &keys(1, 2), 8192);
+    }
+    // Three pages: both header pages zero, the first record page (the file's last) not.
+    let next = dir.join("segment-0000000002.log");
+    let mut bytes = vec![0u8; 3 * 4096];
+    bytes[2 * 4096..2 * 4096 + 4].copy_from_slice(b"CWMR");
+    std::fs::write(&next, &bytes).unwrap();
+    assert!(Store::open_with_engine(config(dir), engine.clone()).is_err());
+    assert_eq!(std::fs::read(&next).unwrap(), bytes, "untouched");
+}

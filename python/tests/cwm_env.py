@@ -103,11 +103,13 @@ def cpu_binding(workdir: Path, name: str) -> list[dict]:
 
 def block_records(data: Path) -> list[tuple[Path, int, int]]:
     """(segment file, offset of the payload, payload length) of every block record, in log
-    order (docs/FORMAT.md: header page at 0, records from 4096, 64-byte record headers)."""
+    order (docs/FORMAT.md: segment header at 0 and, from segment format 2, its copy at 4096;
+    records from 8192 (4096 in format 1); 64-byte record headers)."""
     out = []
     for seg in sorted(data.glob("segment-*.log")):
         with open(seg, "rb") as f:
-            off = 4096
+            (version,) = struct.unpack_from("<H", f.read(16), 8)
+            off = 8192 if version >= 2 else 4096
             while True:
                 f.seek(off)
                 h = f.read(64)

@@ -114,12 +114,7 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
 
     for (n, &id) in ids.iter().enumerate() {
         let path = cfg.dir.join(segment::file_name(id));
-        let (file, _) =
-            io::open_direct(&path, false).map_err(|e| StoreError::from_fs("open", &path, e))?;
-        let file_len = file
-            .metadata()
-            .map_err(|e| StoreError::from_fs("stat", &path, e))?
-            .len();
+        let (file, file_len) = open_segment_file(&path)?;
         let (header, header_damage) =
             read_segment_header(engine, &file, file_len, &path, &mut page)?;
         if let Some((from, to, why)) = header_damage {
@@ -139,20 +134,12 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
                 // in a version 1 segment): a segment whose header pages are zero but whose
                 // first record page is not lost its header some other way, and is never
                 // removed (its records may be acknowledged).
-                for at in [PAGE, 2 * PAGE] {
-                    if file_len < at + PAGE {
-                        break;
-                    }
-                    engine
-                        .read_exact_at(file.as_raw_fd(), at, &mut page)
-                        .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
-                    if page.iter().any(|&b| b != 0) {
-                        return Err(StoreError::Recovery(format!(
-                            "segment header of {} is zeroed but the segment holds records; run \
-                             `cwm fsck --repair` to set it aside",
-                            path.display()
-                        )));
-                    }
+                if holds_records(engine, &file, file_len, &path, &mut page)? {
+                    return Err(StoreError::Recovery(format!(
+                        "segment header of {} is zeroed but the segment holds records; run \
+                         `cwm fsck --repair` to set it aside",
+                        path.display()
+                    )));
                 }
                 drop(file);
                 std::fs::remove_file(&path).map_err(|e| StoreError::from_fs("remove", &path, e))?;
@@ -482,6 +469,41 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
         used,
         report,
     ))
+}
+
+/// Opens a segment file for reading (O_DIRECT where possible); returns it and its length.
+fn open_segment_file(path: &std::path::Path) -> Result<(File, u64), StoreError> {
+    let (file, _) =
+        io::open_direct(path, false).map_err(|e| StoreError::from_fs("open", path, e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| StoreError::from_fs("stat", path, e))?
+        .len();
+    Ok((file, len))
+}
+
+/// For a segment whose header pages read as zeros: does its first record page (page 1 in
+/// format 1, page 2 in format 2: both are looked at) hold anything? Only a segment that does
+/// not is a crash while creating it.
+fn holds_records(
+    engine: &dyn IoEngine,
+    file: &File,
+    file_len: u64,
+    path: &std::path::Path,
+    page: &mut AlignedBuf,
+) -> Result<bool, StoreError> {
+    for at in [PAGE, 2 * PAGE] {
+        if file_len < at + PAGE {
+            break;
+        }
+        engine
+            .read_exact_at(file.as_raw_fd(), at, page)
+            .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+        if page.iter().any(|&b| b != 0) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// A segment header (or why none decodes) and the damaged header page, if any.
@@ -897,12 +919,7 @@ pub(crate) fn set_aside_invalid_segments(
     let mut out = Vec::new();
     for (n, &id) in ids.iter().enumerate() {
         let path = dir.join(segment::file_name(id));
-        let (file, _) =
-            io::open_direct(&path, false).map_err(|e| StoreError::from_fs("open", &path, e))?;
-        let file_len = file
-            .metadata()
-            .map_err(|e| StoreError::from_fs("stat", &path, e))?
-            .len();
+        let (file, file_len) = open_segment_file(&path)?;
         // The same verdict recovery reaches (read_segment_header), so that what repair keeps
         // always opens.
         let (header, _) = read_segment_header(&engine, &file, file_len, &path, &mut page)?;
@@ -911,18 +928,7 @@ pub(crate) fn set_aside_invalid_segments(
             Ok(h) => format!("it has the header of segment {}", h.segment_id),
             Err(HeaderError::Empty) if n + 1 == ids.len() => {
                 // Recovery removes it if no record follows (a crash while creating it).
-                let mut records = false;
-                for at in [PAGE, 2 * PAGE] {
-                    if file_len >= at + PAGE {
-                        engine
-                            .read_exact_at(file.as_raw_fd(), at, &mut page)
-                            .map_err(|e| {
-                                StoreError::io(format!("reading {}", path.display()), e)
-                            })?;
-                        records |= page.iter().any(|&b| b != 0);
-                    }
-                }
-                if !records {
+                if !holds_records(&engine, &file, file_len, &path, &mut page)? {
                     continue;
                 }
                 "its header pages are zeroed but it holds records".to_string()
