@@ -150,3 +150,73 @@ fn a_newest_segment_with_zeroed_headers_and_a_record_in_its_last_page_is_kept() 
     assert!(Store::open_with_engine(config(dir), engine.clone()).is_err());
     assert_eq!(std::fs::read(&next).unwrap(), bytes, "untouched");
 }
+
+#[test]
+fn a_tombstone_stays_while_a_segment_read_at_open_holds_a_manifest_it_shadows() {
+    for (name, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut cfg = cwm::store::StoreConfig::new(dir);
+        cfg.segment_size = 1 << 20;
+        let open = || Store::open_with_engine(cfg.clone(), engine.clone()).unwrap().0;
+        let len = 64 << 10;
+        {
+            let store = open();
+            // Segment 1: W (kept alive by X beside it), then enough to seal segment 2, in
+            // which W's tombstone lies among dead data.
+            put(&store, "w", &keys(1, 1), len);
+            put(&store, "x", &keys(2, 12), len);
+            put(&store, "junk", &keys(3, 12), len);
+            store.delete_window("w", None).unwrap();
+            store.delete_window("junk", None).unwrap();
+            put(&store, "y", &keys(4, 14), len);
+            assert!(segments(dir).len() >= 3, "{name}");
+        }
+        // Reopened: what segment 1 holds (W's manifest) is known from the scan alone. Compacting
+        // segment 2 must keep W's tombstone, or W comes back at the next open.
+        let store = open();
+        let rep = store
+            .compact(
+                &cwm::store::CompactOptions {
+                    live_ratio: 0.5,
+                    ..Default::default()
+                },
+                &mut |_| {},
+            )
+            .unwrap();
+        assert!(rep.segments_removed.contains(&2), "{name}: {rep:?}");
+        drop(store);
+        let store = open();
+        assert_eq!(store.get("w").unwrap_err().code(), "NOT_FOUND", "{name}");
+        check(&store, "x", &keys(2, 12), len);
+    }
+}
+
+#[test]
+fn a_sealed_segments_torn_tail_is_cut_once() {
+    let (_, engine) = engines().pop().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let len = 256 << 10;
+    {
+        let (store, _) = open(dir, &engine);
+        for i in 0..12u128 {
+            put(&store, &format!("w{i}"), &keys(i + 1, 2), len);
+        }
+    }
+    let first = segments(dir)[0].clone();
+    let sealed = std::fs::metadata(&first).unwrap().len();
+    // Bytes that are no record after the sealed end (a torn write past the last record).
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&first).unwrap();
+        f.write_all(&[0xA5u8; 4096]).unwrap();
+    }
+    let (_, report) = open(dir, &engine);
+    assert_eq!(report.torn_tails.len(), 1, "{report:?}");
+    assert_eq!(report.torn_tails[0].0, 1);
+    assert_eq!(std::fs::metadata(&first).unwrap().len(), sealed, "cut back");
+    let (store, report) = open(dir, &engine);
+    assert!(report.torn_tails.is_empty(), "cut once: {report:?}");
+    check(&store, "w0", &keys(1, 2), len);
+}
