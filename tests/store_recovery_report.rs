@@ -7,6 +7,15 @@ mod common;
 use common::*;
 use cwm::store::{RecoveryMode, Store};
 
+/// A fresh directory holding one window "w" of two blocks, closed; and the engine.
+fn one_window() -> (tempfile::TempDir, std::sync::Arc<dyn cwm::io::IoEngine>) {
+    let (_, engine) = engines().pop().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = open(tmp.path(), &engine);
+    put(&store, "w", &keys(1, 2), 8192);
+    (tmp, engine)
+}
+
 #[test]
 fn the_report_counts_segments_records_windows_and_cut_bytes() {
     for (name, engine) in engines() {
@@ -51,13 +60,8 @@ fn the_report_counts_segments_records_windows_and_cut_bytes() {
 
 #[test]
 fn a_segment_file_holding_another_segments_header_is_refused() {
-    let (_, engine) = engines().pop().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, engine) = one_window();
     let dir = tmp.path();
-    {
-        let (store, _) = open(dir, &engine);
-        put(&store, "w", &keys(1, 2), 8192);
-    }
     let seg = segments(dir)[0].clone();
     // Segment 1's file renamed as segment 7: its header (both copies) still says 1.
     std::fs::rename(&seg, dir.join("segment-0000000007.log")).unwrap();
@@ -71,13 +75,8 @@ fn a_segment_file_holding_another_segments_header_is_refused() {
 #[test]
 fn newest_segment_files_of_zero_one_and_two_pages_of_zeros_are_crashes_at_creation() {
     for pages in [0u64, 1, 2, 3] {
-        let (_, engine) = engines().pop().unwrap();
-        let tmp = tempfile::tempdir().unwrap();
+        let (tmp, engine) = one_window();
         let dir = tmp.path();
-        {
-            let (store, _) = open(dir, &engine);
-            put(&store, "w", &keys(1, 2), 8192);
-        }
         let next = dir.join("segment-0000000002.log");
         let f = std::fs::File::create(&next).unwrap();
         f.set_len(pages * 4096).unwrap();
@@ -88,13 +87,8 @@ fn newest_segment_files_of_zero_one_and_two_pages_of_zeros_are_crashes_at_creati
         check(&store, "w", &keys(1, 2), 8192);
     }
     // Part of a page, not zero: no crash leaves that; refused, never removed.
-    let (_, engine) = engines().pop().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, engine) = one_window();
     let dir = tmp.path();
-    {
-        let (store, _) = open(dir, &engine);
-        put(&store, "w", &keys(1, 2), 8192);
-    }
     let next = dir.join("segment-0000000002.log");
     std::fs::write(&next, vec![7u8; 2048]).unwrap();
     assert!(Store::open_with_engine(config(dir), engine.clone()).is_err());
@@ -115,13 +109,8 @@ fn recovery_modes_parse_strictly() {
 
 #[test]
 fn an_empty_segment_file_that_is_not_the_newest_is_refused_never_removed() {
-    let (_, engine) = engines().pop().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, engine) = one_window();
     let dir = tmp.path();
-    {
-        let (store, _) = open(dir, &engine);
-        put(&store, "w", &keys(1, 2), 8192);
-    }
     // Segment 1 holds the window; an all-zero segment 0 before it is no crash at creation
     // (only the newest segment can be one).
     let zero = dir.join("segment-0000000000.log");
@@ -135,13 +124,8 @@ fn an_empty_segment_file_that_is_not_the_newest_is_refused_never_removed() {
 
 #[test]
 fn a_newest_segment_with_zeroed_headers_and_a_record_in_its_last_page_is_kept() {
-    let (_, engine) = engines().pop().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, engine) = one_window();
     let dir = tmp.path();
-    {
-        let (store, _) = open(dir, &engine);
-        put(&store, "w", &keys(1, 2), 8192);
-    }
     // Three pages: both header pages zero, the first record page (the file's last) not.
     let next = dir.join("segment-0000000002.log");
     let mut bytes = vec![0u8; 3 * 4096];
@@ -158,7 +142,11 @@ fn a_tombstone_stays_while_a_segment_read_at_open_holds_a_manifest_it_shadows() 
         let dir = tmp.path();
         let mut cfg = cwm::store::StoreConfig::new(dir);
         cfg.segment_size = 1 << 20;
-        let open = || Store::open_with_engine(cfg.clone(), engine.clone()).unwrap().0;
+        let open = || {
+            Store::open_with_engine(cfg.clone(), engine.clone())
+                .unwrap()
+                .0
+        };
         let len = 64 << 10;
         {
             let store = open();
@@ -209,7 +197,10 @@ fn a_sealed_segments_torn_tail_is_cut_once() {
     // Bytes that are no record after the sealed end (a torn write past the last record).
     {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().append(true).open(&first).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&first)
+            .unwrap();
         f.write_all(&[0xA5u8; 4096]).unwrap();
     }
     let (_, report) = open(dir, &engine);
