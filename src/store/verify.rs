@@ -25,6 +25,8 @@ impl Store {
     /// Reads every record of every segment (up to its frontier) and the segment header pages,
     /// and verifies each: header and payload checksums, zero padding, both copies of metadata
     /// records, header copies equal. Cost: one read of the whole log. Returns the problems.
+    /// Meant for a store nothing appends to meanwhile (`cwm fsck`, the damage sweep): a record
+    /// being appended could read as torn.
     pub fn verify_log(&self) -> Result<Vec<LogProblem>, StoreError> {
         let segs: Vec<Arc<Segment>> = {
             let st = self.state.read().map_err(poisoned)?;
