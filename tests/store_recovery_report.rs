@@ -211,3 +211,35 @@ fn a_sealed_segments_torn_tail_is_cut_once() {
     assert!(report.torn_tails.is_empty(), "cut once: {report:?}");
     check(&store, "w0", &keys(1, 2), len);
 }
+
+#[test]
+fn a_newest_segment_sealed_at_rotation_is_never_appended_to_again() {
+    let (_, engine) = engines().pop().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let len = 256 << 10;
+    {
+        let (store, _) = open(dir, &engine);
+        for i in 0..12u128 {
+            put(&store, &format!("w{i}"), &keys(i + 1, 2), len);
+        }
+    }
+    let segs = segments(dir);
+    assert_eq!(segs.len(), 2);
+    // The second segment goes (as if never created): the first, sealed at rotation with room
+    // left, is the newest now.
+    std::fs::remove_file(&segs[1]).unwrap();
+    let sealed = std::fs::metadata(&segs[0]).unwrap().len();
+    assert!(sealed + 4096 < 4 << 20, "room left in the sealed segment");
+    let (store, _) = open(dir, &engine);
+    put(&store, "after", &keys(99, 1), 8192);
+    drop(store);
+    assert_eq!(
+        std::fs::metadata(&segs[0]).unwrap().len(),
+        sealed,
+        "appended to a sealed segment"
+    );
+    let (store, report) = open(dir, &engine);
+    assert!(report.damaged_regions.is_empty(), "{report:?}");
+    check(&store, "after", &keys(99, 1), 8192);
+}
