@@ -1362,40 +1362,50 @@ fn manifest_payload_len(spec: &WindowSpec) -> u64 {
         + 32 * spec.blocks.len() as u64
 }
 
-/// Verifies a metadata record read from `seg` whole (both copies, or the one copy recovery
-/// found intact): the first copy that verifies wins. Returns its header and payload.
+/// What [`check_meta`] found: the first good copy (or why none is), and a bad copy's fault.
+pub(crate) type MetaCheck<'a> = (Result<(RecordHeader, &'a [u8]), String>, Option<String>);
+
+/// Verifies each copy a metadata record image holds (two, or the one recovery found intact)
+/// exactly once. Returns the first copy that verifies (header, payload) or why none does, and
+/// why a copy does not verify, if one does not.
+pub(crate) fn check_meta<'a>(image: &'a [u8], seg: &Segment, kind: RecordKind) -> MetaCheck<'a> {
+    match verify_image(image, seg, kind) {
+        Ok((h, p)) => {
+            let one = record_len(h.payload_len) as usize;
+            let bad = (format::copies(kind) == 2 && image.len() >= 2 * one)
+                .then(|| verify_image(&image[one..2 * one], seg, kind).err())
+                .flatten()
+                .map(|e| format!("copy at +{one}: {e}"));
+            (Ok((h, p)), bad)
+        }
+        Err(e0) => {
+            // The second copy starts half-way when the image holds two of them.
+            let half = image.len() / 2;
+            let second = (format::copies(kind) == 2 && half > 0 && half % PAGE as usize == 0)
+                .then(|| verify_image(&image[half..], seg, kind).ok())
+                .flatten()
+                .filter(|(h, _)| h.ditto && record_len(h.payload_len) as usize == half);
+            let bad = format!("copy at +0: {e0}");
+            (second.ok_or_else(|| e0.clone()), Some(bad))
+        }
+    }
+}
+
+/// The first copy of a metadata record image that verifies: its header and payload.
 pub(crate) fn verify_meta<'a>(
     image: &'a [u8],
     seg: &Segment,
     kind: RecordKind,
 ) -> Result<(RecordHeader, &'a [u8]), String> {
-    let first = verify_image(image, seg, kind);
-    if first.is_ok() || format::copies(kind) < 2 {
-        return first;
-    }
-    // The second copy starts half-way when the image holds two of them.
-    let half = image.len() / 2;
-    if half % PAGE as usize == 0 && half > 0 {
-        if let Ok((h, p)) = verify_image(&image[half..], seg, kind) {
-            if h.ditto && record_len(h.payload_len) as usize == half {
-                return Ok((h, p));
-            }
-        }
-    }
-    first
+    check_meta(image, seg, kind).0
 }
 
-/// Verifies every copy a metadata record image holds (two, or the one recovery found intact):
-/// `Err` names the first copy that fails (its offset in the image) and why.
+/// Verifies every copy a metadata record image holds: `Err` says which fails and why.
 pub(crate) fn verify_copies(image: &[u8], seg: &Segment, kind: RecordKind) -> Result<(), String> {
-    let (h, _) = verify_meta(image, seg, kind)?;
-    let one = record_len(h.payload_len) as usize;
-    let mut at = 0;
-    while at + one <= image.len() {
-        verify_image(&image[at..at + one], seg, kind).map_err(|e| format!("copy at +{at}: {e}"))?;
-        at += one;
+    match check_meta(image, seg, kind) {
+        (Err(e), _) | (Ok(_), Some(e)) => Err(e),
+        (Ok(_), None) => Ok(()),
     }
-    Ok(())
 }
 
 /// Verifies a record image read from `seg`: header checksum (with the segment's generation),

@@ -647,10 +647,11 @@ fn read_meta(
         .read_exact_at(seg.fd(), r.offset, &mut img)
         .map_err(|e| StoreError::io("reading a manifest during recovery", e))?;
     // Either copy that verifies; a copy that does not is reported.
-    let Ok((_, p)) = super::verify_meta(&img, seg, r.h.kind) else {
+    let (good, bad) = super::check_meta(&img, seg, r.h.kind);
+    let Ok((_, p)) = good else {
         return Ok(None);
     };
-    if let Err(why) = super::verify_copies(&img, seg, r.h.kind) {
+    if let Some(why) = bad {
         damaged.push((r.offset, r.offset + r.len, why));
     }
     Ok(match r.h.kind {
