@@ -7,6 +7,23 @@ mod common;
 use common::*;
 use cwm::store::{RecoveryMode, Store};
 
+/// A fresh directory of 12 windows "w0".."w11", each two blocks of the returned length, over
+/// two 4 MiB segments (the first sealed at rotation), closed; and the engine.
+fn two_segments() -> (
+    tempfile::TempDir,
+    std::sync::Arc<dyn cwm::io::IoEngine>,
+    u64,
+) {
+    let (_, engine) = engines().pop().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let len = 256 << 10;
+    let (store, _) = open(tmp.path(), &engine);
+    for i in 0..12u128 {
+        put(&store, &format!("w{i}"), &keys(i + 1, 2), len);
+    }
+    (tmp, engine, len)
+}
+
 /// A fresh directory holding one window "w" of two blocks, closed; and the engine.
 fn one_window() -> (tempfile::TempDir, std::sync::Arc<dyn cwm::io::IoEngine>) {
     let (_, engine) = engines().pop().unwrap();
@@ -182,16 +199,8 @@ fn a_tombstone_stays_while_a_segment_read_at_open_holds_a_manifest_it_shadows() 
 
 #[test]
 fn a_sealed_segments_torn_tail_is_cut_once() {
-    let (_, engine) = engines().pop().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, engine, len) = two_segments();
     let dir = tmp.path();
-    let len = 256 << 10;
-    {
-        let (store, _) = open(dir, &engine);
-        for i in 0..12u128 {
-            put(&store, &format!("w{i}"), &keys(i + 1, 2), len);
-        }
-    }
     let first = segments(dir)[0].clone();
     let sealed = std::fs::metadata(&first).unwrap().len();
     // Bytes that are no record after the sealed end (a torn write past the last record).
@@ -214,16 +223,8 @@ fn a_sealed_segments_torn_tail_is_cut_once() {
 
 #[test]
 fn a_newest_segment_sealed_at_rotation_is_never_appended_to_again() {
-    let (_, engine) = engines().pop().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, engine, _) = two_segments();
     let dir = tmp.path();
-    let len = 256 << 10;
-    {
-        let (store, _) = open(dir, &engine);
-        for i in 0..12u128 {
-            put(&store, &format!("w{i}"), &keys(i + 1, 2), len);
-        }
-    }
     let segs = segments(dir);
     assert_eq!(segs.len(), 2);
     // The second segment goes (as if never created): the first, sealed at rotation with room
