@@ -1,7 +1,8 @@
 //! Criterion benches: record-header encode/decode and xxh3 payload checksum throughput.
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 
-use cwm::store::format::{payload_checksum, RecordHeader, RecordKind};
+use cwm::checksum::payload_checksum;
+use cwm::store::format::{RecordHeader, RecordKind};
 
 fn header(c: &mut Criterion) {
     let h = RecordHeader {

@@ -8,27 +8,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::checksum::payload_checksum;
 use crate::io::{self, AlignedBuf, EngineKind, IoEngine, Op};
-use crate::store::format::{payload_checksum, payload_offset, record_len};
+use crate::prng::fill_random;
+use crate::store::format::{payload_offset, record_len};
 use crate::store::{BlockDesc, BlockImage, Store, StoreConfig, StoreError, WindowSpec};
-
-/// Fills `buf` with a fast deterministic pseudo-random sequence (xorshift64*).
-pub fn fill_random(buf: &mut [u8], seed: u64) {
-    fill_random_stream(buf, &mut (seed | 1));
-}
-
-/// [`fill_random`] from generator state `x` (nonzero), left where the next call continues the
-/// same sequence: buffers of a multiple of 8 bytes filled one after another hold what one
-/// `fill_random` of them all would.
-pub fn fill_random_stream(buf: &mut [u8], x: &mut u64) {
-    for chunk in buf.chunks_mut(8) {
-        *x ^= *x >> 12;
-        *x ^= *x << 25;
-        *x ^= *x >> 27;
-        let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
-    }
-}
 
 /// Writes a window whose block record images are `imgs` (one per block, in order).
 fn write_window(
@@ -495,8 +479,8 @@ pub fn pipeline(
     engine: EngineKind,
     runs: usize,
 ) -> Result<PipelineBench, String> {
-    use crate::device::synthetic::Synthetic;
     use crate::layout::{Dtype, Layout};
+    use crate::pipeline::synthetic::Synthetic;
     use crate::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, ThawRequest};
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let nb = u64::from(tokens.max(1).div_ceil(16));
@@ -740,7 +724,7 @@ fn tier_thaw(
                     sc.spawn(move || {
                         p.iter()
                             .zip(b)
-                            .all(|(p, b)| crate::store::format::payload_checksum(p) == b.checksum)
+                            .all(|(p, b)| crate::checksum::payload_checksum(p) == b.checksum)
                     })
                 })
                 .collect();

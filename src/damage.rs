@@ -114,11 +114,11 @@ const SYSTEM_PROMPTS: u128 = 4;
 
 fn payload(key: u128) -> Vec<u8> {
     let mut v = vec![0u8; BLOCK_LEN as usize];
-    crate::bench::fill_random(&mut v, (key as u64) ^ ((key >> 64) as u64) ^ 0x5eed);
+    crate::prng::fill_random(&mut v, (key as u64) ^ ((key >> 64) as u64) ^ 0x5eed);
     v
 }
 
-use crate::torture::Rng;
+use crate::prng::Rng;
 
 /// What the directory must hold.
 #[derive(Default)]
@@ -259,7 +259,7 @@ pub fn run(cfg: &DamageConfig) -> Result<DamageSummary, StoreError> {
                 let pg = &mut damaged[range.clone()];
                 match mode {
                     Damage::Zero => pg.fill(0),
-                    Damage::Random => crate::bench::fill_random(pg, rng.next()),
+                    Damage::Random => crate::prng::fill_random(pg, rng.next()),
                     Damage::BitFlip => {
                         let bit = rng.below(pg.len() as u64 * 8) as usize;
                         pg[bit / 8] ^= 1 << (bit % 8);

@@ -6,8 +6,8 @@
 use std::io::Write;
 use std::time::Instant;
 
-use cwm::device::synthetic::Synthetic;
 use cwm::layout::{Dtype, Layout};
+use cwm::pipeline::synthetic::Synthetic;
 use cwm::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, ThawRequest};
 use cwm::store::{Store, StoreConfig};
 

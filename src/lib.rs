@@ -8,6 +8,7 @@
 //! → the segment files; and back the same way on thaw.
 
 pub mod bench;
+pub mod checksum;
 pub mod control;
 pub mod damage;
 pub mod decision;
@@ -20,6 +21,7 @@ pub mod keys;
 pub mod layout;
 pub mod log;
 pub mod pipeline;
+pub mod prng;
 pub mod session;
 pub mod staging;
 pub mod store;

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::control::client::Client;
+use crate::prng::Rng;
 
 /// `cwm torture` settings.
 #[derive(Debug, Clone)]
@@ -76,29 +77,6 @@ const BS_TOKENS: usize = 16;
 const PLANE: u64 = 4096;
 const LAYERS: usize = 2;
 
-/// A small deterministic generator (splitmix64) for the torture workloads (here and in
-/// `damage`).
-pub(crate) struct Rng(pub(crate) u64);
-
-impl Rng {
-    pub(crate) fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform-ish in `0..n` (0 when `n` is 0).
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-}
-
 /// The bytes block `i` of a window with `tokens` holds in one layer (K then V planes): a
 /// function of the token prefix it covers, so equal prefixes (equal keys) hold equal bytes.
 fn block_bytes(tokens: &[u32], i: usize, layer: usize) -> Vec<u8> {
@@ -110,7 +88,7 @@ fn block_bytes(tokens: &[u32], i: usize, layer: usize) -> Vec<u8> {
     seed_bytes.extend_from_slice(&(layer as u64).to_le_bytes());
     let seed = xxhash_rust::xxh3::xxh3_64(&seed_bytes);
     let mut v = vec![0u8; 2 * PLANE as usize];
-    crate::bench::fill_random(&mut v, seed | 1);
+    crate::prng::fill_random(&mut v, seed | 1);
     v
 }
 

@@ -6,8 +6,8 @@
 mod common;
 use common::kv::*;
 use common::*;
-use cwm::device::synthetic::Synthetic;
 use cwm::layout::{Dtype, Layout};
+use cwm::pipeline::synthetic::Synthetic;
 use cwm::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, PipelineError, ThawRequest};
 
 #[test]

@@ -1146,13 +1146,13 @@ impl Server {
             }
         };
         let name = protocol::str_field(a, "engine")?.to_string();
-        let layout_spec: crate::gpucheck::LayoutSpec = serde_json::from_value(
+        let layout_spec: crate::layout::spec::LayoutSpec = serde_json::from_value(
             a.get("layout")
                 .cloned()
                 .ok_or_else(|| ApiError::validation("missing field layout"))?,
         )
         .map_err(|e| ApiError::validation(format!("layout: {e}")))?;
-        let layout = crate::gpucheck::layout_of(&layout_spec).map_err(ApiError::validation)?;
+        let layout = crate::layout::spec::layout_of(&layout_spec).map_err(ApiError::validation)?;
         let mem = a
             .get("memory")
             .ok_or_else(|| ApiError::validation("missing field memory"))?;
@@ -1338,7 +1338,7 @@ impl Server {
     /// Imports an engine's GPU tensors (CUDA IPC handles) and its optional interprocess event.
     fn cuda_memory(&self, cuda: &Value) -> Result<Arc<dyn KvMemory>, ApiError> {
         use crate::device::cuda::{Cuda, CudaMemory, IpcTensor};
-        let tensors: Vec<crate::gpucheck::TensorSpec> = serde_json::from_value(
+        let tensors: Vec<crate::layout::spec::TensorSpec> = serde_json::from_value(
             cuda.get("tensors").cloned().unwrap_or(Value::Null),
         )
         .map_err(|e| {
@@ -1352,7 +1352,7 @@ impl Server {
             .iter()
             .map(|t| {
                 Ok(IpcTensor {
-                    handle: crate::gpucheck::hex64(&t.handle).map_err(ApiError::validation)?,
+                    handle: crate::layout::spec::hex64(&t.handle).map_err(ApiError::validation)?,
                     offset: t.offset,
                     size: t.size,
                 })
@@ -1360,7 +1360,7 @@ impl Server {
             .collect::<Result<Vec<_>, ApiError>>()?;
         let m = CudaMemory::open(ctx, &ipc).map_err(|e| ApiError::new(e.code(), e.to_string()))?;
         if let Some(ev) = cuda.get("event").and_then(Value::as_str) {
-            let h = crate::gpucheck::hex64(ev).map_err(ApiError::validation)?;
+            let h = crate::layout::spec::hex64(ev).map_err(ApiError::validation)?;
             m.wait_for_event(&h)
                 .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
         }

@@ -1417,7 +1417,7 @@ mod tests {
         for t in 0..2u64 {
             let mut d: cu::CUdeviceptr = 0;
             let mut host = vec![0u8; size as usize];
-            crate::bench::fill_random(&mut host, 7 + t);
+            crate::prng::fill_random(&mut host, 7 + t);
             // SAFETY: allocation and a copy of `size` bytes into it.
             unsafe {
                 let _g = cuda.lock().expect("ctx");

@@ -237,7 +237,7 @@ impl ShmMemory {
         while offset < len {
             let n = (len - offset).min(CHUNK);
             let b = &mut buf[..n as usize];
-            crate::bench::fill_random_stream(b, &mut state);
+            crate::prng::fill_random_stream(b, &mut state);
             self.write(
                 &[Region {
                     tensor: t as u32,
@@ -562,7 +562,7 @@ mod tests {
         let m = open(&paths, true);
         m.fill_random(0, 42).expect("fill");
         let mut want = vec![0u8; len as usize];
-        crate::bench::fill_random(&mut want, 42);
+        crate::prng::fill_random(&mut want, 42);
         let mut got = vec![0u8; len as usize];
         m.read(&[region(0, 0, len)], &mut [&mut got]).expect("read");
         assert!(got == want);

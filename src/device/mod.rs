@@ -6,7 +6,6 @@
 #[cfg(target_os = "linux")]
 pub mod cuda;
 pub mod host;
-pub mod synthetic;
 
 use crate::layout::{transpose_piece, Compat, Layout, PieceKind};
 
@@ -178,7 +177,7 @@ pub fn gather(
                 for (p, o) in payloads.chunks(per).zip(sums.chunks_mut(per)) {
                     s.spawn(move || {
                         for (p, o) in p.iter().zip(o.iter_mut()) {
-                            *o = xxhash_rust::xxh3::xxh3_64(p);
+                            *o = crate::checksum::payload_checksum(p);
                         }
                     });
                 }
@@ -203,7 +202,7 @@ pub fn gather(
             let regions: Vec<Region> = regions_of(layout, id).collect();
             mem.read(&regions, &mut split_pieces(layout, p))?;
             if want_sums {
-                *sum = xxhash_rust::xxh3::xxh3_64(p);
+                *sum = crate::checksum::payload_checksum(p);
             }
         }
         Ok(())

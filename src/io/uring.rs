@@ -409,7 +409,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (f, _) = open_direct(&dir.path().join("x"), true).expect("open");
         let mut region = AlignedBuf::zeroed(64 * 1024);
-        crate::bench::fill_random(&mut region, 3);
+        crate::prng::fill_random(&mut region, 3);
         let expect = region.to_vec();
         let region = Arc::new(region);
         let fixed = eng.register_fixed(region.clone());
@@ -441,7 +441,7 @@ mod tests {
             return;
         };
         let mut a = AlignedBuf::zeroed(64 * 1024);
-        crate::bench::fill_random(&mut a, 5);
+        crate::prng::fill_random(&mut a, 5);
         let a = Arc::new(a);
         if !eng.register_fixed(a.clone()) {
             eprintln!("SKIPPED: fixed buffers unavailable here (RLIMIT_MEMLOCK?)");

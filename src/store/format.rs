@@ -1,7 +1,7 @@
 //! The on-disk bytes of segment headers and record headers (docs/FORMAT.md describes them; keep
 //! the two in step). All integers are little-endian.
 
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+use crate::checksum::{record_header_checksum, segment_header_checksum};
 
 /// Version of the record format written by this build.
 pub const FORMAT_VERSION: u16 = 1;
@@ -102,7 +102,7 @@ impl SegmentHeader {
         out[32..40].copy_from_slice(&self.segment_size.to_le_bytes());
         out[40..48].copy_from_slice(&self.created_unix_ms.to_le_bytes());
         out[48..56].copy_from_slice(&self.sealed_len.to_le_bytes());
-        let sum = xxh3_64(&out[0..56]);
+        let sum = segment_header_checksum(&out[0..56]);
         out[56..64].copy_from_slice(&sum.to_le_bytes());
     }
 
@@ -118,7 +118,7 @@ impl SegmentHeader {
         if b[0..8] != SEGMENT_MAGIC {
             return Err(HeaderError::Magic);
         }
-        if xxh3_64(&b[0..56]) != u64_at(b, 56) {
+        if segment_header_checksum(&b[0..56]) != u64_at(b, 56) {
             return Err(HeaderError::Checksum);
         }
         let v = u16_at(b, 8);
@@ -218,7 +218,7 @@ impl RecordHeader {
         out[32..40].copy_from_slice(&self.payload_len.to_le_bytes());
         out[40..48].copy_from_slice(&self.payload_xxh3.to_le_bytes());
         out[48..56].copy_from_slice(&self.segment_id.to_le_bytes());
-        let sum = xxh3_64_with_seed(&out[0..56], generation);
+        let sum = record_header_checksum(&out[0..56], generation);
         out[56..64].copy_from_slice(&sum.to_le_bytes());
     }
 
@@ -234,7 +234,7 @@ impl RecordHeader {
         if b[0..4] != RECORD_MAGIC {
             return Err(HeaderError::Magic);
         }
-        if xxh3_64_with_seed(&b[0..56], generation) != u64_at(b, 56) {
+        if record_header_checksum(&b[0..56], generation) != u64_at(b, 56) {
             return Err(HeaderError::Checksum);
         }
         let v = u16_at(b, 4);
@@ -300,12 +300,6 @@ pub const fn payload_offset(payload_len: u64) -> usize {
     } else {
         PAGE as usize
     }
-}
-
-/// xxh3-64 of a payload.
-#[must_use]
-pub fn payload_checksum(payload: &[u8]) -> u64 {
-    xxh3_64(payload)
 }
 
 #[cfg(test)]

@@ -30,11 +30,12 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_128;
 
+use crate::checksum::payload_checksum;
+
 use crate::io::{self, AlignedBuf, EngineKind, IoEngine, IoError, Op};
 pub use compact::{CompactOptions, CompactProgress, CompactReport};
 use format::{
-    payload_checksum, payload_offset, record_len, stored_len, RecordHeader, RecordKind, PAGE,
-    SEGMENT_HEADER_LEN,
+    payload_offset, record_len, stored_len, RecordHeader, RecordKind, PAGE, SEGMENT_HEADER_LEN,
 };
 pub use manifest::{BlockRef, Manifest, Tombstone};
 pub(crate) use recovery::set_aside_invalid_segments;

@@ -6,7 +6,7 @@ use cwm::device::KvMemory;
 use cwm::layout::Layout;
 
 #[allow(unused_imports)]
-pub use cwm::device::synthetic::{tensor_sizes, Synthetic};
+pub use cwm::pipeline::synthetic::{tensor_sizes, Synthetic};
 
 pub fn synthetic(layout: Layout, seed: u64) -> Synthetic {
     Synthetic::new(layout, "test-model", seed).unwrap()

@@ -42,7 +42,7 @@ pub fn fault(engine: &Arc<dyn IoEngine>) -> Arc<FaultEngine> {
 /// Deterministic payload bytes.
 pub fn payload(seed: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
-    cwm::bench::fill_random(&mut v, seed.wrapping_mul(0x9E37_79B9) + 1);
+    cwm::prng::fill_random(&mut v, seed.wrapping_mul(0x9E37_79B9) + 1);
     v
 }
 

@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
-use super::host::ShmMemory;
-use super::DeviceError;
+use super::{Engine, PipelineError};
+use crate::device::host::ShmMemory;
+use crate::device::DeviceError;
 use crate::layout::Layout;
-use crate::pipeline::{Engine, PipelineError};
 
 /// The engine side and the sidecar's registration of one synthetic KV cache.
 pub struct Synthetic {
@@ -55,6 +55,6 @@ impl Synthetic {
 
     /// Block `id` as the engine sees it, pieces in table order.
     pub fn block(&self, id: u64) -> Result<Vec<u8>, DeviceError> {
-        super::read_block(&self.engine.layout, self.local.as_ref(), id)
+        crate::device::read_block(&self.engine.layout, self.local.as_ref(), id)
     }
 }

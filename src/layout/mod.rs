@@ -7,6 +7,8 @@
 //! in the layout's `inner` order; two layouts that differ only in that order are *permutable*:
 //! scatter transposes while it copies.
 
+pub mod spec;
+
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
