@@ -7,7 +7,6 @@
 //! [`store`] (records, manifests, commit protocol) → [`io`] (io_uring or pread/pwrite, O_DIRECT)
 //! → the segment files; and back the same way on thaw.
 
-pub mod bench;
 pub mod checksum;
 pub mod control;
 pub mod damage;
@@ -15,7 +14,7 @@ pub mod decision;
 pub mod device;
 pub mod failpoint;
 pub mod fsck;
-pub mod gpucheck;
+
 pub mod io;
 pub mod keys;
 pub mod layout;
@@ -26,4 +25,3 @@ pub mod session;
 pub mod staging;
 pub mod store;
 pub mod tier;
-pub mod torture;

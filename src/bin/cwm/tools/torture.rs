@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::control::client::Client;
-use crate::prng::Rng;
+use cwm::control::client::Client;
+use cwm::prng::Rng;
 
 /// `cwm torture` settings.
 #[derive(Debug, Clone)]
@@ -88,7 +88,7 @@ fn block_bytes(tokens: &[u32], i: usize, layer: usize) -> Vec<u8> {
     seed_bytes.extend_from_slice(&(layer as u64).to_le_bytes());
     let seed = xxhash_rust::xxh3::xxh3_64(&seed_bytes);
     let mut v = vec![0u8; 2 * PLANE as usize];
-    crate::prng::fill_random(&mut v, seed | 1);
+    cwm::prng::fill_random(&mut v, seed | 1);
     v
 }
 

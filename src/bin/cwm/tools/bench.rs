@@ -8,18 +8,18 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::checksum::payload_checksum;
-use crate::io::{self, AlignedBuf, EngineKind, IoEngine, Op};
-use crate::prng::fill_random;
-use crate::store::format::{payload_offset, record_len};
-use crate::store::{BlockDesc, BlockImage, Store, StoreConfig, StoreError, WindowSpec};
+use cwm::checksum::payload_checksum;
+use cwm::io::{self, AlignedBuf, EngineKind, IoEngine, Op};
+use cwm::prng::fill_random;
+use cwm::store::format::{payload_offset, record_len};
+use cwm::store::{BlockDesc, BlockImage, Store, StoreConfig, StoreError, WindowSpec};
 
 /// Writes a window whose block record images are `imgs` (one per block, in order).
 fn write_window(
     st: &Store,
     spec: WindowSpec,
     imgs: &mut [AlignedBuf],
-) -> Result<crate::store::WindowInfo, StoreError> {
+) -> Result<cwm::store::WindowInfo, StoreError> {
     let mut w = st.begin_window(spec)?;
     let mut bi: Vec<BlockImage<'_>> = imgs
         .iter_mut()
@@ -62,7 +62,7 @@ pub fn raw_disk(
         source: e,
     };
     let (file, _) = io::open_direct(&path, true).map_err(fs)?;
-    crate::store::preallocate_file(&file, bytes).map_err(fs)?;
+    cwm::store::preallocate_file(&file, bytes).map_err(fs)?;
     let fd = file.as_raw_fd();
     let n = (bytes / chunk as u64) as usize;
     let mut sets: Vec<Vec<AlignedBuf>> = (0..2)
@@ -479,9 +479,9 @@ pub fn pipeline(
     engine: EngineKind,
     runs: usize,
 ) -> Result<PipelineBench, String> {
-    use crate::layout::{Dtype, Layout};
-    use crate::pipeline::synthetic::Synthetic;
-    use crate::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, ThawRequest};
+    use cwm::layout::{Dtype, Layout};
+    use cwm::pipeline::synthetic::Synthetic;
+    use cwm::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, ThawRequest};
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let nb = u64::from(tokens.max(1).div_ceil(16));
     let layout = Layout::flash_2nbhd(32, nb + 8, 16, 8, 128, Dtype::Bf16);
@@ -592,12 +592,12 @@ pub fn pipeline(
 /// seconds, all from the big freeze's start.
 fn freeze_behind(
     store: &Store,
-    eng: &crate::pipeline::Engine,
-    cfg: &crate::pipeline::PipelineConfig,
+    eng: &cwm::pipeline::Engine,
+    cfg: &cwm::pipeline::PipelineConfig,
     tokens: u32,
     nb: u64,
 ) -> Result<(f64, f64, f64), String> {
-    use crate::pipeline::{freeze, FreezeRequest};
+    use cwm::pipeline::{freeze, FreezeRequest};
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let t0 = std::time::Instant::now();
     let small = 32.min(nb);
@@ -652,13 +652,13 @@ fn freeze_behind(
 /// best of 3.
 fn tier_thaw(
     store: &Store,
-    eng: &crate::pipeline::Engine,
+    eng: &cwm::pipeline::Engine,
     window: &str,
-    cfg: &crate::pipeline::PipelineConfig,
+    cfg: &cwm::pipeline::PipelineConfig,
     bytes: u64,
 ) -> Result<(f64, f64, f64), String> {
-    use crate::pipeline::{thaw, ThawRequest};
-    use crate::tier::RamTier;
+    use cwm::pipeline::{thaw, ThawRequest};
+    use cwm::tier::RamTier;
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let blocks = store
         .open_window(window)
@@ -695,10 +695,10 @@ fn tier_thaw(
     let mut best_scatter = f64::MAX;
     for _ in 0..3 {
         let t0 = std::time::Instant::now();
-        crate::device::scatter(
+        cwm::device::scatter(
             &eng.layout,
             &eng.layout,
-            crate::layout::Compat::Same,
+            cwm::layout::Compat::Same,
             eng.mem.as_ref(),
             &req.block_ids,
             &pls,
@@ -724,7 +724,7 @@ fn tier_thaw(
                     sc.spawn(move || {
                         p.iter()
                             .zip(b)
-                            .all(|(p, b)| crate::checksum::payload_checksum(p) == b.checksum)
+                            .all(|(p, b)| cwm::checksum::payload_checksum(p) == b.checksum)
                     })
                 })
                 .collect();
@@ -797,8 +797,8 @@ fn pct(mut v: Vec<f64>, p: f64) -> f64 {
 /// `cwm bench control`: latency of `stat` and `list` over the socket against `windows` windows,
 /// and small freeze/thaw round trips per second.
 pub fn control(dir: &Path, windows: u64) -> Result<ControlBench, String> {
-    use crate::control::client::Client;
-    use crate::control::{ServeConfig, Server};
+    use cwm::control::client::Client;
+    use cwm::control::{ServeConfig, Server};
     use serde_json::json;
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let tmp = tempfile::Builder::new()
@@ -834,7 +834,7 @@ pub fn control(dir: &Path, windows: u64) -> Result<ControlBench, String> {
             allow_uids: vec![],
             shm_dir: shm.clone(),
             max_line: 16 << 20,
-            pipeline: crate::pipeline::PipelineConfig {
+            pipeline: cwm::pipeline::PipelineConfig {
                 staging_bytes: 16 << 20,
                 ..Default::default()
             },
@@ -842,7 +842,7 @@ pub fn control(dir: &Path, windows: u64) -> Result<ControlBench, String> {
             max_sessions: 100_000,
             metrics_addr: None,
             max_ops: 64,
-            maintenance: crate::control::maint::Maintenance {
+            maintenance: cwm::control::maint::Maintenance {
                 compact_interval_s: 0,
                 ..Default::default()
             },
@@ -883,7 +883,7 @@ pub fn control(dir: &Path, windows: u64) -> Result<ControlBench, String> {
         list.push(t.elapsed().as_secs_f64() * 1e6);
     }
     // Small freeze/thaw round trips through a shared-memory engine.
-    let layout = crate::layout::Layout::flash_2nbhd(2, 64, 16, 2, 64, crate::layout::Dtype::Bf16);
+    let layout = cwm::layout::Layout::flash_2nbhd(2, 64, 16, 2, 64, cwm::layout::Dtype::Bf16);
     let mut paths = Vec::new();
     for l in 0..2 {
         let p = shm.join(format!("layer{l}"));
@@ -966,7 +966,7 @@ pub struct CompactionBench {
 pub fn compaction(
     dir: &Path,
     bytes: u64,
-    engine_kind: crate::io::EngineKind,
+    engine_kind: cwm::io::EngineKind,
     rate: u64,
 ) -> Result<CompactionBench, StoreError> {
     const BLOCK: u64 = 256 << 10;
@@ -1020,12 +1020,12 @@ pub fn compaction(
     let n = (bytes / per_window).max(4);
     let names = freeze(&st, n)?;
     let t = Instant::now();
-    let (_, verified) = crate::fsck::verify_windows(&st, 0, &|_, _| {})?;
+    let (_, verified) = cwm::fsck::verify_windows(&st, 0, &|_, _| {})?;
     let fsck = gbps(verified, t.elapsed().as_secs_f64());
     for name in names.iter().step_by(2) {
         st.delete_window(name, None)?;
     }
-    let opts = crate::store::CompactOptions {
+    let opts = cwm::store::CompactOptions {
         live_ratio: 1.0,
         ..Default::default()
     };
@@ -1040,7 +1040,7 @@ pub fn compaction(
         st.delete_window(name, None)?;
     }
     st.seal_active()?;
-    let copts = crate::store::CompactOptions {
+    let copts = cwm::store::CompactOptions {
         live_ratio: 1.0,
         rate,
         ..Default::default()

@@ -12,14 +12,14 @@ use std::time::Instant;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::device;
-use crate::device::cuda::{Cuda, CudaMemory, IpcTensor, ScatterPath};
-use crate::io::{self, EngineKind};
-use crate::layout::spec::{hex64, layout_of, LayoutSpec, TensorSpec};
-use crate::layout::Compat;
-use crate::pipeline::{freeze, thaw, Engine, FreezeRequest, PipelineConfig, ThawRequest};
-use crate::store::{Store, StoreConfig};
-use crate::tier::RamTier;
+use cwm::device;
+use cwm::device::cuda::{Cuda, CudaMemory, IpcTensor, ScatterPath};
+use cwm::io::{self, EngineKind};
+use cwm::layout::spec::{hex64, layout_of, LayoutSpec, TensorSpec};
+use cwm::layout::Compat;
+use cwm::pipeline::{freeze, thaw, Engine, FreezeRequest, PipelineConfig, ThawRequest};
+use cwm::store::{Store, StoreConfig};
+use cwm::tier::RamTier;
 
 /// The spec file.
 #[derive(Debug, Deserialize)]
@@ -172,7 +172,7 @@ fn copy_all(s: &Setup, ids: &[u64], scatter: bool, cfg: &PipelineConfig) -> Resu
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let pool = s.engine.staging().cloned().ok_or("no staging pool")?;
     let l = &s.engine.layout;
-    let po = crate::store::format::payload_offset(l.block_bytes());
+    let po = cwm::store::format::payload_offset(l.block_bytes());
     let bb = l.block_bytes() as usize;
     let t = Instant::now();
     for c in ids.chunks(pool.max_set()) {
@@ -206,7 +206,7 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
     s.engine
         .prepare_staging(&cfg, io_engine.as_ref())
         .map_err(|x| e(&x))?;
-    let (rw0, rr0) = crate::bench::raw_disk(io_engine.as_ref(), tmp.path(), bytes, bb as usize, 32)
+    let (rw0, rr0) = super::bench::raw_disk(io_engine.as_ref(), tmp.path(), bytes, bb as usize, 32)
         .map_err(|x| e(&x))?;
     let f = freeze(
         &store,
@@ -238,7 +238,7 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
         None,
     )
     .map_err(|x| e(&x))?;
-    let (rw1, rr1) = crate::bench::raw_disk(io_engine.as_ref(), tmp.path(), bytes, bb as usize, 32)
+    let (rw1, rr1) = super::bench::raw_disk(io_engine.as_ref(), tmp.path(), bytes, bb as usize, 32)
         .map_err(|x| e(&x))?;
     let pool = s.engine.staging().cloned().ok_or("no staging pool")?;
     let (d2h, h2d) = s
@@ -256,7 +256,7 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
     let mut sweep = Vec::new();
     let geoms: Vec<(u32, u32)> = [2u32, 4, 8, 16, 32, 64, 132]
         .iter()
-        .map(|&g| (g, crate::device::cuda::THREADS))
+        .map(|&g| (g, cwm::device::cuda::THREADS))
         .chain([(8, 1024), (16, 256), (16, 1024), (32, 256), (32, 1024)])
         .collect();
     for (grid, threads) in geoms {
@@ -279,7 +279,7 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
     let mut paths = Vec::new();
     for path in measured.iter().copied() {
         let grids: &[u32] = if path == ScatterPath::CopyEngine {
-            &[crate::device::cuda::DEFAULT_GRID]
+            &[cwm::device::cuda::DEFAULT_GRID]
         } else {
             &[8, 16, 32, 64]
         };
@@ -310,10 +310,10 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
     }
     s.mem
         .grid
-        .store(crate::device::cuda::DEFAULT_GRID, Ordering::Relaxed);
+        .store(cwm::device::cuda::DEFAULT_GRID, Ordering::Relaxed);
     s.mem
         .threads
-        .store(crate::device::cuda::THREADS, Ordering::Relaxed);
+        .store(cwm::device::cuda::THREADS, Ordering::Relaxed);
     // RAM tier: freeze into the tier, thaw from it.
     // The tier's arena is allocated and mapped at registration, as a daemon does.
     let tier = RamTier::new(bytes + (64 << 20));
@@ -387,8 +387,8 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
         "bytes": bytes,
         "blocks": spec.src.len(),
         "block_bytes": bb,
-        "grid": crate::device::cuda::DEFAULT_GRID,
-        "threads_per_cta": crate::device::cuda::THREADS,
+        "grid": cwm::device::cuda::DEFAULT_GRID,
+        "threads_per_cta": cwm::device::cuda::THREADS,
         "d2h_pinned_gbps": d2h,
         "h2d_pinned_gbps": h2d,
         "gather_gbps": gather,

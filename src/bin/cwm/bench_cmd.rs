@@ -1,0 +1,247 @@
+//! `cwm bench …` and `cwm gpu-check`: measurements against ceilings taken in the same run.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use cwm::io::EngineKind;
+
+use crate::{parse_size, print_json, tools};
+
+#[derive(Subcommand)]
+pub(crate) enum BenchCmd {
+    /// Store write/read throughput vs raw O_DIRECT write/read of the same bytes.
+    Store {
+        /// Bytes per run (e.g. 2GiB).
+        #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+        bytes: u64,
+        /// Block payload bytes (2MiB = one 16-token block of a Llama-3.1-8B KV cache).
+        #[arg(long, default_value = "2MiB", value_parser = parse_size)]
+        block_bytes: u64,
+        /// Directory for the benchmark files (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// I/O engine: uring or psync.
+        #[arg(long, default_value = "uring")]
+        engine: EngineKind,
+        /// Queue depth.
+        #[arg(long, default_value_t = 32)]
+        queue_depth: u32,
+        /// Runs (figures are medians).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Host-backend freeze/thaw throughput vs raw O_DIRECT write/read of the same bytes.
+    Pipeline {
+        /// Session length in tokens (Llama-3.1-8B shape, 2 MiB per 16-token block).
+        #[arg(long, default_value_t = 16_384)]
+        tokens: u32,
+        /// Directory for the benchmark files (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// I/O engine: uring or psync.
+        #[arg(long, default_value = "uring")]
+        engine: EngineKind,
+        /// Runs (figures are medians).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Control-socket latency (stat, list) against many windows, and freeze/thaw round trips.
+    Control {
+        /// Windows in the store.
+        #[arg(long, default_value_t = 10_000)]
+        windows: u64,
+        /// Directory for the benchmark files (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// fsck vs raw read, compaction throughput, freeze throughput with vs without compaction.
+    Compaction {
+        /// Bytes populated (windows of 8 x 256 KiB blocks).
+        #[arg(long, default_value = "512MiB", value_parser = parse_size)]
+        bytes: u64,
+        /// Rate limit of the compaction that runs beside the foreground freezes (0: unlimited).
+        #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+        compact_rate: u64,
+        /// Directory for the benchmark files (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// I/O engine: uring or psync.
+        #[arg(long, default_value = "uring")]
+        engine: EngineKind,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reopen time of a log of many small records.
+    Recovery {
+        /// Records in the log.
+        #[arg(long, default_value_t = 100_000)]
+        records: u64,
+        /// Directory for the benchmark files (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// I/O engine: uring or psync.
+        #[arg(long, default_value = "uring")]
+        engine: EngineKind,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs one benchmark.
+pub(crate) fn run(cmd: BenchCmd) -> Result<(), String> {
+    match cmd {
+        BenchCmd::Store {
+            bytes,
+            block_bytes,
+            dir,
+            engine,
+            queue_depth,
+            runs,
+            json,
+        } => {
+            let args = tools::bench::StoreBenchArgs {
+                dir: dir.unwrap_or_else(std::env::temp_dir),
+                bytes,
+                block_bytes,
+                engine,
+                queue_depth,
+                runs,
+            };
+            tools::bench::store(&args).map_err(|e| e.to_string()).map(|r| {
+            if json {
+                print_json(&r);
+            } else {
+                println!(
+                    "store ({} QD{}, {} MiB in {} KiB blocks, median of {}):\n  write {:.2} GB/s vs raw {:.2} GB/s  ratio {:.3}\n  read  {:.2} GB/s vs raw {:.2} GB/s  ratio {:.3}\n  reopen {:.3} s",
+                    r.engine, r.queue_depth, r.bytes >> 20, r.block_bytes >> 10, r.runs,
+                    r.write_gbps, r.raw_write_gbps, r.write_ratio,
+                    r.read_gbps, r.raw_read_gbps, r.read_ratio, r.reopen_seconds
+                );
+            }
+        })
+        }
+        BenchCmd::Pipeline {
+            tokens,
+            dir,
+            engine,
+            runs,
+            json,
+        } => {
+            let dir = dir.unwrap_or_else(std::env::temp_dir);
+            tools::bench::pipeline(&dir, tokens, engine, runs).map(|r| {
+            if json {
+                print_json(&r);
+            } else {
+                println!(
+                    "pipeline ({} tokens, {} MiB, {}):\n  freeze {:.2} GB/s vs raw write {:.2} GB/s  ratio {:.3}\n  thaw   {:.2} GB/s vs raw read  {:.2} GB/s  ratio {:.3}\n  thaw from the RAM tier {:.2} GB/s vs bare scatter {:.2} GB/s  ratio {:.3} (verification alone {:.2} GB/s on {} threads)\n  a 512-token freeze started during a freeze of the window: captured at {:.3} s, durable at {:.3} s (the window: durable at {:.3} s)",
+                    r.tokens, r.bytes >> 20, r.engine, r.freeze_gbps, r.raw_write_gbps, r.freeze_ratio,
+                    r.thaw_gbps, r.raw_read_gbps, r.thaw_ratio,
+                    r.tier_thaw_gbps, r.tier_scatter_gbps, r.tier_ratio, r.tier_verify_gbps, r.verify_threads,
+                    r.behind.0, r.behind.1, r.behind.2
+                );
+            }
+        })
+        }
+        BenchCmd::Control { windows, dir, json } => {
+            let dir = dir.unwrap_or_else(std::env::temp_dir);
+            tools::bench::control(&dir, windows).map(|r| {
+            if json {
+                print_json(&r);
+            } else {
+                println!(
+                    "control ({} windows): stat p50 {:.0} us p99 {:.0} us; list p50 {:.0} us p99 {:.0} us; {:.0} freeze+thaw round trips/s",
+                    r.windows, r.stat_p50_us, r.stat_p99_us, r.list_p50_us, r.list_p99_us, r.freeze_thaw_per_sec
+                );
+            }
+        })
+        }
+        BenchCmd::Compaction {
+            bytes,
+            compact_rate,
+            dir,
+            engine,
+            json,
+        } => {
+            let dir = dir.unwrap_or_else(std::env::temp_dir);
+            tools::bench::compaction(&dir, bytes, engine, compact_rate)
+            .map_err(|e| e.to_string())
+            .map(|r| {
+                if json {
+                    print_json(&r);
+                } else {
+                    println!(
+                        "fsck {:.2} GB/s vs raw read {:.2} GB/s ({:.0}%); compaction {:.2} GB/s ({} MiB copied, {} MiB given back)",
+                        r.fsck_gbps,
+                        r.raw_read_gbps,
+                        r.fsck_vs_raw * 100.0,
+                        r.compaction_gbps,
+                        r.compaction_copied_bytes >> 20,
+                        r.compaction_reclaimed_bytes >> 20
+                    );
+                    println!(
+                        "freeze alone {:.2} GB/s, during compaction at {} MiB/s {:.2} GB/s (ratio {:.2}; compaction ran {:.2} s of the freezes' {:.2} s)",
+                        r.freeze_alone_gbps,
+                        r.compaction_rate >> 20,
+                        r.freeze_during_compaction_gbps,
+                        r.freeze_ratio,
+                        r.concurrent_compaction_seconds,
+                        r.concurrent_freeze_seconds
+                    );
+                }
+            })
+        }
+        BenchCmd::Recovery {
+            records,
+            dir,
+            engine,
+            json,
+        } => {
+            let dir = dir.unwrap_or_else(std::env::temp_dir);
+            tools::bench::recovery(&dir, records, engine, 32)
+                .map_err(|e| e.to_string())
+                .map(|r| {
+                    if json {
+                        print_json(&r);
+                    } else {
+                        println!(
+                            "recovery: {} records ({} windows, {} MiB) reopened in {:.3} s",
+                            r.records,
+                            r.windows,
+                            r.log_bytes >> 20,
+                            r.open_seconds
+                        );
+                    }
+                })
+        }
+    }
+}
+
+/// `cwm gpu-check MODE --spec FILE`.
+pub(crate) fn gpu_check(
+    mode: &str,
+    spec: &std::path::Path,
+    dir: Option<PathBuf>,
+) -> Result<(), String> {
+    let text = std::fs::read_to_string(spec).map_err(|e| format!("{}: {e}", spec.display()))?;
+    let spec: tools::gpucheck::Spec =
+        serde_json::from_str(&text).map_err(|e| format!("spec: {e}"))?;
+    let dir = dir.unwrap_or_else(std::env::temp_dir);
+    let out = match mode {
+        "run" => tools::gpucheck::run(&spec, &dir)?,
+        "bench" => tools::gpucheck::bench(&spec, &dir)?,
+        m => return Err(format!("unknown mode {m:?}: use run or bench")),
+    };
+    print_json(&out);
+    Ok(())
+}

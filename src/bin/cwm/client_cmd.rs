@@ -1,0 +1,233 @@
+//! The client subcommands: one request to the daemon each, printed as a table or JSON.
+
+use std::process::ExitCode;
+
+use crate::ClientArgs;
+
+/// The header row of a window table.
+fn header() -> String {
+    format!(
+        "{:<32} {:>4} {:>9} {:>7} {:>10} SESSION",
+        "WINDOW", "VER", "TOKENS", "BLOCKS", "MIB"
+    )
+}
+
+/// `cwm ls`.
+pub(crate) fn ls(c: &ClientArgs) -> ExitCode {
+    client(c, serde_json::json!({"op": "list"}), |v| {
+        println!("{}", header());
+        for w in v["windows"].as_array().into_iter().flatten() {
+            println!("{}", window_row(w));
+        }
+    })
+}
+
+/// `cwm stat NAME`.
+pub(crate) fn stat(name: &str, c: &ClientArgs) -> ExitCode {
+    client(c, serde_json::json!({"op": "stat", "window": name}), |v| {
+        println!("{}\n{}", header(), window_row(&v["window"]));
+    })
+}
+
+/// `cwm rm --cascade SESSION`.
+pub(crate) fn rm_session(name: &str, c: &ClientArgs) -> ExitCode {
+    client(
+        c,
+        serde_json::json!({"op": "session.delete", "session": name, "cascade": true}),
+        |v| {
+            println!(
+                "deleted session {} and windows {}",
+                v["session"].as_str().unwrap_or(""),
+                v["windows_deleted"]
+            );
+        },
+    )
+}
+
+/// `cwm rm NAME`.
+pub(crate) fn rm(name: &str, c: &ClientArgs) -> ExitCode {
+    client(
+        c,
+        serde_json::json!({"op": "delete", "window": name}),
+        |v| {
+            println!(
+                "deleted {} v{}",
+                v["deleted"]["name"].as_str().unwrap_or(""),
+                v["deleted"]["version"]
+            );
+        },
+    )
+}
+
+/// `cwm freeze`.
+pub(crate) fn freeze(
+    session: String,
+    window: String,
+    replace: bool,
+    salt: Option<String>,
+    c: &ClientArgs,
+) -> ExitCode {
+    client(
+        c,
+        serde_json::json!({"op": "freeze", "session": session, "window": window, "replace": replace, "salt": salt}),
+        |v| {
+            println!(
+                "froze {} v{}: {} tokens, {} blocks, {:.1} MiB",
+                v["window"]["name"].as_str().unwrap_or(""),
+                v["window"]["version"],
+                v["window"]["num_tokens"],
+                v["window"]["num_blocks"],
+                v["window"]["bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+            );
+        },
+    )
+}
+
+/// `cwm thaw`.
+pub(crate) fn thaw(
+    window: String,
+    session: Option<String>,
+    engine: Option<String>,
+    block_ids: Option<Vec<u64>>,
+    salt: Option<String>,
+    c: &ClientArgs,
+) -> ExitCode {
+    let mut req = serde_json::json!({"op": "thaw", "window": window, "salt": salt});
+    if let Some(s) = session {
+        req["session"] = s.into();
+    }
+    if let Some(e) = engine {
+        req["engine"] = e.into();
+    }
+    if let Some(b) = block_ids {
+        req["block_ids"] = b.into();
+    }
+    client(c, req, |v| {
+        let r = &v["report"];
+        println!(
+            "thawed {}: {} of {} blocks, {} tokens restored, {} to recompute{}",
+            r["window"].as_str().unwrap_or(""),
+            r["blocks_restored"],
+            r["num_blocks"],
+            r["tokens_restored"],
+            r["tokens_to_recompute"],
+            r["corruption"]
+                .as_str()
+                .map(|c| format!(" (corruption: {c})"))
+                .unwrap_or_default()
+        );
+    })
+}
+
+/// `cwm scrub`.
+pub(crate) fn scrub(rate: u64, c: &ClientArgs) -> ExitCode {
+    client(c, serde_json::json!({"op": "scrub", "rate": rate}), |v| {
+        for w in v["windows"].as_array().into_iter().flatten() {
+            println!(
+                "{:<32} {:<8} {}",
+                w["name"].as_str().unwrap_or(""),
+                w["status"].as_str().unwrap_or(""),
+                w["detail"].as_str().unwrap_or("")
+            );
+        }
+        println!(
+            "{} problems; {:.1} MiB verified",
+            v["problems"],
+            v["bytes_verified"].as_f64().unwrap_or(0.0) / 1048576.0
+        );
+    })
+}
+
+/// `cwm health`.
+pub(crate) fn health(c: &ClientArgs) -> ExitCode {
+    client(c, serde_json::json!({"op": "health"}), |v| {
+        println!(
+            "{}: {} windows, {} bytes used, io engine {}",
+            v["status"].as_str().unwrap_or("ok"),
+            v["windows"],
+            v["used_bytes"],
+            v["io_engine"].as_str().unwrap_or("")
+        );
+        // EC-051: what is known to be damaged, and what to do (the daemon is up and
+        // serving, so the exit status stays 0).
+        let problems = v["integrity"]["problems"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for p in &problems {
+            println!(
+                "  damaged ({}): {}",
+                p["source"].as_str().unwrap_or(""),
+                p["what"].as_str().unwrap_or("")
+            );
+        }
+        if let Some(r) = v["integrity"]["recovery"].as_str() {
+            println!("  what to do: {r}");
+        }
+    })
+}
+
+/// `cwm metrics`.
+pub(crate) fn metrics(c: &ClientArgs) -> ExitCode {
+    client(c, serde_json::json!({"op": "metrics"}), |v| {
+        print!("{}", v["text"].as_str().unwrap_or(""));
+    })
+}
+
+pub(crate) fn client_call(
+    c: &ClientArgs,
+    req: serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    let mut cl = cwm::control::client::Client::connect(&c.socket).map_err(|e| {
+        format!(
+            "cannot reach cwm at {}: {e} (is `cwm serve` running?)",
+            c.socket.display()
+        )
+    })?;
+    cl.call_final(req).map_err(|e| e.to_string())
+}
+
+pub(crate) fn client(
+    c: &ClientArgs,
+    req: serde_json::Value,
+    table: impl Fn(&serde_json::Value),
+) -> ExitCode {
+    match client_call(c, req) {
+        Ok(v) => {
+            let code = cwm::control::client::exit_code(&v);
+            if c.json {
+                println!("{v}");
+            } else if code == 0 {
+                table(&v);
+            } else {
+                eprintln!(
+                    "cwm: {}: {}",
+                    v.pointer("/error/code")
+                        .and_then(|x| x.as_str())
+                        .unwrap_or("ERROR"),
+                    v.pointer("/error/message")
+                        .and_then(|x| x.as_str())
+                        .unwrap_or("")
+                );
+            }
+            ExitCode::from(code as u8)
+        }
+        Err(e) => {
+            eprintln!("cwm: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+pub(crate) fn window_row(w: &serde_json::Value) -> String {
+    format!(
+        "{:<32} {:>4} {:>9} {:>7} {:>10.1} {}",
+        w["name"].as_str().unwrap_or(""),
+        // Value's Display ignores widths: format the numbers themselves.
+        w["version"].as_u64().unwrap_or(0),
+        w["num_tokens"].as_u64().unwrap_or(0),
+        w["num_blocks"].as_u64().unwrap_or(0),
+        w["bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+        w["session"].as_str().unwrap_or("")
+    )
+}

@@ -1,0 +1,328 @@
+//! The `cwm` command line. `main` parses the command and hands it to the file that owns it:
+//! `serve` (the daemon's configuration and start), `client_cmd` (one request to a running
+//! daemon), `maint_cmd` (fsck, compaction, torture), `bench_cmd` (benchmarks, gpu-check).
+//! The tools in `tools/` use the library through `cwm::` like any other user.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod bench_cmd;
+mod client_cmd;
+mod maint_cmd;
+mod serve;
+mod tools;
+
+use bench_cmd::BenchCmd;
+use serve::ServeArgs;
+
+/// cwm — Context Window Manager: durable, verifiable KV-cache windows for vLLM.
+#[derive(Parser)]
+#[command(name = "cwm", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Freeze a synthetic window into a temporary data dir, reopen, thaw and verify it.
+    Demo(tools::demo::DemoArgs),
+    /// Benchmarks against ceilings measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+    /// Run the sidecar daemon on a Unix socket (foreground; SIGTERM/SIGINT stop it cleanly).
+    Serve(ServeArgs),
+    /// List windows.
+    Ls(ClientArgs),
+    /// Show one window.
+    Stat {
+        /// Window name.
+        name: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Delete a window.
+    Rm {
+        /// Window name (with --cascade: a session name).
+        name: String,
+        /// NAME is a session: delete it and every window frozen from it.
+        #[arg(long)]
+        cascade: bool,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Freeze what a session holds (as its engine last reported) into a window.
+    Freeze {
+        /// Session.
+        #[arg(long)]
+        session: String,
+        /// Window name.
+        #[arg(long)]
+        window: String,
+        /// Replace an existing window of that name.
+        #[arg(long)]
+        replace: bool,
+        /// The request's namespace salt (a LoRA adapter, a tenant: docs/PROTOCOL.md).
+        #[arg(long)]
+        salt: Option<String>,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Thaw a window into the blocks a session's engine allocated (or into --block-ids).
+    Thaw {
+        /// Window name.
+        window: String,
+        /// Session to thaw into.
+        #[arg(long)]
+        session: Option<String>,
+        /// Engine (default: the session's).
+        #[arg(long)]
+        engine: Option<String>,
+        /// Destination block ids, comma-separated (default: the session's).
+        #[arg(long, value_delimiter = ',')]
+        block_ids: Option<Vec<u64>>,
+        /// The namespace salt the window was frozen with.
+        #[arg(long)]
+        salt: Option<String>,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Verify a data directory offline (the daemon must not be running on it).
+    Fsck {
+        /// Data directory.
+        #[arg(long, env = "CWM_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Repair: set aside segments that cannot be opened, delete windows that cannot be
+        /// read (tombstones), rewrite segments holding damage, and print exactly what changed.
+        #[arg(long)]
+        repair: bool,
+        /// Size of the segments repair writes (the daemon's --segment-size).
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        segment_size: u64,
+    },
+    /// Reclaim space: copy live records out of sparse segments and delete them. Offline with
+    /// --data-dir, else through the daemon's socket.
+    Compact {
+        /// Data directory (offline; the daemon must not be running on it).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Compact segments whose live fraction is below this (1.0: any garbage).
+        #[arg(long, default_value_t = 0.5)]
+        live_ratio: f64,
+        /// Most bytes copied per second (0: unlimited), e.g. 200MiB.
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        rate: u64,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Ask the daemon to read and verify every window now (one scrub pass).
+    Scrub {
+        /// Most bytes read per second (0: unlimited).
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        rate: u64,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Crash torture: run `cwm serve`, drive random freezes/thaws/deletes/compactions, SIGKILL
+    /// it at random moments, restart, and verify everything acknowledged.
+    Torture {
+        /// How long to run.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Stop after this many restart cycles (0: only --seconds bounds the run).
+        #[arg(long, default_value_t = 0)]
+        cycles: u64,
+        /// Random seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Data directory (default: a fresh temporary one).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Kills land at most this many ms after an op phase starts.
+        #[arg(long, default_value_t = 150)]
+        kill_max_ms: u64,
+        /// Instead of kills: the damage sweep. Builds a directory of --windows windows, then
+        /// zeroes, randomises and bit-flips every 4 KiB page of every file in turn, reopening
+        /// and checking that nothing is lost, resurrected or reverted and the damage reported.
+        #[arg(long)]
+        damage: bool,
+        /// Windows of the damage sweep.
+        #[arg(long, default_value_t = 56)]
+        windows: usize,
+        /// Damage every n-th page only (damage sweep).
+        #[arg(long, default_value_t = 1)]
+        stride: usize,
+    },
+    /// Ask the daemon whether it is healthy.
+    Health(ClientArgs),
+    /// Print the daemon's Prometheus metrics.
+    Metrics(ClientArgs),
+    /// The Rust half of scripts/gpu-check.sh (CUDA IPC import, freeze/thaw, measurements).
+    GpuCheck {
+        /// `run` (freeze + thaw for a bit-exact check) or `bench` (measurements).
+        mode: String,
+        /// Spec file written by scripts/gpu_check.py.
+        #[arg(long)]
+        spec: PathBuf,
+        /// Directory for the store and raw-disk files.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn default_socket() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => PathBuf::from(d).join("cwm.sock"),
+        None => PathBuf::from("/run/cwm/cwm.sock"),
+    }
+}
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// Socket of the daemon.
+    #[arg(long, env = "CWM_SOCKET", default_value_os_t = default_socket())]
+    socket: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses `123`, `4KiB`, `2MiB`, `2GiB`, `1G`, `512M` (binary units).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let mul: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        u => return Err(format!("unknown size unit {u:?} in {s:?}")),
+    };
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    match serde_json::to_string(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("cwm: cannot encode JSON: {e}"),
+    }
+}
+
+/// Exit status of a command that returns a result: 0, or 1 with the message on stderr.
+fn finish(res: Result<(), String>) -> ExitCode {
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cwm: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match cli.cmd {
+        Cmd::Serve(a) => {
+            let empty = clap::ArgMatches::default();
+            finish(serve::serve(
+                a,
+                matches.subcommand_matches("serve").unwrap_or(&empty),
+            ))
+        }
+        Cmd::Ls(c) => client_cmd::ls(&c),
+        Cmd::Stat { name, c } => client_cmd::stat(&name, &c),
+        Cmd::Rm {
+            name,
+            cascade: true,
+            c,
+        } => client_cmd::rm_session(&name, &c),
+        Cmd::Rm {
+            name,
+            cascade: false,
+            c,
+        } => client_cmd::rm(&name, &c),
+        Cmd::Freeze {
+            session,
+            window,
+            replace,
+            salt,
+            c,
+        } => client_cmd::freeze(session, window, replace, salt, &c),
+        Cmd::Thaw {
+            window,
+            session,
+            engine,
+            block_ids,
+            salt,
+            c,
+        } => client_cmd::thaw(window, session, engine, block_ids, salt, &c),
+        Cmd::Scrub { rate, c } => client_cmd::scrub(rate, &c),
+        Cmd::Health(c) => client_cmd::health(&c),
+        Cmd::Metrics(c) => client_cmd::metrics(&c),
+        Cmd::Fsck {
+            data_dir,
+            json,
+            repair: true,
+            segment_size,
+        } => maint_cmd::fsck_repair(&data_dir, json, segment_size),
+        Cmd::Fsck {
+            data_dir,
+            json,
+            repair: false,
+            ..
+        } => maint_cmd::fsck(&data_dir, json),
+        Cmd::Compact {
+            data_dir,
+            live_ratio,
+            rate,
+            c,
+        } => maint_cmd::compact_cmd(data_dir, live_ratio, rate, &c),
+        Cmd::Torture {
+            damage: true,
+            seed,
+            data_dir,
+            windows,
+            stride,
+            ..
+        } => maint_cmd::damage(seed, data_dir, windows, stride),
+        Cmd::Torture {
+            seconds,
+            cycles,
+            seed,
+            data_dir,
+            kill_max_ms,
+            ..
+        } => maint_cmd::torture(seconds, cycles, seed, data_dir, kill_max_ms),
+        Cmd::Demo(a) => finish(tools::demo::run(&a)),
+        Cmd::GpuCheck { mode, spec, dir } => finish(bench_cmd::gpu_check(&mode, &spec, dir)),
+        Cmd::Bench(b) => finish(bench_cmd::run(b)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("2MiB"), Ok(2 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("2XB").is_err());
+        assert!(parse_size("").is_err());
+    }
+}

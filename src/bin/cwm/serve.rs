@@ -1,0 +1,274 @@
+//! `cwm serve`: the daemon's configuration (file, environment, flags) and its start.
+
+use std::path::PathBuf;
+
+use cwm::io::EngineKind;
+
+use crate::{default_socket, parse_size};
+
+#[derive(clap::Args)]
+pub(crate) struct ServeArgs {
+    /// TOML configuration file (flags win over environment variables, which win over it).
+    #[arg(long, env = "CWM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (the block log).
+    #[arg(long, env = "CWM_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Socket path.
+    #[arg(long, env = "CWM_SOCKET", default_value_os_t = default_socket())]
+    socket: PathBuf,
+    /// Capacity of the log (e.g. 500GiB).
+    #[arg(long, env = "CWM_CAPACITY", value_parser = parse_size)]
+    capacity: Option<u64>,
+    /// Segment size.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    segment_size: u64,
+    /// I/O engine: uring or psync.
+    #[arg(long, env = "CWM_IO_ENGINE", default_value = "uring")]
+    io_engine: EngineKind,
+    /// io_uring queue depth.
+    #[arg(long, default_value_t = 32)]
+    queue_depth: u32,
+    /// Staging pool per registered engine.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    staging: u64,
+    /// RAM tier size (0: off).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    tier: u64,
+    /// Threads verifying a thaw from the RAM tier while it is copied (0: one per core, at
+    /// most 8).
+    #[arg(long, env = "CWM_VERIFY_THREADS", default_value_t = 0)]
+    verify_threads: usize,
+    /// Directory shared-memory KV files must live in.
+    #[arg(long, env = "CWM_SHM_DIR", default_value = "/dev/shm")]
+    shm_dir: PathBuf,
+    /// Longest accepted request line.
+    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    max_line: u64,
+    /// Extra uids allowed to connect (the server's own uid always is).
+    #[arg(long = "allow-uid")]
+    allow_uids: Vec<u32>,
+    /// Most sessions in ACTIVE at once.
+    #[arg(long, env = "CWM_MAX_SESSIONS", default_value_t = 100)]
+    max_sessions: usize,
+    /// Serve Prometheus metrics over HTTP at this address (e.g. 127.0.0.1:9464); off by default.
+    #[arg(long, env = "CWM_METRICS_ADDR")]
+    metrics_addr: Option<String>,
+    /// Most freezes and thaws running at once (more get BUSY).
+    #[arg(long, env = "CWM_MAX_OPS", default_value_t = 64)]
+    max_ops: usize,
+    /// Log format on stderr: text or json (level from CWM_LOG).
+    #[arg(long, env = "CWM_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+    /// Background compaction: segments whose live fraction is below this are compacted.
+    #[arg(long, env = "CWM_COMPACT_LIVE_RATIO", default_value_t = 0.5)]
+    compact_live_ratio: f64,
+    /// Background compaction: most bytes copied per second (0: unlimited).
+    #[arg(long, env = "CWM_COMPACT_RATE", default_value = "256MiB", value_parser = parse_size)]
+    compact_rate: u64,
+    /// Seconds between background compaction passes (0: off).
+    #[arg(long, env = "CWM_COMPACT_INTERVAL", default_value_t = 10)]
+    compact_interval: u64,
+    /// Seconds between background scrub passes (0: off, the default).
+    #[arg(long, env = "CWM_SCRUB_INTERVAL", default_value_t = 0)]
+    scrub_interval: u64,
+    /// Most bytes per second a scrub reads (0: unlimited).
+    #[arg(long, env = "CWM_SCRUB_RATE", default_value = "64MiB", value_parser = parse_size)]
+    scrub_rate: u64,
+}
+
+/// A size in a TOML file: an integer of bytes or a string such as "500GiB".
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum SizeVal {
+    N(u64),
+    S(String),
+}
+
+impl SizeVal {
+    fn bytes(&self) -> Result<u64, String> {
+        match self {
+            SizeVal::N(n) => Ok(*n),
+            SizeVal::S(s) => parse_size(s),
+        }
+    }
+}
+
+/// `cwm serve`'s TOML file: the same names as the flags, with `_` for `-`.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    capacity: Option<SizeVal>,
+    segment_size: Option<SizeVal>,
+    io_engine: Option<String>,
+    queue_depth: Option<u32>,
+    staging: Option<SizeVal>,
+    tier: Option<SizeVal>,
+    verify_threads: Option<usize>,
+    shm_dir: Option<PathBuf>,
+    max_line: Option<SizeVal>,
+    allow_uids: Option<Vec<u32>>,
+    max_sessions: Option<usize>,
+    metrics_addr: Option<String>,
+    max_ops: Option<usize>,
+    compact_live_ratio: Option<f64>,
+    compact_rate: Option<SizeVal>,
+    compact_interval: Option<u64>,
+    scrub_interval: Option<u64>,
+    scrub_rate: Option<SizeVal>,
+}
+
+/// Fills every setting that came neither from a flag nor from the environment from the TOML
+/// file.
+fn apply_config_file(a: &mut ServeArgs, m: &clap::ArgMatches) -> Result<(), String> {
+    let Some(path) = a.config.clone() else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let f: FileConfig = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let from_file = |id: &str| {
+        !matches!(
+            m.value_source(id),
+            Some(clap::parser::ValueSource::CommandLine)
+                | Some(clap::parser::ValueSource::EnvVariable)
+        )
+    };
+    let size = |v: &Option<SizeVal>| v.as_ref().map(SizeVal::bytes).transpose();
+    // A key of the file applies unless its flag or environment variable was given:
+    // `take!(key)` for plain values, `take!(key, size)` for sizes; `|v| expr` maps the value.
+    macro_rules! take {
+        ($k:ident) => {
+            take!($k, |v| v)
+        };
+        ($k:ident, size) => {
+            take!($k, size, |v| v)
+        };
+        ($k:ident, |$v:ident| $e:expr) => {
+            if from_file(stringify!($k)) {
+                if let Some($v) = f.$k {
+                    a.$k = $e;
+                }
+            }
+        };
+        ($k:ident, size, |$v:ident| $e:expr) => {
+            if from_file(stringify!($k)) {
+                if let Some($v) = size(&f.$k)? {
+                    a.$k = $e;
+                }
+            }
+        };
+    }
+    take!(data_dir, |v| Some(v));
+    take!(socket);
+    take!(capacity, size, |v| Some(v));
+    take!(segment_size, size);
+    take!(io_engine, |v| v.parse()?);
+    take!(queue_depth);
+    take!(staging, size);
+    take!(tier, size);
+    take!(verify_threads);
+    take!(shm_dir);
+    take!(max_line, size);
+    take!(allow_uids);
+    take!(max_sessions);
+    take!(max_ops);
+    take!(metrics_addr, |v| Some(v));
+    take!(compact_live_ratio);
+    take!(compact_rate, size);
+    take!(compact_interval);
+    take!(scrub_interval);
+    take!(scrub_rate, size);
+    Ok(())
+}
+
+pub(crate) fn serve(mut a: ServeArgs, m: &clap::ArgMatches) -> Result<(), String> {
+    apply_config_file(&mut a, m)?;
+    cwm::log::init(a.log_format == "json");
+    let data_dir = a.data_dir.clone().ok_or(
+        "no data directory: pass --data-dir, set CWM_DATA_DIR or data_dir in the config file",
+    )?;
+    // Block SIGINT/SIGTERM in every thread; one thread waits for them.
+    // SAFETY: plain signal-mask manipulation before any other thread exists.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let mut cfg = cwm::store::StoreConfig::new(&data_dir);
+    cfg.segment_size = a.segment_size;
+    cfg.capacity = a.capacity.unwrap_or(u64::MAX);
+    cfg.engine = a.io_engine;
+    cfg.queue_depth = a.queue_depth;
+    let (store, report) = cwm::store::Store::open(cfg).map_err(|e| e.to_string())?;
+    cwm::log::info(&format!(
+        "store open: {} windows, {} records, {} torn tails cut",
+        report.windows,
+        report.records,
+        report.torn_tails.len()
+    ));
+    let damage = report.damaged_records.len()
+        + report.damaged_regions.len()
+        + report.incomplete_windows.len();
+    if damage > 0 {
+        cwm::log::warn(&format!(
+            "store open: {damage} damaged records, regions or lost windows (see `cwm health`; \
+             `cwm fsck --repair` with the daemon stopped removes them)"
+        ));
+    }
+    let server = cwm::control::Server::new(
+        std::sync::Arc::new(store),
+        cwm::control::ServeConfig {
+            socket: a.socket,
+            allow_uids: a.allow_uids,
+            shm_dir: a.shm_dir,
+            max_line: a.max_line as usize,
+            pipeline: cwm::pipeline::PipelineConfig {
+                staging_bytes: a.staging,
+                verify_threads: match a.verify_threads {
+                    0 => cwm::pipeline::default_verify_threads(),
+                    n => n,
+                },
+                ..Default::default()
+            },
+            tier_bytes: a.tier,
+            max_sessions: a.max_sessions,
+            metrics_addr: a.metrics_addr,
+            max_ops: a.max_ops,
+            maintenance: cwm::control::maint::Maintenance {
+                compact: cwm::store::CompactOptions {
+                    live_ratio: a.compact_live_ratio,
+                    rate: a.compact_rate,
+                    ..Default::default()
+                },
+                compact_interval_s: a.compact_interval,
+                scrub_interval_s: a.scrub_interval,
+                scrub_rate: a.scrub_rate,
+            },
+        },
+    );
+    server.opened(&report);
+    let s2 = server.clone();
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: waiting on the blocked set.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        cwm::log::info(&format!("signal {sig}: stopping"));
+        s2.stop();
+    });
+    server.serve().map_err(|e| format!("serve: {e}"))?;
+    // Freezes and thaws still running finish (a captured freeze holds the only copy of its
+    // blocks: the engine has reused them).
+    let left = server.drain(std::time::Duration::from_secs(30));
+    if left > 0 {
+        cwm::log::warn(&format!(
+            "stopping with {left} freezes or thaws still running"
+        ));
+    }
+    cwm::log::info("stopped");
+    Ok(())
+}

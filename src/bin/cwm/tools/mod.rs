@@ -1,0 +1,6 @@
+//! Tools built on the library: benchmarks, the GPU check, crash torture and the demo.
+
+pub(crate) mod bench;
+pub(crate) mod demo;
+pub(crate) mod gpucheck;
+pub(crate) mod torture;
