@@ -12,6 +12,7 @@ pub mod control;
 pub mod damage;
 pub mod decision;
 pub mod device;
+pub mod error;
 pub mod failpoint;
 pub mod fsck;
 

@@ -8,6 +8,7 @@
 //! Sessions live in the daemon's memory for now; windows (which are durable) carry their
 //! session id, so `session.delete` can find them after a restart.
 
+use crate::error::ErrorCode;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -101,16 +102,16 @@ pub enum SessionError {
 impl SessionError {
     /// Stable wire code.
     #[must_use]
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
             SessionError::InvalidTransition { .. } | SessionError::Generating(_) => {
-                "INVALID_STATE_TRANSITION"
+                ErrorCode::InvalidStateTransition
             }
-            SessionError::AlreadyFrozen(_) => "SESSION_ALREADY_FROZEN",
-            SessionError::Busy(_) => "BUSY",
-            SessionError::TooMany { .. } => "TOO_MANY_SESSIONS",
-            SessionError::NotFound(_) => "NOT_FOUND",
-            SessionError::Exists(_) => "ALREADY_EXISTS",
+            SessionError::AlreadyFrozen(_) => ErrorCode::SessionAlreadyFrozen,
+            SessionError::Busy(_) => ErrorCode::Busy,
+            SessionError::TooMany { .. } => ErrorCode::TooManySessions,
+            SessionError::NotFound(_) => ErrorCode::NotFound,
+            SessionError::Exists(_) => ErrorCode::AlreadyExists,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! A small blocking client of the control protocol (the `cwm` CLI and tests use it).
 
+use crate::error::ErrorCode;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -77,15 +78,8 @@ pub fn exit_code(resp: &Value) -> i32 {
     if resp.get("ok").and_then(Value::as_bool) == Some(true) {
         return 0;
     }
-    match resp
-        .pointer("/error/code")
+    resp.pointer("/error/code")
         .and_then(Value::as_str)
-        .unwrap_or("")
-    {
-        "VALIDATION" | "UNKNOWN_OP" | "LAYOUT_MISMATCH" | "TOKEN_MISMATCH"
-        | "NAMESPACE_MISMATCH" => 2,
-        "NOT_FOUND" => 3,
-        "BUSY" | "SESSION_ALREADY_FROZEN" | "CONCURRENT_MODIFICATION" | "ALREADY_EXISTS" => 4,
-        _ => 1,
-    }
+        .and_then(ErrorCode::from_wire)
+        .map_or(1, |c| i32::from(c.exit_status()))
 }

@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 
 use crate::device::host::{ProcessMemory, ShmMemory};
 use crate::device::KvMemory;
+use crate::error::ErrorCode;
 use crate::pipeline::{freeze, thaw, Engine, FreezeRequest, PipelineConfig, ThawRequest};
 use crate::store::{Replace, Store};
 use crate::tier::RamTier;
@@ -354,7 +355,7 @@ impl Server {
                     "{}",
                     protocol::error_line(
                         &Value::Null,
-                        &ApiError::new("PERMISSION_DENIED", "this uid may not use cwm")
+                        &ApiError::new(ErrorCode::PermissionDenied, "this uid may not use cwm")
                     )
                 );
                 continue;
@@ -462,7 +463,7 @@ impl Server {
                     &protocol::error_line(
                         &Value::Null,
                         &ApiError::new(
-                            "VALIDATION",
+                            ErrorCode::Validation,
                             format!(
                                 "request line longer than {} bytes; the limit is max_line",
                                 self.cfg.max_line
@@ -594,12 +595,12 @@ impl Server {
         };
         let res = if heavy && self.stopping.load(Ordering::SeqCst) {
             Err(ApiError::new(
-                "UNAVAILABLE",
+                ErrorCode::Unavailable,
                 "cwm is stopping; retry when it is back",
             ))
         } else if heavy && running >= self.cfg.max_ops.max(1) {
             Err(ApiError::new(
-                "BUSY",
+                ErrorCode::Busy,
                 format!(
                     "{} freezes and thaws are already running (max_ops); retry shortly",
                     self.cfg.max_ops
@@ -672,7 +673,7 @@ impl Server {
             .cloned()
             .ok_or_else(|| {
                 ApiError::new(
-                    "NOT_FOUND",
+                    ErrorCode::NotFound,
                     format!("no engine {name:?} is registered; send register first"),
                 )
             })
@@ -724,7 +725,7 @@ impl Server {
                 match removed {
                     Some(_) => Ok(json!({"engine": name})),
                     None => Err(ApiError::new(
-                        "NOT_FOUND",
+                        ErrorCode::NotFound,
                         format!("no engine {name:?} is registered"),
                     )),
                 }
@@ -859,7 +860,10 @@ impl Server {
                             .longest_prefix(&eng.keys_with(t, salt.as_deref()), None)
                             .map_err(ApiError::from)?;
                         let (w, _) = found.ok_or_else(|| {
-                            ApiError::new("NOT_FOUND", "no stored window starts with these tokens")
+                            ApiError::new(
+                                ErrorCode::NotFound,
+                                "no stored window starts with these tokens",
+                            )
                         })?;
                         (w.name, true)
                     }
@@ -1094,13 +1098,13 @@ impl Server {
                 let known = self.sessions.get(id).is_ok();
                 if !known && windows.is_empty() {
                     return Err(ApiError::new(
-                        "NOT_FOUND",
+                        ErrorCode::NotFound,
                         format!("session {id:?} not found"),
                     ));
                 }
                 if !windows.is_empty() && !cascade {
                     return Err(ApiError::new(
-                        "SESSION_HAS_WINDOWS",
+                        ErrorCode::SessionHasWindows,
                         format!(
                             "session {id:?} has {} window(s) ({}); delete them first or pass cascade=true",
                             windows.len(),
@@ -1119,7 +1123,7 @@ impl Server {
                 Ok(json!({"session": id, "windows_deleted": windows}))
             }
             op => Err(ApiError::new(
-                "UNKNOWN_OP",
+                ErrorCode::UnknownOp,
                 format!("unknown op {op:?}; see docs/PROTOCOL.md (hello lists the capabilities)"),
             )),
         }
@@ -1137,7 +1141,7 @@ impl Server {
             match peer {
                 Some(p) if p == owner => Ok(()),
                 _ => Err(ApiError::new(
-                    "PERMISSION_DENIED",
+                    ErrorCode::PermissionDenied,
                     format!(
                         "{what} belongs to uid {owner}, not to the requester (uid {})",
                         peer.map_or_else(|| "unknown".to_string(), |p| p.to_string())
@@ -1168,7 +1172,7 @@ impl Server {
                     .map_err(|e| ApiError::validation(format!("{p}: {e}")))?;
                 if !c.starts_with(&allowed) {
                     return Err(ApiError::new(
-                        "PERMISSION_DENIED",
+                        ErrorCode::PermissionDenied,
                         format!(
                             "{p} is outside the allowed shared-memory directory {}",
                             allowed.display()
@@ -1347,7 +1351,8 @@ impl Server {
             ))
         })?;
         let device = cuda.get("device").and_then(Value::as_i64).unwrap_or(0) as i32;
-        let ctx = Cuda::shared(device).map_err(|e| ApiError::new("UNAVAILABLE", e.to_string()))?;
+        let ctx = Cuda::shared(device)
+            .map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()))?;
         let ipc = tensors
             .iter()
             .map(|t| {

@@ -3,6 +3,7 @@
 
 use serde_json::{json, Value};
 
+use crate::error::ErrorCode;
 use crate::pipeline::PipelineError;
 use crate::store::StoreError;
 
@@ -13,34 +14,37 @@ pub const PROTOCOL_VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     /// Stable code (VALIDATION, NOT_FOUND, …).
-    pub code: String,
+    pub code: ErrorCode,
     /// What went wrong and what to do.
     pub message: String,
 }
 
 impl ApiError {
     /// An error with a code.
-    pub fn new(code: &str, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
-            code: code.into(),
+            code,
             message: message.into(),
         }
     }
 
     /// A VALIDATION error.
     pub fn validation(message: impl Into<String>) -> Self {
-        Self::new("VALIDATION", message)
+        Self::new(ErrorCode::Validation, message)
     }
 
     /// An INTERNAL error.
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new("INTERNAL", message)
+        Self::new(ErrorCode::Internal, message)
     }
 }
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        Self::new(e.code(), e.to_string())
+        Self::new(
+            ErrorCode::from_wire(e.code()).unwrap_or(ErrorCode::Internal),
+            e.to_string(),
+        )
     }
 }
 
@@ -75,7 +79,7 @@ pub fn parse(line: &[u8]) -> Result<Request, (Value, ApiError)> {
         (
             Value::Null,
             ApiError::new(
-                "VALIDATION",
+                ErrorCode::Validation,
                 format!("malformed JSON: {e}; send one JSON object per line"),
             ),
         )
@@ -114,28 +118,30 @@ pub fn parse(line: &[u8]) -> Result<Request, (Value, ApiError)> {
 #[must_use]
 pub fn edge_case_of(e: &ApiError) -> Option<&'static str> {
     let m = e.message.as_str();
-    Some(match e.code.as_str() {
-        "SESSION_ALREADY_FROZEN" => "EC-001",
-        "BUSY" if m.contains("being frozen") => "EC-001",
-        "INVALID_STATE_TRANSITION" if m.contains("generation is in progress") => "EC-003",
-        "INVALID_STATE_TRANSITION" => "EC-030",
+    Some(match e.code {
+        ErrorCode::SessionAlreadyFrozen => "EC-001",
+        ErrorCode::Busy if m.contains("being frozen") => "EC-001",
+        ErrorCode::InvalidStateTransition if m.contains("generation is in progress") => "EC-003",
+        ErrorCode::InvalidStateTransition => "EC-030",
         // EC-004: KV of other inputs refused (other tokens; another model, adapter or salt).
-        "TOKEN_MISMATCH" | "NAMESPACE_MISMATCH" => "EC-004",
-        "CONCURRENT_MODIFICATION" => "EC-005",
-        "QUOTA_EXCEEDED" => "EC-020",
-        "NO_SPACE" => "EC-052",
-        "TOO_MANY_SESSIONS" => "EC-021",
-        "INSUFFICIENT_MEMORY" => "EC-022",
-        "SESSION_HAS_WINDOWS" => "EC-031",
-        "INTERRUPTED" => "EC-040",
-        "TIMEOUT" => "EC-041",
-        "CORRUPTION" => "EC-050",
-        "VALIDATION" if m.contains("EC-010") => "EC-010",
-        "VALIDATION" if m.contains("EC-014") => "EC-014",
-        "VALIDATION" if m.contains("characters long") || m.contains("must not be empty") => {
+        ErrorCode::TokenMismatch | ErrorCode::NamespaceMismatch => "EC-004",
+        ErrorCode::ConcurrentModification => "EC-005",
+        ErrorCode::QuotaExceeded => "EC-020",
+        ErrorCode::NoSpace => "EC-052",
+        ErrorCode::TooManySessions => "EC-021",
+        ErrorCode::InsufficientMemory => "EC-022",
+        ErrorCode::SessionHasWindows => "EC-031",
+        ErrorCode::Interrupted => "EC-040",
+        ErrorCode::Timeout => "EC-041",
+        ErrorCode::Corruption => "EC-050",
+        ErrorCode::Validation if m.contains("EC-010") => "EC-010",
+        ErrorCode::Validation if m.contains("EC-014") => "EC-014",
+        ErrorCode::Validation
+            if m.contains("characters long") || m.contains("must not be empty") =>
+        {
             "EC-012"
         }
-        "VALIDATION" if m.contains("only ASCII letters") => "EC-013",
+        ErrorCode::Validation if m.contains("only ASCII letters") => "EC-013",
         _ => return None,
     })
 }
@@ -143,7 +149,7 @@ pub fn edge_case_of(e: &ApiError) -> Option<&'static str> {
 /// One error response line.
 #[must_use]
 pub fn error_line(id: &Value, e: &ApiError) -> String {
-    json!({"id": id, "ok": false, "final": true, "error": {"code": e.code, "message": e.message}})
+    json!({"id": id, "ok": false, "final": true, "error": {"code": e.code.as_str(), "message": e.message}})
         .to_string()
 }
 

@@ -7,6 +7,7 @@
 pub mod cuda;
 pub mod host;
 
+use crate::error::ErrorCode;
 use crate::layout::{transpose_piece, Compat, Layout, PieceKind};
 
 /// Errors of the device layer.
@@ -26,11 +27,11 @@ pub enum DeviceError {
 impl DeviceError {
     /// Stable wire code.
     #[must_use]
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            DeviceError::Validation(_) => "VALIDATION",
-            DeviceError::Gone(_) => "INTERRUPTED",
-            DeviceError::Os(_) => "INTERNAL",
+            DeviceError::Validation(_) => ErrorCode::Validation,
+            DeviceError::Gone(_) => ErrorCode::Interrupted,
+            DeviceError::Os(_) => ErrorCode::Internal,
         }
     }
 }

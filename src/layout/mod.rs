@@ -9,6 +9,7 @@
 
 pub mod spec;
 
+use crate::error::ErrorCode;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -137,10 +138,10 @@ pub enum LayoutError {
 impl LayoutError {
     /// Stable wire code.
     #[must_use]
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            LayoutError::Invalid(_) => "VALIDATION",
-            LayoutError::Mismatch { .. } => "LAYOUT_MISMATCH",
+            LayoutError::Invalid(_) => ErrorCode::Validation,
+            LayoutError::Mismatch { .. } => ErrorCode::LayoutMismatch,
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod synthetic;
 
 pub use engine::Engine;
 
+use crate::error::ErrorCode;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -88,16 +89,18 @@ pub enum PipelineError {
 impl PipelineError {
     /// Stable wire code.
     #[must_use]
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            PipelineError::Store(e) => e.code(),
+            PipelineError::Store(e) => {
+                ErrorCode::from_wire(e.code()).unwrap_or(ErrorCode::Internal)
+            }
             PipelineError::Device(e) => e.code(),
             PipelineError::Layout(e) => e.code(),
-            PipelineError::Validation(_) => "VALIDATION",
-            PipelineError::TokenMismatch { .. } => "TOKEN_MISMATCH",
-            PipelineError::NamespaceMismatch { .. } => "NAMESPACE_MISMATCH",
-            PipelineError::InsufficientMemory { .. } => "INSUFFICIENT_MEMORY",
-            PipelineError::Timeout { .. } => "TIMEOUT",
+            PipelineError::Validation(_) => ErrorCode::Validation,
+            PipelineError::TokenMismatch { .. } => ErrorCode::TokenMismatch,
+            PipelineError::NamespaceMismatch { .. } => ErrorCode::NamespaceMismatch,
+            PipelineError::InsufficientMemory { .. } => ErrorCode::InsufficientMemory,
+            PipelineError::Timeout { .. } => ErrorCode::Timeout,
         }
     }
 }
