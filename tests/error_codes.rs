@@ -19,7 +19,10 @@ fn backticked_codes(text: &str) -> Vec<String> {
 }
 
 fn all() -> Vec<String> {
-    ErrorCode::ALL.iter().map(|c| c.as_str().to_string()).collect()
+    ErrorCode::ALL
+        .iter()
+        .map(|c| c.as_str().to_string())
+        .collect()
 }
 
 #[test]
@@ -27,7 +30,9 @@ fn protocol_document_lists_every_code_in_order() {
     let doc = root("docs/PROTOCOL.md");
     let from = doc.find("## Error codes").expect("an Error codes section");
     let section = &doc[from..];
-    let to = section.find("Clients add one code").expect("the client-only code paragraph");
+    let to = section
+        .find("Clients add one code")
+        .expect("the client-only code paragraph");
     assert_eq!(backticked_codes(&section[..to]), all());
 }
 

@@ -1,4 +1,4 @@
-//! A freeze or thaw whose requester has gone (PipelineConfig::cancel; the daemon sets it from
+//! A freeze or thaw whose requester has gone (FreezeOptions::cancel, ThawOptions::cancel; the daemon sets it from
 //! the request's connection) stops: a thaw after its current batch, without writing the
 //! blocks after it; a freeze not yet captured writes nothing (both answer INTERRUPTED), so
 //! blocks the engine may already be reusing are neither overwritten nor stored.
@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cwm::layout::{Dtype, Layout};
-use cwm::pipeline::{freeze, thaw, Cancel, FreezeRequest, PipelineConfig};
+use cwm::pipeline::{freeze, thaw, Cancel, FreezeRequest};
+use cwm::pipeline::{FreezeOptions, ThawOptions};
 use cwm::tier::RamTier;
 
 /// Cancelled from the `after`-th question on.
@@ -42,11 +43,17 @@ fn a_cancelled_freeze_stores_nothing_and_a_cancelled_thaw_stops() {
         // asks once, when its gather is done; a streaming one after every batch).
         let afters: &[usize] = if mode == "captured" { &[0] } else { &[0, 1, 5] };
         for &after in afters {
-            let cfg = PipelineConfig {
-                cancel: Some(cancel_after(after)),
-                ..base.clone()
-            };
-            let err = freeze(&store, &syn.engine, req("gone", n), &cfg, None, &|| {}).unwrap_err();
+            let err = freeze(
+                &store,
+                &syn.engine,
+                req("gone", n),
+                &base,
+                &FreezeOptions {
+                    cancel: Some(cancel_after(after)),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
             assert_eq!(err.code(), "INTERRUPTED", "{mode}: {err}");
             assert_eq!(store.get("gone").unwrap_err().code(), "NOT_FOUND", "{mode}");
         }
@@ -56,7 +63,14 @@ fn a_cancelled_freeze_stores_nothing_and_a_cancelled_thaw_stops() {
             "{mode}: nothing held"
         );
         // The same freeze with its requester there.
-        freeze(&store, &syn.engine, req("w", n), &base, None, &|| {}).unwrap();
+        freeze(
+            &store,
+            &syn.engine,
+            req("w", n),
+            &base,
+            &FreezeOptions::default(),
+        )
+        .unwrap();
         let before = blocks_of(
             &layout,
             syn.local.as_ref(),
@@ -71,11 +85,17 @@ fn a_cancelled_freeze_stores_nothing_and_a_cancelled_thaw_stops() {
             syn.local.fill_random(t, 99).unwrap();
         }
         let poisoned = blocks_of(&layout, syn.local.as_ref(), &dst);
-        let cfg = PipelineConfig {
-            cancel: Some(cancel_after(1)),
-            ..base.clone()
-        };
-        let err = thaw(&store, &syn.engine, &treq, &cfg, None).unwrap_err();
+        let err = thaw(
+            &store,
+            &syn.engine,
+            &treq,
+            &base,
+            &ThawOptions {
+                cancel: Some(cancel_after(1)),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
         assert_eq!(err.code(), "INTERRUPTED", "{mode}: {err}");
         let now = blocks_of(&layout, syn.local.as_ref(), &dst);
         let written = now.iter().zip(&before).take_while(|(a, b)| a == b).count();
@@ -88,14 +108,41 @@ fn a_cancelled_freeze_stores_nothing_and_a_cancelled_thaw_stops() {
 
         // From the RAM tier too.
         let tier = RamTier::new(64 << 20);
-        thaw(&store, &syn.engine, &treq, &base, Some(&tier)).unwrap();
-        let r = thaw(&store, &syn.engine, &treq, &base, Some(&tier)).unwrap();
+        thaw(
+            &store,
+            &syn.engine,
+            &treq,
+            &base,
+            &ThawOptions {
+                tier: Some(&tier),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let r = thaw(
+            &store,
+            &syn.engine,
+            &treq,
+            &base,
+            &ThawOptions {
+                tier: Some(&tier),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(r.blocks_from_tier as usize, n, "{mode}");
-        let cfg = PipelineConfig {
-            cancel: Some(cancel_after(0)),
-            ..base.clone()
-        };
-        let err = thaw(&store, &syn.engine, &treq, &cfg, Some(&tier)).unwrap_err();
+        let err = thaw(
+            &store,
+            &syn.engine,
+            &treq,
+            &base,
+            &ThawOptions {
+                cancel: Some(cancel_after(0)),
+                tier: Some(&tier),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
         assert_eq!(err.code(), "INTERRUPTED", "{mode}: {err}");
     }
 }

@@ -8,6 +8,7 @@ use common::kv::*;
 use common::*;
 use cwm::layout::{Dtype, Layout};
 use cwm::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, PipelineError, ThawRequest};
+use cwm::pipeline::{FreezeOptions, ThawOptions};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -36,8 +37,7 @@ fn capture_does_not_wait_for_the_log() {
         &syn.engine,
         req("base", 0, 0..8),
         &cfg,
-        None,
-        &|| {},
+        &FreezeOptions::default(),
     )
     .unwrap();
     let want = blocks_of(&layout, syn.local.as_ref(), &(0..20).collect::<Vec<u64>>());
@@ -49,10 +49,19 @@ fn capture_does_not_wait_for_the_log() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::scope(|s| {
         let h = s.spawn(|| {
-            freeze(&store, &syn.engine, req("w", 0, 0..20), &cfg, None, &|| {
-                captured.store(true, Ordering::SeqCst);
-                let _ = tx.send(());
-            })
+            freeze(
+                &store,
+                &syn.engine,
+                req("w", 0, 0..20),
+                &cfg,
+                &FreezeOptions {
+                    on_captured: Some(&|| {
+                        captured.store(true, Ordering::SeqCst);
+                        let _ = tx.send(());
+                    }),
+                    ..Default::default()
+                },
+            )
         });
         // Liveness, not timing: before this change the capture waited for the log, forever here.
         rx.recv_timeout(Duration::from_secs(60))
@@ -79,7 +88,7 @@ fn capture_does_not_wait_for_the_log() {
             ..Default::default()
         },
         &cfg,
-        None,
+        &ThawOptions::default(),
     )
     .unwrap();
     assert_eq!(t.blocks_restored, 20);
@@ -92,9 +101,16 @@ fn capture_does_not_wait_for_the_log() {
     }
     // The name exists: refused before the engine's blocks are read or released.
     let captured = AtomicBool::new(false);
-    let e = freeze(&store, &syn.engine, req("w", 0, 0..20), &cfg, None, &|| {
-        captured.store(true, Ordering::SeqCst)
-    })
+    let e = freeze(
+        &store,
+        &syn.engine,
+        req("w", 0, 0..20),
+        &cfg,
+        &FreezeOptions {
+            on_captured: Some(&|| captured.store(true, Ordering::SeqCst)),
+            ..Default::default()
+        },
+    )
     .unwrap_err();
     assert!(
         matches!(&e, PipelineError::Store(s) if s.code() == "ALREADY_EXISTS"),
@@ -129,8 +145,10 @@ fn ec_020_d_no_capture_for_a_window_the_log_cannot_hold() {
             ..Default::default()
         },
         &cfg,
-        None,
-        &|| captured.store(true, Ordering::SeqCst),
+        &FreezeOptions {
+            on_captured: Some(&|| captured.store(true, Ordering::SeqCst)),
+            ..Default::default()
+        },
     )
     .unwrap_err();
     assert!(

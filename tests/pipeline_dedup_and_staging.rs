@@ -7,6 +7,7 @@ use common::kv::*;
 use common::*;
 use cwm::layout::{Dtype, Layout};
 use cwm::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, ThawRequest};
+use cwm::pipeline::{FreezeOptions, ThawOptions};
 use cwm::tier::RamTier;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -47,8 +48,7 @@ fn shared_prefix_stored_once() {
             ..Default::default()
         },
         &PipelineConfig::default(),
-        None,
-        &|| {},
+        &FreezeOptions::default(),
     )
     .unwrap();
     let used1 = store.stats().unwrap().used_bytes;
@@ -63,8 +63,7 @@ fn shared_prefix_stored_once() {
             ..Default::default()
         },
         &PipelineConfig::default(),
-        None,
-        &|| {},
+        &FreezeOptions::default(),
     )
     .unwrap();
     let used2 = store.stats().unwrap().used_bytes;
@@ -104,7 +103,7 @@ fn shared_prefix_stored_once() {
             salt: None,
         },
         &PipelineConfig::default(),
-        None,
+        &ThawOptions::default(),
     )
     .unwrap();
     for i in [0usize, 100, 255, 256, nb - 1] {
@@ -147,8 +146,11 @@ fn freeze_larger_than_staging_and_ram_tier() {
                 ..Default::default()
             },
             &cfg,
-            Some(&tier),
-            &|| captured.store(true, Ordering::SeqCst),
+            &FreezeOptions {
+                tier: Some(&tier),
+                on_captured: Some(&|| captured.store(true, Ordering::SeqCst)),
+                ..Default::default()
+            },
         )
         .unwrap();
         assert!(captured.load(Ordering::SeqCst));
@@ -171,7 +173,7 @@ fn freeze_larger_than_staging_and_ram_tier() {
                 salt: None,
             },
             &cfg,
-            None,
+            &ThawOptions::default(),
         )
         .unwrap();
         assert_eq!(t.blocks_restored, 100, "{name}");
@@ -204,7 +206,10 @@ fn freeze_larger_than_staging_and_ram_tier() {
                 salt: None,
             },
             &cfg,
-            Some(&tier),
+            &ThawOptions {
+                tier: Some(&tier),
+                ..Default::default()
+            },
         )
         .unwrap();
         assert_eq!(t.blocks_from_tier, 100, "{name}");

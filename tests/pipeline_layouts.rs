@@ -6,6 +6,7 @@ use common::kv::*;
 use common::*;
 use cwm::layout::{CrossOrder, Dtype, Layout};
 use cwm::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, ThawRequest};
+use cwm::pipeline::{FreezeOptions, ThawOptions};
 
 fn layouts(blocks: u64) -> Vec<Layout> {
     every_layout(blocks)
@@ -40,8 +41,7 @@ fn round_trip_every_layout() {
                     ..Default::default()
                 },
                 &cfg,
-                None,
-                &|| {},
+                &FreezeOptions::default(),
             )
             .unwrap();
             assert_eq!(rep.info.num_blocks, 11);
@@ -63,7 +63,7 @@ fn round_trip_every_layout() {
                     salt: None,
                 },
                 &cfg,
-                None,
+                &ThawOptions::default(),
             )
             .unwrap();
             assert_eq!(t.blocks_restored, 11, "{ename} {}", layout.name);
@@ -103,8 +103,7 @@ fn thaw_across_a_dimension_order_change_permutes() {
             ..Default::default()
         },
         &PipelineConfig::default(),
-        None,
-        &|| {},
+        &FreezeOptions::default(),
     )
     .unwrap();
     let t = thaw(
@@ -119,7 +118,7 @@ fn thaw_across_a_dimension_order_change_permutes() {
             salt: None,
         },
         &PipelineConfig::default(),
-        None,
+        &ThawOptions::default(),
     )
     .unwrap();
     assert!(t.permuted);

@@ -9,6 +9,7 @@ use common::*;
 use cwm::layout::{Dtype, Layout};
 use cwm::pipeline::synthetic::Synthetic;
 use cwm::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, PipelineError, ThawRequest};
+use cwm::pipeline::{FreezeOptions, ThawOptions};
 
 #[test]
 fn request_salts_and_models_keep_kv_apart() {
@@ -32,8 +33,7 @@ fn request_salts_and_models_keep_kv_apart() {
         &syn.engine,
         fr("lora-a", Some("lora:a"), vec![0, 1, 2, 3]),
         &cfg,
-        None,
-        &|| {},
+        &FreezeOptions::default(),
     )
     .unwrap();
     assert_eq!(a.blocks_written, 4);
@@ -43,8 +43,7 @@ fn request_salts_and_models_keep_kv_apart() {
         &syn.engine,
         fr("lora-b", Some("lora:b"), vec![4, 5, 6, 7]),
         &cfg,
-        None,
-        &|| {},
+        &FreezeOptions::default(),
     )
     .unwrap();
     assert_eq!((b.blocks_written, b.blocks_deduplicated), (4, 0));
@@ -71,7 +70,13 @@ fn request_salts_and_models_keep_kv_apart() {
     };
     let want = blocks_of(&layout, syn.local.as_ref(), &[0, 1, 2, 3]);
     for salt in [None, Some("lora:b")] {
-        match thaw(&store, &syn.engine, &tr("lora-a", salt), &cfg, None) {
+        match thaw(
+            &store,
+            &syn.engine,
+            &tr("lora-a", salt),
+            &cfg,
+            &ThawOptions::default(),
+        ) {
             Err(e @ PipelineError::NamespaceMismatch { .. }) => {
                 assert_eq!(e.code(), "NAMESPACE_MISMATCH");
                 assert!(e.to_string().contains("lora:a"), "{e}");
@@ -84,7 +89,7 @@ fn request_salts_and_models_keep_kv_apart() {
         &syn.engine,
         &tr("lora-a", Some("lora:a")),
         &cfg,
-        None,
+        &ThawOptions::default(),
     )
     .unwrap();
     assert_eq!(t.blocks_restored, 4);
@@ -101,12 +106,17 @@ fn request_salts_and_models_keep_kv_apart() {
         &syn.engine,
         fr("base", None, vec![8, 9, 10, 11]),
         &cfg,
-        None,
-        &|| {},
+        &FreezeOptions::default(),
     )
     .unwrap();
     let before = block_bytes_of(&layout, other.local.as_ref(), 20);
-    match thaw(&store, &other.engine, &tr("base", None), &cfg, None) {
+    match thaw(
+        &store,
+        &other.engine,
+        &tr("base", None),
+        &cfg,
+        &ThawOptions::default(),
+    ) {
         Err(PipelineError::NamespaceMismatch { window_ns, .. }) => {
             assert!(window_ns.starts_with("test-model#"), "{window_ns}")
         }

@@ -6,6 +6,7 @@ use common::kv::*;
 use common::*;
 use cwm::layout::{Dtype, Layout};
 use cwm::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, ThawRequest};
+use cwm::pipeline::{FreezeOptions, ThawOptions};
 
 #[test]
 fn corrupt_block_restores_the_intact_prefix() {
@@ -29,8 +30,7 @@ fn corrupt_block_restores_the_intact_prefix() {
                     ..Default::default()
                 },
                 &PipelineConfig::default(),
-                None,
-                &|| {},
+                &FreezeOptions::default(),
             )
             .unwrap();
         }
@@ -66,7 +66,7 @@ fn corrupt_block_restores_the_intact_prefix() {
                 salt: None,
             },
             &cfg,
-            None,
+            &ThawOptions::default(),
         )
         .unwrap();
         assert_eq!(rep.blocks_restored, 5, "{name}");

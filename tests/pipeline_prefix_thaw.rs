@@ -8,6 +8,7 @@ use common::kv::*;
 use common::*;
 use cwm::layout::{Dtype, Layout};
 use cwm::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, PipelineError, ThawRequest};
+use cwm::pipeline::{FreezeOptions, ThawOptions};
 
 /// A prefix thaw of window "sys-prompt" from `first_block` into `block_ids`.
 fn thaw_range(
@@ -30,7 +31,7 @@ fn thaw_range(
             salt: None,
         },
         &PipelineConfig::default(),
-        None,
+        &ThawOptions::default(),
     )
 }
 
@@ -54,8 +55,7 @@ fn prefix_ranges_restore_exactly_their_blocks() {
             ..Default::default()
         },
         &PipelineConfig::default(),
-        None,
-        &|| {},
+        &FreezeOptions::default(),
     )
     .unwrap();
     let orig: Vec<Vec<u8>> = src

@@ -7,6 +7,7 @@ use common::*;
 use cwm::device::host::ProcessMemory;
 use cwm::layout::{Dtype, Layout};
 use cwm::pipeline::{freeze, thaw, Engine, FreezeRequest, PipelineConfig, ThawRequest};
+use cwm::pipeline::{FreezeOptions, ThawOptions};
 use std::sync::Arc;
 
 #[test]
@@ -54,8 +55,7 @@ fn freeze_and_thaw_through_another_process_memory() {
             ..Default::default()
         },
         &PipelineConfig::default(),
-        None,
-        &|| {},
+        &FreezeOptions::default(),
     )
     .unwrap();
     thaw(
@@ -70,7 +70,7 @@ fn freeze_and_thaw_through_another_process_memory() {
             salt: None,
         },
         &PipelineConfig::default(),
-        None,
+        &ThawOptions::default(),
     )
     .unwrap();
     for i in 0..4 {
@@ -93,8 +93,7 @@ fn freeze_and_thaw_through_another_process_memory() {
             ..Default::default()
         },
         &PipelineConfig::default(),
-        None,
-        &|| {},
+        &FreezeOptions::default(),
     )
     .unwrap_err();
     assert_eq!(err.code(), "INTERRUPTED", "{err}");

@@ -7,6 +7,7 @@ use common::kv::*;
 use common::*;
 use cwm::layout::{Dtype, Layout};
 use cwm::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, ThawRequest};
+use cwm::pipeline::{FreezeOptions, ThawOptions};
 
 fn setup() -> (tempfile::TempDir, cwm::store::Store, Synthetic) {
     let (_, io) = engines().pop().unwrap();
@@ -29,8 +30,7 @@ fn frozen(store: &cwm::store::Store, syn: &Synthetic) -> Vec<u32> {
             ..Default::default()
         },
         &PipelineConfig::default(),
-        None,
-        &|| {},
+        &FreezeOptions::default(),
     )
     .unwrap();
     tokens
@@ -53,7 +53,7 @@ fn layout_mismatch_names_both_geometries() {
             salt: None,
         },
         &PipelineConfig::default(),
-        None,
+        &ThawOptions::default(),
     )
     .unwrap_err();
     assert_eq!(err.code(), "LAYOUT_MISMATCH");
@@ -78,7 +78,7 @@ fn ec_004_a_token_mismatch_refused() {
             salt: None,
         },
         &PipelineConfig::default(),
-        None,
+        &ThawOptions::default(),
     )
     .unwrap_err();
     assert_eq!(err.code(), "TOKEN_MISMATCH");
@@ -100,8 +100,7 @@ fn out_of_range_block_ids_refused_before_copying() {
             ..Default::default()
         },
         &PipelineConfig::default(),
-        None,
-        &|| {},
+        &FreezeOptions::default(),
     )
     .unwrap_err();
     assert_eq!(err.code(), "VALIDATION");
@@ -125,7 +124,7 @@ fn out_of_range_block_ids_refused_before_copying() {
             salt: None,
         },
         &PipelineConfig::default(),
-        None,
+        &ThawOptions::default(),
     )
     .unwrap_err();
     assert_eq!(err.code(), "VALIDATION");
@@ -148,8 +147,7 @@ fn ec_010_a_empty_session_refused() {
             ..Default::default()
         },
         &PipelineConfig::default(),
-        None,
-        &|| {},
+        &FreezeOptions::default(),
     )
     .unwrap_err();
     assert_eq!(err.code(), "VALIDATION");
@@ -181,7 +179,7 @@ fn ec_022_insufficient_memory_refused_before_thaw() {
         None,
     )
     .unwrap();
-    let err = thaw(&store, &fresh, &req, &cfg, None).unwrap_err();
+    let err = thaw(&store, &fresh, &req, &cfg, &ThawOptions::default()).unwrap_err();
     assert_eq!(err.code(), "INSUFFICIENT_MEMORY");
     assert!(err.to_string().contains("4096 available"), "{err}");
     assert!(
@@ -189,5 +187,5 @@ fn ec_022_insufficient_memory_refused_before_thaw() {
         "staging allocated despite the refusal"
     );
     // The engine that froze already holds its staging: its thaw needs no new memory.
-    thaw(&store, &syn.engine, &req, &cfg, None).unwrap();
+    thaw(&store, &syn.engine, &req, &cfg, &ThawOptions::default()).unwrap();
 }

@@ -7,6 +7,7 @@ use common::kv::*;
 use common::*;
 use cwm::layout::{Dtype, Layout};
 use cwm::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, PipelineError};
+use cwm::pipeline::{FreezeOptions, ThawOptions};
 use cwm::tier::RamTier;
 
 #[test]
@@ -38,8 +39,10 @@ fn ec_050_d_tier_bit_flip_falls_back_to_disk() {
                 ..Default::default()
             },
             &cfg,
-            Some(&tier),
-            &|| {},
+            &FreezeOptions {
+                tier: Some(&tier),
+                ..Default::default()
+            },
         )
         .unwrap();
         assert_eq!(rep.blocks_written as usize, n);
@@ -63,7 +66,17 @@ fn ec_050_d_tier_bit_flip_falls_back_to_disk() {
         };
         // Intact tier: served from RAM, verified.
         poison();
-        let t = thaw(&store, &syn.engine, &req, &cfg, Some(&tier)).unwrap();
+        let t = thaw(
+            &store,
+            &syn.engine,
+            &req,
+            &cfg,
+            &ThawOptions {
+                tier: Some(&tier),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(t.blocks_from_tier as usize, n, "{name}");
         assert_eq!(t.blocks_restored as usize, n);
         assert!(t.verify_secs > 0.0 && t.scatter_secs > 0.0, "{t:?}");
@@ -71,7 +84,17 @@ fn ec_050_d_tier_bit_flip_falls_back_to_disk() {
         // A memory error in block 41's payload in the tier.
         assert!(tier.flip_bit(keys[41], 1000));
         poison();
-        let t = thaw(&store, &syn.engine, &req, &cfg, Some(&tier)).unwrap();
+        let t = thaw(
+            &store,
+            &syn.engine,
+            &req,
+            &cfg,
+            &ThawOptions {
+                tier: Some(&tier),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(
             t.blocks_from_tier, 0,
             "{name}: a corrupt tier block was used"
@@ -83,20 +106,46 @@ fn ec_050_d_tier_bit_flip_falls_back_to_disk() {
         // The disk thaw put the good payload back: the next thaw is served from RAM again.
         assert_eq!(tier.contains_all(&keys), Some(true));
         poison();
-        let t = thaw(&store, &syn.engine, &req, &cfg, Some(&tier)).unwrap();
+        let t = thaw(
+            &store,
+            &syn.engine,
+            &req,
+            &cfg,
+            &ThawOptions {
+                tier: Some(&tier),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(t.blocks_from_tier as usize, n, "{name}");
         check("from the repaired tier");
         // The first block corrupt: found whichever verifier reaches it.
         assert!(tier.flip_bit(keys[0], 0));
-        let t = thaw(&store, &syn.engine, &req, &cfg, Some(&tier)).unwrap();
+        let t = thaw(
+            &store,
+            &syn.engine,
+            &req,
+            &cfg,
+            &ThawOptions {
+                tier: Some(&tier),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(t.blocks_from_tier, 0, "{name}");
         assert_eq!(t.blocks_restored as usize, n);
         // A deadline already past: TIMEOUT, and no block claimed that was not verified.
-        let late = PipelineConfig {
-            deadline: Some(std::time::Instant::now()),
-            ..cfg.clone()
-        };
-        match thaw(&store, &syn.engine, &req, &late, Some(&tier)) {
+        match thaw(
+            &store,
+            &syn.engine,
+            &req,
+            &cfg,
+            &ThawOptions {
+                tier: Some(&tier),
+                deadline: Some(std::time::Instant::now()),
+                ..Default::default()
+            },
+        ) {
             Err(PipelineError::Timeout {
                 blocks_restored, ..
             }) => assert_eq!(blocks_restored, 0, "{name}"),

@@ -9,6 +9,7 @@ use common::kv::*;
 use common::*;
 use cwm::layout::{Dtype, Layout};
 use cwm::pipeline::{freeze, thaw, FreezeRequest};
+use cwm::pipeline::{FreezeOptions, ThawOptions};
 use cwm::tier::RamTier;
 
 #[test]
@@ -34,8 +35,10 @@ fn a_refrozen_window_with_other_bytes_thaws_the_logs_bytes_without_false_corrupt
                     ..Default::default()
                 },
                 &cfg,
-                tier,
-                &|| {},
+                &FreezeOptions {
+                    tier: tier,
+                    ..Default::default()
+                },
             )
             .unwrap()
         };
@@ -57,7 +60,17 @@ fn a_refrozen_window_with_other_bytes_thaws_the_logs_bytes_without_false_corrupt
             for t in 0..tensor_sizes(&layout).len() {
                 syn.local.fill_random(t, 99).unwrap();
             }
-            let r = thaw(&store, &syn.engine, &req, &cfg, Some(&tier)).unwrap();
+            let r = thaw(
+                &store,
+                &syn.engine,
+                &req,
+                &cfg,
+                &ThawOptions {
+                    tier: Some(&tier),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             assert_eq!(
                 r.tier_corruption, None,
                 "{mode} round {round}: no false corruption"

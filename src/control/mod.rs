@@ -23,7 +23,9 @@ use serde_json::{json, Value};
 use crate::device::host::{ProcessMemory, ShmMemory};
 use crate::device::KvMemory;
 use crate::error::ErrorCode;
-use crate::pipeline::{freeze, thaw, Engine, FreezeRequest, PipelineConfig, ThawRequest};
+use crate::pipeline::{
+    freeze, thaw, Engine, FreezeOptions, FreezeRequest, PipelineConfig, ThawOptions, ThawRequest,
+};
 use crate::store::{Replace, Store};
 use crate::tier::RamTier;
 use protocol::{ApiError, Request};
@@ -776,18 +778,13 @@ impl Server {
                         .begin_freeze(&session)
                         .map_err(ApiError::from)?;
                 }
-                let pcfg = PipelineConfig {
+                let opts = FreezeOptions {
+                    tier: Some(&self.tier).filter(|t| t.enabled()),
+                    on_captured: Some(&on_captured),
                     cancel: cancel.clone(),
-                    ..self.cfg.pipeline.clone()
+                    progress: None,
                 };
-                let res = freeze(
-                    &self.store,
-                    &eng,
-                    fr,
-                    &pcfg,
-                    Some(&self.tier).filter(|t| t.enabled()),
-                    &on_captured,
-                );
+                let res = freeze(&self.store, &eng, fr, &self.cfg.pipeline, &opts);
                 if !session.is_empty() {
                     self.sessions.end_freeze(&session, res.is_ok());
                 }
@@ -890,19 +887,14 @@ impl Server {
                         )
                     }
                 };
-                let pcfg = PipelineConfig {
-                    deadline: Some(std::time::Instant::now() + limit),
+                let opts = ThawOptions {
+                    tier: Some(&self.tier).filter(|t| t.enabled()),
                     cancel: cancel.clone(),
-                    ..self.cfg.pipeline.clone()
+                    progress: None,
+                    deadline: Some(std::time::Instant::now() + limit),
                 };
-                let r = thaw(
-                    &self.store,
-                    &eng,
-                    &tr,
-                    &pcfg,
-                    Some(&self.tier).filter(|t| t.enabled()),
-                )
-                .map_err(ApiError::from)?;
+                let r = thaw(&self.store, &eng, &tr, &self.cfg.pipeline, &opts)
+                    .map_err(ApiError::from)?;
                 if let Some(sess) = protocol::opt_str(a, "session")? {
                     self.sessions.thawed(&sess).map_err(ApiError::from)?;
                 }

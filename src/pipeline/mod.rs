@@ -8,27 +8,27 @@
 //! bounded by `staging_bytes` whatever the window size.
 
 mod engine;
+mod freeze;
 pub mod synthetic;
+mod thaw;
 
 pub use engine::Engine;
+pub use freeze::freeze;
+pub use thaw::thaw;
 
 use crate::error::ErrorCode;
 use std::sync::Arc;
+
+use crate::tier::RamTier;
 use std::time::Instant;
 
-use crossbeam_channel::bounded;
 use serde::Serialize;
 
-use crate::device::{self, DeviceError};
+use crate::device::DeviceError;
 
-use crate::checksum::payload_checksum;
 use crate::layout::{Compat, Layout, LayoutError};
 use crate::staging::SlotSet;
-use crate::store::format::payload_offset;
-use crate::store::{
-    BlockDesc, BlockImage, Replace, Store, StoreError, WindowInfo, WindowReader, WindowSpec,
-};
-use crate::tier::RamTier;
+use crate::store::{Replace, StoreError, WindowInfo};
 
 /// Errors of the pipeline layer; codes reach the wire.
 #[derive(Debug, thiserror::Error)]
@@ -122,18 +122,36 @@ pub struct PipelineConfig {
     /// Register the staging pool with the I/O engine as io_uring fixed buffers (default true).
     /// Takes effect when the engine's pool is first allocated.
     pub fixed_buffers: bool,
-    /// A thaw still running at this instant stops after its current batch with TIMEOUT.
-    pub deadline: Option<std::time::Instant>,
-    /// Called after each batch with (stage, blocks done, blocks in all): `freeze` counts
-    /// blocks written, `thaw` blocks scattered.
-    pub progress: Option<Progress>,
-    /// True once whoever asked for this freeze or thaw has gone (its connection closed): a
-    /// thaw stops after its current batch, a freeze not yet captured writes nothing
-    /// (INTERRUPTED). Its engine may be reusing the blocks by then.
-    pub cancel: Option<Cancel>,
 }
 
-/// A cancellation test (see [`PipelineConfig::cancel`]).
+/// Per-request options of a [`freeze`] (none is needed: `FreezeOptions::default()`).
+#[derive(Clone, Default)]
+pub struct FreezeOptions<'a> {
+    /// The RAM tier the gathered blocks also go into.
+    pub tier: Option<&'a RamTier>,
+    /// Runs (on the gather thread) once the engine's blocks are no longer needed.
+    pub on_captured: Option<&'a (dyn Fn() + Sync)>,
+    /// True once whoever asked for this freeze has gone (its connection closed): a freeze not
+    /// yet captured writes nothing (INTERRUPTED). Its engine may be reusing the blocks by then.
+    pub cancel: Option<Cancel>,
+    /// Called after each batch with ("freeze", blocks written, blocks in all).
+    pub progress: Option<Progress>,
+}
+
+/// Per-request options of a [`thaw`] (none is needed: `ThawOptions::default()`).
+#[derive(Clone, Default)]
+pub struct ThawOptions<'a> {
+    /// The RAM tier to serve blocks from (and to fill with what is read from disk).
+    pub tier: Option<&'a RamTier>,
+    /// True once whoever asked for this thaw has gone: it stops after its current batch.
+    pub cancel: Option<Cancel>,
+    /// Called after each batch with ("thaw", blocks scattered, blocks in all).
+    pub progress: Option<Progress>,
+    /// A thaw still running at this instant stops after its current batch with TIMEOUT.
+    pub deadline: Option<Instant>,
+}
+
+/// A cancellation test (see [`FreezeOptions::cancel`], [`ThawOptions::cancel`]).
 #[derive(Clone)]
 pub struct Cancel(pub Arc<dyn Fn() -> bool + Send + Sync>);
 
@@ -153,7 +171,7 @@ fn requester_gone() -> PipelineError {
 /// A progress function: (stage, done, total).
 pub type ProgressFn = dyn Fn(&str, u64, u64) + Send + Sync;
 
-/// A progress callback (see [`PipelineConfig::progress`]).
+/// A progress callback (see [`FreezeOptions::progress`], [`ThawOptions::progress`]).
 #[derive(Clone)]
 pub struct Progress(pub Arc<ProgressFn>);
 
@@ -163,18 +181,25 @@ impl std::fmt::Debug for Progress {
     }
 }
 
-impl PipelineConfig {
+/// The request-side controls a running freeze or thaw consults between batches.
+#[derive(Clone, Copy, Default)]
+struct Control<'a> {
+    cancel: Option<&'a Cancel>,
+    progress: Option<&'a Progress>,
+    deadline: Option<Instant>,
+}
+
+impl Control<'_> {
     fn cancelled(&self) -> bool {
-        self.cancel.as_ref().is_some_and(|c| (c.0)())
+        self.cancel.is_some_and(|c| (c.0)())
     }
 
     fn past_deadline(&self) -> bool {
-        self.deadline
-            .is_some_and(|d| std::time::Instant::now() >= d)
+        self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
     fn report(&self, stage: &str, done: u64, total: u64) {
-        if let Some(p) = &self.progress {
+        if let Some(p) = self.progress {
             (p.0)(stage, done, total);
         }
     }
@@ -189,9 +214,6 @@ impl Default for PipelineConfig {
             verify_threads: default_verify_threads(),
             memory_available: None,
             fixed_buffers: true,
-            deadline: None,
-            progress: None,
-            cancel: None,
         }
     }
 }
@@ -297,319 +319,6 @@ pub struct ThawReport {
     pub scatter_secs: f64,
 }
 
-/// A gathered batch: block indices, their record images, their payload checksums.
-type Batch = (Vec<usize>, SlotSet, Vec<u64>);
-
-/// Freezes a session's blocks into a window. `on_captured` runs (on the gather thread) once
-/// the engine's blocks are no longer needed.
-pub fn freeze(
-    store: &Store,
-    eng: &Engine,
-    req: FreezeRequest,
-    cfg: &PipelineConfig,
-    tier: Option<&RamTier>,
-    on_captured: &(dyn Fn() + Sync),
-) -> Result<FreezeReport, PipelineError> {
-    let t0 = Instant::now();
-    let layout = &eng.layout;
-    if req.tokens.is_empty() {
-        return Err(PipelineError::Validation(
-            "cannot freeze an empty session: it holds no tokens (EC-010)".into(),
-        ));
-    }
-    let n = req.tokens.len().div_ceil(layout.block_size as usize);
-    if req.block_ids.len() != n {
-        return Err(PipelineError::Validation(format!(
-            "{} tokens need {n} blocks of {} tokens, but {} block ids were given",
-            req.tokens.len(),
-            layout.block_size,
-            req.block_ids.len()
-        )));
-    }
-    device::check_block_ids(layout, &req.block_ids)?;
-    let keys = eng.keys_with(&req.tokens, req.salt.as_deref());
-    let bb = layout.block_bytes();
-    let spec = WindowSpec {
-        name: req.window.clone(),
-        session: req.session.clone(),
-        namespace: eng.namespace_with(req.salt.as_deref(), &eng.layout).label(),
-        layout: layout.to_json(),
-        tokens: req.tokens,
-        blocks: keys.iter().map(|&key| BlockDesc { key, len: bb }).collect(),
-        replace: req.replace,
-    };
-    let pool = eng.staging_pool(cfg, store.engine().as_ref())?;
-    let batch = cfg.batch_blocks.clamp(1, pool.max_set());
-    // A window that fits in the pool's capture share (and surely in the log) is captured
-    // whole before the log is touched: the engine gets its blocks back at gather speed, even
-    // while another freeze holds the log.
-    if pool.captures(n) {
-        if let Some(room) = store.reserve(&spec)? {
-            if let Some(sets) = pool.take_capture(n, batch) {
-                let c = Capture {
-                    sets,
-                    batch,
-                    block_ids: &req.block_ids,
-                    keys: &keys,
-                    room,
-                };
-                return freeze_captured(eng, spec, c, cfg, tier, on_captured, t0);
-            }
-        }
-    }
-    let mut w = store.begin_window(spec)?;
-    let todo: Vec<usize> = (0..n).filter(|&i| w.needs_write(i)).collect();
-    let po = payload_offset(bb);
-    let bbu = bb as usize;
-    let (full_tx, full_rx) = bounded::<Batch>(1);
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let captured_at = std::sync::Mutex::new(0.0f64);
-    let ids = &req.block_ids;
-    let keys_ref = &keys;
-    let todo_ref = &todo;
-    let (gres, wres) = std::thread::scope(|s| {
-        let captured_at = &captured_at;
-        let stop = &stop;
-        // Stage 1: gather + checksum (+ RAM tier) into staging slots.
-        let g = s.spawn(move || -> Result<f64, PipelineError> {
-            let mut busy = 0.0;
-            for chunk in todo_ref.chunks(batch) {
-                if stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    return Ok(busy);
-                }
-                let mut set = pool.take(chunk.len());
-                let tb = Instant::now();
-                let cids: Vec<u64> = chunk.iter().map(|&i| ids[i]).collect();
-                let mut sums = vec![0u64; chunk.len()];
-                {
-                    let mut slots = set.slices();
-                    let mut pls: Vec<&mut [u8]> =
-                        slots.iter_mut().map(|b| &mut b[po..po + bbu]).collect();
-                    device::gather(
-                        layout,
-                        eng.mem.as_ref(),
-                        &cids,
-                        &mut pls,
-                        cfg.threads,
-                        Some(&mut sums),
-                    )?;
-                    if let Some(t) = tier.filter(|t| t.enabled()) {
-                        for ((p, &i), &sum) in pls.iter().zip(chunk).zip(&sums) {
-                            t.put(keys_ref[i], p, sum, false);
-                        }
-                    }
-                }
-                busy += tb.elapsed().as_secs_f64();
-                // Gathered before the requester went: valid. After: it may have reused them.
-                if cfg.cancelled() {
-                    return Err(requester_gone());
-                }
-                if full_tx.send((chunk.to_vec(), set, sums)).is_err() {
-                    return Ok(busy);
-                }
-            }
-            if let Ok(mut c) = captured_at.lock() {
-                *c = t0.elapsed().as_secs_f64();
-            }
-            on_captured();
-            Ok(busy)
-        });
-        // Stage 2: write batch i while batch i+1 is gathered.
-        let mut wres: Result<f64, StoreError> = Ok(0.0);
-        let mut written = 0u64;
-        for (idxs, mut set, sums) in full_rx.iter() {
-            if wres.is_err() {
-                continue; // drain: give the slots back so the gatherer can stop
-            }
-            let mut slots = set.slices();
-            let mut imgs: Vec<BlockImage<'_>> = slots
-                .iter_mut()
-                .zip(idxs.iter().zip(&sums))
-                .map(|(b, (&index, &sum))| BlockImage {
-                    index,
-                    image: &mut b[..],
-                    checksum: Some(sum),
-                })
-                .collect();
-            let tw = Instant::now();
-            match w.write_blocks(&mut imgs) {
-                Ok(()) => {
-                    if let Ok(busy) = &mut wres {
-                        *busy += tw.elapsed().as_secs_f64();
-                    }
-                    written += idxs.len() as u64;
-                    cfg.report("freeze", written, todo_ref.len() as u64);
-                }
-                Err(e) => {
-                    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-                    wres = Err(e);
-                }
-            }
-        }
-        let gres = g
-            .join()
-            .unwrap_or_else(|_| Err(PipelineError::Validation("gather thread panicked".into())));
-        (gres, wres)
-    });
-    let gather_secs = gres?;
-    let write_secs = wres?;
-    let tc = Instant::now();
-    let info = w.commit()?;
-    let commit_secs = tc.elapsed().as_secs_f64();
-    let captured_secs = captured_at.lock().map(|c| *c).unwrap_or(0.0);
-    Ok(FreezeReport {
-        blocks_written: todo.len() as u64,
-        blocks_deduplicated: (n - todo.len()) as u64,
-        bytes: bb * n as u64,
-        captured_secs,
-        durable_secs: t0.elapsed().as_secs_f64(),
-        gather_secs,
-        write_secs,
-        commit_secs,
-        info,
-    })
-}
-
-/// A whole window's staging, taken before the freeze writes anything.
-struct Capture<'a> {
-    /// Slot sets of `batch` blocks each, in window order.
-    sets: Vec<SlotSet>,
-    batch: usize,
-    block_ids: &'a [u64],
-    keys: &'a [u128],
-    /// Log room reserved for the window: once `captured`, the log cannot refuse it for room.
-    room: crate::store::Reservation<'a>,
-}
-
-/// A freeze whose window fits in staging: gather every block (the engine's blocks are free
-/// once this returns to `captured`), checksum them while waiting for the log, then write what
-/// the log does not hold yet, giving each batch's slots back as soon as they are written.
-/// Blocks the log already holds are gathered too: whether the log still holds them is only
-/// known under its lock, and once `captured` the engine may reuse its blocks.
-fn freeze_captured(
-    eng: &Engine,
-    spec: WindowSpec,
-    c: Capture<'_>,
-    cfg: &PipelineConfig,
-    tier: Option<&RamTier>,
-    on_captured: &(dyn Fn() + Sync),
-    t0: Instant,
-) -> Result<FreezeReport, PipelineError> {
-    let layout = &eng.layout;
-    let n = c.block_ids.len();
-    let bb = layout.block_bytes();
-    let (po, bbu) = (payload_offset(bb), bb as usize);
-    let mut sets = c.sets;
-    let tg = Instant::now();
-    for (k, set) in sets.iter_mut().enumerate() {
-        let from = k * c.batch;
-        let to = from + set.len();
-        let mut slots = set.slices();
-        let mut pls: Vec<&mut [u8]> = slots.iter_mut().map(|b| &mut b[po..po + bbu]).collect();
-        device::gather(
-            layout,
-            eng.mem.as_ref(),
-            &c.block_ids[from..to],
-            &mut pls,
-            cfg.threads,
-            None,
-        )?;
-    }
-    let captured_secs = t0.elapsed().as_secs_f64();
-    let mut gather_secs = tg.elapsed().as_secs_f64();
-    if cfg.cancelled() {
-        // Part of the gather may have read blocks the engine already reused.
-        return Err(requester_gone());
-    }
-    on_captured();
-    // Checksums on the verify threads while this thread waits for the log.
-    let (sums, w) = {
-        let mut views: Vec<Vec<&mut [u8]>> = sets.iter_mut().map(SlotSet::slices).collect();
-        let pls: Vec<&[u8]> = views
-            .iter_mut()
-            .flat_map(|v| v.iter().map(|b| &b[po..po + bbu]))
-            .collect();
-        let pls = &pls;
-        std::thread::scope(|s| {
-            let per = n.div_ceil(cfg.verify_threads.max(1)).max(1);
-            let hs: Vec<_> = pls
-                .chunks(per)
-                .map(|c| {
-                    s.spawn(move || {
-                        let t = Instant::now();
-                        let v: Vec<u64> = c.iter().map(|p| payload_checksum(p)).collect();
-                        (v, t.elapsed().as_secs_f64())
-                    })
-                })
-                .collect();
-            let w = c.room.begin(spec);
-            let mut sums = Vec::with_capacity(n);
-            let mut busy = 0.0f64;
-            for h in hs {
-                if let Ok((v, t)) = h.join() {
-                    sums.extend(v);
-                    busy = busy.max(t);
-                }
-            }
-            gather_secs += busy;
-            (sums, w)
-        })
-    };
-    let mut w = w?;
-    if sums.len() != n {
-        return Err(PipelineError::Validation("checksum thread panicked".into()));
-    }
-    // Into the RAM tier once their checksums are known, and only the blocks this freeze
-    // writes: a block the log holds already may hold other bytes there (GPU kernels need not
-    // be bit-reproducible), and the tier must mirror the log.
-    if let Some(t) = tier.filter(|t| t.enabled()) {
-        for (k, set) in sets.iter_mut().enumerate() {
-            let from = k * c.batch;
-            for (j, b) in set.slices().iter().enumerate() {
-                if w.needs_write(from + j) {
-                    t.put(c.keys[from + j], &b[po..po + bbu], sums[from + j], false);
-                }
-            }
-        }
-    }
-    let todo = (0..n).filter(|&i| w.needs_write(i)).count();
-    let tw = Instant::now();
-    let mut written = 0u64;
-    for (k, mut set) in sets.into_iter().enumerate() {
-        let from = k * c.batch;
-        let mut slots = set.slices();
-        let mut imgs: Vec<BlockImage<'_>> = slots
-            .iter_mut()
-            .enumerate()
-            .filter(|(j, _)| w.needs_write(from + j))
-            .map(|(j, b)| BlockImage {
-                index: from + j,
-                image: &mut b[..],
-                checksum: Some(sums[from + j]),
-            })
-            .collect();
-        if !imgs.is_empty() {
-            w.write_blocks(&mut imgs)?;
-            written += imgs.len() as u64;
-            cfg.report("freeze", written, todo as u64);
-        }
-    }
-    let write_secs = tw.elapsed().as_secs_f64();
-    let tc = Instant::now();
-    let info = w.commit()?;
-    Ok(FreezeReport {
-        blocks_written: todo as u64,
-        blocks_deduplicated: (n - todo) as u64,
-        bytes: bb * n as u64,
-        captured_secs,
-        durable_secs: t0.elapsed().as_secs_f64(),
-        gather_secs,
-        write_secs,
-        commit_secs: tc.elapsed().as_secs_f64(),
-        info,
-    })
-}
-
 /// The time a thaw of `bytes` may take (EC-041): twice the estimate at `gbps`, at least 30 s,
 /// at most 5 minutes.
 #[must_use]
@@ -630,475 +339,6 @@ pub fn memory_available() -> u64 {
                 .and_then(|v| v.parse::<u64>().ok())
         })
         .map_or(u64::MAX, |kb| kb * 1024)
-}
-
-/// Thaws a window into the engine's blocks `req.block_ids`.
-pub fn thaw(
-    store: &Store,
-    eng: &Engine,
-    req: &ThawRequest,
-    cfg: &PipelineConfig,
-    tier: Option<&RamTier>,
-) -> Result<ThawReport, PipelineError> {
-    let t0 = Instant::now();
-    let mut r = store.open_window(&req.window)?;
-    let wl = Layout::from_json(&r.manifest.layout)?;
-    let compat = eng.layout.compat(&wl)?;
-    // The window's KV must be this engine's model's (and this request's adapter, salt and
-    // inputs): with the window's own layout, the namespaces must agree exactly.
-    let want = eng.namespace_with(req.salt.as_deref(), &wl).label();
-    if r.manifest.namespace != want {
-        return Err(PipelineError::NamespaceMismatch {
-            window: r.info.name.clone(),
-            window_ns: r.manifest.namespace.clone(),
-            want,
-        });
-    }
-    let bs = u64::from(eng.layout.block_size);
-    let avail = r.num_blocks();
-    let first = req.first_block;
-    if first > 0 && (!req.prefix || first >= avail) {
-        return Err(PipelineError::Validation(format!(
-            "first_block {first} needs prefix and must be below the {avail} blocks of window {:?}",
-            r.info.name
-        )));
-    }
-    let n = if req.prefix {
-        req.block_ids.len().min(avail - first)
-    } else {
-        avail
-    };
-    // Tokens up to the end of the restored range.
-    let end_tokens = ((first + n) as u64 * bs).min(r.manifest.tokens.len() as u64);
-    if let Some(expect) = &req.expect_tokens {
-        let have = &r.manifest.tokens[..end_tokens as usize];
-        let at = have.iter().zip(expect.iter()).position(|(a, b)| a != b);
-        let at = at.or_else(|| (expect.len() < have.len() && !req.prefix).then_some(expect.len()));
-        if let Some(at) = at {
-            return Err(PipelineError::TokenMismatch {
-                window: r.info.name.clone(),
-                at,
-            });
-        }
-    }
-    if first > 0 {
-        r.skip_blocks(first, bs as usize);
-    }
-    let total_tokens = end_tokens.saturating_sub(first as u64 * bs);
-    if !req.prefix && req.block_ids.len() != n {
-        return Err(PipelineError::Validation(format!(
-            "window {:?} has {n} blocks but {} destination block ids were given",
-            r.info.name,
-            req.block_ids.len()
-        )));
-    }
-    device::check_block_ids(&eng.layout, &req.block_ids)?;
-    let bb = eng.layout.block_bytes();
-    let tier = tier.filter(|t| t.enabled());
-    // EC-022: what this thaw must newly allocate — the staging pool on first use, transpose
-    // scratch for a layout upgrade, RAM-tier growth — against what the machine has.
-    let window_bytes = bb * n as u64;
-    let needed = if eng.staging().is_none() {
-        cfg.staging_bytes
-    } else {
-        0
-    } + if compat == Compat::Permute {
-        bb * cfg.batch_blocks as u64
-    } else {
-        0
-    } + tier.map_or(0, |t| {
-        window_bytes.min(t.capacity().saturating_sub(t.bytes()))
-    });
-    let available = cfg.memory_available.unwrap_or_else(memory_available);
-    if needed > available {
-        return Err(PipelineError::InsufficientMemory { needed, available });
-    }
-    let mut report = ThawReport {
-        window: r.info.name.clone(),
-        num_blocks: n as u64,
-        blocks_restored: 0,
-        tokens_restored: 0,
-        tokens_to_recompute: total_tokens,
-        bytes: 0,
-        blocks_from_tier: 0,
-        permuted: compat == Compat::Permute,
-        corruption: None,
-        tier_corruption: None,
-        loaded_secs: 0.0,
-        read_secs: 0.0,
-        verify_secs: 0.0,
-        scatter_secs: 0.0,
-    };
-    // RAM tier: when every block is there (and verifies), no disk read at all. On a GPU the
-    // tier's arena is mapped into the device, so this is one copy, host to device.
-    if let Some(t) = tier {
-        t.attach(eng.mem.as_ref());
-        let keys: Vec<u128> = r.manifest.blocks[..n].iter().map(|b| b.key).collect();
-        let sums: Vec<u64> = r.manifest.blocks[..n].iter().map(|b| b.checksum).collect();
-        let outcome = t.all(&keys, &sums).and_then(|hits| {
-            let pls = hits.payloads();
-            (pls.len() == n)
-                .then(|| scatter_verifying(eng, &wl, compat, &req.block_ids[..n], &pls, &sums, cfg))
-        });
-        match outcome {
-            Some(TierThaw::Done {
-                verify_secs,
-                scatter_secs,
-            }) => {
-                report.blocks_restored = n as u64;
-                report.blocks_from_tier = n as u64;
-                report.tokens_restored = total_tokens;
-                report.tokens_to_recompute = 0;
-                report.bytes = window_bytes;
-                report.verify_secs = verify_secs;
-                report.scatter_secs = scatter_secs;
-                report.loaded_secs = t0.elapsed().as_secs_f64();
-                return Ok(report);
-            }
-            Some(TierThaw::Corrupt(bad)) => {
-                // The disk copy is read instead; every destination block is written again.
-                crate::log::warn(&format!(
-                    "thaw of {:?}: block {bad} is corrupt in the RAM tier; dropped it, reading the window from disk",
-                    r.info.name
-                ));
-                t.remove(keys[bad]);
-                report.tier_corruption = Some(format!("block {bad}"));
-            }
-            Some(TierThaw::Failed(e)) => return Err(e),
-            Some(TierThaw::TimedOut { verified, bad }) => {
-                if let Some(b) = bad {
-                    t.remove(keys[b]);
-                }
-                return Err(PipelineError::Timeout {
-                    window: r.info.name.clone(),
-                    limit_secs: t0.elapsed().as_secs_f64(),
-                    blocks_restored: verified as u64,
-                    num_blocks: n as u64,
-                });
-            }
-            None => {}
-        }
-    }
-    let pool = eng.staging_pool(cfg, store.engine().as_ref())?;
-    let batch = cfg.batch_blocks.clamp(1, pool.max_set());
-    let (full_tx, full_rx) = bounded::<(usize, Result<ReadBatch, StoreError>)>(2);
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let rr = &r;
-    let next = std::sync::Mutex::new(0usize);
-    let res: Result<(), PipelineError> = std::thread::scope(|s| {
-        let stop = &stop;
-        // Stage 1: two readers keep the I/O queue full (one batch is submitted while the
-        // other completes) while earlier batches are verified and scattered. Sets are taken
-        // in batch order, so the earliest batch always gets staging first.
-        let next = &next;
-        let readers: Vec<_> = (0..2)
-            .map(|_| {
-                let full_tx = full_tx.clone();
-                s.spawn(move || {
-                    let mut busy = 0.0;
-                    loop {
-                        if stop.load(std::sync::atomic::Ordering::SeqCst) {
-                            return busy;
-                        }
-                        let (start, mut set) = {
-                            let Ok(mut g) = next.lock() else { return busy };
-                            let start = *g;
-                            if start >= n {
-                                return busy;
-                            }
-                            let k = batch.min(n - start);
-                            *g += k;
-                            (start, pool.take(k))
-                        };
-                        let tr = Instant::now();
-                        let res = {
-                            let mut slots = set.slices();
-                            let mut imgs: Vec<&mut [u8]> =
-                                slots.iter_mut().map(|b| &mut b[..]).collect();
-                            store.read_images(rr, start, &mut imgs)
-                        };
-                        busy += tr.elapsed().as_secs_f64();
-                        let msg = res.map(|unreadable| ReadBatch {
-                            start,
-                            set,
-                            unreadable,
-                        });
-                        let stop_now = msg.as_ref().map_or(true, |m| m.unreadable.is_some());
-                        if stop_now {
-                            stop.store(true, std::sync::atomic::Ordering::SeqCst);
-                        }
-                        if full_tx.send((start, msg)).is_err() || stop_now {
-                            return busy;
-                        }
-                    }
-                })
-            })
-            .collect();
-        drop(full_tx);
-        // Stage 2, in batch order: verify (in parallel), then scatter the verified prefix.
-        let mut out = Ok(());
-        let mut pending = std::collections::BTreeMap::new();
-        let mut expected = 0usize;
-        for (start, msg) in full_rx.iter() {
-            if out.is_err() || report.corruption.is_some() {
-                pending.clear();
-                continue; // drain: give the slots back so the readers can stop
-            }
-            pending.insert(start, msg);
-            while let Some(msg) = pending.remove(&expected) {
-                expected += msg.as_ref().map_or(0, |b| b.set.len());
-                let step = (|| -> Result<(), PipelineError> {
-                    let mut b = msg?;
-                    let slots = b.set.slices();
-                    let k = slots.len();
-                    let tv = Instant::now();
-                    let first_bad =
-                        first_bad_block(rr, b.start, &slots, b.unreadable.as_ref(), cfg.threads);
-                    report.verify_secs += tv.elapsed().as_secs_f64();
-                    let ts = Instant::now();
-                    let good = first_bad.as_ref().map_or(k, |(i, _)| *i);
-                    if good > 0 {
-                        let pls: Vec<&[u8]> = (0..good)
-                            .map(|j| rr.payload(b.start + j, slots[j]))
-                            .collect();
-                        device::scatter(
-                            &eng.layout,
-                            &wl,
-                            compat,
-                            eng.mem.as_ref(),
-                            &req.block_ids[b.start..b.start + good],
-                            &pls,
-                            cfg.threads,
-                        )?;
-                        if let Some(t) = tier {
-                            // Verified log bytes: they replace other bytes held for a key.
-                            for (j, p) in pls.iter().enumerate() {
-                                let m = &rr.manifest.blocks[b.start + j];
-                                t.put(m.key, p, m.checksum, true);
-                            }
-                        }
-                    }
-                    report.scatter_secs += ts.elapsed().as_secs_f64();
-                    report.blocks_restored = (b.start + good) as u64;
-                    cfg.report("thaw", report.blocks_restored, n as u64);
-                    if report.blocks_restored < n as u64 && cfg.cancelled() {
-                        return Err(requester_gone());
-                    }
-                    if first_bad.is_none()
-                        && report.blocks_restored < n as u64
-                        && cfg.past_deadline()
-                    {
-                        return Err(PipelineError::Timeout {
-                            window: rr.info.name.clone(),
-                            limit_secs: t0.elapsed().as_secs_f64(),
-                            blocks_restored: report.blocks_restored,
-                            num_blocks: n as u64,
-                        });
-                    }
-                    if let Some((i, d)) = first_bad {
-                        let bad = b.start + i;
-                        crate::log::warn(&format!(
-                        "thaw of {:?}: block {bad} is corrupt ({d}); restored the first {bad} blocks, the engine recomputes the rest",
-                        rr.info.name
-                    ));
-                        if let Some(t) = tier {
-                            t.remove(rr.manifest.blocks[bad].key);
-                        }
-                        report.corruption = Some(format!("block {bad}: {d}"));
-                    }
-                    Ok(())
-                })();
-                if let Err(e) = step {
-                    out = Err(e);
-                }
-                if out.is_err() || report.corruption.is_some() {
-                    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-                    pending.clear();
-                    break;
-                }
-            }
-        }
-        report.read_secs = readers.into_iter().map(|h| h.join().unwrap_or(0.0)).sum();
-        out
-    });
-    res?;
-    report.tokens_restored = (report.blocks_restored * bs).min(total_tokens);
-    report.tokens_to_recompute = total_tokens - report.tokens_restored;
-    report.bytes = report.blocks_restored * bb;
-    report.loaded_secs = t0.elapsed().as_secs_f64();
-    Ok(report)
-}
-
-/// How a thaw from the RAM tier ended.
-enum TierThaw {
-    /// Every block scattered and verified.
-    Done { verify_secs: f64, scatter_secs: f64 },
-    /// This block's payload does not match its checksum (the scatter stopped early).
-    Corrupt(usize),
-    /// The scatter failed.
-    Failed(PipelineError),
-    /// The deadline passed; the first `verified` blocks are scattered and verified (`bad`: a
-    /// corrupt block found meanwhile).
-    TimedOut { verified: usize, bad: Option<usize> },
-}
-
-/// Scatters tier payloads into `dst` while `cfg.verify_threads` threads check them against
-/// `sums`, so a thaw from RAM costs max(copy, verification) instead of their sum. A block
-/// counts as restored only once verified: on a mismatch the scatter stops and the caller
-/// rewrites every block from disk; blocks already written hold bytes no report claims (the
-/// engine overwrites or recomputes them).
-fn scatter_verifying(
-    eng: &Engine,
-    wl: &Layout,
-    compat: Compat,
-    dst: &[u64],
-    pls: &[&[u8]],
-    sums: &[u64],
-    cfg: &PipelineConfig,
-) -> TierThaw {
-    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-    /// Blocks a verifier takes at a time, in window order: every unit below the highest one
-    /// taken is finished (or holds the first bad block) once the verifiers are joined.
-    const UNIT: usize = 4;
-    let n = dst.len();
-    let bad = AtomicUsize::new(usize::MAX);
-    let next = AtomicUsize::new(0);
-    // Verifiers take no unit at or past this (lowered when the scatter stops early).
-    let limit = AtomicUsize::new(n);
-    let tv = Instant::now();
-    let (done, scatter_secs, failed, verify_secs) = std::thread::scope(|sc| {
-        let verifiers: Vec<_> = (0..cfg.verify_threads.max(1))
-            .map(|_| {
-                sc.spawn(|| {
-                    loop {
-                        if bad.load(SeqCst) != usize::MAX {
-                            break;
-                        }
-                        let from = next.fetch_add(UNIT, SeqCst);
-                        if from >= limit.load(SeqCst) {
-                            break;
-                        }
-                        let to = (from + UNIT).min(n);
-                        if let Some(j) = (from..to).find(|&j| payload_checksum(pls[j]) != sums[j]) {
-                            bad.fetch_min(j, SeqCst);
-                            break;
-                        }
-                    }
-                    tv.elapsed().as_secs_f64()
-                })
-            })
-            .collect();
-        // Scatter in chunks of 8 batches: the deadline, a corrupt block found meanwhile and
-        // progress are looked at between chunks.
-        let step = cfg.batch_blocks.max(1) * 8;
-        let ts = Instant::now();
-        let mut done = 0;
-        let mut failed = None;
-        while done < n && bad.load(SeqCst) == usize::MAX {
-            if cfg.cancelled() {
-                failed = Some(Some(requester_gone()));
-                break;
-            }
-            if cfg.past_deadline() {
-                failed = Some(None);
-                break;
-            }
-            let to = (done + step).min(n);
-            if let Err(e) = device::scatter(
-                &eng.layout,
-                wl,
-                compat,
-                eng.mem.as_ref(),
-                &dst[done..to],
-                &pls[done..to],
-                cfg.threads,
-            ) {
-                failed = Some(Some(PipelineError::from(e)));
-                break;
-            }
-            done = to;
-            cfg.report("thaw", done as u64, n as u64);
-        }
-        let scatter_secs = ts.elapsed().as_secs_f64();
-        // After a timeout (or a failure) only the units already handed out are waited for
-        // (one taken in the meantime is finished too, but never claimed), so the verification
-        // backlog does not overrun the deadline; otherwise every scattered block is verified.
-        let claimable = if failed.is_some() {
-            done.min(next.load(SeqCst))
-        } else {
-            done
-        };
-        limit.store(claimable, SeqCst);
-        let mut verify_secs = 0.0f64;
-        for h in verifiers {
-            match h.join() {
-                Ok(t) => verify_secs = verify_secs.max(t),
-                Err(_) => {
-                    // Not a corrupt block: the thaw fails instead of blaming the tier.
-                    failed = failed.or(Some(Some(PipelineError::Validation(
-                        "a tier verifier thread panicked".into(),
-                    ))));
-                }
-            }
-        }
-        (claimable, scatter_secs, failed, verify_secs)
-    });
-    let bad = bad.load(SeqCst);
-    match failed {
-        Some(Some(e)) => TierThaw::Failed(e),
-        Some(None) => TierThaw::TimedOut {
-            verified: done.min(bad),
-            bad: (bad != usize::MAX).then_some(bad),
-        },
-        None if bad != usize::MAX => TierThaw::Corrupt(bad),
-        None => TierThaw::Done {
-            verify_secs,
-            scatter_secs,
-        },
-    }
-}
-
-/// A batch of record images read but not yet verified.
-struct ReadBatch {
-    start: usize,
-    set: SlotSet,
-    unreadable: Option<(usize, crate::io::IoError)>,
-}
-
-/// Verifies the images of blocks `start..` on up to `threads` threads; returns the first bad
-/// one (position in the batch, why).
-fn first_bad_block(
-    r: &WindowReader,
-    start: usize,
-    slots: &[&mut [u8]],
-    unreadable: Option<&(usize, crate::io::IoError)>,
-    threads: usize,
-) -> Option<(usize, String)> {
-    let limit = unreadable.map_or(slots.len(), |(i, _)| *i);
-    let per = limit.div_ceil(threads.max(1)).max(1);
-    let found: Vec<Option<(usize, String)>> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..limit)
-            .step_by(per)
-            .map(|from| {
-                let to = (from + per).min(limit);
-                s.spawn(move || {
-                    (from..to).find_map(|j| match r.verify(start + j, &slots[j][..]) {
-                        Ok(()) => None,
-                        Err(StoreError::Corruption { detail, .. }) => Some((j, detail)),
-                        Err(e) => Some((j, e.to_string())),
-                    })
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().unwrap_or(Some((0, "verifier panicked".into()))))
-            .collect()
-    });
-    found
-        .into_iter()
-        .flatten()
-        .next()
-        .or_else(|| unreadable.map(|(i, e)| (*i, format!("unreadable: {e}"))))
 }
 
 #[cfg(test)]

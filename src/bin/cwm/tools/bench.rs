@@ -481,7 +481,9 @@ pub fn pipeline(
 ) -> Result<PipelineBench, String> {
     use cwm::layout::{Dtype, Layout};
     use cwm::pipeline::synthetic::Synthetic;
-    use cwm::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, ThawRequest};
+    use cwm::pipeline::{
+        freeze, thaw, FreezeOptions, FreezeRequest, PipelineConfig, ThawOptions, ThawRequest,
+    };
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let nb = u64::from(tokens.max(1).div_ceil(16));
     let layout = Layout::flash_2nbhd(32, nb + 8, 16, 8, 128, Dtype::Bf16);
@@ -519,8 +521,7 @@ pub fn pipeline(
                 ..Default::default()
             },
             &cfg,
-            None,
-            &|| {},
+            &FreezeOptions::default(),
         )
         .map_err(|x| e(&x))?;
         fs.push(gbps(bytes, f.durable_secs));
@@ -536,7 +537,7 @@ pub fn pipeline(
                 salt: None,
             },
             &cfg,
-            None,
+            &ThawOptions::default(),
         )
         .map_err(|x| e(&x))?;
         ts.push(gbps(t.bytes, t.loaded_secs));
@@ -597,7 +598,7 @@ fn freeze_behind(
     tokens: u32,
     nb: u64,
 ) -> Result<(f64, f64, f64), String> {
-    use cwm::pipeline::{freeze, FreezeRequest};
+    use cwm::pipeline::{freeze, FreezeOptions, FreezeRequest};
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let t0 = std::time::Instant::now();
     let small = 32.min(nb);
@@ -614,8 +615,7 @@ fn freeze_behind(
                     ..Default::default()
                 },
                 cfg,
-                None,
-                &|| {},
+                &FreezeOptions::default(),
             )
         });
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -630,8 +630,7 @@ fn freeze_behind(
                 ..Default::default()
             },
             cfg,
-            None,
-            &|| {},
+            &FreezeOptions::default(),
         );
         (small_rep, big.join())
     });
@@ -657,7 +656,7 @@ fn tier_thaw(
     cfg: &cwm::pipeline::PipelineConfig,
     bytes: u64,
 ) -> Result<(f64, f64, f64), String> {
-    use cwm::pipeline::{thaw, ThawRequest};
+    use cwm::pipeline::{thaw, ThawOptions, ThawRequest};
     use cwm::tier::RamTier;
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let blocks = store
@@ -678,10 +677,30 @@ fn tier_thaw(
         expect_tokens: None,
         salt: None,
     };
-    thaw(store, eng, &req, cfg, Some(&tier)).map_err(|x| e(&x))?;
+    thaw(
+        store,
+        eng,
+        &req,
+        cfg,
+        &ThawOptions {
+            tier: Some(&tier),
+            ..Default::default()
+        },
+    )
+    .map_err(|x| e(&x))?;
     let mut best_thaw = f64::MAX;
     for _ in 0..3 {
-        let t = thaw(store, eng, &req, cfg, Some(&tier)).map_err(|x| e(&x))?;
+        let t = thaw(
+            store,
+            eng,
+            &req,
+            cfg,
+            &ThawOptions {
+                tier: Some(&tier),
+                ..Default::default()
+            },
+        )
+        .map_err(|x| e(&x))?;
         if t.blocks_from_tier != nb {
             return Err(format!(
                 "tier thaw read the disk ({} of {nb} blocks from RAM)",

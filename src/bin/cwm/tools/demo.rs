@@ -9,6 +9,7 @@ use std::time::Instant;
 use cwm::layout::{Dtype, Layout};
 use cwm::pipeline::synthetic::Synthetic;
 use cwm::pipeline::{freeze, thaw, FreezeRequest, PipelineConfig, ThawRequest};
+use cwm::pipeline::{FreezeOptions, ThawOptions};
 use cwm::store::{Store, StoreConfig};
 
 /// Arguments of `cwm demo`.
@@ -78,12 +79,10 @@ pub fn run(a: &DemoArgs) -> Result<(), String> {
         .map(|i| i.wrapping_mul(2_654_435_761u32) % 128_000)
         .collect();
     println!("  prefill (synthetic): {:.2} s", t.elapsed().as_secs_f64());
-    let cfg = PipelineConfig {
-        progress: Some(cwm::pipeline::Progress(std::sync::Arc::new(
-            |stage, done, total| bar(stage, done as usize, total as usize),
-        ))),
-        ..Default::default()
-    };
+    let cfg = PipelineConfig::default();
+    let progress = Some(cwm::pipeline::Progress(std::sync::Arc::new(
+        |stage, done, total| bar(stage, done as usize, total as usize),
+    )));
     let info;
     {
         let (store, _) = Store::open(StoreConfig::new(&dir)).map_err(|x| e(&x))?;
@@ -102,8 +101,10 @@ pub fn run(a: &DemoArgs) -> Result<(), String> {
                 ..Default::default()
             },
             &cfg,
-            None,
-            &|| {},
+            &FreezeOptions {
+                progress: progress.clone(),
+                ..Default::default()
+            },
         )
         .map_err(|x| e(&x))?;
         let bytes = r.bytes as f64;
@@ -144,7 +145,10 @@ pub fn run(a: &DemoArgs) -> Result<(), String> {
             salt: None,
         },
         &cfg,
-        None,
+        &ThawOptions {
+            progress: progress.clone(),
+            ..Default::default()
+        },
     )
     .map_err(|x| e(&x))?;
     println!(

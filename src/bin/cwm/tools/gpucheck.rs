@@ -18,6 +18,7 @@ use cwm::io::{self, EngineKind};
 use cwm::layout::spec::{hex64, layout_of, LayoutSpec, TensorSpec};
 use cwm::layout::Compat;
 use cwm::pipeline::{freeze, thaw, Engine, FreezeRequest, PipelineConfig, ThawRequest};
+use cwm::pipeline::{FreezeOptions, ThawOptions};
 use cwm::store::{Store, StoreConfig};
 use cwm::tier::RamTier;
 
@@ -111,8 +112,7 @@ pub fn run(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
             ..Default::default()
         },
         &cfg,
-        None,
-        &|| {},
+        &FreezeOptions::default(),
     )
     .map_err(|x| e(&x))?;
     drop(store);
@@ -130,7 +130,7 @@ pub fn run(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
             salt: None,
         },
         &cfg,
-        None,
+        &ThawOptions::default(),
     )
     .map_err(|x| e(&x))?;
     // Out-of-range ids are refused before any launch.
@@ -219,8 +219,7 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
             ..Default::default()
         },
         &cfg,
-        None,
-        &|| {},
+        &FreezeOptions::default(),
     )
     .map_err(|x| e(&x))?;
     let t = thaw(
@@ -235,7 +234,7 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
             salt: None,
         },
         &cfg,
-        None,
+        &ThawOptions::default(),
     )
     .map_err(|x| e(&x))?;
     let (rw1, rr1) = super::bench::raw_disk(io_engine.as_ref(), tmp.path(), bytes, bb as usize, 32)
@@ -330,8 +329,10 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
             ..Default::default()
         },
         &cfg,
-        Some(&tier),
-        &|| {},
+        &FreezeOptions {
+            tier: Some(&tier),
+            ..Default::default()
+        },
     )
     .map_err(|x| e(&x))?;
     let tier_thaw = || {
@@ -347,7 +348,10 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
                 salt: None,
             },
             &cfg,
-            Some(&tier),
+            &ThawOptions {
+                tier: Some(&tier),
+                ..Default::default()
+            },
         )
         .map_err(|x| e(&x))
     };
