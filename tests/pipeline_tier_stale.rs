@@ -36,7 +36,7 @@ fn a_refrozen_window_with_other_bytes_thaws_the_logs_bytes_without_false_corrupt
                 },
                 &cfg,
                 &FreezeOptions {
-                    tier: tier,
+                    tier,
                     ..Default::default()
                 },
             )
