@@ -1,0 +1,229 @@
+//! One request, start to end: idempotency keys (one request per key at a time, a success
+//! replayed to retries), the BUSY and stopping refusals, concurrency and edge-case metrics,
+//! and the dispatch of each op to its method.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+
+use super::args::{self, DeleteArgs, FreezeArgs, ListArgs, LookupArgs, ThawArgs};
+use super::args::{SessionDeleteArgs, SessionOpenArgs, SessionStateArgs};
+use super::coalesce::thaw_key;
+use super::conn::peer_gone;
+use super::protocol::{self, ApiError, Request};
+use super::Server;
+use crate::error::ErrorCode;
+use crate::pipeline::{Cancel, Engine};
+
+/// Where `register` leaves the engine it inserted (none for a replayed request): what a
+/// connection-scoped registration owns.
+pub(super) type Registered = Mutex<Option<(String, Arc<Engine>)>>;
+
+/// What an op may use besides its arguments.
+pub(super) struct Ctx<'a> {
+    /// Sends a non-final line (`captured`, compaction progress).
+    pub progress: &'a (dyn Fn(&str, Value) + Sync),
+    /// The requester's connection, if the request came over one.
+    pub conn: Option<std::os::fd::RawFd>,
+    /// See [`Registered`].
+    pub registered: &'a Registered,
+}
+
+impl Ctx<'_> {
+    /// A freeze or thaw whose requester hangs up stops (`FreezeOptions::cancel`).
+    pub fn cancel(&self) -> Option<Cancel> {
+        self.conn.map(|fd| Cancel(Arc::new(move || peer_gone(fd))))
+    }
+}
+
+impl Server {
+    /// Answers one request; true when it succeeded.
+    pub(super) fn handle(
+        &self,
+        req: Request,
+        out: &Mutex<UnixStream>,
+        registered: &Registered,
+    ) -> bool {
+        let id = req.id.clone();
+        // Requests with one idempotency key run one at a time: a retry that arrives while the
+        // first is still running waits for it, then replays its success (or runs, if it
+        // failed).
+        let key_lock = req.idempotency_key.as_ref().map(|k| {
+            self.idem_running
+                .lock()
+                .map(|mut m| m.entry(k.clone()).or_default().clone())
+                .unwrap_or_default()
+        });
+        let _key_guard = key_lock
+            .as_ref()
+            .map(|l| l.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let answered = self.handle_keyed(req, out, id, registered);
+        drop(_key_guard);
+        if let Some(l) = key_lock {
+            if let Ok(mut m) = self.idem_running.lock() {
+                // Only this and the table hold it: nobody else is waiting on the key.
+                if Arc::strong_count(&l) == 2 {
+                    m.retain(|_, v| !Arc::ptr_eq(v, &l));
+                }
+            }
+        }
+        answered
+    }
+
+    fn handle_keyed(
+        &self,
+        req: Request,
+        out: &Mutex<UnixStream>,
+        id: Value,
+        registered: &Registered,
+    ) -> bool {
+        // Idempotency: a retry with the same key gets the first outcome, no work done twice.
+        if let Some(k) = &req.idempotency_key {
+            let prior = self.idem.lock().ok().and_then(|m| m.get(k).cloned());
+            if let Some(lines) = prior {
+                let ok = lines
+                    .last()
+                    .and_then(|l| l["ok"].as_bool())
+                    .unwrap_or(false);
+                for mut l in lines {
+                    l["id"] = id.clone();
+                    l["replayed"] = json!(true);
+                    self.send(out, &l.to_string());
+                }
+                return ok;
+            }
+        }
+        let sent: Mutex<Vec<Value>> = Mutex::new(Vec::new());
+        let emit = |v: Value| {
+            self.send(out, &v.to_string());
+            if let Ok(mut s) = sent.lock() {
+                s.push(v);
+            }
+        };
+        let progress = |status: &str, body: Value| {
+            let mut v = json!({"id": id, "ok": true, "final": false, "status": status});
+            if let (Some(o), Value::Object(b)) = (v.as_object_mut(), body) {
+                o.extend(b);
+            }
+            emit(v);
+        };
+        let op_kind = match req.op.as_str() {
+            "freeze" | "thaw" | "lookup" | "delete" => Some(req.op.clone()),
+            _ => None,
+        };
+        if let Some(k) = &op_kind {
+            self.concurrency(k, 1);
+        }
+        let heavy = matches!(req.op.as_str(), "freeze" | "thaw");
+        let fd = out.lock().map(|c| c.as_raw_fd()).ok();
+        let t0 = std::time::Instant::now();
+        // A heavy op is counted before it looks at `stopping`: `drain` (after `stop`) then
+        // either waits for it or it sees `stopping` and refuses.
+        let running = if heavy {
+            self.heavy_ops.fetch_add(1, Ordering::SeqCst)
+        } else {
+            0
+        };
+        let res = if heavy && self.stopping.load(Ordering::SeqCst) {
+            Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "cwm is stopping; retry when it is back",
+            ))
+        } else if heavy && running >= self.cfg.max_ops.max(1) {
+            Err(ApiError::new(
+                ErrorCode::Busy,
+                format!(
+                    "{} freezes and thaws are already running (max_ops); retry shortly",
+                    self.cfg.max_ops
+                ),
+            ))
+        } else {
+            // A panic is answered as INTERNAL, and the counters above stay balanced.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let ctx = Ctx {
+                    progress: &progress,
+                    conn: fd,
+                    registered,
+                };
+                self.dispatch(&req, &ctx)
+            }))
+            .unwrap_or_else(|_| Err(ApiError::internal(format!("{} panicked", req.op))))
+        };
+        if heavy {
+            self.heavy_ops.fetch_sub(1, Ordering::SeqCst);
+            if res.is_ok() {
+                self.metrics.observe(&req.op, t0.elapsed().as_secs_f64());
+            }
+        }
+        if let Some(k) = &op_kind {
+            self.concurrency(k, -1);
+        }
+        let succeeded = res.is_ok();
+        let last = match res {
+            Ok(result) => {
+                if result
+                    .pointer("/report/corruption")
+                    .is_some_and(|c| !c.is_null())
+                {
+                    self.edge_case("EC-050", "recovered");
+                }
+                let mut v = json!({"id": id, "ok": true, "final": true});
+                if let (Some(o), Value::Object(b)) = (v.as_object_mut(), result) {
+                    o.extend(b);
+                }
+                v
+            }
+            Err(e) => {
+                self.metrics.errors.inc();
+                if let Some(ec) = protocol::edge_case_of(&e) {
+                    self.edge_case(ec, "refused");
+                }
+                let line = protocol::error_line(&id, &e);
+                serde_json::from_str(&line).unwrap_or(Value::Null)
+            }
+        };
+        // Only a success is an outcome to replay under an idempotency key: a refusal or a
+        // failure (BUSY, TIMEOUT, a requester that hung up, …) is run again by the retry, as a
+        // retry is meant to. It is persisted before the final line goes out, so a retry after
+        // a crash never runs a request whose success was answered.
+        if let Some(k) = req.idempotency_key.as_ref().filter(|_| succeeded) {
+            let mut lines = sent.lock().map(|s| s.clone()).unwrap_or_default();
+            lines.push(last.clone());
+            self.remember_outcome(k, lines);
+        }
+        emit(last);
+        succeeded
+    }
+
+    fn dispatch(&self, req: &Request, ctx: &Ctx<'_>) -> Result<Value, ApiError> {
+        let a = &req.args;
+        if let Some(r) = self.maintenance_op(&req.op, a, ctx.progress) {
+            return r;
+        }
+        match req.op.as_str() {
+            "hello" => Ok(self.op_hello()),
+            "health" => self.op_health(),
+            "register" => self.op_register(a, ctx),
+            "unregister" => self.op_unregister(&args::name(a, "engine")?),
+            "freeze" => self.op_freeze(FreezeArgs::parse(a)?, ctx),
+            "thaw" => self.coalesce(&thaw_key(a), || self.op_thaw(ThawArgs::parse(a)?, ctx)),
+            "lookup" => self.op_lookup(LookupArgs::parse(a)?),
+            "list" => self.op_list(ListArgs::parse(a)?),
+            "stat" => self.op_stat(&args::name(a, "window")?),
+            "delete" => self.op_delete(DeleteArgs::parse(a)?),
+            "metrics" => Ok(json!({"text": self.metrics_text()})),
+            "session.open" => self.op_session_open(SessionOpenArgs::parse(a)?),
+            "session.state" => self.op_session_state(SessionStateArgs::parse(a)?),
+            "session.close" => self.op_session_close(&args::name(a, "session")?),
+            "session.list" => Ok(json!({"sessions": self.sessions.list()})),
+            "session.delete" => self.op_session_delete(SessionDeleteArgs::parse(a)?),
+            op => Err(ApiError::new(
+                ErrorCode::UnknownOp,
+                format!("unknown op {op:?}; see docs/PROTOCOL.md (hello lists the capabilities)"),
+            )),
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! The window ops, one method each: `hello`, `health`, `unregister`, `freeze`, `thaw`,
+//! `lookup`, `list`, `stat`, `delete`. Arguments arrive parsed ([`super::args`]); answers are
+//! the JSON objects docs/PROTOCOL.md describes.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::args::{self, DeleteArgs, FreezeArgs, ListArgs, LookupArgs, ThawArgs};
+use super::handler::Ctx;
+use super::protocol::{self, ApiError};
+use super::Server;
+use crate::error::ErrorCode;
+use crate::pipeline::{
+    freeze, thaw, Engine, FreezeOptions, FreezeReport, FreezeRequest, ThawOptions, ThawReport,
+    ThawRequest,
+};
+
+/// What a session's engine reported it holds: (engine, token ids, block ids).
+type Held = (String, Vec<u32>, Vec<u64>);
+
+impl Server {
+    /// `hello`: version, protocol and capabilities.
+    pub(super) fn op_hello(&self) -> Value {
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "protocol": protocol::PROTOCOL_VERSION,
+            "capabilities": ["register.shm", "register.process", "register.cuda", "sessions", "freeze", "thaw", "lookup", "list", "stat", "delete", "idempotency", "metrics", "thaw.prefix", "lookup.estimate", "layout.pieces", "compact", "scrub", "check"],
+        })
+    }
+
+    /// `health`: integrity status, space, staging, engines.
+    pub(super) fn op_health(&self) -> Result<Value, ApiError> {
+        let st = self.store.stats().map_err(ApiError::from)?;
+        let status = if self.integrity.ok() {
+            "ok"
+        } else {
+            "degraded"
+        };
+        let (pools, pool_bytes) = self.staging_pools.lock().map_or((0, 0), |p| {
+            (p.len(), p.iter().map(|x| x.bytes()).sum::<u64>())
+        });
+        Ok(
+            json!({"status": status, "integrity": self.integrity.report(), "windows": st.windows, "used_bytes": st.used_bytes,
+            "capacity": st.capacity, "free_bytes": st.free_bytes, "reserved_bytes": st.reserved_bytes, "io_engine": st.engine,
+            "staging_pools": pools, "staging_bytes": pool_bytes,
+            "engines": self.engines.lock().map(|e| e.len()).unwrap_or(0)}),
+        )
+    }
+
+    /// `unregister`.
+    pub(super) fn op_unregister(&self, name: &str) -> Result<Value, ApiError> {
+        let removed = self
+            .engines
+            .lock()
+            .map_err(|_| ApiError::internal("engine table poisoned"))?
+            .remove(name);
+        match removed {
+            Some(_) => Ok(json!({"engine": name})),
+            None => Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("no engine {name:?} is registered"),
+            )),
+        }
+    }
+
+    /// The engine a freeze or thaw names, or else the one its session's engine reported
+    /// holding the session's KV (with what it holds). `what`: the end of the message when
+    /// there is neither.
+    fn engine_or_held(
+        &self,
+        engine: Option<&str>,
+        session: Option<&str>,
+        what: &str,
+    ) -> Result<(Arc<Engine>, Option<Held>), ApiError> {
+        let held = session
+            .and_then(|s| self.sessions.get(s).ok())
+            .and_then(|s| s.held);
+        let name = match (engine, &held) {
+            (Some(e), _) => e.to_string(),
+            (None, Some((e, _, _))) => e.clone(),
+            (None, None) => {
+                return Err(ApiError::validation(format!(
+                    "missing field engine (or a session whose engine {what})"
+                )))
+            }
+        };
+        Ok((self.engine(&name)?, held))
+    }
+
+    /// `freeze`: `captured` goes out as soon as the engine's blocks are free, the final
+    /// `durable` once the manifest is on disk.
+    pub(super) fn op_freeze(&self, a: FreezeArgs, ctx: &Ctx<'_>) -> Result<Value, ApiError> {
+        let (eng, held) = self.engine_or_held(
+            a.engine.as_deref(),
+            a.session.as_deref(),
+            "reported what it holds",
+        )?;
+        let (tokens, block_ids) = match (a.tokens, held) {
+            (Some(t), _) => (
+                t,
+                a.block_ids.ok_or_else(|| args::missing_list("block_ids"))?,
+            ),
+            (None, Some((_, t, b))) => (t, b),
+            (None, None) => return Err(args::missing_list("tokens")),
+        };
+        let fr = FreezeRequest {
+            window: a.window,
+            session: a.session.unwrap_or_default(),
+            tokens,
+            block_ids,
+            replace: a.replace,
+            salt: a.salt,
+        };
+        // `captured` goes out from the gather thread the moment the engine's blocks are
+        // free, before the writes finish.
+        let on_captured = || (ctx.progress)("captured", json!({}));
+        let session = fr.session.clone();
+        if !session.is_empty() {
+            self.sessions
+                .begin_freeze(&session)
+                .map_err(ApiError::from)?;
+        }
+        let opts = FreezeOptions {
+            tier: Some(&self.tier).filter(|t| t.enabled()),
+            on_captured: Some(&on_captured),
+            cancel: ctx.cancel(),
+            progress: None,
+        };
+        let res = freeze(&self.store, &eng, fr, &self.cfg.pipeline, &opts);
+        if !session.is_empty() {
+            self.sessions.end_freeze(&session, res.is_ok());
+        }
+        let r = res.map_err(ApiError::from)?;
+        self.froze(&r);
+        Ok(json!({"status": "durable", "window": r.info, "report": r}))
+    }
+
+    /// Logs and counts a durable freeze.
+    fn froze(&self, r: &FreezeReport) {
+        tracing::info!(
+            op = "freeze",
+            window = %r.info.name,
+            version = r.info.version,
+            session = %r.info.session,
+            bytes = r.bytes,
+            blocks_written = r.blocks_written,
+            blocks_deduplicated = r.blocks_deduplicated,
+            captured_secs = r.captured_secs,
+            durable_secs = r.durable_secs,
+            "window durable"
+        );
+        self.metrics.freezes.inc();
+        self.metrics.freeze_bytes.inc_by(r.bytes);
+    }
+
+    /// `thaw` (identical thaws running at once are coalesced by the caller).
+    pub(super) fn op_thaw(&self, a: ThawArgs, ctx: &Ctx<'_>) -> Result<Value, ApiError> {
+        let (eng, held) = self.engine_or_held(
+            a.engine.as_deref(),
+            a.session.as_deref(),
+            "reported its blocks",
+        )?;
+        // A session that cannot become THAWED is refused before any block is written.
+        if let Some(cur) = a.session.as_deref().and_then(|s| self.sessions.get(s).ok()) {
+            use crate::session::{SessionError, SessionState};
+            if cur.state != SessionState::Thawed
+                && !cur.state.allowed().contains(&SessionState::Thawed)
+            {
+                return Err(ApiError::from(SessionError::InvalidTransition {
+                    from: cur.state,
+                    to: SessionState::Thawed,
+                    allowed: cur.state.allowed(),
+                }));
+            }
+        }
+        let block_ids = match (a.block_ids, held) {
+            (Some(b), _) => b,
+            (None, Some((_, _, b))) => b,
+            (None, None) => return Err(args::missing_list("block_ids")),
+        };
+        // Without a window name, the window holding the longest stored prefix of the
+        // tokens (what `lookup` found) is restored, as far as block_ids reach.
+        let (window, prefix) = match (a.window, &a.tokens) {
+            (Some(w), _) => (w, a.prefix),
+            (None, Some(t)) => {
+                let found = self
+                    .store
+                    .longest_prefix(&eng.keys_with(t, a.salt.as_deref()), None)
+                    .map_err(ApiError::from)?;
+                let (w, _) = found.ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::NotFound,
+                        "no stored window starts with these tokens",
+                    )
+                })?;
+                (w.name, true)
+            }
+            (None, None) => {
+                return Err(ApiError::validation(
+                    "missing field window (or tokens, to restore the longest stored prefix)",
+                ))
+            }
+        };
+        let tr = ThawRequest {
+            window,
+            block_ids,
+            expect_tokens: a.tokens,
+            prefix,
+            first_block: a.first_block,
+            salt: a.salt,
+        };
+        // EC-041: a deadline scaled to the window (or the request's timeout_ms).
+        let limit = match a.timeout_ms {
+            Some(ms) => std::time::Duration::from_millis(ms),
+            None => {
+                let bytes = self.store.get(&tr.window).map(|w| w.bytes).unwrap_or(0);
+                crate::pipeline::thaw_timeout(
+                    bytes,
+                    f64::from_bits(self.thaw_rate.load(Ordering::Relaxed)),
+                )
+            }
+        };
+        let opts = ThawOptions {
+            tier: Some(&self.tier).filter(|t| t.enabled()),
+            cancel: ctx.cancel(),
+            progress: None,
+            deadline: Some(std::time::Instant::now() + limit),
+        };
+        let r = thaw(&self.store, &eng, &tr, &self.cfg.pipeline, &opts).map_err(ApiError::from)?;
+        if let Some(sess) = &a.session {
+            self.sessions.thawed(sess).map_err(ApiError::from)?;
+        }
+        self.thawed(&r);
+        Ok(json!({"status": "loaded", "report": r}))
+    }
+
+    /// Records a thaw's corruption findings, logs and counts it, and updates the running
+    /// estimates of thaw speed (disk, RAM tier) for the next deadlines and lookups.
+    fn thawed(&self, r: &ThawReport) {
+        if let Some(c) = &r.tier_corruption {
+            self.metrics.corruption.inc();
+            self.integrity.record(
+                "thaw",
+                format!(
+                    "window {:?}: {c} was corrupt in the RAM tier (a host memory error); \
+                     the disk copy was used",
+                    r.window
+                ),
+            );
+        }
+        if let Some(c) = &r.corruption {
+            self.metrics.corruption.inc();
+            self.integrity
+                .record("thaw", format!("window {:?}: {c}", r.window));
+        }
+        tracing::info!(
+            op = "thaw",
+            window = %r.window,
+            bytes = r.bytes,
+            blocks_restored = r.blocks_restored,
+            tokens_to_recompute = r.tokens_to_recompute,
+            from_tier = r.blocks_from_tier,
+            loaded_secs = r.loaded_secs,
+            corruption = ?r.corruption,
+            "window loaded"
+        );
+        self.metrics.thaws.inc();
+        if r.loaded_secs > 0.0 && r.bytes > (64 << 20) {
+            let seen = r.bytes as f64 / r.loaded_secs / 1e9;
+            let rate = if r.blocks_from_tier == r.blocks_restored {
+                &self.tier_rate
+            } else {
+                &self.thaw_rate
+            };
+            let old = f64::from_bits(rate.load(Ordering::Relaxed));
+            rate.store((0.7 * old + 0.3 * seen).to_bits(), Ordering::Relaxed);
+        }
+        self.metrics.thaw_bytes.inc_by(r.bytes);
+    }
+
+    /// `lookup`: the longest stored prefix of the tokens, and whether thawing it beats
+    /// recomputing it.
+    pub(super) fn op_lookup(&self, a: LookupArgs) -> Result<Value, ApiError> {
+        let eng = self.engine(&a.engine)?;
+        let keys = eng.keys_with(&a.tokens, a.salt.as_deref());
+        let found = self
+            .store
+            .longest_prefix(&keys, a.window.as_deref())
+            .map_err(ApiError::from)?;
+        let blocks = found.as_ref().map_or(0, |(_, n)| *n);
+        let bs = eng.layout.block_size as usize;
+        let tokens_matched = (blocks * bs).min(a.tokens.len());
+        let matched: Vec<String> = keys[..blocks].iter().map(|k| format!("{k:032x}")).collect();
+        // Blocks all in the RAM tier thaw at the tier's measured speed, else the disk's
+        // (also while a thaw holds the tier: the scheduler never waits for one).
+        let from_tier = blocks > 0
+            && self.tier.enabled()
+            && self.tier.contains_all(&keys[..blocks]) == Some(true);
+        let rate = if from_tier {
+            &self.tier_rate
+        } else {
+            &self.thaw_rate
+        };
+        let est = crate::decision::estimate(
+            blocks as u64 * eng.layout.block_bytes(),
+            f64::from_bits(rate.load(Ordering::Relaxed)),
+            tokens_matched as u64,
+            a.prefill_tokens_per_s,
+        );
+        Ok(
+            json!({"blocks_matched": blocks, "tokens_matched": tokens_matched,
+            "block_keys": matched,
+            "window": found.as_ref().map(|(w, _)| w.name.clone()),
+            "window_version": found.as_ref().map(|(w, _)| w.version),
+            "from_tier": from_tier,
+            "estimated_thaw_secs": est.thaw_secs,
+            "estimated_recompute_secs": est.recompute_secs,
+            "thaw_wins": est.thaw_wins}),
+        )
+    }
+
+    /// `list`: a page of windows.
+    pub(super) fn op_list(&self, a: ListArgs) -> Result<Value, ApiError> {
+        let (page, total) = self
+            .store
+            .list_page(a.offset, a.limit, a.session.as_deref())
+            .map_err(ApiError::from)?;
+        Ok(json!({"windows": page, "total": total}))
+    }
+
+    /// `stat`: one window.
+    pub(super) fn op_stat(&self, window: &str) -> Result<Value, ApiError> {
+        let info = self.store.get(window).map_err(ApiError::from)?;
+        Ok(json!({"window": info}))
+    }
+
+    /// `delete`: one window (at an expected version, if given).
+    pub(super) fn op_delete(&self, a: DeleteArgs) -> Result<Value, ApiError> {
+        let info = self
+            .store
+            .delete_window(&a.window, a.expected_version)
+            .map_err(ApiError::from)?;
+        Ok(json!({"deleted": info}))
+    }
+}

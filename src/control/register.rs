@@ -1,0 +1,173 @@
+//! The `register` op: an engine's KV memory (shared-memory files, another process's memory,
+//! or CUDA IPC handles) and layout become a named [`Engine`], with a staging pool (an idle
+//! one adopted when it fits).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::conn::peer_uid_of_fd;
+use super::handler::Ctx;
+use super::protocol::{self, ApiError};
+use super::Server;
+use crate::device::host::{ProcessMemory, ShmMemory};
+use crate::device::KvMemory;
+use crate::error::ErrorCode;
+use crate::pipeline::Engine;
+
+impl Server {
+    /// `register`: imports an engine's KV memory under a name. The requester's uid Memory it names must be its own: a shared-memory file it
+    /// owns, a process running as it (cwm reads and writes that memory with its own rights,
+    /// so an `--allow-uid` peer could otherwise name cwm's own files and processes).
+    pub(super) fn op_register(&self, a: &Value, ctx: &Ctx<'_>) -> Result<Value, ApiError> {
+        let peer = ctx.conn.and_then(peer_uid_of_fd);
+        use std::os::unix::fs::MetadataExt;
+        let owned_by_peer = |what: &str, path: &Path| -> Result<(), ApiError> {
+            let owner = std::fs::metadata(path)
+                .map_err(|e| ApiError::validation(format!("{what}: {e}")))?
+                .uid();
+            match peer {
+                Some(p) if p == owner => Ok(()),
+                _ => Err(ApiError::new(
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "{what} belongs to uid {owner}, not to the requester (uid {})",
+                        peer.map_or_else(|| "unknown".to_string(), |p| p.to_string())
+                    ),
+                )),
+            }
+        };
+        let name = protocol::str_field(a, "engine")?.to_string();
+        let layout_spec: crate::layout::spec::LayoutSpec = serde_json::from_value(
+            a.get("layout")
+                .cloned()
+                .ok_or_else(|| ApiError::validation("missing field layout"))?,
+        )
+        .map_err(|e| ApiError::validation(format!("layout: {e}")))?;
+        let layout = crate::layout::spec::layout_of(&layout_spec).map_err(ApiError::validation)?;
+        let mem = a
+            .get("memory")
+            .ok_or_else(|| ApiError::validation("missing field memory"))?;
+        let mem: Arc<dyn KvMemory> = if let Some(paths) = mem.get("shm") {
+            let paths: Vec<String> = serde_json::from_value(paths.clone()).map_err(|e| {
+                ApiError::validation(format!("memory.shm must be a list of paths: {e}"))
+            })?;
+            let allowed = std::fs::canonicalize(&self.cfg.shm_dir)
+                .unwrap_or_else(|_| self.cfg.shm_dir.clone());
+            let mut ps = Vec::new();
+            for p in &paths {
+                let c = std::fs::canonicalize(p)
+                    .map_err(|e| ApiError::validation(format!("{p}: {e}")))?;
+                if !c.starts_with(&allowed) {
+                    return Err(ApiError::new(
+                        ErrorCode::PermissionDenied,
+                        format!(
+                            "{p} is outside the allowed shared-memory directory {}",
+                            allowed.display()
+                        ),
+                    ));
+                }
+                owned_by_peer(p, &c)?;
+                ps.push(c);
+            }
+            let refs: Vec<&Path> = ps.iter().map(PathBuf::as_path).collect();
+            Arc::new(ShmMemory::open(&refs).map_err(|e| ApiError::new(e.code(), e.to_string()))?)
+        } else if let Some(p) = mem.get("process") {
+            let pid = p
+                .get("pid")
+                .and_then(Value::as_i64)
+                .ok_or_else(|| ApiError::validation("memory.process.pid must be an integer"))?;
+            owned_by_peer(
+                &format!("process {pid}"),
+                Path::new(&format!("/proc/{pid}")),
+            )?;
+            let tensors: Vec<(u64, u64)> = serde_json::from_value(
+                p.get("tensors").cloned().unwrap_or(Value::Null),
+            )
+            .map_err(|e| {
+                ApiError::validation(format!(
+                    "memory.process.tensors must be [[address, bytes], …]: {e}"
+                ))
+            })?;
+            Arc::new(ProcessMemory::new(pid as i32, tensors))
+        } else if let Some(cuda) = mem.get("cuda") {
+            self.cuda_memory(cuda)?
+        } else {
+            return Err(ApiError::validation(
+                "memory must name shm (paths), process (pid, tensors) or cuda (tensors)",
+            ));
+        };
+        let engine = Engine::new(
+            layout,
+            mem,
+            protocol::opt_str(a, "model")?.unwrap_or_else(|| "default".into()),
+            protocol::opt_str(a, "salt")?,
+        )
+        .map_err(ApiError::from)?;
+        let idle = self.staging_pools.lock().ok().and_then(|pools| {
+            pools
+                .iter()
+                .find(|p| Arc::strong_count(p) == 1 && engine.fits_staging(p, &self.cfg.pipeline))
+                .cloned()
+        });
+        if !idle.is_some_and(|p| engine.adopt_staging(p)) {
+            engine
+                .prepare_staging(&self.cfg.pipeline, self.store.engine().as_ref())
+                .map_err(ApiError::from)?;
+            if let (Some(p), Ok(mut pools)) = (engine.staging(), self.staging_pools.lock()) {
+                pools.push(p.clone());
+            }
+        }
+        if self.tier.enabled() {
+            // The RAM tier's arena is sized for the first engine's blocks and mapped into its
+            // device (a GPU thaws from it with one copy).
+            self.tier.prepare(engine.layout.block_bytes() as usize);
+            self.tier.attach(engine.mem.as_ref());
+        }
+        let out = json!({"engine": name, "block_bytes": engine.layout.block_bytes(),
+            "fingerprint": format!("{:016x}", engine.layout.fingerprint())});
+        let engine = Arc::new(engine);
+        self.engines
+            .lock()
+            .map_err(|_| ApiError::internal("engine table poisoned"))?
+            .insert(name.clone(), engine.clone());
+        if let Ok(mut r) = ctx.registered.lock() {
+            *r = Some((name, engine));
+        }
+        Ok(out)
+    }
+
+    /// Imports an engine's GPU tensors (CUDA IPC handles) and its optional interprocess event.
+    fn cuda_memory(&self, cuda: &Value) -> Result<Arc<dyn KvMemory>, ApiError> {
+        use crate::device::cuda::{Cuda, CudaMemory, IpcTensor};
+        let tensors: Vec<crate::layout::spec::TensorSpec> = serde_json::from_value(
+            cuda.get("tensors").cloned().unwrap_or(Value::Null),
+        )
+        .map_err(|e| {
+            ApiError::validation(format!(
+                "memory.cuda.tensors must be [{{handle, offset, size}}, …]: {e}"
+            ))
+        })?;
+        let device = cuda.get("device").and_then(Value::as_i64).unwrap_or(0) as i32;
+        let ctx = Cuda::shared(device)
+            .map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()))?;
+        let ipc = tensors
+            .iter()
+            .map(|t| {
+                Ok(IpcTensor {
+                    handle: crate::layout::spec::hex64(&t.handle).map_err(ApiError::validation)?,
+                    offset: t.offset,
+                    size: t.size,
+                })
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        let m = CudaMemory::open(ctx, &ipc).map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+        if let Some(ev) = cuda.get("event").and_then(Value::as_str) {
+            let h = crate::layout::spec::hex64(ev).map_err(ApiError::validation)?;
+            m.wait_for_event(&h)
+                .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+        }
+        Ok(Arc::new(m))
+    }
+}
