@@ -1,4 +1,4 @@
-// cwm gather/scatter kernel (compiled at run time with NVRTC; see src/device/cuda.rs).
+// cwm gather/scatter kernel (compiled at run time with NVRTC; see src/device/cuda/kernels.rs).
 //
 // One work item = (block b, piece p). Gather copies piece p of engine block ids[b] from device
 // memory into the staging slot of block b (mapped pinned host memory, zero-copy over PCIe);

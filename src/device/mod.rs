@@ -12,6 +12,7 @@ use crate::layout::{transpose_piece, Compat, Layout, PieceKind};
 
 /// Errors of the device layer.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DeviceError {
     /// Bad request (a block id out of range, a size mismatch).
     #[error("invalid input: {0}")]

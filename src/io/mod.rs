@@ -22,6 +22,7 @@ pub use buf::{align_up, AlignedBuf, ALIGN};
 
 /// Errors of the I/O engine layer.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum IoError {
     /// The operating system refused an operation.
     #[error("{op} at offset {offset} failed: {source}")]

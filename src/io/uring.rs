@@ -193,205 +193,274 @@ impl IoEngine for UringEngine {
     }
 }
 
-fn ring_thread(mut ring: IoUring, rx: Receiver<Msg>, qd: usize) {
-    let mut batches: HashMap<u32, BatchState> = HashMap::new();
-    let mut queue: VecDeque<(u32, u32)> = VecDeque::new();
-    let mut next_id: u32 = 0;
-    let mut inflight = 0usize;
-    let mut registered: Vec<Arc<AlignedBuf>> = Vec::new();
-    let mut open = true;
+fn ring_thread(ring: IoUring, rx: Receiver<Msg>, qd: usize) {
+    RingThread {
+        registered: Vec::new(),
+        queue: VecDeque::new(),
+        batches: HashMap::new(),
+        rx,
+        ring,
+        next_id: 0,
+        inflight: 0,
+    }
+    .run(qd);
+}
 
-    let mut accept = |msg: Msg,
-                      batches: &mut HashMap<u32, BatchState>,
-                      queue: &mut VecDeque<(u32, u32)>,
-                      ring: &mut IoUring| match msg {
-        Msg::Batch(b) => {
-            let id = next_id;
-            next_id = next_id.wrapping_add(1);
-            for i in 0..b.ops.len() {
-                queue.push_back((id, i as u32));
-            }
-            let remaining = b.ops.len();
-            batches.insert(
-                id,
-                BatchState {
-                    batch: b,
-                    remaining,
-                    error: None,
-                },
-            );
-        }
-        Msg::Register(region, reply) => {
-            // Registering replaces the whole table, so pass every region registered so far.
-            // Only possible while nothing is in flight; callers register at set-up time.
-            registered.push(region);
-            let iovecs = |regs: &[Arc<AlignedBuf>]| -> Vec<libc::iovec> {
-                regs.iter()
-                    .map(|r| libc::iovec {
-                        iov_base: r.as_ptr() as *mut libc::c_void,
-                        iov_len: r.len(),
-                    })
-                    .collect()
-            };
-            let _ = ring.submitter().unregister_buffers();
-            // SAFETY: every iovec points into an AlignedBuf kept alive by `registered` (and by
-            // the engine's own list) for as long as the ring exists.
-            let ok = unsafe { ring.submitter().register_buffers(&iovecs(&registered)) }.is_ok();
-            if !ok {
-                // (Over 1 GiB, or RLIMIT_MEMLOCK reached.) The earlier regions stay
-                // registered: their engines' fixed I/O must keep working.
-                registered.pop();
-                if !registered.is_empty() {
-                    // SAFETY: as above, for the regions registered before.
-                    let _ = unsafe { ring.submitter().register_buffers(&iovecs(&registered)) };
-                }
-            }
-            let _ = reply.send(ok);
-        }
-    };
+/// What the ring thread owns. Fields drop in declaration order: the registered regions, the
+/// queue and the batches first, then the channel, the ring last.
+struct RingThread {
+    /// Every region registered as a fixed buffer, in the ring's table order.
+    registered: Vec<Arc<AlignedBuf>>,
+    /// (batch, op) waiting for room in the submission queue, or to be resubmitted.
+    queue: VecDeque<(u32, u32)>,
+    /// Batches with ops not yet finished, by id.
+    batches: HashMap<u32, BatchState>,
+    rx: Receiver<Msg>,
+    ring: IoUring,
+    next_id: u32,
+    /// Entries submitted whose completion has not been reaped.
+    inflight: usize,
+}
 
-    loop {
-        if inflight == 0 && queue.is_empty() {
-            if !open {
-                break;
-            }
-            match rx.recv() {
-                Ok(m) => accept(m, &mut batches, &mut queue, &mut ring),
-                Err(_) => break,
-            }
-        }
+impl RingThread {
+    /// Takes messages (blocking only when nothing is queued or in flight), submits what fits
+    /// in `qd` entries, waits for completions and accounts them, until the channel is closed
+    /// and nothing is left, or the ring cannot be entered.
+    fn run(mut self, qd: usize) {
+        let mut open = true;
         loop {
-            match rx.try_recv() {
-                Ok(m) => accept(m, &mut batches, &mut queue, &mut ring),
-                Err(crossbeam_channel::TryRecvError::Empty) => break,
-                Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                    open = false;
+            if self.inflight == 0 && self.queue.is_empty() {
+                if !open {
                     break;
                 }
+                match self.rx.recv() {
+                    Ok(m) => self.accept(m),
+                    Err(_) => break,
+                }
+            }
+            loop {
+                match self.rx.try_recv() {
+                    Ok(m) => self.accept(m),
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            self.push_queued(qd);
+            if self.inflight == 0 {
+                continue;
+            }
+            if let Err(e) = self.enter() {
+                self.fail_everything(&e);
+                return;
+            }
+            self.reap();
+        }
+    }
+
+    fn accept(&mut self, msg: Msg) {
+        match msg {
+            Msg::Batch(b) => self.accept_batch(b),
+            Msg::Register(region, reply) => self.register(region, reply),
+        }
+    }
+
+    /// Queues every op of a new batch.
+    fn accept_batch(&mut self, b: Batch) {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        for i in 0..b.ops.len() {
+            self.queue.push_back((id, i as u32));
+        }
+        let remaining = b.ops.len();
+        self.batches.insert(
+            id,
+            BatchState {
+                batch: b,
+                remaining,
+                error: None,
+            },
+        );
+    }
+
+    /// Adds `region` to the ring's fixed buffers and answers whether the kernel took it.
+    fn register(&mut self, region: Arc<AlignedBuf>, reply: Sender<bool>) {
+        // Registering replaces the whole table, so pass every region registered so far.
+        // Only possible while nothing is in flight; callers register at set-up time.
+        self.registered.push(region);
+        let iovecs = |regs: &[Arc<AlignedBuf>]| -> Vec<libc::iovec> {
+            regs.iter()
+                .map(|r| libc::iovec {
+                    iov_base: r.as_ptr() as *mut libc::c_void,
+                    iov_len: r.len(),
+                })
+                .collect()
+        };
+        let ring = &mut self.ring;
+        let _ = ring.submitter().unregister_buffers();
+        // SAFETY: every iovec points into an AlignedBuf kept alive by `registered` (and by
+        // the engine's own list) for as long as the ring exists.
+        let ok = unsafe { ring.submitter().register_buffers(&iovecs(&self.registered)) }.is_ok();
+        if !ok {
+            // (Over 1 GiB, or RLIMIT_MEMLOCK reached.) The earlier regions stay
+            // registered: their engines' fixed I/O must keep working.
+            self.registered.pop();
+            if !self.registered.is_empty() {
+                // SAFETY: as above, for the regions registered before.
+                let _ = unsafe { ring.submitter().register_buffers(&iovecs(&self.registered)) };
             }
         }
-        while inflight < qd {
-            let Some((bid, oi)) = queue.pop_front() else {
+        let _ = reply.send(ok);
+    }
+
+    /// Moves queued ops into the submission queue while fewer than `qd` are in flight.
+    fn push_queued(&mut self, qd: usize) {
+        while self.inflight < qd {
+            let Some((bid, oi)) = self.queue.pop_front() else {
                 break;
             };
-            let Some(state) = batches.get(&bid) else {
+            let Some(state) = self.batches.get(&bid) else {
                 continue;
             };
-            let op = &state.batch.ops[oi as usize];
-            let fd = types::Fd(op.fd);
-            let len = op.len.min(u32::MAX as usize & !4095) as u32;
-            let entry = match (op.kind, op.fixed) {
-                (Kind::Write, Some(idx)) => opcode::WriteFixed::new(fd, op.ptr, len, idx)
-                    .offset(op.offset)
-                    .build(),
-                (Kind::Write, None) => opcode::Write::new(fd, op.ptr, len)
-                    .offset(op.offset)
-                    .build(),
-                (Kind::Read, Some(idx)) => opcode::ReadFixed::new(fd, op.ptr, len, idx)
-                    .offset(op.offset)
-                    .build(),
-                (Kind::Read, None) => opcode::Read::new(fd, op.ptr, len).offset(op.offset).build(),
-                (Kind::Fsync, _) => opcode::Fsync::new(fd)
-                    .flags(types::FsyncFlags::DATASYNC)
-                    .build(),
-            }
-            .user_data((u64::from(bid) << 32) | u64::from(oi));
+            let entry = sqe(&state.batch.ops[oi as usize])
+                .user_data((u64::from(bid) << 32) | u64::from(oi));
             // SAFETY: the buffer stays valid until the batch completes (see `Batch`), and the
             // queue has room: at most `qd` entries are ever in flight in a ring of `qd` entries.
-            if unsafe { ring.submission().push(&entry) }.is_err() {
-                queue.push_front((bid, oi));
+            if unsafe { self.ring.submission().push(&entry) }.is_err() {
+                self.queue.push_front((bid, oi));
                 break;
             }
-            inflight += 1;
+            self.inflight += 1;
         }
-        if inflight == 0 {
-            continue;
-        }
-        match ring.submit_and_wait(1) {
+    }
+
+    /// Submits and waits for at least one completion. Interruptions, a busy ring and
+    /// transient shortages are not errors (nothing was submitted: the entries stay queued);
+    /// any other error means the ring cannot be entered.
+    fn enter(&mut self) -> std::io::Result<()> {
+        match self.ring.submit_and_wait(1) {
             Ok(_) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
             // Transient (memory pressure): nothing was submitted, the entries stay queued.
             Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::ENOMEM)) => {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
-            Err(e) => {
-                // The ring cannot be entered. Operations already submitted still own their
-                // callers' buffers: wait until the kernel has completed every one (it posts
-                // completions without being entered), then fail everything still pending.
-                while inflight > 0 {
-                    let n = ring.completion().count();
-                    inflight = inflight.saturating_sub(n);
-                    if inflight > 0 {
-                        std::thread::sleep(std::time::Duration::from_millis(1));
-                    }
-                }
-                for (_, st) in batches.drain() {
-                    let _ = st.batch.done.send(Err(IoError::Os {
-                        op: "io_uring_enter",
-                        offset: 0,
-                        source: std::io::Error::new(e.kind(), e.to_string()),
-                    }));
-                }
-                return;
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// The ring cannot be entered (`e`). Operations already submitted still own their
+    /// callers' buffers: wait until the kernel has completed every one (it posts completions
+    /// without being entered), then fail everything still pending.
+    fn fail_everything(&mut self, e: &std::io::Error) {
+        while self.inflight > 0 {
+            let n = self.ring.completion().count();
+            self.inflight = self.inflight.saturating_sub(n);
+            if self.inflight > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
-        let cqes: Vec<(u64, i32)> = ring
+        for (_, st) in self.batches.drain() {
+            let _ = st.batch.done.send(Err(IoError::Os {
+                op: "io_uring_enter",
+                offset: 0,
+                source: std::io::Error::new(e.kind(), e.to_string()),
+            }));
+        }
+    }
+
+    /// Accounts every completion the ring holds.
+    fn reap(&mut self) {
+        let cqes: Vec<(u64, i32)> = self
+            .ring
             .completion()
             .map(|c| (c.user_data(), c.result()))
             .collect();
         for (ud, res) in cqes {
-            inflight -= 1;
-            let bid = (ud >> 32) as u32;
-            let oi = (ud & 0xffff_ffff) as usize;
-            let Some(state) = batches.get_mut(&bid) else {
-                continue;
-            };
-            let op = &mut state.batch.ops[oi];
-            let opname = match op.kind {
-                Kind::Read => "read",
-                Kind::Write => "write",
-                Kind::Fsync => "fdatasync",
-            };
-            let mut finished = true;
-            if res < 0 {
-                if matches!(-res, libc::EINTR | libc::EAGAIN) {
-                    queue.push_front((bid, oi as u32));
-                    finished = false;
-                } else {
-                    state.error.get_or_insert(IoError::Os {
-                        op: opname,
-                        offset: op.offset,
-                        source: std::io::Error::from_raw_os_error(-res),
-                    });
-                }
-            } else if op.kind != Kind::Fsync {
-                let n = res as usize;
-                if n == 0 {
-                    state.error.get_or_insert(IoError::Short {
-                        op: opname,
-                        offset: op.start_offset,
-                        done: (op.wanted - op.len) as u64,
-                        wanted: op.wanted as u64,
-                    });
-                } else if n < op.len {
-                    // Short transfer: continue with the remainder.
-                    // SAFETY: n < len, so the advanced pointer stays inside the buffer.
-                    op.ptr = unsafe { op.ptr.add(n) };
-                    op.len -= n;
-                    op.offset += n as u64;
-                    queue.push_front((bid, oi as u32));
-                    finished = false;
-                }
+            self.complete(ud, res);
+        }
+    }
+
+    /// One completion: an error is kept for its batch (EINTR and EAGAIN are resubmitted), a
+    /// transfer of zero bytes is a short-transfer error, a short one is resubmitted for the
+    /// remainder; a batch whose last op has finished is answered.
+    fn complete(&mut self, ud: u64, res: i32) {
+        self.inflight -= 1;
+        let bid = (ud >> 32) as u32;
+        let oi = (ud & 0xffff_ffff) as usize;
+        let Some(state) = self.batches.get_mut(&bid) else {
+            return;
+        };
+        let op = &mut state.batch.ops[oi];
+        let opname = match op.kind {
+            Kind::Read => "read",
+            Kind::Write => "write",
+            Kind::Fsync => "fdatasync",
+        };
+        let mut finished = true;
+        if res < 0 {
+            if matches!(-res, libc::EINTR | libc::EAGAIN) {
+                self.queue.push_front((bid, oi as u32));
+                finished = false;
+            } else {
+                state.error.get_or_insert(IoError::Os {
+                    op: opname,
+                    offset: op.offset,
+                    source: std::io::Error::from_raw_os_error(-res),
+                });
             }
-            if finished {
-                state.remaining -= 1;
-                if state.remaining == 0 {
-                    if let Some(st) = batches.remove(&bid) {
-                        let _ = st.batch.done.send(st.error.map_or(Ok(()), Err));
-                    }
+        } else if op.kind != Kind::Fsync {
+            let n = res as usize;
+            if n == 0 {
+                state.error.get_or_insert(IoError::Short {
+                    op: opname,
+                    offset: op.start_offset,
+                    done: (op.wanted - op.len) as u64,
+                    wanted: op.wanted as u64,
+                });
+            } else if n < op.len {
+                // Short transfer: continue with the remainder.
+                // SAFETY: n < len, so the advanced pointer stays inside the buffer.
+                op.ptr = unsafe { op.ptr.add(n) };
+                op.len -= n;
+                op.offset += n as u64;
+                self.queue.push_front((bid, oi as u32));
+                finished = false;
+            }
+        }
+        if finished {
+            state.remaining -= 1;
+            if state.remaining == 0 {
+                if let Some(st) = self.batches.remove(&bid) {
+                    let _ = st.batch.done.send(st.error.map_or(Ok(()), Err));
                 }
             }
         }
+    }
+}
+
+/// The submission entry for `op`'s next transfer (at most 4 GiB − 4 KiB of it), or its
+/// fdatasync.
+fn sqe(op: &RawOp) -> io_uring::squeue::Entry {
+    let fd = types::Fd(op.fd);
+    let len = op.len.min(u32::MAX as usize & !4095) as u32;
+    match (op.kind, op.fixed) {
+        (Kind::Write, Some(idx)) => opcode::WriteFixed::new(fd, op.ptr, len, idx)
+            .offset(op.offset)
+            .build(),
+        (Kind::Write, None) => opcode::Write::new(fd, op.ptr, len)
+            .offset(op.offset)
+            .build(),
+        (Kind::Read, Some(idx)) => opcode::ReadFixed::new(fd, op.ptr, len, idx)
+            .offset(op.offset)
+            .build(),
+        (Kind::Read, None) => opcode::Read::new(fd, op.ptr, len).offset(op.offset).build(),
+        (Kind::Fsync, _) => opcode::Fsync::new(fd)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build(),
     }
 }
 
