@@ -4,7 +4,6 @@
 //! a replaced window wins across a reopen though its timestamp is older, listing follows
 //! commit order, the oldest active session is the first opened whatever its timestamp, and
 //! durations come from a monotonic clock. Run by scripts/test.sh with `--features failpoints`.
-#![cfg(feature = "failpoints")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
 use common::*;

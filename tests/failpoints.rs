@@ -4,7 +4,6 @@
 //! (error, short write, panic). After the fault and a reopen, nothing partial is visible, every
 //! window committed before reads back bit-exactly, a deleted window stays deleted, the catalog
 //! keeps its last committed value, the index is consistent, and the log accepts new windows.
-#![cfg(feature = "failpoints")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 mod common;
 use common::*;
