@@ -61,6 +61,7 @@ impl SessionState {
 
 /// Session errors (codes reach the wire).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SessionError {
     /// A transition the table does not allow.
     #[error("cannot go from {from:?} to {to:?}; allowed from {from:?}: {allowed:?}")]

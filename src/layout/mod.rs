@@ -121,6 +121,7 @@ pub struct Layout {
 
 /// Layout errors (reach the wire as VALIDATION or LAYOUT_MISMATCH).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum LayoutError {
     /// The description is inconsistent.
     #[error("invalid layout: {0}")]

@@ -32,6 +32,7 @@ use crate::store::{Replace, StoreError, WindowInfo};
 
 /// Errors of the pipeline layer; codes reach the wire.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PipelineError {
     /// From the store.
     #[error(transparent)]
