@@ -3,6 +3,8 @@
 //! daemon), `maint_cmd` (fsck, compaction, torture), `bench_cmd` (benchmarks, gpu-check).
 //! The tools in `tools/` use the library through `cwm::` like any other user.
 
+#![deny(clippy::too_many_lines)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
