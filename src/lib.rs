@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod checksum;
+pub mod clock;
 pub mod control;
 pub mod damage;
 pub mod decision;
