@@ -54,6 +54,7 @@
 #![deny(missing_docs)]
 
 pub mod checksum;
+pub mod clock;
 pub mod control;
 pub mod damage;
 pub(crate) mod decision;

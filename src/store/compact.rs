@@ -23,10 +23,14 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::append::Appender;
+use super::error::{poisoned, StoreError};
 use super::format::{RecordHeader, RecordKind};
-use super::recovery::{scan, Rec};
+use super::index::{Loc, State};
+use super::recovery::scan::{scan, Rec};
 use super::segment::Segment;
-use super::{poisoned, verify_meta, Appender, Loc, State, Store, StoreError};
+use super::verify::verify_meta;
+use super::Store;
 use crate::io::{self, AlignedBuf, Op};
 
 /// What compaction does.
@@ -387,7 +391,7 @@ impl Store {
         // still come back at the next open, later compactions must still see the manifests it
         // holds (they keep the tombstones shadowing them).
         crate::fail_point!("segment-unlink", _a => {
-            return Err(super::injected_error("segment-unlink"));
+            return Err(super::error::injected_error("segment-unlink"));
         });
         match std::fs::remove_file(&seg.path) {
             Ok(()) => {}
@@ -478,11 +482,11 @@ impl Store {
         crate::fail_point!("compaction-copy", a => {
             if a == crate::failpoint::Action::ShortWrite {
                 if let (Some(img), Some(l)) = (imgs.first(), locs.first()) {
-                    super::short_write(self.engine.as_ref(), l, img);
+                    super::append::short_write(self.engine.as_ref(), l, img);
                 }
             }
             self.cut_back(&locs);
-            return Err(super::injected_error("compaction-copy"));
+            return Err(super::error::injected_error("compaction-copy"));
         });
         let res = {
             let mut ops: Vec<Op<'_>> = imgs

@@ -23,6 +23,7 @@ const RECORD_MAGIC: [u8; 4] = *b"CWMR";
 
 /// Why a header did not decode.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum HeaderError {
     /// Every byte is zero: unwritten space (a clean end of log).
     #[error("empty (all-zero) header")]

@@ -53,6 +53,7 @@ pub struct Tombstone {
 
 /// Why a manifest or tombstone payload did not decode.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// Ran out of bytes.
     #[error("truncated at byte {0}")]

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use super::error::StoreError;
 use super::format::{SegmentHeader, PAGE, SEGMENT_HEADER_LEN, SEGMENT_VERSION};
-use super::StoreError;
 use crate::io::{self, AlignedBuf, IoEngine};
 
 /// One open segment file.
@@ -55,6 +55,7 @@ pub(crate) fn parse_file_name(name: &str) -> Option<u64> {
         .ok()
 }
 
+/// 64 random bits (a new segment's generation).
 pub(crate) fn random_u64() -> u64 {
     let mut v = [0u8; 8];
     // SAFETY: getrandom writes at most v.len() bytes into v.
@@ -75,14 +76,6 @@ pub(crate) fn random_u64() -> u64 {
     h.finish()
 }
 
-pub(crate) fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-        + crate::failpoint::clock_skew_ms()
-}
-
 /// Preallocates `len` bytes of `file` (zeros when read). File systems without fallocate are
 /// tolerated (the file then grows as it is written).
 pub(crate) fn preallocate(file: &File, len: u64) -> std::io::Result<()> {
@@ -99,6 +92,7 @@ pub(crate) fn preallocate(file: &File, len: u64) -> std::io::Result<()> {
 }
 
 impl Segment {
+    /// The file's descriptor.
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
@@ -121,7 +115,7 @@ impl Segment {
             segment_id: id,
             generation: random_u64(),
             segment_size: size,
-            created_unix_ms: now_unix_ms(),
+            created_unix_ms: crate::clock::now_unix_ms(),
             version: SEGMENT_VERSION,
             sealed_len: 0,
         };
@@ -223,6 +217,7 @@ impl Segment {
         self.seal();
     }
 
+    /// Offset just past the last record.
     pub fn frontier(&self) -> u64 {
         self.frontier.load(Ordering::SeqCst)
     }

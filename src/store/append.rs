@@ -1,0 +1,283 @@
+//! The appender: one writer of the log at a time. Appends record images at the active
+//! segment's frontier (filling in their headers, doubling metadata records), rotates to a new
+//! segment when the active one is full, sealed or failed, makes records durable
+//! (`fdatasync`), and cuts a segment back after a failed write or sync, so that a failed record
+//! cannot reappear at the next open.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, MutexGuard};
+
+use super::error::{poisoned, StoreError};
+use super::format::{
+    self, payload_offset, record_len, stored_len, RecordHeader, RecordKind, PAGE,
+    SEGMENT_HEADER_LEN,
+};
+use super::index::Loc;
+use super::segment::Segment;
+use super::Store;
+use crate::checksum::payload_checksum;
+use crate::io::{AlignedBuf, IoError};
+
+#[cfg(feature = "failpoints")]
+use {super::error::injected_error, super::segment, crate::io, crate::io::IoEngine};
+
+/// What the one writer of the log holds (under the appender lock).
+pub(crate) struct Appender {
+    /// The segment appends go to (`None`: the next append creates one).
+    pub active: Option<Arc<Segment>>,
+    /// Sequence number of the next record.
+    pub next_seq: u64,
+    /// Id of the next segment created.
+    pub next_segment: u64,
+}
+
+/// Size of the segment made for one-page records when a full-size one does not fit on the
+/// file system.
+const SMALL_SEGMENT: u64 = 16 * PAGE;
+
+impl Store {
+    /// Takes the appender lock.
+    pub(super) fn lock_appender(&self) -> Result<MutexGuard<'_, Appender>, StoreError> {
+        self.appender.lock().map_err(poisoned)
+    }
+
+    /// Appends one record image (header filled in here) and returns where it went. Rotates
+    /// to a new segment when the active one is full, sealed or failed. A metadata record is
+    /// written twice, back to back (`image` holds room for both: [`stored_len`] bytes); its
+    /// [`Loc`] covers both copies.
+    pub(super) fn append(
+        &self,
+        app: &mut Appender,
+        kind: RecordKind,
+        key: u128,
+        payload_len: u64,
+        checksum: u64,
+        image: &mut [u8],
+    ) -> Result<Loc, StoreError> {
+        let len = stored_len(kind, payload_len);
+        let one = record_len(payload_len) as usize;
+        if image.len() < len as usize {
+            return Err(StoreError::Validation(format!(
+                "record image of {} bytes for a {kind:?} record of {len}",
+                image.len()
+            )));
+        }
+        let seg = self.segment_for(app, len)?;
+        let offset = seg.frontier.fetch_add(len, Ordering::SeqCst);
+        self.used.fetch_add(len, Ordering::SeqCst);
+        let seq = app.next_seq;
+        app.next_seq += 1;
+        let h = RecordHeader {
+            kind,
+            seq,
+            key,
+            payload_len,
+            payload_xxh3: checksum,
+            segment_id: seg.id,
+            copied: false,
+            ditto: false,
+        };
+        let po = payload_offset(payload_len);
+        h.encode(seg.generation, &mut image[..PAGE as usize]);
+        if po == PAGE as usize {
+            image[format::RECORD_HEADER_LEN..PAGE as usize].fill(0);
+            // The padding after the payload, up to the record's last page end: whatever an
+            // earlier use of the staging slot left there must not reach the disk.
+            let end = (len as usize).min(image.len());
+            if let Some(pad) = image.get_mut(po + payload_len as usize..end) {
+                pad.fill(0);
+            }
+        } else {
+            image[po + payload_len as usize..PAGE as usize].fill(0);
+        }
+        if format::copies(kind) == 2 {
+            let (first, second) = image.split_at_mut(one);
+            second[..one].copy_from_slice(first);
+            RecordHeader { ditto: true, ..h }.encode(seg.generation, &mut second[..one]);
+        }
+        Ok(Loc { seg, offset, len })
+    }
+
+    /// The segment a record of `len` bytes goes to: the active one while it has room, else a
+    /// new one (the active one is sealed).
+    pub(super) fn segment_for(
+        &self,
+        app: &mut Appender,
+        len: u64,
+    ) -> Result<Arc<Segment>, StoreError> {
+        if let Some(s) = &app.active {
+            if !s.sealed.load(Ordering::SeqCst) && s.frontier() + len <= s.size {
+                return Ok(s.clone());
+            }
+            s.seal_recorded(self.engine.as_ref());
+        }
+        let id = app.next_segment;
+        crate::fail_point!("segment-rotate", a => {
+            if a == crate::failpoint::Action::ShortWrite {
+                // The file is created and preallocated but its header page never arrives
+                // (what a crash inside Segment::create leaves behind).
+                let path = self.cfg.dir.join(segment::file_name(id));
+                if let Ok((f, _)) = io::open_direct(&path, true) {
+                    let _ = segment::preallocate(&f, self.cfg.segment_size);
+                }
+            }
+            return Err(injected_error("segment-rotate"));
+        });
+        // A record larger than a segment gets a segment of its own size: recovery scans a
+        // segment only up to the size in its header, so a record written past it would be
+        // acknowledged and then cut off as a torn tail.
+        let size = self
+            .cfg
+            .segment_size
+            .max((SEGMENT_HEADER_LEN + len).next_multiple_of(PAGE));
+        let seg = match Segment::create(&self.cfg.dir, id, size, self.engine.as_ref()) {
+            Ok(s) => s,
+            // The file system is full (EC-052). A one-page record (a tombstone, a catalog
+            // record) still gets a small segment, so deleting windows to free space keeps
+            // working on a full disk.
+            Err(StoreError::NoSpace(m)) if len <= 2 * PAGE => {
+                crate::log::warn(&format!(
+                    "{m}; segment {id} created with {} bytes only",
+                    SMALL_SEGMENT
+                ));
+                Segment::create(&self.cfg.dir, id, SMALL_SEGMENT, self.engine.as_ref())
+                    .or_else(|_| {
+                        // Room for this one record only.
+                        let least = SEGMENT_HEADER_LEN + len;
+                        Segment::create(&self.cfg.dir, id, least, self.engine.as_ref())
+                    })
+                    .map_err(|_| StoreError::NoSpace(m))?
+            }
+            Err(e) => return Err(e),
+        };
+        let seg = Arc::new(seg);
+        app.next_segment += 1;
+        self.used.fetch_add(SEGMENT_HEADER_LEN, Ordering::SeqCst);
+        self.state
+            .write()
+            .map_err(poisoned)?
+            .segments
+            .insert(id, seg.clone());
+        app.active = Some(seg.clone());
+        Ok(seg)
+    }
+
+    /// After a failed write or sync: marks each segment of `locs` failed (read-only) and cuts
+    /// it back to before the first of these records, so that what failed cannot reappear at
+    /// the next open. Only records appended last (under the appender lock) are ever passed.
+    pub(crate) fn cut_back<'l>(&self, locs: impl IntoIterator<Item = &'l Loc>) {
+        let mut cut: Vec<(Arc<Segment>, u64)> = Vec::new();
+        for l in locs {
+            match cut.iter_mut().find(|(s, _)| s.id == l.seg.id) {
+                Some((_, o)) => *o = (*o).min(l.offset),
+                None => cut.push((l.seg.clone(), l.offset)),
+            }
+        }
+        for (seg, offset) in cut {
+            seg.failed.store(true, Ordering::SeqCst);
+            seg.sealed.store(true, Ordering::SeqCst);
+            let f = seg.frontier.fetch_min(offset, Ordering::SeqCst);
+            if f > offset {
+                self.used.fetch_sub(f - offset, Ordering::SeqCst);
+            }
+            // Best effort: on a dying device the truncation may fail too; recovery then finds
+            // the record torn or whole (an unacknowledged outcome, either way consistent).
+            let _ = seg.file.set_len(offset.max(seg.first_record));
+            let _ = seg.file.sync_all();
+        }
+    }
+
+    /// `fdatasync`s a segment; a failure makes it read-only (never retried as if nothing
+    /// happened).
+    pub(super) fn sync(&self, seg: &Segment) -> Result<(), StoreError> {
+        if seg.failed.load(Ordering::SeqCst) {
+            return Err(StoreError::Io {
+                context: format!("syncing segment {}", seg.id),
+                source: IoError::Os {
+                    op: "fdatasync",
+                    offset: 0,
+                    source: std::io::Error::from_raw_os_error(libc::EIO),
+                },
+            });
+        }
+        crate::fail_point!("fdatasync", _a => {
+            seg.fail();
+            return Err(injected_error("fdatasync"));
+        });
+        self.engine.fdatasync(seg.fd()).map_err(|e| {
+            // Never retried as if nothing happened: the segment becomes read-only.
+            seg.fail();
+            crate::log::warn(&format!(
+                "fdatasync of {} failed ({e}); the segment is now read-only",
+                seg.path.display()
+            ));
+            StoreError::io(format!("syncing segment {}", seg.id), e)
+        })
+    }
+
+    /// Appends one record and makes it durable (its segment cut back if that fails); counts
+    /// it live. Returns where it is and its sequence number.
+    pub(crate) fn append_synced(
+        &self,
+        app: &mut Appender,
+        kind: RecordKind,
+        key: u128,
+        payload: &[u8],
+    ) -> Result<(Loc, u64), StoreError> {
+        let loc = self.append_payload(app, kind, key, payload)?;
+        if let Err(e) = self.sync(&loc.seg) {
+            self.cut_back([&loc]);
+            return Err(e);
+        }
+        loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
+        Ok((loc, app.next_seq - 1))
+    }
+
+    /// Appends a small record from an in-memory payload and writes it (no sync).
+    pub(super) fn append_payload(
+        &self,
+        app: &mut Appender,
+        kind: RecordKind,
+        key: u128,
+        payload: &[u8],
+    ) -> Result<Loc, StoreError> {
+        let len = payload.len() as u64;
+        let mut img = AlignedBuf::zeroed(stored_len(kind, len) as usize);
+        let po = payload_offset(len);
+        img[po..po + payload.len()].copy_from_slice(payload);
+        let sum = payload_checksum(payload);
+        let loc = self.append(app, kind, key, len, sum, &mut img)?;
+        let _site = match kind {
+            RecordKind::Manifest => "manifest-write",
+            RecordKind::Meta => "meta-write",
+            _ => "",
+        };
+        crate::fail_point!(_site, a => {
+            if a == crate::failpoint::Action::ShortWrite {
+                short_write(self.engine.as_ref(), &loc, &img);
+            }
+            self.cut_back([&loc]);
+            return Err(injected_error(_site));
+        });
+        if let Err(e) = self.engine.write_all_at(loc.seg.fd(), loc.offset, &img) {
+            self.cut_back([&loc]);
+            return Err(StoreError::io(format!("writing a {kind:?} record"), e));
+        }
+        Ok(loc)
+    }
+}
+
+/// Writes part of a record image (feature `failpoints`, action `short-write`): the first half
+/// of its pages, or for a one-page record its first 2 KiB (a torn page).
+#[cfg(feature = "failpoints")]
+pub(crate) fn short_write(engine: &dyn IoEngine, loc: &Loc, img: &[u8]) {
+    let page = PAGE as usize;
+    let pages = img.len() / page;
+    if pages > 1 {
+        let _ = engine.write_all_at(loc.seg.fd(), loc.offset, &img[..(pages / 2) * page]);
+    } else if pages == 1 {
+        let mut b = AlignedBuf::zeroed(page);
+        b[..page / 2].copy_from_slice(&img[..page / 2]);
+        let _ = engine.write_all_at(loc.seg.fd(), loc.offset, &b);
+    }
+}

@@ -1,0 +1,143 @@
+//! Catalog records: small keyed payloads the daemon keeps in the log (sessions, idempotent
+//! outcomes), durable like manifests and kept twice; the newest record of a key is its value.
+//! Also the catalog scrub, which re-verifies these records and live tombstones from the disk.
+
+use std::sync::atomic::Ordering;
+
+use serde::Serialize;
+
+use super::error::{poisoned, StoreError};
+use super::format::{stored_len, RecordKind, SEGMENT_HEADER_LEN};
+use super::index::Loc;
+use super::verify::verify_copies;
+use super::Store;
+use crate::io::{AlignedBuf, Op};
+
+/// What [`Store::scrub_catalog`] found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CatalogScrub {
+    /// Catalog records and tombstones verified.
+    pub records: u64,
+    /// Catalog records that did not verify and were written again from memory.
+    pub rewritten: u64,
+    /// Tombstones that did not verify (the window they deleted may come back at the next
+    /// open).
+    pub bad_tombstones: Vec<String>,
+}
+
+impl Store {
+    /// Writes a catalog record (sessions, idempotent outcomes) durably; the newest record of a
+    /// key is what [`Store::meta`] returns, also after a restart.
+    pub fn put_meta(&self, key: u128, payload: &[u8]) -> Result<(), StoreError> {
+        if payload.is_empty() {
+            return Err(StoreError::Validation(
+                "a catalog record needs a payload".into(),
+            ));
+        }
+        let mut app = self.lock_appender()?;
+        let len = stored_len(RecordKind::Meta, payload.len() as u64);
+        let needed = len + SEGMENT_HEADER_LEN; // room for segment headers if the append rotates
+        let capacity = self.capacity.load(Ordering::SeqCst);
+        let free = capacity.saturating_sub(self.used.load(Ordering::SeqCst));
+        if needed > free {
+            return Err(StoreError::QuotaExceeded {
+                needed,
+                free,
+                capacity,
+            });
+        }
+        let (loc, seq) = self.append_synced(&mut app, RecordKind::Meta, key, payload)?;
+        let old = self
+            .state
+            .write()
+            .map_err(poisoned)?
+            .meta
+            .insert(key, (seq, payload.to_vec(), loc));
+        // The superseded record is garbage now (compaction drops it).
+        if let Some((_, _, l)) = old {
+            l.seg.live.fetch_sub(l.len, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// The newest catalog records with their sequence numbers (ordering them against windows'
+    /// manifests).
+    pub fn meta_with_seq(&self) -> Result<Vec<(u128, u64, Vec<u8>)>, StoreError> {
+        let st = self.state.read().map_err(poisoned)?;
+        Ok(st
+            .meta
+            .iter()
+            .map(|(k, (seq, v, _))| (*k, *seq, v.clone()))
+            .collect())
+    }
+
+    /// Re-reads and verifies, from the disk, the records the index holds besides windows: the
+    /// newest catalog record of every key and every live tombstone. A catalog record whose
+    /// bytes no longer verify is written again from the copy in memory (at the next open the
+    /// store would otherwise fall back to an older record of its key, or lose it); a tombstone
+    /// that no longer verifies is reported (at the next open, the window it deleted could come
+    /// back: delete that window again).
+    pub fn scrub_catalog(&self) -> Result<CatalogScrub, StoreError> {
+        let (metas, tombs) = {
+            let st = self.state.read().map_err(poisoned)?;
+            let metas: Vec<(u128, Vec<u8>, Loc)> = st
+                .meta
+                .iter()
+                .map(|(k, (_, v, l))| (*k, v.clone(), l.clone()))
+                .collect();
+            let tombs: Vec<(u128, Loc)> = st.tombs.iter().map(|(k, l)| (*k, l.clone())).collect();
+            (metas, tombs)
+        };
+        let bad = |l: &Loc, kind: RecordKind| -> Option<String> {
+            let mut img = AlignedBuf::zeroed(l.len as usize);
+            let mut op = [Op::read(l.seg.fd(), l.offset, &mut img[..])];
+            match self.engine.run(&mut op) {
+                Err(e) => Some(format!("unreadable: {e}")),
+                Ok(()) => verify_copies(&img, &l.seg, kind).err(),
+            }
+        };
+        let mut out = CatalogScrub {
+            records: (metas.len() + tombs.len()) as u64,
+            ..Default::default()
+        };
+        for (key, payload, loc) in metas {
+            if let Some(why) = bad(&loc, RecordKind::Meta) {
+                // Rewritten only if it is still the newest record of its key.
+                let current = self
+                    .state
+                    .read()
+                    .map_err(poisoned)?
+                    .meta
+                    .get(&key)
+                    .is_some_and(|(_, _, l)| l.seg.id == loc.seg.id && l.offset == loc.offset);
+                if current {
+                    crate::log::warn(&format!(
+                        "scrub: catalog record {key:032x} in segment {} does not verify ({why}); written again",
+                        loc.seg.id
+                    ));
+                    self.put_meta(key, &payload)?;
+                    out.rewritten += 1;
+                }
+            }
+        }
+        for (key, loc) in tombs {
+            if let Some(why) = bad(&loc, RecordKind::Tombstone) {
+                out.bad_tombstones.push(format!(
+                    "tombstone of name key {key:032x} in segment {} offset {}: {why}",
+                    loc.seg.id, loc.offset
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every catalog record key with its newest payload.
+    pub fn meta(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError> {
+        let st = self.state.read().map_err(poisoned)?;
+        Ok(st
+            .meta
+            .iter()
+            .map(|(k, (_, v, _))| (*k, v.clone()))
+            .collect())
+    }
+}

@@ -1,0 +1,298 @@
+//! The in-memory index, rebuilt from the log at every open: where each record lives, the
+//! visible windows, the block index with its reference counts, the newest catalog record per
+//! key, and the newest event (manifest or tombstone) of each window name. [`State::publish`]
+//! is the one place a window becomes visible (at commit and at recovery); [`release_window`]
+//! drops its references. Also here: the lookups answered from the index alone.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::error::{poisoned, StoreError};
+use super::manifest::Manifest;
+use super::segment::Segment;
+use super::{name, Store, WindowInfo};
+
+/// Where a record lives.
+#[derive(Clone)]
+pub(crate) struct Loc {
+    /// The segment.
+    pub seg: Arc<Segment>,
+    /// Offset of the record in the segment.
+    pub offset: u64,
+    /// Bytes of the record (both copies of a metadata record).
+    pub len: u64,
+}
+
+/// A stored block: where its record is, what it holds, how many windows refer to it.
+#[derive(Clone)]
+pub(crate) struct BlockEntry {
+    /// Where the block's record is; `None` when recovery found the window's manifest but not
+    /// this block (lost to damage): the windows referring to it thaw up to it, and the next
+    /// freeze that holds the block writes it again (it is never deduplicated against).
+    pub loc: Option<Loc>,
+    /// Payload bytes.
+    pub payload_len: u64,
+    /// Payload checksum.
+    pub checksum: u64,
+    /// Windows referring to it (a window holding it twice counts twice).
+    pub refs: u64,
+}
+
+/// A visible window: its catalog entry, where its manifest is, its block keys in order.
+#[derive(Clone)]
+pub(crate) struct WindowEntry {
+    /// Catalog entry.
+    pub info: WindowInfo,
+    /// Where its manifest record is.
+    pub manifest: Loc,
+    /// Its block keys, in order.
+    pub keys: Vec<u128>,
+}
+
+/// The index: everything the store knows without reading the log.
+#[derive(Default)]
+pub(crate) struct State {
+    /// Newest catalog record per key: (sequence number, payload, where it is).
+    pub meta: HashMap<u128, (u64, Vec<u8>, Loc)>,
+    /// Per window-name key, the sequence number of the newest manifest or tombstone written
+    /// for it (the event recovery resolves the name to; compaction keeps it while needed).
+    pub names: HashMap<u128, u64>,
+    /// Per window-name key whose newest event is a tombstone: where that tombstone is. Only
+    /// these tombstones count as live bytes.
+    pub tombs: HashMap<u128, Loc>,
+    /// Windows whose newest manifest is not exposed because a block is missing (recovery's
+    /// `incomplete_windows`): name -> (version, manifest sequence number).
+    pub incomplete: BTreeMap<String, (u64, u64)>,
+    /// Every block some window refers to, by key.
+    pub blocks: HashMap<u128, BlockEntry>,
+    /// Visible windows, by name.
+    pub windows: BTreeMap<String, WindowEntry>,
+    /// Every segment of the log, by id.
+    pub segments: BTreeMap<u64, Arc<Segment>>,
+}
+
+/// A block record found for a window being published: written by its commit, or found in the
+/// log by recovery.
+pub(crate) struct BlockRecord {
+    /// Where the record is.
+    pub loc: Loc,
+    /// Payload bytes.
+    pub payload_len: u64,
+    /// Payload checksum.
+    pub checksum: u64,
+}
+
+/// What [`State::publish`] does with a block of the window that is neither in the index nor
+/// given a record. The two callers differed here; each keeps its behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unfound {
+    /// Index it as lost to damage (no location; the manifest's length and checksum, one
+    /// reference): the window thaws up to it. Recovery.
+    IndexAsLost,
+    /// Leave it out of the index. Commit: it never happens there (before the manifest is
+    /// written, commit checks every block is written or indexed, and the appender lock it
+    /// holds keeps block entries from being removed meanwhile).
+    Skip,
+}
+
+impl State {
+    /// Publishes a window: the manifest `m` (sequence number `seq`, its record at `manifest`)
+    /// becomes the visible window of its name. `found` yields, for each block of `m` in
+    /// order, the record written or found for it, if any. Every block gains a reference; a
+    /// block not indexed yet is indexed at its record, and one indexed as lost to damage is
+    /// found again there (every window refers to it from then on, each verifying it against
+    /// its own manifest). The manifest and newly indexed block records count as live; a window
+    /// the name held before is released. Returns the window's catalog entry and the version
+    /// it replaced.
+    ///
+    /// The name's newest-event bookkeeping (`names`, `tombs`, `incomplete`) is the caller's:
+    /// commit does it after publishing, recovery before (in sequence order).
+    pub(crate) fn publish(
+        &mut self,
+        m: &Manifest,
+        seq: u64,
+        manifest: Loc,
+        found: impl IntoIterator<Item = Option<BlockRecord>>,
+        unfound: Unfound,
+    ) -> (WindowInfo, Option<u64>) {
+        for (b, f) in m.blocks.iter().zip(found) {
+            if let Some(e) = self.blocks.get_mut(&b.key) {
+                e.refs += 1;
+                if let (None, Some(f)) = (&e.loc, f) {
+                    f.loc.seg.live.fetch_add(f.loc.len, Ordering::SeqCst);
+                    e.loc = Some(f.loc);
+                    e.payload_len = f.payload_len;
+                    e.checksum = f.checksum;
+                }
+                continue;
+            }
+            let entry = match f {
+                Some(f) => {
+                    f.loc.seg.live.fetch_add(f.loc.len, Ordering::SeqCst);
+                    BlockEntry {
+                        loc: Some(f.loc),
+                        payload_len: f.payload_len,
+                        checksum: f.checksum,
+                        refs: 1,
+                    }
+                }
+                None if unfound == Unfound::IndexAsLost => BlockEntry {
+                    loc: None,
+                    payload_len: b.len,
+                    checksum: b.checksum,
+                    refs: 1,
+                },
+                None => continue,
+            };
+            self.blocks.insert(b.key, entry);
+        }
+        manifest.seg.live.fetch_add(manifest.len, Ordering::SeqCst);
+        let info = WindowInfo {
+            name: m.name.clone(),
+            version: m.version,
+            seq,
+            session: m.session.clone(),
+            namespace: m.namespace.clone(),
+            num_tokens: m.tokens.len() as u64,
+            num_blocks: m.blocks.len() as u64,
+            bytes: m.blocks.iter().map(|b| b.len).sum(),
+            created_unix_ms: m.created_unix_ms,
+        };
+        let entry = WindowEntry {
+            info: info.clone(),
+            manifest,
+            keys: m.blocks.iter().map(|b| b.key).collect(),
+        };
+        // (Recovery publishes each name once, so it never replaces a window.)
+        let replaced = self.windows.insert(m.name.clone(), entry).map(|old| {
+            release_window(self, &old);
+            old.info.version
+        });
+        (info, replaced)
+    }
+}
+
+/// Drops a window's references (its manifest and blocks) from the live figures.
+pub(crate) fn release_window(st: &mut State, entry: &WindowEntry) {
+    entry
+        .manifest
+        .seg
+        .live
+        .fetch_sub(entry.manifest.len, Ordering::SeqCst);
+    for k in &entry.keys {
+        let remove = match st.blocks.get_mut(k) {
+            Some(b) => {
+                b.refs -= 1;
+                b.refs == 0
+            }
+            None => false,
+        };
+        if remove {
+            if let Some(Some(l)) = st.blocks.remove(k).map(|b| b.loc) {
+                l.seg.live.fetch_sub(l.len, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Lookups answered from the index alone.
+impl Store {
+    /// Visible windows, ordered by name.
+    pub fn list(&self) -> Result<Vec<WindowInfo>, StoreError> {
+        let st = self.state.read().map_err(poisoned)?;
+        Ok(st.windows.values().map(|w| w.info.clone()).collect())
+    }
+
+    /// A page of windows (by name), optionally of one session, and how many match in all.
+    pub fn list_page(
+        &self,
+        offset: usize,
+        limit: usize,
+        session: Option<&str>,
+    ) -> Result<(Vec<WindowInfo>, usize), StoreError> {
+        let st = self.state.read().map_err(poisoned)?;
+        let matching = st
+            .windows
+            .values()
+            .filter(|w| session.is_none_or(|s| w.info.session == s));
+        let mut total = 0usize;
+        let mut page = Vec::with_capacity(limit.min(1024));
+        for w in matching {
+            if total >= offset && page.len() < limit {
+                page.push(w.info.clone());
+            }
+            total += 1;
+        }
+        Ok((page, total))
+    }
+
+    /// One window's catalog entry.
+    pub fn get(&self, name: &str) -> Result<WindowInfo, StoreError> {
+        let name = name::validate_name(name).map_err(StoreError::Validation)?;
+        let st = self.state.read().map_err(poisoned)?;
+        st.windows
+            .get(&name)
+            .map(|w| w.info.clone())
+            .ok_or(StoreError::NotFound(name))
+    }
+
+    /// True when a block with this key is stored (and referenced), and not lost to damage.
+    pub fn contains_block(&self, key: u128) -> Result<bool, StoreError> {
+        Ok(self
+            .state
+            .read()
+            .map_err(poisoned)?
+            .blocks
+            .get(&key)
+            .is_some_and(|b| b.loc.is_some()))
+    }
+
+    /// The window holding the longest prefix of these (chained) block keys, and how many
+    /// leading blocks it holds; the newest such window on a tie. `None` when no window starts
+    /// with `keys[0]`. With `only`, just that window is considered.
+    pub fn longest_prefix(
+        &self,
+        keys: &[u128],
+        only: Option<&str>,
+    ) -> Result<Option<(WindowInfo, usize)>, StoreError> {
+        let st = self.state.read().map_err(poisoned)?;
+        let mut best: Option<(&WindowInfo, usize)> = None;
+        let only = match only {
+            Some(n) => Some(name::validate_name(n).map_err(StoreError::Validation)?),
+            None => None,
+        };
+        let candidates: Box<dyn Iterator<Item = &WindowEntry>> = match &only {
+            Some(n) => Box::new(st.windows.get(n).into_iter()),
+            None => Box::new(st.windows.values()),
+        };
+        for w in candidates {
+            // A block lost to damage ends the usable prefix.
+            let n = w
+                .keys
+                .iter()
+                .zip(keys)
+                .take_while(|(a, b)| a == b && st.blocks.get(a).is_some_and(|e| e.loc.is_some()))
+                .count();
+            let better = match best {
+                None => n > 0,
+                Some((b, bn)) => n > bn || (n == bn && w.info.seq > b.seq),
+            };
+            if better {
+                best = Some((&w.info, n));
+            }
+        }
+        Ok(best.map(|(i, n)| (i.clone(), n)))
+    }
+
+    /// Reference count of a stored block (0 when absent).
+    pub fn block_refs(&self, key: u128) -> Result<u64, StoreError> {
+        Ok(self
+            .state
+            .read()
+            .map_err(poisoned)?
+            .blocks
+            .get(&key)
+            .map_or(0, |b| b.refs))
+    }
+}

@@ -1,0 +1,516 @@
+//! Recovery: scan record headers of every segment (payloads only for metadata records), tell a
+//! torn tail (nothing valid after it) from a damaged region (valid records after it: skipped
+//! and reported), apply manifests and tombstones in sequence order (either copy of each), and
+//! expose every window whose manifest survives; a block lost to damage ends its window's
+//! usable prefix.
+//!
+//! `scan.rs` walks one segment's records; `segment_files.rs` opens segment files and reads
+//! their headers (and sets aside invalid ones for `cwm fsck --repair`); `windows.rs` applies
+//! manifests and tombstones and publishes the surviving windows; this file holds [`recover`],
+//! its steps over the segments, and the newest segment's return to service.
+
+pub(super) mod scan;
+mod segment_files;
+mod windows;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::append::Appender;
+use super::error::StoreError;
+use super::format::{self, record_len, HeaderError, RecordHeader, RecordKind, SegmentHeader, PAGE};
+use super::index::{Loc, State};
+use super::manifest::{Manifest, Tombstone};
+use super::segment::{self, Segment};
+use super::verify::{check_meta, verify_image};
+use super::{name_key, StoreConfig};
+use crate::io::{AlignedBuf, IoEngine};
+
+use scan::{scan, Rec};
+pub(crate) use segment_files::set_aside_invalid_segments;
+use segment_files::{holds_records, open_segment_file, read_segment_header, segment_ids};
+
+/// What recovery tolerates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecoveryMode {
+    /// Any invalid record (a torn tail included), damaged manifest or incomplete window fails
+    /// the open with a report.
+    Strict,
+    /// Torn segment tails (a crash mid-write) are cut off; damaged manifests and incomplete
+    /// windows are reported and left invisible. The default.
+    #[default]
+    TolerateTail,
+}
+
+impl std::str::FromStr for RecoveryMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "strict" => Ok(Self::Strict),
+            "tolerate-tail" => Ok(Self::TolerateTail),
+            o => Err(format!(
+                "unknown recovery mode {o:?}: use strict or tolerate-tail"
+            )),
+        }
+    }
+}
+
+/// What recovery found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RecoveryReport {
+    /// Segments scanned.
+    pub segments: u64,
+    /// Valid records found.
+    pub records: u64,
+    /// Windows exposed.
+    pub windows: u64,
+    /// Segments whose scan stopped at an invalid (torn) header: (segment id, offset, why).
+    pub torn_tails: Vec<(u64, u64, String)>,
+    /// Manifests or tombstones whose payload failed its checksum: (segment id, offset).
+    pub damaged_records: Vec<(u64, u64)>,
+    /// Damaged regions inside segments skipped to reach later valid records:
+    /// (segment id, from, to, why).
+    pub damaged_regions: Vec<(u64, u64, u64, String)>,
+    /// Windows whose manifest refers to a block recovery did not find (its record was lost to
+    /// damage): they are listed and thaw up to that block. Names.
+    pub incomplete_windows: Vec<String>,
+    /// Segment files removed because their header was never written (crash at creation).
+    pub removed_empty_segments: Vec<u64>,
+    /// Bytes of torn tails cut off.
+    pub truncated_bytes: u64,
+}
+
+/// A manifest or tombstone found in the log, and where.
+enum Meta {
+    Manifest(Manifest, Loc),
+    Tombstone(Tombstone, Loc),
+}
+
+/// A block record found in the log.
+struct Cand {
+    seq: u64,
+    loc: Loc,
+    payload_len: u64,
+    checksum: u64,
+}
+
+/// The index, the appender, the bytes in the log, and the report.
+type Recovered = (State, Appender, u64, RecoveryReport);
+
+/// Rebuilds the index from the log in `cfg.dir`, in steps: load every segment in id order
+/// ([`Recovery::load_segment`]), apply manifests and tombstones in sequence order
+/// ([`Recovery::apply_name_events`]), publish the surviving windows
+/// ([`Recovery::publish_windows`]), and make the newest segment the active one again
+/// ([`Recovery::resume_active`]).
+pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recovered, StoreError> {
+    let ids = segment_ids(&cfg.dir)?;
+    let mut r = Recovery {
+        cfg,
+        engine,
+        strict: cfg.recovery == RecoveryMode::Strict,
+        report: RecoveryReport::default(),
+        state: State::default(),
+        metas: Vec::new(),
+        cands: HashMap::new(),
+        max_seq: 0,
+        used: 0,
+        last: None,
+        heal: None,
+        page: AlignedBuf::zeroed(PAGE as usize),
+    };
+    for (n, &id) in ids.iter().enumerate() {
+        r.load_segment(id, n + 1 == ids.len())?;
+    }
+    for (_, _, loc) in r.state.meta.values() {
+        loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
+    }
+    let live = r.apply_name_events();
+    r.publish_windows(live)?;
+    r.report.windows = r.state.windows.len() as u64;
+    let active = r.resume_active()?;
+    let next_segment = ids.last().map_or(1, |l| l + 1);
+    Ok((
+        r.state,
+        Appender {
+            active,
+            next_seq: r.max_seq + 1,
+            next_segment,
+        },
+        r.used,
+        r.report,
+    ))
+}
+
+/// A recovery under way: what the segments loaded so far hold.
+struct Recovery<'a> {
+    cfg: &'a StoreConfig,
+    engine: &'a dyn IoEngine,
+    /// [`RecoveryMode::Strict`]: refuse what tolerate-tail reports.
+    strict: bool,
+    report: RecoveryReport,
+    /// The index being rebuilt (catalog records and segments while loading; windows, blocks,
+    /// names and tombstones after).
+    state: State,
+    /// Manifests and tombstones found, with their sequence numbers.
+    metas: Vec<(u64, Meta)>,
+    /// Block records found, by key.
+    cands: HashMap<u128, Vec<Cand>>,
+    /// Highest sequence number found.
+    max_seq: u64,
+    /// Bytes of the log (up to each segment's frontier).
+    used: u64,
+    /// The newest segment loaded.
+    last: Option<Arc<Segment>>,
+    /// The metadata record ending the newest segment whose second copy is missing: (offset,
+    /// length, header); written again once the tail is reset.
+    heal: Option<(u64, u64, RecordHeader)>,
+    /// A page buffer for header reads.
+    page: AlignedBuf,
+}
+
+impl Recovery<'_> {
+    /// Loads segment `id` (`newest`: the last one of the directory): its header, then its
+    /// records (damage and a torn tail reported, or refused when strict); gathers its block
+    /// records, manifests and tombstones, and indexes its catalog records.
+    fn load_segment(&mut self, id: u64, newest: bool) -> Result<(), StoreError> {
+        let path = self.cfg.dir.join(segment::file_name(id));
+        let (file, file_len) = open_segment_file(&path)?;
+        let Some(header) = self.segment_header(id, newest, &file, file_len, &path)? else {
+            drop(file);
+            std::fs::remove_file(&path).map_err(|e| StoreError::from_fs("remove", &path, e))?;
+            self.report.removed_empty_segments.push(id);
+            return Ok(());
+        };
+        let seg = Arc::new(Segment {
+            id,
+            generation: header.generation,
+            size: header.segment_size,
+            file,
+            path: path.clone(),
+            header,
+            first_record: header.first_record(),
+            frontier: AtomicU64::new(header.first_record()),
+            live: AtomicU64::new(0),
+            sealed: AtomicBool::new(true),
+            failed: AtomicBool::new(false),
+            manifest_names: std::sync::Mutex::new(std::collections::HashSet::new()),
+        });
+        self.report.segments += 1;
+        let (recs, frontier) = self.scan_segment(&seg, file_len, &path)?;
+        seg.frontier.store(frontier, Ordering::SeqCst);
+        self.used += frontier;
+        // The newest segment ends with a metadata record whose second copy is missing: it is
+        // written again once the tail is reset (`resume_active`), so the record is kept twice
+        // again.
+        self.heal = recs
+            .last()
+            .filter(|r| {
+                newest
+                    && !r.h.ditto
+                    && format::copies(r.h.kind) == 2
+                    && r.len == record_len(r.h.payload_len)
+                    && r.offset + r.len == frontier
+            })
+            .map(|r| (r.offset, r.len, r.h));
+        for r in recs {
+            self.gather_record(&seg, r, &path)?;
+        }
+        // Cut off torn tails and unused preallocation so stale bytes can never be read as
+        // records after later appends.
+        if file_len > frontier && !newest {
+            seg.file
+                .set_len(frontier)
+                .map_err(|e| StoreError::from_fs("truncate", &path, e))?;
+        }
+        self.state.segments.insert(id, seg.clone());
+        self.last = Some(seg);
+        Ok(())
+    }
+
+    /// Segment `id`'s header (either copy; a damaged copy is reported). `None`: the newest
+    /// segment holds no header and no record (a crash while creating it): it is removed.
+    fn segment_header(
+        &mut self,
+        id: u64,
+        newest: bool,
+        file: &File,
+        file_len: u64,
+        path: &Path,
+    ) -> Result<Option<SegmentHeader>, StoreError> {
+        let (header, header_damage) =
+            read_segment_header(self.engine, file, file_len, path, &mut self.page)?;
+        if let Some((from, to, why)) = header_damage {
+            if self.strict {
+                return Err(StoreError::Recovery(format!(
+                    "{}: segment header copy at {from}..{to} is damaged ({why}); run `cwm fsck`",
+                    path.display()
+                )));
+            }
+            self.report.damaged_regions.push((id, from, to, why));
+        }
+        match header {
+            Ok(h) if h.segment_id == id => Ok(Some(h)),
+            Err(HeaderError::Empty) if newest => {
+                // Crash while creating the newest segment: it holds nothing. Records are only
+                // appended after the header pages are durable, the first one at page 2 (page 1
+                // in a version 1 segment): a segment whose header pages are zero but whose
+                // first record page is not lost its header some other way, and is never
+                // removed (its records may be acknowledged).
+                if holds_records(self.engine, file, file_len, path, &mut self.page)? {
+                    return Err(StoreError::Recovery(format!(
+                        "segment header of {} is zeroed but the segment holds records; run \
+                         `cwm fsck --repair` to set it aside",
+                        path.display()
+                    )));
+                }
+                Ok(None)
+            }
+            Ok(_) => Err(StoreError::Recovery(format!(
+                "{} has the header of another segment; run `cwm fsck`",
+                path.display()
+            ))),
+            Err(e) => Err(StoreError::Recovery(format!(
+                "segment header of {} is invalid ({e}); run `cwm fsck --repair` to set it aside",
+                path.display()
+            ))),
+        }
+    }
+
+    /// Scans the records of `seg` and reports (or, when strict, refuses) its damaged regions,
+    /// a sealed length its records fall short of, and its torn tail. Returns the records and
+    /// the frontier.
+    fn scan_segment(
+        &mut self,
+        seg: &Segment,
+        file_len: u64,
+        path: &Path,
+    ) -> Result<(Vec<Rec>, u64), StoreError> {
+        let id = seg.id;
+        let header = seg.header;
+        let (recs, frontier, torn, mut damaged) = scan(self.engine, seg, file_len)?;
+        if header.sealed_len > frontier {
+            // Sealed at that length, its records end earlier: truncated, or its tail damaged.
+            damaged.push((
+                frontier,
+                header.sealed_len,
+                format!(
+                    "the segment was sealed at {} bytes but its records end at {frontier} \
+                     (file of {file_len} bytes): truncated or damaged",
+                    header.sealed_len
+                ),
+            ));
+        }
+        if let Some((from, to, why)) = damaged.first() {
+            if self.strict {
+                return Err(StoreError::Recovery(format!(
+                    "{}: invalid record header at offset {from} ({why}), valid records resume at {to}; run `cwm fsck`",
+                    path.display()
+                )));
+            }
+        }
+        for (from, to, why) in damaged {
+            self.report.damaged_regions.push((id, from, to, why));
+        }
+        if let Some((off, why)) = torn {
+            if self.strict {
+                return Err(StoreError::Recovery(format!(
+                    "{}: invalid record header at offset {off} ({why}); strict recovery refuses a torn tail (open with tolerate-tail to cut it off)",
+                    path.display()
+                )));
+            }
+            self.report.truncated_bytes += file_len.saturating_sub(off);
+            self.report.torn_tails.push((id, off, why));
+        }
+        Ok((recs, frontier))
+    }
+
+    /// Takes in one record of `seg`: a block record becomes a candidate for the manifests
+    /// that refer to its key; a metadata record is read and verified (either copy), and a
+    /// catalog record indexed, a manifest or tombstone kept for
+    /// [`Recovery::apply_name_events`].
+    fn gather_record(&mut self, seg: &Arc<Segment>, r: Rec, path: &Path) -> Result<(), StoreError> {
+        let id = seg.id;
+        self.max_seq = self.max_seq.max(r.h.seq);
+        self.report.records += 1;
+        let loc = Loc {
+            seg: seg.clone(),
+            offset: r.offset,
+            len: r.len,
+        };
+        if r.h.kind == RecordKind::Manifest {
+            seg.note_manifest(r.h.key);
+        }
+        match r.h.kind {
+            RecordKind::Block => self.cands.entry(r.h.key).or_default().push(Cand {
+                seq: r.h.seq,
+                loc,
+                payload_len: r.h.payload_len,
+                checksum: r.h.payload_xxh3,
+            }),
+            RecordKind::Manifest | RecordKind::Tombstone | RecordKind::Meta => {
+                let mut bad_copy = Vec::new();
+                let read = read_meta(self.engine, seg, &r, &mut bad_copy);
+                for (from, to, why) in bad_copy {
+                    if self.strict {
+                        return Err(StoreError::Recovery(format!(
+                            "{}: a copy of the {:?} record at offset {from} is damaged ({why})",
+                            path.display(),
+                            r.h.kind
+                        )));
+                    }
+                    self.report.damaged_regions.push((id, from, to, why));
+                }
+                match read {
+                    Ok(Some(m)) => {
+                        let m = match m {
+                            MetaPayload::Catalog(bytes) => {
+                                // The newest record of a key is live (counted once every
+                                // segment is loaded); a compaction copy (same sequence number)
+                                // wins over its original.
+                                let newer = self
+                                    .state
+                                    .meta
+                                    .get(&r.h.key)
+                                    .is_none_or(|(s, _, _)| *s <= r.h.seq);
+                                if newer {
+                                    self.state.meta.insert(r.h.key, (r.h.seq, bytes, loc));
+                                }
+                                return Ok(());
+                            }
+                            MetaPayload::Manifest(m) => Meta::Manifest(m, loc),
+                            MetaPayload::Tombstone(t) => Meta::Tombstone(t, loc),
+                        };
+                        self.metas.push((r.h.seq, m));
+                    }
+                    Ok(None) | Err(_) => {
+                        if self.strict {
+                            return Err(StoreError::Recovery(format!(
+                                "{}: damaged {:?} record at offset {}",
+                                path.display(),
+                                r.h.kind,
+                                r.offset
+                            )));
+                        }
+                        self.report.damaged_records.push((id, r.offset));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest segment stays the active one if it has room: cut its tail, re-preallocate
+    /// (zeros), and make that durable before anything is appended after the recovered
+    /// records; then write the missing second copy of its last record, if any
+    /// ([`Recovery::heal`]).
+    fn resume_active(&mut self) -> Result<Option<Arc<Segment>>, StoreError> {
+        let mut active = None;
+        if let Some(seg) = self.last.take() {
+            let f = seg.frontier();
+            // A segment sealed at rotation stays sealed (its header says so).
+            if f + PAGE < seg.size && seg.header.sealed_len == 0 {
+                match reset_tail(&seg.file, f, seg.size) {
+                    Ok(()) => {
+                        if let Some((offset, len, h)) = self.heal {
+                            if f + len + PAGE < seg.size {
+                                self.used += rewrite_copy(self.engine, &seg, offset, len, h)?;
+                            }
+                        }
+                        seg.sealed.store(false, Ordering::SeqCst);
+                        active = Some(seg);
+                    }
+                    // A full file system (EC-052): the segment stays sealed at its last record,
+                    // and the store opens; appends get NO_SPACE (or a small segment) as usual.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                        crate::log::warn(&format!(
+                            "{}: no space to re-preallocate the newest segment; it stays sealed",
+                            seg.path.display()
+                        ));
+                        let _ = seg.file.set_len(f);
+                    }
+                    Err(e) => return Err(StoreError::from_fs("reset the tail of", &seg.path, e)),
+                }
+            } else {
+                let _ = seg.file.set_len(f);
+            }
+        }
+        Ok(active)
+    }
+}
+
+/// Writes the missing copy of the metadata record at `offset` (the segment's last record, `len`
+/// bytes, header `h`) at the frontier, durably; returns the bytes added. Not referred to by the
+/// index until the next open, which merges the two copies.
+fn rewrite_copy(
+    engine: &dyn IoEngine,
+    seg: &Segment,
+    offset: u64,
+    len: u64,
+    h: RecordHeader,
+) -> Result<u64, StoreError> {
+    let mut img = AlignedBuf::zeroed(len as usize);
+    let ctx = |e| {
+        StoreError::io(
+            format!("rewriting a record copy in {}", seg.path.display()),
+            e,
+        )
+    };
+    engine
+        .read_exact_at(seg.fd(), offset, &mut img)
+        .map_err(ctx)?;
+    if verify_image(&img, seg, h.kind).is_err() {
+        return Ok(0);
+    }
+    RecordHeader { ditto: true, ..h }.encode(seg.generation, &mut img[..PAGE as usize]);
+    let at = seg.frontier();
+    engine.write_all_at(seg.fd(), at, &img).map_err(ctx)?;
+    engine.fdatasync(seg.fd()).map_err(ctx)?;
+    seg.frontier.store(at + len, Ordering::SeqCst);
+    Ok(len)
+}
+
+fn reset_tail(file: &File, frontier: u64, size: u64) -> std::io::Result<()> {
+    file.set_len(frontier)?;
+    segment::preallocate(file, size)?;
+    file.sync_all()
+}
+
+enum MetaPayload {
+    Manifest(Manifest),
+    Tombstone(Tombstone),
+    Catalog(Vec<u8>),
+}
+
+fn read_meta(
+    engine: &dyn IoEngine,
+    seg: &Segment,
+    r: &Rec,
+    damaged: &mut Vec<(u64, u64, String)>,
+) -> Result<Option<MetaPayload>, StoreError> {
+    let mut img = AlignedBuf::zeroed(r.len as usize);
+    engine
+        .read_exact_at(seg.fd(), r.offset, &mut img)
+        .map_err(|e| StoreError::io("reading a manifest during recovery", e))?;
+    // Either copy that verifies; a copy that does not is reported.
+    let (good, bad) = check_meta(&img, seg, r.h.kind);
+    let Ok((_, p)) = good else {
+        return Ok(None);
+    };
+    if let Some(why) = bad {
+        damaged.push((r.offset, r.offset + r.len, why));
+    }
+    Ok(match r.h.kind {
+        RecordKind::Manifest => Manifest::decode(p)
+            .ok()
+            .and_then(|m| (name_key(&m.name) == r.h.key).then_some(MetaPayload::Manifest(m))),
+        RecordKind::Tombstone => Tombstone::decode(p).ok().map(MetaPayload::Tombstone),
+        RecordKind::Meta => Some(MetaPayload::Catalog(p.to_vec())),
+        RecordKind::Block => None,
+    })
+}

@@ -1,0 +1,153 @@
+//! From name events to visible windows: manifests and tombstones applied in sequence order,
+//! then each surviving window's blocks resolved to the records found and the window published
+//! into the index.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+
+use super::{Cand, Meta, Recovery};
+use crate::io::{AlignedBuf, IoEngine};
+use crate::store::error::StoreError;
+use crate::store::format::RecordKind;
+use crate::store::index::{BlockRecord, Loc, Unfound};
+use crate::store::manifest::Manifest;
+use crate::store::name_key;
+use crate::store::verify::verify_image;
+
+impl Recovery<'_> {
+    /// Applies manifests and tombstones in sequence order: the newest event of a name decides
+    /// (a manifest replaces whatever the name held; a tombstone removes the version it names).
+    /// Records each name's newest event and its live tombstone in the index; returns the
+    /// surviving manifest of each name: name -> (sequence number, manifest, where).
+    pub(super) fn apply_name_events(&mut self) -> BTreeMap<String, (u64, Manifest, Loc)> {
+        let state = &mut self.state;
+        let mut metas = std::mem::take(&mut self.metas);
+        // The sort is stable and segments were scanned in id order, so of a record and its
+        // compaction copy (same sequence number) the copy comes last and wins.
+        metas.sort_by_key(|(s, _)| *s);
+        let mut live: BTreeMap<String, (u64, Manifest, Loc)> = BTreeMap::new();
+        for (seq, m) in metas {
+            match m {
+                Meta::Manifest(m, loc) => {
+                    let key = name_key(&m.name);
+                    state.names.insert(key, seq);
+                    state.tombs.remove(&key);
+                    live.insert(m.name.clone(), (seq, m, loc));
+                }
+                Meta::Tombstone(t, loc) => {
+                    // The newest tombstone of a name (a copy over its original) is live while it
+                    // is the name's newest event.
+                    state.names.insert(name_key(&t.name), seq);
+                    state.tombs.insert(name_key(&t.name), loc);
+                    // Whatever version the name holds at this point of the sequence is older than
+                    // the tombstone, so it is deleted: usually the version the tombstone names, but
+                    // compaction may have dropped that manifest (it was dead) while an older one of
+                    // the name survives in a segment not compacted yet.
+                    live.remove(&t.name);
+                }
+            }
+        }
+        for loc in state.tombs.values() {
+            loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
+        }
+        live
+    }
+
+    /// Publishes the surviving windows into the index, oldest first, each block resolved to the
+    /// newest matching record written before its manifest. A block not found was lost to
+    /// damage (a manifest is only written once its blocks are durable): the window is still
+    /// exposed, reported incomplete, and thaws up to it (strict recovery refuses it).
+    pub(super) fn publish_windows(
+        &mut self,
+        live: BTreeMap<String, (u64, Manifest, Loc)>,
+    ) -> Result<(), StoreError> {
+        for cs in self.cands.values_mut() {
+            cs.sort_by_key(|c| c.seq);
+        }
+        // Blocks already resolved to one of several records with the same sequence number (an
+        // original and its compaction copies): key -> chosen candidate index.
+        let mut chosen: HashMap<u128, usize> = HashMap::new();
+        let mut windows: Vec<(u64, Manifest, Loc)> = live.into_values().collect();
+        windows.sort_by_key(|(s, _, _)| *s);
+        for (seq, m, mloc) in windows {
+            let resolved = resolve_blocks(self.engine, &self.cands, &mut chosen, &m, seq);
+            if resolved.iter().any(Option::is_none) {
+                if self.strict {
+                    return Err(StoreError::Recovery(format!(
+                        "window {:?} refers to a block that is not in the log",
+                        m.name
+                    )));
+                }
+                self.report.incomplete_windows.push(m.name.clone());
+            }
+            let found = resolved.into_iter().map(|c| {
+                c.map(|c| BlockRecord {
+                    loc: c.loc.clone(),
+                    payload_len: c.payload_len,
+                    checksum: c.checksum,
+                })
+            });
+            self.state
+                .publish(&m, seq, mloc, found, Unfound::IndexAsLost);
+        }
+        Ok(())
+    }
+}
+
+/// Resolves every block of manifest `m` (sequence number `seq`) to the newest matching record
+/// written before it (`None`: not found, lost to damage); of an original and its compaction
+/// copies, the one [`pick_duplicate`] chooses, the same for every window (`chosen`).
+fn resolve_blocks<'c>(
+    engine: &dyn IoEngine,
+    cands: &'c HashMap<u128, Vec<Cand>>,
+    chosen: &mut HashMap<u128, usize>,
+    m: &Manifest,
+    seq: u64,
+) -> Vec<Option<&'c Cand>> {
+    let mut resolved = Vec::with_capacity(m.blocks.len());
+    for b in &m.blocks {
+        let found = cands.get(&b.key).and_then(|cs| {
+            let i = cs
+                .iter()
+                .rposition(|c| c.seq < seq && c.checksum == b.checksum && c.payload_len == b.len)?;
+            let i = match chosen.get(&b.key) {
+                Some(&j) if cs[j].seq == cs[i].seq => j,
+                _ => {
+                    let j = pick_duplicate(engine, cs, i);
+                    chosen.insert(b.key, j);
+                    j
+                }
+            };
+            Some(&cs[i])
+        });
+        resolved.push(found);
+    }
+    resolved
+}
+
+/// Of the records with the sequence number of `cs[i]` (an original and its compaction copies,
+/// identical when intact), the newest whose bytes verify; `i` when there is only one or none
+/// verifies (reads then report the damage). Only duplicates pay for reading payloads.
+fn pick_duplicate(engine: &dyn IoEngine, cs: &[Cand], i: usize) -> usize {
+    let seq = cs[i].seq;
+    let dups: Vec<usize> = (0..=i)
+        .rev()
+        .take_while(|&j| cs[j].seq == seq)
+        .filter(|&j| cs[j].checksum == cs[i].checksum && cs[j].payload_len == cs[i].payload_len)
+        .collect();
+    if dups.len() < 2 {
+        return i;
+    }
+    for j in dups {
+        let c = &cs[j];
+        let mut img = AlignedBuf::zeroed(c.loc.len as usize);
+        if engine
+            .read_exact_at(c.loc.seg.fd(), c.loc.offset, &mut img)
+            .is_ok()
+            && verify_image(&img, &c.loc.seg, RecordKind::Block).is_ok()
+        {
+            return j;
+        }
+    }
+    i
+}

@@ -1,0 +1,153 @@
+//! The store's public value types: its configuration, what a freeze describes
+//! ([`WindowSpec`], [`BlockDesc`], [`Replace`], [`BlockImage`]), what the catalog knows of a
+//! window ([`WindowInfo`]), and the figures of [`Store::stats`](super::Store::stats).
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::RecoveryMode;
+use crate::io::EngineKind;
+
+/// Store configuration.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Data directory (created if missing).
+    pub dir: PathBuf,
+    /// Segment file size; default 1 GiB. A multiple of 4 KiB, at least 64 KiB.
+    pub segment_size: u64,
+    /// Capacity: the most bytes of records (live or not yet reclaimed) the log may hold.
+    pub capacity: u64,
+    /// I/O engine.
+    pub engine: EngineKind,
+    /// io_uring queue depth; default 32.
+    pub queue_depth: u32,
+    /// What recovery tolerates.
+    pub recovery: RecoveryMode,
+}
+
+impl StoreConfig {
+    /// Defaults for `dir`: 1 GiB segments, unlimited capacity, io_uring at QD 32, tolerate-tail.
+    #[must_use]
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            segment_size: 1 << 30,
+            capacity: u64::MAX,
+            engine: EngineKind::Uring,
+            queue_depth: 32,
+            recovery: RecoveryMode::TolerateTail,
+        }
+    }
+}
+
+/// What the catalog knows of a window without reading its manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WindowInfo {
+    /// Name.
+    pub name: String,
+    /// Version under this name (from 1).
+    pub version: u64,
+    /// Sequence number of its manifest record (orders windows; not wall time).
+    pub seq: u64,
+    /// Session it was frozen from.
+    pub session: String,
+    /// Namespace of its keys.
+    pub namespace: String,
+    /// Number of tokens.
+    pub num_tokens: u64,
+    /// Number of blocks.
+    pub num_blocks: u64,
+    /// Sum of block payload bytes.
+    pub bytes: u64,
+    /// Creation time, ms since the Unix epoch, UTC.
+    pub created_unix_ms: i64,
+}
+
+/// How a freeze treats an existing window of the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Replace {
+    /// Refuse with ALREADY_EXISTS.
+    #[default]
+    No,
+    /// Replace whatever version is there.
+    Any,
+    /// Replace only if the current version is this one (CONCURRENT_MODIFICATION otherwise).
+    IfVersion(u64),
+}
+
+/// A block to be stored: its key and payload length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockDesc {
+    /// 128-bit block key (computed by the caller).
+    pub key: u128,
+    /// Payload bytes.
+    pub len: u64,
+}
+
+/// Everything a freeze tells the store about a window, except block bytes.
+#[derive(Debug, Clone, Default)]
+pub struct WindowSpec {
+    /// Window name (validated and NFKC-normalised by the store).
+    pub name: String,
+    /// Session id.
+    pub session: String,
+    /// Namespace (model id + layout fingerprint + salt).
+    pub namespace: String,
+    /// Opaque layout descriptor.
+    pub layout: Vec<u8>,
+    /// Token ids.
+    pub tokens: Vec<u32>,
+    /// Ordered blocks.
+    pub blocks: Vec<BlockDesc>,
+    /// What to do when the name exists.
+    pub replace: Replace,
+}
+
+/// A block record image handed to
+/// [`WindowWriter::write_blocks`](super::WindowWriter::write_blocks).
+pub struct BlockImage<'b> {
+    /// Index of the block in the window.
+    pub index: usize,
+    /// `record_len(len)` bytes, 4 KiB-aligned, payload at `payload_offset(len)`; the store
+    /// fills in the header.
+    pub image: &'b mut [u8],
+    /// Payload checksum when the caller already computed it.
+    pub checksum: Option<u64>,
+}
+
+/// Per-segment figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct SegmentStats {
+    /// Segment id.
+    pub id: u64,
+    /// Bytes appended (records and header page).
+    pub frontier: u64,
+    /// Bytes still referenced.
+    pub live: u64,
+    /// Read-only after an I/O failure.
+    pub failed: bool,
+}
+
+/// Store-wide figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreStats {
+    /// Configured capacity.
+    pub capacity: u64,
+    /// Bytes of records in the log (live and garbage).
+    pub used_bytes: u64,
+    /// Bytes of records still referenced.
+    pub live_bytes: u64,
+    /// `capacity - used_bytes`.
+    pub free_bytes: u64,
+    /// Of `free_bytes`, promised to windows being written or captured and waiting for the log.
+    pub reserved_bytes: u64,
+    /// Visible windows.
+    pub windows: u64,
+    /// Distinct stored blocks.
+    pub blocks: u64,
+    /// Segments.
+    pub segments: Vec<SegmentStats>,
+    /// I/O engine in use.
+    pub engine: &'static str,
+}

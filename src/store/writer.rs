@@ -1,0 +1,458 @@
+//! Writing windows. [`Store::begin_window`] checks the spec and capacity and takes the
+//! appender lock; [`WindowWriter::write_blocks`] appends the block records not already in the
+//! log; [`WindowWriter::commit`] makes them durable, appends the manifest, makes it durable,
+//! and only then publishes the window into the index. [`Store::delete_window`] writes a
+//! durable tombstone, then drops the window's references.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, MutexGuard};
+
+use super::append::Appender;
+use super::error::{poisoned, StoreError};
+use super::format::{payload_offset, record_len, RecordKind};
+use super::index::{release_window, BlockRecord, Loc, State, Unfound};
+use super::segment::Segment;
+use super::{
+    name, name_key, BlockImage, BlockRef, Manifest, Replace, Store, Tombstone, WindowInfo,
+    WindowSpec,
+};
+use crate::checksum::payload_checksum;
+use crate::io::{self, AlignedBuf, Op};
+
+#[cfg(feature = "failpoints")]
+use super::{append::short_write, error::injected_error};
+
+impl Store {
+    /// Starts writing a window: validates the spec, checks capacity (before any byte is
+    /// written), and takes the appender lock until commit or drop.
+    pub fn begin_window(&self, spec: WindowSpec) -> Result<WindowWriter<'_>, StoreError> {
+        self.begin_inner(spec, 0)
+    }
+
+    /// [`Store::begin_window`] for a writer holding `own` reserved bytes, which its own need
+    /// replaces.
+    pub(super) fn begin_inner(
+        &self,
+        mut spec: WindowSpec,
+        own: u64,
+    ) -> Result<WindowWriter<'_>, StoreError> {
+        validate_spec(&mut spec)?;
+        let app = self.lock_appender()?;
+        let st = self.state.read().map_err(poisoned)?;
+        let existing = check_replace(&st, &spec)?;
+        let manifest_len = manifest_payload_len(&spec);
+        let (needed, writes) = self.plan_bytes(&app, &st, &spec, manifest_len)?;
+        drop(st);
+        let capacity = self.capacity.load(Ordering::SeqCst);
+        // The writer holds its exact need until commit or drop; `own` is handed over. Room
+        // promised to windows captured and waiting for the log is not free (compare and swap:
+        // `reserve` takes room without the appender lock).
+        let mut cur = self.reserved.load(Ordering::SeqCst);
+        loop {
+            let used = self.used.load(Ordering::SeqCst);
+            let others = cur.saturating_sub(own);
+            let free = capacity.saturating_sub(used).saturating_sub(others);
+            // A reservation is honoured even if writers that take no reservation (catalog
+            // records, tombstones, compaction copies) took some of its room meanwhile: the
+            // engine was told `captured` on its strength. Capacity is then exceeded by at most
+            // what they took.
+            if needed > free && !(own > 0 && needed <= own) {
+                return Err(StoreError::QuotaExceeded {
+                    needed,
+                    free,
+                    capacity,
+                });
+            }
+            let next = cur.saturating_sub(own) + needed;
+            match self
+                .reserved
+                .compare_exchange(cur, next, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
+        let n = spec.blocks.len();
+        Ok(WindowWriter {
+            store: self,
+            hold: needed,
+            app,
+            version: existing.map_or(1, |v| v + 1),
+            replaces: existing,
+            spec,
+            writes,
+            written: vec![None; n],
+            touched: Vec::new(),
+            failed: None,
+        })
+    }
+
+    /// Stores a whole window from in-memory payloads (tests, small windows).
+    pub fn put_window(
+        &self,
+        spec: WindowSpec,
+        payloads: &[&[u8]],
+    ) -> Result<WindowInfo, StoreError> {
+        if payloads.len() != spec.blocks.len() {
+            return Err(StoreError::Validation(format!(
+                "{} payloads for {} blocks",
+                payloads.len(),
+                spec.blocks.len()
+            )));
+        }
+        let mut w = self.begin_window(spec)?;
+        for (i, p) in payloads.iter().enumerate() {
+            if !w.needs_write(i) {
+                continue;
+            }
+            let mut img = AlignedBuf::zeroed(record_len(p.len() as u64) as usize);
+            let po = payload_offset(p.len() as u64);
+            img[po..po + p.len()].copy_from_slice(p);
+            w.write_blocks(&mut [BlockImage {
+                index: i,
+                image: &mut img[..],
+                checksum: None,
+            }])?;
+        }
+        w.commit()
+    }
+
+    /// Deletes a window: writes a durable tombstone, then drops its block references. Blocks
+    /// nobody references any more become garbage (space reclaimed by compaction).
+    pub fn delete_window(
+        &self,
+        name: &str,
+        expected_version: Option<u64>,
+    ) -> Result<WindowInfo, StoreError> {
+        let name = name::validate_name(name).map_err(StoreError::Validation)?;
+        let mut app = self.lock_appender()?;
+        let entry = {
+            let st = self.state.read().map_err(poisoned)?;
+            st.windows
+                .get(&name)
+                .cloned()
+                .ok_or_else(|| StoreError::NotFound(name.clone()))?
+        };
+        if let Some(e) = expected_version {
+            if e != entry.info.version {
+                return Err(StoreError::ConcurrentModification {
+                    name,
+                    expected: e,
+                    actual: entry.info.version,
+                });
+            }
+        }
+        let t = Tombstone {
+            name: name.clone(),
+            version: entry.info.version,
+            manifest_seq: entry.info.seq,
+        };
+        let payload = t.encode();
+        let (loc, seq) =
+            self.append_synced(&mut app, RecordKind::Tombstone, name_key(&name), &payload)?;
+        let mut st = self.state.write().map_err(poisoned)?;
+        st.names.insert(name_key(&name), seq);
+        if let Some(old) = st.tombs.insert(name_key(&name), loc) {
+            old.seg.live.fetch_sub(old.len, Ordering::SeqCst);
+        }
+        st.windows.remove(&name);
+        release_window(&mut st, &entry);
+        Ok(entry.info)
+    }
+}
+
+/// Writes one window; holds the appender lock. Dropping it without [`WindowWriter::commit`]
+/// aborts: nothing becomes visible, blocks already written are garbage.
+pub struct WindowWriter<'a> {
+    store: &'a Store,
+    /// Bytes of `Store::reserved` this writer holds until commit or drop.
+    hold: u64,
+    app: MutexGuard<'a, Appender>,
+    spec: WindowSpec,
+    version: u64,
+    replaces: Option<u64>,
+    writes: Vec<bool>,
+    written: Vec<Option<(Loc, u64)>>,
+    touched: Vec<Arc<Segment>>,
+    failed: Option<String>,
+}
+
+impl Drop for WindowWriter<'_> {
+    fn drop(&mut self) {
+        self.store.reserved.fetch_sub(self.hold, Ordering::SeqCst);
+    }
+}
+
+impl WindowWriter<'_> {
+    /// The (normalised) window name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// Number of blocks.
+    #[must_use]
+    pub fn num_blocks(&self) -> usize {
+        self.spec.blocks.len()
+    }
+
+    /// False when block `i` is already stored (dedup) or repeats an earlier block of this
+    /// window: the caller need not supply its bytes.
+    #[must_use]
+    pub fn needs_write(&self, i: usize) -> bool {
+        self.writes.get(i).copied().unwrap_or(false)
+    }
+
+    /// Number of blocks that must be written.
+    #[must_use]
+    pub fn blocks_to_write(&self) -> usize {
+        self.writes.iter().filter(|w| **w).count()
+    }
+
+    /// Writes block records in one batch. Each image holds its payload at
+    /// `payload_offset(len)`; the header is filled in here.
+    pub fn write_blocks(&mut self, blocks: &mut [BlockImage<'_>]) -> Result<(), StoreError> {
+        if let Some(f) = &self.failed {
+            return Err(StoreError::Validation(format!(
+                "this freeze already failed ({f}); start again"
+            )));
+        }
+        let mut locs: Vec<(usize, Loc, u64)> = Vec::with_capacity(blocks.len());
+        let planned = self.plan_appends(blocks, &mut locs);
+        if let Err(e) = planned {
+            // Space may have been handed out without being written: no more appends there.
+            self.store.cut_back(locs.iter().map(|l| &l.1));
+            if !locs.is_empty() {
+                self.failed = Some(e.to_string());
+            }
+            return Err(e);
+        }
+        crate::fail_point!("block-write", a => {
+            if let (Some(b), Some((_, loc, _))) = (blocks.first(), locs.first()) {
+                if a == crate::failpoint::Action::ShortWrite {
+                    short_write(self.store.engine.as_ref(), loc, &b.image[..loc.len as usize]);
+                }
+            }
+            self.store.cut_back(locs.iter().map(|l| &l.1));
+            self.failed = Some("injected fault".into());
+            return Err(injected_error("block-write"));
+        });
+        let mut ops: Vec<Op<'_>> = blocks
+            .iter()
+            .zip(&locs)
+            .map(|(b, (_, loc, _))| {
+                Op::write(loc.seg.fd(), loc.offset, &b.image[..loc.len as usize])
+            })
+            .collect();
+        let res = self.store.engine.run(&mut ops);
+        drop(ops);
+        if let Err(e) = res {
+            // A hole may now sit before later records: no more appends to these segments, and
+            // what this batch wrote is cut off again.
+            self.store.cut_back(locs.iter().map(|l| &l.1));
+            self.failed = Some(e.to_string());
+            return Err(StoreError::io(
+                format!("writing blocks of window {:?}", self.spec.name),
+                e,
+            ));
+        }
+        for (i, loc, sum) in locs {
+            self.written[i] = Some((loc, sum));
+        }
+        Ok(())
+    }
+
+    fn plan_appends(
+        &mut self,
+        blocks: &mut [BlockImage<'_>],
+        locs: &mut Vec<(usize, Loc, u64)>,
+    ) -> Result<(), StoreError> {
+        for b in blocks.iter_mut() {
+            let i = b.index;
+            let Some(desc) = self.spec.blocks.get(i).copied() else {
+                return Err(StoreError::Validation(format!(
+                    "block index {i} out of range"
+                )));
+            };
+            if !self.writes[i] || self.written[i].is_some() || locs.iter().any(|l| l.0 == i) {
+                return Err(StoreError::Validation(format!(
+                    "block {i} does not need writing (already stored or already written)"
+                )));
+            }
+            let rl = record_len(desc.len) as usize;
+            if b.image.len() < rl || b.image.as_ptr() as usize % io::ALIGN != 0 {
+                return Err(StoreError::Validation(format!(
+                    "block {i}: image must be {rl} bytes, 4 KiB-aligned"
+                )));
+            }
+            let po = payload_offset(desc.len);
+            let sum = match b.checksum {
+                Some(s) => s,
+                None => payload_checksum(&b.image[po..po + desc.len as usize]),
+            };
+            let loc = self.store.append(
+                &mut self.app,
+                RecordKind::Block,
+                desc.key,
+                desc.len,
+                sum,
+                &mut b.image[..rl],
+            )?;
+            if !self.touched.iter().any(|s| s.id == loc.seg.id) {
+                self.touched.push(loc.seg.clone());
+            }
+            locs.push((i, loc, sum));
+        }
+        Ok(())
+    }
+
+    /// Makes the window durable and visible: sync blocks, write and sync the manifest,
+    /// publish. Returns only after the manifest is durable.
+    pub fn commit(mut self) -> Result<WindowInfo, StoreError> {
+        if let Some(f) = &self.failed {
+            return Err(StoreError::Validation(format!(
+                "this freeze already failed ({f}); start again"
+            )));
+        }
+        if let Some(i) =
+            (0..self.writes.len()).find(|&i| self.writes[i] && self.written[i].is_none())
+        {
+            return Err(StoreError::Validation(format!(
+                "block {i} of window {:?} was never written",
+                self.spec.name
+            )));
+        }
+        // 1. Blocks durable.
+        for seg in std::mem::take(&mut self.touched) {
+            self.store.sync(&seg)?;
+        }
+        // 2. Checksums of blocks present already come from the index.
+        let mut blocks = Vec::with_capacity(self.spec.blocks.len());
+        let mut sums: HashMap<u128, u64> = HashMap::new();
+        {
+            let st = self.store.state.read().map_err(poisoned)?;
+            for (i, d) in self.spec.blocks.iter().enumerate() {
+                let sum = match &self.written[i] {
+                    Some((_, s)) => *s,
+                    None => match sums.get(&d.key) {
+                        Some(s) => *s,
+                        None => match st.blocks.get(&d.key) {
+                            Some(b) if b.payload_len == d.len => b.checksum,
+                            Some(_) => {
+                                return Err(StoreError::Validation(format!(
+                                    "block {i} has the key of a stored block of another length"
+                                )))
+                            }
+                            None => {
+                                return Err(StoreError::Validation(format!(
+                                    "block {i} is neither stored nor written"
+                                )))
+                            }
+                        },
+                    },
+                };
+                sums.insert(d.key, sum);
+                blocks.push(BlockRef {
+                    key: d.key,
+                    len: d.len,
+                    checksum: sum,
+                });
+            }
+        }
+        let m = Manifest {
+            name: self.spec.name.clone(),
+            version: self.version,
+            created_unix_ms: crate::clock::now_unix_ms(),
+            session: std::mem::take(&mut self.spec.session),
+            namespace: std::mem::take(&mut self.spec.namespace),
+            layout: std::mem::take(&mut self.spec.layout),
+            tokens: std::mem::take(&mut self.spec.tokens),
+            blocks,
+        };
+        let payload = m.encode();
+        // 3. Manifest durable.
+        let mloc = self.store.append_payload(
+            &mut self.app,
+            RecordKind::Manifest,
+            name_key(&m.name),
+            &payload,
+        )?;
+        let seq = self.app.next_seq - 1;
+        mloc.seg.note_manifest(name_key(&m.name));
+        if let Err(e) = self.store.sync(&mloc.seg) {
+            // Not durable, not acknowledged: cut the manifest off so a later open cannot show
+            // a window whose freeze failed.
+            self.store.cut_back([&mloc]);
+            return Err(e);
+        }
+        // 4. Publish.
+        let mut st = self.store.state.write().map_err(poisoned)?;
+        let found = std::mem::take(&mut self.written)
+            .into_iter()
+            .zip(&m.blocks)
+            .map(|(w, b)| {
+                w.map(|(loc, checksum)| BlockRecord {
+                    loc,
+                    payload_len: b.len,
+                    checksum,
+                })
+            });
+        let (info, replaced) = st.publish(&m, seq, mloc, found, Unfound::Skip);
+        if let Some(old) = replaced {
+            debug_assert_eq!(Some(old), self.replaces);
+        }
+        st.names.insert(name_key(&m.name), seq);
+        st.incomplete.remove(&m.name);
+        if let Some(t) = st.tombs.remove(&name_key(&m.name)) {
+            // The tombstone is no longer the newest event of the name: garbage.
+            t.seg.live.fetch_sub(t.len, Ordering::SeqCst);
+        }
+        Ok(info)
+    }
+}
+
+/// Normalises the name and refuses empty windows and zero-length blocks.
+pub(super) fn validate_spec(spec: &mut WindowSpec) -> Result<(), StoreError> {
+    spec.name = name::validate_name(&spec.name).map_err(StoreError::Validation)?;
+    if spec.blocks.is_empty() {
+        return Err(StoreError::Validation(
+            "cannot freeze an empty window: it has no blocks (EC-010)".into(),
+        ));
+    }
+    if let Some(i) = spec.blocks.iter().position(|b| b.len == 0) {
+        return Err(StoreError::Validation(format!(
+            "block {i} has zero bytes; zero-length blocks are refused (EC-014)"
+        )));
+    }
+    Ok(())
+}
+
+/// The version of the window `spec` would replace, or the refusal its `replace` asks for.
+pub(super) fn check_replace(st: &State, spec: &WindowSpec) -> Result<Option<u64>, StoreError> {
+    let existing = st.windows.get(&spec.name).map(|w| w.info.version);
+    match (existing, spec.replace) {
+        (Some(_), Replace::No) => Err(StoreError::AlreadyExists(spec.name.clone())),
+        (Some(v), Replace::IfVersion(e)) if v != e => Err(StoreError::ConcurrentModification {
+            name: spec.name.clone(),
+            expected: e,
+            actual: v,
+        }),
+        (None, Replace::IfVersion(e)) if e != 0 => Err(StoreError::NotFound(spec.name.clone())),
+        _ => Ok(existing),
+    }
+}
+
+/// Bytes of the manifest payload `spec` encodes to.
+pub(super) fn manifest_payload_len(spec: &WindowSpec) -> u64 {
+    // Mirrors Manifest::encode.
+    (4 + 2 + 2 + 8 + 8)
+        + (4 + spec.name.len() as u64)
+        + (4 + spec.session.len() as u64)
+        + (4 + spec.namespace.len() as u64)
+        + (4 + spec.layout.len() as u64)
+        + 4
+        + 4 * spec.tokens.len() as u64
+        + 4
+        + 32 * spec.blocks.len() as u64
+}
