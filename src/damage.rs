@@ -346,7 +346,7 @@ fn check_case(
             Err(e) => {
                 reported = true;
                 sum.partial_windows += 1;
-                if e.code() != "CORRUPTION" {
+                if e.code() != crate::ErrorCode::Corruption {
                     fail(sum, format!("{what}: window {name}: {e}"));
                 }
                 continue;

@@ -52,6 +52,7 @@
 //! ```
 
 #![deny(missing_docs)]
+#![deny(clippy::too_many_lines)]
 
 pub mod checksum;
 pub mod clock;

@@ -24,7 +24,7 @@ fn round_trip_and_reopen() {
             assert_eq!(names, vec!["alpha", "beta_2"], "{name}");
             // The store refuses a second owner of the directory.
             let again = cwm::store::Store::open_with_engine(config(dir), engine.clone());
-            assert_eq!(again.err().map(|e| e.code()), Some("BUSY"));
+            assert_eq!(again.err().map(|e| e.code().as_str()), Some("BUSY"));
         }
         let (store, report) = open(dir, &engine);
         assert_eq!(report.windows, 2, "{name}");

@@ -41,10 +41,7 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        Self::new(
-            ErrorCode::from_wire(e.code()).unwrap_or(ErrorCode::Internal),
-            e.to_string(),
-        )
+        Self::new(e.code(), e.to_string())
     }
 }
 

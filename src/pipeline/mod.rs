@@ -92,9 +92,7 @@ impl PipelineError {
     #[must_use]
     pub fn code(&self) -> ErrorCode {
         match self {
-            PipelineError::Store(e) => {
-                ErrorCode::from_wire(e.code()).unwrap_or(ErrorCode::Internal)
-            }
+            PipelineError::Store(e) => e.code(),
             PipelineError::Device(e) => e.code(),
             PipelineError::Layout(e) => e.code(),
             PipelineError::Validation(_) => ErrorCode::Validation,

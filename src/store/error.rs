@@ -2,6 +2,7 @@
 //! ([`StoreError::code`]), and the constructors the layer uses to classify OS and engine errors
 //! (a full disk is NO_SPACE, not IO_ERROR).
 
+use crate::error::ErrorCode;
 use std::path::{Path, PathBuf};
 
 use crate::io::IoError;
@@ -88,17 +89,17 @@ pub enum StoreError {
 impl StoreError {
     /// Stable upper-case error code (the wire protocol's `error.code`).
     #[must_use]
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            StoreError::Validation(_) => "VALIDATION",
-            StoreError::NotFound(_) => "NOT_FOUND",
-            StoreError::AlreadyExists(_) => "ALREADY_EXISTS",
-            StoreError::ConcurrentModification { .. } => "CONCURRENT_MODIFICATION",
-            StoreError::QuotaExceeded { .. } => "QUOTA_EXCEEDED",
-            StoreError::NoSpace(_) => "NO_SPACE",
-            StoreError::Corruption { .. } | StoreError::Recovery(_) => "CORRUPTION",
-            StoreError::Locked { .. } => "BUSY",
-            StoreError::Io { .. } | StoreError::Fs { .. } => "IO_ERROR",
+            StoreError::Validation(_) => ErrorCode::Validation,
+            StoreError::NotFound(_) => ErrorCode::NotFound,
+            StoreError::AlreadyExists(_) => ErrorCode::AlreadyExists,
+            StoreError::ConcurrentModification { .. } => ErrorCode::ConcurrentModification,
+            StoreError::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
+            StoreError::NoSpace(_) => ErrorCode::NoSpace,
+            StoreError::Corruption { .. } | StoreError::Recovery(_) => ErrorCode::Corruption,
+            StoreError::Locked { .. } => ErrorCode::Busy,
+            StoreError::Io { .. } | StoreError::Fs { .. } => ErrorCode::IoError,
         }
     }
 

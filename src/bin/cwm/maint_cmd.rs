@@ -144,7 +144,11 @@ pub(crate) fn fsck(data_dir: &std::path::Path, json: bool) -> ExitCode {
         }
         Err(e) => {
             eprintln!("cwm: {e}");
-            ExitCode::from(if e.code() == "BUSY" { 4 } else { 1 })
+            ExitCode::from(if e.code() == cwm::ErrorCode::Busy {
+                4
+            } else {
+                1
+            })
         }
     }
 }
@@ -191,7 +195,11 @@ pub(crate) fn fsck_repair(data_dir: &std::path::Path, json: bool, segment_size: 
         }
         Err(e) => {
             eprintln!("cwm: {e}");
-            ExitCode::from(if e.code() == "BUSY" { 4 } else { 1 })
+            ExitCode::from(if e.code() == cwm::ErrorCode::Busy {
+                4
+            } else {
+                1
+            })
         }
     }
 }
@@ -222,7 +230,11 @@ pub(crate) fn compact_cmd(
             Ok(s) => s,
             Err(e) => {
                 eprintln!("cwm: {e}");
-                return ExitCode::from(if e.code() == "BUSY" { 4 } else { 1 });
+                return ExitCode::from(if e.code() == cwm::ErrorCode::Busy {
+                    4
+                } else {
+                    1
+                });
             }
         };
         match store.compact(&opts, &mut |p| {
