@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 mod common;
 use common::*;
+use cwm::store::Store;
 
 #[test]
 fn torn_tail_at_every_page() {
@@ -61,6 +62,12 @@ fn torn_tail_at_every_page() {
                     }
                 }
                 assert_eq!(report.windows, if whole { 2 } else { 1 });
+                // A whole window's log is whole again after the open (its manifest's second
+                // copy rewritten when the cut took it), and the space accounting says so.
+                let used_after_open = store.stats().unwrap().used_bytes;
+                if whole {
+                    assert_eq!(used_after_open, end, "{name} cut {cut}: used bytes");
+                }
                 // The store stays usable: the torn window can be frozen again.
                 if !whole {
                     put(&store, "second", &b, 10 * 1024);
@@ -74,6 +81,13 @@ fn torn_tail_at_every_page() {
                 );
                 check(&store, "first", &a, 16 * 1024);
                 check(&store, "second", &b, 10 * 1024);
+                if whole {
+                    assert_eq!(
+                        store.stats().unwrap().used_bytes,
+                        used_after_open,
+                        "{name} cut {cut}: the accounting after a heal matches the files"
+                    );
+                }
             }
             cut += 4096;
         }
@@ -108,5 +122,50 @@ fn strict_mode_refuses_a_torn_tail() {
         assert_eq!(report.torn_tails.len(), 1);
         check(&store, "first", &keys(1, 2), 8192);
         assert!(store.get("second").is_err());
+    }
+}
+
+/// The manifest's second copy is rewritten at open only where the newest segment keeps a page
+/// to spare after it; in a segment that the rewrite would fill up, the window stays whole
+/// with its one intact copy and the segment is not written past its end.
+#[test]
+fn a_missing_copy_is_not_rewritten_into_a_segment_without_room() {
+    for (name, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (keys(1, 3), keys(2, 3));
+        let write = |dir: &std::path::Path, segment_size: u64| {
+            let mut c = config(dir);
+            c.segment_size = segment_size;
+            let (store, _) = Store::open_with_engine(c, engine.clone()).unwrap();
+            put(&store, "first", &a, 16 * 1024);
+            put(&store, "second", &b, 10 * 1024);
+            store.stats().unwrap().used_bytes
+        };
+        let end = write(&tmp.path().join("probe"), 4 << 20);
+        // A segment one page longer than the log: cut the last page (the manifest's second
+        // copy) and the open finds the copy missing with exactly two pages left.
+        let size = end + 4096;
+        let d = tmp.path().join("tight");
+        assert_eq!(write(&d, size), end, "{name}: same layout in the tight segment");
+        assert_eq!(segments(&d).len(), 1, "{name}");
+        let seg = segments(&d)[0].clone();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(end - 4096)
+            .unwrap();
+        let mut c = config(&d);
+        c.segment_size = size;
+        let (store, report) = Store::open_with_engine(c, engine.clone()).unwrap();
+        assert_eq!(report.windows, 2, "{name}");
+        check(&store, "first", &a, 16 * 1024);
+        check(&store, "second", &b, 10 * 1024);
+        assert_eq!(
+            store.stats().unwrap().used_bytes,
+            end - 4096,
+            "{name}: no copy rewritten without a page to spare"
+        );
+        assert!(std::fs::metadata(&seg).unwrap().len() <= size, "{name}");
     }
 }
