@@ -71,11 +71,17 @@ fn ec_052_b_reopen_on_a_full_file_system_keeps_the_newest_segment_sealed() {
         assert_eq!(report.windows, 2, "{name}");
         check(&store, "first", &a, 16 * 1024);
         check(&store, "second", &b, 10 * 1024);
-        assert_eq!(std::fs::metadata(&seg).unwrap().len(), used, "{name}: sealed where it was");
+        assert_eq!(
+            std::fs::metadata(&seg).unwrap().len(),
+            used,
+            "{name}: sealed where it was"
+        );
         let k = keys(3, 2);
         let p: Vec<Vec<u8>> = k.iter().map(|&x| payload(x as u64, 8192)).collect();
         let refs: Vec<&[u8]> = p.iter().map(|v| &v[..]).collect();
-        let err = store.put_window(spec("third", &k, 8192), &refs).unwrap_err();
+        let err = store
+            .put_window(spec("third", &k, 8192), &refs)
+            .unwrap_err();
         assert_eq!(err.code(), "NO_SPACE", "{name}: {err}");
         drop(store);
         // Space back: the store appends again (into a new segment) and nothing was lost.

@@ -146,7 +146,11 @@ fn a_missing_copy_is_not_rewritten_into_a_segment_without_room() {
         // copy) and the open finds the copy missing with exactly two pages left.
         let size = end + 4096;
         let d = tmp.path().join("tight");
-        assert_eq!(write(&d, size), end, "{name}: same layout in the tight segment");
+        assert_eq!(
+            write(&d, size),
+            end,
+            "{name}: same layout in the tight segment"
+        );
         assert_eq!(segments(&d).len(), 1, "{name}");
         let seg = segments(&d)[0].clone();
         std::fs::OpenOptions::new()

@@ -82,7 +82,10 @@ impl Server {
             (None, Some((e, _, _))) => e.clone(),
             (None, None) => {
                 return Err(ApiError::validation(format!(
-                    "missing field engine (or a session whose engine {what})"
+                    "missing field engine (or a session whose engine {what}): name the \
+                     registered engine that holds the KV (`cwm freeze --engine E --tokens … \
+                     --block-ids …`), or first report what the session holds with \
+                     session.state (engine, token_ids, block_ids)"
                 )))
             }
         };

@@ -59,28 +59,18 @@ pub(crate) fn rm(name: &str, c: &ClientArgs) -> ExitCode {
     )
 }
 
-/// `cwm freeze`.
-pub(crate) fn freeze(
-    session: String,
-    window: String,
-    replace: bool,
-    salt: Option<String>,
-    c: &ClientArgs,
-) -> ExitCode {
-    client(
-        c,
-        serde_json::json!({"op": "freeze", "session": session, "window": window, "replace": replace, "salt": salt}),
-        |v| {
-            println!(
-                "froze {} v{}: {} tokens, {} blocks, {:.1} MiB",
-                v["window"]["name"].as_str().unwrap_or(""),
-                v["window"]["version"],
-                v["window"]["num_tokens"],
-                v["window"]["num_blocks"],
-                v["window"]["bytes"].as_f64().unwrap_or(0.0) / 1048576.0
-            );
-        },
-    )
+/// `cwm freeze`: `req` is the freeze request the flags make.
+pub(crate) fn freeze(req: serde_json::Value, c: &ClientArgs) -> ExitCode {
+    client(c, req, |v| {
+        println!(
+            "froze {} v{}: {} tokens, {} blocks, {:.1} MiB",
+            v["window"]["name"].as_str().unwrap_or(""),
+            v["window"]["version"],
+            v["window"]["num_tokens"],
+            v["window"]["num_blocks"],
+            v["window"]["bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+        );
+    })
 }
 
 /// `cwm thaw`.
@@ -169,9 +159,45 @@ pub(crate) fn health(c: &ClientArgs) -> ExitCode {
 
 /// `cwm metrics`.
 pub(crate) fn metrics(c: &ClientArgs) -> ExitCode {
+    if c.json {
+        // One JSON object: every sample's series (name and labels, as in the text format)
+        // to its value.
+        return match client_call(c, serde_json::json!({"op": "metrics"})) {
+            Ok(v) if cwm::control::client::exit_code(&v) == 0 => {
+                println!("{}", metrics_json(v["text"].as_str().unwrap_or("")));
+                ExitCode::SUCCESS
+            }
+            Ok(v) => {
+                eprintln!("cwm: {}", v["error"]);
+                ExitCode::from(cwm::control::client::exit_code(&v) as u8)
+            }
+            Err(e) => {
+                eprintln!("cwm: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     client(c, serde_json::json!({"op": "metrics"}), |v| {
         print!("{}", v["text"].as_str().unwrap_or(""));
     })
+}
+
+/// The samples of a Prometheus/OpenMetrics text exposition as `{series: value}`.
+fn metrics_json(text: &str) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        if let Some((series, value)) = line.rsplit_once(' ') {
+            let v = value.parse::<f64>().map_or_else(
+                |_| serde_json::Value::String(value.to_string()),
+                serde_json::Value::from,
+            );
+            out.insert(series.to_string(), v);
+        }
+    }
+    serde_json::Value::Object(out)
 }
 
 pub(crate) fn client_call(

@@ -55,7 +55,8 @@ enum Cmd {
         #[command(flatten)]
         c: ClientArgs,
     },
-    /// Freeze what a session holds (as its engine last reported) into a window.
+    /// Freeze a session into a window: the blocks --engine holds (--tokens, --block-ids), or
+    /// what the session holds as its engine last reported (`session.state`).
     Freeze {
         /// Session.
         #[arg(long)]
@@ -63,6 +64,16 @@ enum Cmd {
         /// Window name.
         #[arg(long)]
         window: String,
+        /// The registered engine holding the KV (needed unless the session's engine reported
+        /// what it holds with `session.state`).
+        #[arg(long)]
+        engine: Option<String>,
+        /// With --engine: the session's token ids, comma-separated.
+        #[arg(long, value_delimiter = ',', requires = "engine")]
+        tokens: Option<Vec<u32>>,
+        /// With --engine: the engine's block ids holding those tokens, in order.
+        #[arg(long, value_delimiter = ',', requires = "tokens")]
+        block_ids: Option<Vec<u64>>,
         /// Replace an existing window of that name.
         #[arg(long)]
         replace: bool,
@@ -162,7 +173,7 @@ enum Cmd {
     },
     /// Ask the daemon whether it is healthy.
     Health(ClientArgs),
-    /// Print the daemon's Prometheus metrics.
+    /// Print the daemon's Prometheus metrics (`--json`: one object, series to value).
     Metrics(ClientArgs),
     /// The Rust half of scripts/gpu-check.sh (CUDA IPC import, freeze/thaw, measurements).
     GpuCheck {
@@ -260,10 +271,24 @@ fn main() -> ExitCode {
         Cmd::Freeze {
             session,
             window,
+            engine,
+            tokens,
+            block_ids,
             replace,
             salt,
             c,
-        } => client_cmd::freeze(session, window, replace, salt, &c),
+        } => {
+            let mut req = serde_json::json!({"op": "freeze", "session": session,
+                "window": window, "replace": replace, "salt": salt});
+            if let Some(e) = engine {
+                req["engine"] = e.into();
+            }
+            if let (Some(t), Some(b)) = (tokens, block_ids) {
+                req["tokens"] = t.into();
+                req["block_ids"] = b.into();
+            }
+            client_cmd::freeze(req, &c)
+        }
         Cmd::Thaw {
             window,
             session,

@@ -296,9 +296,18 @@ pub(crate) fn compact_cmd(
         println!("{report}");
     } else if code == 0 {
         let r = &report["report"];
+        let removed: Vec<String> = r["segments_removed"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(ToString::to_string)
+            .collect();
         println!(
-            "compacted: segments {} deleted, {:.1} MiB copied, {:.1} MiB given back in {:.2} s",
-            r["segments_removed"],
+            "compacted: {}, {:.1} MiB copied, {:.1} MiB given back in {:.2} s",
+            match removed.len() {
+                0 => "no segment deleted".to_string(),
+                n => format!("{n} segment(s) deleted ({})", removed.join(", ")),
+            },
             r["bytes_copied"].as_f64().unwrap_or(0.0) / 1048576.0,
             r["bytes_reclaimed"].as_f64().unwrap_or(0.0) / 1048576.0,
             r["seconds"].as_f64().unwrap_or(0.0)

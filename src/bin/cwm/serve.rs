@@ -189,6 +189,14 @@ pub(crate) fn serve(mut a: ServeArgs, m: &clap::ArgMatches) -> Result<(), String
     let data_dir = a.data_dir.clone().ok_or(
         "no data directory: pass --data-dir, set CWM_DATA_DIR or data_dir in the config file",
     )?;
+    // A socket another daemon answers on: refused before the store is opened, so a new data
+    // directory is not created (nor an existing one locked) for nothing.
+    if std::os::unix::net::UnixStream::connect(&a.socket).is_ok() {
+        return Err(format!(
+            "{} is in use by another running process (another cwm?); stop it or pass --socket",
+            a.socket.display()
+        ));
+    }
     // Block SIGINT/SIGTERM in every thread; one thread waits for them.
     // SAFETY: plain signal-mask manipulation before any other thread exists.
     let set = unsafe {
