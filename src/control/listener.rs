@@ -167,33 +167,66 @@ impl Server {
         }
     }
 
-    fn metrics_http(&self, l: std::net::TcpListener) {
+    /// Serves `GET /metrics`, each scrape on its own thread (at most 16 at once; more are
+    /// answered 503 at once), so a client that stalls cannot hold up the next scrape.
+    fn metrics_http(self: &Arc<Self>, l: std::net::TcpListener) {
+        let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for conn in l.incoming() {
             if self.stopping.load(Ordering::SeqCst) {
                 return;
             }
             let Ok(mut conn) = conn else { continue };
-            let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-                match conn.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
+            let _ = conn.set_write_timeout(Some(std::time::Duration::from_secs(5)));
+            if running.fetch_add(1, Ordering::SeqCst) >= 16 {
+                running.fetch_sub(1, Ordering::SeqCst);
+                let _ = conn.write_all(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                continue;
             }
-            let (status, body) =
-                if head.starts_with(b"GET /metrics ") || head.starts_with(b"GET /metrics?") {
-                    ("200 OK", self.metrics_text())
-                } else {
-                    ("404 Not Found", "try GET /metrics\n".to_string())
-                };
-            let _ = write!(
-                conn,
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
+            let (me, running) = (self.clone(), running.clone());
+            std::thread::spawn(move || {
+                me.scrape(conn);
+                running.fetch_sub(1, Ordering::SeqCst);
+            });
         }
+    }
+
+    /// Answers one HTTP request: the metrics as OpenMetrics text when the client accepts it
+    /// (Prometheus does), else as Prometheus text 0.0.4 (the same samples without `# EOF`).
+    fn scrape(&self, mut conn: std::net::TcpStream) {
+        let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let open_metrics = head
+            .lines()
+            .any(|l| l.starts_with("accept:") && l.contains("application/openmetrics-text"));
+        let (status, ctype, body) =
+            if head.starts_with("get /metrics ") || head.starts_with("get /metrics?") {
+                let text = self.metrics_text();
+                if open_metrics {
+                    let t = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+                    ("200 OK", t, text)
+                } else {
+                    let body = text.strip_suffix("# EOF\n").unwrap_or(&text).to_string();
+                    ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body)
+                }
+            } else {
+                let t = "text/plain; charset=utf-8";
+                ("404 Not Found", t, "try GET /metrics\n".to_string())
+            };
+        let _ = write!(
+            conn,
+            "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
     }
 }
 

@@ -14,6 +14,30 @@ use crate::store::StoreStats;
 
 type Labels = Vec<(String, String)>;
 
+/// The (edge case, outcome) pairs the daemon counts (`protocol::edge_case_of`, the handler and
+/// `coalesce`), created at zero so their series exist before the first event.
+const EDGE_CASES: &[(&str, &str)] = &[
+    ("EC-001", "refused"),
+    ("EC-002", "coalesced"),
+    ("EC-003", "refused"),
+    ("EC-004", "refused"),
+    ("EC-005", "refused"),
+    ("EC-010", "refused"),
+    ("EC-012", "refused"),
+    ("EC-013", "refused"),
+    ("EC-014", "refused"),
+    ("EC-020", "refused"),
+    ("EC-021", "refused"),
+    ("EC-022", "refused"),
+    ("EC-030", "refused"),
+    ("EC-031", "refused"),
+    ("EC-040", "refused"),
+    ("EC-041", "refused"),
+    ("EC-050", "refused"),
+    ("EC-050", "recovered"),
+    ("EC-052", "refused"),
+];
+
 const BUCKETS: [f64; 11] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 /// Every metric of the daemon.
@@ -47,6 +71,7 @@ pub struct Metrics {
     thaw_secs: Histogram,
     utilization: Family<Labels, Gauge<f64, AtomicU64>>,
     windows: Gauge,
+    build_info: Family<Labels, Gauge>,
     /// Problems known in the log (EC-051; 0 when `health` says ok).
     pub integrity_problems: Gauge,
 }
@@ -72,9 +97,35 @@ impl Default for Metrics {
             thaw_secs: Histogram::new(BUCKETS),
             utilization: Family::default(),
             windows: Gauge::default(),
+            build_info: Family::default(),
             integrity_problems: Gauge::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "cwm_build_info",
+            "The running build (value 1)",
+            m.build_info.clone(),
+        );
+        m.build_info
+            .get_or_create(&vec![("version".into(), env!("CARGO_PKG_VERSION").into())])
+            .set(1);
+        // Every series an alert or a rate() reads exists from the start, at zero.
+        for (id, outcome) in EDGE_CASES {
+            let _ = m.edge_cases.get_or_create(&vec![
+                ("edge_case_id".into(), (*id).into()),
+                ("outcome".into(), (*outcome).into()),
+            ]);
+        }
+        for op in ["freeze", "thaw", "lookup", "delete"] {
+            let _ = m
+                .concurrent
+                .get_or_create(&vec![("operation_type".into(), op.into())]);
+        }
+        for tier in ["cpu", "disk"] {
+            let _ = m
+                .utilization
+                .get_or_create(&vec![("tier".into(), tier.into())]);
+        }
         registry.register("cwm_requests", "Requests received", m.requests.clone());
         registry.register(
             "cwm_scrub_passes",
@@ -175,24 +226,71 @@ impl Metrics {
         }
     }
 
-    /// The text exposition, with storage gauges taken from `stats`.
+    /// The text exposition, with storage gauges taken from `stats` (the disk tier: used over
+    /// `--capacity`, or over the file system's size when no capacity is set, so utilization
+    /// alerts work either way) and `cpu_tier` (the RAM tier's bytes and capacity).
     #[must_use]
-    pub fn render(&self, stats: Option<&StoreStats>) -> String {
+    pub fn render(
+        &self,
+        stats: Option<&StoreStats>,
+        fs: Option<FsUsage>,
+        cpu_tier: (u64, u64),
+    ) -> String {
         if let Some(st) = stats {
-            let ratio = if st.capacity == 0 || st.capacity == u64::MAX {
-                0.0
-            } else {
+            let ratio = if st.capacity != 0 && st.capacity != u64::MAX {
                 st.used_bytes as f64 / st.capacity as f64
+            } else {
+                fs.filter(|f| f.total > 0)
+                    .map_or(0.0, |f| f.used as f64 / f.total as f64)
             };
             self.utilization
                 .get_or_create(&vec![("tier".into(), "disk".into())])
                 .set(ratio);
             self.windows.set(st.windows as i64);
         }
+        let (bytes, capacity) = cpu_tier;
+        self.utilization
+            .get_or_create(&vec![("tier".into(), "cpu".into())])
+            .set(if capacity == 0 {
+                0.0
+            } else {
+                bytes as f64 / capacity as f64
+            });
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.push_str("# metrics encoding failed\n");
         }
         out
+    }
+}
+
+/// How full the file system holding the data directory is.
+#[derive(Debug, Clone, Copy)]
+pub struct FsUsage {
+    /// Bytes in the file system.
+    pub total: u64,
+    /// Bytes in use (by anyone).
+    pub used: u64,
+}
+
+impl FsUsage {
+    /// `statvfs` of `dir`.
+    #[must_use]
+    pub fn of(dir: &std::path::Path) -> Option<Self> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        // SAFETY: statvfs is plain old data; the call fills it from a NUL-terminated path.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a valid C string and `st` a writable statvfs.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        let frsize = st.f_frsize as u64;
+        let total = st.f_blocks as u64 * frsize;
+        let free = st.f_bfree as u64 * frsize;
+        Some(Self {
+            total,
+            used: total.saturating_sub(free),
+        })
     }
 }

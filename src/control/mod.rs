@@ -151,6 +151,10 @@ impl Server {
         self.metrics
             .integrity_problems
             .set(self.integrity.problems() as i64);
-        self.metrics.render(self.store.stats().ok().as_ref())
+        self.metrics.render(
+            self.store.stats().ok().as_ref(),
+            metrics::FsUsage::of(self.store.dir()),
+            (self.tier.bytes(), self.tier.capacity()),
+        )
     }
 }
