@@ -13,6 +13,12 @@ if ! command -v "${CXX:-c++}" >/dev/null 2>&1; then
   if [[ "$(id -u)" == 0 ]]; then SUDO=""; else SUDO=sudo; fi
   $SUDO apt-get update -q && $SUDO apt-get install -y -q g++
 fi
+# tests/deploy_monitoring.rs runs the real promtool over deploy/prometheus (Debian: prometheus).
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "installing promtool (Debian package prometheus) for the alert-rule tests"
+  if [[ "$(id -u)" == 0 ]]; then SUDO=""; else SUDO=sudo; fi
+  $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends prometheus
+fi
 # Failpoints (cargo feature `failpoints`, never in default builds): every write-path site x
 # action. Run first, so target/release/cwm is the default build again afterwards.
 # tests/clock_skew.rs (EC-042) needs the same build: it injects wall-clock skew.

@@ -65,6 +65,12 @@ pub struct Metrics {
     pub compaction_bytes: Counter,
     /// Segments compaction deleted.
     pub compaction_segments: Counter,
+    /// Lookups answered.
+    pub lookups: Counter,
+    /// Lookups that found a stored prefix (at least one block).
+    pub lookup_hits: Counter,
+    /// The configured limit of freezes and thaws running at once (`--max-ops`).
+    pub max_operations: Gauge,
     edge_cases: Family<Labels, Counter>,
     concurrent: Family<Labels, Gauge>,
     freeze_secs: Histogram,
@@ -91,6 +97,9 @@ impl Default for Metrics {
             scrub_problems: Counter::default(),
             compaction_bytes: Counter::default(),
             compaction_segments: Counter::default(),
+            lookups: Counter::default(),
+            lookup_hits: Counter::default(),
+            max_operations: Gauge::default(),
             edge_cases: Family::default(),
             concurrent: Family::default(),
             freeze_secs: Histogram::new(BUCKETS),
@@ -101,6 +110,17 @@ impl Default for Metrics {
             integrity_problems: Gauge::default(),
             registry: Registry::default(),
         };
+        registry.register("cwm_lookups", "Lookups answered", m.lookups.clone());
+        registry.register(
+            "cwm_lookup_hits",
+            "Lookups that found a stored prefix",
+            m.lookup_hits.clone(),
+        );
+        registry.register(
+            "cwm_max_operations",
+            "Freezes and thaws allowed at once (--max-ops)",
+            m.max_operations.clone(),
+        );
         registry.register(
             "cwm_build_info",
             "The running build (value 1)",

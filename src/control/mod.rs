@@ -100,6 +100,8 @@ impl Server {
     pub fn new(store: Arc<Store>, cfg: ServeConfig) -> Arc<Self> {
         let (sessions, idem) = persist::restore(&store, cfg.max_sessions);
         let tier = RamTier::new(cfg.tier_bytes);
+        let metrics = metrics::Metrics::default();
+        metrics.max_operations.set(cfg.max_ops.max(1) as i64);
         Arc::new(Self {
             tier,
             sessions,
@@ -107,7 +109,7 @@ impl Server {
             cfg,
             engines: Mutex::new(HashMap::new()),
             idem: Mutex::new(idem),
-            metrics: metrics::Metrics::default(),
+            metrics,
             stopping: AtomicBool::new(false),
             wake: eventfd(),
             thaw_rate: AtomicU64::new(0.5f64.to_bits()),

@@ -293,6 +293,10 @@ impl Server {
             .longest_prefix(&keys, a.window.as_deref())
             .map_err(ApiError::from)?;
         let blocks = found.as_ref().map_or(0, |(_, n)| *n);
+        self.metrics.lookups.inc();
+        if blocks > 0 {
+            self.metrics.lookup_hits.inc();
+        }
         let bs = eng.layout.block_size as usize;
         let tokens_matched = (blocks * bs).min(a.tokens.len());
         let matched: Vec<String> = keys[..blocks].iter().map(|k| format!("{k:032x}")).collect();
