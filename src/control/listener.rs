@@ -62,6 +62,8 @@ impl Server {
         // Never blocked in accept: the loop waits in poll for a connection or for `stop`.
         listener.set_nonblocking(true)?;
         crate::log::info(&format!("listening on {}", sock.display()));
+        let me2 = self.clone();
+        super::notify::ready(move || !me2.stopping.load(Ordering::SeqCst));
         // SAFETY: getuid has no preconditions.
         let me = unsafe { libc::getuid() };
         while !self.stopping.load(Ordering::SeqCst) {
@@ -145,7 +147,9 @@ impl Server {
 
     /// Stops accepting: the accept loop wakes and exits (whatever became of the socket path).
     pub fn stop(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
+        if !self.stopping.swap(true, Ordering::SeqCst) {
+            super::notify::send("STOPPING=1");
+        }
         if let Some(mut w) = self.wake.as_ref() {
             // The eventfd's counter only grows: it stays readable, the loop sees it whenever
             // it polls next.

@@ -19,6 +19,7 @@ pub mod integrity;
 mod listener;
 pub mod maint;
 pub mod metrics;
+mod notify;
 mod ops;
 mod persist;
 pub mod protocol;
