@@ -33,7 +33,7 @@ fn serve_tells_the_service_manager_ready_watchdog_and_stopping() {
         .env("WATCHDOG_USEC", "200000")
         .spawn()
         .unwrap();
-    let mut next = || {
+    let next = || {
         let mut buf = [0u8; 256];
         let n = manager.recv(&mut buf).expect("a notification");
         String::from_utf8_lossy(&buf[..n]).to_string()
