@@ -175,6 +175,17 @@ enum Cmd {
     Health(ClientArgs),
     /// Print the daemon's Prometheus metrics (`--json`: one object, series to value).
     Metrics(ClientArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (cwm.1 and one per subcommand, cwm-serve.1, …) into a directory.
+    Man {
+        /// Where to write them.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
     /// The Rust half of scripts/gpu-check.sh (CUDA IPC import, freeze/thaw, measurements).
     GpuCheck {
         /// `run` (freeze + thaw for a bit-exact check) or `bench` (measurements).
@@ -228,6 +239,27 @@ fn print_json<T: serde::Serialize>(v: &T) {
         Ok(s) => println!("{s}"),
         Err(e) => eprintln!("cwm: cannot encode JSON: {e}"),
     }
+}
+
+/// `cwm.1` and `cwm-SUB.1` for every subcommand, into `dir`.
+fn write_man_pages(dir: &std::path::Path) -> Result<(), String> {
+    use clap::CommandFactory;
+    let err = |e: std::io::Error| format!("{}: {e}", dir.display());
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let cmd = Cli::command();
+    let mut pages = vec![("cwm".to_string(), cmd.clone())];
+    for sub in cmd.get_subcommands() {
+        pages.push((format!("cwm-{}", sub.get_name()), sub.clone()));
+    }
+    for (name, c) in pages {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(c)
+            .title(name.to_uppercase())
+            .render(&mut out)
+            .map_err(err)?;
+        std::fs::write(dir.join(format!("{name}.1")), out).map_err(err)?;
+    }
+    Ok(())
 }
 
 /// Exit status of a command that returns a result: 0, or 1 with the message on stderr.
@@ -337,6 +369,12 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => finish(tools::demo::run(&a)),
         Cmd::GpuCheck { mode, spec, dir } => finish(bench_cmd::gpu_check(&mode, &spec, dir)),
         Cmd::Bench(b) => finish(bench_cmd::run(b)),
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "cwm", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Cmd::Man { dir } => finish(write_man_pages(&dir)),
     }
 }
 
