@@ -110,3 +110,30 @@ fn headers_decode_from_exactly_their_own_length() {
         );
     }
 }
+
+#[test]
+fn a_payload_length_is_between_one_byte_and_one_tib() {
+    let mut page = vec![0u8; PAGE as usize];
+    let at = |len: u64, page: &mut [u8]| {
+        let r = RecordHeader {
+            kind: RecordKind::Block,
+            seq: 1,
+            key: 5,
+            payload_len: len,
+            payload_xxh3: 0,
+            segment_id: 1,
+            copied: false,
+            ditto: false,
+        };
+        r.encode(3, page);
+        (r, RecordHeader::decode(page, 3))
+    };
+    let field = Err(HeaderError::Field("payload_len"));
+    for ok in [1, 1 << 40] {
+        let (r, got) = at(ok, &mut page);
+        assert_eq!(got, Ok(r), "{ok}");
+    }
+    for bad in [0, (1 << 40) + 1, u64::MAX] {
+        assert_eq!(at(bad, &mut page).1, field, "{bad}");
+    }
+}
