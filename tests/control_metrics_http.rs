@@ -24,11 +24,7 @@ fn get(port: u16, accept: Option<&str>) -> (String, String) {
 
 #[test]
 fn metrics_negotiate_their_format_serve_scrapes_concurrently_and_start_at_zero() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::daemon::free_loopback_port();
     let addr = format!("127.0.0.1:{port}");
     let f = fixture(&["--metrics-addr", &addr]);
     // A client that connects and never sends its request.

@@ -359,11 +359,7 @@ fn a_client_killed_mid_freeze_leaves_nothing_partial() {
 
 #[test]
 fn metrics_over_http_on_loopback() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::daemon::free_loopback_port();
     let addr = format!("127.0.0.1:{port}");
     let f = common::daemon::fixture(&["--metrics-addr", &addr]);
     let _ = &f;

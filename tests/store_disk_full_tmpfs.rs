@@ -7,21 +7,11 @@
 mod common;
 use common::*;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use cwm::store::{CompactOptions, Store, StoreConfig};
 
 const LEN: u64 = 64 << 10;
-
-/// Unmounts on drop (also when an assertion fails).
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
 
 fn cfg(dir: &Path) -> StoreConfig {
     let mut c = StoreConfig::new(dir);
@@ -42,26 +32,9 @@ fn window(store: &Store, i: u128) -> Result<(), cwm::store::StoreError> {
 fn ec_052_disk_full_on_tmpfs() {
     let tmp = tempfile::tempdir().unwrap();
     let mnt = tmp.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let out = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
-        .arg(&mnt)
-        .output();
-    match out {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => {
-            eprintln!(
-                "skipped: cannot mount tmpfs ({})",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            return;
-        }
-        Err(e) => {
-            eprintln!("skipped: cannot mount tmpfs ({e})");
-            return;
-        }
-    }
-    let _guard = Mount(mnt.clone());
+    let Some(_guard) = mount_tmpfs(&mnt, "64m") else {
+        return;
+    };
     for (name, engine) in engines() {
         let dir = mnt.join(name);
         {

@@ -8,42 +8,16 @@ mod common;
 use common::*;
 
 use std::io::Write;
-use std::path::PathBuf;
-use std::process::Command;
 
 use cwm::store::Store;
-
-/// Unmounts on drop (also when an assertion fails).
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
 
 #[test]
 fn ec_052_b_reopen_on_a_full_file_system_keeps_the_newest_segment_sealed() {
     let tmp = tempfile::tempdir().unwrap();
     let mnt = tmp.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    match Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
-        .arg(&mnt)
-        .output()
-    {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => {
-            let why = String::from_utf8_lossy(&o.stderr).trim().to_string();
-            eprintln!("skipped: cannot mount tmpfs ({why})");
-            return;
-        }
-        Err(e) => {
-            eprintln!("skipped: cannot mount tmpfs ({e})");
-            return;
-        }
-    }
-    let _guard = Mount(mnt.clone());
+    let Some(_guard) = mount_tmpfs(&mnt, "16m") else {
+        return;
+    };
     for (name, engine) in engines() {
         let dir = mnt.join(name);
         let (a, b) = (keys(1, 3), keys(2, 3));

@@ -153,3 +153,12 @@ pub fn fixture_n(extra: &[&str], blocks: u64) -> Fixture {
         mem,
     }
 }
+
+/// A loopback TCP port free a moment ago (for `--metrics-addr`).
+pub fn free_loopback_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}

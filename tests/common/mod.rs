@@ -128,3 +128,34 @@ pub fn flip_bit(path: &Path, offset: u64, bit: u8) {
     f.write_all_at(&b, offset).expect("write");
     f.sync_all().expect("sync");
 }
+
+/// A tmpfs mounted for a test, unmounted on drop (also when an assertion fails).
+pub struct Tmpfs(pub PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Mounts a tmpfs of `size` (mount's syntax, "64m") at `dir` (created); `None`, saying why on
+/// stderr, where mounting is not allowed (the test then reports itself skipped).
+pub fn mount_tmpfs(dir: &Path, size: &str) -> Option<Tmpfs> {
+    std::fs::create_dir_all(dir).unwrap();
+    match std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .output()
+    {
+        Ok(o) if o.status.success() => Some(Tmpfs(dir.to_path_buf())),
+        Ok(o) => {
+            let why = String::from_utf8_lossy(&o.stderr).trim().to_string();
+            eprintln!("skipped: cannot mount tmpfs ({why})");
+            None
+        }
+        Err(e) => {
+            eprintln!("skipped: cannot mount tmpfs ({e})");
+            None
+        }
+    }
+}
