@@ -75,21 +75,21 @@ class Cwm:
         return {w["name"]: w for w in out["windows"]}
 
     def metric(self, name: str) -> float:
-        text = json.loads(self.cli("metrics", "--json").stdout)["text"]
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        series = json.loads(self.cli("metrics", "--json").stdout)  # {series: value}
+        return sum(float(v) for k, v in series.items()
+                   if k == name or k.startswith(name + "{"))
 
 
-def run_vllm(workdir: Path, name: str, job: dict, timeout: float = 600) -> list[dict]:
+def run_vllm(workdir: Path, name: str, job: dict, timeout: float = 600,
+             extra_env: dict | None = None) -> list[dict]:
     """Runs vllm_run.py in a fresh process (a fresh engine) and returns its results."""
     jf, of, lf = (workdir / f"{name}.job.json", workdir / f"{name}.out.json", workdir / f"{name}.log")
     jf.write_text(json.dumps(job))
+    e = env()
+    e.update(extra_env or {})
     with open(lf, "wb") as log:
         p = subprocess.run([sys.executable, str(HERE / "vllm_run.py"), str(jf), str(of)],
-                           stdout=log, stderr=subprocess.STDOUT, env=env(), timeout=timeout,
+                           stdout=log, stderr=subprocess.STDOUT, env=e, timeout=timeout,
                            preexec_fn=_die_with_parent)
     if p.returncode != 0:
         raise RuntimeError(f"vLLM run {name} failed ({p.returncode}): {lf.read_text()[-4000:]}")

@@ -3,6 +3,7 @@
     python vllm_run.py JOB.json OUT.json
 
 JOB: {"model": dir, "socket": path or null (no connector), "prefix_caching": bool,
+      "tensor_parallel_size": n (default 1),
       "requests": [{"prompt": [ids] | {"from": i, "generated": k, "suffix": [ids]},
                     "max_tokens": n, "params": {...} or null,
                     "before": "shell command" or null, "after": "shell command" or null,
@@ -70,6 +71,12 @@ def main() -> None:
             "kv_load_failure_policy": "recompute",
             "kv_connector_extra_config": {"socket": job["socket"], "timeout_s": 30},
         }
+    tp = job.get("tensor_parallel_size", 1)
+    if tp > 1:
+        # One process per rank (the CPU build's TP); each rank's threads bound by
+        # VLLM_CPU_OMP_THREADS_BIND ("0|1"), since this machine has a single NUMA node.
+        kw["tensor_parallel_size"] = tp
+        kw["distributed_executor_backend"] = "mp"
     llm = LLM(model=job["model"], tokenizer=job["model"], dtype="bfloat16", max_model_len=512,
               enforce_eager=True, block_size=32, max_num_seqs=4, seed=0,
               enable_prefix_caching=job.get("prefix_caching", True), **kw)
