@@ -11,10 +11,15 @@ import os
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .client import Client, CwmError, CwmUnavailable
+
+#: How long a freeze answered BUSY (another freeze of its session, or cwm's --max-ops) keeps
+#: retrying before it is reported failed.
+BUSY_WAIT_S = 60.0
 from .layout import cuda_ipc_region, describe, layout_request
 
 # Under "vllm." so vLLM's logging configuration (format, level) applies inside vLLM.
@@ -252,15 +257,25 @@ class CwmWorker:
                                 **salted(spec.salt))
 
             with Client(self.socket, timeout=max(self.timeout, 300.0)) as c:
-                try:
-                    r = freeze(c)
-                except CwmError as e:
-                    if e.code != "SESSION_ALREADY_FROZEN" or not spec.session:
-                        raise
-                    # The conversation went on in the engine since the last freeze: it is live
-                    # again, so the session is THAWED and can be frozen anew.
-                    c.call("session.state", session=spec.session, state="THAWED")
-                    r = freeze(c)
+                # BUSY (another freeze of this session still running — EC-001 — or --max-ops
+                # freezes and thaws at once) means "retry when it finishes": the blocks are
+                # held until this freeze ends, so it waits, backing off, up to BUSY_WAIT_S.
+                deadline, pause, rethawed = time.monotonic() + BUSY_WAIT_S, 0.05, False
+                while True:
+                    try:
+                        r = freeze(c)
+                        break
+                    except CwmError as e:
+                        if e.code == "BUSY" and time.monotonic() + pause < deadline:
+                            time.sleep(pause)
+                            pause = min(pause * 2, 1.0)
+                            continue
+                        if e.code != "SESSION_ALREADY_FROZEN" or not spec.session or rethawed:
+                            raise
+                        # The conversation went on in the engine since the last freeze: it
+                        # is live again, so the session is THAWED and can be frozen anew.
+                        c.call("session.state", session=spec.session, state="THAWED")
+                        rethawed = True
             w = r.get("window", {})
             logger.info("cwm: request %s frozen as %r v%s (%s tokens, durable)", spec.req_id,
                         w.get("name"), w.get("version"), w.get("num_tokens"))
