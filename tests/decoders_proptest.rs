@@ -225,3 +225,19 @@ fn huge_counts_are_refused_without_allocating() {
         assert!(big <= bound(bad.len()), "offset {at}: allocated {big}");
     }
 }
+
+/// A list whose count promises more items than the payload holds is refused at the count,
+/// before any item is read (or any room reserved for them): the error names the offset just
+/// after the count.
+#[test]
+fn a_count_longer_than_the_rest_is_refused_at_the_count() {
+    let e = sample_manifest((0..40).collect(), 3, "w".into()).encode();
+    let after_count = e.len() - 3 * 32;
+    for cut in [1, 31, 33, 95] {
+        assert_eq!(
+            Manifest::decode(&e[..e.len() - cut]),
+            Err(cwm::store::manifest::DecodeError::Truncated(after_count)),
+            "cut {cut}"
+        );
+    }
+}
