@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import random
 import signal
 import struct
 import subprocess
@@ -132,3 +133,15 @@ def flip_byte(path: Path, offset: int) -> None:
         f.write(bytes([b[0] ^ 0x5A]))
         f.flush()
         os.fsync(f.fileno())
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    """`n` pseudo-random token ids (3..999) from `seed`: a prompt no other seed shares."""
+    r = random.Random(seed)
+    return [r.randrange(3, 1000) for _ in range(n)]
+
+
+def same(got: dict, want: dict, what: str) -> None:
+    """Two vLLM results computed alike: the same token ids and the same logprobs, exactly."""
+    assert got["token_ids"] == want["token_ids"], f"{what}: token ids differ"
+    assert got["logprobs"] == want["logprobs"], f"{what}: logprobs differ"

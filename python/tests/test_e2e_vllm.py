@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import random
 import signal
 import socket
 import subprocess
@@ -26,17 +25,12 @@ import urllib.request
 import pytest
 
 from cwm_env import (CWM, Cwm, _die_with_parent, block_records, cpu_binding, env, flip_byte,
-                     run_vllm)
+                     run_vllm, same, tokens)
 
 vllm = pytest.importorskip("vllm", reason="vLLM is installed by scripts/test.sh (scripts/vllm-env.sh)")
 
 BS = 32
 GEN = 8
-
-
-def tokens(seed: int, n: int) -> list[int]:
-    r = random.Random(seed)
-    return [r.randrange(3, 1000) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +51,6 @@ def world(tmp_path_factory):
              "binding": cpu_binding(w, "reference"), "cwm": Cwm(w).start()}
     yield state
     state["cwm"].stop()
-
-
-def same(got: dict, want: dict, what: str) -> None:
-    assert got["token_ids"] == want["token_ids"], f"{what}: token ids differ"
-    assert got["logprobs"] == want["logprobs"], f"{what}: logprobs differ"
 
 
 def run(world, name: str, requests: list[dict]) -> list[dict]:

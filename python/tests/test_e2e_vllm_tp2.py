@@ -6,21 +6,15 @@ computes exactly the tokens and logprobs of a TP=2 run without cwm, on the same 
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 
-from cwm_env import CWM, Cwm, cpu_binding, run_vllm
+from cwm_env import CWM, Cwm, cpu_binding, run_vllm, same, tokens
 
 vllm = pytest.importorskip("vllm", reason="vLLM is installed by scripts/test.sh (scripts/vllm-env.sh)")
 
 BS = 32
 GEN = 8
-
-
-def tokens(seed: int, n: int) -> list[int]:
-    r = random.Random(seed)
-    return [r.randrange(3, 1000) for _ in range(n)]
 
 
 def tp_env() -> dict:
@@ -29,11 +23,6 @@ def tp_env() -> dict:
     cpus = sorted(os.sched_getaffinity(0))
     assert len(cpus) >= 2, f"tensor parallel on the CPU needs 2 CPUs, this machine has {cpus}"
     return {"VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-
-
-def same(got: dict, want: dict, what: str) -> None:
-    assert got["token_ids"] == want["token_ids"], f"{what}: token ids differ"
-    assert got["logprobs"] == want["logprobs"], f"{what}: logprobs differ"
 
 
 def test_tensor_parallel_ranks_freeze_and_thaw_their_own_slices(tmp_path):
