@@ -43,4 +43,7 @@ PY="$(./scripts/vllm-env.sh | tail -n 1)"
 "$PY" -m pip install -q pytest
 # The package must install as a user would install it.
 "$PY" -m pip install -q --no-deps --force-reinstall ./python
+# The connector is also checked against newer GPU-only vLLM releases, read from their wheels on
+# PyPI by HTTP range requests (~10 small files each, cached under ~/.cache/cwm/vllm-api).
+"$PY" python/tests/vllm_api.py fetch 0.33.0 0.34.0
 (cd python/tests && "$PY" -m pytest -v -p no:cacheprovider .)

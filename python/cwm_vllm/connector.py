@@ -540,13 +540,39 @@ class CwmConnector(KVConnectorBase_V1):
             self._thaw_blocks.pop(req_id, None)
         super().update_connector_output(connector_output)
 
+    # Hooks of newer vLLM releases (tests/test_vllm_api.py checks them against each release's
+    # KVConnectorBase_V1). Under 0.32 they are never called.
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
+        """No (vLLM >= 0.33): cwm's daemon holds legacy CUDA IPC handles to the KV cache, which
+        cannot export the memory sleep mode allocates, and must never read memory that sleep
+        released."""
+        return False
+
+    @classmethod
+    def kv_cache_access(cls, kv_transfer_config: Any) -> Any:
+        """``LEGACY_IPC`` (vLLM >= 0.34): another process (the daemon) imports the KV cache
+        through legacy CUDA IPC handles, so vLLM must not allocate the extensible KV cache."""
+        from vllm.config.kv_transfer import KVCacheAccess  # noqa: PLC0415 - vLLM >= 0.34 only
+
+        return KVCacheAccess.LEGACY_IPC
+
+    def may_load_async(self, request: "Request") -> bool:
+        """Whether this request may load asynchronously (vLLM >= 0.34): yes when it names a
+        window to thaw (cheap: no lookup). Automatic prefix hits load as before."""
+        p = cwm_params(request)
+        return bool(self._load_on and p.get("thaw") and p.get("load") is not False)
+
     @property
     def prefill_tokens_per_s(self) -> float | None:
         """The prefill rate lookups are decided with (configured or measured)."""
         return self._prefill_rate
 
     def request_finished(
-        self, request: "Request", block_ids: list[int]
+        self,
+        request: "Request",
+        block_ids: list[int],
     ) -> tuple[bool, dict[str, Any] | None]:
         """Queues the freeze a ``freeze_as`` asks for. The returned ``kv_transfer_params`` say
         what became of it (``status``: ``pending``, handed to the worker, which freezes it after
