@@ -76,8 +76,14 @@ fn compact_then_scrub_finds_a_flipped_bit() {
             );
         }
     }
-    let v = c.call_final(json!({"op": "scrub"})).unwrap();
+    // Progress lines come before the final answer; the last one counts every window.
+    let lines = c.call(json!({"op": "scrub"})).unwrap();
+    let (v, progress) = lines.split_last().unwrap();
     assert_eq!(v["problems"], 0, "{v}");
+    let last = progress.last().expect("scrub progress lines");
+    assert_eq!(last["status"], "scrubbing", "{last}");
+    assert_eq!(last["progress"]["windows_total"], 24, "{last}");
+    assert_eq!(last["progress"]["windows_done"], 24, "{last}");
 
     // Flip one payload bit of every block record of the newest segment while serving.
     let mut segs: Vec<_> = std::fs::read_dir(f.tmp.path().join("data"))
@@ -143,4 +149,7 @@ fn compact_then_scrub_finds_a_flipped_bit() {
         .unwrap();
     assert_eq!(o.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&o.stdout).contains("damaged"));
+    // Not a terminal: progress as plain lines on stderr, the last one complete.
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("scrubbing: 24/24 windows"), "{err}");
 }

@@ -29,6 +29,15 @@ fn fsck_reports_ok_damaged_and_refuses_a_live_directory() {
     let (rc, v) = fsck(&dir);
     assert_eq!(rc, 0, "{v}");
     assert_eq!(v["windows"].as_array().unwrap().len(), 2);
+    // As a table, with progress as plain lines on stderr (not a terminal).
+    let o = Command::new(env!("CARGO_BIN_EXE_cwm"))
+        .args(["fsck", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("verifying: 2/2 windows"), "{err}");
     // Block 3 of "bad": after the segment header pages, "good" (3 blocks + the manifest's two
     // copies), then blocks 0..2 of "bad".
     let off = 8192 + 3 * (4096 + len) + 8192 + 3 * (4096 + len) + 4096 + 10;

@@ -76,7 +76,7 @@ impl Server {
             std::thread::spawn(move || {
                 let every = Duration::from_secs(me.cfg.maintenance.scrub_interval_s);
                 while me.sleep_unless_stopping(every) {
-                    if let Err(e) = me.scrub_pass(me.cfg.maintenance.scrub_rate) {
+                    if let Err(e) = me.scrub_pass(me.cfg.maintenance.scrub_rate, &|_, _| {}) {
                         crate::log::warn(&format!("background scrub: {}", e.message));
                     }
                 }
@@ -115,9 +115,10 @@ impl Server {
         Ok(json!({ "report": rep }))
     }
 
-    fn scrub_pass(&self, rate: u64) -> Result<Value, ApiError> {
+    /// One scrub pass; `progress(done, total)` after each window verified.
+    fn scrub_pass(&self, rate: u64, progress: &dyn Fn(usize, usize)) -> Result<Value, ApiError> {
         let started = super::integrity::Integrity::now();
-        let (windows, bytes) = crate::fsck::verify_windows(&self.store, rate, &|_, _| {})?;
+        let (windows, bytes) = crate::fsck::verify_windows(&self.store, rate, progress)?;
         let lost: Vec<(String, u64)> = self.store.incomplete_windows()?;
         let catalog = self.store.scrub_catalog()?;
         let catalog_bad = catalog.rewritten as usize + catalog.bad_tombstones.len();
@@ -195,7 +196,15 @@ impl Server {
             })(),
             "scrub" => (|| {
                 let rate = u64_field(a, "rate")?.unwrap_or(0);
-                self.scrub_pass(rate)
+                // At most ten progress lines a second, and the last one.
+                let last = std::cell::Cell::new(None::<std::time::Instant>);
+                self.scrub_pass(rate, &|done, total| {
+                    if done == total || last.get().is_none_or(|t| t.elapsed().as_millis() >= 100) {
+                        last.set(Some(std::time::Instant::now()));
+                        let p = json!({"windows_done": done, "windows_total": total});
+                        progress("scrubbing", json!({ "progress": p }));
+                    }
+                })
             })(),
             "check" => (|| {
                 let violations = self.store.check_invariants()?;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use cwm::io::EngineKind;
 
+use crate::progress::{Mode, Progress};
 use crate::{parse_size, print_json, tools};
 
 #[derive(Subcommand)]
@@ -32,6 +33,9 @@ pub(crate) enum BenchCmd {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Also draw the figures, each beside its ceiling, into this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
     },
     /// Host-backend freeze/thaw throughput vs raw O_DIRECT write/read of the same bytes.
     Pipeline {
@@ -50,6 +54,9 @@ pub(crate) enum BenchCmd {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Also draw the figures, each beside its ceiling, into this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
     },
     /// Control-socket latency (stat, list) against many windows, and freeze/thaw round trips.
     Control {
@@ -62,6 +69,9 @@ pub(crate) enum BenchCmd {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Also draw the figures, each beside its ceiling, into this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
     },
     /// fsck vs raw read, compaction throughput, freeze throughput with vs without compaction.
     Compaction {
@@ -80,6 +90,9 @@ pub(crate) enum BenchCmd {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Also draw the figures, each beside its ceiling, into this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
     },
     /// Reopen time of a log of many small records.
     Recovery {
@@ -95,12 +108,37 @@ pub(crate) enum BenchCmd {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Also draw the figures, each beside its ceiling, into this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
     },
 }
 
-/// Runs one benchmark.
+/// Runs one benchmark: prints its figures (or JSON), and draws them when asked.
 pub(crate) fn run(cmd: BenchCmd) -> Result<(), String> {
-    match cmd {
+    let (report, text, json, plot) = measure(cmd)?;
+    if json {
+        print_json(&report);
+    } else {
+        println!("{text}");
+    }
+    if let Some(path) = plot {
+        let (title, figs) = tools::plot::figures(&report)?;
+        tools::plot::draw(&path, &title, &figs)?;
+        eprintln!("plot: {}", path.display());
+    }
+    Ok(())
+}
+
+type Measured = (serde_json::Value, String, bool, Option<PathBuf>);
+
+fn value<T: serde::Serialize>(r: &T) -> Result<serde_json::Value, String> {
+    serde_json::to_value(r).map_err(|e| e.to_string())
+}
+
+fn measure(cmd: BenchCmd) -> Result<Measured, String> {
+    let bar = |json: bool| Progress::new(Mode::detect(json), "");
+    Ok(match cmd {
         BenchCmd::Store {
             bytes,
             block_bytes,
@@ -109,6 +147,7 @@ pub(crate) fn run(cmd: BenchCmd) -> Result<(), String> {
             queue_depth,
             runs,
             json,
+            plot,
         } => {
             let args = tools::bench::StoreBenchArgs {
                 dir: dir.unwrap_or_else(std::env::temp_dir),
@@ -118,18 +157,14 @@ pub(crate) fn run(cmd: BenchCmd) -> Result<(), String> {
                 queue_depth,
                 runs,
             };
-            tools::bench::store(&args).map_err(|e| e.to_string()).map(|r| {
-            if json {
-                print_json(&r);
-            } else {
-                println!(
-                    "store ({} QD{}, {} MiB in {} KiB blocks, median of {}):\n  write {:.2} GB/s vs raw {:.2} GB/s  ratio {:.3}\n  read  {:.2} GB/s vs raw {:.2} GB/s  ratio {:.3}\n  reopen {:.3} s",
-                    r.engine, r.queue_depth, r.bytes >> 20, r.block_bytes >> 10, r.runs,
-                    r.write_gbps, r.raw_write_gbps, r.write_ratio,
-                    r.read_gbps, r.raw_read_gbps, r.read_ratio, r.reopen_seconds
-                );
-            }
-        })
+            let r = tools::bench::store(&args, &bar(json)).map_err(|e| e.to_string())?;
+            let text = format!(
+                "store ({} QD{}, {} MiB in {} KiB blocks, median of {}):\n  write {:.2} GB/s vs raw {:.2} GB/s  ratio {:.3}\n  read  {:.2} GB/s vs raw {:.2} GB/s  ratio {:.3}\n  reopen {:.3} s",
+                r.engine, r.queue_depth, r.bytes >> 20, r.block_bytes >> 10, r.runs,
+                r.write_gbps, r.raw_write_gbps, r.write_ratio,
+                r.read_gbps, r.raw_read_gbps, r.read_ratio, r.reopen_seconds
+            );
+            (value(&r)?, text, json, plot)
         }
         BenchCmd::Pipeline {
             tokens,
@@ -137,34 +172,32 @@ pub(crate) fn run(cmd: BenchCmd) -> Result<(), String> {
             engine,
             runs,
             json,
+            plot,
         } => {
             let dir = dir.unwrap_or_else(std::env::temp_dir);
-            tools::bench::pipeline(&dir, tokens, engine, runs).map(|r| {
-            if json {
-                print_json(&r);
-            } else {
-                println!(
-                    "pipeline ({} tokens, {} MiB, {}):\n  freeze {:.2} GB/s vs raw write {:.2} GB/s  ratio {:.3}\n  thaw   {:.2} GB/s vs raw read  {:.2} GB/s  ratio {:.3}\n  thaw from the RAM tier {:.2} GB/s vs bare scatter {:.2} GB/s  ratio {:.3} (verification alone {:.2} GB/s on {} threads)\n  a 512-token freeze started during a freeze of the window: captured at {:.3} s, durable at {:.3} s (the window: durable at {:.3} s)",
-                    r.tokens, r.bytes >> 20, r.engine, r.freeze_gbps, r.raw_write_gbps, r.freeze_ratio,
-                    r.thaw_gbps, r.raw_read_gbps, r.thaw_ratio,
-                    r.tier_thaw_gbps, r.tier_scatter_gbps, r.tier_ratio, r.tier_verify_gbps, r.verify_threads,
-                    r.behind.0, r.behind.1, r.behind.2
-                );
-            }
-        })
+            let r = tools::bench::pipeline(&dir, tokens, engine, runs, &bar(json))?;
+            let text = format!(
+                "pipeline ({} tokens, {} MiB, {}):\n  freeze {:.2} GB/s vs raw write {:.2} GB/s  ratio {:.3}\n  thaw   {:.2} GB/s vs raw read  {:.2} GB/s  ratio {:.3}\n  thaw from the RAM tier {:.2} GB/s vs bare scatter {:.2} GB/s  ratio {:.3} (verification alone {:.2} GB/s on {} threads)\n  a 512-token freeze started during a freeze of the window: captured at {:.3} s, durable at {:.3} s (the window: durable at {:.3} s)",
+                r.tokens, r.bytes >> 20, r.engine, r.freeze_gbps, r.raw_write_gbps, r.freeze_ratio,
+                r.thaw_gbps, r.raw_read_gbps, r.thaw_ratio,
+                r.tier_thaw_gbps, r.tier_scatter_gbps, r.tier_ratio, r.tier_verify_gbps, r.verify_threads,
+                r.behind.0, r.behind.1, r.behind.2
+            );
+            (value(&r)?, text, json, plot)
         }
-        BenchCmd::Control { windows, dir, json } => {
+        BenchCmd::Control {
+            windows,
+            dir,
+            json,
+            plot,
+        } => {
             let dir = dir.unwrap_or_else(std::env::temp_dir);
-            tools::bench::control(&dir, windows).map(|r| {
-            if json {
-                print_json(&r);
-            } else {
-                println!(
-                    "control ({} windows): stat p50 {:.0} us p99 {:.0} us; list p50 {:.0} us p99 {:.0} us; {:.0} freeze+thaw round trips/s",
-                    r.windows, r.stat_p50_us, r.stat_p99_us, r.list_p50_us, r.list_p99_us, r.freeze_thaw_per_sec
-                );
-            }
-        })
+            let r = tools::bench::control(&dir, windows, &bar(json))?;
+            let text = format!(
+                "control ({} windows): stat p50 {:.0} us p99 {:.0} us; list p50 {:.0} us p99 {:.0} us; {:.0} freeze+thaw round trips/s",
+                r.windows, r.stat_p50_us, r.stat_p99_us, r.list_p50_us, r.list_p99_us, r.freeze_thaw_per_sec
+            );
+            (value(&r)?, text, json, plot)
         }
         BenchCmd::Compaction {
             bytes,
@@ -172,59 +205,65 @@ pub(crate) fn run(cmd: BenchCmd) -> Result<(), String> {
             dir,
             engine,
             json,
+            plot,
         } => {
             let dir = dir.unwrap_or_else(std::env::temp_dir);
-            tools::bench::compaction(&dir, bytes, engine, compact_rate)
-            .map_err(|e| e.to_string())
-            .map(|r| {
-                if json {
-                    print_json(&r);
-                } else {
-                    println!(
-                        "fsck {:.2} GB/s vs raw read {:.2} GB/s ({:.0}%); compaction {:.2} GB/s ({} MiB copied, {} MiB given back)",
-                        r.fsck_gbps,
-                        r.raw_read_gbps,
-                        r.fsck_vs_raw * 100.0,
-                        r.compaction_gbps,
-                        r.compaction_copied_bytes >> 20,
-                        r.compaction_reclaimed_bytes >> 20
-                    );
-                    println!(
-                        "freeze alone {:.2} GB/s, during compaction at {} MiB/s {:.2} GB/s (ratio {:.2}; compaction ran {:.2} s of the freezes' {:.2} s)",
-                        r.freeze_alone_gbps,
-                        r.compaction_rate >> 20,
-                        r.freeze_during_compaction_gbps,
-                        r.freeze_ratio,
-                        r.concurrent_compaction_seconds,
-                        r.concurrent_freeze_seconds
-                    );
-                }
-            })
+            let r = tools::bench::compaction(&dir, bytes, engine, compact_rate, &bar(json))
+                .map_err(|e| e.to_string())?;
+            let text = format!(
+                "fsck {:.2} GB/s vs raw read {:.2} GB/s ({:.0}%); compaction {:.2} GB/s ({} MiB copied, {} MiB given back)\nfreeze alone {:.2} GB/s, during compaction at {} MiB/s {:.2} GB/s (ratio {:.2}; compaction ran {:.2} s of the freezes' {:.2} s)",
+                r.fsck_gbps,
+                r.raw_read_gbps,
+                r.fsck_vs_raw * 100.0,
+                r.compaction_gbps,
+                r.compaction_copied_bytes >> 20,
+                r.compaction_reclaimed_bytes >> 20,
+                r.freeze_alone_gbps,
+                r.compaction_rate >> 20,
+                r.freeze_during_compaction_gbps,
+                r.freeze_ratio,
+                r.concurrent_compaction_seconds,
+                r.concurrent_freeze_seconds
+            );
+            (value(&r)?, text, json, plot)
         }
         BenchCmd::Recovery {
             records,
             dir,
             engine,
             json,
+            plot,
         } => {
             let dir = dir.unwrap_or_else(std::env::temp_dir);
-            tools::bench::recovery(&dir, records, engine, 32)
-                .map_err(|e| e.to_string())
-                .map(|r| {
-                    if json {
-                        print_json(&r);
-                    } else {
-                        println!(
-                            "recovery: {} records ({} windows, {} MiB) reopened in {:.3} s",
-                            r.records,
-                            r.windows,
-                            r.log_bytes >> 20,
-                            r.open_seconds
-                        );
-                    }
-                })
+            let r = tools::bench::recovery(&dir, records, engine, 32, &bar(json))
+                .map_err(|e| e.to_string())?;
+            let text = format!(
+                "recovery: {} records ({} windows, {} MiB) reopened in {:.3} s",
+                r.records,
+                r.windows,
+                r.log_bytes >> 20,
+                r.open_seconds
+            );
+            (value(&r)?, text, json, plot)
         }
+    })
+}
+
+/// `cwm plot REPORT.json… --out FILE.svg`: draws saved reports (`cwm bench … --json`,
+/// `cwm gpu-check`, `scripts/gpu-check.sh`'s JSON); several reports go into one file, their
+/// figures side by side.
+pub(crate) fn plot(reports: &[PathBuf], out: &std::path::Path) -> Result<(), String> {
+    let mut titles = Vec::new();
+    let mut figs = Vec::new();
+    for p in reports {
+        let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
+        let (t, f) = tools::plot::figures(&v).map_err(|e| format!("{}: {e}", p.display()))?;
+        titles.push(t);
+        figs.extend(f);
     }
+    tools::plot::draw(out, &titles.join("; "), &figs)
 }
 
 /// `cwm gpu-check MODE --spec FILE`.

@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use crate::progress::{Mode, Progress};
 use crate::ClientArgs;
 
 /// The header row of a window table.
@@ -111,7 +112,27 @@ pub(crate) fn thaw(
 
 /// `cwm scrub`.
 pub(crate) fn scrub(rate: u64, c: &ClientArgs) -> ExitCode {
-    client(c, serde_json::json!({"op": "scrub", "rate": rate}), |v| {
+    let bar = Progress::new(Mode::detect(c.json), "windows");
+    let on_progress = |v: &serde_json::Value| {
+        let n = |k: &str| {
+            v.pointer(k)
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0)
+        };
+        bar.update(
+            "scrubbing",
+            n("/progress/windows_done"),
+            n("/progress/windows_total"),
+            "",
+        );
+    };
+    let answer = client_call_progress(
+        c,
+        serde_json::json!({"op": "scrub", "rate": rate}),
+        &on_progress,
+    );
+    bar.finish();
+    answer_with(c, answer, |v| {
         for w in v["windows"].as_array().into_iter().flatten() {
             println!(
                 "{:<32} {:<8} {}",
@@ -204,13 +225,33 @@ pub(crate) fn client_call(
     c: &ClientArgs,
     req: serde_json::Value,
 ) -> Result<serde_json::Value, String> {
+    client_call_progress(c, req, &|_| {})
+}
+
+/// Sends `req` and returns its final response line; `on_progress` sees every line before it.
+pub(crate) fn client_call_progress(
+    c: &ClientArgs,
+    mut req: serde_json::Value,
+    on_progress: &dyn Fn(&serde_json::Value),
+) -> Result<serde_json::Value, String> {
     let mut cl = cwm::control::client::Client::connect(&c.socket).map_err(|e| {
         format!(
             "cannot reach cwm at {}: {e} (is `cwm serve` running?)",
             c.socket.display()
         )
     })?;
-    cl.call_final(req).map_err(|e| e.to_string())
+    if req.get("id").is_none() {
+        req["id"] = serde_json::json!(1);
+    }
+    cl.send_raw(req.to_string().as_bytes())
+        .map_err(|e| e.to_string())?;
+    loop {
+        let v = cl.read_line().map_err(|e| e.to_string())?;
+        if v["final"].as_bool() == Some(true) {
+            return Ok(v);
+        }
+        on_progress(&v);
+    }
 }
 
 pub(crate) fn client(
@@ -218,7 +259,16 @@ pub(crate) fn client(
     req: serde_json::Value,
     table: impl Fn(&serde_json::Value),
 ) -> ExitCode {
-    match client_call(c, req) {
+    answer_with(c, client_call(c, req), table)
+}
+
+/// Prints a final answer: as JSON, through `table`, or its error; the exit code says which.
+pub(crate) fn answer_with(
+    c: &ClientArgs,
+    answer: Result<serde_json::Value, String>,
+    table: impl Fn(&serde_json::Value),
+) -> ExitCode {
+    match answer {
         Ok(v) => {
             let code = cwm::control::client::exit_code(&v);
             if c.json {

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 mod bench_cmd;
 mod client_cmd;
 mod maint_cmd;
+mod progress;
 mod serve;
 mod tools;
 
@@ -34,6 +35,15 @@ enum Cmd {
     /// Benchmarks against ceilings measured in the same run.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Draw saved benchmark reports (`cwm bench … --json`, gpu-check JSON) as one SVG.
+    Plot {
+        /// Report files (JSON).
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+        /// The SVG file to write.
+        #[arg(long, value_name = "FILE.svg")]
+        out: PathBuf,
+    },
     /// Run the sidecar daemon on a Unix socket (foreground; SIGTERM/SIGINT stop it cleanly).
     Serve(ServeArgs),
     /// List windows.
@@ -369,6 +379,7 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => finish(tools::demo::run(&a)),
         Cmd::GpuCheck { mode, spec, dir } => finish(bench_cmd::gpu_check(&mode, &spec, dir)),
         Cmd::Bench(b) => finish(bench_cmd::run(b)),
+        Cmd::Plot { reports, out } => finish(bench_cmd::plot(&reports, &out)),
         Cmd::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "cwm", &mut std::io::stdout());

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::progress::{Mode, Progress};
 use crate::{print_json, ClientArgs};
 
 /// `cwm torture --damage`: the exhaustive damage sweep.
@@ -82,17 +83,12 @@ pub(crate) fn torture(
 
 /// `cwm fsck DIR`: check a stopped store.
 pub(crate) fn fsck(data_dir: &std::path::Path, json: bool) -> ExitCode {
-    use std::io::IsTerminal;
-    let tty = std::io::stderr().is_terminal() && !json;
-    let progress = |done: usize, total: usize| {
-        if tty {
-            eprint!("\r  verifying {done}/{total} windows");
-            if done == total {
-                eprintln!();
-            }
-        }
-    };
-    match cwm::fsck::check(cwm::store::StoreConfig::new(data_dir), &progress) {
+    let bar = Progress::new(Mode::detect(json), "windows");
+    let progress =
+        |done: usize, total: usize| bar.update("verifying", done as u64, total as u64, "");
+    let checked = cwm::fsck::check(cwm::store::StoreConfig::new(data_dir), &progress);
+    bar.finish();
+    match checked {
         Ok(r) => {
             if json {
                 print_json(&r);
@@ -154,19 +150,14 @@ pub(crate) fn fsck(data_dir: &std::path::Path, json: bool) -> ExitCode {
 }
 
 pub(crate) fn fsck_repair(data_dir: &std::path::Path, json: bool, segment_size: u64) -> ExitCode {
-    use std::io::IsTerminal;
-    let tty = std::io::stderr().is_terminal() && !json;
-    let progress = |stage: &str, done: usize, total: usize| {
-        if tty {
-            eprint!("\r\x1b[K  {stage} {done}/{total}");
-            if done == total {
-                eprintln!();
-            }
-        }
-    };
+    let bar = Progress::new(Mode::detect(json), "");
+    let progress =
+        |stage: &str, done: usize, total: usize| bar.update(stage, done as u64, total as u64, "");
     let mut cfg = cwm::store::StoreConfig::new(data_dir);
     cfg.segment_size = segment_size;
-    match cwm::fsck::repair(cfg, &progress) {
+    let repaired = cwm::fsck::repair(cfg, &progress);
+    bar.finish();
+    match repaired {
         Ok(r) => {
             if json {
                 print_json(&r);
@@ -210,15 +201,10 @@ pub(crate) fn compact_cmd(
     rate: u64,
     c: &ClientArgs,
 ) -> ExitCode {
-    use std::io::IsTerminal;
-    let tty = std::io::stderr().is_terminal() && !c.json;
+    let progress = Progress::new(Mode::detect(c.json), "segments");
     let bar = |done: u64, total: u64, bytes: u64| {
-        if tty {
-            eprint!(
-                "\r\x1b[K  compacting: {done}/{total} segments, {:.1} MiB copied",
-                bytes as f64 / 1048576.0
-            );
-        }
+        let copied = format!("{:.1} MiB copied", bytes as f64 / 1048576.0);
+        progress.update("compacting", done, total, &copied);
     };
     let opts = cwm::store::CompactOptions {
         live_ratio,
@@ -251,46 +237,28 @@ pub(crate) fn compact_cmd(
             }
         }
     } else {
-        let mut cl = match cwm::control::client::Client::connect(&c.socket) {
-            Ok(cl) => cl,
-            Err(e) => {
-                eprintln!(
-                    "cwm: cannot reach cwm at {}: {e} (is `cwm serve` running?)",
-                    c.socket.display()
-                );
-                return ExitCode::from(1);
-            }
+        let req = serde_json::json!({"op": "compact", "live_ratio": live_ratio, "rate": rate});
+        let n = |v: &serde_json::Value, k: &str| {
+            v.pointer(k)
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0)
         };
-        let req =
-            serde_json::json!({"op": "compact", "id": 1, "live_ratio": live_ratio, "rate": rate});
-        if let Err(e) = cl.send_raw(req.to_string().as_bytes()) {
-            eprintln!("cwm: {e}");
-            return ExitCode::from(1);
-        }
-        loop {
-            match cl.read_line() {
-                Ok(v) if v["final"].as_bool() == Some(true) => break v,
-                Ok(v) => bar(
-                    v.pointer("/progress/segments_done")
-                        .and_then(|x| x.as_u64())
-                        .unwrap_or(0),
-                    v.pointer("/progress/segments_total")
-                        .and_then(|x| x.as_u64())
-                        .unwrap_or(0),
-                    v.pointer("/progress/bytes_copied")
-                        .and_then(|x| x.as_u64())
-                        .unwrap_or(0),
-                ),
-                Err(e) => {
-                    eprintln!("cwm: {e}");
-                    return ExitCode::from(1);
-                }
+        let on_progress = |v: &serde_json::Value| {
+            bar(
+                n(v, "/progress/segments_done"),
+                n(v, "/progress/segments_total"),
+                n(v, "/progress/bytes_copied"),
+            );
+        };
+        match crate::client_cmd::client_call_progress(c, req, &on_progress) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("cwm: {e}");
+                return ExitCode::from(1);
             }
         }
     };
-    if tty {
-        eprintln!();
-    }
+    progress.finish();
     let code = cwm::control::client::exit_code(&report);
     if c.json {
         println!("{report}");

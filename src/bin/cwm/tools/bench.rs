@@ -8,6 +8,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::progress::Progress;
+
 use cwm::checksum::payload_checksum;
 use cwm::io::{self, AlignedBuf, EngineKind, IoEngine, Op};
 use cwm::prng::fill_random;
@@ -190,7 +192,7 @@ pub struct StoreBenchArgs {
     clippy::too_many_lines,
     reason = "one benchmark: raw-disk ceiling, store write, read and reopen, reported side by side"
 )]
-pub fn store(a: &StoreBenchArgs) -> Result<StoreBench, StoreError> {
+pub fn store(a: &StoreBenchArgs, p: &Progress) -> Result<StoreBench, StoreError> {
     let engine = io::build_engine(a.engine, a.queue_depth);
     let batch = a.queue_depth.max(1) as usize;
     let n = (a.bytes / a.block_bytes).max(1) as usize;
@@ -213,6 +215,7 @@ pub fn store(a: &StoreBenchArgs) -> Result<StoreBench, StoreError> {
     let (mut ws, mut rs, mut rws, mut rrs, mut reopen) = (vec![], vec![], vec![], vec![], vec![]);
     let mut raw_passes = Vec::new();
     for run in 0..a.runs.max(1) {
+        p.update("store", run as u64, a.runs.max(1) as u64, "");
         let tmp = tempfile::Builder::new()
             .prefix("cwm-bench-")
             .tempdir_in(&a.dir)
@@ -377,6 +380,7 @@ pub fn recovery(
     records: u64,
     engine: EngineKind,
     queue_depth: u32,
+    p: &Progress,
 ) -> Result<RecoveryBench, StoreError> {
     let tmp = tempfile::Builder::new()
         .prefix("cwm-bench-recovery-")
@@ -402,6 +406,9 @@ pub fn recovery(
             })
             .collect();
         for wi in 0..windows {
+            if wi % 64 == 0 {
+                p.update("populating", wi * per, windows * per, "");
+            }
             let spec = WindowSpec {
                 name: format!("w{wi}"),
                 session: "bench".into(),
@@ -482,6 +489,7 @@ pub fn pipeline(
     tokens: u32,
     engine: EngineKind,
     runs: usize,
+    p: &Progress,
 ) -> Result<PipelineBench, String> {
     use cwm::layout::{Dtype, Layout};
     use cwm::pipeline::synthetic::Synthetic;
@@ -502,6 +510,7 @@ pub fn pipeline(
     let cfg = PipelineConfig::default();
     let mut stages = Vec::new();
     for run in 0..runs.max(1) {
+        p.update("pipeline", run as u64, runs.max(1) as u64, "");
         let tmp = tempfile::Builder::new()
             .prefix("cwm-bench-pipeline-")
             .tempdir_in(dir)
@@ -819,7 +828,7 @@ fn pct(mut v: Vec<f64>, p: f64) -> f64 {
 
 /// `cwm bench control`: latency of `stat` and `list` over the socket against `windows` windows,
 /// and small freeze/thaw round trips per second.
-pub fn control(dir: &Path, windows: u64) -> Result<ControlBench, String> {
+pub fn control(dir: &Path, windows: u64, p: &Progress) -> Result<ControlBench, String> {
     use cwm::control::client::Client;
     use cwm::control::{ServeConfig, Server};
     use serde_json::json;
@@ -832,6 +841,9 @@ pub fn control(dir: &Path, windows: u64) -> Result<ControlBench, String> {
     let t = Instant::now();
     let payload = vec![7u8; 1024];
     for i in 0..windows {
+        if i % 256 == 0 {
+            p.update("populating", i, windows, "");
+        }
         let spec = WindowSpec {
             name: format!("w{i}"),
             session: format!("s{}", i % 100),
@@ -991,6 +1003,7 @@ pub fn compaction(
     bytes: u64,
     engine_kind: cwm::io::EngineKind,
     rate: u64,
+    p: &Progress,
 ) -> Result<CompactionBench, StoreError> {
     const BLOCK: u64 = 256 << 10;
     const PER_WINDOW: usize = 8;
@@ -1018,7 +1031,10 @@ pub fn compaction(
     let mut next = 0u64;
     let mut freeze = |st: &Store, n: u64| -> Result<Vec<String>, StoreError> {
         let mut names = Vec::new();
-        for _ in 0..n {
+        for i in 0..n {
+            if i % 16 == 0 {
+                p.update("freezing", i, n, "");
+            }
             let w = next;
             next += 1;
             let spec = WindowSpec {
@@ -1037,6 +1053,7 @@ pub fn compaction(
             };
             names.push(write_window(st, spec, &mut imgs)?.name);
         }
+        p.finish();
         Ok(names)
     };
     let per_window = BLOCK * PER_WINDOW as u64;

@@ -3,7 +3,6 @@
 //! random KV, freezes it into a window in a temporary data dir, drops the cache, reopens the
 //! store (recovery), thaws into different block ids, and verifies bit-exactness.
 
-use std::io::Write;
 use std::time::Instant;
 
 use cwm::layout::{Dtype, Layout};
@@ -25,24 +24,6 @@ pub struct DemoArgs {
 
 fn mib(b: u64) -> f64 {
     b as f64 / 1048576.0
-}
-
-fn bar(label: &str, done: usize, total: usize) {
-    use std::io::IsTerminal;
-    if !std::io::stderr().is_terminal() {
-        return;
-    }
-    let w = 30;
-    let f = (done * w).checked_div(total).unwrap_or(w);
-    eprint!(
-        "\r  {label:<8} [{}{}] {done}/{total}",
-        "#".repeat(f),
-        " ".repeat(w - f)
-    );
-    if done == total {
-        eprintln!();
-    }
-    let _ = std::io::stderr().flush();
 }
 
 pub fn run(a: &DemoArgs) -> Result<(), String> {
@@ -80,8 +61,13 @@ pub fn run(a: &DemoArgs) -> Result<(), String> {
         .collect();
     println!("  prefill (synthetic): {:.2} s", t.elapsed().as_secs_f64());
     let cfg = PipelineConfig::default();
+    let bar = std::sync::Arc::new(crate::progress::Progress::new(
+        crate::progress::Mode::detect(false),
+        "blocks",
+    ));
+    let b = bar.clone();
     let progress = Some(cwm::pipeline::Progress(std::sync::Arc::new(
-        |stage, done, total| bar(stage, done as usize, total as usize),
+        move |stage, done, total| b.update(stage, done, total, ""),
     )));
     let info;
     {
@@ -107,6 +93,7 @@ pub fn run(a: &DemoArgs) -> Result<(), String> {
             },
         )
         .map_err(|x| e(&x))?;
+        bar.finish();
         let bytes = r.bytes as f64;
         println!(
             "  freeze: captured after {:.3} s, durable after {:.3} s -> {:.2} GB/s [{} engine]",
@@ -151,6 +138,7 @@ pub fn run(a: &DemoArgs) -> Result<(), String> {
         },
     )
     .map_err(|x| e(&x))?;
+    bar.finish();
     println!(
         "  thaw: {} blocks into other block ids, loaded after {:.3} s -> {:.2} GB/s",
         r.blocks_restored,
@@ -168,7 +156,7 @@ pub fn run(a: &DemoArgs) -> Result<(), String> {
             bad.push(i);
         }
         if i % 64 == 63 || i + 1 == dst.len() {
-            bar("verify", i + 1, dst.len());
+            bar.update("verify", (i + 1) as u64, dst.len() as u64, "");
         }
     }
     println!(
