@@ -9,6 +9,42 @@
 //! `coalesce` (identical thaws) → the pipeline and the store. `persist` keeps sessions and
 //! idempotent outcomes in the store's catalog; `metrics` and `integrity` are what `health`
 //! and `/metrics` report; `client` is the Rust client.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use cwm::control::client::Client;
+//! use cwm::control::{maint::Maintenance, ServeConfig, Server};
+//! use cwm::{PipelineConfig, Store, StoreConfig};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let (store, _) = Store::open(StoreConfig::new(dir.path().join("data")))?;
+//! let socket = dir.path().join("cwm.sock");
+//! let server = Server::new(Arc::new(store), ServeConfig {
+//!     socket: socket.clone(),
+//!     allow_uids: vec![],
+//!     shm_dir: dir.path().to_path_buf(),
+//!     max_line: 16 << 20,
+//!     pipeline: PipelineConfig::default(),
+//!     tier_bytes: 0,
+//!     max_sessions: 1000,
+//!     metrics_addr: None,
+//!     max_ops: 64,
+//!     maintenance: Maintenance::default(),
+//! });
+//! let s = server.clone();
+//! let serving = std::thread::spawn(move || s.serve());
+//! let mut client = (0..500)
+//!     .find_map(|_| Client::connect(&socket).map_err(|_| std::thread::sleep(std::time::Duration::from_millis(10))).ok())
+//!     .expect("the server binds its socket");
+//! let health = client.call_final(serde_json::json!({"op": "health"}))?;
+//! assert_eq!(health["ok"], true, "{health}");
+//! drop(client);
+//! server.stop();
+//! serving.join().expect("server thread")?;
+//! # Ok(())
+//! # }
+//! ```
 
 mod args;
 pub mod client;
