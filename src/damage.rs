@@ -146,6 +146,7 @@ fn spec(name: &str, keys: &[u128], replace: Replace) -> WindowSpec {
             })
             .collect(),
         replace,
+        ..Default::default()
     }
 }
 

@@ -11,7 +11,7 @@ use std::cell::Cell;
 
 use cwm::control::protocol::parse;
 use cwm::store::format::{RecordHeader, RecordKind, SegmentHeader, PAGE};
-use cwm::store::{BlockRef, Manifest, Tombstone};
+use cwm::store::{BlockRef, Class, Manifest, Retention, RetentionChange, Tombstone};
 use proptest::prelude::*;
 
 struct Tracking;
@@ -80,6 +80,18 @@ fn sample_manifest(tokens: Vec<u32>, nblocks: usize, name: String) -> Manifest {
                 checksum: i as u64 ^ 0xdead,
             })
             .collect(),
+        // Both encodings: version 1 (default retention) and version 2 (a trailer).
+        retention: match nblocks % 3 {
+            0 => Retention::default(),
+            1 => Retention {
+                class: Class::Unnamed,
+                expires_unix_ms: None,
+            },
+            _ => Retention {
+                class: Class::Pinned,
+                expires_unix_ms: Some(1_800_000_000_000 + nblocks as i64),
+            },
+        },
     }
 }
 
@@ -150,6 +162,30 @@ proptest! {
         }
         let (_, big) = tracked(|| Tombstone::decode(&b));
         prop_assert!(big <= bound(b.len()));
+        let (r, big) = tracked(|| RetentionChange::decode(&b));
+        prop_assert!(big <= bound(b.len()));
+        if let Ok(c) = r {
+            prop_assert_eq!(c.encode(), b.clone());
+        }
+    }
+
+    #[test]
+    fn retention_change_mutations(version in any::<u64>(), name in "[a-z0-9]{1,30}", class in 0u8..2,
+                                  expires in proptest::option::of(any::<i64>()),
+                                  edits in proptest::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 1..4)) {
+        let retention = Retention {
+            class: if class == 0 { Class::Pinned } else { Class::Unnamed },
+            expires_unix_ms: expires,
+        };
+        let c = RetentionChange { name, version, retention };
+        let e = c.encode();
+        prop_assert_eq!(RetentionChange::decode(&e), Ok(c));
+        let bad = mutate(e, &edits);
+        let (r, big) = tracked(|| RetentionChange::decode(&bad));
+        prop_assert!(big <= bound(bad.len()));
+        if let Ok(c2) = r {
+            prop_assert_eq!(c2.encode(), bad);
+        }
     }
 
     #[test]

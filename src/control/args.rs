@@ -5,7 +5,7 @@
 use serde_json::Value;
 
 use super::protocol::{self, opt_str, opt_u64, str_field, u32_list, u64_list, ApiError};
-use crate::store::Replace;
+use crate::store::{Class, Replace, Retention};
 
 /// An optional boolean field (null counts as absent).
 fn opt_bool(a: &Value, name: &str) -> Result<Option<bool>, ApiError> {
@@ -38,6 +38,36 @@ pub(super) struct FreezeArgs {
     pub block_ids: Option<Vec<u64>>,
     pub replace: Replace,
     pub salt: Option<String>,
+    pub retention: Retention,
+}
+
+/// `class` ("pinned" | "unnamed", default pinned) and `ttl` (seconds from now, > 0) of a
+/// `freeze`.
+fn retention(a: &Value) -> Result<Retention, ApiError> {
+    let class = match a.get("class") {
+        None | Some(Value::Null) => Class::Pinned,
+        Some(v) => serde_json::from_value::<Class>(v.clone()).map_err(|_| {
+            ApiError::validation(format!("class must be \"pinned\" or \"unnamed\", not {v}"))
+        })?,
+    };
+    let expires_unix_ms = match opt_u64(a, "ttl")? {
+        None => None,
+        Some(0) => return Err(ApiError::validation("ttl must be at least 1 second")),
+        Some(t) => Some(expiry(t)?),
+    };
+    Ok(Retention {
+        class,
+        expires_unix_ms,
+    })
+}
+
+/// The expiry `seconds` from now (ms since the Unix epoch).
+pub(super) fn expiry(seconds: u64) -> Result<i64, ApiError> {
+    i64::try_from(seconds)
+        .ok()
+        .and_then(|s| s.checked_mul(1000))
+        .and_then(|ms| crate::clock::now_unix_ms().checked_add(ms))
+        .ok_or_else(|| ApiError::validation(format!("ttl {seconds} s is too large")))
 }
 
 impl FreezeArgs {
@@ -57,6 +87,31 @@ impl FreezeArgs {
             replace,
             window: str_field(a, "window")?.to_string(),
             salt: opt_str(a, "salt")?,
+            retention: retention(a)?,
+        })
+    }
+}
+
+/// `pin`, `unpin` and `ttl`: a window, its expected version, and for `ttl` the seconds from
+/// now (0: no expiry).
+pub(super) struct RetainArgs {
+    pub window: String,
+    pub expected_version: Option<u64>,
+    pub seconds: Option<u64>,
+}
+
+impl RetainArgs {
+    pub fn parse(a: &Value, needs_seconds: bool) -> Result<Self, ApiError> {
+        let seconds = opt_u64(a, "seconds")?;
+        if needs_seconds && seconds.is_none() {
+            return Err(ApiError::validation(
+                "missing field seconds (the TTL from now; 0 removes it)",
+            ));
+        }
+        Ok(Self {
+            window: str_field(a, "window")?.to_string(),
+            expected_version: opt_u64(a, "expected_version")?,
+            seconds,
         })
     }
 }

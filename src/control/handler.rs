@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
-use super::args::{self, DeleteArgs, FreezeArgs, ListArgs, LookupArgs, ThawArgs};
+use super::args::{self, DeleteArgs, FreezeArgs, ListArgs, LookupArgs, RetainArgs, ThawArgs};
 use super::args::{SessionDeleteArgs, SessionOpenArgs, SessionStateArgs};
 use super::coalesce::thaw_key;
 use super::conn::peer_gone;
@@ -214,6 +214,8 @@ impl Server {
             "list" => self.op_list(ListArgs::parse(a)?),
             "stat" => self.op_stat(&args::name(a, "window")?),
             "delete" => self.op_delete(DeleteArgs::parse(a)?),
+            "pin" | "unpin" => self.op_retain(&req.op, RetainArgs::parse(a, false)?),
+            "ttl" => self.op_retain("ttl", RetainArgs::parse(a, true)?),
             "metrics" => Ok(json!({"text": self.metrics_text()})),
             "session.open" => self.op_session_open(SessionOpenArgs::parse(a)?),
             "session.state" => self.op_session_state(SessionStateArgs::parse(a)?),

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::protocol::ApiError;
 use super::Server;
-use crate::store::CompactOptions;
+use crate::store::{CompactOptions, EvictionPolicy};
 
 /// Background maintenance settings of `cwm serve`.
 #[derive(Debug, Clone)]
@@ -22,6 +22,35 @@ pub struct Maintenance {
     pub scrub_interval_s: u64,
     /// Most bytes/s a scrub reads (0: unlimited).
     pub scrub_rate: u64,
+    /// Expiry and eviction.
+    pub eviction: Eviction,
+}
+
+/// Expiry of windows whose TTL passed and eviction of unnamed windows under a byte budget.
+#[derive(Debug, Clone)]
+pub struct Eviction {
+    /// The order unnamed windows go in.
+    pub policy: EvictionPolicy,
+    /// Above this fraction of the budget in live bytes, eviction starts…
+    pub high: f64,
+    /// …and goes down to this fraction.
+    pub low: f64,
+    /// The budget when the store has no capacity: this fraction of the file system's size.
+    pub fs_fraction: f64,
+    /// Milliseconds between passes (0: no background expiry or eviction).
+    pub interval_ms: u64,
+}
+
+impl Default for Eviction {
+    fn default() -> Self {
+        Self {
+            policy: EvictionPolicy::default(),
+            high: 0.90,
+            low: 0.80,
+            fs_fraction: 0.90,
+            interval_ms: 1000,
+        }
+    }
 }
 
 impl Default for Maintenance {
@@ -31,6 +60,7 @@ impl Default for Maintenance {
             compact_interval_s: 10,
             scrub_interval_s: 0,
             scrub_rate: 64 << 20,
+            eviction: Eviction::default(),
         }
     }
 }
@@ -71,6 +101,17 @@ impl Server {
                 }
             });
         }
+        if m.eviction.interval_ms > 0 {
+            let me = self.clone();
+            std::thread::spawn(move || {
+                let every = Duration::from_millis(me.cfg.maintenance.eviction.interval_ms);
+                while me.sleep_unless_stopping(every) {
+                    if let Err(e) = me.retention_pass() {
+                        crate::log::warn(&format!("expiry/eviction: {}", e.message));
+                    }
+                }
+            });
+        }
         if m.scrub_interval_s > 0 {
             let me = self.clone();
             std::thread::spawn(move || {
@@ -82,6 +123,73 @@ impl Server {
                 }
             });
         }
+    }
+
+    /// The byte budget eviction keeps live data under: the store's capacity, or a fraction of
+    /// the file system when it has none.
+    pub(super) fn budget(&self) -> u64 {
+        let cap = self.store.stats().map_or(u64::MAX, |s| s.capacity);
+        if cap != 0 && cap != u64::MAX {
+            return cap;
+        }
+        super::metrics::FsUsage::of(self.store.dir()).map_or(u64::MAX, |f| {
+            (f.total as f64 * self.cfg.maintenance.eviction.fs_fraction) as u64
+        })
+    }
+
+    /// One expiry and eviction pass: tombstones windows whose TTL passed; above the high
+    /// watermark, evicts unnamed windows down to the low one, then compacts so the space
+    /// comes back.
+    pub(super) fn retention_pass(&self) -> Result<Value, ApiError> {
+        let expired = self.store.expire_due()?;
+        self.metrics.expiries.inc_by(expired.len() as u64);
+        for w in &expired {
+            crate::log::info(&format!("expired: window {:?} v{}", w.name, w.version));
+        }
+        let ev = &self.cfg.maintenance.eviction;
+        let budget = self.budget();
+        let live = self.store.live_bytes()?;
+        let mut out = json!({"expired": expired.len(), "live_bytes": live, "budget": budget});
+        if (live as f64) <= ev.high * budget as f64 {
+            return Ok(out);
+        }
+        let target = (ev.low * budget as f64) as u64;
+        let rep = self.store.evict(ev.policy, target, budget)?;
+        let l = vec![("reason".into(), "capacity".into())];
+        self.metrics
+            .evictions
+            .get_or_create(&l)
+            .inc_by(rep.evicted.len() as u64);
+        self.metrics
+            .evicted_bytes
+            .get_or_create(&l)
+            .inc_by(rep.bytes);
+        if rep.evicted.is_empty() {
+            // Only pinned data above the watermark: nothing to evict (freezes of named windows
+            // meet QUOTA_EXCEEDED when it is full).
+            out["evicted"] = json!(rep);
+            return Ok(out);
+        }
+        crate::log::info(&format!(
+            "eviction ({:?}): {} unnamed windows, {} live bytes given up; live {} of budget {}{}",
+            ev.policy,
+            rep.evicted.len(),
+            rep.bytes,
+            rep.live_after,
+            budget,
+            if rep.reached {
+                ""
+            } else {
+                " (pinned data alone is above the low watermark)"
+            }
+        ));
+        let opts = CompactOptions {
+            live_ratio: self.cfg.maintenance.compact.live_ratio.max(0.9),
+            ..self.cfg.maintenance.compact.clone()
+        };
+        self.compact_pass(&opts, &|_| {})?;
+        out["evicted"] = json!(rep);
+        Ok(out)
     }
 
     /// Sleeps `d` in short steps; false once the server is stopping.

@@ -10,7 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::store::StoreStats;
+use crate::store::{ClassBytes, StoreStats};
 
 type Labels = Vec<(String, String)>;
 
@@ -80,6 +80,47 @@ pub struct Metrics {
     build_info: Family<Labels, Gauge>,
     /// Problems known in the log (EC-051; 0 when `health` says ok).
     pub integrity_problems: Gauge,
+    /// Windows evicted, by reason (`capacity`).
+    pub evictions: Family<Labels, Counter>,
+    /// Live bytes given up by evictions, by reason.
+    pub evicted_bytes: Family<Labels, Counter>,
+    /// Windows whose TTL passed (tombstoned).
+    pub expiries: Counter,
+    class_bytes: Family<Labels, Gauge>,
+}
+
+impl Metrics {
+    /// Registers the capacity series: evictions, evicted bytes, expiries, bytes by class.
+    fn register_capacity(&self, registry: &mut Registry) {
+        registry.register(
+            "cwm_evictions",
+            "Unnamed windows evicted, by reason",
+            self.evictions.clone(),
+        );
+        registry.register(
+            "cwm_evicted_bytes",
+            "Live bytes given up by evictions, by reason (compaction reclaims them)",
+            self.evicted_bytes.clone(),
+        );
+        registry.register(
+            "cwm_expiries",
+            "Windows whose TTL passed",
+            self.expiries.clone(),
+        );
+        registry.register(
+            "cwm_class_bytes",
+            "Block bytes by class: pinned (held by a pinned window), unnamed (evictable)",
+            self.class_bytes.clone(),
+        );
+        let l = vec![("reason".into(), "capacity".into())];
+        let _ = self.evictions.get_or_create(&l);
+        let _ = self.evicted_bytes.get_or_create(&l);
+        for class in ["pinned", "unnamed"] {
+            let _ = self
+                .class_bytes
+                .get_or_create(&vec![("class".into(), class.into())]);
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -108,8 +149,13 @@ impl Default for Metrics {
             windows: Gauge::default(),
             build_info: Family::default(),
             integrity_problems: Gauge::default(),
+            evictions: Family::default(),
+            evicted_bytes: Family::default(),
+            expiries: Counter::default(),
+            class_bytes: Family::default(),
             registry: Registry::default(),
         };
+        m.register_capacity(&mut registry);
         registry.register("cwm_lookups", "Lookups answered", m.lookups.clone());
         registry.register(
             "cwm_lookup_hits",
@@ -255,6 +301,7 @@ impl Metrics {
         stats: Option<&StoreStats>,
         fs: Option<FsUsage>,
         cpu_tier: (u64, u64),
+        class: Option<ClassBytes>,
     ) -> String {
         if let Some(st) = stats {
             let ratio = if st.capacity != 0 && st.capacity != u64::MAX {
@@ -267,6 +314,13 @@ impl Metrics {
                 .get_or_create(&vec![("tier".into(), "disk".into())])
                 .set(ratio);
             self.windows.set(st.windows as i64);
+        }
+        if let Some(c) = class {
+            for (k, v) in [("pinned", c.pinned), ("unnamed", c.unnamed)] {
+                self.class_bytes
+                    .get_or_create(&vec![("class".into(), k.into())])
+                    .set(v as i64);
+            }
         }
         let (bytes, capacity) = cpu_tier;
         self.utilization

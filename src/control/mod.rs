@@ -194,6 +194,7 @@ impl Server {
             self.store.stats().ok().as_ref(),
             metrics::FsUsage::of(self.store.dir()),
             (self.tier.bytes(), self.tier.capacity()),
+            self.store.class_bytes().ok(),
         )
     }
 }

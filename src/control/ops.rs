@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::args::{self, DeleteArgs, FreezeArgs, ListArgs, LookupArgs, ThawArgs};
+use super::args::{self, DeleteArgs, FreezeArgs, ListArgs, LookupArgs, RetainArgs, ThawArgs};
 use super::handler::Ctx;
 use super::protocol::{self, ApiError};
 use super::Server;
@@ -16,6 +16,7 @@ use crate::pipeline::{
     freeze, thaw, Engine, FreezeOptions, FreezeReport, FreezeRequest, ThawOptions, ThawReport,
     ThawRequest,
 };
+use crate::store::{Class, Retention};
 
 /// What a session's engine reported it holds: (engine, token ids, block ids).
 type Held = (String, Vec<u32>, Vec<u64>);
@@ -115,6 +116,7 @@ impl Server {
             block_ids,
             replace: a.replace,
             salt: a.salt,
+            retention: a.retention,
         };
         // `captured` goes out from the gather thread the moment the engine's blocks are
         // free, before the writes finish.
@@ -341,6 +343,36 @@ impl Server {
     pub(super) fn op_stat(&self, window: &str) -> Result<Value, ApiError> {
         let info = self.store.get(window).map_err(ApiError::from)?;
         Ok(json!({"window": info}))
+    }
+
+    /// `pin`, `unpin`, `ttl`: a window's class and expiry. `pin`: pinned, no expiry; `unpin`:
+    /// evictable (its expiry kept); `ttl`: expires `seconds` from now (0: never; class kept).
+    pub(super) fn op_retain(&self, op: &str, a: RetainArgs) -> Result<Value, ApiError> {
+        let cur = self.store.get(&a.window).map_err(ApiError::from)?;
+        let mut r = Retention {
+            class: cur.class,
+            expires_unix_ms: cur.expires_unix_ms,
+        };
+        match (op, a.seconds) {
+            ("pin", _) => {
+                r.class = Class::Pinned;
+                r.expires_unix_ms = None;
+            }
+            ("unpin", _) => r.class = Class::Unnamed,
+            (_, Some(0) | None) => r.expires_unix_ms = None,
+            (_, Some(s)) => r.expires_unix_ms = Some(args::expiry(s)?),
+        }
+        // Without an expected version, the version read above: a replace meanwhile is refused
+        // rather than changing the new window.
+        let info = self
+            .store
+            .set_retention(
+                &a.window,
+                Some(a.expected_version.unwrap_or(cur.version)),
+                r,
+            )
+            .map_err(ApiError::from)?;
+        Ok(json!({ "window": info }))
     }
 
     /// `delete`: one window (at an expected version, if given).

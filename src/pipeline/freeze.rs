@@ -201,6 +201,7 @@ fn window_spec(
         tokens: req.tokens.clone(),
         blocks: keys.iter().map(|&key| BlockDesc { key, len: bb }).collect(),
         replace: req.replace,
+        retention: req.retention,
     };
     Ok((spec, keys))
 }

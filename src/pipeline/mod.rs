@@ -239,6 +239,8 @@ pub struct FreezeRequest {
     pub replace: Replace,
     /// The request's own namespace salt ([`Engine::namespace_with`]).
     pub salt: Option<String>,
+    /// Class and expiry of the window (default: pinned, no expiry).
+    pub retention: crate::store::Retention,
 }
 
 /// What a freeze did.

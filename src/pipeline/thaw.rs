@@ -49,6 +49,7 @@ pub fn thaw(
     // tier's arena is mapped into the device, so this is one copy, host to device.
     if let Some(t) = tier {
         if from_tier(eng, req, cfg, ctl, t, &plan, &mut report, t0)? {
+            store.record_hit(&report.window);
             return Ok(report);
         }
     }
@@ -67,6 +68,9 @@ pub fn thaw(
     report.tokens_to_recompute = plan.total_tokens - report.tokens_restored;
     report.bytes = report.blocks_restored * plan.bb;
     report.loaded_secs = t0.elapsed().as_secs_f64();
+    if report.blocks_restored > 0 {
+        store.record_hit(&report.window);
+    }
     Ok(report)
 }
 

@@ -5,7 +5,7 @@
 //! drops its references. Also here: the lookups answered from the index alone.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::error::{poisoned, StoreError};
@@ -42,12 +42,39 @@ pub(crate) struct BlockEntry {
 /// A visible window: its catalog entry, where its manifest is, its block keys in order.
 #[derive(Clone)]
 pub(crate) struct WindowEntry {
-    /// Catalog entry.
+    /// Catalog entry (its `last_use_unix_ms` and `hits` are filled from `usage` on the way out).
     pub info: WindowInfo,
     /// Where its manifest record is.
     pub manifest: Loc,
     /// Its block keys, in order.
     pub keys: Vec<u128>,
+    /// Thaws from it (in memory only).
+    pub usage: Arc<Usage>,
+}
+
+/// How a window has been used since the store was opened.
+#[derive(Default)]
+pub(crate) struct Usage {
+    /// Last thaw, ms since the Unix epoch (its creation until the first).
+    pub last_use_ms: AtomicI64,
+    /// Thaws.
+    pub hits: AtomicU64,
+}
+
+impl WindowEntry {
+    /// The catalog entry with its usage as of now.
+    pub(crate) fn info(&self) -> WindowInfo {
+        let mut i = self.info.clone();
+        i.last_use_unix_ms = self.usage.last_use_ms.load(Ordering::Relaxed);
+        i.hits = self.usage.hits.load(Ordering::Relaxed);
+        i
+    }
+
+    /// Whether its TTL has passed at `now_ms`: then it is gone for every reader, whether or
+    /// not its tombstone is written yet.
+    pub(crate) fn expired(&self, now_ms: i64) -> bool {
+        self.info.expires_unix_ms.is_some_and(|e| e <= now_ms)
+    }
 }
 
 /// The index: everything the store knows without reading the log.
@@ -158,11 +185,19 @@ impl State {
             num_blocks: m.blocks.len() as u64,
             bytes: m.blocks.iter().map(|b| b.len).sum(),
             created_unix_ms: m.created_unix_ms,
+            class: m.retention.class,
+            expires_unix_ms: m.retention.expires_unix_ms,
+            last_use_unix_ms: m.created_unix_ms,
+            hits: 0,
         };
         let entry = WindowEntry {
             info: info.clone(),
             manifest,
             keys: m.blocks.iter().map(|b| b.key).collect(),
+            usage: Arc::new(Usage {
+                last_use_ms: AtomicI64::new(m.created_unix_ms),
+                hits: AtomicU64::new(0),
+            }),
         };
         // (Recovery publishes each name once, so it never replaces a window.)
         let replaced = self.windows.insert(m.name.clone(), entry).map(|old| {
@@ -200,8 +235,14 @@ pub(crate) fn release_window(st: &mut State, entry: &WindowEntry) {
 impl Store {
     /// Visible windows, ordered by name.
     pub fn list(&self) -> Result<Vec<WindowInfo>, StoreError> {
+        let now = crate::clock::now_unix_ms();
         let st = self.state.read().map_err(poisoned)?;
-        Ok(st.windows.values().map(|w| w.info.clone()).collect())
+        Ok(st
+            .windows
+            .values()
+            .filter(|w| !w.expired(now))
+            .map(WindowEntry::info)
+            .collect())
     }
 
     /// A page of windows (by name), optionally of one session, and how many match in all.
@@ -211,16 +252,17 @@ impl Store {
         limit: usize,
         session: Option<&str>,
     ) -> Result<(Vec<WindowInfo>, usize), StoreError> {
+        let now = crate::clock::now_unix_ms();
         let st = self.state.read().map_err(poisoned)?;
         let matching = st
             .windows
             .values()
-            .filter(|w| session.is_none_or(|s| w.info.session == s));
+            .filter(|w| !w.expired(now) && session.is_none_or(|s| w.info.session == s));
         let mut total = 0usize;
         let mut page = Vec::with_capacity(limit.min(1024));
         for w in matching {
             if total >= offset && page.len() < limit {
-                page.push(w.info.clone());
+                page.push(w.info());
             }
             total += 1;
         }
@@ -230,10 +272,12 @@ impl Store {
     /// One window's catalog entry.
     pub fn get(&self, name: &str) -> Result<WindowInfo, StoreError> {
         let name = name::validate_name(name).map_err(StoreError::Validation)?;
+        let now = crate::clock::now_unix_ms();
         let st = self.state.read().map_err(poisoned)?;
         st.windows
             .get(&name)
-            .map(|w| w.info.clone())
+            .filter(|w| !w.expired(now))
+            .map(WindowEntry::info)
             .ok_or(StoreError::NotFound(name))
     }
 
@@ -257,7 +301,7 @@ impl Store {
         only: Option<&str>,
     ) -> Result<Option<(WindowInfo, usize)>, StoreError> {
         let st = self.state.read().map_err(poisoned)?;
-        let mut best: Option<(&WindowInfo, usize)> = None;
+        let mut best: Option<(&WindowEntry, usize)> = None;
         let only = match only {
             Some(n) => Some(name::validate_name(n).map_err(StoreError::Validation)?),
             None => None,
@@ -266,7 +310,8 @@ impl Store {
             Some(n) => Box::new(st.windows.get(n).into_iter()),
             None => Box::new(st.windows.values()),
         };
-        for w in candidates {
+        let now = crate::clock::now_unix_ms();
+        for w in candidates.filter(|w| !w.expired(now)) {
             // A block lost to damage ends the usable prefix.
             let n = w
                 .keys
@@ -276,13 +321,13 @@ impl Store {
                 .count();
             let better = match best {
                 None => n > 0,
-                Some((b, bn)) => n > bn || (n == bn && w.info.seq > b.seq),
+                Some((b, bn)) => n > bn || (n == bn && w.info.seq > b.info.seq),
             };
             if better {
-                best = Some((&w.info, n));
+                best = Some((w, n));
             }
         }
-        Ok(best.map(|(i, n)| (i.clone(), n)))
+        Ok(best.map(|(w, n)| (w.info(), n)))
     }
 
     /// Reference count of a stored block (0 when absent).

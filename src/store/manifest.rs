@@ -4,9 +4,17 @@
 
 use serde::Serialize;
 
+use super::types::{Class, Retention};
+
 const MANIFEST_MAGIC: [u8; 4] = *b"CWMM";
 const TOMBSTONE_MAGIC: [u8; 4] = *b"CWMT";
+const RETENTION_MAGIC: [u8; 4] = *b"CWMK";
 const PAYLOAD_VERSION: u16 = 1;
+/// A manifest with a retention trailer (class, expiry); written only when the retention is not
+/// the default, so windows without one keep the version-1 bytes.
+const MANIFEST_V2: u16 = 2;
+/// Bytes of the retention trailer.
+const RETENTION_LEN: usize = 16;
 
 /// One block of a window, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -38,6 +46,20 @@ pub struct Manifest {
     pub tokens: Vec<u32>,
     /// Ordered blocks.
     pub blocks: Vec<BlockRef>,
+    /// Class and expiry at creation (changed later by [`RetentionChange`] records).
+    pub retention: Retention,
+}
+
+/// A change of a window's class or expiry after its creation (`pin`, `unpin`, `ttl`): a
+/// catalog record; the newest one for the window's current version applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionChange {
+    /// Window name.
+    pub name: String,
+    /// The version it applies to (ignored once the name holds another version).
+    pub version: u64,
+    /// The new class and expiry.
+    pub retention: Retention,
 }
 
 /// Deletion of one version of a window.
@@ -73,6 +95,9 @@ pub enum DecodeError {
     /// A reserved field is not zero (found by the decoder property tests).
     #[error("reserved field is {0}, not zero")]
     Reserved(u16),
+    /// A retention trailer with an unknown class or expiry flag.
+    #[error("invalid retention: {0}")]
+    Retention(&'static str),
 }
 
 struct Writer(Vec<u8>);
@@ -90,6 +115,16 @@ impl Writer {
     fn bytes32(&mut self, b: &[u8]) {
         self.u32(b.len() as u32);
         self.0.extend_from_slice(b);
+    }
+    /// The retention trailer: class u8, has-expiry u8, 6 reserved zero bytes, expiry i64.
+    fn retention(&mut self, r: &Retention) {
+        self.0.push(match r.class {
+            Class::Pinned => 0,
+            Class::Unnamed => 1,
+        });
+        self.0.push(u8::from(r.expires_unix_ms.is_some()));
+        self.0.extend_from_slice(&[0; 6]);
+        self.u64(r.expires_unix_ms.unwrap_or(0) as u64);
     }
 }
 
@@ -146,18 +181,43 @@ impl<'a> Reader<'a> {
         }
         Ok(n)
     }
-    fn header(&mut self, magic: [u8; 4]) -> Result<(), DecodeError> {
+    /// Magic, version (1 up to `newest`), reserved zero; returns the version.
+    fn header(&mut self, magic: [u8; 4], newest: u16) -> Result<u16, DecodeError> {
         if self.take(4)? != magic {
             return Err(DecodeError::Magic);
         }
         let v = self.u16()?;
-        if v != PAYLOAD_VERSION {
+        if !(PAYLOAD_VERSION..=newest).contains(&v) {
             return Err(DecodeError::Version(v));
         }
         match self.u16()? {
-            0 => Ok(()),
+            0 => Ok(v),
             r => Err(DecodeError::Reserved(r)),
         }
+    }
+    fn retention(&mut self) -> Result<Retention, DecodeError> {
+        let t = self.take(RETENTION_LEN)?;
+        let class = match t[0] {
+            0 => Class::Pinned,
+            1 => Class::Unnamed,
+            _ => return Err(DecodeError::Retention("unknown class")),
+        };
+        if t[2..8] != [0; 6] {
+            return Err(DecodeError::Reserved(u16::from_le_bytes([t[2], t[3]]) | 1));
+        }
+        let mut e = [0u8; 8];
+        e.copy_from_slice(&t[8..16]);
+        let e = i64::from_le_bytes(e);
+        let expires_unix_ms = match t[1] {
+            0 if e == 0 => None,
+            0 => return Err(DecodeError::Retention("an expiry without its flag")),
+            1 => Some(e),
+            _ => return Err(DecodeError::Retention("unknown expiry flag")),
+        };
+        Ok(Retention {
+            class,
+            expires_unix_ms,
+        })
     }
     fn finish(&self) -> Result<(), DecodeError> {
         match self.b.len() - self.at {
@@ -174,8 +234,9 @@ impl Manifest {
         let mut w = Writer(Vec::with_capacity(
             64 + self.layout.len() + self.tokens.len() * 4 + self.blocks.len() * 32,
         ));
+        let v2 = self.retention != Retention::default();
         w.0.extend_from_slice(&MANIFEST_MAGIC);
-        w.u16(PAYLOAD_VERSION);
+        w.u16(if v2 { MANIFEST_V2 } else { PAYLOAD_VERSION });
         w.u16(0);
         w.u64(self.version);
         w.u64(self.created_unix_ms as u64);
@@ -193,13 +254,16 @@ impl Manifest {
             w.u64(b.len);
             w.u64(b.checksum);
         }
+        if v2 {
+            w.retention(&self.retention);
+        }
         w.0
     }
 
     /// Decodes a manifest payload.
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader { b, at: 0 };
-        r.header(MANIFEST_MAGIC)?;
+        let payload_version = r.header(MANIFEST_MAGIC, MANIFEST_V2)?;
         let version = r.u64()?;
         let created_unix_ms = r.u64()? as i64;
         let name = r.string("name")?;
@@ -220,6 +284,19 @@ impl Manifest {
                 checksum: r.u64()?,
             });
         }
+        let retention = if payload_version == MANIFEST_V2 {
+            match r.retention()? {
+                // One encoding per manifest: the default retention is written as version 1.
+                d if d == Retention::default() => {
+                    return Err(DecodeError::Retention(
+                        "version 2 with the default retention",
+                    ))
+                }
+                d => d,
+            }
+        } else {
+            Retention::default()
+        };
         r.finish()?;
         Ok(Self {
             name,
@@ -230,6 +307,7 @@ impl Manifest {
             layout,
             tokens,
             blocks,
+            retention,
         })
     }
 }
@@ -251,7 +329,7 @@ impl Tombstone {
     /// Decodes a tombstone payload.
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader { b, at: 0 };
-        r.header(TOMBSTONE_MAGIC)?;
+        r.header(TOMBSTONE_MAGIC, PAYLOAD_VERSION)?;
         let version = r.u64()?;
         let manifest_seq = r.u64()?;
         let name = r.string("name")?;
@@ -261,6 +339,42 @@ impl Tombstone {
             version,
             manifest_seq,
         })
+    }
+}
+
+impl RetentionChange {
+    /// Encodes the record payload.
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer(Vec::with_capacity(40 + self.name.len()));
+        w.0.extend_from_slice(&RETENTION_MAGIC);
+        w.u16(PAYLOAD_VERSION);
+        w.u16(0);
+        w.u64(self.version);
+        w.bytes32(self.name.as_bytes());
+        w.retention(&self.retention);
+        w.0
+    }
+
+    /// Decodes a record payload.
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader { b, at: 0 };
+        r.header(RETENTION_MAGIC, PAYLOAD_VERSION)?;
+        let version = r.u64()?;
+        let name = r.string("name")?;
+        let retention = r.retention()?;
+        r.finish()?;
+        Ok(Self {
+            name,
+            version,
+            retention,
+        })
+    }
+
+    /// Whether a catalog payload is a retention record (by its magic).
+    #[must_use]
+    pub fn is_one(payload: &[u8]) -> bool {
+        payload.starts_with(&RETENTION_MAGIC)
     }
 }
 
@@ -282,6 +396,7 @@ mod tests {
                 len: 4096,
                 checksum: 11,
             }],
+            retention: Retention::default(),
         }
     }
 
@@ -305,6 +420,80 @@ mod tests {
         let at = e.len() - 4 - 32 - 12 - 4;
         e[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(Manifest::decode(&e).is_err());
+    }
+
+    #[test]
+    fn default_retention_keeps_version_1_bytes_and_a_set_one_round_trips() {
+        let m = sample();
+        let v1 = m.encode();
+        assert_eq!(&v1[4..6], &1u16.to_le_bytes());
+        for r in [
+            Retention {
+                class: Class::Unnamed,
+                expires_unix_ms: None,
+            },
+            Retention {
+                class: Class::Pinned,
+                expires_unix_ms: Some(1_800_000_000_000),
+            },
+            Retention {
+                class: Class::Unnamed,
+                expires_unix_ms: Some(-5),
+            },
+        ] {
+            let m2 = Manifest {
+                retention: r,
+                ..m.clone()
+            };
+            let e = m2.encode();
+            assert_eq!(&e[4..6], &2u16.to_le_bytes());
+            assert_eq!(e.len(), v1.len() + RETENTION_LEN);
+            assert_eq!(Manifest::decode(&e), Ok(m2));
+            for n in 0..e.len() {
+                assert!(Manifest::decode(&e[..n]).is_err(), "prefix {n}");
+            }
+            // A version-1 manifest never carries a trailer.
+            let mut wrong = e.clone();
+            wrong[4..6].copy_from_slice(&1u16.to_le_bytes());
+            assert_eq!(
+                Manifest::decode(&wrong),
+                Err(DecodeError::Trailing(RETENTION_LEN))
+            );
+        }
+        // Bad trailers are refused.
+        let m2 = Manifest {
+            retention: Retention {
+                class: Class::Unnamed,
+                expires_unix_ms: None,
+            },
+            ..m
+        };
+        let e = m2.encode();
+        let t = e.len() - RETENTION_LEN;
+        for (at, v) in [(t, 2u8), (t + 1, 2), (t + 3, 1), (t + 8, 1)] {
+            let mut bad = e.clone();
+            bad[at] = v;
+            assert!(Manifest::decode(&bad).is_err(), "byte {at} = {v}");
+        }
+    }
+
+    #[test]
+    fn retention_change_round_trip() {
+        let c = RetentionChange {
+            name: "chat-1".into(),
+            version: 4,
+            retention: Retention {
+                class: Class::Pinned,
+                expires_unix_ms: Some(123),
+            },
+        };
+        let e = c.encode();
+        assert!(RetentionChange::is_one(&e));
+        assert_eq!(RetentionChange::decode(&e), Ok(c));
+        for n in 0..e.len() {
+            assert!(RetentionChange::decode(&e[..n]).is_err(), "prefix {n}");
+        }
+        assert!(!RetentionChange::is_one(b"{\"json\": 1}"));
     }
 
     #[test]

@@ -75,6 +75,7 @@ pub mod manifest;
 pub mod name;
 mod reader;
 mod recovery;
+pub mod retention;
 mod segment;
 mod types;
 mod verify;
@@ -98,12 +99,14 @@ pub use capacity::Reservation;
 pub use catalog::CatalogScrub;
 pub use compact::{CompactOptions, CompactProgress, CompactReport};
 pub use error::StoreError;
-pub use manifest::{BlockRef, Manifest, Tombstone};
+pub use manifest::{BlockRef, Manifest, RetentionChange, Tombstone};
 pub use reader::WindowReader;
 pub(crate) use recovery::set_aside_invalid_segments;
 pub use recovery::{RecoveryMode, RecoveryReport};
+pub use retention::{ClassBytes, EvictReport, EvictionPolicy};
 pub use types::{
-    BlockDesc, BlockImage, Replace, SegmentStats, StoreConfig, StoreStats, WindowInfo, WindowSpec,
+    BlockDesc, BlockImage, Class, Replace, Retention, SegmentStats, StoreConfig, StoreStats,
+    WindowInfo, WindowSpec,
 };
 pub use verify::LogProblem;
 pub use writer::WindowWriter;
@@ -154,7 +157,8 @@ impl Store {
         std::fs::create_dir_all(&cfg.dir)
             .map_err(|e| StoreError::from_fs("create data directory", &cfg.dir, e))?;
         let lock = lock_dir(&cfg.dir)?;
-        let (state, appender, used, report) = recovery::recover(&cfg, engine.as_ref())?;
+        let (mut state, appender, used, report) = recovery::recover(&cfg, engine.as_ref())?;
+        retention::apply_changes(&mut state);
         let store = Store {
             capacity: AtomicU64::new(cfg.capacity),
             reserved: AtomicU64::new(0),

@@ -16,9 +16,11 @@ impl Store {
         let name = name::validate_name(name).map_err(StoreError::Validation)?;
         let (entry, locs) = {
             let st = self.state.read().map_err(poisoned)?;
+            let now = crate::clock::now_unix_ms();
             let w = st
                 .windows
                 .get(&name)
+                .filter(|w| !w.expired(now))
                 .ok_or_else(|| StoreError::NotFound(name.clone()))?
                 .clone();
             // A block lost to damage (None) fails verification when it is read: the window
@@ -75,7 +77,7 @@ impl Store {
             });
         }
         Ok(WindowReader {
-            info: entry.info,
+            info: entry.info(),
             manifest,
             locs,
         })

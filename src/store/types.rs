@@ -62,6 +62,54 @@ pub struct WindowInfo {
     pub bytes: u64,
     /// Creation time, ms since the Unix epoch, UTC.
     pub created_unix_ms: i64,
+    /// Whether it may be evicted (unnamed) or not (pinned).
+    pub class: Class,
+    /// When it expires (ms since the Unix epoch, UTC); `None`: never.
+    pub expires_unix_ms: Option<i64>,
+    /// Last thaw from it (ms since the Unix epoch; its creation until then). Kept in memory:
+    /// after a restart it starts again from the creation time.
+    pub last_use_unix_ms: i64,
+    /// Thaws from it since the store was opened.
+    pub hits: u64,
+}
+
+/// Whether a window may be evicted under a capacity budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Class {
+    /// Kept until deleted (or its TTL passes); never evicted. Named windows, by default.
+    #[default]
+    Pinned,
+    /// Evictable: automatically saved data, and windows unpinned on purpose.
+    Unnamed,
+}
+
+impl Class {
+    /// The name on the wire and in listings.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Pinned => "pinned",
+            Class::Unnamed => "unnamed",
+        }
+    }
+}
+
+/// How long a window is kept: its class and its expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Retention {
+    /// Pinned or evictable.
+    pub class: Class,
+    /// Expiry, ms since the Unix epoch, UTC; `None`: never.
+    pub expires_unix_ms: Option<i64>,
+}
+
+impl Retention {
+    /// Whether it has expired at `now_ms`.
+    #[must_use]
+    pub fn expired(&self, now_ms: i64) -> bool {
+        self.expires_unix_ms.is_some_and(|e| e <= now_ms)
+    }
 }
 
 /// How a freeze treats an existing window of the same name.
@@ -102,6 +150,8 @@ pub struct WindowSpec {
     pub blocks: Vec<BlockDesc>,
     /// What to do when the name exists.
     pub replace: Replace,
+    /// Class and expiry (default: pinned, never expires).
+    pub retention: Retention,
 }
 
 /// A block record image handed to

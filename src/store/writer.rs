@@ -158,7 +158,7 @@ impl Store {
         }
         st.windows.remove(&name);
         release_window(&mut st, &entry);
-        Ok(entry.info)
+        Ok(entry.info())
     }
 }
 
@@ -369,6 +369,7 @@ impl WindowWriter<'_> {
             layout: std::mem::take(&mut self.spec.layout),
             tokens: std::mem::take(&mut self.spec.tokens),
             blocks,
+            retention: self.spec.retention,
         };
         let payload = m.encode();
         // 3. Manifest durable.
@@ -399,8 +400,9 @@ impl WindowWriter<'_> {
                 })
             });
         let (info, replaced) = st.publish(&m, seq, mloc, found, Unfound::Skip);
-        if let Some(old) = replaced {
-            debug_assert_eq!(Some(old), self.replaces);
+        if let (Some(old), Some(r)) = (replaced, self.replaces) {
+            // (A window whose TTL had passed is replaced without being counted as replaced.)
+            debug_assert_eq!(old, r);
         }
         st.names.insert(name_key(&m.name), seq);
         st.incomplete.remove(&m.name);
@@ -430,7 +432,13 @@ pub(super) fn validate_spec(spec: &mut WindowSpec) -> Result<(), StoreError> {
 
 /// The version of the window `spec` would replace, or the refusal its `replace` asks for.
 pub(super) fn check_replace(st: &State, spec: &WindowSpec) -> Result<Option<u64>, StoreError> {
-    let existing = st.windows.get(&spec.name).map(|w| w.info.version);
+    // An expired window is gone: its name is free (its tombstone may not be written yet).
+    let now = crate::clock::now_unix_ms();
+    let existing = st
+        .windows
+        .get(&spec.name)
+        .filter(|w| !w.expired(now))
+        .map(|w| w.info.version);
     match (existing, spec.replace) {
         (Some(_), Replace::No) => Err(StoreError::AlreadyExists(spec.name.clone())),
         (Some(v), Replace::IfVersion(e)) if v != e => Err(StoreError::ConcurrentModification {
@@ -455,4 +463,9 @@ pub(super) fn manifest_payload_len(spec: &WindowSpec) -> u64 {
         + 4 * spec.tokens.len() as u64
         + 4
         + 32 * spec.blocks.len() as u64
+        + if spec.retention == super::Retention::default() {
+            0
+        } else {
+            16 // the retention trailer (a version-2 manifest)
+        }
 }

@@ -8,9 +8,20 @@ use crate::ClientArgs;
 /// The header row of a window table.
 fn header() -> String {
     format!(
-        "{:<32} {:>4} {:>9} {:>7} {:>10} SESSION",
-        "WINDOW", "VER", "TOKENS", "BLOCKS", "MIB"
+        "{:<32} {:>4} {:>9} {:>7} {:>10} {:<8} {:>9} {:>6} {:>9} SESSION",
+        "WINDOW", "VER", "TOKENS", "BLOCKS", "MIB", "CLASS", "TTL", "HITS", "LAST USE"
     )
+}
+
+/// Seconds as a short duration: 45s, 12m, 3h, 2d.
+fn ago(secs: i64) -> String {
+    let s = secs.max(0);
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
 }
 
 /// `cwm ls`.
@@ -296,14 +307,37 @@ pub(crate) fn answer_with(
 }
 
 pub(crate) fn window_row(w: &serde_json::Value) -> String {
+    let now = cwm::clock::now_unix_ms();
+    let ttl = w["expires_unix_ms"]
+        .as_i64()
+        .map_or_else(|| "-".to_string(), |e| ago((e - now) / 1000));
+    let last = w["last_use_unix_ms"].as_i64().map_or_else(
+        || "-".to_string(),
+        |t| format!("{} ago", ago((now - t) / 1000)),
+    );
     format!(
-        "{:<32} {:>4} {:>9} {:>7} {:>10.1} {}",
+        "{:<32} {:>4} {:>9} {:>7} {:>10.1} {:<8} {:>9} {:>6} {:>9} {}",
         w["name"].as_str().unwrap_or(""),
         // Value's Display ignores widths: format the numbers themselves.
         w["version"].as_u64().unwrap_or(0),
         w["num_tokens"].as_u64().unwrap_or(0),
         w["num_blocks"].as_u64().unwrap_or(0),
         w["bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+        w["class"].as_str().unwrap_or("-"),
+        ttl,
+        w["hits"].as_u64().unwrap_or(0),
+        last,
         w["session"].as_str().unwrap_or("")
     )
+}
+
+/// `cwm pin NAME`, `cwm unpin NAME`, `cwm ttl NAME SECONDS`.
+pub(crate) fn retain(op: &str, name: &str, seconds: Option<u64>, c: &ClientArgs) -> ExitCode {
+    let mut req = serde_json::json!({"op": op, "window": name});
+    if let Some(s) = seconds {
+        req["seconds"] = s.into();
+    }
+    client(c, req, |v| {
+        println!("{}\n{}", header(), window_row(&v["window"]));
+    })
 }

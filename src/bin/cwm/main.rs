@@ -55,6 +55,29 @@ enum Cmd {
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// Pin a window: never evicted, no expiry.
+    Pin {
+        /// Window name.
+        name: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Unpin a window: evictable under the capacity budget like unnamed data (expiry kept).
+    Unpin {
+        /// Window name.
+        name: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Set a window's TTL: it expires SECONDS from now (0: never).
+    Ttl {
+        /// Window name.
+        name: String,
+        /// Seconds from now (0 removes the TTL).
+        seconds: u64,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
     /// Delete a window.
     Rm {
         /// Window name (with --cascade: a session name).
@@ -90,6 +113,12 @@ enum Cmd {
         /// The request's namespace salt (a LoRA adapter, a tenant: docs/PROTOCOL.md).
         #[arg(long)]
         salt: Option<String>,
+        /// pinned (never evicted; the default) or unnamed (evictable under the budget).
+        #[arg(long, default_value = "pinned")]
+        class: String,
+        /// Seconds until the window expires (gone for every reader, then tombstoned).
+        #[arg(long)]
+        ttl: Option<u64>,
         #[command(flatten)]
         c: ClientArgs,
     },
@@ -300,6 +329,9 @@ fn main() -> ExitCode {
         }
         Cmd::Ls(c) => client_cmd::ls(&c),
         Cmd::Stat { name, c } => client_cmd::stat(&name, &c),
+        Cmd::Pin { name, c } => client_cmd::retain("pin", &name, None, &c),
+        Cmd::Unpin { name, c } => client_cmd::retain("unpin", &name, None, &c),
+        Cmd::Ttl { name, seconds, c } => client_cmd::retain("ttl", &name, Some(seconds), &c),
         Cmd::Rm {
             name,
             cascade: true,
@@ -318,10 +350,12 @@ fn main() -> ExitCode {
             block_ids,
             replace,
             salt,
+            class,
+            ttl,
             c,
         } => {
             let mut req = serde_json::json!({"op": "freeze", "session": session,
-                "window": window, "replace": replace, "salt": salt});
+                "window": window, "replace": replace, "salt": salt, "class": class, "ttl": ttl});
             if let Some(e) = engine {
                 req["engine"] = e.into();
             }

@@ -75,6 +75,22 @@ pub(crate) struct ServeArgs {
     /// Most bytes per second a scrub reads (0: unlimited).
     #[arg(long, env = "CWM_SCRUB_RATE", default_value = "64MiB", value_parser = parse_size)]
     scrub_rate: u64,
+    /// Order in which unnamed windows are evicted: lru or s3fifo.
+    #[arg(long, env = "CWM_EVICTION_POLICY", default_value = "lru")]
+    eviction_policy: cwm::store::EvictionPolicy,
+    /// Eviction starts when live bytes pass this fraction of the budget (--capacity, or
+    /// --fs-fraction of the file system)…
+    #[arg(long, env = "CWM_HIGH_WATERMARK", default_value_t = 0.90)]
+    high_watermark: f64,
+    /// …and evicts unnamed windows down to this fraction.
+    #[arg(long, env = "CWM_LOW_WATERMARK", default_value_t = 0.80)]
+    low_watermark: f64,
+    /// Without --capacity, the budget is this fraction of the data directory's file system.
+    #[arg(long, env = "CWM_FS_FRACTION", default_value_t = 0.90)]
+    fs_fraction: f64,
+    /// Milliseconds between expiry and eviction passes (0: off).
+    #[arg(long, env = "CWM_EVICTION_INTERVAL_MS", default_value_t = 1000)]
+    eviction_interval_ms: u64,
 }
 
 /// A size in a TOML file: an integer of bytes or a string such as "500GiB".
@@ -118,6 +134,11 @@ struct FileConfig {
     compact_interval: Option<u64>,
     scrub_interval: Option<u64>,
     scrub_rate: Option<SizeVal>,
+    eviction_policy: Option<String>,
+    high_watermark: Option<f64>,
+    low_watermark: Option<f64>,
+    fs_fraction: Option<f64>,
+    eviction_interval_ms: Option<u64>,
 }
 
 /// Fills every setting that came neither from a flag nor from the environment from the TOML
@@ -180,11 +201,27 @@ fn apply_config_file(a: &mut ServeArgs, m: &clap::ArgMatches) -> Result<(), Stri
     take!(compact_interval);
     take!(scrub_interval);
     take!(scrub_rate, size);
+    take!(eviction_policy, |v| v.parse()?);
+    take!(high_watermark);
+    take!(low_watermark);
+    take!(fs_fraction);
+    take!(eviction_interval_ms);
     Ok(())
 }
 
 pub(crate) fn serve(mut a: ServeArgs, m: &clap::ArgMatches) -> Result<(), String> {
     apply_config_file(&mut a, m)?;
+    let frac = |x: f64| x.is_finite() && x > 0.0 && x <= 1.0;
+    let ok = frac(a.low_watermark)
+        && frac(a.high_watermark)
+        && a.low_watermark <= a.high_watermark
+        && frac(a.fs_fraction);
+    if !ok {
+        return Err(format!(
+            "watermarks must satisfy 0 < low ({}) <= high ({}) <= 1, and 0 < fs-fraction ({}) <= 1",
+            a.low_watermark, a.high_watermark, a.fs_fraction
+        ));
+    }
     cwm::log::init(a.log_format == "json");
     let data_dir = a.data_dir.clone().ok_or(
         "no data directory: pass --data-dir, set CWM_DATA_DIR or data_dir in the config file",
@@ -256,6 +293,13 @@ pub(crate) fn serve(mut a: ServeArgs, m: &clap::ArgMatches) -> Result<(), String
                 compact_interval_s: a.compact_interval,
                 scrub_interval_s: a.scrub_interval,
                 scrub_rate: a.scrub_rate,
+                eviction: cwm::control::maint::Eviction {
+                    policy: a.eviction_policy,
+                    high: a.high_watermark,
+                    low: a.low_watermark,
+                    fs_fraction: a.fs_fraction,
+                    interval_ms: a.eviction_interval_ms,
+                },
             },
         },
     );

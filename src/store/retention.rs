@@ -1,0 +1,360 @@
+//! Retention: a window's class (pinned or unnamed) and TTL, how it has been used, its expiry,
+//! and the eviction of unnamed windows under a byte budget.
+//!
+//! A window's class and expiry at creation are in its manifest (version 2; docs/FORMAT.md);
+//! later changes (`pin`, `unpin`, `ttl`) are [`RetentionChange`] catalog records, the newest
+//! for the window's current version applying ([`apply_changes`] at open). An expired window is
+//! gone for every reader at once — lookups skip it whether or not its tombstone is written —
+//! and [`Store::expire_due`] writes the tombstones. Eviction deletes whole unnamed windows
+//! (tombstones), in the order of an [`EvictionPolicy`], until the live bytes reach a target;
+//! compaction then gives the space back. A block shared with a pinned window stays (it keeps
+//! a reference); a window's blocks are its prefix chain, so evicting a window never leaves a
+//! block whose prefix is gone behind for a lookup to find.
+
+use std::sync::atomic::Ordering;
+
+use serde::Serialize;
+use xxhash_rust::xxh3::xxh3_128;
+
+use super::error::{poisoned, StoreError};
+use super::index::{State, WindowEntry};
+use super::manifest::RetentionChange;
+use super::{name, Class, Retention, Store, WindowInfo};
+
+/// The catalog key of a window name's retention record.
+#[must_use]
+pub fn retention_key(name: &str) -> u128 {
+    let mut b = Vec::with_capacity(16 + name.len());
+    b.extend_from_slice(b"cwm-retention\0");
+    b.extend_from_slice(name.as_bytes());
+    xxh3_128(&b)
+}
+
+/// Applies the retention records of the catalog to the windows they name (at open): a record
+/// counts when it is for the window's current version and newer than its manifest. Returns
+/// how many applied.
+pub(super) fn apply_changes(st: &mut State) -> usize {
+    let mut changes: Vec<(u64, RetentionChange)> = st
+        .meta
+        .values()
+        .filter(|(_, p, _)| RetentionChange::is_one(p))
+        .filter_map(|(seq, p, _)| RetentionChange::decode(p).ok().map(|c| (*seq, c)))
+        .collect();
+    changes.sort_by_key(|(seq, _)| *seq);
+    let mut n = 0;
+    for (seq, c) in changes {
+        if let Some(w) = st.windows.get_mut(&c.name) {
+            if w.info.version == c.version && seq > w.info.seq {
+                w.info.class = c.retention.class;
+                w.info.expires_unix_ms = c.retention.expires_unix_ms;
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// The order in which unnamed windows are evicted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvictionPolicy {
+    /// Least recently used first (last thaw, or creation).
+    #[default]
+    Lru,
+    /// S3-FIFO at window granularity: windows never thawed since they were saved go first,
+    /// oldest first, except the newest tenth of the budget of them (a new entry gets its chance
+    /// to be reused); then windows that were thawed, least recently used first; the protected
+    /// new ones last.
+    S3fifo,
+}
+
+impl std::str::FromStr for EvictionPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "lru" => Ok(Self::Lru),
+            "s3fifo" => Ok(Self::S3fifo),
+            _ => Err(format!("unknown eviction policy {s:?}: use lru or s3fifo")),
+        }
+    }
+}
+
+/// What one eviction pass did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EvictReport {
+    /// Windows evicted, in order.
+    pub evicted: Vec<String>,
+    /// Live bytes given up (garbage now; compaction reclaims it).
+    pub bytes: u64,
+    /// Live bytes after the pass.
+    pub live_after: u64,
+    /// Whether the target was reached (false: only pinned data is left above it).
+    pub reached: bool,
+}
+
+/// Bytes of block payload by class: `pinned` counts every block a pinned window holds,
+/// `unnamed` the blocks only unnamed windows hold.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct ClassBytes {
+    /// Held by at least one pinned window.
+    pub pinned: u64,
+    /// Held by unnamed windows only.
+    pub unnamed: u64,
+}
+
+/// One eviction candidate.
+struct Cand {
+    name: String,
+    version: u64,
+    seq: u64,
+    last_use: i64,
+    hits: u64,
+    bytes: u64,
+}
+
+fn order(mut c: Vec<Cand>, policy: EvictionPolicy, budget: u64) -> Vec<Cand> {
+    match policy {
+        EvictionPolicy::Lru => c.sort_by_key(|x| (x.last_use, x.seq)),
+        EvictionPolicy::S3fifo => {
+            // The newest never-thawed windows, up to a tenth of the budget, are protected.
+            let mut fresh: Vec<&Cand> = c.iter().filter(|x| x.hits == 0).collect();
+            fresh.sort_by_key(|x| std::cmp::Reverse(x.seq));
+            let mut room = budget / 10;
+            let mut protected = std::collections::HashSet::new();
+            for x in fresh {
+                if x.bytes > room {
+                    break;
+                }
+                room -= x.bytes;
+                protected.insert(x.seq);
+            }
+            c.sort_by_key(|x| {
+                let rank = match (x.hits, protected.contains(&x.seq)) {
+                    (0, false) => 0u8,
+                    (_, false) => 1,
+                    _ => 2,
+                };
+                // Never-thawed: oldest first (FIFO); thawed: least recently used first.
+                let when = if x.hits == 0 {
+                    x.seq as i64
+                } else {
+                    x.last_use
+                };
+                (rank, when, x.seq)
+            });
+        }
+    }
+    c
+}
+
+impl Store {
+    /// Counts a thaw from `name` (its last use and hits).
+    pub fn record_hit(&self, name: &str) {
+        let Ok(st) = self.state.read() else { return };
+        if let Some(w) = st.windows.get(name) {
+            w.usage
+                .last_use_ms
+                .fetch_max(crate::clock::now_unix_ms(), Ordering::Relaxed);
+            w.usage.hits.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Changes a window's class and expiry (`pin`, `unpin`, `ttl`), durably (a catalog
+    /// record); with `expected_version`, only if that is its version.
+    pub fn set_retention(
+        &self,
+        name: &str,
+        expected_version: Option<u64>,
+        retention: Retention,
+    ) -> Result<WindowInfo, StoreError> {
+        let name = name::validate_name(name).map_err(StoreError::Validation)?;
+        // The appender lock keeps the window from being replaced or deleted meanwhile.
+        let app = self.lock_appender()?;
+        let now = crate::clock::now_unix_ms();
+        let version = {
+            let st = self.state.read().map_err(poisoned)?;
+            let w = st
+                .windows
+                .get(&name)
+                .filter(|w| !w.expired(now))
+                .ok_or_else(|| StoreError::NotFound(name.clone()))?;
+            if let Some(e) = expected_version.filter(|e| *e != w.info.version) {
+                return Err(StoreError::ConcurrentModification {
+                    name,
+                    expected: e,
+                    actual: w.info.version,
+                });
+            }
+            w.info.version
+        };
+        drop(app);
+        let rec = RetentionChange {
+            name: name.clone(),
+            version,
+            retention,
+        };
+        self.put_meta(retention_key(&name), &rec.encode())?;
+        let mut st = self.state.write().map_err(poisoned)?;
+        let w = st
+            .windows
+            .get_mut(&name)
+            .filter(|w| w.info.version == version)
+            .ok_or_else(|| StoreError::NotFound(name.clone()))?;
+        w.info.class = retention.class;
+        w.info.expires_unix_ms = retention.expires_unix_ms;
+        Ok(w.info())
+    }
+
+    /// Tombstones every window whose TTL has passed (they were already invisible). Returns
+    /// them.
+    pub fn expire_due(&self) -> Result<Vec<WindowInfo>, StoreError> {
+        let now = crate::clock::now_unix_ms();
+        let due: Vec<(String, u64)> = {
+            let st = self.state.read().map_err(poisoned)?;
+            st.windows
+                .values()
+                .filter(|w| w.expired(now))
+                .map(|w| (w.info.name.clone(), w.info.version))
+                .collect()
+        };
+        let mut out = Vec::with_capacity(due.len());
+        for (name, version) in due {
+            match self.delete_window(&name, Some(version)) {
+                Ok(i) => out.push(i),
+                // Replaced or deleted meanwhile: nothing to expire.
+                Err(StoreError::NotFound(_) | StoreError::ConcurrentModification { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Block payload bytes by class.
+    pub fn class_bytes(&self) -> Result<ClassBytes, StoreError> {
+        let st = self.state.read().map_err(poisoned)?;
+        let now = crate::clock::now_unix_ms();
+        let mut pinned = std::collections::HashSet::new();
+        for w in st.windows.values().filter(|w| !w.expired(now)) {
+            if w.info.class == Class::Pinned {
+                pinned.extend(w.keys.iter().copied());
+            }
+        }
+        let mut out = ClassBytes::default();
+        for (k, b) in &st.blocks {
+            if pinned.contains(k) {
+                out.pinned += b.payload_len;
+            } else {
+                out.unnamed += b.payload_len;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Bytes the log holds that something refers to.
+    pub fn live_bytes(&self) -> Result<u64, StoreError> {
+        let st = self.state.read().map_err(poisoned)?;
+        Ok(st
+            .segments
+            .values()
+            .map(|s| s.live.load(Ordering::SeqCst))
+            .sum())
+    }
+
+    /// Evicts unnamed windows in `policy`'s order until the live bytes are at most `target`
+    /// (`budget`: the byte budget the policy sizes its queues by).
+    pub fn evict(
+        &self,
+        policy: EvictionPolicy,
+        target: u64,
+        budget: u64,
+    ) -> Result<EvictReport, StoreError> {
+        let mut rep = EvictReport::default();
+        let mut live = self.live_bytes()?;
+        if live <= target {
+            rep.live_after = live;
+            rep.reached = true;
+            return Ok(rep);
+        }
+        let now = crate::clock::now_unix_ms();
+        let cands: Vec<Cand> = {
+            let st = self.state.read().map_err(poisoned)?;
+            st.windows
+                .values()
+                .filter(|w| w.info.class == Class::Unnamed && !w.expired(now))
+                .map(|w: &WindowEntry| {
+                    let i = w.info();
+                    Cand {
+                        name: i.name,
+                        version: i.version,
+                        seq: i.seq,
+                        last_use: i.last_use_unix_ms,
+                        hits: i.hits,
+                        bytes: i.bytes,
+                    }
+                })
+                .collect()
+        };
+        for c in order(cands, policy, budget) {
+            if live <= target {
+                break;
+            }
+            match self.delete_window(&c.name, Some(c.version)) {
+                Ok(_) => rep.evicted.push(c.name),
+                // Thawed-and-replaced, pinned or deleted meanwhile: skip it.
+                Err(StoreError::NotFound(_) | StoreError::ConcurrentModification { .. }) => {
+                    continue
+                }
+                Err(e) => return Err(e),
+            }
+            let now_live = self.live_bytes()?;
+            rep.bytes += live.saturating_sub(now_live);
+            live = now_live;
+        }
+        rep.live_after = live;
+        rep.reached = live <= target;
+        Ok(rep)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(seq: u64, last_use: i64, hits: u64) -> Cand {
+        Cand {
+            name: format!("w{seq}"),
+            version: 1,
+            seq,
+            last_use,
+            hits,
+            bytes: 10,
+        }
+    }
+
+    fn names(c: Vec<Cand>) -> Vec<u64> {
+        c.into_iter().map(|c| c.seq).collect()
+    }
+
+    #[test]
+    fn lru_orders_by_last_use() {
+        let c = vec![cand(1, 50, 2), cand(2, 10, 0), cand(3, 30, 1)];
+        assert_eq!(names(order(c, EvictionPolicy::Lru, 1000)), [2, 3, 1]);
+    }
+
+    #[test]
+    fn s3fifo_evicts_old_never_used_first_and_protects_the_newest() {
+        // Budget 200: the newest never-thawed windows up to 20 bytes (two of 10) are protected.
+        let c = vec![
+            cand(1, 100, 0),
+            cand(2, 5, 3),
+            cand(3, 1, 1),
+            cand(4, 100, 0),
+            cand(5, 100, 0),
+            cand(6, 100, 0),
+        ];
+        assert_eq!(
+            names(order(c, EvictionPolicy::S3fifo, 200)),
+            [1, 4, 3, 2, 5, 6]
+        );
+    }
+}
