@@ -137,7 +137,7 @@ impl Server {
         if !session.is_empty() {
             self.sessions.end_freeze(&session, res.is_ok());
         }
-        let r = res.map_err(ApiError::from)?;
+        let r = res.map_err(|e| self.quota_detail(ApiError::from(e)))?;
         self.froze(&r);
         Ok(json!({"status": "durable", "window": r.info, "report": r}))
     }
@@ -343,6 +343,20 @@ impl Server {
     pub(super) fn op_stat(&self, window: &str) -> Result<Value, ApiError> {
         let info = self.store.get(window).map_err(ApiError::from)?;
         Ok(json!({"window": info}))
+    }
+
+    /// A QUOTA_EXCEEDED says how much of the store is pinned (what eviction cannot free).
+    fn quota_detail(&self, mut e: ApiError) -> ApiError {
+        if e.code == ErrorCode::QuotaExceeded {
+            if let Ok(c) = self.store.class_bytes() {
+                e.message = format!(
+                    "{}; {} bytes are held by pinned windows and {} by unnamed ones (evictable): \
+                     unpin, delete or give TTLs to pinned windows to make room",
+                    e.message, c.pinned, c.unnamed
+                );
+            }
+        }
+        e
     }
 
     /// `pin`, `unpin`, `ttl`: a window's class and expiry. `pin`: pinned, no expiry; `unpin`:
