@@ -28,7 +28,10 @@ estimated thaw is slower than recomputing it is recomputed, with a debug log lin
 ``lookup_timeout_s`` (the scheduler's lookups, default 1), ``model_id`` (the namespace of
 stored blocks; default: a digest of the model's config and weights with its dtype — see
 :func:`namespace`),
-``load`` / ``save`` (false turns either direction off).
+``load`` (false turns loading off), ``save`` (``"named"``, the default: only requests with
+``freeze_as``; ``"all"``: every finished request's full blocks too, as unnamed windows that cwm
+may evict under its budget, opted out per request with ``{"cwm": {"save": false}}``; false:
+off). ``{"cwm": {..., "ttl": seconds}}`` gives the saved window an expiry.
 
 If cwm is down or answers an error, vLLM keeps serving: loads are reported failed (vLLM
 recomputes with ``kv_load_failure_policy="recompute"``), freezes are refused (``UNREACHABLE``)
@@ -262,7 +265,14 @@ class CwmConnector(KVConnectorBase_V1):
         self._steps: collections.deque[tuple[float, int]] = collections.deque(maxlen=2)
         self._steps_seen = 0
         self._load_on = bool(extra("load", True))
-        self._save_on = bool(extra("save", True))
+        # "named" (the default: only requests that name a window with freeze_as), "all" (also
+        # every other finished request's full blocks, as unnamed, evictable windows), or
+        # false (off). True means "named".
+        save = extra("save", "named")
+        self._save_mode = {True: "named", False: "off", None: "named"}.get(save, save)
+        if self._save_mode not in ("named", "all", "off"):
+            raise ValueError(f"cwm: save must be \"named\", \"all\" or false, not {save!r}")
+        self._save_on = self._save_mode != "off"
         self._block_size = vllm_config.cache_config.block_size
         mc = vllm_config.model_config
         # The namespace of stored blocks (see `namespace`), computed where the worker
@@ -592,7 +602,35 @@ class CwmConnector(KVConnectorBase_V1):
         if name and self._save_on:
             delay, freeze = self._freeze(request, block_ids, params, str(name), check)
             out.update(freeze)
+        elif self._save_mode == "all" and params.get("save") is not False:
+            delay, freeze = self._save_auto(request, block_ids, params)
+            out.update(freeze)
         return delay, ({"cwm": out} if out else None)
+
+    def _save_auto(self, request: "Request", block_ids: list[int],
+                   params: dict) -> tuple[bool, dict[str, Any]]:
+        """``save: "all"``: the finished request's full blocks as an unnamed window (evictable)
+        named by a digest of its tokens and namespace; blocks already stored (a shared prefix)
+        are referenced, not written again."""
+        bs = self._block_size
+        n = min(int(request.num_computed_tokens), len(request.all_token_ids)) // bs * bs
+        if (n == 0 or request.request_id in self._loading or has_embeds(request)
+                or n // bs > len(block_ids)):
+            return False, {}
+        try:
+            salt = request_salt(request)
+        except Exception:  # noqa: BLE001 - not saved: its KV cannot be salted
+            return False, {}
+        toks = list(request.all_token_ids[:n])
+        h = hashlib.sha256(f"{self._engine_base}\0{salt or ''}\0".encode())
+        h.update(b"".join(int(t).to_bytes(4, "little") for t in toks))
+        name = "auto-" + h.hexdigest()[:40]
+        ttl = params.get("ttl")
+        self._saves.append(SaveSpec(req_id=request.request_id, window=name, tokens=toks,
+                                    block_ids=list(block_ids[: n // bs]), salt=salt,
+                                    cls="unnamed", ttl=int(ttl) if ttl else None, auto=True))
+        self.stats["saves"] += 1
+        return True, {"window": name, "tokens": n, "status": "pending", "class": "unnamed"}
 
     def _freeze(self, request: "Request", block_ids: list[int], params: dict, name: str,
                 check: tuple[str | None, int | None] | None) -> tuple[bool, dict[str, Any]]:
@@ -639,6 +677,7 @@ class CwmConnector(KVConnectorBase_V1):
                 session=params.get("session"),
                 replace=replace,
                 salt=salt,
+                ttl=int(params["ttl"]) if params.get("ttl") else None,
             )
         )
         self.stats["saves"] += 1

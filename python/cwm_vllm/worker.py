@@ -50,6 +50,9 @@ class SaveSpec:
     session: str | None = None
     replace: bool = False
     salt: str | None = None  # the request's own namespace salt (connector.request_salt)
+    cls: str | None = None  # "unnamed" for automatic saves (evictable); None: pinned
+    ttl: int | None = None  # seconds until the window expires
+    auto: bool = False  # an automatic save: a window of that name already stored is success
 
 
 def salted(salt: str | None) -> dict:
@@ -250,11 +253,16 @@ class CwmWorker:
                 return None
 
             def freeze(c: Client) -> dict:
+                kw: dict = {}
+                if spec.cls:
+                    kw["class"] = spec.cls
+                if spec.ttl:
+                    kw["ttl"] = int(spec.ttl)
                 return c.freeze(self.engine, self.window_name(spec.window), spec.tokens,
                                 spec.block_ids,
                                 session=spec.session, replace=True if spec.replace else None,
                                 on_captured=(lambda _m: on_captured()) if on_captured else None,
-                                **salted(spec.salt))
+                                **salted(spec.salt), **kw)
 
             with Client(self.socket, timeout=max(self.timeout, 300.0)) as c:
                 # BUSY (another freeze of this session still running — EC-001 — or --max-ops
@@ -266,6 +274,11 @@ class CwmWorker:
                         r = freeze(c)
                         break
                     except CwmError as e:
+                        if e.code == "ALREADY_EXISTS" and spec.auto:
+                            # The same tokens were saved before (the name is their digest).
+                            if on_captured:
+                                on_captured()
+                            return {"window": {"name": spec.window}, "status": "stored"}
                         if e.code == "BUSY" and time.monotonic() + pause < deadline:
                             time.sleep(pause)
                             pause = min(pause * 2, 1.0)

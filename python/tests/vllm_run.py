@@ -3,7 +3,7 @@
     python vllm_run.py JOB.json OUT.json
 
 JOB: {"model": dir, "socket": path or null (no connector), "prefix_caching": bool,
-      "tensor_parallel_size": n (default 1),
+      "tensor_parallel_size": n (default 1), "extra_config": {...} (more connector settings),
       "requests": [{"prompt": [ids] | {"from": i, "generated": k, "suffix": [ids]},
                     "max_tokens": n, "params": {...} or null,
                     "before": "shell command" or null, "after": "shell command" or null,
@@ -69,7 +69,8 @@ def main() -> None:
             "kv_connector_module_path": "cwm_vllm.connector",
             "kv_role": "kv_both",
             "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"socket": job["socket"], "timeout_s": 30},
+            "kv_connector_extra_config": {"socket": job["socket"], "timeout_s": 30,
+                                          **job.get("extra_config", {})},
         }
     tp = job.get("tensor_parallel_size", 1)
     if tp > 1:
