@@ -63,7 +63,11 @@ fn ttl_pin_and_eviction_under_a_budget() {
     assert_eq!(code(&freeze(&mut c, "keep", 1, json!({}))), "OK");
 
     // Bad retention arguments.
-    for bad in [json!({"class": "bogus"}), json!({"ttl": 0}), json!({"ttl": "x"})] {
+    for bad in [
+        json!({"class": "bogus"}),
+        json!({"ttl": 0}),
+        json!({"ttl": "x"}),
+    ] {
         assert_eq!(
             code(&freeze(&mut c, "bad", 2, bad.clone())),
             "VALIDATION",
@@ -114,7 +118,12 @@ fn ttl_pin_and_eviction_under_a_budget() {
     for w in 0..60u32 {
         let t = Instant::now();
         loop {
-            let v = freeze(&mut c, &format!("auto-{w}"), 100 + w, json!({"class": "unnamed"}));
+            let v = freeze(
+                &mut c,
+                &format!("auto-{w}"),
+                100 + w,
+                json!({"class": "unnamed"}),
+            );
             match code(&v) {
                 "OK" => break,
                 "QUOTA_EXCEEDED" if t.elapsed() < Duration::from_secs(20) => {
@@ -146,7 +155,10 @@ fn ttl_pin_and_eviction_under_a_budget() {
         .find(|w| w["name"] == "keep")
         .unwrap();
     assert_eq!(keep["class"], "pinned");
-    assert!(keep["last_use_unix_ms"].is_i64() && keep["hits"] == 0, "{keep}");
+    assert!(
+        keep["last_use_unix_ms"].is_i64() && keep["hits"] == 0,
+        "{keep}"
+    );
     assert!(metric(&mut c, "cwm_class_bytes{class=\"pinned\"}") >= 4.0 * 16384.0);
 
     // The pinned window thaws bit-exactly, and the thaw is counted as a use.

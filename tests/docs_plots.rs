@@ -26,16 +26,22 @@ fn draw(report: &Path, out: &Path) {
 fn checked_in_plots_are_drawn_from_the_checked_in_reports() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tmp = tempfile::tempdir().unwrap();
-    let mut pairs: Vec<(std::path::PathBuf, String)> =
-        ["store", "pipeline", "compaction", "control", "recovery"]
-            .iter()
-            .map(|k| {
-                (
-                    root.join(format!("docs/bench/{k}.json")),
-                    format!("host-{k}.svg"),
-                )
-            })
-            .collect();
+    let mut pairs: Vec<(std::path::PathBuf, String)> = [
+        "store",
+        "pipeline",
+        "compaction",
+        "control",
+        "recovery",
+        "trace",
+    ]
+    .iter()
+    .map(|k| {
+        (
+            root.join(format!("docs/bench/{k}.json")),
+            format!("host-{k}.svg"),
+        )
+    })
+    .collect();
     let sources = std::fs::read_to_string(root.join("docs/plots/SOURCES.txt")).unwrap();
     let gpu = sources
         .lines()

@@ -31,7 +31,7 @@ pub struct Maintenance {
 pub struct Eviction {
     /// The order unnamed windows go in.
     pub policy: EvictionPolicy,
-    /// Above this fraction of the budget in live bytes, eviction starts…
+    /// Above this fraction of the budget in block bytes, eviction starts…
     pub high: f64,
     /// …and goes down to this fraction.
     pub low: f64,
@@ -45,8 +45,8 @@ impl Default for Eviction {
     fn default() -> Self {
         Self {
             policy: EvictionPolicy::default(),
-            high: 0.90,
-            low: 0.80,
+            high: 0.95,
+            low: 0.90,
             fs_fraction: 0.90,
             interval_ms: 1000,
         }
@@ -148,8 +148,8 @@ impl Server {
         }
         let ev = &self.cfg.maintenance.eviction;
         let budget = self.budget();
-        let live = self.store.live_bytes()?;
-        let mut out = json!({"expired": expired.len(), "live_bytes": live, "budget": budget});
+        let live = self.store.block_bytes()?;
+        let mut out = json!({"expired": expired.len(), "block_bytes": live, "budget": budget});
         if (live as f64) <= ev.high * budget as f64 {
             return Ok(out);
         }
@@ -171,7 +171,7 @@ impl Server {
             return Ok(out);
         }
         crate::log::info(&format!(
-            "eviction ({:?}): {} unnamed windows, {} live bytes given up; live {} of budget {}{}",
+            "eviction ({:?}): {} unnamed windows, {} block bytes given up; {} of budget {} left{}",
             ev.policy,
             rep.evicted.len(),
             rep.bytes,

@@ -84,9 +84,9 @@ impl std::str::FromStr for EvictionPolicy {
 pub struct EvictReport {
     /// Windows evicted, in order.
     pub evicted: Vec<String>,
-    /// Live bytes given up (garbage now; compaction reclaims it).
+    /// Block bytes given up (garbage now; compaction reclaims them).
     pub bytes: u64,
-    /// Live bytes after the pass.
+    /// Block bytes after the pass.
     pub live_after: u64,
     /// Whether the target was reached (false: only pinned data is left above it).
     pub reached: bool,
@@ -102,17 +102,27 @@ pub struct ClassBytes {
     pub unnamed: u64,
 }
 
-/// One eviction candidate.
-struct Cand {
-    name: String,
-    version: u64,
-    seq: u64,
-    last_use: i64,
-    hits: u64,
-    bytes: u64,
+/// One eviction candidate: an unnamed window as the policy sees it.
+#[derive(Debug, Clone)]
+pub struct Cand {
+    /// Window name.
+    pub name: String,
+    /// Its version (evicted only if still that one).
+    pub version: u64,
+    /// Manifest sequence number: insertion order.
+    pub seq: u64,
+    /// Last use, ms (or any monotonic clock).
+    pub last_use: i64,
+    /// Uses since insertion.
+    pub hits: u64,
+    /// Its bytes (sizes the protected part of S3-FIFO's small queue).
+    pub bytes: u64,
 }
 
-fn order(mut c: Vec<Cand>, policy: EvictionPolicy, budget: u64) -> Vec<Cand> {
+/// The candidates in the order `policy` evicts them, `budget` being the byte budget (the
+/// store's eviction and `cwm bench trace`'s simulation share it).
+#[must_use]
+pub fn order(mut c: Vec<Cand>, policy: EvictionPolicy, budget: u64) -> Vec<Cand> {
     match policy {
         EvictionPolicy::Lru => c.sort_by_key(|x| (x.last_use, x.seq)),
         EvictionPolicy::S3fifo => {
@@ -250,6 +260,17 @@ impl Store {
         Ok(out)
     }
 
+    /// Bytes of the block records windows hold (what eviction measures against its target:
+    /// manifests, tombstones and catalog records are small and compaction's business).
+    pub fn block_bytes(&self) -> Result<u64, StoreError> {
+        let st = self.state.read().map_err(poisoned)?;
+        Ok(st
+            .blocks
+            .values()
+            .filter_map(|b| b.loc.as_ref().map(|l| l.len))
+            .sum())
+    }
+
     /// Bytes the log holds that something refers to.
     pub fn live_bytes(&self) -> Result<u64, StoreError> {
         let st = self.state.read().map_err(poisoned)?;
@@ -260,8 +281,9 @@ impl Store {
             .sum())
     }
 
-    /// Evicts unnamed windows in `policy`'s order until the live bytes are at most `target`
-    /// (`budget`: the byte budget the policy sizes its queues by).
+    /// Evicts unnamed windows in `policy`'s order until the block bytes
+    /// ([`Store::block_bytes`]) are at most `target` (`budget`: the byte budget the policy
+    /// sizes its queues by).
     pub fn evict(
         &self,
         policy: EvictionPolicy,
@@ -269,7 +291,7 @@ impl Store {
         budget: u64,
     ) -> Result<EvictReport, StoreError> {
         let mut rep = EvictReport::default();
-        let mut live = self.live_bytes()?;
+        let mut live = self.block_bytes()?;
         if live <= target {
             rep.live_after = live;
             rep.reached = true;
@@ -306,7 +328,7 @@ impl Store {
                 }
                 Err(e) => return Err(e),
             }
-            let now_live = self.live_bytes()?;
+            let now_live = self.block_bytes()?;
             rep.bytes += live.saturating_sub(now_live);
             live = now_live;
         }

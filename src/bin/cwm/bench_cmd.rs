@@ -94,6 +94,10 @@ pub(crate) enum BenchCmd {
         #[arg(long, value_name = "FILE.svg")]
         plot: Option<PathBuf>,
     },
+    /// Prefix hit ratio of a request trace under eviction: the store's policies (simulated with
+    /// the store's own ordering, and one replayed against the real store) beside plain LRU and
+    /// Belady's offline bound.
+    Trace(TraceArgs),
     /// Reopen time of a log of many small records.
     Recovery {
         /// Records in the log.
@@ -112,6 +116,43 @@ pub(crate) enum BenchCmd {
         #[arg(long, value_name = "FILE.svg")]
         plot: Option<PathBuf>,
     },
+}
+
+/// `cwm bench trace`.
+#[derive(clap::Args)]
+pub(crate) struct TraceArgs {
+    /// A Mooncake-format JSONL trace (timestamp, input_length, output_length, hash_ids).
+    #[arg(long, conflicts_with = "synthetic")]
+    trace: Option<PathBuf>,
+    /// Or a generated one: agents (long shared tool prompts, growing loops) or chats (many
+    /// short chats behind a short system prompt).
+    #[arg(long)]
+    synthetic: Option<String>,
+    /// Requests of a synthetic trace.
+    #[arg(long, default_value_t = 4000)]
+    requests: usize,
+    /// Capacities, as fractions of the trace's unique blocks.
+    #[arg(long, value_delimiter = ',', default_value = "0.02,0.05,0.1,0.25,0.5")]
+    capacity_fraction: Vec<f64>,
+    /// The policy replayed against the real store.
+    #[arg(long, default_value = "lru")]
+    policy: cwm::store::EvictionPolicy,
+    /// Capacities (of those above) at which the policy is also replayed against the real
+    /// store (none: simulation only).
+    #[arg(long, value_delimiter = ',', default_value = "0.1")]
+    replay_at: Vec<f64>,
+    /// High and low watermarks, as `cwm serve`'s --high-watermark and --low-watermark.
+    #[arg(long, value_delimiter = ',', default_value = "0.95,0.9")]
+    watermarks: Vec<f64>,
+    /// Directory for the store (default: the system temp dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Also draw the figures, each beside its ceiling, into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
 }
 
 /// Runs one benchmark: prints its figures (or JSON), and draws them when asked.
@@ -227,6 +268,7 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
             );
             (value(&r)?, text, json, plot)
         }
+        BenchCmd::Trace(a) => measure_trace(a)?,
         BenchCmd::Recovery {
             records,
             dir,
@@ -247,6 +289,64 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
             (value(&r)?, text, json, plot)
         }
     })
+}
+
+/// `cwm bench trace`: simulations at each capacity, the real store at some.
+fn measure_trace(a: TraceArgs) -> Result<Measured, String> {
+    let TraceArgs {
+        trace,
+        synthetic,
+        requests,
+        capacity_fraction,
+        policy,
+        replay_at,
+        watermarks,
+        dir,
+        json,
+        plot,
+    } = a;
+    let bar = |json: bool| Progress::new(Mode::detect(json), "");
+    let marks = match watermarks[..] {
+        [h, l] if 0.0 < l && l <= h && h <= 1.0 => (h, l),
+        _ => return Err("--watermarks HIGH,LOW with 0 < LOW <= HIGH <= 1".into()),
+    };
+    let (name, reqs) = match (&trace, &synthetic) {
+        (Some(p), _) => (p.display().to_string(), tools::trace::load(p)?),
+        (None, Some(k)) => (
+            format!("synthetic {k} ({requests} requests)"),
+            tools::trace::synthetic(k, requests, 7)?,
+        ),
+        (None, None) => return Err("give --trace FILE or --synthetic KIND".into()),
+    };
+    let dir = dir.unwrap_or_else(std::env::temp_dir);
+    let plan = tools::trace::Plan {
+        fractions: capacity_fraction,
+        policy,
+        replay_at,
+        marks,
+    };
+    let r = tools::trace::bench(&name, &reqs, &plan, &dir, &bar(json))?;
+    let mut text = format!(
+        "trace {} ({} requests, {} unique blocks, {} prompt blocks); prefix hit ratio (blocks):\n  capacity   lru(window) s3fifo(window) lru(block) belady",
+        r.trace, r.requests, r.unique_blocks, r.prompt_blocks
+    );
+    for p in &r.points {
+        text.push_str(&format!(
+            "\n  {:>7.1}%   {:>11.3} {:>14.3} {:>10.3} {:>6.3}",
+            p.capacity_fraction * 100.0,
+            p.lru.block_ratio,
+            p.s3fifo.block_ratio,
+            p.block_lru.block_ratio,
+            p.belady.block_ratio
+        ));
+        if let Some(s) = &p.store {
+            text.push_str(&format!(
+                "  | store ({:?}): {:.3}, {} evicted, {:.0} saves/s, lookup p50 {:.0} us p99 {:.0} us",
+                r.policy, s.hits.block_ratio, s.evicted, s.saves_per_sec, s.lookup_p50_us, s.lookup_p99_us
+            ));
+        }
+    }
+    Ok((value(&r)?, text, json, plot))
 }
 
 /// `cwm plot REPORT.json… --out FILE.svg`: draws saved reports (`cwm bench … --json`,

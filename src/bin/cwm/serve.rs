@@ -80,10 +80,10 @@ pub(crate) struct ServeArgs {
     eviction_policy: cwm::store::EvictionPolicy,
     /// Eviction starts when live bytes pass this fraction of the budget (--capacity, or
     /// --fs-fraction of the file system)…
-    #[arg(long, env = "CWM_HIGH_WATERMARK", default_value_t = 0.90)]
+    #[arg(long, env = "CWM_HIGH_WATERMARK", default_value_t = 0.95)]
     high_watermark: f64,
     /// …and evicts unnamed windows down to this fraction.
-    #[arg(long, env = "CWM_LOW_WATERMARK", default_value_t = 0.80)]
+    #[arg(long, env = "CWM_LOW_WATERMARK", default_value_t = 0.90)]
     low_watermark: f64,
     /// Without --capacity, the budget is this fraction of the data directory's file system.
     #[arg(long, env = "CWM_FS_FRACTION", default_value_t = 0.90)]

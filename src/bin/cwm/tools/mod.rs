@@ -5,3 +5,4 @@ pub(crate) mod demo;
 pub(crate) mod gpucheck;
 pub(crate) mod plot;
 pub(crate) mod torture;
+pub(crate) mod trace;

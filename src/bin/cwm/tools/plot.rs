@@ -67,44 +67,7 @@ fn num(v: &Value, key: &str) -> Result<f64, String> {
 pub fn figures(v: &Value) -> Result<(String, Vec<Figure>), String> {
     let gb = "GB/s";
     if let Some(b) = v.get("bench").filter(|b| b.get("gather_gbps").is_some()) {
-        let dev = b.get("device").and_then(Value::as_str).unwrap_or("GPU");
-        let (d2h, h2d) = (num(b, "d2h_pinned_gbps")?, num(b, "h2d_pinned_gbps")?);
-        let mut figs = vec![
-            Figure::new(
-                "gather (freeze, GPU to pinned host)",
-                gb,
-                num(b, "gather_gbps")?,
-            )
-            .ceiling("D2H copy", d2h, Some(0.93)),
-            Figure::new(
-                "scatter (thaw, pinned host to GPU)",
-                gb,
-                num(b, "scatter_gbps")?,
-            )
-            .ceiling("H2D copy", h2d, Some(0.93)),
-            Figure::new("thaw from the RAM tier", gb, num(b, "tier_thaw_gbps")?).ceiling(
-                "H2D copy",
-                h2d,
-                Some(0.85),
-            ),
-            Figure::new("freeze end to end", gb, num(b, "freeze_gbps")?).ceiling(
-                "raw disk write",
-                num(b, "raw_write_gbps")?,
-                Some(0.90),
-            ),
-            Figure::new("thaw end to end", gb, num(b, "thaw_gbps")?).ceiling(
-                "raw disk read",
-                num(b, "raw_read_gbps")?,
-                Some(0.90),
-            ),
-        ];
-        if let Ok(t) = num(b, "torch_gather_gbps") {
-            figs[0] = figs[0].clone().peer("torch index_select + D2H", t);
-        }
-        if let Ok(t) = num(b, "torch_scatter_gbps") {
-            figs[1] = figs[1].clone().peer("torch H2D + index_copy_", t);
-        }
-        return Ok((format!("cwm on {dev}: figure vs ceiling vs peer"), figs));
+        return gpu_figures(b);
     }
     if v.get("write_gbps").is_some() {
         let t = format!(
@@ -192,6 +155,9 @@ pub fn figures(v: &Value) -> Result<(String, Vec<Figure>), String> {
             ],
         ));
     }
+    if let Some(points) = v.get("points").and_then(Value::as_array) {
+        return trace_figures(v, points);
+    }
     if v.get("open_seconds").is_some() {
         let t = format!("cwm bench recovery ({} records)", num(v, "records")?);
         return Ok((
@@ -200,6 +166,78 @@ pub fn figures(v: &Value) -> Result<(String, Vec<Figure>), String> {
         ));
     }
     Err("not a report of cwm bench or cwm gpu-check".into())
+}
+
+/// The figures of a GPU report's `bench` object.
+fn gpu_figures(b: &Value) -> Result<(String, Vec<Figure>), String> {
+    let gb = "GB/s";
+    let dev = b.get("device").and_then(Value::as_str).unwrap_or("GPU");
+    let (d2h, h2d) = (num(b, "d2h_pinned_gbps")?, num(b, "h2d_pinned_gbps")?);
+    let mut figs = vec![
+        Figure::new(
+            "gather (freeze, GPU to pinned host)",
+            gb,
+            num(b, "gather_gbps")?,
+        )
+        .ceiling("D2H copy", d2h, Some(0.93)),
+        Figure::new(
+            "scatter (thaw, pinned host to GPU)",
+            gb,
+            num(b, "scatter_gbps")?,
+        )
+        .ceiling("H2D copy", h2d, Some(0.93)),
+        Figure::new("thaw from the RAM tier", gb, num(b, "tier_thaw_gbps")?).ceiling(
+            "H2D copy",
+            h2d,
+            Some(0.85),
+        ),
+        Figure::new("freeze end to end", gb, num(b, "freeze_gbps")?).ceiling(
+            "raw disk write",
+            num(b, "raw_write_gbps")?,
+            Some(0.90),
+        ),
+        Figure::new("thaw end to end", gb, num(b, "thaw_gbps")?).ceiling(
+            "raw disk read",
+            num(b, "raw_read_gbps")?,
+            Some(0.90),
+        ),
+    ];
+    if let Ok(t) = num(b, "torch_gather_gbps") {
+        figs[0] = figs[0].clone().peer("torch index_select + D2H", t);
+    }
+    if let Ok(t) = num(b, "torch_scatter_gbps") {
+        figs[1] = figs[1].clone().peer("torch H2D + index_copy_", t);
+    }
+    Ok((format!("cwm on {dev}: figure vs ceiling vs peer"), figs))
+}
+
+/// The figures of a `cwm bench trace` report: one per capacity.
+fn trace_figures(v: &Value, points: &[Value]) -> Result<(String, Vec<Figure>), String> {
+    let policy = v.get("policy").and_then(Value::as_str).unwrap_or("lru");
+    let t = format!(
+        "cwm bench trace: {} ({} requests); prefix hit ratio by capacity",
+        v.get("trace").and_then(Value::as_str).unwrap_or(""),
+        num(v, "requests")?
+    );
+    let mut figs = Vec::new();
+    for p in points {
+        let f = num(p, "capacity_fraction")?;
+        let hit = |k: &str| {
+            p.pointer(&format!("/{k}/block_ratio"))
+                .and_then(Value::as_f64)
+                .ok_or_else(|| format!("the report has no {k} hit ratio"))
+        };
+        figs.push(
+            Figure::new(
+                &format!("{policy} at {:.0}% of unique blocks", f * 100.0),
+                "hit ratio",
+                hit(policy)?,
+            )
+            .ceiling("Belady (offline)", hit("belady")?, None)
+            .peer("block-level LRU", hit("block_lru")?),
+        );
+    }
+    Ok((t, figs))
 }
 
 const MEASURED: RGBColor = RGBColor(31, 119, 180);
