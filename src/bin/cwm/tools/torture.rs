@@ -64,6 +64,10 @@ pub struct TortureSummary {
     pub deletes_acked: u64,
     /// Compactions run to completion.
     pub compactions: u64,
+    /// Unnamed windows found evicted (gone without a delete; allowed for them only).
+    pub evictions_seen: u64,
+    /// Unnamed windows pinned (from then on they must survive like any other).
+    pub pins_acked: u64,
     /// Violations found (each also printed).
     pub violations: u64,
     /// First violations, in words.
@@ -152,8 +156,10 @@ struct Run {
     /// Windows whose freeze or delete was in flight at a kill: present or absent, and if
     /// present they must verify.
     uncertain: BTreeMap<String, Vec<u32>>,
-    /// Deletes acknowledged (must stay absent).
+    /// Deletes acknowledged (must stay absent), and windows seen evicted.
     deleted: std::collections::BTreeSet<String>,
+    /// Acknowledged windows frozen unnamed (evictable) and not pinned since.
+    unnamed: std::collections::BTreeSet<String>,
     next_window: u64,
     sum: TortureSummary,
 }
@@ -184,6 +190,12 @@ impl Run {
             "1",
             "--compact-live-ratio",
             "0.6",
+            // A budget that windows of up to 32 blocks outgrow: unnamed ones are evicted (in
+            // the background, every 50 ms) while kills land.
+            "--capacity",
+            "12MiB",
+            "--eviction-interval-ms",
+            "50",
         ])
         .arg("--data-dir")
         .arg(&self.data)
@@ -248,6 +260,9 @@ impl Run {
             .call_final(json!({"op": "thaw", "engine": "e1", "window": name, "block_ids": dest}))
             .map_err(|e| format!("thaw {name}: {e}"))?;
         if !ok(&v) {
+            if self.evicted(name, &v) {
+                return Ok(());
+            }
             self.violation(format!("window {name} does not thaw: {v}"));
             return Ok(());
         }
@@ -269,6 +284,19 @@ impl Run {
         Ok(())
     }
 
+    /// An acknowledged unnamed window answered NOT_FOUND: evicted, which only unnamed windows
+    /// may be. It must stay gone from now on.
+    fn evicted(&mut self, name: &str, v: &Value) -> bool {
+        let not_found = v.pointer("/error/code").and_then(Value::as_str) == Some("NOT_FOUND");
+        if not_found && self.unnamed.remove(name) {
+            self.acked.remove(name);
+            self.deleted.insert(name.to_string());
+            self.sum.evictions_seen += 1;
+            return true;
+        }
+        false
+    }
+
     /// After a restart: the listed windows against the model, each one thawed and verified,
     /// and the daemon's consistency check.
     fn verify_all(&mut self, c: &mut Client) -> Result<(), String> {
@@ -285,7 +313,13 @@ impl Run {
             .unwrap_or_default();
         for name in self.acked.keys().cloned().collect::<Vec<_>>() {
             if !listed.contains(&name) {
-                self.violation(format!("acknowledged window {name} is missing"));
+                if self.unnamed.remove(&name) {
+                    // Evicted: it must stay gone.
+                    self.sum.evictions_seen += 1;
+                    self.deleted.insert(name.clone());
+                } else {
+                    self.violation(format!("acknowledged window {name} is missing"));
+                }
                 self.acked.remove(&name);
             }
         }
@@ -355,6 +389,13 @@ impl Run {
                 if self.rng.below(2) == 0 {
                     req["idempotency_key"] = json!(format!("k-{name}"));
                 }
+                // A third are unnamed: evictable under the budget.
+                // (Known unnamed before the answer: a freeze in flight at a kill that turns out
+                // to have happened may be evicted like an acknowledged one.)
+                if self.rng.below(3) == 0 {
+                    req["class"] = json!("unnamed");
+                    self.unnamed.insert(name.clone());
+                }
                 let res = c.call_final(req);
                 match res {
                     Ok(v) if ok(&v) => {
@@ -384,12 +425,42 @@ impl Run {
                 match c.call_final(req) {
                     Ok(v) if ok(&v) => {
                         self.uncertain.remove(&name);
+                        self.unnamed.remove(&name);
                         self.deleted.insert(name);
                         self.sum.deletes_acked += 1;
+                    }
+                    Ok(v) if self.unnamed.contains(&name) => {
+                        // Evicted before the delete (or refused: then it must still verify).
+                        self.uncertain.remove(&name);
+                        if !self.evicted(&name, &v) {
+                            self.violation(format!("delete of acknowledged {name} refused: {v}"));
+                        }
                     }
                     Ok(v) => {
                         self.violation(format!("delete of acknowledged {name} refused: {v}"));
                         self.uncertain.remove(&name);
+                    }
+                    Err(_) => return,
+                }
+            } else if r < 80 && !self.unnamed.is_empty() {
+                // Pin an unnamed window: once acknowledged it must never disappear.
+                let i = self.rng.below(self.unnamed.len() as u64) as usize;
+                let Some(name) = self.unnamed.iter().nth(i).cloned() else {
+                    continue;
+                };
+                match c.call_final(json!({"op": "pin", "window": name})) {
+                    Ok(v) if ok(&v) => {
+                        self.unnamed.remove(&name);
+                        self.sum.pins_acked += 1;
+                    }
+                    Ok(v) => {
+                        // A full log refuses the pin's record (it stays unnamed); anything
+                        // else but its eviction is wrong.
+                        let full = v.pointer("/error/code").and_then(Value::as_str)
+                            == Some("QUOTA_EXCEEDED");
+                        if !full && !self.evicted(&name, &v) {
+                            self.violation(format!("pin of acknowledged {name} refused: {v}"));
+                        }
                     }
                     Err(_) => return,
                 }
@@ -442,6 +513,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureSummary, String> {
         acked: BTreeMap::new(),
         uncertain: BTreeMap::new(),
         deleted: Default::default(),
+        unnamed: Default::default(),
         next_window: 0,
         sum: TortureSummary::default(),
     };
