@@ -150,10 +150,9 @@ impl Server {
         let budget = self.budget();
         let live = self.store.block_bytes()?;
         let mut out = json!({"expired": expired.len(), "block_bytes": live, "budget": budget});
-        if (live as f64) <= ev.high * budget as f64 {
+        let Some(target) = self.eviction_target(budget)? else {
             return Ok(out);
-        }
-        let target = (ev.low * budget as f64) as u64;
+        };
         let rep = self.store.evict(ev.policy, target, budget)?;
         let l = vec![("reason".into(), "capacity".into())];
         self.metrics
@@ -190,6 +189,38 @@ impl Server {
         self.compact_pass(&opts, &|_| {})?;
         out["evicted"] = json!(rep);
         Ok(out)
+    }
+
+    /// How far eviction must go (in block bytes), if at all: below the low watermark of the
+    /// budget once the block records pass the high one; and when the log itself (blocks,
+    /// manifests, tombstones, garbage) passes the high watermark of `--capacity` even after a
+    /// compaction, by as many block bytes as it is over the low one — so a log full of small
+    /// windows' metadata still makes room, not only one full of blocks.
+    fn eviction_target(&self, budget: u64) -> Result<Option<u64>, ApiError> {
+        let ev = &self.cfg.maintenance.eviction;
+        let blocks = self.store.block_bytes()?;
+        let mut target =
+            ((blocks as f64) > ev.high * budget as f64).then_some((ev.low * budget as f64) as u64);
+        let cap = self.store.stats()?.capacity;
+        if cap != 0 && cap != u64::MAX {
+            let full = |used: u64| (used as f64) > ev.high * cap as f64;
+            let mut used = self.store.stats()?.used_bytes;
+            if full(used) {
+                // Garbage first: a compaction may be all it takes.
+                let opts = CompactOptions {
+                    live_ratio: self.cfg.maintenance.compact.live_ratio.max(0.9),
+                    ..self.cfg.maintenance.compact.clone()
+                };
+                self.compact_pass(&opts, &|_| {})?;
+                used = self.store.stats()?.used_bytes;
+            }
+            if full(used) {
+                let excess = used.saturating_sub((ev.low * cap as f64) as u64);
+                let t = self.store.block_bytes()?.saturating_sub(excess);
+                target = Some(target.map_or(t, |x| x.min(t)));
+            }
+        }
+        Ok(target)
     }
 
     /// Sleeps `d` in short steps; false once the server is stopping.

@@ -86,10 +86,31 @@ pub struct Metrics {
     pub evicted_bytes: Family<Labels, Counter>,
     /// Windows whose TTL passed (tombstoned).
     pub expiries: Counter,
+    lookup_blocks: Family<Labels, Counter>,
+    lookup_tokens: Family<Labels, Counter>,
     class_bytes: Family<Labels, Gauge>,
 }
 
 impl Metrics {
+    /// Counts a lookup's blocks and tokens found stored and not.
+    pub fn lookup_volume(
+        &self,
+        hit_blocks: u64,
+        miss_blocks: u64,
+        hit_tokens: u64,
+        miss_tokens: u64,
+    ) {
+        for (fam, hit, miss) in [
+            (&self.lookup_blocks, hit_blocks, miss_blocks),
+            (&self.lookup_tokens, hit_tokens, miss_tokens),
+        ] {
+            fam.get_or_create(&vec![("result".into(), "hit".into())])
+                .inc_by(hit);
+            fam.get_or_create(&vec![("result".into(), "miss".into())])
+                .inc_by(miss);
+        }
+    }
+
     /// Registers the capacity series: evictions, evicted bytes, expiries, bytes by class.
     fn register_capacity(&self, registry: &mut Registry) {
         registry.register(
@@ -112,6 +133,21 @@ impl Metrics {
             "Block bytes by class: pinned (held by a pinned window), unnamed (evictable)",
             self.class_bytes.clone(),
         );
+        registry.register(
+            "cwm_lookup_blocks",
+            "Blocks of looked-up prompts found stored (hit) or not (miss)",
+            self.lookup_blocks.clone(),
+        );
+        registry.register(
+            "cwm_lookup_tokens",
+            "Tokens of looked-up prompts found stored (hit) or not (miss)",
+            self.lookup_tokens.clone(),
+        );
+        for result in ["hit", "miss"] {
+            let l = vec![("result".into(), result.into())];
+            let _ = self.lookup_blocks.get_or_create(&l);
+            let _ = self.lookup_tokens.get_or_create(&l);
+        }
         let l = vec![("reason".into(), "capacity".into())];
         let _ = self.evictions.get_or_create(&l);
         let _ = self.evicted_bytes.get_or_create(&l);
@@ -152,6 +188,8 @@ impl Default for Metrics {
             evictions: Family::default(),
             evicted_bytes: Family::default(),
             expiries: Counter::default(),
+            lookup_blocks: Family::default(),
+            lookup_tokens: Family::default(),
             class_bytes: Family::default(),
             registry: Registry::default(),
         };

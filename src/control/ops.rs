@@ -301,6 +301,12 @@ impl Server {
         }
         let bs = eng.layout.block_size as usize;
         let tokens_matched = (blocks * bs).min(a.tokens.len());
+        self.metrics.lookup_volume(
+            blocks as u64,
+            keys.len().saturating_sub(blocks) as u64,
+            tokens_matched as u64,
+            a.tokens.len().saturating_sub(tokens_matched) as u64,
+        );
         let matched: Vec<String> = keys[..blocks].iter().map(|k| format!("{k:032x}")).collect();
         // Blocks all in the RAM tier thaw at the tier's measured speed, else the disk's
         // (also while a thaw holds the tier: the scheduler never waits for one).
