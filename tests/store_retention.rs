@@ -172,10 +172,10 @@ fn eviction_takes_unnamed_windows_in_lru_order_and_keeps_pinned_blocks() {
     store.record_hit("u0");
     std::thread::sleep(std::time::Duration::from_millis(3));
     store.record_hit("u1");
-    let live = store.live_bytes().unwrap();
-    // Evicting u2 gives up two block records, u3 one (the other is the pinned window's), u4
-    // two (each manifest's bytes become its tombstone's): a target four records below needs
-    // exactly those three, least recently used first.
+    let live = store.block_bytes().unwrap();
+    // Eviction counts block records. Evicting u2 gives up two, u3 one (the other is the pinned
+    // window's), u4 two: a target four records below needs exactly those three, least recently
+    // used first.
     let rec = cwm::store::format::record_len(LEN);
     let target = live - 4 * rec - 1;
     let rep = store
@@ -183,7 +183,7 @@ fn eviction_takes_unnamed_windows_in_lru_order_and_keeps_pinned_blocks() {
         .expect("evict");
     assert!(rep.reached, "{rep:?}");
     assert_eq!(rep.evicted, ["u2", "u3", "u4"], "{rep:?}");
-    assert!(store.live_bytes().unwrap() <= target);
+    assert!(store.block_bytes().unwrap() <= target);
     // The pinned window is whole, the block it shared with u3 kept.
     check(&store, "pinned", &pinned, LEN);
     assert_eq!(store.block_refs(pinned[0]).unwrap(), 1);

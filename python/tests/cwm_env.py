@@ -40,7 +40,8 @@ def env() -> dict:
 class Cwm:
     """`cwm serve` on a data directory, restartable."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, capacity: str = "1GiB", segment_size: str = "64MiB"):
+        self.capacity, self.segment_size = capacity, segment_size
         self.data = workdir / "data"
         self.sock = workdir / "sock" / "cwm.sock"
         self.log = workdir / "cwm.log"
@@ -51,7 +52,7 @@ class Cwm:
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [str(CWM), "serve", "--data-dir", str(self.data), "--socket", str(self.sock),
-             "--capacity", "1GiB", "--segment-size", "64MiB"],
+             "--capacity", self.capacity, "--segment-size", self.segment_size],
             stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         for _ in range(200):
             if self.sock.exists() and self.cli("health", check=False).returncode == 0:

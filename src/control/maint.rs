@@ -223,6 +223,52 @@ impl Server {
         Ok(target)
     }
 
+    /// Makes room for a freeze of `need` bytes refused for room: evicts unnamed windows until
+    /// the log, once compacted, can take it. False when there is nothing unnamed to evict.
+    pub(super) fn make_room(&self, need: u64) -> Result<bool, ApiError> {
+        if self.store.class_bytes()?.unnamed == 0 {
+            return Ok(false);
+        }
+        let st = self.store.stats()?;
+        let cap = if st.capacity != 0 && st.capacity != u64::MAX {
+            st.capacity
+        } else {
+            self.budget()
+        };
+        let ev = &self.cfg.maintenance.eviction;
+        // Block bytes to give up: the window's, plus whatever the log is over the low watermark.
+        let over = st
+            .used_bytes
+            .saturating_add(need)
+            .saturating_sub((ev.low * cap as f64) as u64);
+        let target = self.store.block_bytes()?.saturating_sub(over.max(need));
+        let budget = self.budget();
+        let rep = self.store.evict(ev.policy, target, budget)?;
+        let l = vec![("reason".into(), "capacity".into())];
+        self.metrics
+            .evictions
+            .get_or_create(&l)
+            .inc_by(rep.evicted.len() as u64);
+        self.metrics
+            .evicted_bytes
+            .get_or_create(&l)
+            .inc_by(rep.bytes);
+        if rep.evicted.is_empty() {
+            return Ok(false);
+        }
+        crate::log::info(&format!(
+            "eviction for a freeze of {need} bytes: {} unnamed windows, {} block bytes given up",
+            rep.evicted.len(),
+            rep.bytes
+        ));
+        let opts = CompactOptions {
+            live_ratio: self.cfg.maintenance.compact.live_ratio.max(0.9),
+            ..self.cfg.maintenance.compact.clone()
+        };
+        self.compact_pass(&opts, &|_| {})?;
+        Ok(true)
+    }
+
     /// Sleeps `d` in short steps; false once the server is stopping.
     fn sleep_unless_stopping(&self, d: Duration) -> bool {
         let t = Instant::now();

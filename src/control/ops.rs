@@ -133,7 +133,16 @@ impl Server {
             cancel: ctx.cancel(),
             progress: None,
         };
-        let res = freeze(&self.store, &eng, fr, &self.cfg.pipeline, &opts);
+        let retry = fr.clone();
+        let mut res = freeze(&self.store, &eng, fr, &self.cfg.pipeline, &opts);
+        if matches!(&res, Err(e) if e.code() == ErrorCode::QuotaExceeded) {
+            // Refused for room before a byte was written: evict unnamed windows now, as far as
+            // this window needs, and try once more (the background pass may be a second away).
+            let need = retry.block_ids.len() as u64 * eng.layout.block_bytes();
+            if self.make_room(need).unwrap_or(false) {
+                res = freeze(&self.store, &eng, retry, &self.cfg.pipeline, &opts);
+            }
+        }
         if !session.is_empty() {
             self.sessions.end_freeze(&session, res.is_ok());
         }
