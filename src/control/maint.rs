@@ -154,15 +154,7 @@ impl Server {
             return Ok(out);
         };
         let rep = self.store.evict(ev.policy, target, budget)?;
-        let l = vec![("reason".into(), "capacity".into())];
-        self.metrics
-            .evictions
-            .get_or_create(&l)
-            .inc_by(rep.evicted.len() as u64);
-        self.metrics
-            .evicted_bytes
-            .get_or_create(&l)
-            .inc_by(rep.bytes);
+        self.count_evictions(&rep);
         if rep.evicted.is_empty() {
             // Only pinned data above the watermark: nothing to evict (freezes of named windows
             // meet QUOTA_EXCEEDED when it is full).
@@ -182,11 +174,7 @@ impl Server {
                 " (pinned data alone is above the low watermark)"
             }
         ));
-        let opts = CompactOptions {
-            live_ratio: self.cfg.maintenance.compact.live_ratio.max(0.9),
-            ..self.cfg.maintenance.compact.clone()
-        };
-        self.compact_pass(&opts, &|_| {})?;
+        self.compact_evicted()?;
         out["evicted"] = json!(rep);
         Ok(out)
     }
@@ -207,11 +195,7 @@ impl Server {
             let mut used = self.store.stats()?.used_bytes;
             if full(used) {
                 // Garbage first: a compaction may be all it takes.
-                let opts = CompactOptions {
-                    live_ratio: self.cfg.maintenance.compact.live_ratio.max(0.9),
-                    ..self.cfg.maintenance.compact.clone()
-                };
-                self.compact_pass(&opts, &|_| {})?;
+                self.compact_evicted()?;
                 used = self.store.stats()?.used_bytes;
             }
             if full(used) {
@@ -244,6 +228,21 @@ impl Server {
         let target = self.store.block_bytes()?.saturating_sub(over.max(need));
         let budget = self.budget();
         let rep = self.store.evict(ev.policy, target, budget)?;
+        self.count_evictions(&rep);
+        if rep.evicted.is_empty() {
+            return Ok(false);
+        }
+        crate::log::info(&format!(
+            "eviction for a freeze of {need} bytes: {} unnamed windows, {} block bytes given up",
+            rep.evicted.len(),
+            rep.bytes
+        ));
+        self.compact_evicted()?;
+        Ok(true)
+    }
+
+    /// Counts an eviction pass in the metrics.
+    fn count_evictions(&self, rep: &crate::store::EvictReport) {
         let l = vec![("reason".into(), "capacity".into())];
         self.metrics
             .evictions
@@ -253,20 +252,16 @@ impl Server {
             .evicted_bytes
             .get_or_create(&l)
             .inc_by(rep.bytes);
-        if rep.evicted.is_empty() {
-            return Ok(false);
-        }
-        crate::log::info(&format!(
-            "eviction for a freeze of {need} bytes: {} unnamed windows, {} block bytes given up",
-            rep.evicted.len(),
-            rep.bytes
-        ));
+    }
+
+    /// Compacts every sealed segment at most 90 % live (or the configured ratio, if higher),
+    /// so what eviction gave up comes back as free log space.
+    fn compact_evicted(&self) -> Result<Value, ApiError> {
         let opts = CompactOptions {
             live_ratio: self.cfg.maintenance.compact.live_ratio.max(0.9),
             ..self.cfg.maintenance.compact.clone()
         };
-        self.compact_pass(&opts, &|_| {})?;
-        Ok(true)
+        self.compact_pass(&opts, &|_| {})
     }
 
     /// Sleeps `d` in short steps; false once the server is stopping.
