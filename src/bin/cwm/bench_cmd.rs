@@ -199,12 +199,18 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
                 runs,
             };
             let r = tools::bench::store(&args, &bar(json)).map_err(|e| e.to_string())?;
-            let text = format!(
+            let mut text = format!(
                 "store ({} QD{}, {} MiB in {} KiB blocks, median of {}):\n  write {:.2} GB/s vs raw {:.2} GB/s  ratio {:.3}\n  read  {:.2} GB/s vs raw {:.2} GB/s  ratio {:.3}\n  reopen {:.3} s",
                 r.engine, r.queue_depth, r.bytes >> 20, r.block_bytes >> 10, r.runs,
                 r.write_gbps, r.raw_write_gbps, r.write_ratio,
                 r.read_gbps, r.raw_read_gbps, r.read_ratio, r.reopen_seconds
             );
+            if let (Some(fw), Some(fr)) = (r.fio_write_gbps, r.fio_read_gbps) {
+                text.push_str(&format!(
+                    "\n  fio (O_DIRECT, io_uring, same size and depth): write {fw:.2} GB/s (store {:.3}x), read {fr:.2} GB/s (store {:.3}x)",
+                    r.write_gbps / fw, r.read_gbps / fr
+                ));
+            }
             (value(&r)?, text, json, plot)
         }
         BenchCmd::Pipeline {

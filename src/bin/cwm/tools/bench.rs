@@ -168,6 +168,48 @@ pub struct StoreBench {
     pub reopen_seconds: f64,
     /// Per run, raw (write, read) GB/s just before and just after the store's passes.
     pub raw_passes: Vec<[f64; 4]>,
+    /// A second, independent ceiling when `fio` is installed: fio's O_DIRECT io_uring
+    /// sequential write (with a final fsync) of the same bytes, GB/s (median of the runs).
+    pub fio_write_gbps: Option<f64>,
+    /// Same, read.
+    pub fio_read_gbps: Option<f64>,
+    /// `write_gbps / fio_write_gbps`.
+    pub fio_write_ratio: Option<f64>,
+    /// `read_gbps / fio_read_gbps`.
+    pub fio_read_ratio: Option<f64>,
+}
+
+/// fio's sequential O_DIRECT io_uring write (ending in an fsync) and read of `bytes` in
+/// `block`-byte requests at queue depth `qd`, GB/s; `None` when fio is not installed or fails.
+pub fn fio(dir: &Path, bytes: u64, block: u64, qd: u32) -> Option<(f64, f64)> {
+    let file = dir.join("fio-ceiling.bin");
+    let run = |rw: &str| -> Option<f64> {
+        let out = std::process::Command::new("fio")
+            .args([
+                "--name=cwm-ceiling",
+                &format!("--filename={}", file.display()),
+                &format!("--rw={rw}"),
+                &format!("--bs={block}"),
+                &format!("--size={bytes}"),
+                "--direct=1",
+                "--ioengine=io_uring",
+                &format!("--iodepth={qd}"),
+                "--end_fsync=1",
+                "--output-format=json",
+            ])
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let bw = v.pointer(&format!("/jobs/0/{rw}/bw_bytes"))?.as_f64()?;
+        Some(bw / 1e9)
+    };
+    let w = run("write");
+    let r = run("read");
+    let _ = std::fs::remove_file(&file);
+    Some((w?, r?))
 }
 
 /// Parameters of `cwm bench store`.
@@ -214,6 +256,7 @@ pub fn store(a: &StoreBenchArgs, p: &Progress) -> Result<StoreBench, StoreError>
         .collect();
     let (mut ws, mut rs, mut rws, mut rrs, mut reopen) = (vec![], vec![], vec![], vec![], vec![]);
     let mut raw_passes = Vec::new();
+    let (mut fws, mut frs) = (Vec::new(), Vec::new());
     for run in 0..a.runs.max(1) {
         p.update("store", run as u64, a.runs.max(1) as u64, "");
         let tmp = tempfile::Builder::new()
@@ -337,11 +380,24 @@ pub fn store(a: &StoreBenchArgs, p: &Progress) -> Result<StoreBench, StoreError>
         // both see the disk in the state the measured operation saw.
         let (rw1, rr1) = raw_disk(engine.as_ref(), tmp.path(), total, bl, batch)?;
         raw_passes.push([rw0, rr0, rw1, rr1]);
+        if let Some((fw, fr)) = fio(tmp.path(), total, a.block_bytes, a.queue_depth) {
+            fws.push(fw);
+            frs.push(fr);
+        }
         rws.push((rw0 + rw1) / 2.0);
         rrs.push((rr0 + rr1) / 2.0);
     }
     let (w, r, rw, rr) = (median(ws), median(rs), median(rws), median(rrs));
+    let (fw, fr) = if fws.is_empty() {
+        (None, None)
+    } else {
+        (Some(median(fws)), Some(median(frs)))
+    };
     Ok(StoreBench {
+        fio_write_gbps: fw,
+        fio_read_gbps: fr,
+        fio_write_ratio: fw.filter(|x| *x > 0.0).map(|x| w / x),
+        fio_read_ratio: fr.filter(|x| *x > 0.0).map(|x| r / x),
         engine: engine.name(),
         bytes: total,
         block_bytes: a.block_bytes,
