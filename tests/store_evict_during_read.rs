@@ -35,7 +35,13 @@ fn an_open_reader_survives_eviction_and_compaction() {
         store.put_window(s, &refs).unwrap();
     }
     let r = store.open_window("u0").unwrap();
-    let before: Vec<_> = store.stats().unwrap().segments.iter().map(|s| s.id).collect();
+    let before: Vec<_> = store
+        .stats()
+        .unwrap()
+        .segments
+        .iter()
+        .map(|s| s.id)
+        .collect();
     // Evict everything, then compact every sealed segment: u0's segment goes.
     let rep = store.evict(EvictionPolicy::Lru, 0, 1).unwrap();
     assert_eq!(rep.evicted.len(), 8);
@@ -45,8 +51,17 @@ fn an_open_reader_survives_eviction_and_compaction() {
     };
     let c = store.compact(&opts, &mut |_| {}).unwrap();
     assert!(!c.segments_removed.is_empty(), "{c:?}");
-    let after: Vec<_> = store.stats().unwrap().segments.iter().map(|s| s.id).collect();
-    assert!(before.iter().any(|id| !after.contains(id)), "no segment was deleted");
+    let after: Vec<_> = store
+        .stats()
+        .unwrap()
+        .segments
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    assert!(
+        before.iter().any(|id| !after.contains(id)),
+        "no segment was deleted"
+    );
     assert!(matches!(
         store.open_window("u0"),
         Err(cwm::store::StoreError::NotFound(_))
@@ -55,6 +70,10 @@ fn an_open_reader_survives_eviction_and_compaction() {
     for (i, &k) in keys(10, 3).iter().enumerate() {
         let mut img = AlignedBuf::zeroed(r.record_len(i) as usize);
         store.read_blocks(&r, i, &mut [&mut img[..]]).unwrap();
-        assert_eq!(r.payload(i, &img), payload(k as u64, LEN as usize), "block {i}");
+        assert_eq!(
+            r.payload(i, &img),
+            payload(k as u64, LEN as usize),
+            "block {i}"
+        );
     }
 }

@@ -82,7 +82,13 @@ impl Server {
     ) -> bool {
         // Idempotency: a retry with the same key gets the first outcome, no work done twice.
         if let Some(k) = &req.idempotency_key {
-            let prior = self.idem.lock().ok().and_then(|m| m.get(k).cloned());
+            let now = crate::clock::now_unix_ms();
+            let ttl = self.idem_ttl_ms();
+            let prior = self.idem.lock().ok().and_then(|m| {
+                m.get(k)
+                    .filter(|(at, _)| now.saturating_sub(*at) < ttl)
+                    .map(|(_, l)| l.clone())
+            });
             if let Some(lines) = prior {
                 let ok = lines
                     .last()

@@ -24,6 +24,9 @@ pub struct Maintenance {
     pub scrub_rate: u64,
     /// Expiry and eviction.
     pub eviction: Eviction,
+    /// Seconds an idempotent outcome is replayed; then it is forgotten, in memory and in the
+    /// log (default a day).
+    pub idempotency_ttl_s: u64,
 }
 
 /// Expiry of windows whose TTL passed and eviction of unnamed windows under a byte budget.
@@ -61,6 +64,7 @@ impl Default for Maintenance {
             scrub_interval_s: 0,
             scrub_rate: 64 << 20,
             eviction: Eviction::default(),
+            idempotency_ttl_s: 86_400,
         }
     }
 }
@@ -141,6 +145,12 @@ impl Server {
     /// watermark, evicts unnamed windows down to the low one, then compacts so the space
     /// comes back.
     pub(super) fn retention_pass(&self) -> Result<Value, ApiError> {
+        let forgotten = self.expire_outcomes();
+        if forgotten > 0 {
+            crate::log::info(&format!(
+                "forgot {forgotten} idempotent outcomes past their TTL"
+            ));
+        }
         let expired = self.store.expire_due()?;
         self.metrics.expiries.inc_by(expired.len() as u64);
         for w in &expired {

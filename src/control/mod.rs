@@ -67,8 +67,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 
-use serde_json::Value;
-
 use crate::error::ErrorCode;
 use crate::pipeline::{Engine, PipelineConfig};
 use crate::store::Store;
@@ -107,7 +105,7 @@ pub struct Server {
     store: Arc<Store>,
     cfg: ServeConfig,
     engines: Mutex<HashMap<String, Arc<Engine>>>,
-    idem: Mutex<HashMap<String, Vec<Value>>>,
+    idem: Mutex<persist::Outcomes>,
     tier: RamTier,
     sessions: crate::session::Registry,
     metrics: metrics::Metrics,
@@ -135,7 +133,10 @@ impl Server {
     /// A server over an open store.
     #[must_use]
     pub fn new(store: Arc<Store>, cfg: ServeConfig) -> Arc<Self> {
-        let (sessions, idem) = persist::restore(&store, cfg.max_sessions);
+        let ttl = i64::try_from(cfg.maintenance.idempotency_ttl_s)
+            .unwrap_or(i64::MAX / 1000)
+            .saturating_mul(1000);
+        let (sessions, idem) = persist::restore(&store, cfg.max_sessions, ttl);
         let tier = RamTier::new(cfg.tier_bytes);
         let metrics = metrics::Metrics::default();
         metrics.max_operations.set(cfg.max_ops.max(1) as i64);

@@ -16,12 +16,18 @@ pub(super) fn meta_key(kind: &str, name: &str) -> u128 {
     xxhash_rust::xxh3::xxh3_128(format!("cwm-{kind}\0{name}").as_bytes())
 }
 
-/// Idempotency key -> the response lines of its request's success.
-pub(super) type Outcomes = HashMap<String, Vec<Value>>;
+/// Idempotency key -> (when it succeeded, ms since the epoch; the response lines of its
+/// request's success).
+pub(super) type Outcomes = HashMap<String, (i64, Vec<Value>)>;
 
 /// The session registry (at most `max_sessions` active) and the idempotent outcomes the
 /// store's catalog holds; sessions persist into it from now on.
-pub(super) fn restore(store: &Arc<Store>, max_sessions: usize) -> (Registry, Outcomes) {
+pub(super) fn restore(
+    store: &Arc<Store>,
+    max_sessions: usize,
+    idem_ttl_ms: i64,
+) -> (Registry, Outcomes) {
+    let now = crate::clock::now_unix_ms();
     // Sessions and idempotent outcomes are catalog records in the log: restore them.
     let mut restored = Vec::new();
     let mut idem = HashMap::new();
@@ -39,7 +45,13 @@ pub(super) fn restore(store: &Arc<Store>, max_sessions: usize) -> (Registry, Out
             }
             Some("idem") => {
                 if let (Some(k), Some(lines)) = (v["key"].as_str(), v["lines"].as_array()) {
-                    idem.insert(k.to_string(), lines.clone());
+                    // (Records from before outcomes had a time expire a TTL from now.)
+                    let at = v["at_ms"].as_i64().unwrap_or(now);
+                    if now.saturating_sub(at) >= idem_ttl_ms {
+                        let _ = store.delete_meta(meta_key("idem", k));
+                    } else {
+                        idem.insert(k.to_string(), (at, lines.clone()));
+                    }
                 }
             }
             _ => {}
@@ -90,12 +102,49 @@ impl Server {
     /// Remembers (durably, before the final line goes out) the response lines of a request
     /// that succeeded under idempotency key `k`.
     pub(super) fn remember_outcome(&self, k: &str, lines: Vec<Value>) {
-        let rec = json!({"kind": "idem", "key": k, "lines": lines}).to_string();
+        let at = crate::clock::now_unix_ms();
+        let rec = json!({"kind": "idem", "key": k, "at_ms": at, "lines": lines}).to_string();
         if let Err(e) = self.store.put_meta(meta_key("idem", k), rec.as_bytes()) {
             crate::log::warn(&format!("idempotency key {k:?} not persisted: {e}"));
         }
         if let Ok(mut m) = self.idem.lock() {
-            m.entry(k.to_string()).or_insert(lines);
+            m.entry(k.to_string()).or_insert((at, lines));
         }
+    }
+
+    /// Forgets the idempotent outcomes older than the TTL, in memory and in the log (a
+    /// catalog deletion each). Returns how many.
+    pub(super) fn expire_outcomes(&self) -> usize {
+        let ttl = self.idem_ttl_ms();
+        let now = crate::clock::now_unix_ms();
+        let old: Vec<String> = match self.idem.lock() {
+            Ok(mut m) => {
+                let old: Vec<String> = m
+                    .iter()
+                    .filter(|(_, (at, _))| now.saturating_sub(*at) >= ttl)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in &old {
+                    m.remove(k);
+                }
+                old
+            }
+            Err(_) => return 0,
+        };
+        for k in &old {
+            if let Err(e) = self.store.delete_meta(meta_key("idem", k)) {
+                crate::log::warn(&format!(
+                    "idempotency key {k:?} not forgotten in the log: {e}"
+                ));
+            }
+        }
+        old.len()
+    }
+
+    /// The idempotency TTL in ms.
+    pub(super) fn idem_ttl_ms(&self) -> i64 {
+        i64::try_from(self.cfg.maintenance.idempotency_ttl_s)
+            .unwrap_or(i64::MAX / 1000)
+            .saturating_mul(1000)
     }
 }

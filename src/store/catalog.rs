@@ -13,6 +13,10 @@ use super::verify::verify_copies;
 use super::Store;
 use crate::io::{AlignedBuf, Op};
 
+/// The payload of a catalog deletion ([`Store::delete_meta`]); never a valid record of any
+/// kind (those start with `{` or their own magic).
+pub const META_DELETED: &[u8] = b"CWMD";
+
 /// What [`Store::scrub_catalog`] found.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CatalogScrub {
@@ -47,6 +51,7 @@ impl Store {
             });
         }
         let (loc, seq) = self.append_synced(&mut app, RecordKind::Meta, key, payload)?;
+        loc.seg.note_meta(key);
         let old = self
             .state
             .write()
@@ -67,8 +72,26 @@ impl Store {
         Ok(st
             .meta
             .iter()
+            .filter(|(_, (_, v, _))| v.as_slice() != META_DELETED)
             .map(|(k, (seq, v, _))| (*k, *seq, v.clone()))
             .collect())
+    }
+
+    /// Deletes the catalog record of `key` durably: a deletion record becomes its newest, so
+    /// the key is gone, also after a restart; compaction drops the deletion once no older
+    /// record of the key is left in another segment. False when there was none.
+    pub fn delete_meta(&self, key: u128) -> Result<bool, StoreError> {
+        let present = self
+            .state
+            .read()
+            .map_err(poisoned)?
+            .meta
+            .get(&key)
+            .is_some_and(|(_, v, _)| v.as_slice() != META_DELETED);
+        if present {
+            self.put_meta(key, META_DELETED)?;
+        }
+        Ok(present)
     }
 
     /// Re-reads and verifies, from the disk, the records the index holds besides windows: the

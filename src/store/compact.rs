@@ -164,10 +164,19 @@ impl<'a> Live<'a> {
                 .and_then(|b| b.loc.as_ref())
                 .is_some_and(|l| same(l, seg, r.offset))
                 .then_some(Keep::Block),
+            // The newest record of its key; a deletion only while an older record of the key
+            // survives in another segment (dropping it would bring that one back).
             RecordKind::Meta => st
                 .meta
                 .get(&r.h.key)
-                .is_some_and(|(_, _, l)| same(l, seg, r.offset))
+                .is_some_and(|(_, p, l)| {
+                    same(l, seg, r.offset)
+                        && (p.as_slice() != super::catalog::META_DELETED
+                            || st
+                                .segments
+                                .values()
+                                .any(|s| s.id != seg.id && s.has_meta(r.h.key)))
+                })
                 .then_some(Keep::Meta),
             RecordKind::Manifest => match self.manifests.get(&r.offset) {
                 Some(name) => Some(Keep::Window((*name).to_string())),
@@ -376,7 +385,9 @@ impl Store {
                 .values()
                 .any(|b| b.loc.as_ref().is_some_and(|l| l.seg.id == seg.id))
                 || st.windows.values().any(|w| w.manifest.seg.id == seg.id)
-                || st.meta.values().any(|(_, _, l)| l.seg.id == seg.id);
+                || st.meta.values().any(|(_, p, l)| {
+                    l.seg.id == seg.id && p.as_slice() != super::catalog::META_DELETED
+                });
             if !st.segments.contains_key(&seg.id) {
                 return Ok(());
             }
@@ -402,8 +413,11 @@ impl Store {
             .map_err(|e| StoreError::from_fs("sync directory", &self.cfg.dir, e))?;
         {
             let mut st = self.state.write().map_err(poisoned)?;
-            // Tombstones left behind shadow nothing any more.
+            // Tombstones and catalog deletions left behind shadow nothing any more.
             st.tombs.retain(|_, l| l.seg.id != seg.id);
+            st.meta.retain(|_, (_, p, l)| {
+                l.seg.id != seg.id || p.as_slice() != super::catalog::META_DELETED
+            });
             st.segments.remove(&seg.id);
         }
         self.used.fetch_sub(seg.frontier(), Ordering::SeqCst);
@@ -523,6 +537,7 @@ impl Store {
                     }
                 }
                 Keep::Meta => {
+                    loc.seg.note_meta(r.h.key);
                     if let Some((_, _, l)) = st.meta.get_mut(&r.h.key) {
                         if same(l, seg, r.offset) {
                             seg.live.fetch_sub(r.len, Ordering::SeqCst);

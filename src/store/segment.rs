@@ -34,6 +34,9 @@ pub(crate) struct Segment {
     /// Window-name keys of every manifest record in this segment (live or not): compaction
     /// keeps a tombstone while some other segment still holds a manifest it shadows.
     pub manifest_names: Mutex<HashSet<u128>>,
+    /// Keys of every catalog record in this segment (live or not): compaction keeps a
+    /// catalog deletion while some other segment still holds a record of its key.
+    pub meta_keys: Mutex<HashSet<u128>>,
 }
 
 impl std::fmt::Debug for Segment {
@@ -153,6 +156,7 @@ impl Segment {
             sealed: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             manifest_names: Mutex::new(HashSet::new()),
+            meta_keys: Mutex::new(HashSet::new()),
         })
     }
 
@@ -169,6 +173,19 @@ impl Segment {
         self.manifest_names
             .lock()
             .map_or(true, |m| m.contains(&key))
+    }
+
+    /// Notes that a catalog record of key `key` was written into this segment.
+    pub fn note_meta(&self, key: u128) {
+        if let Ok(mut m) = self.meta_keys.lock() {
+            m.insert(key);
+        }
+    }
+
+    /// True when a catalog record of key `key` was written into this segment.
+    pub fn has_meta(&self, key: u128) -> bool {
+        // A poisoned set answers "yes": keeping a deletion is always safe.
+        self.meta_keys.lock().map_or(true, |m| m.contains(&key))
     }
 
     /// Marks the segment sealed and gives back its unused preallocated tail.

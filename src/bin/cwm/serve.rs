@@ -91,6 +91,9 @@ pub(crate) struct ServeArgs {
     /// Milliseconds between expiry and eviction passes (0: off).
     #[arg(long, env = "CWM_EVICTION_INTERVAL_MS", default_value_t = 1000)]
     eviction_interval_ms: u64,
+    /// Seconds an idempotency key's outcome is replayed; then it is forgotten (memory and log).
+    #[arg(long, env = "CWM_IDEMPOTENCY_TTL", default_value_t = 86_400)]
+    idempotency_ttl: u64,
 }
 
 /// A size in a TOML file: an integer of bytes or a string such as "500GiB".
@@ -139,6 +142,7 @@ struct FileConfig {
     low_watermark: Option<f64>,
     fs_fraction: Option<f64>,
     eviction_interval_ms: Option<u64>,
+    idempotency_ttl: Option<u64>,
 }
 
 /// Fills every setting that came neither from a flag nor from the environment from the TOML
@@ -206,6 +210,7 @@ fn apply_config_file(a: &mut ServeArgs, m: &clap::ArgMatches) -> Result<(), Stri
     take!(low_watermark);
     take!(fs_fraction);
     take!(eviction_interval_ms);
+    take!(idempotency_ttl);
     Ok(())
 }
 
@@ -300,6 +305,7 @@ pub(crate) fn serve(mut a: ServeArgs, m: &clap::ArgMatches) -> Result<(), String
                     fs_fraction: a.fs_fraction,
                     interval_ms: a.eviction_interval_ms,
                 },
+                idempotency_ttl_s: a.idempotency_ttl,
             },
         },
     );

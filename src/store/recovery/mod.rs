@@ -200,6 +200,7 @@ impl Recovery<'_> {
             sealed: AtomicBool::new(true),
             failed: AtomicBool::new(false),
             manifest_names: std::sync::Mutex::new(std::collections::HashSet::new()),
+            meta_keys: std::sync::Mutex::new(std::collections::HashSet::new()),
         });
         self.report.segments += 1;
         let (recs, frontier) = self.scan_segment(&seg, file_len, &path)?;
@@ -345,6 +346,9 @@ impl Recovery<'_> {
         };
         if r.h.kind == RecordKind::Manifest {
             seg.note_manifest(r.h.key);
+        }
+        if r.h.kind == RecordKind::Meta {
+            seg.note_meta(r.h.key);
         }
         match r.h.kind {
             RecordKind::Block => self.cands.entry(r.h.key).or_default().push(Cand {
