@@ -676,7 +676,21 @@ impl Store {
         let mut v = Vec::new();
         let mut refs: HashMap<u128, u64> = HashMap::new();
         let mut live: HashMap<u64, u64> = HashMap::new();
+        let indexed: usize = st.by_first.values().map(|s| s.len()).sum();
+        if indexed != st.windows.len() {
+            v.push(format!(
+                "first-block index holds {indexed} names for {} windows",
+                st.windows.len()
+            ));
+        }
         for w in st.windows.values() {
+            let first = w.keys.first().and_then(|k| st.by_first.get(k));
+            if !first.is_some_and(|s| s.contains(&w.info.name)) {
+                v.push(format!(
+                    "window {:?} missing from the first-block index",
+                    w.info.name
+                ));
+            }
             for k in &w.keys {
                 *refs.entry(*k).or_default() += 1;
             }

@@ -95,6 +95,9 @@ pub(crate) struct State {
     pub blocks: HashMap<u128, BlockEntry>,
     /// Visible windows, by name.
     pub windows: BTreeMap<String, WindowEntry>,
+    /// Names of the windows whose first block has this key (lookups start here, so their
+    /// cost follows the windows sharing a prompt's first block, not all windows).
+    pub by_first: HashMap<u128, std::collections::BTreeSet<String>>,
     /// Every segment of the log, by id.
     pub segments: BTreeMap<u64, Arc<Segment>>,
 }
@@ -200,11 +203,29 @@ impl State {
             }),
         };
         // (Recovery publishes each name once, so it never replaces a window.)
+        if let Some(k) = entry.keys.first() {
+            self.by_first.entry(*k).or_default().insert(m.name.clone());
+        }
         let replaced = self.windows.insert(m.name.clone(), entry).map(|old| {
+            if old.keys.first() != m.blocks.first().map(|b| &b.key) {
+                unindex_first(self, &old);
+            }
             release_window(self, &old);
             old.info.version
         });
         (info, replaced)
+    }
+}
+
+/// Removes a window from the first-block index.
+pub(crate) fn unindex_first(st: &mut State, entry: &WindowEntry) {
+    if let Some(k) = entry.keys.first() {
+        if let Some(set) = st.by_first.get_mut(k) {
+            set.remove(&entry.info.name);
+            if set.is_empty() {
+                st.by_first.remove(k);
+            }
+        }
     }
 }
 
@@ -306,9 +327,16 @@ impl Store {
             Some(n) => Some(name::validate_name(n).map_err(StoreError::Validation)?),
             None => None,
         };
-        let candidates: Box<dyn Iterator<Item = &WindowEntry>> = match &only {
-            Some(n) => Box::new(st.windows.get(n).into_iter()),
-            None => Box::new(st.windows.values()),
+        let candidates: Box<dyn Iterator<Item = &WindowEntry>> = match (&only, keys.first()) {
+            (Some(n), _) => Box::new(st.windows.get(n).into_iter()),
+            (None, Some(k)) => Box::new(
+                st.by_first
+                    .get(k)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|n| st.windows.get(n)),
+            ),
+            (None, None) => Box::new(std::iter::empty()),
         };
         let now = crate::clock::now_unix_ms();
         for w in candidates.filter(|w| !w.expired(now)) {

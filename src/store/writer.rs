@@ -157,6 +157,7 @@ impl Store {
             old.seg.live.fetch_sub(old.len, Ordering::SeqCst);
         }
         st.windows.remove(&name);
+        super::index::unindex_first(&mut st, &entry);
         release_window(&mut st, &entry);
         Ok(entry.info())
     }
