@@ -19,10 +19,11 @@ if [[ "${1:-}" == --measure ]]; then
   $CWM bench recovery --records 100000 --dir "$dir" --json >docs/bench/recovery.json
   $CWM bench trace --trace bench/traces/mooncake-synthetic.jsonl --replay-at 0.05,0.1 \
     --dir "$dir" --json >docs/bench/trace.json
+  $CWM bench churn --clients 16 --seconds 15 --dir "$dir" --json >docs/bench/churn.json
   echo "$(date -u +%F), $(nproc) cores, $(uname -m), $(df -T "$dir" | awk 'NR==2 {print $2}')" \
     >docs/bench/MACHINE.txt
 fi
-for kind in store pipeline compaction control recovery trace; do
+for kind in store pipeline compaction control recovery trace churn; do
   $CWM plot "docs/bench/$kind.json" --out "docs/plots/host-$kind.svg"
 done
 # The newest GPU report that holds measurements (scripts/gpu-check.sh's JSON).

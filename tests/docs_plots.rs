@@ -33,6 +33,7 @@ fn checked_in_plots_are_drawn_from_the_checked_in_reports() {
         "control",
         "recovery",
         "trace",
+        "churn",
     ]
     .iter()
     .map(|k| {

@@ -98,6 +98,29 @@ pub(crate) enum BenchCmd {
     /// the store's own ordering, and one replayed against the real store) beside plain LRU and
     /// Belady's offline bound.
     Trace(TraceArgs),
+    /// Concurrent clients freezing (unnamed) and thawing under a budget that forces eviction:
+    /// aggregate freeze throughput vs the raw disk, lookup latency while eviction and
+    /// compaction run.
+    Churn {
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// Seconds the clients run.
+        #[arg(long, default_value_t = 15.0)]
+        seconds: f64,
+        /// Directory for the benchmark files (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// I/O engine: uring or psync.
+        #[arg(long, default_value = "uring")]
+        engine: EngineKind,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Also draw the figures, each beside its ceiling, into this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
+    },
     /// Reopen time of a log of many small records.
     Recovery {
         /// Records in the log.
@@ -275,6 +298,24 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
             (value(&r)?, text, json, plot)
         }
         BenchCmd::Trace(a) => measure_trace(a)?,
+        BenchCmd::Churn {
+            clients,
+            seconds,
+            dir,
+            engine,
+            json,
+            plot,
+        } => {
+            let dir = dir.unwrap_or_else(std::env::temp_dir);
+            let r = tools::bench::churn(&dir, clients, seconds, engine, &bar(json))?;
+            let text = format!(
+                "churn ({} clients, {:.1} s, capacity {} MiB): {} freezes ({} refused), {:.2} GB/s vs raw write {:.2} GB/s  ratio {:.3}; {} thaws, {} of evicted windows; {:.0} evictions; lookup p50 {:.0} us p99 {:.0} us",
+                r.clients, r.seconds, r.capacity >> 20, r.freezes, r.freeze_errors, r.freeze_gbps,
+                r.raw_write_gbps, r.freeze_ratio, r.thaws, r.thaws_evicted, r.evictions,
+                r.lookup_p50_us, r.lookup_p99_us
+            );
+            (value(&r)?, text, json, plot)
+        }
         BenchCmd::Recovery {
             records,
             dir,

@@ -1171,3 +1171,228 @@ pub fn compaction(
         concurrent_freeze_seconds: during,
     })
 }
+
+/// Result of `cwm bench churn`.
+#[derive(Debug, Serialize)]
+pub struct ChurnBench {
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Seconds the clients ran.
+    pub seconds: f64,
+    /// The daemon's capacity (a budget the freezes outgrow: eviction runs).
+    pub capacity: u64,
+    /// Freezes acknowledged (durable), all clients.
+    pub freezes: u64,
+    /// Freezes refused (QUOTA_EXCEEDED and the like) or failed.
+    pub freeze_errors: u64,
+    /// Aggregate freeze throughput, GB/s (bytes of acknowledged freezes / seconds).
+    pub freeze_gbps: f64,
+    /// Raw O_DIRECT write ceiling measured in the same run (mean of before and after), GB/s.
+    pub raw_write_gbps: f64,
+    /// `freeze_gbps / raw_write_gbps`.
+    pub freeze_ratio: f64,
+    /// Thaws that found their window (others were evicted: NOT_FOUND).
+    pub thaws: u64,
+    /// Thaws of evicted windows.
+    pub thaws_evicted: u64,
+    /// Lookup latency while freezes, eviction and compaction run, µs.
+    pub lookup_p50_us: f64,
+    /// Same, p99.
+    pub lookup_p99_us: f64,
+    /// Windows the daemon evicted.
+    pub evictions: f64,
+}
+
+/// `cwm bench churn`: `clients` clients freeze unnamed windows (2 MiB each) and thaw and look
+/// up earlier ones for `seconds`, against a daemon whose budget they outgrow, so eviction and
+/// compaction run the whole time; aggregate freeze throughput against the raw disk.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one benchmark: daemon and engine set-up, the clients, the ceiling, the report"
+)]
+pub fn churn(
+    dir: &Path,
+    clients: usize,
+    seconds: f64,
+    engine: EngineKind,
+    p: &Progress,
+) -> Result<ChurnBench, String> {
+    use cwm::control::client::Client;
+    use cwm::control::{ServeConfig, Server};
+    use serde_json::json;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const BLOCKS: u64 = 256;
+    const PER: u64 = 16; // blocks per freeze: 16 x 128 KiB = 2 MiB
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let clients = clients.clamp(1, (BLOCKS / PER) as usize);
+    let tmp = tempfile::Builder::new()
+        .prefix("cwm-bench-churn-")
+        .tempdir_in(dir)
+        .map_err(|x| e(&x))?;
+    let eng = io::build_engine(engine, 32);
+    let (rw0, _) = raw_disk(eng.as_ref(), tmp.path(), 512 << 20, 4 << 20, 32).map_err(|x| e(&x))?;
+    let capacity = 256u64 << 20;
+    let mut cfg = StoreConfig::new(tmp.path().join("data"));
+    cfg.capacity = capacity;
+    cfg.segment_size = 16 << 20;
+    cfg.engine = engine;
+    let (store, _) = Store::open(cfg).map_err(|x| e(&x))?;
+    let socket = tmp.path().join("cwm.sock");
+    let shm = tmp.path().join("shm");
+    std::fs::create_dir_all(&shm).map_err(|x| e(&x))?;
+    let mut paths = Vec::new();
+    for l in 0..2 {
+        let path = shm.join(format!("layer{l}"));
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(2 * BLOCKS * 16 * 8 * 128 * 2))
+            .map_err(|x| e(&x))?;
+        paths.push(path);
+    }
+    let server = Server::new(
+        Arc::new(store),
+        ServeConfig {
+            socket: socket.clone(),
+            allow_uids: vec![],
+            shm_dir: shm.clone(),
+            max_line: 16 << 20,
+            pipeline: cwm::pipeline::PipelineConfig {
+                staging_bytes: 64 << 20,
+                ..Default::default()
+            },
+            tier_bytes: 0,
+            max_sessions: 100_000,
+            metrics_addr: None,
+            max_ops: 64,
+            maintenance: cwm::control::maint::Maintenance {
+                compact_interval_s: 1,
+                eviction: cwm::control::maint::Eviction {
+                    interval_ms: 100,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        },
+    );
+    let s2 = server.clone();
+    let th = std::thread::spawn(move || s2.serve());
+    let connect = || -> Result<Client, String> {
+        let t = Instant::now();
+        loop {
+            match Client::connect(&socket) {
+                Ok(c) => return Ok(c),
+                Err(_) if t.elapsed().as_secs() < 10 => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(x) => return Err(x.to_string()),
+            }
+        }
+    };
+    let mut c = connect()?;
+    c.call_final(json!({"op": "register", "engine": "b", "model": "churn",
+        "layout": {"kind": "flash_2nbhd", "layers": 2, "blocks": BLOCKS, "block_size": 16,
+                   "heads": 8, "head": 128, "dtype": "bf16"},
+        "memory": {"shm": paths}}))
+        .map_err(|x| e(&x))?;
+    let (freezes, errors, thaws, evicted) = (
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+    );
+    let lookups = std::sync::Mutex::new(Vec::new());
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for ci in 0..clients as u64 {
+            let (freezes, errors, thaws, evicted, lookups) =
+                (&freezes, &errors, &thaws, &evicted, &lookups);
+            let connect = &connect;
+            s.spawn(move || {
+                let Ok(mut c) = connect() else { return };
+                let ids: Vec<u64> = (ci * PER..ci * PER + PER).collect();
+                let mut rng = cwm::prng::Rng(ci * 7919 + 13);
+                let mut mine: Vec<(String, Vec<u32>)> = Vec::new();
+                let mut lat = Vec::new();
+                let mut n = 0u64;
+                while t0.elapsed().as_secs_f64() < seconds {
+                    let tokens: Vec<u32> = (0..PER * 16).map(|_| rng.below(32000) as u32).collect();
+                    let name = format!("c{ci}-{n}");
+                    n += 1;
+                    let r = c.call_final(json!({"op": "freeze", "engine": "b", "window": name,
+                        "tokens": tokens, "block_ids": ids, "class": "unnamed"}));
+                    match r {
+                        Ok(v) if v["ok"] == true => {
+                            freezes.fetch_add(1, Ordering::Relaxed);
+                            mine.push((name, tokens));
+                        }
+                        _ => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    if mine.is_empty() {
+                        continue;
+                    }
+                    let (w, toks) = &mine[rng.below(mine.len() as u64) as usize];
+                    let t = Instant::now();
+                    let _ = c.call_final(json!({"op": "lookup", "engine": "b", "tokens": toks}));
+                    lat.push(t.elapsed().as_secs_f64() * 1e6);
+                    if rng.below(4) == 0 {
+                        match c.call_final(
+                            json!({"op": "thaw", "engine": "b", "window": w, "block_ids": ids}),
+                        ) {
+                            Ok(v) if v["ok"] == true => thaws.fetch_add(1, Ordering::Relaxed),
+                            _ => evicted.fetch_add(1, Ordering::Relaxed),
+                        };
+                    }
+                }
+                if let Ok(mut l) = lookups.lock() {
+                    l.extend(lat);
+                }
+            });
+        }
+        while t0.elapsed().as_secs_f64() < seconds {
+            p.update("churning", t0.elapsed().as_secs(), seconds as u64, "");
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    p.finish();
+    let metrics = c.call_final(json!({"op": "metrics"})).map_err(|x| e(&x))?;
+    let evictions = metrics["text"]
+        .as_str()
+        .unwrap_or("")
+        .lines()
+        .find(|l| l.starts_with("cwm_evictions_total{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0.0);
+    server.stop();
+    let _ = th.join();
+    let (rw1, _) = raw_disk(eng.as_ref(), tmp.path(), 512 << 20, 4 << 20, 32).map_err(|x| e(&x))?;
+    let raw = (rw0 + rw1) / 2.0;
+    let n = freezes.load(Ordering::Relaxed);
+    let fg = gbps(n * PER * 128 * 1024, secs);
+    let mut lat = lookups.into_inner().unwrap_or_default();
+    lat.sort_by(f64::total_cmp);
+    let pct = |q: f64| {
+        if lat.is_empty() {
+            0.0
+        } else {
+            lat[((lat.len() - 1) as f64 * q) as usize]
+        }
+    };
+    Ok(ChurnBench {
+        clients,
+        seconds: secs,
+        capacity,
+        freezes: n,
+        freeze_errors: errors.load(Ordering::Relaxed),
+        freeze_gbps: fg,
+        raw_write_gbps: raw,
+        freeze_ratio: if raw > 0.0 { fg / raw } else { 0.0 },
+        thaws: thaws.load(Ordering::Relaxed),
+        thaws_evicted: evicted.load(Ordering::Relaxed),
+        lookup_p50_us: pct(0.5),
+        lookup_p99_us: pct(0.99),
+        evictions,
+    })
+}

@@ -145,6 +145,28 @@ pub fn figures(v: &Value) -> Result<(String, Vec<Figure>), String> {
             ],
         ));
     }
+    if v.get("clients").is_some() && v.get("freeze_gbps").is_some() {
+        let t = format!(
+            "cwm bench churn ({} clients under a {} MiB budget)",
+            num(v, "clients")?,
+            num(v, "capacity")? as u64 >> 20
+        );
+        return Ok((
+            t,
+            vec![
+                Figure::new("aggregate freeze", gb, num(v, "freeze_gbps")?).ceiling(
+                    "raw disk write",
+                    num(v, "raw_write_gbps")?,
+                    Some(0.85),
+                ),
+                Figure::new("lookup p99 during eviction", "µs", num(v, "lookup_p99_us")?).ceiling(
+                    "1 ms target",
+                    1000.0,
+                    None,
+                ),
+            ],
+        ));
+    }
     if v.get("stat_p50_us").is_some() {
         let t = format!("cwm bench control ({} windows)", num(v, "windows")?);
         let us = "µs";
