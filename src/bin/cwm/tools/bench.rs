@@ -886,7 +886,6 @@ fn pct(mut v: Vec<f64>, p: f64) -> f64 {
 /// and small freeze/thaw round trips per second.
 pub fn control(dir: &Path, windows: u64, p: &Progress) -> Result<ControlBench, String> {
     use cwm::control::client::Client;
-    use cwm::control::{ServeConfig, Server};
     use serde_json::json;
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let tmp = tempfile::Builder::new()
@@ -918,25 +917,14 @@ pub fn control(dir: &Path, windows: u64, p: &Progress) -> Result<ControlBench, S
     let socket = tmp.path().join("cwm.sock");
     let shm = tmp.path().join("shm");
     std::fs::create_dir_all(&shm).map_err(|x| e(&x))?;
-    let server = Server::new(
-        Arc::new(store),
-        ServeConfig {
-            socket: socket.clone(),
-            allow_uids: vec![],
-            shm_dir: shm.clone(),
-            max_line: 16 << 20,
-            pipeline: cwm::pipeline::PipelineConfig {
-                staging_bytes: 16 << 20,
-                ..Default::default()
-            },
-            tier_bytes: 0,
-            max_sessions: 100_000,
-            metrics_addr: None,
-            max_ops: 64,
-            maintenance: cwm::control::maint::Maintenance {
-                compact_interval_s: 0,
-                ..Default::default()
-            },
+    let server = bench_server(
+        store,
+        &socket,
+        &shm,
+        16 << 20,
+        cwm::control::maint::Maintenance {
+            compact_interval_s: 0,
+            ..Default::default()
         },
     );
     let s2 = server.clone();
@@ -1172,6 +1160,35 @@ pub fn compaction(
     })
 }
 
+/// An in-process daemon for the control benchmarks: `store` served on `socket`, engines'
+/// memory in `shm`, `staging` bytes of staging per engine.
+fn bench_server(
+    store: Store,
+    socket: &Path,
+    shm: &Path,
+    staging: u64,
+    maintenance: cwm::control::maint::Maintenance,
+) -> Arc<cwm::control::Server> {
+    cwm::control::Server::new(
+        Arc::new(store),
+        cwm::control::ServeConfig {
+            socket: socket.to_path_buf(),
+            allow_uids: vec![],
+            shm_dir: shm.to_path_buf(),
+            max_line: 16 << 20,
+            pipeline: cwm::pipeline::PipelineConfig {
+                staging_bytes: staging,
+                ..Default::default()
+            },
+            tier_bytes: 0,
+            max_sessions: 100_000,
+            metrics_addr: None,
+            max_ops: 64,
+            maintenance,
+        },
+    )
+}
+
 /// Result of `cwm bench churn`.
 #[derive(Debug, Serialize)]
 pub struct ChurnBench {
@@ -1218,7 +1235,6 @@ pub fn churn(
     p: &Progress,
 ) -> Result<ChurnBench, String> {
     use cwm::control::client::Client;
-    use cwm::control::{ServeConfig, Server};
     use serde_json::json;
     use std::sync::atomic::{AtomicU64, Ordering};
     const BLOCKS: u64 = 256;
@@ -1248,29 +1264,18 @@ pub fn churn(
             .map_err(|x| e(&x))?;
         paths.push(path);
     }
-    let server = Server::new(
-        Arc::new(store),
-        ServeConfig {
-            socket: socket.clone(),
-            allow_uids: vec![],
-            shm_dir: shm.clone(),
-            max_line: 16 << 20,
-            pipeline: cwm::pipeline::PipelineConfig {
-                staging_bytes: 64 << 20,
+    let server = bench_server(
+        store,
+        &socket,
+        &shm,
+        64 << 20,
+        cwm::control::maint::Maintenance {
+            compact_interval_s: 1,
+            eviction: cwm::control::maint::Eviction {
+                interval_ms: 100,
                 ..Default::default()
             },
-            tier_bytes: 0,
-            max_sessions: 100_000,
-            metrics_addr: None,
-            max_ops: 64,
-            maintenance: cwm::control::maint::Maintenance {
-                compact_interval_s: 1,
-                eviction: cwm::control::maint::Eviction {
-                    interval_ms: 100,
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
+            ..Default::default()
         },
     );
     let s2 = server.clone();
