@@ -1,12 +1,14 @@
 //! The damage sweep (`cwm torture --damage`, and a bounded run in the test suite): builds a data
-//! directory of many windows (shared prefixes, deletes, replaces, catalog records) across
+//! directory of many windows (shared prefixes, deletes, replaces, unnamed windows, TTLs and
+//! pins changed after creation, catalog records and catalog deletions) across
 //! several small segments, then, for every 4 KiB page of every file in it in turn, damages the
 //! page (zeroes it; random bytes; one flipped bit), reopens the store and checks:
 //!
 //! - **nothing lost**: every window that should exist is listed, with its version;
 //! - **nothing resurrected**: no deleted window is listed;
-//! - **nothing reverted**: every replaced window is listed with its newest version, and every
-//!   catalog key holds its newest record;
+//! - **nothing reverted**: every replaced window is listed with its newest version and its
+//!   newest class and expiry, and every catalog key holds its newest record (a deleted one
+//!   none);
 //! - **no wrong bytes**: every block a window serves verifies and equals what was frozen (a
 //!   window whose block lay in the damaged page may thaw partially: it stops at that block);
 //! - **damage reported**: the open's recovery report, a failed block verification, or a full
@@ -19,7 +21,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::io::{self, IoEngine};
-use crate::store::{BlockDesc, Replace, Store, StoreConfig, StoreError, WindowSpec};
+use crate::store::{
+    BlockDesc, Class, Replace, Retention, Store, StoreConfig, StoreError, WindowSpec,
+};
 
 /// How a page is damaged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -125,13 +129,17 @@ use crate::prng::Rng;
 struct Expected {
     /// Live windows: name -> (version, block keys).
     live: BTreeMap<String, (u64, Vec<u128>)>,
+    /// Their class and expiry (absent: the default, pinned without expiry).
+    retention: BTreeMap<String, Retention>,
+    /// Catalog keys deleted (and not written since).
+    meta_deleted: Vec<u128>,
     /// Deleted names.
     deleted: Vec<String>,
     /// Catalog: key -> newest payload.
     meta: BTreeMap<u128, Vec<u8>>,
 }
 
-fn spec(name: &str, keys: &[u128], replace: Replace) -> WindowSpec {
+fn spec(name: &str, keys: &[u128], replace: Replace, retention: Retention) -> WindowSpec {
     WindowSpec {
         name: name.into(),
         session: format!("s-{name}"),
@@ -146,14 +154,28 @@ fn spec(name: &str, keys: &[u128], replace: Replace) -> WindowSpec {
             })
             .collect(),
         replace,
+        retention,
         ..Default::default()
     }
 }
 
-fn put(store: &Store, name: &str, keys: &[u128], replace: Replace) -> Result<u64, StoreError> {
+fn put(
+    store: &Store,
+    name: &str,
+    keys: &[u128],
+    replace: Replace,
+    retention: Retention,
+) -> Result<u64, StoreError> {
     let payloads: Vec<Vec<u8>> = keys.iter().map(|&k| payload(k)).collect();
     let refs: Vec<&[u8]> = payloads.iter().map(|p| &p[..]).collect();
-    Ok(store.put_window(spec(name, keys, replace), &refs)?.version)
+    Ok(store
+        .put_window(spec(name, keys, replace, retention), &refs)?
+        .version)
+}
+
+/// A far expiry (the sweep must not see windows expire): a year from the build.
+fn far_expiry(i: usize) -> Option<i64> {
+    Some(crate::clock::now_unix_ms() + 365 * 86_400_000 + i as i64)
 }
 
 fn build(cfg: &DamageConfig, dir: &Path) -> Result<Expected, StoreError> {
@@ -170,15 +192,43 @@ fn build(cfg: &DamageConfig, dir: &Path) -> Result<Expected, StoreError> {
         let own = 1 + rng.below(3) as u128;
         keys.extend((0..own).map(|j| (1u128 << 120) | ((i as u128) << 32) | j));
         let name = format!("w{i:03}");
-        let v = put(&store, &name, &keys, Replace::No)?;
+        // One in four unnamed (in the manifest: a version-2 trailer).
+        let r = if i % 4 == 1 {
+            Retention {
+                class: Class::Unnamed,
+                expires_unix_ms: None,
+            }
+        } else {
+            Retention::default()
+        };
+        let v = put(&store, &name, &keys, Replace::No, r)?;
+        exp.retention.insert(name.clone(), r);
         exp.live.insert(name, (v, keys));
+        // Now and then a retention change after creation (a catalog record): a TTL, a pin.
+        if i % 6 == 2 {
+            let victim = format!("w{:03}", rng.below(i as u64 + 1));
+            if exp.live.contains_key(&victim) {
+                let r = Retention {
+                    class: if rng.below(2) == 0 {
+                        Class::Pinned
+                    } else {
+                        Class::Unnamed
+                    },
+                    expires_unix_ms: far_expiry(i),
+                };
+                store.set_retention(&victim, None, r)?;
+                exp.retention.insert(victim, r);
+            }
+        }
         // Now and then: replace an earlier window, delete one, write catalog records.
         if i % 7 == 3 {
             let victim = format!("w{:03}", rng.below(i as u64));
             if let Some(entry) = exp.live.get_mut(&victim) {
                 let keys = vec![(sp << 96) | 1, (2u128 << 120) | ((i as u128) << 32)];
-                let v = put(&store, &victim, &keys, Replace::Any)?;
+                let v = put(&store, &victim, &keys, Replace::Any, Retention::default())?;
                 *entry = (v, keys);
+                // A replacement carries its own retention; older changes no longer apply.
+                exp.retention.insert(victim.clone(), Retention::default());
             }
         }
         if i % 9 == 5 {
@@ -193,6 +243,15 @@ fn build(cfg: &DamageConfig, dir: &Path) -> Result<Expected, StoreError> {
             let val = format!("catalog record {i} of key {key:x}").into_bytes();
             store.put_meta(key, &val)?;
             exp.meta.insert(key, val);
+            exp.meta_deleted.retain(|k| *k != key);
+        }
+        if i % 11 == 8 {
+            // A catalog deletion: the key must stay gone.
+            if let Some((&key, _)) = exp.meta.iter().nth(rng.below(4) as usize) {
+                store.delete_meta(key)?;
+                exp.meta.remove(&key);
+                exp.meta_deleted.push(key);
+            }
         }
     }
     Ok(exp)
@@ -316,11 +375,12 @@ fn check_case(
         && report.damaged_regions.is_empty()
         && report.incomplete_windows.is_empty()
         && report.removed_empty_segments.is_empty());
-    let listed: BTreeMap<String, u64> = store
+    let infos: BTreeMap<String, crate::store::WindowInfo> = store
         .list()?
         .into_iter()
-        .map(|w| (w.name, w.version))
+        .map(|w| (w.name.clone(), w))
         .collect();
+    let listed: BTreeMap<String, u64> = infos.iter().map(|(n, w)| (n.clone(), w.version)).collect();
     for (name, (version, keys)) in &exp.live {
         sum.windows_checked += 1;
         match listed.get(name) {
@@ -338,6 +398,19 @@ fn check_case(
                 continue;
             }
             Some(_) => {}
+        }
+        let want = exp.retention.get(name).copied().unwrap_or_default();
+        if let Some(w) = infos.get(name) {
+            if (w.class, w.expires_unix_ms) != (want.class, want.expires_unix_ms) {
+                sum.reverted += 1;
+                fail(
+                    sum,
+                    format!(
+                        "{what}: window {name} is {:?} expiring {:?}, not {:?} {:?}",
+                        w.class, w.expires_unix_ms, want.class, want.expires_unix_ms
+                    ),
+                );
+            }
         }
         // Every block either verifies and holds what was frozen, or fails (the intact prefix
         // ends there).
@@ -381,6 +454,12 @@ fn check_case(
         }
     }
     let meta: BTreeMap<u128, Vec<u8>> = store.meta()?.into_iter().collect();
+    for k in &exp.meta_deleted {
+        if meta.contains_key(k) {
+            sum.resurrected += 1;
+            fail(sum, format!("{what}: deleted catalog key {k:x} is back"));
+        }
+    }
     for (k, v) in &exp.meta {
         if meta.get(k) != Some(v) {
             sum.reverted += 1;

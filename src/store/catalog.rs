@@ -156,11 +156,10 @@ impl Store {
 
     /// Every catalog record key with its newest payload.
     pub fn meta(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError> {
-        let st = self.state.read().map_err(poisoned)?;
-        Ok(st
-            .meta
-            .iter()
-            .map(|(k, (_, v, _))| (*k, v.clone()))
+        Ok(self
+            .meta_with_seq()?
+            .into_iter()
+            .map(|(k, _, v)| (k, v))
             .collect())
     }
 }
