@@ -155,7 +155,6 @@ fn spec(name: &str, keys: &[u128], replace: Replace, retention: Retention) -> Wi
             .collect(),
         replace,
         retention,
-        ..Default::default()
     }
 }
 
