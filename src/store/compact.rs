@@ -676,6 +676,17 @@ impl Store {
         let mut v = Vec::new();
         let mut refs: HashMap<u128, u64> = HashMap::new();
         let mut live: HashMap<u64, u64> = HashMap::new();
+        let located: u64 = st
+            .blocks
+            .values()
+            .filter_map(|b| b.loc.as_ref().map(|l| l.len))
+            .sum();
+        if located != st.block_bytes {
+            v.push(format!(
+                "block bytes counted {} but the index locates {located}",
+                st.block_bytes
+            ));
+        }
         let indexed: usize = st.by_first.values().map(|s| s.len()).sum();
         if indexed != st.windows.len() {
             v.push(format!(

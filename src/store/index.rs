@@ -93,6 +93,9 @@ pub(crate) struct State {
     pub incomplete: BTreeMap<String, (u64, u64)>,
     /// Every block some window refers to, by key.
     pub blocks: HashMap<u128, BlockEntry>,
+    /// Bytes of the block records `blocks` locates (kept as they are indexed and dropped, so
+    /// eviction reads it without walking the index).
+    pub block_bytes: u64,
     /// Visible windows, by name.
     pub windows: BTreeMap<String, WindowEntry>,
     /// Names of the windows whose first block has this key (lookups start here, so their
@@ -151,6 +154,7 @@ impl State {
                 e.refs += 1;
                 if let (None, Some(f)) = (&e.loc, f) {
                     f.loc.seg.live.fetch_add(f.loc.len, Ordering::SeqCst);
+                    self.block_bytes += f.loc.len;
                     e.loc = Some(f.loc);
                     e.payload_len = f.payload_len;
                     e.checksum = f.checksum;
@@ -160,6 +164,7 @@ impl State {
             let entry = match f {
                 Some(f) => {
                     f.loc.seg.live.fetch_add(f.loc.len, Ordering::SeqCst);
+                    self.block_bytes += f.loc.len;
                     BlockEntry {
                         loc: Some(f.loc),
                         payload_len: f.payload_len,
@@ -247,6 +252,7 @@ pub(crate) fn release_window(st: &mut State, entry: &WindowEntry) {
         if remove {
             if let Some(Some(l)) = st.blocks.remove(k).map(|b| b.loc) {
                 l.seg.live.fetch_sub(l.len, Ordering::SeqCst);
+                st.block_bytes -= l.len;
             }
         }
     }

@@ -263,12 +263,7 @@ impl Store {
     /// Bytes of the block records windows hold (what eviction measures against its target:
     /// manifests, tombstones and catalog records are small and compaction's business).
     pub fn block_bytes(&self) -> Result<u64, StoreError> {
-        let st = self.state.read().map_err(poisoned)?;
-        Ok(st
-            .blocks
-            .values()
-            .filter_map(|b| b.loc.as_ref().map(|l| l.len))
-            .sum())
+        Ok(self.state.read().map_err(poisoned)?.block_bytes)
     }
 
     /// Bytes the log holds that something refers to.
