@@ -39,6 +39,16 @@ impl Store {
             ));
         }
         let mut app = self.lock_appender()?;
+        self.put_meta_locked(&mut app, key, payload)
+    }
+
+    /// [`Store::put_meta`] under an appender lock the caller holds.
+    pub(super) fn put_meta_locked(
+        &self,
+        app: &mut super::append::Appender,
+        key: u128,
+        payload: &[u8],
+    ) -> Result<(), StoreError> {
         let len = stored_len(RecordKind::Meta, payload.len() as u64);
         let needed = len + SEGMENT_HEADER_LEN; // room for segment headers if the append rotates
         let capacity = self.capacity.load(Ordering::SeqCst);
@@ -50,7 +60,7 @@ impl Store {
                 capacity,
             });
         }
-        let (loc, seq) = self.append_synced(&mut app, RecordKind::Meta, key, payload)?;
+        let (loc, seq) = self.append_synced(app, RecordKind::Meta, key, payload)?;
         loc.seg.note_meta(key);
         let old = self
             .state

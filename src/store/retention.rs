@@ -178,8 +178,9 @@ impl Store {
         retention: Retention,
     ) -> Result<WindowInfo, StoreError> {
         let name = name::validate_name(name).map_err(StoreError::Validation)?;
-        // The appender lock keeps the window from being replaced or deleted meanwhile.
-        let app = self.lock_appender()?;
+        // Held to the end: no replace or delete of the window can come between the check, the
+        // record and the index.
+        let mut app = self.lock_appender()?;
         let now = crate::clock::now_unix_ms();
         let version = {
             let st = self.state.read().map_err(poisoned)?;
@@ -197,18 +198,16 @@ impl Store {
             }
             w.info.version
         };
-        drop(app);
         let rec = RetentionChange {
             name: name.clone(),
             version,
             retention,
         };
-        self.put_meta(retention_key(&name), &rec.encode())?;
+        self.put_meta_locked(&mut app, retention_key(&name), &rec.encode())?;
         let mut st = self.state.write().map_err(poisoned)?;
         let w = st
             .windows
             .get_mut(&name)
-            .filter(|w| w.info.version == version)
             .ok_or_else(|| StoreError::NotFound(name.clone()))?;
         w.info.class = retention.class;
         w.info.expires_unix_ms = retention.expires_unix_ms;
