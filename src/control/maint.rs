@@ -132,12 +132,10 @@ impl Server {
     /// The byte budget eviction keeps live data under: the store's capacity, or a fraction of
     /// the file system when it has none.
     pub(super) fn budget(&self) -> u64 {
-        let cap = self.store.stats().map_or(u64::MAX, |s| s.capacity);
-        if cap != 0 && cap != u64::MAX {
-            return cap;
-        }
-        super::metrics::FsUsage::of(self.store.dir()).map_or(u64::MAX, |f| {
-            (f.total as f64 * self.cfg.maintenance.eviction.fs_fraction) as u64
+        self.store.capacity().unwrap_or_else(|| {
+            super::metrics::FsUsage::of(self.store.dir()).map_or(u64::MAX, |f| {
+                (f.total as f64 * self.cfg.maintenance.eviction.fs_fraction) as u64
+            })
         })
     }
 
@@ -199,15 +197,13 @@ impl Server {
         let blocks = self.store.block_bytes()?;
         let mut target =
             ((blocks as f64) > ev.high * budget as f64).then_some((ev.low * budget as f64) as u64);
-        let cap = self.store.stats()?.capacity;
-        if cap != 0 && cap != u64::MAX {
+        if let Some(cap) = self.store.capacity() {
             let full = |used: u64| (used as f64) > ev.high * cap as f64;
-            let mut used = self.store.stats()?.used_bytes;
-            if full(used) {
+            if full(self.store.used_bytes()) {
                 // Garbage first: a compaction may be all it takes.
                 self.compact_evicted()?;
-                used = self.store.stats()?.used_bytes;
             }
+            let used = self.store.used_bytes();
             if full(used) {
                 let excess = used.saturating_sub((ev.low * cap as f64) as u64);
                 let t = self.store.block_bytes()?.saturating_sub(excess);
@@ -220,23 +216,15 @@ impl Server {
     /// Makes room for a freeze of `need` bytes refused for room: evicts unnamed windows until
     /// the log, once compacted, can take it. False when there is nothing unnamed to evict.
     pub(super) fn make_room(&self, need: u64) -> Result<bool, ApiError> {
-        if self.store.class_bytes()?.unnamed == 0 {
-            return Ok(false);
-        }
-        let st = self.store.stats()?;
-        let cap = if st.capacity != 0 && st.capacity != u64::MAX {
-            st.capacity
-        } else {
-            self.budget()
-        };
         let ev = &self.cfg.maintenance.eviction;
-        // Block bytes to give up: the window's, plus whatever the log is over the low watermark.
-        let over = st
-            .used_bytes
-            .saturating_add(need)
-            .saturating_sub((ev.low * cap as f64) as u64);
-        let target = self.store.block_bytes()?.saturating_sub(over.max(need));
         let budget = self.budget();
+        // Block bytes to give up: the window's, plus whatever the log is over the low watermark.
+        let over = self
+            .store
+            .used_bytes()
+            .saturating_add(need)
+            .saturating_sub((ev.low * budget as f64) as u64);
+        let target = self.store.block_bytes()?.saturating_sub(over.max(need));
         let rep = self.store.evict(ev.policy, target, budget)?;
         self.count_evictions(&rep);
         if rep.evicted.is_empty() {

@@ -91,6 +91,7 @@ impl Store {
     /// the key is gone, also after a restart; compaction drops the deletion once no older
     /// record of the key is left in another segment. False when there was none.
     pub fn delete_meta(&self, key: u128) -> Result<bool, StoreError> {
+        let mut app = self.lock_appender()?;
         let present = self
             .state
             .read()
@@ -99,7 +100,7 @@ impl Store {
             .get(&key)
             .is_some_and(|(_, v, _)| v.as_slice() != META_DELETED);
         if present {
-            self.put_meta(key, META_DELETED)?;
+            self.put_meta_locked(&mut app, key, META_DELETED)?;
         }
         Ok(present)
     }

@@ -185,6 +185,18 @@ impl Store {
         &self.engine
     }
 
+    /// The capacity, when one is set (`None`: unlimited).
+    #[must_use]
+    pub fn capacity(&self) -> Option<u64> {
+        Some(self.capacity.load(Ordering::SeqCst)).filter(|c| *c != 0 && *c != u64::MAX)
+    }
+
+    /// Bytes the log's segments take (what the capacity limits).
+    #[must_use]
+    pub fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::SeqCst)
+    }
+
     /// Changes the capacity (takes effect for the next write).
     pub fn set_capacity(&self, capacity: u64) {
         self.capacity.store(capacity, Ordering::SeqCst);
