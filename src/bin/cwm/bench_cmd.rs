@@ -8,6 +8,26 @@ use cwm::io::EngineKind;
 use crate::progress::{Mode, Progress};
 use crate::{parse_size, print_json, tools};
 
+/// Where a benchmark works and what it prints: flags every `cwm bench` takes.
+#[derive(clap::Args)]
+pub(crate) struct Output {
+    /// Directory for the benchmark files (default: the system temp dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Also draw the figures, each beside its ceiling, into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+}
+
+impl Output {
+    fn dir(&self) -> PathBuf {
+        self.dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
+}
+
 #[derive(Subcommand)]
 pub(crate) enum BenchCmd {
     /// Store write/read throughput vs raw O_DIRECT write/read of the same bytes.
@@ -18,9 +38,6 @@ pub(crate) enum BenchCmd {
         /// Block payload bytes (2MiB = one 16-token block of a Llama-3.1-8B KV cache).
         #[arg(long, default_value = "2MiB", value_parser = parse_size)]
         block_bytes: u64,
-        /// Directory for the benchmark files (default: the system temp dir).
-        #[arg(long)]
-        dir: Option<PathBuf>,
         /// I/O engine: uring or psync.
         #[arg(long, default_value = "uring")]
         engine: EngineKind,
@@ -30,48 +47,30 @@ pub(crate) enum BenchCmd {
         /// Runs (figures are medians).
         #[arg(long, default_value_t = 3)]
         runs: usize,
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-        /// Also draw the figures, each beside its ceiling, into this SVG file.
-        #[arg(long, value_name = "FILE.svg")]
-        plot: Option<PathBuf>,
+        #[command(flatten)]
+        out: Output,
     },
     /// Host-backend freeze/thaw throughput vs raw O_DIRECT write/read of the same bytes.
     Pipeline {
         /// Session length in tokens (Llama-3.1-8B shape, 2 MiB per 16-token block).
         #[arg(long, default_value_t = 16_384)]
         tokens: u32,
-        /// Directory for the benchmark files (default: the system temp dir).
-        #[arg(long)]
-        dir: Option<PathBuf>,
         /// I/O engine: uring or psync.
         #[arg(long, default_value = "uring")]
         engine: EngineKind,
         /// Runs (figures are medians).
         #[arg(long, default_value_t = 3)]
         runs: usize,
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-        /// Also draw the figures, each beside its ceiling, into this SVG file.
-        #[arg(long, value_name = "FILE.svg")]
-        plot: Option<PathBuf>,
+        #[command(flatten)]
+        out: Output,
     },
     /// Control-socket latency (stat, list) against many windows, and freeze/thaw round trips.
     Control {
         /// Windows in the store.
         #[arg(long, default_value_t = 10_000)]
         windows: u64,
-        /// Directory for the benchmark files (default: the system temp dir).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-        /// Also draw the figures, each beside its ceiling, into this SVG file.
-        #[arg(long, value_name = "FILE.svg")]
-        plot: Option<PathBuf>,
+        #[command(flatten)]
+        out: Output,
     },
     /// fsck vs raw read, compaction throughput, freeze throughput with vs without compaction.
     Compaction {
@@ -81,18 +80,11 @@ pub(crate) enum BenchCmd {
         /// Rate limit of the compaction that runs beside the foreground freezes (0: unlimited).
         #[arg(long, default_value = "256MiB", value_parser = parse_size)]
         compact_rate: u64,
-        /// Directory for the benchmark files (default: the system temp dir).
-        #[arg(long)]
-        dir: Option<PathBuf>,
         /// I/O engine: uring or psync.
         #[arg(long, default_value = "uring")]
         engine: EngineKind,
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-        /// Also draw the figures, each beside its ceiling, into this SVG file.
-        #[arg(long, value_name = "FILE.svg")]
-        plot: Option<PathBuf>,
+        #[command(flatten)]
+        out: Output,
     },
     /// Prefix hit ratio of a request trace under eviction: the store's policies (simulated with
     /// the store's own ordering, and one replayed against the real store) beside plain LRU and
@@ -108,36 +100,22 @@ pub(crate) enum BenchCmd {
         /// Seconds the clients run.
         #[arg(long, default_value_t = 15.0)]
         seconds: f64,
-        /// Directory for the benchmark files (default: the system temp dir).
-        #[arg(long)]
-        dir: Option<PathBuf>,
         /// I/O engine: uring or psync.
         #[arg(long, default_value = "uring")]
         engine: EngineKind,
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-        /// Also draw the figures, each beside its ceiling, into this SVG file.
-        #[arg(long, value_name = "FILE.svg")]
-        plot: Option<PathBuf>,
+        #[command(flatten)]
+        out: Output,
     },
     /// Reopen time of a log of many small records.
     Recovery {
         /// Records in the log.
         #[arg(long, default_value_t = 100_000)]
         records: u64,
-        /// Directory for the benchmark files (default: the system temp dir).
-        #[arg(long)]
-        dir: Option<PathBuf>,
         /// I/O engine: uring or psync.
         #[arg(long, default_value = "uring")]
         engine: EngineKind,
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-        /// Also draw the figures, each beside its ceiling, into this SVG file.
-        #[arg(long, value_name = "FILE.svg")]
-        plot: Option<PathBuf>,
+        #[command(flatten)]
+        out: Output,
     },
 }
 
@@ -167,20 +145,13 @@ pub(crate) struct TraceArgs {
     /// High and low watermarks, as `cwm serve`'s --high-watermark and --low-watermark.
     #[arg(long, value_delimiter = ',', default_value = "0.95,0.9")]
     watermarks: Vec<f64>,
-    /// Directory for the store (default: the system temp dir).
-    #[arg(long)]
-    dir: Option<PathBuf>,
-    /// Print one JSON object.
-    #[arg(long)]
-    json: bool,
-    /// Also draw the figures, each beside its ceiling, into this SVG file.
-    #[arg(long, value_name = "FILE.svg")]
-    plot: Option<PathBuf>,
+    #[command(flatten)]
+    out: Output,
 }
 
 /// Runs one benchmark: prints its figures (or JSON), and draws them when asked.
 pub(crate) fn run(cmd: BenchCmd) -> Result<(), String> {
-    let (report, text, json, plot) = measure(cmd)?;
+    let (report, text, Output { json, plot, .. }) = measure(cmd)?;
     if json {
         print_json(&report);
     } else {
@@ -194,7 +165,7 @@ pub(crate) fn run(cmd: BenchCmd) -> Result<(), String> {
     Ok(())
 }
 
-type Measured = (serde_json::Value, String, bool, Option<PathBuf>);
+type Measured = (serde_json::Value, String, Output);
 
 fn value<T: serde::Serialize>(r: &T) -> Result<serde_json::Value, String> {
     serde_json::to_value(r).map_err(|e| e.to_string())
@@ -206,22 +177,20 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
         BenchCmd::Store {
             bytes,
             block_bytes,
-            dir,
             engine,
             queue_depth,
             runs,
-            json,
-            plot,
+            out,
         } => {
             let args = tools::bench::StoreBenchArgs {
-                dir: dir.unwrap_or_else(std::env::temp_dir),
+                dir: out.dir(),
                 bytes,
                 block_bytes,
                 engine,
                 queue_depth,
                 runs,
             };
-            let r = tools::bench::store(&args, &bar(json)).map_err(|e| e.to_string())?;
+            let r = tools::bench::store(&args, &bar(out.json)).map_err(|e| e.to_string())?;
             let mut text = format!(
                 "store ({} QD{}, {} MiB in {} KiB blocks, median of {}):\n  write {:.2} GB/s vs raw {:.2} GB/s  ratio {:.3}\n  read  {:.2} GB/s vs raw {:.2} GB/s  ratio {:.3}\n  reopen {:.3} s",
                 r.engine, r.queue_depth, r.bytes >> 20, r.block_bytes >> 10, r.runs,
@@ -234,18 +203,16 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
                     r.write_gbps / fw, r.read_gbps / fr
                 ));
             }
-            (value(&r)?, text, json, plot)
+            (value(&r)?, text, out)
         }
         BenchCmd::Pipeline {
             tokens,
-            dir,
             engine,
             runs,
-            json,
-            plot,
+            out,
         } => {
-            let dir = dir.unwrap_or_else(std::env::temp_dir);
-            let r = tools::bench::pipeline(&dir, tokens, engine, runs, &bar(json))?;
+            let dir = out.dir();
+            let r = tools::bench::pipeline(&dir, tokens, engine, runs, &bar(out.json))?;
             let text = format!(
                 "pipeline ({} tokens, {} MiB, {}):\n  freeze {:.2} GB/s vs raw write {:.2} GB/s  ratio {:.3}\n  thaw   {:.2} GB/s vs raw read  {:.2} GB/s  ratio {:.3}\n  thaw from the RAM tier {:.2} GB/s vs bare scatter {:.2} GB/s  ratio {:.3} (verification alone {:.2} GB/s on {} threads)\n  a 512-token freeze started during a freeze of the window: captured at {:.3} s, durable at {:.3} s (the window: durable at {:.3} s)",
                 r.tokens, r.bytes >> 20, r.engine, r.freeze_gbps, r.raw_write_gbps, r.freeze_ratio,
@@ -253,32 +220,25 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
                 r.tier_thaw_gbps, r.tier_scatter_gbps, r.tier_ratio, r.tier_verify_gbps, r.verify_threads,
                 r.behind.0, r.behind.1, r.behind.2
             );
-            (value(&r)?, text, json, plot)
+            (value(&r)?, text, out)
         }
-        BenchCmd::Control {
-            windows,
-            dir,
-            json,
-            plot,
-        } => {
-            let dir = dir.unwrap_or_else(std::env::temp_dir);
-            let r = tools::bench::control(&dir, windows, &bar(json))?;
+        BenchCmd::Control { windows, out } => {
+            let dir = out.dir();
+            let r = tools::bench::control(&dir, windows, &bar(out.json))?;
             let text = format!(
                 "control ({} windows): stat p50 {:.0} us p99 {:.0} us; list p50 {:.0} us p99 {:.0} us; {:.0} freeze+thaw round trips/s",
                 r.windows, r.stat_p50_us, r.stat_p99_us, r.list_p50_us, r.list_p99_us, r.freeze_thaw_per_sec
             );
-            (value(&r)?, text, json, plot)
+            (value(&r)?, text, out)
         }
         BenchCmd::Compaction {
             bytes,
             compact_rate,
-            dir,
             engine,
-            json,
-            plot,
+            out,
         } => {
-            let dir = dir.unwrap_or_else(std::env::temp_dir);
-            let r = tools::bench::compaction(&dir, bytes, engine, compact_rate, &bar(json))
+            let dir = out.dir();
+            let r = tools::bench::compaction(&dir, bytes, engine, compact_rate, &bar(out.json))
                 .map_err(|e| e.to_string())?;
             let text = format!(
                 "fsck {:.2} GB/s vs raw read {:.2} GB/s ({:.0}%); compaction {:.2} GB/s ({} MiB copied, {} MiB given back)\nfreeze alone {:.2} GB/s, during compaction at {} MiB/s {:.2} GB/s (ratio {:.2}; compaction ran {:.2} s of the freezes' {:.2} s)",
@@ -295,36 +255,32 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
                 r.concurrent_compaction_seconds,
                 r.concurrent_freeze_seconds
             );
-            (value(&r)?, text, json, plot)
+            (value(&r)?, text, out)
         }
         BenchCmd::Trace(a) => measure_trace(a)?,
         BenchCmd::Churn {
             clients,
             seconds,
-            dir,
             engine,
-            json,
-            plot,
+            out,
         } => {
-            let dir = dir.unwrap_or_else(std::env::temp_dir);
-            let r = tools::bench::churn(&dir, clients, seconds, engine, &bar(json))?;
+            let dir = out.dir();
+            let r = tools::bench::churn(&dir, clients, seconds, engine, &bar(out.json))?;
             let text = format!(
                 "churn ({} clients, {:.1} s, capacity {} MiB): {} freezes ({} refused), {:.2} GB/s vs raw write {:.2} GB/s  ratio {:.3}; {} thaws, {} of evicted windows; {:.0} evictions; lookup p50 {:.0} us p99 {:.0} us",
                 r.clients, r.seconds, r.capacity >> 20, r.freezes, r.freeze_errors, r.freeze_gbps,
                 r.raw_write_gbps, r.freeze_ratio, r.thaws, r.thaws_evicted, r.evictions,
                 r.lookup_p50_us, r.lookup_p99_us
             );
-            (value(&r)?, text, json, plot)
+            (value(&r)?, text, out)
         }
         BenchCmd::Recovery {
             records,
-            dir,
             engine,
-            json,
-            plot,
+            out,
         } => {
-            let dir = dir.unwrap_or_else(std::env::temp_dir);
-            let r = tools::bench::recovery(&dir, records, engine, 32, &bar(json))
+            let dir = out.dir();
+            let r = tools::bench::recovery(&dir, records, engine, 32, &bar(out.json))
                 .map_err(|e| e.to_string())?;
             let text = format!(
                 "recovery: {} records ({} windows, {} MiB) reopened in {:.3} s",
@@ -333,7 +289,7 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
                 r.log_bytes >> 20,
                 r.open_seconds
             );
-            (value(&r)?, text, json, plot)
+            (value(&r)?, text, out)
         }
     })
 }
@@ -348,9 +304,7 @@ fn measure_trace(a: TraceArgs) -> Result<Measured, String> {
         policy,
         replay_at,
         watermarks,
-        dir,
-        json,
-        plot,
+        out,
     } = a;
     let bar = |json: bool| Progress::new(Mode::detect(json), "");
     let marks = match watermarks[..] {
@@ -365,14 +319,14 @@ fn measure_trace(a: TraceArgs) -> Result<Measured, String> {
         ),
         (None, None) => return Err("give --trace FILE or --synthetic KIND".into()),
     };
-    let dir = dir.unwrap_or_else(std::env::temp_dir);
+    let dir = out.dir();
     let plan = tools::trace::Plan {
         fractions: capacity_fraction,
         policy,
         replay_at,
         marks,
     };
-    let r = tools::trace::bench(&name, &reqs, &plan, &dir, &bar(json))?;
+    let r = tools::trace::bench(&name, &reqs, &plan, &dir, &bar(out.json))?;
     let mut text = format!(
         "trace {} ({} requests, {} unique blocks, {} prompt blocks); prefix hit ratio (blocks):\n  capacity   lru(window) s3fifo(window) lru(block) belady",
         r.trace, r.requests, r.unique_blocks, r.prompt_blocks
@@ -393,7 +347,7 @@ fn measure_trace(a: TraceArgs) -> Result<Measured, String> {
             ));
         }
     }
-    Ok((value(&r)?, text, json, plot))
+    Ok((value(&r)?, text, out))
 }
 
 /// `cwm plot REPORT.json… --out FILE.svg`: draws saved reports (`cwm bench … --json`,
