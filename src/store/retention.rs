@@ -265,16 +265,6 @@ impl Store {
         Ok(self.state.read().map_err(poisoned)?.block_bytes)
     }
 
-    /// Bytes the log holds that something refers to.
-    pub fn live_bytes(&self) -> Result<u64, StoreError> {
-        let st = self.state.read().map_err(poisoned)?;
-        Ok(st
-            .segments
-            .values()
-            .map(|s| s.live.load(Ordering::SeqCst))
-            .sum())
-    }
-
     /// Evicts unnamed windows in `policy`'s order until the block bytes
     /// ([`Store::block_bytes`]) are at most `target` (`budget`: the byte budget the policy
     /// sizes its queues by).
