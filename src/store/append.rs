@@ -1,11 +1,17 @@
-//! The appender: one writer of the log at a time. Appends record images at the active
-//! segment's frontier (filling in their headers, doubling metadata records), rotates to a new
-//! segment when the active one is full, sealed or failed, makes records durable
-//! (`fdatasync`), and cuts a segment back after a failed write or sync, so that a failed record
-//! cannot reappear at the next open.
+//! The appender: hands out room at the active segment's frontier (filling in record headers,
+//! doubling metadata records), rotates to a new segment when the active one is full, sealed or
+//! failed, makes records durable (`fdatasync`), and cuts a segment back after a failed write or
+//! sync, so that a failed record cannot reappear at the next open.
+//!
+//! Room is handed out under the appender lock; block records are written after it is released,
+//! so concurrent freezes write interleaved. Metadata records, compaction copies and rotation
+//! first wait until every block record handed out is written ([`Store::quiesce`]): in the
+//! log's order, everything before a metadata record or a sealed segment's end was written, and
+//! recovery can tell the unwritten room of freezes in flight at a crash (block records after
+//! the newest segment's last metadata record) from damage.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::error::{poisoned, StoreError};
 use super::format::{
@@ -31,6 +37,44 @@ pub(crate) struct Appender {
     pub next_segment: u64,
 }
 
+/// Block records handed out to writers whose bytes are not written yet (see the module
+/// documentation).
+#[derive(Default)]
+pub(crate) struct InFlight {
+    count: Mutex<u64>,
+    done: Condvar,
+}
+
+/// Block records of one batch counted in [`InFlight`] until dropped (written, or failed).
+pub(crate) struct InFlightRecords<'a> {
+    of: &'a InFlight,
+    n: u64,
+}
+
+impl InFlightRecords<'_> {
+    /// Counts `n` more records of the batch.
+    pub(crate) fn add(&mut self, n: u64) -> Result<(), StoreError> {
+        *self.of.count.lock().map_err(poisoned)? += n;
+        self.n += n;
+        Ok(())
+    }
+}
+
+impl Drop for InFlightRecords<'_> {
+    fn drop(&mut self) {
+        if self.n == 0 {
+            return;
+        }
+        // A poisoned count leaves waiters waiting; nothing panics while holding it.
+        if let Ok(mut c) = self.of.count.lock() {
+            *c = c.saturating_sub(self.n);
+            if *c == 0 {
+                self.of.done.notify_all();
+            }
+        }
+    }
+}
+
 /// Size of the segment made for one-page records when a full-size one does not fit on the
 /// file system.
 const SMALL_SEGMENT: u64 = 16 * PAGE;
@@ -39,6 +83,32 @@ impl Store {
     /// Takes the appender lock.
     pub(super) fn lock_appender(&self) -> Result<MutexGuard<'_, Appender>, StoreError> {
         self.appender.lock().map_err(poisoned)
+    }
+
+    /// A batch of block records handed out, counted in flight until it is dropped.
+    pub(super) fn in_flight(&self) -> InFlightRecords<'_> {
+        InFlightRecords {
+            of: &self.in_flight,
+            n: 0,
+        }
+    }
+
+    /// Waits until every block record handed out is written (or failed). Called with the
+    /// appender lock held, so no more are handed out meanwhile; writers finish theirs without
+    /// that lock.
+    pub(super) fn quiesce(&self) -> Result<(), StoreError> {
+        let mut c = self.in_flight.count.lock().map_err(poisoned)?;
+        while *c > 0 {
+            c = self.in_flight.done.wait(c).map_err(poisoned)?;
+        }
+        Ok(())
+    }
+
+    /// True when a record of `len` bytes fits in the active segment (no rotation needed).
+    pub(super) fn fits(app: &Appender, len: u64) -> bool {
+        app.active
+            .as_ref()
+            .is_some_and(|s| !s.sealed.load(Ordering::SeqCst) && s.frontier() + len <= s.size)
     }
 
     /// Appends one record image (header filled in here) and returns where it went. Rotates
@@ -56,6 +126,9 @@ impl Store {
     ) -> Result<Loc, StoreError> {
         let len = stored_len(kind, payload_len);
         let one = record_len(payload_len) as usize;
+        if kind != RecordKind::Block {
+            self.quiesce()?;
+        }
         if image.len() < len as usize {
             return Err(StoreError::Validation(format!(
                 "record image of {} bytes for a {kind:?} record of {len}",
@@ -109,6 +182,8 @@ impl Store {
             if !s.sealed.load(Ordering::SeqCst) && s.frontier() + len <= s.size {
                 return Ok(s.clone());
             }
+            // Everything handed out in it is written before its sealed length is recorded.
+            self.quiesce()?;
             s.seal_recorded(self.engine.as_ref());
         }
         let id = app.next_segment;
@@ -164,22 +239,32 @@ impl Store {
 
     /// After a failed write or sync: marks each segment of `locs` failed (read-only) and cuts
     /// it back to before the first of these records, so that what failed cannot reappear at
-    /// the next open. Only records appended last (under the appender lock) are ever passed.
+    /// the next open — when nothing was handed out after them. When another freeze's records
+    /// follow (concurrent writers), the bytes stay: they belong to no acknowledged window, and
+    /// the next open reports what is left of them.
     pub(crate) fn cut_back<'l>(&self, locs: impl IntoIterator<Item = &'l Loc>) {
-        let mut cut: Vec<(Arc<Segment>, u64)> = Vec::new();
+        // Per segment: (segment, first offset, end of the last record).
+        let mut cut: Vec<(Arc<Segment>, u64, u64)> = Vec::new();
         for l in locs {
-            match cut.iter_mut().find(|(s, _)| s.id == l.seg.id) {
-                Some((_, o)) => *o = (*o).min(l.offset),
-                None => cut.push((l.seg.clone(), l.offset)),
+            match cut.iter_mut().find(|(s, _, _)| s.id == l.seg.id) {
+                Some((_, o, e)) => {
+                    *o = (*o).min(l.offset);
+                    *e = (*e).max(l.offset + l.len);
+                }
+                None => cut.push((l.seg.clone(), l.offset, l.offset + l.len)),
             }
         }
-        for (seg, offset) in cut {
+        for (seg, offset, end) in cut {
             seg.failed.store(true, Ordering::SeqCst);
             seg.sealed.store(true, Ordering::SeqCst);
-            let f = seg.frontier.fetch_min(offset, Ordering::SeqCst);
-            if f > offset {
-                self.used.fetch_sub(f - offset, Ordering::SeqCst);
+            if seg
+                .frontier
+                .compare_exchange(end, offset, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                continue;
             }
+            self.used.fetch_sub(end - offset, Ordering::SeqCst);
             // Best effort: on a dying device the truncation may fail too; recovery then finds
             // the record torn or whole (an unacknowledged outcome, either way consistent).
             let _ = seg.file.set_len(offset.max(seg.first_record));

@@ -219,6 +219,8 @@ impl Store {
             .segments
             .values()
             .filter(|s| Some(s.id) != active && s.sealed.load(Ordering::SeqCst))
+            // Freezes in progress have records there that no index holds yet.
+            .filter(|s| s.writers.load(Ordering::SeqCst) == 0)
             .filter_map(|s| {
                 let used = s.frontier().saturating_sub(s.first_record);
                 let live = s.live.load(Ordering::SeqCst);
@@ -391,6 +393,11 @@ impl Store {
             if !st.segments.contains_key(&seg.id) {
                 return Ok(());
             }
+            // A freeze in progress wrote records here that no index holds yet: the segment
+            // stays (what was copied is garbage here now; a later pass removes it).
+            if seg.writers.load(Ordering::SeqCst) > 0 {
+                return Ok(());
+            }
             if referenced {
                 return Err(StoreError::Validation(format!(
                     "segment {} is still referenced after compaction",
@@ -483,6 +490,8 @@ impl Store {
         mut imgs: Vec<AlignedBuf>,
     ) -> Result<(), StoreError> {
         let mut locs: Vec<Loc> = Vec::with_capacity(batch.len());
+        // Copies are no block records of a freeze: written only after all of those handed out.
+        self.quiesce()?;
         for (img, (r, _)) in imgs.iter_mut().zip(batch) {
             match self.append_copy(app, &r.h, img) {
                 Ok(l) => locs.push(l),

@@ -37,6 +37,9 @@ pub(crate) struct BlockEntry {
     pub checksum: u64,
     /// Windows referring to it (a window holding it twice counts twice).
     pub refs: u64,
+    /// Freezes in progress that will refer to it without writing it (deduplicated against
+    /// it when they began): the entry stays while any holds it, even with no window left.
+    pub holds: u64,
 }
 
 /// A visible window: its catalog entry, where its manifest is, its block keys in order.
@@ -124,8 +127,8 @@ pub(crate) enum Unfound {
     /// reference): the window thaws up to it. Recovery.
     IndexAsLost,
     /// Leave it out of the index. Commit: it never happens there (before the manifest is
-    /// written, commit checks every block is written or indexed, and the appender lock it
-    /// holds keeps block entries from being removed meanwhile).
+    /// written, commit checks every block is written or indexed, and the writer's holds keep
+    /// the entries of blocks it did not write from being removed meanwhile).
     Skip,
 }
 
@@ -170,6 +173,7 @@ impl State {
                         payload_len: f.payload_len,
                         checksum: f.checksum,
                         refs: 1,
+                        holds: 0,
                     }
                 }
                 None if unfound == Unfound::IndexAsLost => BlockEntry {
@@ -177,6 +181,7 @@ impl State {
                     payload_len: b.len,
                     checksum: b.checksum,
                     refs: 1,
+                    holds: 0,
                 },
                 None => continue,
             };
@@ -242,19 +247,26 @@ pub(crate) fn release_window(st: &mut State, entry: &WindowEntry) {
         .live
         .fetch_sub(entry.manifest.len, Ordering::SeqCst);
     for k in &entry.keys {
-        let remove = match st.blocks.get_mut(k) {
-            Some(b) => {
-                b.refs -= 1;
-                b.refs == 0
-            }
-            None => false,
-        };
-        if remove {
-            if let Some(Some(l)) = st.blocks.remove(k).map(|b| b.loc) {
-                l.seg.live.fetch_sub(l.len, Ordering::SeqCst);
-                st.block_bytes -= l.len;
-            }
+        if let Some(b) = st.blocks.get_mut(k) {
+            b.refs -= 1;
         }
+        drop_if_unused(st, *k);
+    }
+}
+
+/// Removes block `k` from the index when no window refers to it and no freeze holds it (its
+/// record becomes garbage).
+pub(crate) fn drop_if_unused(st: &mut State, k: u128) {
+    if !st
+        .blocks
+        .get(&k)
+        .is_some_and(|b| b.refs == 0 && b.holds == 0)
+    {
+        return;
+    }
+    if let Some(Some(l)) = st.blocks.remove(&k).map(|b| b.loc) {
+        l.seg.live.fetch_sub(l.len, Ordering::SeqCst);
+        st.block_bytes -= l.len;
     }
 }
 

@@ -5,8 +5,9 @@
 //! [`WindowWriter::commit`]): the capacity check happens before any byte is written; block
 //! records not already in the log are appended (blocks present are referenced, not rewritten);
 //! every touched segment is `fdatasync`ed; then the manifest record is appended and
-//! `fdatasync`ed; only then does the window become visible. One writer appends at a time (the
-//! appender lock), so a failed write can never leave a hole before a later durable record.
+//! `fdatasync`ed; only then does the window become visible. Freezes write their block records
+//! concurrently; metadata records are appended only once every block record handed out before
+//! them is written, so a hole before a later metadata record is always damage (`append.rs`).
 //!
 //! The store is its own catalog: manifests and tombstones in the log are the truth, and
 //! [`Store::open`] rebuilds windows, the block index and reference counts from them
@@ -120,6 +121,8 @@ pub struct Store {
     engine: Arc<dyn IoEngine>,
     state: RwLock<State>,
     appender: Mutex<Appender>,
+    /// Block records handed out but not yet written.
+    in_flight: append::InFlight,
     used: AtomicU64,
     capacity: AtomicU64,
     /// Log bytes promised but not yet in `used`: windows being written (their exact need,
@@ -166,6 +169,7 @@ impl Store {
             engine,
             state: RwLock::new(state),
             appender: Mutex::new(appender),
+            in_flight: append::InFlight::default(),
             used: AtomicU64::new(used),
             compacting: Mutex::new(()),
             _lock: lock,

@@ -37,6 +37,9 @@ pub(crate) struct Segment {
     /// Keys of every catalog record in this segment (live or not): compaction keeps a
     /// catalog deletion while some other segment still holds a record of its key.
     pub meta_keys: Mutex<HashSet<u128>>,
+    /// Freezes in progress with block records here that are not published yet: compaction
+    /// leaves the segment on disk while any has (they are in no index yet).
+    pub writers: AtomicU64,
 }
 
 impl std::fmt::Debug for Segment {
@@ -157,6 +160,7 @@ impl Segment {
             failed: AtomicBool::new(false),
             manifest_names: Mutex::new(HashSet::new()),
             meta_keys: Mutex::new(HashSet::new()),
+            writers: AtomicU64::new(0),
         })
     }
 

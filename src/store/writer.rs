@@ -1,17 +1,18 @@
-//! Writing windows. [`Store::begin_window`] checks the spec and capacity and takes the
-//! appender lock; [`WindowWriter::write_blocks`] appends the block records not already in the
-//! log; [`WindowWriter::commit`] makes them durable, appends the manifest, makes it durable,
-//! and only then publishes the window into the index. [`Store::delete_window`] writes a
+//! Writing windows. [`Store::begin_window`] checks the spec and capacity and holds the stored
+//! blocks the window will refer to; [`WindowWriter::write_blocks`] appends the block records
+//! not already in the log (concurrently with other freezes); [`WindowWriter::commit`] makes
+//! them durable, checks the name again, appends the manifest, makes it durable, and only then
+//! publishes the window into the index. [`Store::delete_window`] writes a
 //! durable tombstone, then drops the window's references.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, MutexGuard};
+use std::sync::Arc;
 
-use super::append::Appender;
+use super::append::{Appender, InFlightRecords};
 use super::error::{poisoned, StoreError};
 use super::format::{payload_offset, record_len, RecordKind};
-use super::index::{release_window, BlockRecord, Loc, State, Unfound};
+use super::index::{drop_if_unused, release_window, BlockRecord, Loc, State, Unfound};
 use super::segment::Segment;
 use super::{
     name, name_key, BlockImage, BlockRef, Manifest, Replace, Store, Tombstone, WindowInfo,
@@ -24,8 +25,8 @@ use crate::io::{self, AlignedBuf, Op};
 use super::{append::short_write, error::injected_error};
 
 impl Store {
-    /// Starts writing a window: validates the spec, checks capacity (before any byte is
-    /// written), and takes the appender lock until commit or drop.
+    /// Starts writing a window: validates the spec, checks the name and capacity (before any
+    /// byte is written), and holds the stored blocks it will refer to until commit or drop.
     pub fn begin_window(&self, spec: WindowSpec) -> Result<WindowWriter<'_>, StoreError> {
         self.begin_inner(spec, 0)
     }
@@ -39,11 +40,11 @@ impl Store {
     ) -> Result<WindowWriter<'_>, StoreError> {
         validate_spec(&mut spec)?;
         let app = self.lock_appender()?;
-        let st = self.state.read().map_err(poisoned)?;
-        let existing = check_replace(&st, &spec)?;
+        let mut st = self.state.write().map_err(poisoned)?;
+        check_replace(&st, &spec)?;
         let manifest_len = manifest_payload_len(&spec);
         let (needed, writes) = self.plan_bytes(&app, &st, &spec, manifest_len)?;
-        drop(st);
+        drop(app);
         let capacity = self.capacity.load(Ordering::SeqCst);
         // The writer holds its exact need until commit or drop; `own` is handed over. Room
         // promised to windows captured and waiting for the log is not free (compare and swap:
@@ -73,17 +74,29 @@ impl Store {
                 Err(now) => cur = now,
             }
         }
+        // Blocks this window refers to without writing them stay indexed until it commits or
+        // gives up, whatever is deleted or evicted meanwhile.
+        let mut held = Vec::new();
+        for (b, w) in spec.blocks.iter().zip(&writes) {
+            if *w || held.contains(&b.key) {
+                continue;
+            }
+            if let Some(e) = st.blocks.get_mut(&b.key) {
+                e.holds += 1;
+                held.push(b.key);
+            }
+        }
+        drop(st);
         let n = spec.blocks.len();
         Ok(WindowWriter {
             store: self,
             hold: needed,
-            app,
-            version: existing.map_or(1, |v| v + 1),
-            replaces: existing,
+            held,
             spec,
             writes,
             written: vec![None; n],
             touched: Vec::new(),
+            counted: Vec::new(),
             failed: None,
         })
     }
@@ -163,25 +176,30 @@ impl Store {
     }
 }
 
-/// Writes one window; holds the appender lock. Dropping it without [`WindowWriter::commit`]
-/// aborts: nothing becomes visible, blocks already written are garbage.
+/// Writes one window. Freezes run concurrently: each takes the appender lock only to be handed
+/// room for a batch of block records, and again to commit. Dropping it without
+/// [`WindowWriter::commit`] aborts: nothing becomes visible, blocks already written are
+/// garbage.
 pub struct WindowWriter<'a> {
     store: &'a Store,
     /// Bytes of `Store::reserved` this writer holds until commit or drop.
     hold: u64,
-    app: MutexGuard<'a, Appender>,
+    /// Keys of stored blocks it refers to without writing them (each holds its index entry).
+    held: Vec<u128>,
     spec: WindowSpec,
-    version: u64,
-    replaces: Option<u64>,
     writes: Vec<bool>,
     written: Vec<Option<(Loc, u64)>>,
+    /// Segments written to since the last sync.
     touched: Vec<Arc<Segment>>,
+    /// Segments holding its unpublished block records (counted in their `writers`).
+    counted: Vec<Arc<Segment>>,
     failed: Option<String>,
 }
 
 impl Drop for WindowWriter<'_> {
     fn drop(&mut self) {
         self.store.reserved.fetch_sub(self.hold, Ordering::SeqCst);
+        self.release();
     }
 }
 
@@ -211,16 +229,47 @@ impl WindowWriter<'_> {
         self.writes.iter().filter(|w| **w).count()
     }
 
-    /// Writes block records in one batch. Each image holds its payload at
-    /// `payload_offset(len)`; the header is filled in here.
+    /// Gives back what the writer holds in the index and the segments (at commit, after
+    /// publishing; on drop).
+    fn release(&mut self) {
+        if !self.held.is_empty() {
+            // A poisoned index is refused by every later call anyway.
+            if let Ok(mut st) = self.store.state.write() {
+                for k in std::mem::take(&mut self.held) {
+                    if let Some(e) = st.blocks.get_mut(&k) {
+                        e.holds -= 1;
+                    }
+                    drop_if_unused(&mut st, k);
+                }
+            }
+        }
+        for s in std::mem::take(&mut self.counted) {
+            s.writers.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Writes block records. Each image holds its payload at `payload_offset(len)`; the
+    /// header is filled in here. Room is handed out for as many as fit in the active segment
+    /// at a time, under the appender lock; they are written after it is released.
     pub fn write_blocks(&mut self, blocks: &mut [BlockImage<'_>]) -> Result<(), StoreError> {
+        let mut done = 0;
+        while done < blocks.len() {
+            done += self.write_some(&mut blocks[done..])?;
+        }
+        Ok(())
+    }
+
+    /// Writes the leading blocks of `blocks` that fit in the active segment (at least one);
+    /// returns how many.
+    fn write_some(&mut self, blocks: &mut [BlockImage<'_>]) -> Result<usize, StoreError> {
         if let Some(f) = &self.failed {
             return Err(StoreError::Validation(format!(
                 "this freeze already failed ({f}); start again"
             )));
         }
         let mut locs: Vec<(usize, Loc, u64)> = Vec::with_capacity(blocks.len());
-        let planned = self.plan_appends(blocks, &mut locs);
+        let mut flight = self.store.in_flight();
+        let planned = self.plan_appends(blocks, &mut locs, &mut flight);
         if let Err(e) = planned {
             // Space may have been handed out without being written: no more appends there.
             self.store.cut_back(locs.iter().map(|l| &l.1));
@@ -229,6 +278,7 @@ impl WindowWriter<'_> {
             }
             return Err(e);
         }
+        let n = locs.len();
         crate::fail_point!("block-write", a => {
             if let (Some(b), Some((_, loc, _))) = (blocks.first(), locs.first()) {
                 if a == crate::failpoint::Action::ShortWrite {
@@ -239,7 +289,7 @@ impl WindowWriter<'_> {
             self.failed = Some("injected fault".into());
             return Err(injected_error("block-write"));
         });
-        let mut ops: Vec<Op<'_>> = blocks
+        let mut ops: Vec<Op<'_>> = blocks[..n]
             .iter()
             .zip(&locs)
             .map(|(b, (_, loc, _))| {
@@ -258,14 +308,31 @@ impl WindowWriter<'_> {
                 e,
             ));
         }
+        drop(flight);
         for (i, loc, sum) in locs {
             self.written[i] = Some((loc, sum));
         }
-        Ok(())
+        Ok(n)
     }
 
+    /// Hands out room for the leading blocks of `blocks` that fit in the active segment (one
+    /// block at least: the first rotates to a new segment when needed). The records are counted
+    /// in flight before the appender lock is released.
     fn plan_appends(
         &mut self,
+        blocks: &mut [BlockImage<'_>],
+        locs: &mut Vec<(usize, Loc, u64)>,
+        flight: &mut InFlightRecords<'_>,
+    ) -> Result<(), StoreError> {
+        let mut app = self.store.lock_appender()?;
+        let res = self.plan_locked(&mut app, blocks, locs);
+        flight.add(locs.len() as u64)?;
+        res
+    }
+
+    fn plan_locked(
+        &mut self,
+        app: &mut Appender,
         blocks: &mut [BlockImage<'_>],
         locs: &mut Vec<(usize, Loc, u64)>,
     ) -> Result<(), StoreError> {
@@ -287,13 +354,18 @@ impl WindowWriter<'_> {
                     "block {i}: image must be {rl} bytes, 4 KiB-aligned"
                 )));
             }
+            // A batch never spans a rotation: a segment is sealed only once everything handed
+            // out in it is written, this batch's records included.
+            if !locs.is_empty() && !Store::fits(app, rl as u64) {
+                return Ok(());
+            }
             let po = payload_offset(desc.len);
             let sum = match b.checksum {
                 Some(s) => s,
                 None => payload_checksum(&b.image[po..po + desc.len as usize]),
             };
             let loc = self.store.append(
-                &mut self.app,
+                app,
                 RecordKind::Block,
                 desc.key,
                 desc.len,
@@ -303,13 +375,19 @@ impl WindowWriter<'_> {
             if !self.touched.iter().any(|s| s.id == loc.seg.id) {
                 self.touched.push(loc.seg.clone());
             }
+            if !self.counted.iter().any(|s| s.id == loc.seg.id) {
+                loc.seg.writers.fetch_add(1, Ordering::SeqCst);
+                self.counted.push(loc.seg.clone());
+            }
             locs.push((i, loc, sum));
         }
         Ok(())
     }
 
-    /// Makes the window durable and visible: sync blocks, write and sync the manifest,
-    /// publish. Returns only after the manifest is durable.
+    /// Makes the window durable and visible: sync blocks, then under the appender lock check
+    /// the name again (another freeze or a delete may have changed it since
+    /// [`Store::begin_window`]), write and sync the manifest, publish. Returns only after the
+    /// manifest is durable.
     pub fn commit(mut self) -> Result<WindowInfo, StoreError> {
         if let Some(f) = &self.failed {
             return Err(StoreError::Validation(format!(
@@ -324,46 +402,20 @@ impl WindowWriter<'_> {
                 self.spec.name
             )));
         }
-        // 1. Blocks durable.
+        // 1. Blocks durable (concurrently with other freezes).
         for seg in std::mem::take(&mut self.touched) {
             self.store.sync(&seg)?;
         }
-        // 2. Checksums of blocks present already come from the index.
-        let mut blocks = Vec::with_capacity(self.spec.blocks.len());
-        let mut sums: HashMap<u128, u64> = HashMap::new();
-        {
+        // 2. The name's version as of now, and the checksums of the blocks it refers to.
+        let mut app = self.store.lock_appender()?;
+        let (version, blocks) = {
             let st = self.store.state.read().map_err(poisoned)?;
-            for (i, d) in self.spec.blocks.iter().enumerate() {
-                let sum = match &self.written[i] {
-                    Some((_, s)) => *s,
-                    None => match sums.get(&d.key) {
-                        Some(s) => *s,
-                        None => match st.blocks.get(&d.key) {
-                            Some(b) if b.payload_len == d.len => b.checksum,
-                            Some(_) => {
-                                return Err(StoreError::Validation(format!(
-                                    "block {i} has the key of a stored block of another length"
-                                )))
-                            }
-                            None => {
-                                return Err(StoreError::Validation(format!(
-                                    "block {i} is neither stored nor written"
-                                )))
-                            }
-                        },
-                    },
-                };
-                sums.insert(d.key, sum);
-                blocks.push(BlockRef {
-                    key: d.key,
-                    len: d.len,
-                    checksum: sum,
-                });
-            }
-        }
+            let existing = check_replace(&st, &self.spec)?;
+            (existing.map_or(1, |v| v + 1), self.block_refs(&st)?)
+        };
         let m = Manifest {
             name: self.spec.name.clone(),
-            version: self.version,
+            version,
             created_unix_ms: crate::clock::now_unix_ms(),
             session: std::mem::take(&mut self.spec.session),
             namespace: std::mem::take(&mut self.spec.namespace),
@@ -373,14 +425,15 @@ impl WindowWriter<'_> {
             retention: self.spec.retention,
         };
         let payload = m.encode();
-        // 3. Manifest durable.
+        // 3. Manifest durable (the appender lock held until published: a delete or another
+        // commit of the name sees either nothing or the published window).
         let mloc = self.store.append_payload(
-            &mut self.app,
+            &mut app,
             RecordKind::Manifest,
             name_key(&m.name),
             &payload,
         )?;
-        let seq = self.app.next_seq - 1;
+        let seq = app.next_seq - 1;
         mloc.seg.note_manifest(name_key(&m.name));
         if let Err(e) = self.store.sync(&mloc.seg) {
             // Not durable, not acknowledged: cut the manifest off so a later open cannot show
@@ -389,29 +442,65 @@ impl WindowWriter<'_> {
             return Err(e);
         }
         // 4. Publish.
-        let mut st = self.store.state.write().map_err(poisoned)?;
-        let found = std::mem::take(&mut self.written)
-            .into_iter()
-            .zip(&m.blocks)
-            .map(|(w, b)| {
-                w.map(|(loc, checksum)| BlockRecord {
-                    loc,
-                    payload_len: b.len,
-                    checksum,
-                })
-            });
-        let (info, replaced) = st.publish(&m, seq, mloc, found, Unfound::Skip);
-        if let (Some(old), Some(r)) = (replaced, self.replaces) {
-            // (A window whose TTL had passed is replaced without being counted as replaced.)
-            debug_assert_eq!(old, r);
-        }
-        st.names.insert(name_key(&m.name), seq);
-        st.incomplete.remove(&m.name);
-        if let Some(t) = st.tombs.remove(&name_key(&m.name)) {
-            // The tombstone is no longer the newest event of the name: garbage.
-            t.seg.live.fetch_sub(t.len, Ordering::SeqCst);
-        }
+        let info = {
+            let mut st = self.store.state.write().map_err(poisoned)?;
+            let found = std::mem::take(&mut self.written)
+                .into_iter()
+                .zip(&m.blocks)
+                .map(|(w, b)| {
+                    w.map(|(loc, checksum)| BlockRecord {
+                        loc,
+                        payload_len: b.len,
+                        checksum,
+                    })
+                });
+            let (info, _replaced) = st.publish(&m, seq, mloc, found, Unfound::Skip);
+            st.names.insert(name_key(&m.name), seq);
+            st.incomplete.remove(&m.name);
+            if let Some(t) = st.tombs.remove(&name_key(&m.name)) {
+                // The tombstone is no longer the newest event of the name: garbage.
+                t.seg.live.fetch_sub(t.len, Ordering::SeqCst);
+            }
+            info
+        };
+        self.release();
+        drop(app);
         Ok(info)
+    }
+
+    /// The manifest's block references: checksums of blocks written here, of the others from
+    /// the index (held there since the writer began).
+    fn block_refs(&self, st: &State) -> Result<Vec<BlockRef>, StoreError> {
+        let mut blocks = Vec::with_capacity(self.spec.blocks.len());
+        let mut sums: HashMap<u128, u64> = HashMap::new();
+        for (i, d) in self.spec.blocks.iter().enumerate() {
+            let sum = match &self.written[i] {
+                Some((_, s)) => *s,
+                None => match sums.get(&d.key) {
+                    Some(s) => *s,
+                    None => match st.blocks.get(&d.key) {
+                        Some(b) if b.payload_len == d.len => b.checksum,
+                        Some(_) => {
+                            return Err(StoreError::Validation(format!(
+                                "block {i} has the key of a stored block of another length"
+                            )))
+                        }
+                        None => {
+                            return Err(StoreError::Validation(format!(
+                                "block {i} is neither stored nor written"
+                            )))
+                        }
+                    },
+                },
+            };
+            sums.insert(d.key, sum);
+            blocks.push(BlockRef {
+                key: d.key,
+                len: d.len,
+                checksum: sum,
+            });
+        }
+        Ok(blocks)
     }
 }
 

@@ -201,9 +201,10 @@ impl Recovery<'_> {
             failed: AtomicBool::new(false),
             manifest_names: std::sync::Mutex::new(std::collections::HashSet::new()),
             meta_keys: std::sync::Mutex::new(std::collections::HashSet::new()),
+            writers: AtomicU64::new(0),
         });
         self.report.segments += 1;
-        let (recs, frontier) = self.scan_segment(&seg, file_len, &path)?;
+        let (recs, frontier) = self.scan_segment(&seg, file_len, &path, newest)?;
         seg.frontier.store(frontier, Ordering::SeqCst);
         self.used += frontier;
         // The newest segment ends with a metadata record whose second copy is missing: it is
@@ -291,10 +292,14 @@ impl Recovery<'_> {
         seg: &Segment,
         file_len: u64,
         path: &Path,
+        newest: bool,
     ) -> Result<(Vec<Rec>, u64), StoreError> {
         let id = seg.id;
         let header = seg.header;
-        let (recs, frontier, torn, mut damaged) = scan(self.engine, seg, file_len)?;
+        let (mut recs, mut frontier, mut torn, mut damaged) = scan(self.engine, seg, file_len)?;
+        if newest && header.sealed_len == 0 {
+            unwritten_tail(&mut recs, &mut frontier, &mut torn, &mut damaged);
+        }
         if header.sealed_len > frontier {
             // Sealed at that length, its records end earlier: truncated, or its tail damaged.
             damaged.push((
@@ -446,6 +451,39 @@ impl Recovery<'_> {
         }
         Ok(active)
     }
+}
+
+/// In the newest (unsealed) segment, a damaged region after the last record that is not a
+/// freeze's block record (a metadata record or a compaction copy) is room handed out to
+/// freezes in flight at a crash and never written: metadata records and copies are appended
+/// only once every block record handed out before them is written, so nothing acknowledged
+/// lies there or after it — only block records no manifest refers to. Everything from the
+/// first such region on is the torn tail (cut off at the open); a region before that record
+/// stays damage.
+fn unwritten_tail(
+    recs: &mut Vec<Rec>,
+    frontier: &mut u64,
+    torn: &mut Option<(u64, String)>,
+    damaged: &mut Vec<(u64, u64, String)>,
+) {
+    let barrier = recs
+        .iter()
+        .rev()
+        .find(|r| r.h.kind != RecordKind::Block || r.h.copied)
+        .map_or(0, |r| r.offset + r.len);
+    let Some(pos) = damaged.iter().position(|(from, _, _)| *from >= barrier) else {
+        return;
+    };
+    let from = damaged[pos].0;
+    damaged.truncate(pos);
+    recs.retain(|r| r.offset < from);
+    *frontier = from;
+    *torn = Some((
+        from,
+        "room handed out to freezes in flight at a crash, never written (only block records \
+         no manifest refers to follow)"
+            .to_string(),
+    ));
 }
 
 /// Writes the missing copy of the metadata record at `offset` (the segment's last record, `len`

@@ -1,0 +1,107 @@
+//! With concurrent freezes, a crash can leave room that was handed out to one freeze but never
+//! written, followed by block records another freeze did write. Metadata records are appended
+//! only once every block record handed out before them is written, so such room can only lie
+//! after the newest segment's last metadata record, where nothing acknowledged is: recovery cuts
+//! it off as a torn tail (reported as such, not as damage, and gone after the next open). A hole
+//! before a metadata record stays what it is: damage, reported.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod common;
+use common::*;
+
+use cwm::io::AlignedBuf;
+use cwm::store::format::{payload_offset, record_len};
+use cwm::store::{BlockImage, Store, StoreConfig};
+
+const LEN: u64 = 16 << 10;
+
+fn zero(path: &std::path::Path, from: u64, len: usize) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&vec![0u8; len], from).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Offsets of the pages of a segment file that start with a record header's magic.
+fn record_pages(path: &std::path::Path) -> Vec<u64> {
+    let bytes = std::fs::read(path).unwrap();
+    (0..bytes.len() / 4096)
+        .filter(|p| &bytes[p * 4096..p * 4096 + 4] == b"CWMR")
+        .map(|p| (p * 4096) as u64)
+        .collect()
+}
+
+/// Windows a and b, then four block records of a freeze that never committed (what a crash
+/// leaves of freezes in flight). Returns the record header offsets of the segment.
+fn build(dir: &std::path::Path, engine: &std::sync::Arc<dyn cwm::io::IoEngine>) -> Vec<u64> {
+    let (store, _) = Store::open_with_engine(StoreConfig::new(dir), engine.clone()).unwrap();
+    put(&store, "a", &keys(1, 3), LEN);
+    put(&store, "b", &keys(2, 3), LEN);
+    let wk = keys(3, 4);
+    let mut w = store.begin_window(spec("w", &wk, LEN)).unwrap();
+    for (i, k) in wk.iter().enumerate() {
+        let p = payload(*k as u64, LEN as usize);
+        let mut img = AlignedBuf::zeroed(record_len(LEN) as usize);
+        let po = payload_offset(LEN);
+        img[po..po + p.len()].copy_from_slice(&p);
+        w.write_blocks(&mut [BlockImage {
+            index: i,
+            image: &mut img[..],
+            checksum: None,
+        }])
+        .unwrap();
+    }
+    drop(w);
+    drop(store);
+    // a: 3 blocks + 2 manifest copies; b: the same; then the 4 blocks.
+    let pages = record_pages(&segments(dir)[0]);
+    assert_eq!(pages.len(), 14);
+    pages
+}
+
+#[test]
+fn unwritten_room_after_the_last_manifest_is_a_torn_tail() {
+    for (engine_name, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let pages = build(dir, &engine);
+        // The first of the four was never written; the next three were (another freeze's).
+        let hole = pages[10];
+        zero(&segments(dir)[0], hole, 4096);
+        let (store, rep) = Store::open_with_engine(StoreConfig::new(dir), engine.clone()).unwrap();
+        assert!(rep.damaged_regions.is_empty(), "{engine_name}: {rep:?}");
+        assert_eq!(rep.torn_tails.len(), 1, "{engine_name}: {rep:?}");
+        assert_eq!(rep.torn_tails[0].1, hole);
+        assert!(rep.torn_tails[0].2.contains("never written"), "{rep:?}");
+        check(&store, "a", &keys(1, 3), LEN);
+        check(&store, "b", &keys(2, 3), LEN);
+        // Appends resume at the hole; the next open finds nothing wrong.
+        put(&store, "c", &keys(4, 2), LEN);
+        drop(store);
+        let (store, rep) = Store::open_with_engine(StoreConfig::new(dir), engine.clone()).unwrap();
+        assert!(
+            rep.damaged_regions.is_empty() && rep.torn_tails.is_empty(),
+            "{engine_name}: {rep:?}"
+        );
+        assert_eq!(store.list().unwrap().len(), 3);
+        check(&store, "c", &keys(4, 2), LEN);
+        assert!(store.check_invariants().unwrap().is_empty());
+    }
+}
+
+#[test]
+fn a_hole_before_the_last_manifest_is_damage() {
+    for (engine_name, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let pages = build(dir, &engine);
+        // b's first block record: b's manifest follows it.
+        let hole = pages[5];
+        zero(&segments(dir)[0], hole, 4096);
+        let (store, rep) = Store::open_with_engine(StoreConfig::new(dir), engine.clone()).unwrap();
+        assert_eq!(rep.damaged_regions.len(), 1, "{engine_name}: {rep:?}");
+        assert_eq!(rep.damaged_regions[0].1, hole);
+        check(&store, "a", &keys(1, 3), LEN);
+        // b stays listed; it thaws up to the lost block (none of it here).
+        assert!(store.get("b").is_ok());
+    }
+}
