@@ -47,6 +47,10 @@ pub(crate) enum BenchCmd {
         /// Runs (figures are medians).
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Also write the same bytes as this many windows at once (one thread each, each a
+        /// share of the queue depth); 1: skip that pass.
+        #[arg(long, default_value_t = 4)]
+        writers: usize,
         #[command(flatten)]
         out: Output,
     },
@@ -180,6 +184,7 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
             engine,
             queue_depth,
             runs,
+            writers,
             out,
         } => {
             let args = tools::bench::StoreBenchArgs {
@@ -189,6 +194,7 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
                 engine,
                 queue_depth,
                 runs,
+                writers,
             };
             let r = tools::bench::store(&args, &bar(out.json)).map_err(|e| e.to_string())?;
             let mut text = format!(
@@ -197,6 +203,13 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
                 r.write_gbps, r.raw_write_gbps, r.write_ratio,
                 r.read_gbps, r.raw_read_gbps, r.read_ratio, r.reopen_seconds
             );
+            if r.writers > 1 {
+                text.push_str(&format!(
+                    "\n  {} concurrent writers: {:.2} GB/s vs raw {:.2} GB/s  ratio {:.3} (one writer {:.3})",
+                    r.writers, r.concurrent_write_gbps, r.raw_write_gbps, r.concurrent_write_ratio,
+                    r.write_ratio
+                ));
+            }
             if let (Some(fw), Some(fr)) = (r.fio_write_gbps, r.fio_read_gbps) {
                 text.push_str(&format!(
                     "\n  fio (O_DIRECT, io_uring, same size and depth): write {fw:.2} GB/s (store {:.3}x), read {fr:.2} GB/s (store {:.3}x)",

@@ -177,6 +177,13 @@ pub struct StoreBench {
     pub fio_write_ratio: Option<f64>,
     /// `read_gbps / fio_read_gbps`.
     pub fio_read_ratio: Option<f64>,
+    /// Writers of the concurrent write pass (0: not run).
+    pub writers: usize,
+    /// The same bytes written as `writers` windows at once, each by its own thread with its
+    /// share of the queue depth, GB/s (all of them durable).
+    pub concurrent_write_gbps: f64,
+    /// `concurrent_write_gbps / raw_write_gbps`.
+    pub concurrent_write_ratio: f64,
 }
 
 /// fio's sequential O_DIRECT io_uring write (ending in an fsync) and read of `bytes` in
@@ -227,6 +234,9 @@ pub struct StoreBenchArgs {
     pub queue_depth: u32,
     /// Runs.
     pub runs: usize,
+    /// Concurrent writers of the second write pass (each its own window, a share of the
+    /// queue depth); 0 or 1: no such pass.
+    pub writers: usize,
 }
 
 /// `cwm bench store`: write a window, reopen, read it back verified; raw disk in the same run.
@@ -257,6 +267,7 @@ pub fn store(a: &StoreBenchArgs, p: &Progress) -> Result<StoreBench, StoreError>
     let (mut ws, mut rs, mut rws, mut rrs, mut reopen) = (vec![], vec![], vec![], vec![], vec![]);
     let mut raw_passes = Vec::new();
     let (mut fws, mut frs) = (Vec::new(), Vec::new());
+    let mut cws = Vec::new();
     for run in 0..a.runs.max(1) {
         p.update("store", run as u64, a.runs.max(1) as u64, "");
         let tmp = tempfile::Builder::new()
@@ -375,6 +386,9 @@ pub fn store(a: &StoreBenchArgs, p: &Progress) -> Result<StoreBench, StoreError>
         }
         rs.push(gbps(total, t.elapsed().as_secs_f64()));
         drop(r);
+        if a.writers > 1 {
+            cws.push(concurrent_writes(&st, run, n, a, batch)?);
+        }
         drop(st);
         // The ceiling: the mean of a raw pass just before and one just after the store's, so
         // both see the disk in the state the measured operation saw.
@@ -411,7 +425,94 @@ pub fn store(a: &StoreBenchArgs, p: &Progress) -> Result<StoreBench, StoreError>
         read_ratio: if rr > 0.0 { r / rr } else { 0.0 },
         reopen_seconds: median(reopen),
         raw_passes,
+        writers: if a.writers > 1 { a.writers } else { 0 },
+        concurrent_write_gbps: median(cws.clone()),
+        concurrent_write_ratio: if rw > 0.0 { median(cws) / rw } else { 0.0 },
     })
+}
+
+/// The concurrent write pass of `cwm bench store`: `a.writers` threads each write one window
+/// of their share of the `n` blocks, in batches of their share of the queue depth (images and
+/// checksums made up front). Returns the aggregate GB/s, from the first begin to the last
+/// commit.
+fn concurrent_writes(
+    st: &Store,
+    run: usize,
+    n: usize,
+    a: &StoreBenchArgs,
+    batch: usize,
+) -> Result<f64, StoreError> {
+    let rl = record_len(a.block_bytes) as usize;
+    let po = payload_offset(a.block_bytes);
+    let bl = a.block_bytes as usize;
+    let per = (n / a.writers).max(1);
+    let depth = (batch / a.writers).max(1);
+    let t = Instant::now();
+    let results: Vec<Result<(), StoreError>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..a.writers)
+            .map(|wi| {
+                s.spawn(move || -> Result<(), StoreError> {
+                    let mut imgs: Vec<AlignedBuf> = (0..depth)
+                        .map(|i| {
+                            let mut b = AlignedBuf::zeroed(rl);
+                            fill_random(&mut b[po..po + bl], (wi * depth + i) as u64 + 101);
+                            b
+                        })
+                        .collect();
+                    let sums: Vec<u64> = imgs
+                        .iter()
+                        .map(|b| payload_checksum(&b[po..po + bl]))
+                        .collect();
+                    let spec = WindowSpec {
+                        name: format!("bench-{run}-w{wi}"),
+                        session: "bench".into(),
+                        namespace: "bench".into(),
+                        layout: b"{}".to_vec(),
+                        tokens: (0..per as u32 * 16).collect(),
+                        blocks: (0..per)
+                            .map(|i| BlockDesc {
+                                key: (((run as u128) << 64) | (1 << 48) | ((wi as u128) << 32))
+                                    + i as u128,
+                                len: a.block_bytes,
+                            })
+                            .collect(),
+                        ..Default::default()
+                    };
+                    let mut w = st.begin_window(spec)?;
+                    let mut first = 0;
+                    while first < per {
+                        let k = depth.min(per - first);
+                        let mut bi: Vec<BlockImage<'_>> = imgs[..k]
+                            .iter_mut()
+                            .zip(&sums)
+                            .enumerate()
+                            .map(|(j, (b, s))| BlockImage {
+                                index: first + j,
+                                image: &mut b[..],
+                                checksum: Some(*s),
+                            })
+                            .collect();
+                        w.write_blocks(&mut bi)?;
+                        first += k;
+                    }
+                    w.commit().map(|_| ())
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(StoreError::Validation("writer panicked".into())))
+            })
+            .collect()
+    });
+    for r in results {
+        r?;
+    }
+    Ok(gbps(
+        (per * a.writers) as u64 * a.block_bytes,
+        t.elapsed().as_secs_f64(),
+    ))
 }
 
 /// Result of `cwm bench recovery`.
