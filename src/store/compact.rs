@@ -492,40 +492,25 @@ impl Store {
         let mut locs: Vec<Loc> = Vec::with_capacity(batch.len());
         // Copies are no block records of a freeze: written only after all of those handed out.
         self.quiesce()?;
-        for (img, (r, _)) in imgs.iter_mut().zip(batch) {
-            match self.append_copy(app, &r.h, img) {
+        // Written in runs that each fit in one segment: a segment is sealed (its length
+        // recorded) only once everything handed out in it is written.
+        let mut written = 0;
+        for i in 0..imgs.len() {
+            let len = imgs[i].len() as u64;
+            if locs.len() > written && !Store::fits(app, len) {
+                self.write_copies(seg, &imgs[written..i], &locs[written..])?;
+                written = locs.len();
+            }
+            match self.append_copy(app, &batch[i].0.h, &mut imgs[i]) {
                 Ok(l) => locs.push(l),
                 Err(e) => {
                     // Space handed out but never written: no more appends after the hole.
-                    self.cut_back(&locs);
+                    self.cut_back(&locs[written..]);
                     return Err(e);
                 }
             }
         }
-        crate::fail_point!("compaction-copy", a => {
-            if a == crate::failpoint::Action::ShortWrite {
-                if let (Some(img), Some(l)) = (imgs.first(), locs.first()) {
-                    super::append::short_write(self.engine.as_ref(), l, img);
-                }
-            }
-            self.cut_back(&locs);
-            return Err(super::error::injected_error("compaction-copy"));
-        });
-        let res = {
-            let mut ops: Vec<Op<'_>> = imgs
-                .iter()
-                .zip(&locs)
-                .map(|(img, l)| Op::write(l.seg.fd(), l.offset, &img[..]))
-                .collect();
-            self.engine.run(&mut ops)
-        };
-        if let Err(e) = res {
-            self.cut_back(&locs);
-            return Err(StoreError::io(
-                format!("writing compaction copies of segment {}", seg.id),
-                e,
-            ));
-        }
+        self.write_copies(seg, &imgs[written..], &locs[written..])?;
         let mut synced: Vec<u64> = Vec::new();
         for l in &locs {
             if !synced.contains(&l.seg.id) {
@@ -580,6 +565,40 @@ impl Store {
         Ok(())
     }
 
+    /// Writes compaction copies (images with their headers) where they were handed out; on a
+    /// failure they are cut off again.
+    fn write_copies(
+        &self,
+        seg: &Segment,
+        imgs: &[AlignedBuf],
+        locs: &[Loc],
+    ) -> Result<(), StoreError> {
+        crate::fail_point!("compaction-copy", a => {
+            if a == crate::failpoint::Action::ShortWrite {
+                if let (Some(img), Some(l)) = (imgs.first(), locs.first()) {
+                    super::append::short_write(self.engine.as_ref(), l, img);
+                }
+            }
+            self.cut_back(locs);
+            return Err(super::error::injected_error("compaction-copy"));
+        });
+        let res = {
+            let mut ops: Vec<Op<'_>> = imgs
+                .iter()
+                .zip(locs)
+                .map(|(img, l)| Op::write(l.seg.fd(), l.offset, &img[..]))
+                .collect();
+            self.engine.run(&mut ops)
+        };
+        res.map_err(|e| {
+            self.cut_back(locs);
+            StoreError::io(
+                format!("writing compaction copies of segment {}", seg.id),
+                e,
+            )
+        })
+    }
+
     /// Appends a compaction copy of a record (original sequence number, flag `copied`) into
     /// the append segment; the image's header is rewritten for its new segment.
     fn append_copy(
@@ -615,6 +634,8 @@ impl Store {
     pub fn seal_active(&self) -> Result<(), StoreError> {
         let app = self.lock_appender()?;
         if let Some(s) = &app.active {
+            // Everything handed out in it is written before its sealed length is recorded.
+            self.quiesce()?;
             s.seal_recorded(self.engine.as_ref());
         }
         Ok(())

@@ -93,6 +93,21 @@ pub(super) fn read_segment_header(
             // A version 2 header has its copy in page 1.
             let damage = match read(PAGE)? {
                 Ok(c) if c == h => None,
+                // A crash between the two writes of a seal (page 0 first): the copy still
+                // holds the header as created. No damage; the copy is written again.
+                Ok(c) if c.sealed_len == 0 && SegmentHeader { sealed_len: 0, ..h } == c => {
+                    h.encode(page);
+                    let healed = engine
+                        .write_all_at(file.as_raw_fd(), PAGE, page)
+                        .and_then(|()| engine.fdatasync(file.as_raw_fd()));
+                    if let Err(e) = healed {
+                        crate::log::warn(&format!(
+                            "{}: rewriting the sealed header copy failed: {e}",
+                            path.display()
+                        ));
+                    }
+                    None
+                }
                 Ok(_) => Some((PAGE, 2 * PAGE, "segment header copy differs".to_string())),
                 Err(e) => Some((PAGE, 2 * PAGE, format!("segment header copy: {e}"))),
             };

@@ -16,7 +16,11 @@
 //!   outside the append segment (no space leaked).
 //!
 //! Half the freezes and deletes carry an idempotency key, so their outcomes are also committed
-//! as catalog records (kills land in catalog commits too).
+//! as catalog records (kills land in catalog commits too). A second client freezes windows of
+//! its own at the same time (all sharing a first block), so kills land among concurrent
+//! freezes whose records interleave in the log; after every restart the daemon's health must
+//! be `ok` (a crash alone is no damage: room handed out to a freeze and never written is a torn
+//! tail, not a damaged region).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -149,7 +153,7 @@ struct Run {
     data: PathBuf,
     socket: PathBuf,
     shm: PathBuf,
-    eng: Engine,
+    eng: Arc<Engine>,
     rng: Rng,
     /// Acknowledged windows and their tokens.
     acked: BTreeMap<String, Vec<u32>>,
@@ -161,7 +165,66 @@ struct Run {
     /// Acknowledged windows frozen unnamed (evictable) and not pinned since.
     unnamed: std::collections::BTreeSet<String>,
     next_window: u64,
+    /// Number of the second client's next window.
+    next_side: u64,
     sum: TortureSummary,
+}
+
+/// What the second client did during one op phase: windows acknowledged, the one in flight at
+/// the kill, the ones asked to be unnamed (known before the answer), windows numbered.
+#[derive(Default)]
+struct Side {
+    acked: Vec<(String, Vec<u32>)>,
+    uncertain: Option<(String, Vec<u32>)>,
+    unnamed: Vec<String>,
+    used: u64,
+}
+
+/// The second client: freezes windows `x<n>` from source blocks 16.. until its connection
+/// breaks (the kill) or `stop` is set. Every window starts with the same block.
+fn side_writer(socket: &Path, eng: &Engine, seed: u64, first: u64, stop: &AtomicBool) -> Side {
+    let mut side = Side::default();
+    let Ok(mut c) = Client::connect(socket) else {
+        return side;
+    };
+    let mut rng = Rng(seed);
+    while !stop.load(Ordering::SeqCst) {
+        let name = format!("x{}", first + side.used);
+        side.used += 1;
+        let n = 2 + rng.below(4) as usize;
+        let mut tokens: Vec<u32> = (0..BS_TOKENS as u32).map(|t| 60_000 + t).collect();
+        while tokens.len() < n * BS_TOKENS {
+            tokens.push((rng.next() % 50_000) as u32);
+        }
+        let src: Vec<u64> = (16..16 + n as u64).collect();
+        for (i, &b) in src.iter().enumerate() {
+            for l in 0..LAYERS {
+                if eng.write_block(b, l, &block_bytes(&tokens, i, l)).is_err() {
+                    return side;
+                }
+            }
+        }
+        let mut req = json!({"op": "freeze", "engine": "e1", "window": name,
+            "tokens": tokens, "block_ids": src});
+        if rng.below(2) == 0 {
+            req["idempotency_key"] = json!(format!("k-{name}"));
+        }
+        if rng.below(3) == 0 {
+            req["class"] = json!("unnamed");
+            side.unnamed.push(name.clone());
+        }
+        side.uncertain = Some((name.clone(), tokens.clone()));
+        match c.call_final(req) {
+            Ok(v) if ok(&v) => {
+                side.uncertain = None;
+                side.acked.push((name, tokens));
+            }
+            // Refused (quota): it must not appear.
+            Ok(_) => side.uncertain = None,
+            Err(_) => return side,
+        }
+    }
+    side
 }
 
 fn ok(v: &Value) -> bool {
@@ -297,9 +360,33 @@ impl Run {
         false
     }
 
-    /// After a restart: the listed windows against the model, each one thawed and verified,
-    /// and the daemon's consistency check.
+    /// Takes in what the second client did.
+    fn merge_side(&mut self, side: Side) {
+        self.next_side += side.used;
+        for n in side.unnamed {
+            self.unnamed.insert(n);
+        }
+        for (n, t) in side.acked {
+            self.acked.insert(n, t);
+            self.sum.freezes_acked += 1;
+        }
+        if let Some((n, t)) = side.uncertain {
+            self.uncertain.insert(n, t);
+        }
+    }
+
+    /// After a restart: the daemon's health (a kill is no damage), the listed windows against
+    /// the model, each one thawed and verified, and the daemon's consistency check.
     fn verify_all(&mut self, c: &mut Client) -> Result<(), String> {
+        let h = c
+            .call_final(json!({"op": "health"}))
+            .map_err(|e| format!("health: {e}"))?;
+        if h["status"] != "ok" {
+            self.violation(format!(
+                "health {} after a kill alone: {}",
+                h["status"], h["integrity"]
+            ));
+        }
         let v = c
             .call_final(json!({"op": "list", "limit": 100000}))
             .map_err(|e| format!("list: {e}"))?;
@@ -328,7 +415,10 @@ impl Run {
                 self.verify_window(c, name, &t)?;
             } else if let Some(t) = self.uncertain.remove(name) {
                 self.verify_window(c, name, &t)?;
-                self.acked.insert(name.clone(), t);
+                // (Unless it was evicted between the list and the thaw: then it stays gone.)
+                if !self.deleted.contains(name) {
+                    self.acked.insert(name.clone(), t);
+                }
             } else if self.deleted.contains(name) {
                 self.violation(format!("deleted window {name} is visible again"));
             } else {
@@ -409,7 +499,7 @@ impl Run {
                     }
                     Err(_) => return,
                 }
-            } else if r < 75 || self.acked.len() > 24 {
+            } else if r < 75 || self.acked.len() > 48 {
                 let i = self.rng.below(self.acked.len() as u64) as usize;
                 let Some(name) = self.acked.keys().nth(i).cloned() else {
                     continue;
@@ -507,7 +597,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureSummary, String> {
         exe: std::env::current_exe().map_err(|e| format!("current executable: {e}"))?,
         data,
         socket: tmp.path().join("cwm.sock"),
-        eng: Engine::create(&shm)?,
+        eng: Arc::new(Engine::create(&shm)?),
         shm,
         rng: Rng(cfg.seed ^ 0x5DEE_CE66_D1CE_5EED),
         acked: BTreeMap::new(),
@@ -515,6 +605,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureSummary, String> {
         deleted: Default::default(),
         unnamed: Default::default(),
         next_window: 0,
+        next_side: 0,
         sum: TortureSummary::default(),
     };
     let t0 = Instant::now();
@@ -580,7 +671,15 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureSummary, String> {
             unsafe { libc::kill(pid, libc::SIGKILL) };
             stop2.store(true, Ordering::SeqCst);
         });
-        run.ops(&mut c, &stop);
+        let side = std::thread::scope(|s| {
+            let (socket, eng, stop) = (run.socket.clone(), run.eng.clone(), &stop);
+            let seed = run.rng.next();
+            let first = run.next_side;
+            let h = s.spawn(move || side_writer(&socket, &eng, seed, first, stop));
+            run.ops(&mut c, stop);
+            h.join().unwrap_or_default()
+        });
+        run.merge_side(side);
         let _ = killer.join();
         let _ = child.wait();
         run.sum.kills += 1;
