@@ -39,10 +39,11 @@ impl std::str::FromStr for Action {
 }
 
 /// Every failpoint site.
-pub const SITES: [&str; 7] = [
+pub const SITES: [&str; 8] = [
     "block-write",
     "manifest-write",
     "meta-write",
+    "tombstone-write",
     "fdatasync",
     "compaction-copy",
     "segment-rotate",

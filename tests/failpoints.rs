@@ -1,9 +1,10 @@
 //! Failpoints (feature `failpoints`) at every write-path site — block write, manifest write,
-//! catalog (meta) write, fdatasync, compaction copy, segment rotation, segment unlink — with
-//! every action
-//! (error, short write, panic). After the fault and a reopen, nothing partial is visible, every
-//! window committed before reads back bit-exactly, a deleted window stays deleted, the catalog
-//! keeps its last committed value, the index is consistent, and the log accepts new windows.
+//! catalog (meta) write, tombstone write (an eviction's), fdatasync, compaction copy, segment
+//! rotation, segment unlink — with every action (error, short write, panic). After the fault
+//! and a reopen, nothing partial is visible, every window committed before reads back
+//! bit-exactly (the unnamed window a failed eviction chose included), a deleted window stays
+//! deleted, the catalog keeps its last committed value, the index is consistent, and the log
+//! accepts new windows.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 mod common;
 use common::*;
@@ -37,11 +38,19 @@ fn base(store: &Store) {
     put(store, "c", &keys(4, 4), LEN);
     store.delete_window("x", None).unwrap();
     store.put_meta(5, b"old").unwrap();
+    // An evictable window (what the tombstone-write site's eviction chooses).
+    let k = keys(6, 2);
+    let p: Vec<Vec<u8>> = k.iter().map(|&x| payload(x as u64, LEN as usize)).collect();
+    let refs: Vec<&[u8]> = p.iter().map(|v| &v[..]).collect();
+    let mut s = spec("u", &k, LEN);
+    s.retention.class = cwm::store::Class::Unnamed;
+    store.put_window(s, &refs).unwrap();
 }
 
 fn expect_base(store: &Store, what: &str) {
     let names: Vec<String> = store.list().unwrap().into_iter().map(|w| w.name).collect();
-    assert_eq!(names, vec!["a", "b", "c"], "{what}");
+    assert_eq!(names, vec!["a", "b", "c", "u"], "{what}");
+    check(store, "u", &keys(6, 2), LEN);
     check(store, "a", &keys(1, 4), LEN);
     check(store, "b", &keys(3, 4), LEN);
     check(store, "c", &keys(4, 4), LEN);
@@ -57,6 +66,11 @@ fn expect_base(store: &Store, what: &str) {
 fn poke(store: &Store, site: &str) -> Result<(), String> {
     match site {
         "meta-write" => store.put_meta(5, b"new").map_err(|e| e.to_string()),
+        // Eviction down to nothing: its tombstone for the unnamed window fails.
+        "tombstone-write" => store
+            .evict(cwm::store::EvictionPolicy::Lru, 0, 1 << 30)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
         "compaction-copy" | "segment-unlink" => store
             .compact(
                 &CompactOptions {
@@ -112,6 +126,8 @@ fn every_site_and_action_leaves_committed_state_intact() {
                             if site != "compaction-copy" && site != "segment-unlink" {
                                 assert!(store.get("new").is_err(), "{what}");
                             }
+                            // The eviction whose tombstone failed evicted nothing.
+                            assert!(store.get("u").is_ok(), "{what}");
                         }
                         (_, Ok(Ok(()))) => panic!("{what}: the fault did not surface"),
                         (_, Err(_)) => panic!("{what}: unexpected panic"),

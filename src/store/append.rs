@@ -335,6 +335,7 @@ impl Store {
         let _site = match kind {
             RecordKind::Manifest => "manifest-write",
             RecordKind::Meta => "meta-write",
+            RecordKind::Tombstone => "tombstone-write",
             _ => "",
         };
         crate::fail_point!(_site, a => {

@@ -228,7 +228,9 @@ impl Store {
         };
         let mut out = Vec::with_capacity(due.len());
         for (name, version) in due {
-            match self.delete_window(&name, Some(version)) {
+            // (Its TTL may have been raised or dropped since the snapshot.)
+            let still = |w: &WindowEntry| w.expired(crate::clock::now_unix_ms());
+            match self.delete_where(&name, Some(version), still) {
                 Ok(i) => out.push(i),
                 // Replaced or deleted meanwhile: nothing to expire.
                 Err(StoreError::NotFound(_) | StoreError::ConcurrentModification { .. }) => {}
@@ -304,7 +306,9 @@ impl Store {
             if live <= target {
                 break;
             }
-            match self.delete_window(&c.name, Some(c.version)) {
+            // (It may have been pinned since the snapshot: a pinned window is never evicted.)
+            let still = |w: &WindowEntry| w.info.class == Class::Unnamed;
+            match self.delete_where(&c.name, Some(c.version), still) {
                 Ok(_) => rep.evicted.push(c.name),
                 // Thawed-and-replaced, pinned or deleted meanwhile: skip it.
                 Err(StoreError::NotFound(_) | StoreError::ConcurrentModification { .. }) => {
@@ -339,6 +343,42 @@ mod tests {
 
     fn names(c: Vec<Cand>) -> Vec<u64> {
         c.into_iter().map(|c| c.seq).collect()
+    }
+
+    /// Eviction and expiry choose from a snapshot; the delete re-checks under the appender
+    /// lock, so a pin (or a TTL raised) in between wins.
+    #[test]
+    fn a_window_pinned_after_the_snapshot_is_not_evicted() -> Result<(), StoreError> {
+        use crate::store::{BlockDesc, StoreConfig, WindowSpec};
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Validation(e.to_string()))?;
+        let (store, _) = Store::open(StoreConfig::new(dir.path()))?;
+        let spec = WindowSpec {
+            name: "u".into(),
+            blocks: vec![BlockDesc { key: 7, len: 4096 }],
+            retention: Retention {
+                class: Class::Unnamed,
+                expires_unix_ms: Some(crate::clock::now_unix_ms() + 3_600_000),
+            },
+            ..Default::default()
+        };
+        let v = store.put_window(spec, &[&[1u8; 4096]])?.version;
+        let pinned = Retention {
+            class: Class::Pinned,
+            expires_unix_ms: None,
+        };
+        store.set_retention("u", None, pinned)?;
+        let evict = |w: &WindowEntry| w.info.class == Class::Unnamed;
+        assert!(matches!(
+            store.delete_where("u", Some(v), evict),
+            Err(StoreError::ConcurrentModification { .. })
+        ));
+        let expire = |w: &WindowEntry| w.expired(crate::clock::now_unix_ms());
+        assert!(matches!(
+            store.delete_where("u", Some(v), expire),
+            Err(StoreError::ConcurrentModification { .. })
+        ));
+        assert_eq!(store.get("u")?.class, Class::Pinned);
+        Ok(())
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::append::{Appender, InFlightRecords};
 use super::error::{poisoned, StoreError};
 use super::format::{payload_offset, record_len, RecordKind};
-use super::index::{drop_if_unused, release_window, BlockRecord, Loc, State, Unfound};
+use super::index::{drop_if_unused, release_window, BlockRecord, Loc, State, Unfound, WindowEntry};
 use super::segment::Segment;
 use super::{
     name, name_key, BlockImage, BlockRef, Manifest, Replace, Store, Tombstone, WindowInfo,
@@ -138,6 +138,18 @@ impl Store {
         name: &str,
         expected_version: Option<u64>,
     ) -> Result<WindowInfo, StoreError> {
+        self.delete_where(name, expected_version, |_| true)
+    }
+
+    /// [`Store::delete_window`] only while `still` holds for the window, checked under the
+    /// appender lock (eviction and expiry chose it from a snapshot: a pin or a new TTL set
+    /// since must win). Refused with CONCURRENT_MODIFICATION otherwise.
+    pub(crate) fn delete_where(
+        &self,
+        name: &str,
+        expected_version: Option<u64>,
+        still: impl Fn(&WindowEntry) -> bool,
+    ) -> Result<WindowInfo, StoreError> {
         let name = name::validate_name(name).map_err(StoreError::Validation)?;
         let mut app = self.lock_appender()?;
         let entry = {
@@ -155,6 +167,13 @@ impl Store {
                     actual: entry.info.version,
                 });
             }
+        }
+        if !still(&entry) {
+            return Err(StoreError::ConcurrentModification {
+                name,
+                expected: entry.info.version,
+                actual: entry.info.version,
+            });
         }
         let t = Tombstone {
             name: name.clone(),
