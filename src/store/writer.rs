@@ -77,8 +77,9 @@ impl Store {
         // Blocks this window refers to without writing them stay indexed until it commits or
         // gives up, whatever is deleted or evicted meanwhile.
         let mut held = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for (b, w) in spec.blocks.iter().zip(&writes) {
-            if *w || held.contains(&b.key) {
+            if *w || !seen.insert(b.key) {
                 continue;
             }
             if let Some(e) = st.blocks.get_mut(&b.key) {
@@ -493,24 +494,25 @@ impl WindowWriter<'_> {
         let mut blocks = Vec::with_capacity(self.spec.blocks.len());
         let mut sums: HashMap<u128, u64> = HashMap::new();
         for (i, d) in self.spec.blocks.iter().enumerate() {
-            let sum = match &self.written[i] {
-                Some((_, s)) => *s,
-                None => match sums.get(&d.key) {
-                    Some(s) => *s,
-                    None => match st.blocks.get(&d.key) {
-                        Some(b) if b.payload_len == d.len => b.checksum,
-                        Some(_) => {
-                            return Err(StoreError::Validation(format!(
-                                "block {i} has the key of a stored block of another length"
-                            )))
-                        }
-                        None => {
-                            return Err(StoreError::Validation(format!(
-                                "block {i} is neither stored nor written"
-                            )))
-                        }
-                    },
-                },
+            let sum = match (sums.get(&d.key), st.blocks.get(&d.key), &self.written[i]) {
+                (Some(s), _, _) => *s,
+                // Stored (held since the writer began, or published by a concurrent freeze
+                // meanwhile): the window refers to that record, as a deduplication would —
+                // its bytes may differ from this freeze's (GPU kernels need not be
+                // bit-reproducible), and the manifest must describe the record it resolves to.
+                // A copy written here is garbage.
+                (None, Some(b), _) if b.loc.is_some() && b.payload_len == d.len => b.checksum,
+                (None, _, Some((_, s))) => *s,
+                (None, Some(_), None) => {
+                    return Err(StoreError::Validation(format!(
+                        "block {i} has the key of a stored block of another length"
+                    )))
+                }
+                (None, None, None) => {
+                    return Err(StoreError::Validation(format!(
+                        "block {i} is neither stored nor written"
+                    )))
+                }
             };
             sums.insert(d.key, sum);
             blocks.push(BlockRef {
