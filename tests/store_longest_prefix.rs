@@ -36,6 +36,12 @@ fn longest_then_newest_wins() {
     assert_eq!(best(&store, &[1, 2, 9], None), some("c", 2));
     // Still longest before newest.
     assert_eq!(best(&store, &[1, 2, 3], None), some("b", 3));
+    // Newest by commit, not by name: "m" is newer than "z" and sorts before it.
+    put(&store, "z", &[50, 51, 52], LEN);
+    put(&store, "m", &[50, 51, 53], LEN);
+    assert_eq!(best(&store, &[50, 51, 99], None), some("m", 2));
+    put(&store, "a2", &[50, 51], LEN);
+    assert_eq!(best(&store, &[50, 51, 99], None), some("a2", 2));
     // Nothing starts with 7; no keys at all.
     assert_eq!(best(&store, &[7, 2, 3], None), None);
     assert_eq!(best(&store, &[], None), None);
