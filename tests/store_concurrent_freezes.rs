@@ -10,9 +10,7 @@
 mod common;
 use common::*;
 
-use cwm::io::AlignedBuf;
-use cwm::store::format::{payload_offset, record_len};
-use cwm::store::{BlockImage, Store, StoreConfig, StoreError, WindowWriter};
+use cwm::store::{BlockImage, Store, StoreConfig, StoreError};
 
 const LEN: u64 = 24 << 10;
 
@@ -20,26 +18,6 @@ fn cfg(dir: &std::path::Path) -> StoreConfig {
     let mut c = StoreConfig::new(dir);
     c.segment_size = 256 << 10; // ten records a segment: rotations mid-freeze
     c
-}
-
-/// The record image of block `key` (payload `payload(key, LEN)`).
-fn image(key: u128) -> AlignedBuf {
-    let p = payload(key as u64, LEN as usize);
-    let mut img = AlignedBuf::zeroed(record_len(LEN) as usize);
-    let po = payload_offset(LEN);
-    img[po..po + p.len()].copy_from_slice(&p);
-    img
-}
-
-/// Writes block `i` of the writer (key `key`).
-fn write(w: &mut WindowWriter<'_>, i: usize, key: u128) {
-    let mut img = image(key);
-    w.write_blocks(&mut [BlockImage {
-        index: i,
-        image: &mut img[..],
-        checksum: None,
-    }])
-    .unwrap();
 }
 
 #[test]
@@ -57,14 +35,14 @@ fn interleaved_writers_commit_independently() {
             let mut d1 = store.begin_window(spec("d", &d1_keys, LEN)).unwrap();
             let mut d2 = store.begin_window(spec("d", &d2_keys, LEN)).unwrap();
             for i in 0..6 {
-                write(&mut a, i, a_keys[i]);
-                write(&mut b, i, b_keys[i]);
+                write_block(&mut a, i, a_keys[i] as u64, LEN);
+                write_block(&mut b, i, b_keys[i] as u64, LEN);
                 if i < 3 {
-                    write(&mut c, i, c_keys[i]);
+                    write_block(&mut c, i, c_keys[i] as u64, LEN);
                 }
                 if i < 2 {
-                    write(&mut d1, i, d1_keys[i]);
-                    write(&mut d2, i, d2_keys[i]);
+                    write_block(&mut d1, i, d1_keys[i] as u64, LEN);
+                    write_block(&mut d2, i, d2_keys[i] as u64, LEN);
                 }
             }
             // b commits first although a began first; c gives up: neither disturbs the others.
@@ -160,20 +138,13 @@ fn a_block_published_meanwhile_is_referred_to() {
     for (engine_name, engine) in engines() {
         let tmp = tempfile::tempdir().unwrap();
         let shared = 77u128;
-        let own = |seed: u128| -> AlignedBuf {
-            let p = payload(seed as u64, LEN as usize);
-            let mut img = AlignedBuf::zeroed(record_len(LEN) as usize);
-            let po = payload_offset(LEN);
-            img[po..po + p.len()].copy_from_slice(&p);
-            img
-        };
         {
             let (store, _) = Store::open_with_engine(cfg(tmp.path()), engine.clone()).unwrap();
             let mut w = store.begin_window(spec("w", &[shared, 1], LEN)).unwrap();
             let mut v = store.begin_window(spec("v", &[shared, 2], LEN)).unwrap();
             // The same key, different bytes.
             for (x, seed) in [(&mut w, 1000), (&mut v, 2000)] {
-                let mut img = own(seed);
+                let mut img = block_image(seed, LEN);
                 x.write_blocks(&mut [BlockImage {
                     index: 0,
                     image: &mut img[..],
@@ -181,8 +152,8 @@ fn a_block_published_meanwhile_is_referred_to() {
                 }])
                 .unwrap();
             }
-            write(&mut w, 1, 1);
-            write(&mut v, 1, 2);
+            write_block(&mut w, 1, 1 as u64, LEN);
+            write_block(&mut v, 1, 2 as u64, LEN);
             v.commit().unwrap();
             w.commit().unwrap();
             assert_eq!(store.block_refs(shared).unwrap(), 2, "{engine_name}");

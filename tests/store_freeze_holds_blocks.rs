@@ -7,9 +7,7 @@
 mod common;
 use common::*;
 
-use cwm::io::AlignedBuf;
-use cwm::store::format::{payload_offset, record_len};
-use cwm::store::{BlockImage, CompactOptions, Store, StoreConfig};
+use cwm::store::{CompactOptions, Store, StoreConfig};
 
 const LEN: u64 = 16 << 10;
 
@@ -17,19 +15,6 @@ fn cfg(dir: &std::path::Path) -> StoreConfig {
     let mut c = StoreConfig::new(dir);
     c.segment_size = 256 << 10;
     c
-}
-
-fn write(w: &mut cwm::store::WindowWriter<'_>, i: usize, key: u128) {
-    let p = payload(key as u64, LEN as usize);
-    let mut img = AlignedBuf::zeroed(record_len(LEN) as usize);
-    let po = payload_offset(LEN);
-    img[po..po + p.len()].copy_from_slice(&p);
-    w.write_blocks(&mut [BlockImage {
-        index: i,
-        image: &mut img[..],
-        checksum: None,
-    }])
-    .unwrap();
 }
 
 fn compact_all(store: &Store) {
@@ -64,7 +49,7 @@ fn deduplicated_blocks_outlive_a_delete_and_a_compaction_during_the_freeze() {
             compact_all(&store);
             assert!(store.check_invariants().unwrap().is_empty());
             // ...yet the freeze that counted on them commits a window that reads back whole.
-            write(&mut w, 3, 9);
+            write_block(&mut w, 3, 9, LEN);
             w.commit().unwrap();
             check(&store, "w", &wk, LEN);
             assert_eq!(store.block_refs(1).unwrap(), 1);
@@ -105,12 +90,12 @@ fn a_segment_with_unpublished_records_stays_through_compaction() {
             let (store, _) = Store::open_with_engine(cfg(tmp.path()), engine.clone()).unwrap();
             put(&store, "old", &[30, 31], LEN);
             let mut v = store.begin_window(spec("v", &vk, LEN)).unwrap();
-            write(&mut v, 0, 20);
-            write(&mut v, 1, 21);
+            write_block(&mut v, 0, 20, LEN);
+            write_block(&mut v, 1, 21, LEN);
             // Its segment is sealed and holds garbage; compaction is asked to rewrite it.
             store.delete_window("old", None).unwrap();
             compact_all(&store);
-            write(&mut v, 2, 22);
+            write_block(&mut v, 2, 22, LEN);
             v.commit().unwrap();
             check(&store, "v", &vk, LEN);
             assert!(store.check_invariants().unwrap().is_empty());

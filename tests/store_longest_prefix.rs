@@ -77,17 +77,9 @@ fn a_lost_block_ends_the_usable_prefix() {
         }
         // Zero the header page of d's second block record (pages: 3 blocks, 2 manifest copies).
         let seg = segments(tmp.path())[0].clone();
-        let bytes = std::fs::read(&seg).unwrap();
-        let pages: Vec<usize> = (0..bytes.len() / 4096)
-            .filter(|p| &bytes[p * 4096..p * 4096 + 4] == b"CWMR")
-            .collect();
+        let pages = record_pages(&seg);
         assert_eq!(pages.len(), 5, "{engine_name}");
-        {
-            use std::os::unix::fs::FileExt;
-            let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
-            f.write_all_at(&[0u8; 4096], (pages[1] * 4096) as u64)
-                .unwrap();
-        }
+        zero(&seg, pages[1], 4096);
         let (store, rep) = Store::open_with_engine(StoreConfig::new(tmp.path()), engine).unwrap();
         assert_eq!(rep.incomplete_windows, ["d"], "{engine_name}: {rep:?}");
         assert_eq!(

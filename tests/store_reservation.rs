@@ -5,9 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
 use common::*;
-use cwm::io::AlignedBuf;
-use cwm::store::format::{payload_offset, record_len};
-use cwm::store::{BlockImage, WindowWriter};
+use cwm::store::format::record_len;
+use cwm::store::WindowWriter;
 
 const LEN: u64 = 64 << 10;
 
@@ -16,16 +15,7 @@ fn write_all(mut w: WindowWriter<'_>, keys: &[u128]) -> cwm::store::WindowInfo {
         if !w.needs_write(i) {
             continue;
         }
-        let p = payload(k as u64, LEN as usize);
-        let mut img = AlignedBuf::zeroed(record_len(LEN) as usize);
-        let po = payload_offset(LEN);
-        img[po..po + p.len()].copy_from_slice(&p);
-        w.write_blocks(&mut [BlockImage {
-            index: i,
-            image: &mut img[..],
-            checksum: None,
-        }])
-        .unwrap();
+        write_block(&mut w, i, k as u64, LEN);
     }
     w.commit().unwrap()
 }

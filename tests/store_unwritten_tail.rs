@@ -8,27 +8,9 @@
 mod common;
 use common::*;
 
-use cwm::io::AlignedBuf;
-use cwm::store::format::{payload_offset, record_len};
-use cwm::store::{BlockImage, Store, StoreConfig};
+use cwm::store::{Store, StoreConfig};
 
 const LEN: u64 = 16 << 10;
-
-fn zero(path: &std::path::Path, from: u64, len: usize) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(&vec![0u8; len], from).unwrap();
-    f.sync_all().unwrap();
-}
-
-/// Offsets of the pages of a segment file that start with a record header's magic.
-fn record_pages(path: &std::path::Path) -> Vec<u64> {
-    let bytes = std::fs::read(path).unwrap();
-    (0..bytes.len() / 4096)
-        .filter(|p| &bytes[p * 4096..p * 4096 + 4] == b"CWMR")
-        .map(|p| (p * 4096) as u64)
-        .collect()
-}
 
 /// Windows a and b, then four block records of a freeze that never committed (what a crash
 /// leaves of freezes in flight). Returns the record header offsets of the segment.
@@ -39,16 +21,7 @@ fn build(dir: &std::path::Path, engine: &std::sync::Arc<dyn cwm::io::IoEngine>) 
     let wk = keys(3, 4);
     let mut w = store.begin_window(spec("w", &wk, LEN)).unwrap();
     for (i, k) in wk.iter().enumerate() {
-        let p = payload(*k as u64, LEN as usize);
-        let mut img = AlignedBuf::zeroed(record_len(LEN) as usize);
-        let po = payload_offset(LEN);
-        img[po..po + p.len()].copy_from_slice(&p);
-        w.write_blocks(&mut [BlockImage {
-            index: i,
-            image: &mut img[..],
-            checksum: None,
-        }])
-        .unwrap();
+        write_block(&mut w, i, *k as u64, LEN);
     }
     drop(w);
     drop(store);

@@ -8,22 +8,6 @@ mod common;
 use common::*;
 use cwm::store::{Store, StoreConfig};
 
-fn zero(path: &std::path::Path, from: u64, len: usize) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(&vec![0u8; len], from).unwrap();
-    f.sync_all().unwrap();
-}
-
-/// Offsets of the pages of a segment file that start with a record header's magic.
-fn record_pages(path: &std::path::Path) -> Vec<u64> {
-    let bytes = std::fs::read(path).unwrap();
-    (0..bytes.len() / 4096)
-        .filter(|p| &bytes[p * 4096..p * 4096 + 4] == b"CWMR")
-        .map(|p| (p * 4096) as u64)
-        .collect()
-}
-
 fn freeze_three(dir: &std::path::Path, engine: &std::sync::Arc<dyn cwm::io::IoEngine>) {
     let (store, _) = Store::open_with_engine(StoreConfig::new(dir), engine.clone()).unwrap();
     put(&store, "a", &keys(1, 3), 16 * 1024);

@@ -10,8 +10,12 @@ use std::sync::Arc;
 use cwm::io::fault::FaultEngine;
 use cwm::io::psync::PsyncEngine;
 use cwm::io::uring::UringEngine;
+use cwm::io::AlignedBuf;
 use cwm::io::IoEngine;
-use cwm::store::{BlockDesc, RecoveryReport, Store, StoreConfig, WindowSpec};
+use cwm::store::format::{payload_offset, record_len};
+use cwm::store::{
+    BlockDesc, BlockImage, RecoveryReport, Store, StoreConfig, WindowSpec, WindowWriter,
+};
 
 /// Both engines (io_uring only where the kernel allows it; the skip is printed).
 pub fn engines() -> Vec<(&'static str, Arc<dyn IoEngine>)> {
@@ -158,4 +162,41 @@ pub fn mount_tmpfs(dir: &Path, size: &str) -> Option<Tmpfs> {
             None
         }
     }
+}
+
+/// The record image of a block holding `payload(seed, len)` (header filled in by the writer).
+pub fn block_image(seed: u64, len: u64) -> AlignedBuf {
+    let p = payload(seed, len as usize);
+    let mut img = AlignedBuf::zeroed(record_len(len) as usize);
+    let po = payload_offset(len);
+    img[po..po + p.len()].copy_from_slice(&p);
+    img
+}
+
+/// Writes block `i` of a window being written: `payload(seed, len)`.
+pub fn write_block(w: &mut WindowWriter<'_>, i: usize, seed: u64, len: u64) {
+    let mut img = block_image(seed, len);
+    w.write_blocks(&mut [BlockImage {
+        index: i,
+        image: &mut img[..],
+        checksum: None,
+    }])
+    .unwrap();
+}
+
+/// Overwrites `len` bytes at `from` with zeros, durably.
+pub fn zero(path: &Path, from: u64, len: usize) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&vec![0u8; len], from).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Offsets of the pages of a segment file that start with a record header's magic.
+pub fn record_pages(path: &Path) -> Vec<u64> {
+    let bytes = std::fs::read(path).unwrap();
+    (0..bytes.len() / 4096)
+        .filter(|p| &bytes[p * 4096..p * 4096 + 4] == b"CWMR")
+        .map(|p| (p * 4096) as u64)
+        .collect()
 }

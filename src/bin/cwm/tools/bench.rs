@@ -36,6 +36,19 @@ fn write_window(
     w.commit()
 }
 
+/// A benchmark window: `n` blocks of `len` bytes keyed `key(i)`, 16 tokens a block.
+fn bench_spec(name: String, n: usize, len: u64, key: impl Fn(usize) -> u128) -> WindowSpec {
+    WindowSpec {
+        name,
+        session: "bench".into(),
+        namespace: "bench".into(),
+        layout: b"{}".to_vec(),
+        tokens: (0..n as u32 * 16).collect(),
+        blocks: (0..n).map(|i| BlockDesc { key: key(i), len }).collect(),
+        ..Default::default()
+    }
+}
+
 fn gbps(bytes: u64, secs: f64) -> f64 {
     if secs <= 0.0 {
         return 0.0;
@@ -281,20 +294,9 @@ pub fn store(a: &StoreBenchArgs, p: &Progress) -> Result<StoreBench, StoreError>
         let mut cfg = StoreConfig::new(tmp.path().join("store"));
         cfg.segment_size = (1u64 << 30).max(record_len(a.block_bytes) * 4);
         let (st, _) = Store::open_with_engine(cfg.clone(), engine.clone())?;
-        let spec = WindowSpec {
-            name: format!("bench-{run}"),
-            session: "bench".into(),
-            namespace: "bench".into(),
-            layout: b"{}".to_vec(),
-            tokens: (0..n as u32 * 16).collect(),
-            blocks: (0..n)
-                .map(|i| BlockDesc {
-                    key: ((run as u128) << 64) | i as u128,
-                    len: a.block_bytes,
-                })
-                .collect(),
-            ..Default::default()
-        };
+        let spec = bench_spec(format!("bench-{run}"), n, a.block_bytes, |i| {
+            ((run as u128) << 64) | i as u128
+        });
         let t = Instant::now();
         let mut w = st.begin_window(spec)?;
         let nb = n.div_ceil(batch);
@@ -463,21 +465,9 @@ fn concurrent_writes(
                         .iter()
                         .map(|b| payload_checksum(&b[po..po + bl]))
                         .collect();
-                    let spec = WindowSpec {
-                        name: format!("bench-{run}-w{wi}"),
-                        session: "bench".into(),
-                        namespace: "bench".into(),
-                        layout: b"{}".to_vec(),
-                        tokens: (0..per as u32 * 16).collect(),
-                        blocks: (0..per)
-                            .map(|i| BlockDesc {
-                                key: (((run as u128) << 64) | (1 << 48) | ((wi as u128) << 32))
-                                    + i as u128,
-                                len: a.block_bytes,
-                            })
-                            .collect(),
-                        ..Default::default()
-                    };
+                    let spec = bench_spec(format!("bench-{run}-w{wi}"), per, a.block_bytes, |i| {
+                        (((run as u128) << 64) | (1 << 48) | ((wi as u128) << 32)) + i as u128
+                    });
                     let mut w = st.begin_window(spec)?;
                     let mut first = 0;
                     while first < per {
@@ -566,20 +556,9 @@ pub fn recovery(
             if wi % 64 == 0 {
                 p.update("populating", wi * per, windows * per, "");
             }
-            let spec = WindowSpec {
-                name: format!("w{wi}"),
-                session: "bench".into(),
-                namespace: "bench".into(),
-                layout: b"{}".to_vec(),
-                tokens: (0..(per as u32 - 1) * 16).collect(),
-                blocks: (0..per - 1)
-                    .map(|i| BlockDesc {
-                        key: (u128::from(wi) << 64) | u128::from(i),
-                        len: block,
-                    })
-                    .collect(),
-                ..Default::default()
-            };
+            let spec = bench_spec(format!("w{wi}"), (per - 1) as usize, block, |i| {
+                (u128::from(wi) << 64) | i as u128
+            });
             write_window(&st, spec, &mut imgs)?;
         }
     }
@@ -1182,20 +1161,9 @@ pub fn compaction(
             }
             let w = next;
             next += 1;
-            let spec = WindowSpec {
-                name: format!("c{w}"),
-                session: "bench".into(),
-                namespace: "bench".into(),
-                layout: b"{}".to_vec(),
-                tokens: (0..PER_WINDOW as u32 * 16).collect(),
-                blocks: (0..PER_WINDOW)
-                    .map(|i| BlockDesc {
-                        key: ((w as u128) << 32) | i as u128,
-                        len: BLOCK,
-                    })
-                    .collect(),
-                ..Default::default()
-            };
+            let spec = bench_spec(format!("c{w}"), PER_WINDOW, BLOCK, |i| {
+                ((w as u128) << 32) | i as u128
+            });
             names.push(write_window(st, spec, &mut imgs)?.name);
         }
         p.finish();
