@@ -152,8 +152,8 @@ fn a_block_published_meanwhile_is_referred_to() {
                 }])
                 .unwrap();
             }
-            write_block(&mut w, 1, 1 as u64, LEN);
-            write_block(&mut v, 1, 2 as u64, LEN);
+            write_block(&mut w, 1, 1, LEN);
+            write_block(&mut v, 1, 2, LEN);
             v.commit().unwrap();
             w.commit().unwrap();
             assert_eq!(store.block_refs(shared).unwrap(), 2, "{engine_name}");
