@@ -179,7 +179,7 @@ impl Store {
         len: u64,
     ) -> Result<Arc<Segment>, StoreError> {
         if let Some(s) = &app.active {
-            if !s.sealed.load(Ordering::SeqCst) && s.frontier() + len <= s.size {
+            if Self::fits(app, len) {
                 return Ok(s.clone());
             }
             // Everything handed out in it is written before its sealed length is recorded.
