@@ -373,7 +373,8 @@ fn check_case(
         && report.damaged_records.is_empty()
         && report.damaged_regions.is_empty()
         && report.incomplete_windows.is_empty()
-        && report.removed_empty_segments.is_empty());
+        && report.removed_empty_segments.is_empty()
+        && report.ignored_checkpoints.is_empty());
     let infos: BTreeMap<String, crate::store::WindowInfo> = store
         .list()?
         .into_iter()

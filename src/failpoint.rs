@@ -5,8 +5,10 @@
 //! Set them with [`set`] in-process, or for a child process through the environment:
 //! `CWM_FAILPOINTS="block-write=error;fdatasync=panic"` (read once, at the first site reached).
 //!
-//! Sites: `block-write`, `manifest-write`, `meta-write` (catalog commit), `fdatasync`,
-//! `compaction-copy`, `segment-rotate`, `segment-unlink` (compaction deleting a segment).
+//! Sites: `block-write`, `manifest-write`, `meta-write` (catalog commit), `tombstone-write`,
+//! `fdatasync`, `compaction-copy`, `segment-rotate`, `segment-unlink` (compaction deleting a
+//! segment), and `checkpoint-write` (a segment checkpoint; its failure fails no operation, so
+//! it is not in [`SITES`]: tests/failpoints.rs checks it on its own).
 //! Actions: `error` (the operation fails with a typed
 //! I/O error), `short-write` (part of the bytes reach the file, then the operation fails), and
 //! `panic`. A site fires every time it is reached until cleared.

@@ -195,3 +195,54 @@ fn a_failed_segment_unlink_keeps_the_tombstones_it_needs() {
         check(&store, "live", &keys(3, 10), LEN);
     }
 }
+
+/// A checkpoint that fails to be written (an I/O error, or half a temporary file as a crash
+/// mid-write leaves) costs the next open a scan, nothing else: every window is there, the
+/// unfinished file is removed, and the next clean stop writes the checkpoints.
+#[test]
+fn a_failed_checkpoint_write_costs_only_a_scan() {
+    let _serial = serial();
+    for (ename, engine) in engines() {
+        for action in [Action::Error, Action::ShortWrite] {
+            let what = format!("{ename} {action:?}");
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("d");
+            failpoint::set("checkpoint-write", Some(action));
+            {
+                let (store, _) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
+                // 1 MiB segments: several are sealed (each checkpoint fails in the background),
+                // and the active one's fails at the stop.
+                for i in 0..6u128 {
+                    put(&store, &format!("w{i}"), &keys(i + 1, 4), LEN);
+                }
+            }
+            failpoint::clear();
+            let leftovers = std::fs::read_dir(&dir)
+                .unwrap()
+                .filter(|e| {
+                    let n = e.as_ref().unwrap().file_name();
+                    n.to_string_lossy().ends_with(".ckpt")
+                })
+                .count();
+            assert_eq!(leftovers, 0, "{what}");
+            let (store, rep) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
+            assert_eq!(rep.checkpointed_segments, 0, "{what}: {rep:?}");
+            assert!(rep.ignored_checkpoints.is_empty(), "{what}: {rep:?}");
+            for i in 0..6u128 {
+                check(&store, &format!("w{i}"), &keys(i + 1, 4), LEN);
+            }
+            let tmps = std::fs::read_dir(&dir)
+                .unwrap()
+                .filter(|e| {
+                    let n = e.as_ref().unwrap().file_name();
+                    n.to_string_lossy().ends_with(".tmp")
+                })
+                .count();
+            assert_eq!(tmps, 0, "{what}: unfinished checkpoints left");
+            let segments = rep.segments;
+            drop(store);
+            let (_, rep) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
+            assert_eq!(rep.checkpointed_segments, segments, "{what}: {rep:?}");
+        }
+    }
+}

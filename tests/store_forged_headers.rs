@@ -78,7 +78,7 @@ fn a_record_naming_another_segment_is_not_taken() {
     let mut page = vec![0u8; 4096];
     forged.encode(gen, &mut page);
     write_page(&segs[1], end, &page);
-    let (store, rep) = Store::open(cfg(tmp.path())).unwrap();
+    let (store, rep) = verified(Store::open(cfg(tmp.path())).unwrap());
     assert!(
         rep.torn_tails
             .iter()
@@ -106,7 +106,7 @@ fn a_sequence_gap_without_a_hole_is_reported() {
     f.read_exact_at(&mut page, offs[4]).unwrap();
     h.encode(gen, &mut page);
     write_page(&segs[0], offs[4], &page);
-    let (store, rep) = Store::open(cfg(tmp.path())).unwrap();
+    let (store, rep) = verified(Store::open(cfg(tmp.path())).unwrap());
     assert!(
         rep.damaged_regions
             .iter()
@@ -130,7 +130,7 @@ fn a_zero_header_with_bytes_after_it_is_no_clean_end() {
     let mut page = vec![0xABu8; 4096];
     page[..64].fill(0);
     write_page(&segs[1], end, &page);
-    let (store, rep) = Store::open(cfg(tmp.path())).unwrap();
+    let (store, rep) = verified(Store::open(cfg(tmp.path())).unwrap());
     assert!(
         rep.torn_tails.iter().any(|(s, o, why)| *s == 2
             && *o == end

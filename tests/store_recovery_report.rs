@@ -67,6 +67,7 @@ fn the_report_counts_segments_records_windows_and_cut_bytes() {
         let manifest_at = seg_used - 2 * 4096;
         flip_bit(&last, manifest_at + 8, 0);
         flip_bit(&last, manifest_at + 4096 + 8, 0);
+        as_after_kill(dir);
         let (_, report) = open(dir, &engine);
         assert_eq!(report.torn_tails.len(), 1, "{name}: {report:?}");
         assert_eq!(report.torn_tails[0].1, manifest_at, "{name}");

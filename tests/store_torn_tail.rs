@@ -43,6 +43,7 @@ fn torn_tail_at_every_page() {
                     f.set_len(cut).unwrap();
                 }
                 drop(f);
+                as_after_kill(&d);
                 let (store, report) = open(&d, &engine);
                 check(&store, "first", &a, 16 * 1024);
                 // The manifest's second copy is the last page.
@@ -111,6 +112,7 @@ fn strict_mode_refuses_a_torn_tail() {
         drop(store);
         flip_bit(&seg, used - 2 * 4096 + 9, 3);
         flip_bit(&seg, used - 4096 + 9, 3);
+        as_after_kill(dir);
         let mut cfg = config(dir);
         cfg.recovery = cwm::store::RecoveryMode::Strict;
         let err = cwm::store::Store::open_with_engine(cfg, engine.clone())

@@ -25,6 +25,8 @@ fn build(dir: &std::path::Path, engine: &std::sync::Arc<dyn cwm::io::IoEngine>) 
     }
     drop(w);
     drop(store);
+    // Freezes in flight at a crash: what kill -9 leaves.
+    as_after_kill(dir);
     // a: 3 blocks + 2 manifest copies; b: the same; then the 4 blocks.
     let pages = record_pages(&segments(dir)[0]);
     assert_eq!(pages.len(), 14);

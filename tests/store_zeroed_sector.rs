@@ -24,7 +24,7 @@ fn a_zeroed_sector_at_4096_loses_no_window() {
         let seg = segments(dir)[0].clone();
         zero(&seg, 4096, 512);
         let (store, report) =
-            Store::open_with_engine(StoreConfig::new(dir), engine.clone()).unwrap();
+            verified(Store::open_with_engine(StoreConfig::new(dir), engine.clone()).unwrap());
         let names: Vec<String> = store.list().unwrap().into_iter().map(|w| w.name).collect();
         assert_eq!(names, ["a", "b", "c"], "{name}: {report:?}");
         for (w, k) in [("a", 1), ("b", 2), ("c", 3)] {
@@ -48,7 +48,7 @@ fn a_zeroed_block_header_costs_only_its_window_prefix() {
         let first = record_pages(&seg)[0];
         zero(&seg, first, 512);
         let (store, report) =
-            Store::open_with_engine(StoreConfig::new(dir), engine.clone()).unwrap();
+            verified(Store::open_with_engine(StoreConfig::new(dir), engine.clone()).unwrap());
         let names: Vec<String> = store.list().unwrap().into_iter().map(|w| w.name).collect();
         assert_eq!(names, ["a", "b", "c"], "{name}: {report:?}");
         check(&store, "b", &keys(2, 3), 16 * 1024);

@@ -160,9 +160,49 @@ impl Server {
         })
     }
 
-    /// Records the damage opening the store found (its recovery report), for `health`.
-    pub fn opened(&self, report: &crate::store::RecoveryReport) {
+    /// The store the daemon serves.
+    #[must_use]
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Records the damage opening the store found (its recovery report), for `health`; when
+    /// the open took records from checkpoints, walks their record headers in the background
+    /// ([`crate::store::Store::verify_checkpoints`]) and records what that finds the same way.
+    pub fn opened(self: &Arc<Self>, report: &crate::store::RecoveryReport) {
         self.integrity.opened(report);
+        if report.checkpointed_segments == 0 {
+            return;
+        }
+        let me = self.clone();
+        let job = move || match me.store.verify_checkpoints() {
+            Ok(r) => {
+                let n = r.damaged_regions.len();
+                if n > 0 {
+                    crate::log::warn(&format!(
+                        "verifying the checkpointed segments found {n} damaged regions (see \
+                         `cwm health`)"
+                    ));
+                }
+                me.integrity.opened(&r);
+                crate::log::info(&format!(
+                    "checkpointed segments verified: {} segments, {} records",
+                    r.segments, r.records
+                ));
+            }
+            Err(e) => {
+                me.integrity.record(
+                    "open",
+                    format!("verifying the checkpointed segments failed: {e}"),
+                );
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("cwm-verify-open".into())
+            .spawn(job)
+        {
+            crate::log::warn(&format!("checkpoint verification not started: {e}"));
+        }
     }
 
     fn engine(&self, name: &str) -> Result<Arc<Engine>, ApiError> {

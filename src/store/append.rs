@@ -13,12 +13,14 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use super::checkpoint;
 use super::error::{poisoned, StoreError};
 use super::format::{
     self, payload_offset, record_len, stored_len, RecordHeader, RecordKind, PAGE,
     SEGMENT_HEADER_LEN,
 };
 use super::index::Loc;
+use super::recovery::scan::Rec;
 use super::segment::Segment;
 use super::Store;
 use crate::checksum::payload_checksum;
@@ -151,6 +153,12 @@ impl Store {
             ditto: false,
         };
         let po = payload_offset(payload_len);
+        seg.note_record(
+            Rec { h, offset, len },
+            (kind != RecordKind::Block)
+                .then(|| image.get(po..po + payload_len as usize))
+                .flatten(),
+        );
         h.encode(seg.generation, &mut image[..PAGE as usize]);
         if po == PAGE as usize {
             image[format::RECORD_HEADER_LEN..PAGE as usize].fill(0);
@@ -185,6 +193,7 @@ impl Store {
             // Everything handed out in it is written before its sealed length is recorded.
             self.quiesce()?;
             s.seal_recorded(self.engine.as_ref());
+            self.checkpoint_sealed(s);
         }
         let id = app.next_segment;
         crate::fail_point!("segment-rotate", a => {
@@ -265,10 +274,116 @@ impl Store {
                 continue;
             }
             self.used.fetch_sub(end - offset, Ordering::SeqCst);
+            seg.forget_records_from(offset);
             // Best effort: on a dying device the truncation may fail too; recovery then finds
             // the record torn or whole (an unacknowledged outcome, either way consistent).
             let _ = seg.file.set_len(offset.max(seg.first_record));
             let _ = seg.file.sync_all();
+        }
+    }
+
+    /// Writes the checkpoint of `seg`, just sealed with everything handed out in it written,
+    /// in the background: its records are made durable first (`fdatasync`), then the
+    /// checkpoint file is written (`checkpoint.rs`). Nothing when its records were not kept
+    /// or it failed. Joined when the store is dropped.
+    pub(super) fn checkpoint_sealed(&self, seg: &Arc<Segment>) {
+        let Some(recs) = seg.take_records() else {
+            return;
+        };
+        if seg.failed.load(Ordering::SeqCst) {
+            return;
+        }
+        let (seg, dir, engine) = (seg.clone(), self.cfg.dir.clone(), self.engine.clone());
+        let job = move || {
+            let covered = seg.frontier();
+            if !checkpoint::tiles(seg.first_record, recs.iter().map(|k| &k.0), covered) {
+                return;
+            }
+            let res = engine
+                .fdatasync(seg.fd())
+                .map_err(|e| std::io::Error::other(e.to_string()))
+                .and_then(|()| {
+                    if seg.failed.load(Ordering::SeqCst) {
+                        return Err(std::io::Error::other("the segment failed"));
+                    }
+                    checkpoint::write(&dir, &seg, covered, &recs)
+                });
+            if let Err(e) = res {
+                crate::log::warn(&format!(
+                    "checkpoint of segment {} not written: {e}",
+                    seg.id
+                ));
+            }
+        };
+        match std::thread::Builder::new()
+            .name("cwm-checkpoint".into())
+            .spawn(job)
+        {
+            Ok(h) => {
+                if let Ok(mut v) = self.checkpoints.lock() {
+                    v.retain(|h| !h.is_finished());
+                    v.push(h);
+                }
+            }
+            Err(e) => crate::log::warn(&format!("checkpoint thread not started: {e}")),
+        }
+    }
+
+    /// A clean stop's checkpoints: waits for those being written in the background, then
+    /// checkpoints the active segment up to its frontier (so the next open scans no record
+    /// header). Dropping the store does the same; a daemon calls it once it has drained, since
+    /// other threads may still hold the store.
+    pub fn checkpoint(&self) {
+        self.wait_checkpoints();
+        self.checkpoint_active();
+    }
+
+    /// Waits for the checkpoints being written in the background.
+    pub fn wait_checkpoints(&self) {
+        let hs = self
+            .checkpoints
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default();
+        for h in hs {
+            let _ = h.join();
+        }
+    }
+
+    /// At a clean stop: checkpoints the active segment up to its frontier (its records made
+    /// durable first), so the next open scans only what is appended after.
+    pub(super) fn checkpoint_active(&self) {
+        let Ok(app) = self.appender.lock() else {
+            return;
+        };
+        if self.quiesce().is_err() {
+            return;
+        }
+        let Some(seg) = &app.active else {
+            return;
+        };
+        if seg.failed.load(Ordering::SeqCst) || seg.sealed.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(recs) = seg.records.lock().ok().and_then(|g| g.clone()) else {
+            return;
+        };
+        let covered = seg.frontier();
+        if recs.is_empty()
+            || !checkpoint::tiles(seg.first_record, recs.iter().map(|k| &k.0), covered)
+        {
+            return;
+        }
+        let res = self
+            .engine
+            .fdatasync(seg.fd())
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|()| checkpoint::write(&self.cfg.dir, seg, covered, &recs));
+        if let Err(e) = res {
+            crate::log::warn(&format!(
+                "checkpoint of segment {} not written: {e}",
+                seg.id
+            ));
         }
     }
 

@@ -321,7 +321,13 @@ impl Store {
         throttle: &mut Throttle,
         tick: &mut dyn FnMut(u64),
     ) -> Result<(), StoreError> {
-        let (recs, _, _, _) = scan(self.engine.as_ref(), seg, seg.frontier())?;
+        let (recs, _, _, _) = scan(
+            self.engine.as_ref(),
+            seg,
+            seg.frontier(),
+            seg.first_record,
+            0,
+        )?;
         let mut i = 0;
         while i < recs.len() {
             // Choose and read a batch without the appender lock (reading is most of the time,
@@ -416,6 +422,7 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(StoreError::from_fs("remove", &seg.path, e)),
         }
+        super::checkpoint::remove(&self.cfg.dir, seg.id);
         io::sync_dir(&self.cfg.dir)
             .map_err(|e| StoreError::from_fs("sync directory", &self.cfg.dir, e))?;
         {
@@ -617,6 +624,13 @@ impl Store {
             ditto: false,
             ..*h
         };
+        let po = super::format::payload_offset(h.payload_len);
+        seg.note_record(
+            super::recovery::scan::Rec { h: nh, offset, len },
+            (h.kind != RecordKind::Block)
+                .then(|| image.get(po..po + h.payload_len as usize))
+                .flatten(),
+        );
         if super::format::copies(h.kind) == 2 {
             // Two copies, each re-sealed for the new segment.
             let one = (len / 2) as usize;
@@ -637,6 +651,7 @@ impl Store {
             // Everything handed out in it is written before its sealed length is recorded.
             self.quiesce()?;
             s.seal_recorded(self.engine.as_ref());
+            self.checkpoint_sealed(s);
         }
         Ok(())
     }

@@ -106,6 +106,9 @@ pub(crate) struct State {
     pub by_first: HashMap<u128, std::collections::BTreeSet<String>>,
     /// Every segment of the log, by id.
     pub segments: BTreeMap<u64, Arc<Segment>>,
+    /// Segments whose records the open took from their checkpoint, with the offset it covers
+    /// up to: what [`Store::verify_checkpoints`] walks.
+    pub checkpointed: Vec<(u64, u64)>,
 }
 
 /// A block record found for a window being published: written by its commit, or found in the
@@ -152,21 +155,33 @@ impl State {
         found: impl IntoIterator<Item = Option<BlockRecord>>,
         unfound: Unfound,
     ) -> (WindowInfo, Option<u64>) {
+        // Live bytes added per segment, applied once per segment after the loop (an atomic
+        // per block would serialise a recovery publishing a million of them).
+        let mut live: Vec<(Arc<Segment>, u64)> = Vec::new();
+        let mut add_live =
+            |seg: &Arc<Segment>, n: u64| match live.iter_mut().find(|(s, _)| Arc::ptr_eq(s, seg)) {
+                Some((_, t)) => *t += n,
+                None => live.push((seg.clone(), n)),
+            };
         for (b, f) in m.blocks.iter().zip(found) {
-            if let Some(e) = self.blocks.get_mut(&b.key) {
-                e.refs += 1;
-                if let (None, Some(f)) = (&e.loc, f) {
-                    f.loc.seg.live.fetch_add(f.loc.len, Ordering::SeqCst);
-                    self.block_bytes += f.loc.len;
-                    e.loc = Some(f.loc);
-                    e.payload_len = f.payload_len;
-                    e.checksum = f.checksum;
+            let vacant = match self.blocks.entry(b.key) {
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    let e = o.get_mut();
+                    e.refs += 1;
+                    if let (None, Some(f)) = (&e.loc, f) {
+                        add_live(&f.loc.seg, f.loc.len);
+                        self.block_bytes += f.loc.len;
+                        e.loc = Some(f.loc);
+                        e.payload_len = f.payload_len;
+                        e.checksum = f.checksum;
+                    }
+                    continue;
                 }
-                continue;
-            }
+                std::collections::hash_map::Entry::Vacant(v) => v,
+            };
             let entry = match f {
                 Some(f) => {
-                    f.loc.seg.live.fetch_add(f.loc.len, Ordering::SeqCst);
+                    add_live(&f.loc.seg, f.loc.len);
                     self.block_bytes += f.loc.len;
                     BlockEntry {
                         loc: Some(f.loc),
@@ -185,7 +200,10 @@ impl State {
                 },
                 None => continue,
             };
-            self.blocks.insert(b.key, entry);
+            vacant.insert(entry);
+        }
+        for (seg, n) in live {
+            seg.live.fetch_add(n, Ordering::SeqCst);
         }
         manifest.seg.live.fetch_add(manifest.len, Ordering::SeqCst);
         let info = WindowInfo {

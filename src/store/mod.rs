@@ -63,10 +63,13 @@
 //! - `verify.rs`: record verification, and [`Store::verify_log`] over the whole log.
 //! - `recovery/`: rebuilding the index from the log at open ([`RecoveryReport`]).
 //! - `compact.rs`: compaction (copying live records out of sparse segments).
+//! - `checkpoint.rs`: segment checkpoints (a segment's record headers in one file, read at
+//!   open instead of walking them).
 
 mod append;
 mod capacity;
 mod catalog;
+mod checkpoint;
 mod compact;
 mod error;
 pub mod format;
@@ -130,7 +133,17 @@ pub struct Store {
     reserved: AtomicU64,
     /// One compaction at a time (the background thread, the op, repair).
     compacting: Mutex<()>,
+    /// Checkpoints being written in the background ([`Store::wait_checkpoints`]).
+    checkpoints: Mutex<Vec<std::thread::JoinHandle<()>>>,
     _lock: File,
+}
+
+impl Drop for Store {
+    /// A clean stop: the background checkpoints finish, and the active segment is
+    /// checkpointed up to its frontier.
+    fn drop(&mut self) {
+        self.checkpoint();
+    }
 }
 
 /// The 128-bit key under which a window's manifests and tombstones are written.
@@ -172,6 +185,7 @@ impl Store {
             in_flight: append::InFlight::default(),
             used: AtomicU64::new(used),
             compacting: Mutex::new(()),
+            checkpoints: Mutex::new(Vec::new()),
             _lock: lock,
         };
         Ok((store, report))

@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use super::checkpoint::Kept;
 use super::error::StoreError;
 use super::format::{SegmentHeader, PAGE, SEGMENT_HEADER_LEN, SEGMENT_VERSION};
+use super::recovery::scan::Rec;
 use crate::io::{self, AlignedBuf, IoEngine};
 
 /// One open segment file.
@@ -40,6 +42,10 @@ pub(crate) struct Segment {
     /// Freezes in progress with block records here that are not published yet: compaction
     /// leaves the segment on disk while any has (they are in no index yet).
     pub writers: AtomicU64,
+    /// The records appended to this segment, in offset order, kept for its checkpoint
+    /// (written when it is sealed or at a clean stop). `None`: not kept (a segment loaded
+    /// sealed, or whose records do not tile it: no checkpoint is written from memory).
+    pub records: Mutex<Option<Vec<Kept>>>,
 }
 
 impl std::fmt::Debug for Segment {
@@ -161,6 +167,7 @@ impl Segment {
             manifest_names: Mutex::new(HashSet::new()),
             meta_keys: Mutex::new(HashSet::new()),
             writers: AtomicU64::new(0),
+            records: Mutex::new(Some(Vec::new())),
         })
     }
 
@@ -230,6 +237,30 @@ impl Segment {
                 return;
             }
         }
+    }
+
+    /// Notes a record appended at `r.offset` (for the checkpoint).
+    /// A metadata record comes with its payload.
+    pub fn note_record(&self, r: Rec, payload: Option<&[u8]>) {
+        if let Ok(mut g) = self.records.lock() {
+            if let Some(v) = g.as_mut() {
+                v.push((r, payload.map(<[u8]>::to_vec)));
+            }
+        }
+    }
+
+    /// Forgets the records from `offset` on (cut back after a failed write).
+    pub fn forget_records_from(&self, offset: u64) {
+        if let Ok(mut g) = self.records.lock() {
+            if let Some(v) = g.as_mut() {
+                v.retain(|(r, _)| r.offset < offset);
+            }
+        }
+    }
+
+    /// Takes the records kept for the checkpoint (none are kept after this).
+    pub fn take_records(&self) -> Option<Vec<Kept>> {
+        self.records.lock().ok().and_then(|mut g| g.take())
     }
 
     /// Marks the segment failed (read-only) after a write or fdatasync error.

@@ -24,6 +24,9 @@ pub struct StoreConfig {
     pub queue_depth: u32,
     /// What recovery tolerates.
     pub recovery: RecoveryMode,
+    /// Read segment checkpoints at open instead of every record header where they are valid
+    /// (docs/FORMAT.md "Checkpoints"); default true. `cwm fsck` turns it off (a full scan).
+    pub use_checkpoints: bool,
 }
 
 impl StoreConfig {
@@ -37,6 +40,7 @@ impl StoreConfig {
             engine: EngineKind::Uring,
             queue_depth: 32,
             recovery: RecoveryMode::TolerateTail,
+            use_checkpoints: true,
         }
     }
 }

@@ -71,7 +71,8 @@ impl Store {
                     bad(p * PAGE, "segment header copy does not verify".into());
                 }
             }
-            let (recs, frontier, torn, damaged) = scan(engine, &seg, seg.frontier())?;
+            let (recs, frontier, torn, damaged) =
+                scan(engine, &seg, seg.frontier(), seg.first_record, 0)?;
             for (from, to, why) in damaged {
                 bad(from, format!("damaged region up to {to}: {why}"));
             }

@@ -327,6 +327,8 @@ pub(crate) fn serve(mut a: ServeArgs, m: &clap::ArgMatches) -> Result<(), String
             "stopping with {left} freezes or thaws still running"
         ));
     }
+    // A clean stop: checkpoint the active segment, so the next start scans no record header.
+    server.store().checkpoint();
     cwm::log::info("stopped");
     Ok(())
 }

@@ -9,7 +9,7 @@
 //! manifests and tombstones and publishes the surviving windows; this file holds [`recover`],
 //! its steps over the segments, and the newest segment's return to service.
 
-pub(super) mod scan;
+pub(crate) mod scan;
 mod segment_files;
 mod windows;
 
@@ -22,6 +22,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::append::Appender;
+use super::checkpoint;
 use super::error::StoreError;
 use super::format::{self, record_len, HeaderError, RecordHeader, RecordKind, SegmentHeader, PAGE};
 use super::index::{Loc, State};
@@ -84,6 +85,27 @@ pub struct RecoveryReport {
     pub removed_empty_segments: Vec<u64>,
     /// Bytes of torn tails cut off.
     pub truncated_bytes: u64,
+    /// Segments whose records were read from their checkpoint instead of their headers
+    /// (docs/FORMAT.md "Checkpoints").
+    pub checkpointed_segments: u64,
+    /// Checkpoints that could not be used (the segment was scanned instead; a new checkpoint
+    /// is written when the scan finds it clean): (segment id, why).
+    pub ignored_checkpoints: Vec<(u64, String)>,
+}
+
+/// What [`Recovery::scan_segment`] found in one segment.
+struct Scanned {
+    /// The records, in offset order.
+    recs: Vec<Rec>,
+    /// For each record, the payload its checkpoint holds (metadata records it covers).
+    payloads: Vec<Option<Vec<u8>>>,
+    /// Where appends may resume.
+    frontier: u64,
+    /// Where the records taken from the checkpoint end (the first record's offset when none
+    /// were).
+    checkpointed: u64,
+    /// No damage found by the scan (a checkpoint may be written from these records).
+    clean: bool,
 }
 
 /// A manifest or tombstone found in the log, and where.
@@ -92,12 +114,43 @@ enum Meta {
     Tombstone(Tombstone, Loc),
 }
 
-/// A block record found in the log.
+/// A block record found in the log. Its segment is named by id, not held (no reference count
+/// touched per record while a million are gathered).
 struct Cand {
     seq: u64,
-    loc: Loc,
+    seg: u64,
+    offset: u64,
+    len: u64,
     payload_len: u64,
     checksum: u64,
+}
+
+/// The block records found for one key: almost always one (kept inline: a million keys cost
+/// no million allocations), several for a block written again or copied by compaction.
+enum Cands {
+    One(Cand),
+    Many(Vec<Cand>),
+}
+
+impl Cands {
+    fn push(&mut self, c: Cand) {
+        match self {
+            Cands::Many(v) => v.push(c),
+            Cands::One(_) => {
+                let Cands::One(first) = std::mem::replace(self, Cands::Many(Vec::new())) else {
+                    return;
+                };
+                *self = Cands::Many(vec![first, c]);
+            }
+        }
+    }
+
+    fn as_slice(&self) -> &[Cand] {
+        match self {
+            Cands::One(c) => std::slice::from_ref(c),
+            Cands::Many(v) => v,
+        }
+    }
 }
 
 /// The index, the appender, the bytes in the log, and the report.
@@ -124,12 +177,18 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
         heal: None,
         page: AlignedBuf::zeroed(PAGE as usize),
     };
+    // The block index is sized once from what the checkpoints list (rehashing a million
+    // entries while they arrive costs more than the checkpoints' reads).
+    if cfg.use_checkpoints {
+        r.cands.reserve(checkpoint::listed_records(&cfg.dir, &ids));
+    }
     for (n, &id) in ids.iter().enumerate() {
         r.load_segment(id, n + 1 == ids.len())?;
     }
     for (_, _, loc) in r.state.meta.values() {
         loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
     }
+    checkpoint::remove_orphans(&cfg.dir, |id| r.state.segments.contains_key(&id));
     let live = r.apply_name_events();
     r.publish_windows(live)?;
     r.report.windows = r.state.windows.len() as u64;
@@ -160,7 +219,7 @@ struct Recovery<'a> {
     /// Manifests and tombstones found, with their sequence numbers.
     metas: Vec<(u64, Meta)>,
     /// Block records found, by key.
-    cands: HashMap<u128, Vec<Cand>>,
+    cands: HashMap<u128, Cands>,
     /// Highest sequence number found.
     max_seq: u64,
     /// Bytes of the log (up to each segment's frontier).
@@ -202,9 +261,16 @@ impl Recovery<'_> {
             manifest_names: std::sync::Mutex::new(std::collections::HashSet::new()),
             meta_keys: std::sync::Mutex::new(std::collections::HashSet::new()),
             writers: AtomicU64::new(0),
+            records: std::sync::Mutex::new(None),
         });
         self.report.segments += 1;
-        let (recs, frontier) = self.scan_segment(&seg, file_len, &path, newest)?;
+        let Scanned {
+            recs,
+            mut payloads,
+            frontier,
+            checkpointed,
+            clean,
+        } = self.scan_segment(&seg, file_len, &path, newest)?;
         seg.frontier.store(frontier, Ordering::SeqCst);
         self.used += frontier;
         // The newest segment ends with a metadata record whose second copy is missing: it is
@@ -220,8 +286,44 @@ impl Recovery<'_> {
                     && r.offset + r.len == frontier
             })
             .map(|r| (r.offset, r.len, r.h));
-        for r in recs {
-            self.gather_record(&seg, r, &path)?;
+        // A checkpoint is written from these records (or they are kept for one): metadata
+        // payloads are kept as they are read.
+        let active = newest && seg.header.sealed_len == 0;
+        let keep = clean
+            && checkpoint::tiles(seg.first_record, &recs, frontier)
+            && (active || checkpointed < frontier);
+        // Metadata records are read a batch at a time, concurrently (one request each would
+        // wait out the device's latency once per manifest); those a checkpoint holds are not
+        // read at all.
+        for (n, batch) in recs.chunks(META_BATCH).enumerate() {
+            let at = n * META_BATCH;
+            let mut imgs =
+                read_meta_images(self.engine, &seg, batch, &payloads[at..at + batch.len()])?;
+            for (i, (r, img)) in batch.iter().zip(imgs.iter_mut()).enumerate() {
+                let raw = self.gather_record(
+                    &seg,
+                    *r,
+                    img.take(),
+                    payloads[at + i].as_deref(),
+                    keep,
+                    &path,
+                )?;
+                if raw.is_some() {
+                    payloads[at + i] = raw;
+                }
+            }
+        }
+        if keep {
+            let kept: Vec<checkpoint::Kept> = recs.into_iter().zip(payloads).collect();
+            if active {
+                // Kept in memory while it is the active segment; checkpointed when sealed or
+                // at a clean stop.
+                if let Ok(mut g) = seg.records.lock() {
+                    *g = Some(kept);
+                }
+            } else {
+                self.write_checkpoint(&seg, frontier, &kept);
+            }
         }
         // Cut off torn tails and unused preallocation so stale bytes can never be read as
         // records after later appends.
@@ -284,19 +386,46 @@ impl Recovery<'_> {
         }
     }
 
-    /// Scans the records of `seg` and reports (or, when strict, refuses) its damaged regions,
-    /// a sealed length its records fall short of, and its torn tail. Returns the records and
-    /// the frontier.
+    /// Takes the records of `seg` from its checkpoint where it has a usable one, scans the
+    /// rest, and reports (or, when strict, refuses) its damaged regions, a sealed length its
+    /// records fall short of, and its torn tail. Returns the records, the frontier and where
+    /// the checkpointed records end (the first record's offset when none were).
     fn scan_segment(
         &mut self,
         seg: &Segment,
         file_len: u64,
         path: &Path,
         newest: bool,
-    ) -> Result<(Vec<Rec>, u64), StoreError> {
+    ) -> Result<Scanned, StoreError> {
         let id = seg.id;
         let header = seg.header;
-        let (mut recs, mut frontier, mut torn, mut damaged) = scan(self.engine, seg, file_len)?;
+        let ckpt = if self.cfg.use_checkpoints {
+            checkpoint::read(&self.cfg.dir, seg, file_len)
+        } else {
+            Ok(None)
+        };
+        let (ck, start, last_seq) = match ckpt {
+            Ok(Some(c)) => {
+                self.report.checkpointed_segments += 1;
+                self.state.checkpointed.push((id, c.covered));
+                (c.recs, c.covered, c.last_seq)
+            }
+            Ok(None) => (Vec::new(), seg.first_record, 0),
+            Err(why) => {
+                crate::log::warn(&format!(
+                    "{}: checkpoint ignored ({why}); scanning the segment",
+                    path.display()
+                ));
+                self.report.ignored_checkpoints.push((id, why));
+                (Vec::new(), seg.first_record, 0)
+            }
+        };
+        let (mut recs, mut payloads): (Vec<Rec>, Vec<Option<Vec<u8>>>) = ck.into_iter().unzip();
+        let checkpointed = start;
+        let (more, mut frontier, mut torn, mut damaged) =
+            scan(self.engine, seg, file_len, start, last_seq)?;
+        recs.extend(more);
+        payloads.resize(recs.len(), None);
         if newest && header.sealed_len == 0 {
             unwritten_tail(&mut recs, &mut frontier, &mut torn, &mut damaged);
         }
@@ -320,6 +449,7 @@ impl Recovery<'_> {
                 )));
             }
         }
+        let clean = damaged.is_empty();
         for (from, to, why) in damaged {
             self.report.damaged_regions.push((id, from, to, why));
         }
@@ -333,22 +463,54 @@ impl Recovery<'_> {
             self.report.truncated_bytes += file_len.saturating_sub(off);
             self.report.torn_tails.push((id, off, why));
         }
-        Ok((recs, frontier))
+        // `unwritten_tail` may have cut records off the end.
+        payloads.truncate(recs.len());
+        let scanned = Scanned {
+            recs,
+            payloads,
+            frontier,
+            checkpointed,
+            clean: clean && self.cfg.use_checkpoints,
+        };
+        Ok(scanned)
+    }
+
+    /// Writes the checkpoint of a segment found clean that had none (or an unusable or
+    /// partial one), after making its records durable (they were read back, but a block
+    /// record of a freeze that never committed may not have been synced). Best effort: without
+    /// one, the next open scans the segment again.
+    fn write_checkpoint(&self, seg: &Segment, covered: u64, recs: &[checkpoint::Kept]) {
+        let res = self
+            .engine
+            .fdatasync(seg.fd())
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|()| checkpoint::write(&self.cfg.dir, seg, covered, recs));
+        if let Err(e) = res {
+            crate::log::warn(&format!(
+                "checkpoint of segment {} not written: {e}",
+                seg.id
+            ));
+        }
     }
 
     /// Takes in one record of `seg`: a block record becomes a candidate for the manifests
     /// that refer to its key; a metadata record is read and verified (either copy), and a
     /// catalog record indexed, a manifest or tombstone kept for
     /// [`Recovery::apply_name_events`].
-    fn gather_record(&mut self, seg: &Arc<Segment>, r: Rec, path: &Path) -> Result<(), StoreError> {
+    /// `ckpt`: the payload a checkpoint holds for a metadata record; `keep`: return the
+    /// payload read (for a checkpoint of this segment).
+    fn gather_record(
+        &mut self,
+        seg: &Arc<Segment>,
+        r: Rec,
+        img: Option<AlignedBuf>,
+        ckpt: Option<&[u8]>,
+        keep: bool,
+        path: &Path,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         let id = seg.id;
         self.max_seq = self.max_seq.max(r.h.seq);
         self.report.records += 1;
-        let loc = Loc {
-            seg: seg.clone(),
-            offset: r.offset,
-            len: r.len,
-        };
         if r.h.kind == RecordKind::Manifest {
             seg.note_manifest(r.h.key);
         }
@@ -356,15 +518,36 @@ impl Recovery<'_> {
             seg.note_meta(r.h.key);
         }
         match r.h.kind {
-            RecordKind::Block => self.cands.entry(r.h.key).or_default().push(Cand {
-                seq: r.h.seq,
-                loc,
-                payload_len: r.h.payload_len,
-                checksum: r.h.payload_xxh3,
-            }),
+            RecordKind::Block => {
+                let c = Cand {
+                    seq: r.h.seq,
+                    seg: id,
+                    offset: r.offset,
+                    len: r.len,
+                    payload_len: r.h.payload_len,
+                    checksum: r.h.payload_xxh3,
+                };
+                match self.cands.entry(r.h.key) {
+                    std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().push(c),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(Cands::One(c));
+                    }
+                }
+            }
             RecordKind::Manifest | RecordKind::Tombstone | RecordKind::Meta => {
+                let loc = Loc {
+                    seg: seg.clone(),
+                    offset: r.offset,
+                    len: r.len,
+                };
                 let mut bad_copy = Vec::new();
-                let read = read_meta(self.engine, seg, &r, &mut bad_copy);
+                let read = match (ckpt, img) {
+                    (Some(p), _) => Ok(decode_payload(&r, p).map(|m| (m, None))),
+                    (None, Some(img)) => Ok(decode_meta(&img, seg, &r, &mut bad_copy)
+                        .map(|(m, p)| (m, keep.then(|| p.to_vec())))),
+                    (None, None) => read_meta(self.engine, seg, &r, &mut bad_copy)
+                        .map(|o| o.map(|(m, p)| (m, keep.then_some(p)))),
+                };
                 for (from, to, why) in bad_copy {
                     if self.strict {
                         return Err(StoreError::Recovery(format!(
@@ -376,7 +559,7 @@ impl Recovery<'_> {
                     self.report.damaged_regions.push((id, from, to, why));
                 }
                 match read {
-                    Ok(Some(m)) => {
+                    Ok(Some((m, raw))) => {
                         let m = match m {
                             MetaPayload::Catalog(bytes) => {
                                 // The newest record of a key is live (counted once every
@@ -390,12 +573,13 @@ impl Recovery<'_> {
                                 if newer {
                                     self.state.meta.insert(r.h.key, (r.h.seq, bytes, loc));
                                 }
-                                return Ok(());
+                                return Ok(raw);
                             }
                             MetaPayload::Manifest(m) => Meta::Manifest(m, loc),
                             MetaPayload::Tombstone(t) => Meta::Tombstone(t, loc),
                         };
                         self.metas.push((r.h.seq, m));
+                        return Ok(raw);
                     }
                     Ok(None) | Err(_) => {
                         if self.strict {
@@ -411,7 +595,7 @@ impl Recovery<'_> {
                 }
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// The newest segment stays the active one if it has room: cut its tail, re-preallocate
@@ -428,7 +612,17 @@ impl Recovery<'_> {
                     Ok(()) => {
                         if let Some((offset, len, h)) = self.heal {
                             if f + len + PAGE < seg.size {
-                                self.used += rewrite_copy(self.engine, &seg, offset, len, h)?;
+                                let added = rewrite_copy(self.engine, &seg, offset, len, h)?;
+                                self.used += added;
+                                // The checkpoint's list merges the two copies, as a scan
+                                // would.
+                                if let Ok(mut g) = seg.records.lock() {
+                                    if let Some(last) = g.as_mut().and_then(|v| v.last_mut()) {
+                                        if last.0.offset == offset && added > 0 {
+                                            last.0.len += added;
+                                        }
+                                    }
+                                }
                             }
                         }
                         seg.sealed.store(false, Ordering::SeqCst);
@@ -523,36 +717,93 @@ fn reset_tail(file: &File, frontier: u64, size: u64) -> std::io::Result<()> {
     file.sync_all()
 }
 
-enum MetaPayload {
+pub(crate) enum MetaPayload {
     Manifest(Manifest),
     Tombstone(Tombstone),
     Catalog(Vec<u8>),
 }
 
-fn read_meta(
+/// Metadata records read at once at open.
+const META_BATCH: usize = 256;
+
+/// The images of the metadata records among `recs` (`None` for block records), read
+/// concurrently.
+///
+/// Records whose payload a checkpoint holds are not read:
+/// [`Store::verify_checkpoints`](crate::store::Store::verify_checkpoints) checks both of their
+/// copies in the log after the open, as the scan of a segment without a checkpoint does at the
+/// open.
+fn read_meta_images(
+    engine: &dyn IoEngine,
+    seg: &Segment,
+    recs: &[Rec],
+    payloads: &[Option<Vec<u8>>],
+) -> Result<Vec<Option<AlignedBuf>>, StoreError> {
+    let mut imgs: Vec<Option<AlignedBuf>> = recs
+        .iter()
+        .zip(payloads)
+        .map(|(r, p)| {
+            (r.h.kind != RecordKind::Block && p.is_none())
+                .then(|| AlignedBuf::zeroed(r.len as usize))
+        })
+        .collect();
+    let mut ops: Vec<crate::io::Op<'_>> = recs
+        .iter()
+        .zip(imgs.iter_mut())
+        .filter_map(|(r, img)| {
+            img.as_mut()
+                .map(|b| crate::io::Op::read(seg.fd(), r.offset, &mut b[..]))
+        })
+        .collect();
+    if !ops.is_empty() {
+        engine
+            .run(&mut ops)
+            .map_err(|e| StoreError::io("reading manifests during recovery", e))?;
+    }
+    drop(ops);
+    Ok(imgs)
+}
+
+pub(crate) fn read_meta(
     engine: &dyn IoEngine,
     seg: &Segment,
     r: &Rec,
     damaged: &mut Vec<(u64, u64, String)>,
-) -> Result<Option<MetaPayload>, StoreError> {
+) -> Result<Option<(MetaPayload, Vec<u8>)>, StoreError> {
     let mut img = AlignedBuf::zeroed(r.len as usize);
     engine
         .read_exact_at(seg.fd(), r.offset, &mut img)
         .map_err(|e| StoreError::io("reading a manifest during recovery", e))?;
-    // Either copy that verifies; a copy that does not is reported.
-    let (good, bad) = check_meta(&img, seg, r.h.kind);
+    Ok(decode_meta(&img, seg, r, damaged).map(|(m, p)| (m, p.to_vec())))
+}
+
+/// The payload of the metadata record `r` from its image: either copy that verifies (a copy
+/// that does not is reported).
+fn decode_meta<'i>(
+    img: &'i [u8],
+    seg: &Segment,
+    r: &Rec,
+    damaged: &mut Vec<(u64, u64, String)>,
+) -> Option<(MetaPayload, &'i [u8])> {
+    let (good, bad) = check_meta(img, seg, r.h.kind);
     let Ok((_, p)) = good else {
-        return Ok(None);
+        return None;
     };
     if let Some(why) = bad {
         damaged.push((r.offset, r.offset + r.len, why));
     }
-    Ok(match r.h.kind {
+    decode_payload(r, p).map(|m| (m, p))
+}
+
+/// The payload `p` of metadata record `r`, decoded (`None`: it does not decode, or a manifest
+/// names another window than its header's key).
+fn decode_payload(r: &Rec, p: &[u8]) -> Option<MetaPayload> {
+    match r.h.kind {
         RecordKind::Manifest => Manifest::decode(p)
             .ok()
             .and_then(|m| (name_key(&m.name) == r.h.key).then_some(MetaPayload::Manifest(m))),
         RecordKind::Tombstone => Tombstone::decode(p).ok().map(MetaPayload::Tombstone),
         RecordKind::Meta => Some(MetaPayload::Catalog(p.to_vec())),
         RecordKind::Block => None,
-    })
+    }
 }

@@ -9,7 +9,8 @@ use crate::store::segment::Segment;
 
 /// A record found by [`scan`]: its header, where it starts, its length (both copies of a
 /// metadata record whose copies were both found).
-pub(in crate::store) struct Rec {
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rec {
     /// Its header (of the first copy found).
     pub h: RecordHeader,
     /// Offset in the segment.
@@ -30,7 +31,9 @@ pub(in crate::store) type Scan = (
     Vec<(u64, u64, String)>,
 );
 
-/// Walks the record headers of one segment. Reads 256 KiB windows while records are small and
+/// Walks the record headers of one segment from `start` (the first record, or the end of what a
+/// checkpoint covers; `last_seq`: the highest sequence number before it, 0 at the first
+/// record). Reads 256 KiB windows while records are small and
 /// single header pages once they are large, so the cost follows the number of records.
 ///
 /// An invalid or all-zero header page followed, later in the segment, by a valid record of the
@@ -44,12 +47,14 @@ pub(in crate::store) fn scan(
     engine: &dyn IoEngine,
     seg: &Segment,
     file_len: u64,
+    start: u64,
+    last_seq: u64,
 ) -> Result<Scan, StoreError> {
     let mut recs: Vec<Rec> = Vec::new();
     let mut buf = AlignedBuf::zeroed(SCAN_WINDOW);
     let (mut win_start, mut win_len) = (0u64, 0u64);
-    let mut off = seg.first_record;
-    let mut last_seq = 0u64;
+    let mut off = start;
+    let mut last_seq = last_seq;
     let mut big = false;
     let mut damaged: Vec<(u64, u64, String)> = Vec::new();
     // A damaged region was skipped since the last record written in order (it explains a
@@ -133,7 +138,7 @@ pub(in crate::store) fn scan(
         let len = record_len(h.payload_len);
         if !h.copied {
             if last_seq != 0 && h.seq > last_seq + 1 && !explained {
-                let from = recs.last().map_or(seg.first_record, |r| r.offset + r.len);
+                let from = recs.last().map_or(start, |r| r.offset + r.len);
                 damaged.push((
                     from,
                     off,

@@ -4,14 +4,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
-use super::{Cand, Meta, Recovery};
+use super::{Cand, Cands, Meta, Recovery};
 use crate::io::{AlignedBuf, IoEngine};
 use crate::store::error::StoreError;
 use crate::store::format::RecordKind;
 use crate::store::index::{BlockRecord, Loc, Unfound};
 use crate::store::manifest::Manifest;
 use crate::store::name_key;
+use crate::store::segment::Segment;
 use crate::store::verify::verify_image;
 
 impl Recovery<'_> {
@@ -61,8 +63,11 @@ impl Recovery<'_> {
         &mut self,
         live: BTreeMap<String, (u64, Manifest, Loc)>,
     ) -> Result<(), StoreError> {
+        self.state.blocks.reserve(self.cands.len());
         for cs in self.cands.values_mut() {
-            cs.sort_by_key(|c| c.seq);
+            if let Cands::Many(v) = cs {
+                v.sort_by_key(|c| c.seq);
+            }
         }
         // Blocks already resolved to one of several records with the same sequence number (an
         // original and its compaction copies): key -> chosen candidate index.
@@ -70,7 +75,14 @@ impl Recovery<'_> {
         let mut windows: Vec<(u64, Manifest, Loc)> = live.into_values().collect();
         windows.sort_by_key(|(s, _, _)| *s);
         for (seq, m, mloc) in windows {
-            let resolved = resolve_blocks(self.engine, &self.cands, &mut chosen, &m, seq);
+            let resolved = resolve_blocks(
+                self.engine,
+                &self.state.segments,
+                &self.cands,
+                &mut chosen,
+                &m,
+                seq,
+            );
             if resolved.iter().any(Option::is_none) {
                 if self.strict {
                     return Err(StoreError::Recovery(format!(
@@ -80,13 +92,23 @@ impl Recovery<'_> {
                 }
                 self.report.incomplete_windows.push(m.name.clone());
             }
-            let found = resolved.into_iter().map(|c| {
-                c.map(|c| BlockRecord {
-                    loc: c.loc.clone(),
-                    payload_len: c.payload_len,
-                    checksum: c.checksum,
+            let segments = &self.state.segments;
+            let found: Vec<Option<BlockRecord>> = resolved
+                .into_iter()
+                .map(|c| {
+                    c.and_then(|c| {
+                        Some(BlockRecord {
+                            loc: Loc {
+                                seg: segments.get(&c.seg)?.clone(),
+                                offset: c.offset,
+                                len: c.len,
+                            },
+                            payload_len: c.payload_len,
+                            checksum: c.checksum,
+                        })
+                    })
                 })
-            });
+                .collect();
             self.state
                 .publish(&m, seq, mloc, found, Unfound::IndexAsLost);
         }
@@ -99,7 +121,8 @@ impl Recovery<'_> {
 /// copies, the one [`pick_duplicate`] chooses, the same for every window (`chosen`).
 fn resolve_blocks<'c>(
     engine: &dyn IoEngine,
-    cands: &'c HashMap<u128, Vec<Cand>>,
+    segments: &BTreeMap<u64, Arc<Segment>>,
+    cands: &'c HashMap<u128, Cands>,
     chosen: &mut HashMap<u128, usize>,
     m: &Manifest,
     seq: u64,
@@ -107,13 +130,18 @@ fn resolve_blocks<'c>(
     let mut resolved = Vec::with_capacity(m.blocks.len());
     for b in &m.blocks {
         let found = cands.get(&b.key).and_then(|cs| {
+            let cs = cs.as_slice();
             let i = cs
                 .iter()
                 .rposition(|c| c.seq < seq && c.checksum == b.checksum && c.payload_len == b.len)?;
+            if cs.len() == 1 {
+                // No duplicate to choose from.
+                return Some(&cs[i]);
+            }
             let i = match chosen.get(&b.key) {
                 Some(&j) if cs[j].seq == cs[i].seq => j,
                 _ => {
-                    let j = pick_duplicate(engine, cs, i);
+                    let j = pick_duplicate(engine, segments, cs, i);
                     chosen.insert(b.key, j);
                     j
                 }
@@ -128,7 +156,12 @@ fn resolve_blocks<'c>(
 /// Of the records with the sequence number of `cs[i]` (an original and its compaction copies,
 /// identical when intact), the newest whose bytes verify; `i` when there is only one or none
 /// verifies (reads then report the damage). Only duplicates pay for reading payloads.
-fn pick_duplicate(engine: &dyn IoEngine, cs: &[Cand], i: usize) -> usize {
+fn pick_duplicate(
+    engine: &dyn IoEngine,
+    segments: &BTreeMap<u64, Arc<Segment>>,
+    cs: &[Cand],
+    i: usize,
+) -> usize {
     let seq = cs[i].seq;
     let dups: Vec<usize> = (0..=i)
         .rev()
@@ -140,11 +173,12 @@ fn pick_duplicate(engine: &dyn IoEngine, cs: &[Cand], i: usize) -> usize {
     }
     for j in dups {
         let c = &cs[j];
-        let mut img = AlignedBuf::zeroed(c.loc.len as usize);
-        if engine
-            .read_exact_at(c.loc.seg.fd(), c.loc.offset, &mut img)
-            .is_ok()
-            && verify_image(&img, &c.loc.seg, RecordKind::Block).is_ok()
+        let Some(seg) = segments.get(&c.seg) else {
+            continue;
+        };
+        let mut img = AlignedBuf::zeroed(c.len as usize);
+        if engine.read_exact_at(seg.fd(), c.offset, &mut img).is_ok()
+            && verify_image(&img, seg, RecordKind::Block).is_ok()
         {
             return j;
         }

@@ -192,7 +192,17 @@ pub fn figures(v: &Value) -> Result<(String, Vec<Figure>), String> {
         let t = format!("cwm bench recovery ({} records)", num(v, "records")?);
         return Ok((
             t,
-            vec![Figure::new("reopen", "s", num(v, "open_seconds")?).ceiling("target", 2.0, None)],
+            vec![
+                Figure::new("reopen after a clean stop", "s", num(v, "open_seconds")?)
+                    .ceiling("target", 2.0, None),
+                Figure::new(
+                    "reopen after kill -9",
+                    "s",
+                    num(v, "open_after_kill_seconds")?,
+                )
+                .ceiling("target", 5.0, None),
+                Figure::new("full scan", "s", num(v, "open_full_scan_seconds")?),
+            ],
         ));
     }
     Err("not a report of cwm bench or cwm gpu-check".into())
