@@ -217,32 +217,36 @@ fn a_failed_checkpoint_write_costs_only_a_scan() {
                 }
             }
             failpoint::clear();
-            let leftovers = std::fs::read_dir(&dir)
-                .unwrap()
-                .filter(|e| {
-                    let n = e.as_ref().unwrap().file_name();
-                    n.to_string_lossy().ends_with(".ckpt")
-                })
-                .count();
-            assert_eq!(leftovers, 0, "{what}");
+            assert_eq!(files_ending(&dir, ".ckpt"), 0, "{what}");
             let (store, rep) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
             assert_eq!(rep.checkpointed_segments, 0, "{what}: {rep:?}");
             assert!(rep.ignored_checkpoints.is_empty(), "{what}: {rep:?}");
             for i in 0..6u128 {
                 check(&store, &format!("w{i}"), &keys(i + 1, 4), LEN);
             }
-            let tmps = std::fs::read_dir(&dir)
-                .unwrap()
-                .filter(|e| {
-                    let n = e.as_ref().unwrap().file_name();
-                    n.to_string_lossy().ends_with(".tmp")
-                })
-                .count();
-            assert_eq!(tmps, 0, "{what}: unfinished checkpoints left");
+            assert_eq!(
+                files_ending(&dir, ".tmp"),
+                0,
+                "{what}: unfinished checkpoints left"
+            );
             let segments = rep.segments;
             drop(store);
             let (_, rep) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
             assert_eq!(rep.checkpointed_segments, segments, "{what}: {rep:?}");
         }
     }
+}
+
+/// Files in `dir` whose name ends with `suffix`.
+fn files_ending(dir: &std::path::Path, suffix: &str) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(suffix)
+        })
+        .count()
 }

@@ -27,6 +27,10 @@ pub struct FaultPlan {
     pub fsync_errno: i32,
     /// Keep failing every write after the first failure (a full device) instead of once.
     pub sticky: bool,
+    /// Hold the write op with this 0-based index before it reaches the device, until
+    /// [`FaultEngine::release`] (a slow write, to order concurrent operations in tests; a
+    /// held write gives up waiting after 30 s).
+    pub hold_write: Option<u64>,
 }
 
 /// Wraps an engine and injects the faults of its current [`FaultPlan`].
@@ -37,6 +41,9 @@ pub struct FaultEngine {
     reads: AtomicU64,
     fsyncs: AtomicU64,
     tripped: std::sync::atomic::AtomicBool,
+    /// (a write is held now, released)
+    hold: Mutex<(bool, bool)>,
+    gate: std::sync::Condvar,
 }
 
 impl FaultEngine {
@@ -50,7 +57,42 @@ impl FaultEngine {
             reads: AtomicU64::new(0),
             fsyncs: AtomicU64::new(0),
             tripped: std::sync::atomic::AtomicBool::new(false),
+            hold: Mutex::new((false, false)),
+            gate: std::sync::Condvar::new(),
         }
+    }
+
+    /// Whether the write [`FaultPlan::hold_write`] names is being held now.
+    #[must_use]
+    pub fn holding(&self) -> bool {
+        self.hold.lock().is_ok_and(|h| h.0)
+    }
+
+    /// Lets the held write (and any later one the plan would hold) go on.
+    pub fn release(&self) {
+        if let Ok(mut h) = self.hold.lock() {
+            h.1 = true;
+        }
+        self.gate.notify_all();
+    }
+
+    fn wait_for_release(&self) {
+        let Ok(mut h) = self.hold.lock() else {
+            return;
+        };
+        h.0 = true;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !h.1 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            h = match self.gate.wait_timeout(h, left) {
+                Ok((g, _)) => g,
+                Err(_) => return,
+            };
+        }
+        h.0 = false;
     }
 
     /// Replaces the plan and resets the counters.
@@ -62,6 +104,9 @@ impl FaultEngine {
         self.reads.store(0, Ordering::SeqCst);
         self.fsyncs.store(0, Ordering::SeqCst);
         self.tripped.store(false, Ordering::SeqCst);
+        if let Ok(mut h) = self.hold.lock() {
+            *h = (false, false);
+        }
     }
 
     /// Removes every planned fault.
@@ -107,6 +152,9 @@ impl IoEngine for FaultEngine {
             }
             if is_write {
                 let n = self.writes.fetch_add(1, Ordering::SeqCst);
+                if plan.hold_write == Some(n) {
+                    self.wait_for_release();
+                }
                 let fail = plan.fail_write == Some(n)
                     || (plan.sticky && self.tripped.load(Ordering::SeqCst));
                 if fail {
