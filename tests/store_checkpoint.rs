@@ -283,3 +283,30 @@ fn a_segment_removed_by_compaction_takes_its_checkpoint_along() {
     assert!(rep.ignored_checkpoints.is_empty(), "{rep:?}");
     assert_eq!(store.list().unwrap().len(), 12 - first.len());
 }
+
+#[test]
+fn the_walk_leaves_records_appended_after_the_open_alone() {
+    for (name, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        build(dir, &engine);
+        // Damage under the active segment's checkpoint (written at the clean stop).
+        let seg = segments(dir)[1].clone();
+        let first = record_pages(&seg)[0];
+        zero(&seg, first, 512);
+        let (store, rep) = Store::open_with_engine(config(dir), engine.clone()).unwrap();
+        assert_eq!(rep.checkpointed_segments, 2, "{name}: {rep:?}");
+        // Frozen after the open: appended to the active segment, past what it covered.
+        put(&store, "late", &keys(77, 2), LEN);
+        let v = store.verify_checkpoints().unwrap();
+        assert_eq!(v.damaged_regions.len(), 1, "{name}: {v:?}");
+        assert_eq!(v.damaged_regions[0].0, 2);
+        assert!(!v.incomplete_windows.contains(&"late".to_string()), "{v:?}");
+        check(&store, "late", &keys(77, 2), LEN);
+        assert!(store.check_invariants().unwrap().is_empty());
+        drop(store);
+        let (store, rep) = Store::open_with_engine(config(dir), engine.clone()).unwrap();
+        assert_eq!(rep.damaged_regions.len(), 1, "{name}: {rep:?}");
+        check(&store, "late", &keys(77, 2), LEN);
+    }
+}

@@ -43,6 +43,9 @@ struct State {
 #[derive(Default)]
 pub struct Integrity {
     state: Mutex<State>,
+    /// The walk of the checkpointed segments after the open is under way (`health` says so:
+    /// damage it finds is reported when it ends).
+    verifying: std::sync::atomic::AtomicBool,
 }
 
 fn now() -> u64 {
@@ -152,10 +155,23 @@ impl Integrity {
         let ok = s.problems.is_empty();
         json!({
             "ok": ok,
+            "verifying_checkpoints": self.verifying(),
             "problems": s.problems,
             "problems_total": s.total,
             "recovery": if ok { Value::Null } else { Value::from(RECOVERY) },
         })
+    }
+
+    /// Marks the walk of the checkpointed segments after the open as under way, or done.
+    pub fn set_verifying(&self, on: bool) {
+        self.verifying
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the walk of the checkpointed segments after the open is under way.
+    #[must_use]
+    pub fn verifying(&self) -> bool {
+        self.verifying.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Seconds since the Unix epoch, for [`Integrity::scrubbed`].

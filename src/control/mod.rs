@@ -174,6 +174,7 @@ impl Server {
         if report.checkpointed_segments == 0 {
             return;
         }
+        self.integrity.set_verifying(true);
         let me = self.clone();
         let job = move || match me.store.verify_checkpoints() {
             Ok(r) => {
@@ -185,6 +186,7 @@ impl Server {
                     ));
                 }
                 me.integrity.opened(&r);
+                me.integrity.set_verifying(false);
                 crate::log::info(&format!(
                     "checkpointed segments verified: {} segments, {} records",
                     r.segments, r.records
@@ -195,12 +197,14 @@ impl Server {
                     "open",
                     format!("verifying the checkpointed segments failed: {e}"),
                 );
+                me.integrity.set_verifying(false);
             }
         };
         if let Err(e) = std::thread::Builder::new()
             .name("cwm-verify-open".into())
             .spawn(job)
         {
+            self.integrity.set_verifying(false);
             crate::log::warn(&format!("checkpoint verification not started: {e}"));
         }
     }

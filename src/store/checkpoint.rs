@@ -351,9 +351,11 @@ impl Store {
                 .blocks
                 .iter()
                 .filter(|(_, b)| {
-                    b.loc
-                        .as_ref()
-                        .is_some_and(|l| l.seg.id == seg.id && !found.contains(&l.offset))
+                    // Only what the checkpoint covered: records appended since the open (the
+                    // active segment) were not walked.
+                    b.loc.as_ref().is_some_and(|l| {
+                        l.seg.id == seg.id && l.offset < covered && !found.contains(&l.offset)
+                    })
                 })
                 .map(|(k, _)| *k)
                 .collect();

@@ -378,9 +378,23 @@ impl Run {
     /// After a restart: the daemon's health (a kill is no damage), the listed windows against
     /// the model, each one thawed and verified, and the daemon's consistency check.
     fn verify_all(&mut self, c: &mut Client) -> Result<(), String> {
-        let h = c
-            .call_final(json!({"op": "health"}))
-            .map_err(|e| format!("health: {e}"))?;
+        // Once the walk of the checkpointed segments after the open is done (a kill must
+        // leave nothing it reports either).
+        let t = std::time::Instant::now();
+        let h = loop {
+            let h = c
+                .call_final(json!({"op": "health"}))
+                .map_err(|e| format!("health: {e}"))?;
+            if h["integrity"]["verifying_checkpoints"] != true
+                || t.elapsed() > std::time::Duration::from_secs(60)
+            {
+                break h;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        if h["integrity"]["verifying_checkpoints"] == true {
+            self.violation("the walk of the checkpointed segments did not end in 60 s".into());
+        }
         if h["status"] != "ok" {
             self.violation(format!(
                 "health {} after a kill alone: {}",
