@@ -214,7 +214,12 @@ impl Store {
             .cfg
             .segment_size
             .max((SEGMENT_HEADER_LEN + len).next_multiple_of(PAGE));
-        let seg = match Segment::create(&self.cfg.dir, id, size, self.engine.as_ref()) {
+        let mut created = Segment::create(&self.cfg.dir, id, size, self.engine.as_ref());
+        if matches!(created, Err(StoreError::NoSpace(_))) && self.drop_checkpoints() > 0 {
+            // Checkpoints only save scans: on a full file system the log comes first.
+            created = Segment::create(&self.cfg.dir, id, size, self.engine.as_ref());
+        }
+        let seg = match created {
             Ok(s) => s,
             // The file system is full (EC-052). A one-page record (a tombstone, a catalog
             // record) still gets a small segment, so deleting windows to free space keeps
@@ -327,6 +332,19 @@ impl Store {
             }
             Err(e) => crate::log::warn(&format!("checkpoint thread not started: {e}")),
         }
+    }
+
+    /// Removes every checkpoint file (the file system is full and the log needs the room):
+    /// the next open scans those segments. Returns how many were removed.
+    fn drop_checkpoints(&self) -> usize {
+        let n = checkpoint::remove_all(&self.cfg.dir);
+        if n > 0 {
+            crate::log::warn(&format!(
+                "file system full: {n} segment checkpoints removed to make room (the next \
+                 open scans those segments)"
+            ));
+        }
+        n
     }
 
     /// A clean stop's checkpoints: waits for those being written in the background, then

@@ -278,6 +278,17 @@ pub(crate) fn remove_orphans(dir: &Path, live: impl Fn(u64) -> bool) {
     }
 }
 
+/// Removes every checkpoint (and unfinished one) in `dir`; returns how many files went.
+pub(crate) fn remove_all(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .filter(|e| e.file_name().to_str().and_then(parse_file_name).is_some())
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
 /// True when the records of a segment can be checkpointed: they tile `[first_record, end)`.
 pub(crate) fn tiles<'r>(
     first_record: u64,
