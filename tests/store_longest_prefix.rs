@@ -80,7 +80,8 @@ fn a_lost_block_ends_the_usable_prefix() {
         let pages = record_pages(&seg);
         assert_eq!(pages.len(), 5, "{engine_name}");
         zero(&seg, pages[1], 4096);
-        let (store, rep) = Store::open_with_engine(StoreConfig::new(tmp.path()), engine).unwrap();
+        let (store, rep) =
+            verified(Store::open_with_engine(StoreConfig::new(tmp.path()), engine).unwrap());
         assert_eq!(rep.incomplete_windows, ["d"], "{engine_name}: {rep:?}");
         assert_eq!(
             best(&store, &[20, 21, 22], None),
