@@ -38,6 +38,15 @@ fn full_scan(dir: &Path, engine: &Arc<dyn IoEngine>) -> (Store, cwm::store::Reco
     Store::open_with_engine(cfg, engine.clone()).unwrap()
 }
 
+/// Zeroes the first 512 bytes of the first record of segment file `i` (a block header);
+/// returns its offset.
+fn zero_first_record(dir: &Path, i: usize) -> u64 {
+    let seg = segments(dir)[i].clone();
+    let first = record_pages(&seg)[0];
+    zero(&seg, first, 512);
+    first
+}
+
 fn check_all(store: &Store) {
     for i in 0..12u128 {
         check(store, &format!("w{i}"), &keys(i + 1, 2), LEN);
@@ -164,9 +173,7 @@ fn a_block_damaged_under_a_checkpoint_is_found_by_the_walk_the_read_and_fsck() {
         let dir = tmp.path();
         build(dir, &engine);
         // w0's first block: the first record of the sealed segment.
-        let seg = segments(dir)[0].clone();
-        let first = record_pages(&seg)[0];
-        zero(&seg, first, 512);
+        let first = zero_first_record(dir, 0);
         let (store, rep) = Store::open_with_engine(config(dir), engine.clone()).unwrap();
         // The open itself took the segment from its checkpoint and read no block header...
         assert_eq!(rep.checkpointed_segments, 2, "{name}: {rep:?}");
@@ -291,9 +298,7 @@ fn the_walk_leaves_records_appended_after_the_open_alone() {
         let dir = tmp.path();
         build(dir, &engine);
         // Damage under the active segment's checkpoint (written at the clean stop).
-        let seg = segments(dir)[1].clone();
-        let first = record_pages(&seg)[0];
-        zero(&seg, first, 512);
+        let _ = zero_first_record(dir, 1);
         let (store, rep) = Store::open_with_engine(config(dir), engine.clone()).unwrap();
         assert_eq!(rep.checkpointed_segments, 2, "{name}: {rep:?}");
         // Frozen after the open: appended to the active segment, past what it covered.
