@@ -315,3 +315,27 @@ fn the_walk_leaves_records_appended_after_the_open_alone() {
         check(&store, "late", &keys(77, 2), LEN);
     }
 }
+
+#[test]
+fn a_truncated_checkpoint_is_ignored() {
+    let (name, engine) = engines().remove(0);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    build(dir, &engine);
+    let ck = checkpoints(dir)[0].clone();
+    let whole = std::fs::read(&ck).unwrap();
+    // Shorter than a header and a checksum, down to nothing; and cut in the entries.
+    for len in [0, 5, 40, 71, 72, 200] {
+        std::fs::write(&ck, &whole[..len]).unwrap();
+        let (store, rep) = Store::open_with_engine(config(dir), engine.clone()).unwrap();
+        assert_eq!(rep.ignored_checkpoints.len(), 1, "{name} {len}: {rep:?}");
+        check_all(&store);
+        drop(store);
+        // Written again whole by that open.
+        assert_eq!(
+            std::fs::read(&ck).unwrap().len(),
+            whole.len(),
+            "{name} {len}"
+        );
+    }
+}
