@@ -339,3 +339,27 @@ fn a_truncated_checkpoint_is_ignored() {
         );
     }
 }
+
+#[test]
+fn a_checkpoint_naming_another_generation_of_its_segment_is_ignored() {
+    // What a segment id reused after a crash at creation would meet: a well-formed checkpoint
+    // of the same id, another generation (its entries still verify: they are the segment's).
+    let (name, engine) = engines().remove(0);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    build(dir, &engine);
+    let ck = checkpoints(dir)[0].clone();
+    let mut b = std::fs::read(&ck).unwrap();
+    b[16] ^= 1; // generation
+    let n = b.len() - 8;
+    let sum = xxhash_rust::xxh3::xxh3_64(&b[..n]);
+    b[n..].copy_from_slice(&sum.to_le_bytes());
+    std::fs::write(&ck, &b).unwrap();
+    let (store, rep) = Store::open_with_engine(config(dir), engine.clone()).unwrap();
+    assert_eq!(rep.ignored_checkpoints.len(), 1, "{name}: {rep:?}");
+    assert!(
+        rep.ignored_checkpoints[0].1.contains("generation"),
+        "{rep:?}"
+    );
+    check_all(&store);
+}
