@@ -300,25 +300,7 @@ impl Store {
         }
         let (seg, dir, engine) = (seg.clone(), self.cfg.dir.clone(), self.engine.clone());
         let job = move || {
-            let covered = seg.frontier();
-            if !checkpoint::tiles(seg.first_record, recs.iter().map(|k| &k.0), covered) {
-                return;
-            }
-            let res = engine
-                .fdatasync(seg.fd())
-                .map_err(|e| std::io::Error::other(e.to_string()))
-                .and_then(|()| {
-                    if seg.failed.load(Ordering::SeqCst) {
-                        return Err(std::io::Error::other("the segment failed"));
-                    }
-                    checkpoint::write(&dir, &seg, covered, &recs)
-                });
-            if let Err(e) = res {
-                crate::log::warn(&format!(
-                    "checkpoint of segment {} not written: {e}",
-                    seg.id
-                ));
-            }
+            checkpoint::sync_and_write(engine.as_ref(), &dir, &seg, seg.frontier(), &recs);
         };
         match std::thread::Builder::new()
             .name("cwm-checkpoint".into())
@@ -386,23 +368,13 @@ impl Store {
         let Some(recs) = seg.records.lock().ok().and_then(|g| g.clone()) else {
             return;
         };
-        let covered = seg.frontier();
-        if recs.is_empty()
-            || !checkpoint::tiles(seg.first_record, recs.iter().map(|k| &k.0), covered)
-        {
-            return;
-        }
-        let res = self
-            .engine
-            .fdatasync(seg.fd())
-            .map_err(|e| std::io::Error::other(e.to_string()))
-            .and_then(|()| checkpoint::write(&self.cfg.dir, seg, covered, &recs));
-        if let Err(e) = res {
-            crate::log::warn(&format!(
-                "checkpoint of segment {} not written: {e}",
-                seg.id
-            ));
-        }
+        checkpoint::sync_and_write(
+            self.engine.as_ref(),
+            &self.cfg.dir,
+            seg,
+            seg.frontier(),
+            &recs,
+        );
     }
 
     /// `fdatasync`s a segment; a failure makes it read-only (never retried as if nothing

@@ -33,7 +33,7 @@ use super::recovery::{read_meta, RecoveryReport};
 use super::segment::Segment;
 use super::Store;
 use crate::checksum::payload_checksum;
-use crate::io;
+use crate::io::{self, IoEngine};
 
 /// First bytes of a checkpoint file.
 const MAGIC: &[u8; 8] = b"CWMCKPT1";
@@ -251,6 +251,36 @@ pub(crate) fn listed_records(dir: &Path, ids: &[u64]) -> usize {
         .filter_map(|id| std::fs::metadata(dir.join(file_name(*id))).ok())
         .map(|m| (m.len() as usize).saturating_sub(HEADER + 8) / ENTRY)
         .sum()
+}
+
+/// Makes `seg`'s records durable (`fdatasync`) and writes its checkpoint covering `recs` up
+/// to `covered` — when they tile it and the segment has not failed. Best effort: a failure is
+/// logged, and the next open scans the segment instead.
+pub(crate) fn sync_and_write(
+    engine: &dyn IoEngine,
+    dir: &Path,
+    seg: &Segment,
+    covered: u64,
+    recs: &[Kept],
+) {
+    if recs.is_empty() || !tiles(seg.first_record, recs.iter().map(|k| &k.0), covered) {
+        return;
+    }
+    let res = engine
+        .fdatasync(seg.fd())
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|()| {
+            if seg.failed.load(Ordering::SeqCst) {
+                return Err(std::io::Error::other("the segment failed"));
+            }
+            write(dir, seg, covered, recs)
+        });
+    if let Err(e) = res {
+        crate::log::warn(&format!(
+            "checkpoint of segment {} not written: {e}",
+            seg.id
+        ));
+    }
 }
 
 /// Removes segment `id`'s checkpoint (best effort: a left-over one names a segment that no

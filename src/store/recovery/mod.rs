@@ -480,17 +480,7 @@ impl Recovery<'_> {
     /// record of a freeze that never committed may not have been synced). Best effort: without
     /// one, the next open scans the segment again.
     fn write_checkpoint(&self, seg: &Segment, covered: u64, recs: &[checkpoint::Kept]) {
-        let res = self
-            .engine
-            .fdatasync(seg.fd())
-            .map_err(|e| std::io::Error::other(e.to_string()))
-            .and_then(|()| checkpoint::write(&self.cfg.dir, seg, covered, recs));
-        if let Err(e) = res {
-            crate::log::warn(&format!(
-                "checkpoint of segment {} not written: {e}",
-                seg.id
-            ));
-        }
+        checkpoint::sync_and_write(self.engine, &self.cfg.dir, seg, covered, recs);
     }
 
     /// Takes in one record of `seg`: a block record becomes a candidate for the manifests
