@@ -291,32 +291,28 @@ pub(crate) fn remove(dir: &Path, id: u64) {
 }
 
 /// Removes checkpoints (and temporary files of unfinished ones) in `dir` whose segment is not
-/// in `live`.
-pub(crate) fn remove_orphans(dir: &Path, live: impl Fn(u64) -> bool) {
+/// in `live`; returns how many files went.
+pub(crate) fn remove_orphans(dir: &Path, live: impl Fn(u64) -> bool) -> usize {
     let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
+        return 0;
     };
+    let mut n = 0;
     for e in rd.flatten() {
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };
         let tmp = name.ends_with(".tmp");
         if let Some(id) = parse_file_name(name) {
-            if tmp || !live(id) {
-                let _ = std::fs::remove_file(e.path());
+            if (tmp || !live(id)) && std::fs::remove_file(e.path()).is_ok() {
+                n += 1;
             }
         }
     }
+    n
 }
 
 /// Removes every checkpoint (and unfinished one) in `dir`; returns how many files went.
 pub(crate) fn remove_all(dir: &Path) -> usize {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    rd.flatten()
-        .filter(|e| e.file_name().to_str().and_then(parse_file_name).is_some())
-        .filter(|e| std::fs::remove_file(e.path()).is_ok())
-        .count()
+    remove_orphans(dir, |_| false)
 }
 
 /// True when the records of a segment can be checkpointed: they tile `[first_record, end)`.
