@@ -4,11 +4,12 @@
 //! is the one place a window becomes visible (at commit and at recovery); [`release_window`]
 //! drops its references. Also here: the lookups answered from the index alone.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::error::{poisoned, StoreError};
+use super::keyhash::KeyMap;
 use super::manifest::Manifest;
 use super::segment::Segment;
 use super::{name, Store, WindowInfo};
@@ -84,18 +85,18 @@ impl WindowEntry {
 #[derive(Default)]
 pub(crate) struct State {
     /// Newest catalog record per key: (sequence number, payload, where it is).
-    pub meta: HashMap<u128, (u64, Vec<u8>, Loc)>,
+    pub meta: KeyMap<(u64, Vec<u8>, Loc)>,
     /// Per window-name key, the sequence number of the newest manifest or tombstone written
     /// for it (the event recovery resolves the name to; compaction keeps it while needed).
-    pub names: HashMap<u128, u64>,
+    pub names: KeyMap<u64>,
     /// Per window-name key whose newest event is a tombstone: where that tombstone is. Only
     /// these tombstones count as live bytes.
-    pub tombs: HashMap<u128, Loc>,
+    pub tombs: KeyMap<Loc>,
     /// Windows whose newest manifest is not exposed because a block is missing (recovery's
     /// `incomplete_windows`): name -> (version, manifest sequence number).
     pub incomplete: BTreeMap<String, (u64, u64)>,
     /// Every block some window refers to, by key.
-    pub blocks: HashMap<u128, BlockEntry>,
+    pub blocks: KeyMap<BlockEntry>,
     /// Bytes of the block records `blocks` locates (kept as they are indexed and dropped, so
     /// eviction reads it without walking the index).
     pub block_bytes: u64,
@@ -103,7 +104,7 @@ pub(crate) struct State {
     pub windows: BTreeMap<String, WindowEntry>,
     /// Names of the windows whose first block has this key (lookups start here, so their
     /// cost follows the windows sharing a prompt's first block, not all windows).
-    pub by_first: HashMap<u128, std::collections::BTreeSet<String>>,
+    pub by_first: KeyMap<std::collections::BTreeSet<String>>,
     /// Every segment of the log, by id.
     pub segments: BTreeMap<u64, Arc<Segment>>,
     /// Segments whose records the open took from their checkpoint, with the offset it covers

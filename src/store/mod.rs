@@ -74,6 +74,7 @@ mod compact;
 mod error;
 pub mod format;
 mod index;
+mod keyhash;
 mod lock;
 pub mod manifest;
 pub mod name;

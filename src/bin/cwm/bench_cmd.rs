@@ -118,6 +118,11 @@ pub(crate) enum BenchCmd {
         /// I/O engine: uring or psync.
         #[arg(long, default_value = "uring")]
         engine: EngineKind,
+        /// Keep the log in this directory and reuse it on later runs with the same
+        /// `--records` (building 1,000,000 records takes minutes; profiling the open needs
+        /// many).
+        #[arg(long, value_name = "DIR")]
+        keep: Option<PathBuf>,
         #[command(flatten)]
         out: Output,
     },
@@ -290,11 +295,13 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
         BenchCmd::Recovery {
             records,
             engine,
+            keep,
             out,
         } => {
             let dir = out.dir();
-            let r = tools::bench::recovery(&dir, records, engine, 32, &bar(out.json))
-                .map_err(|e| e.to_string())?;
+            let r =
+                tools::bench::recovery(&dir, keep.as_deref(), records, engine, 32, &bar(out.json))
+                    .map_err(|e| e.to_string())?;
             let text = format!(
                 "recovery: {} records ({} windows, {} MiB) reopened in {:.3} s after a clean stop \
                  ({} segments checkpointed), {:.3} s after a kill, {:.3} s by a full scan",

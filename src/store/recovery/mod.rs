@@ -13,7 +13,6 @@ pub(crate) mod scan;
 mod segment_files;
 mod windows;
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +25,7 @@ use super::checkpoint;
 use super::error::StoreError;
 use super::format::{self, record_len, HeaderError, RecordHeader, RecordKind, SegmentHeader, PAGE};
 use super::index::{Loc, State};
+use super::keyhash::KeyMap;
 use super::manifest::{Manifest, Tombstone};
 use super::segment::{self, Segment};
 use super::verify::{check_meta, verify_image};
@@ -91,6 +91,10 @@ pub struct RecoveryReport {
     /// Checkpoints that could not be used (the segment was scanned instead; a new checkpoint
     /// is written when the scan finds it clean): (segment id, why).
     pub ignored_checkpoints: Vec<(u64, String)>,
+    /// Seconds spent loading segments (checkpoints read, the rest scanned, records gathered).
+    pub load_seconds: f64,
+    /// Seconds spent applying manifests and tombstones and publishing the windows.
+    pub publish_seconds: f64,
 }
 
 /// What [`Recovery::scan_segment`] found in one segment.
@@ -170,7 +174,7 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
         report: RecoveryReport::default(),
         state: State::default(),
         metas: Vec::new(),
-        cands: HashMap::new(),
+        cands: KeyMap::default(),
         max_seq: 0,
         used: 0,
         last: None,
@@ -182,15 +186,19 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
     if cfg.use_checkpoints {
         r.cands.reserve(checkpoint::listed_records(&cfg.dir, &ids));
     }
+    let t = std::time::Instant::now();
     for (n, &id) in ids.iter().enumerate() {
         r.load_segment(id, n + 1 == ids.len())?;
     }
+    r.report.load_seconds = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
     for (_, _, loc) in r.state.meta.values() {
         loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
     }
     checkpoint::remove_orphans(&cfg.dir, |id| r.state.segments.contains_key(&id));
     let live = r.apply_name_events();
     r.publish_windows(live)?;
+    r.report.publish_seconds = t.elapsed().as_secs_f64();
     r.report.windows = r.state.windows.len() as u64;
     let active = r.resume_active()?;
     let next_segment = ids.last().map_or(1, |l| l + 1);
@@ -219,7 +227,7 @@ struct Recovery<'a> {
     /// Manifests and tombstones found, with their sequence numbers.
     metas: Vec<(u64, Meta)>,
     /// Block records found, by key.
-    cands: HashMap<u128, Cands>,
+    cands: KeyMap<Cands>,
     /// Highest sequence number found.
     max_seq: u64,
     /// Bytes of the log (up to each segment's frontier).

@@ -2,7 +2,7 @@
 //! then each surviving window's blocks resolved to the records found and the window published
 //! into the index.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use crate::io::{AlignedBuf, IoEngine};
 use crate::store::error::StoreError;
 use crate::store::format::RecordKind;
 use crate::store::index::{BlockRecord, Loc, Unfound};
+use crate::store::keyhash::KeyMap;
 use crate::store::manifest::Manifest;
 use crate::store::name_key;
 use crate::store::segment::Segment;
@@ -71,7 +72,7 @@ impl Recovery<'_> {
         }
         // Blocks already resolved to one of several records with the same sequence number (an
         // original and its compaction copies): key -> chosen candidate index.
-        let mut chosen: HashMap<u128, usize> = HashMap::new();
+        let mut chosen: KeyMap<usize> = KeyMap::default();
         let mut windows: Vec<(u64, Manifest, Loc)> = live.into_values().collect();
         windows.sort_by_key(|(s, _, _)| *s);
         for (seq, m, mloc) in windows {
@@ -122,8 +123,8 @@ impl Recovery<'_> {
 fn resolve_blocks<'c>(
     engine: &dyn IoEngine,
     segments: &BTreeMap<u64, Arc<Segment>>,
-    cands: &'c HashMap<u128, Cands>,
-    chosen: &mut HashMap<u128, usize>,
+    cands: &'c KeyMap<Cands>,
+    chosen: &mut KeyMap<usize>,
     m: &Manifest,
     seq: u64,
 ) -> Vec<Option<&'c Cand>> {
