@@ -10,6 +10,7 @@
 //! | daemon | [`control`] (the Unix-socket server, its ops, metrics), [`session`] |
 //! | data path | [`pipeline`] (freeze, thaw, [`Engine`]), [`tier`] (RAM tier), [`staging`] |
 //! | engine memory | [`device`] (host and CUDA backends), [`layout`] (where a block's bytes are) |
+//! | shared tier | [`remote`] (Redis Cluster: verified blocks, fenced manifests, leases) |
 //! | durable log | [`store`] (records, manifests, commit, recovery, compaction), [`fsck`] |
 //! | I/O | [`io`] (io_uring or pread/pwrite, O_DIRECT) |
 //! | shared | [`error`] (wire codes), [`checksum`], [`keys`], [`log`], [`prng`], [`failpoint`], [`damage`] |
@@ -69,6 +70,7 @@ pub mod layout;
 pub mod log;
 pub mod pipeline;
 pub mod prng;
+pub mod remote;
 pub mod session;
 pub mod staging;
 pub mod store;

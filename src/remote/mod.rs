@@ -1,0 +1,596 @@
+//! The shared tier on Redis Cluster (tier label `redis`): windows frozen by one cwm are thawed
+//! by another. The local block log stays each instance's source of truth; Redis is a shared
+//! cache of it, never the only copy of an acknowledged window.
+//!
+//! What is stored (keys under a configurable prefix `P`, default `cwm:v1`; docs/REMOTE.md):
+//! - blocks, content-addressed and insert-only: `P:b:<key hex>` (and `P:b:<key hex>:<i>` for
+//!   the further parts of a block larger than one value), written `SET NX` with a TTL that
+//!   hits refresh (`GETEX`); no hash tag, so blocks spread over every slot;
+//! - per window name, all in one slot (hash tag = the name key in hex): `P:w:{k}:head` (a hash:
+//!   generation, fencing token and manifest length/checksum of the current version, the highest
+//!   token seen, the name), `P:w:{k}:m:<token>` (an immutable manifest), `P:w:{k}:fence` (the
+//!   token counter), `P:w:{k}:lock` (a lease).
+//!
+//! Publishing is fenced and versioned: take a token, write the blocks, write the manifest,
+//! then one Lua compare-and-set on the head refuses a name that exists when a new one was
+//! asked for (ALREADY_EXISTS: names are insert-only), a generation other than the expected
+//! one (CONCURRENT_MODIFICATION), and a token at or below the highest seen (a paused holder of
+//! an expired lock: fenced). Every value read back is decoded and verified ([`value`]);
+//! nothing unverified is returned.
+
+pub mod value;
+mod transfer;
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use redis::cluster::{ClusterClient, ClusterConnection};
+use redis::{ErrorKind, RedisError};
+
+use crate::error::ErrorCode;
+pub use transfer::{pull_window, push_window, PullReport, PushReport};
+use value::ValueError;
+
+/// Where the shared tier is and how cwm uses it.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// Seed nodes (`redis://host:port`, `rediss://` needs a TLS-enabled build).
+    pub nodes: Vec<String>,
+    /// ACL user.
+    pub user: Option<String>,
+    /// ACL password (from a file or the environment, never a command-line flag).
+    pub password: Option<String>,
+    /// Key prefix.
+    pub prefix: String,
+    /// Time to live of block values, refreshed on every hit.
+    pub block_ttl: Duration,
+    /// Largest value written; larger blocks are split into parts.
+    pub max_value: usize,
+    /// Connection and response timeout of one request.
+    pub timeout: Duration,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        Self {
+            nodes: Vec::new(),
+            user: None,
+            password: None,
+            prefix: "cwm:v1".into(),
+            block_ttl: Duration::from_secs(7 * 24 * 3600),
+            max_value: 4 << 20,
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What went wrong with the shared tier.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// The cluster (or the node holding a key) cannot be reached, or is down.
+    #[error("remote tier unavailable: {0}")]
+    Unavailable(String),
+    /// A request ran past its timeout.
+    #[error("remote tier timed out: {0}")]
+    Timeout(String),
+    /// Redis is out of memory (`maxmemory` with `noeviction`).
+    #[error("remote tier full: {0}")]
+    Full(String),
+    /// The ACL user may not do this, or the password is wrong.
+    #[error("remote tier refused: {0}")]
+    PermissionDenied(String),
+    /// No such window or block in the shared tier.
+    #[error("not in the remote tier: {0}")]
+    NotFound(String),
+    /// A value read back failed its checks (Redis does not checksum values).
+    #[error("remote value {key} refused: {source}")]
+    Corruption {
+        /// The Redis key.
+        key: String,
+        /// Why.
+        #[source]
+        source: ValueError,
+    },
+    /// A new name was asked for and it exists (names are insert-only).
+    #[error("window {0:?} exists in the remote tier")]
+    AlreadyExists(String),
+    /// The window's generation is not the expected one.
+    #[error("window {name:?} is at generation {found}, expected {expected}")]
+    ConcurrentModification {
+        /// Window name.
+        name: String,
+        /// Generation expected.
+        expected: u64,
+        /// Generation found.
+        found: u64,
+    },
+    /// A newer fencing token has been used for this name: this writer's lock expired.
+    #[error("window {name:?}: fencing token {token} is stale (highest seen {highest})")]
+    Fenced {
+        /// Window name.
+        name: String,
+        /// This writer's token.
+        token: u64,
+        /// Highest token the head has seen.
+        highest: u64,
+    },
+    /// Another instance holds the name's lock.
+    #[error("window {0:?} is locked by another instance")]
+    Busy(String),
+    /// Bad input (configuration, names).
+    #[error("{0}")]
+    Validation(String),
+    /// The local store failed (push reads from it, pull writes into it).
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// Any other Redis error.
+    #[error("redis: {0}")]
+    Redis(String),
+}
+
+impl RemoteError {
+    /// The wire code.
+    #[must_use]
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RemoteError::Unavailable(_) => ErrorCode::Unavailable,
+            RemoteError::Timeout(_) => ErrorCode::Timeout,
+            RemoteError::Full(_) => ErrorCode::NoSpace,
+            RemoteError::PermissionDenied(_) => ErrorCode::PermissionDenied,
+            RemoteError::NotFound(_) => ErrorCode::NotFound,
+            RemoteError::Corruption { .. } => ErrorCode::Corruption,
+            RemoteError::AlreadyExists(_) => ErrorCode::AlreadyExists,
+            RemoteError::ConcurrentModification { .. } | RemoteError::Fenced { .. } => {
+                ErrorCode::ConcurrentModification
+            }
+            RemoteError::Busy(_) => ErrorCode::Busy,
+            RemoteError::Validation(_) => ErrorCode::Validation,
+            RemoteError::Store(e) => e.code(),
+            RemoteError::Redis(_) => ErrorCode::IoError,
+        }
+    }
+
+    /// Whether this is the tier being unreachable, slow or full (the remote tier reports itself
+    /// degraded; local service goes on), not an answer about the data.
+    #[must_use]
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            RemoteError::Unavailable(_) | RemoteError::Timeout(_) | RemoteError::Full(_)
+        )
+    }
+}
+
+impl From<RedisError> for RemoteError {
+    fn from(e: RedisError) -> Self {
+        let s = e.to_string();
+        if e.is_timeout() {
+            return RemoteError::Timeout(s);
+        }
+        if e.code() == Some("OOM") {
+            return RemoteError::Full(s);
+        }
+        if matches!(e.code(), Some("NOPERM" | "WRONGPASS" | "NOAUTH"))
+            || e.kind() == ErrorKind::AuthenticationFailed
+        {
+            return RemoteError::PermissionDenied(s);
+        }
+        if e.is_connection_refusal()
+            || e.is_io_error()
+            || matches!(
+                e.kind(),
+                ErrorKind::ClusterDown
+                    | ErrorKind::MasterDown
+                    | ErrorKind::ClusterConnectionNotFound
+                    | ErrorKind::TryAgain
+                    | ErrorKind::BusyLoadingError
+            )
+        {
+            return RemoteError::Unavailable(s);
+        }
+        RemoteError::Redis(s)
+    }
+}
+
+/// The current version of a window in the shared tier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// Window name.
+    pub name: String,
+    /// Generation: 1 for the first publish, +1 for each replacement.
+    pub generation: u64,
+    /// The fencing token its publisher held (names its manifest value).
+    pub token: u64,
+    /// Manifest bytes.
+    pub manifest_len: u64,
+    /// xxh3-64 of the manifest bytes.
+    pub manifest_checksum: u64,
+}
+
+/// What a publish expects of the name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The name must not exist (insert-only).
+    New,
+    /// The name must be at this generation.
+    Generation(u64),
+    /// Whatever the name holds is replaced.
+    Any,
+}
+
+/// The compare-and-set of a head. KEYS: head, manifest. ARGV: expectation (`new`, `any` or a
+/// generation), token, manifest length, manifest checksum (decimal), name.
+const PUBLISH: &str = r"
+local h = redis.call('HMGET', KEYS[1], 'gen', 'maxtok')
+local gen = tonumber(h[1])
+local maxtok = tonumber(h[2]) or 0
+local tok = tonumber(ARGV[2])
+if tok <= maxtok then return {'FENCED', maxtok} end
+if ARGV[1] == 'new' then
+  if gen then return {'EXISTS', gen} end
+elseif ARGV[1] ~= 'any' then
+  if (gen or 0) ~= tonumber(ARGV[1]) then return {'CONFLICT', gen or 0} end
+end
+if redis.call('STRLEN', KEYS[2]) ~= tonumber(ARGV[3]) + 24 then return {'NOMANIFEST', 0} end
+local ng = (gen or 0) + 1
+redis.call('HSET', KEYS[1], 'gen', ng, 'token', tok, 'len', ARGV[3], 'sum', ARGV[4], 'maxtok', tok, 'name', ARGV[5])
+return {'OK', ng}
+";
+
+/// Renews a lease held with token ARGV[1] for ARGV[2] ms. KEYS: lock.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+";
+
+/// Releases a lease held with token ARGV[1]. KEYS: lock.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// A connection to the shared tier. Safe to share between threads: each request takes a
+/// cluster connection from a small pool.
+pub struct Remote {
+    cfg: RemoteConfig,
+    client: ClusterClient,
+    pool: Mutex<Vec<ClusterConnection>>,
+}
+
+/// A cluster connection taken from the pool, put back when dropped.
+struct Conn<'a> {
+    remote: &'a Remote,
+    conn: Option<ClusterConnection>,
+}
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = ClusterConnection;
+    fn deref(&self) -> &ClusterConnection {
+        // Present until drop.
+        self.conn.as_ref().unwrap_or_else(|| unreachable!("taken only in drop"))
+    }
+}
+
+impl std::ops::DerefMut for Conn<'_> {
+    fn deref_mut(&mut self) -> &mut ClusterConnection {
+        self.conn.as_mut().unwrap_or_else(|| unreachable!("taken only in drop"))
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        if let (Some(c), Ok(mut pool)) = (self.conn.take(), self.remote.pool.lock()) {
+            pool.push(c);
+        }
+    }
+}
+
+impl Remote {
+    /// Connects to the cluster `cfg.nodes` names (one node is enough: the rest are discovered).
+    pub fn connect(cfg: RemoteConfig) -> Result<Self, RemoteError> {
+        if cfg.nodes.is_empty() {
+            return Err(RemoteError::Validation("no remote nodes given".into()));
+        }
+        if cfg.prefix.is_empty() || cfg.prefix.contains(['{', '}']) {
+            return Err(RemoteError::Validation(format!(
+                "remote prefix {:?} must be non-empty and hold no braces",
+                cfg.prefix
+            )));
+        }
+        let mut b = ClusterClient::builder(cfg.nodes.clone())
+            .connection_timeout(cfg.timeout)
+            .response_timeout(cfg.timeout)
+            .retries(2);
+        if let Some(u) = &cfg.user {
+            b = b.username(u.clone());
+        }
+        if let Some(p) = &cfg.password {
+            b = b.password(p.clone());
+        }
+        let client = b.build()?;
+        let remote = Self {
+            cfg,
+            client,
+            pool: Mutex::new(Vec::new()),
+        };
+        // Fail now, not at the first request, when the cluster cannot be reached.
+        drop(remote.conn()?);
+        Ok(remote)
+    }
+
+    /// The configuration.
+    #[must_use]
+    pub fn config(&self) -> &RemoteConfig {
+        &self.cfg
+    }
+
+    fn conn(&self) -> Result<Conn<'_>, RemoteError> {
+        let pooled = self.pool.lock().ok().and_then(|mut p| p.pop());
+        let conn = match pooled {
+            Some(c) => c,
+            None => self.client.get_connection()?,
+        };
+        Ok(Conn {
+            remote: self,
+            conn: Some(conn),
+        })
+    }
+
+    /// The Redis key of part `part` of block `key`.
+    #[must_use]
+    pub fn block_key(&self, key: u128, part: u32) -> String {
+        match part {
+            0 => format!("{}:b:{key:032x}", self.cfg.prefix),
+            p => format!("{}:b:{key:032x}:{p}", self.cfg.prefix),
+        }
+    }
+
+    /// The Redis key of `what` (`head`, `fence`, `lock`, `m:<token>`) of window `name`.
+    #[must_use]
+    pub fn window_key(&self, name: &str, what: &str) -> String {
+        format!("{}:w:{{{:032x}}}:{what}", self.cfg.prefix, crate::store::name_key(name))
+    }
+
+    /// Which of `keys` the tier holds (one pipelined probe; a block counts once its first
+    /// value is there, which is written last).
+    pub fn probe(&self, keys: &[u128]) -> Result<Vec<bool>, RemoteError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::cluster::cluster_pipe();
+        for k in keys {
+            pipe.cmd("EXISTS").arg(self.block_key(*k, 0));
+        }
+        let found: Vec<i64> = pipe.query(&mut *self.conn()?)?;
+        Ok(found.into_iter().map(|n| n > 0).collect())
+    }
+
+    /// Stores blocks the tier does not hold yet; returns how many were written (the rest
+    /// were there). Further parts are written before the first, so a block whose first value
+    /// is visible is whole (unless Redis evicted a part: reads then refuse it).
+    pub fn put_blocks(&self, blocks: &[(u128, &[u8])]) -> Result<usize, RemoteError> {
+        let keys: Vec<u128> = blocks.iter().map(|(k, _)| *k).collect();
+        let held = self.probe(&keys)?;
+        let ttl = self.cfg.block_ttl.as_secs().max(1);
+        let mut written = 0;
+        let mut pipe = redis::cluster::cluster_pipe();
+        let mut queued = 0usize;
+        for ((key, payload), held) in blocks.iter().zip(held) {
+            if held {
+                continue;
+            }
+            let values = value::encode_block(*key, payload, self.cfg.max_value);
+            for (i, v) in values.iter().enumerate().skip(1).chain(values.iter().enumerate().take(1)) {
+                pipe.cmd("SET")
+                    .arg(self.block_key(*key, i as u32))
+                    .arg(v.as_slice())
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(ttl)
+                    .ignore();
+                queued += v.len();
+            }
+            written += 1;
+            if queued >= 64 << 20 {
+                pipe.query::<()>(&mut *self.conn()?)?;
+                pipe = redis::cluster::cluster_pipe();
+                queued = 0;
+            }
+        }
+        if queued > 0 {
+            pipe.query::<()>(&mut *self.conn()?)?;
+        }
+        Ok(written)
+    }
+
+    /// Reads block `key`, refreshing its TTL, and verifies it (against the manifest's
+    /// (length, checksum) when given). Missing: NOT_FOUND; anything that fails a check:
+    /// CORRUPTION.
+    pub fn get_block(&self, key: u128, expected: Option<(u64, u64)>) -> Result<Vec<u8>, RemoteError> {
+        let ttl = self.cfg.block_ttl.as_secs().max(1);
+        let k0 = self.block_key(key, 0);
+        let mut conn = self.conn()?;
+        let first: Option<Vec<u8>> = redis::cmd("GETEX")
+            .arg(&k0)
+            .arg("EX")
+            .arg(ttl)
+            .query(&mut *conn)?;
+        let first = first.ok_or_else(|| RemoteError::NotFound(format!("block {key:032x}")))?;
+        let bad = |k: &str, source| RemoteError::Corruption {
+            key: k.to_string(),
+            source,
+        };
+        let h = value::decode_block_header(&first, key).map_err(|e| bad(&k0, e))?;
+        if let Some((len, _)) = expected {
+            if len != h.len {
+                return Err(bad(
+                    &k0,
+                    ValueError::Payload(format!("{} bytes, the manifest says {len}", h.len)),
+                ));
+            }
+        }
+        let mut out = Vec::with_capacity(h.len as usize);
+        value::take_part(&h, 0, &first, &mut out).map_err(|e| bad(&k0, e))?;
+        if h.parts > 1 {
+            let mut pipe = redis::cluster::cluster_pipe();
+            for i in 1..h.parts {
+                pipe.cmd("GETEX").arg(self.block_key(key, i)).arg("EX").arg(ttl);
+            }
+            let rest: Vec<Option<Vec<u8>>> = pipe.query(&mut *conn)?;
+            for (i, v) in (1..h.parts).zip(rest) {
+                let ki = self.block_key(key, i);
+                let v = v.ok_or_else(|| RemoteError::NotFound(format!("{ki} (a part of a block)")))?;
+                value::take_part(&h, i, &v, &mut out).map_err(|e| bad(&ki, e))?;
+            }
+        }
+        value::check_payload(&h, &out, expected).map_err(|e| bad(&k0, e))?;
+        Ok(out)
+    }
+
+    /// A new fencing token for `name` (a counter, never reused).
+    pub fn token(&self, name: &str) -> Result<u64, RemoteError> {
+        let t: u64 = redis::cmd("INCR")
+            .arg(self.window_key(name, "fence"))
+            .query(&mut *self.conn()?)?;
+        Ok(t)
+    }
+
+    /// Publishes `manifest` (the store's encoding) as the new version of `name`, holding
+    /// fencing token `token`; its blocks must be in the tier already. Returns the new head.
+    pub fn publish(
+        &self,
+        name: &str,
+        manifest: &[u8],
+        expect: Expect,
+        token: u64,
+    ) -> Result<Head, RemoteError> {
+        let mkey = self.window_key(name, &format!("m:{token}"));
+        let mut conn = self.conn()?;
+        // Immutable: a token names one publish attempt, whose manifest is written once.
+        let _: Option<String> = redis::cmd("SET")
+            .arg(&mkey)
+            .arg(value::encode_manifest(manifest))
+            .arg("NX")
+            .query(&mut *conn)?;
+        let checksum = xxhash_rust::xxh3::xxh3_64(manifest);
+        let exp = match expect {
+            Expect::New => "new".to_string(),
+            Expect::Any => "any".to_string(),
+            Expect::Generation(g) => g.to_string(),
+        };
+        let (verdict, n): (String, u64) = redis::Script::new(PUBLISH)
+            .key(self.window_key(name, "head"))
+            .key(&mkey)
+            .arg(exp)
+            .arg(token)
+            .arg(manifest.len() as u64)
+            .arg(checksum.to_string())
+            .arg(name)
+            .invoke(&mut *conn)?;
+        match verdict.as_str() {
+            "OK" => Ok(Head {
+                name: name.to_string(),
+                generation: n,
+                token,
+                manifest_len: manifest.len() as u64,
+                manifest_checksum: checksum,
+            }),
+            "EXISTS" => Err(RemoteError::AlreadyExists(name.to_string())),
+            "CONFLICT" => Err(RemoteError::ConcurrentModification {
+                name: name.to_string(),
+                expected: match expect {
+                    Expect::Generation(g) => g,
+                    _ => 0,
+                },
+                found: n,
+            }),
+            "FENCED" => Err(RemoteError::Fenced {
+                name: name.to_string(),
+                token,
+                highest: n,
+            }),
+            v => Err(RemoteError::Redis(format!(
+                "publish of {name:?} answered {v} (manifest value missing or of another length)"
+            ))),
+        }
+    }
+
+    /// The current head of `name` (`None`: not in the tier).
+    pub fn head(&self, name: &str) -> Result<Option<Head>, RemoteError> {
+        let key = self.window_key(name, "head");
+        let f: std::collections::HashMap<String, String> =
+            redis::cmd("HGETALL").arg(&key).query(&mut *self.conn()?)?;
+        if f.is_empty() {
+            return Ok(None);
+        }
+        let num = |k: &str| -> Result<u64, RemoteError> {
+            f.get(k).and_then(|v| v.parse().ok()).ok_or_else(|| RemoteError::Corruption {
+                key: key.clone(),
+                source: ValueError::Inconsistent("head field missing or not a number"),
+            })
+        };
+        let head = Head {
+            name: f.get("name").cloned().unwrap_or_default(),
+            generation: num("gen")?,
+            token: num("token")?,
+            manifest_len: num("len")?,
+            manifest_checksum: num("sum")?,
+        };
+        if head.name != name {
+            return Err(RemoteError::Corruption {
+                key,
+                source: ValueError::Inconsistent("head names another window"),
+            });
+        }
+        Ok(Some(head))
+    }
+
+    /// The current head of `name` and its manifest bytes, verified against the head.
+    pub fn manifest(&self, name: &str) -> Result<(Head, Vec<u8>), RemoteError> {
+        let head = self
+            .head(name)?
+            .ok_or_else(|| RemoteError::NotFound(format!("window {name:?}")))?;
+        let mkey = self.window_key(name, &format!("m:{}", head.token));
+        let v: Option<Vec<u8>> = redis::cmd("GET").arg(&mkey).query(&mut *self.conn()?)?;
+        let v = v.ok_or_else(|| RemoteError::NotFound(format!("manifest {mkey}")))?;
+        let body = value::decode_manifest(&v, head.manifest_len, head.manifest_checksum)
+            .map_err(|source| RemoteError::Corruption { key: mkey, source })?;
+        Ok((head.clone(), body.to_vec()))
+    }
+
+    /// Takes `name`'s lease for `lease` (SET NX PX with a fresh fencing token as value);
+    /// returns the token. Another holder: BUSY.
+    pub fn lock(&self, name: &str, lease: Duration) -> Result<u64, RemoteError> {
+        let token = self.token(name)?;
+        let ok: Option<String> = redis::cmd("SET")
+            .arg(self.window_key(name, "lock"))
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(lease.as_millis().max(1) as u64)
+            .query(&mut *self.conn()?)?;
+        match ok {
+            Some(_) => Ok(token),
+            None => Err(RemoteError::Busy(name.to_string())),
+        }
+    }
+
+    /// Renews the lease held with `token`; `false`: it expired (or another holds it).
+    pub fn renew(&self, name: &str, token: u64, lease: Duration) -> Result<bool, RemoteError> {
+        let n: i64 = redis::Script::new(RENEW)
+            .key(self.window_key(name, "lock"))
+            .arg(token)
+            .arg(lease.as_millis().max(1) as u64)
+            .invoke(&mut *self.conn()?)?;
+        Ok(n == 1)
+    }
+
+    /// Releases the lease held with `token` (a no-op when it expired or another holds it).
+    pub fn unlock(&self, name: &str, token: u64) -> Result<bool, RemoteError> {
+        let n: i64 = redis::Script::new(RELEASE)
+            .key(self.window_key(name, "lock"))
+            .arg(token)
+            .invoke(&mut *self.conn()?)?;
+        Ok(n == 1)
+    }
+}

@@ -1,0 +1,149 @@
+//! A real Redis Cluster for the shared-tier tests: `redis-server` processes on free loopback
+//! ports (cluster mode, no persistence, short node timeout), joined by `redis-cli --cluster
+//! create`, killed by PID when dropped. scripts/test.sh installs Debian's redis-server.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One node.
+pub struct Node {
+    pub port: u16,
+    child: Child,
+}
+
+/// A running cluster.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+}
+
+fn free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// `n` ports p with p and p + 10000 (its cluster bus) free.
+fn ports(n: usize) -> Vec<u16> {
+    let mut out = Vec::new();
+    let seed = u32::from(std::process::id() as u16) * 7919 + Instant::now().elapsed().subsec_nanos() % 1000;
+    let mut p = 20000 + (seed % 9000) as u16;
+    while out.len() < n {
+        p = if p >= 29990 { 20000 } else { p + 1 };
+        if free(p) && free(p + 10000) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn cli(port: u16, args: &[&str]) -> String {
+    let o = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli (scripts/test.sh installs Debian's redis-server package)");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+impl Cluster {
+    /// Starts `masters` masters with `replicas` replicas each and waits until every node says
+    /// the cluster is ok.
+    pub fn start(masters: usize, replicas: usize) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let n = masters * (1 + replicas);
+        let mut nodes = Vec::new();
+        for port in ports(n) {
+            let d = dir.path().join(port.to_string());
+            std::fs::create_dir_all(&d).expect("node dir");
+            nodes.push(Node {
+                port,
+                child: spawn(port, &d),
+            });
+        }
+        let c = Cluster { dir, nodes };
+        for nd in &c.nodes {
+            wait(|| cli(nd.port, &["PING"]).trim() == "PONG", "node answers PING");
+        }
+        let addrs: Vec<String> = c.nodes.iter().map(|nd| format!("127.0.0.1:{}", nd.port)).collect();
+        let mut args: Vec<&str> = vec!["--cluster", "create"];
+        args.extend(addrs.iter().map(String::as_str));
+        let r = replicas.to_string();
+        args.extend(["--cluster-replicas", &r, "--cluster-yes"]);
+        let out = cli(c.nodes[0].port, &args);
+        assert!(out.contains("[OK] All 16384 slots covered"), "cluster create: {out}");
+        c.wait_ok();
+        c
+    }
+
+    /// Waits until every live node reports `cluster_state:ok`.
+    pub fn wait_ok(&self) {
+        for nd in &self.nodes {
+            wait(
+                || cli(nd.port, &["CLUSTER", "INFO"]).contains("cluster_state:ok"),
+                "cluster_state:ok",
+            );
+        }
+    }
+
+    /// The seed-node URLs.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| format!("redis://127.0.0.1:{}", n.port)).collect()
+    }
+
+    /// Runs a redis-cli command against the node serving `key` (follows the redirect).
+    pub fn cmd(&self, args: &[&str]) -> String {
+        let o = Command::new("redis-cli")
+            .args(["-c", "-h", "127.0.0.1", "-p", &self.nodes[0].port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Kills node `i` (SIGKILL).
+    pub fn kill(&mut self, i: usize) {
+        let _ = self.nodes[i].child.kill();
+        let _ = self.nodes[i].child.wait();
+    }
+
+    /// Restarts node `i` in its directory (its nodes.conf: it rejoins with its slots).
+    pub fn restart(&mut self, i: usize) {
+        let port = self.nodes[i].port;
+        let d = self.dir.path().join(port.to_string());
+        self.nodes[i].child = spawn(port, &d);
+        wait(|| cli(port, &["PING"]).trim() == "PONG", "restarted node answers PING");
+    }
+}
+
+fn spawn(port: u16, d: &std::path::Path) -> Child {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+        .args(["--cluster-node-timeout", "1000", "--appendonly", "no", "--save", ""])
+        .args(["--protected-mode", "no", "--daemonize", "no"])
+        .arg("--dir")
+        .arg(d)
+        .arg("--logfile")
+        .arg(d.join("redis.log"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server (scripts/test.sh installs Debian's redis-server package)")
+}
+
+fn wait(mut ok: impl FnMut() -> bool, what: &str) {
+    let t = Instant::now();
+    while !ok() {
+        assert!(t.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            let _ = n.child.kill();
+            let _ = n.child.wait();
+        }
+    }
+}
