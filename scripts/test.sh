@@ -19,6 +19,12 @@ if ! command -v promtool >/dev/null 2>&1; then
   if [[ "$(id -u)" == 0 ]]; then SUDO=""; else SUDO=sudo; fi
   $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends prometheus
 fi
+# tests/remote_*.rs run a real Redis Cluster (Debian: redis-server, which brings redis-cli).
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  echo "installing redis-server for the shared-tier tests"
+  if [[ "$(id -u)" == 0 ]]; then SUDO=""; else SUDO=sudo; fi
+  $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends redis-server
+fi
 # Failpoints (cargo feature `failpoints`, never in default builds): every write-path site x
 # action. Run first, so target/release/cwm is the default build again afterwards.
 # tests/clock_skew.rs (EC-042) needs the same build: it injects wall-clock skew.

@@ -33,14 +33,20 @@ fn damaged_or_foreign_values_are_refused_and_nothing_bad_is_stored() {
     assert!(matches!(e, RemoteError::Corruption { .. }), "{e}");
     let e = pull_window(&b, &r, "w", Replace::No).expect_err("pull with a bad block");
     assert_eq!(e.code(), ErrorCode::Corruption);
-    assert!(b.read_window("w").is_err(), "a failed pull leaves nothing visible");
+    assert!(
+        b.read_window("w").is_err(),
+        "a failed pull leaves nothing visible"
+    );
     // Other blocks still read.
     assert_eq!(r.get_block(12, None).unwrap(), common::payload(12, 10_000));
 
     // A truncated first value; another block's value under this key; a missing part.
     let k0 = r.block_key(11, 0);
     cluster.cmd(&["SET", &k0, "short"]);
-    assert!(matches!(r.get_block(11, None), Err(RemoteError::Corruption { .. })));
+    assert!(matches!(
+        r.get_block(11, None),
+        Err(RemoteError::Corruption { .. })
+    ));
     let v12 = cluster.cmd(&["--no-raw", "GET", &r.block_key(12, 0)]);
     assert!(!v12.is_empty());
     let (c_dir, _) = (tempfile::tempdir().unwrap(), ());
@@ -62,28 +68,49 @@ fn damaged_or_foreign_values_are_refused_and_nothing_bad_is_stored() {
     assert!(o.status.success());
     match r.get_block(14, None) {
         Err(RemoteError::Corruption { source, .. }) => {
-            assert!(matches!(source, cwm::remote::value::ValueError::WrongKey { .. }), "{source}")
+            assert!(
+                matches!(source, cwm::remote::value::ValueError::WrongKey { .. }),
+                "{source}"
+            )
         }
         other => panic!("expected a wrong-key refusal, got {other:?}"),
     }
     cluster.cmd(&["DEL", &r.block_key(12, 1)]);
-    assert_eq!(r.get_block(12, None).expect_err("part gone").code(), ErrorCode::NotFound);
+    assert_eq!(
+        r.get_block(12, None).expect_err("part gone").code(),
+        ErrorCode::NotFound
+    );
 
     // A forged head: fields that are not numbers, or a head naming another window.
     let head = r.window_key("w", "head");
     cluster.cmd(&["HSET", &head, "gen", "many"]);
-    assert_eq!(r.head("w").expect_err("forged").code(), ErrorCode::Corruption);
+    assert_eq!(
+        r.head("w").expect_err("forged").code(),
+        ErrorCode::Corruption
+    );
     cluster.cmd(&["HSET", &head, "gen", "1", "name", "other"]);
-    assert_eq!(r.head("w").expect_err("other name").code(), ErrorCode::Corruption);
+    assert_eq!(
+        r.head("w").expect_err("other name").code(),
+        ErrorCode::Corruption
+    );
     cluster.cmd(&["HSET", &head, "name", "w"]);
     // A manifest value replaced by other bytes of any length.
     let h = r.head("w").unwrap().unwrap();
     let mkey = r.window_key("w", &format!("m:{}", h.token));
     cluster.cmd(&["SETRANGE", &mkey, "40", "zz"]);
-    assert_eq!(r.manifest("w").expect_err("manifest").code(), ErrorCode::Corruption);
+    assert_eq!(
+        r.manifest("w").expect_err("manifest").code(),
+        ErrorCode::Corruption
+    );
     cluster.cmd(&["SET", &mkey, "x"]);
-    assert_eq!(r.manifest("w").expect_err("manifest").code(), ErrorCode::Corruption);
+    assert_eq!(
+        r.manifest("w").expect_err("manifest").code(),
+        ErrorCode::Corruption
+    );
     let e = pull_window(&b, &r, "w", Replace::No).expect_err("pull");
     assert_eq!(e.code(), ErrorCode::Corruption);
-    assert!(b.list().unwrap().is_empty(), "nothing stored from a bad tier");
+    assert!(
+        b.list().unwrap().is_empty(),
+        "nothing stored from a bad tier"
+    );
 }

@@ -46,7 +46,10 @@ fn one_publisher_wins_each_race_and_a_stale_lease_holder_is_fenced() {
     assert_eq!(out.iter().filter(|r| *r == &Ok(1)).count(), 1, "{out:?}");
     for r in out.iter().filter(|r| r.is_err()) {
         assert!(
-            matches!(r, Err(ErrorCode::AlreadyExists | ErrorCode::ConcurrentModification)),
+            matches!(
+                r,
+                Err(ErrorCode::AlreadyExists | ErrorCode::ConcurrentModification)
+            ),
             "{out:?}"
         );
     }
@@ -70,7 +73,10 @@ fn one_publisher_wins_each_race_and_a_stale_lease_holder_is_fenced() {
     assert_eq!(e.code(), ErrorCode::Busy);
     assert!(r.renew("chat", a, lease).unwrap(), "the holder renews");
     std::thread::sleep(lease + Duration::from_millis(200));
-    assert!(!r.renew("chat", a, lease).unwrap(), "an expired lease is not renewed");
+    assert!(
+        !r.renew("chat", a, lease).unwrap(),
+        "an expired lease is not renewed"
+    );
     let b = r.lock("chat", lease).unwrap();
     assert!(b > a);
     r.publish("chat", &manifest(0xb), Expect::New, b).unwrap();
@@ -78,8 +84,15 @@ fn one_publisher_wins_each_race_and_a_stale_lease_holder_is_fenced() {
         Err(RemoteError::Fenced { token, highest, .. }) => assert_eq!((token, highest), (a, b)),
         other => panic!("expected FENCED, got {other:?}"),
     }
-    assert!(!r.unlock("chat", a).unwrap(), "A's release leaves B's lease alone");
+    assert!(
+        !r.unlock("chat", a).unwrap(),
+        "A's release leaves B's lease alone"
+    );
     assert!(r.unlock("chat", b).unwrap());
     let (head, m) = r.manifest("chat").unwrap();
-    assert_eq!((head.generation, head.token, m[0]), (1, b, 0xb), "nothing overwritten");
+    assert_eq!(
+        (head.generation, head.token, m[0]),
+        (1, b, 0xb),
+        "nothing overwritten"
+    );
 }

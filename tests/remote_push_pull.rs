@@ -49,11 +49,17 @@ fn a_window_pushed_by_one_instance_is_pulled_bit_exact_by_another() {
     // B holds a prefix of chat-1 already: those blocks are not fetched.
     common::put(&b, "local-prefix", &keys[..4], len);
     let r = pull_window(&b, &rb, "chat-1", Replace::No).expect("pull");
-    assert_eq!((r.generation, r.version, r.blocks, r.fetched), (1, 1, 12, 8));
+    assert_eq!(
+        (r.generation, r.version, r.blocks, r.fetched),
+        (1, 1, 12, 8)
+    );
     assert_eq!(r.bytes, 8 * len);
     common::check(&b, "chat-1", &keys, len);
     let r = pull_window(&b, &rb, "chat-2", Replace::No).expect("pull 2");
-    assert_eq!(r.fetched, 3, "chat-2 shares 8 blocks with chat-1, now local");
+    assert_eq!(
+        r.fetched, 3,
+        "chat-2 shares 8 blocks with chat-1, now local"
+    );
     // The manifest came across whole: tokens, session, namespace.
     let (m, _) = b.read_window("chat-2").unwrap();
     assert_eq!(m.tokens.len(), 11 * 16);

@@ -223,6 +223,8 @@ impl Server {
             "pin" | "unpin" => self.op_retain(&req.op, RetainArgs::parse(a, false)?),
             "ttl" => self.op_retain("ttl", RetainArgs::parse(a, true)?),
             "metrics" => Ok(json!({"text": self.metrics_text()})),
+            "push" => self.op_push(a),
+            "pull" => self.op_pull(a),
             "session.open" => self.op_session_open(SessionOpenArgs::parse(a)?),
             "session.state" => self.op_session_state(SessionStateArgs::parse(a)?),
             "session.close" => self.op_session_close(&args::name(a, "session")?),

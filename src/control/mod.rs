@@ -31,6 +31,7 @@
 //!     metrics_addr: None,
 //!     max_ops: 64,
 //!     maintenance: Maintenance::default(),
+//!     remote: None,
 //! });
 //! let s = server.clone();
 //! let serving = std::thread::spawn(move || s.serve());
@@ -60,6 +61,7 @@ mod ops;
 mod persist;
 pub mod protocol;
 mod register;
+mod remote_ops;
 mod session_ops;
 
 use std::collections::HashMap;
@@ -98,6 +100,8 @@ pub struct ServeConfig {
     pub max_ops: usize,
     /// Background compaction and scrub.
     pub maintenance: maint::Maintenance,
+    /// The shared tier (`None`: this instance uses none).
+    pub remote: Option<crate::remote::RemoteConfig>,
 }
 
 /// The running server's state.
@@ -127,6 +131,8 @@ pub struct Server {
     /// that went away (a vLLM restart): the next engine with that block size takes it, since
     /// its memory stays pinned and registered with the I/O engine anyway.
     staging_pools: Mutex<Vec<Arc<crate::staging::StagingPool>>>,
+    /// The shared tier.
+    remote: remote_ops::RemoteLink,
 }
 
 impl Server {
@@ -140,7 +146,9 @@ impl Server {
         let tier = RamTier::new(cfg.tier_bytes);
         let metrics = metrics::Metrics::default();
         metrics.max_operations.set(cfg.max_ops.max(1) as i64);
+        let remote = remote_ops::RemoteLink::new(cfg.remote.clone());
         Arc::new(Self {
+            remote,
             tier,
             sessions,
             store,

@@ -27,7 +27,7 @@ impl Server {
         json!({
             "version": env!("CARGO_PKG_VERSION"),
             "protocol": protocol::PROTOCOL_VERSION,
-            "capabilities": ["register.shm", "register.process", "register.cuda", "sessions", "freeze", "thaw", "lookup", "list", "stat", "delete", "idempotency", "metrics", "thaw.prefix", "lookup.estimate", "layout.pieces", "compact", "scrub", "check"],
+            "capabilities": ["register.shm", "register.process", "register.cuda", "sessions", "freeze", "thaw", "lookup", "list", "stat", "delete", "idempotency", "metrics", "thaw.prefix", "lookup.estimate", "layout.pieces", "compact", "scrub", "check", "push", "pull"],
         })
     }
 
@@ -46,7 +46,7 @@ impl Server {
             json!({"status": status, "integrity": self.integrity.report(), "windows": st.windows, "used_bytes": st.used_bytes,
             "capacity": st.capacity, "free_bytes": st.free_bytes, "reserved_bytes": st.reserved_bytes, "io_engine": st.engine,
             "staging_pools": pools, "staging_bytes": pool_bytes,
-            "engines": self.engines.lock().map(|e| e.len()).unwrap_or(0)}),
+            "engines": self.engines.lock().map(|e| e.len()).unwrap_or(0), "remote": self.remote.health()}),
         )
     }
 

@@ -18,8 +18,8 @@
 //! an expired lock: fenced). Every value read back is decoded and verified ([`value`]);
 //! nothing unverified is returned.
 
-pub mod value;
 mod transfer;
+pub mod value;
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -267,13 +267,17 @@ impl std::ops::Deref for Conn<'_> {
     type Target = ClusterConnection;
     fn deref(&self) -> &ClusterConnection {
         // Present until drop.
-        self.conn.as_ref().unwrap_or_else(|| unreachable!("taken only in drop"))
+        self.conn
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("taken only in drop"))
     }
 }
 
 impl std::ops::DerefMut for Conn<'_> {
     fn deref_mut(&mut self) -> &mut ClusterConnection {
-        self.conn.as_mut().unwrap_or_else(|| unreachable!("taken only in drop"))
+        self.conn
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("taken only in drop"))
     }
 }
 
@@ -348,7 +352,11 @@ impl Remote {
     /// The Redis key of `what` (`head`, `fence`, `lock`, `m:<token>`) of window `name`.
     #[must_use]
     pub fn window_key(&self, name: &str, what: &str) -> String {
-        format!("{}:w:{{{:032x}}}:{what}", self.cfg.prefix, crate::store::name_key(name))
+        format!(
+            "{}:w:{{{:032x}}}:{what}",
+            self.cfg.prefix,
+            crate::store::name_key(name)
+        )
     }
 
     /// Which of `keys` the tier holds (one pipelined probe; a block counts once its first
@@ -380,7 +388,12 @@ impl Remote {
                 continue;
             }
             let values = value::encode_block(*key, payload, self.cfg.max_value);
-            for (i, v) in values.iter().enumerate().skip(1).chain(values.iter().enumerate().take(1)) {
+            for (i, v) in values
+                .iter()
+                .enumerate()
+                .skip(1)
+                .chain(values.iter().enumerate().take(1))
+            {
                 pipe.cmd("SET")
                     .arg(self.block_key(*key, i as u32))
                     .arg(v.as_slice())
@@ -406,7 +419,11 @@ impl Remote {
     /// Reads block `key`, refreshing its TTL, and verifies it (against the manifest's
     /// (length, checksum) when given). Missing: NOT_FOUND; anything that fails a check:
     /// CORRUPTION.
-    pub fn get_block(&self, key: u128, expected: Option<(u64, u64)>) -> Result<Vec<u8>, RemoteError> {
+    pub fn get_block(
+        &self,
+        key: u128,
+        expected: Option<(u64, u64)>,
+    ) -> Result<Vec<u8>, RemoteError> {
         let ttl = self.cfg.block_ttl.as_secs().max(1);
         let k0 = self.block_key(key, 0);
         let mut conn = self.conn()?;
@@ -434,12 +451,16 @@ impl Remote {
         if h.parts > 1 {
             let mut pipe = redis::cluster::cluster_pipe();
             for i in 1..h.parts {
-                pipe.cmd("GETEX").arg(self.block_key(key, i)).arg("EX").arg(ttl);
+                pipe.cmd("GETEX")
+                    .arg(self.block_key(key, i))
+                    .arg("EX")
+                    .arg(ttl);
             }
-            let rest: Vec<Option<Vec<u8>>> = pipe.query(&mut *conn)?;
+            let rest: Vec<Option<Vec<u8>>> = pipe.query(&mut conn)?;
             for (i, v) in (1..h.parts).zip(rest) {
                 let ki = self.block_key(key, i);
-                let v = v.ok_or_else(|| RemoteError::NotFound(format!("{ki} (a part of a block)")))?;
+                let v =
+                    v.ok_or_else(|| RemoteError::NotFound(format!("{ki} (a part of a block)")))?;
                 value::take_part(&h, i, &v, &mut out).map_err(|e| bad(&ki, e))?;
             }
         }
@@ -524,10 +545,12 @@ impl Remote {
             return Ok(None);
         }
         let num = |k: &str| -> Result<u64, RemoteError> {
-            f.get(k).and_then(|v| v.parse().ok()).ok_or_else(|| RemoteError::Corruption {
-                key: key.clone(),
-                source: ValueError::Inconsistent("head field missing or not a number"),
-            })
+            f.get(k)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| RemoteError::Corruption {
+                    key: key.clone(),
+                    source: ValueError::Inconsistent("head field missing or not a number"),
+                })
         };
         let head = Head {
             name: f.get("name").cloned().unwrap_or_default(),

@@ -85,7 +85,9 @@ impl BlockHeader {
 /// the header. `max_value` is raised to hold the header and one payload byte.
 #[must_use]
 pub fn encode_block(key: u128, payload: &[u8], max_value: usize) -> Vec<Vec<u8>> {
-    let chunk = max_value.saturating_sub(BLOCK_HEADER).clamp(1, u32::MAX as usize);
+    let chunk = max_value
+        .saturating_sub(BLOCK_HEADER)
+        .clamp(1, u32::MAX as usize);
     let parts = payload.len().div_ceil(chunk).max(1);
     let mut h = Vec::with_capacity(BLOCK_HEADER + payload.len().min(chunk));
     h.extend_from_slice(&BLOCK_MAGIC);
@@ -149,14 +151,21 @@ pub fn decode_block_header(first: &[u8], key: u128) -> Result<BlockHeader, Value
         return Err(ValueError::Inconsistent("zero chunk"));
     }
     if u64::from(h.parts) != h.len.div_ceil(u64::from(h.chunk)).max(1) {
-        return Err(ValueError::Inconsistent("part count does not match length and chunk"));
+        return Err(ValueError::Inconsistent(
+            "part count does not match length and chunk",
+        ));
     }
     Ok(h)
 }
 
 /// Checks part `i` of a block against its header and appends its payload bytes to `out`
 /// (`value`: the whole stored value; for part 0 that includes the header).
-pub fn take_part(h: &BlockHeader, i: u32, value: &[u8], out: &mut Vec<u8>) -> Result<(), ValueError> {
+pub fn take_part(
+    h: &BlockHeader,
+    i: u32,
+    value: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), ValueError> {
     let skip = if i == 0 { BLOCK_HEADER } else { 0 };
     let want = skip + h.part_len(i);
     match value.len() {
@@ -275,31 +284,55 @@ mod tests {
     fn foreign_and_damaged_values_are_refused() {
         let p = vec![9u8; 1000];
         let vals = encode_block(7, &p, 300);
-        assert!(matches!(decode_block_header(&vals[0], 8), Err(ValueError::WrongKey { .. })));
-        assert!(matches!(decode_block_header(&vals[0][..20], 7), Err(ValueError::Truncated { .. })));
+        assert!(matches!(
+            decode_block_header(&vals[0], 8),
+            Err(ValueError::WrongKey { .. })
+        ));
+        assert!(matches!(
+            decode_block_header(&vals[0][..20], 7),
+            Err(ValueError::Truncated { .. })
+        ));
         let mut bad = vals[0].clone();
         bad[30] ^= 1;
-        assert_eq!(decode_block_header(&bad, 7), Err(ValueError::HeaderChecksum));
+        assert_eq!(
+            decode_block_header(&bad, 7),
+            Err(ValueError::HeaderChecksum)
+        );
         let mut bad = vals[0].clone();
         bad[0] = b'X';
         assert_eq!(decode_block_header(&bad, 7), Err(ValueError::Magic));
         let h = decode_block_header(&vals[0], 7).expect("header");
         let mut out = Vec::new();
-        assert!(matches!(take_part(&h, 1, &vals[1][1..], &mut out), Err(ValueError::Truncated { .. })));
+        assert!(matches!(
+            take_part(&h, 1, &vals[1][1..], &mut out),
+            Err(ValueError::Truncated { .. })
+        ));
         let mut long = vals[1].clone();
         long.push(0);
-        assert_eq!(take_part(&h, 1, &long, &mut out), Err(ValueError::Trailing(1)));
+        assert_eq!(
+            take_part(&h, 1, &long, &mut out),
+            Err(ValueError::Trailing(1))
+        );
         let mut out = Vec::new();
         for (i, v) in vals.iter().enumerate() {
             take_part(&h, i as u32, v, &mut out).expect("part");
         }
         out[500] ^= 0x10;
-        assert!(matches!(check_payload(&h, &out, None), Err(ValueError::Payload(_))));
+        assert!(matches!(
+            check_payload(&h, &out, None),
+            Err(ValueError::Payload(_))
+        ));
         out[500] ^= 0x10;
-        assert!(matches!(check_payload(&h, &out, Some((1000, 1))), Err(ValueError::Payload(_))));
+        assert!(matches!(
+            check_payload(&h, &out, Some((1000, 1))),
+            Err(ValueError::Payload(_))
+        ));
         let m = encode_manifest(b"manifest bytes");
         let sum = xxh3_64(b"manifest bytes");
-        assert_eq!(decode_manifest(&m, 14, sum).expect("manifest"), b"manifest bytes");
+        assert_eq!(
+            decode_manifest(&m, 14, sum).expect("manifest"),
+            b"manifest bytes"
+        );
         assert!(decode_manifest(&m, 14, sum ^ 1).is_err());
         assert!(decode_manifest(&m[..30], 14, sum).is_err());
         let mut bad = m.clone();

@@ -25,7 +25,8 @@ fn free(port: u16) -> bool {
 /// `n` ports p with p and p + 10000 (its cluster bus) free.
 fn ports(n: usize) -> Vec<u16> {
     let mut out = Vec::new();
-    let seed = u32::from(std::process::id() as u16) * 7919 + Instant::now().elapsed().subsec_nanos() % 1000;
+    let seed = u32::from(std::process::id() as u16) * 7919
+        + Instant::now().elapsed().subsec_nanos() % 1000;
     let mut p = 20000 + (seed % 9000) as u16;
     while out.len() < n {
         p = if p >= 29990 { 20000 } else { p + 1 };
@@ -62,15 +63,25 @@ impl Cluster {
         }
         let c = Cluster { dir, nodes };
         for nd in &c.nodes {
-            wait(|| cli(nd.port, &["PING"]).trim() == "PONG", "node answers PING");
+            wait(
+                || cli(nd.port, &["PING"]).trim() == "PONG",
+                "node answers PING",
+            );
         }
-        let addrs: Vec<String> = c.nodes.iter().map(|nd| format!("127.0.0.1:{}", nd.port)).collect();
+        let addrs: Vec<String> = c
+            .nodes
+            .iter()
+            .map(|nd| format!("127.0.0.1:{}", nd.port))
+            .collect();
         let mut args: Vec<&str> = vec!["--cluster", "create"];
         args.extend(addrs.iter().map(String::as_str));
         let r = replicas.to_string();
         args.extend(["--cluster-replicas", &r, "--cluster-yes"]);
         let out = cli(c.nodes[0].port, &args);
-        assert!(out.contains("[OK] All 16384 slots covered"), "cluster create: {out}");
+        assert!(
+            out.contains("[OK] All 16384 slots covered"),
+            "cluster create: {out}"
+        );
         c.wait_ok();
         c
     }
@@ -87,13 +98,22 @@ impl Cluster {
 
     /// The seed-node URLs.
     pub fn urls(&self) -> Vec<String> {
-        self.nodes.iter().map(|n| format!("redis://127.0.0.1:{}", n.port)).collect()
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect()
     }
 
     /// Runs a redis-cli command against the node serving `key` (follows the redirect).
     pub fn cmd(&self, args: &[&str]) -> String {
         let o = Command::new("redis-cli")
-            .args(["-c", "-h", "127.0.0.1", "-p", &self.nodes[0].port.to_string()])
+            .args([
+                "-c",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.nodes[0].port.to_string(),
+            ])
             .args(args)
             .output()
             .expect("redis-cli");
@@ -111,15 +131,30 @@ impl Cluster {
         let port = self.nodes[i].port;
         let d = self.dir.path().join(port.to_string());
         self.nodes[i].child = spawn(port, &d);
-        wait(|| cli(port, &["PING"]).trim() == "PONG", "restarted node answers PING");
+        wait(
+            || cli(port, &["PING"]).trim() == "PONG",
+            "restarted node answers PING",
+        );
     }
 }
 
 fn spawn(port: u16, d: &std::path::Path) -> Child {
     Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
-        .args(["--cluster-node-timeout", "1000", "--appendonly", "no", "--save", ""])
+        .args([
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+        ])
+        .args([
+            "--cluster-node-timeout",
+            "1000",
+            "--appendonly",
+            "no",
+            "--save",
+            "",
+        ])
         .args(["--protected-mode", "no", "--daemonize", "no"])
         .arg("--dir")
         .arg(d)
@@ -134,7 +169,10 @@ fn spawn(port: u16, d: &std::path::Path) -> Child {
 fn wait(mut ok: impl FnMut() -> bool, what: &str) {
     let t = Instant::now();
     while !ok() {
-        assert!(t.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

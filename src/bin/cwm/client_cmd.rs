@@ -41,6 +41,42 @@ pub(crate) fn stat(name: &str, c: &ClientArgs) -> ExitCode {
     })
 }
 
+/// `cwm push NAME`: publishes a stored window to the shared tier.
+pub(crate) fn push(name: &str, replace: bool, generation: Option<u64>, c: &ClientArgs) -> ExitCode {
+    let mut req = serde_json::json!({"op": "push", "window": name, "replace": replace});
+    if let Some(g) = generation {
+        req["expected_generation"] = g.into();
+    }
+    client(c, req, |v| {
+        let p = &v["push"];
+        println!(
+            "pushed {} as generation {}: {} blocks, {} written ({} bytes in the window)",
+            p["name"].as_str().unwrap_or(""),
+            p["generation"],
+            p["blocks"],
+            p["written"],
+            p["bytes"]
+        );
+    })
+}
+
+/// `cwm pull NAME`: stores a window of the shared tier locally.
+pub(crate) fn pull(name: &str, replace: bool, c: &ClientArgs) -> ExitCode {
+    let req = serde_json::json!({"op": "pull", "window": name, "replace": replace});
+    client(c, req, |v| {
+        let p = &v["pull"];
+        println!(
+            "pulled {} generation {} as version {}: {} blocks, {} fetched ({} bytes)",
+            p["name"].as_str().unwrap_or(""),
+            p["generation"],
+            p["version"],
+            p["blocks"],
+            p["fetched"],
+            p["bytes"]
+        );
+    })
+}
+
 /// `cwm rm --cascade SESSION`.
 pub(crate) fn rm_session(name: &str, c: &ClientArgs) -> ExitCode {
     client(

@@ -45,13 +45,36 @@ enum Cmd {
         out: PathBuf,
     },
     /// Run the sidecar daemon on a Unix socket (foreground; SIGTERM/SIGINT stop it cleanly).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// List windows.
     Ls(ClientArgs),
     /// Show one window.
     Stat {
         /// Window name.
         name: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Publish a stored window to the shared tier (serve --remote), for other instances.
+    Push {
+        /// Window name.
+        name: String,
+        /// Replace whatever version the tier holds (default: the name must be new there).
+        #[arg(long, conflicts_with = "expected_generation")]
+        replace: bool,
+        /// Replace only the tier's version of this generation.
+        #[arg(long)]
+        expected_generation: Option<u64>,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Store a window of the shared tier locally (every block verified against its manifest).
+    Pull {
+        /// Window name.
+        name: String,
+        /// Replace a local window of that name.
+        #[arg(long)]
+        replace: bool,
         #[command(flatten)]
         c: ClientArgs,
     },
@@ -323,12 +346,19 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => {
             let empty = clap::ArgMatches::default();
             finish(serve::serve(
-                a,
+                *a,
                 matches.subcommand_matches("serve").unwrap_or(&empty),
             ))
         }
         Cmd::Ls(c) => client_cmd::ls(&c),
         Cmd::Stat { name, c } => client_cmd::stat(&name, &c),
+        Cmd::Push {
+            name,
+            replace,
+            expected_generation,
+            c,
+        } => client_cmd::push(&name, replace, expected_generation, &c),
+        Cmd::Pull { name, replace, c } => client_cmd::pull(&name, replace, &c),
         Cmd::Pin { name, c } => client_cmd::retain("pin", &name, None, &c),
         Cmd::Unpin { name, c } => client_cmd::retain("unpin", &name, None, &c),
         Cmd::Ttl { name, seconds, c } => client_cmd::retain("ttl", &name, Some(seconds), &c),

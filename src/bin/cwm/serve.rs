@@ -94,6 +94,65 @@ pub(crate) struct ServeArgs {
     /// Seconds an idempotency key's outcome is replayed; then it is forgotten (memory and log).
     #[arg(long, env = "CWM_IDEMPOTENCY_TTL", default_value_t = 86_400)]
     idempotency_ttl: u64,
+    /// Shared tier: Redis Cluster seed nodes, comma-separated (redis://host:port); off when
+    /// not given.
+    #[arg(long, env = "CWM_REMOTE")]
+    remote: Option<String>,
+    /// Shared tier: ACL user.
+    #[arg(long, env = "CWM_REMOTE_USER")]
+    remote_user: Option<String>,
+    /// Shared tier: a file holding the ACL password (or set CWM_REMOTE_PASSWORD; never a flag,
+    /// which `ps` would show).
+    #[arg(long, env = "CWM_REMOTE_PASSWORD_FILE")]
+    remote_password_file: Option<PathBuf>,
+    /// Shared tier: key prefix.
+    #[arg(long, env = "CWM_REMOTE_PREFIX", default_value = "cwm:v1")]
+    remote_prefix: String,
+    /// Shared tier: seconds a block lives without a hit.
+    #[arg(long, env = "CWM_REMOTE_TTL", default_value_t = 7 * 86_400)]
+    remote_ttl: u64,
+    /// Shared tier: largest value written (larger blocks are split).
+    #[arg(long, env = "CWM_REMOTE_MAX_VALUE", default_value = "4MiB", value_parser = parse_size)]
+    remote_max_value: u64,
+    /// Shared tier: milliseconds one request may take.
+    #[arg(long, env = "CWM_REMOTE_TIMEOUT_MS", default_value_t = 2000)]
+    remote_timeout_ms: u64,
+}
+
+impl ServeArgs {
+    /// The shared tier's settings, if one is configured.
+    fn remote(&self) -> Result<Option<cwm::remote::RemoteConfig>, String> {
+        let Some(nodes) = &self.remote else {
+            return Ok(None);
+        };
+        let password = match (
+            &self.remote_password_file,
+            std::env::var("CWM_REMOTE_PASSWORD"),
+        ) {
+            (Some(f), _) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| format!("{}: {e}", f.display()))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+            ),
+            (None, Ok(p)) => Some(p),
+            (None, Err(_)) => None,
+        };
+        Ok(Some(cwm::remote::RemoteConfig {
+            nodes: nodes
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(String::from)
+                .collect(),
+            user: self.remote_user.clone(),
+            password,
+            prefix: self.remote_prefix.clone(),
+            block_ttl: std::time::Duration::from_secs(self.remote_ttl.max(1)),
+            max_value: self.remote_max_value as usize,
+            timeout: std::time::Duration::from_millis(self.remote_timeout_ms.max(1)),
+        }))
+    }
 }
 
 /// A size in a TOML file: an integer of bytes or a string such as "500GiB".
@@ -143,6 +202,13 @@ struct FileConfig {
     fs_fraction: Option<f64>,
     eviction_interval_ms: Option<u64>,
     idempotency_ttl: Option<u64>,
+    remote: Option<String>,
+    remote_user: Option<String>,
+    remote_password_file: Option<PathBuf>,
+    remote_prefix: Option<String>,
+    remote_ttl: Option<u64>,
+    remote_max_value: Option<SizeVal>,
+    remote_timeout_ms: Option<u64>,
 }
 
 /// Fills every setting that came neither from a flag nor from the environment from the TOML
@@ -211,6 +277,13 @@ fn apply_config_file(a: &mut ServeArgs, m: &clap::ArgMatches) -> Result<(), Stri
     take!(fs_fraction);
     take!(eviction_interval_ms);
     take!(idempotency_ttl);
+    take!(remote, |v| Some(v));
+    take!(remote_user, |v| Some(v));
+    take!(remote_password_file, |v| Some(v));
+    take!(remote_prefix);
+    take!(remote_ttl);
+    take!(remote_max_value, size);
+    take!(remote_timeout_ms);
     Ok(())
 }
 
@@ -227,6 +300,7 @@ pub(crate) fn serve(mut a: ServeArgs, m: &clap::ArgMatches) -> Result<(), String
             a.low_watermark, a.high_watermark, a.fs_fraction
         ));
     }
+    let remote = a.remote()?;
     cwm::log::init(a.log_format == "json");
     let data_dir = a.data_dir.clone().ok_or(
         "no data directory: pass --data-dir, set CWM_DATA_DIR or data_dir in the config file",
@@ -307,6 +381,7 @@ pub(crate) fn serve(mut a: ServeArgs, m: &clap::ArgMatches) -> Result<(), String
                 },
                 idempotency_ttl_s: a.idempotency_ttl,
             },
+            remote,
         },
     );
     server.opened(&report);

@@ -1318,6 +1318,7 @@ fn bench_server(
             metrics_addr: None,
             max_ops: 64,
             maintenance,
+            remote: None,
         },
     )
 }

@@ -1,0 +1,133 @@
+//! The shared tier as the daemon uses it: a connection made on first use (and again after an
+//! outage), so a cluster that is down at start-up never stops local service; `push` and
+//! `pull`; and the tier's state for `health`.
+
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+
+use super::protocol::ApiError;
+use super::Server;
+use crate::error::ErrorCode;
+use crate::remote::{pull_window, push_window, Expect, Remote, RemoteConfig, RemoteError};
+use crate::store::Replace;
+
+impl From<RemoteError> for ApiError {
+    fn from(e: RemoteError) -> Self {
+        Self::new(e.code(), e.to_string())
+    }
+}
+
+/// The daemon's link to the shared tier.
+#[derive(Default)]
+pub(super) struct RemoteLink {
+    cfg: Option<RemoteConfig>,
+    conn: Mutex<Option<Arc<Remote>>>,
+    /// The last outage seen (cleared by the next success): what `health` reports.
+    last_error: Mutex<Option<String>>,
+}
+
+impl RemoteLink {
+    pub(super) fn new(cfg: Option<RemoteConfig>) -> Self {
+        Self {
+            cfg,
+            ..Default::default()
+        }
+    }
+
+    /// The connection, made now if there is none.
+    fn get(&self) -> Result<Arc<Remote>, RemoteError> {
+        let cfg = self.cfg.as_ref().ok_or_else(|| {
+            RemoteError::Unavailable("no remote tier configured (serve --remote)".into())
+        })?;
+        if let Some(r) = self.conn.lock().ok().and_then(|c| c.clone()) {
+            return Ok(r);
+        }
+        let r = Arc::new(Remote::connect(cfg.clone())?);
+        if let Ok(mut c) = self.conn.lock() {
+            *c = Some(r.clone());
+        }
+        Ok(r)
+    }
+
+    /// Runs `f` on the connection; an outage is noted for `health` (one log line per new
+    /// cause) and a success clears it.
+    fn with<T>(&self, f: impl FnOnce(&Remote) -> Result<T, RemoteError>) -> Result<T, RemoteError> {
+        let r = self.get().and_then(|r| f(&r));
+        if let Ok(mut last) = self.last_error.lock() {
+            match &r {
+                Err(e) if e.is_outage() => {
+                    let msg = e.to_string();
+                    if last.as_deref() != Some(msg.as_str()) {
+                        crate::log::warn(&format!("remote tier degraded: {msg}"));
+                    }
+                    *last = Some(msg);
+                }
+                Ok(_) => *last = None,
+                Err(_) => {}
+            }
+        }
+        r
+    }
+
+    /// `health.remote`.
+    pub(super) fn health(&self) -> Value {
+        let Some(cfg) = &self.cfg else {
+            return json!({"configured": false});
+        };
+        let last = self.last_error.lock().ok().and_then(|l| l.clone());
+        json!({
+            "configured": true,
+            "nodes": cfg.nodes,
+            "prefix": cfg.prefix,
+            "status": if last.is_some() { "degraded" } else { "ok" },
+            "error": last,
+        })
+    }
+}
+
+impl Server {
+    /// `push`: publishes a stored window to the shared tier.
+    pub(super) fn op_push(&self, a: &Value) -> Result<Value, ApiError> {
+        let name = super::args::name(a, "window")?;
+        let expect = match (a.get("replace"), a.get("expected_generation")) {
+            (_, Some(g)) => Expect::Generation(g.as_u64().ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::Validation,
+                    "expected_generation must be an integer",
+                )
+            })?),
+            (Some(Value::Bool(true)), None) => Expect::Any,
+            (None | Some(Value::Bool(false)), None) => Expect::New,
+            _ => {
+                return Err(ApiError::new(
+                    ErrorCode::Validation,
+                    "replace must be a boolean",
+                ))
+            }
+        };
+        let r = self
+            .remote
+            .with(|r| push_window(&self.store, r, &name, expect))?;
+        Ok(json!({"push": r}))
+    }
+
+    /// `pull`: stores a window of the shared tier locally.
+    pub(super) fn op_pull(&self, a: &Value) -> Result<Value, ApiError> {
+        let name = super::args::name(a, "window")?;
+        let replace = match a.get("replace") {
+            None | Some(Value::Bool(false)) => Replace::No,
+            Some(Value::Bool(true)) => Replace::Any,
+            _ => {
+                return Err(ApiError::new(
+                    ErrorCode::Validation,
+                    "replace must be a boolean",
+                ))
+            }
+        };
+        let r = self
+            .remote
+            .with(|r| pull_window(&self.store, r, &name, replace))?;
+        Ok(json!({"pull": r}))
+    }
+}

@@ -1,0 +1,97 @@
+//! Shared tier through the daemon: two `cwm serve` instances on their own data directories and
+//! one real Redis Cluster. A window frozen and pushed on A is pulled and thawed bit-exact on B
+//! after A is killed and its data directory deleted; B's `health` shows the tier.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod common;
+use common::daemon::*;
+
+use cwm::device::read_block;
+use cwm::layout::{Dtype, Layout};
+
+fn cwm(socket: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cwm"))
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn frozen_and_pushed_on_one_instance_thaws_bit_exact_on_another() {
+    let cluster = common::redis::Cluster::start(3, 0);
+    let urls = cluster.urls().join(",");
+    let mut a = fixture(&["--remote", &urls]);
+    let b = fixture(&["--remote", &urls]);
+    let tokens: Vec<String> = (0..40).map(|t| t.to_string()).collect();
+    let o = cwm(
+        &a.daemon.socket,
+        &[
+            "freeze",
+            "--session",
+            "s1",
+            "--window",
+            "w1",
+            "--engine",
+            "e1",
+            "--tokens",
+            &tokens.join(","),
+            "--block-ids",
+            "0,1,2",
+        ],
+    );
+    assert!(o.status.success(), "{o:?}");
+    let o = cwm(&a.daemon.socket, &["push", "w1"]);
+    assert!(o.status.success(), "{o:?}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("pushed w1 as generation 1: 3 blocks, 3 written"),
+        "{out}"
+    );
+    // Pushing the same name again as new: refused, exit 4 (ALREADY_EXISTS).
+    let o = cwm(&a.daemon.socket, &["push", "w1"]);
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+    // --replace publishes generation 2 (no block written again).
+    let o = cwm(&a.daemon.socket, &["push", "w1", "--replace"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("generation 2: 3 blocks, 0 written"),
+        "{o:?}"
+    );
+
+    // A dies and its data directory goes.
+    let _ = a.daemon.child.kill();
+    let _ = a.daemon.child.wait();
+    std::fs::remove_dir_all(a.tmp.path().join("data")).unwrap();
+
+    let layout = Layout::flash_2nbhd(2, 64, 16, 2, 64, Dtype::Bf16);
+    assert_ne!(
+        read_block(&layout, &b.mem, 10).unwrap(),
+        read_block(&layout, &a.mem, 0).unwrap()
+    );
+    let o = cwm(&b.daemon.socket, &["pull", "w1"]);
+    assert!(o.status.success(), "{o:?}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("pulled w1 generation 2 as version 1: 3 blocks, 3 fetched"),
+        "{out}"
+    );
+    let o = cwm(
+        &b.daemon.socket,
+        &["thaw", "w1", "--engine", "e1", "--block-ids", "10,11,12"],
+    );
+    assert!(o.status.success(), "{o:?}");
+    for (x, y) in [(0, 10), (1, 11), (2, 12)] {
+        assert_eq!(
+            read_block(&layout, &a.mem, x).unwrap(),
+            read_block(&layout, &b.mem, y).unwrap(),
+            "A's block {x} -> B's block {y}"
+        );
+    }
+    let mut c = cwm::control::client::Client::connect(&b.daemon.socket).unwrap();
+    let h = c.call_final(serde_json::json!({"op": "health"})).unwrap();
+    assert_eq!(h["remote"]["configured"], true, "{h}");
+    assert_eq!(h["remote"]["status"], "ok", "{h}");
+    // A name the tier does not hold: NOT_FOUND, exit 3.
+    let o = cwm(&b.daemon.socket, &["pull", "nope"]);
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+}
