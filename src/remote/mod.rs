@@ -374,36 +374,40 @@ impl Remote {
     }
 
     /// Stores blocks the tier does not hold yet; returns how many were written (the rest
-    /// were there). Further parts are written before the first, so a block whose first value
-    /// is visible is whole (unless Redis evicted a part: reads then refuse it).
+    /// were there).
     pub fn put_blocks(&self, blocks: &[(u128, &[u8])]) -> Result<usize, RemoteError> {
         let keys: Vec<u128> = blocks.iter().map(|(k, _)| *k).collect();
         let held = self.probe(&keys)?;
+        let missing: Vec<(u128, &[u8])> = blocks
+            .iter()
+            .zip(held)
+            .filter(|(_, h)| !h)
+            .map(|(b, _)| *b)
+            .collect();
+        self.write_blocks(&missing)?;
+        Ok(missing.len())
+    }
+
+    /// Writes blocks (`SET NX`: one another instance wrote meanwhile is left alone) in
+    /// pipelines of about 64 MiB. Further parts are written before the first, so a block whose
+    /// first value is visible is whole (unless Redis evicted a part: reads then refuse it).
+    pub fn write_blocks(&self, blocks: &[(u128, &[u8])]) -> Result<(), RemoteError> {
         let ttl = self.cfg.block_ttl.as_secs().max(1);
-        let mut written = 0;
         let mut pipe = redis::cluster::cluster_pipe();
         let mut queued = 0usize;
-        for ((key, payload), held) in blocks.iter().zip(held) {
-            if held {
-                continue;
-            }
+        for (key, payload) in blocks {
             let values = value::encode_block(*key, payload, self.cfg.max_value);
-            for (i, v) in values
-                .iter()
-                .enumerate()
-                .skip(1)
-                .chain(values.iter().enumerate().take(1))
-            {
+            let order = (1..values.len()).chain(std::iter::once(0));
+            for i in order {
                 pipe.cmd("SET")
                     .arg(self.block_key(*key, i as u32))
-                    .arg(v.as_slice())
+                    .arg(values[i].as_slice())
                     .arg("NX")
                     .arg("EX")
                     .arg(ttl)
                     .ignore();
-                queued += v.len();
+                queued += values[i].len();
             }
-            written += 1;
             if queued >= 64 << 20 {
                 pipe.query::<()>(&mut *self.conn()?)?;
                 pipe = redis::cluster::cluster_pipe();
@@ -413,7 +417,7 @@ impl Remote {
         if queued > 0 {
             pipe.query::<()>(&mut *self.conn()?)?;
         }
-        Ok(written)
+        Ok(())
     }
 
     /// Reads block `key`, refreshing its TTL, and verifies it (against the manifest's
@@ -424,48 +428,108 @@ impl Remote {
         key: u128,
         expected: Option<(u64, u64)>,
     ) -> Result<Vec<u8>, RemoteError> {
+        self.get_blocks(&[(key, expected)])?
+            .pop()
+            .unwrap_or_else(|| Err(RemoteError::NotFound(format!("block {key:032x}"))))
+    }
+
+    /// Reads blocks in two pipelined round trips (every first value, then every further
+    /// part), refreshing their TTLs; each verified as [`Remote::get_block`] does. The outer
+    /// error is the tier failing; the inner ones say, per block, why it was refused.
+    pub fn get_blocks(
+        &self,
+        blocks: &[(u128, Option<(u64, u64)>)],
+    ) -> Result<Vec<Result<Vec<u8>, RemoteError>>, RemoteError> {
+        if blocks.is_empty() {
+            return Ok(Vec::new());
+        }
         let ttl = self.cfg.block_ttl.as_secs().max(1);
-        let k0 = self.block_key(key, 0);
         let mut conn = self.conn()?;
-        let first: Option<Vec<u8>> = redis::cmd("GETEX")
-            .arg(&k0)
-            .arg("EX")
-            .arg(ttl)
-            .query(&mut *conn)?;
+        let mut pipe = redis::cluster::cluster_pipe();
+        for (k, _) in blocks {
+            pipe.cmd("GETEX")
+                .arg(self.block_key(*k, 0))
+                .arg("EX")
+                .arg(ttl);
+        }
+        let firsts: Vec<Option<Vec<u8>>> = pipe.query(&mut conn)?;
+        let mut out: Vec<Result<(value::BlockHeader, Vec<u8>), RemoteError>> = blocks
+            .iter()
+            .zip(firsts)
+            .map(|(&(key, expected), first)| self.first_part(key, expected, first))
+            .collect();
+        let mut pipe = redis::cluster::cluster_pipe();
+        let mut asked = Vec::new();
+        for (b, r) in out.iter().enumerate() {
+            if let Ok((h, _)) = r {
+                for i in 1..h.parts {
+                    pipe.cmd("GETEX")
+                        .arg(self.block_key(h.key, i))
+                        .arg("EX")
+                        .arg(ttl);
+                    asked.push((b, i));
+                }
+            }
+        }
+        if !asked.is_empty() {
+            let rest: Vec<Option<Vec<u8>>> = pipe.query(&mut conn)?;
+            for ((b, i), v) in asked.into_iter().zip(rest) {
+                let Some(Ok((h, payload))) = out.get_mut(b) else {
+                    continue;
+                };
+                let ki = self.block_key(h.key, i);
+                let r = match v {
+                    None => Err(RemoteError::NotFound(format!("{ki} (a part of a block)"))),
+                    Some(v) => value::take_part(h, i, &v, payload)
+                        .map_err(|source| RemoteError::Corruption { key: ki, source }),
+                };
+                if let Err(e) = r {
+                    out[b] = Err(e);
+                }
+            }
+        }
+        Ok(out
+            .into_iter()
+            .zip(blocks)
+            .map(|(r, &(key, expected))| {
+                let (h, payload) = r?;
+                value::check_payload(&h, &payload, expected).map_err(|source| {
+                    RemoteError::Corruption {
+                        key: self.block_key(key, 0),
+                        source,
+                    }
+                })?;
+                Ok(payload)
+            })
+            .collect())
+    }
+
+    /// Checks the first value of block `key` (as read: `None` if missing) and takes its
+    /// payload bytes.
+    fn first_part(
+        &self,
+        key: u128,
+        expected: Option<(u64, u64)>,
+        first: Option<Vec<u8>>,
+    ) -> Result<(value::BlockHeader, Vec<u8>), RemoteError> {
+        let k0 = self.block_key(key, 0);
         let first = first.ok_or_else(|| RemoteError::NotFound(format!("block {key:032x}")))?;
-        let bad = |k: &str, source| RemoteError::Corruption {
-            key: k.to_string(),
+        let bad = |source| RemoteError::Corruption {
+            key: k0.clone(),
             source,
         };
-        let h = value::decode_block_header(&first, key).map_err(|e| bad(&k0, e))?;
+        let h = value::decode_block_header(&first, key).map_err(bad)?;
         if let Some((len, _)) = expected {
             if len != h.len {
-                return Err(bad(
-                    &k0,
-                    ValueError::Payload(format!("{} bytes, the manifest says {len}", h.len)),
-                ));
+                return Err(bad(ValueError::Payload(format!(
+                    "{} bytes, the manifest says {len}",
+                    h.len
+                ))));
             }
         }
-        let mut out = Vec::with_capacity(h.len as usize);
-        value::take_part(&h, 0, &first, &mut out).map_err(|e| bad(&k0, e))?;
-        if h.parts > 1 {
-            let mut pipe = redis::cluster::cluster_pipe();
-            for i in 1..h.parts {
-                pipe.cmd("GETEX")
-                    .arg(self.block_key(key, i))
-                    .arg("EX")
-                    .arg(ttl);
-            }
-            let rest: Vec<Option<Vec<u8>>> = pipe.query(&mut conn)?;
-            for (i, v) in (1..h.parts).zip(rest) {
-                let ki = self.block_key(key, i);
-                let v =
-                    v.ok_or_else(|| RemoteError::NotFound(format!("{ki} (a part of a block)")))?;
-                value::take_part(&h, i, &v, &mut out).map_err(|e| bad(&ki, e))?;
-            }
-        }
-        value::check_payload(&h, &out, expected).map_err(|e| bad(&k0, e))?;
-        Ok(out)
+        let mut payload = Vec::with_capacity(h.len as usize);
+        value::take_part(&h, 0, &first, &mut payload).map_err(bad)?;
+        Ok((h, payload))
     }
 
     /// A new fencing token for `name` (a counter, never reused).

@@ -28,6 +28,35 @@ pub struct PushReport {
     pub bytes: u64,
 }
 
+/// Fetches blocks `batch` of manifest `m`, verified, as record images.
+fn fetch_images(
+    remote: &Remote,
+    m: &Manifest,
+    batch: &[usize],
+) -> Result<Vec<(usize, AlignedBuf)>, RemoteError> {
+    let asked: Vec<(u128, Option<(u64, u64)>)> = batch
+        .iter()
+        .map(|&i| {
+            (
+                m.blocks[i].key,
+                Some((m.blocks[i].len, m.blocks[i].checksum)),
+            )
+        })
+        .collect();
+    batch
+        .iter()
+        .zip(remote.get_blocks(&asked)?)
+        .map(|(&i, p)| {
+            let p = p?;
+            let len = m.blocks[i].len;
+            let mut img = AlignedBuf::zeroed(record_len(len) as usize);
+            let po = payload_offset(len);
+            img[po..po + p.len()].copy_from_slice(&p);
+            Ok((i, img))
+        })
+        .collect()
+}
+
 /// What a pull did.
 #[derive(Debug, Clone, Serialize)]
 pub struct PullReport {
@@ -56,34 +85,63 @@ pub fn push_window(
     let token = remote.token(name)?;
     let r = store.open_window(name)?;
     let n = r.num_blocks();
-    let (mut written, mut bytes) = (0u64, 0u64);
-    let mut i = 0;
-    while i < n {
-        let mut images = Vec::new();
-        let mut size = 0;
-        while i + images.len() < n && (images.is_empty() || size < PUSH_BATCH) {
-            let len = r.record_len(i + images.len());
-            size += len;
-            images.push(AlignedBuf::zeroed(len as usize));
-        }
-        let mut views: Vec<&mut [u8]> = images.iter_mut().map(|b| &mut b[..]).collect();
-        store.read_blocks(&r, i, &mut views)?;
-        let blocks: Vec<(u128, &[u8])> = images
-            .iter()
-            .enumerate()
-            .map(|(j, img)| (r.manifest.blocks[i + j].key, r.payload(i + j, img)))
-            .collect();
-        bytes += blocks.iter().map(|(_, p)| p.len() as u64).sum::<u64>();
-        written += remote.put_blocks(&blocks)? as u64;
-        i += images.len();
+    let keys: Vec<u128> = r.manifest.blocks.iter().map(|b| b.key).collect();
+    let mut held = Vec::with_capacity(n);
+    for chunk in keys.chunks(10_000) {
+        held.extend(remote.probe(chunk)?);
     }
+    // Runs of consecutive blocks the tier lacks, about PUSH_BATCH bytes each: read from the
+    // log on one thread while the previous run is sent on this one.
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut size = 0;
+    for i in (0..n).filter(|&i| !held[i]) {
+        match runs.last_mut() {
+            Some((s, e)) if *e == i && size < PUSH_BATCH => {
+                *e = i + 1;
+                size += r.manifest.blocks[i].len;
+            }
+            _ => {
+                runs.push((i, i + 1));
+                size = r.manifest.blocks[i].len;
+            }
+        }
+    }
+    let written: u64 = runs.iter().map(|(s, e)| (e - s) as u64).sum();
+    std::thread::scope(|sc| -> Result<(), RemoteError> {
+        let (tx, rx) =
+            crossbeam_channel::bounded::<Result<(usize, Vec<AlignedBuf>), RemoteError>>(1);
+        let (r, runs) = (&r, &runs);
+        sc.spawn(move || {
+            for &(s, e) in runs {
+                let mut images: Vec<AlignedBuf> = (s..e)
+                    .map(|i| AlignedBuf::zeroed(r.record_len(i) as usize))
+                    .collect();
+                let mut views: Vec<&mut [u8]> = images.iter_mut().map(|b| &mut b[..]).collect();
+                let read = store.read_blocks(r, s, &mut views).map(|()| (s, images));
+                let failed = read.is_err();
+                if tx.send(read.map_err(RemoteError::from)).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        for got in rx {
+            let (s, images) = got?;
+            let blocks: Vec<(u128, &[u8])> = images
+                .iter()
+                .enumerate()
+                .map(|(j, img)| (keys[s + j], r.payload(s + j, img)))
+                .collect();
+            remote.write_blocks(&blocks)?;
+        }
+        Ok(())
+    })?;
     let head = remote.publish(name, &r.manifest.encode(), expect, token)?;
     Ok(PushReport {
         name: name.to_string(),
         generation: head.generation,
         blocks: n as u64,
         written,
-        bytes,
+        bytes: r.manifest.blocks.iter().map(|b| b.len).sum(),
     })
 }
 
@@ -126,23 +184,50 @@ pub fn pull_window(
         retention: m.retention,
     };
     let mut w = store.begin_window(spec)?;
-    let (mut fetched, mut got) = (0u64, 0u64);
-    for (i, b) in m.blocks.iter().enumerate() {
-        if !w.needs_write(i) {
-            continue;
+    let wanted: Vec<usize> = (0..m.blocks.len()).filter(|&i| w.needs_write(i)).collect();
+    // Batches of about PUSH_BATCH bytes, fetched (two pipelined round trips each), verified
+    // and laid out as record images on one thread while the previous batch is written here.
+    let mut batches: Vec<&[usize]> = Vec::new();
+    let mut at = 0;
+    while at < wanted.len() {
+        let mut end = at;
+        let mut size = 0;
+        while end < wanted.len() && (end == at || size < PUSH_BATCH) {
+            size += m.blocks[wanted[end]].len;
+            end += 1;
         }
-        let p = remote.get_block(b.key, Some((b.len, b.checksum)))?;
-        let mut img = AlignedBuf::zeroed(record_len(b.len) as usize);
-        let po = payload_offset(b.len);
-        img[po..po + p.len()].copy_from_slice(&p);
-        w.write_blocks(&mut [BlockImage {
-            index: i,
-            image: &mut img[..],
-            checksum: Some(b.checksum),
-        }])?;
-        fetched += 1;
-        got += b.len;
+        batches.push(&wanted[at..end]);
+        at = end;
     }
+    let got: u64 = wanted.iter().map(|&i| m.blocks[i].len).sum();
+    std::thread::scope(|sc| -> Result<(), RemoteError> {
+        type Batch = Result<Vec<(usize, AlignedBuf)>, RemoteError>;
+        let (tx, rx) = crossbeam_channel::bounded::<Batch>(1);
+        let (m, batches) = (&m, &batches);
+        sc.spawn(move || {
+            for batch in batches {
+                let fetched = fetch_images(remote, m, batch);
+                let failed = fetched.is_err();
+                if tx.send(fetched).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        for fetched in rx {
+            let mut fetched = fetched?;
+            let mut images: Vec<BlockImage<'_>> = fetched
+                .iter_mut()
+                .map(|(i, img)| BlockImage {
+                    index: *i,
+                    image: &mut img[..],
+                    checksum: Some(m.blocks[*i].checksum),
+                })
+                .collect();
+            w.write_blocks(&mut images)?;
+        }
+        Ok(())
+    })?;
+    let fetched = wanted.len() as u64;
     let info = w.commit()?;
     Ok(PullReport {
         name: name.to_string(),

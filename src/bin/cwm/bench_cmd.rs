@@ -110,6 +110,24 @@ pub(crate) enum BenchCmd {
         #[command(flatten)]
         out: Output,
     },
+    /// A window pushed to and pulled from a Redis Cluster through cwm, against the raw client
+    /// moving the same bytes (a local 3-master cluster is started unless --remote is given).
+    Remote {
+        /// Window bytes.
+        #[arg(long, default_value = "512MiB", value_parser = crate::parse_size)]
+        bytes: u64,
+        /// Bytes per block (2 MiB: a 16-token block of an 8B model in bf16).
+        #[arg(long, default_value = "2MiB", value_parser = crate::parse_size)]
+        block: u64,
+        /// Largest value written.
+        #[arg(long, default_value = "4MiB", value_parser = crate::parse_size)]
+        max_value: u64,
+        /// Cluster seed nodes, comma-separated (default: start a local one).
+        #[arg(long)]
+        remote: Option<String>,
+        #[command(flatten)]
+        out: Output,
+    },
     /// Reopen time of a log of many small records.
     Recovery {
         /// Records in the log.
@@ -292,6 +310,19 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
             );
             (value(&r)?, text, out)
         }
+        BenchCmd::Remote {
+            bytes,
+            block,
+            max_value,
+            remote,
+            out,
+        } => {
+            let dir = out.dir();
+            let r =
+                tools::remote_bench::remote(&dir, remote, bytes, block, max_value, &bar(out.json))?;
+            let text = remote_text(&r);
+            (value(&r)?, text, out)
+        }
         BenchCmd::Recovery {
             records,
             engine,
@@ -316,6 +347,26 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
             (value(&r)?, text, out)
         }
     })
+}
+
+/// The one-line summary of `cwm bench remote`.
+fn remote_text(r: &tools::remote_bench::RemoteBench) -> String {
+    format!(
+        "remote ({} cluster): {} MiB in {} KiB blocks — push {:.2} GB/s vs raw SET {:.2} GB/s \
+         (ratio {:.2}); pull {:.2} GB/s vs raw GET {:.2} GB/s (ratio {:.2}) and raw disk write \
+         {:.2} GB/s (ratio to the slower {:.2})",
+        r.cluster,
+        r.bytes >> 20,
+        r.block_bytes >> 10,
+        r.push_gbps,
+        r.raw_set_gbps,
+        r.push_ratio,
+        r.pull_gbps,
+        r.raw_get_gbps,
+        r.pull_ratio,
+        r.raw_disk_write_gbps,
+        r.pull_ratio_of_slower
+    )
 }
 
 /// `cwm bench trace`: simulations at each capacity, the real store at some.

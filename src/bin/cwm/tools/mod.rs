@@ -4,5 +4,6 @@ pub(crate) mod bench;
 pub(crate) mod demo;
 pub(crate) mod gpucheck;
 pub(crate) mod plot;
+pub(crate) mod remote_bench;
 pub(crate) mod torture;
 pub(crate) mod trace;

@@ -1,0 +1,315 @@
+//! `cwm bench remote`: a window pushed to and pulled from a Redis Cluster through cwm, against
+//! the raw `redis` client moving the same bytes (same value size, same pipeline batches, one
+//! connection) in the same run. Without `--remote`, a throwaway 3-master cluster of Debian's
+//! `redis-server` is started on loopback and stopped at the end.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::progress::Progress;
+use cwm::remote::{pull_window, push_window, Expect, Remote, RemoteConfig};
+use cwm::store::{BlockDesc, Replace, Store, StoreConfig, WindowSpec};
+
+/// Result of `cwm bench remote`.
+#[derive(Debug, Serialize)]
+pub struct RemoteBench {
+    /// Where the cluster was: `local` (started by the bench) or the URLs given.
+    pub cluster: String,
+    /// Payload bytes of the window.
+    pub bytes: u64,
+    /// Bytes per block.
+    pub block_bytes: u64,
+    /// Largest value written (blocks above it are split).
+    pub max_value: u64,
+    /// Push through cwm (read from the local log, probe, write missing blocks, publish), GB/s.
+    pub push_gbps: f64,
+    /// Raw pipelined `SET`s of the same bytes in values of the same sizes, GB/s.
+    pub raw_set_gbps: f64,
+    /// `push_gbps / raw_set_gbps`.
+    pub push_ratio: f64,
+    /// Pull through cwm (fetch, verify, write into another instance's log, commit), GB/s.
+    pub pull_gbps: f64,
+    /// Raw pipelined `GET`s of the same bytes, GB/s.
+    pub raw_get_gbps: f64,
+    /// `pull_gbps / raw_get_gbps`.
+    pub pull_ratio: f64,
+    /// Raw O_DIRECT write + fdatasync of the same bytes to the pulling instance's disk, GB/s
+    /// (a pull ends durable in the local log: it cannot beat this either).
+    pub raw_disk_write_gbps: f64,
+    /// `pull_gbps / min(raw_get_gbps, raw_disk_write_gbps)`.
+    pub pull_ratio_of_slower: f64,
+}
+
+/// A local cluster for the bench, killed when dropped.
+struct LocalCluster {
+    nodes: Vec<Child>,
+    ports: Vec<u16>,
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            let _ = n.kill();
+            let _ = n.wait();
+        }
+    }
+}
+
+fn port_free(p: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+}
+
+fn start_cluster(dir: &Path) -> Result<LocalCluster, String> {
+    let mut ports = Vec::new();
+    let mut p = 21000 + (std::process::id() % 8000) as u16;
+    while ports.len() < 3 {
+        p = if p >= 29990 { 21000 } else { p + 1 };
+        if port_free(p) && port_free(p + 10000) {
+            ports.push(p);
+        }
+    }
+    let mut c = LocalCluster {
+        nodes: Vec::new(),
+        ports: ports.clone(),
+    };
+    for &port in &ports {
+        let d = dir.join(format!("redis-{port}"));
+        std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--daemonize", "no", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(&d)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                format!("redis-server: {e} (install Debian's redis-server, or pass --remote)")
+            })?;
+        c.nodes.push(child);
+    }
+    let cli = |port: u16, args: &[&str]| -> String {
+        Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let t = Instant::now();
+    let wait = |ok: &dyn Fn() -> bool, what: &str| -> Result<(), String> {
+        while !ok() {
+            if t.elapsed() > Duration::from_secs(30) {
+                return Err(format!("local cluster: timed out waiting for {what}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    };
+    for &port in &ports {
+        wait(&|| cli(port, &["PING"]).trim() == "PONG", "PING")?;
+    }
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut args: Vec<&str> = vec!["--cluster", "create"];
+    args.extend(addrs.iter().map(String::as_str));
+    args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+    let out = cli(ports[0], &args);
+    if !out.contains("All 16384 slots covered") {
+        return Err(format!("local cluster: create failed: {out}"));
+    }
+    for &port in &ports {
+        wait(
+            &|| cli(port, &["CLUSTER", "INFO"]).contains("cluster_state:ok"),
+            "cluster_state:ok",
+        )?;
+    }
+    Ok(c)
+}
+
+fn gbps(bytes: u64, secs: f64) -> f64 {
+    if secs <= 0.0 {
+        0.0
+    } else {
+        bytes as f64 / secs / 1e9
+    }
+}
+
+/// Runs the bench: a window of `bytes` in blocks of `block` bytes.
+pub fn remote(
+    dir: &Path,
+    urls: Option<String>,
+    bytes: u64,
+    block: u64,
+    max_value: u64,
+    p: &Progress,
+) -> Result<RemoteBench, String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let tmp = tempfile::Builder::new()
+        .prefix("cwm-bench-remote-")
+        .tempdir_in(dir)
+        .map_err(|x| e(&x))?;
+    let (_local, nodes, cluster) = match urls {
+        Some(u) => (None, u.split(',').map(String::from).collect::<Vec<_>>(), u),
+        None => {
+            let c = start_cluster(tmp.path())?;
+            let nodes = c
+                .ports
+                .iter()
+                .map(|p| format!("redis://127.0.0.1:{p}"))
+                .collect();
+            (Some(c), nodes, "local".to_string())
+        }
+    };
+    let prefix = format!("cwm-bench-{}", std::process::id());
+    let remote = Remote::connect(RemoteConfig {
+        nodes,
+        prefix: prefix.clone(),
+        max_value: max_value as usize,
+        block_ttl: Duration::from_secs(3600),
+        ..Default::default()
+    })
+    .map_err(|x| e(&x))?;
+    let n = bytes.div_ceil(block).max(1) as usize;
+    let stamp = u128::from(std::process::id()) << 64;
+    let keys: Vec<u128> = (0..n as u128).map(|i| stamp | (i + 1)).collect();
+    let payloads: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            let mut v = vec![0u8; block as usize];
+            cwm::prng::fill_random(&mut v, i as u64 + 1);
+            v
+        })
+        .collect();
+    p.update("remote", 0, 4, "storing the window locally");
+    let (a, _) = Store::open(StoreConfig::new(tmp.path().join("a"))).map_err(|x| e(&x))?;
+    let spec = WindowSpec {
+        name: "bench".into(),
+        session: "bench".into(),
+        namespace: "bench".into(),
+        layout: b"{}".to_vec(),
+        tokens: (0..n as u32 * 16).collect(),
+        blocks: keys
+            .iter()
+            .map(|&key| BlockDesc { key, len: block })
+            .collect(),
+        ..Default::default()
+    };
+    let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+    a.put_window(spec, &refs).map_err(|x| e(&x))?;
+    // The raw client's values: the same bytes, cut at the same value size.
+    let chunk = max_value as usize - cwm::remote::value::BLOCK_HEADER;
+    let raw: Vec<(String, &[u8])> = payloads
+        .iter()
+        .enumerate()
+        .flat_map(|(i, pl)| {
+            let prefix = &prefix;
+            pl.chunks(chunk)
+                .enumerate()
+                .map(move |(j, c)| (format!("{prefix}:raw:{i}:{j}"), c))
+        })
+        .collect();
+    let client =
+        redis::cluster::ClusterClient::new(remote.config().nodes.clone()).map_err(|x| e(&x))?;
+    let mut conn = client.get_connection().map_err(|x| e(&x))?;
+    let batch = 64usize << 20;
+    p.update("remote", 1, 4, "raw SET");
+    let t = Instant::now();
+    for group in batches(&raw, batch) {
+        let mut pipe = redis::cluster::cluster_pipe();
+        for (k, v) in group {
+            pipe.cmd("SET").arg(k).arg(*v).ignore();
+        }
+        pipe.query::<()>(&mut conn).map_err(|x| e(&x))?;
+    }
+    let raw_set = t.elapsed().as_secs_f64();
+    p.update("remote", 2, 4, "push");
+    let t = Instant::now();
+    push_window(&a, &remote, "bench", Expect::Any).map_err(|x| e(&x))?;
+    let push = t.elapsed().as_secs_f64();
+    p.update("remote", 3, 4, "raw GET");
+    let t = Instant::now();
+    let mut got = 0u64;
+    for group in batches(&raw, batch) {
+        let mut pipe = redis::cluster::cluster_pipe();
+        for (k, _) in group {
+            pipe.cmd("GET").arg(k);
+        }
+        let vals: Vec<Vec<u8>> = pipe.query(&mut conn).map_err(|x| e(&x))?;
+        got += vals.iter().map(|v| v.len() as u64).sum::<u64>();
+    }
+    let raw_get = t.elapsed().as_secs_f64();
+    if got != n as u64 * block {
+        return Err(format!("raw GET read {got} bytes of {}", n as u64 * block));
+    }
+    p.update("remote", 4, 4, "pull");
+    let (b, _) = Store::open(StoreConfig::new(tmp.path().join("b"))).map_err(|x| e(&x))?;
+    let t = Instant::now();
+    let r = pull_window(&b, &remote, "bench", Replace::No).map_err(|x| e(&x))?;
+    let pull = t.elapsed().as_secs_f64();
+    if r.fetched != n as u64 {
+        return Err(format!("pull fetched {} of {n} blocks", r.fetched));
+    }
+    // Leave nothing behind on a cluster that was given.
+    let mut pipe = redis::cluster::cluster_pipe();
+    for (k, _) in &raw {
+        pipe.cmd("DEL").arg(k).ignore();
+    }
+    for (i, k) in keys.iter().enumerate() {
+        for part in 0..payloads[i].len().div_ceil(chunk).max(1) {
+            pipe.cmd("DEL")
+                .arg(remote.block_key(*k, part as u32))
+                .ignore();
+        }
+    }
+    let _ = pipe.query::<()>(&mut conn);
+    let total = n as u64 * block;
+    let eng = cwm::io::build_engine(cwm::io::EngineKind::Uring, 32);
+    let (raw_write, _) =
+        crate::tools::bench::raw_disk(eng.as_ref(), tmp.path(), total, block as usize, 32)
+            .map_err(|x| e(&x))?;
+    let (push_gbps, raw_set_gbps) = (gbps(total, push), gbps(total, raw_set));
+    let (pull_gbps, raw_get_gbps) = (gbps(total, pull), gbps(total, raw_get));
+    Ok(RemoteBench {
+        cluster,
+        bytes: total,
+        block_bytes: block,
+        max_value,
+        push_gbps,
+        raw_set_gbps,
+        push_ratio: push_gbps / raw_set_gbps.max(f64::MIN_POSITIVE),
+        pull_gbps,
+        raw_get_gbps,
+        pull_ratio: pull_gbps / raw_get_gbps.max(f64::MIN_POSITIVE),
+        raw_disk_write_gbps: raw_write,
+        pull_ratio_of_slower: pull_gbps / raw_get_gbps.min(raw_write).max(f64::MIN_POSITIVE),
+    })
+}
+
+/// Consecutive groups of about `bytes` bytes of values.
+fn batches<'a>(vals: &'a [(String, &'a [u8])], bytes: usize) -> Vec<&'a [(String, &'a [u8])]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut size = 0;
+    for (i, (_, v)) in vals.iter().enumerate() {
+        size += v.len();
+        if size >= bytes {
+            out.push(&vals[start..=i]);
+            start = i + 1;
+            size = 0;
+        }
+    }
+    if start < vals.len() {
+        out.push(&vals[start..]);
+    }
+    out
+}
