@@ -7,7 +7,18 @@
 fn bench_remote_reports_push_and_pull_against_the_raw_client() {
     let dir = tempfile::tempdir().unwrap();
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_cwm"))
-        .args(["bench", "remote", "--bytes", "8MiB", "--block", "1MiB", "--max-value", "256KiB", "--json", "--dir"])
+        .args([
+            "bench",
+            "remote",
+            "--bytes",
+            "8MiB",
+            "--block",
+            "1MiB",
+            "--max-value",
+            "256KiB",
+            "--json",
+            "--dir",
+        ])
         .arg(dir.path())
         .output()
         .unwrap();
@@ -15,7 +26,13 @@ fn bench_remote_reports_push_and_pull_against_the_raw_client() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["cluster"], "local");
     assert_eq!(v["bytes"], 8 << 20);
-    for k in ["push_gbps", "raw_set_gbps", "pull_gbps", "raw_get_gbps", "raw_disk_write_gbps"] {
+    for k in [
+        "push_gbps",
+        "raw_set_gbps",
+        "pull_gbps",
+        "raw_get_gbps",
+        "raw_disk_write_gbps",
+    ] {
         assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {v}");
     }
     let r = v["push_gbps"].as_f64().unwrap() / v["raw_set_gbps"].as_f64().unwrap();

@@ -281,6 +281,14 @@ impl std::ops::DerefMut for Conn<'_> {
     }
 }
 
+impl Conn<'_> {
+    /// Drops the connection instead of pooling it: after an outage its slot map may be stale
+    /// (a failed-over master), and a new connection asks the cluster afresh.
+    fn discard(&mut self) {
+        self.conn = None;
+    }
+}
+
 impl Drop for Conn<'_> {
     fn drop(&mut self) {
         if let (Some(c), Ok(mut pool)) = (self.conn.take(), self.remote.pool.lock()) {
@@ -340,6 +348,21 @@ impl Remote {
         })
     }
 
+    /// Runs `f` on a pooled connection; after an outage the connection is discarded.
+    fn run<T>(
+        &self,
+        f: impl FnOnce(&mut ClusterConnection) -> redis::RedisResult<T>,
+    ) -> Result<T, RemoteError> {
+        let mut c = self.conn()?;
+        f(&mut c).map_err(|e| {
+            let e = RemoteError::from(e);
+            if e.is_outage() {
+                c.discard();
+            }
+            e
+        })
+    }
+
     /// The Redis key of part `part` of block `key`.
     #[must_use]
     pub fn block_key(&self, key: u128, part: u32) -> String {
@@ -369,7 +392,7 @@ impl Remote {
         for k in keys {
             pipe.cmd("EXISTS").arg(self.block_key(*k, 0));
         }
-        let found: Vec<i64> = pipe.query(&mut *self.conn()?)?;
+        let found: Vec<i64> = self.run(|c| pipe.query(c))?;
         Ok(found.into_iter().map(|n| n > 0).collect())
     }
 
@@ -409,13 +432,13 @@ impl Remote {
                 queued += values[i].len();
             }
             if queued >= 64 << 20 {
-                pipe.query::<()>(&mut *self.conn()?)?;
+                self.run(|c| pipe.query::<()>(c))?;
                 pipe = redis::cluster::cluster_pipe();
                 queued = 0;
             }
         }
         if queued > 0 {
-            pipe.query::<()>(&mut *self.conn()?)?;
+            self.run(|c| pipe.query::<()>(c))?;
         }
         Ok(())
     }
@@ -444,7 +467,6 @@ impl Remote {
             return Ok(Vec::new());
         }
         let ttl = self.cfg.block_ttl.as_secs().max(1);
-        let mut conn = self.conn()?;
         let mut pipe = redis::cluster::cluster_pipe();
         for (k, _) in blocks {
             pipe.cmd("GETEX")
@@ -452,7 +474,7 @@ impl Remote {
                 .arg("EX")
                 .arg(ttl);
         }
-        let firsts: Vec<Option<Vec<u8>>> = pipe.query(&mut conn)?;
+        let firsts: Vec<Option<Vec<u8>>> = self.run(|c| pipe.query(c))?;
         let mut out: Vec<Result<(value::BlockHeader, Vec<u8>), RemoteError>> = blocks
             .iter()
             .zip(firsts)
@@ -472,7 +494,7 @@ impl Remote {
             }
         }
         if !asked.is_empty() {
-            let rest: Vec<Option<Vec<u8>>> = pipe.query(&mut conn)?;
+            let rest: Vec<Option<Vec<u8>>> = self.run(|c| pipe.query(c))?;
             for ((b, i), v) in asked.into_iter().zip(rest) {
                 let Some(Ok((h, payload))) = out.get_mut(b) else {
                     continue;
@@ -534,9 +556,11 @@ impl Remote {
 
     /// A new fencing token for `name` (a counter, never reused).
     pub fn token(&self, name: &str) -> Result<u64, RemoteError> {
-        let t: u64 = redis::cmd("INCR")
-            .arg(self.window_key(name, "fence"))
-            .query(&mut *self.conn()?)?;
+        let t: u64 = self.run(|c| {
+            redis::cmd("INCR")
+                .arg(self.window_key(name, "fence"))
+                .query(c)
+        })?;
         Ok(t)
     }
 
@@ -550,28 +574,31 @@ impl Remote {
         token: u64,
     ) -> Result<Head, RemoteError> {
         let mkey = self.window_key(name, &format!("m:{token}"));
-        let mut conn = self.conn()?;
         // Immutable: a token names one publish attempt, whose manifest is written once.
-        let _: Option<String> = redis::cmd("SET")
-            .arg(&mkey)
-            .arg(value::encode_manifest(manifest))
-            .arg("NX")
-            .query(&mut *conn)?;
+        let _: Option<String> = self.run(|c| {
+            redis::cmd("SET")
+                .arg(&mkey)
+                .arg(value::encode_manifest(manifest))
+                .arg("NX")
+                .query(c)
+        })?;
         let checksum = xxhash_rust::xxh3::xxh3_64(manifest);
         let exp = match expect {
             Expect::New => "new".to_string(),
             Expect::Any => "any".to_string(),
             Expect::Generation(g) => g.to_string(),
         };
-        let (verdict, n): (String, u64) = redis::Script::new(PUBLISH)
-            .key(self.window_key(name, "head"))
-            .key(&mkey)
-            .arg(exp)
-            .arg(token)
-            .arg(manifest.len() as u64)
-            .arg(checksum.to_string())
-            .arg(name)
-            .invoke(&mut *conn)?;
+        let (verdict, n): (String, u64) = self.run(|c| {
+            redis::Script::new(PUBLISH)
+                .key(self.window_key(name, "head"))
+                .key(&mkey)
+                .arg(exp)
+                .arg(token)
+                .arg(manifest.len() as u64)
+                .arg(checksum.to_string())
+                .arg(name)
+                .invoke(c)
+        })?;
         match verdict.as_str() {
             "OK" => Ok(Head {
                 name: name.to_string(),
@@ -604,7 +631,7 @@ impl Remote {
     pub fn head(&self, name: &str) -> Result<Option<Head>, RemoteError> {
         let key = self.window_key(name, "head");
         let f: std::collections::HashMap<String, String> =
-            redis::cmd("HGETALL").arg(&key).query(&mut *self.conn()?)?;
+            self.run(|c| redis::cmd("HGETALL").arg(&key).query(c))?;
         if f.is_empty() {
             return Ok(None);
         }
@@ -638,7 +665,7 @@ impl Remote {
             .head(name)?
             .ok_or_else(|| RemoteError::NotFound(format!("window {name:?}")))?;
         let mkey = self.window_key(name, &format!("m:{}", head.token));
-        let v: Option<Vec<u8>> = redis::cmd("GET").arg(&mkey).query(&mut *self.conn()?)?;
+        let v: Option<Vec<u8>> = self.run(|c| redis::cmd("GET").arg(&mkey).query(c))?;
         let v = v.ok_or_else(|| RemoteError::NotFound(format!("manifest {mkey}")))?;
         let body = value::decode_manifest(&v, head.manifest_len, head.manifest_checksum)
             .map_err(|source| RemoteError::Corruption { key: mkey, source })?;
@@ -649,13 +676,15 @@ impl Remote {
     /// returns the token. Another holder: BUSY.
     pub fn lock(&self, name: &str, lease: Duration) -> Result<u64, RemoteError> {
         let token = self.token(name)?;
-        let ok: Option<String> = redis::cmd("SET")
-            .arg(self.window_key(name, "lock"))
-            .arg(token)
-            .arg("NX")
-            .arg("PX")
-            .arg(lease.as_millis().max(1) as u64)
-            .query(&mut *self.conn()?)?;
+        let ok: Option<String> = self.run(|c| {
+            redis::cmd("SET")
+                .arg(self.window_key(name, "lock"))
+                .arg(token)
+                .arg("NX")
+                .arg("PX")
+                .arg(lease.as_millis().max(1) as u64)
+                .query(c)
+        })?;
         match ok {
             Some(_) => Ok(token),
             None => Err(RemoteError::Busy(name.to_string())),
@@ -664,20 +693,24 @@ impl Remote {
 
     /// Renews the lease held with `token`; `false`: it expired (or another holds it).
     pub fn renew(&self, name: &str, token: u64, lease: Duration) -> Result<bool, RemoteError> {
-        let n: i64 = redis::Script::new(RENEW)
-            .key(self.window_key(name, "lock"))
-            .arg(token)
-            .arg(lease.as_millis().max(1) as u64)
-            .invoke(&mut *self.conn()?)?;
+        let n: i64 = self.run(|c| {
+            redis::Script::new(RENEW)
+                .key(self.window_key(name, "lock"))
+                .arg(token)
+                .arg(lease.as_millis().max(1) as u64)
+                .invoke(c)
+        })?;
         Ok(n == 1)
     }
 
     /// Releases the lease held with `token` (a no-op when it expired or another holds it).
     pub fn unlock(&self, name: &str, token: u64) -> Result<bool, RemoteError> {
-        let n: i64 = redis::Script::new(RELEASE)
-            .key(self.window_key(name, "lock"))
-            .arg(token)
-            .invoke(&mut *self.conn()?)?;
+        let n: i64 = self.run(|c| {
+            redis::Script::new(RELEASE)
+                .key(self.window_key(name, "lock"))
+                .arg(token)
+                .invoke(c)
+        })?;
         Ok(n == 1)
     }
 }

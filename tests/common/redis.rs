@@ -83,7 +83,63 @@ impl Cluster {
             "cluster create: {out}"
         );
         c.wait_ok();
+        // A replica that has not finished its first sync cannot fail over: wait until every
+        // master sees its replicas online.
+        let want = format!("connected_slaves:{replicas}");
+        wait(
+            || {
+                c.masters(0).iter().all(|&m| {
+                    let info = cli(c.nodes[m].port, &["INFO", "replication"]);
+                    info.contains(&want) && info.matches("state=online").count() == replicas
+                })
+            },
+            "replicas in sync",
+        );
         c
+    }
+
+    /// One node holding every slot, started with `extra` redis-server options (e.g.
+    /// `--maxmemory`).
+    pub fn single(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = ports(1)[0];
+        let d = dir.path().join(port.to_string());
+        std::fs::create_dir_all(&d).expect("node dir");
+        let child = spawn_with(port, &d, extra);
+        wait(
+            || cli(port, &["PING"]).trim() == "PONG",
+            "node answers PING",
+        );
+        cli(port, &["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
+        let c = Cluster {
+            dir,
+            nodes: vec![Node { port, child }],
+        };
+        c.wait_ok();
+        c
+    }
+
+    /// Indexes of the nodes that are masters now, as node `from` sees them.
+    pub fn masters(&self, from: usize) -> Vec<usize> {
+        let out = cli(self.nodes[from].port, &["CLUSTER", "NODES"]);
+        out.lines()
+            .filter(|l| l.contains("master") && !l.contains("fail"))
+            .filter_map(|l| {
+                let addr = l.split_whitespace().nth(1)?;
+                let port: u16 = addr.split(['@', ':']).nth(1)?.parse().ok()?;
+                self.nodes.iter().position(|n| n.port == port)
+            })
+            .collect()
+    }
+
+    /// Pauses node `i` (SIGSTOP): it holds its sockets open and answers nothing.
+    pub fn pause(&self, i: usize) {
+        signal(&self.nodes[i].child, libc_sig::STOP);
+    }
+
+    /// Resumes a paused node (SIGCONT).
+    pub fn resume(&self, i: usize) {
+        signal(&self.nodes[i].child, libc_sig::CONT);
     }
 
     /// Waits until every live node reports `cluster_state:ok`.
@@ -120,6 +176,33 @@ impl Cluster {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
+    /// Waits until every node but `except` reports `cluster_state:ok`.
+    pub fn wait_ok_except(&self, except: usize) {
+        for (i, nd) in self.nodes.iter().enumerate().filter(|(i, _)| *i != except) {
+            wait(
+                || cli(nd.port, &["CLUSTER", "INFO"]).contains("cluster_state:ok"),
+                &format!("cluster_state:ok on node {i}"),
+            );
+        }
+    }
+
+    /// The tail of every node's log (for failure messages).
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            let log =
+                std::fs::read_to_string(self.dir.path().join(n.port.to_string()).join("redis.log"))
+                    .unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            out.push_str(&format!(
+                "== {}\n{}\n",
+                n.port,
+                lines[lines.len().saturating_sub(8)..].join("\n")
+            ));
+        }
+        out
+    }
+
     /// Kills node `i` (SIGKILL).
     pub fn kill(&mut self, i: usize) {
         let _ = self.nodes[i].child.kill();
@@ -138,7 +221,24 @@ impl Cluster {
     }
 }
 
+mod libc_sig {
+    pub const STOP: &str = "STOP";
+    pub const CONT: &str = "CONT";
+}
+
+fn signal(c: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &c.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+}
+
 fn spawn(port: u16, d: &std::path::Path) -> Child {
+    spawn_with(port, d, &[])
+}
+
+fn spawn_with(port: u16, d: &std::path::Path, extra: &[&str]) -> Child {
     Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args([
@@ -154,12 +254,18 @@ fn spawn(port: u16, d: &std::path::Path) -> Child {
             "no",
             "--save",
             "",
+            // Replicas sync at once, and may always take over.
+            "--repl-diskless-sync-delay",
+            "0",
+            "--cluster-replica-validity-factor",
+            "0",
         ])
         .args(["--protected-mode", "no", "--daemonize", "no"])
         .arg("--dir")
         .arg(d)
         .arg("--logfile")
         .arg(d.join("redis.log"))
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
