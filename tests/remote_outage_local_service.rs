@@ -18,7 +18,14 @@ fn cwm(socket: &std::path::Path, args: &[&str]) -> std::process::Output {
 fn a_dead_cluster_degrades_the_remote_tier_only() {
     let port = free_loopback_port();
     let url = format!("redis://127.0.0.1:{port}");
-    let f = fixture(&["--remote", &url, "--remote-timeout-ms", "300"]);
+    let f = fixture(&[
+        "--remote",
+        &url,
+        "--remote-timeout-ms",
+        "300",
+        "--remote-write",
+        "off",
+    ]);
     let sock = &f.daemon.socket;
     let tokens: Vec<String> = (0..40).map(|t| t.to_string()).collect();
     let o = cwm(

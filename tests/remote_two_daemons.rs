@@ -21,7 +21,7 @@ fn cwm(socket: &std::path::Path, args: &[&str]) -> std::process::Output {
 fn frozen_and_pushed_on_one_instance_thaws_bit_exact_on_another() {
     let cluster = common::redis::Cluster::start(3, 0);
     let urls = cluster.urls().join(",");
-    let mut a = fixture(&["--remote", &urls]);
+    let mut a = fixture(&["--remote", &urls, "--remote-write", "off"]);
     let b = fixture(&["--remote", &urls]);
     let tokens: Vec<String> = (0..40).map(|t| t.to_string()).collect();
     let o = cwm(

@@ -132,7 +132,7 @@ pub struct Server {
     /// its memory stays pinned and registered with the I/O engine anyway.
     staging_pools: Mutex<Vec<Arc<crate::staging::StagingPool>>>,
     /// The shared tier.
-    remote: remote_ops::RemoteLink,
+    remote: Arc<remote_ops::RemoteLink>,
 }
 
 impl Server {
@@ -146,7 +146,7 @@ impl Server {
         let tier = RamTier::new(cfg.tier_bytes);
         let metrics = metrics::Metrics::default();
         metrics.max_operations.set(cfg.max_ops.max(1) as i64);
-        let remote = remote_ops::RemoteLink::new(cfg.remote.clone());
+        let remote = Arc::new(remote_ops::RemoteLink::new(cfg.remote.clone()));
         Arc::new(Self {
             remote,
             tier,

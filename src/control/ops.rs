@@ -148,7 +148,11 @@ impl Server {
         }
         let r = res.map_err(|e| self.quota_detail(ApiError::from(e)))?;
         self.froze(&r);
-        Ok(json!({"status": "durable", "window": r.info, "report": r}))
+        let mut out = json!({"status": "durable", "window": r.info, "report": r});
+        if let Some(remote) = self.remote.after_freeze(&self.store, &r.info.name) {
+            out["remote"] = remote;
+        }
+        Ok(out)
     }
 
     /// Logs and counts a durable freeze.
@@ -217,6 +221,22 @@ impl Server {
                 ))
             }
         };
+        // A named window this instance does not hold: from the shared tier, if there is one.
+        let mut pulled = None;
+        if self.store.get(&window).is_err() {
+            if let Some(p) = self.remote.pull_missing(&self.store, &window) {
+                match p {
+                    Ok(p) => pulled = Some(p),
+                    Err(e) if e.code() == ErrorCode::NotFound => {
+                        return Err(ApiError::new(
+                            ErrorCode::NotFound,
+                            format!("no window {window:?} here or in the remote tier"),
+                        ))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
         let tr = ThawRequest {
             window,
             block_ids,
@@ -247,7 +267,11 @@ impl Server {
             self.sessions.thawed(sess).map_err(ApiError::from)?;
         }
         self.thawed(&r);
-        Ok(json!({"status": "loaded", "report": r}))
+        let mut out = json!({"status": "loaded", "report": r});
+        if let Some(p) = pulled {
+            out["pulled"] = json!(p);
+        }
+        Ok(out)
     }
 
     /// Records a thaw's corruption findings, logs and counts it, and updates the running

@@ -2,15 +2,21 @@
 //! outage), so a cluster that is down at start-up never stops local service; `push` and
 //! `pull`; and the tier's state for `health`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use serde_json::{json, Value};
 
 use super::protocol::ApiError;
 use super::Server;
 use crate::error::ErrorCode;
-use crate::remote::{pull_window, push_window, Expect, Remote, RemoteConfig, RemoteError};
-use crate::store::Replace;
+use crate::remote::{
+    pull_window, push_window, Expect, Publish, PullReport, Remote, RemoteConfig, RemoteError,
+};
+use crate::store::{Replace, Store};
+
+/// Windows waiting for a background publish, at most; more are dropped (and logged): a
+/// later freeze or `push` publishes them.
+const PUBLISH_QUEUE: usize = 1024;
 
 impl From<RemoteError> for ApiError {
     fn from(e: RemoteError) -> Self {
@@ -25,6 +31,8 @@ pub(super) struct RemoteLink {
     conn: Mutex<Option<Arc<Remote>>>,
     /// The last outage seen (cleared by the next success): what `health` reports.
     last_error: Mutex<Option<String>>,
+    /// The background publisher's queue (started on first use).
+    queue: Mutex<Option<crossbeam_channel::Sender<String>>>,
 }
 
 impl RemoteLink {
@@ -70,6 +78,65 @@ impl RemoteLink {
         r
     }
 
+    /// After a durable freeze of `name`: publishes it as the configuration says. `Sync`:
+    /// now, returning what to add to the answer; `Async`: queued for the background publisher.
+    pub(super) fn after_freeze(self: &Arc<Self>, store: &Arc<Store>, name: &str) -> Option<Value> {
+        match self.cfg.as_ref()?.publish {
+            Publish::Off => None,
+            Publish::Sync => Some(
+                match self.with(|r| push_window(store, r, name, Expect::Any)) {
+                    Ok(p) => json!({"generation": p.generation, "written": p.written}),
+                    Err(e) => {
+                        json!({"error": {"code": e.code().as_str(), "message": e.to_string()}})
+                    }
+                },
+            ),
+            Publish::Async => {
+                self.enqueue(store, name);
+                Some(json!({"status": "pending"}))
+            }
+        }
+    }
+
+    /// Queues `name` for the background publisher, starting it if needed.
+    fn enqueue(self: &Arc<Self>, store: &Arc<Store>, name: &str) {
+        let Ok(mut q) = self.queue.lock() else {
+            return;
+        };
+        let tx = q.get_or_insert_with(|| {
+            let (tx, rx) = crossbeam_channel::bounded::<String>(PUBLISH_QUEUE);
+            let (link, store): (Weak<Self>, Weak<Store>) =
+                (Arc::downgrade(self), Arc::downgrade(store));
+            std::thread::spawn(move || {
+                for name in rx {
+                    let (Some(link), Some(store)) = (link.upgrade(), store.upgrade()) else {
+                        return;
+                    };
+                    if let Err(e) = link.with(|r| push_window(&store, r, &name, Expect::Any)) {
+                        crate::log::warn(&format!("publishing {name:?} to the remote tier: {e}"));
+                    }
+                }
+            });
+            tx
+        });
+        if tx.try_send(name.to_string()).is_err() {
+            crate::log::warn(&format!(
+                "remote publish queue full: {name:?} not published (a later push does)"
+            ));
+        }
+    }
+
+    /// Before a thaw of `name`, which the local store does not hold: pulls it from the tier.
+    /// `None`: no tier configured.
+    pub(super) fn pull_missing(
+        &self,
+        store: &Store,
+        name: &str,
+    ) -> Option<Result<PullReport, RemoteError>> {
+        self.cfg.as_ref()?;
+        Some(self.with(|r| pull_window(store, r, name, Replace::No)))
+    }
+
     /// `health.remote`.
     pub(super) fn health(&self) -> Value {
         let Some(cfg) = &self.cfg else {
@@ -80,6 +147,8 @@ impl RemoteLink {
             "configured": true,
             "nodes": cfg.nodes,
             "prefix": cfg.prefix,
+            "publish": format!("{:?}", cfg.publish).to_lowercase(),
+            "queued": self.queue.lock().ok().and_then(|q| q.as_ref().map(crossbeam_channel::Sender::len)).unwrap_or(0),
             "status": if last.is_some() { "degraded" } else { "ok" },
             "error": last,
         })

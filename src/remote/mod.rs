@@ -48,6 +48,36 @@ pub struct RemoteConfig {
     pub max_value: usize,
     /// Connection and response timeout of one request.
     pub timeout: Duration,
+    /// When the daemon publishes a freeze to the tier.
+    pub publish: Publish,
+}
+
+/// When the daemon publishes a window it froze to the shared tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Publish {
+    /// Only when asked (`push`).
+    Off,
+    /// In the background once the freeze is durable (the default): the freeze's answer never
+    /// waits on Redis.
+    #[default]
+    Async,
+    /// Before the freeze is answered (its answer says whether the publish succeeded; the
+    /// freeze itself stands either way).
+    Sync,
+}
+
+impl std::str::FromStr for Publish {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Self::Off),
+            "async" => Ok(Self::Async),
+            "sync" => Ok(Self::Sync),
+            o => Err(format!(
+                "unknown remote write mode {o:?}: use off, async or sync"
+            )),
+        }
+    }
 }
 
 impl Default for RemoteConfig {
@@ -60,6 +90,7 @@ impl Default for RemoteConfig {
             block_ttl: Duration::from_secs(7 * 24 * 3600),
             max_value: 4 << 20,
             timeout: Duration::from_secs(2),
+            publish: Publish::Async,
         }
     }
 }

@@ -117,6 +117,10 @@ pub(crate) struct ServeArgs {
     /// Shared tier: milliseconds one request may take.
     #[arg(long, env = "CWM_REMOTE_TIMEOUT_MS", default_value_t = 2000)]
     remote_timeout_ms: u64,
+    /// Shared tier: publish every freeze in the background once durable (async), before
+    /// answering it (sync), or only on `cwm push` (off).
+    #[arg(long, env = "CWM_REMOTE_WRITE", default_value = "async")]
+    remote_write: cwm::remote::Publish,
 }
 
 impl ServeArgs {
@@ -151,6 +155,7 @@ impl ServeArgs {
             block_ttl: std::time::Duration::from_secs(self.remote_ttl.max(1)),
             max_value: self.remote_max_value as usize,
             timeout: std::time::Duration::from_millis(self.remote_timeout_ms.max(1)),
+            publish: self.remote_write,
         }))
     }
 }
@@ -209,6 +214,7 @@ struct FileConfig {
     remote_ttl: Option<u64>,
     remote_max_value: Option<SizeVal>,
     remote_timeout_ms: Option<u64>,
+    remote_write: Option<String>,
 }
 
 /// Fills every setting that came neither from a flag nor from the environment from the TOML
@@ -284,6 +290,7 @@ fn apply_config_file(a: &mut ServeArgs, m: &clap::ArgMatches) -> Result<(), Stri
     take!(remote_ttl);
     take!(remote_max_value, size);
     take!(remote_timeout_ms);
+    take!(remote_write, |v| v.parse()?);
     Ok(())
 }
 
