@@ -5,15 +5,6 @@
 mod common;
 use common::daemon::*;
 
-fn cwm(socket: &std::path::Path, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_cwm"))
-        .args(args)
-        .arg("--socket")
-        .arg(socket)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn a_dead_cluster_degrades_the_remote_tier_only() {
     let port = free_loopback_port();
@@ -27,26 +18,10 @@ fn a_dead_cluster_degrades_the_remote_tier_only() {
         "off",
     ]);
     let sock = &f.daemon.socket;
-    let tokens: Vec<String> = (0..40).map(|t| t.to_string()).collect();
-    let o = cwm(
-        sock,
-        &[
-            "freeze",
-            "--session",
-            "s1",
-            "--window",
-            "w1",
-            "--engine",
-            "e1",
-            "--tokens",
-            &tokens.join(","),
-            "--block-ids",
-            "0,1,2",
-        ],
-    );
+    let o = cli_freeze(sock, "w1", "0,1,2");
     assert!(o.status.success(), "{o:?}");
     let t = std::time::Instant::now();
-    let o = cwm(sock, &["push", "w1"]);
+    let o = cli(sock, &["push", "w1"]);
     assert_eq!(o.status.code(), Some(1), "{o:?}");
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("UNAVAILABLE"),
@@ -68,7 +43,7 @@ fn a_dead_cluster_degrades_the_remote_tier_only() {
             .contains("unavailable"),
         "{h}"
     );
-    let o = cwm(
+    let o = cli(
         sock,
         &["thaw", "w1", "--engine", "e1", "--block-ids", "10,11,12"],
     );
@@ -92,7 +67,7 @@ fn a_dead_cluster_degrades_the_remote_tier_only() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let cli = |args: &[&str]| {
+    let redis_cli = |args: &[&str]| {
         std::process::Command::new("redis-cli")
             .args(["-p", &port.to_string()])
             .args(args)
@@ -101,16 +76,16 @@ fn a_dead_cluster_degrades_the_remote_tier_only() {
             .unwrap_or_default()
     };
     let t = std::time::Instant::now();
-    while cli(&["PING"]).trim() != "PONG" {
+    while redis_cli(&["PING"]).trim() != "PONG" {
         assert!(t.elapsed().as_secs() < 20, "redis-server did not start");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    cli(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
-    while !cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+    redis_cli(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
+    while !redis_cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
         assert!(t.elapsed().as_secs() < 20, "cluster did not come up");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let o = cwm(sock, &["push", "w1"]);
+    let o = cli(sock, &["push", "w1"]);
     let _ = node.kill();
     let _ = node.wait();
     assert!(o.status.success(), "{o:?}");

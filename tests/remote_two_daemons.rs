@@ -8,40 +8,15 @@ use common::daemon::*;
 use cwm::device::read_block;
 use cwm::layout::{Dtype, Layout};
 
-fn cwm(socket: &std::path::Path, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_cwm"))
-        .args(args)
-        .arg("--socket")
-        .arg(socket)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn frozen_and_pushed_on_one_instance_thaws_bit_exact_on_another() {
     let cluster = common::redis::Cluster::start(3, 0);
     let urls = cluster.urls().join(",");
     let mut a = fixture(&["--remote", &urls, "--remote-write", "off"]);
     let b = fixture(&["--remote", &urls]);
-    let tokens: Vec<String> = (0..40).map(|t| t.to_string()).collect();
-    let o = cwm(
-        &a.daemon.socket,
-        &[
-            "freeze",
-            "--session",
-            "s1",
-            "--window",
-            "w1",
-            "--engine",
-            "e1",
-            "--tokens",
-            &tokens.join(","),
-            "--block-ids",
-            "0,1,2",
-        ],
-    );
+    let o = cli_freeze(&a.daemon.socket, "w1", "0,1,2");
     assert!(o.status.success(), "{o:?}");
-    let o = cwm(&a.daemon.socket, &["push", "w1"]);
+    let o = cli(&a.daemon.socket, &["push", "w1"]);
     assert!(o.status.success(), "{o:?}");
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
@@ -49,10 +24,10 @@ fn frozen_and_pushed_on_one_instance_thaws_bit_exact_on_another() {
         "{out}"
     );
     // Pushing the same name again as new: refused, exit 4 (ALREADY_EXISTS).
-    let o = cwm(&a.daemon.socket, &["push", "w1"]);
+    let o = cli(&a.daemon.socket, &["push", "w1"]);
     assert_eq!(o.status.code(), Some(4), "{o:?}");
     // --replace publishes generation 2 (no block written again).
-    let o = cwm(&a.daemon.socket, &["push", "w1", "--replace"]);
+    let o = cli(&a.daemon.socket, &["push", "w1", "--replace"]);
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("generation 2: 3 blocks, 0 written"),
         "{o:?}"
@@ -68,14 +43,14 @@ fn frozen_and_pushed_on_one_instance_thaws_bit_exact_on_another() {
         read_block(&layout, &b.mem, 10).unwrap(),
         read_block(&layout, &a.mem, 0).unwrap()
     );
-    let o = cwm(&b.daemon.socket, &["pull", "w1"]);
+    let o = cli(&b.daemon.socket, &["pull", "w1"]);
     assert!(o.status.success(), "{o:?}");
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         out.contains("pulled w1 generation 2 as version 1: 3 blocks, 3 fetched"),
         "{out}"
     );
-    let o = cwm(
+    let o = cli(
         &b.daemon.socket,
         &["thaw", "w1", "--engine", "e1", "--block-ids", "10,11,12"],
     );
@@ -92,6 +67,6 @@ fn frozen_and_pushed_on_one_instance_thaws_bit_exact_on_another() {
     assert_eq!(h["remote"]["configured"], true, "{h}");
     assert_eq!(h["remote"]["status"], "ok", "{h}");
     // A name the tier does not hold: NOT_FOUND, exit 3.
-    let o = cwm(&b.daemon.socket, &["pull", "nope"]);
+    let o = cli(&b.daemon.socket, &["pull", "nope"]);
     assert_eq!(o.status.code(), Some(3), "{o:?}");
 }

@@ -159,21 +159,15 @@ impl Server {
     /// `push`: publishes a stored window to the shared tier.
     pub(super) fn op_push(&self, a: &Value) -> Result<Value, ApiError> {
         let name = super::args::name(a, "window")?;
-        let expect = match (a.get("replace"), a.get("expected_generation")) {
+        let expect = match (replace_flag(a)?, a.get("expected_generation")) {
             (_, Some(g)) => Expect::Generation(g.as_u64().ok_or_else(|| {
                 ApiError::new(
                     ErrorCode::Validation,
                     "expected_generation must be an integer",
                 )
             })?),
-            (Some(Value::Bool(true)), None) => Expect::Any,
-            (None | Some(Value::Bool(false)), None) => Expect::New,
-            _ => {
-                return Err(ApiError::new(
-                    ErrorCode::Validation,
-                    "replace must be a boolean",
-                ))
-            }
+            (true, None) => Expect::Any,
+            (false, None) => Expect::New,
         };
         let r = self
             .remote
@@ -184,19 +178,26 @@ impl Server {
     /// `pull`: stores a window of the shared tier locally.
     pub(super) fn op_pull(&self, a: &Value) -> Result<Value, ApiError> {
         let name = super::args::name(a, "window")?;
-        let replace = match a.get("replace") {
-            None | Some(Value::Bool(false)) => Replace::No,
-            Some(Value::Bool(true)) => Replace::Any,
-            _ => {
-                return Err(ApiError::new(
-                    ErrorCode::Validation,
-                    "replace must be a boolean",
-                ))
-            }
+        let replace = if replace_flag(a)? {
+            Replace::Any
+        } else {
+            Replace::No
         };
         let r = self
             .remote
             .with(|r| pull_window(&self.store, r, &name, replace))?;
         Ok(json!({"pull": r}))
+    }
+}
+
+/// The optional boolean `replace` of `push` and `pull`.
+fn replace_flag(a: &Value) -> Result<bool, ApiError> {
+    match a.get("replace") {
+        None => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(ApiError::new(
+            ErrorCode::Validation,
+            "replace must be a boolean",
+        )),
     }
 }

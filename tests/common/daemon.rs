@@ -162,3 +162,35 @@ pub fn free_loopback_port() -> u16 {
         .expect("addr")
         .port()
 }
+
+/// Runs the `cwm` binary with `args` against the daemon at `socket`.
+pub fn cli(socket: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cwm"))
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .expect("run cwm")
+}
+
+/// `cwm freeze` of `window` from engine e1: 16 tokens per block of `block_ids` (comma-separated).
+pub fn cli_freeze(socket: &Path, window: &str, block_ids: &str) -> std::process::Output {
+    let n = block_ids.split(',').count() * 16;
+    let tokens: Vec<String> = (0..n).map(|t| t.to_string()).collect();
+    cli(
+        socket,
+        &[
+            "freeze",
+            "--session",
+            "s1",
+            "--window",
+            window,
+            "--engine",
+            "e1",
+            "--tokens",
+            &tokens.join(","),
+            "--block-ids",
+            block_ids,
+        ],
+    )
+}
