@@ -33,6 +33,24 @@ fn frozen_and_pushed_on_one_instance_thaws_bit_exact_on_another() {
         "{o:?}"
     );
 
+    // A's metrics count the pushes by outcome and the bytes sent (3 blocks of 16 KiB, once).
+    let mut ca = cwm::control::client::Client::connect(&a.daemon.socket).unwrap();
+    let m = ca.call_final(serde_json::json!({"op": "metrics"})).unwrap();
+    let text = m["text"].as_str().unwrap();
+    assert!(
+        text.contains(r#"cwm_remote_operations_total{op="push",outcome="ok"} 2"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"cwm_remote_operations_total{op="push",outcome="ALREADY_EXISTS"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"cwm_remote_bytes_total{direction="sent"} 49152"#),
+        "{text}"
+    );
+    drop(ca);
+
     // A dies and its data directory goes.
     let _ = a.daemon.child.kill();
     let _ = a.daemon.child.wait();
@@ -66,6 +84,16 @@ fn frozen_and_pushed_on_one_instance_thaws_bit_exact_on_another() {
     let h = c.call_final(serde_json::json!({"op": "health"})).unwrap();
     assert_eq!(h["remote"]["configured"], true, "{h}");
     assert_eq!(h["remote"]["status"], "ok", "{h}");
+    let m = c.call_final(serde_json::json!({"op": "metrics"})).unwrap();
+    let text = m["text"].as_str().unwrap();
+    assert!(
+        text.contains(r#"cwm_remote_operations_total{op="pull",outcome="ok"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"cwm_remote_bytes_total{direction="received"} 49152"#),
+        "{text}"
+    );
     // A name the tier does not hold: NOT_FOUND, exit 3.
     let o = cli(&b.daemon.socket, &["pull", "nope"]);
     assert_eq!(o.status.code(), Some(3), "{o:?}");

@@ -89,6 +89,10 @@ pub struct Metrics {
     lookup_blocks: Family<Labels, Counter>,
     lookup_tokens: Family<Labels, Counter>,
     class_bytes: Family<Labels, Gauge>,
+    /// Shared-tier operations (push, pull), by outcome (`ok` or the error code).
+    pub remote_ops: Family<Labels, Counter>,
+    /// Payload bytes moved to and from the shared tier, by direction (`sent`, `received`).
+    pub remote_bytes: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -108,6 +112,31 @@ impl Metrics {
                 .inc_by(hit);
             fam.get_or_create(&vec![("result".into(), "miss".into())])
                 .inc_by(miss);
+        }
+    }
+
+    /// Registers the shared tier's series (created at zero for the ok outcomes).
+    fn register_remote(&self, registry: &mut Registry) {
+        registry.register(
+            "cwm_remote_operations",
+            "Shared-tier pushes and pulls, by outcome (ok or the error code)",
+            self.remote_ops.clone(),
+        );
+        registry.register(
+            "cwm_remote_bytes",
+            "Payload bytes moved to (sent) and from (received) the shared tier",
+            self.remote_bytes.clone(),
+        );
+        for op in ["push", "pull"] {
+            let _ = self.remote_ops.get_or_create(&vec![
+                ("op".into(), op.into()),
+                ("outcome".into(), "ok".into()),
+            ]);
+        }
+        for d in ["sent", "received"] {
+            let _ = self
+                .remote_bytes
+                .get_or_create(&vec![("direction".into(), d.into())]);
         }
     }
 
@@ -191,9 +220,12 @@ impl Default for Metrics {
             lookup_blocks: Family::default(),
             lookup_tokens: Family::default(),
             class_bytes: Family::default(),
+            remote_ops: Family::default(),
+            remote_bytes: Family::default(),
             registry: Registry::default(),
         };
         m.register_capacity(&mut registry);
+        m.register_remote(&mut registry);
         registry.register("cwm_lookups", "Lookups answered", m.lookups.clone());
         registry.register(
             "cwm_lookup_hits",

@@ -146,7 +146,7 @@ impl Server {
         let tier = RamTier::new(cfg.tier_bytes);
         let metrics = metrics::Metrics::default();
         metrics.max_operations.set(cfg.max_ops.max(1) as i64);
-        let remote = Arc::new(remote_ops::RemoteLink::new(cfg.remote.clone()));
+        let remote = Arc::new(remote_ops::RemoteLink::new(cfg.remote.clone(), &metrics));
         Arc::new(Self {
             remote,
             tier,

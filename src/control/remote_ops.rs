@@ -9,8 +9,12 @@ use serde_json::{json, Value};
 use super::protocol::ApiError;
 use super::Server;
 use crate::error::ErrorCode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
 use crate::remote::{
-    pull_window, push_window, Expect, Publish, PullReport, Remote, RemoteConfig, RemoteError,
+    pull_window, push_window, Expect, Publish, PullReport, PushReport, Remote, RemoteConfig,
+    RemoteError,
 };
 use crate::store::{Replace, Store};
 
@@ -33,14 +37,57 @@ pub(super) struct RemoteLink {
     last_error: Mutex<Option<String>>,
     /// The background publisher's queue (started on first use).
     queue: Mutex<Option<crossbeam_channel::Sender<String>>>,
+    /// `cwm_remote_operations_total` and `cwm_remote_bytes_total`.
+    counters: Option<(Family<Labels, Counter>, Family<Labels, Counter>)>,
 }
 
+type Labels = Vec<(String, String)>;
+
 impl RemoteLink {
-    pub(super) fn new(cfg: Option<RemoteConfig>) -> Self {
+    pub(super) fn new(cfg: Option<RemoteConfig>, metrics: &super::metrics::Metrics) -> Self {
         Self {
             cfg,
+            counters: Some((metrics.remote_ops.clone(), metrics.remote_bytes.clone())),
             ..Default::default()
         }
+    }
+
+    /// Counts one operation and the bytes it moved.
+    fn count<T>(
+        &self,
+        op: &str,
+        r: &Result<T, RemoteError>,
+        direction: &str,
+        bytes: impl Fn(&T) -> u64,
+    ) {
+        let Some((ops, moved)) = &self.counters else {
+            return;
+        };
+        let outcome = match r {
+            Ok(_) => "ok".to_string(),
+            Err(e) => e.code().as_str().to_string(),
+        };
+        ops.get_or_create(&vec![("op".into(), op.into()), ("outcome".into(), outcome)])
+            .inc();
+        if let Ok(v) = r {
+            moved
+                .get_or_create(&vec![("direction".into(), direction.into())])
+                .inc_by(bytes(v));
+        }
+    }
+
+    /// Publishes window `name` of `store` (counted).
+    fn push(&self, store: &Store, name: &str, expect: Expect) -> Result<PushReport, RemoteError> {
+        let r = self.with(|r| push_window(store, r, name, expect));
+        self.count("push", &r, "sent", |p| p.written_bytes);
+        r
+    }
+
+    /// Stores window `name` of the tier in `store` (counted).
+    fn pull(&self, store: &Store, name: &str, replace: Replace) -> Result<PullReport, RemoteError> {
+        let r = self.with(|r| pull_window(store, r, name, replace));
+        self.count("pull", &r, "received", |p| p.bytes);
+        r
     }
 
     /// The connection, made now if there is none.
@@ -83,14 +130,12 @@ impl RemoteLink {
     pub(super) fn after_freeze(self: &Arc<Self>, store: &Arc<Store>, name: &str) -> Option<Value> {
         match self.cfg.as_ref()?.publish {
             Publish::Off => None,
-            Publish::Sync => Some(
-                match self.with(|r| push_window(store, r, name, Expect::Any)) {
-                    Ok(p) => json!({"generation": p.generation, "written": p.written}),
-                    Err(e) => {
-                        json!({"error": {"code": e.code().as_str(), "message": e.to_string()}})
-                    }
-                },
-            ),
+            Publish::Sync => Some(match self.push(store, name, Expect::Any) {
+                Ok(p) => json!({"generation": p.generation, "written": p.written}),
+                Err(e) => {
+                    json!({"error": {"code": e.code().as_str(), "message": e.to_string()}})
+                }
+            }),
             Publish::Async => {
                 self.enqueue(store, name);
                 Some(json!({"status": "pending"}))
@@ -112,7 +157,7 @@ impl RemoteLink {
                     let (Some(link), Some(store)) = (link.upgrade(), store.upgrade()) else {
                         return;
                     };
-                    if let Err(e) = link.with(|r| push_window(&store, r, &name, Expect::Any)) {
+                    if let Err(e) = link.push(&store, &name, Expect::Any) {
                         crate::log::warn(&format!("publishing {name:?} to the remote tier: {e}"));
                     }
                 }
@@ -134,7 +179,7 @@ impl RemoteLink {
         name: &str,
     ) -> Option<Result<PullReport, RemoteError>> {
         self.cfg.as_ref()?;
-        Some(self.with(|r| pull_window(store, r, name, Replace::No)))
+        Some(self.pull(store, name, Replace::No))
     }
 
     /// `health.remote`.
@@ -169,9 +214,7 @@ impl Server {
             (true, None) => Expect::Any,
             (false, None) => Expect::New,
         };
-        let r = self
-            .remote
-            .with(|r| push_window(&self.store, r, &name, expect))?;
+        let r = self.remote.push(&self.store, &name, expect)?;
         Ok(json!({"push": r}))
     }
 
@@ -183,9 +226,7 @@ impl Server {
         } else {
             Replace::No
         };
-        let r = self
-            .remote
-            .with(|r| pull_window(&self.store, r, &name, replace))?;
+        let r = self.remote.pull(&self.store, &name, replace)?;
         Ok(json!({"pull": r}))
     }
 }

@@ -24,6 +24,8 @@ pub struct PushReport {
     pub blocks: u64,
     /// Blocks written (the rest were in the tier already: stored by anyone before).
     pub written: u64,
+    /// Payload bytes of the blocks written.
+    pub written_bytes: u64,
     /// Payload bytes of the window.
     pub bytes: u64,
 }
@@ -107,6 +109,11 @@ pub fn push_window(
         }
     }
     let written: u64 = runs.iter().map(|(s, e)| (e - s) as u64).sum();
+    let written_bytes: u64 = runs
+        .iter()
+        .flat_map(|&(s, e)| s..e)
+        .map(|i| r.manifest.blocks[i].len)
+        .sum();
     std::thread::scope(|sc| -> Result<(), RemoteError> {
         let (tx, rx) =
             crossbeam_channel::bounded::<Result<(usize, Vec<AlignedBuf>), RemoteError>>(1);
@@ -141,6 +148,7 @@ pub fn push_window(
         generation: head.generation,
         blocks: n as u64,
         written,
+        written_bytes,
         bytes: r.manifest.blocks.iter().map(|b| b.len).sum(),
     })
 }
