@@ -23,13 +23,19 @@ fn free(port: u16) -> bool {
 }
 
 /// `n` ports p with p and p + 10000 (its cluster bus) free.
+/// Both below the kernel's ephemeral range (32768 and up here), so no outgoing connection
+/// takes a node's port or bus port between this check and the node's bind.
 fn ports(n: usize) -> Vec<u16> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let mut out = Vec::new();
-    let seed = u32::from(std::process::id() as u16) * 7919
-        + Instant::now().elapsed().subsec_nanos() % 1000;
-    let mut p = 20000 + (seed % 9000) as u16;
+    let seed = std::process::id().wrapping_mul(7919)
+        + NEXT.fetch_add(97, std::sync::atomic::Ordering::Relaxed)
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() % 1000);
+    let mut p = 10000 + (seed % 12000) as u16;
     while out.len() < n {
-        p = if p >= 29990 { 20000 } else { p + 1 };
+        p = if p >= 21990 { 10000 } else { p + 1 };
         if free(p) && free(p + 10000) {
             out.push(p);
         }
@@ -62,11 +68,17 @@ impl Cluster {
             });
         }
         let c = Cluster { dir, nodes };
+        let t = Instant::now();
         for nd in &c.nodes {
-            wait(
-                || cli(nd.port, &["PING"]).trim() == "PONG",
-                "node answers PING",
-            );
+            while cli(nd.port, &["PING"]).trim() != "PONG" {
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "node {} never answered PING:\n{}",
+                    nd.port,
+                    c.logs()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         let addrs: Vec<String> = c
             .nodes

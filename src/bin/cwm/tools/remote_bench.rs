@@ -64,9 +64,10 @@ fn port_free(p: u16) -> bool {
 
 fn start_cluster(dir: &Path) -> Result<LocalCluster, String> {
     let mut ports = Vec::new();
-    let mut p = 21000 + (std::process::id() % 8000) as u16;
+    // Ports and bus ports (+10000) below the ephemeral range, which outgoing connections use.
+    let mut p = 11000 + (std::process::id() % 10000) as u16;
     while ports.len() < 3 {
-        p = if p >= 29990 { 21000 } else { p + 1 };
+        p = if p >= 21990 { 11000 } else { p + 1 };
         if port_free(p) && port_free(p + 10000) {
             ports.push(p);
         }
