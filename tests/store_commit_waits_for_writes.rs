@@ -2,7 +2,8 @@
 //! (docs/FORMAT.md, "Room handed out and never written"): that is what lets recovery call
 //! unwritten room after the last metadata record a torn tail and anything before it damage.
 //! Freeze A's block write is held in the engine after its room was handed out; freeze B,
-//! started meanwhile, writes its own block and commits: its manifest must wait for A's write.
+//! started meanwhile, commits — with a block of its own, or with only blocks the store holds
+//! (its commit appends nothing but the manifest): its manifest must wait for A's write.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,8 +17,9 @@ use cwm::store::Store;
 
 const LEN: u64 = 64 << 10;
 
-#[test]
-fn a_commit_waits_for_block_records_handed_out_before_its_manifest() {
+/// Freeze A's block write is held; freeze B (blocks `b_keys`) commits meanwhile: B's commit
+/// must not return before A's write is let go, and both windows survive a reopen.
+fn b_waits_for_a(b_keys: &[u128]) {
     for (name, engine) in engines() {
         let tmp = tempfile::tempdir().unwrap();
         let fe = Arc::new(FaultEngine::new(engine.clone()));
@@ -48,7 +50,7 @@ fn a_commit_waits_for_block_records_handed_out_before_its_manifest() {
                 std::thread::sleep(Duration::from_millis(5));
             }
             let b = s.spawn(|| {
-                put(&store, "b", &keys(2, 1), LEN);
+                put(&store, "b", b_keys, LEN);
                 // B's commit returned: A's held write must have been let go by then.
                 if !released.load(Ordering::SeqCst) {
                     b_done_while_held.store(true, Ordering::SeqCst);
@@ -70,11 +72,24 @@ fn a_commit_waits_for_block_records_handed_out_before_its_manifest() {
             "{name}: B's manifest was appended while A's handed-out block was unwritten"
         );
         check(&store, "a", &keys(1, 1), LEN);
-        check(&store, "b", &keys(2, 1), LEN);
+        check(&store, "b", b_keys, LEN);
         drop(store);
         let (store, rep) = Store::open_with_engine(config(tmp.path()), engine.clone()).unwrap();
         assert!(rep.damaged_regions.is_empty(), "{name}: {rep:?}");
         check(&store, "a", &keys(1, 1), LEN);
-        check(&store, "b", &keys(2, 1), LEN);
+        check(&store, "b", b_keys, LEN);
     }
+}
+
+#[test]
+fn a_commit_waits_for_block_records_handed_out_before_its_manifest() {
+    b_waits_for_a(&keys(2, 1));
+}
+
+/// Also when B wrote no block at all (every block deduplicated against "first"): its commit
+/// appends nothing but the manifest, which must still wait — the waiting belongs to the
+/// metadata append itself, not to a block append before it.
+#[test]
+fn a_commit_of_only_deduplicated_blocks_still_waits_for_earlier_block_records() {
+    b_waits_for_a(&keys(3, 1));
 }
