@@ -75,7 +75,8 @@ pub struct Metrics {
     concurrent: Family<Labels, Gauge>,
     freeze_secs: Histogram,
     thaw_secs: Histogram,
-    utilization: Family<Labels, Gauge<f64, AtomicU64>>,
+    /// `cwm_storage_utilization_ratio` by tier.
+    pub utilization: RatioFamily,
     windows: Gauge,
     build_info: Family<Labels, Gauge>,
     /// Problems known in the log (EC-051; 0 when `health` says ok).
@@ -93,6 +94,21 @@ pub struct Metrics {
     pub remote_ops: Family<Labels, Counter>,
     /// Payload bytes moved to and from the shared tier, by direction (`sent`, `received`).
     pub remote_bytes: Family<Labels, Counter>,
+    /// Seconds shared-tier operations took, by op.
+    pub remote_secs: SecondsFamily,
+}
+
+/// Histograms of seconds by label set.
+pub type SecondsFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// Ratio gauges by label set.
+pub type RatioFamily = Family<Labels, Gauge<f64, AtomicU64>>;
+
+/// Buckets of shared-tier latencies: 100 µs to about 13 s.
+fn remote_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        1e-4, 2.0, 18,
+    ))
 }
 
 impl Metrics {
@@ -126,6 +142,11 @@ impl Metrics {
             "cwm_remote_bytes",
             "Payload bytes moved to (sent) and from (received) the shared tier",
             self.remote_bytes.clone(),
+        );
+        registry.register(
+            "cwm_remote_operation_seconds",
+            "Seconds shared-tier operations took (lookup: the probe as the lookup waited for it)",
+            self.remote_secs.clone(),
         );
         for op in ["push", "pull"] {
             let _ = self.remote_ops.get_or_create(&vec![
@@ -222,6 +243,7 @@ impl Default for Metrics {
             class_bytes: Family::default(),
             remote_ops: Family::default(),
             remote_bytes: Family::default(),
+            remote_secs: Family::new_with_constructor(remote_histogram),
             registry: Registry::default(),
         };
         m.register_capacity(&mut registry);

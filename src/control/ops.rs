@@ -221,22 +221,12 @@ impl Server {
                 ))
             }
         };
-        // A named window this instance does not hold: from the shared tier, if there is one.
-        let mut pulled = None;
-        if self.store.get(&window).is_err() {
-            if let Some(p) = self.remote.pull_missing(&self.store, &window) {
-                match p {
-                    Ok(p) => pulled = Some(p),
-                    Err(e) if e.code() == ErrorCode::NotFound => {
-                        return Err(ApiError::new(
-                            ErrorCode::NotFound,
-                            format!("no window {window:?} here or in the remote tier"),
-                        ))
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
+        // A window this instance does not hold: from the shared tier, if there is one.
+        let fetched = if self.store.get(&window).is_err() {
+            self.fetch_missing(&eng, &window, a.tokens.as_deref(), a.salt.as_deref())?
+        } else {
+            None
+        };
         let tr = ThawRequest {
             window,
             block_ids,
@@ -268,8 +258,10 @@ impl Server {
         }
         self.thawed(&r);
         let mut out = json!({"status": "loaded", "report": r});
-        if let Some(p) = pulled {
-            out["pulled"] = json!(p);
+        if let Some(Value::Object(f)) = fetched {
+            for (k, v) in f {
+                out[k] = v;
+            }
         }
         Ok(out)
     }
@@ -327,12 +319,34 @@ impl Server {
             .store
             .longest_prefix(&keys, a.window.as_deref())
             .map_err(ApiError::from)?;
-        let blocks = found.as_ref().map_or(0, |(_, n)| *n);
+        let local = found.as_ref().map_or(0, |(_, n)| *n);
+        // Past what this instance holds, the shared tier (automatic lookups only; the probe
+        // is bounded by the remote lookup timeout).
+        let bs = eng.layout.block_size as usize;
+        let full = &keys[..a.tokens.len() / bs];
+        let named_remote = match &a.window {
+            Some(w) if local == 0 && self.remote.configured() && self.store.get(w).is_err() => {
+                Some(w.clone())
+            }
+            _ => None,
+        };
+        // A named window held only by the tier: how far its manifest matches (the thaw then
+        // pulls it).
+        let probe = match (&a.window, &named_remote) {
+            (_, Some(w)) => self.remote.probe_window(w, full),
+            (None, None) => self.remote.probe_prefix(full, local),
+            (Some(_), None) => super::remote_ops::Probe::Off,
+        };
+        let (local, remote) = match (probe, &named_remote) {
+            (super::remote_ops::Probe::Hit(n), Some(_)) => (n, 0),
+            (super::remote_ops::Probe::Hit(n), None) => (local, n),
+            _ => (local, 0),
+        };
+        let blocks = local + remote;
         self.metrics.lookups.inc();
         if blocks > 0 {
             self.metrics.lookup_hits.inc();
         }
-        let bs = eng.layout.block_size as usize;
         let tokens_matched = (blocks * bs).min(a.tokens.len());
         self.metrics.lookup_volume(
             blocks as u64,
@@ -342,31 +356,53 @@ impl Server {
         );
         let matched: Vec<String> = keys[..blocks].iter().map(|k| format!("{k:032x}")).collect();
         // Blocks all in the RAM tier thaw at the tier's measured speed, else the disk's
-        // (also while a thaw holds the tier: the scheduler never waits for one).
-        let from_tier = blocks > 0
+        // (also while a thaw holds the tier: the scheduler never waits for one); blocks from
+        // the shared tier at its measured read rate.
+        let from_tier = local > 0
+            && remote == 0
             && self.tier.enabled()
-            && self.tier.contains_all(&keys[..blocks]) == Some(true);
-        let rate = if from_tier {
-            &self.tier_rate
+            && self.tier.contains_all(&keys[..local]) == Some(true);
+        let local_rate = f64::from_bits(
+            if from_tier {
+                &self.tier_rate
+            } else {
+                &self.thaw_rate
+            }
+            .load(Ordering::Relaxed),
+        );
+        let bb = eng.layout.block_bytes() as f64;
+        let rate = if remote == 0 {
+            local_rate
         } else {
-            &self.thaw_rate
+            let secs = local as f64 * bb / (local_rate * 1e9)
+                + remote as f64 * bb / (self.remote.read_rate() * 1e9);
+            blocks as f64 * bb / secs / 1e9
         };
         let est = crate::decision::estimate(
             blocks as u64 * eng.layout.block_bytes(),
-            f64::from_bits(rate.load(Ordering::Relaxed)),
+            rate,
             tokens_matched as u64,
             a.prefill_tokens_per_s,
         );
-        Ok(
-            json!({"blocks_matched": blocks, "tokens_matched": tokens_matched,
+        let window = if remote > 0 {
+            Some(super::remote_ops::fill_name(blocks, keys[blocks - 1]))
+        } else if local > 0 && named_remote.is_some() {
+            named_remote
+        } else {
+            found.as_ref().map(|(w, _)| w.name.clone())
+        };
+        let mut out = json!({"blocks_matched": blocks, "tokens_matched": tokens_matched,
             "block_keys": matched,
-            "window": found.as_ref().map(|(w, _)| w.name.clone()),
-            "window_version": found.as_ref().map(|(w, _)| w.version),
+            "window": window,
+            "window_version": found.as_ref().filter(|_| remote == 0).map(|(w, _)| w.version),
             "from_tier": from_tier,
             "estimated_thaw_secs": est.thaw_secs,
             "estimated_recompute_secs": est.recompute_secs,
-            "thaw_wins": est.thaw_wins}),
-        )
+            "thaw_wins": est.thaw_wins});
+        if probe != super::remote_ops::Probe::Off {
+            out["remote"] = json!({"outcome": probe.label(), "blocks": remote});
+        }
+        Ok(out)
     }
 
     /// `list`: a page of windows.

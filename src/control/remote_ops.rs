@@ -2,7 +2,10 @@
 //! outage), so a cluster that is down at start-up never stops local service; `push` and
 //! `pull`; and the tier's state for `health`.
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -13,10 +16,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
 use crate::remote::{
-    pull_window, push_window, Expect, Publish, PullReport, PushReport, Remote, RemoteConfig,
-    RemoteError,
+    fill_prefix, pull_window, push_window, Expect, FillReport, Publish, PullReport, PushReport,
+    Remote, RemoteConfig, RemoteError,
 };
-use crate::store::{Replace, Store};
+use crate::store::{Replace, Store, WindowSpec};
 
 /// Windows waiting for a background publish, at most; more are dropped (and logged): a
 /// later freeze or `push` publishes them.
@@ -39,6 +42,109 @@ pub(super) struct RemoteLink {
     queue: Mutex<Option<crossbeam_channel::Sender<String>>>,
     /// `cwm_remote_operations_total` and `cwm_remote_bytes_total`.
     counters: Option<(Family<Labels, Counter>, Family<Labels, Counter>)>,
+    /// `cwm_remote_operation_seconds`.
+    latency: Option<super::metrics::SecondsFamily>,
+    /// `cwm_storage_utilization_ratio{tier="redis"}` (the fullest master).
+    utilization: Option<super::metrics::RatioFamily>,
+    /// When the last outage was seen (cleared by the next success): lookups skip the tier
+    /// for [`OUTAGE_BACKOFF`] after it.
+    down_at: Mutex<Option<Instant>>,
+    /// Definite lookup misses.
+    negative: Mutex<NegativeCache>,
+    /// Lookup probes running (at most [`PROBES`]: a slow tier never piles threads up).
+    probing: AtomicUsize,
+    /// Measured read rate from the tier, GB/s (f64 bits; EWMA of fills).
+    read_rate: AtomicU64,
+    /// The memory watcher has been started.
+    watching: AtomicBool,
+}
+
+/// Lookup probes running at once, at most; a lookup past it answers from the local store.
+const PROBES: usize = 4;
+
+/// How long lookups leave the tier alone after an outage (one probe then tries again).
+const OUTAGE_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Read rate assumed from the tier before one is measured, GB/s.
+const DEFAULT_READ_RATE: f64 = 0.4;
+
+/// How often the memory watcher reads `INFO memory`.
+const MEMORY_EVERY: Duration = Duration::from_secs(15);
+
+/// Definite lookup misses, bounded (oldest dropped first): the key where a prompt's
+/// continuation is known absent from the tier, and since when. Only answers of the tier go
+/// in, never timeouts or outages.
+#[derive(Default)]
+struct NegativeCache {
+    since: HashMap<u128, Instant>,
+    order: VecDeque<u128>,
+}
+
+/// Entries the negative cache holds at most.
+const NEGATIVE_ENTRIES: usize = 65_536;
+
+impl NegativeCache {
+    fn contains(&mut self, key: u128, ttl: Duration) -> bool {
+        match self.since.get(&key) {
+            Some(t) if t.elapsed() < ttl => true,
+            Some(_) => {
+                self.since.remove(&key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn insert(&mut self, key: u128) {
+        if self.since.insert(key, Instant::now()).is_none() {
+            self.order.push_back(key);
+            while self.order.len() > NEGATIVE_ENTRIES {
+                if let Some(old) = self.order.pop_front() {
+                    self.since.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.since.clear();
+        self.order.clear();
+    }
+}
+
+/// What a lookup's probe of the tier found (`outcome` label of
+/// `cwm_remote_operations_total{op="lookup"}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Probe {
+    /// No tier configured, or nothing to ask.
+    Off,
+    /// The tier holds this many further blocks of the prompt.
+    Hit(usize),
+    /// It holds none (remembered for the negative TTL).
+    Miss,
+    /// A miss remembered from an earlier lookup (no request made).
+    CachedMiss,
+    /// The probe did not answer within the lookup timeout (not remembered).
+    Timeout,
+    /// Too many lookups' probes are still running.
+    Busy,
+    /// The tier is down or failing (not asked again for a second).
+    Degraded,
+}
+
+impl Probe {
+    /// The metrics label and the lookup answer's `remote.outcome`.
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Hit(_) => "hit",
+            Self::Miss => "miss",
+            Self::CachedMiss => "cached_miss",
+            Self::Timeout => "timeout",
+            Self::Busy => "busy",
+            Self::Degraded => "degraded",
+        }
+    }
 }
 
 type Labels = Vec<(String, String)>;
@@ -48,8 +154,207 @@ impl RemoteLink {
         Self {
             cfg,
             counters: Some((metrics.remote_ops.clone(), metrics.remote_bytes.clone())),
+            latency: Some(metrics.remote_secs.clone()),
+            utilization: Some(metrics.utilization.clone()),
+            read_rate: AtomicU64::new(DEFAULT_READ_RATE.to_bits()),
             ..Default::default()
         }
+    }
+
+    /// Whether a tier is configured.
+    pub(super) fn configured(&self) -> bool {
+        self.cfg.is_some()
+    }
+
+    /// Counts one operation's outcome and how long it took.
+    fn observe(&self, op: &str, outcome: &str, secs: f64) {
+        if let Some((ops, _)) = &self.counters {
+            ops.get_or_create(&vec![
+                ("op".into(), op.into()),
+                ("outcome".into(), outcome.into()),
+            ])
+            .inc();
+        }
+        if let Some(l) = &self.latency {
+            l.get_or_create(&vec![("op".into(), op.into())])
+                .observe(secs);
+        }
+    }
+
+    /// How many of `keys[from..]` (a prompt's chained block keys after the `from` the local
+    /// store holds) the tier holds in a row, asked in one pipelined probe that the caller
+    /// waits for at most the lookup timeout. A definite miss is remembered for the negative
+    /// TTL; timeouts and outages never are, and after an outage lookups leave the tier alone
+    /// for a second.
+    pub(super) fn probe_prefix(self: &Arc<Self>, keys: &[u128], from: usize) -> Probe {
+        let Some(cfg) = &self.cfg else {
+            return Probe::Off;
+        };
+        let Some(&first) = keys.get(from) else {
+            return Probe::Off;
+        };
+        let t0 = Instant::now();
+        let out = self.probe_inner(cfg, keys, from, first);
+        self.observe("lookup", out.label(), t0.elapsed().as_secs_f64());
+        out
+    }
+
+    fn probe_inner(
+        self: &Arc<Self>,
+        cfg: &RemoteConfig,
+        keys: &[u128],
+        from: usize,
+        first: u128,
+    ) -> Probe {
+        if self
+            .negative
+            .lock()
+            .is_ok_and(|mut n| n.contains(first, cfg.negative_ttl))
+        {
+            return Probe::CachedMiss;
+        }
+        if self
+            .down_at
+            .lock()
+            .is_ok_and(|d| d.is_some_and(|t| t.elapsed() < OUTAGE_BACKOFF))
+        {
+            return Probe::Degraded;
+        }
+        let rest = keys[from..].to_vec();
+        match self.bounded(cfg.lookup_timeout, move |r| r.probe(&rest)) {
+            Ok(found) => match found.iter().take_while(|h| **h).count() {
+                0 => {
+                    if let Ok(mut n) = self.negative.lock() {
+                        n.insert(first);
+                    }
+                    Probe::Miss
+                }
+                n => Probe::Hit(n),
+            },
+            Err(p) => p,
+        }
+    }
+
+    /// Runs `f` on the connection on a thread of its own, waiting for it at most `limit`
+    /// (it goes on alone past that; at most [`PROBES`] run at once, else `Busy`).
+    fn bounded<T: Send + 'static>(
+        self: &Arc<Self>,
+        limit: Duration,
+        f: impl FnOnce(&Remote) -> Result<T, RemoteError> + Send + 'static,
+    ) -> Result<T, Probe> {
+        if self.probing.fetch_add(1, Ordering::SeqCst) >= PROBES {
+            self.probing.fetch_sub(1, Ordering::SeqCst);
+            return Err(Probe::Busy);
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let link = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("cwm-remote-probe".into())
+            .spawn(move || {
+                let r = link.with(f);
+                link.probing.fetch_sub(1, Ordering::SeqCst);
+                let _ = tx.send(r);
+            });
+        if spawned.is_err() {
+            self.probing.fetch_sub(1, Ordering::SeqCst);
+            return Err(Probe::Busy);
+        }
+        match rx.recv_timeout(limit) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if e.code() == ErrorCode::NotFound => Err(Probe::Miss),
+            Ok(Err(_)) => Err(Probe::Degraded),
+            Err(_) => Err(Probe::Timeout),
+        }
+    }
+
+    /// How many leading blocks of `keys` window `name`, published in the tier and not held
+    /// here, holds (its manifest read within the lookup timeout; never waits for visibility).
+    pub(super) fn probe_window(self: &Arc<Self>, name: &str, keys: &[u128]) -> Probe {
+        let Some(cfg) = &self.cfg else {
+            return Probe::Off;
+        };
+        let t0 = Instant::now();
+        let (name, keys) = (name.to_string(), keys.to_vec());
+        let out = match self.bounded(cfg.lookup_timeout, move |r| {
+            let (_, bytes) = r.manifest(&name)?;
+            let m =
+                crate::store::Manifest::decode(&bytes).map_err(|e| RemoteError::Corruption {
+                    key: r.window_key(&name, "head"),
+                    source: crate::remote::value::ValueError::Payload(format!(
+                        "manifest does not decode: {e}"
+                    )),
+                })?;
+            Ok(m.blocks
+                .iter()
+                .zip(&keys)
+                .take_while(|(b, k)| b.key == **k)
+                .count())
+        }) {
+            Ok(0) => Probe::Miss,
+            Ok(n) => Probe::Hit(n),
+            Err(p) => p,
+        };
+        self.observe("lookup", out.label(), t0.elapsed().as_secs_f64());
+        out
+    }
+
+    /// Stores `spec`'s blocks, found in the tier by their keys, as a local unnamed window
+    /// (counted; its speed feeds the read-rate estimate).
+    pub(super) fn fill(
+        &self,
+        store: &Store,
+        spec: WindowSpec,
+        block_size: usize,
+    ) -> Result<FillReport, RemoteError> {
+        let t0 = Instant::now();
+        let r = self.with(|r| fill_prefix(store, r, spec, block_size));
+        self.count("fill", &r, "received", |f| f.bytes);
+        if let Some(l) = &self.latency {
+            l.get_or_create(&vec![("op".into(), "fill".into())])
+                .observe(t0.elapsed().as_secs_f64());
+        }
+        if let Ok(f) = &r {
+            if f.bytes >= 16 << 20 && f.secs > 0.0 {
+                let seen = f.bytes as f64 / f.secs / 1e9;
+                let old = f64::from_bits(self.read_rate.load(Ordering::Relaxed));
+                self.read_rate
+                    .store((0.7 * old + 0.3 * seen).to_bits(), Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    /// The measured read rate from the tier, GB/s.
+    pub(super) fn read_rate(&self) -> f64 {
+        f64::from_bits(self.read_rate.load(Ordering::Relaxed))
+    }
+
+    /// Starts (once) the thread that reads every master's memory use for
+    /// `cwm_storage_utilization_ratio{tier="redis"}`.
+    pub(super) fn watch_memory(self: &Arc<Self>) {
+        if self.cfg.is_none()
+            || self.utilization.is_none()
+            || self.watching.swap(true, Ordering::SeqCst)
+        {
+            return;
+        }
+        let link = Arc::downgrade(self);
+        let _ = std::thread::Builder::new()
+            .name("cwm-remote-memory".into())
+            .spawn(move || loop {
+                let Some(l) = link.upgrade() else { return };
+                if let (Ok(m), Some(u)) = (l.with(Remote::memory), &l.utilization) {
+                    let ratio = m
+                        .iter()
+                        .filter(|(_, max)| *max > 0)
+                        .map(|(used, max)| *used as f64 / *max as f64)
+                        .fold(0.0, f64::max);
+                    u.get_or_create(&vec![("tier".into(), "redis".into())])
+                        .set(ratio);
+                }
+                drop(l);
+                std::thread::sleep(MEMORY_EVERY);
+            });
     }
 
     /// Counts one operation and the bytes it moved.
@@ -80,6 +385,12 @@ impl RemoteLink {
     fn push(&self, store: &Store, name: &str, expect: Expect) -> Result<PushReport, RemoteError> {
         let r = self.with(|r| push_window(store, r, name, expect));
         self.count("push", &r, "sent", |p| p.written_bytes);
+        if r.is_ok() {
+            // Own publishes end remembered misses at once (others' wait for the TTL).
+            if let Ok(mut n) = self.negative.lock() {
+                n.clear();
+            }
+        }
         r
     }
 
@@ -112,13 +423,21 @@ impl RemoteLink {
         if let Ok(mut last) = self.last_error.lock() {
             match &r {
                 Err(e) if e.is_outage() => {
+                    if let Ok(mut d) = self.down_at.lock() {
+                        *d = Some(Instant::now());
+                    }
                     let msg = e.to_string();
                     if last.as_deref() != Some(msg.as_str()) {
                         crate::log::warn(&format!("remote tier degraded: {msg}"));
                     }
                     *last = Some(msg);
                 }
-                Ok(_) => *last = None,
+                Ok(_) => {
+                    *last = None;
+                    if let Ok(mut d) = self.down_at.lock() {
+                        *d = None;
+                    }
+                }
                 Err(_) => {}
             }
         }
@@ -178,8 +497,20 @@ impl RemoteLink {
         store: &Store,
         name: &str,
     ) -> Option<Result<PullReport, RemoteError>> {
-        self.cfg.as_ref()?;
-        Some(self.pull(store, name, Replace::No))
+        let cfg = self.cfg.as_ref()?;
+        // A window published elsewhere may not be visible here yet: retried with backoff
+        // until the visibility timeout (0: one try).
+        let until = Instant::now() + cfg.visibility_timeout;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let r = self.pull(store, name, Replace::No);
+            let missing = matches!(&r, Err(e) if e.code() == ErrorCode::NotFound);
+            if !missing || Instant::now() + pause > until {
+                return Some(r);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
     }
 
     /// `health.remote`.
@@ -240,5 +571,99 @@ fn replace_flag(a: &Value) -> Result<bool, ApiError> {
             ErrorCode::Validation,
             "replace must be a boolean",
         )),
+    }
+}
+
+/// The local window a lookup names for a prefix the shared tier holds past what the local
+/// store holds: `fill-<blocks>-<key of the last block, hex>` (a rank's own slice adds
+/// `--r<k>`, as the connector names it). A thaw of that name, given the prompt's tokens,
+/// fetches the blocks by their keys and stores them as an unnamed (evictable) window first.
+pub(super) fn fill_name(blocks: usize, last_key: u128) -> String {
+    format!("fill-{blocks}-{last_key:032x}")
+}
+
+/// The (blocks, last key, whether a rank suffix follows) a fill name encodes.
+fn parse_fill_name(name: &str) -> Option<(usize, u128, bool)> {
+    let rest = name.strip_prefix("fill-")?;
+    let (n, rest) = rest.split_once('-')?;
+    let (hex, rank) = match rest.split_once("--r") {
+        Some((h, r)) if !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()) => (h, true),
+        Some(_) => return None,
+        None => (rest, false),
+    };
+    if hex.len() != 32 {
+        return None;
+    }
+    Some((n.parse().ok()?, u128::from_str_radix(hex, 16).ok()?, rank))
+}
+
+impl Server {
+    /// Before a thaw of `window`, which this instance does not hold: a fill name (from a
+    /// lookup that found the prompt in the shared tier) is fetched by the keys of `tokens`
+    /// and stored as an unnamed window; any other name is pulled from the tier. `None`: no
+    /// tier, nothing done.
+    pub(super) fn fetch_missing(
+        &self,
+        eng: &crate::pipeline::Engine,
+        window: &str,
+        tokens: Option<&[u32]>,
+        salt: Option<&str>,
+    ) -> Result<Option<Value>, ApiError> {
+        if !self.remote.configured() {
+            return Ok(None);
+        }
+        let Some((n, last, rank)) = parse_fill_name(window) else {
+            return match self.remote.pull_missing(&self.store, window) {
+                None => Ok(None),
+                Some(Ok(p)) => Ok(Some(json!({"pulled": p}))),
+                Some(Err(e)) if e.code() == ErrorCode::NotFound => Err(ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("no window {window:?} here or in the remote tier"),
+                )),
+                Some(Err(e)) => Err(e.into()),
+            };
+        };
+        let bs = eng.layout.block_size as usize;
+        let tokens = tokens
+            .filter(|t| n > 0 && t.len() >= n * bs)
+            .ok_or_else(|| {
+                ApiError::validation(format!(
+                    "a thaw of {window:?} (a prefix found in the remote tier) needs the \
+                     prompt's tokens, at least {n} blocks of {bs}"
+                ))
+            })?;
+        let tokens = &tokens[..n * bs];
+        let keys = eng.keys_with(tokens, salt);
+        if !rank && keys.last() != Some(&last) {
+            return Err(ApiError::new(
+                ErrorCode::TokenMismatch,
+                format!("{window:?} names a prefix other than these tokens"),
+            ));
+        }
+        let bb = eng.layout.block_bytes();
+        let spec = WindowSpec {
+            name: window.to_string(),
+            session: window.to_string(),
+            namespace: eng.namespace_with(salt, &eng.layout).label(),
+            layout: eng.layout.to_json(),
+            tokens: tokens.to_vec(),
+            blocks: keys
+                .iter()
+                .map(|&key| crate::store::BlockDesc { key, len: bb })
+                .collect(),
+            replace: Replace::No,
+            retention: crate::store::Retention {
+                class: crate::store::Class::Unnamed,
+                expires_unix_ms: None,
+            },
+        };
+        match self.remote.fill(&self.store, spec, bs) {
+            Ok(f) => Ok(Some(json!({"filled": f}))),
+            Err(e) if e.code() == ErrorCode::NotFound => Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("the remote tier no longer holds the prefix {window:?} named: {e}"),
+            )),
+            Err(e) => Err(e.into()),
+        }
     }
 }

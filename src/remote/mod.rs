@@ -28,7 +28,7 @@ use redis::cluster::{ClusterClient, ClusterConnection};
 use redis::{ErrorKind, RedisError};
 
 use crate::error::ErrorCode;
-pub use transfer::{pull_window, push_window, PullReport, PushReport};
+pub use transfer::{fill_prefix, pull_window, push_window, FillReport, PullReport, PushReport};
 use value::ValueError;
 
 /// Where the shared tier is and how cwm uses it.
@@ -50,6 +50,15 @@ pub struct RemoteConfig {
     pub timeout: Duration,
     /// When the daemon publishes a freeze to the tier.
     pub publish: Publish,
+    /// Longest an automatic lookup waits for the tier's existence probe (the scheduler waits
+    /// on lookups); past it the lookup answers from the local store alone.
+    pub lookup_timeout: Duration,
+    /// How long a definite miss (no block of a prompt's continuation in the tier) is
+    /// remembered, so lookups of the same prefix skip the tier; at most 60 s.
+    pub negative_ttl: Duration,
+    /// How long a thaw naming a window not (yet) visible in the tier retries before NOT_FOUND
+    /// (0: one try).
+    pub visibility_timeout: Duration,
 }
 
 /// When the daemon publishes a window it froze to the shared tier.
@@ -91,6 +100,9 @@ impl Default for RemoteConfig {
             max_value: 4 << 20,
             timeout: Duration::from_secs(2),
             publish: Publish::Async,
+            lookup_timeout: Duration::from_millis(100),
+            negative_ttl: Duration::from_secs(10),
+            visibility_timeout: Duration::ZERO,
         }
     }
 }
@@ -583,6 +595,29 @@ impl Remote {
         let mut payload = Vec::with_capacity(h.len as usize);
         value::take_part(&h, 0, &first, &mut payload).map_err(bad)?;
         Ok((h, payload))
+    }
+
+    /// Memory of every master (`INFO memory`): `(used, limit)` bytes each, the limit being
+    /// `maxmemory`, or the machine's memory when none is set.
+    pub fn memory(&self) -> Result<Vec<(u64, u64)>, RemoteError> {
+        let infos: std::collections::HashMap<String, String> =
+            self.run(|c| redis::cmd("INFO").arg("memory").query(c))?;
+        Ok(infos
+            .values()
+            .map(|info| {
+                let field = |name: &str| {
+                    info.lines()
+                        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                let max = match field("maxmemory") {
+                    0 => field("total_system_memory"),
+                    m => m,
+                };
+                (field("used_memory"), max)
+            })
+            .collect())
     }
 
     /// A new fencing token for `name` (a counter, never reused).

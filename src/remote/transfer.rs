@@ -8,7 +8,9 @@ use serde::Serialize;
 use super::{Expect, Remote, RemoteError};
 use crate::io::AlignedBuf;
 use crate::store::format::{payload_offset, record_len};
-use crate::store::{BlockDesc, BlockImage, Manifest, Replace, Store, WindowSpec};
+use crate::store::{
+    BlockDesc, BlockImage, Manifest, Replace, Store, StoreError, WindowSpec, WindowWriter,
+};
 
 /// Bytes of block payloads read from the store per pipelined write to the tier.
 const PUSH_BATCH: u64 = 64 << 20;
@@ -30,33 +32,108 @@ pub struct PushReport {
     pub bytes: u64,
 }
 
-/// Fetches blocks `batch` of manifest `m`, verified, as record images.
-fn fetch_images(
-    remote: &Remote,
-    m: &Manifest,
-    batch: &[usize],
-) -> Result<Vec<(usize, AlignedBuf)>, RemoteError> {
+/// What a block of a fetch must be: its key, payload length and (from a manifest) checksum;
+/// without a checksum the value's own header checksum is what is verified.
+#[derive(Clone, Copy)]
+struct Want {
+    key: u128,
+    len: u64,
+    checksum: Option<u64>,
+}
+
+/// Fetches blocks `batch` (indices into `want`) in two pipelined round trips, each verified
+/// and laid out as a record image, or the reason it was refused.
+type Fetched = Vec<(usize, Result<AlignedBuf, RemoteError>)>;
+
+fn fetch_images(remote: &Remote, want: &[Want], batch: &[usize]) -> Result<Fetched, RemoteError> {
     let asked: Vec<(u128, Option<(u64, u64)>)> = batch
         .iter()
-        .map(|&i| {
-            (
-                m.blocks[i].key,
-                Some((m.blocks[i].len, m.blocks[i].checksum)),
-            )
-        })
+        .map(|&i| (want[i].key, want[i].checksum.map(|c| (want[i].len, c))))
         .collect();
-    batch
+    Ok(batch
         .iter()
         .zip(remote.get_blocks(&asked)?)
         .map(|(&i, p)| {
-            let p = p?;
-            let len = m.blocks[i].len;
-            let mut img = AlignedBuf::zeroed(record_len(len) as usize);
-            let po = payload_offset(len);
-            img[po..po + p.len()].copy_from_slice(&p);
-            Ok((i, img))
+            let img = p.and_then(|p| {
+                let len = want[i].len;
+                if p.len() as u64 != len {
+                    return Err(RemoteError::Corruption {
+                        key: remote.block_key(want[i].key, 0),
+                        source: super::value::ValueError::Payload(format!(
+                            "{} bytes, {len} expected",
+                            p.len()
+                        )),
+                    });
+                }
+                let mut img = AlignedBuf::zeroed(record_len(len) as usize);
+                let po = payload_offset(len);
+                img[po..po + p.len()].copy_from_slice(&p);
+                Ok(img)
+            });
+            (i, img)
         })
-        .collect()
+        .collect())
+}
+
+/// Fetches the blocks `wanted` (ascending indices into `want`) from the tier in batches of
+/// about [`PUSH_BATCH`] bytes on one thread while the previous batch is written to `w` here.
+/// Stops at the first block the tier lacks or that fails its checks: `Some((index, why))`,
+/// every wanted block before it written. `Err`: the tier or the store failed.
+fn stream_into(
+    remote: &Remote,
+    w: &mut WindowWriter<'_>,
+    want: &[Want],
+    wanted: &[usize],
+) -> Result<Option<(usize, RemoteError)>, RemoteError> {
+    let mut batches: Vec<&[usize]> = Vec::new();
+    let mut at = 0;
+    while at < wanted.len() {
+        let mut end = at;
+        let mut size = 0;
+        while end < wanted.len() && (end == at || size < PUSH_BATCH) {
+            size += want[wanted[end]].len;
+            end += 1;
+        }
+        batches.push(&wanted[at..end]);
+        at = end;
+    }
+    std::thread::scope(|sc| {
+        let (tx, rx) = crossbeam_channel::bounded::<Result<Fetched, RemoteError>>(1);
+        let batches = &batches;
+        sc.spawn(move || {
+            for batch in batches {
+                let fetched = fetch_images(remote, want, batch);
+                let stop = fetched
+                    .as_ref()
+                    .map_or(true, |f| f.iter().any(|(_, r)| r.is_err()));
+                if tx.send(fetched).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        for fetched in rx {
+            let mut fetched = fetched?;
+            let bad = fetched.iter().position(|(_, r)| r.is_err());
+            let refused = bad.map(|b| fetched.swap_remove(b));
+            fetched.truncate(bad.unwrap_or(fetched.len()));
+            let mut images: Vec<BlockImage<'_>> = fetched
+                .iter_mut()
+                .filter_map(|(i, img)| {
+                    let img = img.as_mut().ok()?;
+                    Some(BlockImage {
+                        index: *i,
+                        image: &mut img[..],
+                        checksum: want[*i].checksum,
+                    })
+                })
+                .collect();
+            w.write_blocks(&mut images)?;
+            if let Some((i, Err(e))) = refused {
+                return Ok(Some((i, e)));
+            }
+        }
+        Ok(None)
+    })
 }
 
 /// What a pull did.
@@ -193,48 +270,19 @@ pub fn pull_window(
     };
     let mut w = store.begin_window(spec)?;
     let wanted: Vec<usize> = (0..m.blocks.len()).filter(|&i| w.needs_write(i)).collect();
-    // Batches of about PUSH_BATCH bytes, fetched (two pipelined round trips each), verified
-    // and laid out as record images on one thread while the previous batch is written here.
-    let mut batches: Vec<&[usize]> = Vec::new();
-    let mut at = 0;
-    while at < wanted.len() {
-        let mut end = at;
-        let mut size = 0;
-        while end < wanted.len() && (end == at || size < PUSH_BATCH) {
-            size += m.blocks[wanted[end]].len;
-            end += 1;
-        }
-        batches.push(&wanted[at..end]);
-        at = end;
-    }
     let got: u64 = wanted.iter().map(|&i| m.blocks[i].len).sum();
-    std::thread::scope(|sc| -> Result<(), RemoteError> {
-        type Batch = Result<Vec<(usize, AlignedBuf)>, RemoteError>;
-        let (tx, rx) = crossbeam_channel::bounded::<Batch>(1);
-        let (m, batches) = (&m, &batches);
-        sc.spawn(move || {
-            for batch in batches {
-                let fetched = fetch_images(remote, m, batch);
-                let failed = fetched.is_err();
-                if tx.send(fetched).is_err() || failed {
-                    return;
-                }
-            }
-        });
-        for fetched in rx {
-            let mut fetched = fetched?;
-            let mut images: Vec<BlockImage<'_>> = fetched
-                .iter_mut()
-                .map(|(i, img)| BlockImage {
-                    index: *i,
-                    image: &mut img[..],
-                    checksum: Some(m.blocks[*i].checksum),
-                })
-                .collect();
-            w.write_blocks(&mut images)?;
-        }
-        Ok(())
-    })?;
+    let want: Vec<Want> = m
+        .blocks
+        .iter()
+        .map(|b| Want {
+            key: b.key,
+            len: b.len,
+            checksum: Some(b.checksum),
+        })
+        .collect();
+    if let Some((_, e)) = stream_into(remote, &mut w, &want, &wanted)? {
+        return Err(e);
+    }
     let fetched = wanted.len() as u64;
     let info = w.commit()?;
     Ok(PullReport {
@@ -244,5 +292,91 @@ pub fn pull_window(
         blocks: m.blocks.len() as u64,
         fetched,
         bytes: got,
+    })
+}
+
+/// What a fill did.
+#[derive(Debug, Clone, Serialize)]
+pub struct FillReport {
+    /// The local (unnamed) window the blocks were stored as.
+    pub name: String,
+    /// Blocks asked for.
+    pub asked: u64,
+    /// Blocks the window holds: the prefix of those asked that the tier had and that passed
+    /// every check.
+    pub blocks: u64,
+    /// Blocks fetched from the tier (the rest were in the local store already).
+    pub fetched: u64,
+    /// Payload bytes fetched.
+    pub bytes: u64,
+    /// Why the window is shorter than asked, if it is.
+    pub stopped: Option<String>,
+    /// Seconds the fill took.
+    pub secs: f64,
+}
+
+/// Stores the blocks `spec.blocks` (a chained prefix found by its keys in the tier, each
+/// verified against its value's header, its key and its expected length) in `store` as
+/// window `spec.name` (`block_size` tokens a block). A block the tier lacks or that fails a
+/// check ends the window there: the valid prefix is stored and the report says why. Nothing
+/// of it valid: NOT_FOUND or CORRUPTION. A window of that name already there (a concurrent
+/// fill): reported as it is.
+pub fn fill_prefix(
+    store: &Store,
+    remote: &Remote,
+    spec: WindowSpec,
+    block_size: usize,
+) -> Result<FillReport, RemoteError> {
+    let t0 = std::time::Instant::now();
+    let asked = spec.blocks.len() as u64;
+    let want: Vec<Want> = spec
+        .blocks
+        .iter()
+        .map(|b| Want {
+            key: b.key,
+            len: b.len,
+            checksum: None,
+        })
+        .collect();
+    let name = spec.name.clone();
+    let mut w = match store.begin_window(spec) {
+        Ok(w) => w,
+        Err(StoreError::AlreadyExists(_)) => {
+            let held = store.get(&name)?;
+            return Ok(FillReport {
+                name: held.name,
+                asked,
+                blocks: held.num_blocks,
+                fetched: 0,
+                bytes: 0,
+                stopped: None,
+                secs: t0.elapsed().as_secs_f64(),
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let wanted: Vec<usize> = (0..want.len()).filter(|&i| w.needs_write(i)).collect();
+    let (blocks, stopped) = match stream_into(remote, &mut w, &want, &wanted)? {
+        None => (want.len(), None),
+        Some((0, e)) => return Err(e),
+        Some((j, e)) => {
+            crate::log::warn(&format!(
+                "fill {name:?}: block {j} of {asked} not usable ({e}); keeping the {j} before it"
+            ));
+            w.truncate(j, j * block_size)?;
+            (j, Some(e.to_string()))
+        }
+    };
+    let done: Vec<usize> = wanted.into_iter().filter(|&i| i < blocks).collect();
+    let name = w.name().to_string();
+    w.commit()?;
+    Ok(FillReport {
+        name,
+        asked,
+        blocks: blocks as u64,
+        fetched: done.len() as u64,
+        bytes: done.iter().map(|&i| want[i].len).sum(),
+        stopped,
+        secs: t0.elapsed().as_secs_f64(),
     })
 }

@@ -243,6 +243,23 @@ impl WindowWriter<'_> {
         self.writes.get(i).copied().unwrap_or(false)
     }
 
+    /// Shortens the window to its first `blocks` blocks and `tokens` tokens before commit
+    /// (a fill that found a later block unusable); blocks written past them become garbage.
+    pub fn truncate(&mut self, blocks: usize, tokens: usize) -> Result<(), StoreError> {
+        if blocks == 0 || blocks > self.spec.blocks.len() || tokens == 0 {
+            return Err(StoreError::Validation(format!(
+                "cannot shorten window {:?} of {} blocks to {blocks} blocks",
+                self.spec.name,
+                self.spec.blocks.len()
+            )));
+        }
+        self.spec.blocks.truncate(blocks);
+        self.spec.tokens.truncate(tokens);
+        self.writes.truncate(blocks);
+        self.written.truncate(blocks);
+        Ok(())
+    }
+
     /// Number of blocks that must be written.
     #[must_use]
     pub fn blocks_to_write(&self) -> usize {

@@ -121,6 +121,16 @@ pub(crate) struct ServeArgs {
     /// answering it (sync), or only on `cwm push` (off).
     #[arg(long, env = "CWM_REMOTE_WRITE", default_value = "async")]
     remote_write: cwm::remote::Publish,
+    /// Shared tier: milliseconds an automatic lookup waits for the tier (then it answers from
+    /// the local store alone).
+    #[arg(long, env = "CWM_REMOTE_LOOKUP_TIMEOUT_MS", default_value_t = 100)]
+    remote_lookup_timeout_ms: u64,
+    /// Shared tier: seconds a definite lookup miss is remembered (at most 60).
+    #[arg(long, env = "CWM_REMOTE_NEGATIVE_TTL", default_value_t = 10)]
+    remote_negative_ttl: u64,
+    /// Shared tier: seconds a thaw naming a window not yet visible in the tier retries.
+    #[arg(long, env = "CWM_REMOTE_VISIBILITY_TIMEOUT", default_value_t = 0)]
+    remote_visibility_timeout: u64,
 }
 
 impl ServeArgs {
@@ -156,6 +166,9 @@ impl ServeArgs {
             max_value: self.remote_max_value as usize,
             timeout: std::time::Duration::from_millis(self.remote_timeout_ms.max(1)),
             publish: self.remote_write,
+            lookup_timeout: std::time::Duration::from_millis(self.remote_lookup_timeout_ms.max(1)),
+            negative_ttl: std::time::Duration::from_secs(self.remote_negative_ttl.min(60)),
+            visibility_timeout: std::time::Duration::from_secs(self.remote_visibility_timeout),
         }))
     }
 }
@@ -215,6 +228,9 @@ struct FileConfig {
     remote_max_value: Option<SizeVal>,
     remote_timeout_ms: Option<u64>,
     remote_write: Option<String>,
+    remote_lookup_timeout_ms: Option<u64>,
+    remote_negative_ttl: Option<u64>,
+    remote_visibility_timeout: Option<u64>,
 }
 
 /// Fills every setting that came neither from a flag nor from the environment from the TOML
@@ -291,6 +307,9 @@ fn apply_config_file(a: &mut ServeArgs, m: &clap::ArgMatches) -> Result<(), Stri
     take!(remote_max_value, size);
     take!(remote_timeout_ms);
     take!(remote_write, |v| v.parse()?);
+    take!(remote_lookup_timeout_ms);
+    take!(remote_negative_ttl);
+    take!(remote_visibility_timeout);
     Ok(())
 }
 
