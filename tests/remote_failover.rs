@@ -25,7 +25,7 @@ fn a_failed_over_master_serves_again_and_a_lost_one_is_an_outage() {
     // 64 blocks: every master holds some of them.
     let keys: Vec<u128> = (1..=64u128).map(|i| i * 0x9E37_79B9_7F4A_7C15).collect();
     common::put(&a, "w", &keys, 3000);
-    push_window(&a, &r, "w", Expect::New).unwrap();
+    push_window(&a, &r, "w", Some(Expect::New)).unwrap();
 
     let masters = cluster.masters(0);
     assert_eq!(masters.len(), 3, "{masters:?}");

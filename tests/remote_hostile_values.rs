@@ -22,7 +22,7 @@ fn damaged_or_foreign_values_are_refused_and_nothing_bad_is_stored() {
     let (a, _) = common::open(a_dir.path(), &engine);
     let keys = [11u128, 12, 13, 14];
     common::put(&a, "w", &keys, 10_000);
-    push_window(&a, &r, "w", Expect::New).unwrap();
+    push_window(&a, &r, "w", Some(Expect::New)).unwrap();
     let b_dir = tempfile::tempdir().unwrap();
     let (b, _) = common::open(b_dir.path(), &engine);
 
@@ -52,7 +52,7 @@ fn damaged_or_foreign_values_are_refused_and_nothing_bad_is_stored() {
     let (c_dir, _) = (tempfile::tempdir().unwrap(), ());
     let (c, _) = common::open(c_dir.path(), &engine);
     common::put(&c, "x", &[21], 100);
-    push_window(&c, &r, "x", Expect::New).unwrap();
+    push_window(&c, &r, "x", Some(Expect::New)).unwrap();
     // Copy block 21's value over block 14's first value: a value of another key.
     cluster.cmd(&["DEL", &r.block_key(14, 0)]);
     let o = std::process::Command::new("sh")

@@ -4,7 +4,7 @@
 //! fetches the blocks by their keys, verified, into B's log and scatters them bit-exact. A
 //! byte flipped in the tier (`SETRANGE`) ends the next fill at the valid prefix; a paused
 //! cluster makes lookups answer from the local store within the lookup timeout, never caching
-//! that as a miss.
+//! that as a miss. An unnamed window is published as blocks only (no head to pull by name).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
 use common::daemon::*;
@@ -29,15 +29,18 @@ fn outcome(r: &Value) -> &str {
     r["remote"]["outcome"].as_str().unwrap_or("none")
 }
 
-fn freeze(c: &mut Client, window: &str, tokens: &[u32], block_ids: &[u64]) {
+/// Freezes and publishes (sync) a window: a pinned one under its name (generation 1), an
+/// unnamed one as blocks only (generation 0: no head, lookups find its blocks by key).
+fn freeze(c: &mut Client, window: &str, class: &str, tokens: &[u32], block_ids: &[u64]) {
     let r = c
         .call_final(
             json!({"op": "freeze", "engine": "e1", "session": window, "window": window,
-            "tokens": tokens, "block_ids": block_ids}),
+            "tokens": tokens, "block_ids": block_ids, "class": class}),
         )
         .unwrap();
     assert_eq!(code(&r), "OK", "{r}");
-    assert!(r["remote"]["generation"].is_u64(), "published: {r}");
+    let generation = if class == "pinned" { 1 } else { 0 };
+    assert_eq!(r["remote"]["generation"], generation, "published: {r}");
 }
 
 fn same_block(layout: &Layout, a: &ShmMemory, x: u64, b: &ShmMemory, y: u64) {
@@ -75,7 +78,7 @@ fn a_prompt_frozen_on_one_instance_is_found_and_thawed_through_the_tier_by_anoth
     let missed = Instant::now();
     assert_eq!(outcome(&lookup(&mut cb, &t3)), "cached_miss");
 
-    freeze(&mut ca, "w1", &t3, &[0, 1, 2]);
+    freeze(&mut ca, "w1", "unnamed", &t3, &[0, 1, 2]);
     // Another instance's publish does not end B's remembered miss before its TTL (3 s); an
     // own publish would. (Checked only while the TTL surely holds on a slow machine.)
     let r = lookup(&mut cb, &t3);
@@ -117,11 +120,16 @@ fn a_prompt_frozen_on_one_instance_is_found_and_thawed_through_the_tier_by_anoth
         "{r}"
     );
     assert_eq!(r["window"], fill.as_str(), "{r}");
+    // The unnamed w1 has no head in the tier: not pullable by name.
+    let r = cb
+        .call_final(json!({"op": "pull", "window": "w1"}))
+        .unwrap();
+    assert_eq!(code(&r), "NOT_FOUND", "{r}");
 
     // A's longer window shares those 3 blocks; its 5th block's value is then damaged in the
     // tier. B's lookup finds all 6 (3 here, 3 there); the fill stops at the damaged block:
     // blocks 0..4 are stored and restored, the rest is the engine's to recompute.
-    freeze(&mut ca, "w2", &t6, &[20, 21, 22, 23, 24, 25]);
+    freeze(&mut ca, "w2", "pinned", &t6, &[20, 21, 22, 23, 24, 25]);
     let keys = lookup(&mut ca, &t6)["block_keys"].clone();
     let k4 = keys[4].as_str().unwrap();
     let flipped = cluster.cmd(&["SETRANGE", &format!("cwm:v1:b:{k4}"), "100", "X"]);

@@ -31,7 +31,7 @@ fn a_full_tier_refuses_or_evicts_blocks_and_never_serves_a_partial_window() {
     let full =
         common::redis::Cluster::single(&["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"]);
     let r = remote(&full);
-    let e = push_window(&a, &r, "big", Expect::New).expect_err("out of memory");
+    let e = push_window(&a, &r, "big", Some(Expect::New)).expect_err("out of memory");
     assert_eq!(e.code(), ErrorCode::NoSpace, "{e}");
     assert!(e.is_outage());
     assert!(r.head("big").unwrap().is_none(), "nothing published");
@@ -44,8 +44,8 @@ fn a_full_tier_refuses_or_evicts_blocks_and_never_serves_a_partial_window() {
         "volatile-lfu",
     ]);
     let r = remote(&lfu);
-    push_window(&a, &r, "small", Expect::New).unwrap();
-    let p = push_window(&a, &r, "big", Expect::New).expect("blocks are evicted to make room");
+    push_window(&a, &r, "small", Some(Expect::New)).unwrap();
+    let p = push_window(&a, &r, "big", Some(Expect::New)).expect("blocks are evicted to make room");
     assert_eq!(p.written, 24);
     // Heads and manifests carry no TTL: both windows are still published.
     assert!(r.manifest("big").is_ok());

@@ -28,17 +28,17 @@ fn a_window_pushed_by_one_instance_is_pulled_bit_exact_by_another() {
     {
         let (a, _) = common::open(a_dir.path(), &engine);
         common::put(&a, "chat-1", &keys, len);
-        let p = push_window(&a, &ra, "chat-1", Expect::New).expect("push");
+        let p = push_window(&a, &ra, "chat-1", Some(Expect::New)).expect("push");
         assert_eq!((p.generation, p.blocks, p.written), (1, 12, 12));
         assert_eq!(p.bytes, 12 * len);
         // A second window sharing the first 8 blocks writes only its 3 new ones.
         let mut k2 = keys[..8].to_vec();
         k2.extend([77u128, 78, 79]);
         common::put(&a, "chat-2", &k2, len);
-        let p = push_window(&a, &ra, "chat-2", Expect::New).expect("push 2");
+        let p = push_window(&a, &ra, "chat-2", Some(Expect::New)).expect("push 2");
         assert_eq!((p.blocks, p.written), (11, 3));
         // Insert-only: pushing chat-1 again as new is refused.
-        let e = push_window(&a, &ra, "chat-1", Expect::New).expect_err("exists");
+        let e = push_window(&a, &ra, "chat-1", Some(Expect::New)).expect_err("exists");
         assert_eq!(e.code(), cwm::error::ErrorCode::AlreadyExists);
     }
     // A's data directory is gone: the tier is all B has.

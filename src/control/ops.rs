@@ -149,7 +149,10 @@ impl Server {
         let r = res.map_err(|e| self.quota_detail(ApiError::from(e)))?;
         self.froze(&r);
         let mut out = json!({"status": "durable", "window": r.info, "report": r});
-        if let Some(remote) = self.remote.after_freeze(&self.store, &r.info.name) {
+        if let Some(remote) = self
+            .remote
+            .after_freeze(&self.store, &r.info.name, r.info.class)
+        {
             out["remote"] = remote;
         }
         Ok(out)

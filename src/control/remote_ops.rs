@@ -19,7 +19,7 @@ use crate::remote::{
     fill_prefix, pull_window, push_window, Expect, FillReport, Publish, PullReport, PushReport,
     Remote, RemoteConfig, RemoteError,
 };
-use crate::store::{Replace, Store, WindowSpec};
+use crate::store::{Class, Replace, Store, WindowSpec};
 
 /// Windows waiting for a background publish, at most; more are dropped (and logged): a
 /// later freeze or `push` publishes them.
@@ -39,7 +39,7 @@ pub(super) struct RemoteLink {
     /// The last outage seen (cleared by the next success): what `health` reports.
     last_error: Mutex<Option<String>>,
     /// The background publisher's queue (started on first use).
-    queue: Mutex<Option<crossbeam_channel::Sender<String>>>,
+    queue: Mutex<Option<crossbeam_channel::Sender<(String, Option<Expect>)>>>,
     /// `cwm_remote_operations_total` and `cwm_remote_bytes_total`.
     counters: Option<(Family<Labels, Counter>, Family<Labels, Counter>)>,
     /// `cwm_remote_operation_seconds`.
@@ -382,7 +382,12 @@ impl RemoteLink {
     }
 
     /// Publishes window `name` of `store` (counted).
-    fn push(&self, store: &Store, name: &str, expect: Expect) -> Result<PushReport, RemoteError> {
+    fn push(
+        &self,
+        store: &Store,
+        name: &str,
+        expect: Option<Expect>,
+    ) -> Result<PushReport, RemoteError> {
         let r = self.with(|r| push_window(store, r, name, expect));
         self.count("push", &r, "sent", |p| p.written_bytes);
         if r.is_ok() {
@@ -446,44 +451,51 @@ impl RemoteLink {
 
     /// After a durable freeze of `name`: publishes it as the configuration says. `Sync`:
     /// now, returning what to add to the answer; `Async`: queued for the background publisher.
-    pub(super) fn after_freeze(self: &Arc<Self>, store: &Arc<Store>, name: &str) -> Option<Value> {
+    /// An unnamed window's blocks only are published (lookups find them by their keys).
+    pub(super) fn after_freeze(
+        self: &Arc<Self>,
+        store: &Arc<Store>,
+        name: &str,
+        class: Class,
+    ) -> Option<Value> {
+        let expect = (class == Class::Pinned).then_some(Expect::Any);
         match self.cfg.as_ref()?.publish {
             Publish::Off => None,
-            Publish::Sync => Some(match self.push(store, name, Expect::Any) {
+            Publish::Sync => Some(match self.push(store, name, expect) {
                 Ok(p) => json!({"generation": p.generation, "written": p.written}),
                 Err(e) => {
                     json!({"error": {"code": e.code().as_str(), "message": e.to_string()}})
                 }
             }),
             Publish::Async => {
-                self.enqueue(store, name);
+                self.enqueue(store, name, expect);
                 Some(json!({"status": "pending"}))
             }
         }
     }
 
     /// Queues `name` for the background publisher, starting it if needed.
-    fn enqueue(self: &Arc<Self>, store: &Arc<Store>, name: &str) {
+    fn enqueue(self: &Arc<Self>, store: &Arc<Store>, name: &str, expect: Option<Expect>) {
         let Ok(mut q) = self.queue.lock() else {
             return;
         };
         let tx = q.get_or_insert_with(|| {
-            let (tx, rx) = crossbeam_channel::bounded::<String>(PUBLISH_QUEUE);
+            let (tx, rx) = crossbeam_channel::bounded::<(String, Option<Expect>)>(PUBLISH_QUEUE);
             let (link, store): (Weak<Self>, Weak<Store>) =
                 (Arc::downgrade(self), Arc::downgrade(store));
             std::thread::spawn(move || {
-                for name in rx {
+                for (name, expect) in rx {
                     let (Some(link), Some(store)) = (link.upgrade(), store.upgrade()) else {
                         return;
                     };
-                    if let Err(e) = link.push(&store, &name, Expect::Any) {
+                    if let Err(e) = link.push(&store, &name, expect) {
                         crate::log::warn(&format!("publishing {name:?} to the remote tier: {e}"));
                     }
                 }
             });
             tx
         });
-        if tx.try_send(name.to_string()).is_err() {
+        if tx.try_send((name.to_string(), expect)).is_err() {
             crate::log::warn(&format!(
                 "remote publish queue full: {name:?} not published (a later push does)"
             ));
@@ -545,7 +557,7 @@ impl Server {
             (true, None) => Expect::Any,
             (false, None) => Expect::New,
         };
-        let r = self.remote.push(&self.store, &name, expect)?;
+        let r = self.remote.push(&self.store, &name, Some(expect))?;
         Ok(json!({"push": r}))
     }
 

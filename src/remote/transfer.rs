@@ -20,7 +20,7 @@ const PUSH_BATCH: u64 = 64 << 20;
 pub struct PushReport {
     /// Window name.
     pub name: String,
-    /// Its generation in the shared tier now.
+    /// Its generation in the shared tier now (0: its blocks only were pushed).
     pub generation: u64,
     /// Blocks of the window.
     pub blocks: u64,
@@ -154,14 +154,19 @@ pub struct PullReport {
 }
 
 /// Publishes window `name` of `store` to the shared tier, holding a fresh fencing token:
-/// blocks it lacks, then the manifest, then the head's compare-and-set (`expect`).
+/// blocks it lacks, then the manifest, then the head's compare-and-set (`expect`). `None`:
+/// the blocks only (for an unnamed window: found by lookups through their keys, no head —
+/// heads and manifests carry no TTL); the report's generation is then 0.
 pub fn push_window(
     store: &Store,
     remote: &Remote,
     name: &str,
-    expect: Expect,
+    expect: Option<Expect>,
 ) -> Result<PushReport, RemoteError> {
-    let token = remote.token(name)?;
+    let token = match expect {
+        Some(_) => Some(remote.token(name)?),
+        None => None,
+    };
     let r = store.open_window(name)?;
     let n = r.num_blocks();
     let keys: Vec<u128> = r.manifest.blocks.iter().map(|b| b.key).collect();
@@ -219,10 +224,17 @@ pub fn push_window(
         }
         Ok(())
     })?;
-    let head = remote.publish(name, &r.manifest.encode(), expect, token)?;
+    let generation = match (expect, token) {
+        (Some(expect), Some(token)) => {
+            remote
+                .publish(name, &r.manifest.encode(), expect, token)?
+                .generation
+        }
+        _ => 0,
+    };
     Ok(PushReport {
         name: name.to_string(),
-        generation: head.generation,
+        generation,
         blocks: n as u64,
         written,
         written_bytes,

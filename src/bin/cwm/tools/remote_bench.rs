@@ -235,7 +235,7 @@ pub fn remote(
     let raw_set = t.elapsed().as_secs_f64();
     p.update("remote", 2, 4, "push");
     let t = Instant::now();
-    push_window(&a, &remote, "bench", Expect::Any).map_err(|x| e(&x))?;
+    push_window(&a, &remote, "bench", Some(Expect::Any)).map_err(|x| e(&x))?;
     let push = t.elapsed().as_secs_f64();
     p.update("remote", 3, 4, "raw GET");
     let t = Instant::now();
