@@ -16,6 +16,8 @@ fn bench_remote_reports_push_and_pull_against_the_raw_client() {
             "1MiB",
             "--max-value",
             "256KiB",
+            "--lookup-windows",
+            "300",
             "--json",
             "--dir",
         ])
@@ -32,11 +34,24 @@ fn bench_remote_reports_push_and_pull_against_the_raw_client() {
         "pull_gbps",
         "raw_get_gbps",
         "raw_disk_write_gbps",
+        "fill_gbps",
     ] {
         assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {v}");
     }
     let r = v["push_gbps"].as_f64().unwrap() / v["raw_set_gbps"].as_f64().unwrap();
     assert!((r - v["push_ratio"].as_f64().unwrap()).abs() < 1e-9, "{v}");
+    // Lookups through an in-process daemon: every hit matched 4 blocks in the tier, every
+    // first miss was a miss and its repeat remembered (the bench fails otherwise).
+    assert_eq!(v["lookup"]["windows"], 300, "{v}");
+    assert_eq!(v["lookup"]["lookups"], 300, "{v}");
+    for k in [
+        "hit_p99_ms",
+        "miss_p99_ms",
+        "cached_miss_p99_ms",
+        "local_only_p99_ms",
+    ] {
+        assert!(v["lookup"][k].as_f64().unwrap() > 0.0, "{k}: {v}");
+    }
     // The bench cleans up after itself: only its temporary directory was used.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }

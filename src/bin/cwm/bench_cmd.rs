@@ -125,6 +125,9 @@ pub(crate) enum BenchCmd {
         /// Cluster seed nodes, comma-separated (default: start a local one).
         #[arg(long)]
         remote: Option<String>,
+        /// Prompts stored in the tier before lookups are timed.
+        #[arg(long, default_value_t = 10_000)]
+        lookup_windows: u64,
         #[command(flatten)]
         out: Output,
     },
@@ -315,11 +318,19 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
             block,
             max_value,
             remote,
+            lookup_windows,
             out,
         } => {
             let dir = out.dir();
-            let r =
-                tools::remote_bench::remote(&dir, remote, bytes, block, max_value, &bar(out.json))?;
+            let r = tools::remote_bench::remote(
+                &dir,
+                remote,
+                bytes,
+                block,
+                max_value,
+                lookup_windows,
+                &bar(out.json),
+            )?;
             let text = remote_text(&r);
             (value(&r)?, text, out)
         }
@@ -354,7 +365,9 @@ fn remote_text(r: &tools::remote_bench::RemoteBench) -> String {
     format!(
         "remote ({} cluster): {} MiB in {} KiB blocks — push {:.2} GB/s vs raw SET {:.2} GB/s \
          (ratio {:.2}); pull {:.2} GB/s vs raw GET {:.2} GB/s (ratio {:.2}) and raw disk write \
-         {:.2} GB/s (ratio to the slower {:.2})",
+         {:.2} GB/s (ratio to the slower {:.2}); fill {:.2} GB/s (ratio {:.2}); lookups over {} \
+         stored prompts: hit p50 {:.3} / p99 {:.3} ms, first miss p99 {:.3} ms, remembered miss \
+         p99 {:.3} ms, no tier p99 {:.3} ms",
         r.cluster,
         r.bytes >> 20,
         r.block_bytes >> 10,
@@ -365,7 +378,15 @@ fn remote_text(r: &tools::remote_bench::RemoteBench) -> String {
         r.raw_get_gbps,
         r.pull_ratio,
         r.raw_disk_write_gbps,
-        r.pull_ratio_of_slower
+        r.pull_ratio_of_slower,
+        r.fill_gbps,
+        r.fill_ratio,
+        r.lookup.windows,
+        r.lookup.hit_p50_ms,
+        r.lookup.hit_p99_ms,
+        r.lookup.miss_p99_ms,
+        r.lookup.cached_miss_p99_ms,
+        r.lookup.local_only_p99_ms
     )
 }
 

@@ -1070,6 +1070,7 @@ pub fn control(dir: &Path, windows: u64, p: &Progress) -> Result<ControlBench, S
             compact_interval_s: 0,
             ..Default::default()
         },
+        None,
     );
     let s2 = server.clone();
     let th = std::thread::spawn(move || s2.serve());
@@ -1295,12 +1296,13 @@ pub fn compaction(
 
 /// An in-process daemon for the control benchmarks: `store` served on `socket`, engines'
 /// memory in `shm`, `staging` bytes of staging per engine.
-fn bench_server(
+pub(crate) fn bench_server(
     store: Store,
     socket: &Path,
     shm: &Path,
     staging: u64,
     maintenance: cwm::control::maint::Maintenance,
+    remote: Option<cwm::remote::RemoteConfig>,
 ) -> Arc<cwm::control::Server> {
     cwm::control::Server::new(
         Arc::new(store),
@@ -1318,7 +1320,7 @@ fn bench_server(
             metrics_addr: None,
             max_ops: 64,
             maintenance,
-            remote: None,
+            remote,
         },
     )
 }
@@ -1411,6 +1413,7 @@ pub fn churn(
             },
             ..Default::default()
         },
+        None,
     );
     let s2 = server.clone();
     let th = std::thread::spawn(move || s2.serve());

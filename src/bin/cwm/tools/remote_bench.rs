@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::progress::Progress;
-use cwm::remote::{pull_window, push_window, Expect, Remote, RemoteConfig};
+use cwm::remote::{fill_prefix, pull_window, push_window, Expect, Remote, RemoteConfig};
 use cwm::store::{BlockDesc, Replace, Store, StoreConfig, WindowSpec};
 
 /// Result of `cwm bench remote`.
@@ -41,6 +41,37 @@ pub struct RemoteBench {
     pub raw_disk_write_gbps: f64,
     /// `pull_gbps / min(raw_get_gbps, raw_disk_write_gbps)`.
     pub pull_ratio_of_slower: f64,
+    /// A fill of the same blocks found by their keys (what a thaw of a prefix found by an
+    /// automatic lookup does before it scatters: fetch, verify against the value's header,
+    /// write into a third instance's log, commit), GB/s.
+    pub fill_gbps: f64,
+    /// `fill_gbps / raw_get_gbps`.
+    pub fill_ratio: f64,
+    /// Lookups through an in-process daemon whose prompts were stored by another instance:
+    /// latency of the whole lookup (client round trip, local index, the tier's probe).
+    pub lookup: LookupBench,
+}
+
+/// Lookup latency through the shared tier.
+#[derive(Debug, Serialize)]
+pub struct LookupBench {
+    /// Windows (prompts of 4 blocks) stored in the tier before.
+    pub windows: u64,
+    /// Lookups made of each kind.
+    pub lookups: u64,
+    /// Prompts of a stored window plus 4 blocks more: found in the tier (4 blocks matched).
+    pub hit_p50_ms: f64,
+    /// 99th percentile of the hits.
+    pub hit_p99_ms: f64,
+    /// Prompts stored nowhere, first asked: a definite miss (one probe).
+    pub miss_p50_ms: f64,
+    /// 99th percentile of the first misses.
+    pub miss_p99_ms: f64,
+    /// The same prompts again: remembered misses (no request to the tier).
+    pub cached_miss_p99_ms: f64,
+    /// The same lookups against a daemon without a tier (client round trip and local index
+    /// only: the floor), p99.
+    pub local_only_p99_ms: f64,
 }
 
 /// A local cluster for the bench, killed when dropped.
@@ -153,6 +184,7 @@ pub fn remote(
     bytes: u64,
     block: u64,
     max_value: u64,
+    lookup_windows: u64,
     p: &Progress,
 ) -> Result<RemoteBench, String> {
     let e = |x: &dyn std::fmt::Display| x.to_string();
@@ -191,7 +223,7 @@ pub fn remote(
             v
         })
         .collect();
-    p.update("remote", 0, 4, "storing the window locally");
+    p.update("remote", 0, 5, "storing the window locally");
     let (a, _) = Store::open(StoreConfig::new(tmp.path().join("a"))).map_err(|x| e(&x))?;
     let spec = WindowSpec {
         name: "bench".into(),
@@ -223,7 +255,7 @@ pub fn remote(
         redis::cluster::ClusterClient::new(remote.config().nodes.clone()).map_err(|x| e(&x))?;
     let mut conn = client.get_connection().map_err(|x| e(&x))?;
     let batch = 64usize << 20;
-    p.update("remote", 1, 4, "raw SET");
+    p.update("remote", 1, 5, "raw SET");
     let t = Instant::now();
     for group in batches(&raw, batch) {
         let mut pipe = redis::cluster::cluster_pipe();
@@ -233,11 +265,11 @@ pub fn remote(
         pipe.query::<()>(&mut conn).map_err(|x| e(&x))?;
     }
     let raw_set = t.elapsed().as_secs_f64();
-    p.update("remote", 2, 4, "push");
+    p.update("remote", 2, 5, "push");
     let t = Instant::now();
     push_window(&a, &remote, "bench", Some(Expect::Any)).map_err(|x| e(&x))?;
     let push = t.elapsed().as_secs_f64();
-    p.update("remote", 3, 4, "raw GET");
+    p.update("remote", 3, 5, "raw GET");
     let t = Instant::now();
     let mut got = 0u64;
     for group in batches(&raw, batch) {
@@ -252,7 +284,7 @@ pub fn remote(
     if got != n as u64 * block {
         return Err(format!("raw GET read {got} bytes of {}", n as u64 * block));
     }
-    p.update("remote", 4, 4, "pull");
+    p.update("remote", 4, 5, "pull");
     let (b, _) = Store::open(StoreConfig::new(tmp.path().join("b"))).map_err(|x| e(&x))?;
     let t = Instant::now();
     let r = pull_window(&b, &remote, "bench", Replace::No).map_err(|x| e(&x))?;
@@ -272,7 +304,32 @@ pub fn remote(
                 .ignore();
         }
     }
+    p.update("remote", 5, 5, "fill");
+    let (c, _) = Store::open(StoreConfig::new(tmp.path().join("c"))).map_err(|x| e(&x))?;
+    let fill_spec = WindowSpec {
+        name: "fill".into(),
+        session: "fill".into(),
+        namespace: "bench".into(),
+        layout: b"{}".to_vec(),
+        tokens: (0..n as u32 * 16).collect(),
+        blocks: keys
+            .iter()
+            .map(|&key| BlockDesc { key, len: block })
+            .collect(),
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let f = fill_prefix(&c, &remote, fill_spec, 16).map_err(|x| e(&x))?;
+    let fill = t.elapsed().as_secs_f64();
+    if f.fetched != n as u64 || f.stopped.is_some() {
+        return Err(format!(
+            "fill fetched {} of {n} blocks ({:?})",
+            f.fetched, f.stopped
+        ));
+    }
+    drop((b, c));
     let _ = pipe.query::<()>(&mut conn);
+    let lookup = lookups(tmp.path(), &remote, lookup_windows, p)?;
     let total = n as u64 * block;
     let eng = cwm::io::build_engine(cwm::io::EngineKind::Uring, 32);
     let (raw_write, _) =
@@ -293,7 +350,156 @@ pub fn remote(
         pull_ratio: pull_gbps / raw_get_gbps.max(f64::MIN_POSITIVE),
         raw_disk_write_gbps: raw_write,
         pull_ratio_of_slower: pull_gbps / raw_get_gbps.min(raw_write).max(f64::MIN_POSITIVE),
+        fill_gbps: gbps(total, fill),
+        fill_ratio: gbps(total, fill) / raw_get_gbps.max(f64::MIN_POSITIVE),
+        lookup,
     })
+}
+
+/// The `q` quantile of `v` (sorted here), in ms from µs.
+fn quantile_ms(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+        .copied()
+        .unwrap_or(0.0)
+        / 1e3
+}
+
+/// Stores `windows` prompts of 4 blocks in the tier (their blocks, as another instance's
+/// unnamed windows would be), then times lookups through an in-process daemon: hits, first
+/// misses, remembered misses, and the same lookups against a daemon without a tier.
+fn lookups(dir: &Path, remote: &Remote, windows: u64, p: &Progress) -> Result<LookupBench, String> {
+    use cwm::control::client::Client;
+    use serde_json::json;
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let layout = cwm::layout::Layout::flash_2nbhd(2, 64, 16, 2, 64, cwm::layout::Dtype::Bf16);
+    let ns = cwm::keys::Namespace {
+        model: "bench".into(),
+        layout_fingerprint: layout.fingerprint(),
+        salt: None,
+    };
+    let prompt = |i: u64| -> Vec<u32> { (0..128).map(|t| (i * 1000 + t) as u32 + 7).collect() };
+    let payload = vec![5u8; 1024];
+    let mut stored = Vec::new();
+    for i in 0..windows {
+        if i % 1000 == 0 {
+            p.update("lookup", i, windows, "storing prompts in the tier");
+        }
+        let keys = cwm::keys::block_keys(&ns, &prompt(i)[..64], 16);
+        stored.extend(keys.into_iter().map(|k| (k, payload.as_slice())));
+        if stored.len() >= 4096 || i + 1 == windows {
+            remote.write_blocks(&stored).map_err(|x| e(&x))?;
+            stored.clear();
+        }
+    }
+    let mut out = LookupBench {
+        windows,
+        lookups: windows.min(2000),
+        hit_p50_ms: 0.0,
+        hit_p99_ms: 0.0,
+        miss_p50_ms: 0.0,
+        miss_p99_ms: 0.0,
+        cached_miss_p99_ms: 0.0,
+        local_only_p99_ms: 0.0,
+    };
+    for with_tier in [true, false] {
+        let d = dir.join(if with_tier { "lk-remote" } else { "lk-local" });
+        let (store, _) = Store::open(StoreConfig::new(d.join("data"))).map_err(|x| e(&x))?;
+        let shm = d.join("shm");
+        std::fs::create_dir_all(&shm).map_err(|x| e(&x))?;
+        let socket = d.join("cwm.sock");
+        let cfg = with_tier.then(|| RemoteConfig {
+            lookup_timeout: Duration::from_millis(100),
+            ..remote.config().clone()
+        });
+        let server = super::bench::bench_server(
+            store,
+            &socket,
+            &shm,
+            16 << 20,
+            cwm::control::maint::Maintenance {
+                compact_interval_s: 0,
+                ..Default::default()
+            },
+            cfg,
+        );
+        let s2 = server.clone();
+        let th = std::thread::spawn(move || s2.serve());
+        let t = Instant::now();
+        let mut c = loop {
+            match Client::connect(&socket) {
+                Ok(c) => break c,
+                Err(_) if t.elapsed().as_secs() < 10 => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(x) => return Err(x.to_string()),
+            }
+        };
+        let mut paths = Vec::new();
+        for l in 0..2 {
+            let f = shm.join(format!("layer{l}"));
+            std::fs::File::create(&f)
+                .and_then(|h| h.set_len(2 * 64 * 4096))
+                .map_err(|x| e(&x))?;
+            paths.push(f);
+        }
+        c.call_final(json!({"op": "register", "engine": "b", "model": "bench",
+            "layout": {"kind": "flash_2nbhd", "layers": 2, "blocks": 64, "block_size": 16,
+                "heads": 2, "head": 64, "dtype": "bf16"},
+            "memory": {"shm": paths}}))
+            .map_err(|x| e(&x))?;
+        let mut time = |tokens: Vec<u32>, want: Option<(u64, &str)>| -> Result<f64, String> {
+            let t = Instant::now();
+            let r = c
+                .call_final(json!({"op": "lookup", "engine": "b", "tokens": tokens}))
+                .map_err(|x| e(&x))?;
+            let us = t.elapsed().as_secs_f64() * 1e6;
+            if let Some((blocks, outcome)) = want {
+                if r["blocks_matched"] != blocks || r["remote"]["outcome"] != outcome {
+                    return Err(format!(
+                        "lookup: expected {blocks} blocks ({outcome}), got {r}"
+                    ));
+                }
+            }
+            Ok(us)
+        };
+        let n = out.lookups;
+        let step = (windows / n.max(1)).max(1);
+        let (mut hits, mut misses, mut cached) = (Vec::new(), Vec::new(), Vec::new());
+        for k in 0..n {
+            if k % 500 == 0 {
+                p.update(
+                    "lookup",
+                    k,
+                    n,
+                    if with_tier {
+                        "with the tier"
+                    } else {
+                        "local only"
+                    },
+                );
+            }
+            let i = k * step;
+            hits.push(time(prompt(i), with_tier.then_some((4, "hit")))?);
+            let fresh = prompt(windows + 1 + k);
+            misses.push(time(fresh.clone(), with_tier.then_some((0, "miss")))?);
+            cached.push(time(fresh, with_tier.then_some((0, "cached_miss")))?);
+        }
+        if with_tier {
+            out.hit_p50_ms = quantile_ms(&mut hits, 0.5);
+            out.hit_p99_ms = quantile_ms(&mut hits, 0.99);
+            out.miss_p50_ms = quantile_ms(&mut misses, 0.5);
+            out.miss_p99_ms = quantile_ms(&mut misses, 0.99);
+            out.cached_miss_p99_ms = quantile_ms(&mut cached, 0.99);
+        } else {
+            hits.extend(misses);
+            out.local_only_p99_ms = quantile_ms(&mut hits, 0.99);
+        }
+        drop(c);
+        server.stop();
+        let _ = th.join();
+    }
+    Ok(out)
 }
 
 /// Consecutive groups of about `bytes` bytes of values.
