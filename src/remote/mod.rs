@@ -458,21 +458,34 @@ impl Remote {
     /// pipelines of about 64 MiB. Further parts are written before the first, so a block whose
     /// first value is visible is whole (unless Redis evicted a part: reads then refuse it).
     pub fn write_blocks(&self, blocks: &[(u128, &[u8])]) -> Result<(), RemoteError> {
+        let summed: Vec<(u128, &[u8], Option<u64>)> =
+            blocks.iter().map(|&(k, p)| (k, p, None)).collect();
+        self.write_blocks_summed(&summed)
+    }
+
+    /// [`Remote::write_blocks`] with each payload's xxh3-64 when the caller has it (the local
+    /// log's records carry it): the payload is then neither hashed nor copied again before it
+    /// goes into the request buffer.
+    pub fn write_blocks_summed(
+        &self,
+        blocks: &[(u128, &[u8], Option<u64>)],
+    ) -> Result<(), RemoteError> {
         let ttl = self.cfg.block_ttl.as_secs().max(1);
         let mut pipe = redis::cluster::cluster_pipe();
         let mut queued = 0usize;
-        for (key, payload) in blocks {
-            let values = value::encode_block(*key, payload, self.cfg.max_value);
-            let order = (1..values.len()).chain(std::iter::once(0));
+        for &(key, payload, sum) in blocks {
+            let b = value::EncodedBlock::new(key, payload, sum, self.cfg.max_value);
+            let order = (1..b.parts()).chain(std::iter::once(0));
             for i in order {
+                let v = b.arg(i);
+                queued += v.len();
                 pipe.cmd("SET")
-                    .arg(self.block_key(*key, i as u32))
-                    .arg(values[i].as_slice())
+                    .arg(self.block_key(key, i as u32))
+                    .arg(v)
                     .arg("NX")
                     .arg("EX")
                     .arg(ttl)
                     .ignore();
-                queued += values[i].len();
             }
             if queued >= 64 << 20 {
                 self.run(|c| pipe.query::<()>(c))?;

@@ -215,12 +215,16 @@ pub fn push_window(
         });
         for got in rx {
             let (s, images) = got?;
-            let blocks: Vec<(u128, &[u8])> = images
+            // (read_blocks verified each record against its checksum: reused, not recomputed)
+            let blocks: Vec<(u128, &[u8], Option<u64>)> = images
                 .iter()
                 .enumerate()
-                .map(|(j, img)| (keys[s + j], r.payload(s + j, img)))
+                .map(|(j, img)| {
+                    let i = s + j;
+                    (keys[i], r.payload(i, img), Some(r.manifest.blocks[i].checksum))
+                })
                 .collect();
-            remote.write_blocks(&blocks)?;
+            remote.write_blocks_summed(&blocks)?;
         }
         Ok(())
     })?;

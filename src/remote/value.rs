@@ -85,25 +85,106 @@ impl BlockHeader {
 /// the header. `max_value` is raised to hold the header and one payload byte.
 #[must_use]
 pub fn encode_block(key: u128, payload: &[u8], max_value: usize) -> Vec<Vec<u8>> {
-    let chunk = max_value
-        .saturating_sub(BLOCK_HEADER)
-        .clamp(1, u32::MAX as usize);
-    let parts = payload.len().div_ceil(chunk).max(1);
-    let mut h = Vec::with_capacity(BLOCK_HEADER + payload.len().min(chunk));
-    h.extend_from_slice(&BLOCK_MAGIC);
-    h.extend_from_slice(&key.to_le_bytes());
-    h.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    h.extend_from_slice(&payload_checksum(payload).to_le_bytes());
-    h.extend_from_slice(&(parts as u32).to_le_bytes());
-    h.extend_from_slice(&(chunk as u32).to_le_bytes());
-    let hc = xxh3_64(&h);
-    h.extend_from_slice(&hc.to_le_bytes());
-    let mut out = Vec::with_capacity(parts);
-    let mut chunks = payload.chunks(chunk);
-    h.extend_from_slice(chunks.next().unwrap_or(&[]));
-    out.push(h);
-    out.extend(chunks.map(<[u8]>::to_vec));
-    out
+    let b = EncodedBlock::new(key, payload, None, max_value);
+    (0..b.parts())
+        .map(|i| {
+            let (head, body) = b.value(i);
+            [head, body].concat()
+        })
+        .collect()
+}
+
+/// A block's values as they are written, borrowing the payload (no copy is made before the
+/// bytes go into the request buffer): value `i` is `(head, body)` — the header before the
+/// first part's bytes, nothing before the others.
+pub struct EncodedBlock<'a> {
+    header: [u8; BLOCK_HEADER],
+    payload: &'a [u8],
+    chunk: usize,
+    parts: usize,
+}
+
+impl<'a> EncodedBlock<'a> {
+    /// Block `key` with `payload` (`checksum`: its xxh3-64 when known — the local log's
+    /// records carry it — else computed here), in values of at most `max_value` bytes.
+    #[must_use]
+    pub fn new(key: u128, payload: &'a [u8], checksum: Option<u64>, max_value: usize) -> Self {
+        let chunk = max_value
+            .saturating_sub(BLOCK_HEADER)
+            .clamp(1, u32::MAX as usize);
+        let parts = payload.len().div_ceil(chunk).max(1);
+        let mut header = [0u8; BLOCK_HEADER];
+        header[..8].copy_from_slice(&BLOCK_MAGIC);
+        header[8..24].copy_from_slice(&key.to_le_bytes());
+        header[24..32].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+        let sum = checksum.unwrap_or_else(|| payload_checksum(payload));
+        header[32..40].copy_from_slice(&sum.to_le_bytes());
+        header[40..44].copy_from_slice(&(parts as u32).to_le_bytes());
+        header[44..48].copy_from_slice(&(chunk as u32).to_le_bytes());
+        let hc = xxh3_64(&header[..48]);
+        header[48..].copy_from_slice(&hc.to_le_bytes());
+        Self {
+            header,
+            payload,
+            chunk,
+            parts,
+        }
+    }
+
+    /// Values the block is split into.
+    #[must_use]
+    pub fn parts(&self) -> usize {
+        self.parts
+    }
+
+    /// Value `i`: `(head, body)`.
+    #[must_use]
+    pub fn value(&self, i: usize) -> (&[u8], &'a [u8]) {
+        let start = (i * self.chunk).min(self.payload.len());
+        let end = (start + self.chunk).min(self.payload.len());
+        let head: &[u8] = if i == 0 { &self.header } else { &[] };
+        (head, &self.payload[start..end])
+    }
+
+    /// Value `i` as one Redis argument, written straight into the request buffer.
+    #[must_use]
+    pub fn arg(&self, i: usize) -> ValueArg<'_> {
+        let (head, body) = self.value(i);
+        ValueArg { head, body }
+    }
+}
+
+/// One value as a Redis argument made of two slices.
+pub struct ValueArg<'a> {
+    head: &'a [u8],
+    body: &'a [u8],
+}
+
+impl redis::ToRedisArgs for ValueArg<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        use std::io::Write;
+        let mut w = out.writer_for_next_arg();
+        // Writing into the command's in-memory buffer cannot fail.
+        let _ = w.write_all(self.head);
+        let _ = w.write_all(self.body);
+    }
+}
+
+impl ValueArg<'_> {
+    /// Its length in bytes.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+
+    /// Whether it is empty (never, for a block's value).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
