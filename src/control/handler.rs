@@ -225,6 +225,8 @@ impl Server {
             "metrics" => Ok(json!({"text": self.metrics_text()})),
             "push" => self.op_push(a),
             "pull" => self.op_pull(a),
+            "remote.list" => self.op_remote_list(),
+            "remote.scrub" => self.op_remote_scrub(),
             "session.open" => self.op_session_open(SessionOpenArgs::parse(a)?),
             "session.state" => self.op_session_state(SessionStateArgs::parse(a)?),
             "session.close" => self.op_session_close(&args::name(a, "session")?),

@@ -27,7 +27,7 @@ impl Server {
         json!({
             "version": env!("CARGO_PKG_VERSION"),
             "protocol": protocol::PROTOCOL_VERSION,
-            "capabilities": ["register.shm", "register.process", "register.cuda", "sessions", "freeze", "thaw", "lookup", "list", "stat", "delete", "idempotency", "metrics", "thaw.prefix", "lookup.estimate", "layout.pieces", "compact", "scrub", "check", "push", "pull"],
+            "capabilities": ["register.shm", "register.process", "register.cuda", "sessions", "freeze", "thaw", "lookup", "list", "stat", "delete", "idempotency", "metrics", "thaw.prefix", "lookup.estimate", "layout.pieces", "compact", "scrub", "check", "push", "pull", "remote.list", "remote.scrub"],
         })
     }
 

@@ -423,7 +423,10 @@ impl RemoteLink {
 
     /// Runs `f` on the connection; an outage is noted for `health` (one log line per new
     /// cause) and a success clears it.
-    fn with<T>(&self, f: impl FnOnce(&Remote) -> Result<T, RemoteError>) -> Result<T, RemoteError> {
+    pub(super) fn with<T>(
+        &self,
+        f: impl FnOnce(&Remote) -> Result<T, RemoteError>,
+    ) -> Result<T, RemoteError> {
         let r = self.get().and_then(|r| f(&r));
         if let Ok(mut last) = self.last_error.lock() {
             match &r {
@@ -559,6 +562,19 @@ impl Server {
         };
         let r = self.remote.push(&self.store, &name, Some(expect))?;
         Ok(json!({"push": r}))
+    }
+
+    /// `remote.list`: every window published in the shared tier.
+    pub(super) fn op_remote_list(&self) -> Result<Value, ApiError> {
+        let w = self.remote.with(Remote::list_windows)?;
+        Ok(json!({"windows": w}))
+    }
+
+    /// `remote.scrub`: which published windows' blocks the shared tier no longer holds.
+    pub(super) fn op_remote_scrub(&self) -> Result<Value, ApiError> {
+        let w = self.remote.with(Remote::scrub_windows)?;
+        let problems = w.iter().filter(|s| s.status != "ok").count();
+        Ok(json!({"windows": w, "problems": problems}))
     }
 
     /// `pull`: stores a window of the shared tier locally.

@@ -18,6 +18,7 @@
 //! an expired lock: fenced). Every value read back is decoded and verified ([`value`]);
 //! nothing unverified is returned.
 
+mod catalog;
 mod transfer;
 pub mod value;
 
@@ -28,6 +29,7 @@ use redis::cluster::{ClusterClient, ClusterConnection};
 use redis::{ErrorKind, RedisError};
 
 use crate::error::ErrorCode;
+pub use catalog::{RemoteScrub, RemoteWindow};
 pub use transfer::{fill_prefix, pull_window, push_window, FillReport, PullReport, PushReport};
 use value::ValueError;
 

@@ -221,7 +221,11 @@ pub fn push_window(
                 .enumerate()
                 .map(|(j, img)| {
                     let i = s + j;
-                    (keys[i], r.payload(i, img), Some(r.manifest.blocks[i].checksum))
+                    (
+                        keys[i],
+                        r.payload(i, img),
+                        Some(r.manifest.blocks[i].checksum),
+                    )
                 })
                 .collect();
             remote.write_blocks_summed(&blocks)?;

@@ -34,6 +34,52 @@ pub(crate) fn ls(c: &ClientArgs) -> ExitCode {
     })
 }
 
+/// `cwm ls --remote`: the windows published in the shared tier.
+pub(crate) fn ls_remote(c: &ClientArgs) -> ExitCode {
+    client(c, serde_json::json!({"op": "remote.list"}), |v| {
+        println!(
+            "{:<32} {:>4} {:>9} {:>7} {:>10} ERROR",
+            "WINDOW", "GEN", "TOKENS", "BLOCKS", "MIB"
+        );
+        for w in v["windows"].as_array().into_iter().flatten() {
+            let n = |k: &str| w[k].as_u64().unwrap_or(0);
+            println!(
+                "{:<32} {:>4} {:>9} {:>7} {:>10.1} {}",
+                w["name"].as_str().unwrap_or(""),
+                n("generation"),
+                n("tokens"),
+                n("blocks"),
+                n("bytes") as f64 / 1_048_576.0,
+                w["error"].as_str().unwrap_or("")
+            );
+        }
+    })
+}
+
+/// `cwm scrub --remote`: published windows whose blocks the shared tier lost.
+pub(crate) fn scrub_remote(c: &ClientArgs) -> ExitCode {
+    client(c, serde_json::json!({"op": "remote.scrub"}), |v| {
+        for w in v["windows"].as_array().into_iter().flatten() {
+            let detail = match (&w["first_missing"], w["detail"].as_str()) {
+                (_, Some(d)) => d.to_string(),
+                (serde_json::Value::Number(i), None) => format!(
+                    "{} of {} blocks gone, the first is block {i}",
+                    w["missing"], w["blocks"]
+                ),
+                _ => String::new(),
+            };
+            println!(
+                "{:<32} gen {:<4} {:<8} {}",
+                w["name"].as_str().unwrap_or(""),
+                w["generation"],
+                w["status"].as_str().unwrap_or(""),
+                detail
+            );
+        }
+        println!("{} problems in the shared tier", v["problems"]);
+    })
+}
+
 /// `cwm stat NAME`.
 pub(crate) fn stat(name: &str, c: &ClientArgs) -> ExitCode {
     client(c, serde_json::json!({"op": "stat", "window": name}), |v| {

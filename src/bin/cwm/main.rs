@@ -47,7 +47,13 @@ enum Cmd {
     /// Run the sidecar daemon on a Unix socket (foreground; SIGTERM/SIGINT stop it cleanly).
     Serve(Box<ServeArgs>),
     /// List windows.
-    Ls(ClientArgs),
+    Ls {
+        /// The windows published in the shared tier instead (serve --remote).
+        #[arg(long)]
+        remote: bool,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
     /// Show one window.
     Stat {
         /// Window name.
@@ -200,6 +206,9 @@ enum Cmd {
         /// Most bytes read per second (0: unlimited).
         #[arg(long, default_value = "0", value_parser = parse_size)]
         rate: u64,
+        /// Check the shared tier instead: which published windows lost blocks there.
+        #[arg(long)]
+        remote: bool,
         #[command(flatten)]
         c: ClientArgs,
     },
@@ -350,7 +359,8 @@ fn main() -> ExitCode {
                 matches.subcommand_matches("serve").unwrap_or(&empty),
             ))
         }
-        Cmd::Ls(c) => client_cmd::ls(&c),
+        Cmd::Ls { remote: false, c } => client_cmd::ls(&c),
+        Cmd::Ls { remote: true, c } => client_cmd::ls_remote(&c),
         Cmd::Stat { name, c } => client_cmd::stat(&name, &c),
         Cmd::Push {
             name,
@@ -403,7 +413,10 @@ fn main() -> ExitCode {
             salt,
             c,
         } => client_cmd::thaw(window, session, engine, block_ids, salt, &c),
-        Cmd::Scrub { rate, c } => client_cmd::scrub(rate, &c),
+        Cmd::Scrub {
+            remote: true, c, ..
+        } => client_cmd::scrub_remote(&c),
+        Cmd::Scrub { rate, c, .. } => client_cmd::scrub(rate, &c),
         Cmd::Health(c) => client_cmd::health(&c),
         Cmd::Metrics(c) => client_cmd::metrics(&c),
         Cmd::Fsck {
