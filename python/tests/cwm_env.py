@@ -40,8 +40,9 @@ def env() -> dict:
 class Cwm:
     """`cwm serve` on a data directory, restartable."""
 
-    def __init__(self, workdir: Path, capacity: str = "1GiB", segment_size: str = "64MiB"):
-        self.capacity, self.segment_size = capacity, segment_size
+    def __init__(self, workdir: Path, capacity: str = "1GiB", segment_size: str = "64MiB",
+                 extra: tuple[str, ...] = ()):
+        self.capacity, self.segment_size, self.extra = capacity, segment_size, list(extra)
         self.data = workdir / "data"
         self.sock = workdir / "sock" / "cwm.sock"
         self.log = workdir / "cwm.log"
@@ -52,7 +53,7 @@ class Cwm:
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [str(CWM), "serve", "--data-dir", str(self.data), "--socket", str(self.sock),
-             "--capacity", self.capacity, "--segment-size", self.segment_size],
+             "--capacity", self.capacity, "--segment-size", self.segment_size, *self.extra],
             stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         for _ in range(200):
             if self.sock.exists() and self.cli("health", check=False).returncode == 0:
@@ -80,6 +81,67 @@ class Cwm:
         series = json.loads(self.cli("metrics", "--json").stdout)  # {series: value}
         return sum(float(v) for k, v in series.items()
                    if k == name or k.startswith(name + "{"))
+
+
+class RedisCluster:
+    """A one-node Redis Cluster (Debian's redis-server, no persistence) on a free loopback port
+    below the ephemeral range, holding every slot; stopped by `stop`."""
+
+    def __init__(self, workdir: Path):
+        self.dir = workdir / "redis"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = self._free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def _free_port() -> int:
+        import socket
+        for p in random.Random(os.getpid()).sample(range(12000, 21990), 2000):
+            ok = True
+            for q in (p, p + 10000):  # the node and its cluster bus
+                with socket.socket() as s:
+                    try:
+                        s.bind(("127.0.0.1", q))
+                    except OSError:
+                        ok = False
+            if ok:
+                return p
+        raise RuntimeError("no free port for redis-server")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def cli(self, *args: str) -> str:
+        return subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True,
+                              text=True, check=True).stdout
+
+    def start(self) -> "RedisCluster":
+        log = open(self.dir / "redis.log", "ab")
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--cluster-enabled",
+             "yes", "--cluster-config-file", str(self.dir / "nodes.conf"), "--dir", str(self.dir),
+             "--save", "", "--appendonly", "no", "--cluster-node-timeout", "1000"],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        for _ in range(200):
+            try:
+                if "PONG" in self.cli("PING"):
+                    break
+            except subprocess.CalledProcessError:
+                pass
+            time.sleep(0.05)
+        self.cli("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
+        for _ in range(200):
+            if "cluster_state:ok" in self.cli("CLUSTER", "INFO"):
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("redis cluster did not come up")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self.proc = None
 
 
 def run_vllm(workdir: Path, name: str, job: dict, timeout: float = 600,
