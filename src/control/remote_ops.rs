@@ -488,11 +488,8 @@ impl RemoteLink {
                 (Arc::downgrade(self), Arc::downgrade(store));
             std::thread::spawn(move || {
                 for (name, expect) in rx {
-                    let (Some(link), Some(store)) = (link.upgrade(), store.upgrade()) else {
+                    if !publish_until_done(&link, &store, &name, expect) {
                         return;
-                    };
-                    if let Err(e) = link.push(&store, &name, expect) {
-                        crate::log::warn(&format!("publishing {name:?} to the remote tier: {e}"));
                     }
                 }
             });
@@ -599,6 +596,44 @@ fn replace_flag(a: &Value) -> Result<bool, ApiError> {
             ErrorCode::Validation,
             "replace must be a boolean",
         )),
+    }
+}
+
+/// Longest pause between retries of a background publish that met an outage.
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Publishes `name` for the background publisher: an outage is retried (backing off from
+/// 250 ms to [`RETRY_MAX`]) until the tier answers — the queue behind it waits, and fills
+/// past [`PUBLISH_QUEUE`] are dropped with a warning —; any other failure (the window deleted
+/// meanwhile, a newer writer's fence) is logged and given up. False once the daemon is gone.
+fn publish_until_done(
+    link: &Weak<RemoteLink>,
+    store: &Weak<Store>,
+    name: &str,
+    expect: Option<Expect>,
+) -> bool {
+    let mut pause = Duration::from_millis(250);
+    loop {
+        let (Some(l), Some(st)) = (link.upgrade(), store.upgrade()) else {
+            return false;
+        };
+        match l.push(&st, name, expect) {
+            Ok(_) => return true,
+            Err(e) if e.is_outage() => {
+                if pause == Duration::from_millis(250) {
+                    crate::log::warn(&format!(
+                        "publishing {name:?} to the remote tier: {e}; retrying until it answers"
+                    ));
+                }
+            }
+            Err(e) => {
+                crate::log::warn(&format!("publishing {name:?} to the remote tier: {e}"));
+                return true;
+            }
+        }
+        drop((l, st));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(RETRY_MAX);
     }
 }
 
