@@ -147,7 +147,7 @@ impl Server {
         let metrics = metrics::Metrics::default();
         metrics.max_operations.set(cfg.max_ops.max(1) as i64);
         let remote = Arc::new(remote_ops::RemoteLink::new(cfg.remote.clone(), &metrics));
-        remote.watch_memory();
+        remote.start();
         Arc::new(Self {
             remote,
             tier,

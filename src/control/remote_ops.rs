@@ -21,6 +21,10 @@ use crate::remote::{
 };
 use crate::store::{Class, Replace, Store, WindowSpec};
 
+/// A window waiting for the background publisher, and what its publish expects (`None`:
+/// blocks only).
+type Queued = (String, Option<Expect>);
+
 /// Windows waiting for a background publish, at most; more are dropped (and logged): a
 /// later freeze or `push` publishes them.
 const PUBLISH_QUEUE: usize = 1024;
@@ -39,7 +43,7 @@ pub(super) struct RemoteLink {
     /// The last outage seen (cleared by the next success): what `health` reports.
     last_error: Mutex<Option<String>>,
     /// The background publisher's queue (started on first use).
-    queue: Mutex<Option<crossbeam_channel::Sender<(String, Option<Expect>)>>>,
+    queue: Mutex<Option<crossbeam_channel::Sender<Queued>>>,
     /// `cwm_remote_operations_total` and `cwm_remote_bytes_total`.
     counters: Option<(Family<Labels, Counter>, Family<Labels, Counter>)>,
     /// `cwm_remote_operation_seconds`.
@@ -55,8 +59,11 @@ pub(super) struct RemoteLink {
     probing: AtomicUsize,
     /// Measured read rate from the tier, GB/s (f64 bits; EWMA of fills).
     read_rate: AtomicU64,
-    /// The memory watcher has been started.
+    /// The memory watcher and the announcement listener have been started.
     watching: AtomicBool,
+    /// Announcements received: a probe's miss is remembered only if none arrived while it
+    /// ran (the blocks may have landed after it looked).
+    announced: AtomicU64,
 }
 
 /// Lookup probes running at once, at most; a lookup past it answers from the local store.
@@ -109,6 +116,12 @@ impl NegativeCache {
     fn clear(&mut self) {
         self.since.clear();
         self.order.clear();
+    }
+
+    fn forget(&mut self, keys: &[u128]) {
+        for k in keys {
+            self.since.remove(k);
+        }
     }
 }
 
@@ -221,11 +234,14 @@ impl RemoteLink {
             return Probe::Degraded;
         }
         let rest = keys[from..].to_vec();
+        let epoch = self.announced.load(Ordering::SeqCst);
         match self.bounded(cfg.lookup_timeout, move |r| r.probe(&rest)) {
             Ok(found) => match found.iter().take_while(|h| **h).count() {
                 0 => {
                     if let Ok(mut n) = self.negative.lock() {
-                        n.insert(first);
+                        if self.announced.load(Ordering::SeqCst) == epoch {
+                            n.insert(first);
+                        }
                     }
                     Probe::Miss
                 }
@@ -329,13 +345,35 @@ impl RemoteLink {
         f64::from_bits(self.read_rate.load(Ordering::Relaxed))
     }
 
-    /// Starts (once) the thread that reads every master's memory use for
+    /// Ends remembered misses of `keys` (all of them when empty): an announcement.
+    fn forget_misses(&self, keys: &[u128]) {
+        self.announced.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut n) = self.negative.lock() {
+            if keys.is_empty() {
+                n.clear();
+            } else {
+                n.forget(keys);
+            }
+        }
+    }
+
+    /// Starts (once) the background threads of a configured tier: the memory watcher and the
+    /// announcement listener.
+    pub(super) fn start(self: &Arc<Self>) {
+        if self.cfg.is_none() || self.watching.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.watch_memory();
+        let link = Arc::downgrade(self);
+        let _ = std::thread::Builder::new()
+            .name("cwm-remote-listen".into())
+            .spawn(move || listen(&link));
+    }
+
+    /// Starts the thread that reads every master's memory use for
     /// `cwm_storage_utilization_ratio{tier="redis"}`.
-    pub(super) fn watch_memory(self: &Arc<Self>) {
-        if self.cfg.is_none()
-            || self.utilization.is_none()
-            || self.watching.swap(true, Ordering::SeqCst)
-        {
+    fn watch_memory(self: &Arc<Self>) {
+        if self.utilization.is_none() {
             return;
         }
         let link = Arc::downgrade(self);
@@ -483,7 +521,7 @@ impl RemoteLink {
             return;
         };
         let tx = q.get_or_insert_with(|| {
-            let (tx, rx) = crossbeam_channel::bounded::<(String, Option<Expect>)>(PUBLISH_QUEUE);
+            let (tx, rx) = crossbeam_channel::bounded::<Queued>(PUBLISH_QUEUE);
             let (link, store): (Weak<Self>, Weak<Store>) =
                 (Arc::downgrade(self), Arc::downgrade(store));
             std::thread::spawn(move || {
@@ -596,6 +634,34 @@ fn replace_flag(a: &Value) -> Result<bool, ApiError> {
             ErrorCode::Validation,
             "replace must be a boolean",
         )),
+    }
+}
+
+/// Listens to publish announcements (any seed node relays them all; the next one after a
+/// failure) and ends the remembered misses they name, until the daemon goes away. An
+/// announcement missed while disconnected is covered by the misses' TTL.
+fn listen(link: &Weak<RemoteLink>) {
+    let mut node = 0usize;
+    while let Some(l) = link.upgrade() {
+        let remote = l.get();
+        drop(l);
+        let listened = remote.and_then(|r| {
+            r.listen(node, Duration::from_secs(1), |got| {
+                match (got, link.upgrade()) {
+                    (_, None) => false,
+                    (Some(keys), Some(l)) => {
+                        l.forget_misses(&keys);
+                        true
+                    }
+                    (None, Some(_)) => true,
+                }
+            })
+        });
+        if listened.is_ok() {
+            return;
+        }
+        node += 1;
+        std::thread::sleep(Duration::from_secs(1));
     }
 }
 
@@ -728,5 +794,34 @@ impl Server {
             )),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembered_misses_expire_are_forgotten_and_stay_bounded() {
+        let mut n = NegativeCache::default();
+        n.insert(1);
+        n.insert(2);
+        assert!(n.contains(1, Duration::from_secs(60)));
+        assert!(!n.contains(1, Duration::ZERO), "past its TTL");
+        assert!(
+            !n.contains(1, Duration::from_secs(60)),
+            "expired entries are dropped"
+        );
+        n.forget(&[2]);
+        assert!(!n.contains(2, Duration::from_secs(60)));
+        for k in 0..(NEGATIVE_ENTRIES as u128 + 10) {
+            n.insert(k + 100);
+        }
+        assert!(n.since.len() <= NEGATIVE_ENTRIES);
+        assert!(
+            !n.contains(100, Duration::from_secs(60)),
+            "the oldest went first"
+        );
+        assert!(n.contains(NEGATIVE_ENTRIES as u128 + 109, Duration::from_secs(60)));
     }
 }

@@ -109,6 +109,9 @@ impl Default for RemoteConfig {
     }
 }
 
+/// Keys an announcement lists at most (more: an empty announcement).
+pub const ANNOUNCE_KEYS: usize = 4096;
+
 /// What went wrong with the shared tier.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
@@ -633,6 +636,68 @@ impl Remote {
                 (field("used_memory"), max)
             })
             .collect())
+    }
+
+    /// The channel publishes are announced on (`P:announce`).
+    #[must_use]
+    pub fn announce_channel(&self) -> String {
+        format!("{}:announce", self.cfg.prefix)
+    }
+
+    /// Announces that `keys` are now in the tier (a `PUBLISH` every node relays to its
+    /// subscribers): 16 bytes a key, little-endian; more than [`ANNOUNCE_KEYS`] keys are
+    /// announced as an empty message ("anything may have changed").
+    pub fn announce(&self, keys: &[u128]) -> Result<(), RemoteError> {
+        let payload: Vec<u8> = if keys.len() > ANNOUNCE_KEYS {
+            Vec::new()
+        } else {
+            keys.iter().flat_map(|k| k.to_le_bytes()).collect()
+        };
+        let ch = self.announce_channel();
+        self.run(|c| redis::cmd("PUBLISH").arg(&ch).arg(payload).query::<i64>(c))?;
+        Ok(())
+    }
+
+    /// Listens to the announcements on a plain connection to seed node `i` (modulo their
+    /// number; a cluster relays every `PUBLISH` to every node): `on` gets each one's keys
+    /// (empty: anything may have changed), or `None` when none came within `wait`, and ends
+    /// the listening by returning false. Returns when `on` does, or with the error that broke
+    /// the connection.
+    pub fn listen(
+        &self,
+        i: usize,
+        wait: Duration,
+        mut on: impl FnMut(Option<Vec<u128>>) -> bool,
+    ) -> Result<(), RemoteError> {
+        let url = &self.cfg.nodes[i % self.cfg.nodes.len().max(1)];
+        let mut info: redis::ConnectionInfo = url.as_str().parse()?;
+        info.redis.username = self.cfg.user.clone().or(info.redis.username);
+        info.redis.password = self.cfg.password.clone().or(info.redis.password);
+        let client = redis::Client::open(info)?;
+        let mut conn = client.get_connection_with_timeout(self.cfg.timeout)?;
+        conn.set_read_timeout(Some(wait))?;
+        // (The subscription lives as long as `sub`: dropping it unsubscribes.)
+        let mut sub = conn.as_pubsub();
+        sub.subscribe(self.announce_channel())?;
+        loop {
+            let got = match sub.get_message() {
+                Ok(m) => Some(
+                    m.get_payload_bytes()
+                        .chunks_exact(16)
+                        .map(|c| {
+                            let mut b = [0u8; 16];
+                            b.copy_from_slice(c);
+                            u128::from_le_bytes(b)
+                        })
+                        .collect(),
+                ),
+                Err(e) if e.is_timeout() => None,
+                Err(e) => return Err(e.into()),
+            };
+            if !on(got) {
+                return Ok(());
+            }
+        }
     }
 
     /// A new fencing token for `name` (a counter, never reused).

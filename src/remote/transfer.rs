@@ -232,6 +232,10 @@ pub fn push_window(
         }
         Ok(())
     })?;
+    // Others' remembered misses of these blocks end now (best effort: they expire anyway).
+    if let Err(e) = remote.announce(&keys) {
+        crate::log::warn(&format!("announcing {name:?}: {e}"));
+    }
     let generation = match (expect, token) {
         (Some(expect), Some(token)) => {
             remote

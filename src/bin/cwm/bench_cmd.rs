@@ -313,27 +313,7 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
             );
             (value(&r)?, text, out)
         }
-        BenchCmd::Remote {
-            bytes,
-            block,
-            max_value,
-            remote,
-            lookup_windows,
-            out,
-        } => {
-            let dir = out.dir();
-            let r = tools::remote_bench::remote(
-                &dir,
-                remote,
-                bytes,
-                block,
-                max_value,
-                lookup_windows,
-                &bar(out.json),
-            )?;
-            let text = remote_text(&r);
-            (value(&r)?, text, out)
-        }
+        c @ BenchCmd::Remote { .. } => return measure_remote(c),
         BenchCmd::Recovery {
             records,
             engine,
@@ -361,6 +341,29 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
 }
 
 /// The one-line summary of `cwm bench remote`.
+/// `cwm bench remote`.
+fn measure_remote(cmd: BenchCmd) -> Result<Measured, String> {
+    let BenchCmd::Remote {
+        bytes,
+        block,
+        max_value,
+        remote,
+        lookup_windows,
+        out,
+    } = cmd
+    else {
+        return Err("not a remote bench".into());
+    };
+    let r = tools::remote_bench::remote(
+        &out.dir(),
+        remote,
+        (bytes, block, max_value),
+        lookup_windows,
+        &Progress::new(Mode::detect(out.json), ""),
+    )?;
+    Ok((value(&r)?, remote_text(&r), out))
+}
+
 fn remote_text(r: &tools::remote_bench::RemoteBench) -> String {
     format!(
         "remote ({} cluster): {} MiB in {} KiB blocks — push {:.2} GB/s vs raw SET {:.2} GB/s \

@@ -177,13 +177,12 @@ fn gbps(bytes: u64, secs: f64) -> f64 {
     }
 }
 
-/// Runs the bench: a window of `bytes` in blocks of `block` bytes.
+/// Runs the bench: a window of `bytes` in blocks of `block` bytes, values of at most
+/// `max_value`; then lookups over `lookup_windows` stored prompts.
 pub fn remote(
     dir: &Path,
     urls: Option<String>,
-    bytes: u64,
-    block: u64,
-    max_value: u64,
+    (bytes, block, max_value): (u64, u64, u64),
     lookup_windows: u64,
     p: &Progress,
 ) -> Result<RemoteBench, String> {
@@ -305,29 +304,8 @@ pub fn remote(
         }
     }
     p.update("remote", 5, 5, "fill");
-    let (c, _) = Store::open(StoreConfig::new(tmp.path().join("c"))).map_err(|x| e(&x))?;
-    let fill_spec = WindowSpec {
-        name: "fill".into(),
-        session: "fill".into(),
-        namespace: "bench".into(),
-        layout: b"{}".to_vec(),
-        tokens: (0..n as u32 * 16).collect(),
-        blocks: keys
-            .iter()
-            .map(|&key| BlockDesc { key, len: block })
-            .collect(),
-        ..Default::default()
-    };
-    let t = Instant::now();
-    let f = fill_prefix(&c, &remote, fill_spec, 16).map_err(|x| e(&x))?;
-    let fill = t.elapsed().as_secs_f64();
-    if f.fetched != n as u64 || f.stopped.is_some() {
-        return Err(format!(
-            "fill fetched {} of {n} blocks ({:?})",
-            f.fetched, f.stopped
-        ));
-    }
-    drop((b, c));
+    let fill = fill_once(tmp.path(), &remote, &keys, block)?;
+    drop(b);
     let _ = pipe.query::<()>(&mut conn);
     let lookup = lookups(tmp.path(), &remote, lookup_windows, p)?;
     let total = n as u64 * block;
@@ -354,6 +332,36 @@ pub fn remote(
         fill_ratio: gbps(total, fill) / raw_get_gbps.max(f64::MIN_POSITIVE),
         lookup,
     })
+}
+
+/// Seconds a fill of blocks `keys` (each `block` bytes) from the tier into a fresh store
+/// takes, checked to have fetched them all.
+fn fill_once(dir: &Path, remote: &Remote, keys: &[u128], block: u64) -> Result<f64, String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let n = keys.len();
+    let (c, _) = Store::open(StoreConfig::new(dir.join("c"))).map_err(|x| e(&x))?;
+    let spec = WindowSpec {
+        name: "fill".into(),
+        session: "fill".into(),
+        namespace: "bench".into(),
+        layout: b"{}".to_vec(),
+        tokens: (0..n as u32 * 16).collect(),
+        blocks: keys
+            .iter()
+            .map(|&key| BlockDesc { key, len: block })
+            .collect(),
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let f = fill_prefix(&c, remote, spec, 16).map_err(|x| e(&x))?;
+    let secs = t.elapsed().as_secs_f64();
+    if f.fetched != n as u64 || f.stopped.is_some() {
+        return Err(format!(
+            "fill fetched {} of {n} blocks ({:?})",
+            f.fetched, f.stopped
+        ));
+    }
+    Ok(secs)
 }
 
 /// The `q` quantile of `v` (sorted here), in ms from µs.
