@@ -668,7 +668,7 @@ fn listen(link: &Weak<RemoteLink>) {
 /// Longest pause between retries of a background publish that met an outage.
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// Publishes `name` for the background publisher: an outage is retried (backing off from
+/// Publishes `name` for the background publisher: an outage or BUSY is retried (backing off from
 /// 250 ms to [`RETRY_MAX`]) until the tier answers — the queue behind it waits, and fills
 /// past [`PUBLISH_QUEUE`] are dropped with a warning —; any other failure (the window deleted
 /// meanwhile, a newer writer's fence) is logged and given up. False once the daemon is gone.
@@ -685,7 +685,8 @@ fn publish_until_done(
         };
         match l.push(&st, name, expect) {
             Ok(_) => return true,
-            Err(e) if e.is_outage() => {
+            // An outage, or another instance publishing the name now (its lease).
+            Err(e) if e.is_outage() || e.code() == ErrorCode::Busy => {
                 if pause == Duration::from_millis(250) {
                     crate::log::warn(&format!(
                         "publishing {name:?} to the remote tier: {e}; retrying until it answers"

@@ -61,6 +61,9 @@ pub struct RemoteConfig {
     /// How long a thaw naming a window not (yet) visible in the tier retries before NOT_FOUND
     /// (0: one try).
     pub visibility_timeout: Duration,
+    /// Lease of the per-name lock a named publish holds (renewed at a third of it; another
+    /// instance publishing the name meanwhile gets BUSY). 0: no lock, the fence alone.
+    pub lock_lease: Duration,
 }
 
 /// When the daemon publishes a window it froze to the shared tier.
@@ -105,6 +108,7 @@ impl Default for RemoteConfig {
             lookup_timeout: Duration::from_millis(100),
             negative_ttl: Duration::from_secs(10),
             visibility_timeout: Duration::ZERO,
+            lock_lease: Duration::from_secs(30),
         }
     }
 }

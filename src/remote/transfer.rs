@@ -3,6 +3,8 @@
 //! locally (every block verified against the manifest before it is written; blocks the store
 //! holds already are not fetched).
 
+use std::time::Duration;
+
 use serde::Serialize;
 
 use super::{Expect, Remote, RemoteError};
@@ -154,7 +156,8 @@ pub struct PullReport {
 }
 
 /// Publishes window `name` of `store` to the shared tier, holding a fresh fencing token:
-/// blocks it lacks, then the manifest, then the head's compare-and-set (`expect`). `None`:
+/// blocks it lacks, then the manifest, then the head's compare-and-set (`expect`), holding the
+/// name's lease (`lock_lease`; another instance publishing it meanwhile: BUSY). `None`:
 /// the blocks only (for an unnamed window: found by lookups through their keys, no head —
 /// heads and manifests carry no TTL); the report's generation is then 0.
 pub fn push_window(
@@ -163,10 +166,63 @@ pub fn push_window(
     name: &str,
     expect: Option<Expect>,
 ) -> Result<PushReport, RemoteError> {
+    let lease = remote.config().lock_lease;
     let token = match expect {
+        Some(_) if !lease.is_zero() => Some(remote.lock(name, lease)?),
         Some(_) => Some(remote.token(name)?),
         None => None,
     };
+    let held = token.filter(|_| !lease.is_zero());
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let r = std::thread::scope(|sc| {
+        if let Some(t) = held {
+            let done = &done;
+            sc.spawn(move || renew_lease(remote, name, t, lease, done));
+        }
+        let r = push_held(store, remote, name, expect, token);
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        r
+    });
+    if let Some(t) = held {
+        // (An expired lease is simply gone; the fence decided the publish.)
+        let _ = remote.unlock(name, t);
+    }
+    r
+}
+
+/// Renews the publish lease of `name` held with `token` every third of `lease` until `done`
+/// (a lost lease is left to the fence: the publish of a newer holder wins).
+fn renew_lease(
+    remote: &Remote,
+    name: &str,
+    token: u64,
+    lease: Duration,
+    done: &std::sync::atomic::AtomicBool,
+) {
+    let step = Duration::from_millis(20);
+    let mut since = std::time::Instant::now();
+    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(step);
+        if since.elapsed() >= lease / 3 {
+            since = std::time::Instant::now();
+            if !matches!(remote.renew(name, token, lease), Ok(true)) {
+                crate::log::warn(&format!(
+                    "publish lease of {name:?} lost; the fence decides its publish"
+                ));
+                return;
+            }
+        }
+    }
+}
+
+/// [`push_window`] once the fencing token (and lease) is held.
+fn push_held(
+    store: &Store,
+    remote: &Remote,
+    name: &str,
+    expect: Option<Expect>,
+    token: Option<u64>,
+) -> Result<PushReport, RemoteError> {
     let r = store.open_window(name)?;
     let n = r.num_blocks();
     let keys: Vec<u128> = r.manifest.blocks.iter().map(|b| b.key).collect();

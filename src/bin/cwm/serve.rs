@@ -131,6 +131,9 @@ pub(crate) struct ServeArgs {
     /// Shared tier: seconds a thaw naming a window not yet visible in the tier retries.
     #[arg(long, env = "CWM_REMOTE_VISIBILITY_TIMEOUT", default_value_t = 0)]
     remote_visibility_timeout: u64,
+    /// Shared tier: seconds of the per-name lease a named publish holds (0: none).
+    #[arg(long, env = "CWM_REMOTE_LOCK_LEASE", default_value_t = 30)]
+    remote_lock_lease: u64,
 }
 
 impl ServeArgs {
@@ -169,6 +172,7 @@ impl ServeArgs {
             lookup_timeout: std::time::Duration::from_millis(self.remote_lookup_timeout_ms.max(1)),
             negative_ttl: std::time::Duration::from_secs(self.remote_negative_ttl.min(60)),
             visibility_timeout: std::time::Duration::from_secs(self.remote_visibility_timeout),
+            lock_lease: std::time::Duration::from_secs(self.remote_lock_lease),
         }))
     }
 }
@@ -231,6 +235,7 @@ struct FileConfig {
     remote_lookup_timeout_ms: Option<u64>,
     remote_negative_ttl: Option<u64>,
     remote_visibility_timeout: Option<u64>,
+    remote_lock_lease: Option<u64>,
 }
 
 /// Fills every setting that came neither from a flag nor from the environment from the TOML
@@ -310,6 +315,7 @@ fn apply_config_file(a: &mut ServeArgs, m: &clap::ArgMatches) -> Result<(), Stri
     take!(remote_lookup_timeout_ms);
     take!(remote_negative_ttl);
     take!(remote_visibility_timeout);
+    take!(remote_lock_lease);
     Ok(())
 }
 
