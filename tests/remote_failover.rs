@@ -1,4 +1,5 @@
-//! Shared tier under node failures (3 masters + 3 replicas): a master paused past the node
+//! Shared tier under node failures (3 masters + 3 replicas): a publish waits for every
+//! master's replica when asked (`replicated`); a master paused past the node
 //! timeout is failed over to its replica and pulls succeed again, bit-exact; with the
 //! replicas gone too, a master killed takes its slots down: requests fail as an outage
 //! (UNAVAILABLE or TIMEOUT, never a wrong answer), and succeed again once it is back.
@@ -25,7 +26,25 @@ fn a_failed_over_master_serves_again_and_a_lost_one_is_an_outage() {
     // 64 blocks: every master holds some of them.
     let keys: Vec<u128> = (1..=64u128).map(|i| i * 0x9E37_79B9_7F4A_7C15).collect();
     common::put(&a, "w", &keys, 3000);
-    push_window(&a, &r, "w", Some(Expect::New)).unwrap();
+    // Published and received by every master's replica (`wait_replicas`), reported so.
+    let rw = Remote::connect(RemoteConfig {
+        wait_replicas: 1,
+        timeout: Duration::from_secs(10),
+        ..cfg.clone()
+    })
+    .unwrap();
+    let p = push_window(&a, &rw, "w", Some(Expect::New)).unwrap();
+    assert_eq!(p.replicated, Some(true), "{p:?}");
+    // Two replicas a master asked for, one each exists: not replicated within the timeout.
+    let r2 = Remote::connect(RemoteConfig {
+        wait_replicas: 2,
+        ..cfg.clone()
+    })
+    .unwrap();
+    common::put(&a, "w2", &[7, 8], 3000);
+    let p = push_window(&a, &r2, "w2", Some(Expect::New)).unwrap();
+    assert_eq!(p.replicated, Some(false), "{p:?}");
+    assert_eq!(p.generation, 1, "published all the same");
 
     let masters = cluster.masters(0);
     assert_eq!(masters.len(), 3, "{masters:?}");

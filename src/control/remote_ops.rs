@@ -503,7 +503,9 @@ impl RemoteLink {
         match self.cfg.as_ref()?.publish {
             Publish::Off => None,
             Publish::Sync => Some(match self.push(store, name, expect) {
-                Ok(p) => json!({"generation": p.generation, "written": p.written}),
+                Ok(p) => {
+                    json!({"generation": p.generation, "written": p.written, "replicated": p.replicated})
+                }
                 Err(e) => {
                     json!({"error": {"code": e.code().as_str(), "message": e.to_string()}})
                 }

@@ -22,6 +22,7 @@ mod catalog;
 mod transfer;
 pub mod value;
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -61,6 +62,9 @@ pub struct RemoteConfig {
     /// How long a thaw naming a window not (yet) visible in the tier retries before NOT_FOUND
     /// (0: one try).
     pub visibility_timeout: Duration,
+    /// Replicas every master must have received a publish's writes on before a push reports
+    /// `replicated: true` (0: not waited for); waited for at most `timeout`.
+    pub wait_replicas: usize,
     /// Lease of the per-name lock a named publish holds (renewed at a third of it; another
     /// instance publishing the name meanwhile gets BUSY). 0: no lock, the fence alone.
     pub lock_lease: Duration,
@@ -109,6 +113,7 @@ impl Default for RemoteConfig {
             negative_ttl: Duration::from_secs(10),
             visibility_timeout: Duration::ZERO,
             lock_lease: Duration::from_secs(30),
+            wait_replicas: 0,
         }
     }
 }
@@ -701,6 +706,56 @@ impl Remote {
             if !on(got) {
                 return Ok(());
             }
+        }
+    }
+
+    /// Every master's replication offset and its replicas' (`INFO replication`).
+    fn replication(&self) -> Result<HashMap<String, (u64, Vec<u64>)>, RemoteError> {
+        let infos: HashMap<String, String> =
+            self.run(|c| redis::cmd("INFO").arg("replication").query(c))?;
+        Ok(infos
+            .into_iter()
+            .map(|(addr, info)| {
+                let mut own = 0;
+                let mut replicas = Vec::new();
+                for l in info.lines() {
+                    if let Some(v) = l.strip_prefix("master_repl_offset:") {
+                        own = v.trim().parse().unwrap_or(0);
+                    } else if l.starts_with("slave") && l.contains("state=online") {
+                        if let Some(o) = l
+                            .split(',')
+                            .find_map(|f| f.strip_prefix("offset="))
+                            .and_then(|v| v.trim().parse().ok())
+                        {
+                            replicas.push(o);
+                        }
+                    }
+                }
+                (addr, (own, replicas))
+            })
+            .collect())
+    }
+
+    /// Waits until at least `n` replicas of every master have received everything written to
+    /// it before this call (their offsets reach the master's as read now), for at most
+    /// `timeout`. False when they did not in time (a master with fewer replicas never does).
+    /// Unlike `WAIT`, this does not depend on which pooled connection made the writes.
+    pub fn wait_replicated(&self, n: usize, timeout: Duration) -> Result<bool, RemoteError> {
+        let target = self.replication()?;
+        let until = std::time::Instant::now() + timeout;
+        loop {
+            let now = self.replication()?;
+            let done = target.iter().all(|(addr, (want, _))| {
+                now.get(addr)
+                    .is_some_and(|(_, reps)| reps.iter().filter(|o| **o >= *want).count() >= n)
+            });
+            if done {
+                return Ok(true);
+            }
+            if std::time::Instant::now() >= until {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

@@ -32,6 +32,9 @@ pub struct PushReport {
     pub written_bytes: u64,
     /// Payload bytes of the window.
     pub bytes: u64,
+    /// With `wait_replicas`: whether that many replicas of every master received the publish
+    /// within the timeout (`None`: not asked).
+    pub replicated: Option<bool>,
 }
 
 /// What a block of a fetch must be: its key, payload length and (from a manifest) checksum;
@@ -300,7 +303,13 @@ fn push_held(
         }
         _ => 0,
     };
+    let cfg = remote.config();
+    let replicated = match cfg.wait_replicas {
+        0 => None,
+        n => Some(remote.wait_replicated(n, cfg.timeout)?),
+    };
     Ok(PushReport {
+        replicated,
         name: name.to_string(),
         generation,
         blocks: n as u64,

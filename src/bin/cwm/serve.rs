@@ -134,6 +134,10 @@ pub(crate) struct ServeArgs {
     /// Shared tier: seconds of the per-name lease a named publish holds (0: none).
     #[arg(long, env = "CWM_REMOTE_LOCK_LEASE", default_value_t = 30)]
     remote_lock_lease: u64,
+    /// Shared tier: replicas of every master a publish waits for (reported as `replicated`;
+    /// 0: none).
+    #[arg(long, env = "CWM_REMOTE_WAIT_REPLICAS", default_value_t = 0)]
+    remote_wait_replicas: usize,
 }
 
 impl ServeArgs {
@@ -173,6 +177,7 @@ impl ServeArgs {
             negative_ttl: std::time::Duration::from_secs(self.remote_negative_ttl.min(60)),
             visibility_timeout: std::time::Duration::from_secs(self.remote_visibility_timeout),
             lock_lease: std::time::Duration::from_secs(self.remote_lock_lease),
+            wait_replicas: self.remote_wait_replicas,
         }))
     }
 }
@@ -236,6 +241,7 @@ struct FileConfig {
     remote_negative_ttl: Option<u64>,
     remote_visibility_timeout: Option<u64>,
     remote_lock_lease: Option<u64>,
+    remote_wait_replicas: Option<usize>,
 }
 
 /// Fills every setting that came neither from a flag nor from the environment from the TOML
@@ -316,6 +322,7 @@ fn apply_config_file(a: &mut ServeArgs, m: &clap::ArgMatches) -> Result<(), Stri
     take!(remote_negative_ttl);
     take!(remote_visibility_timeout);
     take!(remote_lock_lease);
+    take!(remote_wait_replicas);
     Ok(())
 }
 
