@@ -175,3 +175,47 @@ fn a_missing_copy_is_not_rewritten_into_a_segment_without_room() {
         assert!(std::fs::metadata(&seg).unwrap().len() <= size, "{name}");
     }
 }
+
+/// A missing manifest copy rewritten at open is part of the active segment's record list:
+/// the checkpoint a clean stop then writes tiles the segment up to its frontier, so the next
+/// open uses it (and finds both windows whole) instead of ignoring it and scanning.
+#[test]
+fn a_rewritten_copy_is_in_the_checkpoint_of_the_next_clean_stop() {
+    for (name, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (keys(1, 3), keys(2, 3));
+        let d = tmp.path().join("d");
+        let end = {
+            let (store, _) = open(&d, &engine);
+            put(&store, "first", &a, 16 * 1024);
+            put(&store, "second", &b, 10 * 1024);
+            store.stats().unwrap().used_bytes
+        };
+        let seg = segments(&d)[0].clone();
+        // The manifest's second copy (the last page) never reached the file.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(end - 4096)
+            .unwrap();
+        {
+            let (store, _) = open(&d, &engine);
+            assert_eq!(
+                store.stats().unwrap().used_bytes,
+                end,
+                "{name}: the copy is written again"
+            );
+        }
+        let (store, report) = open(&d, &engine);
+        assert_eq!(report.windows, 2, "{name}");
+        assert!(
+            report.ignored_checkpoints.is_empty(),
+            "{name}: {:?}",
+            report.ignored_checkpoints
+        );
+        assert_eq!(report.checkpointed_segments, 1, "{name}: {report:?}");
+        check(&store, "first", &a, 16 * 1024);
+        check(&store, "second", &b, 10 * 1024);
+    }
+}

@@ -80,3 +80,48 @@ fn a_hole_before_the_last_manifest_is_damage() {
         assert!(store.get("b").is_ok());
     }
 }
+
+/// The same with one-page block records: the damaged page right before the last manifest is
+/// still damage (the barrier is where that manifest ends, not a record length before it), and
+/// the manifest after it stays.
+#[test]
+fn a_damaged_page_just_before_the_last_manifest_is_damage() {
+    for (engine_name, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        {
+            let (store, _) =
+                Store::open_with_engine(StoreConfig::new(dir), engine.clone()).unwrap();
+            put(&store, "a", &keys(1, 3), 1024);
+            put(&store, "b", &keys(2, 3), 1024);
+        }
+        // As a kill -9 leaves it (no checkpoint of the active segment: the open scans it).
+        as_after_kill(dir);
+        // a: 3 one-page blocks + its manifest; b: the same. The last block record (kind 1)
+        // is b's last block, the page right before b's manifest.
+        let seg = std::fs::read(&segments(dir)[0]).unwrap();
+        let pages = record_pages(&segments(dir)[0]);
+        let blocks: Vec<u64> = pages
+            .iter()
+            .copied()
+            .filter(|p| seg[*p as usize + 6] == 1)
+            .collect();
+        assert_eq!(blocks.len(), 6, "{engine_name}: {pages:?}");
+        let hole = blocks[5];
+        assert!(pages.contains(&(hole + 4096)), "{engine_name}: {pages:?}");
+        assert_ne!(
+            seg[hole as usize + 4096 + 6],
+            1,
+            "{engine_name}: a manifest follows"
+        );
+        zero(&segments(dir)[0], hole, 4096);
+        let (store, rep) = Store::open_with_engine(StoreConfig::new(dir), engine.clone()).unwrap();
+        assert_eq!(rep.damaged_regions.len(), 1, "{engine_name}: {rep:?}");
+        assert!(rep.torn_tails.is_empty(), "{engine_name}: {rep:?}");
+        check(&store, "a", &keys(1, 3), 1024);
+        assert!(
+            store.get("b").is_ok(),
+            "{engine_name}: b's manifest was cut off"
+        );
+    }
+}
