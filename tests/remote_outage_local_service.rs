@@ -7,7 +7,7 @@ use common::daemon::*;
 
 #[test]
 fn a_dead_cluster_degrades_the_remote_tier_only() {
-    let port = free_loopback_port();
+    let port = common::redis::free_port();
     let url = format!("redis://127.0.0.1:{port}");
     let f = fixture(&[
         "--remote",
@@ -51,43 +51,9 @@ fn a_dead_cluster_degrades_the_remote_tier_only() {
 
     // The tier comes up (one node holding every slot): the next push succeeds and health
     // says ok again.
-    let dir = tempfile::tempdir().unwrap();
-    let mut node = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--cluster-enabled",
-            "yes",
-        ])
-        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-        .arg("--dir")
-        .arg(dir.path())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let redis_cli = |args: &[&str]| {
-        std::process::Command::new("redis-cli")
-            .args(["-p", &port.to_string()])
-            .args(args)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-    };
-    let t = std::time::Instant::now();
-    while redis_cli(&["PING"]).trim() != "PONG" {
-        assert!(t.elapsed().as_secs() < 20, "redis-server did not start");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    redis_cli(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
-    while !redis_cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
-        assert!(t.elapsed().as_secs() < 20, "cluster did not come up");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let node = common::redis::Cluster::single_at(port, &[]);
     let o = cli(sock, &["push", "w1"]);
-    let _ = node.kill();
-    let _ = node.wait();
+    drop(node);
     assert!(o.status.success(), "{o:?}");
     let h = c.call_final(serde_json::json!({"op": "health"})).unwrap();
     assert_eq!(h["remote"]["status"], "ok", "{h}");

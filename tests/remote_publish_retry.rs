@@ -7,19 +7,9 @@ use common::daemon::*;
 
 use std::time::{Duration, Instant};
 
-/// The node, killed when the test ends (also when it fails).
-struct Node(std::process::Child);
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn a_freeze_made_while_the_tier_is_down_is_published_when_it_returns() {
-    let port = free_loopback_port();
+    let port = common::redis::free_port();
     let url = format!("redis://127.0.0.1:{port}");
     let f = fixture(&["--remote", &url, "--remote-timeout-ms", "300"]);
     let sock = &f.daemon.socket;
@@ -45,39 +35,7 @@ fn a_freeze_made_while_the_tier_is_down_is_published_when_it_returns() {
     }
 
     // The tier comes up (one node holding every slot).
-    let dir = tempfile::tempdir().unwrap();
-    let _node = Node(
-        std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--cluster-enabled",
-                "yes",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let redis_cli = |args: &[&str]| {
-        std::process::Command::new("redis-cli")
-            .args(["-p", &port.to_string()])
-            .args(args)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-    };
-    let t = Instant::now();
-    while redis_cli(&["PING"]).trim() != "PONG" {
-        assert!(t.elapsed().as_secs() < 20, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    redis_cli(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
+    let _node = common::redis::Cluster::single_at(port, &[]);
     // Published without any command: listed in the tier, health ok.
     let t = Instant::now();
     let listed = loop {

@@ -155,12 +155,7 @@ fn a_missing_copy_is_not_rewritten_into_a_segment_without_room() {
         );
         assert_eq!(segments(&d).len(), 1, "{name}");
         let seg = segments(&d)[0].clone();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&seg)
-            .unwrap()
-            .set_len(end - 4096)
-            .unwrap();
+        cut_to(&seg, end - 4096);
         let mut c = config(&d);
         c.segment_size = size;
         let (store, report) = Store::open_with_engine(c, engine.clone()).unwrap();
@@ -191,14 +186,8 @@ fn a_rewritten_copy_is_in_the_checkpoint_of_the_next_clean_stop() {
             put(&store, "second", &b, 10 * 1024);
             store.stats().unwrap().used_bytes
         };
-        let seg = segments(&d)[0].clone();
         // The manifest's second copy (the last page) never reached the file.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&seg)
-            .unwrap()
-            .set_len(end - 4096)
-            .unwrap();
+        cut_to(&segments(&d)[0], end - 4096);
         {
             let (store, _) = open(&d, &engine);
             assert_eq!(
@@ -218,4 +207,14 @@ fn a_rewritten_copy_is_in_the_checkpoint_of_the_next_clean_stop() {
         check(&store, "first", &a, 16 * 1024);
         check(&store, "second", &b, 10 * 1024);
     }
+}
+
+/// Cuts the file at `path` to `len` bytes.
+fn cut_to(path: &std::path::Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
 }

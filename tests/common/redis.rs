@@ -113,8 +113,12 @@ impl Cluster {
     /// One node holding every slot, started with `extra` redis-server options (e.g.
     /// `--maxmemory`).
     pub fn single(extra: &[&str]) -> Self {
+        Self::single_at(free_port(), extra)
+    }
+
+    /// [`Cluster::single`] on `port` (one a client was told about before the node exists).
+    pub fn single_at(port: u16, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = ports(1)[0];
         let d = dir.path().join(port.to_string());
         std::fs::create_dir_all(&d).expect("node dir");
         let child = spawn_with(port, &d, extra);
@@ -244,6 +248,11 @@ fn signal(c: &Child, sig: &str) {
         .status()
         .expect("kill");
     assert!(ok.success());
+}
+
+/// A port free a moment ago for a node (and its bus port), below the ephemeral range.
+pub fn free_port() -> u16 {
+    ports(1)[0]
 }
 
 fn spawn(port: u16, d: &std::path::Path) -> Child {

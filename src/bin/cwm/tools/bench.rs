@@ -1029,7 +1029,6 @@ fn pct(mut v: Vec<f64>, p: f64) -> f64 {
 /// `cwm bench control`: latency of `stat` and `list` over the socket against `windows` windows,
 /// and small freeze/thaw round trips per second.
 pub fn control(dir: &Path, windows: u64, p: &Progress) -> Result<ControlBench, String> {
-    use cwm::control::client::Client;
     use serde_json::json;
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let tmp = tempfile::Builder::new()
@@ -1061,29 +1060,10 @@ pub fn control(dir: &Path, windows: u64, p: &Progress) -> Result<ControlBench, S
     let socket = tmp.path().join("cwm.sock");
     let shm = tmp.path().join("shm");
     std::fs::create_dir_all(&shm).map_err(|x| e(&x))?;
-    let server = bench_server(
-        store,
-        &socket,
-        &shm,
-        16 << 20,
-        cwm::control::maint::Maintenance {
-            compact_interval_s: 0,
-            ..Default::default()
-        },
-        None,
-    );
+    let server = bench_server(store, &socket, &shm, 16 << 20, no_compaction(), None);
     let s2 = server.clone();
     let th = std::thread::spawn(move || s2.serve());
-    let t = Instant::now();
-    let mut c = loop {
-        match Client::connect(&socket) {
-            Ok(c) => break c,
-            Err(_) if t.elapsed().as_secs() < 10 => {
-                std::thread::sleep(std::time::Duration::from_millis(20))
-            }
-            Err(x) => return Err(x.to_string()),
-        }
-    };
+    let mut c = connect_daemon(&socket)?;
     let mut x = 88172645463325252u64;
     let mut stat = Vec::new();
     for _ in 0..2000 {
@@ -1107,20 +1087,7 @@ pub fn control(dir: &Path, windows: u64, p: &Progress) -> Result<ControlBench, S
         list.push(t.elapsed().as_secs_f64() * 1e6);
     }
     // Small freeze/thaw round trips through a shared-memory engine.
-    let layout = cwm::layout::Layout::flash_2nbhd(2, 64, 16, 2, 64, cwm::layout::Dtype::Bf16);
-    let mut paths = Vec::new();
-    for l in 0..2 {
-        let p = shm.join(format!("layer{l}"));
-        std::fs::File::create(&p)
-            .and_then(|f| f.set_len(2 * 64 * 4096))
-            .map_err(|x| e(&x))?;
-        paths.push(p);
-    }
-    let _ = layout;
-    c.call_final(json!({"op": "register", "engine": "b", "model": "bench",
-        "layout": {"kind": "flash_2nbhd", "layers": 2, "blocks": 64, "block_size": 16, "heads": 2, "head": 64, "dtype": "bf16"},
-        "memory": {"shm": paths}}))
-        .map_err(|x| e(&x))?;
+    register_small_engine(&mut c, &shm)?;
     let t = Instant::now();
     let mut n = 0u64;
     while t.elapsed().as_secs_f64() < 3.0 {
@@ -1294,6 +1261,57 @@ pub fn compaction(
     })
 }
 
+/// Maintenance with no background compaction (nothing moves under a measurement).
+pub(crate) fn no_compaction() -> cwm::control::maint::Maintenance {
+    cwm::control::maint::Maintenance {
+        compact_interval_s: 0,
+        ..Default::default()
+    }
+}
+
+/// A client of the daemon at `socket`, waiting up to 10 s for it to listen.
+pub(crate) fn connect_daemon(socket: &Path) -> Result<cwm::control::client::Client, String> {
+    let t = Instant::now();
+    loop {
+        match cwm::control::client::Client::connect(socket) {
+            Ok(c) => return Ok(c),
+            Err(_) if t.elapsed().as_secs() < 10 => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(x) => return Err(x.to_string()),
+        }
+    }
+}
+
+/// Registers engine `b` of model `bench`: a small shared-memory engine (2 layers of 64
+/// blocks of 16 tokens, 2 heads of 64, bf16) whose layer files are made in `shm`.
+pub(crate) fn register_small_engine(
+    c: &mut cwm::control::client::Client,
+    shm: &Path,
+) -> Result<(), String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let mut paths = Vec::new();
+    for l in 0..2 {
+        let p = shm.join(format!("layer{l}"));
+        std::fs::File::create(&p)
+            .and_then(|f| f.set_len(2 * 64 * 4096))
+            .map_err(|x| e(&x))?;
+        paths.push(p);
+    }
+    let r = c
+        .call_final(
+            serde_json::json!({"op": "register", "engine": "b", "model": "bench",
+            "layout": {"kind": "flash_2nbhd", "layers": 2, "blocks": 64, "block_size": 16,
+                "heads": 2, "head": 64, "dtype": "bf16"},
+            "memory": {"shm": paths}}),
+        )
+        .map_err(|x| e(&x))?;
+    if r["ok"] != true {
+        return Err(format!("register failed: {r}"));
+    }
+    Ok(())
+}
+
 /// An in-process daemon for the control benchmarks: `store` served on `socket`, engines'
 /// memory in `shm`, `staging` bytes of staging per engine.
 pub(crate) fn bench_server(
@@ -1370,7 +1388,6 @@ pub fn churn(
     engine: EngineKind,
     p: &Progress,
 ) -> Result<ChurnBench, String> {
-    use cwm::control::client::Client;
     use serde_json::json;
     use std::sync::atomic::{AtomicU64, Ordering};
     const BLOCKS: u64 = 256;
@@ -1417,18 +1434,7 @@ pub fn churn(
     );
     let s2 = server.clone();
     let th = std::thread::spawn(move || s2.serve());
-    let connect = || -> Result<Client, String> {
-        let t = Instant::now();
-        loop {
-            match Client::connect(&socket) {
-                Ok(c) => return Ok(c),
-                Err(_) if t.elapsed().as_secs() < 10 => {
-                    std::thread::sleep(std::time::Duration::from_millis(20))
-                }
-                Err(x) => return Err(x.to_string()),
-            }
-        }
-    };
+    let connect = || connect_daemon(&socket);
     let mut c = connect()?;
     c.call_final(json!({"op": "register", "engine": "b", "model": "churn",
         "layout": {"kind": "flash_2nbhd", "layers": 2, "blocks": BLOCKS, "block_size": 16,

@@ -224,18 +224,7 @@ pub fn remote(
         .collect();
     p.update("remote", 0, 5, "storing the window locally");
     let (a, _) = Store::open(StoreConfig::new(tmp.path().join("a"))).map_err(|x| e(&x))?;
-    let spec = WindowSpec {
-        name: "bench".into(),
-        session: "bench".into(),
-        namespace: "bench".into(),
-        layout: b"{}".to_vec(),
-        tokens: (0..n as u32 * 16).collect(),
-        blocks: keys
-            .iter()
-            .map(|&key| BlockDesc { key, len: block })
-            .collect(),
-        ..Default::default()
-    };
+    let spec = spec("bench", &keys, block);
     let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
     a.put_window(spec, &refs).map_err(|x| e(&x))?;
     // The raw client's values: the same bytes, cut at the same value size.
@@ -334,24 +323,29 @@ pub fn remote(
     })
 }
 
+/// A window `name` of blocks `keys` of `block` bytes, 16 tokens each.
+fn spec(name: &str, keys: &[u128], block: u64) -> WindowSpec {
+    WindowSpec {
+        name: name.into(),
+        session: name.into(),
+        namespace: "bench".into(),
+        layout: b"{}".to_vec(),
+        tokens: (0..keys.len() as u32 * 16).collect(),
+        blocks: keys
+            .iter()
+            .map(|&key| BlockDesc { key, len: block })
+            .collect(),
+        ..Default::default()
+    }
+}
+
 /// Seconds a fill of blocks `keys` (each `block` bytes) from the tier into a fresh store
 /// takes, checked to have fetched them all.
 fn fill_once(dir: &Path, remote: &Remote, keys: &[u128], block: u64) -> Result<f64, String> {
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let n = keys.len();
     let (c, _) = Store::open(StoreConfig::new(dir.join("c"))).map_err(|x| e(&x))?;
-    let spec = WindowSpec {
-        name: "fill".into(),
-        session: "fill".into(),
-        namespace: "bench".into(),
-        layout: b"{}".to_vec(),
-        tokens: (0..n as u32 * 16).collect(),
-        blocks: keys
-            .iter()
-            .map(|&key| BlockDesc { key, len: block })
-            .collect(),
-        ..Default::default()
-    };
+    let spec = spec("fill", keys, block);
     let t = Instant::now();
     let f = fill_prefix(&c, remote, spec, 16).map_err(|x| e(&x))?;
     let secs = t.elapsed().as_secs_f64();
@@ -377,8 +371,6 @@ fn quantile_ms(v: &mut [f64], q: f64) -> f64 {
 /// unnamed windows would be), then times lookups through an in-process daemon: hits, first
 /// misses, remembered misses, and the same lookups against a daemon without a tier.
 fn lookups(dir: &Path, remote: &Remote, windows: u64, p: &Progress) -> Result<LookupBench, String> {
-    use cwm::control::client::Client;
-    use serde_json::json;
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let layout = cwm::layout::Layout::flash_2nbhd(2, 64, 16, 2, 64, cwm::layout::Dtype::Bf16);
     let ns = cwm::keys::Namespace {
@@ -425,41 +417,17 @@ fn lookups(dir: &Path, remote: &Remote, windows: u64, p: &Progress) -> Result<Lo
             &socket,
             &shm,
             16 << 20,
-            cwm::control::maint::Maintenance {
-                compact_interval_s: 0,
-                ..Default::default()
-            },
+            super::bench::no_compaction(),
             cfg,
         );
         let s2 = server.clone();
         let th = std::thread::spawn(move || s2.serve());
-        let t = Instant::now();
-        let mut c = loop {
-            match Client::connect(&socket) {
-                Ok(c) => break c,
-                Err(_) if t.elapsed().as_secs() < 10 => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(x) => return Err(x.to_string()),
-            }
-        };
-        let mut paths = Vec::new();
-        for l in 0..2 {
-            let f = shm.join(format!("layer{l}"));
-            std::fs::File::create(&f)
-                .and_then(|h| h.set_len(2 * 64 * 4096))
-                .map_err(|x| e(&x))?;
-            paths.push(f);
-        }
-        c.call_final(json!({"op": "register", "engine": "b", "model": "bench",
-            "layout": {"kind": "flash_2nbhd", "layers": 2, "blocks": 64, "block_size": 16,
-                "heads": 2, "head": 64, "dtype": "bf16"},
-            "memory": {"shm": paths}}))
-            .map_err(|x| e(&x))?;
+        let mut c = super::bench::connect_daemon(&socket)?;
+        super::bench::register_small_engine(&mut c, &shm)?;
         let mut time = |tokens: Vec<u32>, want: Option<(u64, &str)>| -> Result<f64, String> {
             let t = Instant::now();
             let r = c
-                .call_final(json!({"op": "lookup", "engine": "b", "tokens": tokens}))
+                .call_final(serde_json::json!({"op": "lookup", "engine": "b", "tokens": tokens}))
                 .map_err(|x| e(&x))?;
             let us = t.elapsed().as_secs_f64() * 1e6;
             if let Some((blocks, outcome)) = want {
