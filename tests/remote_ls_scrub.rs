@@ -2,7 +2,8 @@
 //! window published there (pinned windows; unnamed ones are published as blocks only), with
 //! generation and size; `cwm scrub --remote` reports a window whose block Redis no longer
 //! holds (here deleted, as an eviction would) as partial, naming the first missing block, and
-//! the intact one as ok. No tier configured: UNAVAILABLE.
+//! the intact one as ok; a thaw of that window elsewhere restores its valid prefix. No tier
+//! configured: UNAVAILABLE.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
 use common::daemon::*;
@@ -90,6 +91,30 @@ fn ls_and_scrub_of_the_remote_tier_show_published_windows_and_lost_blocks() {
     assert!(
         text.contains("1 of 2 blocks gone, the first is block 1"),
         "{text}"
+    );
+
+    // A thaw of w2 on B: the pull fails on the missing block, so the valid prefix (block 0)
+    // is stored as a fill window and restored; the engine recomputes the rest.
+    let mut cb = Client::connect(&b.daemon.socket).unwrap();
+    let r = cb
+        .call_final(json!({"op": "thaw", "engine": "e1", "window": "w2",
+            "block_ids": [40, 41]}))
+        .unwrap();
+    assert_eq!(code(&r), "OK", "{r}");
+    assert_eq!(r["partial_of"], "w2", "{r}");
+    assert_eq!(r["filled"]["blocks"], 1, "{r}");
+    assert!(r["filled"]["stopped"].is_string(), "{r}");
+    assert_eq!(r["report"]["blocks_restored"], 1, "{r}");
+    let layout = cwm::layout::Layout::flash_2nbhd(2, 64, 16, 2, 64, cwm::layout::Dtype::Bf16);
+    assert!(
+        cwm::device::read_block(&layout, &a.mem, 3).unwrap()
+            == cwm::device::read_block(&layout, &b.mem, 40).unwrap(),
+        "w2's first block restored bit-exact"
+    );
+    assert!(
+        cb.call_final(json!({"op": "stat", "window": "w2"}))
+            .unwrap()["ok"]
+            != true
     );
 
     // An instance without a tier says so.

@@ -225,10 +225,15 @@ impl Server {
             }
         };
         // A window this instance does not hold: from the shared tier, if there is one.
-        let fetched = if self.store.get(&window).is_err() {
+        let (fetched, instead) = if self.store.get(&window).is_err() {
             self.fetch_missing(&eng, &window, a.tokens.as_deref(), a.salt.as_deref())?
         } else {
-            None
+            (None, None)
+        };
+        // Only a prefix of a published window could be had: that is thawed, as a prefix.
+        let (window, prefix) = match instead {
+            Some(w) => (w, true),
+            None => (window, prefix),
         };
         let tr = ThawRequest {
             window,

@@ -323,7 +323,7 @@ impl RemoteLink {
         block_size: usize,
     ) -> Result<FillReport, RemoteError> {
         let t0 = Instant::now();
-        let r = self.with(|r| fill_prefix(store, r, spec, block_size));
+        let r = self.with(|r| fill_prefix(store, r, spec, block_size, None));
         self.count("fill", &r, "received", |f| f.bytes);
         if let Some(l) = &self.latency {
             l.get_or_create(&vec![("op".into(), "fill".into())])
@@ -337,6 +337,14 @@ impl RemoteLink {
                     .store((0.7 * old + 0.3 * seen).to_bits(), Ordering::Relaxed);
             }
         }
+        r
+    }
+
+    /// The valid prefix of published window `name`, whose pull failed on a block, stored as
+    /// an unnamed fill window (counted as a fill).
+    fn fill_published(&self, store: &Store, name: &str) -> Result<FillReport, RemoteError> {
+        let r = self.with(|r| crate::remote::fill_published_prefix(store, r, name, fill_name));
+        self.count("fill", &r, "received", |f| f.bytes);
         r
     }
 
@@ -556,7 +564,9 @@ impl RemoteLink {
         let mut pause = Duration::from_millis(50);
         loop {
             let r = self.pull(store, name, Replace::No);
-            let missing = matches!(&r, Err(e) if e.code() == ErrorCode::NotFound);
+            // (Retried only while the name itself is missing, not one of its blocks.)
+            let missing = matches!(&r, Err(e) if e.code() == ErrorCode::NotFound)
+                && matches!(self.with(|x| x.head(name)), Ok(None));
             if !missing || Instant::now() + pause > until {
                 return Some(r);
             }
@@ -730,30 +740,54 @@ fn parse_fill_name(name: &str) -> Option<(usize, u128, bool)> {
 }
 
 impl Server {
+    /// Pulls `window` from the tier; when a block of it is gone or bad, stores its valid
+    /// prefix as a fill window and names that.
+    fn pull_or_prefix(&self, window: &str) -> Result<(Option<Value>, Option<String>), ApiError> {
+        let not_found = || {
+            ApiError::new(
+                ErrorCode::NotFound,
+                format!("no window {window:?} here or in the remote tier"),
+            )
+        };
+        match self.remote.pull_missing(&self.store, window) {
+            None => Ok((None, None)),
+            Some(Ok(p)) => Ok((Some(json!({"pulled": p})), None)),
+            Some(Err(e)) if matches!(e.code(), ErrorCode::NotFound | ErrorCode::Corruption) => {
+                match self.remote.fill_published(&self.store, window) {
+                    Ok(f) => {
+                        let name = f.name.clone();
+                        Ok((Some(json!({"filled": f, "partial_of": window})), Some(name)))
+                    }
+                    Err(f)
+                        if f.code() == ErrorCode::NotFound && e.code() == ErrorCode::NotFound =>
+                    {
+                        Err(not_found())
+                    }
+                    Err(_) => Err(e.into()),
+                }
+            }
+            Some(Err(e)) => Err(e.into()),
+        }
+    }
+
     /// Before a thaw of `window`, which this instance does not hold: a fill name (from a
     /// lookup that found the prompt in the shared tier) is fetched by the keys of `tokens`
-    /// and stored as an unnamed window; any other name is pulled from the tier. `None`: no
-    /// tier, nothing done.
+    /// and stored as an unnamed window; any other name is pulled from the tier, and when a
+    /// block of it is gone or bad, its valid prefix is stored as a fill window instead — the
+    /// window to thaw then, as a prefix (the second value). What to add to the answer first.
+    /// Nothing: no tier.
     pub(super) fn fetch_missing(
         &self,
         eng: &crate::pipeline::Engine,
         window: &str,
         tokens: Option<&[u32]>,
         salt: Option<&str>,
-    ) -> Result<Option<Value>, ApiError> {
+    ) -> Result<(Option<Value>, Option<String>), ApiError> {
         if !self.remote.configured() {
-            return Ok(None);
+            return Ok((None, None));
         }
         let Some((n, last, rank)) = parse_fill_name(window) else {
-            return match self.remote.pull_missing(&self.store, window) {
-                None => Ok(None),
-                Some(Ok(p)) => Ok(Some(json!({"pulled": p}))),
-                Some(Err(e)) if e.code() == ErrorCode::NotFound => Err(ApiError::new(
-                    ErrorCode::NotFound,
-                    format!("no window {window:?} here or in the remote tier"),
-                )),
-                Some(Err(e)) => Err(e.into()),
-            };
+            return self.pull_or_prefix(window);
         };
         let bs = eng.layout.block_size as usize;
         let tokens = tokens
@@ -790,7 +824,7 @@ impl Server {
             },
         };
         match self.remote.fill(&self.store, spec, bs) {
-            Ok(f) => Ok(Some(json!({"filled": f}))),
+            Ok(f) => Ok((Some(json!({"filled": f})), None)),
             Err(e) if e.code() == ErrorCode::NotFound => Err(ApiError::new(
                 ErrorCode::NotFound,
                 format!("the remote tier no longer holds the prefix {window:?} named: {e}"),

@@ -31,7 +31,10 @@ use redis::{ErrorKind, RedisError};
 
 use crate::error::ErrorCode;
 pub use catalog::{RemoteScrub, RemoteWindow};
-pub use transfer::{fill_prefix, pull_window, push_window, FillReport, PullReport, PushReport};
+pub use transfer::{
+    fill_prefix, fill_published_prefix, pull_window, push_window, FillReport, PullReport,
+    PushReport,
+};
 use value::ValueError;
 
 /// Where the shared tier is and how cwm uses it.

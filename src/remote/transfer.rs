@@ -384,6 +384,51 @@ pub fn pull_window(
     })
 }
 
+/// The valid prefix of window `name` published in the tier, stored locally as the unnamed
+/// window `fill_name(blocks, last key)` names (a pull of it failed: some block is gone or
+/// bad). Every block is checked against the manifest.
+pub fn fill_published_prefix(
+    store: &Store,
+    remote: &Remote,
+    name: &str,
+    fill_name: impl Fn(usize, u128) -> String,
+) -> Result<FillReport, RemoteError> {
+    let (head, bytes) = remote.manifest(name)?;
+    let bad = |what: String| RemoteError::Corruption {
+        key: remote.window_key(name, &format!("m:{}", head.token)),
+        source: super::value::ValueError::Payload(what),
+    };
+    let m = Manifest::decode(&bytes).map_err(|e| bad(format!("manifest does not decode: {e}")))?;
+    let layout = crate::layout::Layout::from_json(&m.layout)
+        .map_err(|e| bad(format!("manifest layout: {e}")))?;
+    let last = m
+        .blocks
+        .last()
+        .ok_or_else(|| bad("manifest lists no block".into()))?;
+    let spec = WindowSpec {
+        name: fill_name(m.blocks.len(), last.key),
+        session: m.session.clone(),
+        namespace: m.namespace.clone(),
+        layout: m.layout.clone(),
+        tokens: m.tokens.clone(),
+        blocks: m
+            .blocks
+            .iter()
+            .map(|b| BlockDesc {
+                key: b.key,
+                len: b.len,
+            })
+            .collect(),
+        replace: Replace::No,
+        retention: crate::store::Retention {
+            class: crate::store::Class::Unnamed,
+            expires_unix_ms: None,
+        },
+    };
+    let sums: Vec<u64> = m.blocks.iter().map(|b| b.checksum).collect();
+    fill_prefix(store, remote, spec, layout.block_size as usize, Some(&sums))
+}
+
 /// What a fill did.
 #[derive(Debug, Clone, Serialize)]
 pub struct FillReport {
@@ -405,7 +450,8 @@ pub struct FillReport {
 }
 
 /// Stores the blocks `spec.blocks` (a chained prefix found by its keys in the tier, each
-/// verified against its value's header, its key and its expected length) in `store` as
+/// verified against its value's header, its key, its expected length and, given
+/// `checksums` — a published manifest's —, its checksum) in `store` as
 /// window `spec.name` (`block_size` tokens a block). A block the tier lacks or that fails a
 /// check ends the window there: the valid prefix is stored and the report says why. Nothing
 /// of it valid: NOT_FOUND or CORRUPTION. A window of that name already there (a concurrent
@@ -415,16 +461,18 @@ pub fn fill_prefix(
     remote: &Remote,
     spec: WindowSpec,
     block_size: usize,
+    checksums: Option<&[u64]>,
 ) -> Result<FillReport, RemoteError> {
     let t0 = std::time::Instant::now();
     let asked = spec.blocks.len() as u64;
     let want: Vec<Want> = spec
         .blocks
         .iter()
-        .map(|b| Want {
+        .enumerate()
+        .map(|(i, b)| Want {
             key: b.key,
             len: b.len,
-            checksum: None,
+            checksum: checksums.and_then(|c| c.get(i).copied()),
         })
         .collect();
     let name = spec.name.clone();

@@ -347,7 +347,7 @@ fn fill_once(dir: &Path, remote: &Remote, keys: &[u128], block: u64) -> Result<f
     let (c, _) = Store::open(StoreConfig::new(dir.join("c"))).map_err(|x| e(&x))?;
     let spec = spec("fill", keys, block);
     let t = Instant::now();
-    let f = fill_prefix(&c, remote, spec, 16).map_err(|x| e(&x))?;
+    let f = fill_prefix(&c, remote, spec, 16, None).map_err(|x| e(&x))?;
     let secs = t.elapsed().as_secs_f64();
     if f.fetched != n as u64 || f.stopped.is_some() {
         return Err(format!(
