@@ -1,6 +1,7 @@
 //! Shared tier through the daemon: two `cwm serve` instances on their own data directories and
 //! one real Redis Cluster. A window frozen and pushed on A is pulled and thawed bit-exact on B
-//! after A is killed and its data directory deleted; B's `health` shows the tier.
+//! after A is killed and its data directory deleted; B's `health` shows the tier; an older
+//! generation shown later (a lost publish) is refused as stale.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
 use common::daemon::*;
@@ -93,6 +94,18 @@ fn frozen_and_pushed_on_one_instance_thaws_bit_exact_on_another() {
     assert!(
         text.contains(r#"cwm_remote_bytes_total{direction="received"} 49152"#),
         "{text}"
+    );
+    // The tier loses w1's generation 2 (as a failover to a replica it had not reached
+    // would): B, which pulled generation 2, refuses the older head as stale.
+    let head = format!("cwm:v1:w:{{{:032x}}}:head", cwm::store::name_key("w1"));
+    let set = cluster.cmd(&["HSET", &head, "gen", "1"]);
+    assert_eq!(set.trim(), "0", "{set}");
+    let o = cli(&b.daemon.socket, &["pull", "w1", "--replace"]);
+    assert!(!o.status.success(), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("UNAVAILABLE") && err.contains("older than generation 2"),
+        "{err}"
     );
     // A name the tier does not hold: NOT_FOUND, exit 3.
     let o = cli(&b.daemon.socket, &["pull", "nope"]);

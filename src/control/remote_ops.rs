@@ -16,8 +16,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
 use crate::remote::{
-    fill_prefix, pull_window, push_window, Expect, FillReport, Publish, PullReport, PushReport,
-    Remote, RemoteConfig, RemoteError,
+    fill_prefix, pull_window_since, push_window, Expect, FillReport, Publish, PullReport,
+    PushReport, Remote, RemoteConfig, RemoteError,
 };
 use crate::store::{Class, Replace, Store, WindowSpec};
 
@@ -59,12 +59,17 @@ pub(super) struct RemoteLink {
     probing: AtomicUsize,
     /// Measured read rate from the tier, GB/s (f64 bits; EWMA of fills).
     read_rate: AtomicU64,
+    /// The highest generation seen per name (own publishes, pulls): an older head is stale.
+    seen: Mutex<HashMap<String, u64>>,
     /// The memory watcher and the announcement listener have been started.
     watching: AtomicBool,
     /// Announcements received: a probe's miss is remembered only if none arrived while it
     /// ran (the blocks may have landed after it looked).
     announced: AtomicU64,
 }
+
+/// Names whose highest generation seen is remembered, at most.
+const SEEN_NAMES: usize = 65_536;
 
 /// Lookup probes running at once, at most; a lookup past it answers from the local store.
 const PROBES: usize = 4;
@@ -353,6 +358,21 @@ impl RemoteLink {
         f64::from_bits(self.read_rate.load(Ordering::Relaxed))
     }
 
+    /// Remembers generation `generation` of `name` (the highest wins; bounded: past
+    /// [`SEEN_NAMES`] names the memory starts over).
+    fn saw(&self, name: &str, generation: u64) {
+        if generation == 0 {
+            return;
+        }
+        if let Ok(mut s) = self.seen.lock() {
+            if s.len() >= SEEN_NAMES && !s.contains_key(name) {
+                s.clear();
+            }
+            let g = s.entry(name.to_string()).or_insert(0);
+            *g = (*g).max(generation);
+        }
+    }
+
     /// Ends remembered misses of `keys` (all of them when empty): an announcement.
     fn forget_misses(&self, keys: &[u128]) {
         self.announced.fetch_add(1, Ordering::SeqCst);
@@ -436,6 +456,9 @@ impl RemoteLink {
     ) -> Result<PushReport, RemoteError> {
         let r = self.with(|r| push_window(store, r, name, expect));
         self.count("push", &r, "sent", |p| p.written_bytes);
+        if let Ok(p) = &r {
+            self.saw(name, p.generation);
+        }
         if r.is_ok() {
             // Own publishes end remembered misses at once (others' wait for the TTL).
             if let Ok(mut n) = self.negative.lock() {
@@ -447,7 +470,16 @@ impl RemoteLink {
 
     /// Stores window `name` of the tier in `store` (counted).
     fn pull(&self, store: &Store, name: &str, replace: Replace) -> Result<PullReport, RemoteError> {
-        let r = self.with(|r| pull_window(store, r, name, replace));
+        let seen = self
+            .seen
+            .lock()
+            .ok()
+            .and_then(|s| s.get(name).copied())
+            .unwrap_or(0);
+        let r = self.with(|r| pull_window_since(store, r, name, replace, seen));
+        if let Ok(p) = &r {
+            self.saw(name, p.generation);
+        }
         self.count("pull", &r, "received", |p| p.bytes);
         r
     }

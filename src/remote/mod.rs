@@ -32,8 +32,8 @@ use redis::{ErrorKind, RedisError};
 use crate::error::ErrorCode;
 pub use catalog::{RemoteScrub, RemoteWindow};
 pub use transfer::{
-    fill_prefix, fill_published_prefix, pull_window, push_window, FillReport, PullReport,
-    PushReport,
+    fill_prefix, fill_published_prefix, pull_window, pull_window_since, push_window, FillReport,
+    PullReport, PushReport,
 };
 use value::ValueError;
 
@@ -174,6 +174,17 @@ pub enum RemoteError {
         /// Highest token the head has seen.
         highest: u64,
     },
+    /// The tier shows an older generation of a name than one seen before (it lost a publish:
+    /// a failover to a replica the publish had not reached).
+    #[error("window {name:?}: the remote tier shows generation {found}, older than generation {seen} seen before")]
+    Stale {
+        /// Window name.
+        name: String,
+        /// Generation found now.
+        found: u64,
+        /// Highest generation seen before.
+        seen: u64,
+    },
     /// Another instance holds the name's lock.
     #[error("window {0:?} is locked by another instance")]
     Busy(String),
@@ -204,6 +215,7 @@ impl RemoteError {
                 ErrorCode::ConcurrentModification
             }
             RemoteError::Busy(_) => ErrorCode::Busy,
+            RemoteError::Stale { .. } => ErrorCode::Unavailable,
             RemoteError::Validation(_) => ErrorCode::Validation,
             RemoteError::Store(e) => e.code(),
             RemoteError::Redis(_) => ErrorCode::IoError,

@@ -329,7 +329,27 @@ pub fn pull_window(
     name: &str,
     replace: Replace,
 ) -> Result<PullReport, RemoteError> {
+    pull_window_since(store, remote, name, replace, 0)
+}
+
+/// [`pull_window`], refusing a head older than generation `seen` (one this instance saw
+/// before: a failover to a replica that had not received the newer publish shows an older
+/// one) with [`RemoteError::Stale`].
+pub fn pull_window_since(
+    store: &Store,
+    remote: &Remote,
+    name: &str,
+    replace: Replace,
+    seen: u64,
+) -> Result<PullReport, RemoteError> {
     let (head, bytes) = remote.manifest(name)?;
+    if head.generation < seen {
+        return Err(RemoteError::Stale {
+            name: name.to_string(),
+            found: head.generation,
+            seen,
+        });
+    }
     let m = Manifest::decode(&bytes).map_err(|e| RemoteError::Corruption {
         key: remote.window_key(name, &format!("m:{}", head.token)),
         source: super::value::ValueError::Payload(format!("manifest does not decode: {e}")),
