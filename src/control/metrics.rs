@@ -96,6 +96,8 @@ pub struct Metrics {
     pub remote_bytes: Family<Labels, Counter>,
     /// Seconds shared-tier operations took, by op.
     pub remote_secs: SecondsFamily,
+    /// 1 while the shared tier is degraded (its last request met an outage), else 0.
+    pub remote_degraded: Gauge,
 }
 
 /// Histograms of seconds by label set.
@@ -148,6 +150,17 @@ impl Metrics {
             "Seconds shared-tier operations took (lookup: the probe as the lookup waited for it)",
             self.remote_secs.clone(),
         );
+        registry.register(
+            "cwm_remote_degraded",
+            "1 while the shared tier is degraded (its last request met an outage: unreachable, \
+             cluster down, timeout, out of memory), else 0",
+            self.remote_degraded.clone(),
+        );
+        for op in ["push", "pull", "fill", "lookup"] {
+            let _ = self
+                .remote_secs
+                .get_or_create(&vec![("op".into(), op.into())]);
+        }
         for op in ["push", "pull"] {
             let _ = self.remote_ops.get_or_create(&vec![
                 ("op".into(), op.into()),
@@ -244,6 +257,7 @@ impl Default for Metrics {
             remote_ops: Family::default(),
             remote_bytes: Family::default(),
             remote_secs: Family::new_with_constructor(remote_histogram),
+            remote_degraded: Gauge::default(),
             registry: Registry::default(),
         };
         m.register_capacity(&mut registry);

@@ -48,6 +48,8 @@ pub(super) struct RemoteLink {
     counters: Option<(Family<Labels, Counter>, Family<Labels, Counter>)>,
     /// `cwm_remote_operation_seconds`.
     latency: Option<super::metrics::SecondsFamily>,
+    /// `cwm_remote_degraded`.
+    degraded: Option<prometheus_client::metrics::gauge::Gauge>,
     /// `cwm_storage_utilization_ratio{tier="redis"}` (the fullest master).
     utilization: Option<super::metrics::RatioFamily>,
     /// When the last outage was seen (cleared by the next success): lookups skip the tier
@@ -173,6 +175,7 @@ impl RemoteLink {
             cfg,
             counters: Some((metrics.remote_ops.clone(), metrics.remote_bytes.clone())),
             latency: Some(metrics.remote_secs.clone()),
+            degraded: Some(metrics.remote_degraded.clone()),
             utilization: Some(metrics.utilization.clone()),
             read_rate: AtomicU64::new(DEFAULT_READ_RATE.to_bits()),
             ..Default::default()
@@ -512,6 +515,9 @@ impl RemoteLink {
                     if let Ok(mut d) = self.down_at.lock() {
                         *d = Some(Instant::now());
                     }
+                    if let Some(g) = &self.degraded {
+                        g.set(1);
+                    }
                     let msg = e.to_string();
                     if last.as_deref() != Some(msg.as_str()) {
                         crate::log::warn(&format!("remote tier degraded: {msg}"));
@@ -520,6 +526,9 @@ impl RemoteLink {
                 }
                 Ok(_) => {
                     *last = None;
+                    if let Some(g) = &self.degraded {
+                        g.set(0);
+                    }
                     if let Ok(mut d) = self.down_at.lock() {
                         *d = None;
                     }
