@@ -112,6 +112,15 @@ fn a_prompt_frozen_on_one_instance_is_found_and_thawed_through_the_tier_by_anoth
     for (x, y) in [(0, 10), (1, 11), (2, 12)] {
         same_block(&layout, &a.mem, x, &b.mem, y);
     }
+    // A fill name no prompt can match is refused, typed, before anything is fetched.
+    let huge = format!("fill-{}-{}", usize::MAX, &fill[fill.len() - 32..]);
+    let r = cb
+        .call_final(
+            json!({"op": "thaw", "engine": "e1", "window": huge, "tokens": t3,
+            "block_ids": [10, 11, 12], "prefix": true}),
+        )
+        .unwrap();
+    assert_eq!(code(&r), "VALIDATION", "{r}");
     let s = cb
         .call_final(json!({"op": "stat", "window": fill}))
         .unwrap();

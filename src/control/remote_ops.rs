@@ -832,7 +832,7 @@ impl Server {
         };
         let bs = eng.layout.block_size as usize;
         let tokens = tokens
-            .filter(|t| n > 0 && t.len() >= n * bs)
+            .filter(|t| n > 0 && n.checked_mul(bs).is_some_and(|need| t.len() >= need))
             .ok_or_else(|| {
                 ApiError::validation(format!(
                     "a thaw of {window:?} (a prefix found in the remote tier) needs the \
@@ -878,6 +878,30 @@ impl Server {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fill_names_round_trip_and_foreign_names_are_not_fills() {
+        let k = 0x0123_4567_89ab_cdef_0011_2233_4455_6677u128;
+        assert_eq!(parse_fill_name(&fill_name(7, k)), Some((7, k, false)));
+        assert_eq!(
+            parse_fill_name(&format!("{}--r3", fill_name(7, k))),
+            Some((7, k, true))
+        );
+        for bad in [
+            "fill-7",
+            "fill-x-0123456789abcdef0011223344556677",
+            "fill-7-0123",
+            "fill-7-0123456789abcdef0011223344556677--r",
+            "fill-7-0123456789abcdef0011223344556677--rx",
+            "chat-1",
+        ] {
+            assert_eq!(parse_fill_name(bad), None, "{bad}");
+        }
+        // A block count no prompt can have is parsed, and refused by the thaw's length check
+        // (checked multiplication: no overflow).
+        let (n, _, _) = parse_fill_name(&fill_name(usize::MAX, k)).unwrap_or_default();
+        assert!(n.checked_mul(16).is_none());
+    }
 
     #[test]
     fn remembered_misses_expire_are_forgotten_and_stay_bounded() {
