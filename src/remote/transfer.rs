@@ -141,6 +141,32 @@ fn stream_into(
     })
 }
 
+/// The spec of a window holding manifest `m`'s blocks and tokens under `name`.
+fn spec_of(
+    m: &Manifest,
+    name: String,
+    replace: Replace,
+    retention: crate::store::Retention,
+) -> WindowSpec {
+    WindowSpec {
+        name,
+        session: m.session.clone(),
+        namespace: m.namespace.clone(),
+        layout: m.layout.clone(),
+        tokens: m.tokens.clone(),
+        blocks: m
+            .blocks
+            .iter()
+            .map(|b| BlockDesc {
+                key: b.key,
+                len: b.len,
+            })
+            .collect(),
+        replace,
+        retention,
+    }
+}
+
 /// What a pull did.
 #[derive(Debug, Clone, Serialize)]
 pub struct PullReport {
@@ -360,23 +386,7 @@ pub fn pull_window_since(
             source: super::value::ValueError::Inconsistent("manifest of another window"),
         });
     }
-    let spec = WindowSpec {
-        name: m.name.clone(),
-        session: m.session.clone(),
-        namespace: m.namespace.clone(),
-        layout: m.layout.clone(),
-        tokens: m.tokens.clone(),
-        blocks: m
-            .blocks
-            .iter()
-            .map(|b| BlockDesc {
-                key: b.key,
-                len: b.len,
-            })
-            .collect(),
-        replace,
-        retention: m.retention,
-    };
+    let spec = spec_of(&m, m.name.clone(), replace, m.retention);
     let mut w = store.begin_window(spec)?;
     let wanted: Vec<usize> = (0..m.blocks.len()).filter(|&i| w.needs_write(i)).collect();
     let got: u64 = wanted.iter().map(|&i| m.blocks[i].len).sum();
@@ -425,26 +435,16 @@ pub fn fill_published_prefix(
         .blocks
         .last()
         .ok_or_else(|| bad("manifest lists no block".into()))?;
-    let spec = WindowSpec {
-        name: fill_name(m.blocks.len(), last.key),
-        session: m.session.clone(),
-        namespace: m.namespace.clone(),
-        layout: m.layout.clone(),
-        tokens: m.tokens.clone(),
-        blocks: m
-            .blocks
-            .iter()
-            .map(|b| BlockDesc {
-                key: b.key,
-                len: b.len,
-            })
-            .collect(),
-        replace: Replace::No,
-        retention: crate::store::Retention {
-            class: crate::store::Class::Unnamed,
-            expires_unix_ms: None,
-        },
+    let unnamed = crate::store::Retention {
+        class: crate::store::Class::Unnamed,
+        expires_unix_ms: None,
     };
+    let spec = spec_of(
+        &m,
+        fill_name(m.blocks.len(), last.key),
+        Replace::No,
+        unnamed,
+    );
     let sums: Vec<u64> = m.blocks.iter().map(|b| b.checksum).collect();
     fill_prefix(store, remote, spec, layout.block_size as usize, Some(&sums))
 }
