@@ -173,17 +173,16 @@ fn a_prompt_frozen_on_one_instance_is_found_and_thawed_through_the_tier_by_anoth
         same_block(&layout, &a.mem, x, &b.mem, y);
     }
 
-    let m = cb.call_final(json!({"op": "metrics"})).unwrap();
-    let text = m["text"].as_str().unwrap();
-    for series in [
-        r#"cwm_remote_operations_total{op="lookup",outcome="miss"} 1"#,
-        r#"cwm_remote_operations_total{op="lookup",outcome="cached_miss"}"#,
-        r#"cwm_remote_operations_total{op="fill",outcome="ok"} 2"#,
-        r#"cwm_remote_operation_seconds_count{op="fill"} 2"#,
-        r#"cwm_storage_utilization_ratio{tier="redis"}"#,
-    ] {
-        assert!(text.contains(series), "{series} in\n{text}");
-    }
+    assert_series(
+        &metrics_text(&b.daemon.socket),
+        &[
+            r#"cwm_remote_operations_total{op="lookup",outcome="miss"} 1"#,
+            r#"cwm_remote_operations_total{op="lookup",outcome="cached_miss"}"#,
+            r#"cwm_remote_operations_total{op="fill",outcome="ok"} 2"#,
+            r#"cwm_remote_operation_seconds_count{op="fill"} 2"#,
+            r#"cwm_storage_utilization_ratio{tier="redis"}"#,
+        ],
+    );
 
     // Every master paused: lookups answer from the local store within the lookup timeout and
     // never remember the silence as a miss; once it is back, the tier answers again.

@@ -36,15 +36,14 @@ fn a_dead_cluster_degrades_the_remote_tier_only() {
     let h = c.call_final(serde_json::json!({"op": "health"})).unwrap();
     assert_eq!(h["status"], "ok", "{h}");
     assert_eq!(h["remote"]["status"], "degraded", "{h}");
-    let degraded = |c: &mut cwm::control::client::Client| {
-        let m = c.call_final(serde_json::json!({"op": "metrics"})).unwrap();
-        let text = m["text"].as_str().unwrap().to_string();
-        text.lines()
+    let degraded = || {
+        metrics_text(sock)
+            .lines()
             .find_map(|l| l.strip_prefix("cwm_remote_degraded "))
             .map(str::to_string)
             .unwrap_or_default()
     };
-    assert_eq!(degraded(&mut c), "1");
+    assert_eq!(degraded(), "1");
     assert!(
         h["remote"]["error"]
             .as_str()
@@ -66,5 +65,5 @@ fn a_dead_cluster_degrades_the_remote_tier_only() {
     assert!(o.status.success(), "{o:?}");
     let h = c.call_final(serde_json::json!({"op": "health"})).unwrap();
     assert_eq!(h["remote"]["status"], "ok", "{h}");
-    assert_eq!(degraded(&mut c), "0");
+    assert_eq!(degraded(), "0");
 }

@@ -35,22 +35,14 @@ fn frozen_and_pushed_on_one_instance_thaws_bit_exact_on_another() {
     );
 
     // A's metrics count the pushes by outcome and the bytes sent (3 blocks of 16 KiB, once).
-    let mut ca = cwm::control::client::Client::connect(&a.daemon.socket).unwrap();
-    let m = ca.call_final(serde_json::json!({"op": "metrics"})).unwrap();
-    let text = m["text"].as_str().unwrap();
-    assert!(
-        text.contains(r#"cwm_remote_operations_total{op="push",outcome="ok"} 2"#),
-        "{text}"
+    assert_series(
+        &metrics_text(&a.daemon.socket),
+        &[
+            r#"cwm_remote_operations_total{op="push",outcome="ok"} 2"#,
+            r#"cwm_remote_operations_total{op="push",outcome="ALREADY_EXISTS"} 1"#,
+            r#"cwm_remote_bytes_total{direction="sent"} 49152"#,
+        ],
     );
-    assert!(
-        text.contains(r#"cwm_remote_operations_total{op="push",outcome="ALREADY_EXISTS"} 1"#),
-        "{text}"
-    );
-    assert!(
-        text.contains(r#"cwm_remote_bytes_total{direction="sent"} 49152"#),
-        "{text}"
-    );
-    drop(ca);
 
     // A dies and its data directory goes.
     let _ = a.daemon.child.kill();
@@ -85,15 +77,12 @@ fn frozen_and_pushed_on_one_instance_thaws_bit_exact_on_another() {
     let h = c.call_final(serde_json::json!({"op": "health"})).unwrap();
     assert_eq!(h["remote"]["configured"], true, "{h}");
     assert_eq!(h["remote"]["status"], "ok", "{h}");
-    let m = c.call_final(serde_json::json!({"op": "metrics"})).unwrap();
-    let text = m["text"].as_str().unwrap();
-    assert!(
-        text.contains(r#"cwm_remote_operations_total{op="pull",outcome="ok"} 1"#),
-        "{text}"
-    );
-    assert!(
-        text.contains(r#"cwm_remote_bytes_total{direction="received"} 49152"#),
-        "{text}"
+    assert_series(
+        &metrics_text(&b.daemon.socket),
+        &[
+            r#"cwm_remote_operations_total{op="pull",outcome="ok"} 1"#,
+            r#"cwm_remote_bytes_total{direction="received"} 49152"#,
+        ],
     );
     // The tier loses w1's generation 2 (as a failover to a replica it had not reached
     // would): B, which pulled generation 2, refuses the older head as stale.

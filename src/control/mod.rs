@@ -252,3 +252,10 @@ impl Server {
         )
     }
 }
+
+/// Folds a measured rate `seen` into the running estimate `rate` (f64 bits): 0.7 old, 0.3 new.
+fn ewma(rate: &std::sync::atomic::AtomicU64, seen: f64) {
+    use std::sync::atomic::Ordering;
+    let old = f64::from_bits(rate.load(Ordering::Relaxed));
+    rate.store((0.7 * old + 0.3 * seen).to_bits(), Ordering::Relaxed);
+}

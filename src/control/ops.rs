@@ -312,8 +312,7 @@ impl Server {
             } else {
                 &self.thaw_rate
             };
-            let old = f64::from_bits(rate.load(Ordering::Relaxed));
-            rate.store((0.7 * old + 0.3 * seen).to_bits(), Ordering::Relaxed);
+            super::ewma(rate, seen);
         }
         self.metrics.thaw_bytes.inc_by(r.bytes);
     }

@@ -300,14 +300,7 @@ impl RemoteLink {
         let t0 = Instant::now();
         let (name, keys) = (name.to_string(), keys.to_vec());
         let out = match self.bounded(cfg.lookup_timeout, move |r| {
-            let (_, bytes) = r.manifest(&name)?;
-            let m =
-                crate::store::Manifest::decode(&bytes).map_err(|e| RemoteError::Corruption {
-                    key: r.window_key(&name, "head"),
-                    source: crate::remote::value::ValueError::Payload(format!(
-                        "manifest does not decode: {e}"
-                    )),
-                })?;
+            let (_, m) = r.published(&name)?;
             Ok(m.blocks
                 .iter()
                 .zip(&keys)
@@ -339,10 +332,7 @@ impl RemoteLink {
         }
         if let Ok(f) = &r {
             if f.bytes >= 16 << 20 && f.secs > 0.0 {
-                let seen = f.bytes as f64 / f.secs / 1e9;
-                let old = f64::from_bits(self.read_rate.load(Ordering::Relaxed));
-                self.read_rate
-                    .store((0.7 * old + 0.3 * seen).to_bits(), Ordering::Relaxed);
+                super::ewma(&self.read_rate, f.bytes as f64 / f.secs / 1e9);
             }
         }
         r
@@ -606,9 +596,11 @@ impl RemoteLink {
         loop {
             let r = self.pull(store, name, Replace::No);
             // (Retried only while the name itself is missing, not one of its blocks.)
-            let missing = matches!(&r, Err(e) if e.code() == ErrorCode::NotFound)
+            // (No time left: no further request to ask why.)
+            let missing = Instant::now() + pause <= until
+                && matches!(&r, Err(e) if e.code() == ErrorCode::NotFound)
                 && matches!(self.with(|x| x.head(name)), Ok(None));
-            if !missing || Instant::now() + pause > until {
+            if !missing {
                 return Some(r);
             }
             std::thread::sleep(pause);

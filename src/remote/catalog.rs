@@ -113,13 +113,9 @@ impl Remote {
         Ok(names)
     }
 
-    /// The current head and decoded manifest of `name`.
+    /// The current generation and decoded manifest of `name`.
     fn current(&self, name: &str) -> Result<(u64, Manifest), RemoteError> {
-        let (head, bytes) = self.manifest(name)?;
-        let m = Manifest::decode(&bytes).map_err(|e| RemoteError::Corruption {
-            key: self.window_key(name, &format!("m:{}", head.token)),
-            source: super::value::ValueError::Payload(format!("manifest does not decode: {e}")),
-        })?;
+        let (head, m) = self.published(name)?;
         Ok((head.generation, m))
     }
 

@@ -892,6 +892,23 @@ impl Remote {
         Ok((head.clone(), body.to_vec()))
     }
 
+    /// The current head of `name` and its manifest, verified against the head and decoded
+    /// (one that does not decode, or names another window: CORRUPTION).
+    pub fn published(&self, name: &str) -> Result<(Head, crate::store::Manifest), RemoteError> {
+        let (head, bytes) = self.manifest(name)?;
+        let m = crate::store::Manifest::decode(&bytes).map_err(|e| RemoteError::Corruption {
+            key: self.window_key(name, &format!("m:{}", head.token)),
+            source: ValueError::Payload(format!("manifest does not decode: {e}")),
+        })?;
+        if m.name != name {
+            return Err(RemoteError::Corruption {
+                key: self.window_key(name, "head"),
+                source: ValueError::Inconsistent("manifest of another window"),
+            });
+        }
+        Ok((head, m))
+    }
+
     /// Takes `name`'s lease for `lease` (SET NX PX with a fresh fencing token as value);
     /// returns the token. Another holder: BUSY.
     pub fn lock(&self, name: &str, lease: Duration) -> Result<u64, RemoteError> {

@@ -368,22 +368,12 @@ pub fn pull_window_since(
     replace: Replace,
     seen: u64,
 ) -> Result<PullReport, RemoteError> {
-    let (head, bytes) = remote.manifest(name)?;
+    let (head, m) = remote.published(name)?;
     if head.generation < seen {
         return Err(RemoteError::Stale {
             name: name.to_string(),
             found: head.generation,
             seen,
-        });
-    }
-    let m = Manifest::decode(&bytes).map_err(|e| RemoteError::Corruption {
-        key: remote.window_key(name, &format!("m:{}", head.token)),
-        source: super::value::ValueError::Payload(format!("manifest does not decode: {e}")),
-    })?;
-    if m.name != name {
-        return Err(RemoteError::Corruption {
-            key: remote.window_key(name, "head"),
-            source: super::value::ValueError::Inconsistent("manifest of another window"),
         });
     }
     let spec = spec_of(&m, m.name.clone(), replace, m.retention);
@@ -423,12 +413,11 @@ pub fn fill_published_prefix(
     name: &str,
     fill_name: impl Fn(usize, u128) -> String,
 ) -> Result<FillReport, RemoteError> {
-    let (head, bytes) = remote.manifest(name)?;
+    let (head, m) = remote.published(name)?;
     let bad = |what: String| RemoteError::Corruption {
         key: remote.window_key(name, &format!("m:{}", head.token)),
         source: super::value::ValueError::Payload(what),
     };
-    let m = Manifest::decode(&bytes).map_err(|e| bad(format!("manifest does not decode: {e}")))?;
     let layout = crate::layout::Layout::from_json(&m.layout)
         .map_err(|e| bad(format!("manifest layout: {e}")))?;
     let last = m

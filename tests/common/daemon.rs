@@ -194,3 +194,20 @@ pub fn cli_freeze(socket: &Path, window: &str, block_ids: &str) -> std::process:
         ],
     )
 }
+
+/// The daemon's metrics in the Prometheus text exposition (op `metrics`).
+pub fn metrics_text(socket: &Path) -> String {
+    let mut c = Client::connect(socket).expect("connect");
+    let m = c
+        .call_final(serde_json::json!({"op": "metrics"}))
+        .expect("metrics");
+    m["text"].as_str().expect("text").to_string()
+}
+
+/// Asserts that each of `series` (a series with its labels, and its value when given) is in
+/// `text`.
+pub fn assert_series(text: &str, series: &[&str]) {
+    for s in series {
+        assert!(text.contains(s), "{s} in\n{text}");
+    }
+}
