@@ -1,0 +1,213 @@
+#!/usr/bin/env python3
+"""Eviction-policy candidates at window granularity, simulated on request traces.
+
+The same model as `cwm bench trace`'s window simulation (src/bin/cwm/tools/trace.rs): every
+request is saved as an unnamed window of its prompt blocks (deduplicated, reference-counted),
+a request hits its longest stored prefix, and above the high watermark (0.95 of the capacity)
+whole windows are evicted in policy order down to the low one (0.90). Its `lru` column equals
+the Rust simulation's (tests/cli_bench_trace_policies.py checks it). The other policies are the
+candidates docs/PERFORMANCE.md ("Eviction") reports on; none is in the store, because none
+beats LRU on every trace.
+
+Usage: bench/eviction_policies.py [--trace FILE] [--json]
+Traces: FILE (Mooncake JSONL, `hash_ids`), and the synthetic ones: `agents` and `chats` (the
+generators of `cwm bench trace --synthetic`, seed 7, 4,000 requests), `solo-chats` (chats with
+no shared system prompt: each conversation its own root).
+"""
+import argparse
+import collections
+import json
+import sys
+
+MASK = (1 << 64) - 1
+FRACTIONS = (0.02, 0.05, 0.1, 0.25, 0.5)
+
+
+class Rng:
+    """splitmix64, as src/prng.rs."""
+
+    def __init__(self, seed):
+        self.x = seed
+
+    def below(self, n):
+        self.x = (self.x + 0x9E3779B97F4A7C15) & MASK
+        z = self.x
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+        return 0 if n == 0 else (z ^ (z >> 31)) % n
+
+
+def synthetic(kind, n=4000, seed=7):
+    r = Rng(seed | 1)
+    nid = [1_000_000]
+
+    def fresh(k):
+        out = []
+        for _ in range(k):
+            nid[0] += 1
+            out.append(nid[0])
+        return out
+
+    out = []
+    if kind == "agents":
+        tools = [fresh(24) for _ in range(3)]
+        convs = []
+        while len(out) < n:
+            if not convs or r.below(8) == 0:
+                convs.append(list(tools[r.below(3)]) + fresh(1 + r.below(3)))
+            else:
+                i = len(convs) - 1 - r.below(min(len(convs), 24))
+                convs[i] += fresh(1 + r.below(2))
+            last = list(convs[-1])
+            if r.below(4) == 0:
+                out.append(last)
+            else:
+                out.append(list(convs[len(convs) - 1 - r.below(min(len(convs), 24))]))
+        return out
+    system = fresh(2) if kind == "chats" else []
+    if kind not in ("chats", "solo-chats"):
+        raise SystemExit(f"unknown synthetic trace {kind}")
+    chats = []
+    while len(out) < n:
+        if not chats or r.below(3) != 0:
+            c = system + fresh(1 + r.below(3))
+            chats.append(list(c))
+        else:
+            n_ = len(chats)
+            i = n_ - 1 - (r.below(n_) * r.below(n_)) // n_
+            chats[i] += fresh(1)
+            c = list(chats[i])
+        out.append(c)
+    return out
+
+
+def load(path):
+    with open(path) as f:
+        return [json.loads(line)["hash_ids"] for line in f if line.strip()]
+
+
+def simulate(reqs, cap, policy, marks=(0.95, 0.90)):
+    """Prefix hit ratio (blocks) of `reqs` with `cap` blocks under `policy`."""
+    high, low = int(cap * marks[0]), int(cap * marks[1])
+    windows = {}  # id -> {keys, last}
+    refs = collections.Counter()
+    holder = collections.defaultdict(list)
+    seen_root = {}  # first block -> requests seen with it (saturating at 2): the history
+    ghost = collections.OrderedDict()  # evicted block -> class (arc)
+    target = [0.5 * cap]  # arc: the share of never-repeated roots
+    hit_blocks = total = 0
+    for t, ids in enumerate(reqs):
+        hit = 0
+        for k in ids:
+            if k not in refs:
+                break
+            hit += 1
+        hit_blocks += hit
+        total += len(ids)
+        if policy == "arc" and hit < len(ids) and ids[hit] in ghost:
+            g = 0
+            for k in ids[hit:]:
+                if k not in ghost:
+                    break
+                g += 1
+            step = g if ghost[ids[hit]] == 1 else -g
+            target[0] = min(cap, max(0, target[0] + step))
+        seen_root[ids[0]] = min(seen_root.get(ids[0], 0) + 1, 2)
+        if hit:
+            for n in reversed(holder[ids[hit - 1]]):
+                if n in windows:
+                    windows[n]["last"] = t
+                    break
+        for k in ids:
+            refs[k] += 1
+            holder[k].append(t)
+        windows[t] = {"keys": ids, "last": t}
+        if len(refs) <= high:
+            continue
+        w = windows
+        repeated = lambda n: seen_root.get(w[n]["keys"][0], 0) >= 2  # noqa: E731
+        if policy == "lru":
+            order = sorted(w, key=lambda n: (w[n]["last"], n))
+        elif policy == "root-history":
+            order = sorted(w, key=lambda n: (repeated(n), w[n]["last"], n))
+        elif policy == "root-history-slru":
+            prot, room = set(), 0.5 * cap
+            for n in sorted((n for n in w if repeated(n)), key=lambda n: -w[n]["last"]):
+                if len(w[n]["keys"]) > room:
+                    break
+                room -= len(w[n]["keys"])
+                prot.add(n)
+            order = sorted(w, key=lambda n: (n in prot, w[n]["last"], n))
+        elif policy == "root-history-aged":
+            residency = t - min(w[n]["last"] for n in w)
+            order = sorted(w, key=lambda n: (w[n]["last"] + (residency // 2 if repeated(n) else 0), n))
+        elif policy == "arc":
+            c1 = sorted((n for n in w if not repeated(n)), key=lambda n: w[n]["last"])
+            c2 = sorted((n for n in w if repeated(n)), key=lambda n: w[n]["last"])
+            s1 = sum(len(w[n]["keys"]) for n in c1)
+            order, i, j = [], 0, 0
+            while i < len(c1) or j < len(c2):
+                if i < len(c1) and (s1 > target[0] or j >= len(c2)):
+                    order.append((c1[i], 1))
+                    s1 -= len(w[c1[i]]["keys"])
+                    i += 1
+                else:
+                    order.append((c2[j], 2))
+                    j += 1
+        else:
+            raise SystemExit(f"unknown policy {policy}")
+        for item in order:
+            if len(refs) <= low:
+                break
+            n, cls = item if policy == "arc" else (item, 0)
+            for k in windows.pop(n)["keys"]:
+                refs[k] -= 1
+                if refs[k] == 0:
+                    del refs[k]
+                    holder.pop(k, None)
+                    if policy == "arc":
+                        ghost[k] = cls
+                        ghost.move_to_end(k)
+            while len(ghost) > cap:
+                ghost.popitem(last=False)
+    return hit_blocks / max(total, 1)
+
+
+POLICIES = ("lru", "root-history", "root-history-slru", "root-history-aged", "arc")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trace", help="a Mooncake-format JSONL trace")
+    ap.add_argument("--only", help="one of the synthetic traces (agents, chats, solo-chats)")
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    traces = []
+    if a.trace:
+        traces.append((a.trace, load(a.trace)))
+    kinds = [a.only] if a.only else ([] if a.trace else ["agents", "chats", "solo-chats"])
+    if a.trace and not a.only:
+        kinds = ["agents", "chats", "solo-chats"]
+    traces += [(k, synthetic(k)) for k in kinds]
+    out = []
+    for name, reqs in traces:
+        unique = len({k for r in reqs for k in r})
+        for p in a.policies.split(","):
+            ratios = [simulate(reqs, int(unique * f), p) for f in FRACTIONS]
+            out.append({"trace": name, "policy": p, "capacity_fractions": FRACTIONS,
+                        "block_hit_ratio": ratios})
+    if a.json:
+        json.dump(out, sys.stdout, indent=1)
+        print()
+        return
+    lru = {r["trace"]: r["block_hit_ratio"] for r in out if r["policy"] == "lru"}
+    print("trace / policy: block hit ratio (× LRU) at " + " / ".join(f"{f:g}" for f in FRACTIONS))
+    for r in out:
+        base = lru.get(r["trace"], r["block_hit_ratio"])
+        cells = " ".join(f"{v:.3f} ({v / b if b else 1:.2f})" for v, b in zip(r["block_hit_ratio"], base))
+        print(f"{r['trace'][-24:]:>24} {r['policy']:>18}: {cells}")
+
+
+if __name__ == "__main__":
+    main()

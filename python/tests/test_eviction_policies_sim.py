@@ -1,0 +1,50 @@
+"""bench/eviction_policies.py (the candidates docs/PERFORMANCE.md's eviction section reports on)
+simulates the store's window model: its LRU must be `cwm bench trace`'s LRU to the last digit
+on the Mooncake trace and on both synthetic traces the binary generates, or its other columns
+compare with the wrong baseline."""
+
+import importlib.util
+import json
+import subprocess
+
+from cwm_env import CWM, ROOT
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("eviction_policies",
+                                                  ROOT / "bench" / "eviction_policies.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def rust_lru(*args):
+    out = subprocess.run([str(CWM), "bench", "trace", *args, "--replay-at", "0.1", "--json"],
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    return {p["capacity_fraction"]: p["lru"]["block_ratio"] for p in json.loads(out)["points"]}
+
+
+def test_the_python_lru_is_the_store_simulations_lru():
+    sim = load()
+    trace = ROOT / "bench" / "traces" / "mooncake-synthetic.jsonl"
+    cases = [(sim.load(trace), ["--trace", str(trace)])]
+    cases += [(sim.synthetic(k), ["--synthetic", k]) for k in ("agents", "chats")]
+    for reqs, args in cases:
+        rust = rust_lru(*args)
+        unique = len({k for r in reqs for k in r})
+        assert sorted(rust) == list(sim.FRACTIONS), rust
+        for f, want in rust.items():
+            got = sim.simulate(reqs, int(unique * f), "lru")
+            assert abs(got - want) < 1e-12, (args, f, got, want)
+
+
+def test_root_history_protects_repeated_roots_and_is_not_lru():
+    sim = load()
+    # Root 1 recurs; roots 10, 20, … appear once. At a capacity of a few windows, LRU loses
+    # root 1 between its uses; the history keeps it.
+    reqs = []
+    for i in range(60):
+        reqs.append([1, 2, 3, 4, 1000 + i] if i % 4 == 0 else [10 * (i + 1), 10 * (i + 1) + 1])
+    lru = sim.simulate(reqs, 12, "lru")
+    hist = sim.simulate(reqs, 12, "root-history")
+    assert hist > lru, (hist, lru)
