@@ -81,3 +81,60 @@ fn deleted_catalog_records_stay_deleted_through_restarts_and_compaction() {
         .expect("key 1 written again");
     assert_eq!(one.2, br#"{"v":3}"#);
 }
+
+/// The deletion of a catalog key sits in a segment compaction empties, while an older record
+/// of the key lives on in a segment compaction keeps: the deletion must be kept — also when
+/// the segments were scanned at the open (no checkpoints), which is where recovery learns
+/// which segments hold records of which catalog keys.
+#[test]
+fn a_deletion_outlives_its_segment_while_an_older_record_of_the_key_remains() {
+    let (_, engine) = engines().pop().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let mut cfg = config(&dir);
+    cfg.segment_size = 1 << 20;
+    cfg.use_checkpoints = false;
+    let len = 64 << 10;
+    let open = || {
+        cwm::store::Store::open_with_engine(cfg.clone(), engine.clone())
+            .unwrap()
+            .0
+    };
+    {
+        let store = open();
+        // Segment 1: key 1 and a live window that keeps the segment from compaction.
+        store.put_meta(1, br#"{"v":1}"#).unwrap();
+        put(&store, "x", &keys(1, 12), len);
+        // Segment 2: a window deleted again, and the deletion of key 1.
+        put(&store, "d", &keys(2, 14), len);
+        assert!(store.delete_meta(1).unwrap());
+        store.delete_window("d", None).unwrap();
+        // Segment 3: segment 2 sealed.
+        put(&store, "y", &keys(3, 14), len);
+        assert!(segments(&dir).len() >= 3, "{:?}", segments(&dir));
+    }
+    let first = segments(&dir)[0].clone();
+    {
+        let store = open();
+        assert_eq!(keys_of(&store), Vec::<u128>::new());
+        let rep = store
+            .compact(
+                &CompactOptions {
+                    live_ratio: 0.5,
+                    ..CompactOptions::default()
+                },
+                &mut |_| {},
+            )
+            .unwrap();
+        assert!(!rep.segments_removed.is_empty(), "{rep:?}");
+        assert!(first.exists(), "segment 1 (live) compacted: {rep:?}");
+        assert_eq!(keys_of(&store), Vec::<u128>::new());
+    }
+    let store = open();
+    assert_eq!(
+        keys_of(&store),
+        Vec::<u128>::new(),
+        "the deleted key came back from the segment compaction kept"
+    );
+    check(&store, "x", &keys(1, 12), len);
+}
