@@ -125,3 +125,44 @@ fn a_damaged_page_just_before_the_last_manifest_is_damage() {
         );
     }
 }
+
+/// Only the newest, unsealed segment can hold room handed out and never written. An older
+/// segment sealed by a failure (its sealed length never recorded: 0 in its header) that ends
+/// with block records of a window committed in the next segment keeps a hole among them as
+/// what it is — damage, reported — not a torn tail cut off.
+#[test]
+fn a_hole_among_an_older_segments_last_block_records_is_damage() {
+    let (_, engine) = engines().remove(0);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut cfg = StoreConfig::new(dir);
+    cfg.segment_size = 1 << 20;
+    cfg.use_checkpoints = false;
+    let len = 64 << 10;
+    {
+        let (store, _) = Store::open_with_engine(cfg.clone(), engine.clone()).unwrap();
+        put(&store, "w0", &keys(1, 1), len);
+        // Its blocks fill segment 1 and spill into segment 2, where its manifest is.
+        put(&store, "a", &keys(2, 20), len);
+    }
+    let segs = segments(dir);
+    assert!(segs.len() >= 2, "{segs:?}");
+    let mut b = std::fs::read(&segs[0]).unwrap();
+    let h = cwm::store::format::SegmentHeader::decode(&b[..4096]).unwrap();
+    assert!(h.sealed_len > 0);
+    let unsealed = cwm::store::format::SegmentHeader { sealed_len: 0, ..h };
+    unsealed.encode(&mut b[..4096]);
+    unsealed.encode(&mut b[4096..8192]);
+    // A block record of a, after w0's manifest and before segment 1's last record: zeroed.
+    let pages = record_pages(&segs[0]);
+    let victim = pages[pages.len() - 4] as usize;
+    b[victim..victim + 4096].fill(0);
+    std::fs::write(&segs[0], &b).unwrap();
+    let (store, rep) = Store::open_with_engine(cfg, engine).unwrap();
+    assert!(rep.torn_tails.is_empty(), "{rep:?}");
+    assert_eq!(rep.truncated_bytes, 0, "{rep:?}");
+    assert_eq!(rep.damaged_regions.len(), 1, "{rep:?}");
+    assert_eq!(rep.damaged_regions[0].1, victim as u64, "{rep:?}");
+    check(&store, "w0", &keys(1, 1), len);
+    assert!(rep.incomplete_windows.contains(&"a".to_string()), "{rep:?}");
+}
