@@ -221,6 +221,39 @@ fn a_rewritten_copy_is_in_the_checkpoint_of_the_next_clean_stop() {
     }
 }
 
+/// The open that writes a torn-off second copy again puts the segment's frontier right after
+/// it: the same session's next freeze goes there (no new segment, no gap), and the next open
+/// finds every window whole and no damage.
+#[test]
+fn the_session_that_rewrites_a_copy_appends_right_after_it() {
+    let (name, engine) = engines().remove(0);
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, c) = (keys(1, 3), keys(2, 3), keys(3, 2));
+    let d = tmp.path().join("d");
+    let end = {
+        let (store, _) = open(&d, &engine);
+        put(&store, "first", &a, 16 * 1024);
+        put(&store, "second", &b, 10 * 1024);
+        store.stats().unwrap().used_bytes
+    };
+    cut_to(&segments(&d)[0], end - 4096);
+    {
+        let (store, _) = open(&d, &engine);
+        assert_eq!(store.stats().unwrap().used_bytes, end, "{name}");
+        put(&store, "third", &c, 8 * 1024);
+        assert_eq!(segments(&d).len(), 1, "{name}: the next freeze rotated");
+        assert!(store.stats().unwrap().used_bytes > end, "{name}");
+    }
+    as_after_kill(&d);
+    let (store, report) = open(&d, &engine);
+    assert_eq!(report.windows, 3, "{name}: {report:?}");
+    assert!(report.damaged_regions.is_empty(), "{name}: {report:?}");
+    assert!(report.torn_tails.is_empty(), "{name}: {report:?}");
+    check(&store, "first", &a, 16 * 1024);
+    check(&store, "second", &b, 10 * 1024);
+    check(&store, "third", &c, 8 * 1024);
+}
+
 /// Cuts the file at `path` to `len` bytes.
 fn cut_to(path: &std::path::Path, len: u64) {
     std::fs::OpenOptions::new()
