@@ -374,7 +374,8 @@ fn check_case(
         && report.damaged_regions.is_empty()
         && report.incomplete_windows.is_empty()
         && report.removed_empty_segments.is_empty()
-        && report.ignored_checkpoints.is_empty());
+        && report.ignored_checkpoints.is_empty()
+        && report.ignored_usage.is_none());
     let infos: BTreeMap<String, crate::store::WindowInfo> = store
         .list()?
         .into_iter()

@@ -90,8 +90,12 @@ fn u64_field(a: &Value, k: &str) -> Result<Option<u64>, ApiError> {
     }
 }
 
+/// How often the daemon saves window usage when it changed (`Store::save_usage`).
+pub const USAGE_SAVE_INTERVAL: Duration = Duration::from_secs(60);
+
 impl Server {
-    /// Starts the background compactor and scrubber threads the config asks for.
+    /// Starts the background compactor and scrubber threads the config asks for, and the
+    /// saver of window usage.
     pub(super) fn start_maintenance(self: &Arc<Self>) {
         let m = &self.cfg.maintenance;
         if m.compact_interval_s > 0 {
@@ -112,6 +116,23 @@ impl Server {
                 while me.sleep_unless_stopping(every) {
                     if let Err(e) = me.retention_pass() {
                         crate::log::warn(&format!("expiry/eviction: {}", e.message));
+                    }
+                }
+            });
+        }
+        // Window usage (last use, hits: the eviction order) is saved at a clean stop; saving it
+        // every minute as well bounds what a kill -9 forgets.
+        {
+            let me = self.clone();
+            std::thread::spawn(move || {
+                let mut saved = me.store.usage_epoch();
+                while me.sleep_unless_stopping(USAGE_SAVE_INTERVAL) {
+                    let now = me.store.usage_epoch();
+                    if now != saved {
+                        match me.store.save_usage() {
+                            Ok(_) => saved = now,
+                            Err(e) => crate::log::warn(&format!("saving window usage: {e}")),
+                        }
                     }
                 }
             });

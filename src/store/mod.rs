@@ -83,6 +83,7 @@ mod recovery;
 pub mod retention;
 mod segment;
 mod types;
+mod usage;
 mod verify;
 mod writer;
 
@@ -136,6 +137,8 @@ pub struct Store {
     compacting: Mutex<()>,
     /// Checkpoints being written in the background ([`Store::wait_checkpoints`]).
     checkpoints: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Counts uses ([`Store::record_hit`]): the daemon saves usage when it moved.
+    usage_epoch: AtomicU64,
     _lock: File,
 }
 
@@ -144,6 +147,9 @@ impl Drop for Store {
     /// checkpointed up to its frontier.
     fn drop(&mut self) {
         self.checkpoint();
+        if let Err(e) = self.save_usage() {
+            crate::log::warn(&format!("saving window usage at the stop failed: {e}"));
+        }
     }
 }
 
@@ -174,8 +180,18 @@ impl Store {
         std::fs::create_dir_all(&cfg.dir)
             .map_err(|e| StoreError::from_fs("create data directory", &cfg.dir, e))?;
         let lock = lock_dir(&cfg.dir)?;
-        let (mut state, appender, used, report) = recovery::recover(&cfg, engine.as_ref())?;
+        let (mut state, appender, used, mut report) = recovery::recover(&cfg, engine.as_ref())?;
         retention::apply_changes(&mut state);
+        match usage::restore(&cfg.dir, &mut state) {
+            Ok(n) => report.usage_restored = n,
+            Err(why) => {
+                crate::log::warn(&format!(
+                    "{}: ignored ({why}); windows start with no usage",
+                    cfg.dir.join(usage::FILE).display()
+                ));
+                report.ignored_usage = Some(why);
+            }
+        }
         let store = Store {
             capacity: AtomicU64::new(cfg.capacity),
             reserved: AtomicU64::new(0),
@@ -187,6 +203,7 @@ impl Store {
             used: AtomicU64::new(used),
             compacting: Mutex::new(()),
             checkpoints: Mutex::new(Vec::new()),
+            usage_epoch: AtomicU64::new(0),
             _lock: lock,
         };
         Ok((store, report))

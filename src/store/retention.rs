@@ -166,7 +166,15 @@ impl Store {
                 .last_use_ms
                 .fetch_max(crate::clock::now_unix_ms(), Ordering::Relaxed);
             w.usage.hits.fetch_add(1, Ordering::Relaxed);
+            self.usage_epoch.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// A counter that moves with every use ([`Store::record_hit`]): usage needs saving again
+    /// when it changed since the last [`Store::save_usage`].
+    #[must_use]
+    pub fn usage_epoch(&self) -> u64 {
+        self.usage_epoch.load(Ordering::Relaxed)
     }
 
     /// Changes a window's class and expiry (`pin`, `unpin`, `ttl`), durably (a catalog

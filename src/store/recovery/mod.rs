@@ -95,6 +95,10 @@ pub struct RecoveryReport {
     pub load_seconds: f64,
     /// Seconds spent applying manifests and tombstones and publishing the windows.
     pub publish_seconds: f64,
+    /// Windows whose saved usage (last use, hits; `usage.bin`) was applied.
+    pub usage_restored: u64,
+    /// Why the saved usage was ignored (a damaged or unreadable `usage.bin`), if it was.
+    pub ignored_usage: Option<String>,
 }
 
 /// What [`Recovery::scan_segment`] found in one segment.
