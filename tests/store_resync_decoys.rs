@@ -14,10 +14,7 @@ use std::path::{Path, PathBuf};
 const P: usize = PAGE as usize;
 
 fn reopen(dir: &Path) -> (cwm::store::Store, cwm::store::RecoveryReport) {
-    let mut c = config(dir);
-    c.use_checkpoints = false;
-    let (_, engine) = engines().remove(0);
-    cwm::store::Store::open_with_engine(c, engine).expect("open")
+    open_scanned(dir)
 }
 
 struct Rec {

@@ -13,15 +13,8 @@ use std::path::Path;
 
 const PAGE: usize = 4096;
 
-fn no_checkpoints(dir: &Path) -> cwm::store::StoreConfig {
-    let mut c = config(dir);
-    c.use_checkpoints = false;
-    c
-}
-
 fn reopen(dir: &Path) -> (cwm::store::Store, cwm::store::RecoveryReport) {
-    let (_, engine) = engines().remove(0);
-    cwm::store::Store::open_with_engine(no_checkpoints(dir), engine).expect("open")
+    open_scanned(dir)
 }
 
 fn header(bytes: &[u8], at: usize) -> SegmentHeader {
@@ -162,6 +155,14 @@ fn three_segments(dir: &Path) -> Vec<std::path::PathBuf> {
     segs
 }
 
+/// The id of the newest of `segs` (from its file name).
+fn newest_id(segs: &[std::path::PathBuf]) -> u64 {
+    let last = segs.last().unwrap().file_name().unwrap().to_string_lossy();
+    last["segment-".len()..last.len() - ".log".len()]
+        .parse()
+        .unwrap()
+}
+
 fn repair(dir: &Path) -> Vec<String> {
     cwm::fsck::repair(no_checkpoints(dir), &|_, _, _| {})
         .expect("repair")
@@ -174,16 +175,7 @@ fn repair_sets_aside_a_segment_bearing_another_segments_header() {
     let dir = tmp.path();
     let segs = three_segments(dir);
     // The middle segment's file, renamed past the newest: its header names its old id.
-    let last = segs
-        .last()
-        .unwrap()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .to_string();
-    let n: u64 = last["segment-".len()..last.len() - ".log".len()]
-        .parse()
-        .unwrap();
+    let n = newest_id(&segs);
     let moved = dir.join(format!("segment-{:010}.log", n + 5));
     std::fs::rename(&segs[1], &moved).unwrap();
     let changes = repair(dir);
@@ -213,16 +205,7 @@ fn repair_leaves_a_newest_segment_created_but_never_written_to_recovery() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let segs = three_segments(dir);
-    let last = segs
-        .last()
-        .unwrap()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .to_string();
-    let n: u64 = last["segment-".len()..last.len() - ".log".len()]
-        .parse()
-        .unwrap();
+    let n = newest_id(&segs);
     // A crash while creating the next segment: its file exists, all zeros.
     let fresh = dir.join(format!("segment-{:010}.log", n + 1));
     std::fs::write(&fresh, vec![0u8; 4 << 20]).unwrap();

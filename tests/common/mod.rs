@@ -40,6 +40,20 @@ pub fn open(dir: &Path, engine: &Arc<dyn IoEngine>) -> (Store, RecoveryReport) {
     verified(Store::open_with_engine(config(dir), engine.clone()).expect("open store"))
 }
 
+/// Opens with the first engine and no checkpoints: every segment scanned, so file surgery on
+/// a cleanly stopped store is seen by the scan (a checkpoint would stand in for it).
+pub fn no_checkpoints(dir: &Path) -> StoreConfig {
+    let mut c = config(dir);
+    c.use_checkpoints = false;
+    c
+}
+
+/// [`no_checkpoints`] opened with the first engine.
+pub fn open_scanned(dir: &Path) -> (Store, RecoveryReport) {
+    let (_, engine) = engines().remove(0);
+    Store::open_with_engine(no_checkpoints(dir), engine).expect("open store")
+}
+
 /// What an open reports once the walk of its checkpointed segments is done (what `health`
 /// shows when `cwm serve` has verified them in the background): the open's report with the
 /// walk's damaged regions and incomplete windows added.
