@@ -216,3 +216,17 @@ fn repair_leaves_a_newest_segment_created_but_never_written_to_recovery() {
     assert_eq!(store.list().unwrap().len(), 130);
     assert!(store.check_invariants().unwrap().is_empty());
 }
+
+#[test]
+fn a_zeroed_header_copy_is_damage_over_exactly_page_1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seg = one_window(tmp.path());
+    let mut b = std::fs::read(&seg).unwrap();
+    b[PAGE..2 * PAGE].fill(0);
+    std::fs::write(&seg, &b).unwrap();
+    let (store, rep) = reopen(tmp.path());
+    check(&store, "w", &keys(1, 3), 8192);
+    let r: Vec<(u64, u64)> = rep.damaged_regions.iter().map(|d| (d.1, d.2)).collect();
+    assert_eq!(r, vec![(PAGE as u64, 2 * PAGE as u64)], "{rep:?}");
+    assert!(rep.damaged_regions[0].3.contains("copy"), "{rep:?}");
+}
