@@ -25,6 +25,12 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
   if [[ "$(id -u)" == 0 ]]; then SUDO=""; else SUDO=sudo; fi
   $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends redis-server
 fi
+# tests/remote_tls.rs makes its CA and certificates with the openssl command-line tool.
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "installing openssl for the TLS shared-tier test"
+  if [[ "$(id -u)" == 0 ]]; then SUDO=""; else SUDO=sudo; fi
+  $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends openssl
+fi
 # Failpoints (cargo feature `failpoints`, never in default builds): every write-path site x
 # action. Run first, so target/release/cwm is the default build again afterwards.
 # tests/clock_skew.rs (EC-042) needs the same build: it injects wall-clock skew.

@@ -40,8 +40,10 @@ use value::ValueError;
 /// Where the shared tier is and how cwm uses it.
 #[derive(Debug, Clone)]
 pub struct RemoteConfig {
-    /// Seed nodes (`redis://host:port`, `rediss://` needs a TLS-enabled build).
+    /// Seed nodes: `redis://host:port`, or `rediss://host:port` for TLS (all of one kind).
     pub nodes: Vec<String>,
+    /// TLS material for `rediss://` nodes.
+    pub tls: RemoteTls,
     /// ACL user.
     pub user: Option<String>,
     /// ACL password (from a file or the environment, never a command-line flag).
@@ -101,10 +103,71 @@ impl std::str::FromStr for Publish {
     }
 }
 
+/// TLS material for `rediss://` nodes (PEM bytes, read from files at start-up). Without a CA the
+/// system's trust store vouches for the nodes; the nodes' certificates must name the host or
+/// IP address the seeds and the cluster's slot map give.
+#[derive(Clone, Default)]
+pub struct RemoteTls {
+    /// CA certificates that vouch for the nodes, replacing the system's trust store.
+    pub ca: Option<Vec<u8>>,
+    /// Client certificate chain and its private key, for nodes that authenticate clients
+    /// (`tls-auth-clients yes`).
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for RemoteTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key's bytes.
+        f.debug_struct("RemoteTls")
+            .field("ca", &self.ca.is_some())
+            .field("client", &self.client.is_some())
+            .finish()
+    }
+}
+
+impl RemoteTls {
+    /// Whether any file was given.
+    #[must_use]
+    pub fn is_set(&self) -> bool {
+        self.ca.is_some() || self.client.is_some()
+    }
+
+    fn certificates(&self) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: self
+                .client
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: self.ca.clone(),
+        }
+    }
+}
+
+/// Whether `nodes` are TLS (`rediss://`) nodes; mixing both kinds, or TLS files with plain
+/// nodes, is refused (a configuration that asks for TLS must not fall back to plain text).
+fn tls_nodes(nodes: &[String], tls: &RemoteTls) -> Result<bool, RemoteError> {
+    let n = nodes.iter().filter(|u| u.starts_with("rediss://")).count();
+    if n != 0 && n != nodes.len() {
+        return Err(RemoteError::Validation(
+            "remote nodes mix redis:// and rediss:// URLs: give all of one kind".into(),
+        ));
+    }
+    if n == 0 && tls.is_set() {
+        return Err(RemoteError::Validation(
+            "remote TLS files given but the nodes are redis:// URLs: use rediss://".into(),
+        ));
+    }
+    Ok(n != 0)
+}
+
 impl Default for RemoteConfig {
     fn default() -> Self {
         Self {
             nodes: Vec::new(),
+            tls: RemoteTls::default(),
             user: None,
             password: None,
             prefix: "cwm:v1".into(),
@@ -381,10 +444,14 @@ impl Remote {
                 cfg.prefix
             )));
         }
+        let tls = tls_nodes(&cfg.nodes, &cfg.tls)?;
         let mut b = ClusterClient::builder(cfg.nodes.clone())
             .connection_timeout(cfg.timeout)
             .response_timeout(cfg.timeout)
             .retries(2);
+        if tls && cfg.tls.is_set() {
+            b = b.certs(cfg.tls.certificates());
+        }
         if let Some(u) = &cfg.user {
             b = b.username(u.clone());
         }
@@ -697,7 +764,11 @@ impl Remote {
         let mut info: redis::ConnectionInfo = url.as_str().parse()?;
         info.redis.username = self.cfg.user.clone().or(info.redis.username);
         info.redis.password = self.cfg.password.clone().or(info.redis.password);
-        let client = redis::Client::open(info)?;
+        let client = if url.starts_with("rediss://") && self.cfg.tls.is_set() {
+            redis::Client::build_with_tls(info, self.cfg.tls.certificates())?
+        } else {
+            redis::Client::open(info)?
+        };
         let mut conn = client.get_connection_with_timeout(self.cfg.timeout)?;
         conn.set_read_timeout(Some(wait))?;
         // (The subscription lives as long as `sub`: dropping it unsubscribes.)

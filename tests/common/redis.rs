@@ -16,6 +16,102 @@ pub struct Node {
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<Node>,
+    /// redis-cli's TLS options (empty: plain nodes).
+    tls: Vec<String>,
+}
+
+/// TLS material made by the openssl command-line tool: a CA, a certificate for 127.0.0.1 the
+/// nodes serve, and a client certificate, both signed by the CA (P-256 keys).
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    /// A new CA with its server and client certificates.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let ossl = |args: &[&str]| {
+            let o = Command::new("openssl")
+                .current_dir(d)
+                .args(args)
+                .output()
+                .expect("openssl (scripts/test.sh installs Debian's openssl)");
+            assert!(
+                o.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        let key = |name: &str| {
+            ossl(&[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                name,
+            ])
+        };
+        key("ca.key");
+        ossl(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ca.key",
+            "-subj",
+            "/CN=cwm test CA",
+            "-days",
+            "2",
+            "-out",
+            "ca.crt",
+        ]);
+        std::fs::write(d.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+        std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
+        for who in ["server", "client"] {
+            key(&format!("{who}.key"));
+            ossl(&[
+                "req",
+                "-new",
+                "-key",
+                &format!("{who}.key"),
+                "-subj",
+                &format!("/CN=cwm test {who}"),
+                "-out",
+                &format!("{who}.csr"),
+            ]);
+            ossl(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{who}.csr"),
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{who}.ext"),
+                "-out",
+                &format!("{who}.crt"),
+            ]);
+        }
+        Pki { dir }
+    }
+
+    /// A file of the PKI: `ca.crt`, `server.crt`, `server.key`, `client.crt`, `client.key`.
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The bytes of [`Pki::path`].
+    pub fn read(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.path(name)).expect("pki file")
+    }
 }
 
 fn free(port: u16) -> bool {
@@ -43,9 +139,10 @@ fn ports(n: usize) -> Vec<u16> {
     out
 }
 
-fn cli(port: u16, args: &[&str]) -> String {
+fn cli(port: u16, tls: &[String], args: &[&str]) -> String {
     let o = Command::new("redis-cli")
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(tls)
         .args(args)
         .output()
         .expect("redis-cli (scripts/test.sh installs Debian's redis-server package)");
@@ -56,21 +153,75 @@ impl Cluster {
     /// Starts `masters` masters with `replicas` replicas each and waits until every node says
     /// the cluster is ok.
     pub fn start(masters: usize, replicas: usize) -> Self {
+        Self::start_with(masters, replicas, None)
+    }
+
+    /// [`Cluster::start`] of TLS-only nodes (`rediss://`, the cluster bus and replication over
+    /// TLS too) serving `pki`'s server certificate; with `auth_clients` a client must present
+    /// a certificate the CA signed.
+    pub fn start_tls(masters: usize, pki: &Pki, auth_clients: bool) -> Self {
+        Self::start_with(masters, 0, Some((pki, auth_clients)))
+    }
+
+    fn start_with(masters: usize, replicas: usize, tls: Option<(&Pki, bool)>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let n = masters * (1 + replicas);
         let mut nodes = Vec::new();
+        let p = |pki: &Pki, f: &str| pki.path(f).to_string_lossy().into_owned();
+        let (server_opts, cli_opts): (Vec<String>, Vec<String>) = match tls {
+            None => (Vec::new(), Vec::new()),
+            Some((pki, auth)) => (
+                [
+                    "--tls-cluster",
+                    "yes",
+                    "--tls-replication",
+                    "yes",
+                    "--tls-cert-file",
+                    &p(pki, "server.crt"),
+                    "--tls-key-file",
+                    &p(pki, "server.key"),
+                    "--tls-ca-cert-file",
+                    &p(pki, "ca.crt"),
+                    "--tls-auth-clients",
+                    if auth { "yes" } else { "no" },
+                ]
+                .map(String::from)
+                .to_vec(),
+                [
+                    "--tls",
+                    "--cacert",
+                    &p(pki, "ca.crt"),
+                    "--cert",
+                    &p(pki, "client.crt"),
+                    "--key",
+                    &p(pki, "client.key"),
+                ]
+                .map(String::from)
+                .to_vec(),
+            ),
+        };
         for port in ports(n) {
             let d = dir.path().join(port.to_string());
             std::fs::create_dir_all(&d).expect("node dir");
-            nodes.push(Node {
-                port,
-                child: spawn(port, &d),
-            });
+            let child = if tls.is_some() {
+                let mut extra = vec!["--port", "0", "--tls-port"];
+                let ps = port.to_string();
+                extra.push(&ps);
+                extra.extend(server_opts.iter().map(String::as_str));
+                spawn_on(None, &d, &extra)
+            } else {
+                spawn(port, &d)
+            };
+            nodes.push(Node { port, child });
         }
-        let c = Cluster { dir, nodes };
+        let c = Cluster {
+            dir,
+            nodes,
+            tls: cli_opts,
+        };
         let t = Instant::now();
         for nd in &c.nodes {
-            while cli(nd.port, &["PING"]).trim() != "PONG" {
+            while c.cli(nd.port, &["PING"]).trim() != "PONG" {
                 assert!(
                     t.elapsed() < Duration::from_secs(30),
                     "node {} never answered PING:\n{}",
@@ -89,7 +240,7 @@ impl Cluster {
         args.extend(addrs.iter().map(String::as_str));
         let r = replicas.to_string();
         args.extend(["--cluster-replicas", &r, "--cluster-yes"]);
-        let out = cli(c.nodes[0].port, &args);
+        let out = c.cli(c.nodes[0].port, &args);
         assert!(
             out.contains("[OK] All 16384 slots covered"),
             "cluster create: {out}"
@@ -101,7 +252,7 @@ impl Cluster {
         wait(
             || {
                 c.masters(0).iter().all(|&m| {
-                    let info = cli(c.nodes[m].port, &["INFO", "replication"]);
+                    let info = c.cli(c.nodes[m].port, &["INFO", "replication"]);
                     info.contains(&want) && info.matches("state=online").count() == replicas
                 })
             },
@@ -123,13 +274,14 @@ impl Cluster {
         std::fs::create_dir_all(&d).expect("node dir");
         let child = spawn_with(port, &d, extra);
         wait(
-            || cli(port, &["PING"]).trim() == "PONG",
+            || cli(port, &[], &["PING"]).trim() == "PONG",
             "node answers PING",
         );
-        cli(port, &["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
+        cli(port, &[], &["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
         let c = Cluster {
             dir,
             nodes: vec![Node { port, child }],
+            tls: Vec::new(),
         };
         c.wait_ok();
         c
@@ -137,7 +289,7 @@ impl Cluster {
 
     /// Indexes of the nodes that are masters now, as node `from` sees them.
     pub fn masters(&self, from: usize) -> Vec<usize> {
-        let out = cli(self.nodes[from].port, &["CLUSTER", "NODES"]);
+        let out = self.cli(self.nodes[from].port, &["CLUSTER", "NODES"]);
         out.lines()
             .filter(|l| l.contains("master") && !l.contains("fail"))
             .filter_map(|l| {
@@ -162,17 +314,30 @@ impl Cluster {
     pub fn wait_ok(&self) {
         for nd in &self.nodes {
             wait(
-                || cli(nd.port, &["CLUSTER", "INFO"]).contains("cluster_state:ok"),
+                || {
+                    self.cli(nd.port, &["CLUSTER", "INFO"])
+                        .contains("cluster_state:ok")
+                },
                 "cluster_state:ok",
             );
         }
     }
 
-    /// The seed-node URLs.
+    /// redis-cli against node port `port`, with the cluster's TLS options.
+    fn cli(&self, port: u16, args: &[&str]) -> String {
+        cli(port, &self.tls, args)
+    }
+
+    /// The seed-node URLs (`rediss://` for a TLS cluster).
     pub fn urls(&self) -> Vec<String> {
+        let scheme = if self.tls.is_empty() {
+            "redis"
+        } else {
+            "rediss"
+        };
         self.nodes
             .iter()
-            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .map(|n| format!("{scheme}://127.0.0.1:{}", n.port))
             .collect()
     }
 
@@ -186,6 +351,7 @@ impl Cluster {
                 "-p",
                 &self.nodes[0].port.to_string(),
             ])
+            .args(&self.tls)
             .args(args)
             .output()
             .expect("redis-cli");
@@ -196,7 +362,10 @@ impl Cluster {
     pub fn wait_ok_except(&self, except: usize) {
         for (i, nd) in self.nodes.iter().enumerate().filter(|(i, _)| *i != except) {
             wait(
-                || cli(nd.port, &["CLUSTER", "INFO"]).contains("cluster_state:ok"),
+                || {
+                    self.cli(nd.port, &["CLUSTER", "INFO"])
+                        .contains("cluster_state:ok")
+                },
                 &format!("cluster_state:ok on node {i}"),
             );
         }
@@ -231,7 +400,7 @@ impl Cluster {
         let d = self.dir.path().join(port.to_string());
         self.nodes[i].child = spawn(port, &d);
         wait(
-            || cli(port, &["PING"]).trim() == "PONG",
+            || cli(port, &[], &["PING"]).trim() == "PONG",
             "restarted node answers PING",
         );
     }
@@ -260,8 +429,16 @@ fn spawn(port: u16, d: &std::path::Path) -> Child {
 }
 
 fn spawn_with(port: u16, d: &std::path::Path, extra: &[&str]) -> Child {
-    Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+    spawn_on(Some(port), d, extra)
+}
+
+/// A node on plain `port`, or with `None` on the ports `extra` names.
+fn spawn_on(port: Option<u16>, d: &std::path::Path, extra: &[&str]) -> Child {
+    let mut cmd = Command::new("redis-server");
+    if let Some(port) = port {
+        cmd.args(["--port", &port.to_string()]);
+    }
+    cmd.args(["--bind", "127.0.0.1"])
         .args([
             "--cluster-enabled",
             "yes",

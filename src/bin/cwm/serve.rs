@@ -94,8 +94,8 @@ pub(crate) struct ServeArgs {
     /// Seconds an idempotency key's outcome is replayed; then it is forgotten (memory and log).
     #[arg(long, env = "CWM_IDEMPOTENCY_TTL", default_value_t = 86_400)]
     idempotency_ttl: u64,
-    /// Shared tier: Redis Cluster seed nodes, comma-separated (redis://host:port); off when
-    /// not given.
+    /// Shared tier: Redis Cluster seed nodes, comma-separated (redis://host:port, or
+    /// rediss://host:port for TLS); off when not given.
     #[arg(long, env = "CWM_REMOTE")]
     remote: Option<String>,
     /// Shared tier: ACL user.
@@ -105,6 +105,24 @@ pub(crate) struct ServeArgs {
     /// which `ps` would show).
     #[arg(long, env = "CWM_REMOTE_PASSWORD_FILE")]
     remote_password_file: Option<PathBuf>,
+    /// Shared tier: PEM file of the CA certificates that vouch for rediss:// nodes (default:
+    /// the system's trust store).
+    #[arg(long, env = "CWM_REMOTE_TLS_CA_FILE")]
+    remote_tls_ca_file: Option<PathBuf>,
+    /// Shared tier: PEM client certificate (chain) for nodes that authenticate clients.
+    #[arg(
+        long,
+        env = "CWM_REMOTE_TLS_CERT_FILE",
+        requires = "remote_tls_key_file"
+    )]
+    remote_tls_cert_file: Option<PathBuf>,
+    /// Shared tier: PEM private key of the client certificate.
+    #[arg(
+        long,
+        env = "CWM_REMOTE_TLS_KEY_FILE",
+        requires = "remote_tls_cert_file"
+    )]
+    remote_tls_key_file: Option<PathBuf>,
     /// Shared tier: key prefix.
     #[arg(long, env = "CWM_REMOTE_PREFIX", default_value = "cwm:v1")]
     remote_prefix: String,
@@ -159,7 +177,22 @@ impl ServeArgs {
             (None, Ok(p)) => Some(p),
             (None, Err(_)) => None,
         };
+        let read = |f: &PathBuf| std::fs::read(f).map_err(|e| format!("{}: {e}", f.display()));
+        let client = match (&self.remote_tls_cert_file, &self.remote_tls_key_file) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            (None, None) => None,
+            _ => {
+                return Err(
+                    "remote_tls_cert_file and remote_tls_key_file go together: give both".into(),
+                )
+            }
+        };
+        let tls = cwm::remote::RemoteTls {
+            ca: self.remote_tls_ca_file.as_ref().map(read).transpose()?,
+            client,
+        };
         Ok(Some(cwm::remote::RemoteConfig {
+            tls,
             nodes: nodes
                 .split(',')
                 .map(str::trim)
@@ -232,6 +265,9 @@ struct FileConfig {
     remote: Option<String>,
     remote_user: Option<String>,
     remote_password_file: Option<PathBuf>,
+    remote_tls_ca_file: Option<PathBuf>,
+    remote_tls_cert_file: Option<PathBuf>,
+    remote_tls_key_file: Option<PathBuf>,
     remote_prefix: Option<String>,
     remote_ttl: Option<u64>,
     remote_max_value: Option<SizeVal>,
@@ -313,6 +349,9 @@ fn apply_config_file(a: &mut ServeArgs, m: &clap::ArgMatches) -> Result<(), Stri
     take!(remote, |v| Some(v));
     take!(remote_user, |v| Some(v));
     take!(remote_password_file, |v| Some(v));
+    take!(remote_tls_ca_file, |v| Some(v));
+    take!(remote_tls_cert_file, |v| Some(v));
+    take!(remote_tls_key_file, |v| Some(v));
     take!(remote_prefix);
     take!(remote_ttl);
     take!(remote_max_value, size);
