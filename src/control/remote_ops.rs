@@ -57,17 +57,65 @@ pub(super) struct RemoteLink {
     down_at: Mutex<Option<Instant>>,
     /// Definite lookup misses.
     negative: Mutex<NegativeCache>,
-    /// Lookup probes running (at most [`PROBES`]: a slow tier never piles threads up).
+    /// Lookup probes running or queued (at most [`PROBES`]: a slow tier never piles work up).
     probing: AtomicUsize,
+    /// The threads that run probes, started as needed up to [`PROBES`] and kept (a probe
+    /// does not pay for a thread's start).
+    probe_pool: ProbePool,
     /// Measured read rate from the tier, GB/s (f64 bits; EWMA of fills).
     read_rate: AtomicU64,
     /// The highest generation seen per name (own publishes, pulls): an older head is stale.
-    seen: Mutex<HashMap<String, u64>>,
+    seen: Mutex<Recent<String, u64>>,
     /// The memory watcher and the announcement listener have been started.
     watching: AtomicBool,
     /// Announcements received: a probe's miss is remembered only if none arrived while it
     /// ran (the blocks may have landed after it looked).
     announced: AtomicU64,
+}
+
+/// A probe's work, run on a pool thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The probe threads: a job queue and how many threads take from it.
+struct ProbePool {
+    tx: crossbeam_channel::Sender<Job>,
+    rx: crossbeam_channel::Receiver<Job>,
+    threads: AtomicUsize,
+}
+
+impl Default for ProbePool {
+    fn default() -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        Self {
+            tx,
+            rx,
+            threads: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl ProbePool {
+    /// Runs `job` on a pool thread, starting one when fewer than `running` exist (the caller
+    /// bounds `running` by [`PROBES`]). False when no thread could be started.
+    fn run(&self, running: usize, job: Job) -> bool {
+        if self.threads.load(Ordering::SeqCst) < running {
+            let rx = self.rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name("cwm-remote-probe".into())
+                .spawn(move || {
+                    // Ends when the link (and with it the sender) is gone.
+                    for job in rx.iter() {
+                        job();
+                    }
+                });
+            if spawned.is_ok() {
+                self.threads.fetch_add(1, Ordering::SeqCst);
+            } else if self.threads.load(Ordering::SeqCst) == 0 {
+                return false;
+            }
+        }
+        self.tx.send(job).is_ok()
+    }
 }
 
 /// Names whose highest generation seen is remembered, at most.
@@ -85,13 +133,98 @@ const DEFAULT_READ_RATE: f64 = 0.4;
 /// How often the memory watcher reads `INFO memory`.
 const MEMORY_EVERY: Duration = Duration::from_secs(15);
 
-/// Definite lookup misses, bounded (oldest dropped first): the key where a prompt's
-/// continuation is known absent from the tier, and since when. Only answers of the tier go
-/// in, never timeouts or outages.
-#[derive(Default)]
+/// A map bounded to `cap` entries that drops the least recently used one first. The use order
+/// is a queue of (key, stamp) with lazy deletion: an entry used again gets a new stamp, and a
+/// queued stamp that is no longer the entry's is skipped (the queue is rebuilt when it holds
+/// twice as many stamps as entries, so it stays O(cap)).
+struct Recent<K, V> {
+    map: HashMap<K, (V, u64)>,
+    order: VecDeque<(K, u64)>,
+    stamp: u64,
+    cap: usize,
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V> Recent<K, V> {
+    fn new(cap: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            stamp: 0,
+            cap: cap.max(1),
+        }
+    }
+
+    /// The value of `key`, marked as used.
+    fn get(&mut self, key: &K) -> Option<&mut V> {
+        self.stamp += 1;
+        let stamp = self.stamp;
+        let (_, s) = self.map.get_mut(key)?;
+        *s = stamp;
+        self.order.push_back((key.clone(), stamp));
+        self.tidy();
+        self.map.get_mut(key).map(|(v, _)| v)
+    }
+
+    /// The value of `key` without marking it used.
+    fn peek(&self, key: &K) -> Option<&V> {
+        self.map.get(key).map(|(v, _)| v)
+    }
+
+    /// Sets `key` (marked as used), dropping the least recently used entry past the bound.
+    fn insert(&mut self, key: K, value: V) {
+        self.stamp += 1;
+        self.map.insert(key.clone(), (value, self.stamp));
+        self.order.push_back((key, self.stamp));
+        while self.map.len() > self.cap {
+            let Some((k, s)) = self.order.pop_front() else {
+                break;
+            };
+            if self.map.get(&k).is_some_and(|(_, cur)| *cur == s) {
+                self.map.remove(&k);
+            }
+        }
+        self.tidy();
+    }
+
+    fn remove(&mut self, key: &K) {
+        self.map.remove(key);
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.order.clear();
+    }
+
+    /// Drops queued stamps that no longer belong to their entry once they outnumber the
+    /// entries.
+    fn tidy(&mut self) {
+        if self.order.len() > 2 * self.cap.max(self.map.len()) {
+            let map = &self.map;
+            self.order
+                .retain(|(k, s)| map.get(k).is_some_and(|(_, cur)| cur == s));
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V> Default for Recent<K, V> {
+    fn default() -> Self {
+        Self::new(SEEN_NAMES)
+    }
+}
+
+/// Definite lookup misses, bounded (least recently used dropped first): the key where a
+/// prompt's continuation is known absent from the tier, and since when. Only answers of the
+/// tier go in, never timeouts or outages.
 struct NegativeCache {
-    since: HashMap<u128, Instant>,
-    order: VecDeque<u128>,
+    since: Recent<u128, Instant>,
+}
+
+impl Default for NegativeCache {
+    fn default() -> Self {
+        Self {
+            since: Recent::new(NEGATIVE_ENTRIES),
+        }
+    }
 }
 
 /// Entries the negative cache holds at most.
@@ -99,9 +232,9 @@ const NEGATIVE_ENTRIES: usize = 65_536;
 
 impl NegativeCache {
     fn contains(&mut self, key: u128, ttl: Duration) -> bool {
-        match self.since.get(&key) {
-            Some(t) if t.elapsed() < ttl => true,
-            Some(_) => {
+        match self.since.get(&key).map(|t| t.elapsed() < ttl) {
+            Some(true) => true,
+            Some(false) => {
                 self.since.remove(&key);
                 false
             }
@@ -110,19 +243,14 @@ impl NegativeCache {
     }
 
     fn insert(&mut self, key: u128) {
-        if self.since.insert(key, Instant::now()).is_none() {
-            self.order.push_back(key);
-            while self.order.len() > NEGATIVE_ENTRIES {
-                if let Some(old) = self.order.pop_front() {
-                    self.since.remove(&old);
-                }
-            }
+        // A miss seen again keeps its first time: its TTL runs from when it was first seen.
+        if self.since.peek(&key).is_none() {
+            self.since.insert(key, Instant::now());
         }
     }
 
     fn clear(&mut self) {
         self.since.clear();
-        self.order.clear();
     }
 
     fn forget(&mut self, keys: &[u128]) {
@@ -266,20 +394,19 @@ impl RemoteLink {
         limit: Duration,
         f: impl FnOnce(&Remote) -> Result<T, RemoteError> + Send + 'static,
     ) -> Result<T, Probe> {
-        if self.probing.fetch_add(1, Ordering::SeqCst) >= PROBES {
+        let running = self.probing.fetch_add(1, Ordering::SeqCst) + 1;
+        if running > PROBES {
             self.probing.fetch_sub(1, Ordering::SeqCst);
             return Err(Probe::Busy);
         }
         let (tx, rx) = crossbeam_channel::bounded(1);
         let link = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("cwm-remote-probe".into())
-            .spawn(move || {
-                let r = link.with(f);
-                link.probing.fetch_sub(1, Ordering::SeqCst);
-                let _ = tx.send(r);
-            });
-        if spawned.is_err() {
+        let job: Job = Box::new(move || {
+            let r = link.with(f);
+            link.probing.fetch_sub(1, Ordering::SeqCst);
+            let _ = tx.send(r);
+        });
+        if !self.probe_pool.run(running, job) {
             self.probing.fetch_sub(1, Ordering::SeqCst);
             return Err(Probe::Busy);
         }
@@ -352,17 +479,15 @@ impl RemoteLink {
     }
 
     /// Remembers generation `generation` of `name` (the highest wins; bounded: past
-    /// [`SEEN_NAMES`] names the memory starts over).
+    /// [`SEEN_NAMES`] names the least recently used is forgotten).
     fn saw(&self, name: &str, generation: u64) {
         if generation == 0 {
             return;
         }
         if let Ok(mut s) = self.seen.lock() {
-            if s.len() >= SEEN_NAMES && !s.contains_key(name) {
-                s.clear();
-            }
-            let g = s.entry(name.to_string()).or_insert(0);
-            *g = (*g).max(generation);
+            let name = name.to_string();
+            let g = s.get(&name).map_or(0, |g| *g);
+            s.insert(name, g.max(generation));
         }
     }
 
@@ -467,7 +592,7 @@ impl RemoteLink {
             .seen
             .lock()
             .ok()
-            .and_then(|s| s.get(name).copied())
+            .and_then(|mut s| s.get(&name.to_string()).copied())
             .unwrap_or(0);
         let r = self.with(|r| pull_window_since(store, r, name, replace, seen));
         if let Ok(p) = &r {
@@ -908,14 +1033,76 @@ mod tests {
         );
         n.forget(&[2]);
         assert!(!n.contains(2, Duration::from_secs(60)));
+        // A miss asked about all along stays while the ones nobody asks about again go.
+        n.insert(7);
         for k in 0..(NEGATIVE_ENTRIES as u128 + 10) {
             n.insert(k + 100);
+            if k % 1000 == 0 {
+                assert!(n.contains(7, Duration::from_secs(60)));
+            }
         }
-        assert!(n.since.len() <= NEGATIVE_ENTRIES);
+        assert!(n.since.map.len() <= NEGATIVE_ENTRIES);
+        assert!(n.since.order.len() <= 2 * NEGATIVE_ENTRIES + 1);
         assert!(
             !n.contains(100, Duration::from_secs(60)),
-            "the oldest went first"
+            "the least recently used went first"
+        );
+        assert!(
+            n.contains(7, Duration::from_secs(60)),
+            "the hot miss stayed"
         );
         assert!(n.contains(NEGATIVE_ENTRIES as u128 + 109, Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn probes_reuse_their_threads() {
+        let pool = ProbePool::default();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for i in 0..20 {
+            let tx = tx.clone();
+            assert!(pool.run(
+                1,
+                Box::new(move || {
+                    let _ = tx.send((i, std::thread::current().id()));
+                })
+            ));
+            rx.recv_timeout(Duration::from_secs(10)).expect("job ran");
+        }
+        assert_eq!(
+            pool.threads.load(Ordering::SeqCst),
+            1,
+            "one thread ran all 20"
+        );
+        // Two at once: a second thread starts, no more.
+        let gate = Arc::new(std::sync::Barrier::new(3));
+        for _ in 0..2 {
+            let g = gate.clone();
+            assert!(pool.run(
+                2,
+                Box::new(move || {
+                    g.wait();
+                })
+            ));
+        }
+        gate.wait();
+        assert_eq!(pool.threads.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_name_in_use_keeps_its_generation_past_the_bound() {
+        let mut s: Recent<String, u64> = Recent::new(100);
+        s.insert("hot".into(), 9);
+        for i in 0..1_000u64 {
+            s.insert(format!("n{i}"), i);
+            // Re-inserting a name keeps one entry for it.
+            s.insert(format!("n{i}"), i + 1);
+            assert_eq!(s.get(&"hot".to_string()).copied(), Some(9));
+            assert!(s.map.len() <= 100);
+            assert!(s.order.len() <= 201, "{}", s.order.len());
+        }
+        assert_eq!(s.peek(&"n999".to_string()), Some(&1000));
+        assert_eq!(s.peek(&"n0".to_string()), None, "the coldest went");
+        s.remove(&"hot".to_string());
+        assert_eq!(s.peek(&"hot".to_string()), None);
     }
 }
