@@ -160,6 +160,10 @@ pub struct Session {
     pub created_unix_ms: i64,
     /// Creation order (not wall time).
     pub seq: u64,
+    /// When the state last changed, ms since the Unix epoch (0 in records written before it
+    /// was kept: the creation time stands in).
+    #[serde(default)]
+    pub changed_unix_ms: i64,
     /// Seconds since creation (this process's monotonic clock).
     #[serde(default)]
     pub age_secs: f64,
@@ -182,6 +186,7 @@ impl Session {
             max_context,
             created_unix_ms: crate::store::now_unix_ms(),
             seq,
+            changed_unix_ms: crate::store::now_unix_ms(),
             age_secs: 0.0,
             created: Some(Instant::now()),
             held: None,
@@ -195,6 +200,10 @@ impl Session {
 /// sessions' flags, only later state changes, which must be written after it.
 pub type Persist = Box<dyn Fn(&Session) + Send + Sync>;
 
+/// Called with the id of a DELETED session the registry forgets (the daemon deletes its
+/// record from the log), in order with [`Persist`] calls.
+pub type Forget = Box<dyn Fn(&str) + Send + Sync>;
+
 type Table = (HashMap<String, Session>, u64);
 
 /// The daemon's sessions.
@@ -202,6 +211,7 @@ pub struct Registry {
     max_active: usize,
     inner: Mutex<Table>,
     persist: Option<Persist>,
+    forget: Option<Forget>,
     /// Taken before the registry's lock is released and held while persisting: writes keep
     /// the order of the changes.
     persist_order: Mutex<()>,
@@ -215,6 +225,7 @@ impl Registry {
             max_active,
             inner: Mutex::new((HashMap::new(), 0)),
             persist: None,
+            forget: None,
             persist_order: Mutex::new(()),
         }
     }
@@ -237,8 +248,55 @@ impl Registry {
             max_active,
             inner: Mutex::new((map, seq)),
             persist: Some(persist),
+            forget: None,
             persist_order: Mutex::new(()),
         }
+    }
+
+    /// Calls `forget` for every DELETED session [`Registry::forget_deleted`] drops.
+    #[must_use]
+    pub fn forgetting(mut self, forget: Forget) -> Self {
+        self.forget = Some(forget);
+        self
+    }
+
+    /// Drops the sessions DELETED at least `ttl_ms` ago (a deleted id stays listed as DELETED
+    /// that long, then is gone: its record too, so session metadata stays bounded). Returns
+    /// their ids. The drop and the record deletions are ordered with state changes: a session
+    /// opened again under a forgotten id is written after its old record is deleted.
+    pub fn forget_deleted(&self, now_ms: i64, ttl_ms: i64) -> Vec<String> {
+        let mut g = self.lock();
+        let gone: Vec<String> =
+            g.0.values()
+                .filter(|s| s.state == SessionState::Deleted)
+                .filter(|s| {
+                    let at = if s.changed_unix_ms > 0 {
+                        s.changed_unix_ms
+                    } else {
+                        s.created_unix_ms
+                    };
+                    now_ms.saturating_sub(at) >= ttl_ms
+                })
+                .map(|s| s.id.clone())
+                .collect();
+        if gone.is_empty() {
+            return gone;
+        }
+        for id in &gone {
+            g.0.remove(id);
+        }
+        let order = match self.persist_order.lock() {
+            Ok(o) => o,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        drop(g);
+        if let Some(f) = &self.forget {
+            for id in &gone {
+                f(id);
+            }
+        }
+        drop(order);
+        gone
     }
 
     /// Persists a change made under `g`: takes the ordering lock, releases the registry's,
@@ -325,6 +383,7 @@ impl Registry {
             });
         }
         s.state = to;
+        s.changed_unix_ms = crate::store::now_unix_ms();
         let snap = Self::snapshot(s);
         self.saved(g, &snap);
         Ok(snap)

@@ -170,6 +170,12 @@ impl Server {
                 "forgot {forgotten} idempotent outcomes past their TTL"
             ));
         }
+        let sessions = self.expire_deleted_sessions();
+        if sessions > 0 {
+            crate::log::info(&format!(
+                "forgot {sessions} sessions deleted longer than the idempotency TTL ago"
+            ));
+        }
         let expired = self.store.expire_due()?;
         self.metrics.expiries.inc_by(expired.len() as u64);
         for w in &expired {

@@ -40,7 +40,19 @@ pub(super) fn restore(
                 if let Ok(s) =
                     serde_json::from_value::<crate::session::Session>(v["session"].clone())
                 {
-                    restored.push((rec_seq, s));
+                    let at = if s.changed_unix_ms > 0 {
+                        s.changed_unix_ms
+                    } else {
+                        s.created_unix_ms
+                    };
+                    if s.state == crate::session::SessionState::Deleted
+                        && now.saturating_sub(at) >= idem_ttl_ms
+                    {
+                        // Deleted long enough ago: forgotten, its record too.
+                        let _ = store.delete_meta(meta_key("session", &s.id));
+                    } else {
+                        restored.push((rec_seq, s));
+                    }
                 }
             }
             Some("idem") => {
@@ -85,7 +97,16 @@ pub(super) fn restore(
         })
         .collect();
     let restored: Vec<crate::session::Session> = restored.into_iter().map(|(_, s)| s).collect();
-    let sessions = crate::session::Registry::restored(max_sessions.max(1), restored, persist);
+    let st3 = store.clone();
+    let forget: crate::session::Forget = Box::new(move |id| {
+        if let Err(e) = st3.delete_meta(meta_key("session", id)) {
+            crate::log::warn(&format!(
+                "deleted session {id:?} not forgotten in the log: {e}"
+            ));
+        }
+    });
+    let sessions = crate::session::Registry::restored(max_sessions.max(1), restored, persist)
+        .forgetting(forget);
     for (id, window) in frozen_late {
         crate::log::warn(&format!(
             "session {id:?}: window {window:?} was committed but the daemon stopped before \
@@ -139,6 +160,14 @@ impl Server {
             }
         }
         old.len()
+    }
+
+    /// Forgets the sessions DELETED longer than the idempotency TTL ago, in memory and in the
+    /// log. Returns how many.
+    pub(super) fn expire_deleted_sessions(&self) -> usize {
+        self.sessions
+            .forget_deleted(crate::clock::now_unix_ms(), self.idem_ttl_ms())
+            .len()
     }
 
     /// The idempotency TTL in ms.

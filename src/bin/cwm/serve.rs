@@ -91,7 +91,8 @@ pub(crate) struct ServeArgs {
     /// Milliseconds between expiry and eviction passes (0: off).
     #[arg(long, env = "CWM_EVICTION_INTERVAL_MS", default_value_t = 1000)]
     eviction_interval_ms: u64,
-    /// Seconds an idempotency key's outcome is replayed; then it is forgotten (memory and log).
+    /// Seconds an idempotency key's outcome is replayed, and a DELETED session stays listed;
+    /// then either is forgotten (memory and log).
     #[arg(long, env = "CWM_IDEMPOTENCY_TTL", default_value_t = 86_400)]
     idempotency_ttl: u64,
     /// Shared tier: Redis Cluster seed nodes, comma-separated (redis://host:port, or
