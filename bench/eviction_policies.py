@@ -9,10 +9,13 @@ the Rust simulation's (tests/cli_bench_trace_policies.py checks it). The other p
 candidates docs/PERFORMANCE.md ("Eviction") reports on; none is in the store, because none
 beats LRU on every trace.
 
-Usage: bench/eviction_policies.py [--trace FILE] [--json]
+Usage: bench/eviction_policies.py [--trace FILE] [--only KIND] [--phases] [--json]
 Traces: FILE (Mooncake JSONL, `hash_ids`), and the synthetic ones: `agents` and `chats` (the
 generators of `cwm bench trace --synthetic`, seed 7, 4,000 requests), `solo-chats` (chats with
-no shared system prompt: each conversation its own root).
+no shared system prompt: each conversation its own root). `--phases` (with `--trace`) adds two
+traces whose workload changes half-way: FILE's first 2,000 requests then 2,000 solo chats
+(seed 11), and the other way round — a policy that protects what was valuable must let it go
+when the workload moves on.
 """
 import argparse
 import collections
@@ -96,7 +99,16 @@ def simulate(reqs, cap, policy, marks=(0.95, 0.90)):
     ghost = collections.OrderedDict()  # evicted block -> class (arc)
     target = [0.5 * cap]  # arc: the share of never-repeated roots
     hit_blocks = total = 0
+    children = collections.defaultdict(set)  # block -> the next blocks seen after it (history)
+    forks = set()  # blocks seen followed by two or more different blocks
+    evict_age = [0.0]  # EWMA of evicted windows' time since last use (requests)
     for t, ids in enumerate(reqs):
+        for a, b in zip(ids, ids[1:]):
+            ch = children[a]
+            if b not in ch:
+                ch.add(b)
+                if len(ch) == 2:
+                    forks.add(a)
         hit = 0
         for k in ids:
             if k not in refs:
@@ -126,7 +138,18 @@ def simulate(reqs, cap, policy, marks=(0.95, 0.90)):
             continue
         w = windows
         repeated = lambda n: seen_root.get(w[n]["keys"][0], 0) >= 2  # noqa: E731
-        if policy == "lru":
+        # A window holding a fork (a prefix seen with two different continuations: a document
+        # asked different questions) before its last block; a conversation growing turn by
+        # turn never forks.
+        forked = lambda n: any(k in forks for k in w[n]["keys"][:-1])  # noqa: E731
+        if policy == "fork":
+            order = sorted(w, key=lambda n: (forked(n), w[n]["last"], n))
+        elif policy == "fork-bonus":
+            # Protection that ages: a forked window counts as used twice the mean age at
+            # which windows are evicted later than it was.
+            b = 2 * evict_age[0]
+            order = sorted(w, key=lambda n: (w[n]["last"] + (b if forked(n) else 0), n))
+        elif policy == "lru":
             order = sorted(w, key=lambda n: (w[n]["last"], n))
         elif policy == "root-history":
             order = sorted(w, key=lambda n: (repeated(n), w[n]["last"], n))
@@ -160,6 +183,8 @@ def simulate(reqs, cap, policy, marks=(0.95, 0.90)):
             if len(refs) <= low:
                 break
             n, cls = item if policy == "arc" else (item, 0)
+            age = t - windows[n]["last"]
+            evict_age[0] = age if evict_age[0] == 0 else 0.9 * evict_age[0] + 0.1 * age
             for k in windows.pop(n)["keys"]:
                 refs[k] -= 1
                 if refs[k] == 0:
@@ -173,7 +198,8 @@ def simulate(reqs, cap, policy, marks=(0.95, 0.90)):
     return hit_blocks / max(total, 1)
 
 
-POLICIES = ("lru", "root-history", "root-history-slru", "root-history-aged", "arc")
+POLICIES = ("lru", "root-history", "root-history-slru", "root-history-aged", "arc", "fork",
+            "fork-bonus")
 
 
 def main():
@@ -181,6 +207,7 @@ def main():
     ap.add_argument("--trace", help="a Mooncake-format JSONL trace")
     ap.add_argument("--only", help="one of the synthetic traces (agents, chats, solo-chats)")
     ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--phases", action="store_true", help="add FILE-then-solo-chats traces")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     traces = []
@@ -190,6 +217,9 @@ def main():
     if a.trace and not a.only:
         kinds = ["agents", "chats", "solo-chats"]
     traces += [(k, synthetic(k)) for k in kinds]
+    if a.phases and a.trace:
+        first, solo = traces[0][1][:2000], synthetic("solo-chats", 2000, seed=11)
+        traces += [("trace-then-solo", first + solo), ("solo-then-trace", solo + first)]
     out = []
     for name, reqs in traces:
         unique = len({k for r in reqs for k in r})

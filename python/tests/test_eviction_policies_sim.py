@@ -48,3 +48,21 @@ def test_root_history_protects_repeated_roots_and_is_not_lru():
     lru = sim.simulate(reqs, 12, "lru")
     hist = sim.simulate(reqs, 12, "root-history")
     assert hist > lru, (hist, lru)
+
+
+def test_fork_protects_a_document_asked_twice_but_not_a_growing_conversation():
+    sim = load()
+    # Document 1-2-3-4 asked different questions (a fork after block 4) every fourth request,
+    # one-off prompts between: the fork keeps the document where LRU loses it.
+    reqs = []
+    for i in range(60):
+        reqs.append([1, 2, 3, 4, 1000 + i] if i % 4 == 0 else [10 * (i + 1), 10 * (i + 1) + 1])
+    assert sim.simulate(reqs, 12, "fork") > sim.simulate(reqs, 12, "lru")
+    # Conversations that only grow (each turn extends the last, no shared root) never fork:
+    # the fork policies are LRU there, where root-history is not.
+    chats = sim.synthetic("solo-chats", 600, seed=3)
+    unique = len({k for r in chats for k in r})
+    for f in (0.05, 0.25):
+        lru = sim.simulate(chats, int(unique * f), "lru")
+        assert sim.simulate(chats, int(unique * f), "fork") == lru
+        assert sim.simulate(chats, int(unique * f), "fork-bonus") == lru
