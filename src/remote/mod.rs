@@ -37,6 +37,17 @@ pub use transfer::{
 };
 use value::ValueError;
 
+/// How long an announcement subscription may go without a push before it checks that its node
+/// still answers.
+const KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// The host of a node URL (`redis://host:port` → `host`).
+fn seed_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    rest.rsplit_once(':').map_or(rest, |(h, _)| h)
+}
+
 /// Where the shared tier is and how cwm uses it.
 #[derive(Debug, Clone)]
 pub struct RemoteConfig {
@@ -735,9 +746,11 @@ impl Remote {
         format!("{}:announce", self.cfg.prefix)
     }
 
-    /// Announces that `keys` are now in the tier (a `PUBLISH` every node relays to its
-    /// subscribers): 16 bytes a key, little-endian; more than [`ANNOUNCE_KEYS`] keys are
-    /// announced as an empty message ("anything may have changed").
+    /// Announces that `keys` are now in the tier: a sharded `SPUBLISH` on
+    /// [`Remote::announce_channel`], which only the shard owning the channel's slot (its
+    /// master and replicas) carries — a plain `PUBLISH` would cross every node of the cluster
+    /// bus. 16 bytes a key, little-endian; more than [`ANNOUNCE_KEYS`] keys are announced as
+    /// an empty message ("anything may have changed").
     pub fn announce(&self, keys: &[u128]) -> Result<(), RemoteError> {
         let payload: Vec<u8> = if keys.len() > ANNOUNCE_KEYS {
             Vec::new()
@@ -745,51 +758,172 @@ impl Remote {
             keys.iter().flat_map(|k| k.to_le_bytes()).collect()
         };
         let ch = self.announce_channel();
-        self.run(|c| redis::cmd("PUBLISH").arg(&ch).arg(payload).query::<i64>(c))?;
+        // (Routed by its first argument, the channel: to the master of the channel's slot.)
+        self.run(|c| redis::cmd("SPUBLISH").arg(&ch).arg(payload).query::<i64>(c))?;
         Ok(())
     }
 
-    /// Listens to the announcements on a plain connection to seed node `i` (modulo their
-    /// number; a cluster relays every `PUBLISH` to every node): `on` gets each one's keys
-    /// (empty: anything may have changed), or `None` when none came within `wait`, and ends
-    /// the listening by returning false. Returns when `on` does, or with the error that broke
-    /// the connection.
+    /// A client for one node at `url`, with the tier's credentials and TLS material.
+    fn node_client(
+        &self,
+        url: &str,
+        protocol: redis::ProtocolVersion,
+    ) -> Result<redis::Client, RemoteError> {
+        let mut info: redis::ConnectionInfo = url.parse()?;
+        info.redis.username = self.cfg.user.clone().or(info.redis.username);
+        info.redis.password = self.cfg.password.clone().or(info.redis.password);
+        info.redis.protocol = protocol;
+        Ok(if url.starts_with("rediss://") && self.cfg.tls.is_set() {
+            redis::Client::build_with_tls(info, self.cfg.tls.certificates())?
+        } else {
+            redis::Client::open(info)?
+        })
+    }
+
+    /// The `host:port` of the master serving `key`'s slot, as node `seed` (a URL) sees the
+    /// cluster.
+    fn slot_owner(&self, seed: &str, key: &str) -> Result<String, RemoteError> {
+        let mut c = self
+            .node_client(seed, redis::ProtocolVersion::RESP2)?
+            .get_connection_with_timeout(self.cfg.timeout)?;
+        c.set_read_timeout(Some(self.cfg.timeout))?;
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut c)?;
+        let slots: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut c)?;
+        let int = |v: &redis::Value| match v {
+            redis::Value::Int(i) => Some(*i),
+            _ => None,
+        };
+        for entry in &slots {
+            let redis::Value::Array(e) = entry else {
+                continue;
+            };
+            let (Some(from), Some(to)) = (e.first().and_then(int), e.get(1).and_then(int)) else {
+                continue;
+            };
+            if !(from..=to).contains(&slot) {
+                continue;
+            }
+            if let Some(redis::Value::Array(master)) = e.get(2) {
+                let host = match master.first() {
+                    Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                    Some(redis::Value::SimpleString(s)) => s.clone(),
+                    _ => continue,
+                };
+                if let Some(port) = master.get(1).and_then(int) {
+                    // (An empty or "?" host means "the address you reached me on".)
+                    let host = if host.is_empty() || host == "?" {
+                        seed_host(seed).to_string()
+                    } else {
+                        host
+                    };
+                    return Ok(format!("{host}:{port}"));
+                }
+            }
+        }
+        Err(RemoteError::Unavailable(format!(
+            "no node serves slot {slot} (cluster down?)"
+        )))
+    }
+
+    /// Listens to the announcements: asks seed node `i` (modulo their number) which master
+    /// serves the channel's slot, subscribes there (`SSUBSCRIBE`, RESP3) and hands `on` each
+    /// announcement's keys (empty: anything may have changed), or `None` when none came
+    /// within `wait`; `on` ends the listening by returning false. Returns when `on` does, or
+    /// with the error that ended the subscription — a broken connection, or the slot moving
+    /// to another master (failover, resharding): the caller subscribes again.
     pub fn listen(
         &self,
         i: usize,
         wait: Duration,
         mut on: impl FnMut(Option<Vec<u128>>) -> bool,
     ) -> Result<(), RemoteError> {
-        let url = &self.cfg.nodes[i % self.cfg.nodes.len().max(1)];
-        let mut info: redis::ConnectionInfo = url.as_str().parse()?;
-        info.redis.username = self.cfg.user.clone().or(info.redis.username);
-        info.redis.password = self.cfg.password.clone().or(info.redis.password);
-        let client = if url.starts_with("rediss://") && self.cfg.tls.is_set() {
-            redis::Client::build_with_tls(info, self.cfg.tls.certificates())?
+        let seed = &self.cfg.nodes[i % self.cfg.nodes.len().max(1)];
+        let ch = self.announce_channel();
+        let owner = self.slot_owner(seed, &ch)?;
+        let scheme = if seed.starts_with("rediss://") {
+            "rediss"
         } else {
-            redis::Client::open(info)?
+            "redis"
         };
-        let mut conn = client.get_connection_with_timeout(self.cfg.timeout)?;
+        let mut conn = self
+            .node_client(
+                &format!("{scheme}://{owner}"),
+                redis::ProtocolVersion::RESP3,
+            )?
+            .get_connection_with_timeout(self.cfg.timeout)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        conn.set_push_sender(tx);
+        conn.set_read_timeout(Some(self.cfg.timeout))?;
+        redis::cmd("SSUBSCRIBE")
+            .arg(&ch)
+            .set_no_response(true)
+            .exec(&mut conn)?;
         conn.set_read_timeout(Some(wait))?;
-        // (The subscription lives as long as `sub`: dropping it unsubscribes.)
-        let mut sub = conn.as_pubsub();
-        sub.subscribe(self.announce_channel())?;
+        let subscribe = redis::cmd("SSUBSCRIBE").arg(&ch).get_packed_command();
+        // Liveness: a node that stops answering (paused, partitioned) keeps its socket open.
+        // After [`KEEPALIVE`] without a push the subscription is asked for again (its
+        // confirmation is a push too); no push within the request timeout after that ends it.
+        let mut last_push = std::time::Instant::now();
+        let mut asked: Option<std::time::Instant> = None;
         loop {
-            let got = match sub.get_message() {
-                Ok(m) => Some(
-                    m.get_payload_bytes()
-                        .chunks_exact(16)
-                        .map(|c| {
-                            let mut b = [0u8; 16];
-                            b.copy_from_slice(c);
-                            u128::from_le_bytes(b)
-                        })
-                        .collect(),
-                ),
-                Err(e) if e.is_timeout() => None,
-                Err(e) => return Err(e.into()),
-            };
-            if !on(got) {
+            // Reading delivers the pushes (messages, subscription changes) to `rx`; what the
+            // read itself returns is not looked at, but for a broken connection.
+            let read = conn.recv_response();
+            let mut heard = false;
+            while let Ok(p) = rx.try_recv() {
+                last_push = std::time::Instant::now();
+                asked = None;
+                match p.kind {
+                    redis::PushKind::SMessage => {
+                        heard = true;
+                        let keys = match p.data.get(1) {
+                            Some(redis::Value::BulkString(b)) => b
+                                .chunks_exact(16)
+                                .map(|c| {
+                                    let mut k = [0u8; 16];
+                                    k.copy_from_slice(c);
+                                    u128::from_le_bytes(k)
+                                })
+                                .collect(),
+                            _ => Vec::new(),
+                        };
+                        if !on(Some(keys)) {
+                            return Ok(());
+                        }
+                    }
+                    redis::PushKind::SUnsubscribe => {
+                        return Err(RemoteError::Unavailable(format!(
+                            "the announcement channel left {owner} (its slot moved)"
+                        )))
+                    }
+                    redis::PushKind::Disconnection => {
+                        return Err(RemoteError::Unavailable(format!(
+                            "the announcement subscription at {owner} was disconnected"
+                        )))
+                    }
+                    _ => {}
+                }
+            }
+            match read {
+                Err(e) if !e.is_timeout() => return Err(e.into()),
+                _ => {}
+            }
+            match asked {
+                Some(at) if at.elapsed() > self.cfg.timeout + wait => {
+                    return Err(RemoteError::Timeout(format!(
+                        "the announcement subscription at {owner} stopped answering"
+                    )))
+                }
+                None if last_push.elapsed() > KEEPALIVE => {
+                    conn.send_packed_command(&subscribe)?;
+                    asked = Some(std::time::Instant::now());
+                }
+                _ => {}
+            }
+            if !heard && !on(None) {
                 return Ok(());
             }
         }

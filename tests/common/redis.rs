@@ -358,6 +358,11 @@ impl Cluster {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
+    /// Runs a redis-cli command on node `i` (no redirects followed).
+    pub fn cmd_on(&self, i: usize, args: &[&str]) -> String {
+        self.cli(self.nodes[i].port, args)
+    }
+
     /// Waits until every node but `except` reports `cluster_state:ok`.
     pub fn wait_ok_except(&self, except: usize) {
         for (i, nd) in self.nodes.iter().enumerate().filter(|(i, _)| *i != except) {
