@@ -176,6 +176,17 @@ pub struct Session {
 }
 
 impl Session {
+    /// When the state last changed, ms since the Unix epoch (the creation time for records
+    /// written before that was kept).
+    #[must_use]
+    pub fn changed_at(&self) -> i64 {
+        if self.changed_unix_ms > 0 {
+            self.changed_unix_ms
+        } else {
+            self.created_unix_ms
+        }
+    }
+
     fn new(id: &str, state: SessionState, max_context: Option<u64>, seq: u64) -> Self {
         Self {
             id: id.into(),
@@ -269,14 +280,7 @@ impl Registry {
         let gone: Vec<String> =
             g.0.values()
                 .filter(|s| s.state == SessionState::Deleted)
-                .filter(|s| {
-                    let at = if s.changed_unix_ms > 0 {
-                        s.changed_unix_ms
-                    } else {
-                        s.created_unix_ms
-                    };
-                    now_ms.saturating_sub(at) >= ttl_ms
-                })
+                .filter(|s| now_ms.saturating_sub(s.changed_at()) >= ttl_ms)
                 .map(|s| s.id.clone())
                 .collect();
         if gone.is_empty() {

@@ -62,14 +62,7 @@ fn deletions_go_on_in_the_last_kilobytes_of_a_full_file_system() {
     std::fs::write(&reserve, vec![0u8; 100 << 10]).unwrap();
     let (_, engine) = engines().remove(0);
     let (store, _) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
-    let mut n = 0u128;
-    let err = loop {
-        match window(&store, n) {
-            Ok(()) => n += 1,
-            Err(e) => break e,
-        }
-        assert!(n < 1000, "8 MiB never filled");
-    };
+    let (n, err) = fill_until_error(1000, |i| window(&store, i));
     assert_eq!(err.code(), "NO_SPACE", "{err}");
     assert!(n >= 8, "only {n} windows fitted");
 

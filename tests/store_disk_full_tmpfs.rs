@@ -39,14 +39,7 @@ fn ec_052_disk_full_on_tmpfs() {
         let dir = mnt.join(name);
         {
             let (store, _) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
-            let mut n = 0u128;
-            let err = loop {
-                match window(&store, n) {
-                    Ok(()) => n += 1,
-                    Err(e) => break e,
-                }
-                assert!(n < 100, "{name}: 64 MiB never filled");
-            };
+            let (n, err) = fill_until_error(100, |i| window(&store, i));
             assert_eq!(err.code(), "NO_SPACE", "{name}: {err}");
             assert!(n >= 3, "{name}: only {n} windows fitted");
             let full = format!("w{n}");

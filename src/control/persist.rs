@@ -40,13 +40,8 @@ pub(super) fn restore(
                 if let Ok(s) =
                     serde_json::from_value::<crate::session::Session>(v["session"].clone())
                 {
-                    let at = if s.changed_unix_ms > 0 {
-                        s.changed_unix_ms
-                    } else {
-                        s.created_unix_ms
-                    };
                     if s.state == crate::session::SessionState::Deleted
-                        && now.saturating_sub(at) >= idem_ttl_ms
+                        && now.saturating_sub(s.changed_at()) >= idem_ttl_ms
                     {
                         // Deleted long enough ago: forgotten, its record too.
                         let _ = store.delete_meta(meta_key("session", &s.id));

@@ -182,6 +182,22 @@ impl Drop for Tmpfs {
 
 /// Mounts a tmpfs of `size` (mount's syntax, "64m") at `dir` (created); `None`, saying why on
 /// stderr, where mounting is not allowed (the test then reports itself skipped).
+/// Stores windows 0, 1, … with `put` until one fails; returns how many fitted and the error
+/// (at most `limit` tries).
+pub fn fill_until_error(
+    limit: u128,
+    mut put: impl FnMut(u128) -> Result<(), cwm::store::StoreError>,
+) -> (u128, cwm::store::StoreError) {
+    let mut n = 0u128;
+    loop {
+        match put(n) {
+            Ok(()) => n += 1,
+            Err(e) => return (n, e),
+        }
+        assert!(n < limit, "never filled after {limit} windows");
+    }
+}
+
 pub fn mount_tmpfs(dir: &Path, size: &str) -> Option<Tmpfs> {
     std::fs::create_dir_all(dir).unwrap();
     match std::process::Command::new("mount")
