@@ -10,8 +10,9 @@
 //! segment), and `checkpoint-write` (a segment checkpoint; its failure fails no operation, so
 //! it is not in [`SITES`]: tests/failpoints.rs checks it on its own).
 //! Actions: `error` (the operation fails with a typed
-//! I/O error), `short-write` (part of the bytes reach the file, then the operation fails), and
-//! `panic`. A site fires every time it is reached until cleared.
+//! I/O error), `short-write` (part of the bytes reach the file, then the operation fails),
+//! `panic`, and `delay` (the site waits half a second, then goes on as if not armed: a slow
+//! device). A site fires every time it is reached until cleared.
 //!
 //! Also here: an injected wall-clock skew for stored timestamps (`CWM_CLOCK_SKEW_MS`, EC-042).
 
@@ -24,7 +25,12 @@ pub enum Action {
     ShortWrite,
     /// Panic.
     Panic,
+    /// Wait [`DELAY`], then go on as if not armed (a slow device).
+    Delay,
 }
+
+/// How long a `delay` failpoint waits.
+pub const DELAY: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl std::str::FromStr for Action {
     type Err = String;
@@ -33,8 +39,9 @@ impl std::str::FromStr for Action {
             "error" => Ok(Self::Error),
             "short-write" => Ok(Self::ShortWrite),
             "panic" => Ok(Self::Panic),
+            "delay" => Ok(Self::Delay),
             o => Err(format!(
-                "unknown failpoint action {o:?}: use error, short-write or panic"
+                "unknown failpoint action {o:?}: use error, short-write, panic or delay"
             )),
         }
     }
@@ -107,17 +114,22 @@ mod registry {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(name)
             .copied();
-        if let Some(Action::Panic) = a {
-            panic!("failpoint {name}: injected panic");
+        match a {
+            Some(Action::Panic) => panic!("failpoint {name}: injected panic"),
+            Some(Action::Delay) => {
+                std::thread::sleep(super::DELAY);
+                None
+            }
+            a => a,
         }
-        a
     }
 }
 
 #[cfg(feature = "failpoints")]
 pub use registry::{clear, hit, set};
 
-/// Runs `$body` with the armed action (`Error` or `ShortWrite`; `Panic` panics inside) when
+/// Runs `$body` with the armed action (`Error` or `ShortWrite`; `Panic` panics inside, `Delay`
+/// waits inside and runs nothing) when
 /// failpoint `$name` is armed. Expands to nothing without the `failpoints` feature.
 #[macro_export]
 macro_rules! fail_point {

@@ -180,8 +180,6 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Mounts a tmpfs of `size` (mount's syntax, "64m") at `dir` (created); `None`, saying why on
-/// stderr, where mounting is not allowed (the test then reports itself skipped).
 /// Stores windows 0, 1, … with `put` until one fails; returns how many fitted and the error
 /// (at most `limit` tries).
 pub fn fill_until_error(
@@ -198,6 +196,8 @@ pub fn fill_until_error(
     }
 }
 
+/// Mounts a tmpfs of `size` (mount's syntax, "64m") at `dir` (created); `None`, saying why on
+/// stderr, where mounting is not allowed (the test then reports itself skipped).
 pub fn mount_tmpfs(dir: &Path, size: &str) -> Option<Tmpfs> {
     std::fs::create_dir_all(dir).unwrap();
     match std::process::Command::new("mount")
