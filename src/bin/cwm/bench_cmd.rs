@@ -238,7 +238,7 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
             }
             if let (Some(fw), Some(fr)) = (r.fio_write_gbps, r.fio_read_gbps) {
                 text.push_str(&format!(
-                    "\n  fio (O_DIRECT, io_uring, same size and depth): write {fw:.2} GB/s (store {:.3}x), read {fr:.2} GB/s (store {:.3}x)",
+                    "\n  fio (O_DIRECT, io_uring, same bytes, two jobs at the same depth): write {fw:.2} GB/s (store {:.3}x), read {fr:.2} GB/s (store {:.3}x)",
                     r.write_gbps / fw, r.read_gbps / fr
                 ));
             }

@@ -200,9 +200,13 @@ pub struct StoreBench {
 }
 
 /// fio's sequential O_DIRECT io_uring write (ending in an fsync) and read of `bytes` in
-/// `block`-byte requests at queue depth `qd`, GB/s; `None` when fio is not installed or fails.
+/// `block`-byte requests, GB/s; `None` when fio is not installed or fails. Two jobs, each
+/// over its half of the file at queue depth `qd`: the concurrency of the store's two
+/// readers (and of the raw pass's two submitters), so the ceiling is not lowered by fio
+/// having fewer requests in flight than the store.
 pub fn fio(dir: &Path, bytes: u64, block: u64, qd: u32) -> Option<(f64, f64)> {
     let file = dir.join("fio-ceiling.bin");
+    let half = (bytes / 2).next_multiple_of(block.max(1));
     let run = |rw: &str| -> Option<f64> {
         let out = std::process::Command::new("fio")
             .args([
@@ -210,7 +214,10 @@ pub fn fio(dir: &Path, bytes: u64, block: u64, qd: u32) -> Option<(f64, f64)> {
                 &format!("--filename={}", file.display()),
                 &format!("--rw={rw}"),
                 &format!("--bs={block}"),
-                &format!("--size={bytes}"),
+                &format!("--size={half}"),
+                &format!("--offset_increment={half}"),
+                "--numjobs=2",
+                "--group_reporting",
                 "--direct=1",
                 "--ioengine=io_uring",
                 &format!("--iodepth={qd}"),
