@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use super::protocol::ApiError;
 use super::Server;
 use crate::error::ErrorCode;
+use crate::tier::RamTier;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
@@ -449,9 +450,10 @@ impl RemoteLink {
         store: &Store,
         spec: WindowSpec,
         block_size: usize,
+        ram: Option<&RamTier>,
     ) -> Result<FillReport, RemoteError> {
         let t0 = Instant::now();
-        let r = self.with(|r| fill_prefix(store, r, spec, block_size, None));
+        let r = self.with(|r| fill_prefix(store, r, spec, block_size, None, ram));
         self.count("fill", &r, "received", |f| f.bytes);
         if let Some(l) = &self.latency {
             l.get_or_create(&vec![("op".into(), "fill".into())])
@@ -467,8 +469,13 @@ impl RemoteLink {
 
     /// The valid prefix of published window `name`, whose pull failed on a block, stored as
     /// an unnamed fill window (counted as a fill).
-    fn fill_published(&self, store: &Store, name: &str) -> Result<FillReport, RemoteError> {
-        let r = self.with(|r| crate::remote::fill_published_prefix(store, r, name, fill_name));
+    fn fill_published(
+        &self,
+        store: &Store,
+        name: &str,
+        ram: Option<&RamTier>,
+    ) -> Result<FillReport, RemoteError> {
+        let r = self.with(|r| crate::remote::fill_published_prefix(store, r, name, fill_name, ram));
         self.count("fill", &r, "received", |f| f.bytes);
         r
     }
@@ -587,14 +594,20 @@ impl RemoteLink {
     }
 
     /// Stores window `name` of the tier in `store` (counted).
-    fn pull(&self, store: &Store, name: &str, replace: Replace) -> Result<PullReport, RemoteError> {
+    fn pull(
+        &self,
+        store: &Store,
+        name: &str,
+        replace: Replace,
+        ram: Option<&RamTier>,
+    ) -> Result<PullReport, RemoteError> {
         let seen = self
             .seen
             .lock()
             .ok()
             .and_then(|mut s| s.get(&name.to_string()).copied())
             .unwrap_or(0);
-        let r = self.with(|r| pull_window_since(store, r, name, replace, seen));
+        let r = self.with(|r| pull_window_since(store, r, name, replace, seen, ram));
         if let Ok(p) = &r {
             self.saw(name, p.generation);
         }
@@ -712,6 +725,7 @@ impl RemoteLink {
         &self,
         store: &Store,
         name: &str,
+        ram: Option<&RamTier>,
     ) -> Option<Result<PullReport, RemoteError>> {
         let cfg = self.cfg.as_ref()?;
         // A window published elsewhere may not be visible here yet: retried with backoff
@@ -719,7 +733,7 @@ impl RemoteLink {
         let until = Instant::now() + cfg.visibility_timeout;
         let mut pause = Duration::from_millis(50);
         loop {
-            let r = self.pull(store, name, Replace::No);
+            let r = self.pull(store, name, Replace::No, ram);
             // (Retried only while the name itself is missing, not one of its blocks.)
             // (No time left: no further request to ask why.)
             let missing = Instant::now() + pause <= until
@@ -790,7 +804,9 @@ impl Server {
         } else {
             Replace::No
         };
-        let r = self.remote.pull(&self.store, &name, replace)?;
+        let r = self
+            .remote
+            .pull(&self.store, &name, replace, Some(&self.tier))?;
         Ok(json!({"pull": r}))
     }
 }
@@ -907,11 +923,17 @@ impl Server {
                 format!("no window {window:?} here or in the remote tier"),
             )
         };
-        match self.remote.pull_missing(&self.store, window) {
+        match self
+            .remote
+            .pull_missing(&self.store, window, Some(&self.tier))
+        {
             None => Ok((None, None)),
             Some(Ok(p)) => Ok((Some(json!({"pulled": p})), None)),
             Some(Err(e)) if matches!(e.code(), ErrorCode::NotFound | ErrorCode::Corruption) => {
-                match self.remote.fill_published(&self.store, window) {
+                match self
+                    .remote
+                    .fill_published(&self.store, window, Some(&self.tier))
+                {
                     Ok(f) => {
                         let name = f.name.clone();
                         Ok((Some(json!({"filled": f, "partial_of": window})), Some(name)))
@@ -981,7 +1003,7 @@ impl Server {
                 expires_unix_ms: None,
             },
         };
-        match self.remote.fill(&self.store, spec, bs) {
+        match self.remote.fill(&self.store, spec, bs, Some(&self.tier)) {
             Ok(f) => Ok((Some(json!({"filled": f})), None)),
             Err(e) if e.code() == ErrorCode::NotFound => Err(ApiError::new(
                 ErrorCode::NotFound,

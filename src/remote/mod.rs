@@ -443,6 +443,10 @@ impl Drop for Conn<'_> {
     }
 }
 
+/// One block as [`Remote::get_blocks`] read it: its payload and payload checksum (xxh3-64,
+/// verified), or why it was refused.
+pub type FetchedBlock = Result<(Vec<u8>, u64), RemoteError>;
+
 impl Remote {
     /// Connects to the cluster `cfg.nodes` names (one node is enough: the rest are discovered).
     pub fn connect(cfg: RemoteConfig) -> Result<Self, RemoteError> {
@@ -617,15 +621,17 @@ impl Remote {
         self.get_blocks(&[(key, expected)])?
             .pop()
             .unwrap_or_else(|| Err(RemoteError::NotFound(format!("block {key:032x}"))))
+            .map(|(payload, _)| payload)
     }
 
     /// Reads blocks in two pipelined round trips (every first value, then every further
     /// part), refreshing their TTLs; each verified as [`Remote::get_block`] does. The outer
-    /// error is the tier failing; the inner ones say, per block, why it was refused.
+    /// error is the tier failing; the inner ones say, per block, why it was refused. Each
+    /// block comes with its payload checksum (xxh3-64, just verified against the payload).
     pub fn get_blocks(
         &self,
         blocks: &[(u128, Option<(u64, u64)>)],
-    ) -> Result<Vec<Result<Vec<u8>, RemoteError>>, RemoteError> {
+    ) -> Result<Vec<FetchedBlock>, RemoteError> {
         if blocks.is_empty() {
             return Ok(Vec::new());
         }
@@ -684,7 +690,7 @@ impl Remote {
                         source,
                     }
                 })?;
-                Ok(payload)
+                Ok((payload, h.checksum))
             })
             .collect())
     }

@@ -13,6 +13,7 @@ use crate::store::format::{payload_offset, record_len};
 use crate::store::{
     BlockDesc, BlockImage, Manifest, Replace, Store, StoreError, WindowSpec, WindowWriter,
 };
+use crate::tier::RamTier;
 
 /// Bytes of block payloads read from the store per pipelined write to the tier.
 const PUSH_BATCH: u64 = 64 << 20;
@@ -47,8 +48,8 @@ struct Want {
 }
 
 /// Fetches blocks `batch` (indices into `want`) in two pipelined round trips, each verified
-/// and laid out as a record image, or the reason it was refused.
-type Fetched = Vec<(usize, Result<AlignedBuf, RemoteError>)>;
+/// and laid out as a record image (with its payload checksum), or the reason it was refused.
+type Fetched = Vec<(usize, Result<(AlignedBuf, u64), RemoteError>)>;
 
 fn fetch_images(remote: &Remote, want: &[Want], batch: &[usize]) -> Result<Fetched, RemoteError> {
     let asked: Vec<(u128, Option<(u64, u64)>)> = batch
@@ -59,7 +60,7 @@ fn fetch_images(remote: &Remote, want: &[Want], batch: &[usize]) -> Result<Fetch
         .iter()
         .zip(remote.get_blocks(&asked)?)
         .map(|(&i, p)| {
-            let img = p.and_then(|p| {
+            let img = p.and_then(|(p, sum)| {
                 let len = want[i].len;
                 if p.len() as u64 != len {
                     return Err(RemoteError::Corruption {
@@ -73,7 +74,7 @@ fn fetch_images(remote: &Remote, want: &[Want], batch: &[usize]) -> Result<Fetch
                 let mut img = AlignedBuf::zeroed(record_len(len) as usize);
                 let po = payload_offset(len);
                 img[po..po + p.len()].copy_from_slice(&p);
-                Ok(img)
+                Ok((img, sum))
             });
             (i, img)
         })
@@ -83,13 +84,17 @@ fn fetch_images(remote: &Remote, want: &[Want], batch: &[usize]) -> Result<Fetch
 /// Fetches the blocks `wanted` (ascending indices into `want`) from the tier in batches of
 /// about [`PUSH_BATCH`] bytes on one thread while the previous batch is written to `w` here.
 /// Stops at the first block the tier lacks or that fails its checks: `Some((index, why))`,
-/// every wanted block before it written. `Err`: the tier or the store failed.
+/// every wanted block before it written. `Err`: the tier or the store failed. Each written
+/// block also goes into `ram` (when given and enabled), so the thaw that follows a fill reads
+/// none of it back from the disk.
 fn stream_into(
     remote: &Remote,
     w: &mut WindowWriter<'_>,
     want: &[Want],
     wanted: &[usize],
+    ram: Option<&RamTier>,
 ) -> Result<Option<(usize, RemoteError)>, RemoteError> {
+    let ram = ram.filter(|t| t.enabled());
     let mut batches: Vec<&[usize]> = Vec::new();
     let mut at = 0;
     while at < wanted.len() {
@@ -124,15 +129,26 @@ fn stream_into(
             let mut images: Vec<BlockImage<'_>> = fetched
                 .iter_mut()
                 .filter_map(|(i, img)| {
-                    let img = img.as_mut().ok()?;
+                    let (img, sum) = img.as_mut().ok()?;
                     Some(BlockImage {
                         index: *i,
                         image: &mut img[..],
-                        checksum: want[*i].checksum,
+                        // Verified against the payload by the fetch (and, given a manifest,
+                        // equal to its checksum): the writer need not hash it again.
+                        checksum: Some(*sum),
                     })
                 })
                 .collect();
             w.write_blocks(&mut images)?;
+            drop(images);
+            if let Some(t) = ram {
+                for (i, r) in &fetched {
+                    if let Ok((img, sum)) = r {
+                        let (po, len) = (payload_offset(want[*i].len), want[*i].len as usize);
+                        t.put(want[*i].key, &img[po..po + len], *sum, false);
+                    }
+                }
+            }
             if let Some((i, Err(e))) = refused {
                 return Ok(Some((i, e)));
             }
@@ -355,18 +371,19 @@ pub fn pull_window(
     name: &str,
     replace: Replace,
 ) -> Result<PullReport, RemoteError> {
-    pull_window_since(store, remote, name, replace, 0)
+    pull_window_since(store, remote, name, replace, 0, None)
 }
 
 /// [`pull_window`], refusing a head older than generation `seen` (one this instance saw
 /// before: a failover to a replica that had not received the newer publish shows an older
-/// one) with [`RemoteError::Stale`].
+/// one) with [`RemoteError::Stale`]; the blocks fetched also go into the RAM tier `ram`.
 pub fn pull_window_since(
     store: &Store,
     remote: &Remote,
     name: &str,
     replace: Replace,
     seen: u64,
+    ram: Option<&RamTier>,
 ) -> Result<PullReport, RemoteError> {
     let (head, m) = remote.published(name)?;
     if head.generation < seen {
@@ -389,7 +406,7 @@ pub fn pull_window_since(
             checksum: Some(b.checksum),
         })
         .collect();
-    if let Some((_, e)) = stream_into(remote, &mut w, &want, &wanted)? {
+    if let Some((_, e)) = stream_into(remote, &mut w, &want, &wanted, ram)? {
         return Err(e);
     }
     let fetched = wanted.len() as u64;
@@ -406,12 +423,13 @@ pub fn pull_window_since(
 
 /// The valid prefix of window `name` published in the tier, stored locally as the unnamed
 /// window `fill_name(blocks, last key)` names (a pull of it failed: some block is gone or
-/// bad). Every block is checked against the manifest.
+/// bad). Every block is checked against the manifest; those fetched also go into `ram`.
 pub fn fill_published_prefix(
     store: &Store,
     remote: &Remote,
     name: &str,
     fill_name: impl Fn(usize, u128) -> String,
+    ram: Option<&RamTier>,
 ) -> Result<FillReport, RemoteError> {
     let (head, m) = remote.published(name)?;
     let bad = |what: String| RemoteError::Corruption {
@@ -435,7 +453,14 @@ pub fn fill_published_prefix(
         unnamed,
     );
     let sums: Vec<u64> = m.blocks.iter().map(|b| b.checksum).collect();
-    fill_prefix(store, remote, spec, layout.block_size as usize, Some(&sums))
+    fill_prefix(
+        store,
+        remote,
+        spec,
+        layout.block_size as usize,
+        Some(&sums),
+        ram,
+    )
 }
 
 /// What a fill did.
@@ -464,13 +489,15 @@ pub struct FillReport {
 /// window `spec.name` (`block_size` tokens a block). A block the tier lacks or that fails a
 /// check ends the window there: the valid prefix is stored and the report says why. Nothing
 /// of it valid: NOT_FOUND or CORRUPTION. A window of that name already there (a concurrent
-/// fill): reported as it is.
+/// fill): reported as it is. The blocks fetched also go into the RAM tier `ram` (when
+/// given and enabled): a thaw right after the fill scatters them from memory.
 pub fn fill_prefix(
     store: &Store,
     remote: &Remote,
     spec: WindowSpec,
     block_size: usize,
     checksums: Option<&[u64]>,
+    ram: Option<&RamTier>,
 ) -> Result<FillReport, RemoteError> {
     let t0 = std::time::Instant::now();
     let asked = spec.blocks.len() as u64;
@@ -502,7 +529,7 @@ pub fn fill_prefix(
         Err(e) => return Err(e.into()),
     };
     let wanted: Vec<usize> = (0..want.len()).filter(|&i| w.needs_write(i)).collect();
-    let (blocks, stopped) = match stream_into(remote, &mut w, &want, &wanted)? {
+    let (blocks, stopped) = match stream_into(remote, &mut w, &want, &wanted, ram)? {
         None => (want.len(), None),
         Some((0, e)) => return Err(e),
         Some((j, e)) => {

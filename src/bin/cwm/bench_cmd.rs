@@ -368,7 +368,8 @@ fn remote_text(r: &tools::remote_bench::RemoteBench) -> String {
     format!(
         "remote ({} cluster): {} MiB in {} KiB blocks — push {:.2} GB/s vs raw SET {:.2} GB/s \
          (ratio {:.2}); pull {:.2} GB/s vs raw GET {:.2} GB/s (ratio {:.2}) and raw disk write \
-         {:.2} GB/s (ratio to the slower {:.2}); fill {:.2} GB/s (ratio {:.2}); lookups over {} \
+         {:.2} GB/s (ratio to the slower {:.2}); fill {:.2} GB/s (ratio {:.2}); pull into the \
+         engine {} (from the disk instead of the RAM tier: {}); lookups over {} \
          stored prompts: hit p50 {:.3} / p99 {:.3} ms, first miss p99 {:.3} ms, remembered miss \
          p99 {:.3} ms, no tier p99 {:.3} ms",
         r.cluster,
@@ -384,6 +385,12 @@ fn remote_text(r: &tools::remote_bench::RemoteBench) -> String {
         r.pull_ratio_of_slower,
         r.fill_gbps,
         r.fill_ratio,
+        match (r.engine_pull_gbps, r.engine_pull_ratio) {
+            (Some(g), Some(x)) => format!("{g:.2} GB/s (ratio {x:.2})"),
+            _ => "not measured (block size)".into(),
+        },
+        r.engine_pull_from_disk_gbps
+            .map_or("-".into(), |g| format!("{g:.2} GB/s")),
         r.lookup.windows,
         r.lookup.hit_p50_ms,
         r.lookup.hit_p99_ms,

@@ -10,8 +10,13 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::progress::Progress;
-use cwm::remote::{fill_prefix, pull_window, push_window, Expect, Remote, RemoteConfig};
+use cwm::layout::{Dtype, Layout};
+use cwm::pipeline::synthetic::Synthetic;
+use cwm::remote::{
+    fill_prefix, pull_window, pull_window_since, push_window, Expect, Remote, RemoteConfig,
+};
 use cwm::store::{BlockDesc, Replace, Store, StoreConfig, WindowSpec};
+use cwm::tier::RamTier;
 
 /// Result of `cwm bench remote`.
 #[derive(Debug, Serialize)]
@@ -47,6 +52,15 @@ pub struct RemoteBench {
     pub fill_gbps: f64,
     /// `fill_gbps / raw_get_gbps`.
     pub fill_ratio: f64,
+    /// A pull into the engine: the window pulled into a fourth instance's log with a RAM
+    /// tier, then thawed into a synthetic engine (verify + scatter) from that tier, GB/s of
+    /// the whole (`None` when the block size is not a whole number of 64 KiB layers).
+    pub engine_pull_gbps: Option<f64>,
+    /// `engine_pull_gbps / raw_get_gbps` (goal ≥ 0.80).
+    pub engine_pull_ratio: Option<f64>,
+    /// The same without a RAM tier: the thaw reads the blocks back from the log it was just
+    /// written to, GB/s.
+    pub engine_pull_from_disk_gbps: Option<f64>,
     /// Lookups through an in-process daemon whose prompts were stored by another instance:
     /// latency of the whole lookup (client round trip, local index, the tier's probe).
     pub lookup: LookupBench,
@@ -224,7 +238,12 @@ pub fn remote(
         .collect();
     p.update("remote", 0, 5, "storing the window locally");
     let (a, _) = Store::open(StoreConfig::new(tmp.path().join("a"))).map_err(|x| e(&x))?;
-    let spec = spec("bench", &keys, block);
+    let syn = bench_engine(block, n)?;
+    let mut spec = spec("bench", &keys, block);
+    if let Some(s) = &syn {
+        spec.layout = s.engine.layout.to_json();
+        spec.namespace = s.engine.namespace_with(None, &s.engine.layout).label();
+    }
     let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
     a.put_window(spec, &refs).map_err(|x| e(&x))?;
     // The raw client's values: the same bytes, cut at the same value size.
@@ -295,6 +314,13 @@ pub fn remote(
     p.update("remote", 5, 5, "fill");
     let fill = fill_once(tmp.path(), &remote, &keys, block)?;
     drop(b);
+    let engine_pull = match &syn {
+        Some(syn) => Some((
+            engine_pull(tmp.path(), &remote, &syn.engine, n, true)?,
+            engine_pull(tmp.path(), &remote, &syn.engine, n, false)?,
+        )),
+        None => None,
+    };
     let _ = pipe.query::<()>(&mut conn);
     let lookup = lookups(tmp.path(), &remote, lookup_windows, p)?;
     let total = n as u64 * block;
@@ -319,8 +345,86 @@ pub fn remote(
         pull_ratio_of_slower: pull_gbps / raw_get_gbps.min(raw_write).max(f64::MIN_POSITIVE),
         fill_gbps: gbps(total, fill),
         fill_ratio: gbps(total, fill) / raw_get_gbps.max(f64::MIN_POSITIVE),
+        engine_pull_gbps: engine_pull.map(|(t, _)| gbps(total, t)),
+        engine_pull_ratio: engine_pull
+            .map(|(t, _)| gbps(total, t) / raw_get_gbps.max(f64::MIN_POSITIVE)),
+        engine_pull_from_disk_gbps: engine_pull.map(|(_, d)| gbps(total, d)),
         lookup,
     })
+}
+
+/// Bytes of one layer of a 16-token block of the bench's synthetic engine (K and V, 8 heads
+/// of 128, bf16).
+const LAYER_BYTES: u64 = 2 * 16 * 8 * 128 * 2;
+
+/// A synthetic engine whose blocks are the window's (Llama-shaped: 8 KV heads of 128, bf16,
+/// 16 tokens, as many layers as make `block` bytes) with room for `n` of them; `None` when
+/// `block` is not a whole number of layers. The window carries its layout and namespace, so
+/// it can be thawed into it.
+fn bench_engine(block: u64, n: usize) -> Result<Option<Synthetic>, String> {
+    if block % LAYER_BYTES != 0 {
+        return Ok(None);
+    }
+    let layers = (block / LAYER_BYTES) as u32;
+    let layout = Layout::flash_2nbhd(layers, n as u64 + 8, 16, 8, 128, Dtype::Bf16);
+    Synthetic::new(layout, "bench", 3)
+        .map(Some)
+        .map_err(|x| x.to_string())
+}
+
+/// Seconds a pull of window "bench" (`n` blocks) into a fresh store followed by its thaw into
+/// `eng` takes: with `ram`, the pull also puts the blocks into a RAM tier and the thaw must
+/// scatter every one of them from there; without, the thaw reads them back from the log.
+fn engine_pull(
+    dir: &Path,
+    remote: &Remote,
+    eng: &cwm::pipeline::Engine,
+    n: usize,
+    ram: bool,
+) -> Result<f64, String> {
+    use cwm::pipeline::{thaw, PipelineConfig, ThawOptions, ThawRequest};
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let bb = eng.layout.block_bytes();
+    let d = dir.join(if ram { "engine-ram" } else { "engine-disk" });
+    let (store, _) = Store::open(StoreConfig::new(&d)).map_err(|x| e(&x))?;
+    let cfg = PipelineConfig::default();
+    let io = cwm::io::build_engine(cwm::io::EngineKind::Uring, 32);
+    eng.prepare_staging(&cfg, io.as_ref()).map_err(|x| e(&x))?;
+    let tier = RamTier::new(if ram { bb * n as u64 + (64 << 20) } else { 0 });
+    tier.prepare(bb as usize);
+    let t = Instant::now();
+    let r = pull_window_since(&store, remote, "bench", Replace::No, 0, Some(&tier))
+        .map_err(|x| e(&x))?;
+    let rep = thaw(
+        &store,
+        eng,
+        &ThawRequest {
+            prefix: false,
+            first_block: 0,
+            window: "bench".into(),
+            block_ids: (0..n as u64).collect(),
+            expect_tokens: None,
+            salt: None,
+        },
+        &cfg,
+        &ThawOptions {
+            tier: ram.then_some(&tier),
+            ..Default::default()
+        },
+    )
+    .map_err(|x| e(&x))?;
+    let secs = t.elapsed().as_secs_f64();
+    let from_tier = if ram { n as u64 } else { 0 };
+    if r.fetched != n as u64 || rep.blocks_restored != n as u64 || rep.blocks_from_tier != from_tier
+    {
+        return Err(format!(
+            "pull into the engine: {} fetched, {} restored, {} from the RAM tier of {n}",
+            r.fetched, rep.blocks_restored, rep.blocks_from_tier
+        ));
+    }
+    drop(store);
+    let _ = std::fs::remove_dir_all(&d);
+    Ok(secs)
 }
 
 /// A window `name` of blocks `keys` of `block` bytes, 16 tokens each.
@@ -347,7 +451,7 @@ fn fill_once(dir: &Path, remote: &Remote, keys: &[u128], block: u64) -> Result<f
     let (c, _) = Store::open(StoreConfig::new(dir.join("c"))).map_err(|x| e(&x))?;
     let spec = spec("fill", keys, block);
     let t = Instant::now();
-    let f = fill_prefix(&c, remote, spec, 16, None).map_err(|x| e(&x))?;
+    let f = fill_prefix(&c, remote, spec, 16, None, None).map_err(|x| e(&x))?;
     let secs = t.elapsed().as_secs_f64();
     if f.fetched != n as u64 || f.stopped.is_some() {
         return Err(format!(
