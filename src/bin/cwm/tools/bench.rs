@@ -152,6 +152,97 @@ pub fn raw_disk(
     Ok((gbps(total, w), gbps(total, r)))
 }
 
+/// The churn's freezes as bare I/O, the ceiling of the same shape: `clients` threads, each
+/// repeating for `seconds` what one freeze of `blocks` blocks of `block` bytes asks of the
+/// disk — the block records in one batch (a header page each), an fdatasync, a two-page
+/// manifest record, an fdatasync — through `engine` into a file of its own, O_DIRECT.
+/// Returns the aggregate GB/s of block payload bytes. No checksums, no gather, no index, no
+/// socket: only the writes and syncs a freeze cannot avoid.
+pub fn freeze_shaped_writes(
+    engine: &dyn IoEngine,
+    dir: &Path,
+    clients: usize,
+    (blocks, block): (usize, usize),
+    seconds: f64,
+) -> Result<f64, StoreError> {
+    let rec = block + 4096;
+    let per = (blocks * rec + 8192) as u64;
+    // Room for a few hundred freezes per client, reused from the start when full.
+    let span = per * 64;
+    let payload_bytes = std::sync::atomic::AtomicU64::new(0);
+    let t0 = Instant::now();
+    let results: Vec<Result<(), StoreError>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..clients)
+            .map(|c| {
+                let payload_bytes = &payload_bytes;
+                s.spawn(move || -> Result<(), StoreError> {
+                    let path = dir.join(format!("shape-ceiling-{c}.bin"));
+                    let fs = |e| StoreError::Fs {
+                        context: format!("ceiling file {}", path.display()),
+                        source: e,
+                    };
+                    let (file, _) = io::open_direct(&path, true).map_err(fs)?;
+                    cwm::store::preallocate_file(&file, span).map_err(fs)?;
+                    let fd = file.as_raw_fd();
+                    let io = |e| StoreError::Io {
+                        context: "shape ceiling".into(),
+                        source: e,
+                    };
+                    let recs: Vec<AlignedBuf> = (0..blocks)
+                        .map(|i| {
+                            let mut b = AlignedBuf::zeroed(rec);
+                            fill_random(&mut b, (c * blocks + i) as u64 + 11);
+                            b
+                        })
+                        .collect();
+                    let manifest = AlignedBuf::zeroed(8192);
+                    let mut at = 0u64;
+                    while t0.elapsed().as_secs_f64() < seconds {
+                        if at + per > span {
+                            at = 0;
+                        }
+                        let mut ops: Vec<Op<'_>> = recs
+                            .iter()
+                            .enumerate()
+                            .map(|(i, b)| Op::write(fd, at + (i * rec) as u64, b))
+                            .collect();
+                        engine.run(&mut ops).map_err(io)?;
+                        drop(ops);
+                        engine.fdatasync(fd).map_err(io)?;
+                        let moff = at + (blocks * rec) as u64;
+                        engine
+                            .run(&mut [Op::write(fd, moff, &manifest)])
+                            .map_err(io)?;
+                        engine.fdatasync(fd).map_err(io)?;
+                        at += per;
+                        payload_bytes.fetch_add(
+                            (blocks * block) as u64,
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                    }
+                    drop(file);
+                    let _ = std::fs::remove_file(&path);
+                    Ok(())
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(StoreError::Validation("ceiling thread panicked".into()))
+                })
+            })
+            .collect()
+    });
+    for r in results {
+        r?;
+    }
+    Ok(gbps(
+        payload_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        t0.elapsed().as_secs_f64(),
+    ))
+}
+
 /// Result of `cwm bench store`.
 #[derive(Debug, Serialize)]
 pub struct StoreBench {
@@ -1369,6 +1460,12 @@ pub struct ChurnBench {
     pub raw_write_gbps: f64,
     /// `freeze_gbps / raw_write_gbps`.
     pub freeze_ratio: f64,
+    /// The ceiling of the same shape ([`freeze_shaped_writes`]: the same clients, each
+    /// writing a freeze's block records, fdatasync, manifest, fdatasync, as bare O_DIRECT
+    /// I/O), mean of a pass before and one after the churn, GB/s.
+    pub shaped_write_gbps: f64,
+    /// `freeze_gbps / shaped_write_gbps`.
+    pub freeze_ratio_of_shaped: f64,
     /// Thaws that found their window (others were evicted: NOT_FOUND).
     pub thaws: u64,
     /// Thaws of evicted windows.
@@ -1407,6 +1504,10 @@ pub fn churn(
         .map_err(|x| e(&x))?;
     let eng = io::build_engine(engine, 32);
     let (rw0, _) = raw_disk(eng.as_ref(), tmp.path(), 512 << 20, 4 << 20, 32).map_err(|x| e(&x))?;
+    let shape = (PER as usize, 128 << 10);
+    let shaped_secs = seconds.clamp(1.0, 5.0);
+    let sw0 = freeze_shaped_writes(eng.as_ref(), tmp.path(), clients, shape, shaped_secs)
+        .map_err(|x| e(&x))?;
     let capacity = 256u64 << 20;
     let mut cfg = StoreConfig::new(tmp.path().join("data"));
     cfg.capacity = capacity;
@@ -1523,7 +1624,10 @@ pub fn churn(
     server.stop();
     let _ = th.join();
     let (rw1, _) = raw_disk(eng.as_ref(), tmp.path(), 512 << 20, 4 << 20, 32).map_err(|x| e(&x))?;
+    let sw1 = freeze_shaped_writes(eng.as_ref(), tmp.path(), clients, shape, shaped_secs)
+        .map_err(|x| e(&x))?;
     let raw = (rw0 + rw1) / 2.0;
+    let shaped = (sw0 + sw1) / 2.0;
     let n = freezes.load(Ordering::Relaxed);
     let fg = gbps(n * PER * 128 * 1024, secs);
     let mut lat = lookups.into_inner().unwrap_or_default();
@@ -1544,6 +1648,8 @@ pub fn churn(
         freeze_gbps: fg,
         raw_write_gbps: raw,
         freeze_ratio: if raw > 0.0 { fg / raw } else { 0.0 },
+        shaped_write_gbps: shaped,
+        freeze_ratio_of_shaped: if shaped > 0.0 { fg / shaped } else { 0.0 },
         thaws: thaws.load(Ordering::Relaxed),
         thaws_evicted: evicted.load(Ordering::Relaxed),
         lookup_p50_us: pct(0.5),
