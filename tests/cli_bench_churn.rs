@@ -33,6 +33,9 @@ fn churn_reports_freezes_beside_the_raw_disk() {
     let shaped = v["shaped_write_gbps"].as_f64().unwrap();
     assert!(shaped > 0.0, "{v}");
     let r = v["freeze_ratio_of_shaped"].as_f64().unwrap();
-    assert!((r - v["freeze_gbps"].as_f64().unwrap() / shaped).abs() < 1e-9, "{v}");
+    assert!(
+        (r - v["freeze_gbps"].as_f64().unwrap() / shaped).abs() < 1e-9,
+        "{v}"
+    );
     assert!(v["lookup_p99_us"].as_f64().unwrap() >= v["lookup_p50_us"].as_f64().unwrap());
 }

@@ -306,10 +306,12 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
             let dir = out.dir();
             let r = tools::bench::churn(&dir, clients, seconds, engine, &bar(out.json))?;
             let text = format!(
-                "churn ({} clients, {:.1} s, capacity {} MiB): {} freezes ({} refused), {:.2} GB/s vs raw write {:.2} GB/s  ratio {:.3}, vs the same writes and syncs bare {:.2} GB/s  ratio {:.3}; {} thaws, {} of evicted windows; {:.0} evictions; lookup p50 {:.0} us p99 {:.0} us",
+                "churn ({} clients, {:.1} s, capacity {} MiB): {} freezes ({} refused), {:.2} GB/s vs raw write {:.2} GB/s  ratio {:.3}, vs the same writes and syncs bare {:.2} GB/s  ratio {:.3}; {} thaws, {} of evicted windows; {:.0} evictions; lookup p50 {:.0} us p99 {:.0} us; freeze round trip median {:.2} ms (mean {:.2}, p99 {:.2}), durable {:.2} (gather {:.2}, write {:.2}, commit {:.2})",
                 r.clients, r.seconds, r.capacity >> 20, r.freezes, r.freeze_errors, r.freeze_gbps,
                 r.raw_write_gbps, r.freeze_ratio, r.shaped_write_gbps, r.freeze_ratio_of_shaped, r.thaws, r.thaws_evicted, r.evictions,
-                r.lookup_p50_us, r.lookup_p99_us
+                r.lookup_p50_us, r.lookup_p99_us, r.freeze_ms.round_trip, r.freeze_ms.round_trip_mean,
+                r.freeze_ms.round_trip_p99, r.freeze_ms.durable,
+                r.freeze_ms.gather, r.freeze_ms.write, r.freeze_ms.commit
             );
             (value(&r)?, text, out)
         }

@@ -1476,6 +1476,29 @@ pub struct ChurnBench {
     pub lookup_p99_us: f64,
     /// Windows the daemon evicted.
     pub evictions: f64,
+    /// Where an acknowledged freeze's time goes, medians in ms: the client's round trip, and
+    /// the daemon's own report of it (durable, of which gather + checksum, block writes, and
+    /// the commit: sync, manifest, sync).
+    pub freeze_ms: FreezeTimes,
+}
+
+/// Medians of acknowledged freezes, ms.
+#[derive(Debug, Default, Serialize)]
+pub struct FreezeTimes {
+    /// Request sent to answer received.
+    pub round_trip: f64,
+    /// The same, mean (a freeze that waited behind eviction or compaction shows here).
+    pub round_trip_mean: f64,
+    /// The same, 99th percentile.
+    pub round_trip_p99: f64,
+    /// The daemon's `durable_secs`.
+    pub durable: f64,
+    /// Its `gather_secs`.
+    pub gather: f64,
+    /// Its `write_secs`.
+    pub write: f64,
+    /// Its `commit_secs`.
+    pub commit: f64,
 }
 
 /// `cwm bench churn`: `clients` clients freeze unnamed windows (2 MiB each) and thaw and look
@@ -1556,11 +1579,13 @@ pub fn churn(
         AtomicU64::new(0),
     );
     let lookups = std::sync::Mutex::new(Vec::new());
+    // Per acknowledged freeze: round trip, durable, gather, write, commit (seconds).
+    let times = std::sync::Mutex::new(Vec::<[f64; 5]>::new());
     let t0 = Instant::now();
     std::thread::scope(|s| {
         for ci in 0..clients as u64 {
-            let (freezes, errors, thaws, evicted, lookups) =
-                (&freezes, &errors, &thaws, &evicted, &lookups);
+            let (freezes, errors, thaws, evicted, lookups, times) =
+                (&freezes, &errors, &thaws, &evicted, &lookups, &times);
             let connect = &connect;
             s.spawn(move || {
                 let Ok(mut c) = connect() else { return };
@@ -1568,16 +1593,27 @@ pub fn churn(
                 let mut rng = cwm::prng::Rng(ci * 7919 + 13);
                 let mut mine: Vec<(String, Vec<u32>)> = Vec::new();
                 let mut lat = Vec::new();
+                let mut mine_times = Vec::new();
                 let mut n = 0u64;
                 while t0.elapsed().as_secs_f64() < seconds {
                     let tokens: Vec<u32> = (0..PER * 16).map(|_| rng.below(32000) as u32).collect();
                     let name = format!("c{ci}-{n}");
                     n += 1;
+                    let tf = Instant::now();
                     let r = c.call_final(json!({"op": "freeze", "engine": "b", "window": name,
                         "tokens": tokens, "block_ids": ids, "class": "unnamed"}));
+                    let rt = tf.elapsed().as_secs_f64();
                     match r {
                         Ok(v) if v["ok"] == true => {
                             freezes.fetch_add(1, Ordering::Relaxed);
+                            let f = |k: &str| v["report"][k].as_f64().unwrap_or(0.0);
+                            mine_times.push([
+                                rt,
+                                f("durable_secs"),
+                                f("gather_secs"),
+                                f("write_secs"),
+                                f("commit_secs"),
+                            ]);
                             mine.push((name, tokens));
                         }
                         _ => {
@@ -1602,6 +1638,9 @@ pub fn churn(
                 }
                 if let Ok(mut l) = lookups.lock() {
                     l.extend(lat);
+                }
+                if let Ok(mut t) = times.lock() {
+                    t.extend(mine_times);
                 }
             });
         }
@@ -1655,5 +1694,23 @@ pub fn churn(
         lookup_p50_us: pct(0.5),
         lookup_p99_us: pct(0.99),
         evictions,
+        freeze_ms: {
+            let t = times.into_inner().unwrap_or_default();
+            let m = |k: usize| median(t.iter().map(|x| x[k] * 1e3).collect());
+            let mut rts: Vec<f64> = t.iter().map(|x| x[0] * 1e3).collect();
+            rts.sort_by(f64::total_cmp);
+            FreezeTimes {
+                round_trip: m(0),
+                round_trip_mean: rts.iter().sum::<f64>() / rts.len().max(1) as f64,
+                round_trip_p99: rts
+                    .get(((rts.len().max(1) - 1) as f64 * 0.99) as usize)
+                    .copied()
+                    .unwrap_or(0.0),
+                durable: m(1),
+                gather: m(2),
+                write: m(3),
+                commit: m(4),
+            }
+        },
     })
 }
