@@ -237,20 +237,6 @@ fn a_failed_checkpoint_write_costs_only_a_scan() {
     }
 }
 
-/// Files in `dir` whose name ends with `suffix`.
-fn files_ending(dir: &std::path::Path, suffix: &str) -> usize {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .ends_with(suffix)
-        })
-        .count()
-}
-
 /// A checkpoint that is slow to write (the `delay` action) is still waited for — by
 /// `wait_checkpoints`, and by the clean stop — when later segments are sealed and
 /// checkpointed while it is being written.

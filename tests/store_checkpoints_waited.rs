@@ -5,24 +5,9 @@
 mod common;
 use common::*;
 
-use std::path::Path;
-
 use cwm::store::Store;
 
 const SEALS: u128 = 24;
-
-fn files_ending(dir: &Path, suffix: &str) -> usize {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .ends_with(suffix)
-        })
-        .count()
-}
 
 #[test]
 fn every_background_checkpoint_is_written_when_the_wait_returns() {

@@ -28,16 +28,6 @@ fn window(store: &Store, i: u128) -> Result<(), cwm::store::StoreError> {
         .map(|_| ())
 }
 
-fn free(dir: &Path) -> u64 {
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: statvfs is plain old data; all zeros is a valid value.
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `s` a writable statvfs.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
-    assert_eq!(rc, 0);
-    s.f_bavail as u64 * s.f_frsize as u64
-}
-
 fn segments(dir: &Path) -> usize {
     std::fs::read_dir(dir)
         .unwrap()

@@ -254,3 +254,28 @@ pub fn record_pages(path: &Path) -> Vec<u64> {
         .map(|p| (p * 4096) as u64)
         .collect()
 }
+
+/// Files in `dir` whose name ends with `suffix`.
+pub fn files_ending(dir: &Path, suffix: &str) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(suffix)
+        })
+        .count()
+}
+
+/// Bytes free for an unprivileged writer on the file system holding `dir` (statvfs).
+pub fn free(dir: &Path) -> u64 {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statvfs is plain old data; all zeros is a valid value.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `s` a writable statvfs.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
+    assert_eq!(rc, 0);
+    s.f_bavail as u64 * s.f_frsize as u64
+}
