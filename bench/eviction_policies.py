@@ -7,7 +7,8 @@ a request hits its longest stored prefix, and above the high watermark (0.95 of 
 whole windows are evicted in policy order down to the low one (0.90). Its `lru` column equals
 the Rust simulation's (tests/cli_bench_trace_policies.py checks it). The other policies are the
 candidates docs/PERFORMANCE.md ("Eviction") reports on; none is in the store, because none
-beats LRU on every trace.
+beats LRU on every trace. `segment-fifo` / `segment-clock` evict in the log's write order (what
+would let the store reclaim whole segments) and also count the blocks they copy forward.
 
 Usage: bench/eviction_policies.py [--trace FILE] [--only KIND] [--phases] [--json]
 Traces: FILE (Mooncake JSONL, `hash_ids`), and the synthetic ones: `agents` and `chats` (the
@@ -89,8 +90,10 @@ def load(path):
         return [json.loads(line)["hash_ids"] for line in f if line.strip()]
 
 
-def simulate(reqs, cap, policy, marks=(0.95, 0.90)):
-    """Prefix hit ratio (blocks) of `reqs` with `cap` blocks under `policy`."""
+def simulate(reqs, cap, policy, marks=(0.95, 0.90), stats=None):
+    """Prefix hit ratio (blocks) of `reqs` with `cap` blocks under `policy`. `stats` (a dict),
+    when given, gets `copied`: blocks the segment-order policies wrote again (a window kept
+    past its turn is copied forward, as compaction would), and `written`: blocks saved."""
     high, low = int(cap * marks[0]), int(cap * marks[1])
     windows = {}  # id -> {keys, last}
     refs = collections.Counter()
@@ -102,6 +105,9 @@ def simulate(reqs, cap, policy, marks=(0.95, 0.90)):
     children = collections.defaultdict(set)  # block -> the next blocks seen after it (history)
     forks = set()  # blocks seen followed by two or more different blocks
     evict_age = [0.0]  # EWMA of evicted windows' time since last use (requests)
+    copied = [0, 0]  # segment order: blocks copied forward, and the bump that orders them
+    written = 0
+    wpos = {}  # block -> where in the log its record is (the window that wrote it, or a copy)
     for t, ids in enumerate(reqs):
         for a, b in zip(ids, ids[1:]):
             ch = children[a]
@@ -129,11 +135,15 @@ def simulate(reqs, cap, policy, marks=(0.95, 0.90)):
             for n in reversed(holder[ids[hit - 1]]):
                 if n in windows:
                     windows[n]["last"] = t
+                    windows[n]["ref"] = True
                     break
         for k in ids:
+            if k not in refs:
+                wpos[k] = (t, 0)
+                written += 1
             refs[k] += 1
             holder[k].append(t)
-        windows[t] = {"keys": ids, "last": t}
+        windows[t] = {"keys": ids, "last": t, "pos": (t, 0), "ref": False}
         if len(refs) <= high:
             continue
         w = windows
@@ -151,6 +161,38 @@ def simulate(reqs, cap, policy, marks=(0.95, 0.90)):
             order = sorted(w, key=lambda n: (w[n]["last"] + (b if forked(n) else 0), n))
         elif policy == "lru":
             order = sorted(w, key=lambda n: (w[n]["last"], n))
+        elif policy in ("segment-fifo", "segment-clock"):
+            # The log's own order: windows leave oldest-written first, so the log is reclaimed
+            # from its tail (fifo); clock gives a window used since its last turn a second
+            # chance by copying it to the log's head. Either way a record still referenced
+            # when its stretch is reclaimed is copied (`stats["copied"]`).
+            order = []
+            while len(refs) > low and w:
+                for n in sorted(w, key=lambda n: (w[n]["pos"], n)):
+                    if len(refs) <= low:
+                        break
+                    pos, keys = w[n]["pos"], w[n]["keys"]
+                    copied[1] += 1
+                    head = (t, copied[1])
+                    # Before this window's stretch of the log is reclaimed, the records there
+                    # that stay referenced — by the window itself when clock keeps it, or by
+                    # newer windows sharing its prefix — are copied to the head.
+                    keep = policy == "segment-clock" and w[n]["ref"]
+                    if keep:
+                        w[n]["ref"], w[n]["pos"] = False, head
+                    else:
+                        del w[n]
+                    for k in keys:
+                        if not keep:
+                            refs[k] -= 1
+                            if refs[k] == 0:
+                                del refs[k]
+                                holder.pop(k, None)
+                                wpos.pop(k, None)
+                                continue
+                        if wpos[k] <= pos:
+                            wpos[k] = head
+                            copied[0] += 1
         elif policy == "root-history":
             order = sorted(w, key=lambda n: (repeated(n), w[n]["last"], n))
         elif policy == "root-history-slru":
@@ -195,11 +237,13 @@ def simulate(reqs, cap, policy, marks=(0.95, 0.90)):
                         ghost.move_to_end(k)
             while len(ghost) > cap:
                 ghost.popitem(last=False)
+    if stats is not None:
+        stats["copied"], stats["written"] = copied[0], written
     return hit_blocks / max(total, 1)
 
 
 POLICIES = ("lru", "root-history", "root-history-slru", "root-history-aged", "arc", "fork",
-            "fork-bonus")
+            "fork-bonus", "segment-fifo", "segment-clock")
 
 
 def main():
@@ -224,9 +268,16 @@ def main():
     for name, reqs in traces:
         unique = len({k for r in reqs for k in r})
         for p in a.policies.split(","):
-            ratios = [simulate(reqs, int(unique * f), p) for f in FRACTIONS]
-            out.append({"trace": name, "policy": p, "capacity_fractions": FRACTIONS,
-                        "block_hit_ratio": ratios})
+            ratios, copies = [], []
+            for f in FRACTIONS:
+                st = {}
+                ratios.append(simulate(reqs, int(unique * f), p, stats=st))
+                copies.append(st["copied"] / max(st["written"], 1))
+            row = {"trace": name, "policy": p, "capacity_fractions": FRACTIONS,
+                   "block_hit_ratio": ratios}
+            if p.startswith("segment-"):
+                row["copied_per_written"] = copies
+            out.append(row)
     if a.json:
         json.dump(out, sys.stdout, indent=1)
         print()
@@ -237,6 +288,9 @@ def main():
         base = lru.get(r["trace"], r["block_hit_ratio"])
         cells = " ".join(f"{v:.3f} ({v / b if b else 1:.2f})" for v, b in zip(r["block_hit_ratio"], base))
         print(f"{r['trace'][-24:]:>24} {r['policy']:>18}: {cells}")
+        if "copied_per_written" in r:
+            print(f"{'':>24} {'copied / written':>18}: "
+                  + " ".join(f"{c:.3f}" for c in r["copied_per_written"]))
 
 
 if __name__ == "__main__":

@@ -66,3 +66,21 @@ def test_fork_protects_a_document_asked_twice_but_not_a_growing_conversation():
         lru = sim.simulate(chats, int(unique * f), "lru")
         assert sim.simulate(chats, int(unique * f), "fork") == lru
         assert sim.simulate(chats, int(unique * f), "fork-bonus") == lru
+
+
+def test_segment_order_copies_only_what_stays_referenced():
+    sim = load()
+    # Distinct prompts, no shared block: reclaiming the log in write order copies nothing,
+    # and with nothing ever hit, clock has nothing to give a second chance to.
+    solo = [[100 * i + j for j in range(4)] for i in range(50)]
+    for p in ("segment-fifo", "segment-clock"):
+        st = {}
+        sim.simulate(solo, 40, p, stats=st)
+        assert st == {"copied": 0, "written": 200}, (p, st)
+    # A system prompt (blocks 1, 2) shared by every request: each time the window that wrote
+    # it is reclaimed, its two blocks are copied forward; the hit ratio stays LRU's.
+    shared = [[1, 2, 1000 + i] for i in range(50)]
+    st = {}
+    fifo = sim.simulate(shared, 12, "segment-fifo", stats=st)
+    assert st["copied"] > 0 and st["copied"] % 2 == 0, st
+    assert fifo == sim.simulate(shared, 12, "lru"), fifo
