@@ -24,6 +24,8 @@ import json
 import sys
 
 MASK = (1 << 64) - 1
+SEG = 64  # blocks per segment in LRU's copy count (stats only)
+COMPACT_LIVE = 0.9  # segments under this live ratio are compacted after an eviction
 FRACTIONS = (0.02, 0.05, 0.1, 0.25, 0.5)
 
 
@@ -108,6 +110,16 @@ def simulate(reqs, cap, policy, marks=(0.95, 0.90), stats=None):
     copied = [0, 0]  # segment order: blocks copied forward, and the bump that orders them
     written = 0
     wpos = {}  # block -> where in the log its record is (the window that wrote it, or a copy)
+    # LRU's copies (stats only): the log as segments of SEG blocks in write order; after each
+    # eviction pass every sealed segment under COMPACT_LIVE live is compacted, its live blocks
+    # copied to the head — what the daemon does after an eviction.
+    slot, seg_blocks, head = {}, collections.defaultdict(set), [0]
+
+    def place(k):
+        slot[k] = head[0]
+        seg_blocks[head[0] // SEG].add(k)
+        head[0] += 1
+
     for t, ids in enumerate(reqs):
         for a, b in zip(ids, ids[1:]):
             ch = children[a]
@@ -141,6 +153,8 @@ def simulate(reqs, cap, policy, marks=(0.95, 0.90), stats=None):
             if k not in refs:
                 wpos[k] = (t, 0)
                 written += 1
+                if stats is not None and policy == "lru":
+                    place(k)
             refs[k] += 1
             holder[k].append(t)
         windows[t] = {"keys": ids, "last": t, "pos": (t, 0), "ref": False}
@@ -232,11 +246,21 @@ def simulate(reqs, cap, policy, marks=(0.95, 0.90), stats=None):
                 if refs[k] == 0:
                     del refs[k]
                     holder.pop(k, None)
+                    if k in slot:
+                        seg_blocks[slot.pop(k) // SEG].discard(k)
                     if policy == "arc":
                         ghost[k] = cls
                         ghost.move_to_end(k)
             while len(ghost) > cap:
                 ghost.popitem(last=False)
+        if stats is not None and policy == "lru":
+            for sg in [sg for sg in seg_blocks if sg < head[0] // SEG]:
+                live = seg_blocks[sg]
+                if len(live) < COMPACT_LIVE * SEG:
+                    del seg_blocks[sg]
+                    for k in sorted(live):
+                        copied[0] += 1
+                        place(k)
     if stats is not None:
         stats["copied"], stats["written"] = copied[0], written
     return hit_blocks / max(total, 1)
@@ -275,7 +299,7 @@ def main():
                 copies.append(st["copied"] / max(st["written"], 1))
             row = {"trace": name, "policy": p, "capacity_fractions": FRACTIONS,
                    "block_hit_ratio": ratios}
-            if p.startswith("segment-"):
+            if p.startswith("segment-") or p == "lru":
                 row["copied_per_written"] = copies
             out.append(row)
     if a.json:
