@@ -61,6 +61,34 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// The `q` quantile of `v` (sorted here; 0 when empty).
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        0.0
+    } else {
+        v[((v.len() - 1) as f64 * q) as usize]
+    }
+}
+
+/// Joins the scoped threads of one pass: the first error, or a thread that panicked, named
+/// `what`.
+fn join_all(
+    hs: Vec<std::thread::ScopedJoinHandle<'_, Result<(), StoreError>>>,
+    what: &str,
+) -> Result<(), StoreError> {
+    let mut out = Ok(());
+    for h in hs {
+        let r = h
+            .join()
+            .unwrap_or_else(|_| Err(StoreError::Validation(format!("{what} thread panicked"))));
+        if out.is_ok() {
+            out = r;
+        }
+    }
+    out
+}
+
 /// Raw O_DIRECT sequential write (+ fdatasync) and read of `bytes` in `chunk`-sized ops through
 /// `engine`: the ceiling the store is compared with. Two submitters alternate batches of
 /// `batch` ops (so the queue never drains between batches), as the store's readers do.
@@ -93,7 +121,7 @@ pub fn raw_disk(
         .collect();
     let pass = |sets: &mut Vec<Vec<AlignedBuf>>, write: bool| -> Result<f64, StoreError> {
         let t = Instant::now();
-        let results: Vec<Result<(), StoreError>> = std::thread::scope(|s| {
+        let results: Result<(), StoreError> = std::thread::scope(|s| {
             let hs: Vec<_> = sets
                 .iter_mut()
                 .enumerate()
@@ -125,17 +153,9 @@ pub fn raw_disk(
                     })
                 })
                 .collect();
-            hs.into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(StoreError::Validation("raw thread panicked".into()))
-                    })
-                })
-                .collect()
+            join_all(hs, "raw")
         });
-        for r in results {
-            r?;
-        }
+        results?;
         if write {
             engine.fdatasync(fd).map_err(|e| StoreError::Io {
                 context: "raw fdatasync".into(),
@@ -171,7 +191,7 @@ pub fn freeze_shaped_writes(
     let span = per * 64;
     let payload_bytes = std::sync::atomic::AtomicU64::new(0);
     let t0 = Instant::now();
-    let results: Vec<Result<(), StoreError>> = std::thread::scope(|s| {
+    let results: Result<(), StoreError> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..clients)
             .map(|c| {
                 let payload_bytes = &payload_bytes;
@@ -226,17 +246,9 @@ pub fn freeze_shaped_writes(
                 })
             })
             .collect();
-        hs.into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(StoreError::Validation("ceiling thread panicked".into()))
-                })
-            })
-            .collect()
+        join_all(hs, "ceiling")
     });
-    for r in results {
-        r?;
-    }
+    results?;
     Ok(gbps(
         payload_bytes.load(std::sync::atomic::Ordering::Relaxed),
         t0.elapsed().as_secs_f64(),
@@ -452,7 +464,7 @@ pub fn store(a: &StoreBenchArgs, p: &Progress) -> Result<StoreBench, StoreError>
         let sets_ref = &mut sets;
         let (s0, s1) = sets_ref.split_at_mut(1);
         let halves = [&mut s0[0], &mut s1[0]];
-        let results: Vec<Result<(), StoreError>> = std::thread::scope(|s| {
+        let results: Result<(), StoreError> = std::thread::scope(|s| {
             let handles: Vec<_> = halves
                 .into_iter()
                 .enumerate()
@@ -473,17 +485,9 @@ pub fn store(a: &StoreBenchArgs, p: &Progress) -> Result<StoreBench, StoreError>
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(StoreError::Validation("reader panicked".into())))
-                })
-                .collect()
+            join_all(handles, "reader")
         });
-        for res in results {
-            res?;
-        }
+        results?;
         rs.push(gbps(total, t.elapsed().as_secs_f64()));
         drop(r);
         if a.writers > 1 {
@@ -548,7 +552,7 @@ fn concurrent_writes(
     let per = (n / a.writers).max(1);
     let depth = (batch / a.writers).max(1);
     let t = Instant::now();
-    let results: Vec<Result<(), StoreError>> = std::thread::scope(|s| {
+    let results: Result<(), StoreError> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..a.writers)
             .map(|wi| {
                 s.spawn(move || -> Result<(), StoreError> {
@@ -587,16 +591,9 @@ fn concurrent_writes(
                 })
             })
             .collect();
-        hs.into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(StoreError::Validation("writer panicked".into())))
-            })
-            .collect()
+        join_all(hs, "writer")
     });
-    for r in results {
-        r?;
-    }
+    results?;
     Ok(gbps(
         (per * a.writers) as u64 * a.block_bytes,
         t.elapsed().as_secs_f64(),
@@ -1670,14 +1667,6 @@ pub fn churn(
     let n = freezes.load(Ordering::Relaxed);
     let fg = gbps(n * PER * 128 * 1024, secs);
     let mut lat = lookups.into_inner().unwrap_or_default();
-    lat.sort_by(f64::total_cmp);
-    let pct = |q: f64| {
-        if lat.is_empty() {
-            0.0
-        } else {
-            lat[((lat.len() - 1) as f64 * q) as usize]
-        }
-    };
     Ok(ChurnBench {
         clients,
         seconds: secs,
@@ -1691,21 +1680,17 @@ pub fn churn(
         freeze_ratio_of_shaped: if shaped > 0.0 { fg / shaped } else { 0.0 },
         thaws: thaws.load(Ordering::Relaxed),
         thaws_evicted: evicted.load(Ordering::Relaxed),
-        lookup_p50_us: pct(0.5),
-        lookup_p99_us: pct(0.99),
+        lookup_p50_us: quantile(&mut lat, 0.5),
+        lookup_p99_us: quantile(&mut lat, 0.99),
         evictions,
         freeze_ms: {
             let t = times.into_inner().unwrap_or_default();
             let m = |k: usize| median(t.iter().map(|x| x[k] * 1e3).collect());
             let mut rts: Vec<f64> = t.iter().map(|x| x[0] * 1e3).collect();
-            rts.sort_by(f64::total_cmp);
             FreezeTimes {
                 round_trip: m(0),
                 round_trip_mean: rts.iter().sum::<f64>() / rts.len().max(1) as f64,
-                round_trip_p99: rts
-                    .get(((rts.len().max(1) - 1) as f64 * 0.99) as usize)
-                    .copied()
-                    .unwrap_or(0.0),
+                round_trip_p99: quantile(&mut rts, 0.99),
                 durable: m(1),
                 gather: m(2),
                 write: m(3),
