@@ -84,9 +84,9 @@ fn fetch_images(remote: &Remote, want: &[Want], batch: &[usize]) -> Result<Fetch
 /// Fetches the blocks `wanted` (ascending indices into `want`) from the tier in batches of
 /// about [`PUSH_BATCH`] bytes on one thread while the previous batch is written to `w` here.
 /// Stops at the first block the tier lacks or that fails its checks: `Some((index, why))`,
-/// every wanted block before it written. `Err`: the tier or the store failed. Each block
-/// fetched and verified also goes into `ram` (when given and enabled; on the fetching thread,
-/// beside the writes), so the thaw that follows reads none of it back from the disk.
+/// every wanted block before it written. `Err`: the tier or the store failed. Each written
+/// block also goes into `ram` (when given and enabled), so the thaw that follows a fill reads
+/// none of it back from the disk.
 fn stream_into(
     remote: &Remote,
     w: &mut WindowWriter<'_>,
@@ -113,15 +113,6 @@ fn stream_into(
         sc.spawn(move || {
             for batch in batches {
                 let fetched = fetch_images(remote, want, batch);
-                // Into the RAM tier here, beside the previous batch's write, up to the first
-                // block refused (verified already: the tier holds it under its checksum).
-                if let (Some(t), Ok(f)) = (ram, &fetched) {
-                    for (i, r) in f {
-                        let Ok((img, sum)) = r else { break };
-                        let (po, len) = (payload_offset(want[*i].len), want[*i].len as usize);
-                        t.put(want[*i].key, &img[po..po + len], *sum, false);
-                    }
-                }
                 let stop = fetched
                     .as_ref()
                     .map_or(true, |f| f.iter().any(|(_, r)| r.is_err()));
@@ -149,6 +140,17 @@ fn stream_into(
                 })
                 .collect();
             w.write_blocks(&mut images)?;
+            drop(images);
+            // Here, after the write, not on the fetching thread: the fetch (GET, verify, lay
+            // out) is the slower stage, and a copy there cost a pull into the engine ~20 %.
+            if let Some(t) = ram {
+                for (i, r) in &fetched {
+                    if let Ok((img, sum)) = r {
+                        let (po, len) = (payload_offset(want[*i].len), want[*i].len as usize);
+                        t.put(want[*i].key, &img[po..po + len], *sum, false);
+                    }
+                }
+            }
             if let Some((i, Err(e))) = refused {
                 return Ok(Some((i, e)));
             }
