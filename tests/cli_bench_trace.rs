@@ -33,7 +33,7 @@ fn the_store_replay_matches_its_simulation_and_belady_bounds_it() {
     assert_eq!(points.len(), 2);
     for p in points {
         let h = |k: &str| p[k]["block_ratio"].as_f64().unwrap();
-        for k in ["lru", "s3fifo", "block_lru"] {
+        for k in ["lru", "s3fifo", "fifo", "block_lru"] {
             assert!(h("belady") + 1e-9 >= h(k), "{k} above Belady: {p}");
             assert!(h(k) > 0.0, "{k} served nothing: {p}");
         }

@@ -306,3 +306,46 @@ fn a_failed_write_gives_its_bytes_back() {
         }
     }
 }
+
+/// An eviction deletes its victims in one batch: their tombstones are written, then synced
+/// once. When that sync fails, none is deleted — in memory and after a reopen every victim is
+/// there and reads back — and the next pass evicts them all.
+#[test]
+fn an_eviction_batch_whose_sync_fails_deletes_none() {
+    let _serial = serial();
+    for (ename, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        let names = ["u1", "u2", "u3"];
+        {
+            let (store, _) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
+            put(&store, "pinned", &keys(1, 2), LEN);
+            for (i, n) in names.iter().enumerate() {
+                let k = keys(10 + i as u128, 2);
+                let p: Vec<Vec<u8>> = k.iter().map(|&x| payload(x as u64, LEN as usize)).collect();
+                let refs: Vec<&[u8]> = p.iter().map(|v| &v[..]).collect();
+                let mut s = spec(n, &k, LEN);
+                s.retention.class = cwm::store::Class::Unnamed;
+                store.put_window(s, &refs).unwrap();
+            }
+            failpoint::set("fdatasync", Some(Action::Error));
+            let r = store.evict(cwm::store::EvictionPolicy::Fifo, 0, 1 << 30);
+            failpoint::clear();
+            assert!(r.is_err(), "{ename}: {r:?}");
+            for (i, n) in names.iter().enumerate() {
+                check(&store, n, &keys(10 + i as u128, 2), LEN);
+            }
+            assert_eq!(store.check_invariants().unwrap(), Vec::<String>::new());
+        }
+        let (store, _) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
+        for (i, n) in names.iter().enumerate() {
+            check(&store, n, &keys(10 + i as u128, 2), LEN);
+        }
+        let rep = store
+            .evict(cwm::store::EvictionPolicy::Fifo, 0, 1 << 30)
+            .unwrap();
+        assert_eq!(rep.evicted, names, "{ename}");
+        check(&store, "pinned", &keys(1, 2), LEN);
+        assert_eq!(store.check_invariants().unwrap(), Vec::<String>::new());
+    }
+}

@@ -1,6 +1,7 @@
 //! Maintenance in the daemon: the background compactor and scrubber, and the `compact`,
 //! `scrub` and `check` ops (docs/PROTOCOL.md).
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -90,6 +91,88 @@ fn u64_field(a: &Value, k: &str) -> Result<Option<u64>, ApiError> {
     }
 }
 
+/// The expiry and eviction thread's schedule: a pass every interval, one sooner when a freeze
+/// passes the high watermark, and one on behalf of freezes refused for room — they add what
+/// they need and wait for the next pass, which evicts for all of them at once (evicting each
+/// on its own thread, many refused together would each evict as much again).
+#[derive(Default)]
+pub(super) struct Kick {
+    st: std::sync::Mutex<KickState>,
+    wake: std::sync::Condvar,
+    done: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct KickState {
+    /// A pass is asked for.
+    due: bool,
+    /// Log bytes refused freezes need beyond the watermarks.
+    wanted: u64,
+    /// Passes started and finished.
+    started: u64,
+    finished: u64,
+    /// The thread is running (else a refused freeze evicts on its own thread).
+    running: bool,
+}
+
+impl Kick {
+    /// Asks for a pass now.
+    pub(super) fn kick(&self) {
+        if let Ok(mut st) = self.st.lock() {
+            st.due = true;
+            self.wake.notify_one();
+        }
+    }
+
+    /// The thread: waits up to `d` for a kick; true when one came.
+    fn wait(&self, d: Duration) -> bool {
+        let Ok(g) = self.st.lock() else {
+            std::thread::sleep(d);
+            return false;
+        };
+        self.wake
+            .wait_timeout_while(g, d, |st| !st.due)
+            .is_ok_and(|(st, _)| st.due)
+    }
+
+    /// The thread: a pass begins; returns the bytes refused freezes asked for.
+    fn begin(&self) -> u64 {
+        self.st.lock().map_or(0, |mut st| {
+            st.due = false;
+            st.started += 1;
+            std::mem::take(&mut st.wanted)
+        })
+    }
+
+    /// The thread: a pass ended (`running`: whether more will come).
+    fn end(&self, running: bool) {
+        if let Ok(mut st) = self.st.lock() {
+            st.finished = st.started;
+            st.running = running;
+            self.done.notify_all();
+        }
+    }
+
+    /// A freeze refused for room: asks the next pass for `need` more bytes and waits (at most
+    /// `timeout`) until a pass that began after the request finished. `None` when no thread
+    /// runs passes; else whether one finished in time.
+    fn ask(&self, need: u64, timeout: Duration) -> Option<bool> {
+        let mut st = self.st.lock().ok()?;
+        if !st.running {
+            return None;
+        }
+        st.wanted = st.wanted.saturating_add(need);
+        st.due = true;
+        let ticket = st.started;
+        self.wake.notify_one();
+        let (st, _) = self
+            .done
+            .wait_timeout_while(st, timeout, |st| st.running && st.finished <= ticket)
+            .ok()?;
+        Some(st.finished > ticket)
+    }
+}
+
 /// How often the daemon saves window usage when it changed (`Store::save_usage`).
 pub const USAGE_SAVE_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -103,7 +186,11 @@ impl Server {
             std::thread::spawn(move || {
                 let every = Duration::from_secs(me.cfg.maintenance.compact_interval_s);
                 while me.sleep_unless_stopping(every) {
-                    if let Err(e) = me.compact_pass(&me.cfg.maintenance.compact, &|_| {}) {
+                    // Segments the next eviction pass empties are left to it.
+                    let pass = me
+                        .next_victims(me.budget(), None)
+                        .and_then(|skip| me.compact_except(&me.cfg.maintenance.compact, &skip));
+                    if let Err(e) = pass {
                         crate::log::warn(&format!("background compaction: {}", e.message));
                     }
                 }
@@ -113,11 +200,23 @@ impl Server {
             let me = self.clone();
             std::thread::spawn(move || {
                 let every = Duration::from_millis(me.cfg.maintenance.eviction.interval_ms);
-                while me.sleep_unless_stopping(every) {
-                    if let Err(e) = me.retention_pass() {
+                let mut last = Instant::now();
+                me.retention_kick.end(true);
+                while !me.stopping.load(Ordering::SeqCst) {
+                    // A freeze past the high watermark or refused for room asks for a pass
+                    // early; otherwise one runs every interval.
+                    let kicked = me.retention_kick.wait(every.min(Duration::from_millis(100)));
+                    if !kicked && last.elapsed() < every {
+                        continue;
+                    }
+                    last = Instant::now();
+                    let wanted = me.retention_kick.begin();
+                    if let Err(e) = me.retention_pass(wanted) {
                         crate::log::warn(&format!("expiry/eviction: {}", e.message));
                     }
+                    me.retention_kick.end(true);
                 }
+                me.retention_kick.end(false);
             });
         }
         // Window usage (last use, hits: the eviction order) is saved at a clean stop; saving it
@@ -161,9 +260,9 @@ impl Server {
     }
 
     /// One expiry and eviction pass: tombstones windows whose TTL passed; above the high
-    /// watermark, evicts unnamed windows down to the low one, then compacts so the space
-    /// comes back.
-    pub(super) fn retention_pass(&self) -> Result<Value, ApiError> {
+    /// watermark, evicts unnamed windows down to the low one (and `wanted` bytes further:
+    /// freezes refused for room wait for them), then compacts so the space comes back.
+    pub(super) fn retention_pass(&self, wanted: u64) -> Result<Value, ApiError> {
         let forgotten = self.expire_outcomes();
         if forgotten > 0 {
             crate::log::info(&format!(
@@ -185,7 +284,7 @@ impl Server {
         let budget = self.budget();
         let live = self.store.block_bytes()?;
         let mut out = json!({"expired": expired.len(), "block_bytes": live, "budget": budget});
-        let Some(target) = self.eviction_target(budget)? else {
+        let Some(target) = self.eviction_target(budget, wanted)? else {
             return Ok(out);
         };
         let rep = self.store.evict(ev.policy, target, budget)?;
@@ -209,7 +308,9 @@ impl Server {
                 " (pinned data alone is above the low watermark)"
             }
         ));
-        self.compact_evicted()?;
+        // The next pass will likely evict as much as this one did.
+        let gap = ((ev.high - ev.low).max(0.0) * budget as f64) as u64;
+        self.compact_evicted(&self.next_victims(budget, Some(3 * rep.bytes.max(gap)))?)?;
         out["evicted"] = json!(rep);
         Ok(out)
     }
@@ -219,18 +320,21 @@ impl Server {
     /// manifests, tombstones, garbage) passes the high watermark of `--capacity` even after a
     /// compaction, by as many block bytes as it is over the low one — so a log full of small
     /// windows' metadata still makes room, not only one full of blocks.
-    fn eviction_target(&self, budget: u64) -> Result<Option<u64>, ApiError> {
+    fn eviction_target(&self, budget: u64, wanted: u64) -> Result<Option<u64>, ApiError> {
         let ev = &self.cfg.maintenance.eviction;
         let blocks = self.store.block_bytes()?;
-        let mut target =
-            ((blocks as f64) > ev.high * budget as f64).then_some((ev.low * budget as f64) as u64);
+        let mut target = ((blocks.saturating_add(wanted) as f64) > ev.high * budget as f64)
+            .then_some(((ev.low * budget as f64) as u64).saturating_sub(wanted));
         if let Some(cap) = self.store.capacity() {
+            // The log's fill counts the room promised to freezes in progress (many freezes
+            // finishing at once must find it) and the room refused freezes wait for.
+            let fill = || self.store.used_bytes() + self.store.reserved_bytes() + wanted;
             let full = |used: u64| (used as f64) > ev.high * cap as f64;
-            if full(self.store.used_bytes()) {
+            if full(fill()) {
                 // Garbage first: a compaction may be all it takes.
-                self.compact_evicted()?;
+                self.compact_evicted(&self.next_victims(budget, None)?)?;
             }
-            let used = self.store.used_bytes();
+            let used = fill();
             if full(used) {
                 let excess = used.saturating_sub((ev.low * cap as f64) as u64);
                 let t = self.store.block_bytes()?.saturating_sub(excess);
@@ -243,12 +347,25 @@ impl Server {
     /// Makes room for a freeze of `need` bytes refused for room: evicts unnamed windows until
     /// the log, once compacted, can take it. False when there is nothing unnamed to evict.
     pub(super) fn make_room(&self, need: u64) -> Result<bool, ApiError> {
+        if self.store.has_room(need) {
+            // Room came back since the refusal.
+            return Ok(true);
+        }
+        if self.store.class_bytes()?.unnamed == 0 {
+            // Nothing eviction could give up (pinned data fills the budget).
+            return Ok(false);
+        }
+        if let Some(served) = self.retention_kick.ask(need, Duration::from_secs(30)) {
+            return Ok(served);
+        }
+        // No expiry and eviction thread: evict here.
         let ev = &self.cfg.maintenance.eviction;
         let budget = self.budget();
         // Block bytes to give up: the window's, plus whatever the log is over the low watermark.
         let over = self
             .store
             .used_bytes()
+            .saturating_add(self.store.reserved_bytes())
             .saturating_add(need)
             .saturating_sub((ev.low * budget as f64) as u64);
         let target = self.store.block_bytes()?.saturating_sub(over.max(need));
@@ -262,8 +379,47 @@ impl Server {
             rep.evicted.len(),
             rep.bytes
         ));
-        self.compact_evicted()?;
+        self.compact_evicted(&self.next_victims(budget, Some(rep.bytes))?)?;
+        if !self.store.has_room(need) {
+            // The segments left alone hold the room this freeze needs now.
+            self.compact_evicted(&HashSet::new())?;
+        }
         Ok(true)
+    }
+
+    /// The segments the next eviction pass would empty — `pass` bytes of victims, or the gap
+    /// between the watermarks when `None` — which compaction leaves for it; none while the
+    /// log and the block bytes are both more than a pass below the low watermark (no eviction
+    /// is near).
+    fn next_victims(&self, budget: u64, pass: Option<u64>) -> Result<HashSet<u64>, ApiError> {
+        let ev = &self.cfg.maintenance.eviction;
+        let gap = (ev.high - ev.low).max(0.0);
+        let pass = pass.unwrap_or((3.0 * gap * budget as f64) as u64);
+        let near = ((ev.low * budget as f64) as u64).saturating_sub(pass);
+        let fill = self.store.block_bytes()?.max(self.store.used_bytes());
+        if fill < near {
+            return Ok(HashSet::new());
+        }
+        Ok(self.store.about_to_empty(ev.policy, budget, pass)?)
+    }
+
+    /// Kicks an expiry and eviction pass when the block bytes or the log passed the high
+    /// watermark (after a freeze: at a high write rate the timed pass comes too late, and the
+    /// next freeze would be refused and evict inline).
+    pub(super) fn kick_retention_if_full(&self) {
+        let ev = &self.cfg.maintenance.eviction;
+        if ev.interval_ms == 0 {
+            return;
+        }
+        let high = |limit: u64| (ev.high * limit as f64) as u64;
+        let blocks = self.store.block_bytes().unwrap_or(0);
+        let log_full = self
+            .store
+            .capacity()
+            .is_some_and(|c| self.store.used_bytes() + self.store.reserved_bytes() > high(c));
+        if log_full || blocks > high(self.budget()) {
+            self.retention_kick.kick();
+        }
     }
 
     /// Counts an eviction pass in the metrics.
@@ -280,13 +436,34 @@ impl Server {
     }
 
     /// Compacts every sealed segment at most 90 % live (or the configured ratio, if higher),
-    /// so what eviction gave up comes back as free log space.
-    fn compact_evicted(&self) -> Result<Value, ApiError> {
+    /// except those in `skip` (the next eviction pass empties them: copying their live blocks
+    /// now would be wasted), so what eviction gave up comes back as free log space.
+    fn compact_evicted(&self, skip: &HashSet<u64>) -> Result<Value, ApiError> {
         let opts = CompactOptions {
             live_ratio: self.cfg.maintenance.compact.live_ratio.max(0.9),
             ..self.cfg.maintenance.compact.clone()
         };
-        self.compact_pass(&opts, &|_| {})
+        self.compact_except(&opts, skip)
+    }
+
+    /// A compaction pass over the candidates of `opts` except the segments in `skip`.
+    fn compact_except(
+        &self,
+        opts: &CompactOptions,
+        skip: &HashSet<u64>,
+    ) -> Result<Value, ApiError> {
+        let mut ids: Vec<u64> = self
+            .store
+            .compact_candidates(opts.live_ratio)?
+            .into_iter()
+            .filter(|id| !skip.contains(id))
+            .collect();
+        if opts.max_segments > 0 {
+            ids.truncate(opts.max_segments);
+        }
+        let rep = self.store.compact_segments(&ids, opts, &mut |_| {})?;
+        self.count_compaction(&rep);
+        Ok(json!({ "report": rep }))
     }
 
     /// Sleeps `d` in short steps; false once the server is stopping.
@@ -307,6 +484,12 @@ impl Server {
         progress: &dyn Fn(&crate::store::CompactProgress),
     ) -> Result<Value, ApiError> {
         let rep = self.store.compact(opts, &mut |p| progress(p))?;
+        self.count_compaction(&rep);
+        Ok(json!({ "report": rep }))
+    }
+
+    /// Counts and logs a compaction.
+    fn count_compaction(&self, rep: &crate::store::CompactReport) {
         self.metrics.compaction_bytes.inc_by(rep.bytes_copied);
         self.metrics
             .compaction_segments
@@ -317,7 +500,6 @@ impl Server {
                 rep.segments_removed, rep.bytes_copied, rep.bytes_reclaimed, rep.seconds
             ));
         }
-        Ok(json!({ "report": rep }))
     }
 
     /// One scrub pass; `progress(done, total)` after each window verified.

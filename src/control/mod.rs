@@ -133,6 +133,9 @@ pub struct Server {
     staging_pools: Mutex<Vec<Arc<crate::staging::StagingPool>>>,
     /// The shared tier.
     remote: Arc<remote_ops::RemoteLink>,
+    /// Wakes the expiry and eviction thread early (a freeze crossed the high watermark or was
+    /// refused for room).
+    retention_kick: maint::Kick,
 }
 
 impl Server {
@@ -166,6 +169,7 @@ impl Server {
             integrity: integrity::Integrity::default(),
             staging_pools: Mutex::new(Vec::new()),
             idem_running: Mutex::new(HashMap::new()),
+            retention_kick: maint::Kick::default(),
         })
     }
 

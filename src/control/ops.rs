@@ -138,7 +138,11 @@ impl Server {
         if matches!(&res, Err(e) if e.code() == ErrorCode::QuotaExceeded) {
             // Refused for room before a byte was written: evict unnamed windows now, as far as
             // this window needs, and try once more (the background pass may be a second away).
-            let need = retry.block_ids.len() as u64 * eng.layout.block_bytes();
+            let need = self.store.room_for(
+                retry.block_ids.len() as u64,
+                eng.layout.block_bytes(),
+                retry.tokens.len() as u64,
+            );
             if self.make_room(need).unwrap_or(false) {
                 res = freeze(&self.store, &eng, retry, &self.cfg.pipeline, &opts);
             }
@@ -148,6 +152,7 @@ impl Server {
         }
         let r = res.map_err(|e| self.quota_detail(ApiError::from(e)))?;
         self.froze(&r);
+        self.kick_retention_if_full();
         let mut out = json!({"status": "durable", "window": r.info, "report": r});
         if let Some(remote) = self
             .remote

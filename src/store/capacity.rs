@@ -61,6 +61,17 @@ impl Store {
         Ok((needed, writes))
     }
 
+    /// At most the log room a window of `blocks` blocks of `block_len` bytes and `tokens`
+    /// tokens takes, none of them deduplicated (its block records, its manifest, two segment
+    /// headers): what an eviction for its room must free.
+    #[must_use]
+    pub fn room_for(&self, blocks: u64, block_len: u64, tokens: u64) -> u64 {
+        let manifest = 1024 + 4 * tokens + 32 * blocks;
+        blocks.saturating_mul(record_len(block_len))
+            + stored_len(RecordKind::Manifest, manifest)
+            + 2 * SEGMENT_HEADER_LEN
+    }
+
     /// For a window captured before it is written: the refusals [`Store::begin_window`]
     /// would give now (bad name, no blocks, ALREADY_EXISTS, a version mismatch), without
     /// waiting for the appender lock, then a reservation of log room for every record the

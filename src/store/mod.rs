@@ -233,6 +233,23 @@ impl Store {
         self.used.load(Ordering::SeqCst)
     }
 
+    /// Log room promised to freezes in progress and not yet written.
+    #[must_use]
+    pub fn reserved_bytes(&self) -> u64 {
+        self.reserved.load(Ordering::SeqCst)
+    }
+
+    /// Whether a window needing `need` more bytes of log fits now, beside the room promised
+    /// to freezes in progress.
+    #[must_use]
+    pub fn has_room(&self, need: u64) -> bool {
+        self.used
+            .load(Ordering::SeqCst)
+            .saturating_add(self.reserved.load(Ordering::SeqCst))
+            .saturating_add(need)
+            <= self.capacity.load(Ordering::SeqCst)
+    }
+
     /// Changes the capacity (takes effect for the next write).
     pub fn set_capacity(&self, capacity: u64) {
         self.capacity.store(capacity, Ordering::SeqCst);

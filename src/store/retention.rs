@@ -21,6 +21,10 @@ use super::index::{State, WindowEntry};
 use super::manifest::RetentionChange;
 use super::{name, Class, Retention, Store, WindowInfo};
 
+/// Most windows one eviction batch deletes (their tombstones share one sync; the appender
+/// lock is held while they are written).
+const EVICT_BATCH: usize = 64;
+
 /// The catalog key of a window name's retention record.
 #[must_use]
 pub fn retention_key(name: &str) -> u128 {
@@ -66,6 +70,10 @@ pub enum EvictionPolicy {
     /// to be reused); then windows that were thawed, least recently used first; the protected
     /// new ones last.
     S3fifo,
+    /// Oldest written first (manifest sequence order), whatever their use: the log is then
+    /// reclaimed from its tail and compaction copies only blocks that newer windows still
+    /// share.
+    Fifo,
 }
 
 impl std::str::FromStr for EvictionPolicy {
@@ -74,8 +82,21 @@ impl std::str::FromStr for EvictionPolicy {
         match s {
             "lru" => Ok(Self::Lru),
             "s3fifo" => Ok(Self::S3fifo),
-            _ => Err(format!("unknown eviction policy {s:?}: use lru or s3fifo")),
+            "fifo" => Ok(Self::Fifo),
+            _ => Err(format!(
+                "unknown eviction policy {s:?}: use lru, s3fifo or fifo"
+            )),
         }
+    }
+}
+
+impl std::fmt::Display for EvictionPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Lru => "lru",
+            Self::S3fifo => "s3fifo",
+            Self::Fifo => "fifo",
+        })
     }
 }
 
@@ -125,6 +146,7 @@ pub struct Cand {
 pub fn order(mut c: Vec<Cand>, policy: EvictionPolicy, budget: u64) -> Vec<Cand> {
     match policy {
         EvictionPolicy::Lru => c.sort_by_key(|x| (x.last_use, x.seq)),
+        EvictionPolicy::Fifo => c.sort_by_key(|x| x.seq),
         EvictionPolicy::S3fifo => {
             // The newest never-thawed windows, up to a tenth of the budget, are protected.
             let mut fresh: Vec<&Cand> = c.iter().filter(|x| x.hits == 0).collect();
@@ -275,6 +297,68 @@ impl Store {
         Ok(self.state.read().map_err(poisoned)?.block_bytes)
     }
 
+    /// The unnamed windows eviction may take, as the policies see them.
+    fn candidates(&self) -> Result<Vec<Cand>, StoreError> {
+        let now = crate::clock::now_unix_ms();
+        let st = self.state.read().map_err(poisoned)?;
+        Ok(st
+            .windows
+            .values()
+            .filter(|w| w.info.class == Class::Unnamed && !w.expired(now))
+            .map(|w: &WindowEntry| {
+                let i = w.info();
+                Cand {
+                    name: i.name,
+                    version: i.version,
+                    seq: i.seq,
+                    last_use: i.last_use_unix_ms,
+                    hits: i.hits,
+                    bytes: i.bytes,
+                }
+            })
+            .collect())
+    }
+
+    /// The segments the next `bytes` of eviction in `policy`'s order would free blocks in:
+    /// those holding a block only the next victims refer to. Compacting one of them now would
+    /// copy live blocks that the next pass gives up anyway, so compaction after an eviction
+    /// leaves them alone.
+    pub fn about_to_empty(
+        &self,
+        policy: EvictionPolicy,
+        budget: u64,
+        bytes: u64,
+    ) -> Result<std::collections::HashSet<u64>, StoreError> {
+        let mut out = std::collections::HashSet::new();
+        if bytes == 0 {
+            return Ok(out);
+        }
+        let next = order(self.candidates()?, policy, budget);
+        let st = self.state.read().map_err(poisoned)?;
+        let mut taken = 0u64;
+        for c in next {
+            if taken >= bytes {
+                break;
+            }
+            let Some(w) = st.windows.get(&c.name) else {
+                continue;
+            };
+            // (Counted as eviction counts them: the records of the blocks it frees.)
+            for k in &w.keys {
+                if let Some(l) = st
+                    .blocks
+                    .get(k)
+                    .filter(|b| b.refs <= 1)
+                    .and_then(|b| b.loc.as_ref())
+                {
+                    out.insert(l.seg.id);
+                    taken = taken.saturating_add(l.len);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Evicts unnamed windows in `policy`'s order until the block bytes
     /// ([`Store::block_bytes`]) are at most `target` (`budget`: the byte budget the policy
     /// sizes its queues by).
@@ -291,39 +375,44 @@ impl Store {
             rep.reached = true;
             return Ok(rep);
         }
-        let now = crate::clock::now_unix_ms();
-        let cands: Vec<Cand> = {
-            let st = self.state.read().map_err(poisoned)?;
-            st.windows
-                .values()
-                .filter(|w| w.info.class == Class::Unnamed && !w.expired(now))
-                .map(|w: &WindowEntry| {
-                    let i = w.info();
-                    Cand {
-                        name: i.name,
-                        version: i.version,
-                        seq: i.seq,
-                        last_use: i.last_use_unix_ms,
-                        hits: i.hits,
-                        bytes: i.bytes,
+        let cands = order(self.candidates()?, policy, budget);
+        let mut next = 0;
+        while live > target && next < cands.len() {
+            // The next victims: as many as reach the target as the index stands (a block's
+            // bytes go with its last reference), at most EVICT_BATCH, deleted together (one
+            // sync for all their tombstones).
+            let batch: Vec<(String, u64)> = {
+                let st = self.state.read().map_err(poisoned)?;
+                let mut dropped: std::collections::HashMap<u128, u64> =
+                    std::collections::HashMap::new();
+                let mut freed = 0u64;
+                let mut out = Vec::new();
+                while next < cands.len()
+                    && out.len() < EVICT_BATCH
+                    && live.saturating_sub(freed) > target
+                {
+                    let c = &cands[next];
+                    next += 1;
+                    let Some(w) = st.windows.get(&c.name) else {
+                        continue;
+                    };
+                    for k in &w.keys {
+                        if let Some(b) = st.blocks.get(k).filter(|b| b.holds == 0) {
+                            let d = dropped.entry(*k).or_default();
+                            *d += 1;
+                            if *d == b.refs {
+                                freed += b.loc.as_ref().map_or(0, |l| l.len);
+                            }
+                        }
                     }
-                })
-                .collect()
-        };
-        for c in order(cands, policy, budget) {
-            if live <= target {
-                break;
-            }
-            // (It may have been pinned since the snapshot: a pinned window is never evicted.)
-            let still = |w: &WindowEntry| w.info.class == Class::Unnamed;
-            match self.delete_where(&c.name, Some(c.version), still) {
-                Ok(_) => rep.evicted.push(c.name),
-                // Thawed-and-replaced, pinned or deleted meanwhile: skip it.
-                Err(StoreError::NotFound(_) | StoreError::ConcurrentModification { .. }) => {
-                    continue
+                    out.push((c.name.clone(), c.version));
                 }
-                Err(e) => return Err(e),
-            }
+                out
+            };
+            // (One may have been pinned since the snapshot: a pinned window is never evicted;
+            // one thawed-and-replaced or deleted meanwhile is skipped.)
+            let done = self.delete_many(&batch, |w| w.info.class == Class::Unnamed)?;
+            rep.evicted.extend(done.into_iter().map(|i| i.name));
             let now_live = self.block_bytes()?;
             rep.bytes += live.saturating_sub(now_live);
             live = now_live;

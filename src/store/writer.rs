@@ -196,6 +196,80 @@ impl Store {
     }
 }
 
+impl Store {
+    /// [`Store::delete_where`] for many windows at once (eviction): each `(name, version)`
+    /// still at that version and for which `still` holds gets a tombstone, all written under
+    /// one hold of the appender lock and made durable by one sync per segment written; then
+    /// all leave the index together. Windows that changed meanwhile are skipped. Returns the
+    /// windows deleted. On a write or sync error nothing is deleted (the tombstones written
+    /// are cut back) and the error is returned.
+    pub(crate) fn delete_many(
+        &self,
+        victims: &[(String, u64)],
+        still: impl Fn(&WindowEntry) -> bool,
+    ) -> Result<Vec<WindowInfo>, StoreError> {
+        let mut app = self.lock_appender()?;
+        let mut chosen: Vec<WindowEntry> = Vec::with_capacity(victims.len());
+        {
+            let st = self.state.read().map_err(poisoned)?;
+            for (name, version) in victims {
+                if let Some(e) = st
+                    .windows
+                    .get(name)
+                    .filter(|e| e.info.version == *version && still(e))
+                {
+                    if !chosen.iter().any(|c| c.info.name == *name) {
+                        chosen.push(e.clone());
+                    }
+                }
+            }
+        }
+        let mut locs: Vec<(Loc, u64)> = Vec::with_capacity(chosen.len());
+        for e in &chosen {
+            let t = Tombstone {
+                name: e.info.name.clone(),
+                version: e.info.version,
+                manifest_seq: e.info.seq,
+            };
+            let key = name_key(&e.info.name);
+            match self.append_payload(&mut app, RecordKind::Tombstone, key, &t.encode()) {
+                Ok(loc) => locs.push((loc, app.next_seq - 1)),
+                Err(err) => {
+                    self.cut_back(locs.iter().map(|(l, _)| l));
+                    return Err(err);
+                }
+            }
+        }
+        let mut segs: Vec<&Arc<super::segment::Segment>> = Vec::new();
+        for (l, _) in &locs {
+            if !segs.iter().any(|s| s.id == l.seg.id) {
+                segs.push(&l.seg);
+            }
+        }
+        for seg in segs {
+            if let Err(err) = self.sync(seg) {
+                self.cut_back(locs.iter().map(|(l, _)| l));
+                return Err(err);
+            }
+        }
+        let mut st = self.state.write().map_err(poisoned)?;
+        let mut out = Vec::with_capacity(chosen.len());
+        for (entry, (loc, seq)) in chosen.into_iter().zip(locs) {
+            loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
+            let key = name_key(&entry.info.name);
+            st.names.insert(key, seq);
+            if let Some(old) = st.tombs.insert(key, loc) {
+                old.seg.live.fetch_sub(old.len, Ordering::SeqCst);
+            }
+            st.windows.remove(&entry.info.name);
+            super::index::unindex_first(&mut st, &entry);
+            release_window(&mut st, &entry);
+            out.push(entry.info());
+        }
+        Ok(out)
+    }
+}
+
 /// Writes one window. Freezes run concurrently: each takes the appender lock only to be handed
 /// room for a batch of block records, and again to commit. Dropping it without
 /// [`WindowWriter::commit`] aborts: nothing becomes visible, blocks already written are

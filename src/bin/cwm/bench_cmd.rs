@@ -107,6 +107,9 @@ pub(crate) enum BenchCmd {
         /// I/O engine: uring or psync.
         #[arg(long, default_value = "uring")]
         engine: EngineKind,
+        /// Eviction policy of the daemon: lru, s3fifo or fifo (default: the daemon's).
+        #[arg(long, default_value_t = cwm::store::EvictionPolicy::default())]
+        policy: cwm::store::EvictionPolicy,
         #[command(flatten)]
         out: Output,
     },
@@ -301,13 +304,14 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
             clients,
             seconds,
             engine,
+            policy,
             out,
         } => {
             let dir = out.dir();
-            let r = tools::bench::churn(&dir, clients, seconds, engine, &bar(out.json))?;
+            let r = tools::bench::churn(&dir, clients, seconds, engine, policy, &bar(out.json))?;
             let text = format!(
-                "churn ({} clients, {:.1} s, capacity {} MiB): {} freezes ({} refused), {:.2} GB/s vs raw write {:.2} GB/s  ratio {:.3}, vs the same writes and syncs bare {:.2} GB/s  ratio {:.3}; {} thaws, {} of evicted windows; {:.0} evictions; lookup p50 {:.0} us p99 {:.0} us; freeze round trip median {:.2} ms (mean {:.2}, p99 {:.2}), durable {:.2} (gather {:.2}, write {:.2}, commit {:.2})",
-                r.clients, r.seconds, r.capacity >> 20, r.freezes, r.freeze_errors, r.freeze_gbps,
+                "churn ({} clients, {:.1} s, capacity {} MiB, {:?}; compaction copied {:.2} bytes per byte frozen): {} freezes ({} refused), {:.2} GB/s vs raw write {:.2} GB/s  ratio {:.3}, vs the same writes and syncs bare {:.2} GB/s  ratio {:.3}; {} thaws, {} of evicted windows; {:.0} evictions; lookup p50 {:.0} us p99 {:.0} us; freeze round trip median {:.2} ms (mean {:.2}, p99 {:.2}), durable {:.2} (gather {:.2}, write {:.2}, commit {:.2})",
+                r.clients, r.seconds, r.capacity >> 20, r.policy, r.copied_per_frozen, r.freezes, r.freeze_errors, r.freeze_gbps,
                 r.raw_write_gbps, r.freeze_ratio, r.shaped_write_gbps, r.freeze_ratio_of_shaped, r.thaws, r.thaws_evicted, r.evictions,
                 r.lookup_p50_us, r.lookup_p99_us, r.freeze_ms.round_trip, r.freeze_ms.round_trip_mean,
                 r.freeze_ms.round_trip_p99, r.freeze_ms.durable,
@@ -436,15 +440,16 @@ fn measure_trace(a: TraceArgs) -> Result<Measured, String> {
     };
     let r = tools::trace::bench(&name, &reqs, &plan, &dir, &bar(out.json))?;
     let mut text = format!(
-        "trace {} ({} requests, {} unique blocks, {} prompt blocks); prefix hit ratio (blocks):\n  capacity   lru(window) s3fifo(window) lru(block) belady",
+        "trace {} ({} requests, {} unique blocks, {} prompt blocks); prefix hit ratio (blocks):\n  capacity   lru(window) s3fifo(window) fifo(window) lru(block) belady",
         r.trace, r.requests, r.unique_blocks, r.prompt_blocks
     );
     for p in &r.points {
         text.push_str(&format!(
-            "\n  {:>7.1}%   {:>11.3} {:>14.3} {:>10.3} {:>6.3}",
+            "\n  {:>7.1}%   {:>11.3} {:>14.3} {:>12.3} {:>10.3} {:>6.3}",
             p.capacity_fraction * 100.0,
             p.lru.block_ratio,
             p.s3fifo.block_ratio,
+            p.fifo.block_ratio,
             p.block_lru.block_ratio,
             p.belady.block_ratio
         ));

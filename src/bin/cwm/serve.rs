@@ -75,7 +75,7 @@ pub(crate) struct ServeArgs {
     /// Most bytes per second a scrub reads (0: unlimited).
     #[arg(long, env = "CWM_SCRUB_RATE", default_value = "64MiB", value_parser = parse_size)]
     scrub_rate: u64,
-    /// Order in which unnamed windows are evicted: lru or s3fifo.
+    /// Order in which unnamed windows are evicted: lru, s3fifo or fifo.
     #[arg(long, env = "CWM_EVICTION_POLICY", default_value = "lru")]
     eviction_policy: cwm::store::EvictionPolicy,
     /// Eviction starts when live bytes pass this fraction of the budget (--capacity, or

@@ -1473,6 +1473,13 @@ pub struct ChurnBench {
     pub lookup_p99_us: f64,
     /// Windows the daemon evicted.
     pub evictions: f64,
+    /// The eviction policy the daemon ran.
+    pub policy: cwm::store::EvictionPolicy,
+    /// Bytes compaction copied (live blocks moved out of segments it emptied), and per byte
+    /// frozen: the write amplification eviction leaves to compaction.
+    pub compaction_bytes_copied: f64,
+    /// `compaction_bytes_copied` / bytes frozen.
+    pub copied_per_frozen: f64,
     /// Where an acknowledged freeze's time goes, medians in ms: the client's round trip, and
     /// the daemon's own report of it (durable, of which gather + checksum, block writes, and
     /// the commit: sync, manifest, sync).
@@ -1510,6 +1517,7 @@ pub fn churn(
     clients: usize,
     seconds: f64,
     engine: EngineKind,
+    policy: cwm::store::EvictionPolicy,
     p: &Progress,
 ) -> Result<ChurnBench, String> {
     use serde_json::json;
@@ -1554,6 +1562,7 @@ pub fn churn(
             compact_interval_s: 1,
             eviction: cwm::control::maint::Eviction {
                 interval_ms: 100,
+                policy,
                 ..Default::default()
             },
             ..Default::default()
@@ -1649,14 +1658,18 @@ pub fn churn(
     let secs = t0.elapsed().as_secs_f64();
     p.finish();
     let metrics = c.call_final(json!({"op": "metrics"})).map_err(|x| e(&x))?;
-    let evictions = metrics["text"]
-        .as_str()
-        .unwrap_or("")
-        .lines()
-        .find(|l| l.starts_with("cwm_evictions_total{"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(0.0);
+    let counter = |prefix: &str| -> f64 {
+        metrics["text"]
+            .as_str()
+            .unwrap_or("")
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let evictions = counter("cwm_evictions_total{");
+    let copied = counter("cwm_compaction_bytes_total ");
     server.stop();
     let _ = th.join();
     let (rw1, _) = raw_disk(eng.as_ref(), tmp.path(), 512 << 20, 4 << 20, 32).map_err(|x| e(&x))?;
@@ -1683,6 +1696,9 @@ pub fn churn(
         lookup_p50_us: quantile(&mut lat, 0.5),
         lookup_p99_us: quantile(&mut lat, 0.99),
         evictions,
+        policy,
+        compaction_bytes_copied: copied,
+        copied_per_frozen: copied / (n * PER * 128 * 1024).max(1) as f64,
         freeze_ms: {
             let t = times.into_inner().unwrap_or_default();
             let m = |k: usize| median(t.iter().map(|x| x[k] * 1e3).collect());

@@ -417,6 +417,8 @@ pub struct Point {
     pub lru: Hits,
     /// Same, S3-FIFO.
     pub s3fifo: Hits,
+    /// Same, FIFO (write order).
+    pub fifo: Hits,
     /// Block-level LRU (reference).
     pub block_lru: Hits,
     /// Belady's offline bound, block level.
@@ -491,6 +493,7 @@ pub fn bench(
             capacity_blocks: cap,
             lru: simulate(reqs, cap, EvictionPolicy::Lru, marks),
             s3fifo: simulate(reqs, cap, EvictionPolicy::S3fifo, marks),
+            fifo: simulate(reqs, cap, EvictionPolicy::Fifo, marks),
             block_lru: block_lru(reqs, cap),
             belady: belady(reqs, cap),
             store,
