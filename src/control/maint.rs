@@ -144,6 +144,15 @@ impl Kick {
         })
     }
 
+    /// The thread: the pass made the room it could make quickly; freezes waiting for it go on
+    /// (the pass itself goes on compacting).
+    fn served(&self) {
+        if let Ok(mut st) = self.st.lock() {
+            st.finished = st.started;
+            self.done.notify_all();
+        }
+    }
+
     /// The thread: a pass ended (`running`: whether more will come).
     fn end(&self, running: bool) {
         if let Ok(mut st) = self.st.lock() {
@@ -310,7 +319,16 @@ impl Server {
         ));
         // The next pass will likely evict as much as this one did.
         let gap = ((ev.high - ev.low).max(0.0) * budget as f64) as u64;
-        self.compact_evicted(&self.next_victims(budget, Some(3 * rep.bytes.max(gap)))?)?;
+        let skip = self.next_victims(budget, Some(3 * rep.bytes.max(gap)))?;
+        // The segments eviction left (nearly) empty first: deleting them gives the room back
+        // at once, so freezes waiting for room go on before the copying part.
+        let empty = CompactOptions {
+            live_ratio: 0.05,
+            ..self.cfg.maintenance.compact.clone()
+        };
+        self.compact_except(&empty, &skip)?;
+        self.retention_kick.served();
+        self.compact_evicted(&skip)?;
         out["evicted"] = json!(rep);
         Ok(out)
     }
