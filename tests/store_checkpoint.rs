@@ -5,7 +5,7 @@
 //! under a checkpoint is found by the walk that follows the open, by reads and by fsck.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use common::*;
@@ -20,16 +20,6 @@ fn build(dir: &Path, engine: &Arc<dyn IoEngine>) {
     for i in 0..12u128 {
         put(&store, &format!("w{i}"), &keys(i + 1, 2), LEN);
     }
-}
-
-fn checkpoints(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "ckpt"))
-        .collect();
-    v.sort();
-    v
 }
 
 fn full_scan(dir: &Path, engine: &Arc<dyn IoEngine>) -> (Store, cwm::store::RecoveryReport) {
@@ -61,7 +51,7 @@ fn a_clean_reopen_reads_checkpoints_and_finds_what_a_full_scan_finds() {
         build(dir, &engine);
         assert_eq!(segments(dir).len(), 2, "{name}");
         // One per segment: the sealed one (at rotation) and the active one (at the stop).
-        assert_eq!(checkpoints(dir).len(), 2, "{name}");
+        assert_eq!(checkpoint_files(dir).len(), 2, "{name}");
         let (store, rep) = Store::open_with_engine(config(dir), engine.clone()).unwrap();
         assert_eq!(rep.checkpointed_segments, 2, "{name}: {rep:?}");
         assert!(rep.ignored_checkpoints.is_empty(), "{name}: {rep:?}");
@@ -88,7 +78,7 @@ fn a_damaged_checkpoint_is_ignored_reported_and_written_again() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         build(dir, &engine);
-        let ck = checkpoints(dir)[0].clone();
+        let ck = checkpoint_files(dir)[0].clone();
         let len = std::fs::metadata(&ck).unwrap().len();
         // Any byte: the header, an entry, the trailing checksum.
         for at in [0, 20, 64 + 70, len - 1] {
@@ -120,7 +110,7 @@ fn a_checkpoint_of_another_segment_or_generation_is_ignored() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     build(dir, &engine);
-    let cks = checkpoints(dir);
+    let cks = checkpoint_files(dir);
     // Segment 1's checkpoint under segment 2's name (a segment id reused after a crash at
     // creation would look the same: another generation).
     std::fs::copy(&cks[0], &cks[1]).unwrap();
@@ -140,7 +130,7 @@ fn records_appended_after_a_checkpoint_are_scanned() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         build(dir, &engine);
-        let active = checkpoints(dir)[1].clone();
+        let active = checkpoint_files(dir)[1].clone();
         let old = std::fs::read(&active).unwrap();
         {
             let (store, _) = Store::open_with_engine(config(dir), engine.clone()).unwrap();
@@ -239,7 +229,7 @@ fn orphan_checkpoints_and_unfinished_ones_are_removed() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     build(dir, &engine);
-    let cks = checkpoints(dir);
+    let cks = checkpoint_files(dir);
     let orphan = dir.join("segment-0000000099.ckpt");
     let unfinished = dir.join("segment-0000000001.ckpt.tmp");
     std::fs::copy(&cks[0], &orphan).unwrap();
@@ -283,7 +273,7 @@ fn a_segment_removed_by_compaction_takes_its_checkpoint_along() {
     assert!(
         !dir.join("segment-0000000001.ckpt").exists(),
         "{name}: {:?}",
-        checkpoints(dir)
+        checkpoint_files(dir)
     );
     drop(store);
     let (store, rep) = Store::open_with_engine(config(dir), engine.clone()).unwrap();
@@ -322,7 +312,7 @@ fn a_truncated_checkpoint_is_ignored() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     build(dir, &engine);
-    let ck = checkpoints(dir)[0].clone();
+    let ck = checkpoint_files(dir)[0].clone();
     let whole = std::fs::read(&ck).unwrap();
     // Shorter than a header and a checksum, down to nothing; and cut in the entries.
     for len in [0, 5, 40, 71, 72, 200] {
@@ -348,7 +338,7 @@ fn a_checkpoint_naming_another_generation_of_its_segment_is_ignored() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     build(dir, &engine);
-    let ck = checkpoints(dir)[0].clone();
+    let ck = checkpoint_files(dir)[0].clone();
     let mut b = std::fs::read(&ck).unwrap();
     b[16] ^= 1; // generation
     let n = b.len() - 8;

@@ -10,16 +10,6 @@ use cwm::store::{CompactOptions, Store, StoreConfig};
 
 const LEN: u64 = 64 << 10;
 
-fn ckpts(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "ckpt"))
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn compaction_uses_checkpoints_and_survives_damaged_ones() {
     for damage in ["none", "flipped", "removed"] {
@@ -38,7 +28,7 @@ fn compaction_uses_checkpoints_and_survives_damaged_ones() {
                 store.seal_active().unwrap();
             }
             store.wait_checkpoints();
-            let files = ckpts(&dir);
+            let files = checkpoint_files(&dir);
             assert_eq!(files.len(), 3, "{damage}: a checkpoint per sealed segment");
             match damage {
                 "flipped" => {

@@ -45,7 +45,10 @@ fn fifo_evicts_in_write_order_and_names_the_segments_it_empties() {
         .unwrap();
     assert_eq!(fifo.len(), 2, "one segment per victim: {fifo:?}");
     assert_eq!(lru.len(), 2, "{lru:?}");
-    assert_ne!(fifo, lru, "LRU's next victims are u1 and u2, fifo's u0 and u1");
+    assert_ne!(
+        fifo, lru,
+        "LRU's next victims are u1 and u2, fifo's u0 and u1"
+    );
     assert!(store
         .about_to_empty(EvictionPolicy::Fifo, budget, 0)
         .unwrap()
@@ -73,7 +76,9 @@ fn fifo_evicts_in_write_order_and_names_the_segments_it_empties() {
     }
     store.record_hit("u2");
     let live = store.block_bytes().unwrap();
-    let rep = store.evict(EvictionPolicy::Lru, live - per, budget).unwrap();
+    let rep = store
+        .evict(EvictionPolicy::Lru, live - per, budget)
+        .unwrap();
     assert_eq!(rep.evicted, ["u3"]);
     assert_eq!(store.check_invariants().unwrap(), Vec::<String>::new());
 }

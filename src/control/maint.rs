@@ -214,7 +214,9 @@ impl Server {
                 while !me.stopping.load(Ordering::SeqCst) {
                     // A freeze past the high watermark or refused for room asks for a pass
                     // early; otherwise one runs every interval.
-                    let kicked = me.retention_kick.wait(every.min(Duration::from_millis(100)));
+                    let kicked = me
+                        .retention_kick
+                        .wait(every.min(Duration::from_millis(100)));
                     if !kicked && last.elapsed() < every {
                         continue;
                     }

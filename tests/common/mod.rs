@@ -132,6 +132,17 @@ pub fn keys(base: u128, n: usize) -> Vec<u128> {
     (0..n as u128).map(|i| (base << 32) | i).collect()
 }
 
+/// The segment checkpoint files (`*.ckpt`) of a data dir, sorted.
+pub fn checkpoint_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "ckpt"))
+        .collect();
+    v.sort();
+    v
+}
+
 /// The segment files of a data dir, sorted.
 pub fn segments(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
