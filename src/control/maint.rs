@@ -329,7 +329,10 @@ impl Server {
             ..self.cfg.maintenance.compact.clone()
         };
         self.compact_except(&empty, &skip)?;
-        self.retention_kick.served();
+        if self.store.has_room(wanted) {
+            // (Else they wait for the copying part: retried now, they would be refused.)
+            self.retention_kick.served();
+        }
         self.compact_evicted(&skip)?;
         out["evicted"] = json!(rep);
         Ok(out)
