@@ -374,7 +374,7 @@ impl Server {
             // Room came back since the refusal.
             return Ok(true);
         }
-        if self.store.class_bytes()?.unnamed == 0 {
+        if !self.store.has_unnamed()? {
             // Nothing eviction could give up (pinned data fills the budget).
             return Ok(false);
         }

@@ -270,6 +270,16 @@ impl Store {
         Ok(out)
     }
 
+    /// Whether any unnamed window (something eviction could give up) is stored.
+    pub fn has_unnamed(&self) -> Result<bool, StoreError> {
+        let now = crate::clock::now_unix_ms();
+        let st = self.state.read().map_err(poisoned)?;
+        Ok(st
+            .windows
+            .values()
+            .any(|w| w.info.class == Class::Unnamed && !w.expired(now)))
+    }
+
     /// Block payload bytes by class.
     pub fn class_bytes(&self) -> Result<ClassBytes, StoreError> {
         let st = self.state.read().map_err(poisoned)?;

@@ -185,15 +185,22 @@ impl Store {
         let (loc, seq) =
             self.append_synced(&mut app, RecordKind::Tombstone, name_key(&name), &payload)?;
         let mut st = self.state.write().map_err(poisoned)?;
-        st.names.insert(name_key(&name), seq);
-        if let Some(old) = st.tombs.insert(name_key(&name), loc) {
-            old.seg.live.fetch_sub(old.len, Ordering::SeqCst);
-        }
-        st.windows.remove(&name);
-        super::index::unindex_first(&mut st, &entry);
-        release_window(&mut st, &entry);
+        forget_window(&mut st, &entry, loc, seq);
         Ok(entry.info())
     }
+}
+
+/// Takes a window whose tombstone (at `loc`, sequence number `seq`) is durable out of the
+/// index: the tombstone becomes its name's newest event, its block references go.
+fn forget_window(st: &mut State, entry: &WindowEntry, loc: Loc, seq: u64) {
+    let key = name_key(&entry.info.name);
+    st.names.insert(key, seq);
+    if let Some(old) = st.tombs.insert(key, loc) {
+        old.seg.live.fetch_sub(old.len, Ordering::SeqCst);
+    }
+    st.windows.remove(&entry.info.name);
+    super::index::unindex_first(st, entry);
+    release_window(st, entry);
 }
 
 impl Store {
@@ -256,14 +263,7 @@ impl Store {
         let mut out = Vec::with_capacity(chosen.len());
         for (entry, (loc, seq)) in chosen.into_iter().zip(locs) {
             loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
-            let key = name_key(&entry.info.name);
-            st.names.insert(key, seq);
-            if let Some(old) = st.tombs.insert(key, loc) {
-                old.seg.live.fetch_sub(old.len, Ordering::SeqCst);
-            }
-            st.windows.remove(&entry.info.name);
-            super::index::unindex_first(&mut st, &entry);
-            release_window(&mut st, &entry);
+            forget_window(&mut st, &entry, loc, seq);
             out.push(entry.info());
         }
         Ok(out)
