@@ -13,8 +13,8 @@ use super::protocol::{self, ApiError};
 use super::Server;
 use crate::error::ErrorCode;
 use crate::pipeline::{
-    freeze, thaw, Engine, FreezeOptions, FreezeReport, FreezeRequest, ThawOptions, ThawReport,
-    ThawRequest,
+    freeze, thaw, Engine, FreezeOptions, FreezeReport, FreezeRequest, StreamThaw, ThawOptions,
+    ThawReport, ThawRequest,
 };
 use crate::store::{Class, Retention};
 
@@ -229,18 +229,7 @@ impl Server {
                 ))
             }
         };
-        // A window this instance does not hold: from the shared tier, if there is one.
-        let (fetched, instead) = if self.store.get(&window).is_err() {
-            self.fetch_missing(&eng, &window, a.tokens.as_deref(), a.salt.as_deref())?
-        } else {
-            (None, None)
-        };
-        // Only a prefix of a published window could be had: that is thawed, as a prefix.
-        let (window, prefix) = match instead {
-            Some(w) => (w, true),
-            None => (window, prefix),
-        };
-        let tr = ThawRequest {
+        let mut tr = ThawRequest {
             window,
             block_ids,
             expect_tokens: a.tokens,
@@ -248,6 +237,40 @@ impl Server {
             first_block: a.first_block,
             salt: a.salt,
         };
+        // A window this instance does not hold: from the shared tier, if there is one,
+        // scattered into the engine as its blocks arrive when it can be.
+        let mut streamed = None;
+        let (fetched, instead) = if self.store.get(&tr.window).is_err() {
+            // Its deadline: the slower of a local thaw and a fetch from the tier.
+            let local = f64::from_bits(self.thaw_rate.load(Ordering::Relaxed));
+            let rate = match self.remote.read_rate() {
+                r if r > 0.0 => r.min(local),
+                _ => local,
+            };
+            let mut sink = StreamThaw::new(
+                &eng,
+                &tr,
+                &self.cfg.pipeline,
+                ctx.cancel(),
+                a.timeout_ms.map(std::time::Duration::from_millis),
+                rate,
+            );
+            let out = self.fetch_missing(
+                &eng,
+                &tr.window,
+                tr.expect_tokens.as_deref(),
+                tr.salt.as_deref(),
+                Some(&mut sink),
+            )?;
+            streamed = sink.finish();
+            out
+        } else {
+            (None, None)
+        };
+        // Only a prefix of a published window could be had: that is thawed, as a prefix.
+        if let Some(w) = instead {
+            (tr.window, tr.prefix, streamed) = (w, true, None);
+        }
         // EC-041: a deadline scaled to the window (or the request's timeout_ms).
         let limit = match a.timeout_ms {
             Some(ms) => std::time::Duration::from_millis(ms),
@@ -265,7 +288,15 @@ impl Server {
             progress: None,
             deadline: Some(std::time::Instant::now() + limit),
         };
-        let r = thaw(&self.store, &eng, &tr, &self.cfg.pipeline, &opts).map_err(ApiError::from)?;
+        let r = match streamed {
+            Some(r) => {
+                self.store.record_hit(&r.window);
+                r
+            }
+            None => {
+                thaw(&self.store, &eng, &tr, &self.cfg.pipeline, &opts).map_err(ApiError::from)?
+            }
+        };
         if let Some(sess) = &a.session {
             self.sessions.thawed(sess).map_err(ApiError::from)?;
         }
@@ -310,7 +341,8 @@ impl Server {
             "window loaded"
         );
         self.metrics.thaws.inc();
-        if r.loaded_secs > 0.0 && r.bytes > (64 << 20) {
+        // (A thaw as the blocks arrived measures the fetch, not a thaw.)
+        if r.loaded_secs > 0.0 && r.bytes > (64 << 20) && r.blocks_streamed == 0 {
             let seen = r.bytes as f64 / r.loaded_secs / 1e9;
             let rate = if r.blocks_from_tier == r.blocks_restored {
                 &self.tier_rate

@@ -17,8 +17,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
 use crate::remote::{
-    fill_prefix, pull_window_since, push_window, Expect, FillReport, Publish, PullReport,
-    PushReport, Remote, RemoteConfig, RemoteError,
+    fill_prefix, pull_window_since, push_window, BlockSink, Expect, FillReport, Publish,
+    PullReport, PushReport, Remote, RemoteConfig, RemoteError,
 };
 use crate::store::{Class, Replace, Store, WindowSpec};
 
@@ -444,16 +444,17 @@ impl RemoteLink {
     }
 
     /// Stores `spec`'s blocks, found in the tier by their keys, as a local unnamed window
-    /// (counted; its speed feeds the read-rate estimate).
+    /// (counted; its speed feeds the read-rate estimate); they also go to `ram` and `sink`.
     pub(super) fn fill(
         &self,
         store: &Store,
         spec: WindowSpec,
         block_size: usize,
         ram: Option<&RamTier>,
+        sink: Option<&mut (dyn BlockSink + '_)>,
     ) -> Result<FillReport, RemoteError> {
         let t0 = Instant::now();
-        let r = self.with(|r| fill_prefix(store, r, spec, block_size, None, ram));
+        let r = self.with(|r| fill_prefix(store, r, spec, block_size, None, ram, sink));
         self.count("fill", &r, "received", |f| f.bytes);
         if let Some(l) = &self.latency {
             l.get_or_create(&vec![("op".into(), "fill".into())])
@@ -593,13 +594,15 @@ impl RemoteLink {
         r
     }
 
-    /// Stores window `name` of the tier in `store` (counted).
+    /// Stores window `name` of the tier in `store` (counted); its blocks also go to `ram`
+    /// and `sink`.
     fn pull(
         &self,
         store: &Store,
         name: &str,
         replace: Replace,
         ram: Option<&RamTier>,
+        sink: Option<&mut (dyn BlockSink + '_)>,
     ) -> Result<PullReport, RemoteError> {
         let seen = self
             .seen
@@ -607,7 +610,7 @@ impl RemoteLink {
             .ok()
             .and_then(|mut s| s.get(&name.to_string()).copied())
             .unwrap_or(0);
-        let r = self.with(|r| pull_window_since(store, r, name, replace, seen, ram));
+        let r = self.with(|r| pull_window_since(store, r, name, replace, seen, ram, sink));
         if let Ok(p) = &r {
             self.saw(name, p.generation);
         }
@@ -719,13 +722,14 @@ impl RemoteLink {
         }
     }
 
-    /// Before a thaw of `name`, which the local store does not hold: pulls it from the tier.
-    /// `None`: no tier configured.
+    /// Before a thaw of `name`, which the local store does not hold: pulls it from the tier
+    /// (its blocks also going to `ram` and `sink`). `None`: no tier configured.
     pub(super) fn pull_missing(
         &self,
         store: &Store,
         name: &str,
         ram: Option<&RamTier>,
+        mut sink: Option<&mut (dyn BlockSink + '_)>,
     ) -> Option<Result<PullReport, RemoteError>> {
         let cfg = self.cfg.as_ref()?;
         // A window published elsewhere may not be visible here yet: retried with backoff
@@ -733,7 +737,7 @@ impl RemoteLink {
         let until = Instant::now() + cfg.visibility_timeout;
         let mut pause = Duration::from_millis(50);
         loop {
-            let r = self.pull(store, name, Replace::No, ram);
+            let r = self.pull(store, name, Replace::No, ram, sink.as_deref_mut());
             // (Retried only while the name itself is missing, not one of its blocks.)
             // (No time left: no further request to ask why.)
             let missing = Instant::now() + pause <= until
@@ -806,7 +810,7 @@ impl Server {
         };
         let r = self
             .remote
-            .pull(&self.store, &name, replace, Some(&self.tier))?;
+            .pull(&self.store, &name, replace, Some(&self.tier), None)?;
         Ok(json!({"pull": r}))
     }
 }
@@ -914,9 +918,13 @@ fn parse_fill_name(name: &str) -> Option<(usize, u128, bool)> {
 }
 
 impl Server {
-    /// Pulls `window` from the tier; when a block of it is gone or bad, stores its valid
-    /// prefix as a fill window and names that.
-    fn pull_or_prefix(&self, window: &str) -> Result<(Option<Value>, Option<String>), ApiError> {
+    /// Pulls `window` from the tier (its blocks also going to `sink`); when a block of it is
+    /// gone or bad, stores its valid prefix as a fill window and names that.
+    fn pull_or_prefix(
+        &self,
+        window: &str,
+        sink: Option<&mut (dyn BlockSink + '_)>,
+    ) -> Result<(Option<Value>, Option<String>), ApiError> {
         let not_found = || {
             ApiError::new(
                 ErrorCode::NotFound,
@@ -925,7 +933,7 @@ impl Server {
         };
         match self
             .remote
-            .pull_missing(&self.store, window, Some(&self.tier))
+            .pull_missing(&self.store, window, Some(&self.tier), sink)
         {
             None => Ok((None, None)),
             Some(Ok(p)) => Ok((Some(json!({"pulled": p})), None)),
@@ -955,19 +963,20 @@ impl Server {
     /// and stored as an unnamed window; any other name is pulled from the tier, and when a
     /// block of it is gone or bad, its valid prefix is stored as a fill window instead — the
     /// window to thaw then, as a prefix (the second value). What to add to the answer first.
-    /// Nothing: no tier.
+    /// Nothing: no tier. The blocks fetched also go to `sink` (a thaw as they arrive).
     pub(super) fn fetch_missing(
         &self,
         eng: &crate::pipeline::Engine,
         window: &str,
         tokens: Option<&[u32]>,
         salt: Option<&str>,
+        sink: Option<&mut (dyn BlockSink + '_)>,
     ) -> Result<(Option<Value>, Option<String>), ApiError> {
         if !self.remote.configured() {
             return Ok((None, None));
         }
         let Some((n, last, rank)) = parse_fill_name(window) else {
-            return self.pull_or_prefix(window);
+            return self.pull_or_prefix(window, sink);
         };
         let bs = eng.layout.block_size as usize;
         let tokens = tokens
@@ -1003,7 +1012,10 @@ impl Server {
                 expires_unix_ms: None,
             },
         };
-        match self.remote.fill(&self.store, spec, bs, Some(&self.tier)) {
+        match self
+            .remote
+            .fill(&self.store, spec, bs, Some(&self.tier), sink)
+        {
             Ok(f) => Ok((Some(json!({"filled": f})), None)),
             Err(e) if e.code() == ErrorCode::NotFound => Err(ApiError::new(
                 ErrorCode::NotFound,

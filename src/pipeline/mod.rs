@@ -9,12 +9,14 @@
 
 mod engine;
 mod freeze;
+mod stream;
 pub mod synthetic;
 mod thaw;
 
 pub use engine::Engine;
 pub use freeze::freeze;
-pub use thaw::thaw;
+pub use stream::StreamThaw;
+pub use thaw::{thaw, WindowView};
 
 use crate::error::ErrorCode;
 use std::sync::Arc;
@@ -303,6 +305,9 @@ pub struct ThawReport {
     pub bytes: u64,
     /// Blocks served from the RAM tier.
     pub blocks_from_tier: u64,
+    /// Blocks scattered as they arrived from the shared tier (verified, beside their write
+    /// to the local log), without being read back.
+    pub blocks_streamed: u64,
     /// The scatter transposed pieces (layout upgrade).
     pub permuted: bool,
     /// The corruption that stopped the thaw early, if any.

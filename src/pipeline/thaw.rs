@@ -37,6 +37,7 @@ pub fn thaw(
         tokens_to_recompute: plan.total_tokens,
         bytes: 0,
         blocks_from_tier: 0,
+        blocks_streamed: 0,
         permuted: plan.compat == Compat::Permute,
         corruption: None,
         tier_corruption: None,
@@ -101,25 +102,94 @@ impl Plan {
         tier: Option<&RamTier>,
     ) -> Result<Self, PipelineError> {
         let mut r = store.open_window(&req.window)?;
-        let wl = Layout::from_json(&r.manifest.layout)?;
+        let c = Checked::new(
+            eng,
+            req,
+            cfg,
+            tier,
+            &WindowView {
+                name: &r.info.name,
+                layout: &r.manifest.layout,
+                namespace: &r.manifest.namespace,
+                tokens: &r.manifest.tokens,
+                num_blocks: r.num_blocks(),
+            },
+        )?;
+        if req.first_block > 0 {
+            r.skip_blocks(req.first_block, c.bs as usize);
+        }
+        Ok(Self {
+            r,
+            wl: c.wl,
+            compat: c.compat,
+            n: c.n,
+            bs: c.bs,
+            bb: c.bb,
+            total_tokens: c.total_tokens,
+            window_bytes: c.window_bytes,
+        })
+    }
+}
+
+/// What a thaw needs to know of a window before any byte moves (from its manifest, or from
+/// the spec of a window being fetched).
+pub struct WindowView<'a> {
+    /// Window name.
+    pub name: &'a str,
+    /// Layout descriptor (JSON).
+    pub layout: &'a [u8],
+    /// Namespace label.
+    pub namespace: &'a str,
+    /// Token ids.
+    pub tokens: &'a [u32],
+    /// Blocks of the window.
+    pub num_blocks: usize,
+}
+
+/// A thaw request checked against a window: layout, namespace, tokens, range, destination
+/// ids and the memory it needs (EC-022).
+pub(super) struct Checked {
+    pub(super) wl: Layout,
+    pub(super) compat: Compat,
+    /// Blocks restored (from `req.first_block`).
+    pub(super) n: usize,
+    /// Tokens per block.
+    pub(super) bs: u64,
+    /// Bytes per block.
+    pub(super) bb: u64,
+    /// Tokens of the restored range.
+    pub(super) total_tokens: u64,
+    /// Bytes of the restored range.
+    pub(super) window_bytes: u64,
+}
+
+impl Checked {
+    pub(super) fn new(
+        eng: &Engine,
+        req: &ThawRequest,
+        cfg: &PipelineConfig,
+        tier: Option<&RamTier>,
+        w: &WindowView<'_>,
+    ) -> Result<Self, PipelineError> {
+        let wl = Layout::from_json(w.layout)?;
         let compat = eng.layout.compat(&wl)?;
         // The window's KV must be this engine's model's (and this request's adapter, salt and
         // inputs): with the window's own layout, the namespaces must agree exactly.
         let want = eng.namespace_with(req.salt.as_deref(), &wl).label();
-        if r.manifest.namespace != want {
+        if w.namespace != want {
             return Err(PipelineError::NamespaceMismatch {
-                window: r.info.name.clone(),
-                window_ns: r.manifest.namespace.clone(),
+                window: w.name.to_string(),
+                window_ns: w.namespace.to_string(),
                 want,
             });
         }
         let bs = u64::from(eng.layout.block_size);
-        let avail = r.num_blocks();
+        let avail = w.num_blocks;
         let first = req.first_block;
         if first > 0 && (!req.prefix || first >= avail) {
             return Err(PipelineError::Validation(format!(
                 "first_block {first} needs prefix and must be below the {avail} blocks of window {:?}",
-                r.info.name
+                w.name
             )));
         }
         let n = if req.prefix {
@@ -128,27 +198,24 @@ impl Plan {
             avail
         };
         // Tokens up to the end of the restored range.
-        let end_tokens = ((first + n) as u64 * bs).min(r.manifest.tokens.len() as u64);
+        let end_tokens = ((first + n) as u64 * bs).min(w.tokens.len() as u64);
         if let Some(expect) = &req.expect_tokens {
-            let have = &r.manifest.tokens[..end_tokens as usize];
+            let have = &w.tokens[..end_tokens as usize];
             let at = have.iter().zip(expect.iter()).position(|(a, b)| a != b);
             let at =
                 at.or_else(|| (expect.len() < have.len() && !req.prefix).then_some(expect.len()));
             if let Some(at) = at {
                 return Err(PipelineError::TokenMismatch {
-                    window: r.info.name.clone(),
+                    window: w.name.to_string(),
                     at,
                 });
             }
-        }
-        if first > 0 {
-            r.skip_blocks(first, bs as usize);
         }
         let total_tokens = end_tokens.saturating_sub(first as u64 * bs);
         if !req.prefix && req.block_ids.len() != n {
             return Err(PipelineError::Validation(format!(
                 "window {:?} has {n} blocks but {} destination block ids were given",
-                r.info.name,
+                w.name,
                 req.block_ids.len()
             )));
         }
@@ -173,7 +240,6 @@ impl Plan {
             return Err(PipelineError::InsufficientMemory { needed, available });
         }
         Ok(Self {
-            r,
             wl,
             compat,
             n,

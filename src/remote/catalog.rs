@@ -87,7 +87,7 @@ impl Remote {
                     host: host.clone(),
                     port,
                 });
-                let v = self.run(|c| c.route_command(&cmd, route))?;
+                let v = self.run(|c| c.route_command(&cmd, route.clone()))?;
                 let (next, keys): (String, Vec<String>) = redis::from_redis_value(&v)?;
                 heads.extend(keys);
                 if next == "0" {

@@ -32,8 +32,8 @@ use redis::{ErrorKind, RedisError};
 use crate::error::ErrorCode;
 pub use catalog::{RemoteScrub, RemoteWindow};
 pub use transfer::{
-    fill_prefix, fill_published_prefix, pull_window, pull_window_since, push_window, FillReport,
-    PullReport, PushReport,
+    fill_prefix, fill_published_prefix, pull_window, pull_window_since, push_window, BlockSink,
+    FillReport, PullReport, PushReport,
 };
 use value::ValueError;
 
@@ -443,6 +443,23 @@ impl Drop for Conn<'_> {
     }
 }
 
+/// Times an idempotent request is sent again after an interrupted socket call.
+const INTERRUPTED_RETRIES: u32 = 3;
+
+/// A request's failure, and whether a socket call was interrupted (EINTR).
+enum Interrupted {
+    Yes(RemoteError),
+    Not(RemoteError),
+}
+
+impl From<Interrupted> for RemoteError {
+    fn from(i: Interrupted) -> Self {
+        match i {
+            Interrupted::Yes(e) | Interrupted::Not(e) => e,
+        }
+    }
+}
+
 /// One block as [`Remote::get_blocks`] read it: its payload and payload checksum (xxh3-64,
 /// verified), or why it was refused.
 pub type FetchedBlock = Result<(Vec<u8>, u64), RemoteError>;
@@ -502,18 +519,44 @@ impl Remote {
         })
     }
 
-    /// Runs `f` on a pooled connection; after an outage the connection is discarded.
+    /// Runs `f`, an idempotent request (a read, an insert-only write, a compare-and-set that
+    /// a repeat leaves as it is), on a pooled connection, sending it again on a fresh
+    /// connection when a socket call was interrupted (see [`Remote::run_once`]).
     fn run<T>(
         &self,
-        f: impl FnOnce(&mut ClusterConnection) -> redis::RedisResult<T>,
+        mut f: impl FnMut(&mut ClusterConnection) -> redis::RedisResult<T>,
     ) -> Result<T, RemoteError> {
-        let mut c = self.conn()?;
+        let mut tries = 0;
+        loop {
+            match self.run_once(&mut f) {
+                Err(Interrupted::Yes(_)) if tries < INTERRUPTED_RETRIES => tries += 1,
+                r => return r.map_err(RemoteError::from),
+            }
+        }
+    }
+
+    /// Runs `f` on a pooled connection once; after an outage the connection is discarded.
+    /// A blocking socket call with a timeout fails with EINTR when the process is stopped
+    /// and resumed (SIGSTOP and SIGCONT, a cgroup freezer) even without a signal handler:
+    /// that comes back as [`Interrupted`] (the request may or may not have run).
+    fn run_once<T>(
+        &self,
+        f: impl FnOnce(&mut ClusterConnection) -> redis::RedisResult<T>,
+    ) -> Result<T, Interrupted> {
+        let mut c = self.conn().map_err(Interrupted::Not)?;
         f(&mut c).map_err(|e| {
+            let interrupted = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::Interrupted);
             let e = RemoteError::from(e);
             if e.is_outage() {
                 c.discard();
             }
-            e
+            if interrupted {
+                Interrupted::Yes(e)
+            } else {
+                Interrupted::Not(e)
+            }
         })
     }
 
@@ -765,7 +808,12 @@ impl Remote {
         };
         let ch = self.announce_channel();
         // (Routed by its first argument, the channel: to the master of the channel's slot.)
-        self.run(|c| redis::cmd("SPUBLISH").arg(&ch).arg(payload).query::<i64>(c))?;
+        self.run(|c| {
+            redis::cmd("SPUBLISH")
+                .arg(&ch)
+                .arg(&payload)
+                .query::<i64>(c)
+        })?;
         Ok(())
     }
 
@@ -1019,17 +1067,20 @@ impl Remote {
             Expect::Any => "any".to_string(),
             Expect::Generation(g) => g.to_string(),
         };
-        let (verdict, n): (String, u64) = self.run(|c| {
-            redis::Script::new(PUBLISH)
-                .key(self.window_key(name, "head"))
-                .key(&mkey)
-                .arg(exp)
-                .arg(token)
-                .arg(manifest.len() as u64)
-                .arg(checksum.to_string())
-                .arg(name)
-                .invoke(c)
-        })?;
+        // Once: a repeat of a publish that ran would find its own head (and refuse it).
+        let (verdict, n): (String, u64) = self
+            .run_once(|c| {
+                redis::Script::new(PUBLISH)
+                    .key(self.window_key(name, "head"))
+                    .key(&mkey)
+                    .arg(exp)
+                    .arg(token)
+                    .arg(manifest.len() as u64)
+                    .arg(checksum.to_string())
+                    .arg(name)
+                    .invoke(c)
+            })
+            .map_err(RemoteError::from)?;
         match verdict.as_str() {
             "OK" => Ok(Head {
                 name: name.to_string(),
@@ -1124,15 +1175,18 @@ impl Remote {
     /// returns the token. Another holder: BUSY.
     pub fn lock(&self, name: &str, lease: Duration) -> Result<u64, RemoteError> {
         let token = self.token(name)?;
-        let ok: Option<String> = self.run(|c| {
-            redis::cmd("SET")
-                .arg(self.window_key(name, "lock"))
-                .arg(token)
-                .arg("NX")
-                .arg("PX")
-                .arg(lease.as_millis().max(1) as u64)
-                .query(c)
-        })?;
+        // Once: a repeat of a SET NX that ran would find its own lease (and say BUSY).
+        let ok: Option<String> = self
+            .run_once(|c| {
+                redis::cmd("SET")
+                    .arg(self.window_key(name, "lock"))
+                    .arg(token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(lease.as_millis().max(1) as u64)
+                    .query(c)
+            })
+            .map_err(RemoteError::from)?;
         match ok {
             Some(_) => Ok(token),
             None => Err(RemoteError::Busy(name.to_string())),

@@ -81,20 +81,68 @@ fn fetch_images(remote: &Remote, want: &[Want], batch: &[usize]) -> Result<Fetch
         .collect())
 }
 
+/// Receives the blocks of a pull or fill as they are verified and written to the local log
+/// (in window order, on a thread of its own, beside the next batch's fetch and write): what
+/// lets a thaw into the engine run while the window arrives instead of reading it back after.
+pub trait BlockSink: Send {
+    /// The window about to be fetched, before any block is: its spec, and the ascending
+    /// indices of the blocks that will be delivered (the others are held locally already).
+    fn begin(&mut self, spec: &WindowSpec, fetched: &[usize]);
+    /// Verified blocks `(index in the window, payload)`, ascending, each written to the log
+    /// (not yet committed). A fetch that stops early delivers nothing past the block it
+    /// stopped at.
+    fn blocks(&mut self, blocks: &[(usize, &[u8])]);
+}
+
+/// Where the blocks of a fetch go besides the log: the RAM tier (when given and enabled) and
+/// a [`BlockSink`].
+struct Deliver<'a, 's> {
+    ram: Option<&'a RamTier>,
+    sink: Option<&'a mut (dyn BlockSink + 's)>,
+}
+
+impl Deliver<'_, '_> {
+    fn wanted(&self) -> bool {
+        self.ram.is_some() || self.sink.is_some()
+    }
+
+    fn batch(&mut self, want: &[Want], batch: &[(usize, AlignedBuf, u64)]) {
+        let payloads: Vec<(usize, &[u8])> = batch
+            .iter()
+            .map(|(i, img, _)| {
+                let (po, len) = (payload_offset(want[*i].len), want[*i].len as usize);
+                (*i, &img[po..po + len])
+            })
+            .collect();
+        if let Some(t) = self.ram {
+            for ((i, p), (_, _, sum)) in payloads.iter().zip(batch) {
+                t.put(want[*i].key, p, *sum, false);
+            }
+        }
+        if let Some(s) = self.sink.as_mut() {
+            s.blocks(&payloads);
+        }
+    }
+}
+
 /// Fetches the blocks `wanted` (ascending indices into `want`) from the tier in batches of
-/// about [`PUSH_BATCH`] bytes on one thread while the previous batch is written to `w` here.
+/// about [`PUSH_BATCH`] bytes on one thread while the previous batch is written to `w` here
+/// and the one before it goes into `ram` (when given and enabled: the thaw that follows a
+/// fill reads none of it back from the disk) and `sink` on a third.
 /// Stops at the first block the tier lacks or that fails its checks: `Some((index, why))`,
-/// every wanted block before it written. `Err`: the tier or the store failed. Each written
-/// block also goes into `ram` (when given and enabled), so the thaw that follows a fill reads
-/// none of it back from the disk.
+/// every wanted block before it written. `Err`: the tier or the store failed.
 fn stream_into(
     remote: &Remote,
     w: &mut WindowWriter<'_>,
     want: &[Want],
     wanted: &[usize],
     ram: Option<&RamTier>,
+    sink: Option<&mut (dyn BlockSink + '_)>,
 ) -> Result<Option<(usize, RemoteError)>, RemoteError> {
-    let ram = ram.filter(|t| t.enabled());
+    let mut deliver = Deliver {
+        ram: ram.filter(|t| t.enabled()),
+        sink,
+    };
     let mut batches: Vec<&[usize]> = Vec::new();
     let mut at = 0;
     while at < wanted.len() {
@@ -121,37 +169,48 @@ fn stream_into(
                 }
             }
         });
+        // Written batches go to the RAM tier and the sink here, after the write and off the
+        // writing thread: the fetch (GET, verify, lay out) is the slowest stage, and a copy
+        // on its thread cost a pull into the engine ~20 %.
+        let (dtx, drx) = crossbeam_channel::bounded::<Vec<(usize, AlignedBuf, u64)>>(1);
+        if deliver.wanted() {
+            let deliver = &mut deliver;
+            sc.spawn(move || {
+                for batch in drx {
+                    deliver.batch(want, &batch);
+                }
+            });
+        } else {
+            drop(drx);
+        }
         for fetched in rx {
-            let mut fetched = fetched?;
-            let bad = fetched.iter().position(|(_, r)| r.is_err());
-            let refused = bad.map(|b| fetched.swap_remove(b));
-            fetched.truncate(bad.unwrap_or(fetched.len()));
-            let mut images: Vec<BlockImage<'_>> = fetched
+            let fetched = fetched?;
+            let mut good: Vec<(usize, AlignedBuf, u64)> = Vec::with_capacity(fetched.len());
+            let mut refused = None;
+            for (i, r) in fetched {
+                match r {
+                    Ok((img, sum)) if refused.is_none() => good.push((i, img, sum)),
+                    Ok(_) => {}
+                    Err(e) => {
+                        refused.get_or_insert((i, e));
+                    }
+                }
+            }
+            let mut images: Vec<BlockImage<'_>> = good
                 .iter_mut()
-                .filter_map(|(i, img)| {
-                    let (img, sum) = img.as_mut().ok()?;
-                    Some(BlockImage {
-                        index: *i,
-                        image: &mut img[..],
-                        // Verified against the payload by the fetch (and, given a manifest,
-                        // equal to its checksum): the writer need not hash it again.
-                        checksum: Some(*sum),
-                    })
+                .map(|(i, img, sum)| BlockImage {
+                    index: *i,
+                    image: &mut img[..],
+                    // Verified against the payload by the fetch (and, given a manifest, equal
+                    // to its checksum): the writer need not hash it again.
+                    checksum: Some(*sum),
                 })
                 .collect();
             w.write_blocks(&mut images)?;
             drop(images);
-            // Here, after the write, not on the fetching thread: the fetch (GET, verify, lay
-            // out) is the slower stage, and a copy there cost a pull into the engine ~20 %.
-            if let Some(t) = ram {
-                for (i, r) in &fetched {
-                    if let Ok((img, sum)) = r {
-                        let (po, len) = (payload_offset(want[*i].len), want[*i].len as usize);
-                        t.put(want[*i].key, &img[po..po + len], *sum, false);
-                    }
-                }
-            }
-            if let Some((i, Err(e))) = refused {
+            // (No one receiving: nothing to deliver.)
+            let _ = dtx.send(good);
+            if let Some((i, e)) = refused {
                 return Ok(Some((i, e)));
             }
         }
@@ -373,12 +432,13 @@ pub fn pull_window(
     name: &str,
     replace: Replace,
 ) -> Result<PullReport, RemoteError> {
-    pull_window_since(store, remote, name, replace, 0, None)
+    pull_window_since(store, remote, name, replace, 0, None, None)
 }
 
 /// [`pull_window`], refusing a head older than generation `seen` (one this instance saw
 /// before: a failover to a replica that had not received the newer publish shows an older
-/// one) with [`RemoteError::Stale`]; the blocks fetched also go into the RAM tier `ram`.
+/// one) with [`RemoteError::Stale`]; the blocks fetched also go into the RAM tier `ram` and
+/// `sink`.
 pub fn pull_window_since(
     store: &Store,
     remote: &Remote,
@@ -386,6 +446,7 @@ pub fn pull_window_since(
     replace: Replace,
     seen: u64,
     ram: Option<&RamTier>,
+    mut sink: Option<&mut (dyn BlockSink + '_)>,
 ) -> Result<PullReport, RemoteError> {
     let (head, m) = remote.published(name)?;
     if head.generation < seen {
@@ -396,8 +457,12 @@ pub fn pull_window_since(
         });
     }
     let spec = spec_of(&m, m.name.clone(), replace, m.retention);
+    let seen_spec = sink.is_some().then(|| spec.clone());
     let mut w = store.begin_window(spec)?;
     let wanted: Vec<usize> = (0..m.blocks.len()).filter(|&i| w.needs_write(i)).collect();
+    if let (Some(s), Some(spec)) = (sink.as_mut(), &seen_spec) {
+        s.begin(spec, &wanted);
+    }
     let got: u64 = wanted.iter().map(|&i| m.blocks[i].len).sum();
     let want: Vec<Want> = m
         .blocks
@@ -408,7 +473,7 @@ pub fn pull_window_since(
             checksum: Some(b.checksum),
         })
         .collect();
-    if let Some((_, e)) = stream_into(remote, &mut w, &want, &wanted, ram)? {
+    if let Some((_, e)) = stream_into(remote, &mut w, &want, &wanted, ram, sink)? {
         return Err(e);
     }
     let fetched = wanted.len() as u64;
@@ -462,6 +527,7 @@ pub fn fill_published_prefix(
         layout.block_size as usize,
         Some(&sums),
         ram,
+        None,
     )
 }
 
@@ -492,7 +558,7 @@ pub struct FillReport {
 /// check ends the window there: the valid prefix is stored and the report says why. Nothing
 /// of it valid: NOT_FOUND or CORRUPTION. A window of that name already there (a concurrent
 /// fill): reported as it is. The blocks fetched also go into the RAM tier `ram` (when
-/// given and enabled): a thaw right after the fill scatters them from memory.
+/// given and enabled: a thaw right after the fill scatters them from memory) and `sink`.
 pub fn fill_prefix(
     store: &Store,
     remote: &Remote,
@@ -500,6 +566,7 @@ pub fn fill_prefix(
     block_size: usize,
     checksums: Option<&[u64]>,
     ram: Option<&RamTier>,
+    mut sink: Option<&mut (dyn BlockSink + '_)>,
 ) -> Result<FillReport, RemoteError> {
     let t0 = std::time::Instant::now();
     let asked = spec.blocks.len() as u64;
@@ -514,6 +581,7 @@ pub fn fill_prefix(
         })
         .collect();
     let name = spec.name.clone();
+    let seen_spec = sink.is_some().then(|| spec.clone());
     let mut w = match store.begin_window(spec) {
         Ok(w) => w,
         Err(StoreError::AlreadyExists(_)) => {
@@ -531,7 +599,10 @@ pub fn fill_prefix(
         Err(e) => return Err(e.into()),
     };
     let wanted: Vec<usize> = (0..want.len()).filter(|&i| w.needs_write(i)).collect();
-    let (blocks, stopped) = match stream_into(remote, &mut w, &want, &wanted, ram)? {
+    if let (Some(s), Some(spec)) = (sink.as_mut(), &seen_spec) {
+        s.begin(spec, &wanted);
+    }
+    let (blocks, stopped) = match stream_into(remote, &mut w, &want, &wanted, ram, sink)? {
         None => (want.len(), None),
         Some((0, e)) => return Err(e),
         Some((j, e)) => {

@@ -375,7 +375,8 @@ fn remote_text(r: &tools::remote_bench::RemoteBench) -> String {
         "remote ({} cluster): {} MiB in {} KiB blocks — push {:.2} GB/s vs raw SET {:.2} GB/s \
          (ratio {:.2}); pull {:.2} GB/s vs raw GET {:.2} GB/s (ratio {:.2}) and raw disk write \
          {:.2} GB/s (ratio to the slower {:.2}); fill {:.2} GB/s (ratio {:.2}); pull into the \
-         engine {} (from the disk instead of the RAM tier: {}); lookups over {} \
+         engine as it arrives {} (pull, then thaw from the RAM tier: {}; from the disk: {}); \
+         lookups over {} \
          stored prompts: hit p50 {:.3} / p99 {:.3} ms, first miss p99 {:.3} ms, remembered miss \
          p99 {:.3} ms, no tier p99 {:.3} ms",
         r.cluster,
@@ -395,6 +396,8 @@ fn remote_text(r: &tools::remote_bench::RemoteBench) -> String {
             (Some(g), Some(x)) => format!("{g:.2} GB/s (ratio {x:.2})"),
             _ => "not measured (block size)".into(),
         },
+        r.engine_pull_via_ram_gbps
+            .map_or("-".into(), |g| format!("{g:.2} GB/s")),
         r.engine_pull_from_disk_gbps
             .map_or("-".into(), |g| format!("{g:.2} GB/s")),
         r.lookup.windows,

@@ -52,14 +52,18 @@ pub struct RemoteBench {
     pub fill_gbps: f64,
     /// `fill_gbps / raw_get_gbps`.
     pub fill_ratio: f64,
-    /// A pull into the engine: the window pulled into a fourth instance's log with a RAM
-    /// tier, then thawed into a synthetic engine (verify + scatter) from that tier, GB/s of
-    /// the whole (`None` when the block size is not a whole number of 64 KiB layers).
+    /// A pull into the engine as the daemon's thaw of a window it does not hold runs it:
+    /// the window pulled into a fresh instance's log while each verified batch is scattered
+    /// into a synthetic engine, GB/s of the whole (`None` when the block size is not a whole
+    /// number of 64 KiB layers).
     pub engine_pull_gbps: Option<f64>,
     /// `engine_pull_gbps / raw_get_gbps` (goal ≥ 0.80).
     pub engine_pull_ratio: Option<f64>,
-    /// The same without a RAM tier: the thaw reads the blocks back from the log it was just
-    /// written to, GB/s.
+    /// The same one after the other: the pull (into a RAM tier too), then a thaw of the
+    /// committed window from that tier (verify + scatter), GB/s.
+    pub engine_pull_via_ram_gbps: Option<f64>,
+    /// One after the other without a RAM tier: the thaw reads the blocks back from the log
+    /// they were just written to, GB/s.
     pub engine_pull_from_disk_gbps: Option<f64>,
     /// Lookups through an in-process daemon whose prompts were stored by another instance:
     /// latency of the whole lookup (client round trip, local index, the tier's probe).
@@ -314,13 +318,7 @@ pub fn remote(
     p.update("remote", 5, 5, "fill");
     let fill = fill_once(tmp.path(), &remote, &keys, block)?;
     drop(b);
-    let engine_pull = match &syn {
-        Some(syn) => Some((
-            engine_pull(tmp.path(), &remote, &syn.engine, n, true)?,
-            engine_pull(tmp.path(), &remote, &syn.engine, n, false)?,
-        )),
-        None => None,
-    };
+    let engine_pull = engine_pulls(tmp.path(), &remote, syn.as_ref(), n)?;
     let _ = pipe.query::<()>(&mut conn);
     let lookup = lookups(tmp.path(), &remote, lookup_windows, p)?;
     let total = n as u64 * block;
@@ -345,10 +343,11 @@ pub fn remote(
         pull_ratio_of_slower: pull_gbps / raw_get_gbps.min(raw_write).max(f64::MIN_POSITIVE),
         fill_gbps: gbps(total, fill),
         fill_ratio: gbps(total, fill) / raw_get_gbps.max(f64::MIN_POSITIVE),
-        engine_pull_gbps: engine_pull.map(|(t, _)| gbps(total, t)),
+        engine_pull_gbps: engine_pull.map(|(t, _, _)| gbps(total, t)),
         engine_pull_ratio: engine_pull
-            .map(|(t, _)| gbps(total, t) / raw_get_gbps.max(f64::MIN_POSITIVE)),
-        engine_pull_from_disk_gbps: engine_pull.map(|(_, d)| gbps(total, d)),
+            .map(|(t, _, _)| gbps(total, t) / raw_get_gbps.max(f64::MIN_POSITIVE)),
+        engine_pull_via_ram_gbps: engine_pull.map(|(_, r, _)| gbps(total, r)),
+        engine_pull_from_disk_gbps: engine_pull.map(|(_, _, d)| gbps(total, d)),
         lookup,
     })
 }
@@ -372,54 +371,109 @@ fn bench_engine(block: u64, n: usize) -> Result<Option<Synthetic>, String> {
         .map_err(|x| x.to_string())
 }
 
-/// Seconds a pull of window "bench" (`n` blocks) into a fresh store followed by its thaw into
-/// `eng` takes: with `ram`, the pull also puts the blocks into a RAM tier and the thaw must
-/// scatter every one of them from there; without, the thaw reads them back from the log.
+/// Seconds of a pull into `syn`'s engine each way ([`Route`]: as it arrives, then via the
+/// RAM tier, then from the disk); `None` without an engine.
+fn engine_pulls(
+    dir: &Path,
+    remote: &Remote,
+    syn: Option<&Synthetic>,
+    n: usize,
+) -> Result<Option<(f64, f64, f64)>, String> {
+    let Some(syn) = syn else { return Ok(None) };
+    let go = |how| engine_pull(dir, remote, &syn.engine, n, how);
+    Ok(Some((
+        go(Route::Streamed)?,
+        go(Route::ViaRam)?,
+        go(Route::FromDisk)?,
+    )))
+}
+
+/// How a pull reaches the engine in [`engine_pull`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Each verified batch scattered as it arrives, beside its write to the log.
+    Streamed,
+    /// The pull (its blocks also into a RAM tier), then a thaw from that tier.
+    ViaRam,
+    /// The pull, then a thaw reading the blocks back from the log.
+    FromDisk,
+}
+
+/// Seconds a pull of window "bench" (`n` blocks) into a fresh store and into `eng` takes,
+/// the way `how` says (the bench fails unless every block reaches the engine that way).
 fn engine_pull(
     dir: &Path,
     remote: &Remote,
     eng: &cwm::pipeline::Engine,
     n: usize,
-    ram: bool,
+    how: Route,
 ) -> Result<f64, String> {
-    use cwm::pipeline::{thaw, PipelineConfig, ThawOptions, ThawRequest};
+    use cwm::pipeline::{thaw, PipelineConfig, StreamThaw, ThawOptions, ThawRequest};
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let bb = eng.layout.block_bytes();
-    let d = dir.join(if ram { "engine-ram" } else { "engine-disk" });
+    let d = dir.join(match how {
+        Route::Streamed => "engine-streamed",
+        Route::ViaRam => "engine-ram",
+        Route::FromDisk => "engine-disk",
+    });
     let (store, _) = Store::open(StoreConfig::new(&d)).map_err(|x| e(&x))?;
     let cfg = PipelineConfig::default();
     let io = cwm::io::build_engine(cwm::io::EngineKind::Uring, 32);
     eng.prepare_staging(&cfg, io.as_ref()).map_err(|x| e(&x))?;
+    let ram = how == Route::ViaRam;
     let tier = RamTier::new(if ram { bb * n as u64 + (64 << 20) } else { 0 });
     tier.prepare(bb as usize);
+    let req = ThawRequest {
+        prefix: false,
+        first_block: 0,
+        window: "bench".into(),
+        block_ids: (0..n as u64).collect(),
+        expect_tokens: None,
+        salt: None,
+    };
     let t = Instant::now();
-    let r = pull_window_since(&store, remote, "bench", Replace::No, 0, Some(&tier))
-        .map_err(|x| e(&x))?;
-    let rep = thaw(
+    let mut sink = StreamThaw::new(eng, &req, &cfg, None, None, 1.0);
+    let streamed = how == Route::Streamed;
+    let r = pull_window_since(
         &store,
-        eng,
-        &ThawRequest {
-            prefix: false,
-            first_block: 0,
-            window: "bench".into(),
-            block_ids: (0..n as u64).collect(),
-            expect_tokens: None,
-            salt: None,
-        },
-        &cfg,
-        &ThawOptions {
-            tier: ram.then_some(&tier),
-            ..Default::default()
-        },
+        remote,
+        "bench",
+        Replace::No,
+        0,
+        Some(&tier),
+        streamed.then_some(&mut sink as &mut dyn cwm::remote::BlockSink),
     )
     .map_err(|x| e(&x))?;
+    let rep = match sink.finish() {
+        Some(rep) if streamed => rep,
+        _ if streamed => return Err("pull into the engine: the stream did not restore it".into()),
+        _ => thaw(
+            &store,
+            eng,
+            &req,
+            &cfg,
+            &ThawOptions {
+                tier: ram.then_some(&tier),
+                ..Default::default()
+            },
+        )
+        .map_err(|x| e(&x))?,
+    };
     let secs = t.elapsed().as_secs_f64();
-    let from_tier = if ram { n as u64 } else { 0 };
-    if r.fetched != n as u64 || rep.blocks_restored != n as u64 || rep.blocks_from_tier != from_tier
+    let (from_tier, from_stream) = match how {
+        Route::Streamed => (0, n as u64),
+        Route::ViaRam => (n as u64, 0),
+        Route::FromDisk => (0, 0),
+    };
+    if r.fetched != n as u64
+        || rep.blocks_restored != n as u64
+        || rep.blocks_from_tier != from_tier
+        || rep.blocks_streamed != from_stream
     {
         return Err(format!(
-            "pull into the engine: {} fetched, {} restored, {} from the RAM tier of {n}",
-            r.fetched, rep.blocks_restored, rep.blocks_from_tier
+            "pull into the engine: {} fetched, {} restored, {} from the RAM tier, {} as they \
+             arrived, of {n}",
+            r.fetched, rep.blocks_restored, rep.blocks_from_tier, rep.blocks_streamed
         ));
     }
     drop(store);
@@ -451,7 +505,7 @@ fn fill_once(dir: &Path, remote: &Remote, keys: &[u128], block: u64) -> Result<f
     let (c, _) = Store::open(StoreConfig::new(dir.join("c"))).map_err(|x| e(&x))?;
     let spec = spec("fill", keys, block);
     let t = Instant::now();
-    let f = fill_prefix(&c, remote, spec, 16, None, None).map_err(|x| e(&x))?;
+    let f = fill_prefix(&c, remote, spec, 16, None, None, None).map_err(|x| e(&x))?;
     let secs = t.elapsed().as_secs_f64();
     if f.fetched != n as u64 || f.stopped.is_some() {
         return Err(format!(
