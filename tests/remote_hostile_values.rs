@@ -114,3 +114,69 @@ fn damaged_or_foreign_values_are_refused_and_nothing_bad_is_stored() {
         "nothing stored from a bad tier"
     );
 }
+
+/// A value whose (well-formed, checksummed) header claims a terabyte: a fill, which knows
+/// each block's length but no checksum, refuses it before allocating anything for it — it
+/// stores the valid prefix and says why — instead of the process aborting on the allocation.
+#[test]
+fn a_header_claiming_a_huge_length_is_refused_before_any_allocation() {
+    let cluster = common::redis::Cluster::start(3, 0);
+    let (_, engine) = common::engines().remove(0);
+    let r = Remote::connect(RemoteConfig {
+        nodes: cluster.urls(),
+        max_value: 4096,
+        ..Default::default()
+    })
+    .unwrap();
+    let a_dir = tempfile::tempdir().unwrap();
+    let (a, _) = common::open(a_dir.path(), &engine);
+    let keys = [31u128, 32, 33];
+    common::put(&a, "w", &keys, 10_000);
+    push_window(&a, &r, "w", Some(Expect::New)).unwrap();
+    // Block 32's first value: a header for 2^40 bytes in parts of 4 GiB - 1, nothing after.
+    let (len, chunk) = (1u64 << 40, u32::MAX);
+    let mut h = Vec::new();
+    h.extend_from_slice(b"CWMRB1\0\0");
+    h.extend_from_slice(&32u128.to_le_bytes());
+    h.extend_from_slice(&len.to_le_bytes());
+    h.extend_from_slice(&0u64.to_le_bytes());
+    h.extend_from_slice(&(len.div_ceil(u64::from(chunk)) as u32).to_le_bytes());
+    h.extend_from_slice(&chunk.to_le_bytes());
+    let sum = xxhash_rust::xxh3::xxh3_64(&h);
+    h.extend_from_slice(&sum.to_le_bytes());
+    assert_eq!(h.len(), cwm::remote::value::BLOCK_HEADER);
+    let o = std::process::Command::new("redis-cli")
+        .args([
+            "-c",
+            "-p",
+            &cluster.nodes[0].port.to_string(),
+            "-x",
+            "SET",
+            &r.block_key(32, 0),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(&h)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let b_dir = tempfile::tempdir().unwrap();
+    let (b, _) = common::open(b_dir.path(), &engine);
+    let f = cwm::remote::fill_prefix(
+        &b,
+        &r,
+        common::spec("fill-w", &keys, 10_000),
+        16,
+        None,
+        None,
+        None,
+    )
+    .expect("fill of the valid prefix");
+    assert_eq!((f.asked, f.blocks), (3, 1), "{f:?}");
+    let why = f.stopped.unwrap_or_default();
+    assert!(why.contains("expected"), "{why}");
+    common::check(&b, "fill-w", &keys[..1], 10_000);
+}

@@ -460,9 +460,36 @@ impl From<Interrupted> for RemoteError {
     }
 }
 
-/// One block as [`Remote::get_blocks`] read it: its payload and payload checksum (xxh3-64,
-/// verified), or why it was refused.
-pub type FetchedBlock = Result<(Vec<u8>, u64), RemoteError>;
+/// A block to read with [`Remote::get_blocks`]: its key and, when known, its payload length
+/// and checksum (checked: a value claiming another length is refused before anything is
+/// allocated for it).
+#[derive(Debug, Clone, Copy)]
+pub struct Want {
+    /// Block key.
+    pub key: u128,
+    /// Payload bytes.
+    pub len: Option<u64>,
+    /// Payload checksum (xxh3-64), e.g. from a manifest.
+    pub checksum: Option<u64>,
+}
+
+/// A buffer a fetched block's payload is assembled in ([`Remote::get_blocks`]).
+pub trait PayloadBuf: Sized {
+    /// A buffer for a payload of `len` bytes.
+    fn for_payload(len: usize) -> Self;
+    /// Its payload bytes (`len` of them).
+    fn payload_mut(&mut self) -> &mut [u8];
+}
+
+impl PayloadBuf for Vec<u8> {
+    fn for_payload(len: usize) -> Self {
+        vec![0; len]
+    }
+
+    fn payload_mut(&mut self) -> &mut [u8] {
+        self
+    }
+}
 
 impl Remote {
     /// Connects to the cluster `cfg.nodes` names (one node is enough: the rest are discovered).
@@ -661,36 +688,42 @@ impl Remote {
         key: u128,
         expected: Option<(u64, u64)>,
     ) -> Result<Vec<u8>, RemoteError> {
-        self.get_blocks(&[(key, expected)])?
+        let want = Want {
+            key,
+            len: expected.map(|(l, _)| l),
+            checksum: expected.map(|(_, c)| c),
+        };
+        self.get_blocks::<Vec<u8>>(&[want])?
             .pop()
             .unwrap_or_else(|| Err(RemoteError::NotFound(format!("block {key:032x}"))))
             .map(|(payload, _)| payload)
     }
 
     /// Reads blocks in two pipelined round trips (every first value, then every further
-    /// part), refreshing their TTLs; each verified as [`Remote::get_block`] does. The outer
-    /// error is the tier failing; the inner ones say, per block, why it was refused. Each
-    /// block comes with its payload checksum (xxh3-64, just verified against the payload).
-    pub fn get_blocks(
+    /// part), refreshing their TTLs; each verified as [`Remote::get_block`] does (its length
+    /// and checksum, when known, checked before any byte is copied), its payload assembled
+    /// in a `B`. The outer error is the tier failing; the inner ones say, per block, why it
+    /// was refused. Each block comes with its payload checksum (xxh3-64, just verified).
+    pub fn get_blocks<B: PayloadBuf>(
         &self,
-        blocks: &[(u128, Option<(u64, u64)>)],
-    ) -> Result<Vec<FetchedBlock>, RemoteError> {
+        blocks: &[Want],
+    ) -> Result<Vec<Result<(B, u64), RemoteError>>, RemoteError> {
         if blocks.is_empty() {
             return Ok(Vec::new());
         }
         let ttl = self.cfg.block_ttl.as_secs().max(1);
         let mut pipe = redis::cluster::cluster_pipe();
-        for (k, _) in blocks {
+        for w in blocks {
             pipe.cmd("GETEX")
-                .arg(self.block_key(*k, 0))
+                .arg(self.block_key(w.key, 0))
                 .arg("EX")
                 .arg(ttl);
         }
         let firsts: Vec<Option<Vec<u8>>> = self.run(|c| pipe.query(c))?;
-        let mut out: Vec<Result<(value::BlockHeader, Vec<u8>), RemoteError>> = blocks
+        let mut out: Vec<Result<(value::BlockHeader, B), RemoteError>> = blocks
             .iter()
             .zip(firsts)
-            .map(|(&(key, expected), first)| self.first_part(key, expected, first))
+            .map(|(w, first)| self.first_part(w, first))
             .collect();
         let mut pipe = redis::cluster::cluster_pipe();
         let mut asked = Vec::new();
@@ -714,7 +747,7 @@ impl Remote {
                 let ki = self.block_key(h.key, i);
                 let r = match v {
                     None => Err(RemoteError::NotFound(format!("{ki} (a part of a block)"))),
-                    Some(v) => value::take_part(h, i, &v, payload)
+                    Some(v) => value::put_part(h, i, &v, payload.payload_mut())
                         .map_err(|source| RemoteError::Corruption { key: ki, source }),
                 };
                 if let Err(e) = r {
@@ -725,11 +758,12 @@ impl Remote {
         Ok(out
             .into_iter()
             .zip(blocks)
-            .map(|(r, &(key, expected))| {
-                let (h, payload) = r?;
-                value::check_payload(&h, &payload, expected).map_err(|source| {
+            .map(|(r, w)| {
+                let (h, mut payload) = r?;
+                let expected = w.checksum.map(|c| (h.len, c));
+                value::check_payload(&h, payload.payload_mut(), expected).map_err(|source| {
                     RemoteError::Corruption {
-                        key: self.block_key(key, 0),
+                        key: self.block_key(w.key, 0),
                         source,
                     }
                 })?;
@@ -738,31 +772,31 @@ impl Remote {
             .collect())
     }
 
-    /// Checks the first value of block `key` (as read: `None` if missing) and takes its
-    /// payload bytes.
-    fn first_part(
+    /// Checks the first value of block `w.key` (as read: `None` if missing) and copies its
+    /// payload bytes into a new `B`.
+    fn first_part<B: PayloadBuf>(
         &self,
-        key: u128,
-        expected: Option<(u64, u64)>,
+        w: &Want,
         first: Option<Vec<u8>>,
-    ) -> Result<(value::BlockHeader, Vec<u8>), RemoteError> {
-        let k0 = self.block_key(key, 0);
-        let first = first.ok_or_else(|| RemoteError::NotFound(format!("block {key:032x}")))?;
+    ) -> Result<(value::BlockHeader, B), RemoteError> {
+        let k0 = self.block_key(w.key, 0);
+        let first = first.ok_or_else(|| RemoteError::NotFound(format!("block {:032x}", w.key)))?;
         let bad = |source| RemoteError::Corruption {
             key: k0.clone(),
             source,
         };
-        let h = value::decode_block_header(&first, key).map_err(bad)?;
-        if let Some((len, _)) = expected {
+        let h = value::decode_block_header(&first, w.key).map_err(bad)?;
+        // Before anything is allocated for it: a header may claim any length.
+        if let Some(len) = w.len {
             if len != h.len {
                 return Err(bad(ValueError::Payload(format!(
-                    "{} bytes, the manifest says {len}",
+                    "{} bytes, {len} expected",
                     h.len
                 ))));
             }
         }
-        let mut payload = Vec::with_capacity(h.len as usize);
-        value::take_part(&h, 0, &first, &mut payload).map_err(bad)?;
+        let mut payload = B::for_payload(h.len as usize);
+        value::put_part(&h, 0, &first, payload.payload_mut()).map_err(bad)?;
         Ok((h, payload))
     }
 

@@ -47,37 +47,45 @@ struct Want {
     checksum: Option<u64>,
 }
 
+/// A block's record image (`record_len(len)` bytes, 4 KiB-aligned) with its payload
+/// assembled in place by the fetch: the one copy out of the value as read.
+struct RecordImage {
+    img: AlignedBuf,
+    len: usize,
+}
+
+impl super::PayloadBuf for RecordImage {
+    fn for_payload(len: usize) -> Self {
+        Self {
+            img: AlignedBuf::zeroed(record_len(len as u64) as usize),
+            len,
+        }
+    }
+
+    fn payload_mut(&mut self) -> &mut [u8] {
+        let po = payload_offset(self.len as u64);
+        &mut self.img[po..po + self.len]
+    }
+}
+
 /// Fetches blocks `batch` (indices into `want`) in two pipelined round trips, each verified
-/// and laid out as a record image (with its payload checksum), or the reason it was refused.
+/// (its length checked before anything is allocated for it) and laid out as a record image
+/// (with its payload checksum), or the reason it was refused.
 type Fetched = Vec<(usize, Result<(AlignedBuf, u64), RemoteError>)>;
 
 fn fetch_images(remote: &Remote, want: &[Want], batch: &[usize]) -> Result<Fetched, RemoteError> {
-    let asked: Vec<(u128, Option<(u64, u64)>)> = batch
+    let asked: Vec<super::Want> = batch
         .iter()
-        .map(|&i| (want[i].key, want[i].checksum.map(|c| (want[i].len, c))))
+        .map(|&i| super::Want {
+            key: want[i].key,
+            len: Some(want[i].len),
+            checksum: want[i].checksum,
+        })
         .collect();
     Ok(batch
         .iter()
-        .zip(remote.get_blocks(&asked)?)
-        .map(|(&i, p)| {
-            let img = p.and_then(|(p, sum)| {
-                let len = want[i].len;
-                if p.len() as u64 != len {
-                    return Err(RemoteError::Corruption {
-                        key: remote.block_key(want[i].key, 0),
-                        source: super::value::ValueError::Payload(format!(
-                            "{} bytes, {len} expected",
-                            p.len()
-                        )),
-                    });
-                }
-                let mut img = AlignedBuf::zeroed(record_len(len) as usize);
-                let po = payload_offset(len);
-                img[po..po + p.len()].copy_from_slice(&p);
-                Ok((img, sum))
-            });
-            (i, img)
-        })
+        .zip(remote.get_blocks::<RecordImage>(&asked)?)
+        .map(|(&i, r)| (i, r.map(|(b, sum)| (b.img, sum))))
         .collect())
 }
 

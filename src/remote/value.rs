@@ -239,13 +239,14 @@ pub fn decode_block_header(first: &[u8], key: u128) -> Result<BlockHeader, Value
     Ok(h)
 }
 
-/// Checks part `i` of a block against its header and appends its payload bytes to `out`
-/// (`value`: the whole stored value; for part 0 that includes the header).
-pub fn take_part(
+/// Checks part `i` of a block against its header and copies its payload bytes into their
+/// place in `payload` (the whole payload, `h.len` bytes; `value`: the whole stored value —
+/// for part 0 that includes the header).
+pub fn put_part(
     h: &BlockHeader,
     i: u32,
     value: &[u8],
-    out: &mut Vec<u8>,
+    payload: &mut [u8],
 ) -> Result<(), ValueError> {
     let skip = if i == 0 { BLOCK_HEADER } else { 0 };
     let want = skip + h.part_len(i);
@@ -253,7 +254,13 @@ pub fn take_part(
         n if n < want => Err(ValueError::Truncated { got: n, want }),
         n if n > want => Err(ValueError::Trailing(n - want)),
         _ => {
-            out.extend_from_slice(&value[skip..]);
+            let (at, total) = ((u64::from(i) * u64::from(h.chunk)) as usize, payload.len());
+            let dst = payload.get_mut(at..at + (want - skip)).ok_or_else(|| {
+                ValueError::Payload(format!(
+                    "part {i} ends past the {total} bytes of the payload"
+                ))
+            })?;
+            dst.copy_from_slice(&value[skip..]);
             Ok(())
         }
     }
@@ -343,9 +350,9 @@ mod tests {
         assert!(vals.iter().all(|v| v.len() <= max.max(BLOCK_HEADER + 1)));
         let h = decode_block_header(&vals[0], 42).expect("header");
         assert_eq!(h.parts as usize, vals.len());
-        let mut out = Vec::new();
+        let mut out = vec![0; h.len as usize];
         for (i, v) in vals.iter().enumerate() {
-            take_part(&h, i as u32, v, &mut out).expect("part");
+            put_part(&h, i as u32, v, &mut out).expect("part");
         }
         check_payload(&h, &out, Some((len as u64, xxh3_64(&p)))).expect("payload");
         assert_eq!(out, p);
@@ -383,21 +390,26 @@ mod tests {
         bad[0] = b'X';
         assert_eq!(decode_block_header(&bad, 7), Err(ValueError::Magic));
         let h = decode_block_header(&vals[0], 7).expect("header");
-        let mut out = Vec::new();
+        let mut out = vec![0; h.len as usize];
         assert!(matches!(
-            take_part(&h, 1, &vals[1][1..], &mut out),
+            put_part(&h, 1, &vals[1][1..], &mut out),
             Err(ValueError::Truncated { .. })
         ));
         let mut long = vals[1].clone();
         long.push(0);
         assert_eq!(
-            take_part(&h, 1, &long, &mut out),
+            put_part(&h, 1, &long, &mut out),
             Err(ValueError::Trailing(1))
         );
-        let mut out = Vec::new();
+        let mut out = vec![0; h.len as usize];
         for (i, v) in vals.iter().enumerate() {
-            take_part(&h, i as u32, v, &mut out).expect("part");
+            put_part(&h, i as u32, v, &mut out).expect("part");
         }
+        // A part written to a payload too short for it is refused, not a panic.
+        assert!(matches!(
+            put_part(&h, 1, &vals[1], &mut out[..10]),
+            Err(ValueError::Payload(_))
+        ));
         out[500] ^= 0x10;
         assert!(matches!(
             check_payload(&h, &out, None),
