@@ -473,6 +473,10 @@ pub struct Want {
     pub checksum: Option<u64>,
 }
 
+/// One block as [`Remote::get_blocks`] read it: its payload and payload checksum (xxh3-64,
+/// verified), or why it was refused.
+pub type FetchedBlock<B> = Result<(B, u64), RemoteError>;
+
 /// A buffer a fetched block's payload is assembled in ([`Remote::get_blocks`]).
 pub trait PayloadBuf: Sized {
     /// A buffer for a payload of `len` bytes.
@@ -707,7 +711,7 @@ impl Remote {
     pub fn get_blocks<B: PayloadBuf>(
         &self,
         blocks: &[Want],
-    ) -> Result<Vec<Result<(B, u64), RemoteError>>, RemoteError> {
+    ) -> Result<Vec<FetchedBlock<B>>, RemoteError> {
         if blocks.is_empty() {
             return Ok(Vec::new());
         }
