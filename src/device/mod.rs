@@ -66,6 +66,14 @@ pub trait KvMemory: Send + Sync {
         false
     }
 
+    /// Whether scattering from host memory the device cannot reach (not registered with
+    /// [`KvMemory::register_staging`]) is slow enough that copying it into registered
+    /// staging first pays (CUDA: pageable copies region by region instead of one kernel
+    /// launch). Host memory: false.
+    fn scatter_prefers_staging(&self) -> bool {
+        false
+    }
+
     /// Gathers whole blocks in one go (a kernel launch on a GPU). `None`: not supported for
     /// these buffers; the caller falls back to [`KvMemory::read`].
     fn gather_blocks(

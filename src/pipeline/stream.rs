@@ -172,19 +172,208 @@ impl BlockSink for StreamThaw<'_> {
         }
         let ts = Instant::now();
         let to = r.done + pls.len();
-        if let Err(e) = device::scatter(
-            &self.eng.layout,
-            &r.c.wl,
-            r.c.compat,
-            self.eng.mem.as_ref(),
+        if let Err(e) = scatter(
+            self.eng,
+            self.cfg,
+            &r.c,
             &self.req.block_ids[r.done..to],
             &pls,
-            self.cfg.threads,
         ) {
             r.broken = Some(format!("scatter: {e}"));
             return;
         }
         r.scatter_secs += ts.elapsed().as_secs_f64();
         r.done = to;
+    }
+}
+
+/// Scatters `pls` (fetched payloads, in ordinary memory) into blocks `ids`. A memory that
+/// scatters ordinary memory slowly (a GPU: pageable copies region by region) gets them
+/// through the engine's registered staging pool instead — one host copy, then the same
+/// scatter a thaw from the log makes.
+fn scatter(
+    eng: &Engine,
+    cfg: &PipelineConfig,
+    c: &Checked,
+    ids: &[u64],
+    pls: &[&[u8]],
+) -> Result<(), device::DeviceError> {
+    let mem = eng.mem.as_ref();
+    let pool = eng
+        .staging()
+        .filter(|p| mem.scatter_prefers_staging() && pls.iter().all(|x| x.len() <= p.slot_len()));
+    let Some(pool) = pool else {
+        return device::scatter(&eng.layout, &c.wl, c.compat, mem, ids, pls, cfg.threads);
+    };
+    let step = pool.max_set();
+    for (ids, pls) in ids.chunks(step).zip(pls.chunks(step)) {
+        let mut set = pool.take(pls.len());
+        let mut slots = set.slices();
+        for (s, p) in slots.iter_mut().zip(pls) {
+            s[..p.len()].copy_from_slice(p);
+        }
+        let staged: Vec<&[u8]> = slots.iter().zip(pls).map(|(s, p)| &s[..p.len()]).collect();
+        device::scatter(&eng.layout, &c.wl, c.compat, mem, ids, &staged, cfg.threads)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::device::{KvMemory, Region};
+    use crate::layout::{Dtype, Layout};
+    use crate::pipeline::synthetic::Synthetic;
+    use crate::store::{BlockDesc, Replace, Retention};
+
+    /// A memory standing in for a GPU's (delegating to a host one): it asks for staged
+    /// sources and counts the scatters whose every source lies in the region registered with
+    /// it, and those that do not.
+    struct LikeADevice {
+        inner: Arc<dyn KvMemory>,
+        region: Mutex<Option<(usize, usize)>>,
+        staged: AtomicUsize,
+        unstaged: AtomicUsize,
+    }
+
+    impl KvMemory for LikeADevice {
+        fn tensor_sizes(&self) -> Vec<u64> {
+            self.inner.tensor_sizes()
+        }
+        fn read(&self, regions: &[Region], dst: &mut [&mut [u8]]) -> Result<(), DeviceError> {
+            self.inner.read(regions, dst)
+        }
+        fn write(&self, regions: &[Region], src: &[&[u8]]) -> Result<(), DeviceError> {
+            self.inner.write(regions, src)
+        }
+        fn register_staging(&self, ptr: *mut u8, len: usize) -> bool {
+            if let Ok(mut r) = self.region.lock() {
+                *r = Some((ptr as usize, len));
+            }
+            true
+        }
+        fn scatter_prefers_staging(&self) -> bool {
+            true
+        }
+        fn scatter_blocks(
+            &self,
+            _: &Layout,
+            _: &Layout,
+            _: Compat,
+            _: &[u64],
+            payloads: &[&[u8]],
+        ) -> Option<Result<(), DeviceError>> {
+            let r = self.region.lock().ok().and_then(|r| *r);
+            let inside = r.is_some_and(|(at, len)| {
+                payloads.iter().all(|p| {
+                    let a = p.as_ptr() as usize;
+                    a >= at && a + p.len() <= at + len
+                })
+            });
+            let n = if inside { &self.staged } else { &self.unstaged };
+            n.fetch_add(1, SeqCst);
+            None // copied by `write`, as a memory without a kernel is
+        }
+    }
+
+    type DeviceError = crate::device::DeviceError;
+
+    fn spec(eng: &Engine, n: usize) -> WindowSpec {
+        let bs = eng.layout.block_size as usize;
+        WindowSpec {
+            name: "w".into(),
+            session: "w".into(),
+            namespace: eng.namespace_with(None, &eng.layout).label(),
+            layout: eng.layout.to_json(),
+            tokens: (0..(n * bs) as u32).collect(),
+            blocks: (0..n)
+                .map(|i| BlockDesc {
+                    key: i as u128 + 1,
+                    len: eng.layout.block_bytes(),
+                })
+                .collect(),
+            replace: Replace::No,
+            retention: Retention::default(),
+        }
+    }
+
+    #[test]
+    fn blocks_reach_a_device_through_its_staging_and_gaps_fall_back() {
+        let layout = Layout::flash_2nbhd(2, 16, 16, 2, 64, Dtype::Bf16);
+        let syn = Synthetic::new(layout.clone(), "m", 7).expect("engine");
+        let mem = Arc::new(LikeADevice {
+            inner: syn.engine.mem.clone(),
+            region: Mutex::new(None),
+            staged: AtomicUsize::new(0),
+            unstaged: AtomicUsize::new(0),
+        });
+        let eng = Engine::new(layout.clone(), mem.clone(), "m", None).expect("engine");
+        let cfg = PipelineConfig {
+            staging_bytes: 1 << 20,
+            ..Default::default()
+        };
+        let io = crate::io::build_engine(crate::io::EngineKind::Psync, 8);
+        eng.prepare_staging(&cfg, io.as_ref()).expect("staging");
+        let n = 5;
+        let bb = layout.block_bytes() as usize;
+        let payloads: Vec<Vec<u8>> = (0..n)
+            .map(|i| (0..bb).map(|j| (i * 31 + j * 7) as u8).collect())
+            .collect();
+        let req = ThawRequest {
+            window: "w".into(),
+            block_ids: vec![10, 11, 12, 13, 14],
+            ..Default::default()
+        };
+        let s = spec(&eng, n);
+        let all: Vec<usize> = (0..n).collect();
+
+        // In order, in two batches: every block lands, every scatter from the staging.
+        let mut t = StreamThaw::new(&eng, &req, &cfg, None, None, 1.0);
+        t.begin(&s, &all);
+        let pairs: Vec<(usize, &[u8])> = payloads.iter().map(|p| &p[..]).enumerate().collect();
+        t.blocks(&pairs[..2]);
+        t.blocks(&pairs[2..]);
+        let rep = t.finish().expect("streamed");
+        assert_eq!(
+            (rep.blocks_restored, rep.blocks_streamed),
+            (n as u64, n as u64)
+        );
+        for (i, p) in payloads.iter().enumerate() {
+            let got = crate::device::read_block(&layout, syn.engine.mem.as_ref(), 10 + i as u64);
+            assert!(got.expect("read") == *p, "block {i}");
+        }
+        assert!(mem.staged.load(SeqCst) > 0);
+        assert_eq!(mem.unstaged.load(SeqCst), 0);
+
+        // A block missing from the fetch (held locally), a gap in delivery, a fetch that
+        // stopped early, a namespace of another model: no report, the ordinary thaw runs.
+        let mut t = StreamThaw::new(&eng, &req, &cfg, None, None, 1.0);
+        t.begin(&s, &[0, 1, 3, 4]);
+        t.blocks(&[pairs[0], pairs[1], pairs[3], pairs[4]]);
+        assert!(t.finish().is_none(), "not every block fetched");
+        let mut t = StreamThaw::new(&eng, &req, &cfg, None, None, 1.0);
+        t.begin(&s, &all);
+        t.blocks(&[pairs[0], pairs[2]]);
+        t.blocks(&pairs[3..]);
+        assert!(t.finish().is_none(), "a gap");
+        let mut t = StreamThaw::new(&eng, &req, &cfg, None, None, 1.0);
+        t.begin(&s, &all);
+        t.blocks(&pairs[..3]);
+        assert!(t.finish().is_none(), "stopped early");
+        let mut other = spec(&eng, n);
+        other.namespace = "another-model".into();
+        let mut t = StreamThaw::new(&eng, &req, &cfg, None, None, 1.0);
+        t.begin(&other, &all);
+        t.blocks(&pairs);
+        assert!(t.finish().is_none(), "a failed check");
+        // A requester gone: stops at once.
+        let gone = Cancel(Arc::new(|| true));
+        let mut t = StreamThaw::new(&eng, &req, &cfg, Some(gone), None, 1.0);
+        t.begin(&s, &all);
+        t.blocks(&pairs);
+        assert!(t.finish().is_none(), "requester gone");
     }
 }

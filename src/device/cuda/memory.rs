@@ -449,6 +449,10 @@ impl KvMemory for CudaMemory {
         )
     }
 
+    fn scatter_prefers_staging(&self) -> bool {
+        self.cuda.has_kernel()
+    }
+
     fn scatter_blocks(
         &self,
         engine: &Layout,
