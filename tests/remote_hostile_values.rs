@@ -8,8 +8,16 @@ use cwm::error::ErrorCode;
 use cwm::remote::{pull_window, push_window, Expect, Remote, RemoteConfig, RemoteError};
 use cwm::store::Replace;
 
-#[test]
-fn damaged_or_foreign_values_are_refused_and_nothing_bad_is_stored() {
+/// A cluster, and window "w" of blocks `keys` (10,000 bytes each, in values of 4 KiB)
+/// stored in a local store (its directory returned) and published there.
+fn published(
+    keys: &[u128],
+) -> (
+    common::redis::Cluster,
+    std::sync::Arc<dyn cwm::io::IoEngine>,
+    Remote,
+    tempfile::TempDir,
+) {
     let cluster = common::redis::Cluster::start(3, 0);
     let (_, engine) = common::engines().remove(0);
     let r = Remote::connect(RemoteConfig {
@@ -20,9 +28,16 @@ fn damaged_or_foreign_values_are_refused_and_nothing_bad_is_stored() {
     .unwrap();
     let a_dir = tempfile::tempdir().unwrap();
     let (a, _) = common::open(a_dir.path(), &engine);
-    let keys = [11u128, 12, 13, 14];
-    common::put(&a, "w", &keys, 10_000);
+    common::put(&a, "w", keys, 10_000);
     push_window(&a, &r, "w", Some(Expect::New)).unwrap();
+    drop(a);
+    (cluster, engine, r, a_dir)
+}
+
+#[test]
+fn damaged_or_foreign_values_are_refused_and_nothing_bad_is_stored() {
+    let keys = [11u128, 12, 13, 14];
+    let (cluster, engine, r, _a_dir) = published(&keys);
     let b_dir = tempfile::tempdir().unwrap();
     let (b, _) = common::open(b_dir.path(), &engine);
 
@@ -120,19 +135,8 @@ fn damaged_or_foreign_values_are_refused_and_nothing_bad_is_stored() {
 /// stores the valid prefix and says why — instead of the process aborting on the allocation.
 #[test]
 fn a_header_claiming_a_huge_length_is_refused_before_any_allocation() {
-    let cluster = common::redis::Cluster::start(3, 0);
-    let (_, engine) = common::engines().remove(0);
-    let r = Remote::connect(RemoteConfig {
-        nodes: cluster.urls(),
-        max_value: 4096,
-        ..Default::default()
-    })
-    .unwrap();
-    let a_dir = tempfile::tempdir().unwrap();
-    let (a, _) = common::open(a_dir.path(), &engine);
     let keys = [31u128, 32, 33];
-    common::put(&a, "w", &keys, 10_000);
-    push_window(&a, &r, "w", Some(Expect::New)).unwrap();
+    let (cluster, engine, r, _a_dir) = published(&keys);
     // Block 32's first value: a header for 2^40 bytes in parts of 4 GiB - 1, nothing after.
     let (len, chunk) = (1u64 << 40, u32::MAX);
     let mut h = Vec::new();
