@@ -289,10 +289,17 @@ impl Server {
             deadline: Some(std::time::Instant::now() + limit),
         };
         let r = match streamed {
-            Some(r) => {
-                self.store.record_hit(&r.window);
-                r
-            }
+            // The blocks held locally (a prefix of the range) the ordinary way, now.
+            Some(s) => match s.local_request(&tr) {
+                Some(local) => s.merge(
+                    thaw(&self.store, &eng, &local, &self.cfg.pipeline, &opts)
+                        .map_err(ApiError::from)?,
+                ),
+                None => {
+                    self.store.record_hit(&s.report.window);
+                    s.report
+                }
+            },
             None => {
                 thaw(&self.store, &eng, &tr, &self.cfg.pipeline, &opts).map_err(ApiError::from)?
             }

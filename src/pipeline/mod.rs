@@ -15,7 +15,7 @@ mod thaw;
 
 pub use engine::Engine;
 pub use freeze::freeze;
-pub use stream::StreamThaw;
+pub use stream::{StreamThaw, Streamed};
 pub use thaw::{thaw, WindowView};
 
 use crate::error::ErrorCode;

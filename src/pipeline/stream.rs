@@ -4,11 +4,15 @@
 //! this instance did not hold costs about what its fetch costs instead of the fetch plus a
 //! read-back.
 //!
-//! Only an optimisation: whenever the stream cannot restore the whole range itself (some
-//! blocks were held locally and not fetched, the fetch stopped early, a check failed, the
-//! scatter failed, the requester left, the deadline passed), [`StreamThaw::finish`] says so
-//! and the caller runs the ordinary [`thaw`](super::thaw) on the committed window, which
-//! rewrites every destination block and reports as it always does.
+//! The range's first blocks may be held locally already (a shared system prompt, an earlier
+//! turn): only the rest is fetched and streamed, and the caller restores that local prefix
+//! with an ordinary thaw of it once the window is committed ([`Streamed`]).
+//!
+//! Only an optimisation: whenever the stream cannot restore its part itself (local blocks
+//! that are not a prefix of the range, the fetch stopped early, a check failed, the scatter
+//! failed, the requester left, the deadline passed), [`StreamThaw::finish`] says so and the
+//! caller runs the ordinary [`thaw`](super::thaw) on the committed window, which rewrites
+//! every destination block and reports as it always does.
 
 use std::time::{Duration, Instant};
 
@@ -38,7 +42,9 @@ struct Run {
     name: String,
     c: Checked,
     deadline: Instant,
-    /// Blocks of the range scattered so far.
+    /// Blocks at the start of the range held locally (not fetched, not streamed).
+    local: usize,
+    /// Blocks of the range scattered so far (after the local ones).
     done: usize,
     /// The stream stopped before the end (why, for the log).
     broken: Option<String>,
@@ -69,10 +75,11 @@ impl<'a> StreamThaw<'a> {
         }
     }
 
-    /// The report of a thaw that restored the whole range as it arrived; `None`: it did not
-    /// (see the module doc), and the caller thaws the committed window the ordinary way.
+    /// What the stream restored: every block of the range but a locally held prefix of it;
+    /// `None`: it did not (see the module doc), and the caller thaws the committed window
+    /// the ordinary way.
     #[must_use]
-    pub fn finish(self) -> Option<ThawReport> {
+    pub fn finish(self) -> Option<Streamed> {
         let r = self.run?;
         if let Some(why) = &r.broken {
             crate::log::warn(&format!(
@@ -81,11 +88,11 @@ impl<'a> StreamThaw<'a> {
             ));
             return None;
         }
-        if r.done != r.c.n {
+        if r.local + r.done != r.c.n {
             return None;
         }
         let n = r.c.n as u64;
-        Some(ThawReport {
+        let report = ThawReport {
             window: r.name,
             num_blocks: n,
             blocks_restored: n,
@@ -93,7 +100,7 @@ impl<'a> StreamThaw<'a> {
             tokens_to_recompute: 0,
             bytes: r.c.window_bytes,
             blocks_from_tier: 0,
-            blocks_streamed: n,
+            blocks_streamed: r.done as u64,
             permuted: r.c.compat == Compat::Permute,
             corruption: None,
             tier_corruption: None,
@@ -102,7 +109,61 @@ impl<'a> StreamThaw<'a> {
             // Verified by the fetch, against the manifest's checksums or each value's own.
             verify_secs: 0.0,
             scatter_secs: r.scatter_secs,
+        };
+        Some(Streamed {
+            report,
+            local: r.local,
         })
+    }
+}
+
+/// What a thaw as it arrives restored: the range's blocks after its first `local` ones,
+/// which the instance held already and the caller restores with [`Streamed::local_request`]
+/// once the window is committed.
+#[derive(Debug)]
+pub struct Streamed {
+    /// The report of the whole range, as if the local prefix were restored too.
+    pub report: ThawReport,
+    /// Blocks at the start of the range that were not fetched.
+    pub local: usize,
+}
+
+impl Streamed {
+    /// The ordinary thaw of the local prefix of `req`'s range (`None`: there is none).
+    #[must_use]
+    pub fn local_request(&self, req: &ThawRequest) -> Option<ThawRequest> {
+        (self.local > 0).then(|| ThawRequest {
+            window: req.window.clone(),
+            block_ids: req.block_ids[..self.local].to_vec(),
+            expect_tokens: req.expect_tokens.clone(),
+            prefix: true,
+            first_block: req.first_block,
+            salt: req.salt.clone(),
+        })
+    }
+
+    /// The report of the whole range given that of the local prefix's thaw: when it did not
+    /// restore all of the prefix (a corrupt block), the range is restored only that far
+    /// and the rest is the engine's to recompute (the streamed blocks after it are claimed
+    /// by no report).
+    #[must_use]
+    pub fn merge(self, p: ThawReport) -> ThawReport {
+        let mut r = self.report;
+        r.blocks_from_tier = p.blocks_from_tier;
+        r.read_secs = p.read_secs;
+        r.verify_secs = p.verify_secs;
+        r.scatter_secs += p.scatter_secs;
+        r.tier_corruption = p.tier_corruption;
+        r.loaded_secs = r.loaded_secs.max(p.loaded_secs);
+        if p.blocks_restored < self.local as u64 {
+            r.tokens_to_recompute = r.tokens_restored.saturating_sub(p.tokens_restored);
+            r.blocks_restored = p.blocks_restored;
+            r.tokens_restored = p.tokens_restored;
+            r.bytes = p.bytes;
+            r.blocks_streamed = 0;
+            r.corruption = p.corruption;
+        }
+        r
     }
 }
 
@@ -120,13 +181,16 @@ impl BlockSink for StreamThaw<'_> {
         let Ok(c) = Checked::new(self.eng, self.req, self.cfg, None, &view) else {
             return;
         };
-        // Every block of the range must come from the fetch, in order.
-        let first = self.req.first_block;
+        // The blocks of the range the fetch brings must be all of it after a local prefix.
+        let (first, end) = (self.req.first_block, self.req.first_block + c.n);
         let from = fetched.partition_point(|&i| i < first);
-        let all = fetched
-            .get(from..from + c.n)
-            .is_some_and(|r| r.iter().enumerate().all(|(j, &i)| i == first + j));
-        if !all {
+        let to = fetched.partition_point(|&i| i < end);
+        let local = c.n - (to - from);
+        let suffix = fetched[from..to]
+            .iter()
+            .enumerate()
+            .all(|(j, &i)| i == first + local + j);
+        if !suffix || local == c.n {
             return;
         }
         let limit = self
@@ -136,6 +200,7 @@ impl BlockSink for StreamThaw<'_> {
             name: spec.name.clone(),
             c,
             deadline: Instant::now() + limit,
+            local,
             done: 0,
             broken: None,
             scatter_secs: 0.0,
@@ -144,13 +209,13 @@ impl BlockSink for StreamThaw<'_> {
 
     fn blocks(&mut self, blocks: &[(usize, &[u8])]) {
         let Some(r) = self.run.as_mut() else { return };
-        if r.broken.is_some() || r.done == r.c.n {
+        if r.broken.is_some() || r.local + r.done == r.c.n {
             return;
         }
-        let first = self.req.first_block;
+        let first = self.req.first_block + r.local;
         let mut pls: Vec<&[u8]> = Vec::with_capacity(blocks.len());
         for &(i, p) in blocks.iter().filter(|(i, _)| *i >= first) {
-            if r.done + pls.len() == r.c.n {
+            if r.local + r.done + pls.len() == r.c.n {
                 break;
             }
             if i != first + r.done + pls.len() {
@@ -171,19 +236,19 @@ impl BlockSink for StreamThaw<'_> {
             return;
         }
         let ts = Instant::now();
-        let to = r.done + pls.len();
+        let (from, to) = (r.local + r.done, r.local + r.done + pls.len());
         if let Err(e) = scatter(
             self.eng,
             self.cfg,
             &r.c,
-            &self.req.block_ids[r.done..to],
+            &self.req.block_ids[from..to],
             &pls,
         ) {
             r.broken = Some(format!("scatter: {e}"));
             return;
         }
         r.scatter_secs += ts.elapsed().as_secs_f64();
-        r.done = to;
+        r.done += pls.len();
     }
 }
 
@@ -336,7 +401,10 @@ mod tests {
         let pairs: Vec<(usize, &[u8])> = payloads.iter().map(|p| &p[..]).enumerate().collect();
         t.blocks(&pairs[..2]);
         t.blocks(&pairs[2..]);
-        let rep = t.finish().expect("streamed");
+        let done = t.finish().expect("streamed");
+        assert_eq!(done.local, 0);
+        assert!(done.local_request(&req).is_none());
+        let rep = done.report;
         assert_eq!(
             (rep.blocks_restored, rep.blocks_streamed),
             (n as u64, n as u64)
@@ -348,12 +416,49 @@ mod tests {
         assert!(mem.staged.load(SeqCst) > 0);
         assert_eq!(mem.unstaged.load(SeqCst), 0);
 
-        // A block missing from the fetch (held locally), a gap in delivery, a fetch that
-        // stopped early, a namespace of another model: no report, the ordinary thaw runs.
+        // The first two blocks held locally: the other three stream; the caller thaws the
+        // two the ordinary way and merges (a corrupt local block ends the range there).
+        let mut t = StreamThaw::new(&eng, &req, &cfg, None, None, 1.0);
+        t.begin(&s, &[2, 3, 4]);
+        t.blocks(&pairs[2..]);
+        let done = t.finish().expect("streamed after a local prefix");
+        assert_eq!((done.local, done.report.blocks_streamed), (2, 3));
+        let local = done.local_request(&req).expect("a local prefix");
+        assert_eq!(
+            (local.block_ids.clone(), local.prefix),
+            (vec![10, 11], true)
+        );
+        let base = done.report.clone();
+        let part = |restored: u64| ThawReport {
+            blocks_restored: restored,
+            tokens_restored: restored * 16,
+            bytes: restored * bb as u64,
+            corruption: (restored < 2).then(|| "block 1: bad".to_string()),
+            ..base.clone()
+        };
+        let merged = Streamed {
+            report: done.report.clone(),
+            local: 2,
+        }
+        .merge(part(2));
+        assert_eq!((merged.blocks_restored, merged.tokens_to_recompute), (5, 0));
+        let merged = done.merge(part(1));
+        assert_eq!(
+            (
+                merged.blocks_restored,
+                merged.tokens_restored,
+                merged.tokens_to_recompute
+            ),
+            (1, 16, 64)
+        );
+        assert!(merged.corruption.is_some());
+
+        // Local blocks that are not a prefix, a gap in delivery, a fetch that stopped early,
+        // a namespace of another model: no report, the ordinary thaw runs.
         let mut t = StreamThaw::new(&eng, &req, &cfg, None, None, 1.0);
         t.begin(&s, &[0, 1, 3, 4]);
         t.blocks(&[pairs[0], pairs[1], pairs[3], pairs[4]]);
-        assert!(t.finish().is_none(), "not every block fetched");
+        assert!(t.finish().is_none(), "a block in the middle not fetched");
         let mut t = StreamThaw::new(&eng, &req, &cfg, None, None, 1.0);
         t.begin(&s, &all);
         t.blocks(&[pairs[0], pairs[2]]);

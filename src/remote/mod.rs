@@ -477,6 +477,32 @@ pub struct Want {
 /// verified), or why it was refused.
 pub type FetchedBlock<B> = Result<(B, u64), RemoteError>;
 
+/// A block read from the tier, every check made but its payload's checksum: only
+/// [`Unverified::verify`] gives the payload out.
+pub struct Unverified<B> {
+    payload: B,
+    h: value::BlockHeader,
+    /// The manifest's checksum, when known.
+    checksum: Option<u64>,
+    /// Its (first) value's key, for the error.
+    key: String,
+}
+
+impl<B: PayloadBuf> Unverified<B> {
+    /// The payload and its checksum once the payload's xxh3-64 equals the header's (and the
+    /// manifest's, when known); else CORRUPTION.
+    pub fn verify(mut self) -> FetchedBlock<B> {
+        let expected = self.checksum.map(|c| (self.h.len, c));
+        match value::check_payload(&self.h, self.payload.payload_mut(), expected) {
+            Ok(()) => Ok((self.payload, self.h.checksum)),
+            Err(source) => Err(RemoteError::Corruption {
+                key: self.key,
+                source,
+            }),
+        }
+    }
+}
+
 /// A buffer a fetched block's payload is assembled in ([`Remote::get_blocks`]).
 pub trait PayloadBuf: Sized {
     /// A buffer for a payload of `len` bytes.
@@ -712,6 +738,20 @@ impl Remote {
         &self,
         blocks: &[Want],
     ) -> Result<Vec<FetchedBlock<B>>, RemoteError> {
+        Ok(self
+            .get_blocks_unverified(blocks)?
+            .into_iter()
+            .map(|r| r.and_then(Unverified::verify))
+            .collect())
+    }
+
+    /// [`Remote::get_blocks`] with every check made but the payload's checksum, which
+    /// [`Unverified::verify`] makes — on another thread, while the next batch is read — before
+    /// the payload can be had.
+    pub fn get_blocks_unverified<B: PayloadBuf>(
+        &self,
+        blocks: &[Want],
+    ) -> Result<Vec<Result<Unverified<B>, RemoteError>>, RemoteError> {
         if blocks.is_empty() {
             return Ok(Vec::new());
         }
@@ -763,15 +803,13 @@ impl Remote {
             .into_iter()
             .zip(blocks)
             .map(|(r, w)| {
-                let (h, mut payload) = r?;
-                let expected = w.checksum.map(|c| (h.len, c));
-                value::check_payload(&h, payload.payload_mut(), expected).map_err(|source| {
-                    RemoteError::Corruption {
-                        key: self.block_key(w.key, 0),
-                        source,
-                    }
-                })?;
-                Ok((payload, h.checksum))
+                let (h, payload) = r?;
+                Ok(Unverified {
+                    payload,
+                    checksum: w.checksum,
+                    key: self.block_key(w.key, 0),
+                    h,
+                })
             })
             .collect())
     }

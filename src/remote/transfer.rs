@@ -68,10 +68,10 @@ impl super::PayloadBuf for RecordImage {
     }
 }
 
-/// Fetches blocks `batch` (indices into `want`) in two pipelined round trips, each verified
-/// (its length checked before anything is allocated for it) and laid out as a record image
-/// (with its payload checksum), or the reason it was refused.
-type Fetched = Vec<(usize, Result<(AlignedBuf, u64), RemoteError>)>;
+/// Fetches blocks `batch` (indices into `want`) in two pipelined round trips, each checked
+/// (its length before anything is allocated for it) and laid out as a record image — its
+/// payload's checksum still to verify —, or the reason it was refused.
+type Fetched = Vec<(usize, Result<super::Unverified<RecordImage>, RemoteError>)>;
 
 fn fetch_images(remote: &Remote, want: &[Want], batch: &[usize]) -> Result<Fetched, RemoteError> {
     let asked: Vec<super::Want> = batch
@@ -84,8 +84,8 @@ fn fetch_images(remote: &Remote, want: &[Want], batch: &[usize]) -> Result<Fetch
         .collect();
     Ok(batch
         .iter()
-        .zip(remote.get_blocks::<RecordImage>(&asked)?)
-        .map(|(&i, r)| (i, r.map(|(b, sum)| (b.img, sum))))
+        .copied()
+        .zip(remote.get_blocks_unverified::<RecordImage>(&asked)?)
         .collect())
 }
 
@@ -195,13 +195,15 @@ fn stream_into(
             let fetched = fetched?;
             let mut good: Vec<(usize, AlignedBuf, u64)> = Vec::with_capacity(fetched.len());
             let mut refused = None;
+            // Verified here, while the fetching thread reads the next batch; in order, up to
+            // the first block refused.
             for (i, r) in fetched {
-                match r {
-                    Ok((img, sum)) if refused.is_none() => good.push((i, img, sum)),
-                    Ok(_) => {}
-                    Err(e) => {
-                        refused.get_or_insert((i, e));
-                    }
+                if refused.is_some() {
+                    break;
+                }
+                match r.and_then(super::Unverified::verify) {
+                    Ok((b, sum)) => good.push((i, b.img, sum)),
+                    Err(e) => refused = Some((i, e)),
                 }
             }
             let mut images: Vec<BlockImage<'_>> = good

@@ -445,7 +445,7 @@ fn engine_pull(
     )
     .map_err(|x| e(&x))?;
     let rep = match sink.finish() {
-        Some(rep) if streamed => rep,
+        Some(s) if streamed && s.local == 0 => s.report,
         _ if streamed => return Err("pull into the engine: the stream did not restore it".into()),
         _ => thaw(
             &store,
