@@ -232,6 +232,16 @@ def main():
     sys.exit(1 if failures else 0)
 
 
+def stream_row(b):
+    """The thaw as it arrives from the shared tier (fed from memory here: no Redis)."""
+    st = b.get("stream") or {"error": "not measured"}
+    if st.get("gbps") is None:
+        return f"thaw as it arrives: {st.get('error')}"
+    how = "via staging" if st.get("staged") else "direct"
+    return (f"{'thaw as it arrives (%s)' % how:34} {st['gbps']:8.2f} "
+            f"{b['h2d_pinned_gbps']:8.2f} {st['ratio']:6.3f}")
+
+
 def render(results, b, failures):
     """The table printed last: every figure of `cwm gpu-check bench` (`b`) beside its ceiling."""
     lines = [f"cwm gpu-check on {results['device']} (torch {results['torch']})"]
@@ -248,6 +258,7 @@ def render(results, b, failures):
             f"{'cwm freeze end to end':34} {b['freeze_gbps']:8.2f} {min(b['raw_write_gbps'], b['d2h_pinned_gbps']):8.2f} {b['freeze_ratio']:6.3f}",
             f"{'cwm thaw end to end':34} {b['thaw_gbps']:8.2f} {min(b['raw_read_gbps'], b['h2d_pinned_gbps']):8.2f} {b['thaw_ratio']:6.3f}",
             f"{'cwm thaw from RAM tier':34} {b['tier_thaw_gbps']:8.2f} {b['h2d_pinned_gbps']:8.2f} {b['tier_ratio']:6.3f}",
+            stream_row(b),
         ] + [
             (f"{'scatter path %s (grid %d)' % (p['path'], p['grid']):34} {p['scatter_gbps']:8.2f} {b['h2d_pinned_gbps']:8.2f} {p['scatter_ratio']:6.3f}"
              + ("" if p["took"] == p["path"] else f"  (took {p['took']})")

@@ -41,6 +41,7 @@ def bench():
         {"path": "bulk", "took": "bulk", "tier_gbps": None, "tier_ratio": None,
          "blocks_from_tier": None, "error": "scatter failed"},
     ]
+    b["stream"] = {"gbps": 45.0, "ratio": 0.9, "staged": True}
     return b
 
 
@@ -53,6 +54,9 @@ def test_table_renders_every_path():
     assert "(took kernel)" in t, "a path that fell back is marked"
     assert "scatter path bulk: bulk cannot run on this GPU or driver" in t
     assert "RAM tier thaw, bulk scatter: scatter failed" in t
+    assert "thaw as it arrives (via staging)" in t and "0.900" in t
+    failed = dict(bench(), stream={"error": "the stream did not restore the window"})
+    assert "thaw as it arrives: the stream did not restore the window" in g.render(results, failed, 1)
     assert t.splitlines()[-1] == "1 passed, 1 failed"
     # Without a bench record (it failed) the table still closes with the counts.
     assert g.render(results, None, 1).splitlines()[-1] == "1 passed, 1 failed"

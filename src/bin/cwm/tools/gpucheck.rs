@@ -96,6 +96,69 @@ fn prepare(
     Ok((cfg, s, tmp))
 }
 
+/// A thaw as it arrives from the shared tier (`pipeline::StreamThaw`, as the daemon runs it
+/// for a pull), without Redis: window "bench"'s payloads, read from the log into ordinary
+/// memory as a fetch delivers them, handed over in batches of 32 blocks and scattered into
+/// `spec.dst` (through the registered staging when the memory asks for it). Seconds from the
+/// first block handed over to the last scattered, and whether it went through the staging;
+/// every 17th block is compared with its source.
+fn stream_thaw(
+    store: &Store,
+    s: &Setup,
+    spec: &Spec,
+    cfg: &PipelineConfig,
+) -> Result<(f64, bool), String> {
+    use cwm::remote::BlockSink;
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let (m, payloads) = store.read_window("bench").map_err(|x| e(&x))?;
+    let w = cwm::store::WindowSpec {
+        name: m.name.clone(),
+        session: m.session.clone(),
+        namespace: m.namespace.clone(),
+        layout: m.layout.clone(),
+        tokens: m.tokens.clone(),
+        blocks: m
+            .blocks
+            .iter()
+            .map(|b| cwm::store::BlockDesc {
+                key: b.key,
+                len: b.len,
+            })
+            .collect(),
+        replace: cwm::store::Replace::No,
+        retention: cwm::store::Retention::default(),
+    };
+    let req = ThawRequest {
+        window: "bench".into(),
+        block_ids: spec.dst.clone(),
+        ..Default::default()
+    };
+    let pairs: Vec<(usize, &[u8])> = payloads.iter().map(|p| &p[..]).enumerate().collect();
+    let t = Instant::now();
+    let mut st = cwm::pipeline::StreamThaw::new(&s.engine, &req, cfg, None, None, 1.0);
+    st.begin(&w, &(0..pairs.len()).collect::<Vec<_>>());
+    for batch in pairs.chunks(32) {
+        st.blocks(batch);
+    }
+    let done = st.finish().ok_or("the stream did not restore the window")?;
+    let secs = t.elapsed().as_secs_f64();
+    if done.local != 0 || done.report.blocks_streamed != pairs.len() as u64 {
+        return Err(format!("streamed {:?}", done.report));
+    }
+    let layout = &s.engine.layout;
+    for (&a, &b) in spec.src.iter().zip(&spec.dst).step_by(17) {
+        let x = device::read_block(layout, s.mem.as_ref(), a).map_err(|x| e(&x))?;
+        let y = device::read_block(layout, s.mem.as_ref(), b).map_err(|x| e(&x))?;
+        if x != y {
+            return Err(format!("block {a} -> {b} differs after the streamed thaw"));
+        }
+    }
+    Ok((
+        secs,
+        device::KvMemory::scatter_prefers_staging(s.mem.as_ref()),
+    ))
+}
+
 /// `cwm gpu-check run`: freeze `src`, thaw into `dst` (the Python side compares).
 pub fn run(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
     let e = |x: &dyn std::fmt::Display| x.to_string();
@@ -387,7 +450,12 @@ pub fn bench(spec: &Spec, dir: &std::path::Path) -> Result<Value, String> {
     let freeze_gbps = gbps(bytes, f.durable_secs);
     let thaw_gbps = gbps(bytes, t.loaded_secs);
     let tier_gbps = gbps(bytes, tt.loaded_secs);
+    let stream = stream_thaw(&store, &s, spec, &cfg)
+        .map_or_else(|x| json!({"error": x}), |(secs, staged)| {
+            json!({"gbps": gbps(bytes, secs), "ratio": gbps(bytes, secs) / h2d, "staged": staged})
+        });
     Ok(json!({
+        "stream": stream,
         "device": s.cuda.name,
         "sms": s.cuda.sms,
         "kernel": s.cuda.has_kernel(),
