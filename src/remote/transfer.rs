@@ -10,9 +10,7 @@ use serde::Serialize;
 use super::{Expect, Remote, RemoteError};
 use crate::io::AlignedBuf;
 use crate::store::format::{payload_offset, record_len};
-use crate::store::{
-    BlockDesc, BlockImage, Manifest, Replace, Store, StoreError, WindowSpec, WindowWriter,
-};
+use crate::store::{BlockImage, Replace, Store, StoreError, WindowSpec, WindowWriter};
 use crate::tier::RamTier;
 
 /// Bytes of block payloads read from the store per pipelined write to the tier.
@@ -228,32 +226,6 @@ fn stream_into(
     })
 }
 
-/// The spec of a window holding manifest `m`'s blocks and tokens under `name`.
-fn spec_of(
-    m: &Manifest,
-    name: String,
-    replace: Replace,
-    retention: crate::store::Retention,
-) -> WindowSpec {
-    WindowSpec {
-        name,
-        session: m.session.clone(),
-        namespace: m.namespace.clone(),
-        layout: m.layout.clone(),
-        tokens: m.tokens.clone(),
-        blocks: m
-            .blocks
-            .iter()
-            .map(|b| BlockDesc {
-                key: b.key,
-                len: b.len,
-            })
-            .collect(),
-        replace,
-        retention,
-    }
-}
-
 /// What a pull did.
 #[derive(Debug, Clone, Serialize)]
 pub struct PullReport {
@@ -466,7 +438,7 @@ pub fn pull_window_since(
             seen,
         });
     }
-    let spec = spec_of(&m, m.name.clone(), replace, m.retention);
+    let spec = m.spec(m.name.clone(), replace, m.retention);
     let seen_spec = sink.is_some().then(|| spec.clone());
     let mut w = store.begin_window(spec)?;
     let wanted: Vec<usize> = (0..m.blocks.len()).filter(|&i| w.needs_write(i)).collect();
@@ -523,12 +495,7 @@ pub fn fill_published_prefix(
         class: crate::store::Class::Unnamed,
         expires_unix_ms: None,
     };
-    let spec = spec_of(
-        &m,
-        fill_name(m.blocks.len(), last.key),
-        Replace::No,
-        unnamed,
-    );
+    let spec = m.spec(fill_name(m.blocks.len(), last.key), Replace::No, unnamed);
     let sums: Vec<u64> = m.blocks.iter().map(|b| b.checksum).collect();
     fill_prefix(
         store,

@@ -228,6 +228,34 @@ impl<'a> Reader<'a> {
 }
 
 impl Manifest {
+    /// The spec of a window holding this manifest's blocks and tokens under `name` (a copy
+    /// of it elsewhere: a pull from the shared tier, a fill of a published prefix).
+    #[must_use]
+    pub fn spec(
+        &self,
+        name: String,
+        replace: super::Replace,
+        retention: Retention,
+    ) -> super::WindowSpec {
+        super::WindowSpec {
+            name,
+            session: self.session.clone(),
+            namespace: self.namespace.clone(),
+            layout: self.layout.clone(),
+            tokens: self.tokens.clone(),
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| super::BlockDesc {
+                    key: b.key,
+                    len: b.len,
+                })
+                .collect(),
+            replace,
+            retention,
+        }
+    }
+
     /// Encodes the manifest payload.
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {

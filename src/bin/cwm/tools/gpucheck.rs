@@ -111,23 +111,11 @@ fn stream_thaw(
     use cwm::remote::BlockSink;
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let (m, payloads) = store.read_window("bench").map_err(|x| e(&x))?;
-    let w = cwm::store::WindowSpec {
-        name: m.name.clone(),
-        session: m.session.clone(),
-        namespace: m.namespace.clone(),
-        layout: m.layout.clone(),
-        tokens: m.tokens.clone(),
-        blocks: m
-            .blocks
-            .iter()
-            .map(|b| cwm::store::BlockDesc {
-                key: b.key,
-                len: b.len,
-            })
-            .collect(),
-        replace: cwm::store::Replace::No,
-        retention: cwm::store::Retention::default(),
-    };
+    let w = m.spec(
+        m.name.clone(),
+        cwm::store::Replace::No,
+        cwm::store::Retention::default(),
+    );
     let req = ThawRequest {
         window: "bench".into(),
         block_ids: spec.dst.clone(),
