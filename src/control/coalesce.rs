@@ -1,15 +1,89 @@
 //! Identical thaws running at once share one outcome (EC-002): the first runs, the others
-//! wait for it and answer it marked `"coalesced": true`.
+//! wait for it and answer it marked `"coalesced": true`. Thaws of one window the instance
+//! does not hold share its fetch from the shared tier ([`Fetches`]): the first fetches it, the
+//! others wait and then restore the stored window, each into its own blocks.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use super::protocol::ApiError;
 use super::Server;
+use crate::error::ErrorCode;
+use crate::pipeline::Cancel;
 
 /// One in-flight request's outcome, shared with identical requests that arrive meanwhile.
 pub(super) type Inflight = (Mutex<Option<Result<Value, ApiError>>>, std::sync::Condvar);
+
+/// Windows being fetched from the shared tier, by local name.
+#[derive(Default)]
+pub(super) struct Fetches {
+    running: Mutex<HashSet<String>>,
+    ended: Condvar,
+}
+
+/// This thread's fetch of a window: ended (its waiters woken) when dropped, a panic included.
+pub(super) struct Fetching<'a> {
+    fetches: &'a Fetches,
+    name: String,
+}
+
+impl Drop for Fetching<'_> {
+    fn drop(&mut self) {
+        // (A poisoned table is taken as it is: the name must leave it, or waiters would wait
+        // for a fetch that never ends.)
+        let mut r = self
+            .fetches
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        r.remove(&self.name);
+        drop(r);
+        self.fetches.ended.notify_all();
+    }
+}
+
+fn poisoned<T>(_: T) -> ApiError {
+    ApiError::internal("fetch table poisoned")
+}
+
+/// How often a thaw waiting for another's fetch looks whether its requester left.
+const WAIT_POLL: Duration = Duration::from_millis(50);
+
+impl Fetches {
+    /// `Some`: nobody is fetching `name`; the caller does, until the guard is dropped.
+    /// `None`: another fetch of it was running and has ended (the caller looks at the store
+    /// again: the window is there, or that fetch failed and this one may try). An error:
+    /// the requester left while this waited.
+    pub(super) fn start(
+        &self,
+        name: &str,
+        cancel: Option<&Cancel>,
+    ) -> Result<Option<Fetching<'_>>, ApiError> {
+        let mut r = self.running.lock().map_err(poisoned)?;
+        if r.insert(name.to_string()) {
+            return Ok(Some(Fetching {
+                fetches: self,
+                name: name.to_string(),
+            }));
+        }
+        while r.contains(name) {
+            if cancel.is_some_and(|c| (c.0)()) {
+                return Err(ApiError::new(
+                    ErrorCode::Interrupted,
+                    format!(
+                        "the requester closed its connection while {name:?} was being fetched \
+                         for another thaw; stopped"
+                    ),
+                ));
+            }
+            r = self.ended.wait_timeout(r, WAIT_POLL).map_err(poisoned)?.0;
+        }
+        Ok(None)
+    }
+}
 
 /// What makes two thaws identical: engine (or session), window, destination blocks, tokens,
 /// prefix range, request salt (a thaw in another namespace must be checked, not told

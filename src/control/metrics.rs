@@ -19,6 +19,7 @@ type Labels = Vec<(String, String)>;
 const EDGE_CASES: &[(&str, &str)] = &[
     ("EC-001", "refused"),
     ("EC-002", "coalesced"),
+    ("EC-002", "fetch_shared"),
     ("EC-003", "refused"),
     ("EC-004", "refused"),
     ("EC-005", "refused"),

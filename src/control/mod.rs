@@ -123,6 +123,9 @@ pub struct Server {
     tier_rate: AtomicU64,
     heavy_ops: std::sync::atomic::AtomicUsize,
     inflight: Mutex<HashMap<String, Arc<Inflight>>>,
+    /// Windows being fetched from the shared tier for a thaw (fetched once, however many
+    /// thaws want them).
+    fetches: coalesce::Fetches,
     /// Damage known in the log (EC-051), reported by `health`.
     integrity: integrity::Integrity,
     /// Idempotency keys with a request running (see `handle`).
@@ -166,6 +169,7 @@ impl Server {
             tier_rate: AtomicU64::new(2.0f64.to_bits()),
             heavy_ops: std::sync::atomic::AtomicUsize::new(0),
             inflight: Mutex::new(HashMap::new()),
+            fetches: coalesce::Fetches::default(),
             integrity: integrity::Integrity::default(),
             staging_pools: Mutex::new(Vec::new()),
             idem_running: Mutex::new(HashMap::new()),

@@ -261,6 +261,7 @@ impl Server {
                 tr.expect_tokens.as_deref(),
                 tr.salt.as_deref(),
                 Some(&mut sink),
+                ctx.cancel().as_ref(),
             )?;
             streamed = sink.finish();
             out

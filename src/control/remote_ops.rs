@@ -963,7 +963,9 @@ impl Server {
     /// and stored as an unnamed window; any other name is pulled from the tier, and when a
     /// block of it is gone or bad, its valid prefix is stored as a fill window instead — the
     /// window to thaw then, as a prefix (the second value). What to add to the answer first.
-    /// Nothing: no tier. The blocks fetched also go to `sink` (a thaw as they arrive).
+    /// Nothing: no tier, or another thaw fetched the window while this one waited for it
+    /// (EC-002: one fetch however many thaws want the window; `cancel` ends the wait). The
+    /// blocks fetched also go to `sink` (a thaw as they arrive).
     pub(super) fn fetch_missing(
         &self,
         eng: &crate::pipeline::Engine,
@@ -971,10 +973,33 @@ impl Server {
         tokens: Option<&[u32]>,
         salt: Option<&str>,
         sink: Option<&mut (dyn BlockSink + '_)>,
+        cancel: Option<&crate::pipeline::Cancel>,
     ) -> Result<(Option<Value>, Option<String>), ApiError> {
         if !self.remote.configured() {
             return Ok((None, None));
         }
+        loop {
+            if let Some(_fetching) = self.fetches.start(window, cancel)? {
+                return self.fetch_once(eng, window, tokens, salt, sink);
+            }
+            // Another thaw's fetch ended: the window is stored now, or it failed (and this
+            // thaw tries in turn).
+            if self.store.get(window).is_ok() {
+                self.edge_case("EC-002", "fetch_shared");
+                return Ok((None, None));
+            }
+        }
+    }
+
+    /// [`Server::fetch_missing`], this thread fetching.
+    fn fetch_once(
+        &self,
+        eng: &crate::pipeline::Engine,
+        window: &str,
+        tokens: Option<&[u32]>,
+        salt: Option<&str>,
+        sink: Option<&mut (dyn BlockSink + '_)>,
+    ) -> Result<(Option<Value>, Option<String>), ApiError> {
         let Some((n, last, rank)) = parse_fill_name(window) else {
             return self.pull_or_prefix(window, sink);
         };

@@ -533,8 +533,8 @@ pub struct FillReport {
 /// `checksums` — a published manifest's —, its checksum) in `store` as
 /// window `spec.name` (`block_size` tokens a block). A block the tier lacks or that fails a
 /// check ends the window there: the valid prefix is stored and the report says why. Nothing
-/// of it valid: NOT_FOUND or CORRUPTION. A window of that name already there (a concurrent
-/// fill): reported as it is. The blocks fetched also go into the RAM tier `ram` (when
+/// of it valid: NOT_FOUND or CORRUPTION. A window of that name already there, or committed
+/// first by a concurrent fill: reported as it is. The blocks fetched also go into the RAM tier `ram` (when
 /// given and enabled: a thaw right after the fill scatters them from memory) and `sink`.
 pub fn fill_prefix(
     store: &Store,
@@ -592,11 +592,18 @@ pub fn fill_prefix(
     };
     let done: Vec<usize> = wanted.into_iter().filter(|&i| i < blocks).collect();
     let name = w.name().to_string();
-    w.commit()?;
+    let blocks = match w.commit() {
+        Ok(_) => blocks as u64,
+        // A fill of the same prefix committed first: the name is the prefix's (its length
+        // and last chained key), so that window holds these blocks (or a shorter valid
+        // prefix of them, if that fill stopped sooner).
+        Err(StoreError::AlreadyExists(_)) => store.get(&name)?.num_blocks,
+        Err(e) => return Err(e.into()),
+    };
     Ok(FillReport {
         name,
         asked,
-        blocks: blocks as u64,
+        blocks,
         fetched: done.len() as u64,
         bytes: done.iter().map(|&i| want[i].len).sum(),
         stopped,
