@@ -68,6 +68,7 @@ pub mod io;
 pub mod keys;
 pub mod layout;
 pub mod log;
+pub mod meminfo;
 pub mod pipeline;
 pub mod prng;
 pub mod remote;

@@ -161,16 +161,7 @@ fn two_fills_of_one_prefix_at_once_both_report_the_stored_window() {
         // (A real layout: a fill reads the block size from it. 16 tokens of 64 KiB a block.)
         let layout = Layout::flash_2nbhd(2, 64, 16, 8, 64, Dtype::Bf16);
         assert_eq!(layout.block_bytes(), 64 * 1024);
-        let spec = cwm::store::WindowSpec {
-            layout: layout.to_json(),
-            ..common::spec(&name, &keys, 64 * 1024)
-        };
-        let payloads: Vec<Vec<u8>> = keys
-            .iter()
-            .map(|&k| common::payload(k as u64, 64 * 1024))
-            .collect();
-        let refs: Vec<&[u8]> = payloads.iter().map(|p| &p[..]).collect();
-        a.put_window(spec, &refs).unwrap();
+        common::put_laid_out(&a, &name, &keys, &layout);
         push_window(&a, &r, &name, Some(Expect::New)).unwrap();
         let b_dir = tempfile::tempdir().unwrap();
         let (b, _) = common::open(b_dir.path(), &engine);

@@ -333,19 +333,7 @@ pub fn thaw_timeout(bytes: u64, gbps: f64) -> std::time::Duration {
     std::time::Duration::from_secs_f64((2.0 * est).clamp(30.0, 300.0))
 }
 
-/// Bytes of memory the kernel says are available (MemAvailable).
-#[must_use]
-pub fn memory_available() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .map_or(u64::MAX, |kb| kb * 1024)
-}
+pub use crate::meminfo::available as memory_available;
 
 #[cfg(test)]
 mod tests {

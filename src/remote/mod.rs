@@ -84,6 +84,9 @@ pub struct RemoteConfig {
     /// Lease of the per-name lock a named publish holds (renewed at a third of it; another
     /// instance publishing the name meanwhile gets BUSY). 0: no lock, the fence alone.
     pub lock_lease: Duration,
+    /// The memory a pull or fill may count on; `None` (the daemon): what the kernel says is
+    /// available as each pull or fill starts (EC-022). Tests set it.
+    pub memory_available: Option<u64>,
 }
 
 /// When the daemon publishes a window it froze to the shared tier.
@@ -191,6 +194,7 @@ impl Default for RemoteConfig {
             visibility_timeout: Duration::ZERO,
             lock_lease: Duration::from_secs(30),
             wait_replicas: 0,
+            memory_available: None,
         }
     }
 }
@@ -262,6 +266,15 @@ pub enum RemoteError {
     /// Another instance holds the name's lock.
     #[error("window {0:?} is locked by another instance")]
     Busy(String),
+    /// Not even one block a stage of a pull or fill fits in the memory available (EC-022):
+    /// refused before anything is fetched.
+    #[error("not enough memory to fetch from the remote tier: {needed} bytes needed, {available} available")]
+    InsufficientMemory {
+        /// Bytes the smallest batches would hold at once.
+        needed: u64,
+        /// Bytes available.
+        available: u64,
+    },
     /// Bad input (configuration, names).
     #[error("{0}")]
     Validation(String),
@@ -289,6 +302,7 @@ impl RemoteError {
                 ErrorCode::ConcurrentModification
             }
             RemoteError::Busy(_) => ErrorCode::Busy,
+            RemoteError::InsufficientMemory { .. } => ErrorCode::InsufficientMemory,
             RemoteError::Stale { .. } => ErrorCode::Unavailable,
             RemoteError::Validation(_) => ErrorCode::Validation,
             RemoteError::Store(e) => e.code(),

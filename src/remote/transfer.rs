@@ -131,12 +131,39 @@ impl Deliver<'_, '_> {
     }
 }
 
+/// Batches of a pull or fill held at once: two while one is fetched (the Redis client's
+/// values and the images assembled from them), one queued, one written, and, when blocks are
+/// delivered (RAM tier, sink), one queued for delivery and one delivered.
+fn batches_in_flight(delivered: bool) -> u64 {
+    if delivered {
+        6
+    } else {
+        4
+    }
+}
+
+/// The byte size of a pull's or fill's batches: [`PUSH_BATCH`], or less so that the batches
+/// in flight hold at most half of `available` (the rest is the engine's, the page cache's,
+/// other requests'), down to one block a batch; not even that fits: refused before anything
+/// is fetched (EC-022). `records`: the record bytes of the blocks to fetch.
+fn batch_bytes(records: &[u64], delivered: bool, available: u64) -> Result<u64, RemoteError> {
+    let stages = batches_in_flight(delivered);
+    let largest = records.iter().copied().max().unwrap_or(0);
+    let needed = largest.saturating_mul(stages);
+    if needed > available {
+        return Err(RemoteError::InsufficientMemory { needed, available });
+    }
+    Ok(PUSH_BATCH.min(available / 2 / stages))
+}
+
 /// Fetches the blocks `wanted` (ascending indices into `want`) from the tier in batches of
-/// about [`PUSH_BATCH`] bytes on one thread while the previous batch is written to `w` here
-/// and the one before it goes into `ram` (when given and enabled: the thaw that follows a
-/// fill reads none of it back from the disk) and `sink` on a third.
+/// about [`PUSH_BATCH`] bytes (fewer when memory is short: [`batch_bytes`]) on one thread
+/// while the previous batch is written to `w` here and the one before it goes into `ram`
+/// (when given and enabled: the thaw that follows a fill reads none of it back from the
+/// disk) and `sink` on a third.
 /// Stops at the first block the tier lacks or that fails its checks: `Some((index, why))`,
-/// every wanted block before it written. `Err`: the tier or the store failed.
+/// every wanted block before it written. `Err`: the tier or the store failed, or memory is
+/// too short for even one block a stage (nothing fetched).
 fn stream_into(
     remote: &Remote,
     w: &mut WindowWriter<'_>,
@@ -149,13 +176,19 @@ fn stream_into(
         ram: ram.filter(|t| t.enabled()),
         sink,
     };
+    let records: Vec<u64> = wanted.iter().map(|&i| record_len(want[i].len)).collect();
+    let available = remote
+        .config()
+        .memory_available
+        .unwrap_or_else(crate::meminfo::available);
+    let limit = batch_bytes(&records, deliver.wanted(), available)?;
     let mut batches: Vec<&[usize]> = Vec::new();
     let mut at = 0;
     while at < wanted.len() {
         let mut end = at;
         let mut size = 0;
-        while end < wanted.len() && (end == at || size < PUSH_BATCH) {
-            size += want[wanted[end]].len;
+        while end < wanted.len() && (end == at || size + records[end] <= limit) {
+            size += records[end];
             end += 1;
         }
         batches.push(&wanted[at..end]);
@@ -609,4 +642,37 @@ pub fn fill_prefix(
         stopped,
         secs: t0.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_shrink_to_the_memory_available_down_to_one_block_a_stage() {
+        let rec = record_len(2 << 20);
+        let records = vec![rec; 100];
+        // Plenty: the usual batch.
+        assert_eq!(batch_bytes(&records, true, 64 << 30).ok(), Some(PUSH_BATCH));
+        // 96 MiB available, six stages delivering: half of it over six batches.
+        assert_eq!(
+            batch_bytes(&records, true, 96 << 20).ok(),
+            Some((96 << 20) / 2 / 6)
+        );
+        // Four stages without delivery get larger batches from the same memory.
+        assert_eq!(
+            batch_bytes(&records, false, 96 << 20).ok(),
+            Some((96 << 20) / 2 / 4)
+        );
+        // One block a stage is the least: exactly that fits, one byte less does not.
+        assert!(batch_bytes(&records, false, 4 * rec).is_ok());
+        match batch_bytes(&records, false, 4 * rec - 1) {
+            Err(RemoteError::InsufficientMemory { needed, available }) => {
+                assert_eq!((needed, available), (4 * rec, 4 * rec - 1));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Nothing to fetch needs nothing.
+        assert!(batch_bytes(&[], true, 0).is_ok());
+    }
 }

@@ -113,6 +113,27 @@ pub fn put(store: &Store, name: &str, keys: &[u128], len: u64) -> cwm::store::Wi
         .expect("put window")
 }
 
+/// [`put`] with a real layout (`len` = its block bytes), for what reads the layout back: a
+/// fill of a published prefix takes its block size from it.
+pub fn put_laid_out(
+    store: &Store,
+    name: &str,
+    keys: &[u128],
+    layout: &cwm::layout::Layout,
+) -> cwm::store::WindowInfo {
+    let len = layout.block_bytes();
+    let payloads: Vec<Vec<u8>> = keys
+        .iter()
+        .map(|&k| payload(k as u64, len as usize))
+        .collect();
+    let refs: Vec<&[u8]> = payloads.iter().map(|p| &p[..]).collect();
+    let spec = WindowSpec {
+        layout: layout.to_json(),
+        ..spec(name, keys, len)
+    };
+    store.put_window(spec, &refs).expect("put window")
+}
+
 /// Asserts a window reads back verified and bit-exact.
 pub fn check(store: &Store, name: &str, keys: &[u128], len: u64) {
     let (m, blocks) = store

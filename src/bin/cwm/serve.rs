@@ -212,6 +212,7 @@ impl ServeArgs {
             visibility_timeout: std::time::Duration::from_secs(self.remote_visibility_timeout),
             lock_lease: std::time::Duration::from_secs(self.remote_lock_lease),
             wait_replicas: self.remote_wait_replicas,
+            memory_available: None,
         }))
     }
 }
