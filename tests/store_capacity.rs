@@ -96,6 +96,23 @@ fn ec_014_zero_size_block_refused() {
     }
 }
 
+/// A length no KV block comes near — what a forged manifest in the shared tier may claim —
+/// is refused before a record size is computed from it (it would overflow).
+#[test]
+fn a_block_over_the_largest_size_is_refused_before_anything_is_planned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, engine) = engines().remove(0);
+    let (store, _) = open(tmp.path(), &engine);
+    for len in [cwm::store::MAX_BLOCK_BYTES + 1, u64::MAX] {
+        let mut s = spec("huge", &keys(1, 2), 4096);
+        s.blocks[1].len = len;
+        let err = store.begin_window(s).err().expect("refused");
+        assert_eq!(err.code(), "VALIDATION");
+        assert!(err.to_string().contains("at most"), "{err}");
+    }
+    assert_eq!(store.stats().unwrap().used_bytes, 0);
+}
+
 #[test]
 fn ec_010_empty_window_refused() {
     for (_, engine) in engines() {

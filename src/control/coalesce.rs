@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -49,6 +49,13 @@ fn poisoned<T>(_: T) -> ApiError {
     ApiError::internal("fetch table poisoned")
 }
 
+/// What ends a thaw's wait for another's fetch: its requester leaving, its deadline.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Until<'a> {
+    pub cancel: Option<&'a Cancel>,
+    pub deadline: Option<Instant>,
+}
+
 /// How often a thaw waiting for another's fetch looks whether its requester left.
 const WAIT_POLL: Duration = Duration::from_millis(50);
 
@@ -56,11 +63,12 @@ impl Fetches {
     /// `Some`: nobody is fetching `name`; the caller does, until the guard is dropped.
     /// `None`: another fetch of it was running and has ended (the caller looks at the store
     /// again: the window is there, or that fetch failed and this one may try). An error:
-    /// the requester left while this waited.
+    /// the requester left (`INTERRUPTED`) or the deadline passed (`TIMEOUT`) while this
+    /// waited.
     pub(super) fn start(
         &self,
         name: &str,
-        cancel: Option<&Cancel>,
+        until: Until<'_>,
     ) -> Result<Option<Fetching<'_>>, ApiError> {
         let mut r = self.running.lock().map_err(poisoned)?;
         if r.insert(name.to_string()) {
@@ -70,12 +78,21 @@ impl Fetches {
             }));
         }
         while r.contains(name) {
-            if cancel.is_some_and(|c| (c.0)()) {
+            if until.cancel.is_some_and(|c| (c.0)()) {
                 return Err(ApiError::new(
                     ErrorCode::Interrupted,
                     format!(
                         "the requester closed its connection while {name:?} was being fetched \
                          for another thaw; stopped"
+                    ),
+                ));
+            }
+            if until.deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(ApiError::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "the thaw's time ran out while {name:?} was being fetched for another \
+                         thaw (EC-041)"
                     ),
                 ));
             }

@@ -183,6 +183,12 @@ impl Server {
 
     /// `thaw` (identical thaws running at once are coalesced by the caller).
     pub(super) fn op_thaw(&self, a: ThawArgs, ctx: &Ctx<'_>) -> Result<Value, ApiError> {
+        // EC-041: the request's own limit bounds the whole thaw — a wait for another thaw's
+        // fetch, the fetch streamed into the engine, and the thaw from the log after it.
+        let started = std::time::Instant::now();
+        let asked_by = a
+            .timeout_ms
+            .map(|ms| started + std::time::Duration::from_millis(ms));
         let (eng, held) = self.engine_or_held(
             a.engine.as_deref(),
             a.session.as_deref(),
@@ -261,9 +267,15 @@ impl Server {
                 tr.expect_tokens.as_deref(),
                 tr.salt.as_deref(),
                 Some(&mut sink),
-                ctx.cancel().as_ref(),
+                super::coalesce::Until {
+                    cancel: ctx.cancel().as_ref(),
+                    deadline: asked_by,
+                },
             )?;
-            streamed = sink.finish();
+            // Nothing fetched (no tier, or the window was stored meanwhile by another thaw,
+            // a pull or a freeze): what the stream got, if anything, is not the stored
+            // window; that is thawed the ordinary way.
+            streamed = sink.finish().filter(|_| out.0.is_some());
             out
         } else {
             (None, None)
@@ -272,22 +284,21 @@ impl Server {
         if let Some(w) = instead {
             (tr.window, tr.prefix, streamed) = (w, true, None);
         }
-        // EC-041: a deadline scaled to the window (or the request's timeout_ms).
-        let limit = match a.timeout_ms {
-            Some(ms) => std::time::Duration::from_millis(ms),
-            None => {
-                let bytes = self.store.get(&tr.window).map(|w| w.bytes).unwrap_or(0);
-                crate::pipeline::thaw_timeout(
+        // EC-041: the request's timeout_ms from its start, else a deadline scaled to the
+        // window from now.
+        let deadline = asked_by.unwrap_or_else(|| {
+            let bytes = self.store.get(&tr.window).map(|w| w.bytes).unwrap_or(0);
+            std::time::Instant::now()
+                + crate::pipeline::thaw_timeout(
                     bytes,
                     f64::from_bits(self.thaw_rate.load(Ordering::Relaxed)),
                 )
-            }
-        };
+        });
         let opts = ThawOptions {
             tier: Some(&self.tier).filter(|t| t.enabled()),
             cancel: ctx.cancel(),
             progress: None,
-            deadline: Some(std::time::Instant::now() + limit),
+            deadline: Some(deadline),
         };
         let r = match streamed {
             // The blocks held locally (a prefix of the range) the ordinary way, now.

@@ -428,7 +428,7 @@ impl RemoteLink {
         let t0 = Instant::now();
         let (name, keys) = (name.to_string(), keys.to_vec());
         let out = match self.bounded(cfg.lookup_timeout, move |r| {
-            let (_, m) = r.published(&name)?;
+            let (_, m) = r.published_live(&name)?;
             Ok(m.blocks
                 .iter()
                 .zip(&keys)
@@ -937,6 +937,9 @@ impl Server {
         {
             None => Ok((None, None)),
             Some(Ok(p)) => Ok((Some(json!({"pulled": p})), None)),
+            // Stored meanwhile (a `pull` or a freeze of the name committed first): that
+            // window is the one to thaw.
+            Some(Err(e)) if e.code() == ErrorCode::AlreadyExists => Ok((None, None)),
             Some(Err(e)) if matches!(e.code(), ErrorCode::NotFound | ErrorCode::Corruption) => {
                 match self
                     .remote
@@ -963,9 +966,11 @@ impl Server {
     /// and stored as an unnamed window; any other name is pulled from the tier, and when a
     /// block of it is gone or bad, its valid prefix is stored as a fill window instead — the
     /// window to thaw then, as a prefix (the second value). What to add to the answer first.
-    /// Nothing: no tier, or another thaw fetched the window while this one waited for it
-    /// (EC-002: one fetch however many thaws want the window; `cancel` ends the wait). The
-    /// blocks fetched also go to `sink` (a thaw as they arrive).
+    /// Nothing: no tier, or the window was stored meanwhile — by another thaw's fetch this one
+    /// waited for (EC-002: one fetch however many thaws want the window; `until` ends the
+    /// wait), by a `pull` or a freeze of the name. The blocks fetched also
+    /// go to `sink` (a thaw as they arrive); when nothing is fetched, what the sink got is not
+    /// what the stored window holds.
     pub(super) fn fetch_missing(
         &self,
         eng: &crate::pipeline::Engine,
@@ -973,20 +978,22 @@ impl Server {
         tokens: Option<&[u32]>,
         salt: Option<&str>,
         sink: Option<&mut (dyn BlockSink + '_)>,
-        cancel: Option<&crate::pipeline::Cancel>,
+        until: super::coalesce::Until<'_>,
     ) -> Result<(Option<Value>, Option<String>), ApiError> {
         if !self.remote.configured() {
             return Ok((None, None));
         }
         loop {
-            if let Some(_fetching) = self.fetches.start(window, cancel)? {
-                return self.fetch_once(eng, window, tokens, salt, sink);
-            }
-            // Another thaw's fetch ended: the window is stored now, or it failed (and this
-            // thaw tries in turn).
+            let fetching = self.fetches.start(window, until)?;
+            // Another thaw's fetch ended (or one ended between the caller's look and this
+            // one's start): the window is stored now, or it failed (and this thaw tries in
+            // turn).
             if self.store.get(window).is_ok() {
                 self.edge_case("EC-002", "fetch_shared");
                 return Ok((None, None));
+            }
+            if fetching.is_some() {
+                return self.fetch_once(eng, window, tokens, salt, sink);
             }
         }
     }

@@ -30,7 +30,8 @@ pub struct StreamThaw<'a> {
     req: &'a ThawRequest,
     cfg: &'a PipelineConfig,
     cancel: Option<Cancel>,
-    /// The explicit time limit, else one scaled to the window at `gbps`.
+    /// The explicit time limit (from the thaw's start), else one scaled to the window at
+    /// `gbps` (from the first block).
     limit: Option<Duration>,
     gbps: f64,
     t0: Instant,
@@ -193,13 +194,16 @@ impl BlockSink for StreamThaw<'_> {
         if !suffix || local == c.n {
             return;
         }
-        let limit = self
-            .limit
-            .unwrap_or_else(|| super::thaw_timeout(c.window_bytes, self.gbps));
+        // The request's own limit counts from the thaw's start (this stream's making); the
+        // scaled one from the first block.
+        let deadline = match self.limit {
+            Some(l) => self.t0 + l,
+            None => Instant::now() + super::thaw_timeout(c.window_bytes, self.gbps),
+        };
         self.run = Some(Run {
             name: spec.name.clone(),
             c,
-            deadline: Instant::now() + limit,
+            deadline,
             local,
             done: 0,
             broken: None,
@@ -249,6 +253,15 @@ impl BlockSink for StreamThaw<'_> {
         }
         r.scatter_secs += ts.elapsed().as_secs_f64();
         r.done += pls.len();
+    }
+
+    /// A layout upgrade scatters each batch through a transposed copy of it.
+    fn scratch_batches(&self) -> u64 {
+        u64::from(
+            self.run
+                .as_ref()
+                .is_some_and(|r| r.c.compat == Compat::Permute),
+        )
     }
 }
 

@@ -415,6 +415,9 @@ pub struct Remote {
     cfg: RemoteConfig,
     client: ClusterClient,
     pool: Mutex<Vec<ClusterConnection>>,
+    /// Bytes the pulls and fills running through this link may hold in flight, as each
+    /// planned them (one budget for all: EC-022).
+    pub(crate) in_flight: Mutex<u64>,
 }
 
 /// A cluster connection taken from the pool, put back when dropped.
@@ -566,6 +569,7 @@ impl Remote {
             cfg,
             client,
             pool: Mutex::new(Vec::new()),
+            in_flight: Mutex::new(0),
         };
         // Fail now, not at the first request, when the cluster cannot be reached.
         drop(remote.conn()?);
@@ -1257,6 +1261,22 @@ impl Remote {
                 key: self.window_key(name, "head"),
                 source: ValueError::Inconsistent("manifest of another window"),
             });
+        }
+        Ok((head, m))
+    }
+
+    /// [`Remote::published`], unless the window's TTL has passed: NOT_FOUND then — an expired
+    /// window is gone for every reader at once, on every instance, though its head and
+    /// manifest stay in the tier until replaced.
+    pub fn published_live(
+        &self,
+        name: &str,
+    ) -> Result<(Head, crate::store::Manifest), RemoteError> {
+        let (head, m) = self.published(name)?;
+        if m.retention.expired(crate::clock::now_unix_ms()) {
+            return Err(RemoteError::NotFound(format!(
+                "window {name:?} (its TTL has passed)"
+            )));
         }
         Ok((head, m))
     }

@@ -98,6 +98,11 @@ pub trait BlockSink: Send {
     /// (not yet committed). A fetch that stops early delivers nothing past the block it
     /// stopped at.
     fn blocks(&mut self, blocks: &[(usize, &[u8])]);
+    /// Batches of scratch memory the sink holds while it takes one (a layout permutation's
+    /// copy), after [`BlockSink::begin`]: counted in the fetch's memory (EC-022).
+    fn scratch_batches(&self) -> u64 {
+        0
+    }
 }
 
 /// Where the blocks of a fetch go besides the log: the RAM tier (when given and enabled) and
@@ -110,6 +115,11 @@ struct Deliver<'a, 's> {
 impl Deliver<'_, '_> {
     fn wanted(&self) -> bool {
         self.ram.is_some() || self.sink.is_some()
+    }
+
+    /// Batches a fetch holds at once ([`batches_in_flight`]) and the sink's scratch.
+    fn stages(&self) -> u64 {
+        batches_in_flight(self.wanted()) + self.sink.as_ref().map_or(0, |s| s.scratch_batches())
     }
 
     fn batch(&mut self, want: &[Want], batch: &[(usize, AlignedBuf, u64)]) {
@@ -142,18 +152,64 @@ fn batches_in_flight(delivered: bool) -> u64 {
     }
 }
 
-/// The byte size of a pull's or fill's batches: [`PUSH_BATCH`], or less so that the batches
-/// in flight hold at most half of `available` (the rest is the engine's, the page cache's,
-/// other requests'), down to one block a batch; not even that fits: refused before anything
-/// is fetched (EC-022). `records`: the record bytes of the blocks to fetch.
-fn batch_bytes(records: &[u64], delivered: bool, available: u64) -> Result<u64, RemoteError> {
-    let stages = batches_in_flight(delivered);
+/// The byte size of a pull's or fill's batches: [`PUSH_BATCH`], or less so that the `stages`
+/// batches in flight hold at most half of `available` (the rest is the engine's, the page
+/// cache's, other requests'), down to one block a batch; not even that fits: refused before
+/// anything is fetched (EC-022). `records`: the record bytes of the blocks to fetch.
+fn batch_bytes(records: &[u64], stages: u64, available: u64) -> Result<u64, RemoteError> {
     let largest = records.iter().copied().max().unwrap_or(0);
     let needed = largest.saturating_mul(stages);
     if needed > available {
         return Err(RemoteError::InsufficientMemory { needed, available });
     }
     Ok(PUSH_BATCH.min(available / 2 / stages))
+}
+
+/// Memory a running fetch planned to hold, given back to the link's budget when dropped.
+struct Planned<'a> {
+    budget: &'a std::sync::Mutex<u64>,
+    bytes: u64,
+}
+
+impl Drop for Planned<'_> {
+    fn drop(&mut self) {
+        let mut b = self
+            .budget
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *b = b.saturating_sub(self.bytes);
+    }
+}
+
+/// The batch size of a fetch of `records` (record bytes of the blocks) through `remote` with
+/// `stages` batches in flight ([`batch_bytes`]), from the memory available less what the
+/// fetches already running planned, and that fetch's share of the link's budget until the
+/// guard drops.
+fn plan<'a>(
+    remote: &'a Remote,
+    records: &[u64],
+    stages: u64,
+) -> Result<(u64, Planned<'a>), RemoteError> {
+    let available = remote
+        .config()
+        .memory_available
+        .unwrap_or_else(crate::meminfo::available);
+    let mut held = remote
+        .in_flight
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let limit = batch_bytes(records, stages, available.saturating_sub(*held))?;
+    let largest = records.iter().copied().max().unwrap_or(0);
+    let total: u64 = records.iter().sum();
+    let bytes = stages.saturating_mul(limit.max(largest).min(total));
+    *held = held.saturating_add(bytes);
+    Ok((
+        limit,
+        Planned {
+            budget: &remote.in_flight,
+            bytes,
+        },
+    ))
 }
 
 /// Fetches the blocks `wanted` (ascending indices into `want`) from the tier in batches of
@@ -177,11 +233,7 @@ fn stream_into(
         sink,
     };
     let records: Vec<u64> = wanted.iter().map(|&i| record_len(want[i].len)).collect();
-    let available = remote
-        .config()
-        .memory_available
-        .unwrap_or_else(crate::meminfo::available);
-    let limit = batch_bytes(&records, deliver.wanted(), available)?;
+    let (limit, _planned) = plan(remote, &records, deliver.stages())?;
     let mut batches: Vec<&[usize]> = Vec::new();
     let mut at = 0;
     while at < wanted.len() {
@@ -463,7 +515,7 @@ pub fn pull_window_since(
     ram: Option<&RamTier>,
     mut sink: Option<&mut (dyn BlockSink + '_)>,
 ) -> Result<PullReport, RemoteError> {
-    let (head, m) = remote.published(name)?;
+    let (head, m) = remote.published_live(name)?;
     if head.generation < seen {
         return Err(RemoteError::Stale {
             name: name.to_string(),
@@ -513,7 +565,7 @@ pub fn fill_published_prefix(
     fill_name: impl Fn(usize, u128) -> String,
     ram: Option<&RamTier>,
 ) -> Result<FillReport, RemoteError> {
-    let (head, m) = remote.published(name)?;
+    let (head, m) = remote.published_live(name)?;
     let bad = |what: String| RemoteError::Corruption {
         key: remote.window_key(name, &format!("m:{}", head.token)),
         source: super::value::ValueError::Payload(what),
@@ -653,26 +705,26 @@ mod tests {
         let rec = record_len(2 << 20);
         let records = vec![rec; 100];
         // Plenty: the usual batch.
-        assert_eq!(batch_bytes(&records, true, 64 << 30).ok(), Some(PUSH_BATCH));
+        assert_eq!(batch_bytes(&records, 6, 64 << 30).ok(), Some(PUSH_BATCH));
         // 96 MiB available, six stages delivering: half of it over six batches.
         assert_eq!(
-            batch_bytes(&records, true, 96 << 20).ok(),
+            batch_bytes(&records, 6, 96 << 20).ok(),
             Some((96 << 20) / 2 / 6)
         );
         // Four stages without delivery get larger batches from the same memory.
         assert_eq!(
-            batch_bytes(&records, false, 96 << 20).ok(),
+            batch_bytes(&records, 4, 96 << 20).ok(),
             Some((96 << 20) / 2 / 4)
         );
         // One block a stage is the least: exactly that fits, one byte less does not.
-        assert!(batch_bytes(&records, false, 4 * rec).is_ok());
-        match batch_bytes(&records, false, 4 * rec - 1) {
+        assert!(batch_bytes(&records, 4, 4 * rec).is_ok());
+        match batch_bytes(&records, 4, 4 * rec - 1) {
             Err(RemoteError::InsufficientMemory { needed, available }) => {
                 assert_eq!((needed, available), (4 * rec, 4 * rec - 1));
             }
             other => panic!("{other:?}"),
         }
         // Nothing to fetch needs nothing.
-        assert!(batch_bytes(&[], true, 0).is_ok());
+        assert!(batch_bytes(&[], 6, 0).is_ok());
     }
 }

@@ -115,7 +115,7 @@ pub use types::{
     WindowInfo, WindowSpec,
 };
 pub use verify::LogProblem;
-pub use writer::WindowWriter;
+pub use writer::{WindowWriter, MAX_BLOCK_BYTES};
 
 // The wall clock lives in `crate::clock`; this path stays for the store's users.
 pub use crate::clock::now_unix_ms;

@@ -616,7 +616,8 @@ impl WindowWriter<'_> {
     }
 }
 
-/// Normalises the name and refuses empty windows and zero-length blocks.
+/// Normalises the name and refuses empty windows, zero-length blocks and blocks over
+/// [`MAX_BLOCK_BYTES`].
 pub(super) fn validate_spec(spec: &mut WindowSpec) -> Result<(), StoreError> {
     spec.name = name::validate_name(&spec.name).map_err(StoreError::Validation)?;
     if spec.blocks.is_empty() {
@@ -629,8 +630,24 @@ pub(super) fn validate_spec(spec: &mut WindowSpec) -> Result<(), StoreError> {
             "block {i} has zero bytes; zero-length blocks are refused (EC-014)"
         )));
     }
+    // (A manifest read from the shared tier may claim any length: record sizes must not
+    // overflow, and no KV block comes near this.)
+    if let Some((i, b)) = spec
+        .blocks
+        .iter()
+        .enumerate()
+        .find(|(_, b)| b.len > MAX_BLOCK_BYTES)
+    {
+        return Err(StoreError::Validation(format!(
+            "block {i} has {} bytes; at most {MAX_BLOCK_BYTES} a block",
+            b.len
+        )));
+    }
     Ok(())
 }
+
+/// The largest block a window may hold (4 GiB).
+pub const MAX_BLOCK_BYTES: u64 = 1 << 32;
 
 /// The version of the window `spec` would replace, or the refusal its `replace` asks for.
 pub(super) fn check_replace(st: &State, spec: &WindowSpec) -> Result<Option<u64>, StoreError> {
