@@ -6,9 +6,10 @@
 //! A request's way through: `listener` (accept, uid check) → `conn` (read a line) →
 //! `protocol` (parse) → `handler` (idempotency, limits, metrics, dispatch) → `args` (typed
 //! arguments) → one method per op in `ops`, `session_ops`, `register` or `maint` →
-//! `coalesce` (identical thaws) → the pipeline and the store. `persist` keeps sessions and
-//! idempotent outcomes in the store's catalog; `metrics` and `integrity` are what `health`
-//! and `/metrics` report; `client` is the Rust client.
+//! `coalesce` (identical thaws; one fetch of a window from the shared tier) → the pipeline and
+//! the store. `persist` keeps sessions and idempotent outcomes in the store's catalog;
+//! `metrics` and `integrity` are what `health` and `/metrics` report; `client` is the Rust
+//! client.
 //!
 //! ```
 //! use std::sync::Arc;
