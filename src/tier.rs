@@ -58,7 +58,7 @@ impl Inner {
 
     fn release(&mut self, s: Stored) {
         match s {
-            Stored::Heap(v) => self.bytes -= v.len() as u64,
+            Stored::Heap(v) => self.bytes -= heap_cost(v.len()),
             Stored::Slot(i, _) => {
                 if let Some(a) = &mut self.arena {
                     self.bytes -= a.slot as u64;
@@ -97,6 +97,16 @@ impl TierHits<'_> {
             })
             .collect()
     }
+}
+
+/// The smallest arena slot (and what a smaller payload counts as): a free list of one entry
+/// per slot stays at most an 512th of the tier, whatever block size an engine registers.
+pub const MIN_SLOT: usize = 4096;
+
+/// What a payload held outside the arena counts for: its bytes, and at least a slot (an
+/// entry's bookkeeping is not free).
+fn heap_cost(len: usize) -> u64 {
+    len.max(MIN_SLOT) as u64
 }
 
 impl RamTier {
@@ -141,10 +151,11 @@ impl RamTier {
         self.lock().bytes
     }
 
-    /// Allocates the arena now for blocks of `slot` bytes (instead of at the first insert).
+    /// Allocates the arena now for blocks of `slot` bytes (instead of at the first insert);
+    /// blocks under [`MIN_SLOT`] get none.
     pub fn prepare(&self, slot: usize) {
         let mut g = self.lock();
-        if g.arena.is_none() && slot > 0 {
+        if g.arena.is_none() && slot >= MIN_SLOT {
             if let Some(buf) = AlignedBuf::try_zeroed(self.capacity as usize) {
                 let n = buf.len() / slot;
                 g.arena = Some(Arena {
@@ -252,7 +263,7 @@ impl RamTier {
             }
             None => {}
         }
-        if i.arena.is_none() && !self.mapped.load(Ordering::SeqCst) {
+        if i.arena.is_none() && !self.mapped.load(Ordering::SeqCst) && payload.len() >= MIN_SLOT {
             if let Some(buf) = AlignedBuf::try_zeroed(self.capacity as usize) {
                 let slot = payload.len();
                 let n = buf.len() / slot;
@@ -267,7 +278,7 @@ impl RamTier {
         let cost = if in_arena {
             i.arena.as_ref().map_or(len, |a| a.slot as u64)
         } else {
-            len
+            heap_cost(payload.len())
         };
         while i.bytes + cost > self.capacity
             || (in_arena && i.arena.as_ref().is_some_and(|a| a.free.is_empty()))
@@ -347,21 +358,22 @@ mod tests {
 
     #[test]
     fn lru_eviction_keeps_recent() {
-        let t = RamTier::new(300);
-        t.put(1, &[1; 100], 1, false);
-        t.put(2, &[2; 100], 2, false);
-        t.put(3, &[3; 100], 3, false);
+        let s = MIN_SLOT;
+        let t = RamTier::new(3 * s as u64);
+        t.put(1, &vec![1; s], 1, false);
+        t.put(2, &vec![2; s], 2, false);
+        t.put(3, &vec![3; s], 3, false);
         assert!(t.get(1).is_some()); // 1 is now most recent
-        t.put(4, &[4; 100], 4, false); // evicts 2
+        t.put(4, &vec![4; s], 4, false); // evicts 2
         assert!(t.get(2).is_none());
-        assert_eq!(t.get(4).as_deref(), Some(&[4u8; 100][..]));
-        assert!(t.bytes() <= 300);
-        t.put(5, &[0; 400], 5, false); // larger than the tier: ignored
+        assert_eq!(t.get(4).as_deref(), Some(&vec![4u8; s][..]));
+        assert!(t.bytes() <= 3 * s as u64);
+        t.put(5, &vec![0; 4 * s], 5, false); // larger than the tier: ignored
         assert!(t.get(5).is_none());
-        // Another size goes to the heap, within the same bound.
+        // Another size goes to the heap, within the same bound, counted as a slot at least.
         t.put(6, &[6; 50], 6, false);
         assert_eq!(t.get(6).as_deref(), Some(&[6u8; 50][..]));
-        assert!(t.bytes() <= 300);
+        assert!(t.bytes() <= 3 * s as u64);
         let hits = t.all(&[4, 6], &[4, 6]).expect("both present");
         assert_eq!(hits.payloads()[1], &[6u8; 50][..]);
         drop(hits);
@@ -427,6 +439,23 @@ mod tests {
             }
             true
         }
+    }
+
+    /// Blocks smaller than a slot get no arena (an arena of 1-byte slots would keep a free
+    /// list eight times the tier's size) and each counts as a slot: a tier of 16 slots holds
+    /// at most 16 of them.
+    #[test]
+    fn tiny_blocks_get_no_arena_and_count_as_a_slot() {
+        let t = RamTier::new(16 * MIN_SLOT as u64);
+        t.prepare(1);
+        assert!(t.lock().arena.is_none());
+        for k in 0..100u128 {
+            t.put(k, &[k as u8], k as u64, false);
+        }
+        assert!(t.lock().arena.is_none());
+        assert_eq!(t.lock().map.len(), 16);
+        assert_eq!(t.bytes(), 16 * MIN_SLOT as u64);
+        assert_eq!(t.get(99).as_deref(), Some(&[99u8][..]));
     }
 
     /// Every engine maps the arena into its own device: a second engine, or the same engine

@@ -349,3 +349,47 @@ fn an_eviction_batch_whose_sync_fails_deletes_none() {
         assert_eq!(store.check_invariants().unwrap(), Vec::<String>::new());
     }
 }
+
+/// A commit whose manifest names a stored record another writer held (a deduplication
+/// against it) keeps that record indexed until the manifest is published, even when the other
+/// writer gives up meanwhile: without that, the window was published over the committing
+/// writer's own copy of the block under the stored record's checksum — acknowledged durable,
+/// then unreadable (CORRUPTION) wherever the two copies' bytes differ, as two gathers of one
+/// block may on a GPU. The manifest write is slowed (`delay`) so the other writer gives up
+/// while it runs.
+#[test]
+fn a_commit_keeps_the_stored_record_it_names_while_another_writer_gives_up() {
+    let _g = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(cfg(tmp.path())).unwrap().0;
+    let k = 0x5eed_u128;
+    // W will write its own copy of K (bytes of seed 1): K is not stored when it begins.
+    let mut w = store.begin_window(spec("w", &[k], LEN)).unwrap();
+    assert!(w.needs_write(0));
+    write_block(&mut w, 0, 1, LEN);
+    // C stores K with other bytes; W2 deduplicates against it (holds it); C goes.
+    put(&store, "c", &[k], LEN);
+    let w2 = store.begin_window(spec("w2", &[k], LEN)).unwrap();
+    assert!(!w2.needs_write(0));
+    store.delete_window("c", None).unwrap();
+    failpoint::set("manifest-write", Some(Action::Delay));
+    std::thread::scope(|s| {
+        let commit = s.spawn(|| w.commit());
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        drop(w2);
+        commit.join().unwrap().unwrap();
+    });
+    failpoint::set("manifest-write", None);
+    // The manifest names C's record (deduplication prefers the stored one), and that record
+    // is what the window resolves to.
+    let (_, blocks) = store.read_window("w").unwrap();
+    assert!(blocks[0] == payload(k as u64, LEN as usize), "C's bytes");
+    assert!(store.check_invariants().unwrap().is_empty());
+    drop(store);
+    let (store, _) = Store::open(cfg(tmp.path())).unwrap();
+    let (_, blocks) = store.read_window("w").unwrap();
+    assert!(
+        blocks[0] == payload(k as u64, LEN as usize),
+        "after a reopen"
+    );
+}

@@ -81,6 +81,21 @@ fn f64_field(a: &Value, k: &str) -> Result<Option<f64>, ApiError> {
     }
 }
 
+/// The slowest `rate` a `compact` or `scrub` request may ask for (bytes a second; 0:
+/// unthrottled). A compaction holds the store's compaction lock while it throttles: one asked
+/// to copy at a few bytes a second would keep every other compaction out for months.
+pub const MIN_RATE: u64 = 1 << 20;
+
+/// The optional `rate` of `compact` and `scrub`: 0 or at least [`MIN_RATE`].
+fn rate_field(a: &Value) -> Result<Option<u64>, ApiError> {
+    match u64_field(a, "rate")? {
+        Some(r) if r > 0 && r < MIN_RATE => Err(ApiError::validation(format!(
+            "rate {r} bytes/s: 0 (unthrottled) or at least {MIN_RATE}"
+        ))),
+        r => Ok(r),
+    }
+}
+
 fn u64_field(a: &Value, k: &str) -> Result<Option<u64>, ApiError> {
     match a.get(k) {
         None | Some(Value::Null) => Ok(None),
@@ -597,7 +612,7 @@ impl Server {
                 if let Some(r) = f64_field(a, "live_ratio")? {
                     opts.live_ratio = r;
                 }
-                if let Some(r) = u64_field(a, "rate")? {
+                if let Some(r) = rate_field(a)? {
                     opts.rate = r;
                 }
                 self.compact_pass(&opts, &|p| {
@@ -605,7 +620,7 @@ impl Server {
                 })
             })(),
             "scrub" => (|| {
-                let rate = u64_field(a, "rate")?.unwrap_or(0);
+                let rate = rate_field(a)?.unwrap_or(0);
                 // At most ten progress lines a second, and the last one.
                 let last = std::cell::Cell::new(None::<std::time::Instant>);
                 self.scrub_pass(rate, &|done, total| {

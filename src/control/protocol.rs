@@ -153,7 +153,7 @@ pub fn error_line(id: &Value, e: &ApiError) -> String {
 /// A required string field.
 pub fn str_field<'a>(a: &'a Value, name: &str) -> Result<&'a str, ApiError> {
     match a.get(name) {
-        Some(Value::String(s)) => Ok(s),
+        Some(Value::String(s)) => short(name, s),
         Some(_) => Err(ApiError::validation(format!(
             "field {name} must be a string"
         ))),
@@ -161,11 +161,26 @@ pub fn str_field<'a>(a: &'a Value, name: &str) -> Result<&'a str, ApiError> {
     }
 }
 
+/// Longest string field (bytes): they are identifiers — engine, session, window, model,
+/// salt, state — kept in memory and written to the log (a session id of 16 MiB would be both).
+pub const MAX_STR_FIELD: usize = 1024;
+
+/// `s`, unless longer than [`MAX_STR_FIELD`].
+fn short<'a>(name: &str, s: &'a str) -> Result<&'a str, ApiError> {
+    if s.len() > MAX_STR_FIELD {
+        return Err(ApiError::validation(format!(
+            "field {name} is {} bytes; at most {MAX_STR_FIELD}",
+            s.len()
+        )));
+    }
+    Ok(s)
+}
+
 /// An optional string field.
 pub fn opt_str(a: &Value, name: &str) -> Result<Option<String>, ApiError> {
     match a.get(name) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::String(s)) => short(name, s).map(|s| Some(s.to_string())),
         Some(_) => Err(ApiError::validation(format!(
             "field {name} must be a string"
         ))),

@@ -520,9 +520,20 @@ impl WindowWriter<'_> {
         // 2. The name's version as of now, and the checksums of the blocks it refers to.
         let mut app = self.store.lock_appender()?;
         let (version, blocks) = {
-            let st = self.store.state.read().map_err(poisoned)?;
+            let mut st = self.store.state.write().map_err(poisoned)?;
             let existing = check_replace(&st, &self.spec)?;
-            (existing.map_or(1, |v| v + 1), self.block_refs(&st)?)
+            let (blocks, from_index) = self.block_refs(&st)?;
+            // The stored records the manifest now names are held until it is published (or
+            // the commit fails): a writer that held one and gives up meanwhile must not let it
+            // leave the index, or the window would be published over this writer's own copy
+            // of the block under the other record's checksum.
+            for k in from_index {
+                if let Some(e) = st.blocks.get_mut(&k) {
+                    e.holds += 1;
+                    self.held.push(k);
+                }
+            }
+            (existing.map_or(1, |v| v + 1), blocks)
         };
         let m = Manifest {
             name: self.spec.name.clone(),
@@ -580,9 +591,11 @@ impl WindowWriter<'_> {
     }
 
     /// The manifest's block references: checksums of blocks written here, of the others from
-    /// the index (held there since the writer began).
-    fn block_refs(&self, st: &State) -> Result<Vec<BlockRef>, StoreError> {
+    /// the index (held there since the writer began, or stored by a concurrent freeze); and
+    /// the keys whose checksum came from the index.
+    fn block_refs(&self, st: &State) -> Result<(Vec<BlockRef>, Vec<u128>), StoreError> {
         let mut blocks = Vec::with_capacity(self.spec.blocks.len());
+        let mut from_index = Vec::new();
         let mut sums: HashMap<u128, u64> = HashMap::new();
         for (i, d) in self.spec.blocks.iter().enumerate() {
             let sum = match (sums.get(&d.key), st.blocks.get(&d.key), &self.written[i]) {
@@ -592,7 +605,10 @@ impl WindowWriter<'_> {
                 // its bytes may differ from this freeze's (GPU kernels need not be
                 // bit-reproducible), and the manifest must describe the record it resolves to.
                 // A copy written here is garbage.
-                (None, Some(b), _) if b.loc.is_some() && b.payload_len == d.len => b.checksum,
+                (None, Some(b), _) if b.loc.is_some() && b.payload_len == d.len => {
+                    from_index.push(d.key);
+                    b.checksum
+                }
                 (None, _, Some((_, s))) => *s,
                 (None, Some(_), None) => {
                     return Err(StoreError::Validation(format!(
@@ -612,7 +628,7 @@ impl WindowWriter<'_> {
                 checksum: sum,
             });
         }
-        Ok(blocks)
+        Ok((blocks, from_index))
     }
 }
 
