@@ -90,3 +90,34 @@ fn ec_020_c_reserved_room_is_kept_for_the_captured_window() {
     drop(w);
     assert_eq!(store.stats().unwrap().reserved_bytes, 0);
 }
+
+/// A writer's promised room shrinks as its records are appended (they count in `used` from
+/// then on): while a large freeze is being written, `used + reserved` is what the log will
+/// hold, not that plus the records already written — which refused concurrent freezes with
+/// QUOTA_EXCEEDED that had room and made eviction free space nobody needed.
+#[test]
+fn written_records_leave_the_writers_promise() {
+    let (_, io) = engines().pop().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = open(tmp.path(), &io);
+    let kb = keys(2, 8);
+    let mut w = store.begin_window(spec("b", &kb, LEN)).unwrap();
+    let promised = store.stats().unwrap().reserved_bytes;
+    assert!(promised >= 8 * record_len(LEN), "{promised}");
+    for (i, &k) in kb.iter().enumerate() {
+        write_block(&mut w, i, k as u64, LEN);
+    }
+    let s = store.stats().unwrap();
+    assert!(
+        s.reserved_bytes < record_len(LEN),
+        "only the manifest (and rotations) still promised: {} of {promised}",
+        s.reserved_bytes
+    );
+    // Room for 3 more blocks beside b's records and its manifest: a freeze of 3 fits.
+    store.set_capacity(s.used_bytes + s.reserved_bytes + 4 * record_len(LEN) + (64 << 10));
+    put(&store, "c", &keys(3, 3), LEN);
+    w.commit().unwrap();
+    assert_eq!(store.stats().unwrap().reserved_bytes, 0);
+    check(&store, "b", &kb, LEN);
+    check(&store, "c", &keys(3, 3), LEN);
+}

@@ -276,7 +276,8 @@ impl Store {
 /// garbage.
 pub struct WindowWriter<'a> {
     store: &'a Store,
-    /// Bytes of `Store::reserved` this writer holds until commit or drop.
+    /// Bytes of `Store::reserved` this writer holds until commit or drop, less what it has
+    /// appended since (that is in `used`).
     hold: u64,
     /// Keys of stored blocks it refers to without writing them (each holds its index entry).
     held: Vec<u128>,
@@ -437,8 +438,19 @@ impl WindowWriter<'_> {
     ) -> Result<(), StoreError> {
         let mut app = self.store.lock_appender()?;
         let res = self.plan_locked(&mut app, blocks, locs);
+        // Handed out: in `used` now, so no longer promised (or a failed batch's records are
+        // cut back, and the writer is done).
+        self.consumed(locs.iter().map(|l| l.1.len).sum());
         flight.add(locs.len() as u64)?;
         res
+    }
+
+    /// `bytes` of this writer's promised room were appended (they count in `used` now): the
+    /// promise shrinks by as much, so the two never count the same bytes.
+    fn consumed(&mut self, bytes: u64) {
+        let take = bytes.min(self.hold);
+        self.hold -= take;
+        self.store.reserved.fetch_sub(take, Ordering::SeqCst);
     }
 
     fn plan_locked(
@@ -556,6 +568,7 @@ impl WindowWriter<'_> {
             &payload,
         )?;
         let seq = app.next_seq - 1;
+        self.consumed(mloc.len);
         mloc.seg.note_manifest(name_key(&m.name));
         if let Err(e) = self.store.sync(&mloc.seg) {
             // Not durable, not acknowledged: cut the manifest off so a later open cannot show
