@@ -253,14 +253,8 @@ impl Server {
                 r if r > 0.0 => r.min(local),
                 _ => local,
             };
-            let mut sink = StreamThaw::new(
-                &eng,
-                &tr,
-                &self.cfg.pipeline,
-                ctx.cancel(),
-                a.timeout_ms.map(std::time::Duration::from_millis),
-                rate,
-            );
+            let mut sink =
+                StreamThaw::new(&eng, &tr, &self.cfg.pipeline, ctx.cancel(), asked_by, rate);
             let out = self.fetch_missing(
                 &eng,
                 &tr.window,

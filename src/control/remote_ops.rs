@@ -989,7 +989,9 @@ impl Server {
             // one's start): the window is stored now, or it failed (and this thaw tries in
             // turn).
             if self.store.get(window).is_ok() {
-                self.edge_case("EC-002", "fetch_shared");
+                if fetching.is_none() {
+                    self.edge_case("EC-002", "fetch_shared");
+                }
                 return Ok((None, None));
             }
             if fetching.is_some() {

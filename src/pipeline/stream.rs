@@ -14,7 +14,7 @@
 //! caller runs the ordinary [`thaw`](super::thaw) on the committed window, which rewrites
 //! every destination block and reports as it always does.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::thaw::{Checked, WindowView};
 use super::{Cancel, Engine, PipelineConfig, ThawReport, ThawRequest};
@@ -30,9 +30,9 @@ pub struct StreamThaw<'a> {
     req: &'a ThawRequest,
     cfg: &'a PipelineConfig,
     cancel: Option<Cancel>,
-    /// The explicit time limit (from the thaw's start), else one scaled to the window at
-    /// `gbps` (from the first block).
-    limit: Option<Duration>,
+    /// The request's own deadline, else one scaled to the window at `gbps` (from the first
+    /// block).
+    deadline: Option<Instant>,
     gbps: f64,
     t0: Instant,
     run: Option<Run>,
@@ -53,15 +53,16 @@ struct Run {
 }
 
 impl<'a> StreamThaw<'a> {
-    /// A thaw of `req` into `eng`, fed by a fetch. `limit`: the request's own time limit;
-    /// without one, twice the window's bytes at `gbps` (30 s to 5 min, as a thaw's).
+    /// A thaw of `req` into `eng`, fed by a fetch. `deadline`: the request's own (its
+    /// `timeout_ms` from its start); without one, twice the window's bytes at `gbps` (30 s to
+    /// 5 min, as a thaw's) from the first block.
     #[must_use]
     pub fn new(
         eng: &'a Engine,
         req: &'a ThawRequest,
         cfg: &'a PipelineConfig,
         cancel: Option<Cancel>,
-        limit: Option<Duration>,
+        deadline: Option<Instant>,
         gbps: f64,
     ) -> Self {
         Self {
@@ -69,7 +70,7 @@ impl<'a> StreamThaw<'a> {
             req,
             cfg,
             cancel,
-            limit,
+            deadline,
             gbps,
             t0: Instant::now(),
             run: None,
@@ -194,12 +195,9 @@ impl BlockSink for StreamThaw<'_> {
         if !suffix || local == c.n {
             return;
         }
-        // The request's own limit counts from the thaw's start (this stream's making); the
-        // scaled one from the first block.
-        let deadline = match self.limit {
-            Some(l) => self.t0 + l,
-            None => Instant::now() + super::thaw_timeout(c.window_bytes, self.gbps),
-        };
+        let deadline = self
+            .deadline
+            .unwrap_or_else(|| Instant::now() + super::thaw_timeout(c.window_bytes, self.gbps));
         self.run = Some(Run {
             name: spec.name.clone(),
             c,
