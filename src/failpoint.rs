@@ -8,7 +8,8 @@
 //! Sites: `block-write`, `manifest-write`, `meta-write` (catalog commit), `tombstone-write`,
 //! `fdatasync`, `compaction-copy`, `segment-rotate`, `segment-unlink` (compaction deleting a
 //! segment), and `checkpoint-write` (a segment checkpoint; its failure fails no operation, so
-//! it is not in [`SITES`]: tests/failpoints.rs checks it on its own).
+//! it is not in [`SITES`]: tests/failpoints.rs checks it on its own), and `catalog-rewrite`
+//! (scrub about to write a damaged catalog record again; for `delay`, to race it).
 //! Actions: `error` (the operation fails with a typed
 //! I/O error), `short-write` (part of the bytes reach the file, then the operation fails),
 //! `panic`, and `delay` (the site waits half a second, then goes on as if not armed: a slow

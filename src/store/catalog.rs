@@ -136,7 +136,11 @@ impl Store {
         };
         for (key, payload, loc) in metas {
             if let Some(why) = bad(&loc, RecordKind::Meta) {
-                // Rewritten only if it is still the newest record of its key.
+                // Rewritten only if it is still the newest record of its key, looked at under
+                // the appender lock: a record of the key written between the look and the
+                // rewrite (a pin, a TTL, a session's new state) would otherwise be superseded
+                // by this older payload, which the next open would then apply.
+                let mut app = self.lock_appender()?;
                 let current = self
                     .state
                     .read()
@@ -144,12 +148,13 @@ impl Store {
                     .meta
                     .get(&key)
                     .is_some_and(|(_, _, l)| l.seg.id == loc.seg.id && l.offset == loc.offset);
+                crate::fail_point!("catalog-rewrite", _a => {});
                 if current {
                     crate::log::warn(&format!(
                         "scrub: catalog record {key:032x} in segment {} does not verify ({why}); written again",
                         loc.seg.id
                     ));
-                    self.put_meta(key, &payload)?;
+                    self.put_meta_locked(&mut app, key, &payload)?;
                     out.rewritten += 1;
                 }
             }
