@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use super::args::{self, DeleteArgs, FreezeArgs, ListArgs, LookupArgs, RetainArgs, ThawArgs};
 use super::args::{SessionDeleteArgs, SessionOpenArgs, SessionStateArgs};
 use super::coalesce::thaw_key;
-use super::conn::peer_gone;
+use super::conn::{peer_gone, peer_uid_of_fd};
+use super::persist;
 use super::protocol::{self, ApiError, Request};
 use super::Server;
 use crate::error::ErrorCode;
@@ -48,29 +49,19 @@ impl Server {
         registered: &Registered,
     ) -> bool {
         let id = req.id.clone();
+        // Keys are the requester's own: clients of two uids never share an outcome.
+        let uid = out.lock().ok().and_then(|c| peer_uid_of_fd(c.as_raw_fd()));
+        let key = req
+            .idempotency_key
+            .as_ref()
+            .map(|k| persist::scoped(uid, k));
         // Requests with one idempotency key run one at a time: a retry that arrives while the
         // first is still running waits for it, then replays its success (or runs, if it
         // failed).
-        let key_lock = req.idempotency_key.as_ref().map(|k| {
-            self.idem_running
-                .lock()
-                .map(|mut m| m.entry(k.clone()).or_default().clone())
-                .unwrap_or_default()
-        });
-        let _key_guard = key_lock
-            .as_ref()
-            .map(|l| l.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        let answered = self.handle_keyed(req, out, id, registered);
-        drop(_key_guard);
-        if let Some(l) = key_lock {
-            if let Ok(mut m) = self.idem_running.lock() {
-                // Only this and the table hold it: nobody else is waiting on the key.
-                if Arc::strong_count(&l) == 2 {
-                    m.retain(|_, v| !Arc::ptr_eq(v, &l));
-                }
-            }
+        match &key {
+            Some(k) => self.with_key(k, || self.handle_keyed(req, out, id, registered, uid)),
+            None => self.handle_keyed(req, out, id, registered, uid),
         }
-        answered
     }
 
     fn handle_keyed(
@@ -79,17 +70,32 @@ impl Server {
         out: &Mutex<UnixStream>,
         id: Value,
         registered: &Registered,
+        uid: Option<u32>,
     ) -> bool {
-        // Idempotency: a retry with the same key gets the first outcome, no work done twice.
+        // Idempotency: a retry with the same key gets the first outcome, no work done twice —
+        // if it is the same request; a different one under a used key is refused (it would
+        // otherwise be answered with another request's outcome and never run).
+        let fingerprint = req
+            .idempotency_key
+            .as_ref()
+            .map(|_| persist::fingerprint(&req.op, &req.args));
         if let Some(k) = &req.idempotency_key {
-            let now = crate::clock::now_unix_ms();
-            let ttl = self.idem_ttl_ms();
-            let prior = self.idem.lock().ok().and_then(|m| {
-                m.get(k)
-                    .filter(|(at, _)| now.saturating_sub(*at) < ttl)
-                    .map(|(_, l)| l.clone())
-            });
-            if let Some(lines) = prior {
+            let prior = self.recorded_outcome(&persist::scoped(uid, k));
+            if let Some(o) = prior {
+                if o.fingerprint.is_some() && o.fingerprint != fingerprint {
+                    let e = ApiError::validation(format!(
+                        "idempotency key {k:?} was used by another request ({}, not this {} \
+                         with these fields); a retry must repeat its request's op and fields \
+                         (id and timeout_ms aside): send a new request under a new key",
+                        o.op.as_deref()
+                            .map_or_else(|| "an earlier one".to_string(), |op| format!("a {op}")),
+                        req.op,
+                    ));
+                    self.metrics.errors.inc();
+                    self.send(out, &protocol::error_line(&id, &e));
+                    return false;
+                }
+                let lines = o.lines;
                 let ok = lines
                     .last()
                     .and_then(|l| l["ok"].as_bool())
@@ -195,10 +201,12 @@ impl Server {
         // failure (BUSY, TIMEOUT, a requester that hung up, …) is run again by the retry, as a
         // retry is meant to. It is persisted before the final line goes out, so a retry after
         // a crash never runs a request whose success was answered.
-        if let Some(k) = req.idempotency_key.as_ref().filter(|_| succeeded) {
-            let mut lines = sent.lock().map(|s| s.clone()).unwrap_or_default();
-            lines.push(last.clone());
-            self.remember_outcome(k, lines);
+        if let (Some(k), Some(fp)) = (req.idempotency_key.as_ref(), fingerprint) {
+            if succeeded {
+                let mut lines = sent.lock().map(|s| s.clone()).unwrap_or_default();
+                lines.push(last.clone());
+                self.remember_outcome(uid, (k, &req.op), fp, lines);
+            }
         }
         emit(last);
         succeeded

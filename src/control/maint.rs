@@ -28,6 +28,8 @@ pub struct Maintenance {
     /// Seconds an idempotent outcome is replayed; then it is forgotten, in memory and in the
     /// log (default a day).
     pub idempotency_ttl_s: u64,
+    /// Most idempotent outcomes kept (default 100,000); past it the oldest are forgotten.
+    pub idempotency_max: usize,
 }
 
 /// Expiry of windows whose TTL passed and eviction of unnamed windows under a byte budget.
@@ -66,6 +68,7 @@ impl Default for Maintenance {
             scrub_rate: 64 << 20,
             eviction: Eviction::default(),
             idempotency_ttl_s: 86_400,
+            idempotency_max: 100_000,
         }
     }
 }

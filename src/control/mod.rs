@@ -111,6 +111,8 @@ pub struct Server {
     cfg: ServeConfig,
     engines: Mutex<HashMap<String, Arc<Engine>>>,
     idem: Mutex<persist::Outcomes>,
+    /// Catalog records of outcomes forgotten for room, deleted by the next retention pass.
+    idem_forget: Mutex<Vec<(String, u128)>>,
     tier: RamTier,
     sessions: crate::session::Registry,
     metrics: metrics::Metrics,
@@ -149,7 +151,12 @@ impl Server {
         let ttl = i64::try_from(cfg.maintenance.idempotency_ttl_s)
             .unwrap_or(i64::MAX / 1000)
             .saturating_mul(1000);
-        let (sessions, idem) = persist::restore(&store, cfg.max_sessions, ttl);
+        let (sessions, idem) = persist::restore(
+            &store,
+            cfg.max_sessions,
+            ttl,
+            cfg.maintenance.idempotency_max,
+        );
         let tier = RamTier::new(cfg.tier_bytes);
         let metrics = metrics::Metrics::default();
         metrics.max_operations.set(cfg.max_ops.max(1) as i64);
@@ -163,6 +170,7 @@ impl Server {
             cfg,
             engines: Mutex::new(HashMap::new()),
             idem: Mutex::new(idem),
+            idem_forget: Mutex::new(Vec::new()),
             metrics,
             stopping: AtomicBool::new(false),
             wake: eventfd(),

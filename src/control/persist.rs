@@ -16,9 +16,93 @@ pub(super) fn meta_key(kind: &str, name: &str) -> u128 {
     xxhash_rust::xxh3::xxh3_128(format!("cwm-{kind}\0{name}").as_bytes())
 }
 
-/// Idempotency key -> (when it succeeded, ms since the epoch; the response lines of its
-/// request's success).
-pub(super) type Outcomes = HashMap<String, (i64, Vec<Value>)>;
+/// The success of a request sent with an idempotency key, replayed to its retries.
+#[derive(Debug, Clone)]
+pub(super) struct Outcome {
+    /// When it succeeded, ms since the epoch.
+    pub at: i64,
+    /// [`fingerprint`] of the request (`None`: recorded before requests had one; replayed to
+    /// any request with its key).
+    pub fingerprint: Option<String>,
+    /// Its op (`None`: recorded before outcomes named it).
+    pub op: Option<String>,
+    /// Its response lines.
+    pub lines: Vec<Value>,
+    /// Key of its catalog record.
+    pub record: u128,
+}
+
+/// [`scoped`] idempotency key -> its request's success.
+pub(super) type Outcomes = HashMap<String, Outcome>;
+
+/// An idempotency key in the namespace of the requester's uid: clients of different users
+/// never see each other's outcomes, whatever keys they choose.
+pub(super) fn scoped(uid: Option<u32>, key: &str) -> String {
+    match uid {
+        Some(u) => format!("{u}/{key}"),
+        None => format!("-/{key}"),
+    }
+}
+
+/// What a retry must repeat: the op and every field of the request but `id`,
+/// `idempotency_key` and `timeout_ms` (a retry may wait longer), hashed (xxh3-128, hex) over
+/// JSON with its keys in sorted order.
+pub(super) fn fingerprint(op: &str, args: &Value) -> String {
+    let mut fields = args.clone();
+    if let Some(o) = fields.as_object_mut() {
+        for k in ["id", "idempotency_key", "timeout_ms"] {
+            o.remove(k);
+        }
+    }
+    let mut text = format!("{op}\0");
+    canonical(&fields, &mut text);
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(text.as_bytes()))
+}
+
+/// `v` as JSON text with every object's keys in sorted order (whatever order the map keeps).
+fn canonical(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(o) => {
+            let mut keys: Vec<&String> = o.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                canonical(&o[k], out);
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical(x, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// Keeps the `max` newest outcomes; returns the others' keys and catalog records (removed).
+pub(super) fn cap_outcomes(m: &mut Outcomes, max: usize) -> Vec<(String, u128)> {
+    if m.len() <= max {
+        return Vec::new();
+    }
+    let mut ats: Vec<(i64, String)> = m.iter().map(|(k, o)| (o.at, k.clone())).collect();
+    ats.sort_unstable();
+    let over = m.len() - max;
+    ats.into_iter()
+        .take(over)
+        .filter_map(|(_, k)| m.remove(&k).map(|o| (k, o.record)))
+        .collect()
+}
 
 /// The session registry (at most `max_sessions` active) and the idempotent outcomes the
 /// store's catalog holds; sessions persist into it from now on.
@@ -26,8 +110,11 @@ pub(super) fn restore(
     store: &Arc<Store>,
     max_sessions: usize,
     idem_ttl_ms: i64,
+    idem_max: usize,
 ) -> (Registry, Outcomes) {
     let now = crate::clock::now_unix_ms();
+    // SAFETY: getuid has no preconditions.
+    let own_uid = unsafe { libc::getuid() };
     // Sessions and idempotent outcomes are catalog records in the log: restore them.
     let mut restored = Vec::new();
     let mut idem = HashMap::new();
@@ -52,17 +139,37 @@ pub(super) fn restore(
             }
             Some("idem") => {
                 if let (Some(k), Some(lines)) = (v["key"].as_str(), v["lines"].as_array()) {
-                    // (Records from before outcomes had a time expire a TTL from now.)
+                    // Records from before outcomes had a time expire a TTL from now; those
+                    // from before keys were scoped by uid were made by the daemon's own
+                    // (the usual client), and replay to any request with their key.
                     let at = v["at_ms"].as_i64().unwrap_or(now);
+                    let key = match v.get("uid") {
+                        Some(u) => scoped(u.as_u64().and_then(|u| u32::try_from(u).ok()), k),
+                        None => scoped(Some(own_uid), k),
+                    };
+                    let record = meta_key("idem", if v.get("uid").is_some() { &key } else { k });
                     if now.saturating_sub(at) >= idem_ttl_ms {
-                        let _ = store.delete_meta(meta_key("idem", k));
+                        let _ = store.delete_meta(record);
                     } else {
-                        idem.insert(k.to_string(), (at, lines.clone()));
+                        let fingerprint = v["fingerprint"].as_str().map(str::to_string);
+                        let op = v["op"].as_str().map(str::to_string);
+                        let lines = lines.clone();
+                        let o = Outcome {
+                            at,
+                            fingerprint,
+                            op,
+                            lines,
+                            record,
+                        };
+                        idem.insert(key, o);
                     }
                 }
             }
             _ => {}
         }
+    }
+    for (_, record) in cap_outcomes(&mut idem, idem_max) {
+        let _ = store.delete_meta(record);
     }
     let st2 = store.clone();
     let persist: crate::session::Persist = Box::new(move |s| {
@@ -115,46 +222,124 @@ pub(super) fn restore(
 }
 
 impl Server {
+    /// Runs `f` holding the lock of the [`scoped`] idempotency key `key`: the requests with one
+    /// key run one at a time, and an outcome is forgotten only while none runs.
+    pub(super) fn with_key<T>(&self, key: &str, f: impl FnOnce() -> T) -> T {
+        let lock = self
+            .idem_running
+            .lock()
+            .map(|mut m| m.entry(key.to_string()).or_default().clone())
+            .unwrap_or_default();
+        let out = {
+            let _held = lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            f()
+        };
+        if let Ok(mut m) = self.idem_running.lock() {
+            // Only this and the table hold it: nobody else is waiting on the key.
+            if Arc::strong_count(&lock) == 2 && m.get(key).is_some_and(|l| Arc::ptr_eq(l, &lock)) {
+                m.remove(key);
+            }
+        }
+        out
+    }
+
+    /// The outcome recorded under `key` (a [`scoped`] key) within the TTL, if any.
+    pub(super) fn recorded_outcome(&self, key: &str) -> Option<Outcome> {
+        let now = crate::clock::now_unix_ms();
+        let ttl = self.idem_ttl_ms();
+        self.idem.lock().ok().and_then(|m| {
+            m.get(key)
+                .filter(|o| now.saturating_sub(o.at) < ttl)
+                .cloned()
+        })
+    }
+
     /// Remembers (durably, before the final line goes out) the response lines of a request
-    /// that succeeded under idempotency key `k`.
-    pub(super) fn remember_outcome(&self, k: &str, lines: Vec<Value>) {
+    /// that succeeded under idempotency key `k` (sent by `uid`, with `fingerprint`). Past
+    /// the most outcomes kept, the oldest are forgotten (in memory now, in the log by the
+    /// next retention pass).
+    pub(super) fn remember_outcome(
+        &self,
+        uid: Option<u32>,
+        (k, op): (&str, &str),
+        fingerprint: String,
+        lines: Vec<Value>,
+    ) {
         let at = crate::clock::now_unix_ms();
-        let rec = json!({"kind": "idem", "key": k, "at_ms": at, "lines": lines}).to_string();
-        if let Err(e) = self.store.put_meta(meta_key("idem", k), rec.as_bytes()) {
+        let key = scoped(uid, k);
+        let record = meta_key("idem", &key);
+        let rec = json!({"kind": "idem", "key": k, "uid": uid, "op": op,
+            "fingerprint": fingerprint, "at_ms": at, "lines": lines})
+        .to_string();
+        if let Err(e) = self.store.put_meta(record, rec.as_bytes()) {
             crate::log::warn(&format!("idempotency key {k:?} not persisted: {e}"));
         }
         if let Ok(mut m) = self.idem.lock() {
-            m.entry(k.to_string()).or_insert((at, lines));
+            // (Replacing an outcome past its TTL not forgotten yet.)
+            m.insert(
+                key,
+                Outcome {
+                    at,
+                    fingerprint: Some(fingerprint),
+                    op: Some(op.to_string()),
+                    lines,
+                    record,
+                },
+            );
+            let max = self.cfg.maintenance.idempotency_max.max(1);
+            // Forgotten in batches (a sixteenth of the most kept), not one per request.
+            if m.len() > max + max / 16 {
+                let gone = cap_outcomes(&mut m, max);
+                if let Ok(mut q) = self.idem_forget.lock() {
+                    q.extend(gone);
+                }
+            }
         }
     }
 
     /// Forgets the idempotent outcomes older than the TTL, in memory and in the log (a
-    /// catalog deletion each). Returns how many.
+    /// catalog deletion each), and deletes the records of those forgotten for room. Each under
+    /// its key's lock, and only if no newer outcome of the key was recorded meanwhile (its
+    /// record, under the same catalog key, would go too). Returns how many.
     pub(super) fn expire_outcomes(&self) -> usize {
         let ttl = self.idem_ttl_ms();
         let now = crate::clock::now_unix_ms();
-        let old: Vec<String> = match self.idem.lock() {
-            Ok(mut m) => {
-                let old: Vec<String> = m
-                    .iter()
-                    .filter(|(_, (at, _))| now.saturating_sub(*at) >= ttl)
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for k in &old {
-                    m.remove(k);
-                }
-                old
-            }
+        let mut due: Vec<(String, u128)> = match self.idem.lock() {
+            Ok(m) => m
+                .iter()
+                .filter(|(_, o)| now.saturating_sub(o.at) >= ttl)
+                .map(|(k, o)| (k.clone(), o.record))
+                .collect(),
             Err(_) => return 0,
         };
-        for k in &old {
-            if let Err(e) = self.store.delete_meta(meta_key("idem", k)) {
-                crate::log::warn(&format!(
-                    "idempotency key {k:?} not forgotten in the log: {e}"
-                ));
-            }
+        if let Ok(mut q) = self.idem_forget.lock() {
+            due.append(&mut q);
         }
-        old.len()
+        let mut forgotten = 0;
+        for (key, record) in due {
+            self.with_key(&key, || {
+                let gone = match self.idem.lock() {
+                    Ok(mut m) => match m.get(&key) {
+                        // Recorded again since (for room), or not due (a new outcome).
+                        Some(o) if now.saturating_sub(o.at) < ttl => false,
+                        Some(_) => m.remove(&key).is_some(),
+                        None => true,
+                    },
+                    Err(_) => false,
+                };
+                if gone {
+                    forgotten += 1;
+                    if let Err(e) = self.store.delete_meta(record) {
+                        crate::log::warn(&format!(
+                            "idempotency key {key:?} not forgotten in the log: {e}"
+                        ));
+                    }
+                }
+            });
+        }
+        forgotten
     }
 
     /// Forgets the sessions DELETED longer than the idempotency TTL ago, in memory and in the
@@ -170,5 +355,52 @@ impl Server {
         i64::try_from(self.cfg.maintenance.idempotency_ttl_s)
             .unwrap_or(i64::MAX / 1000)
             .saturating_mul(1000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fingerprint_ignores_field_order_id_key_and_timeout_but_nothing_else() {
+        let a: Value = serde_json::from_str(
+            r#"{"id": 1, "op": "freeze", "window": "w", "layout": {"a": 1, "b": [1, {"y": 2, "x": 3}]},
+                "idempotency_key": "k", "timeout_ms": 5}"#,
+        )
+        .unwrap_or_default();
+        let b: Value = serde_json::from_str(
+            r#"{"layout": {"b": [1, {"x": 3, "y": 2}], "a": 1}, "window": "w", "op": "freeze",
+                "id": "other", "timeout_ms": 900}"#,
+        )
+        .unwrap_or_default();
+        assert_eq!(fingerprint("freeze", &a), fingerprint("freeze", &b));
+        assert_ne!(fingerprint("freeze", &a), fingerprint("thaw", &a));
+        let mut c = a.clone();
+        c["layout"]["b"][1]["x"] = json!(4);
+        assert_ne!(fingerprint("freeze", &a), fingerprint("freeze", &c));
+        let mut d = a.clone();
+        d["ttl"] = json!(60);
+        assert_ne!(fingerprint("freeze", &a), fingerprint("freeze", &d));
+    }
+
+    #[test]
+    fn the_newest_outcomes_are_kept() {
+        let mut m = Outcomes::new();
+        for (i, k) in ["a", "b", "c", "d"].into_iter().enumerate() {
+            let o = Outcome {
+                at: i as i64,
+                fingerprint: None,
+                op: None,
+                lines: vec![],
+                record: i as u128,
+            };
+            m.insert(k.to_string(), o);
+        }
+        let mut gone = cap_outcomes(&mut m, 2);
+        gone.sort();
+        assert_eq!(gone, vec![("a".to_string(), 0), ("b".to_string(), 1)]);
+        assert!(m.contains_key("c") && m.contains_key("d"));
+        assert!(cap_outcomes(&mut m, 2).is_empty());
     }
 }

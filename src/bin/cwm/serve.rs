@@ -95,6 +95,9 @@ pub(crate) struct ServeArgs {
     /// then either is forgotten (memory and log).
     #[arg(long, env = "CWM_IDEMPOTENCY_TTL", default_value_t = 86_400)]
     idempotency_ttl: u64,
+    /// Most idempotent outcomes kept; past it the oldest are forgotten (memory and log).
+    #[arg(long, env = "CWM_IDEMPOTENCY_MAX", default_value_t = 100_000)]
+    idempotency_max: usize,
     /// Shared tier: Redis Cluster seed nodes, comma-separated (redis://host:port, or
     /// rediss://host:port for TLS); off when not given.
     #[arg(long, env = "CWM_REMOTE")]
@@ -264,6 +267,7 @@ struct FileConfig {
     fs_fraction: Option<f64>,
     eviction_interval_ms: Option<u64>,
     idempotency_ttl: Option<u64>,
+    idempotency_max: Option<usize>,
     remote: Option<String>,
     remote_user: Option<String>,
     remote_password_file: Option<PathBuf>,
@@ -348,6 +352,7 @@ fn apply_config_file(a: &mut ServeArgs, m: &clap::ArgMatches) -> Result<(), Stri
     take!(fs_fraction);
     take!(eviction_interval_ms);
     take!(idempotency_ttl);
+    take!(idempotency_max);
     take!(remote, |v| Some(v));
     take!(remote_user, |v| Some(v));
     take!(remote_password_file, |v| Some(v));
@@ -460,6 +465,7 @@ pub(crate) fn serve(mut a: ServeArgs, m: &clap::ArgMatches) -> Result<(), String
                     interval_ms: a.eviction_interval_ms,
                 },
                 idempotency_ttl_s: a.idempotency_ttl,
+                idempotency_max: a.idempotency_max,
             },
             remote,
         },
