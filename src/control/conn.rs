@@ -23,7 +23,10 @@ impl Server {
         let owned = owned.into_inner().unwrap_or_default();
         if let Ok(mut engines) = self.engines.lock() {
             for (name, eng) in owned {
-                if engines.get(&name).is_some_and(|e| Arc::ptr_eq(e, &eng)) {
+                if engines
+                    .get(&name)
+                    .is_some_and(|e| Arc::ptr_eq(&e.engine, &eng))
+                {
                     engines.remove(&name);
                     crate::log::info(&format!(
                         "engine {name:?} unregistered: its connection closed"

@@ -29,6 +29,8 @@ pub(super) struct Ctx<'a> {
     pub progress: &'a (dyn Fn(&str, Value) + Sync),
     /// The requester's connection, if the request came over one.
     pub conn: Option<std::os::fd::RawFd>,
+    /// The requester's uid, when the kernel says.
+    pub uid: Option<u32>,
     /// See [`Registered`].
     pub registered: &'a Registered,
 }
@@ -158,6 +160,7 @@ impl Server {
                 let ctx = Ctx {
                     progress: &progress,
                     conn: fd,
+                    uid,
                     registered,
                 };
                 self.dispatch(&req, &ctx)
@@ -221,7 +224,7 @@ impl Server {
             "hello" => Ok(self.op_hello()),
             "health" => self.op_health(),
             "register" => self.op_register(a, ctx),
-            "unregister" => self.op_unregister(&args::name(a, "engine")?),
+            "unregister" => self.op_unregister(&args::name(a, "engine")?, ctx.uid),
             "freeze" => self.op_freeze(FreezeArgs::parse(a)?, ctx),
             "thaw" => self.coalesce(&thaw_key(a), || self.op_thaw(ThawArgs::parse(a)?, ctx)),
             "lookup" => self.op_lookup(LookupArgs::parse(a)?),

@@ -100,19 +100,45 @@ impl Server {
                 crate::log::warn(&format!(
                     "refused a client with uid {uid:?}: not in the allow-list"
                 ));
-                let mut c = conn;
-                let _ = writeln!(
-                    c,
-                    "{}",
-                    protocol::error_line(
-                        &Value::Null,
-                        &ApiError::new(ErrorCode::PermissionDenied, "this uid may not use cwm")
-                    )
+                refuse(
+                    conn,
+                    ApiError::new(ErrorCode::PermissionDenied, "this uid may not use cwm"),
                 );
                 continue;
             }
+            // One thread a connection, and at most `max_connections` of them: past it the
+            // client is told BUSY and closed (a client opening connections without end would
+            // otherwise exhaust threads and memory).
+            if self.metrics.connections.get() >= self.cfg.max_connections.max(1) as i64 {
+                self.metrics.connections_refused.inc();
+                crate::log::warn(&format!(
+                    "refused a connection: {} are open (max_connections)",
+                    self.cfg.max_connections
+                ));
+                refuse(
+                    conn,
+                    ApiError::new(
+                        ErrorCode::Busy,
+                        format!(
+                            "{} connections are open (max_connections); retry shortly",
+                            self.cfg.max_connections
+                        ),
+                    ),
+                );
+                continue;
+            }
+            self.metrics.connections.inc();
             let me2 = self.clone();
-            std::thread::spawn(move || me2.connection(conn));
+            let spawned = std::thread::Builder::new()
+                .name("cwm-conn".into())
+                .spawn(move || {
+                    let _open = Open(me2.metrics.connections.clone());
+                    me2.connection(conn);
+                });
+            if let Err(e) = spawned {
+                self.metrics.connections.dec();
+                crate::log::warn(&format!("no thread for a connection: {e}"));
+            }
         }
         if ours.is_some() && file_id(sock) == ours {
             let _ = std::fs::remove_file(sock);
@@ -255,6 +281,22 @@ fn file_id(p: &Path) -> Option<(u64, u64)> {
     std::fs::symlink_metadata(p)
         .ok()
         .map(|m| (m.dev(), m.ino()))
+}
+
+/// Counts a connection open until dropped (also when its thread unwinds).
+struct Open(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Answers a connection not served with one error line (never waiting on the client long),
+/// then closes it.
+fn refuse(mut conn: UnixStream, e: ApiError) {
+    let _ = conn.set_write_timeout(Some(std::time::Duration::from_millis(100)));
+    let _ = writeln!(conn, "{}", protocol::error_line(&Value::Null, &e));
 }
 
 fn peer_uid(s: &UnixStream) -> Option<u32> {

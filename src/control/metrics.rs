@@ -72,6 +72,10 @@ pub struct Metrics {
     pub lookup_hits: Counter,
     /// The configured limit of freezes and thaws running at once (`--max-ops`).
     pub max_operations: Gauge,
+    /// Client connections open now.
+    pub connections: Gauge,
+    /// Connections refused because `--max-connections` were open.
+    pub connections_refused: Counter,
     edge_cases: Family<Labels, Counter>,
     concurrent: Family<Labels, Gauge>,
     freeze_secs: Histogram,
@@ -175,6 +179,25 @@ impl Metrics {
         }
     }
 
+    /// The limits on clients: operations and connections.
+    fn register_limits(&self, registry: &mut Registry) {
+        registry.register(
+            "cwm_max_operations",
+            "Freezes and thaws allowed at once (--max-ops)",
+            self.max_operations.clone(),
+        );
+        registry.register(
+            "cwm_connections",
+            "Client connections open now",
+            self.connections.clone(),
+        );
+        registry.register(
+            "cwm_connections_refused",
+            "Connections refused: --max-connections were open",
+            self.connections_refused.clone(),
+        );
+    }
+
     /// Registers the capacity series: evictions, evicted bytes, expiries, bytes by class.
     fn register_capacity(&self, registry: &mut Registry) {
         registry.register(
@@ -241,6 +264,8 @@ impl Default for Metrics {
             lookups: Counter::default(),
             lookup_hits: Counter::default(),
             max_operations: Gauge::default(),
+            connections: Gauge::default(),
+            connections_refused: Counter::default(),
             edge_cases: Family::default(),
             concurrent: Family::default(),
             freeze_secs: Histogram::new(BUCKETS),
@@ -263,16 +288,12 @@ impl Default for Metrics {
         };
         m.register_capacity(&mut registry);
         m.register_remote(&mut registry);
+        m.register_limits(&mut registry);
         registry.register("cwm_lookups", "Lookups answered", m.lookups.clone());
         registry.register(
             "cwm_lookup_hits",
             "Lookups that found a stored prefix",
             m.lookup_hits.clone(),
-        );
-        registry.register(
-            "cwm_max_operations",
-            "Freezes and thaws allowed at once (--max-ops)",
-            m.max_operations.clone(),
         );
         registry.register(
             "cwm_build_info",

@@ -31,6 +31,8 @@
 //!     max_sessions: 1000,
 //!     metrics_addr: None,
 //!     max_ops: 64,
+//!     max_connections: 1024,
+//!     max_engines: 64,
 //!     maintenance: Maintenance::default(),
 //!     remote: None,
 //! });
@@ -99,6 +101,10 @@ pub struct ServeConfig {
     pub metrics_addr: Option<String>,
     /// Most freezes and thaws running at once; more are refused with BUSY.
     pub max_ops: usize,
+    /// Most client connections at once (a thread each); more are answered BUSY and closed.
+    pub max_connections: usize,
+    /// Most engines registered at once (each keeps a staging pool); more are refused BUSY.
+    pub max_engines: usize,
     /// Background compaction and scrub.
     pub maintenance: maint::Maintenance,
     /// The shared tier (`None`: this instance uses none).
@@ -109,7 +115,7 @@ pub struct ServeConfig {
 pub struct Server {
     store: Arc<Store>,
     cfg: ServeConfig,
-    engines: Mutex<HashMap<String, Arc<Engine>>>,
+    engines: Mutex<HashMap<String, register::Registration>>,
     idem: Mutex<persist::Outcomes>,
     /// Catalog records of outcomes forgotten for room, deleted by the next retention pass.
     idem_forget: Mutex<Vec<(String, u128)>>,
@@ -235,7 +241,20 @@ impl Server {
         }
     }
 
+    /// The engine registered under `name`, for anyone (a lookup reads only its key namespace).
     fn engine(&self, name: &str) -> Result<Arc<Engine>, ApiError> {
+        Ok(self.registration(name)?.engine)
+    }
+
+    /// The engine registered under `name`, for a request of `uid` that reads or writes its
+    /// memory: refused unless `uid` registered it or is the daemon's own (the operator's).
+    fn engine_for(&self, name: &str, uid: Option<u32>) -> Result<Arc<Engine>, ApiError> {
+        let r = self.registration(name)?;
+        register::may_use(r.owner, uid, name)?;
+        Ok(r.engine)
+    }
+
+    fn registration(&self, name: &str) -> Result<register::Registration, ApiError> {
         self.engines
             .lock()
             .map_err(|_| ApiError::internal("engine table poisoned"))?

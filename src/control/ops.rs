@@ -51,13 +51,15 @@ impl Server {
     }
 
     /// `unregister`.
-    pub(super) fn op_unregister(&self, name: &str) -> Result<Value, ApiError> {
-        let removed = self
+    pub(super) fn op_unregister(&self, name: &str, uid: Option<u32>) -> Result<Value, ApiError> {
+        let mut engines = self
             .engines
             .lock()
-            .map_err(|_| ApiError::internal("engine table poisoned"))?
-            .remove(name);
-        match removed {
+            .map_err(|_| ApiError::internal("engine table poisoned"))?;
+        if let Some(r) = engines.get(name) {
+            super::register::may_use(r.owner, uid, name)?;
+        }
+        match engines.remove(name) {
             Some(_) => Ok(json!({"engine": name})),
             None => Err(ApiError::new(
                 ErrorCode::NotFound,
@@ -73,7 +75,7 @@ impl Server {
         &self,
         engine: Option<&str>,
         session: Option<&str>,
-        what: &str,
+        (what, uid): (&str, Option<u32>),
     ) -> Result<(Arc<Engine>, Option<Held>), ApiError> {
         let held = session
             .and_then(|s| self.sessions.get(s).ok())
@@ -90,7 +92,7 @@ impl Server {
                 )))
             }
         };
-        Ok((self.engine(&name)?, held))
+        Ok((self.engine_for(&name, uid)?, held))
     }
 
     /// `freeze`: `captured` goes out as soon as the engine's blocks are free, the final
@@ -99,7 +101,7 @@ impl Server {
         let (eng, held) = self.engine_or_held(
             a.engine.as_deref(),
             a.session.as_deref(),
-            "reported what it holds",
+            ("reported what it holds", ctx.uid),
         )?;
         let (tokens, block_ids) = match (a.tokens, held) {
             (Some(t), _) => (
@@ -192,7 +194,7 @@ impl Server {
         let (eng, held) = self.engine_or_held(
             a.engine.as_deref(),
             a.session.as_deref(),
-            "reported its blocks",
+            ("reported its blocks", ctx.uid),
         )?;
         // A session that cannot become THAWED is refused before any block is written.
         if let Some(cur) = a.session.as_deref().and_then(|s| self.sessions.get(s).ok()) {

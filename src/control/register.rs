@@ -2,12 +2,12 @@
 //! or CUDA IPC handles) and layout become a named [`Engine`], with a staging pool (an idle
 //! one adopted when it fits).
 
-use std::path::{Path, PathBuf};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::conn::peer_uid_of_fd;
 use super::handler::Ctx;
 use super::protocol::{self, ApiError};
 use super::Server;
@@ -16,17 +16,65 @@ use crate::device::KvMemory;
 use crate::error::ErrorCode;
 use crate::pipeline::Engine;
 
+/// A registered engine and who registered it.
+#[derive(Clone)]
+pub(super) struct Registration {
+    /// The engine.
+    pub engine: Arc<Engine>,
+    /// The uid of the client that registered it (`None`: unknown).
+    pub owner: Option<u32>,
+}
+
+/// Whether a request of `uid` may use, replace or unregister engine `name`, registered by
+/// `owner`: the owner may, and so may the daemon's own uid (the operator's). A peer let in
+/// with `--allow-uid` otherwise could read another user's conversations out of its engine,
+/// write into it, or take its name.
+pub(super) fn may_use(owner: Option<u32>, uid: Option<u32>, name: &str) -> Result<(), ApiError> {
+    // SAFETY: getuid has no preconditions.
+    let own = unsafe { libc::getuid() };
+    if owner == uid || uid == Some(own) {
+        return Ok(());
+    }
+    let who = |u: Option<u32>| u.map_or_else(|| "unknown".to_string(), |u| u.to_string());
+    Err(ApiError::new(
+        ErrorCode::PermissionDenied,
+        format!(
+            "engine {name:?} was registered by uid {}, not by the requester (uid {})",
+            who(owner),
+            who(uid)
+        ),
+    ))
+}
+
 impl Server {
+    /// Refuses a registration under `name` by `uid` that would take another uid's engine
+    /// name, or add an engine past `max_engines`.
+    fn may_register(
+        &self,
+        engines: &std::collections::HashMap<String, Registration>,
+        name: &str,
+        uid: Option<u32>,
+    ) -> Result<(), ApiError> {
+        match engines.get(name) {
+            Some(r) => may_use(r.owner, uid, name),
+            None if engines.len() >= self.cfg.max_engines.max(1) => Err(ApiError::new(
+                ErrorCode::Busy,
+                format!(
+                    "{} engines are registered already (max_engines); unregister one first",
+                    engines.len()
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// `register`: imports an engine's KV memory under a name. The requester's uid Memory it names must be its own: a shared-memory file it
     /// owns, a process running as it (cwm reads and writes that memory with its own rights,
     /// so an `--allow-uid` peer could otherwise name cwm's own files and processes).
     pub(super) fn op_register(&self, a: &Value, ctx: &Ctx<'_>) -> Result<Value, ApiError> {
-        let peer = ctx.conn.and_then(peer_uid_of_fd);
+        let peer = ctx.uid;
         use std::os::unix::fs::MetadataExt;
-        let owned_by_peer = |what: &str, path: &Path| -> Result<(), ApiError> {
-            let owner = std::fs::metadata(path)
-                .map_err(|e| ApiError::validation(format!("{what}: {e}")))?
-                .uid();
+        let owned_by_peer = |what: &str, owner: u32| -> Result<(), ApiError> {
             match peer {
                 Some(p) if p == owner => Ok(()),
                 _ => Err(ApiError::new(
@@ -39,6 +87,14 @@ impl Server {
             }
         };
         let name = protocol::str_field(a, "engine")?.to_string();
+        // Refused before any memory is opened (and again when inserted: the table may change).
+        {
+            let engines = self
+                .engines
+                .lock()
+                .map_err(|_| ApiError::internal("engine table poisoned"))?;
+            self.may_register(&engines, &name, ctx.uid)?;
+        }
         let layout_spec: crate::layout::spec::LayoutSpec = serde_json::from_value(
             a.get("layout")
                 .cloned()
@@ -55,11 +111,20 @@ impl Server {
             })?;
             let allowed = std::fs::canonicalize(&self.cfg.shm_dir)
                 .unwrap_or_else(|_| self.cfg.shm_dir.clone());
-            let mut ps = Vec::new();
+            let mut files = Vec::new();
             for p in &paths {
-                let c = std::fs::canonicalize(p)
+                // The file is opened first, then checked through its descriptor (where it
+                // really is, who owns it): a check of the path, then a second open of it,
+                // would let a symlink swapped in between name another file.
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+                    .open(p)
                     .map_err(|e| ApiError::validation(format!("{p}: {e}")))?;
-                if !c.starts_with(&allowed) {
+                let real = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+                    .map_err(|e| ApiError::validation(format!("{p}: {e}")))?;
+                if !real.starts_with(&allowed) {
                     return Err(ApiError::new(
                         ErrorCode::PermissionDenied,
                         format!(
@@ -68,20 +133,28 @@ impl Server {
                         ),
                     ));
                 }
-                owned_by_peer(p, &c)?;
-                ps.push(c);
+                let meta = f
+                    .metadata()
+                    .map_err(|e| ApiError::validation(format!("{p}: {e}")))?;
+                if !meta.is_file() {
+                    return Err(ApiError::validation(format!("{p} is not a regular file")));
+                }
+                owned_by_peer(p, meta.uid())?;
+                files.push(f);
             }
-            let refs: Vec<&Path> = ps.iter().map(PathBuf::as_path).collect();
-            Arc::new(ShmMemory::open(&refs).map_err(|e| ApiError::new(e.code(), e.to_string()))?)
+            Arc::new(
+                ShmMemory::from_files(files).map_err(|e| ApiError::new(e.code(), e.to_string()))?,
+            )
         } else if let Some(p) = mem.get("process") {
             let pid = p
                 .get("pid")
                 .and_then(Value::as_i64)
                 .ok_or_else(|| ApiError::validation("memory.process.pid must be an integer"))?;
-            owned_by_peer(
-                &format!("process {pid}"),
-                Path::new(&format!("/proc/{pid}")),
-            )?;
+            let what = format!("process {pid}");
+            let owner = std::fs::metadata(format!("/proc/{pid}"))
+                .map_err(|e| ApiError::validation(format!("{what}: {e}")))?
+                .uid();
+            owned_by_peer(&what, owner)?;
             let tensors: Vec<(u64, u64)> = serde_json::from_value(
                 p.get("tensors").cloned().unwrap_or(Value::Null),
             )
@@ -128,10 +201,21 @@ impl Server {
         let out = json!({"engine": name, "block_bytes": engine.layout.block_bytes(),
             "fingerprint": format!("{:016x}", engine.layout.fingerprint())});
         let engine = Arc::new(engine);
-        self.engines
-            .lock()
-            .map_err(|_| ApiError::internal("engine table poisoned"))?
-            .insert(name.clone(), engine.clone());
+        {
+            let mut engines = self
+                .engines
+                .lock()
+                .map_err(|_| ApiError::internal("engine table poisoned"))?;
+            self.may_register(&engines, &name, ctx.uid)?;
+            let owner = ctx.uid;
+            engines.insert(
+                name.clone(),
+                Registration {
+                    engine: engine.clone(),
+                    owner,
+                },
+            );
+        }
         if let Ok(mut r) = ctx.registered.lock() {
             *r = Some((name, engine));
         }

@@ -57,6 +57,12 @@ pub(crate) struct ServeArgs {
     /// Most freezes and thaws running at once (more get BUSY).
     #[arg(long, env = "CWM_MAX_OPS", default_value_t = 64)]
     max_ops: usize,
+    /// Most client connections at once (more are answered BUSY and closed).
+    #[arg(long, env = "CWM_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// Most engines registered at once (each keeps a staging pool; more get BUSY).
+    #[arg(long, env = "CWM_MAX_ENGINES", default_value_t = 64)]
+    max_engines: usize,
     /// Log format on stderr: text or json (level from CWM_LOG).
     #[arg(long, env = "CWM_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -256,6 +262,8 @@ struct FileConfig {
     max_sessions: Option<usize>,
     metrics_addr: Option<String>,
     max_ops: Option<usize>,
+    max_connections: Option<usize>,
+    max_engines: Option<usize>,
     compact_live_ratio: Option<f64>,
     compact_rate: Option<SizeVal>,
     compact_interval: Option<u64>,
@@ -340,6 +348,8 @@ fn apply_config_file(a: &mut ServeArgs, m: &clap::ArgMatches) -> Result<(), Stri
     take!(allow_uids);
     take!(max_sessions);
     take!(max_ops);
+    take!(max_connections);
+    take!(max_engines);
     take!(metrics_addr, |v| Some(v));
     take!(compact_live_ratio);
     take!(compact_rate, size);
@@ -448,6 +458,8 @@ pub(crate) fn serve(mut a: ServeArgs, m: &clap::ArgMatches) -> Result<(), String
             max_sessions: a.max_sessions,
             metrics_addr: a.metrics_addr,
             max_ops: a.max_ops,
+            max_connections: a.max_connections,
+            max_engines: a.max_engines,
             maintenance: cwm::control::maint::Maintenance {
                 compact: cwm::store::CompactOptions {
                     live_ratio: a.compact_live_ratio,

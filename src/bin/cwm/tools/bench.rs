@@ -1432,6 +1432,8 @@ pub(crate) fn bench_server(
             max_sessions: 100_000,
             metrics_addr: None,
             max_ops: 64,
+            max_connections: 1024,
+            max_engines: 64,
             maintenance,
             remote,
         },
