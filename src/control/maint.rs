@@ -309,6 +309,12 @@ impl Server {
         for w in &expired {
             crate::log::info(&format!("expired: window {:?} v{}", w.name, w.version));
         }
+        let inert = self.store.forget_inert_retention()?;
+        if inert > 0 {
+            crate::log::info(&format!(
+                "deleted {inert} retention records of windows deleted or replaced since"
+            ));
+        }
         let ev = &self.cfg.maintenance.eviction;
         let budget = self.budget();
         let live = self.store.block_bytes()?;

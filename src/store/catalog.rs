@@ -105,6 +105,47 @@ impl Store {
         Ok(present)
     }
 
+    /// Deletes the catalog records of `keys` (present ones) under an appender lock the caller
+    /// holds: their deletion records are written, then synced once for all. Returns how many.
+    pub(super) fn delete_metas_locked(
+        &self,
+        app: &mut super::append::Appender,
+        keys: &[u128],
+    ) -> Result<usize, StoreError> {
+        let mut locs: Vec<(u128, Loc, u64)> = Vec::with_capacity(keys.len());
+        for &key in keys {
+            match self.append_payload(app, RecordKind::Meta, key, META_DELETED) {
+                Ok(loc) => locs.push((key, loc, app.next_seq - 1)),
+                Err(e) => {
+                    self.cut_back(locs.iter().map(|(_, l, _)| l));
+                    return Err(e);
+                }
+            }
+        }
+        let mut synced: Vec<u64> = Vec::new();
+        for (_, l, _) in &locs {
+            if !synced.contains(&l.seg.id) {
+                synced.push(l.seg.id);
+                if let Err(e) = self.sync(&l.seg) {
+                    self.cut_back(locs.iter().map(|(_, l, _)| l));
+                    return Err(e);
+                }
+            }
+        }
+        let mut st = self.state.write().map_err(poisoned)?;
+        for (key, loc, seq) in &locs {
+            loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
+            loc.seg.note_meta(*key);
+            let old = st
+                .meta
+                .insert(*key, (*seq, META_DELETED.to_vec(), loc.clone()));
+            if let Some((_, _, l)) = old {
+                l.seg.live.fetch_sub(l.len, Ordering::SeqCst);
+            }
+        }
+        Ok(locs.len())
+    }
+
     /// Re-reads and verifies, from the disk, the records the index holds besides windows: the
     /// newest catalog record of every key and every live tombstone. A catalog record whose
     /// bytes no longer verify is written again from the copy in memory (at the next open the

@@ -244,6 +244,39 @@ impl Store {
         Ok(w.info())
     }
 
+    /// Deletes the retention records no window can use any more — their window deleted,
+    /// evicted, expired or replaced since (a record applies only to the version it names,
+    /// and only when newer than that version's manifest) — so a store whose windows come and
+    /// go does not keep one record per name it ever pinned or gave a TTL. Under the appender
+    /// lock (no `pin`/`ttl`, replace or delete comes between the look and the deletion), at
+    /// most 256 per lock. Returns how many.
+    pub fn forget_inert_retention(&self) -> Result<usize, StoreError> {
+        let mut n = 0;
+        loop {
+            let mut app = self.lock_appender()?;
+            let inert: Vec<u128> = {
+                let st = self.state.read().map_err(poisoned)?;
+                st.meta
+                    .iter()
+                    .filter(|(_, (_, p, _))| RetentionChange::is_one(p))
+                    .filter(|(_, (seq, p, _))| {
+                        RetentionChange::decode(p).is_ok_and(|c| {
+                            st.windows
+                                .get(&c.name)
+                                .is_none_or(|w| w.info.version != c.version || *seq < w.info.seq)
+                        })
+                    })
+                    .map(|(k, _)| *k)
+                    .take(256)
+                    .collect()
+            };
+            if inert.is_empty() {
+                return Ok(n);
+            }
+            n += self.delete_metas_locked(&mut app, &inert)?;
+        }
+    }
+
     /// Tombstones every window whose TTL has passed (they were already invisible). Returns
     /// them.
     pub fn expire_due(&self) -> Result<Vec<WindowInfo>, StoreError> {
