@@ -225,16 +225,43 @@ impl Server {
     /// Runs `f` holding the lock of the [`scoped`] idempotency key `key`: the requests with one
     /// key run one at a time, and an outcome is forgotten only while none runs.
     pub(super) fn with_key<T>(&self, key: &str, f: impl FnOnce() -> T) -> T {
+        match self.keyed(key, true, f) {
+            Ok(v) => v,
+            // (Waiting, the lock is always taken.)
+            Err(f) => f(),
+        }
+    }
+
+    /// [`Server::with_key`] unless a request with the key is running (`None`, `f` not run):
+    /// the retention pass never waits for a request, which may itself be waiting for the
+    /// pass (a freeze refused for room).
+    pub(super) fn try_with_key<T>(&self, key: &str, f: impl FnOnce() -> T) -> Option<T> {
+        self.keyed(key, false, f).ok()
+    }
+
+    fn keyed<T, F: FnOnce() -> T>(&self, key: &str, wait: bool, f: F) -> Result<T, F> {
         let lock = self
             .idem_running
             .lock()
             .map(|mut m| m.entry(key.to_string()).or_default().clone())
             .unwrap_or_default();
         let out = {
-            let _held = lock
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            f()
+            let held = if wait {
+                Some(
+                    lock.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                )
+            } else {
+                match lock.try_lock() {
+                    Ok(g) => Some(g),
+                    Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                    Err(std::sync::TryLockError::WouldBlock) => None,
+                }
+            };
+            match held {
+                Some(_held) => Ok(f()),
+                None => Err(f),
+            }
         };
         if let Ok(mut m) = self.idem_running.lock() {
             // Only this and the table hold it: nobody else is waiting on the key.
@@ -318,8 +345,9 @@ impl Server {
             due.append(&mut q);
         }
         let mut forgotten = 0;
+        let mut busy = Vec::new();
         for (key, record) in due {
-            self.with_key(&key, || {
+            let ran = self.try_with_key(&key, || {
                 let gone = match self.idem.lock() {
                     Ok(mut m) => match m.get(&key) {
                         // Recorded again since (for room), or not due (a new outcome).
@@ -338,6 +366,13 @@ impl Server {
                     }
                 }
             });
+            if ran.is_none() {
+                // A request with the key is running: looked at again by the next pass.
+                busy.push((key, record));
+            }
+        }
+        if let Ok(mut q) = self.idem_forget.lock() {
+            q.extend(busy);
         }
         forgotten
     }
