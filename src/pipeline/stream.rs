@@ -162,6 +162,9 @@ impl Streamed {
             r.blocks_restored = p.blocks_restored;
             r.tokens_restored = p.tokens_restored;
             r.bytes = p.bytes;
+            // What is claimed is the local thaw's alone, and so is its time: the fetch's would
+            // otherwise feed the thaw-speed estimate lookups decide by.
+            r.loaded_secs = p.loaded_secs;
             r.blocks_streamed = 0;
             r.corruption = p.corruption;
         }
@@ -445,6 +448,7 @@ mod tests {
             tokens_restored: restored * 16,
             bytes: restored * bb as u64,
             corruption: (restored < 2).then(|| "block 1: bad".to_string()),
+            loaded_secs: 1e-6,
             ..base.clone()
         };
         let merged = Streamed {
@@ -463,6 +467,10 @@ mod tests {
             (1, 16, 64)
         );
         assert!(merged.corruption.is_some());
+        assert_eq!(
+            merged.loaded_secs, 1e-6,
+            "the local thaw's time, not the fetch's"
+        );
 
         // Local blocks that are not a prefix, a gap in delivery, a fetch that stopped early,
         // a namespace of another model: no report, the ordinary thaw runs.
