@@ -2,7 +2,9 @@
 //! once the TTL passes, not only for the one that froze it: a thaw or a `pull` on another
 //! instance answers NOT_FOUND and stores nothing (before: the pull stored the window already
 //! expired, and a thaw streamed it into the engine and answered `loaded`), and the window is
-//! not found by name through the tier. Two `cwm serve` instances, one real Redis Cluster.
+//! not found by name through the tier. Its name is then free again in the tier as in the
+//! store: frozen anew, it publishes and thaws elsewhere. Two `cwm serve` instances, one real
+//! Redis Cluster.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
 use common::daemon::*;
@@ -68,4 +70,47 @@ fn a_published_window_whose_ttl_passed_is_gone_on_every_instance() {
             "block_ids": [10, 11, 12, 13]}),
     );
     assert_eq!(r["report"]["blocks_restored"], 4, "{r}");
+
+    // The expired name is free again in the tier too: frozen anew on a third instance and
+    // pushed as a new name (insert-only), it publishes — generation 2: readers never see a
+    // generation go back — and thaws on B. The manifest the head no longer names expires
+    // after a grace, an expiring window's own a grace after it, and a window without a TTL
+    // keeps its manifest.
+    let c = fixture(&["--remote", &urls, "--remote-write", "off"]);
+    let mut cc = Client::connect(&c.daemon.socket).unwrap();
+    let head = |w: &str| format!("cwm:v1:w:{{{:032x}}}:head", cwm::store::name_key(w));
+    let manifest = |w: &str, tok: &str| {
+        format!("cwm:v1:w:{{{:032x}}}:m:{tok}", cwm::store::name_key(w))
+    };
+    let first = cluster.cmd(&["HGET", &head("brief"), "token"]).trim().to_string();
+    call(
+        &mut cc,
+        json!({"op": "freeze", "engine": "e1", "window": "brief",
+            "tokens": tokens, "block_ids": [4, 5, 6, 7], "ttl": 30}),
+    );
+    let r = call(&mut cc, json!({"op": "push", "window": "brief"}));
+    assert_eq!(r["push"]["generation"], 2, "{r}");
+    let r = call(
+        &mut cb,
+        json!({"op": "thaw", "engine": "e1", "window": "brief", "tokens": tokens,
+            "block_ids": [20, 21, 22, 23]}),
+    );
+    assert_eq!(r["report"]["blocks_restored"], 4, "{r}");
+    // Not expired, the name is taken again.
+    let r = cc
+        .call_final(json!({"op": "push", "window": "brief"}))
+        .unwrap();
+    assert_eq!(code(&r), "ALREADY_EXISTS", "{r}");
+    let pttl = |k: &str| -> i64 { cluster.cmd(&["PTTL", k]).trim().parse().unwrap() };
+    let second = cluster.cmd(&["HGET", &head("brief"), "token"]).trim().to_string();
+    assert_ne!(first, second);
+    let old = pttl(&manifest("brief", &first));
+    assert!(old > 0 && old <= 60_000, "superseded manifest: PTTL {old}");
+    let new = pttl(&manifest("brief", &second));
+    assert!(
+        new > 60_000 && new <= 90_000,
+        "expiring window's manifest: PTTL {new}"
+    );
+    let kept = cluster.cmd(&["HGET", &head("kept"), "token"]).trim().to_string();
+    assert_eq!(pttl(&manifest("kept", &kept)), -1, "a window without a TTL");
 }

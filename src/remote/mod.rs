@@ -378,24 +378,42 @@ pub enum Expect {
     Any,
 }
 
-/// The compare-and-set of a head. KEYS: head, manifest. ARGV: expectation (`new`, `any` or a
-/// generation), token, manifest length, manifest checksum (decimal), name.
+/// The compare-and-set of a head. KEYS: head, manifest, the manifest of the token the head
+/// named when the publisher looked. ARGV: expectation (`new`, `any` or a generation), token,
+/// manifest length, manifest checksum (decimal), name, the publisher's clock (ms), the
+/// window's expiry (ms; 0: none), the manifest grace (ms), that token (empty: none). A head whose
+/// window expired counts as absent for `new` (an expired name is free again, as in the
+/// store) but is kept, with its generation and highest token: readers never see a
+/// generation go back, and a fenced holder stays fenced. The manifest the head stops naming
+/// expires after the grace; an expiring window's own manifest, the grace after the window.
 const PUBLISH: &str = r"
-local h = redis.call('HMGET', KEYS[1], 'gen', 'maxtok')
+local h = redis.call('HMGET', KEYS[1], 'gen', 'maxtok', 'token', 'exp')
 local gen = tonumber(h[1])
 local maxtok = tonumber(h[2]) or 0
+local oldtok = h[3]
+local oldexp = tonumber(h[4]) or 0
 local tok = tonumber(ARGV[2])
 if tok <= maxtok then return {'FENCED', maxtok} end
 if ARGV[1] == 'new' then
-  if gen then return {'EXISTS', gen} end
+  if gen and not (oldexp > 0 and oldexp <= tonumber(ARGV[6])) then return {'EXISTS', gen} end
 elseif ARGV[1] ~= 'any' then
   if (gen or 0) ~= tonumber(ARGV[1]) then return {'CONFLICT', gen or 0} end
 end
 if redis.call('STRLEN', KEYS[2]) ~= tonumber(ARGV[3]) + 24 then return {'NOMANIFEST', 0} end
 local ng = (gen or 0) + 1
-redis.call('HSET', KEYS[1], 'gen', ng, 'token', tok, 'len', ARGV[3], 'sum', ARGV[4], 'maxtok', tok, 'name', ARGV[5])
+redis.call('HSET', KEYS[1], 'gen', ng, 'token', tok, 'len', ARGV[3], 'sum', ARGV[4], 'maxtok', tok, 'name', ARGV[5], 'exp', ARGV[7])
+if oldtok and oldtok == ARGV[9] and oldtok ~= ARGV[2] then
+  redis.call('PEXPIRE', KEYS[3], ARGV[8])
+end
+if tonumber(ARGV[7]) > 0 then
+  redis.call('PEXPIREAT', KEYS[2], tonumber(ARGV[7]) + tonumber(ARGV[8]))
+end
 return {'OK', ng}
 ";
+
+/// How long a superseded manifest (and an expired window's) stays readable: a reader that
+/// read the head just before a publish still finds the manifest it names.
+const MANIFEST_GRACE_MS: u64 = 60_000;
 
 /// Renews a lease held with token ARGV[1] for ARGV[2] ms. KEYS: lock.
 const RENEW: &str = r"
@@ -1146,6 +1164,24 @@ impl Remote {
         expect: Expect,
         token: u64,
     ) -> Result<Head, RemoteError> {
+        // The manifest the head names now: superseded by this publish, it expires after a
+        // grace (if the head moved meanwhile, that one is left: a script touches only the
+        // keys it is given).
+        let before = self
+            .run(|c| {
+                redis::cmd("HGET")
+                    .arg(self.window_key(name, "head"))
+                    .arg("token")
+                    .query::<Option<String>>(c)
+            })?
+            .unwrap_or_default();
+        let before_key = self.window_key(name, &format!("m:{before}"));
+        // The window's expiry (0: none), from the manifest the head will name.
+        let expires = crate::store::Manifest::decode(manifest)
+            .ok()
+            .and_then(|m| m.retention.expires_unix_ms)
+            .unwrap_or(0)
+            .max(0);
         let mkey = self.window_key(name, &format!("m:{token}"));
         // Immutable: a token names one publish attempt, whose manifest is written once.
         let _: Option<String> = self.run(|c| {
@@ -1167,11 +1203,16 @@ impl Remote {
                 redis::Script::new(PUBLISH)
                     .key(self.window_key(name, "head"))
                     .key(&mkey)
+                    .key(&before_key)
                     .arg(exp)
                     .arg(token)
                     .arg(manifest.len() as u64)
                     .arg(checksum.to_string())
                     .arg(name)
+                    .arg(crate::clock::now_unix_ms())
+                    .arg(expires)
+                    .arg(MANIFEST_GRACE_MS)
+                    .arg(&before)
                     .invoke(c)
             })
             .map_err(RemoteError::from)?;
