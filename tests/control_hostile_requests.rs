@@ -80,3 +80,35 @@ fn hostile_requests_are_refused_and_the_daemon_keeps_serving() {
     let r = c.call_final(json!({"op": "health"})).unwrap();
     assert_eq!(code(&r), "OK", "{r}");
 }
+
+/// Shared-memory paths are checked for what they really are: a symlink in the shared-memory
+/// directory to a file outside it is refused (PERMISSION_DENIED), and so is anything but a
+/// regular file there (a FIFO, a directory: VALIDATION) — resolved once, without opening it
+/// for reading and writing until it passed.
+#[test]
+fn shared_memory_paths_must_be_regular_files_inside_the_directory() {
+    let f = fixture(&[]);
+    let mut c = Client::connect(&f.daemon.socket).unwrap();
+    let shm = f.tmp.path().join("shm");
+    let outside = f.tmp.path().join("outside");
+    std::fs::write(&outside, vec![0u8; 2 * 64 * 4096]).unwrap();
+    std::os::unix::fs::symlink(&outside, shm.join("link")).unwrap();
+    let fifo = shm.join("fifo");
+    let cpath = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(cpath.as_ptr(), 0o600) }, 0);
+    std::fs::create_dir(shm.join("dir")).unwrap();
+    let with = |p: &std::path::Path| {
+        let mut r = register_req(&[p.to_path_buf(), f.paths[1].clone()]);
+        r["engine"] = json!("e2");
+        r
+    };
+    let r = c.call_final(with(&shm.join("link"))).unwrap();
+    assert_eq!(code(&r), "PERMISSION_DENIED", "{r}");
+    refused(&mut c, with(&fifo), "not a regular file");
+    refused(&mut c, with(&shm.join("dir")), "not a regular file");
+    // A symlink inside the directory to a file inside it is that file.
+    std::os::unix::fs::symlink(&f.paths[0], shm.join("alias")).unwrap();
+    let r = c.call_final(with(&shm.join("alias"))).unwrap();
+    assert_eq!(code(&r), "OK", "{r}");
+}

@@ -79,10 +79,12 @@ fn a_published_window_whose_ttl_passed_is_gone_on_every_instance() {
     let c = fixture(&["--remote", &urls, "--remote-write", "off"]);
     let mut cc = Client::connect(&c.daemon.socket).unwrap();
     let head = |w: &str| format!("cwm:v1:w:{{{:032x}}}:head", cwm::store::name_key(w));
-    let manifest = |w: &str, tok: &str| {
-        format!("cwm:v1:w:{{{:032x}}}:m:{tok}", cwm::store::name_key(w))
-    };
-    let first = cluster.cmd(&["HGET", &head("brief"), "token"]).trim().to_string();
+    let manifest =
+        |w: &str, tok: &str| format!("cwm:v1:w:{{{:032x}}}:m:{tok}", cwm::store::name_key(w));
+    let first = cluster
+        .cmd(&["HGET", &head("brief"), "token"])
+        .trim()
+        .to_string();
     call(
         &mut cc,
         json!({"op": "freeze", "engine": "e1", "window": "brief",
@@ -102,7 +104,10 @@ fn a_published_window_whose_ttl_passed_is_gone_on_every_instance() {
         .unwrap();
     assert_eq!(code(&r), "ALREADY_EXISTS", "{r}");
     let pttl = |k: &str| -> i64 { cluster.cmd(&["PTTL", k]).trim().parse().unwrap() };
-    let second = cluster.cmd(&["HGET", &head("brief"), "token"]).trim().to_string();
+    let second = cluster
+        .cmd(&["HGET", &head("brief"), "token"])
+        .trim()
+        .to_string();
     assert_ne!(first, second);
     let old = pttl(&manifest("brief", &first));
     assert!(old > 0 && old <= 60_000, "superseded manifest: PTTL {old}");
@@ -111,6 +116,9 @@ fn a_published_window_whose_ttl_passed_is_gone_on_every_instance() {
         new > 60_000 && new <= 90_000,
         "expiring window's manifest: PTTL {new}"
     );
-    let kept = cluster.cmd(&["HGET", &head("kept"), "token"]).trim().to_string();
+    let kept = cluster
+        .cmd(&["HGET", &head("kept"), "token"])
+        .trim()
+        .to_string();
     assert_eq!(pttl(&manifest("kept", &kept)), -1, "a window without a TTL");
 }

@@ -226,7 +226,11 @@ impl Server {
             "register" => self.op_register(a, ctx),
             "unregister" => self.op_unregister(&args::name(a, "engine")?, ctx.uid),
             "freeze" => self.op_freeze(FreezeArgs::parse(a)?, ctx),
-            "thaw" => self.coalesce(&thaw_key(a), || self.op_thaw(ThawArgs::parse(a)?, ctx)),
+            // (Thaws of different uids never share an outcome: each is checked for its own
+            // right to the engine.)
+            "thaw" => self.coalesce(&format!("{:?}\0{}", ctx.uid, thaw_key(a)), || {
+                self.op_thaw(ThawArgs::parse(a)?, ctx)
+            }),
             "lookup" => self.op_lookup(LookupArgs::parse(a)?),
             "list" => self.op_list(ListArgs::parse(a)?),
             "stat" => self.op_stat(&args::name(a, "window")?),

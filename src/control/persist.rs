@@ -168,7 +168,7 @@ pub(super) fn restore(
             _ => {}
         }
     }
-    for (_, record) in cap_outcomes(&mut idem, idem_max) {
+    for (_, record) in cap_outcomes(&mut idem, idem_max.max(1)) {
         let _ = store.delete_meta(record);
     }
     let st2 = store.clone();
@@ -322,7 +322,13 @@ impl Server {
                 if let Ok(mut q) = self.idem_forget.lock() {
                     q.extend(gone);
                 }
+            } else {
+                return;
             }
+        }
+        // Without background passes (`--eviction-interval-ms 0`) nobody else empties the queue.
+        if self.cfg.maintenance.eviction.interval_ms == 0 {
+            self.expire_outcomes();
         }
     }
 

@@ -46,6 +46,21 @@ pub(super) fn may_use(owner: Option<u32>, uid: Option<u32>, name: &str) -> Resul
     ))
 }
 
+/// Memory a `register` names must be its requester's (`peer`): cwm reads and writes it with
+/// its own rights.
+fn owned_by(peer: Option<u32>, what: &str, owner: u32) -> Result<(), ApiError> {
+    match peer {
+        Some(p) if p == owner => Ok(()),
+        _ => Err(ApiError::new(
+            ErrorCode::PermissionDenied,
+            format!(
+                "{what} belongs to uid {owner}, not to the requester (uid {})",
+                peer.map_or_else(|| "unknown".to_string(), |p| p.to_string())
+            ),
+        )),
+    }
+}
+
 impl Server {
     /// Refuses a registration under `name` by `uid` that would take another uid's engine
     /// name, or add an engine past `max_engines`.
@@ -68,24 +83,13 @@ impl Server {
         }
     }
 
-    /// `register`: imports an engine's KV memory under a name. The requester's uid Memory it names must be its own: a shared-memory file it
-    /// owns, a process running as it (cwm reads and writes that memory with its own rights,
-    /// so an `--allow-uid` peer could otherwise name cwm's own files and processes).
+    /// `register`: imports an engine's KV memory under a name. The memory it names must be the
+    /// requester's own: a shared-memory file it owns, a process running as it (cwm reads and
+    /// writes that memory with its own rights, so an `--allow-uid` peer could otherwise name
+    /// cwm's own files and processes).
     pub(super) fn op_register(&self, a: &Value, ctx: &Ctx<'_>) -> Result<Value, ApiError> {
         let peer = ctx.uid;
         use std::os::unix::fs::MetadataExt;
-        let owned_by_peer = |what: &str, owner: u32| -> Result<(), ApiError> {
-            match peer {
-                Some(p) if p == owner => Ok(()),
-                _ => Err(ApiError::new(
-                    ErrorCode::PermissionDenied,
-                    format!(
-                        "{what} belongs to uid {owner}, not to the requester (uid {})",
-                        peer.map_or_else(|| "unknown".to_string(), |p| p.to_string())
-                    ),
-                )),
-            }
-        };
         let name = protocol::str_field(a, "engine")?.to_string();
         // Refused before any memory is opened (and again when inserted: the table may change).
         {
@@ -109,42 +113,7 @@ impl Server {
             let paths: Vec<String> = serde_json::from_value(paths.clone()).map_err(|e| {
                 ApiError::validation(format!("memory.shm must be a list of paths: {e}"))
             })?;
-            let allowed = std::fs::canonicalize(&self.cfg.shm_dir)
-                .unwrap_or_else(|_| self.cfg.shm_dir.clone());
-            let mut files = Vec::new();
-            for p in &paths {
-                // The file is opened first, then checked through its descriptor (where it
-                // really is, who owns it): a check of the path, then a second open of it,
-                // would let a symlink swapped in between name another file.
-                let f = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-                    .open(p)
-                    .map_err(|e| ApiError::validation(format!("{p}: {e}")))?;
-                let real = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
-                    .map_err(|e| ApiError::validation(format!("{p}: {e}")))?;
-                if !real.starts_with(&allowed) {
-                    return Err(ApiError::new(
-                        ErrorCode::PermissionDenied,
-                        format!(
-                            "{p} is outside the allowed shared-memory directory {}",
-                            allowed.display()
-                        ),
-                    ));
-                }
-                let meta = f
-                    .metadata()
-                    .map_err(|e| ApiError::validation(format!("{p}: {e}")))?;
-                if !meta.is_file() {
-                    return Err(ApiError::validation(format!("{p} is not a regular file")));
-                }
-                owned_by_peer(p, meta.uid())?;
-                files.push(f);
-            }
-            Arc::new(
-                ShmMemory::from_files(files).map_err(|e| ApiError::new(e.code(), e.to_string()))?,
-            )
+            self.shm_memory(&paths, peer)?
         } else if let Some(p) = mem.get("process") {
             let pid = p
                 .get("pid")
@@ -154,7 +123,7 @@ impl Server {
             let owner = std::fs::metadata(format!("/proc/{pid}"))
                 .map_err(|e| ApiError::validation(format!("{what}: {e}")))?
                 .uid();
-            owned_by_peer(&what, owner)?;
+            owned_by(peer, &what, owner)?;
             let tensors: Vec<(u64, u64)> = serde_json::from_value(
                 p.get("tensors").cloned().unwrap_or(Value::Null),
             )
@@ -185,6 +154,19 @@ impl Server {
                 .cloned()
         });
         if !idle.is_some_and(|p| engine.adopt_staging(p)) {
+            if let Ok(mut pools) = self.staging_pools.lock() {
+                // Pools engines that went away left behind (of another block size, or made by
+                // registrations refused at the end): past `max_engines` the oldest idle ones
+                // go, so registering and unregistering engines of ever new sizes does not pin
+                // memory without end. (What the I/O engine took as fixed buffers, at most
+                // 1 GiB, stays with it.)
+                while pools.len() >= self.cfg.max_engines.max(1) {
+                    match pools.iter().position(|p| Arc::strong_count(p) == 1) {
+                        Some(i) => drop(pools.remove(i)),
+                        None => break,
+                    }
+                }
+            }
             engine
                 .prepare_staging(&self.cfg.pipeline, self.store.engine().as_ref())
                 .map_err(ApiError::from)?;
@@ -220,6 +202,57 @@ impl Server {
             *r = Some((name, engine));
         }
         Ok(out)
+    }
+
+    /// Shared-memory files named by a `register` of `peer`: each path is resolved once, to a
+    /// descriptor that opens nothing (O_PATH: no device is touched); where that really is,
+    /// what it is and who owns it are checked through it, and only then is that same file
+    /// opened for reading and writing. A check of the path, then a second open of it, would
+    /// let a symlink swapped in between name another file.
+    fn shm_memory(
+        &self,
+        paths: &[String],
+        peer: Option<u32>,
+    ) -> Result<Arc<dyn KvMemory>, ApiError> {
+        use std::os::unix::fs::MetadataExt;
+        let allowed =
+            std::fs::canonicalize(&self.cfg.shm_dir).unwrap_or_else(|_| self.cfg.shm_dir.clone());
+        let mut files = Vec::new();
+        for p in paths {
+            let at = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH)
+                .open(p)
+                .map_err(|e| ApiError::validation(format!("{p}: {e}")))?;
+            let fd_path = format!("/proc/self/fd/{}", at.as_raw_fd());
+            let real = std::fs::read_link(&fd_path)
+                .map_err(|e| ApiError::validation(format!("{p}: {e}")))?;
+            if !real.starts_with(&allowed) {
+                return Err(ApiError::new(
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "{p} is outside the allowed shared-memory directory {}",
+                        allowed.display()
+                    ),
+                ));
+            }
+            let meta = at
+                .metadata()
+                .map_err(|e| ApiError::validation(format!("{p}: {e}")))?;
+            if !meta.is_file() {
+                return Err(ApiError::validation(format!("{p} is not a regular file")));
+            }
+            owned_by(peer, p, meta.uid())?;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&fd_path)
+                .map_err(|e| ApiError::validation(format!("{p}: {e}")))?;
+            files.push(f);
+        }
+        Ok(Arc::new(
+            ShmMemory::from_files(files).map_err(|e| ApiError::new(e.code(), e.to_string()))?,
+        ))
     }
 
     /// Imports an engine's GPU tensors (CUDA IPC handles) and its optional interprocess event.
