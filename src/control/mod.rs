@@ -118,7 +118,7 @@ pub struct Server {
     engines: Mutex<HashMap<String, register::Registration>>,
     idem: Mutex<persist::Outcomes>,
     /// Catalog records of outcomes forgotten for room, deleted by the next retention pass.
-    idem_forget: Mutex<Vec<(String, u128)>>,
+    idem_forget: Mutex<Vec<(u128, i64)>>,
     tier: RamTier,
     sessions: crate::session::Registry,
     metrics: metrics::Metrics,

@@ -90,8 +90,8 @@ fn canonical(v: &Value, out: &mut String) {
     }
 }
 
-/// Keeps the `max` newest outcomes; returns the others' keys and catalog records (removed).
-pub(super) fn cap_outcomes(m: &mut Outcomes, max: usize) -> Vec<(String, u128)> {
+/// Keeps the `max` newest outcomes; returns the others' catalog records and times (removed).
+pub(super) fn cap_outcomes(m: &mut Outcomes, max: usize) -> Vec<(u128, i64)> {
     if m.len() <= max {
         return Vec::new();
     }
@@ -100,7 +100,7 @@ pub(super) fn cap_outcomes(m: &mut Outcomes, max: usize) -> Vec<(String, u128)> 
     let over = m.len() - max;
     ats.into_iter()
         .take(over)
-        .filter_map(|(_, k)| m.remove(&k).map(|o| (k, o.record)))
+        .filter_map(|(_, k)| m.remove(&k).map(|o| (o.record, o.at)))
         .collect()
 }
 
@@ -168,7 +168,7 @@ pub(super) fn restore(
             _ => {}
         }
     }
-    for (_, record) in cap_outcomes(&mut idem, idem_max.max(1)) {
+    for (record, _) in cap_outcomes(&mut idem, idem_max.max(1)) {
         let _ = store.delete_meta(record);
     }
     let st2 = store.clone();
@@ -223,45 +223,18 @@ pub(super) fn restore(
 
 impl Server {
     /// Runs `f` holding the lock of the [`scoped`] idempotency key `key`: the requests with one
-    /// key run one at a time, and an outcome is forgotten only while none runs.
+    /// key run one at a time.
     pub(super) fn with_key<T>(&self, key: &str, f: impl FnOnce() -> T) -> T {
-        match self.keyed(key, true, f) {
-            Ok(v) => v,
-            // (Waiting, the lock is always taken.)
-            Err(f) => f(),
-        }
-    }
-
-    /// [`Server::with_key`] unless a request with the key is running (`None`, `f` not run):
-    /// the retention pass never waits for a request, which may itself be waiting for the
-    /// pass (a freeze refused for room).
-    pub(super) fn try_with_key<T>(&self, key: &str, f: impl FnOnce() -> T) -> Option<T> {
-        self.keyed(key, false, f).ok()
-    }
-
-    fn keyed<T, F: FnOnce() -> T>(&self, key: &str, wait: bool, f: F) -> Result<T, F> {
         let lock = self
             .idem_running
             .lock()
             .map(|mut m| m.entry(key.to_string()).or_default().clone())
             .unwrap_or_default();
         let out = {
-            let held = if wait {
-                Some(
-                    lock.lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner),
-                )
-            } else {
-                match lock.try_lock() {
-                    Ok(g) => Some(g),
-                    Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-                    Err(std::sync::TryLockError::WouldBlock) => None,
-                }
-            };
-            match held {
-                Some(_held) => Ok(f()),
-                None => Err(f),
-            }
+            let _held = lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            f()
         };
         if let Ok(mut m) = self.idem_running.lock() {
             // Only this and the table hold it: nobody else is waiting on the key.
@@ -332,55 +305,60 @@ impl Server {
         }
     }
 
-    /// Forgets the idempotent outcomes older than the TTL, in memory and in the log (a
-    /// catalog deletion each), and deletes the records of those forgotten for room. Each under
-    /// its key's lock, and only if no newer outcome of the key was recorded meanwhile (its
-    /// record, under the same catalog key, would go too). Returns how many.
+    /// Forgets the idempotent outcomes older than the TTL, in memory and in the log, and
+    /// deletes the records of those forgotten for room: catalog deletions written together
+    /// (one sync), each only if the key's record is still the outcome forgotten — a request
+    /// that recorded a newer one under the key meanwhile keeps it (its record has the same
+    /// catalog key). Never waits for a request. Returns how many records were deleted.
     pub(super) fn expire_outcomes(&self) -> usize {
         let ttl = self.idem_ttl_ms();
         let now = crate::clock::now_unix_ms();
-        let mut due: Vec<(String, u128)> = match self.idem.lock() {
-            Ok(m) => m
-                .iter()
-                .filter(|(_, o)| now.saturating_sub(o.at) >= ttl)
-                .map(|(k, o)| (k.clone(), o.record))
-                .collect(),
+        let mut due: Vec<(u128, i64)> = match self.idem.lock() {
+            Ok(mut m) => {
+                let keys: Vec<String> = m
+                    .iter()
+                    .filter(|(_, o)| now.saturating_sub(o.at) >= ttl)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                keys.iter()
+                    .filter_map(|k| m.remove(k).map(|o| (o.record, o.at)))
+                    .collect()
+            }
             Err(_) => return 0,
         };
         if let Ok(mut q) = self.idem_forget.lock() {
             due.append(&mut q);
         }
-        let mut forgotten = 0;
-        let mut busy = Vec::new();
-        for (key, record) in due {
-            let ran = self.try_with_key(&key, || {
-                let gone = match self.idem.lock() {
-                    Ok(mut m) => match m.get(&key) {
-                        // Recorded again since (for room), or not due (a new outcome).
-                        Some(o) if now.saturating_sub(o.at) < ttl => false,
-                        Some(_) => m.remove(&key).is_some(),
-                        None => true,
-                    },
-                    Err(_) => false,
-                };
-                if gone {
-                    forgotten += 1;
-                    if let Err(e) = self.store.delete_meta(record) {
-                        crate::log::warn(&format!(
-                            "idempotency key {key:?} not forgotten in the log: {e}"
-                        ));
-                    }
+        if due.is_empty() {
+            return 0;
+        }
+        let at: HashMap<u128, i64> = due.iter().copied().collect();
+        let records: Vec<u128> = at.keys().copied().collect();
+        // The record is the one forgotten when it says when it succeeded and that is the
+        // forgotten outcome's time (a record from before outcomes had one: its own).
+        let still = |record: u128, payload: &[u8]| {
+            serde_json::from_slice::<Value>(payload)
+                .ok()
+                .is_some_and(|v| {
+                    v["at_ms"]
+                        .as_i64()
+                        .is_none_or(|t| Some(&t) == at.get(&record))
+                })
+        };
+        match self.store.delete_metas_if(&records, still) {
+            Ok(n) => n,
+            Err(e) => {
+                crate::log::warn(&format!(
+                    "{} idempotent outcomes not forgotten in the log: {e}",
+                    records.len()
+                ));
+                // Tried again by the next pass.
+                if let Ok(mut q) = self.idem_forget.lock() {
+                    q.extend(due);
                 }
-            });
-            if ran.is_none() {
-                // A request with the key is running: looked at again by the next pass.
-                busy.push((key, record));
+                0
             }
         }
-        if let Ok(mut q) = self.idem_forget.lock() {
-            q.extend(busy);
-        }
-        forgotten
     }
 
     /// Forgets the sessions DELETED longer than the idempotency TTL ago, in memory and in the
@@ -440,7 +418,7 @@ mod tests {
         }
         let mut gone = cap_outcomes(&mut m, 2);
         gone.sort();
-        assert_eq!(gone, vec![("a".to_string(), 0), ("b".to_string(), 1)]);
+        assert_eq!(gone, vec![(0, 0), (1, 1)]);
         assert!(m.contains_key("c") && m.contains_key("d"));
         assert!(cap_outcomes(&mut m, 2).is_empty());
     }

@@ -105,7 +105,37 @@ impl Store {
         Ok(present)
     }
 
-    /// Deletes the catalog records of `keys` (present ones) under an appender lock the caller
+    /// Deletes the catalog records of `keys` whose current payload `still` accepts (looked at
+    /// under the appender lock: no record of theirs is written in between), 1,024 a lock,
+    /// each batch's deletions synced once. Returns how many.
+    pub fn delete_metas_if(
+        &self,
+        keys: &[u128],
+        still: impl Fn(u128, &[u8]) -> bool,
+    ) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for chunk in keys.chunks(1024) {
+            let mut app = self.lock_appender()?;
+            let chosen: Vec<u128> = {
+                let st = self.state.read().map_err(poisoned)?;
+                chunk
+                    .iter()
+                    .copied()
+                    .filter(|k| {
+                        st.meta
+                            .get(k)
+                            .is_some_and(|(_, v, _)| v.as_slice() != META_DELETED && still(*k, v))
+                    })
+                    .collect()
+            };
+            if !chosen.is_empty() {
+                n += self.delete_metas_locked(&mut app, &chosen)?;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Deletes the catalog records of `keys` (the caller saw them present) under an appender lock the caller
     /// holds: their deletion records are written, then synced once for all. Returns how many.
     pub(super) fn delete_metas_locked(
         &self,
