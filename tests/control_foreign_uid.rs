@@ -1,7 +1,8 @@
 //! A peer let in with `--allow-uid` may register only memory it owns: a shared-memory file or
 //! a process of another uid (cwm's own files and processes included) is refused with
-//! PERMISSION_DENIED, since cwm would read and write it with its own rights. Needs root (to
-//! run a client as another uid); says "skipped" otherwise.
+//! PERMISSION_DENIED, since cwm would read and write it with its own rights. Nor may it use,
+//! replace or unregister an engine another uid registered, or share another uid's idempotency
+//! keys. Needs root (to run a client as another uid); says "skipped" otherwise.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
 use common::daemon::fixture;
@@ -13,20 +14,9 @@ const NOBODY: u32 = 65534;
 
 #[test]
 fn an_allowed_uid_cannot_register_memory_it_does_not_own() {
-    // SAFETY: a plain getter.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root to run a client as another uid");
+    let Some(f) = open_to_nobody() else {
         return;
-    }
-    let f = fixture(&["--allow-uid", &NOBODY.to_string()]);
-    // Let the other uid reach the socket (an operator opening it up).
-    for d in [
-        f.tmp.path().to_path_buf(),
-        f.daemon.socket.parent().unwrap().to_path_buf(),
-    ] {
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    std::fs::set_permissions(&f.daemon.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    };
     let shm: Vec<String> = f.paths.iter().map(|p| p.display().to_string()).collect();
     let reqs = [
         serde_json::json!({"op": "hello"}),
@@ -39,27 +29,7 @@ fn an_allowed_uid_cannot_register_memory_it_does_not_own() {
                        "heads": 2, "head": 64, "dtype": "bf16"},
             "memory": {"shm": shm}}),
     ];
-    let script = "import socket,sys\n\
-s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f=s.makefile('rwb')\n\
-for line in sys.argv[2:]:\n    f.write(line.encode()+b'\\n'); f.flush(); print(f.readline().decode().strip())\n";
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&f.daemon.socket)
-        .args(reqs.iter().map(|r| r.to_string()))
-        .uid(NOBODY)
-        .gid(NOBODY)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = as_nobody(&f.daemon.socket, &reqs);
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert_eq!(
         lines[0]["ok"], true,
@@ -73,6 +43,26 @@ for line in sys.argv[2:]:\n    f.write(line.encode()+b'\\n'); f.flush(); print(f
             "{l}"
         );
     }
+}
+
+/// A daemon (engine e1) that lets `NOBODY` in, its socket opened up to it (as an operator
+/// would); `None` (the test skipped) when not root, which running a client as another uid
+/// needs.
+fn open_to_nobody() -> Option<common::daemon::Fixture> {
+    // SAFETY: a plain getter.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run a client as another uid");
+        return None;
+    }
+    let f = fixture(&["--allow-uid", &NOBODY.to_string()]);
+    for d in [
+        f.tmp.path().to_path_buf(),
+        f.daemon.socket.parent().unwrap().to_path_buf(),
+    ] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(&f.daemon.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    Some(f)
 }
 
 /// Runs the request lines as uid `NOBODY` on one connection; returns the final answers.
@@ -106,19 +96,9 @@ for line in sys.argv[2:]:\n    f.write(line.encode()+b'\\n'); f.flush()\n    whi
 /// from two users names two requests.
 #[test]
 fn an_allowed_uid_cannot_use_or_take_another_uids_engine() {
-    // SAFETY: a plain getter.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root to run a client as another uid");
+    let Some(f) = open_to_nobody() else {
         return;
-    }
-    let f = fixture(&["--allow-uid", &NOBODY.to_string()]);
-    for d in [
-        f.tmp.path().to_path_buf(),
-        f.daemon.socket.parent().unwrap().to_path_buf(),
-    ] {
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    std::fs::set_permissions(&f.daemon.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    };
     // Memory of nobody's own, in the shared-memory directory.
     let own = f.tmp.path().join("shm").join("nobody");
     std::fs::create_dir_all(&own).unwrap();
