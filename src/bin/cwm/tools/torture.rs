@@ -15,7 +15,9 @@
 //! - every few cycles, after compacting everything (`live_ratio` 1.0), no garbage is left
 //!   outside the append segment (no space leaked).
 //!
-//! Half the freezes and deletes carry an idempotency key, so their outcomes are also committed
+//! Unnamed windows are pinned and pinned ones unpinned (retention records, deleted again once
+//! their window is gone): a window whose pin was acknowledged must be listed as pinned after
+//! every restart. Half the freezes and deletes carry an idempotency key, so their outcomes are also committed
 //! as catalog records (kills land in catalog commits too). A second client freezes windows of
 //! its own at the same time (all sharing a first block), so kills land among concurrent
 //! freezes whose records interleave in the log; after every restart the daemon's health must
@@ -70,8 +72,12 @@ pub struct TortureSummary {
     pub compactions: u64,
     /// Unnamed windows found evicted (gone without a delete; allowed for them only).
     pub evictions_seen: u64,
-    /// Unnamed windows pinned (from then on they must survive like any other).
+    /// Unnamed windows pinned (from then on they must survive like any other, and stay
+    /// pinned across restarts).
     pub pins_acked: u64,
+    /// Pinned windows unpinned (evictable from then on; their retention record is deleted
+    /// once they are deleted or evicted).
+    pub unpins_acked: u64,
     /// Violations found (each also printed).
     pub violations: u64,
     /// First violations, in words.
@@ -164,6 +170,9 @@ struct Run {
     deleted: std::collections::BTreeSet<String>,
     /// Acknowledged windows frozen unnamed (evictable) and not pinned since.
     unnamed: std::collections::BTreeSet<String>,
+    /// Windows whose `pin` was acknowledged (and no `unpin` sent since): listed as pinned
+    /// after every restart.
+    pinned: std::collections::BTreeSet<String>,
     next_window: u64,
     /// Number of the second client's next window.
     next_side: u64,
@@ -424,6 +433,31 @@ impl Run {
                 self.acked.remove(&name);
             }
         }
+        let classes: BTreeMap<String, String> = v["windows"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|w| {
+                        Some((
+                            w["name"].as_str()?.to_string(),
+                            w["class"].as_str()?.to_string(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for name in self.pinned.clone() {
+            match classes.get(&name).map(String::as_str) {
+                Some("pinned") => {}
+                Some(other) => self.violation(format!(
+                    "window {name} pinned (acknowledged) is {other} after a restart"
+                )),
+                // (Deleted since, or missing: told apart above.)
+                None => {
+                    self.pinned.remove(&name);
+                }
+            }
+        }
         for name in &listed {
             if let Some(t) = self.acked.get(name).cloned() {
                 self.verify_window(c, name, &t)?;
@@ -513,6 +547,56 @@ impl Run {
                     }
                     Err(_) => return,
                 }
+            } else if (50..53).contains(&r) && !self.pinned.is_empty() {
+                // Unpin a pinned window: evictable from then on (also if the kill lands before
+                // the answer: it may have happened).
+                let i = self.rng.below(self.pinned.len() as u64) as usize;
+                let Some(name) = self.pinned.iter().nth(i).cloned() else {
+                    continue;
+                };
+                self.pinned.remove(&name);
+                self.unnamed.insert(name.clone());
+                match c.call_final(json!({"op": "unpin", "window": name})) {
+                    Ok(v) if ok(&v) => self.sum.unpins_acked += 1,
+                    Ok(v) => {
+                        let full = v.pointer("/error/code").and_then(Value::as_str)
+                            == Some("QUOTA_EXCEEDED");
+                        if !full {
+                            self.violation(format!("unpin of pinned {name} refused: {v}"));
+                        }
+                    }
+                    Err(_) => return,
+                }
+            } else if (50..56).contains(&r) {
+                // Pin a window (an unnamed one, when there is one, two times in three; else a
+                // named one, which writes a retention record all the same): once acknowledged
+                // it must never disappear, and stays pinned.
+                let from = if !self.unnamed.is_empty() && self.rng.below(3) > 0 {
+                    &self.unnamed
+                } else {
+                    &self.acked.keys().cloned().collect()
+                };
+                let i = self.rng.below(from.len().max(1) as u64) as usize;
+                let Some(name) = from.iter().nth(i).cloned() else {
+                    continue;
+                };
+                match c.call_final(json!({"op": "pin", "window": name})) {
+                    Ok(v) if ok(&v) => {
+                        self.unnamed.remove(&name);
+                        self.pinned.insert(name);
+                        self.sum.pins_acked += 1;
+                    }
+                    Ok(v) => {
+                        // A full log refuses the pin's record (it stays unnamed); anything
+                        // else but its eviction is wrong.
+                        let full = v.pointer("/error/code").and_then(Value::as_str)
+                            == Some("QUOTA_EXCEEDED");
+                        if !full && !self.evicted(&name, &v) {
+                            self.violation(format!("pin of acknowledged {name} refused: {v}"));
+                        }
+                    }
+                    Err(_) => return,
+                }
             } else if r < 75 || self.acked.len() > 48 {
                 let i = self.rng.below(self.acked.len() as u64) as usize;
                 let Some(name) = self.acked.keys().nth(i).cloned() else {
@@ -521,6 +605,7 @@ impl Run {
                 let Some(t) = self.acked.remove(&name) else {
                     continue;
                 };
+                self.pinned.remove(&name);
                 self.uncertain.insert(name.clone(), t);
                 let mut req = json!({"op": "delete", "window": name});
                 if self.rng.below(2) == 0 {
@@ -546,29 +631,7 @@ impl Run {
                     }
                     Err(_) => return,
                 }
-            } else if r < 80 && !self.unnamed.is_empty() {
-                // Pin an unnamed window: once acknowledged it must never disappear.
-                let i = self.rng.below(self.unnamed.len() as u64) as usize;
-                let Some(name) = self.unnamed.iter().nth(i).cloned() else {
-                    continue;
-                };
-                match c.call_final(json!({"op": "pin", "window": name})) {
-                    Ok(v) if ok(&v) => {
-                        self.unnamed.remove(&name);
-                        self.sum.pins_acked += 1;
-                    }
-                    Ok(v) => {
-                        // A full log refuses the pin's record (it stays unnamed); anything
-                        // else but its eviction is wrong.
-                        let full = v.pointer("/error/code").and_then(Value::as_str)
-                            == Some("QUOTA_EXCEEDED");
-                        if !full && !self.evicted(&name, &v) {
-                            self.violation(format!("pin of acknowledged {name} refused: {v}"));
-                        }
-                    }
-                    Err(_) => return,
-                }
-            } else if r < 90 {
+            } else if r < 92 {
                 let i = self.rng.below(self.acked.len() as u64) as usize;
                 let Some((name, t)) = self
                     .acked
@@ -618,6 +681,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureSummary, String> {
         uncertain: BTreeMap::new(),
         deleted: Default::default(),
         unnamed: Default::default(),
+        pinned: Default::default(),
         next_window: 0,
         next_side: 0,
         sum: TortureSummary::default(),
