@@ -512,14 +512,25 @@ impl Server {
         }
         // Without an expected version, the version read above: a replace meanwhile is refused
         // rather than changing the new window.
-        let info = self
-            .store
-            .set_retention(
+        let set = || {
+            self.store.set_retention(
                 &a.window,
                 Some(a.expected_version.unwrap_or(cur.version)),
                 r,
             )
-            .map_err(ApiError::from)?;
+        };
+        // A full log refuses even the small record: eviction makes room as for a freeze, then
+        // it is written (pinning is what one does under pressure; the window itself may have
+        // been evicted meanwhile, if unnamed: NOT_FOUND then).
+        let info = match set() {
+            Err(crate::store::StoreError::QuotaExceeded { needed, .. })
+                if self.make_room(needed).unwrap_or(false) =>
+            {
+                set()
+            }
+            other => other,
+        }
+        .map_err(|e| self.quota_detail(ApiError::from(e)))?;
         Ok(json!({ "window": info }))
     }
 
