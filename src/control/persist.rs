@@ -117,7 +117,7 @@ pub(super) fn restore(
     let own_uid = unsafe { libc::getuid() };
     // Sessions and idempotent outcomes are catalog records in the log: restore them.
     let mut restored = Vec::new();
-    let mut idem = HashMap::new();
+    let mut idem: Outcomes = HashMap::new();
     for (_, rec_seq, bytes) in store.meta_with_seq().unwrap_or_default() {
         let Ok(v) = serde_json::from_slice::<Value>(&bytes) else {
             continue;
@@ -161,7 +161,25 @@ pub(super) fn restore(
                             lines,
                             record,
                         };
-                        idem.insert(key, o);
+                        // A record from before keys were scoped and a newer one of the same
+                        // uid and key: the newer stands, the other is deleted.
+                        let loser = match idem.remove(&key) {
+                            Some(old) if old.at > o.at => {
+                                idem.insert(key, old);
+                                Some(o.record)
+                            }
+                            Some(old) => {
+                                idem.insert(key, o);
+                                Some(old.record)
+                            }
+                            None => {
+                                idem.insert(key, o);
+                                None
+                            }
+                        };
+                        if let Some(r) = loser {
+                            let _ = store.delete_meta(r);
+                        }
                     }
                 }
             }
@@ -278,7 +296,7 @@ impl Server {
         }
         if let Ok(mut m) = self.idem.lock() {
             // (Replacing an outcome past its TTL not forgotten yet.)
-            m.insert(
+            let old = m.insert(
                 key,
                 Outcome {
                     at,
@@ -288,6 +306,13 @@ impl Server {
                     record,
                 },
             );
+            // An outcome replaced under another catalog key (one recorded before keys were
+            // scoped by uid) has its record deleted, or it would shadow this one at restore.
+            if let Some(old) = old.filter(|o| o.record != record) {
+                if let Ok(mut q) = self.idem_forget.lock() {
+                    q.push((old.record, old.at));
+                }
+            }
             let max = self.cfg.maintenance.idempotency_max.max(1);
             // Forgotten in batches (a sixteenth of the most kept), not one per request.
             if m.len() > max + max / 16 {

@@ -385,7 +385,8 @@ pub enum Expect {
 /// window expired counts as absent for `new` (an expired name is free again, as in the
 /// store) but is kept, with its generation and highest token: readers never see a
 /// generation go back, and a fenced holder stays fenced. The manifest the head stops naming
-/// expires after the grace; an expiring window's own manifest, the grace after the window.
+/// expires after the grace, and so does the manifest of a refused publish. The manifest the
+/// head names never carries a TTL (under `volatile-lfu` Redis would evict it first).
 const PUBLISH: &str = r"
 local h = redis.call('HMGET', KEYS[1], 'gen', 'maxtok', 'token', 'exp')
 local gen = tonumber(h[1])
@@ -393,26 +394,27 @@ local maxtok = tonumber(h[2]) or 0
 local oldtok = h[3]
 local oldexp = tonumber(h[4]) or 0
 local tok = tonumber(ARGV[2])
-if tok <= maxtok then return {'FENCED', maxtok} end
-if ARGV[1] == 'new' then
-  if gen and not (oldexp > 0 and oldexp <= tonumber(ARGV[6])) then return {'EXISTS', gen} end
-elseif ARGV[1] ~= 'any' then
-  if (gen or 0) ~= tonumber(ARGV[1]) then return {'CONFLICT', gen or 0} end
+local function refuse(why, n)
+  redis.call('PEXPIRE', KEYS[2], ARGV[8])
+  return {why, n}
 end
-if redis.call('STRLEN', KEYS[2]) ~= tonumber(ARGV[3]) + 24 then return {'NOMANIFEST', 0} end
+if tok <= maxtok then return refuse('FENCED', maxtok) end
+if ARGV[1] == 'new' then
+  if gen and not (oldexp > 0 and oldexp <= tonumber(ARGV[6])) then return refuse('EXISTS', gen) end
+elseif ARGV[1] ~= 'any' then
+  if (gen or 0) ~= tonumber(ARGV[1]) then return refuse('CONFLICT', gen or 0) end
+end
+if redis.call('STRLEN', KEYS[2]) ~= tonumber(ARGV[3]) + 24 then return refuse('NOMANIFEST', 0) end
 local ng = (gen or 0) + 1
 redis.call('HSET', KEYS[1], 'gen', ng, 'token', tok, 'len', ARGV[3], 'sum', ARGV[4], 'maxtok', tok, 'name', ARGV[5], 'exp', ARGV[7])
 if oldtok and oldtok == ARGV[9] and oldtok ~= ARGV[2] then
   redis.call('PEXPIRE', KEYS[3], ARGV[8])
 end
-if tonumber(ARGV[7]) > 0 then
-  redis.call('PEXPIREAT', KEYS[2], tonumber(ARGV[7]) + tonumber(ARGV[8]))
-end
 return {'OK', ng}
 ";
 
-/// How long a superseded manifest (and an expired window's) stays readable: a reader that
-/// read the head just before a publish still finds the manifest it names.
+/// How long a superseded manifest stays readable (a reader that read the head just before a
+/// publish still finds the manifest it names), and a refused publish's is kept.
 const MANIFEST_GRACE_MS: u64 = 60_000;
 
 /// Renews a lease held with token ARGV[1] for ARGV[2] ms. KEYS: lock.
