@@ -57,6 +57,18 @@ fn a_published_window_whose_ttl_passed_is_gone_on_every_instance() {
         .unwrap();
     assert_eq!(code(&r), "NOT_FOUND", "{r}");
     assert!(r.to_string().contains("TTL"), "{r}");
+    // Listed in the tier as expired (its head stays), the other as live.
+    let remote = call(&mut cb, json!({"op": "remote.list"}));
+    let expired = |w: &str| {
+        remote["windows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == w)
+            .map(|x| x["expired"].clone())
+    };
+    assert_eq!(expired("brief"), Some(json!(true)), "{remote}");
+    assert_eq!(expired("kept"), Some(json!(false)), "{remote}");
     let listed = call(&mut cb, json!({"op": "list"}));
     assert!(
         !listed.to_string().contains("brief"),

@@ -24,6 +24,11 @@ pub struct RemoteWindow {
     pub tokens: u64,
     /// Payload bytes of its blocks.
     pub bytes: u64,
+    /// When its TTL ends, ms since the epoch (`None`: no TTL).
+    pub expires_unix_ms: Option<i64>,
+    /// Its TTL has passed: gone for every reader (its name is free for a new publish); its
+    /// head stays, and its manifest until the name is published again.
+    pub expired: bool,
     /// Its manifest could not be read or decoded (the rest is then 0).
     pub error: Option<String>,
 }
@@ -130,6 +135,8 @@ impl Remote {
                     blocks: m.blocks.len() as u64,
                     tokens: m.tokens.len() as u64,
                     bytes: m.blocks.iter().map(|b| b.len).sum(),
+                    expires_unix_ms: m.retention.expires_unix_ms,
+                    expired: m.retention.expired(crate::clock::now_unix_ms()),
                     error: None,
                 }),
                 Err(e) if e.is_outage() => Err(e),
@@ -139,6 +146,8 @@ impl Remote {
                     blocks: 0,
                     tokens: 0,
                     bytes: 0,
+                    expires_unix_ms: None,
+                    expired: false,
                     error: Some(e.to_string()),
                 }),
             })

@@ -50,7 +50,10 @@ pub(crate) fn ls_remote(c: &ClientArgs) -> ExitCode {
                 n("tokens"),
                 n("blocks"),
                 n("bytes") as f64 / 1_048_576.0,
-                w["error"].as_str().unwrap_or("")
+                w["error"]
+                    .as_str()
+                    .or((w["expired"] == true).then_some("expired (TTL passed)"))
+                    .unwrap_or("")
             );
         }
     })
