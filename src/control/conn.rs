@@ -14,10 +14,11 @@ use crate::error::ErrorCode;
 use crate::pipeline::Engine;
 
 impl Server {
-    /// Serves one accepted connection until the client closes it.
-    pub(super) fn connection(&self, conn: UnixStream) {
+    /// Serves one accepted connection of a client of `uid` (as the listener read it once,
+    /// at accept) until the client closes it.
+    pub(super) fn connection(&self, conn: UnixStream, uid: Option<u32>) {
         let owned: Mutex<Vec<(String, Arc<Engine>)>> = Mutex::new(Vec::new());
-        self.serve_connection(conn, &owned);
+        self.serve_connection(conn, &owned, uid);
         // Engines registered with scope "connection" go away with it (their IPC mappings are
         // closed when the last reference drops), unless re-registered since.
         let owned = owned.into_inner().unwrap_or_default();
@@ -36,7 +37,12 @@ impl Server {
         }
     }
 
-    fn serve_connection(&self, conn: UnixStream, owned: &Mutex<Vec<(String, Arc<Engine>)>>) {
+    fn serve_connection(
+        &self,
+        conn: UnixStream,
+        owned: &Mutex<Vec<(String, Arc<Engine>)>>,
+        uid: Option<u32>,
+    ) {
         // A client that stops reading must not stall the daemon: a freeze's `captured` line is
         // sent while its writer holds the log. A send that cannot go out in this time fails
         // (the request still completes).
@@ -91,7 +97,7 @@ impl Server {
                     let scoped = req.op == "register"
                         && req.args.get("scope").and_then(Value::as_str) == Some("connection");
                     let registered = Mutex::new(None);
-                    self.handle(req, &out, &registered);
+                    self.handle(req, &out, &registered, uid);
                     // Owned: exactly the engine this request registered (not one another
                     // connection registered under the name meanwhile, nor any for a replay).
                     if let Some(reg) = registered.into_inner().ok().flatten() {

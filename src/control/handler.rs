@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::args::{self, DeleteArgs, FreezeArgs, ListArgs, LookupArgs, RetainArgs, ThawArgs};
 use super::args::{SessionDeleteArgs, SessionOpenArgs, SessionStateArgs};
 use super::coalesce::thaw_key;
-use super::conn::{peer_gone, peer_uid_of_fd};
+use super::conn::peer_gone;
 use super::persist;
 use super::protocol::{self, ApiError, Request};
 use super::Server;
@@ -43,16 +43,16 @@ impl Ctx<'_> {
 }
 
 impl Server {
-    /// Answers one request; true when it succeeded.
+    /// Answers one request of a client of `uid`; true when it succeeded.
     pub(super) fn handle(
         &self,
         req: Request,
         out: &Mutex<UnixStream>,
         registered: &Registered,
+        uid: Option<u32>,
     ) -> bool {
         let id = req.id.clone();
         // Keys are the requester's own: clients of two uids never share an outcome.
-        let uid = out.lock().ok().and_then(|c| peer_uid_of_fd(c.as_raw_fd()));
         let key = req
             .idempotency_key
             .as_ref()

@@ -133,7 +133,7 @@ impl Server {
                 .name("cwm-conn".into())
                 .spawn(move || {
                     let _open = Open(me2.metrics.connections.clone());
-                    me2.connection(conn);
+                    me2.connection(conn, uid);
                 });
             if let Err(e) = spawned {
                 self.metrics.connections.dec();

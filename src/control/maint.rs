@@ -309,8 +309,17 @@ impl Server {
         for w in &expired {
             crate::log::info(&format!("expired: window {:?} v{}", w.name, w.version));
         }
-        // (Housekeeping: a failure is logged, and eviction goes on.)
-        match self.store.forget_inert_retention() {
+        // (Housekeeping, once a minute: a failure is logged, and eviction goes on.)
+        let now = crate::clock::now_unix_ms() as u64;
+        let swept = self.inert_swept.load(std::sync::atomic::Ordering::Relaxed);
+        let sweep = if now.saturating_sub(swept) >= 60_000 {
+            self.inert_swept
+                .store(now, std::sync::atomic::Ordering::Relaxed);
+            self.store.forget_inert_retention()
+        } else {
+            Ok(0)
+        };
+        match sweep {
             Ok(0) => {}
             Ok(n) => crate::log::info(&format!(
                 "deleted {n} retention records of windows deleted or replaced since"

@@ -119,6 +119,9 @@ pub struct Server {
     idem: Mutex<persist::Outcomes>,
     /// Catalog records of outcomes forgotten for room, deleted by the next retention pass.
     idem_forget: Mutex<Vec<(u128, i64)>>,
+    /// When inert retention records were last looked for (ms since the epoch): once a
+    /// minute, not every retention pass (a scan of the whole catalog).
+    inert_swept: AtomicU64,
     tier: RamTier,
     sessions: crate::session::Registry,
     metrics: metrics::Metrics,
@@ -177,6 +180,7 @@ impl Server {
             engines: Mutex::new(HashMap::new()),
             idem: Mutex::new(idem),
             idem_forget: Mutex::new(Vec::new()),
+            inert_swept: AtomicU64::new(0),
             metrics,
             stopping: AtomicBool::new(false),
             wake: eventfd(),

@@ -118,6 +118,9 @@ pub(super) fn restore(
     // Sessions and idempotent outcomes are catalog records in the log: restore them.
     let mut restored = Vec::new();
     let mut idem: Outcomes = HashMap::new();
+    // Catalog records to delete (expired, superseded, past the most kept): deleted together
+    // at the end, one sync, not one each while the daemon starts.
+    let mut gone: Vec<u128> = Vec::new();
     for (_, rec_seq, bytes) in store.meta_with_seq().unwrap_or_default() {
         let Ok(v) = serde_json::from_slice::<Value>(&bytes) else {
             continue;
@@ -131,7 +134,7 @@ pub(super) fn restore(
                         && now.saturating_sub(s.changed_at()) >= idem_ttl_ms
                     {
                         // Deleted long enough ago: forgotten, its record too.
-                        let _ = store.delete_meta(meta_key("session", &s.id));
+                        gone.push(meta_key("session", &s.id));
                     } else {
                         restored.push((rec_seq, s));
                     }
@@ -149,7 +152,7 @@ pub(super) fn restore(
                     };
                     let record = meta_key("idem", if v.get("uid").is_some() { &key } else { k });
                     if now.saturating_sub(at) >= idem_ttl_ms {
-                        let _ = store.delete_meta(record);
+                        gone.push(record);
                     } else {
                         let fingerprint = v["fingerprint"].as_str().map(str::to_string);
                         let op = v["op"].as_str().map(str::to_string);
@@ -163,22 +166,9 @@ pub(super) fn restore(
                         };
                         // A record from before keys were scoped and a newer one of the same
                         // uid and key: the newer stands, the other is deleted.
-                        let loser = match idem.remove(&key) {
-                            Some(old) if old.at > o.at => {
-                                idem.insert(key, old);
-                                Some(o.record)
-                            }
-                            Some(old) => {
-                                idem.insert(key, o);
-                                Some(old.record)
-                            }
-                            None => {
-                                idem.insert(key, o);
-                                None
-                            }
-                        };
-                        if let Some(r) = loser {
-                            let _ = store.delete_meta(r);
+                        match idem.get(&key) {
+                            Some(old) if old.at > o.at => gone.push(o.record),
+                            _ => gone.extend(idem.insert(key, o).map(|old| old.record)),
                         }
                     }
                 }
@@ -186,8 +176,16 @@ pub(super) fn restore(
             _ => {}
         }
     }
-    for (record, _) in cap_outcomes(&mut idem, idem_max.max(1)) {
-        let _ = store.delete_meta(record);
+    gone.extend(
+        cap_outcomes(&mut idem, idem_max.max(1))
+            .into_iter()
+            .map(|(r, _)| r),
+    );
+    if let Err(e) = store.delete_metas_if(&gone, |_, _| true) {
+        crate::log::warn(&format!(
+            "{} expired or superseded catalog records not deleted: {e}",
+            gone.len()
+        ));
     }
     let st2 = store.clone();
     let persist: crate::session::Persist = Box::new(move |s| {
