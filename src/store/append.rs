@@ -39,40 +39,65 @@ pub(crate) struct Appender {
     pub next_segment: u64,
 }
 
-/// Block records handed out to writers whose bytes are not written yet (see the module
-/// documentation).
+/// Records handed out to writers whose bytes are not written yet (see the module
+/// documentation): each batch of block records, and each manifest written outside the
+/// appender lock, holds a ticket, taken under that lock, so ticket order is log order.
 #[derive(Default)]
 pub(crate) struct InFlight {
-    count: Mutex<u64>,
+    tickets: Mutex<Tickets>,
     done: Condvar,
 }
 
-/// Block records of one batch counted in [`InFlight`] until dropped (written, or failed).
+/// The tickets of [`InFlight`]: the next to hand out, and those not yet done.
+#[derive(Default)]
+struct Tickets {
+    next: u64,
+    outstanding: std::collections::BTreeSet<u64>,
+}
+
+/// One batch of records counted in [`InFlight`] until dropped (written, or failed).
 pub(crate) struct InFlightRecords<'a> {
     of: &'a InFlight,
-    n: u64,
+    ticket: Option<u64>,
 }
 
 impl InFlightRecords<'_> {
-    /// Counts `n` more records of the batch.
+    /// Counts `n` more records of the batch (the batch's ticket is taken with the first;
+    /// called under the appender lock, right after they were handed out).
     pub(crate) fn add(&mut self, n: u64) -> Result<(), StoreError> {
-        *self.of.count.lock().map_err(poisoned)? += n;
-        self.n += n;
+        if n == 0 || self.ticket.is_some() {
+            return Ok(());
+        }
+        let mut t = self.of.tickets.lock().map_err(poisoned)?;
+        let id = t.next;
+        t.next += 1;
+        t.outstanding.insert(id);
+        self.ticket = Some(id);
+        Ok(())
+    }
+
+    /// Waits until every record handed out before this batch is written (or failed).
+    pub(crate) fn wait_for_earlier(&self) -> Result<(), StoreError> {
+        let Some(id) = self.ticket else {
+            return Ok(());
+        };
+        let mut t = self.of.tickets.lock().map_err(poisoned)?;
+        while t.outstanding.range(..id).next().is_some() {
+            t = self.of.done.wait(t).map_err(poisoned)?;
+        }
         Ok(())
     }
 }
 
 impl Drop for InFlightRecords<'_> {
     fn drop(&mut self) {
-        if self.n == 0 {
+        let Some(id) = self.ticket else {
             return;
-        }
-        // A poisoned count leaves waiters waiting; nothing panics while holding it.
-        if let Ok(mut c) = self.of.count.lock() {
-            *c = c.saturating_sub(self.n);
-            if *c == 0 {
-                self.of.done.notify_all();
-            }
+        };
+        // A poisoned lock leaves waiters waiting; nothing panics while holding it.
+        if let Ok(mut t) = self.of.tickets.lock() {
+            t.outstanding.remove(&id);
+            self.of.done.notify_all();
         }
     }
 }
@@ -87,21 +112,50 @@ impl Store {
         self.appender.lock().map_err(poisoned)
     }
 
+    /// Takes the appender lock once no commit of the name with key `key` is between handing
+    /// out its manifest and publishing it (that commit writes and syncs without the lock):
+    /// whatever the caller checks and writes about the name then comes after it.
+    pub(super) fn lock_name(&self, key: u128) -> Result<MutexGuard<'_, Appender>, StoreError> {
+        loop {
+            let app = self.lock_appender()?;
+            let c = self.committing.lock().map_err(poisoned)?;
+            if !c.contains(&key) {
+                drop(c);
+                return Ok(app);
+            }
+            drop(app);
+            // The committing lock is held from the look to the wait: no wake-up is lost.
+            let _c = self
+                .committed
+                .wait_while(c, |c| c.contains(&key))
+                .map_err(poisoned)?;
+        }
+    }
+
+    /// True while a commit of the name with key `key` is between handing out its manifest and
+    /// publishing it (callers hold the appender lock).
+    pub(super) fn is_committing(&self, key: u128) -> bool {
+        self.committing
+            .lock()
+            .map(|c| c.contains(&key))
+            .unwrap_or(true)
+    }
+
     /// A batch of block records handed out, counted in flight until it is dropped.
     pub(super) fn in_flight(&self) -> InFlightRecords<'_> {
         InFlightRecords {
             of: &self.in_flight,
-            n: 0,
+            ticket: None,
         }
     }
 
-    /// Waits until every block record handed out is written (or failed). Called with the
-    /// appender lock held, so no more are handed out meanwhile; writers finish theirs without
-    /// that lock.
+    /// Waits until every record handed out is written (or failed). Called with the appender
+    /// lock held, so no more are handed out meanwhile; writers finish theirs without that
+    /// lock.
     pub(super) fn quiesce(&self) -> Result<(), StoreError> {
-        let mut c = self.in_flight.count.lock().map_err(poisoned)?;
-        while *c > 0 {
-            c = self.in_flight.done.wait(c).map_err(poisoned)?;
+        let mut t = self.in_flight.tickets.lock().map_err(poisoned)?;
+        while !t.outstanding.is_empty() {
+            t = self.in_flight.done.wait(t).map_err(poisoned)?;
         }
         Ok(())
     }
@@ -126,11 +180,25 @@ impl Store {
         checksum: u64,
         image: &mut [u8],
     ) -> Result<Loc, StoreError> {
-        let len = stored_len(kind, payload_len);
-        let one = record_len(payload_len) as usize;
         if kind != RecordKind::Block {
             self.quiesce()?;
         }
+        self.hand_out(app, kind, key, payload_len, checksum, image)
+    }
+
+    /// [`Store::append`] without waiting for the records handed out before: the caller
+    /// writes the record only once they are written ([`Store::append_ordered`]).
+    fn hand_out(
+        &self,
+        app: &mut Appender,
+        kind: RecordKind,
+        key: u128,
+        payload_len: u64,
+        checksum: u64,
+        image: &mut [u8],
+    ) -> Result<Loc, StoreError> {
+        let len = stored_len(kind, payload_len);
+        let one = record_len(payload_len) as usize;
         if image.len() < len as usize {
             return Err(StoreError::Validation(format!(
                 "record image of {} bytes for a {kind:?} record of {len}",
@@ -437,6 +505,60 @@ impl Store {
         img[po..po + payload.len()].copy_from_slice(payload);
         let sum = payload_checksum(payload);
         let loc = self.append(app, kind, key, len, sum, &mut img)?;
+        self.write_record(kind, loc, &img)
+    }
+
+    /// Hands out room for a metadata record under the appender lock without waiting for the
+    /// records handed out before it: it holds a ticket in `flight`, and
+    /// [`Store::write_ordered`] writes it, after the lock is released, once every record
+    /// before it is written — the log's order stays what recovery relies on, while other
+    /// freezes go on appending and writing meanwhile.
+    pub(super) fn append_ordered(
+        &self,
+        app: &mut Appender,
+        kind: RecordKind,
+        key: u128,
+        payload: &[u8],
+        flight: &mut InFlightRecords<'_>,
+    ) -> Result<(Loc, AlignedBuf), StoreError> {
+        let len = payload.len() as u64;
+        let mut img = AlignedBuf::zeroed(stored_len(kind, len) as usize);
+        let po = payload_offset(len);
+        img[po..po + payload.len()].copy_from_slice(payload);
+        let sum = payload_checksum(payload);
+        let loc = self.hand_out(app, kind, key, len, sum, &mut img)?;
+        if let Err(e) = flight.add(1) {
+            self.cut_back([&loc]);
+            return Err(e);
+        }
+        Ok((loc, img))
+    }
+
+    /// Writes a record handed out by [`Store::append_ordered`] once every record before it is
+    /// written (without the appender lock); its ticket is given back whatever happens.
+    pub(super) fn write_ordered(
+        &self,
+        kind: RecordKind,
+        loc: Loc,
+        img: &AlignedBuf,
+        flight: InFlightRecords<'_>,
+    ) -> Result<Loc, StoreError> {
+        if let Err(e) = flight.wait_for_earlier() {
+            self.cut_back([&loc]);
+            return Err(e);
+        }
+        let res = self.write_record(kind, loc, img);
+        drop(flight);
+        res
+    }
+
+    /// Writes a record image handed out at `loc` (cut back when that fails).
+    fn write_record(
+        &self,
+        kind: RecordKind,
+        loc: Loc,
+        img: &AlignedBuf,
+    ) -> Result<Loc, StoreError> {
         let _site = match kind {
             RecordKind::Manifest => "manifest-write",
             RecordKind::Meta => "meta-write",
@@ -445,12 +567,12 @@ impl Store {
         };
         crate::fail_point!(_site, a => {
             if a == crate::failpoint::Action::ShortWrite {
-                short_write(self.engine.as_ref(), &loc, &img);
+                short_write(self.engine.as_ref(), &loc, img);
             }
             self.cut_back([&loc]);
             return Err(injected_error(_site));
         });
-        if let Err(e) = self.engine.write_all_at(loc.seg.fd(), loc.offset, &img) {
+        if let Err(e) = self.engine.write_all_at(loc.seg.fd(), loc.offset, img) {
             self.cut_back([&loc]);
             return Err(StoreError::io(format!("writing a {kind:?} record"), e));
         }

@@ -681,7 +681,7 @@ impl Store {
     /// Writes a durable tombstone for an incomplete window (its newest manifest, whose blocks
     /// are not all in the log), so recovery stops reporting it. Returns its version.
     pub fn tombstone_incomplete(&self, name: &str) -> Result<u64, StoreError> {
-        let mut app = self.lock_appender()?;
+        let mut app = self.lock_name(super::name_key(name))?;
         let (version, manifest_seq) = {
             let st = self.state.read().map_err(poisoned)?;
             *st.incomplete

@@ -126,8 +126,13 @@ pub struct Store {
     engine: Arc<dyn IoEngine>,
     state: RwLock<State>,
     appender: Mutex<Appender>,
-    /// Block records handed out but not yet written.
+    /// Records handed out but not yet written.
     in_flight: append::InFlight,
+    /// Names whose manifest is handed out but not yet published (`WindowWriter::commit`
+    /// writes and syncs it without the appender lock): other changes of those names wait.
+    committing: Mutex<std::collections::HashSet<u128>>,
+    /// Signalled when a name leaves `committing`.
+    committed: std::sync::Condvar,
     used: AtomicU64,
     capacity: AtomicU64,
     /// Log bytes promised but not yet in `used`: windows being written (their exact need,
@@ -200,6 +205,8 @@ impl Store {
             state: RwLock::new(state),
             appender: Mutex::new(appender),
             in_flight: append::InFlight::default(),
+            committing: Mutex::new(std::collections::HashSet::new()),
+            committed: std::sync::Condvar::new(),
             used: AtomicU64::new(used),
             compacting: Mutex::new(()),
             checkpoints: Mutex::new(Vec::new()),

@@ -208,9 +208,9 @@ impl Store {
         retention: Retention,
     ) -> Result<WindowInfo, StoreError> {
         let name = name::validate_name(name).map_err(StoreError::Validation)?;
-        // Held to the end: no replace or delete of the window can come between the check, the
-        // record and the index.
-        let mut app = self.lock_appender()?;
+        // Held to the end (and taken once no commit of the name is in progress): no replace
+        // or delete of the window can come between the check, the record and the index.
+        let mut app = self.lock_name(super::name_key(&name))?;
         let now = crate::clock::now_unix_ms();
         let version = {
             let st = self.state.read().map_err(poisoned)?;

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 
 use super::append::{Appender, InFlightRecords};
 use super::error::{poisoned, StoreError};
@@ -152,7 +152,7 @@ impl Store {
         still: impl Fn(&WindowEntry) -> bool,
     ) -> Result<WindowInfo, StoreError> {
         let name = name::validate_name(name).map_err(StoreError::Validation)?;
-        let mut app = self.lock_appender()?;
+        let mut app = self.lock_name(name_key(&name))?;
         let entry = {
             let st = self.state.read().map_err(poisoned)?;
             st.windows
@@ -220,10 +220,12 @@ impl Store {
         {
             let st = self.state.read().map_err(poisoned)?;
             for (name, version) in victims {
+                // A window being replaced is left for a later pass.
                 if let Some(e) = st
                     .windows
                     .get(name)
                     .filter(|e| e.info.version == *version && still(e))
+                    .filter(|_| !self.is_committing(name_key(name)))
                 {
                     if !chosen.iter().any(|c| c.info.name == *name) {
                         chosen.push(e.clone());
@@ -270,6 +272,23 @@ impl Store {
     }
 }
 
+/// A name in [`Store`]'s committing set until dropped (its window published, or the commit
+/// failed): waiters are woken.
+struct Committing<'a> {
+    store: &'a Store,
+    key: u128,
+}
+
+impl Drop for Committing<'_> {
+    fn drop(&mut self) {
+        // A poisoned set leaves waiters waiting; nothing panics while holding it.
+        if let Ok(mut c) = self.store.committing.lock() {
+            c.remove(&self.key);
+            self.store.committed.notify_all();
+        }
+    }
+}
+
 /// Writes one window. Freezes run concurrently: each takes the appender lock only to be handed
 /// room for a batch of block records, and again to commit. Dropping it without
 /// [`WindowWriter::commit`] aborts: nothing becomes visible, blocks already written are
@@ -298,7 +317,7 @@ impl Drop for WindowWriter<'_> {
     }
 }
 
-impl WindowWriter<'_> {
+impl<'a> WindowWriter<'a> {
     /// The (normalised) window name.
     #[must_use]
     pub fn name(&self) -> &str {
@@ -529,8 +548,10 @@ impl WindowWriter<'_> {
         for seg in std::mem::take(&mut self.touched) {
             self.store.sync(&seg)?;
         }
-        // 2. The name's version as of now, and the checksums of the blocks it refers to.
-        let mut app = self.store.lock_appender()?;
+        // 2. The name's version as of now, and the checksums of the blocks it refers to
+        // (after any other commit of the name in progress: it is published first).
+        let key = name_key(&self.spec.name);
+        let app = self.store.lock_name(key)?;
         let (version, blocks) = {
             let mut st = self.store.state.write().map_err(poisoned)?;
             let existing = check_replace(&st, &self.spec)?;
@@ -559,23 +580,8 @@ impl WindowWriter<'_> {
             retention: self.spec.retention,
         };
         let payload = m.encode();
-        // 3. Manifest durable (the appender lock held until published: a delete or another
-        // commit of the name sees either nothing or the published window).
-        let mloc = self.store.append_payload(
-            &mut app,
-            RecordKind::Manifest,
-            name_key(&m.name),
-            &payload,
-        )?;
-        let seq = app.next_seq - 1;
-        self.consumed(mloc.len);
-        mloc.seg.note_manifest(name_key(&m.name));
-        if let Err(e) = self.store.sync(&mloc.seg) {
-            // Not durable, not acknowledged: cut the manifest off so a later open cannot show
-            // a window whose freeze failed.
-            self.store.cut_back([&mloc]);
-            return Err(e);
-        }
+        // 3. Manifest durable, written and synced without the appender lock.
+        let (mloc, seq, pending) = self.write_manifest(app, key, &payload)?;
         // 4. Publish.
         let info = {
             let mut st = self.store.state.write().map_err(poisoned)?;
@@ -590,17 +596,81 @@ impl WindowWriter<'_> {
                     })
                 });
             let (info, _replaced) = st.publish(&m, seq, mloc, found, Unfound::Skip);
-            st.names.insert(name_key(&m.name), seq);
+            st.names.insert(key, seq);
             st.incomplete.remove(&m.name);
-            if let Some(t) = st.tombs.remove(&name_key(&m.name)) {
+            if let Some(t) = st.tombs.remove(&key) {
                 // The tombstone is no longer the newest event of the name: garbage.
                 t.seg.live.fetch_sub(t.len, Ordering::SeqCst);
             }
             info
         };
         self.release();
-        drop(app);
+        drop(pending);
         Ok(info)
+    }
+
+    /// Step 3 of [`WindowWriter::commit`]: the manifest's room is handed out under the
+    /// appender lock (`app`, released here); the manifest is written once every record
+    /// before it is, and synced, without the lock, so other freezes go on appending and
+    /// writing meanwhile. The name stays in the committing set until the returned guard is
+    /// dropped (after publishing): a delete, pin, TTL or other commit of it waits, eviction
+    /// passes it by. When a record before it failed meanwhile (its segment is now read-only),
+    /// its room is handed out again in a new segment: another freeze's failure does not fail
+    /// this one. Returns where it is and its sequence number.
+    fn write_manifest(
+        &mut self,
+        mut app: MutexGuard<'a, Appender>,
+        key: u128,
+        payload: &[u8],
+    ) -> Result<(Loc, u64, Committing<'a>), StoreError> {
+        let pending = {
+            let mut c = self.store.committing.lock().map_err(poisoned)?;
+            c.insert(key);
+            Committing {
+                store: self.store,
+                key,
+            }
+        };
+        loop {
+            let mut flight = self.store.in_flight();
+            let (mloc, img) = self.store.append_ordered(
+                &mut app,
+                RecordKind::Manifest,
+                key,
+                payload,
+                &mut flight,
+            )?;
+            let seq = app.next_seq - 1;
+            self.consumed(mloc.len);
+            mloc.seg.note_manifest(key);
+            // Compaction leaves a segment with unpublished records alone.
+            if !self.counted.iter().any(|s| s.id == mloc.seg.id) {
+                mloc.seg.writers.fetch_add(1, Ordering::SeqCst);
+                self.counted.push(mloc.seg.clone());
+            }
+            drop(app);
+            if let Err(e) = flight.wait_for_earlier() {
+                self.store.cut_back([&mloc]);
+                return Err(e);
+            }
+            if mloc.seg.failed.load(Ordering::SeqCst) {
+                // Its room is garbage in a read-only segment (cut off when it is the last).
+                drop(flight);
+                self.store.cut_back([&mloc]);
+                app = self.store.lock_appender()?;
+                continue;
+            }
+            let mloc = self
+                .store
+                .write_ordered(RecordKind::Manifest, mloc, &img, flight)?;
+            if let Err(e) = self.store.sync(&mloc.seg) {
+                // Not durable, not acknowledged: cut the manifest off so a later open cannot
+                // show a window whose freeze failed.
+                self.store.cut_back([&mloc]);
+                return Err(e);
+            }
+            return Ok((mloc, seq, pending));
+        }
     }
 
     /// The manifest's block references: checksums of blocks written here, of the others from

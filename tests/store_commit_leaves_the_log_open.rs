@@ -1,0 +1,143 @@
+//! A commit waits for the block records handed out before its manifest
+//! (tests/store_commit_waits_for_writes.rs) without holding the appender lock: while it waits,
+//! other freezes are still handed room and write their blocks; and when a record before its
+//! manifest fails meanwhile (the segment becomes read-only), the manifest goes to a new segment
+//! and the commit succeeds — one freeze's failure does not fail another.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod common;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use cwm::io::fault::{FaultEngine, FaultPlan};
+use cwm::io::IoEngine;
+use cwm::store::Store;
+
+const LEN: u64 = 64 << 10;
+
+/// Waits (at most 20 s) until `f` holds.
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(20), "{what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn other_freezes_write_while_a_commit_waits_for_an_earlier_record() {
+    for (name, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fe = Arc::new(FaultEngine::new(engine.clone()));
+        let dyn_fe: Arc<dyn IoEngine> = fe.clone();
+        let (store, _) = Store::open_with_engine(config(tmp.path()), dyn_fe).unwrap();
+        put(&store, "first", &keys(3, 1), LEN);
+        // Write 0 (A's block) is held until released.
+        fe.set_plan(FaultPlan {
+            hold_write: Some(0),
+            ..Default::default()
+        });
+        std::thread::scope(|s| {
+            let a = s.spawn(|| {
+                let mut w = store.begin_window(spec("a", &keys(1, 1), LEN)).unwrap();
+                write_block(&mut w, 0, keys(1, 1)[0] as u64, LEN);
+                w.commit().unwrap();
+            });
+            wait_until(&format!("{name}: A never wrote"), || fe.holding());
+            // B writes its block (write 1) and commits: its manifest waits for A's block.
+            let b = s.spawn(|| put(&store, "b", &keys(2, 1), LEN));
+            wait_until(&format!("{name}: B never wrote"), || fe.writes_seen() >= 2);
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(
+                !b.is_finished(),
+                "{name}: B committed before A's block was written"
+            );
+            // C is handed room and writes its block meanwhile.
+            let c = s.spawn(|| {
+                let mut w = store.begin_window(spec("c", &keys(4, 1), LEN)).unwrap();
+                write_block(&mut w, 0, keys(4, 1)[0] as u64, LEN);
+                w
+            });
+            let t = Instant::now();
+            while !c.is_finished() && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let c_wrote_while_held = c.is_finished() && fe.holding();
+            fe.release();
+            let w = c.join().unwrap();
+            w.commit().unwrap();
+            b.join().unwrap();
+            a.join().unwrap();
+            assert!(
+                c_wrote_while_held,
+                "{name}: a freeze could not write while another's commit waited"
+            );
+        });
+        for (w, k) in [("first", 3), ("a", 1), ("b", 2), ("c", 4)] {
+            check(&store, w, &keys(k, 1), LEN);
+        }
+        drop(store);
+        let (store, rep) = Store::open_with_engine(config(tmp.path()), engine.clone()).unwrap();
+        assert!(rep.damaged_regions.is_empty(), "{name}: {rep:?}");
+        assert!(rep.torn_tails.is_empty(), "{name}: {rep:?}");
+        for (w, k) in [("first", 3), ("a", 1), ("b", 2), ("c", 4)] {
+            check(&store, w, &keys(k, 1), LEN);
+        }
+    }
+}
+
+#[test]
+fn a_failed_earlier_record_does_not_fail_a_waiting_commit() {
+    for (name, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fe = Arc::new(FaultEngine::new(engine.clone()));
+        let dyn_fe: Arc<dyn IoEngine> = fe.clone();
+        let (store, _) = Store::open_with_engine(config(tmp.path()), dyn_fe).unwrap();
+        put(&store, "first", &keys(3, 1), LEN);
+        // Write 0 (A's block) is held, then fails: its segment becomes read-only.
+        fe.set_plan(FaultPlan {
+            hold_write: Some(0),
+            fail_write: Some(0),
+            write_errno: libc::EIO,
+            ..Default::default()
+        });
+        std::thread::scope(|s| {
+            let a = s.spawn(|| {
+                let mut w = store.begin_window(spec("a", &keys(1, 1), LEN)).unwrap();
+                let img = &mut block_image(keys(1, 1)[0] as u64, LEN);
+                let wrote = w.write_blocks(&mut [cwm::store::BlockImage {
+                    index: 0,
+                    image: &mut img[..],
+                    checksum: None,
+                }]);
+                assert!(wrote.is_err(), "A's write was to fail");
+            });
+            wait_until(&format!("{name}: A never wrote"), || fe.holding());
+            let b = s.spawn(|| {
+                let mut w = store.begin_window(spec("b", &keys(2, 1), LEN)).unwrap();
+                write_block(&mut w, 0, keys(2, 1)[0] as u64, LEN);
+                w.commit()
+            });
+            wait_until(&format!("{name}: B never wrote"), || fe.writes_seen() >= 2);
+            std::thread::sleep(Duration::from_millis(200));
+            fe.release();
+            a.join().unwrap();
+            let info = b.join().unwrap();
+            assert!(
+                info.is_ok(),
+                "{name}: B failed with A's write: {:?}",
+                info.err()
+            );
+        });
+        check(&store, "b", &keys(2, 1), LEN);
+        assert!(
+            store.read_window("a").is_err(),
+            "{name}: A was never committed"
+        );
+        drop(store);
+        let (store, _) = Store::open_with_engine(config(tmp.path()), engine.clone()).unwrap();
+        check(&store, "first", &keys(3, 1), LEN);
+        check(&store, "b", &keys(2, 1), LEN);
+        assert!(store.read_window("a").is_err(), "{name}: A came back");
+    }
+}
