@@ -2,7 +2,8 @@
 //! (tests/store_commit_waits_for_writes.rs) without holding the appender lock: while it waits,
 //! other freezes are still handed room and write their blocks; and when a record before its
 //! manifest fails meanwhile (the segment becomes read-only), the manifest goes to a new segment
-//! and the commit succeeds — one freeze's failure does not fail another.
+//! and the commit succeeds — one freeze's failure does not fail another; and two commits
+//! that both wrote their own record of one new block key refer to one record.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
 use std::sync::Arc;
@@ -139,5 +140,63 @@ fn a_failed_earlier_record_does_not_fail_a_waiting_commit() {
         check(&store, "first", &keys(3, 1), LEN);
         check(&store, "b", &keys(2, 1), LEN);
         assert!(store.read_window("a").is_err(), "{name}: A came back");
+    }
+}
+
+/// Two freezes both write their own record of one block key (neither found it stored when it
+/// began; a GPU gather of the same tokens need not give the same bytes). A's manifest write is
+/// held after A decided its references; B commits meanwhile. Whichever publishes first, each
+/// manifest must name the record the index resolves the key to: both windows read back
+/// verified, B's block being A's record, and the same after a reopen.
+#[test]
+fn two_commits_of_one_new_block_key_refer_to_one_record() {
+    for (name, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fe = Arc::new(FaultEngine::new(engine.clone()));
+        let dyn_fe: Arc<dyn IoEngine> = fe.clone();
+        let (store, _) = Store::open_with_engine(config(tmp.path()), dyn_fe).unwrap();
+        put(&store, "first", &keys(3, 1), LEN);
+        let shared = keys(7, 1);
+        let mut a = store.begin_window(spec("a", &shared, LEN)).unwrap();
+        let mut b = store.begin_window(spec("b", &shared, LEN)).unwrap();
+        assert!(a.needs_write(0) && b.needs_write(0));
+        // Writes from here: A's block (0), B's block (1), A's manifest (2, held).
+        fe.set_plan(FaultPlan {
+            hold_write: Some(2),
+            ..Default::default()
+        });
+        write_block(&mut a, 0, 1, LEN);
+        write_block(&mut b, 0, 2, LEN);
+        std::thread::scope(|s| {
+            let ta = s.spawn(move || a.commit());
+            wait_until(&format!("{name}: A's manifest never written"), || {
+                fe.holding()
+            });
+            let tb = s.spawn(move || b.commit());
+            std::thread::sleep(Duration::from_millis(300));
+            fe.release();
+            ta.join().unwrap().unwrap();
+            tb.join().unwrap().unwrap();
+        });
+        let verify = |store: &Store| {
+            let (_, ab) = store
+                .read_window("a")
+                .unwrap_or_else(|e| panic!("{name}: read a: {e}"));
+            let (_, bb) = store
+                .read_window("b")
+                .unwrap_or_else(|e| panic!("{name}: read b: {e}"));
+            assert_eq!(ab[0], payload(1, LEN as usize), "{name}: A's block");
+            assert_eq!(bb[0], ab[0], "{name}: B refers to the record published");
+        };
+        verify(&store);
+        assert!(
+            store.check_invariants().unwrap().is_empty(),
+            "{name}: {:?}",
+            store.check_invariants()
+        );
+        drop(store);
+        let (store, rep) = Store::open_with_engine(config(tmp.path()), engine.clone()).unwrap();
+        assert!(rep.damaged_regions.is_empty(), "{name}: {rep:?}");
+        verify(&store);
     }
 }

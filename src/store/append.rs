@@ -4,8 +4,10 @@
 //! sync, so that a failed record cannot reappear at the next open.
 //!
 //! Room is handed out under the appender lock; block records are written after it is released,
-//! so concurrent freezes write interleaved. Metadata records, compaction copies and rotation
-//! first wait until every block record handed out is written ([`Store::quiesce`]): in the
+//! so concurrent freezes write interleaved. Tombstones, catalog records, compaction copies and
+//! rotation first wait until every record handed out is written ([`Store::quiesce`]); a
+//! commit's manifest is handed out with a ticket and written after the lock is released, once
+//! every record of a lower ticket is written ([`Store::append_ordered`]). Either way, in the
 //! log's order, everything before a metadata record or a sealed segment's end was written, and
 //! recovery can tell the unwritten room of freezes in flight at a crash (block records after
 //! the newest segment's last metadata record) from damage.
@@ -119,7 +121,7 @@ impl Store {
         loop {
             let app = self.lock_appender()?;
             let c = self.committing.lock().map_err(poisoned)?;
-            if !c.contains(&key) {
+            if !c.names.contains(&key) {
                 drop(c);
                 return Ok(app);
             }
@@ -127,7 +129,7 @@ impl Store {
             // The committing lock is held from the look to the wait: no wake-up is lost.
             let _c = self
                 .committed
-                .wait_while(c, |c| c.contains(&key))
+                .wait_while(c, |c| c.names.contains(&key))
                 .map_err(poisoned)?;
         }
     }
@@ -137,7 +139,7 @@ impl Store {
     pub(super) fn is_committing(&self, key: u128) -> bool {
         self.committing
             .lock()
-            .map(|c| c.contains(&key))
+            .map(|c| c.names.contains(&key))
             .unwrap_or(true)
     }
 

@@ -6,8 +6,9 @@
 //! records not already in the log are appended (blocks present are referenced, not rewritten);
 //! every touched segment is `fdatasync`ed; then the manifest record is appended and
 //! `fdatasync`ed; only then does the window become visible. Freezes write their block records
-//! concurrently; metadata records are appended only once every block record handed out before
-//! them is written, so a hole before a later metadata record is always damage (`append.rs`).
+//! concurrently, and a commit writes and syncs its manifest without the appender lock;
+//! metadata records are written only once every record handed out before them is written, so
+//! a hole before a later metadata record is always damage (`append.rs`).
 //!
 //! The store is its own catalog: manifests and tombstones in the log are the truth, and
 //! [`Store::open`] rebuilds windows, the block index and reference counts from them
@@ -128,10 +129,11 @@ pub struct Store {
     appender: Mutex<Appender>,
     /// Records handed out but not yet written.
     in_flight: append::InFlight,
-    /// Names whose manifest is handed out but not yet published (`WindowWriter::commit`
-    /// writes and syncs it without the appender lock): other changes of those names wait.
-    committing: Mutex<std::collections::HashSet<u128>>,
-    /// Signalled when a name leaves `committing`.
+    /// Commits between handing out their manifest and publishing it (`WindowWriter::commit`
+    /// writes and syncs it without the appender lock): other changes of those names, and
+    /// other commits referring to the blocks they publish, wait.
+    committing: Mutex<writer::Committing>,
+    /// Signalled when a commit leaves `committing`.
     committed: std::sync::Condvar,
     used: AtomicU64,
     capacity: AtomicU64,
@@ -205,7 +207,7 @@ impl Store {
             state: RwLock::new(state),
             appender: Mutex::new(appender),
             in_flight: append::InFlight::default(),
-            committing: Mutex::new(std::collections::HashSet::new()),
+            committing: Mutex::new(writer::Committing::default()),
             committed: std::sync::Condvar::new(),
             used: AtomicU64::new(used),
             compacting: Mutex::new(()),

@@ -272,18 +272,36 @@ impl Store {
     }
 }
 
-/// A name in [`Store`]'s committing set until dropped (its window published, or the commit
-/// failed): waiters are woken.
-struct Committing<'a> {
-    store: &'a Store,
-    key: u128,
+/// Commits between handing out their manifest and publishing it: their names, and the keys of
+/// the blocks they publish records of (written by them, not yet in the index) — a concurrent
+/// commit referring to one of those keys waits, then refers to the record published.
+#[derive(Default)]
+pub(super) struct Committing {
+    pub(super) names: std::collections::HashSet<u128>,
+    blocks: HashMap<u128, u32>,
 }
 
-impl Drop for Committing<'_> {
+/// One commit's entries in [`Committing`] until dropped (its window published, or the commit
+/// failed): waiters are woken.
+pub(super) struct CommitGuard<'a> {
+    store: &'a Store,
+    name: u128,
+    blocks: Vec<u128>,
+}
+
+impl Drop for CommitGuard<'_> {
     fn drop(&mut self) {
         // A poisoned set leaves waiters waiting; nothing panics while holding it.
         if let Ok(mut c) = self.store.committing.lock() {
-            c.remove(&self.key);
+            c.names.remove(&self.name);
+            for k in &self.blocks {
+                if let Some(n) = c.blocks.get_mut(k) {
+                    *n -= 1;
+                    if *n == 0 {
+                        c.blocks.remove(k);
+                    }
+                }
+            }
             self.store.committed.notify_all();
         }
     }
@@ -528,8 +546,8 @@ impl<'a> WindowWriter<'a> {
 
     /// Makes the window durable and visible: sync blocks, then under the appender lock check
     /// the name again (another freeze or a delete may have changed it since
-    /// [`Store::begin_window`]), write and sync the manifest, publish. Returns only after the
-    /// manifest is durable.
+    /// [`Store::begin_window`]) and hand out the manifest's room; write and sync the manifest
+    /// without the lock; publish. Returns only after the manifest is durable.
     pub fn commit(mut self) -> Result<WindowInfo, StoreError> {
         if let Some(f) = &self.failed {
             return Err(StoreError::Validation(format!(
@@ -548,26 +566,9 @@ impl<'a> WindowWriter<'a> {
         for seg in std::mem::take(&mut self.touched) {
             self.store.sync(&seg)?;
         }
-        // 2. The name's version as of now, and the checksums of the blocks it refers to
-        // (after any other commit of the name in progress: it is published first).
+        // 2. The name's version as of now, and the checksums of the blocks it refers to.
         let key = name_key(&self.spec.name);
-        let app = self.store.lock_name(key)?;
-        let (version, blocks) = {
-            let mut st = self.store.state.write().map_err(poisoned)?;
-            let existing = check_replace(&st, &self.spec)?;
-            let (blocks, from_index) = self.block_refs(&st)?;
-            // The stored records the manifest now names are held until it is published (or
-            // the commit fails): a writer that held one and gives up meanwhile must not let it
-            // leave the index, or the window would be published over this writer's own copy
-            // of the block under the other record's checksum.
-            for k in from_index {
-                if let Some(e) = st.blocks.get_mut(&k) {
-                    e.holds += 1;
-                    self.held.push(k);
-                }
-            }
-            (existing.map_or(1, |v| v + 1), blocks)
-        };
+        let (app, version, blocks, pending) = self.claim(key)?;
         let m = Manifest {
             name: self.spec.name.clone(),
             version,
@@ -581,7 +582,7 @@ impl<'a> WindowWriter<'a> {
         };
         let payload = m.encode();
         // 3. Manifest durable, written and synced without the appender lock.
-        let (mloc, seq, pending) = self.write_manifest(app, key, &payload)?;
+        let (mloc, seq) = self.write_manifest(app, key, &payload)?;
         // 4. Publish.
         let info = {
             let mut st = self.store.state.write().map_err(poisoned)?;
@@ -609,28 +610,90 @@ impl<'a> WindowWriter<'a> {
         Ok(info)
     }
 
+    /// Step 2 of [`WindowWriter::commit`], under the appender lock (returned): once no other
+    /// commit of the name, nor of a block this one would publish its own record of, is between
+    /// handing out its manifest and publishing it, checks the name again and decides the
+    /// manifest's block references (so two commits never publish different records of one key
+    /// under their checksums); holds the stored records it refers to and enters the name and
+    /// its own blocks' keys in the committing set until the returned guard is dropped.
+    #[expect(
+        clippy::type_complexity,
+        reason = "one caller, which takes the tuple apart at once"
+    )]
+    fn claim(
+        &mut self,
+        key: u128,
+    ) -> Result<
+        (
+            MutexGuard<'a, Appender>,
+            u64,
+            Vec<BlockRef>,
+            CommitGuard<'a>,
+        ),
+        StoreError,
+    > {
+        loop {
+            let app = self.store.lock_name(key)?;
+            let mut st = self.store.state.write().map_err(poisoned)?;
+            let existing = check_replace(&st, &self.spec)?;
+            let (blocks, from_index) = self.block_refs(&st)?;
+            let mut own: Vec<u128> = blocks
+                .iter()
+                .map(|b| b.key)
+                .filter(|k| !from_index.contains(k))
+                .collect();
+            own.sort_unstable();
+            own.dedup();
+            let mut c = self.store.committing.lock().map_err(poisoned)?;
+            if own.iter().any(|k| c.blocks.contains_key(k)) {
+                // Another commit publishes its record of one of these keys: wait for it, then
+                // refer to the record it published.
+                drop(st);
+                drop(app);
+                let _c = self
+                    .store
+                    .committed
+                    .wait_while(c, |c| own.iter().any(|k| c.blocks.contains_key(k)))
+                    .map_err(poisoned)?;
+                continue;
+            }
+            // The stored records the manifest now names are held until it is published (or
+            // the commit fails): a writer that held one and gives up meanwhile must not let it
+            // leave the index, or the window would be published over this writer's own copy
+            // of the block under the other record's checksum.
+            for k in from_index {
+                if let Some(e) = st.blocks.get_mut(&k) {
+                    e.holds += 1;
+                    self.held.push(k);
+                }
+            }
+            c.names.insert(key);
+            for k in &own {
+                *c.blocks.entry(*k).or_insert(0) += 1;
+            }
+            drop(c);
+            drop(st);
+            let guard = CommitGuard {
+                store: self.store,
+                name: key,
+                blocks: own,
+            };
+            return Ok((app, existing.map_or(1, |v| v + 1), blocks, guard));
+        }
+    }
+
     /// Step 3 of [`WindowWriter::commit`]: the manifest's room is handed out under the
     /// appender lock (`app`, released here); the manifest is written once every record
     /// before it is, and synced, without the lock, so other freezes go on appending and
-    /// writing meanwhile. The name stays in the committing set until the returned guard is
-    /// dropped (after publishing): a delete, pin, TTL or other commit of it waits, eviction
-    /// passes it by. When a record before it failed meanwhile (its segment is now read-only),
-    /// its room is handed out again in a new segment: another freeze's failure does not fail
-    /// this one. Returns where it is and its sequence number.
+    /// writing meanwhile (the name is in the committing set, [`WindowWriter::claim`]). When
+    /// a record before it failed meanwhile (its segment is now read-only), its room is handed
+    /// out again in a new segment: another freeze's failure does not fail this one. Returns where it is and its sequence number.
     fn write_manifest(
         &mut self,
         mut app: MutexGuard<'a, Appender>,
         key: u128,
         payload: &[u8],
-    ) -> Result<(Loc, u64, Committing<'a>), StoreError> {
-        let pending = {
-            let mut c = self.store.committing.lock().map_err(poisoned)?;
-            c.insert(key);
-            Committing {
-                store: self.store,
-                key,
-            }
-        };
+    ) -> Result<(Loc, u64), StoreError> {
         loop {
             let mut flight = self.store.in_flight();
             let (mloc, img) = self.store.append_ordered(
@@ -669,7 +732,7 @@ impl<'a> WindowWriter<'a> {
                 self.store.cut_back([&mloc]);
                 return Err(e);
             }
-            return Ok((mloc, seq, pending));
+            return Ok((mloc, seq));
         }
     }
 
