@@ -104,6 +104,53 @@ impl Drop for InFlightRecords<'_> {
     }
 }
 
+/// A metadata record handed out by [`Store::append_ordered`] and not yet written. Dropped
+/// unwritten (an error, a panic, its segment failed meanwhile), it is cut back — its segment
+/// takes no more appends, and no checkpoint lists it — before its ticket is given back.
+pub(super) struct Handed<'s> {
+    store: &'s Store,
+    kind: RecordKind,
+    loc: Loc,
+    img: AlignedBuf,
+    flight: Option<InFlightRecords<'s>>,
+}
+
+impl Handed<'_> {
+    /// Where the record goes.
+    pub(super) fn loc(&self) -> &Loc {
+        &self.loc
+    }
+
+    /// Waits until every record handed out before this one is written (or failed).
+    pub(super) fn wait_for_earlier(&self) -> Result<(), StoreError> {
+        match &self.flight {
+            Some(f) => f.wait_for_earlier(),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the record once every record before it is written (without the appender
+    /// lock); its ticket is given back whatever happens.
+    pub(super) fn write(mut self) -> Result<Loc, StoreError> {
+        self.wait_for_earlier()?;
+        let loc = self
+            .store
+            .write_record(self.kind, self.loc.clone(), &self.img)?;
+        // Written: given back without cutting it off.
+        self.flight = None;
+        Ok(loc)
+    }
+}
+
+impl Drop for Handed<'_> {
+    fn drop(&mut self) {
+        if let Some(f) = self.flight.take() {
+            self.store.cut_back([&self.loc]);
+            drop(f);
+        }
+    }
+}
+
 /// Size of the segment made for one-page records when a full-size one does not fit on the
 /// file system.
 const SMALL_SEGMENT: u64 = 16 * PAGE;
@@ -511,47 +558,34 @@ impl Store {
     }
 
     /// Hands out room for a metadata record under the appender lock without waiting for the
-    /// records handed out before it: it holds a ticket in `flight`, and
-    /// [`Store::write_ordered`] writes it, after the lock is released, once every record
-    /// before it is written — the log's order stays what recovery relies on, while other
-    /// freezes go on appending and writing meanwhile.
+    /// records handed out before it: it holds a ticket, and [`Handed::write`] writes it, after
+    /// the lock is released, once every record before it is written — the log's order stays
+    /// what recovery relies on, while other freezes go on appending and writing meanwhile.
     pub(super) fn append_ordered(
         &self,
         app: &mut Appender,
         kind: RecordKind,
         key: u128,
         payload: &[u8],
-        flight: &mut InFlightRecords<'_>,
-    ) -> Result<(Loc, AlignedBuf), StoreError> {
+    ) -> Result<Handed<'_>, StoreError> {
         let len = payload.len() as u64;
         let mut img = AlignedBuf::zeroed(stored_len(kind, len) as usize);
         let po = payload_offset(len);
         img[po..po + payload.len()].copy_from_slice(payload);
         let sum = payload_checksum(payload);
         let loc = self.hand_out(app, kind, key, len, sum, &mut img)?;
+        let mut flight = self.in_flight();
         if let Err(e) = flight.add(1) {
             self.cut_back([&loc]);
             return Err(e);
         }
-        Ok((loc, img))
-    }
-
-    /// Writes a record handed out by [`Store::append_ordered`] once every record before it is
-    /// written (without the appender lock); its ticket is given back whatever happens.
-    pub(super) fn write_ordered(
-        &self,
-        kind: RecordKind,
-        loc: Loc,
-        img: &AlignedBuf,
-        flight: InFlightRecords<'_>,
-    ) -> Result<Loc, StoreError> {
-        if let Err(e) = flight.wait_for_earlier() {
-            self.cut_back([&loc]);
-            return Err(e);
-        }
-        let res = self.write_record(kind, loc, img);
-        drop(flight);
-        res
+        Ok(Handed {
+            store: self,
+            kind,
+            loc,
+            img,
+            flight: Some(flight),
+        })
     }
 
     /// Writes a record image handed out at `loc` (cut back when that fails).

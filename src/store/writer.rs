@@ -695,37 +695,26 @@ impl<'a> WindowWriter<'a> {
         payload: &[u8],
     ) -> Result<(Loc, u64), StoreError> {
         loop {
-            let mut flight = self.store.in_flight();
-            let (mloc, img) = self.store.append_ordered(
-                &mut app,
-                RecordKind::Manifest,
-                key,
-                payload,
-                &mut flight,
-            )?;
+            let h = self
+                .store
+                .append_ordered(&mut app, RecordKind::Manifest, key, payload)?;
             let seq = app.next_seq - 1;
-            self.consumed(mloc.len);
-            mloc.seg.note_manifest(key);
+            self.consumed(h.loc().len);
+            h.loc().seg.note_manifest(key);
             // Compaction leaves a segment with unpublished records alone.
-            if !self.counted.iter().any(|s| s.id == mloc.seg.id) {
-                mloc.seg.writers.fetch_add(1, Ordering::SeqCst);
-                self.counted.push(mloc.seg.clone());
+            if !self.counted.iter().any(|s| s.id == h.loc().seg.id) {
+                h.loc().seg.writers.fetch_add(1, Ordering::SeqCst);
+                self.counted.push(h.loc().seg.clone());
             }
             drop(app);
-            if let Err(e) = flight.wait_for_earlier() {
-                self.store.cut_back([&mloc]);
-                return Err(e);
-            }
-            if mloc.seg.failed.load(Ordering::SeqCst) {
+            h.wait_for_earlier()?;
+            if h.loc().seg.failed.load(Ordering::SeqCst) {
                 // Its room is garbage in a read-only segment (cut off when it is the last).
-                drop(flight);
-                self.store.cut_back([&mloc]);
+                drop(h);
                 app = self.store.lock_appender()?;
                 continue;
             }
-            let mloc = self
-                .store
-                .write_ordered(RecordKind::Manifest, mloc, &img, flight)?;
+            let mloc = h.write()?;
             if let Err(e) = self.store.sync(&mloc.seg) {
                 // Not durable, not acknowledged: cut the manifest off so a later open cannot
                 // show a window whose freeze failed.
