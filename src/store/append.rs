@@ -146,6 +146,7 @@ impl Drop for Handed<'_> {
     fn drop(&mut self) {
         if let Some(f) = self.flight.take() {
             self.store.cut_back([&self.loc]);
+            self.store.void_if_not_cut(&self.loc);
             drop(f);
         }
     }
@@ -401,6 +402,30 @@ impl Store {
             // the record torn or whole (an unacknowledged outcome, either way consistent).
             let _ = seg.file.set_len(offset.max(seg.first_record));
             let _ = seg.file.sync_all();
+        }
+    }
+
+    /// After [`Store::cut_back`] of a manifest that failed: when records were handed out after
+    /// it (concurrent freezes), the file could not be cut back, so its pages are overwritten
+    /// with zeros and synced (best effort, as the cut-back is): a commit answered with an error
+    /// must not reappear at the next open — where a later `pin` or replace of the version it
+    /// would shadow was acknowledged meanwhile. The next open reports the zeros as a damaged
+    /// region of a segment that failed anyway.
+    pub(super) fn void_if_not_cut(&self, loc: &Loc) {
+        if loc.seg.frontier() <= loc.offset {
+            return;
+        }
+        let zeros = AlignedBuf::zeroed(loc.len as usize);
+        let res = self
+            .engine
+            .write_all_at(loc.seg.fd(), loc.offset, &zeros)
+            .and_then(|()| self.engine.fdatasync(loc.seg.fd()));
+        if let Err(e) = res {
+            crate::log::warn(&format!(
+                "zeroing a failed manifest at {} of {} failed ({e}): the next open may find it",
+                loc.offset,
+                loc.seg.path.display()
+            ));
         }
     }
 

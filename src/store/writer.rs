@@ -716,9 +716,10 @@ impl<'a> WindowWriter<'a> {
             }
             let mloc = h.write()?;
             if let Err(e) = self.store.sync(&mloc.seg) {
-                // Not durable, not acknowledged: cut the manifest off so a later open cannot
-                // show a window whose freeze failed.
+                // Not durable, not acknowledged: cut the manifest off (or zero it) so a later
+                // open cannot show a window whose freeze failed.
                 self.store.cut_back([&mloc]);
+                self.store.void_if_not_cut(&mloc);
                 return Err(e);
             }
             return Ok((mloc, seq));
