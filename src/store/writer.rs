@@ -616,10 +616,6 @@ impl<'a> WindowWriter<'a> {
     /// manifest's block references (so two commits never publish different records of one key
     /// under their checksums); holds the stored records it refers to and enters the name and
     /// its own blocks' keys in the committing set until the returned guard is dropped.
-    #[expect(
-        clippy::type_complexity,
-        reason = "one caller, which takes the tuple apart at once"
-    )]
     fn claim(
         &mut self,
         key: u128,
