@@ -31,6 +31,9 @@ pub struct FaultPlan {
     /// [`FaultEngine::release`] (a slow write, to order concurrent operations in tests; a
     /// held write gives up waiting after 30 s).
     pub hold_write: Option<u64>,
+    /// Hold the `fdatasync` with this 0-based index the same way (then fail it when
+    /// `fail_fsync` names it too).
+    pub hold_fsync: Option<u64>,
 }
 
 /// Wraps an engine and injects the faults of its current [`FaultPlan`].
@@ -62,7 +65,8 @@ impl FaultEngine {
         }
     }
 
-    /// Whether the write [`FaultPlan::hold_write`] names is being held now.
+    /// Whether the write [`FaultPlan::hold_write`] (or the sync [`FaultPlan::hold_fsync`])
+    /// names is being held now.
     #[must_use]
     pub fn holding(&self) -> bool {
         self.hold.lock().is_ok_and(|h| h.0)
@@ -183,6 +187,9 @@ impl IoEngine for FaultEngine {
     fn fdatasync(&self, fd: RawFd) -> Result<(), IoError> {
         let plan = self.plan();
         let n = self.fsyncs.fetch_add(1, Ordering::SeqCst);
+        if plan.hold_fsync == Some(n) {
+            self.wait_for_release();
+        }
         if plan.fail_fsync == Some(n) {
             return Err(injected("fdatasync", 0, plan.fsync_errno));
         }

@@ -50,11 +50,13 @@ pub(crate) struct InFlight {
     done: Condvar,
 }
 
-/// The tickets of [`InFlight`]: the next to hand out, and those not yet done.
+/// The tickets of [`InFlight`]: the next to hand out, those not yet done, and the manifests
+/// written whose `fdatasync` has not yet succeeded or failed ([`Unsynced`]).
 #[derive(Default)]
 struct Tickets {
     next: u64,
     outstanding: std::collections::BTreeSet<u64>,
+    unsynced: u64,
 }
 
 /// One batch of records counted in [`InFlight`] until dropped (written, or failed).
@@ -91,6 +93,40 @@ impl InFlightRecords<'_> {
     }
 }
 
+impl<'a> InFlightRecords<'a> {
+    /// The batch (a manifest) is written: its ticket is done — records after it may be
+    /// written — but until the returned guard is dropped (its `fdatasync` succeeded, or
+    /// failed and the segment is marked failed) [`Store::quiesce`] still waits for it, so a
+    /// rotation's checkpoint never lists a manifest whose commit then fails.
+    pub(crate) fn into_unsynced(mut self) -> Unsynced<'a> {
+        if let Some(id) = self.ticket.take() {
+            if let Ok(mut t) = self.of.tickets.lock() {
+                t.outstanding.remove(&id);
+                t.unsynced += 1;
+                self.of.done.notify_all();
+                return Unsynced { of: Some(self.of) };
+            }
+        }
+        Unsynced { of: None }
+    }
+}
+
+/// A manifest written and not yet known durable (see [`InFlightRecords::into_unsynced`]).
+pub(crate) struct Unsynced<'a> {
+    of: Option<&'a InFlight>,
+}
+
+impl Drop for Unsynced<'_> {
+    fn drop(&mut self) {
+        if let Some(of) = self.of {
+            if let Ok(mut t) = of.tickets.lock() {
+                t.unsynced = t.unsynced.saturating_sub(1);
+                of.done.notify_all();
+            }
+        }
+    }
+}
+
 impl Drop for InFlightRecords<'_> {
     fn drop(&mut self) {
         let Some(id) = self.ticket else {
@@ -115,7 +151,7 @@ pub(super) struct Handed<'s> {
     flight: Option<InFlightRecords<'s>>,
 }
 
-impl Handed<'_> {
+impl<'s> Handed<'s> {
     /// Where the record goes.
     pub(super) fn loc(&self) -> &Loc {
         &self.loc
@@ -130,15 +166,19 @@ impl Handed<'_> {
     }
 
     /// Writes the record once every record before it is written (without the appender
-    /// lock); its ticket is given back whatever happens.
-    pub(super) fn write(mut self) -> Result<Loc, StoreError> {
+    /// lock); its ticket is given back whatever happens. The caller syncs it, then drops the
+    /// returned guard — after marking the segment failed when the sync failed.
+    pub(super) fn write(mut self) -> Result<(Loc, Unsynced<'s>), StoreError> {
         self.wait_for_earlier()?;
         let loc = self
             .store
             .write_record(self.kind, self.loc.clone(), &self.img)?;
-        // Written: given back without cutting it off.
-        self.flight = None;
-        Ok(loc)
+        // Written: its ticket is done without cutting it off.
+        let unsynced = match self.flight.take() {
+            Some(f) => f.into_unsynced(),
+            None => Unsynced { of: None },
+        };
+        Ok((loc, unsynced))
     }
 }
 
@@ -204,7 +244,7 @@ impl Store {
     /// lock.
     pub(super) fn quiesce(&self) -> Result<(), StoreError> {
         let mut t = self.in_flight.tickets.lock().map_err(poisoned)?;
-        while !t.outstanding.is_empty() {
+        while !t.outstanding.is_empty() || t.unsynced > 0 {
             t = self.in_flight.done.wait(t).map_err(poisoned)?;
         }
         Ok(())

@@ -268,7 +268,13 @@ pub(crate) fn sync_and_write(
     }
     let res = engine
         .fdatasync(seg.fd())
-        .map_err(|e| std::io::Error::other(e.to_string()))
+        .map_err(|e| {
+            // The error may be the one a commit's own sync of this segment would have been
+            // told (the kernel reports a write-back error once): the segment is failed, so
+            // that sync refuses too instead of acknowledging what may not be durable.
+            seg.fail();
+            std::io::Error::other(e.to_string())
+        })
         .and_then(|()| {
             if seg.failed.load(Ordering::SeqCst) {
                 return Err(std::io::Error::other("the segment failed"));

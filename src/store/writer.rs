@@ -690,7 +690,9 @@ impl<'a> WindowWriter<'a> {
         key: u128,
         payload: &[u8],
     ) -> Result<(Loc, u64), StoreError> {
+        let mut tries = 0;
         loop {
+            tries += 1;
             let h = self
                 .store
                 .append_ordered(&mut app, RecordKind::Manifest, key, payload)?;
@@ -704,20 +706,33 @@ impl<'a> WindowWriter<'a> {
             }
             drop(app);
             h.wait_for_earlier()?;
-            if h.loc().seg.failed.load(Ordering::SeqCst) {
+            let failed = |l: &Loc| tries < 4 && l.seg.failed.load(Ordering::SeqCst);
+            if failed(h.loc()) {
                 // Its room is garbage in a read-only segment (cut off when it is the last).
                 drop(h);
                 app = self.store.lock_appender()?;
                 continue;
             }
-            let mloc = h.write()?;
-            if let Err(e) = self.store.sync(&mloc.seg) {
-                // Not durable, not acknowledged: cut the manifest off (or zero it) so a later
-                // open cannot show a window whose freeze failed.
+            let (mloc, unsynced) = h.write()?;
+            if failed(&mloc) {
+                // Another freeze's write or sync failed in the segment since: this copy is
+                // zeroed and the manifest written again in a new segment.
                 self.store.cut_back([&mloc]);
                 self.store.void_if_not_cut(&mloc);
+                drop(unsynced);
+                app = self.store.lock_appender()?;
+                continue;
+            }
+            if let Err(e) = self.store.sync(&mloc.seg) {
+                // Not durable, not acknowledged: cut the manifest off (or zero it) so a later
+                // open cannot show a window whose freeze failed. (`sync` marked the segment
+                // failed before the guard lets a rotation checkpoint it.)
+                self.store.cut_back([&mloc]);
+                self.store.void_if_not_cut(&mloc);
+                drop(unsynced);
                 return Err(e);
             }
+            drop(unsynced);
             return Ok((mloc, seq));
         }
     }
