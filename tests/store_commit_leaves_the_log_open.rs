@@ -280,7 +280,7 @@ fn a_rotation_never_checkpoints_a_manifest_whose_sync_then_fails() {
             });
             // B only writes (its blocks share the segment that fails: its commit would too).
             let tb = s.spawn(|| {
-                let mut w = store.begin_window(spec("b", &b_keys, LEN)).unwrap();
+                let mut w = store.begin_window(spec("b", b_keys, LEN)).unwrap();
                 for (i, k) in b_keys.iter().enumerate() {
                     write_block(&mut w, i, *k as u64, LEN);
                 }
