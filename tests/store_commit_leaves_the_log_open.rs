@@ -16,6 +16,16 @@ use cwm::store::Store;
 
 const LEN: u64 = 64 << 10;
 
+/// A store over a fault engine wrapping `engine`, holding window "first" (its segment made).
+fn opened(engine: &Arc<dyn IoEngine>) -> (tempfile::TempDir, Arc<FaultEngine>, Store) {
+    let tmp = tempfile::tempdir().unwrap();
+    let fe = Arc::new(FaultEngine::new(engine.clone()));
+    let dyn_fe: Arc<dyn IoEngine> = fe.clone();
+    let (store, _) = Store::open_with_engine(config(tmp.path()), dyn_fe).unwrap();
+    put(&store, "first", &keys(3, 1), LEN);
+    (tmp, fe, store)
+}
+
 /// Waits (at most 20 s) until `f` holds.
 fn wait_until(what: &str, f: impl Fn() -> bool) {
     let t = Instant::now();
@@ -28,11 +38,7 @@ fn wait_until(what: &str, f: impl Fn() -> bool) {
 #[test]
 fn other_freezes_write_while_a_commit_waits_for_an_earlier_record() {
     for (name, engine) in engines() {
-        let tmp = tempfile::tempdir().unwrap();
-        let fe = Arc::new(FaultEngine::new(engine.clone()));
-        let dyn_fe: Arc<dyn IoEngine> = fe.clone();
-        let (store, _) = Store::open_with_engine(config(tmp.path()), dyn_fe).unwrap();
-        put(&store, "first", &keys(3, 1), LEN);
+        let (tmp, fe, store) = opened(&engine);
         // Write 0 (A's block) is held until released.
         fe.set_plan(FaultPlan {
             hold_write: Some(0),
@@ -90,11 +96,7 @@ fn other_freezes_write_while_a_commit_waits_for_an_earlier_record() {
 #[test]
 fn a_failed_earlier_record_does_not_fail_a_waiting_commit() {
     for (name, engine) in engines() {
-        let tmp = tempfile::tempdir().unwrap();
-        let fe = Arc::new(FaultEngine::new(engine.clone()));
-        let dyn_fe: Arc<dyn IoEngine> = fe.clone();
-        let (store, _) = Store::open_with_engine(config(tmp.path()), dyn_fe).unwrap();
-        put(&store, "first", &keys(3, 1), LEN);
+        let (tmp, fe, store) = opened(&engine);
         // Write 0 (A's block) is held, then fails: its segment becomes read-only.
         fe.set_plan(FaultPlan {
             hold_write: Some(0),
@@ -151,11 +153,7 @@ fn a_failed_earlier_record_does_not_fail_a_waiting_commit() {
 #[test]
 fn two_commits_of_one_new_block_key_refer_to_one_record() {
     for (name, engine) in engines() {
-        let tmp = tempfile::tempdir().unwrap();
-        let fe = Arc::new(FaultEngine::new(engine.clone()));
-        let dyn_fe: Arc<dyn IoEngine> = fe.clone();
-        let (store, _) = Store::open_with_engine(config(tmp.path()), dyn_fe).unwrap();
-        put(&store, "first", &keys(3, 1), LEN);
+        let (tmp, fe, store) = opened(&engine);
         let shared = keys(7, 1);
         let mut a = store.begin_window(spec("a", &shared, LEN)).unwrap();
         let mut b = store.begin_window(spec("b", &shared, LEN)).unwrap();
@@ -209,11 +207,7 @@ fn two_commits_of_one_new_block_key_refer_to_one_record() {
 #[test]
 fn a_failed_manifest_behind_other_records_does_not_come_back() {
     for (name, engine) in engines() {
-        let tmp = tempfile::tempdir().unwrap();
-        let fe = Arc::new(FaultEngine::new(engine.clone()));
-        let dyn_fe: Arc<dyn IoEngine> = fe.clone();
-        let (store, _) = Store::open_with_engine(config(tmp.path()), dyn_fe).unwrap();
-        put(&store, "first", &keys(3, 1), LEN);
+        let (tmp, fe, store) = opened(&engine);
         let mut a = store.begin_window(spec("a", &keys(1, 1), LEN)).unwrap();
         // Writes from here: A's block (0), A's manifest (1, held; B is handed room behind it
         // meanwhile), B's block (2). Syncs: A's blocks (0), A's manifest (1, fails).
@@ -256,11 +250,7 @@ fn a_failed_manifest_behind_other_records_does_not_come_back() {
 #[test]
 fn a_rotation_never_checkpoints_a_manifest_whose_sync_then_fails() {
     for (name, engine) in engines() {
-        let tmp = tempfile::tempdir().unwrap();
-        let fe = Arc::new(FaultEngine::new(engine.clone()));
-        let dyn_fe: Arc<dyn IoEngine> = fe.clone();
-        let (store, _) = Store::open_with_engine(config(tmp.path()), dyn_fe).unwrap();
-        put(&store, "first", &keys(3, 1), LEN);
+        let (tmp, fe, store) = opened(&engine);
         let mut a = store.begin_window(spec("a", &keys(1, 1), LEN)).unwrap();
         // Syncs from here: A's blocks (0), A's manifest (1: held, then failed).
         fe.set_plan(FaultPlan {
