@@ -155,3 +155,44 @@ fn an_allowed_uid_cannot_use_or_take_another_uids_engine() {
         .unwrap();
     assert_eq!(v["ok"], true, "{v}");
 }
+
+/// Identical thaws running at once share one outcome (EC-002) — but only within one uid: while
+/// root thaws its window into its engine back to back, the same request from another allowed
+/// uid is refused every time (PERMISSION_DENIED), never answered with root's outcome. (Before,
+/// the coalescing key named no uid, and a thaw arriving while root's ran rode past the check.)
+#[test]
+fn an_allowed_uid_never_shares_another_uids_thaw() {
+    let Some(f) = open_to_nobody() else {
+        return;
+    };
+    let mut root = cwm::control::client::Client::connect(&f.daemon.socket).unwrap();
+    let v = root
+        .call_final(
+            serde_json::json!({"op": "freeze", "engine": "e1", "window": "root-w",
+            "tokens": (0..256).collect::<Vec<u32>>(), "block_ids": (0..16).collect::<Vec<u64>>()}),
+        )
+        .unwrap();
+    assert_eq!(v["status"], "durable", "{v}");
+    let thaw = serde_json::json!({"op": "thaw", "engine": "e1", "window": "root-w",
+        "block_ids": (32..48).collect::<Vec<u64>>()});
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (lines, thaws) = std::thread::scope(|s| {
+        let t = s.spawn(|| {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let v = root.call_final(thaw.clone()).unwrap();
+                assert_eq!(v["status"], "loaded", "root's own thaw: {v}");
+                n += 1;
+            }
+            n
+        });
+        let lines = as_nobody(&f.daemon.socket, &vec![thaw.clone(); 200]);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        (lines, t.join().unwrap())
+    });
+    assert!(thaws > 0, "root's thaws ran meanwhile");
+    assert_eq!(lines.len(), 200, "{lines:?}");
+    for l in &lines {
+        assert_eq!(l["error"]["code"], "PERMISSION_DENIED", "{l}");
+    }
+}
