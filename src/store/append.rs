@@ -166,19 +166,20 @@ impl<'s> Handed<'s> {
     }
 
     /// Writes the record once every record before it is written (without the appender
-    /// lock); its ticket is given back whatever happens. The caller syncs it, then drops the
-    /// returned guard — after marking the segment failed when the sync failed.
-    pub(super) fn write(mut self) -> Result<(Loc, Unsynced<'s>), StoreError> {
+    /// lock); its ticket is given back whatever happens. The caller syncs it and then calls
+    /// [`Written::synced`]; dropped before that, it is cut off (or zeroed).
+    pub(super) fn write(mut self) -> Result<Written<'s>, StoreError> {
         self.wait_for_earlier()?;
         let loc = self
             .store
             .write_record(self.kind, self.loc.clone(), &self.img)?;
         // Written: its ticket is done without cutting it off.
-        let unsynced = match self.flight.take() {
-            Some(f) => f.into_unsynced(),
-            None => Unsynced { of: None },
-        };
-        Ok((loc, unsynced))
+        let unsynced = self.flight.take().map(InFlightRecords::into_unsynced);
+        Ok(Written {
+            store: self.store,
+            loc,
+            unsynced,
+        })
     }
 }
 
@@ -188,6 +189,39 @@ impl Drop for Handed<'_> {
             self.store.cut_back([&self.loc]);
             self.store.void_if_not_cut(&self.loc);
             drop(f);
+        }
+    }
+}
+
+/// A manifest written by [`Handed::write`] and not yet known durable: until
+/// [`Written::synced`], a rotation or clean stop waits for it. Dropped before that (its sync
+/// failed, the segment failed meanwhile, a panic), it is cut off, or zeroed where records
+/// follow it, before they may go on: a commit answered with an error never comes back.
+pub(super) struct Written<'s> {
+    store: &'s Store,
+    loc: Loc,
+    unsynced: Option<Unsynced<'s>>,
+}
+
+impl Written<'_> {
+    /// Where it is.
+    pub(super) fn loc(&self) -> &Loc {
+        &self.loc
+    }
+
+    /// Its `fdatasync` succeeded: it stays, and rotations may checkpoint it.
+    pub(super) fn synced(mut self) -> Loc {
+        self.unsynced = None;
+        self.loc.clone()
+    }
+}
+
+impl Drop for Written<'_> {
+    fn drop(&mut self) {
+        if let Some(u) = self.unsynced.take() {
+            self.store.cut_back([&self.loc]);
+            self.store.void_if_not_cut(&self.loc);
+            drop(u);
         }
     }
 }

@@ -713,27 +713,19 @@ impl<'a> WindowWriter<'a> {
                 app = self.store.lock_appender()?;
                 continue;
             }
-            let (mloc, unsynced) = h.write()?;
-            if failed(&mloc) {
+            let written = h.write()?;
+            if failed(written.loc()) {
                 // Another freeze's write or sync failed in the segment since: this copy is
-                // zeroed and the manifest written again in a new segment.
-                self.store.cut_back([&mloc]);
-                self.store.void_if_not_cut(&mloc);
-                drop(unsynced);
+                // zeroed (dropped) and the manifest written again in a new segment.
+                drop(written);
                 app = self.store.lock_appender()?;
                 continue;
             }
-            if let Err(e) = self.store.sync(&mloc.seg) {
-                // Not durable, not acknowledged: cut the manifest off (or zero it) so a later
-                // open cannot show a window whose freeze failed. (`sync` marked the segment
-                // failed before the guard lets a rotation checkpoint it.)
-                self.store.cut_back([&mloc]);
-                self.store.void_if_not_cut(&mloc);
-                drop(unsynced);
-                return Err(e);
-            }
-            drop(unsynced);
-            return Ok((mloc, seq));
+            // Not durable, not acknowledged: dropped on an error, the manifest is cut off (or
+            // zeroed) so a later open cannot show a window whose freeze failed — after `sync`
+            // marked the segment failed, before a rotation may checkpoint it.
+            self.store.sync(&written.loc().seg)?;
+            return Ok((written.synced(), seq));
         }
     }
 
