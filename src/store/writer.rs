@@ -682,8 +682,9 @@ impl<'a> WindowWriter<'a> {
     /// appender lock (`app`, released here); the manifest is written once every record
     /// before it is, and synced, without the lock, so other freezes go on appending and
     /// writing meanwhile (the name is in the committing set, [`WindowWriter::claim`]). When
-    /// a record before it failed meanwhile (its segment is now read-only), its room is handed
-    /// out again in a new segment: another freeze's failure does not fail this one. Returns where it is and its sequence number.
+    /// its segment failed meanwhile (another freeze's write or sync), it is handed out again
+    /// in a new segment (at most four tries): another freeze's failure does not fail this
+    /// one. Returns where it is and its sequence number.
     fn write_manifest(
         &mut self,
         mut app: MutexGuard<'a, Appender>,
