@@ -66,8 +66,9 @@ pub(crate) struct InFlightRecords<'a> {
 }
 
 impl InFlightRecords<'_> {
-    /// Counts `n` more records of the batch (the batch's ticket is taken with the first;
-    /// called under the appender lock, right after they were handed out).
+    /// Records `n` more records of the batch as handed out: the batch's one ticket is taken
+    /// with the first (called under the appender lock, right after they were handed out, so
+    /// ticket order is log order); the batch is done, all at once, when dropped.
     pub(crate) fn add(&mut self, n: u64) -> Result<(), StoreError> {
         if n == 0 || self.ticket.is_some() {
             return Ok(());
