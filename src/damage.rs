@@ -95,6 +95,9 @@ pub struct DamageSummary {
     pub wrong_bytes: u64,
     /// Cases whose damage nothing reported.
     pub unreported: u64,
+    /// Pages not damaged because they hold no part of the log: past the last record of a
+    /// segment written into a reused file (bytes of the file's earlier use).
+    pub stale_pages: u64,
     /// The first violations, described.
     pub failures: Vec<String>,
 }
@@ -137,6 +140,10 @@ struct Expected {
     deleted: Vec<String>,
     /// Catalog: key -> newest payload.
     meta: BTreeMap<u128, Vec<u8>>,
+    /// Segments written into reused files: file -> offset past their last record. What lies
+    /// after it is left over from the file's earlier use, no part of the log (a page there
+    /// damaged changes nothing the store reads as data: not a case).
+    stale_from: BTreeMap<PathBuf, u64>,
 }
 
 fn spec(name: &str, keys: &[u128], replace: Replace, retention: Retention) -> WindowSpec {
@@ -185,6 +192,11 @@ fn build(cfg: &DamageConfig, dir: &Path) -> Result<Expected, StoreError> {
     let mut rng = Rng(cfg.seed);
     let mut exp = Expected::default();
     for i in 0..cfg.windows {
+        if i == cfg.windows / 2 {
+            // The second half of the log goes into reused files, whose bytes past the records
+            // are left over from their earlier use.
+            recycle_files(&store, &mut exp, i)?;
+        }
         // A shared system prompt (two blocks), then one to three blocks of its own.
         let sp = u128::from(rng.below(SYSTEM_PROMPTS as u64) as u8);
         let mut keys = vec![(sp << 96) | 1, (sp << 96) | 2];
@@ -253,15 +265,52 @@ fn build(cfg: &DamageConfig, dir: &Path) -> Result<Expected, StoreError> {
             }
         }
     }
+    for s in store.stats()?.segments {
+        if s.record_limit != 0 {
+            let file = dir.join(format!("segment-{:010}.log", s.id));
+            exp.stale_from.insert(file, s.frontier);
+        }
+    }
     Ok(exp)
+}
+
+/// Fills four segments with windows, deletes them and compacts, so that compaction keeps their
+/// files for reuse and the segments written next go into them (over the deleted windows' old
+/// records: none may ever come back).
+fn recycle_files(store: &Store, exp: &mut Expected, i: usize) -> Result<(), StoreError> {
+    let segments = |s: &Store| -> Result<usize, StoreError> { Ok(s.stats()?.segments.len()) };
+    let start = segments(store)?;
+    let mut n = 0;
+    while segments(store)? < start + 5 {
+        let name = format!("f{i:03}-{n:03}");
+        let keys: Vec<u128> = (0..3u128)
+            .map(|j| (3u128 << 120) | ((n as u128) << 32) | j)
+            .collect();
+        put(store, &name, &keys, Replace::No, Retention::default())?;
+        store.delete_window(&name, None)?;
+        exp.deleted.push(name);
+        n += 1;
+    }
+    store.compact(
+        &crate::store::CompactOptions {
+            live_ratio: 1.0,
+            ..Default::default()
+        },
+        &mut |_| {},
+    )?;
+    Ok(())
 }
 
 fn data_files(dir: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, StoreError> {
     let mut v = Vec::new();
     for e in std::fs::read_dir(dir).map_err(|e| StoreError::Recovery(e.to_string()))? {
         let p = e.map_err(|e| StoreError::Recovery(e.to_string()))?.path();
-        // The LOCK file holds a pid, no data.
-        if p.file_name().is_some_and(|n| n == "LOCK") || !p.is_file() {
+        // The LOCK file holds a pid, no data; a free segment file (kept for reuse) is out of
+        // the log: nothing in it is read until a new segment's header is written over it.
+        if p.file_name()
+            .is_some_and(|n| n == "LOCK" || n.to_string_lossy().ends_with(".free"))
+            || !p.is_file()
+        {
             continue;
         }
         let bytes = std::fs::read(&p).map_err(|e| StoreError::Recovery(e.to_string()))?;
@@ -310,6 +359,14 @@ pub fn run(cfg: &DamageConfig) -> Result<DamageSummary, StoreError> {
         for p in 0..bytes.len().div_ceil(4096) {
             page_no += 1;
             if (page_no - 1) % cfg.stride.max(1) != 0 {
+                continue;
+            }
+            if exp
+                .stale_from
+                .get(path)
+                .is_some_and(|&end| (p * 4096) as u64 >= end)
+            {
+                sum.stale_pages += 1;
                 continue;
             }
             let range = p * 4096..((p + 1) * 4096).min(bytes.len());

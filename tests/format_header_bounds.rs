@@ -16,6 +16,7 @@ fn header(version: u16, segment_size: u64) -> SegmentHeader {
         created_unix_ms: 1_764_806_400_000,
         version,
         sealed_len: 0,
+        record_limit: 0,
     }
 }
 
@@ -27,7 +28,7 @@ fn decode(h: &SegmentHeader) -> Result<SegmentHeader, HeaderError> {
 
 #[test]
 fn every_written_version_decodes_to_what_was_written() {
-    for v in [1, SEGMENT_VERSION] {
+    for v in [1, 2, SEGMENT_VERSION] {
         let h = header(v, 64 << 20);
         assert_eq!(decode(&h), Ok(h), "version {v}");
     }
@@ -136,4 +137,50 @@ fn a_payload_length_is_between_one_byte_and_one_tib() {
     for bad in [0, (1 << 40) + 1, u64::MAX] {
         assert_eq!(at(bad, &mut page).1, field, "{bad}");
     }
+}
+
+fn limited(record_limit: u64, sealed_len: u64) -> SegmentHeader {
+    SegmentHeader {
+        record_limit,
+        sealed_len,
+        ..header(SEGMENT_VERSION, 16 * PAGE)
+    }
+}
+
+#[test]
+fn a_record_limit_lies_between_the_first_record_and_the_end_and_covers_the_sealed_length() {
+    let field = Err(HeaderError::Field("record_limit"));
+    let first = limited(0, 0).first_record();
+    for ok in [(0, 0), (first, 0), (5 * PAGE, 0), (16 * PAGE, 0), (5 * PAGE, 5 * PAGE)] {
+        let h = limited(ok.0, ok.1);
+        assert_eq!(decode(&h), Ok(h), "limit {} sealed {}", ok.0, ok.1);
+    }
+    assert_eq!(decode(&limited(PAGE, 0)), field, "inside the header pages");
+    assert_eq!(decode(&limited(17 * PAGE, 0)), field, "past the end");
+    assert_eq!(
+        decode(&limited(5 * PAGE, 6 * PAGE)),
+        field,
+        "sealed past the limit"
+    );
+}
+
+#[test]
+fn format_3_refuses_bytes_in_its_reserved_field_and_format_2_has_no_limit() {
+    let h = limited(5 * PAGE, 0);
+    let mut page = vec![0u8; PAGE as usize];
+    h.encode(&mut page);
+    assert_eq!(u32::from_le_bytes(page[12..16].try_into().unwrap()), 5);
+    page[10] = 1;
+    let sum = cwm::checksum::segment_header_checksum(&page[..56]);
+    page[56..64].copy_from_slice(&sum.to_le_bytes());
+    assert_eq!(
+        SegmentHeader::decode(&page),
+        Err(HeaderError::Field("reserved"))
+    );
+    // A format 2 header never carries a limit: those bytes were reserved there.
+    let v2 = SegmentHeader {
+        version: 2,
+        ..limited(0, 0)
+    };
+    assert_eq!(decode(&SegmentHeader { record_limit: 5 * PAGE, ..v2 }), Ok(v2));
 }

@@ -373,8 +373,34 @@ impl Store {
     }
 
     /// The segment a record of `len` bytes goes to: the active one while it has room, else a
-    /// new one (the active one is sealed).
+    /// new one (the active one is sealed). In a segment written into a reused file, the record
+    /// limit is raised first when the record would pass it (a failed raise fails the segment;
+    /// the record goes to a new one).
     pub(super) fn segment_for(
+        &self,
+        app: &mut Appender,
+        len: u64,
+    ) -> Result<Arc<Segment>, StoreError> {
+        let mut tries = 0;
+        loop {
+            let seg = self.pick_segment(app, len)?;
+            let need = seg.frontier() + len;
+            match seg.raise_limit(need, self.cfg.limit_step, self.engine.as_ref()) {
+                Ok(()) => return Ok(seg),
+                Err(e) => {
+                    crate::log::warn(&format!("segment {}: {e}; it is sealed", seg.id));
+                    seg.fail();
+                    tries += 1;
+                    if tries >= 2 {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Store::segment_for`] before the record limit is looked at.
+    fn pick_segment(
         &self,
         app: &mut Appender,
         len: u64,
@@ -407,8 +433,10 @@ impl Store {
             .cfg
             .segment_size
             .max((SEGMENT_HEADER_LEN + len).next_multiple_of(PAGE));
-        let mut created = Segment::create(&self.cfg.dir, id, size, self.engine.as_ref());
-        if matches!(created, Err(StoreError::NoSpace(_))) && self.drop_checkpoints() > 0 {
+        let mut created = self.new_segment(id, size);
+        if matches!(created, Err(StoreError::NoSpace(_)))
+            && self.drop_checkpoints() + self.recycler.drop_free() > 0
+        {
             // Checkpoints only save scans: on a full file system the log comes first.
             created = Segment::create(&self.cfg.dir, id, size, self.engine.as_ref());
         }
@@ -442,6 +470,31 @@ impl Store {
             .insert(id, seg.clone());
         app.active = Some(seg.clone());
         Ok(seg)
+    }
+
+    /// Creates segment `id` of `size` bytes: in a file kept for reuse when there is one
+    /// nothing reads any more, else in a new file.
+    fn new_segment(&self, id: u64, size: u64) -> Result<Segment, StoreError> {
+        // The record limit is kept in 4 KiB pages in 32 bits (16 TiB).
+        if size <= u64::from(u32::MAX) * PAGE {
+            if let Some(free) = self.recycler.take() {
+                match Segment::create_in(
+                    &self.cfg.dir,
+                    id,
+                    size,
+                    self.cfg.limit_step,
+                    &free,
+                    self.engine.as_ref(),
+                ) {
+                    Ok(s) => return Ok(s),
+                    Err(e) => crate::log::warn(&format!(
+                        "reusing {} for segment {id} failed ({e}); a new file is created",
+                        free.display()
+                    )),
+                }
+            }
+        }
+        Segment::create(&self.cfg.dir, id, size, self.engine.as_ref())
     }
 
     /// After a failed write or sync: marks each segment of `locs` failed (read-only) and cuts

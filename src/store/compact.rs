@@ -411,11 +411,11 @@ impl Store {
         crate::fail_point!("segment-unlink", _a => {
             return Err(super::error::injected_error("segment-unlink"));
         });
-        match std::fs::remove_file(&seg.path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(StoreError::from_fs("remove", &seg.path, e)),
-        }
+        // Out of the log: kept for a new segment to be written into (once nothing reads it),
+        // or removed.
+        self.recycler
+            .retire(&self.cfg.dir, &seg)
+            .map_err(|e| StoreError::from_fs("remove", &seg.path, e))?;
         super::checkpoint::remove(&self.cfg.dir, seg.id);
         io::sync_dir(&self.cfg.dir)
             .map_err(|e| StoreError::from_fs("sync directory", &self.cfg.dir, e))?;

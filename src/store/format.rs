@@ -6,9 +6,9 @@ use crate::checksum::{record_header_checksum, segment_header_checksum};
 /// Version of the record format written by this build.
 pub const FORMAT_VERSION: u16 = 1;
 /// Version of the segment header written by this build: 2 keeps a copy of the header in page 1
-/// and starts records at page 2. Version 1 segments (one header page, records from page 1) are
-/// still read.
-pub const SEGMENT_VERSION: u16 = 2;
+/// and starts records at page 2; 3 adds the record limit of a segment written into a reused
+/// file. Version 1 and 2 segments are still read.
+pub const SEGMENT_VERSION: u16 = 3;
 /// Size of a segment header page and of a record header page.
 pub const PAGE: u64 = 4096;
 /// Bytes before the first record of a segment written by this build (the header and its copy).
@@ -77,6 +77,12 @@ pub struct SegmentHeader {
     /// then; 0 while it is open (or sealed by a failure). A sealed segment found shorter, or
     /// whose records end earlier, was truncated: reported, never taken for its whole.
     pub sealed_len: u64,
+    /// Record limit (format 3): no record of the segment lies at or past this offset. Set
+    /// when the segment was written into a reused file (a compacted segment's), whose bytes
+    /// past the records are left over from its earlier use rather than zeros; recovery looks
+    /// for records only below it. Raised (both header pages rewritten, each synced) before
+    /// room past it is handed out. 0: none (a fresh file, zeros after the records).
+    pub record_limit: u64,
 }
 
 impl SegmentHeader {
@@ -98,6 +104,11 @@ impl SegmentHeader {
         out[..Self::LEN].fill(0);
         out[0..8].copy_from_slice(&SEGMENT_MAGIC);
         out[8..10].copy_from_slice(&self.version.to_le_bytes());
+        if self.version >= 3 {
+            // In 4 KiB pages (a multiple of PAGE, checked at decode).
+            let pages = u32::try_from(self.record_limit / PAGE).unwrap_or(u32::MAX);
+            out[12..16].copy_from_slice(&pages.to_le_bytes());
+        }
         out[16..24].copy_from_slice(&self.segment_id.to_le_bytes());
         out[24..32].copy_from_slice(&self.generation.to_le_bytes());
         out[32..40].copy_from_slice(&self.segment_size.to_le_bytes());
@@ -123,7 +134,7 @@ impl SegmentHeader {
             return Err(HeaderError::Checksum);
         }
         let v = u16_at(b, 8);
-        if v != 1 && v != SEGMENT_VERSION {
+        if !(1..=SEGMENT_VERSION).contains(&v) {
             return Err(HeaderError::Version(v));
         }
         let h = Self {
@@ -135,7 +146,24 @@ impl SegmentHeader {
                 b[40..48].try_into().map_err(|_| HeaderError::Truncated)?,
             ),
             sealed_len: u64_at(b, 48),
+            record_limit: if v >= 3 {
+                u64::from(u32::from_le_bytes(
+                    b[12..16].try_into().map_err(|_| HeaderError::Truncated)?,
+                )) * PAGE
+            } else {
+                0
+            },
         };
+        if v >= 3 && b[10..12] != [0, 0] {
+            return Err(HeaderError::Field("reserved"));
+        }
+        if h.record_limit != 0
+            && (h.record_limit < h.first_record()
+                || h.record_limit > h.segment_size
+                || (h.sealed_len != 0 && h.sealed_len > h.record_limit))
+        {
+            return Err(HeaderError::Field("record_limit"));
+        }
         if h.segment_size < 2 * PAGE || h.segment_size % PAGE != 0 {
             return Err(HeaderError::Field("segment_size"));
         }
@@ -339,6 +367,7 @@ mod tests {
             created_unix_ms: 1_700_000_000_000,
             version: SEGMENT_VERSION,
             sealed_len: 0,
+            record_limit: 0,
         };
         let mut page = vec![0u8; 4096];
         h.encode(&mut page);

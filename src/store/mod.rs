@@ -81,6 +81,7 @@ pub mod manifest;
 pub mod name;
 mod reader;
 mod recovery;
+mod recycle;
 pub mod retention;
 mod segment;
 mod types;
@@ -146,6 +147,8 @@ pub struct Store {
     checkpoints: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Counts uses ([`Store::record_hit`]): the daemon saves usage when it moved.
     usage_epoch: AtomicU64,
+    /// Files of compacted segments kept for new segments to be written into.
+    recycler: recycle::Recycler,
     _lock: File,
 }
 
@@ -199,6 +202,7 @@ impl Store {
                 report.ignored_usage = Some(why);
             }
         }
+        let recycler = recycle::Recycler::load(&cfg.dir, cfg.recycle_segments);
         let store = Store {
             capacity: AtomicU64::new(cfg.capacity),
             reserved: AtomicU64::new(0),
@@ -213,6 +217,7 @@ impl Store {
             compacting: Mutex::new(()),
             checkpoints: Mutex::new(Vec::new()),
             usage_epoch: AtomicU64::new(0),
+            recycler,
             _lock: lock,
         };
         Ok((store, report))
@@ -277,6 +282,7 @@ impl Store {
                 frontier: s.frontier(),
                 live: s.live.load(Ordering::SeqCst),
                 failed: s.failed.load(Ordering::SeqCst),
+                record_limit: s.limit(),
             })
             .collect();
         Ok(StoreStats {
@@ -288,6 +294,7 @@ impl Store {
             windows: st.windows.len() as u64,
             blocks: st.blocks.len() as u64,
             segments,
+            free_segment_files: self.recycler.len() as u64,
             engine: self.engine.name(),
         })
     }

@@ -27,6 +27,9 @@ pub(crate) struct Segment {
     pub header: SegmentHeader,
     /// Offset just past the last record written (or found at recovery).
     pub frontier: AtomicU64,
+    /// The record limit in the header pages (format 3; 0: none). Room past it is handed out
+    /// only after [`Segment::raise_limit`].
+    pub limit: AtomicU64,
     /// Bytes of records something still refers to.
     pub live: AtomicU64,
     /// No more appends: full, or a write / fdatasync failed on it.
@@ -67,6 +70,19 @@ pub(crate) fn parse_file_name(name: &str) -> Option<u64> {
         .ok()
 }
 
+/// File name of the compacted segment `id`'s file kept for reuse (out of the log).
+pub(crate) fn free_file_name(id: u64) -> String {
+    format!("segment-{id:010}.free")
+}
+
+/// Parses a segment id out of a file name written by [`free_file_name`].
+pub(crate) fn parse_free_file_name(name: &str) -> Option<u64> {
+    name.strip_prefix("segment-")?
+        .strip_suffix(".free")?
+        .parse()
+        .ok()
+}
+
 /// 64 random bits (a new segment's generation).
 pub(crate) fn random_u64() -> u64 {
     let mut v = [0u8; 8];
@@ -86,6 +102,24 @@ pub(crate) fn random_u64() -> u64 {
     );
     h.write_u32(std::process::id());
     h.finish()
+}
+
+/// Writes `header` into both header pages of `file` (one write) and syncs them.
+fn write_header_pages(
+    engine: &dyn IoEngine,
+    file: &File,
+    header: &SegmentHeader,
+) -> Result<(), StoreError> {
+    // The header and, in page 1, its copy: one damaged page never loses the generation
+    // every record header of the segment is checked with.
+    let mut page = AlignedBuf::zeroed(SEGMENT_HEADER_LEN as usize);
+    header.encode(&mut page[..PAGE as usize]);
+    header.encode(&mut page[PAGE as usize..]);
+    let fd = file.as_raw_fd();
+    engine
+        .write_all_at(fd, 0, &page)
+        .and_then(|()| engine.fdatasync(fd))
+        .map_err(|e| StoreError::io(format!("writing the header of segment {}", header.segment_id), e))
 }
 
 /// Preallocates `len` bytes of `file` (zeros when read). File systems without fallocate are
@@ -109,7 +143,8 @@ impl Segment {
         self.file.as_raw_fd()
     }
 
-    /// Creates segment `id`: preallocate, write and sync the header page, sync the directory.
+    /// Creates segment `id` in a new file: preallocate, write and sync the header pages, sync
+    /// the directory.
     pub fn create(
         dir: &Path,
         id: u64,
@@ -130,37 +165,90 @@ impl Segment {
             created_unix_ms: crate::clock::now_unix_ms(),
             version: SEGMENT_VERSION,
             sealed_len: 0,
+            record_limit: 0,
         };
-        // The header and, in page 1, its copy: one damaged page never loses the generation
-        // every record header of the segment is checked with.
-        let mut page = AlignedBuf::zeroed(SEGMENT_HEADER_LEN as usize);
-        header.encode(&mut page[..PAGE as usize]);
-        header.encode(&mut page[PAGE as usize..]);
-        let fd = file.as_raw_fd();
-        let res = engine
-            .write_all_at(fd, 0, &page)
-            .and_then(|()| engine.fdatasync(fd));
+        let res = write_header_pages(engine, &file, &header).and_then(|()| {
+            io::sync_dir(dir).map_err(|e| fs("sync directory of", e))
+        });
         if let Err(e) = res {
             let _ = std::fs::remove_file(&path);
-            // (ENOSPC here is NO_SPACE, so a one-page record still gets a small segment.)
-            return Err(StoreError::io(
-                format!("writing the header of {}", path.display()),
-                e,
-            ));
+            return Err(e);
         }
+        Ok(Segment::new(id, file, path, header))
+    }
+
+    /// Creates segment `id` in `free`, the file of a compacted segment kept for reuse: its
+    /// blocks are allocated and written already, so records written into it need no extent
+    /// conversion and their `fdatasync` no journal commit. The bytes it holds stay until
+    /// overwritten: they belong to another generation, so none validates as a record here,
+    /// and the header's record limit (`first_record + step`, raised as records need room)
+    /// bounds what recovery reads of them. The new header is written and synced before the
+    /// file is renamed into the log, so a crash leaves either a free file or a valid empty
+    /// segment. On error the free file is removed (the caller creates a new file instead).
+    pub fn create_in(
+        dir: &Path,
+        id: u64,
+        size: u64,
+        step: u64,
+        free: &Path,
+        engine: &dyn IoEngine,
+    ) -> Result<Segment, StoreError> {
+        let res = Self::reuse(dir, id, size, step, free, engine);
+        if res.is_err() {
+            let _ = std::fs::remove_file(free);
+        }
+        res
+    }
+
+    fn reuse(
+        dir: &Path,
+        id: u64,
+        size: u64,
+        step: u64,
+        free: &Path,
+        engine: &dyn IoEngine,
+    ) -> Result<Segment, StoreError> {
+        let fs = |what: &str, e: std::io::Error| StoreError::from_fs(what, free, e);
+        let (file, _direct) = io::open_direct(free, false).map_err(|e| fs("open", e))?;
+        let len = file.metadata().map_err(|e| fs("stat", e))?.len();
+        // A file longer than this segment (the segment size was lowered) is cut to it; a
+        // shorter one (its unused tail was given back when it was sealed) grows.
+        if len > size {
+            file.set_len(size).map_err(|e| fs("truncate", e))?;
+        }
+        preallocate(&file, size).map_err(|e| fs("preallocate", e))?;
+        let first = SEGMENT_HEADER_LEN;
+        let header = SegmentHeader {
+            segment_id: id,
+            generation: random_u64(),
+            segment_size: size,
+            created_unix_ms: crate::clock::now_unix_ms(),
+            version: SEGMENT_VERSION,
+            sealed_len: 0,
+            record_limit: (first + step.max(PAGE)).min(size) & !(PAGE - 1),
+        };
+        write_header_pages(engine, &file, &header)?;
+        let path = dir.join(file_name(id));
+        std::fs::rename(free, &path).map_err(|e| fs("rename", e))?;
         if let Err(e) = io::sync_dir(dir) {
-            let _ = std::fs::remove_file(&path);
+            let _ = std::fs::rename(&path, free);
             return Err(fs("sync directory of", e));
         }
-        Ok(Segment {
+        Ok(Segment::new(id, file, path, header))
+    }
+
+    /// An open segment just created (no record yet).
+    fn new(id: u64, file: File, path: PathBuf, header: SegmentHeader) -> Segment {
+        Segment {
             id,
             generation: header.generation,
-            size,
+            size: header.segment_size,
             file,
             path,
             header,
             first_record: SEGMENT_HEADER_LEN,
             frontier: AtomicU64::new(SEGMENT_HEADER_LEN),
+            limit: AtomicU64::new(header.record_limit),
             live: AtomicU64::new(0),
             sealed: AtomicBool::new(false),
             failed: AtomicBool::new(false),
@@ -168,7 +256,46 @@ impl Segment {
             meta_keys: Mutex::new(HashSet::new()),
             writers: AtomicU64::new(0),
             records: Mutex::new(Some(Vec::new())),
-        })
+        }
+    }
+
+    /// The record limit (0: none).
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::SeqCst)
+    }
+
+    /// Makes room up to `need` usable in a segment with a record limit: when `need` passes the
+    /// limit, raises it to `need + step` (at most the segment size) in both header pages, one
+    /// after the other, each synced — so both copies always cover every record handed out. The
+    /// caller holds the appender lock (no other header rewrite runs).
+    pub fn raise_limit(&self, need: u64, step: u64, engine: &dyn IoEngine) -> Result<(), StoreError> {
+        let limit = self.limit();
+        if limit == 0 || need <= limit {
+            return Ok(());
+        }
+        let to = need.saturating_add(step.max(PAGE)).min(self.size) & !(PAGE - 1);
+        crate::fail_point!("segment-raise-limit", _a => {
+            return Err(super::error::injected_error("segment-raise-limit"));
+        });
+        let h = SegmentHeader {
+            record_limit: to,
+            ..self.header
+        };
+        let mut page = AlignedBuf::zeroed(PAGE as usize);
+        h.encode(&mut page);
+        for at in [0, PAGE] {
+            engine
+                .write_all_at(self.fd(), at, &page)
+                .and_then(|()| engine.fdatasync(self.fd()))
+                .map_err(|e| {
+                    StoreError::io(
+                        format!("raising the record limit of {}", self.path.display()),
+                        e,
+                    )
+                })?;
+        }
+        self.limit.store(to, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Notes that a manifest of window-name key `key` was written into this segment.
@@ -221,6 +348,7 @@ impl Segment {
         }
         let h = SegmentHeader {
             sealed_len: self.frontier(),
+            record_limit: self.limit(),
             ..self.header
         };
         let mut page = AlignedBuf::zeroed(PAGE as usize);

@@ -27,10 +27,19 @@ pub struct StoreConfig {
     /// Read segment checkpoints at open instead of every record header where they are valid
     /// (docs/FORMAT.md "Checkpoints"); default true. `cwm fsck` turns it off (a full scan).
     pub use_checkpoints: bool,
+    /// Files of compacted segments kept to write new segments into (an overwrite costs less
+    /// than filling a fresh preallocated file); default 4. They are disk space outside
+    /// `capacity`. 0: every compacted segment's file is removed.
+    pub recycle_segments: usize,
+    /// Bytes a reused file's record limit runs ahead of its records (each raise rewrites and
+    /// syncs both header pages; recovery reads at most this far past the last record of a
+    /// reused file); default 64 MiB.
+    pub limit_step: u64,
 }
 
 impl StoreConfig {
-    /// Defaults for `dir`: 1 GiB segments, unlimited capacity, io_uring at QD 32, tolerate-tail.
+    /// Defaults for `dir`: 1 GiB segments, unlimited capacity, io_uring at QD 32, tolerate-tail,
+    /// four segment files kept for reuse.
     #[must_use]
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
@@ -41,6 +50,8 @@ impl StoreConfig {
             queue_depth: 32,
             recovery: RecoveryMode::TolerateTail,
             use_checkpoints: true,
+            recycle_segments: 4,
+            limit_step: 64 << 20,
         }
     }
 }
@@ -181,6 +192,8 @@ pub struct SegmentStats {
     pub live: u64,
     /// Read-only after an I/O failure.
     pub failed: bool,
+    /// Written into a reused file (a compacted segment's): its record limit (0: a new file).
+    pub record_limit: u64,
 }
 
 /// Store-wide figures.
@@ -202,6 +215,9 @@ pub struct StoreStats {
     pub blocks: u64,
     /// Segments.
     pub segments: Vec<SegmentStats>,
+    /// Files of compacted segments kept for new segments to be written into (disk space
+    /// outside `capacity`).
+    pub free_segment_files: u64,
     /// I/O engine in use.
     pub engine: &'static str,
 }

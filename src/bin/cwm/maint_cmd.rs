@@ -23,9 +23,9 @@ pub(crate) fn damage(
     match cwm::damage::run(&cfg) {
         Ok(s) => {
             println!(
-                    "damage sweep: files={} pages={} cases={} windows_checked={} partial={} lost={} resurrected={} reverted={} wrong_bytes={} unreported={} refused_opens={}",
+                    "damage sweep: files={} pages={} cases={} windows_checked={} partial={} lost={} resurrected={} reverted={} wrong_bytes={} unreported={} refused_opens={} stale_pages={}",
                     s.files, s.pages, s.cases, s.windows_checked, s.partial_windows, s.lost,
-                    s.resurrected, s.reverted, s.wrong_bytes, s.unreported, s.refused_opens
+                    s.resurrected, s.reverted, s.wrong_bytes, s.unreported, s.refused_opens, s.stale_pages
                 );
             for f in &s.failures {
                 eprintln!("  {f}");

@@ -23,6 +23,10 @@ pub(crate) struct ServeArgs {
     /// Segment size.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     segment_size: u64,
+    /// Files of compacted segments kept for new segments to be written into (an overwrite is
+    /// cheaper than filling a fresh preallocated file); disk space outside --capacity. 0: off.
+    #[arg(long, env = "CWM_RECYCLE_SEGMENTS", default_value_t = 4)]
+    recycle_segments: usize,
     /// I/O engine: uring or psync.
     #[arg(long, env = "CWM_IO_ENGINE", default_value = "uring")]
     io_engine: EngineKind,
@@ -251,6 +255,7 @@ struct FileConfig {
     socket: Option<PathBuf>,
     capacity: Option<SizeVal>,
     segment_size: Option<SizeVal>,
+    recycle_segments: Option<usize>,
     io_engine: Option<String>,
     queue_depth: Option<u32>,
     staging: Option<SizeVal>,
@@ -338,6 +343,7 @@ fn apply_config_file(a: &mut ServeArgs, m: &clap::ArgMatches) -> Result<(), Stri
     take!(socket);
     take!(capacity, size, |v| Some(v));
     take!(segment_size, size);
+    take!(recycle_segments);
     take!(io_engine, |v| v.parse()?);
     take!(queue_depth);
     take!(staging, size);
@@ -420,6 +426,7 @@ pub(crate) fn serve(mut a: ServeArgs, m: &clap::ArgMatches) -> Result<(), String
     };
     let mut cfg = cwm::store::StoreConfig::new(&data_dir);
     cfg.segment_size = a.segment_size;
+    cfg.recycle_segments = a.recycle_segments;
     cfg.capacity = a.capacity.unwrap_or(u64::MAX);
     cfg.engine = a.io_engine;
     cfg.queue_depth = a.queue_depth;

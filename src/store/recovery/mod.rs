@@ -267,6 +267,7 @@ impl Recovery<'_> {
             header,
             first_record: header.first_record(),
             frontier: AtomicU64::new(header.first_record()),
+            limit: AtomicU64::new(header.record_limit),
             live: AtomicU64::new(0),
             sealed: AtomicBool::new(true),
             failed: AtomicBool::new(false),

@@ -39,7 +39,9 @@ pub(in crate::store) type Scan = (
 /// An invalid or all-zero header page followed, later in the segment, by a valid record of the
 /// segment (a higher sequence number) is a damaged region: it is skipped and reported. Only
 /// when nothing valid follows is it the end of the log (all zero: clean; otherwise a torn
-/// tail). The second copy of a metadata record is merged into its first (one [`Rec`] covering
+/// tail — except in a segment written into a reused file, whose earlier bytes follow its
+/// records: there a page no header of this generation decodes from is the clean end). Such a
+/// segment is read only up to its record limit. The second copy of a metadata record is merged into its first (one [`Rec`] covering
 /// both); a copy whose twin is damaged stands alone. A jump in the sequence numbers of the
 /// records written into the segment that no damaged region explains is reported as a region
 /// too (records are never skipped silently).
@@ -60,7 +62,14 @@ pub(in crate::store) fn scan(
     // A damaged region was skipped since the last record written in order (it explains a
     // jump in sequence numbers).
     let mut explained = false;
-    let end = file_len.min(seg.size);
+    // A segment written into a reused file holds records only below its record limit; past
+    // them lie the file's earlier bytes (another generation: no header of them validates).
+    let limit = seg.limit();
+    let end = if limit == 0 {
+        file_len.min(seg.size)
+    } else {
+        file_len.min(seg.size).min(limit)
+    };
     let torn = loop {
         if off + PAGE > end {
             break None;
@@ -86,6 +95,7 @@ pub(in crate::store) fn scan(
                 continue;
             }
         }
+        let undecodable = decoded.is_err();
         let bad = match decoded {
             // Zeros: the clean end of the log, unless valid records follow (a hole).
             Err(HeaderError::Empty) if buf[at..at + PAGE as usize].iter().all(|&b| b == 0) => {
@@ -123,6 +133,9 @@ pub(in crate::store) fn scan(
                     }
                     // Zeros to the end: the clean end of the log.
                     Next::Nothing if why.is_none() => break None,
+                    // In a reused file, bytes that are no record of this generation up to the
+                    // limit are what its earlier use left: the clean end too.
+                    Next::Nothing | Next::Garbage if limit != 0 && undecodable => break None,
                     // Bytes that are no record follow zeros: a torn write, or damage.
                     Next::Nothing | Next::Garbage => {
                         break Some((

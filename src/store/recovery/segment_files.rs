@@ -93,9 +93,12 @@ pub(super) fn read_segment_header(
             // A version 2 header has its copy in page 1.
             let damage = match read(PAGE)? {
                 Ok(c) if c == h => None,
-                // A crash between the two writes of a seal (page 0 first): the copy still
-                // holds the header as created. No damage; the copy is written again.
-                Ok(c) if c.sealed_len == 0 && SegmentHeader { sealed_len: 0, ..h } == c => {
+                // A crash between the two writes of a seal or of a raise of the record limit
+                // (page 0 first): the copy still holds the header as it was (no sealed
+                // length, the lower limit — which covers every record: room past it is only
+                // handed out once both copies are synced). No damage; the copy is written
+                // again.
+                Ok(c) if earlier_copy(&c, &h) => {
                     h.encode(page);
                     let healed = engine
                         .write_all_at(file.as_raw_fd(), PAGE, page)
@@ -120,6 +123,20 @@ pub(super) fn read_segment_header(
             Ok(_) | Err(_) => Ok((Err(e0), None)),
         },
     }
+}
+
+/// True when `c` (page 1) is `h` (page 0) as it was before a seal or a raise of the record
+/// limit that was cut short after page 0: no sealed length, and a lower, non-zero record limit
+/// where `h` has one.
+fn earlier_copy(c: &SegmentHeader, h: &SegmentHeader) -> bool {
+    c.sealed_len == 0
+        && (c.record_limit == 0) == (h.record_limit == 0)
+        && c.record_limit <= h.record_limit
+        && SegmentHeader {
+            sealed_len: 0,
+            record_limit: c.record_limit,
+            ..*h
+        } == *c
 }
 
 /// The ids of the segment files in `dir`, in order.
