@@ -192,8 +192,8 @@ fn build(cfg: &DamageConfig, dir: &Path) -> Result<Expected, StoreError> {
     let mut rng = Rng(cfg.seed);
     let mut exp = Expected::default();
     for i in 0..cfg.windows {
-        if i == cfg.windows / 2 {
-            // The second half of the log goes into reused files, whose bytes past the records
+        if i == cfg.windows * 3 / 4 {
+            // The last quarter of the log goes into reused files, whose bytes past the records
             // are left over from their earlier use.
             recycle_files(&store, &mut exp, i)?;
         }
