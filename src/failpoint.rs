@@ -7,7 +7,9 @@
 //!
 //! Sites: `block-write`, `manifest-write`, `meta-write` (catalog commit), `tombstone-write`,
 //! `fdatasync`, `compaction-copy`, `segment-rotate`, `segment-unlink` (compaction deleting a
-//! segment), and `checkpoint-write` (a segment checkpoint; its failure fails no operation, so
+//! segment), `segment-raise-limit` (the header rewrite raising a reused file's record limit;
+//! reached only once a file is reused, so tests/failpoints.rs checks it on its own),
+//! `checkpoint-write` (a segment checkpoint; its failure fails no operation, so
 //! it is not in [`SITES`]: tests/failpoints.rs checks it on its own), and `catalog-rewrite`
 //! (scrub about to write a damaged catalog record again; for `delay`, to race it).
 //! Actions: `error` (the operation fails with a typed

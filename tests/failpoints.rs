@@ -432,3 +432,50 @@ fn a_scrub_rewrite_never_supersedes_a_newer_catalog_record() {
         "after a reopen"
     );
 }
+
+/// A reused segment file whose record limit cannot be raised (its header rewrite fails) is
+/// failed like a segment whose write failed: the freeze's records go to a new file, and
+/// nothing committed is lost.
+#[test]
+fn a_failed_raise_of_the_record_limit_moves_the_freeze_to_a_new_file() {
+    let _serial = serial();
+    for (ename, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        let mut c = cfg(&dir);
+        c.limit_step = 64 << 10;
+        {
+            let (store, _) = Store::open_with_engine(c.clone(), engine.clone()).unwrap();
+            put(&store, "g", &keys(2, 4), LEN);
+            store.delete_window("g", None).unwrap();
+            store.seal_active().unwrap();
+            put(&store, "a", &keys(1, 2), LEN);
+            // Segment 1 holds nothing live: compaction keeps its file for reuse.
+            assert_eq!(poke(&store, "compaction-copy"), Ok(()), "{ename}");
+            assert_eq!(store.stats().unwrap().free_segment_files, 1, "{ename}");
+            // The next freeze rotates into it; its first block passes the first limit.
+            store.seal_active().unwrap();
+            failpoint::set("segment-raise-limit", Some(Action::Error));
+            let r = poke(&store, "block-write");
+            failpoint::clear();
+            assert_eq!(r, Ok(()), "{ename}");
+            let st = store.stats().unwrap();
+            assert!(
+                st.segments.iter().any(|s| s.failed && s.record_limit != 0),
+                "{ename}: {:?}",
+                st.segments
+            );
+            check(&store, "new", &keys(9, 14), LEN);
+        }
+        let (store, rep) = Store::open_with_engine(c, engine.clone()).unwrap();
+        assert!(rep.incomplete_windows.is_empty(), "{ename}: {rep:?}");
+        check(&store, "a", &keys(1, 2), LEN);
+        check(&store, "new", &keys(9, 14), LEN);
+        assert!(store.get("g").is_err(), "{ename}: the deleted window came back");
+        assert_eq!(
+            store.check_invariants().unwrap(),
+            Vec::<String>::new(),
+            "{ename}"
+        );
+    }
+}

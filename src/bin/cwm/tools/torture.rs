@@ -78,6 +78,9 @@ pub struct TortureSummary {
     /// Pinned windows unpinned (evictable from then on; their retention record is deleted
     /// once they are deleted or evicted).
     pub unpins_acked: u64,
+    /// Segments found written into a reused file (a compacted segment's) at the restarts,
+    /// summed over them: recovery ran over such files this often.
+    pub reused_segments_seen: u64,
     /// Violations found (each also printed).
     pub violations: u64,
     /// First violations, in words.
@@ -717,6 +720,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureSummary, String> {
         }
         run.verify_all(&mut c)?;
         run.sum.cycles += 1;
+        run.sum.reused_segments_seen += reused_segments(&run.data);
         if last {
             // Compact everything; then no garbage may remain outside the append segment.
             for _ in 0..3 {
@@ -763,4 +767,30 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureSummary, String> {
         run.sum.kills += 1;
     }
     Ok(run.sum)
+}
+
+/// Segment files in `dir` whose header carries a record limit (format 3, bytes 12..16): written
+/// into a reused file.
+fn reused_segments(dir: &std::path::Path) -> u64 {
+    use std::io::Read;
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.extension().is_none_or(|x| x != "log") {
+            continue;
+        }
+        let mut h = [0u8; 16];
+        if std::fs::File::open(&p)
+            .and_then(|mut f| f.read_exact(&mut h))
+            .is_ok()
+            && h[8..10] == 3u16.to_le_bytes()
+            && h[12..16] != [0; 4]
+        {
+            n += 1;
+        }
+    }
+    n
 }
