@@ -1453,6 +1453,8 @@ pub struct ChurnBench {
     pub freezes: u64,
     /// Freezes refused (QUOTA_EXCEEDED and the like) or failed.
     pub freeze_errors: u64,
+    /// Those refusals and failures by error code (`io` for a lost connection).
+    pub freeze_error_codes: std::collections::BTreeMap<String, u64>,
     /// Aggregate freeze throughput, GB/s (bytes of acknowledged freezes / seconds).
     pub freeze_gbps: f64,
     /// Raw O_DIRECT write ceiling measured in the same run (mean of before and after), GB/s.
@@ -1587,6 +1589,7 @@ pub fn churn(
         AtomicU64::new(0),
     );
     let lookups = std::sync::Mutex::new(Vec::new());
+    let codes = std::sync::Mutex::new(std::collections::BTreeMap::<String, u64>::new());
     // Per acknowledged freeze: round trip, durable, gather, write, commit (seconds).
     let times = std::sync::Mutex::new(Vec::<[f64; 5]>::new());
     let t0 = Instant::now();
@@ -1595,6 +1598,7 @@ pub fn churn(
             let (freezes, errors, thaws, evicted, lookups, times) =
                 (&freezes, &errors, &thaws, &evicted, &lookups, &times);
             let connect = &connect;
+            let codes = &codes;
             s.spawn(move || {
                 let Ok(mut c) = connect() else { return };
                 let ids: Vec<u64> = (ci * PER..ci * PER + PER).collect();
@@ -1624,8 +1628,15 @@ pub fn churn(
                             ]);
                             mine.push((name, tokens));
                         }
-                        _ => {
+                        other => {
                             errors.fetch_add(1, Ordering::Relaxed);
+                            let code = match &other {
+                                Ok(v) => v["error"]["code"].as_str().unwrap_or("?").to_string(),
+                                Err(_) => "io".to_string(),
+                            };
+                            if let Ok(mut m) = codes.lock() {
+                                *m.entry(code).or_insert(0) += 1;
+                            }
                         }
                     }
                     if mine.is_empty() {
@@ -1688,6 +1699,7 @@ pub fn churn(
         capacity,
         freezes: n,
         freeze_errors: errors.load(Ordering::Relaxed),
+        freeze_error_codes: codes.into_inner().unwrap_or_default(),
         freeze_gbps: fg,
         raw_write_gbps: raw,
         freeze_ratio: if raw > 0.0 { fg / raw } else { 0.0 },
