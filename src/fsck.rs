@@ -203,6 +203,8 @@ pub fn repair(
     let mut cfg = cfg;
     cfg.recovery = crate::store::RecoveryMode::TolerateTail;
     cfg.use_checkpoints = false;
+    // Segments rewritten because they hold damage are removed, never written into again.
+    cfg.recycle_segments = 0;
     // Segments whose header is unreadable fail every open: they go out of the log first
     // (renamed, kept for inspection); windows with records there are deleted below.
     let mut changes = Vec::new();

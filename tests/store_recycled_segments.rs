@@ -295,3 +295,35 @@ fn a_replace_into_a_reused_file_keeps_the_newest_version_after_a_crash() {
         check(&store, "w", &v2, LEN);
     }
 }
+
+#[test]
+fn a_torn_last_header_in_a_reused_file_is_a_torn_tail_not_its_end() {
+    for (engine_name, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let store = open(dir, &engine);
+        free_four(&store, dir);
+        put(&store, "new0", &keys(200, 1), LEN);
+        // A freeze in flight at the crash: one block record written, never committed.
+        let wk = keys(300, 1);
+        let mut w = store.begin_window(spec("w", &wk, LEN)).unwrap();
+        write_block(&mut w, 0, wk[0] as u64, LEN);
+        drop(w);
+        let id = store.stats().unwrap().segments.iter().map(|s| s.id).max().unwrap();
+        drop(store);
+        as_after_kill(dir);
+        let seg = dir.join(format!("segment-{id:010}.log"));
+        let b = std::fs::read(&seg).unwrap();
+        let last = *record_pages(&seg)
+            .iter()
+            .filter(|&&o| cwm::store::format::names_segment(&b[o as usize..o as usize + 4096], id))
+            .last()
+            .unwrap();
+        // Its header torn (one bit of the sequence number): it still names this segment.
+        flip_bit(&seg, last + 8, 0);
+        let (store, rep) = Store::open_with_engine(cfg(dir), engine.clone()).unwrap();
+        assert_eq!(rep.torn_tails.len(), 1, "{engine_name}: {rep:?}");
+        assert_eq!(rep.torn_tails[0].1, last, "{engine_name}: {rep:?}");
+        check(&store, "new0", &keys(200, 1), LEN);
+    }
+}

@@ -34,7 +34,7 @@ fn bytes_after_a_version_2_header_in_page_0_are_damage_and_the_copy_serves() {
     let tmp = tempfile::tempdir().unwrap();
     let seg = one_window(tmp.path());
     let mut b = std::fs::read(&seg).unwrap();
-    assert_eq!(header(&b, 0).version, 2);
+    assert!(header(&b, 0).version >= 2);
     b[SegmentHeader::LEN + 10] = 0xAA;
     std::fs::write(&seg, &b).unwrap();
     let (store, rep) = reopen(tmp.path());

@@ -285,6 +285,17 @@ impl Store {
         Ok(())
     }
 
+    /// [`Store::fits`], and below the active segment's record limit (no raise needed): a batch
+    /// of records ends before a record that needs a raise, so that a failed raise (which ends
+    /// the segment) never splits a batch over a rotation.
+    pub(super) fn fits_as_is(app: &Appender, len: u64) -> bool {
+        Self::fits(app, len)
+            && app.active.as_ref().is_some_and(|s| {
+                let l = s.limit();
+                l == 0 || s.frontier() + len <= l
+            })
+    }
+
     /// True when a record of `len` bytes fits in the active segment (no rotation needed).
     pub(super) fn fits(app: &Appender, len: u64) -> bool {
         app.active
@@ -388,8 +399,12 @@ impl Store {
             match seg.raise_limit(need, self.cfg.limit_step, self.engine.as_ref()) {
                 Ok(()) => return Ok(seg),
                 Err(e) => {
+                    // The records handed out so far lie below the limit both copies still
+                    // cover: they stay good (no freeze in flight fails), the segment takes no
+                    // more, and its file is never written into again.
                     crate::log::warn(&format!("segment {}: {e}; it is sealed", seg.id));
-                    seg.fail();
+                    seg.damaged.store(true, Ordering::SeqCst);
+                    seg.seal();
                     tries += 1;
                     if tries >= 2 {
                         return Err(e);

@@ -515,7 +515,7 @@ impl Store {
         let mut written = 0;
         for i in 0..imgs.len() {
             let len = imgs[i].len() as u64;
-            if locs.len() > written && !Store::fits(app, len) {
+            if locs.len() > written && !Store::fits_as_is(app, len) {
                 self.write_copies(seg, &imgs[written..i], &locs[written..])?;
                 written = locs.len();
             }

@@ -9,6 +9,9 @@ pub const FORMAT_VERSION: u16 = 1;
 /// and starts records at page 2; 3 adds the record limit of a segment written into a reused
 /// file. Version 1 and 2 segments are still read.
 pub const SEGMENT_VERSION: u16 = 3;
+/// Version written for a segment in a new file (no record limit): 2, so that a build that
+/// predates format 3 still reads every segment not written into a reused file.
+pub const SEGMENT_VERSION_NO_LIMIT: u16 = 2;
 /// Size of a segment header page and of a record header page.
 pub const PAGE: u64 = 4096;
 /// Bytes before the first record of a segment written by this build (the header and its copy).
@@ -58,6 +61,15 @@ fn u128_at(b: &[u8], o: usize) -> u128 {
     let mut a = [0u8; 16];
     a.copy_from_slice(&b[o..o + 16]);
     u128::from_le_bytes(a)
+}
+
+/// True when `page` starts like a record header of segment `segment_id` (its magic and its
+/// segment id field), whether or not its checksum holds: a torn or damaged header of that
+/// segment — never bytes a reused file kept from its earlier use, which name another segment
+/// (ids are never reused).
+#[must_use]
+pub fn names_segment(page: &[u8], segment_id: u64) -> bool {
+    page.len() >= RECORD_HEADER_LEN && page[0..4] == RECORD_MAGIC && u64_at(page, 48) == segment_id
 }
 
 /// The first page of every segment file.

@@ -7,6 +7,7 @@
 //! its records holds the old segment (an `Arc`), and keeps reading its bytes until it lets go.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 
 use super::segment::{self, Segment};
@@ -57,14 +58,18 @@ impl Recycler {
     }
 
     /// Takes `seg`'s file out of the log (compaction found nothing live in it): renamed to a
-    /// free file while fewer than `max` are kept and the segment never failed, else removed.
+    /// free file while fewer than `max` are kept and the segment neither failed nor held
+    /// damage, else removed.
     /// The caller makes the directory change durable.
     pub(crate) fn retire(&self, dir: &Path, seg: &Arc<Segment>) -> std::io::Result<()> {
         let mut free = self.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if free.len() < self.max && !seg.failed.load(std::sync::atomic::Ordering::SeqCst) {
+        let bad = seg.failed.load(Ordering::SeqCst) || seg.damaged.load(Ordering::SeqCst);
+        if free.len() < self.max && !bad {
             let path = dir.join(segment::free_file_name(seg.id));
             match std::fs::rename(&seg.path, &path) {
                 Ok(()) => {
+                    // (Ids are never reused, so no entry names this file already.)
+                    free.retain(|f| f.path != path);
                     free.push(Free {
                         path,
                         held: Arc::downgrade(seg),

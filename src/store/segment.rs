@@ -10,7 +10,9 @@ use std::sync::Mutex;
 
 use super::checkpoint::Kept;
 use super::error::StoreError;
-use super::format::{SegmentHeader, PAGE, SEGMENT_HEADER_LEN, SEGMENT_VERSION};
+use super::format::{
+    SegmentHeader, PAGE, SEGMENT_HEADER_LEN, SEGMENT_VERSION, SEGMENT_VERSION_NO_LIMIT,
+};
 use super::recovery::scan::Rec;
 use crate::io::{self, AlignedBuf, IoEngine};
 
@@ -36,6 +38,9 @@ pub(crate) struct Segment {
     pub sealed: AtomicBool,
     /// A write or fdatasync failed: the segment is read-only from now on.
     pub failed: AtomicBool,
+    /// Damage was found in it (at the open) or a header rewrite failed: its file is never
+    /// kept for reuse.
+    pub damaged: AtomicBool,
     /// Window-name keys of every manifest record in this segment (live or not): compaction
     /// keeps a tombstone while some other segment still holds a manifest it shadows.
     pub manifest_names: Mutex<HashSet<u128>>,
@@ -163,7 +168,7 @@ impl Segment {
             generation: random_u64(),
             segment_size: size,
             created_unix_ms: crate::clock::now_unix_ms(),
-            version: SEGMENT_VERSION,
+            version: SEGMENT_VERSION_NO_LIMIT,
             sealed_len: 0,
             record_limit: 0,
         };
@@ -225,13 +230,17 @@ impl Segment {
             created_unix_ms: crate::clock::now_unix_ms(),
             version: SEGMENT_VERSION,
             sealed_len: 0,
-            record_limit: (first + step.max(PAGE)).min(size) & !(PAGE - 1),
+            record_limit: first.saturating_add(step.max(PAGE)).min(size) & !(PAGE - 1),
         };
         write_header_pages(engine, &file, &header)?;
         let path = dir.join(file_name(id));
         std::fs::rename(free, &path).map_err(|e| fs("rename", e))?;
         if let Err(e) = io::sync_dir(dir) {
-            let _ = std::fs::rename(&path, free);
+            // Out of the log again; failing that, removed (a new file is created under the
+            // name, which must not open this one).
+            if std::fs::rename(&path, free).is_err() {
+                let _ = std::fs::remove_file(&path);
+            }
             return Err(fs("sync directory of", e));
         }
         Ok(Segment::new(id, file, path, header))
@@ -252,6 +261,7 @@ impl Segment {
             live: AtomicU64::new(0),
             sealed: AtomicBool::new(false),
             failed: AtomicBool::new(false),
+            damaged: AtomicBool::new(false),
             manifest_names: Mutex::new(HashSet::new()),
             meta_keys: Mutex::new(HashSet::new()),
             writers: AtomicU64::new(0),

@@ -516,7 +516,7 @@ impl<'a> WindowWriter<'a> {
             }
             // A batch never spans a rotation: a segment is sealed only once everything handed
             // out in it is written, this batch's records included.
-            if !locs.is_empty() && !Store::fits(app, rl as u64) {
+            if !locs.is_empty() && !Store::fits_as_is(app, rl as u64) {
                 return Ok(());
             }
             let po = payload_offset(desc.len);

@@ -34,7 +34,9 @@ use crate::io::{AlignedBuf, IoEngine};
 
 use scan::{scan, Rec};
 pub(crate) use segment_files::set_aside_invalid_segments;
-use segment_files::{holds_records, open_segment_file, read_segment_header, segment_ids};
+use segment_files::{
+    highest_named_id, holds_records, open_segment_file, read_segment_header, segment_ids,
+};
 
 /// What recovery tolerates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -195,6 +197,13 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
         r.load_segment(id, n + 1 == ids.len())?;
     }
     r.report.load_seconds = t.elapsed().as_secs_f64();
+    // Segments holding damage: their files are never written into again.
+    let damaged = r.report.damaged_regions.iter().map(|d| d.0);
+    for id in damaged.chain(r.report.damaged_records.iter().map(|d| d.0)) {
+        if let Some(s) = r.state.segments.get(&id) {
+            s.damaged.store(true, Ordering::SeqCst);
+        }
+    }
     let t = std::time::Instant::now();
     for (_, _, loc) in r.state.meta.values() {
         loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
@@ -205,7 +214,15 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
     r.report.publish_seconds = t.elapsed().as_secs_f64();
     r.report.windows = r.state.windows.len() as u64;
     let active = r.resume_active()?;
-    let next_segment = ids.last().map_or(1, |l| l + 1);
+    // Past every id any file of the directory names (a free file kept for reuse, a checkpoint,
+    // a segment set aside), not only the segments': ids are never reused, so a free file's
+    // name never collides with a new segment's.
+    let next_segment = ids
+        .last()
+        .copied()
+        .unwrap_or(0)
+        .max(highest_named_id(&cfg.dir))
+        + 1;
     Ok((
         r.state,
         Appender {
@@ -271,6 +288,7 @@ impl Recovery<'_> {
             live: AtomicU64::new(0),
             sealed: AtomicBool::new(true),
             failed: AtomicBool::new(false),
+            damaged: AtomicBool::new(false),
             manifest_names: std::sync::Mutex::new(std::collections::HashSet::new()),
             meta_keys: std::sync::Mutex::new(std::collections::HashSet::new()),
             writers: AtomicU64::new(0),

@@ -40,8 +40,8 @@ pub(in crate::store) type Scan = (
 /// segment (a higher sequence number) is a damaged region: it is skipped and reported. Only
 /// when nothing valid follows is it the end of the log (all zero: clean; otherwise a torn
 /// tail — except in a segment written into a reused file, whose earlier bytes follow its
-/// records: there a page no header of this generation decodes from is the clean end). Such a
-/// segment is read only up to its record limit. The second copy of a metadata record is merged into its first (one [`Rec`] covering
+/// records: there a page no header of this generation decodes from, and that does not name
+/// this segment, is the clean end). Such a segment is read only up to its record limit. The second copy of a metadata record is merged into its first (one [`Rec`] covering
 /// both); a copy whose twin is damaged stands alone. A jump in the sequence numbers of the
 /// records written into the segment that no damaged region explains is reported as a region
 /// too (records are never skipped silently).
@@ -95,7 +95,10 @@ pub(in crate::store) fn scan(
                 continue;
             }
         }
-        let undecodable = decoded.is_err();
+        // Bytes of a reused file's earlier use: no header of this segment decodes from them,
+        // nor does the page name this segment (a torn header of it does).
+        let foreign = decoded.is_err()
+            && !format::names_segment(&buf[at..at + PAGE as usize], seg.id);
         let bad = match decoded {
             // Zeros: the clean end of the log, unless valid records follow (a hole).
             Err(HeaderError::Empty) if buf[at..at + PAGE as usize].iter().all(|&b| b == 0) => {
@@ -135,7 +138,7 @@ pub(in crate::store) fn scan(
                     Next::Nothing if why.is_none() => break None,
                     // In a reused file, bytes that are no record of this generation up to the
                     // limit are what its earlier use left: the clean end too.
-                    Next::Nothing | Next::Garbage if limit != 0 && undecodable => break None,
+                    Next::Nothing | Next::Garbage if limit != 0 && foreign => break None,
                     // Bytes that are no record follow zeros: a torn write, or damage.
                     Next::Nothing | Next::Garbage => {
                         break Some((

@@ -139,6 +139,23 @@ fn earlier_copy(c: &SegmentHeader, h: &SegmentHeader) -> bool {
         } == *c
 }
 
+/// The highest segment id any file of `dir` names (`segment-<id>.<anything>`), 0 if none.
+pub(super) fn highest_named_id(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter_map(|e| {
+                    let name = e.file_name();
+                    let rest = name.to_str()?.strip_prefix("segment-")?;
+                    let digits = rest.split('.').next()?;
+                    digits.parse::<u64>().ok()
+                })
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
 /// The ids of the segment files in `dir`, in order.
 pub(super) fn segment_ids(dir: &Path) -> Result<Vec<u64>, StoreError> {
     let mut ids: Vec<u64> = std::fs::read_dir(dir)
