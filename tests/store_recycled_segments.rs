@@ -327,3 +327,48 @@ fn a_torn_last_header_in_a_reused_file_is_a_torn_tail_not_its_end() {
         check(&store, "new0", &keys(200, 1), LEN);
     }
 }
+
+#[test]
+fn segment_ids_are_never_reused_when_the_newest_segments_are_compacted_away() {
+    for (engine_name, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let store = open(dir, &engine);
+        for i in 0..3u128 {
+            put(&store, &format!("old{i}"), &keys(100 + i, 3), LEN);
+            store.delete_window(&format!("old{i}"), None).unwrap();
+        }
+        // Seal and compact until the newest segments are gone too (their tombstones shadow
+        // nothing any more).
+        for _ in 0..3 {
+            store.seal_active().unwrap();
+            compact_all(&store);
+        }
+        drop(store);
+        let named = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| {
+                let n = e.unwrap().file_name().into_string().unwrap();
+                n.strip_prefix("segment-")?.split('.').next()?.parse::<u64>().ok()
+            })
+            .max()
+            .unwrap();
+        let newest_log = files(dir, "log")
+            .iter()
+            .filter_map(|p| {
+                let n = p.file_name()?.to_str()?.to_string();
+                n.strip_prefix("segment-")?.split('.').next()?.parse::<u64>().ok()
+            })
+            .max()
+            .unwrap_or(0);
+        assert!(newest_log < named, "{engine_name}: a free file names the highest id");
+        let store = open(dir, &engine);
+        put(&store, "new0", &keys(200, 2), LEN);
+        let ids: Vec<u64> = store.stats().unwrap().segments.iter().map(|s| s.id).collect();
+        assert!(
+            ids.iter().filter(|&&i| i > newest_log).all(|&i| i > named),
+            "{engine_name}: a new segment took an id a file already names: {ids:?}, {named}"
+        );
+        check(&store, "new0", &keys(200, 2), LEN);
+    }
+}
