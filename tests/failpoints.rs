@@ -473,7 +473,10 @@ fn a_failed_raise_of_the_record_limit_moves_the_freeze_to_a_new_file() {
         assert!(rep.incomplete_windows.is_empty(), "{ename}: {rep:?}");
         check(&store, "a", &keys(1, 2), LEN);
         check(&store, "new", &keys(9, 14), LEN);
-        assert!(store.get("g").is_err(), "{ename}: the deleted window came back");
+        assert!(
+            store.get("g").is_err(),
+            "{ename}: the deleted window came back"
+        );
         assert_eq!(
             store.check_invariants().unwrap(),
             Vec::<String>::new(),

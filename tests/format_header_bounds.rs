@@ -151,7 +151,13 @@ fn limited(record_limit: u64, sealed_len: u64) -> SegmentHeader {
 fn a_record_limit_lies_between_the_first_record_and_the_end_and_covers_the_sealed_length() {
     let field = Err(HeaderError::Field("record_limit"));
     let first = limited(0, 0).first_record();
-    for ok in [(0, 0), (first, 0), (5 * PAGE, 0), (16 * PAGE, 0), (5 * PAGE, 5 * PAGE)] {
+    for ok in [
+        (0, 0),
+        (first, 0),
+        (5 * PAGE, 0),
+        (16 * PAGE, 0),
+        (5 * PAGE, 5 * PAGE),
+    ] {
         let h = limited(ok.0, ok.1);
         assert_eq!(decode(&h), Ok(h), "limit {} sealed {}", ok.0, ok.1);
     }
@@ -182,5 +188,11 @@ fn format_3_refuses_bytes_in_its_reserved_field_and_format_2_has_no_limit() {
         version: 2,
         ..limited(0, 0)
     };
-    assert_eq!(decode(&SegmentHeader { record_limit: 5 * PAGE, ..v2 }), Ok(v2));
+    assert_eq!(
+        decode(&SegmentHeader {
+            record_limit: 5 * PAGE,
+            ..v2
+        }),
+        Ok(v2)
+    );
 }

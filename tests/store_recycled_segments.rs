@@ -117,7 +117,10 @@ fn new_segments_are_written_into_compacted_segments_files_and_reopen_clean() {
         assert!(reused.len() >= 3, "{engine_name}: {reused:?}");
         for id in &reused {
             let f = dir.join(format!("segment-{id:010}.log"));
-            assert!(freed.contains(&inode(&f)), "{engine_name}: {f:?} is a new file");
+            assert!(
+                freed.contains(&inode(&f)),
+                "{engine_name}: {f:?} is a new file"
+            );
         }
         check_new(&store, 3);
         drop(store);
@@ -170,7 +173,11 @@ fn a_file_is_not_written_again_while_a_reader_holds_its_segment() {
             put(&store, &format!("new{i}"), &keys(200 + i, 3), LEN);
         }
         for s in files(dir, "log") {
-            assert_ne!(inode(&s), held, "{engine_name}: {s:?} reuses a file still read");
+            assert_ne!(
+                inode(&s),
+                held,
+                "{engine_name}: {s:?} reuses a file still read"
+            );
         }
         let mut bufs: Vec<AlignedBuf> = (0..reader.num_blocks())
             .map(|i| AlignedBuf::zeroed(reader.record_len(i) as usize))
@@ -246,7 +253,10 @@ fn a_copy_left_with_the_lower_limit_by_a_crash_is_no_damage() {
             .max_by_key(|s| s.id)
             .map(|s| (s.id, s.record_limit))
             .unwrap();
-        assert!(limit > 8192 + (16 << 10), "{engine_name}: the limit was raised: {limit}");
+        assert!(
+            limit > 8192 + (16 << 10),
+            "{engine_name}: the limit was raised: {limit}"
+        );
         drop(store);
         as_after_kill(dir);
         // Page 1 as it was before the last raise (a crash between the two header writes).
@@ -282,7 +292,10 @@ fn a_replace_into_a_reused_file_keeps_the_newest_version_after_a_crash() {
         put(&store, "w", &keys(1, 3), LEN);
         free_four(&store, dir);
         let v2 = keys(2, 3);
-        let payloads: Vec<Vec<u8>> = v2.iter().map(|&k| payload(k as u64, LEN as usize)).collect();
+        let payloads: Vec<Vec<u8>> = v2
+            .iter()
+            .map(|&k| payload(k as u64, LEN as usize))
+            .collect();
         let refs: Vec<&[u8]> = payloads.iter().map(|p| &p[..]).collect();
         let mut s = spec("w", &v2, LEN);
         s.replace = Replace::Any;
@@ -290,7 +303,12 @@ fn a_replace_into_a_reused_file_keeps_the_newest_version_after_a_crash() {
         drop(store);
         as_after_kill(dir);
         let store = open(dir, &engine);
-        let w = store.list().unwrap().into_iter().find(|w| w.name == "w").unwrap();
+        let w = store
+            .list()
+            .unwrap()
+            .into_iter()
+            .find(|w| w.name == "w")
+            .unwrap();
         assert_eq!(w.version, info.version, "{engine_name}");
         check(&store, "w", &v2, LEN);
     }
@@ -309,15 +327,21 @@ fn a_torn_last_header_in_a_reused_file_is_a_torn_tail_not_its_end() {
         let mut w = store.begin_window(spec("w", &wk, LEN)).unwrap();
         write_block(&mut w, 0, wk[0] as u64, LEN);
         drop(w);
-        let id = store.stats().unwrap().segments.iter().map(|s| s.id).max().unwrap();
+        let id = store
+            .stats()
+            .unwrap()
+            .segments
+            .iter()
+            .map(|s| s.id)
+            .max()
+            .unwrap();
         drop(store);
         as_after_kill(dir);
         let seg = dir.join(format!("segment-{id:010}.log"));
         let b = std::fs::read(&seg).unwrap();
         let last = *record_pages(&seg)
             .iter()
-            .filter(|&&o| cwm::store::format::names_segment(&b[o as usize..o as usize + 4096], id))
-            .last()
+            .rfind(|&&o| cwm::store::format::names_segment(&b[o as usize..o as usize + 4096], id))
             .unwrap();
         // Its header torn (one bit of the sequence number): it still names this segment.
         flip_bit(&seg, last + 8, 0);
@@ -349,7 +373,11 @@ fn segment_ids_are_never_reused_when_the_newest_segments_are_compacted_away() {
             .unwrap()
             .filter_map(|e| {
                 let n = e.unwrap().file_name().into_string().unwrap();
-                n.strip_prefix("segment-")?.split('.').next()?.parse::<u64>().ok()
+                n.strip_prefix("segment-")?
+                    .split('.')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
             })
             .max()
             .unwrap();
@@ -357,14 +385,27 @@ fn segment_ids_are_never_reused_when_the_newest_segments_are_compacted_away() {
             .iter()
             .filter_map(|p| {
                 let n = p.file_name()?.to_str()?.to_string();
-                n.strip_prefix("segment-")?.split('.').next()?.parse::<u64>().ok()
+                n.strip_prefix("segment-")?
+                    .split('.')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
             })
             .max()
             .unwrap_or(0);
-        assert!(newest_log < named, "{engine_name}: a free file names the highest id");
+        assert!(
+            newest_log < named,
+            "{engine_name}: a free file names the highest id"
+        );
         let store = open(dir, &engine);
         put(&store, "new0", &keys(200, 2), LEN);
-        let ids: Vec<u64> = store.stats().unwrap().segments.iter().map(|s| s.id).collect();
+        let ids: Vec<u64> = store
+            .stats()
+            .unwrap()
+            .segments
+            .iter()
+            .map(|s| s.id)
+            .collect();
         assert!(
             ids.iter().filter(|&&i| i > newest_log).all(|&i| i > named),
             "{engine_name}: a new segment took an id a file already names: {ids:?}, {named}"

@@ -415,11 +415,7 @@ impl Store {
     }
 
     /// [`Store::segment_for`] before the record limit is looked at.
-    fn pick_segment(
-        &self,
-        app: &mut Appender,
-        len: u64,
-    ) -> Result<Arc<Segment>, StoreError> {
+    fn pick_segment(&self, app: &mut Appender, len: u64) -> Result<Arc<Segment>, StoreError> {
         if let Some(s) = &app.active {
             if Self::fits(app, len) {
                 return Ok(s.clone());

@@ -414,7 +414,7 @@ impl Store {
         // Out of the log: kept for a new segment to be written into (once nothing reads it),
         // or removed.
         self.recycler
-            .retire(&self.cfg.dir, &seg)
+            .retire(&self.cfg.dir, seg)
             .map_err(|e| StoreError::from_fs("remove", &seg.path, e))?;
         super::checkpoint::remove(&self.cfg.dir, seg.id);
         io::sync_dir(&self.cfg.dir)

@@ -62,7 +62,10 @@ impl Recycler {
     /// damage, else removed.
     /// The caller makes the directory change durable.
     pub(crate) fn retire(&self, dir: &Path, seg: &Arc<Segment>) -> std::io::Result<()> {
-        let mut free = self.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut free = self
+            .free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let bad = seg.failed.load(Ordering::SeqCst) || seg.damaged.load(Ordering::SeqCst);
         if free.len() < self.max && !bad {
             let path = dir.join(segment::free_file_name(seg.id));
@@ -90,7 +93,10 @@ impl Recycler {
     /// A free file nothing reads any more, taken out of the pool (the caller reuses it or
     /// removes it).
     pub(crate) fn take(&self) -> Option<PathBuf> {
-        let mut free = self.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut free = self
+            .free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let at = free.iter().position(|f| f.held.strong_count() == 0)?;
         Some(free.swap_remove(at).path)
     }

@@ -124,7 +124,12 @@ fn write_header_pages(
     engine
         .write_all_at(fd, 0, &page)
         .and_then(|()| engine.fdatasync(fd))
-        .map_err(|e| StoreError::io(format!("writing the header of segment {}", header.segment_id), e))
+        .map_err(|e| {
+            StoreError::io(
+                format!("writing the header of segment {}", header.segment_id),
+                e,
+            )
+        })
 }
 
 /// Preallocates `len` bytes of `file` (zeros when read). File systems without fallocate are
@@ -172,9 +177,8 @@ impl Segment {
             sealed_len: 0,
             record_limit: 0,
         };
-        let res = write_header_pages(engine, &file, &header).and_then(|()| {
-            io::sync_dir(dir).map_err(|e| fs("sync directory of", e))
-        });
+        let res = write_header_pages(engine, &file, &header)
+            .and_then(|()| io::sync_dir(dir).map_err(|e| fs("sync directory of", e)));
         if let Err(e) = res {
             let _ = std::fs::remove_file(&path);
             return Err(e);
@@ -278,7 +282,12 @@ impl Segment {
     /// limit, raises it to `need + step` (at most the segment size) in both header pages, one
     /// after the other, each synced — so both copies always cover every record handed out. The
     /// caller holds the appender lock (no other header rewrite runs).
-    pub fn raise_limit(&self, need: u64, step: u64, engine: &dyn IoEngine) -> Result<(), StoreError> {
+    pub fn raise_limit(
+        &self,
+        need: u64,
+        step: u64,
+        engine: &dyn IoEngine,
+    ) -> Result<(), StoreError> {
         let limit = self.limit();
         if limit == 0 || need <= limit {
             return Ok(());

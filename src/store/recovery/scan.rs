@@ -97,8 +97,8 @@ pub(in crate::store) fn scan(
         }
         // Bytes of a reused file's earlier use: no header of this segment decodes from them,
         // nor does the page name this segment (a torn header of it does).
-        let foreign = decoded.is_err()
-            && !format::names_segment(&buf[at..at + PAGE as usize], seg.id);
+        let foreign =
+            decoded.is_err() && !format::names_segment(&buf[at..at + PAGE as usize], seg.id);
         let bad = match decoded {
             // Zeros: the clean end of the log, unless valid records follow (a hole).
             Err(HeaderError::Empty) if buf[at..at + PAGE as usize].iter().all(|&b| b == 0) => {
