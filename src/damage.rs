@@ -118,6 +118,8 @@ impl DamageSummary {
 }
 
 const BLOCK_LEN: u64 = 5000; // a header page and two payload pages
+/// Segment files kept for reuse while the directory is built (its last quarter goes into them).
+const RECYCLE: usize = 4;
 const SYSTEM_PROMPTS: u128 = 4;
 
 fn payload(key: u128) -> Vec<u8> {
@@ -189,6 +191,7 @@ fn build(cfg: &DamageConfig, dir: &Path) -> Result<Expected, StoreError> {
     let mut sc = StoreConfig::new(dir);
     sc.segment_size = cfg.segment_size;
     sc.engine = cfg.engine;
+    sc.recycle_segments = RECYCLE;
     let (store, _) = Store::open(sc)?;
     let mut rng = Rng(cfg.seed);
     let mut exp = Expected::default();
@@ -423,6 +426,7 @@ fn check_case(
 ) -> Result<(), StoreError> {
     let mut sc = StoreConfig::new(dir);
     sc.segment_size = cfg.segment_size;
+    sc.recycle_segments = RECYCLE;
     let (store, report) = match Store::open_with_engine(sc, engine.clone()) {
         Ok(x) => x,
         Err(e) => {

@@ -443,6 +443,7 @@ fn a_failed_raise_of_the_record_limit_moves_the_freeze_to_a_new_file() {
         let dir = tmp.path().join("d");
         let mut c = cfg(&dir);
         c.limit_step = 64 << 10;
+        c.recycle_segments = 4;
         {
             let (store, _) = Store::open_with_engine(c.clone(), engine.clone()).unwrap();
             put(&store, "g", &keys(2, 4), LEN);
@@ -459,14 +460,29 @@ fn a_failed_raise_of_the_record_limit_moves_the_freeze_to_a_new_file() {
             failpoint::clear();
             assert_eq!(r, Ok(()), "{ename}");
             let st = store.stats().unwrap();
-            // The reused file took nothing and stays good (no freeze in flight in it fails).
+            // The reused file took what fit under its first limit and stays good (no freeze
+            // in flight in it fails); it was ended as a full segment is: its length recorded
+            // in its header. The rest went to a new file.
+            let reused = st
+                .segments
+                .iter()
+                .find(|s| !s.failed && s.record_limit != 0)
+                .unwrap_or_else(|| panic!("{ename}: {:?}", st.segments));
+            assert!(
+                reused.frontier <= reused.record_limit,
+                "{ename}: {reused:?}"
+            );
             assert!(
                 st.segments
                     .iter()
-                    .any(|s| !s.failed && s.record_limit != 0 && s.frontier == 8192),
+                    .any(|s| s.id > reused.id && s.record_limit == 0),
                 "{ename}: {:?}",
                 st.segments
             );
+            let f = dir.join(format!("segment-{:010}.log", reused.id));
+            let b = std::fs::read(&f).unwrap();
+            let h = cwm::store::format::SegmentHeader::decode(&b[..4096]).unwrap();
+            assert_eq!(h.sealed_len, reused.frontier, "{ename}");
             check(&store, "new", &keys(9, 14), LEN);
         }
         let (store, rep) = Store::open_with_engine(c, engine.clone()).unwrap();

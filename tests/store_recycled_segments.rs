@@ -22,6 +22,7 @@ const LEN: u64 = 12 << 10;
 fn cfg(dir: &Path) -> StoreConfig {
     let mut c = StoreConfig::new(dir);
     c.segment_size = 64 << 10;
+    c.recycle_segments = 4;
     // Raised every 16 KiB: a segment's records pass its limit several times.
     c.limit_step = 16 << 10;
     c
@@ -58,6 +59,24 @@ fn write_at(path: &Path, at: u64, bytes: &[u8]) {
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     f.write_all_at(bytes, at).unwrap();
     f.sync_all().unwrap();
+}
+
+/// The segment id a `segment-<id>.<anything>` file names.
+fn id_of(p: &Path) -> Option<u64> {
+    let n = p.file_name()?.to_str()?;
+    n.strip_prefix("segment-")?.split('.').next()?.parse().ok()
+}
+
+/// The newest segment: (id, record limit).
+fn newest(store: &Store) -> (u64, u64) {
+    store
+        .stats()
+        .unwrap()
+        .segments
+        .iter()
+        .max_by_key(|s| s.id)
+        .map(|s| (s.id, s.record_limit))
+        .unwrap()
 }
 
 fn inode(p: &Path) -> u64 {
@@ -215,14 +234,7 @@ fn a_zeroed_page_below_the_limit_of_a_reused_segment_loses_nothing() {
         // window (written after it) is found past the hole, not taken for stale bytes.
         put(&store, "new0", &keys(200, 1), LEN);
         put(&store, "new1", &keys(201, 1), LEN);
-        let active = store
-            .stats()
-            .unwrap()
-            .segments
-            .iter()
-            .max_by_key(|s| s.id)
-            .map(|s| (s.id, s.record_limit))
-            .unwrap();
+        let active = newest(&store);
         assert_ne!(active.1, 0, "{engine_name}: the active segment is reused");
         drop(store);
         as_after_kill(dir);
@@ -245,14 +257,7 @@ fn a_copy_left_with_the_lower_limit_by_a_crash_is_no_damage() {
         let store = open(dir, &engine);
         free_four(&store, dir);
         put(&store, "new0", &keys(200, 3), LEN);
-        let (id, limit) = store
-            .stats()
-            .unwrap()
-            .segments
-            .iter()
-            .max_by_key(|s| s.id)
-            .map(|s| (s.id, s.record_limit))
-            .unwrap();
+        let (id, limit) = newest(&store);
         assert!(
             limit > 8192 + (16 << 10),
             "{engine_name}: the limit was raised: {limit}"
@@ -327,14 +332,7 @@ fn a_torn_last_header_in_a_reused_file_is_a_torn_tail_not_its_end() {
         let mut w = store.begin_window(spec("w", &wk, LEN)).unwrap();
         write_block(&mut w, 0, wk[0] as u64, LEN);
         drop(w);
-        let id = store
-            .stats()
-            .unwrap()
-            .segments
-            .iter()
-            .map(|s| s.id)
-            .max()
-            .unwrap();
+        let id = newest(&store).0;
         drop(store);
         as_after_kill(dir);
         let seg = dir.join(format!("segment-{id:010}.log"));
@@ -371,26 +369,12 @@ fn segment_ids_are_never_reused_when_the_newest_segments_are_compacted_away() {
         drop(store);
         let named = std::fs::read_dir(dir)
             .unwrap()
-            .filter_map(|e| {
-                let n = e.unwrap().file_name().into_string().unwrap();
-                n.strip_prefix("segment-")?
-                    .split('.')
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
+            .filter_map(|e| id_of(&e.unwrap().path()))
             .max()
             .unwrap();
         let newest_log = files(dir, "log")
             .iter()
-            .filter_map(|p| {
-                let n = p.file_name()?.to_str()?.to_string();
-                n.strip_prefix("segment-")?
-                    .split('.')
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
+            .filter_map(|p| id_of(p))
             .max()
             .unwrap_or(0);
         assert!(

@@ -296,11 +296,14 @@ impl Store {
             })
     }
 
-    /// True when a record of `len` bytes fits in the active segment (no rotation needed).
+    /// True when a record of `len` bytes fits in the active segment (no rotation needed). A
+    /// segment marked damaged (its record limit could not be raised) takes no more.
     pub(super) fn fits(app: &Appender, len: u64) -> bool {
-        app.active
-            .as_ref()
-            .is_some_and(|s| !s.sealed.load(Ordering::SeqCst) && s.frontier() + len <= s.size)
+        app.active.as_ref().is_some_and(|s| {
+            !s.sealed.load(Ordering::SeqCst)
+                && !s.damaged.load(Ordering::SeqCst)
+                && s.frontier() + len <= s.size
+        })
     }
 
     /// Appends one record image (header filled in here) and returns where it went. Rotates
@@ -385,8 +388,8 @@ impl Store {
 
     /// The segment a record of `len` bytes goes to: the active one while it has room, else a
     /// new one (the active one is sealed). In a segment written into a reused file, the record
-    /// limit is raised first when the record would pass it (a failed raise fails the segment;
-    /// the record goes to a new one).
+    /// limit is raised first when the record would pass it (a failed raise ends the segment;
+    /// the record goes to a new one, and the hand-out fails if that one's raise fails too).
     pub(super) fn segment_for(
         &self,
         app: &mut Appender,
@@ -400,11 +403,12 @@ impl Store {
                 Ok(()) => return Ok(seg),
                 Err(e) => {
                     // The records handed out so far lie below the limit both copies still
-                    // cover: they stay good (no freeze in flight fails), the segment takes no
-                    // more, and its file is never written into again.
+                    // cover: they stay good (no freeze in flight fails). The segment takes no
+                    // more (`fits` is false for it: the next hand-out rotates the usual way,
+                    // waiting for what is in flight, recording the length and syncing) and
+                    // its file is never written into again.
                     crate::log::warn(&format!("segment {}: {e}; it is sealed", seg.id));
                     seg.damaged.store(true, Ordering::SeqCst);
-                    seg.seal();
                     tries += 1;
                     if tries >= 2 {
                         return Err(e);
@@ -444,7 +448,7 @@ impl Store {
             .cfg
             .segment_size
             .max((SEGMENT_HEADER_LEN + len).next_multiple_of(PAGE));
-        let mut created = self.new_segment(id, size);
+        let mut created = self.new_segment(id, size, len);
         if matches!(created, Err(StoreError::NoSpace(_)))
             && self.drop_checkpoints() + self.recycler.drop_free() > 0
         {
@@ -483,9 +487,10 @@ impl Store {
         Ok(seg)
     }
 
-    /// Creates segment `id` of `size` bytes: in a file kept for reuse when there is one
-    /// nothing reads any more, else in a new file.
-    fn new_segment(&self, id: u64, size: u64) -> Result<Segment, StoreError> {
+    /// Creates segment `id` of `size` bytes for a first record of `len` bytes: in a file kept
+    /// for reuse when there is one nothing reads any more (its first record limit covers that
+    /// record), else in a new file.
+    fn new_segment(&self, id: u64, size: u64, len: u64) -> Result<Segment, StoreError> {
         // The record limit is kept in 4 KiB pages in 32 bits (16 TiB).
         if size <= u64::from(u32::MAX) * PAGE {
             if let Some(free) = self.recycler.take() {
@@ -493,7 +498,7 @@ impl Store {
                     &self.cfg.dir,
                     id,
                     size,
-                    self.cfg.limit_step,
+                    self.cfg.limit_step.max(len),
                     &free,
                     self.engine.as_ref(),
                 ) {

@@ -368,6 +368,7 @@ impl Store {
             }
             for (from, to, why) in copies {
                 if !why.starts_with("copy at +0") {
+                    seg.damaged.store(true, Ordering::SeqCst);
                     rep.damaged_regions.push((seg.id, from, to, why));
                 }
             }
@@ -383,6 +384,8 @@ impl Store {
             if damaged.is_empty() {
                 continue;
             }
+            // Its file is never written into again.
+            seg.damaged.store(true, Ordering::SeqCst);
             // No checkpoint of it any more (nor one written from memory at a clean stop, if it
             // is the active segment): the next open scans it and reports the damage itself.
             remove(&self.cfg.dir, seg.id);

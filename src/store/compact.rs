@@ -296,6 +296,7 @@ impl Store {
                 Ok(()) => {}
                 Err(e @ StoreError::Corruption { .. }) => {
                     crate::log::warn(&format!("compaction skipped segment {id}: {e}"));
+                    seg.damaged.store(true, Ordering::SeqCst);
                     rep.segments_skipped.push((*id, e.to_string()));
                 }
                 Err(e) => {

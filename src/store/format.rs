@@ -66,7 +66,7 @@ fn u128_at(b: &[u8], o: usize) -> u128 {
 /// True when `page` starts like a record header of segment `segment_id` (its magic and its
 /// segment id field), whether or not its checksum holds: a torn or damaged header of that
 /// segment — never bytes a reused file kept from its earlier use, which name another segment
-/// (ids are never reused).
+/// (a new segment id is above every id a file of the directory names).
 #[must_use]
 pub fn names_segment(page: &[u8], segment_id: u64) -> bool {
     page.len() >= RECORD_HEADER_LEN && page[0..4] == RECORD_MAGIC && u64_at(page, 48) == segment_id
@@ -83,7 +83,8 @@ pub struct SegmentHeader {
     pub segment_size: u64,
     /// Creation time, milliseconds since the Unix epoch (UTC).
     pub created_unix_ms: i64,
-    /// Segment format version: 1 (one header page) or 2 (header copy in page 1).
+    /// Segment format version: 1 (one header page), 2 (header copy in page 1) or 3 (a record
+    /// limit: written into a reused file).
     pub version: u16,
     /// Length of the segment when it was sealed (rotation), written into both header pages
     /// then; 0 while it is open (or sealed by a failure). A sealed segment found shorter, or

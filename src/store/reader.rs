@@ -225,7 +225,13 @@ impl WindowReader {
                 Ok(())
             }
         });
-        res.map_err(|d| self.corruption(b, d))
+        res.map_err(|d| {
+            // Its file is never written into again (once compaction empties it).
+            loc.seg
+                .damaged
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            self.corruption(b, d)
+        })
     }
 
     /// The CORRUPTION error for block `b`.

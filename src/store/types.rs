@@ -28,8 +28,9 @@ pub struct StoreConfig {
     /// (docs/FORMAT.md "Checkpoints"); default true. `cwm fsck` turns it off (a full scan).
     pub use_checkpoints: bool,
     /// Files of compacted segments kept to write new segments into (an overwrite costs less
-    /// than filling a fresh preallocated file); default 4. They are disk space outside
-    /// `capacity`. 0: every compacted segment's file is removed.
+    /// than filling a fresh preallocated file). They are disk space outside `capacity`.
+    /// Default 0 (every compacted segment's file is removed) until an unexplained torture
+    /// finding with reuse on is understood (docs/PERFORMANCE.md, "Reused segment files").
     pub recycle_segments: usize,
     /// Bytes a reused file's record limit runs ahead of its records (each raise rewrites and
     /// syncs both header pages; recovery reads at most this far past the last record of a
@@ -39,7 +40,7 @@ pub struct StoreConfig {
 
 impl StoreConfig {
     /// Defaults for `dir`: 1 GiB segments, unlimited capacity, io_uring at QD 32, tolerate-tail,
-    /// four segment files kept for reuse.
+    /// no segment files kept for reuse.
     #[must_use]
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
@@ -50,7 +51,7 @@ impl StoreConfig {
             queue_depth: 32,
             recovery: RecoveryMode::TolerateTail,
             use_checkpoints: true,
-            recycle_segments: 4,
+            recycle_segments: 0,
             limit_step: 64 << 20,
         }
     }

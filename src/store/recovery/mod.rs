@@ -215,14 +215,15 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
     r.report.windows = r.state.windows.len() as u64;
     let active = r.resume_active()?;
     // Past every id any file of the directory names (a free file kept for reuse, a checkpoint,
-    // a segment set aside), not only the segments': ids are never reused, so a free file's
+    // a segment set aside), not only the segments': a free file's
     // name never collides with a new segment's.
     let next_segment = ids
         .last()
         .copied()
         .unwrap_or(0)
-        .max(highest_named_id(&cfg.dir))
-        + 1;
+        .max(highest_named_id(&cfg.dir)?)
+        .checked_add(1)
+        .ok_or_else(|| StoreError::Recovery("segment ids are exhausted".to_string()))?;
     Ok((
         r.state,
         Appender {

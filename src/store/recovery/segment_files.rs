@@ -140,20 +140,19 @@ fn earlier_copy(c: &SegmentHeader, h: &SegmentHeader) -> bool {
 }
 
 /// The highest segment id any file of `dir` names (`segment-<id>.<anything>`), 0 if none.
-pub(super) fn highest_named_id(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(Result::ok)
-                .filter_map(|e| {
-                    let name = e.file_name();
-                    let rest = name.to_str()?.strip_prefix("segment-")?;
-                    let digits = rest.split('.').next()?;
-                    digits.parse::<u64>().ok()
-                })
-                .max()
-                .unwrap_or(0)
-        })
-        .unwrap_or(0)
+pub(super) fn highest_named_id(dir: &Path) -> Result<u64, StoreError> {
+    let mut max = 0;
+    for e in std::fs::read_dir(dir).map_err(|e| StoreError::from_fs("list", dir, e))? {
+        let e = e.map_err(|e| StoreError::from_fs("list", dir, e))?;
+        let name = e.file_name();
+        let id = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("segment-"))
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|digits| digits.parse::<u64>().ok());
+        max = max.max(id.unwrap_or(0));
+    }
+    Ok(max)
 }
 
 /// The ids of the segment files in `dir`, in order.

@@ -766,6 +766,14 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureSummary, String> {
         let _ = child.wait();
         run.sum.kills += 1;
     }
+    if run.sum.violations > 0 && cfg.data_dir.is_none() {
+        // Kept for whoever investigates (the data directory as the last open found it).
+        let kept = tmp.keep();
+        eprintln!(
+            "torture: data directory kept at {}",
+            kept.join("data").display()
+        );
+    }
     Ok(run.sum)
 }
 
