@@ -247,6 +247,17 @@ impl Run {
     fn violation(&mut self, what: String) {
         eprintln!("torture: VIOLATION: {what}");
         self.sum.violations += 1;
+        if self.sum.violations == 1 {
+            // The data directory as the first violation found it (later cycles compact it
+            // away), for whoever investigates.
+            let to = self.data.with_file_name("data-at-first-violation");
+            if copy_flat(&self.data, &to).is_ok() {
+                eprintln!(
+                    "torture: data directory at the first violation copied to {}",
+                    to.display()
+                );
+            }
+        }
         if self.sum.details.len() < 20 {
             self.sum.details.push(what);
         }
@@ -801,4 +812,16 @@ fn reused_segments(dir: &std::path::Path) -> u64 {
         }
     }
     n
+}
+
+/// Copies the plain files of `from` into `to` (created).
+fn copy_flat(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name()))?;
+        }
+    }
+    Ok(())
 }
