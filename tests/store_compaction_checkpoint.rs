@@ -6,7 +6,7 @@
 mod common;
 use common::*;
 
-use cwm::store::{CompactOptions, Store, StoreConfig};
+use cwm::store::{Store, StoreConfig};
 
 const LEN: u64 = 64 << 10;
 
@@ -46,15 +46,7 @@ fn compaction_uses_checkpoints_and_survives_damaged_ones() {
                 }
                 _ => {}
             }
-            let rep = store
-                .compact(
-                    &CompactOptions {
-                        live_ratio: 1.0,
-                        ..Default::default()
-                    },
-                    &mut |_| {},
-                )
-                .unwrap();
+            let rep = compact_everything(&store);
             assert_eq!(rep.segments_removed.len(), 3, "{damage}: {rep:?}");
             assert!(rep.segments_skipped.is_empty(), "{damage}: {rep:?}");
             // The 15 live blocks and the 3 live manifests, nothing of the garbage.

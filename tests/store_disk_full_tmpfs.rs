@@ -9,7 +9,7 @@ use common::*;
 
 use std::path::Path;
 
-use cwm::store::{CompactOptions, Store, StoreConfig};
+use cwm::store::{Store, StoreConfig};
 
 const LEN: u64 = 64 << 10;
 
@@ -68,17 +68,7 @@ fn ec_052_disk_full_on_tmpfs() {
             // Delete the oldest half, compact: segments go back to the file system. Each
             // tombstone takes two pages; when even those run out (NO_SPACE), compaction of what
             // is already deleted makes room, and deleting goes on.
-            let compact = || {
-                store
-                    .compact(
-                        &CompactOptions {
-                            live_ratio: 1.0,
-                            ..Default::default()
-                        },
-                        &mut |_| {},
-                    )
-                    .unwrap()
-            };
+            let compact = || compact_everything(&store);
             for i in 0..n / 2 {
                 if let Err(e) = store.delete_window(&format!("w{i}"), None) {
                     assert_eq!(e.code(), "NO_SPACE", "{name}: {e}");

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use cwm::io::{AlignedBuf, IoEngine};
-use cwm::store::{CompactOptions, RecoveryMode, Replace, Store, StoreConfig};
+use cwm::store::{RecoveryMode, Replace, Store, StoreConfig};
 
 const LEN: u64 = 12 << 10;
 
@@ -30,18 +30,6 @@ fn cfg(dir: &Path) -> StoreConfig {
 
 fn open(dir: &Path, engine: &Arc<dyn IoEngine>) -> Store {
     Store::open_with_engine(cfg(dir), engine.clone()).unwrap().0
-}
-
-fn compact_all(store: &Store) {
-    store
-        .compact(
-            &CompactOptions {
-                live_ratio: 1.0,
-                ..Default::default()
-            },
-            &mut |_| {},
-        )
-        .unwrap();
 }
 
 fn files(dir: &Path, ext: &str) -> Vec<std::path::PathBuf> {
@@ -94,7 +82,7 @@ fn free_four(store: &Store, dir: &Path) -> Vec<u64> {
         store.delete_window(&format!("old{i}"), None).unwrap();
     }
     put(store, "anchor", &keys(99, 3), LEN);
-    compact_all(store);
+    compact_everything(store);
     let free = files(dir, "free");
     assert_eq!(free.len(), 4, "{free:?}");
     assert_eq!(store.stats().unwrap().free_segment_files, 4);
@@ -183,7 +171,7 @@ fn a_file_is_not_written_again_while_a_reader_holds_its_segment() {
         // A thaw of "kept" opens it (its records' segment is held) before compaction moves it.
         let reader = store.open_window("kept").unwrap();
         store.delete_window("gone", None).unwrap();
-        compact_all(&store);
+        compact_everything(&store);
         let free = files(dir, "free");
         assert_eq!(free.len(), 1, "{engine_name}: {free:?}");
         let held = inode(&free[0]);
@@ -364,7 +352,7 @@ fn segment_ids_are_never_reused_when_the_newest_segments_are_compacted_away() {
         // nothing any more).
         for _ in 0..3 {
             store.seal_active().unwrap();
-            compact_all(&store);
+            compact_everything(&store);
         }
         drop(store);
         let named = std::fs::read_dir(dir)

@@ -187,8 +187,7 @@ impl<'s> Handed<'s> {
 impl Drop for Handed<'_> {
     fn drop(&mut self) {
         if let Some(f) = self.flight.take() {
-            self.store.cut_back([&self.loc]);
-            self.store.void_if_not_cut(&self.loc);
+            self.store.cut_or_void(&self.loc);
             drop(f);
         }
     }
@@ -220,8 +219,7 @@ impl Written<'_> {
 impl Drop for Written<'_> {
     fn drop(&mut self) {
         if let Some(u) = self.unsynced.take() {
-            self.store.cut_back([&self.loc]);
-            self.store.void_if_not_cut(&self.loc);
+            self.store.cut_or_void(&self.loc);
             drop(u);
         }
     }
@@ -503,10 +501,13 @@ impl Store {
                     self.engine.as_ref(),
                 ) {
                     Ok(s) => return Ok(s),
-                    Err(e) => crate::log::warn(&format!(
-                        "reusing {} for segment {id} failed ({e}); a new file is created",
-                        free.display()
-                    )),
+                    Err(e) => {
+                        crate::log::warn(&format!(
+                            "reusing {} for segment {id} failed ({e}); a new file is created",
+                            free.display()
+                        ));
+                        let _ = std::fs::remove_file(&free);
+                    }
                 }
             }
         }
@@ -549,13 +550,14 @@ impl Store {
         }
     }
 
-    /// After [`Store::cut_back`] of a manifest that failed: when records were handed out after
-    /// it (concurrent freezes), the file could not be cut back, so its pages are overwritten
+    /// A manifest that failed: [`Store::cut_back`]; when records were handed out after it
+    /// (concurrent freezes), the file could not be cut back, so its pages are overwritten
     /// with zeros and synced (best effort, as the cut-back is): a commit answered with an error
     /// must not reappear at the next open — where a later `pin` or replace of the version it
     /// would shadow was acknowledged meanwhile. The next open reports the zeros as a damaged
     /// region of a segment that failed anyway.
-    pub(super) fn void_if_not_cut(&self, loc: &Loc) {
+    pub(super) fn cut_or_void(&self, loc: &Loc) {
+        self.cut_back([loc]);
         if loc.seg.frontier() <= loc.offset {
             return;
         }

@@ -49,11 +49,9 @@ pub(crate) fn file_name(id: u64) -> String {
 
 /// Parses a segment id out of a checkpoint file name (or its temporary file's).
 pub(crate) fn parse_file_name(name: &str) -> Option<u64> {
-    let rest = name.strip_prefix("segment-")?;
-    let id = rest
-        .strip_suffix(".ckpt")
-        .or_else(|| rest.strip_suffix(".ckpt.tmp"))?;
-    id.parse().ok()
+    super::segment::parse_name(name)
+        .filter(|(_, rest)| *rest == "ckpt" || *rest == "ckpt.tmp")
+        .map(|(id, _)| id)
 }
 
 /// A record kept for a checkpoint: its header and place, and for a metadata record its

@@ -71,8 +71,8 @@ impl Recycler {
             let path = dir.join(segment::free_file_name(seg.id));
             match std::fs::rename(&seg.path, &path) {
                 Ok(()) => {
-                    // (Ids are never reused, so no entry names this file already.)
-                    free.retain(|f| f.path != path);
+                    // (A new segment's id is above every id a file names: no entry names
+                    // this file already.)
                     free.push(Free {
                         path,
                         held: Arc::downgrade(seg),

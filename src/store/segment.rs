@@ -67,12 +67,18 @@ pub(crate) fn file_name(id: u64) -> String {
     format!("segment-{id:010}.log")
 }
 
+/// The segment id a file name `segment-<id>.<rest>` names, and its `<rest>` (`log`, `free`,
+/// `ckpt`, `log.damaged`, ...).
+pub(crate) fn parse_name(name: &str) -> Option<(u64, &str)> {
+    let (id, rest) = name.strip_prefix("segment-")?.split_once('.')?;
+    Some((id.parse().ok()?, rest))
+}
+
 /// Parses a segment id out of a file name written by [`file_name`].
 pub(crate) fn parse_file_name(name: &str) -> Option<u64> {
-    name.strip_prefix("segment-")?
-        .strip_suffix(".log")?
-        .parse()
-        .ok()
+    parse_name(name)
+        .filter(|(_, rest)| *rest == "log")
+        .map(|(id, _)| id)
 }
 
 /// File name of the compacted segment `id`'s file kept for reuse (out of the log).
@@ -82,10 +88,9 @@ pub(crate) fn free_file_name(id: u64) -> String {
 
 /// Parses a segment id out of a file name written by [`free_file_name`].
 pub(crate) fn parse_free_file_name(name: &str) -> Option<u64> {
-    name.strip_prefix("segment-")?
-        .strip_suffix(".free")?
-        .parse()
-        .ok()
+    parse_name(name)
+        .filter(|(_, rest)| *rest == "free")
+        .map(|(id, _)| id)
 }
 
 /// 64 random bits (a new segment's generation).
@@ -107,6 +112,24 @@ pub(crate) fn random_u64() -> u64 {
     );
     h.write_u32(std::process::id());
     h.finish()
+}
+
+/// The header of a new segment `id` of `size` bytes: a fresh generation; format 3 when it has
+/// a record limit (a reused file), else 2 (readable by builds before format 3).
+fn new_header(id: u64, size: u64, record_limit: u64) -> SegmentHeader {
+    SegmentHeader {
+        segment_id: id,
+        generation: random_u64(),
+        segment_size: size,
+        created_unix_ms: crate::clock::now_unix_ms(),
+        version: if record_limit == 0 {
+            SEGMENT_VERSION_NO_LIMIT
+        } else {
+            SEGMENT_VERSION
+        },
+        sealed_len: 0,
+        record_limit,
+    }
 }
 
 /// Writes `header` into both header pages of `file` (one write) and syncs them.
@@ -168,15 +191,7 @@ impl Segment {
             let _ = std::fs::remove_file(&path);
             return Err(fs("preallocate", e));
         }
-        let header = SegmentHeader {
-            segment_id: id,
-            generation: random_u64(),
-            segment_size: size,
-            created_unix_ms: crate::clock::now_unix_ms(),
-            version: SEGMENT_VERSION_NO_LIMIT,
-            sealed_len: 0,
-            record_limit: 0,
-        };
+        let header = new_header(id, size, 0);
         let res = write_header_pages(engine, &file, &header)
             .and_then(|()| io::sync_dir(dir).map_err(|e| fs("sync directory of", e)));
         if let Err(e) = res {
@@ -193,23 +208,8 @@ impl Segment {
     /// and the header's record limit (`first_record + step`, raised as records need room)
     /// bounds what recovery reads of them. The new header is written and synced before the
     /// file is renamed into the log, so a crash leaves either a free file or a valid empty
-    /// segment. On error the free file is removed (the caller creates a new file instead).
+    /// segment. On error the caller removes the free file (and creates a new one instead).
     pub fn create_in(
-        dir: &Path,
-        id: u64,
-        size: u64,
-        step: u64,
-        free: &Path,
-        engine: &dyn IoEngine,
-    ) -> Result<Segment, StoreError> {
-        let res = Self::reuse(dir, id, size, step, free, engine);
-        if res.is_err() {
-            let _ = std::fs::remove_file(free);
-        }
-        res
-    }
-
-    fn reuse(
         dir: &Path,
         id: u64,
         size: u64,
@@ -226,16 +226,8 @@ impl Segment {
             file.set_len(size).map_err(|e| fs("truncate", e))?;
         }
         preallocate(&file, size).map_err(|e| fs("preallocate", e))?;
-        let first = SEGMENT_HEADER_LEN;
-        let header = SegmentHeader {
-            segment_id: id,
-            generation: random_u64(),
-            segment_size: size,
-            created_unix_ms: crate::clock::now_unix_ms(),
-            version: SEGMENT_VERSION,
-            sealed_len: 0,
-            record_limit: first.saturating_add(step.max(PAGE)).min(size) & !(PAGE - 1),
-        };
+        let limit = SEGMENT_HEADER_LEN.saturating_add(step.max(PAGE)).min(size) & !(PAGE - 1);
+        let header = new_header(id, size, limit);
         write_header_pages(engine, &file, &header)?;
         let path = dir.join(file_name(id));
         std::fs::rename(free, &path).map_err(|e| fs("rename", e))?;
@@ -300,20 +292,25 @@ impl Segment {
             record_limit: to,
             ..self.header
         };
+        self.rewrite_header(&h, engine).map_err(|e| {
+            StoreError::io(
+                format!("raising the record limit of {}", self.path.display()),
+                e,
+            )
+        })?;
+        self.limit.store(to, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Rewrites the header pages with `h`: page 0, `fdatasync`, then page 1, `fdatasync` —
+    /// a rewrite torn by a crash leaves the other copy whole.
+    fn rewrite_header(&self, h: &SegmentHeader, engine: &dyn IoEngine) -> Result<(), io::IoError> {
         let mut page = AlignedBuf::zeroed(PAGE as usize);
         h.encode(&mut page);
         for at in [0, PAGE] {
-            engine
-                .write_all_at(self.fd(), at, &page)
-                .and_then(|()| engine.fdatasync(self.fd()))
-                .map_err(|e| {
-                    StoreError::io(
-                        format!("raising the record limit of {}", self.path.display()),
-                        e,
-                    )
-                })?;
+            engine.write_all_at(self.fd(), at, &page)?;
+            engine.fdatasync(self.fd())?;
         }
-        self.limit.store(to, Ordering::SeqCst);
         Ok(())
     }
 
@@ -370,19 +367,11 @@ impl Segment {
             record_limit: self.limit(),
             ..self.header
         };
-        let mut page = AlignedBuf::zeroed(PAGE as usize);
-        h.encode(&mut page);
-        for at in [0, PAGE] {
-            let res = engine
-                .write_all_at(self.fd(), at, &page)
-                .and_then(|()| engine.fdatasync(self.fd()));
-            if let Err(e) = res {
-                crate::log::warn(&format!(
-                    "recording the sealed length in {} failed: {e}",
-                    self.path.display()
-                ));
-                return;
-            }
+        if let Err(e) = self.rewrite_header(&h, engine) {
+            crate::log::warn(&format!(
+                "recording the sealed length in {} failed: {e}",
+                self.path.display()
+            ));
         }
     }
 

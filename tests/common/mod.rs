@@ -311,3 +311,16 @@ pub fn free(dir: &Path) -> u64 {
     assert_eq!(rc, 0);
     s.f_bavail as u64 * s.f_frsize as u64
 }
+
+/// Compacts every sealed segment holding any garbage (live ratio 1.0).
+pub fn compact_everything(store: &Store) -> cwm::store::CompactReport {
+    store
+        .compact(
+            &cwm::store::CompactOptions {
+                live_ratio: 1.0,
+                ..Default::default()
+            },
+            &mut |_| {},
+        )
+        .expect("compact")
+}

@@ -145,12 +145,9 @@ pub(super) fn highest_named_id(dir: &Path) -> Result<u64, StoreError> {
     for e in std::fs::read_dir(dir).map_err(|e| StoreError::from_fs("list", dir, e))? {
         let e = e.map_err(|e| StoreError::from_fs("list", dir, e))?;
         let name = e.file_name();
-        let id = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("segment-"))
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|digits| digits.parse::<u64>().ok());
-        max = max.max(id.unwrap_or(0));
+        if let Some((id, _)) = name.to_str().and_then(segment::parse_name) {
+            max = max.max(id);
+        }
     }
     Ok(max)
 }

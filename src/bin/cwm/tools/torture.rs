@@ -788,8 +788,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureSummary, String> {
     Ok(run.sum)
 }
 
-/// Segment files in `dir` whose header carries a record limit (format 3, bytes 12..16): written
-/// into a reused file.
+/// Segment files in `dir` whose header carries a record limit: written into a reused file.
 fn reused_segments(dir: &std::path::Path) -> u64 {
     use std::io::Read;
     let Ok(rd) = std::fs::read_dir(dir) else {
@@ -801,12 +800,10 @@ fn reused_segments(dir: &std::path::Path) -> u64 {
         if p.extension().is_none_or(|x| x != "log") {
             continue;
         }
-        let mut h = [0u8; 16];
-        if std::fs::File::open(&p)
-            .and_then(|mut f| f.read_exact(&mut h))
-            .is_ok()
-            && h[8..10] == 3u16.to_le_bytes()
-            && h[12..16] != [0; 4]
+        let mut h = [0u8; cwm::store::format::SegmentHeader::LEN];
+        let read = std::fs::File::open(&p).and_then(|mut f| f.read_exact(&mut h));
+        if read.is_ok()
+            && cwm::store::format::SegmentHeader::decode(&h).is_ok_and(|h| h.record_limit != 0)
         {
             n += 1;
         }
