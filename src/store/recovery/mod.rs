@@ -458,8 +458,11 @@ impl Recovery<'_> {
             scan(self.engine, seg, file_len, start, last_seq)?;
         recs.extend(more);
         payloads.resize(recs.len(), None);
-        if newest && header.sealed_len == 0 {
-            unwritten_tail(&mut recs, &mut frontier, &mut torn, &mut damaged);
+        if newest && header.sealed_len == 0 && !damaged.is_empty() {
+            let mut held = HeldElsewhere::new(self);
+            unwritten_tail(&mut recs, &mut frontier, &mut torn, &mut damaged, |r| {
+                held.holds(r, id)
+            });
         }
         if header.sealed_len > frontier {
             // Sealed at that length, its records end earlier: truncated, or its tail damaged.
@@ -669,23 +672,32 @@ impl Recovery<'_> {
     }
 }
 
-/// In the newest (unsealed) segment, a damaged region after the last record that is not a
-/// freeze's block record (a metadata record or a compaction copy) is room handed out to
-/// freezes in flight at a crash and never written: metadata records and copies are appended
-/// only once every block record handed out before them is written, so nothing acknowledged
-/// lies there or after it — only block records no manifest refers to. Everything from the
-/// first such region on is the torn tail (cut off at the open); a region before that record
-/// stays damage.
+/// In the newest (unsealed) segment, a damaged region after the last record that must be there
+/// is room handed out at a crash and never written, and everything from the first such region
+/// on is the torn tail (cut off at the open); a region before that record stays damage.
+///
+/// What must be there: a metadata record, and a compaction copy whose original no other
+/// segment holds (`held_elsewhere` false). Metadata records are appended only once every record
+/// handed out before them is written and synced, so nothing acknowledged lies after the last
+/// one — only block records of freezes in flight (no manifest refers to them) and compaction
+/// copies. A batch of copies is written all at once, concurrently (in a reused file, where
+/// ext4 overwrites in place, in any order), and synced before its source can be removed: while
+/// a copy's original still stands, a crash may have left any of the batch's copies unwritten,
+/// and losing the copies loses nothing. Once the source was removed, the batch was synced, so
+/// a hole before such a copy is damage, reported.
 fn unwritten_tail(
     recs: &mut Vec<Rec>,
     frontier: &mut u64,
     torn: &mut Option<(u64, String)>,
     damaged: &mut Vec<(u64, u64, String)>,
+    mut held_elsewhere: impl FnMut(&Rec) -> bool,
 ) {
     let barrier = recs
         .iter()
         .rev()
-        .find(|r| r.h.kind != RecordKind::Block || r.h.copied)
+        .find(|r| {
+            (r.h.kind != RecordKind::Block && !r.h.copied) || (r.h.copied && !held_elsewhere(r))
+        })
         .map_or(0, |r| r.offset + r.len);
     let Some(pos) = damaged.iter().position(|(from, _, _)| *from >= barrier) else {
         return;
@@ -696,10 +708,54 @@ fn unwritten_tail(
     *frontier = from;
     *torn = Some((
         from,
-        "room handed out to freezes in flight at a crash, never written (only block records \
-         no manifest refers to follow)"
+        "room handed out at a crash, never written (only block records no manifest refers to, \
+         and compaction copies whose originals stand, follow)"
             .to_string(),
     ));
+}
+
+/// Whether the records of another segment loaded so far hold a compaction copy's original (the
+/// same block, or the metadata record of the same sequence number): see [`unwritten_tail`].
+/// Looked up only for the newest segment's copies after its last metadata record, when it holds
+/// damage.
+struct HeldElsewhere<'r, 'a> {
+    recovery: &'r Recovery<'a>,
+    /// Sequence numbers of the manifests and tombstones loaded (built at the first lookup of one).
+    meta_seqs: Option<std::collections::HashSet<u64>>,
+}
+
+impl<'r, 'a> HeldElsewhere<'r, 'a> {
+    fn new(recovery: &'r Recovery<'a>) -> Self {
+        Self {
+            recovery,
+            meta_seqs: None,
+        }
+    }
+
+    /// True when a segment other than `seg` holds the original of copy `r`.
+    fn holds(&mut self, r: &Rec, seg: u64) -> bool {
+        let rc = self.recovery;
+        match r.h.kind {
+            RecordKind::Block => rc.cands.get(&r.h.key).is_some_and(|c| {
+                c.as_slice().iter().any(|c| {
+                    c.seg != seg
+                        && c.checksum == r.h.payload_xxh3
+                        && c.payload_len == r.h.payload_len
+                })
+            }),
+            // Only the newest catalog record of a key is kept: a newer one elsewhere
+            // supersedes the copy.
+            RecordKind::Meta => rc
+                .state
+                .meta
+                .get(&r.h.key)
+                .is_some_and(|(s, _, l)| l.seg.id != seg && *s >= r.h.seq),
+            RecordKind::Manifest | RecordKind::Tombstone => self
+                .meta_seqs
+                .get_or_insert_with(|| rc.metas.iter().map(|(s, _)| *s).collect())
+                .contains(&r.h.seq),
+        }
+    }
 }
 
 /// Writes the missing copy of the metadata record at `offset` (the segment's last record, `len`
