@@ -29,8 +29,7 @@ pub struct StoreConfig {
     pub use_checkpoints: bool,
     /// Files of compacted segments kept to write new segments into (an overwrite costs less
     /// than filling a fresh preallocated file). They are disk space outside `capacity`.
-    /// Default 0 (every compacted segment's file is removed) until an unexplained torture
-    /// finding with reuse on is understood (docs/PERFORMANCE.md, "Reused segment files").
+    /// Default 4; 0 removes every compacted segment's file.
     pub recycle_segments: usize,
     /// Bytes a reused file's record limit runs ahead of its records (each raise rewrites and
     /// syncs both header pages; recovery reads at most this far past the last record of a
@@ -40,7 +39,7 @@ pub struct StoreConfig {
 
 impl StoreConfig {
     /// Defaults for `dir`: 1 GiB segments, unlimited capacity, io_uring at QD 32, tolerate-tail,
-    /// no segment files kept for reuse.
+    /// up to 4 segment files kept for reuse.
     #[must_use]
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
@@ -51,7 +50,7 @@ impl StoreConfig {
             queue_depth: 32,
             recovery: RecoveryMode::TolerateTail,
             use_checkpoints: true,
-            recycle_segments: 0,
+            recycle_segments: 4,
             limit_step: 64 << 20,
         }
     }

@@ -24,9 +24,8 @@ pub(crate) struct ServeArgs {
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     segment_size: u64,
     /// Files of compacted segments kept for new segments to be written into (an overwrite is
-    /// cheaper than filling a fresh preallocated file); disk space outside --capacity. 0 (the
-    /// default): off.
-    #[arg(long, env = "CWM_RECYCLE_SEGMENTS", default_value_t = 0)]
+    /// cheaper than filling a fresh preallocated file); disk space outside --capacity. 0: off.
+    #[arg(long, env = "CWM_RECYCLE_SEGMENTS", default_value_t = 4)]
     recycle_segments: usize,
     /// I/O engine: uring or psync.
     #[arg(long, env = "CWM_IO_ENGINE", default_value = "uring")]

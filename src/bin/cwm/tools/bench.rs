@@ -1545,11 +1545,11 @@ pub fn churn(
     cfg.capacity = capacity;
     cfg.segment_size = 16 << 20;
     cfg.engine = engine;
-    // Segment files kept for reuse, as the daemon's CWM_RECYCLE_SEGMENTS sets it (default 0).
+    // Segment files kept for reuse, as the daemon's CWM_RECYCLE_SEGMENTS sets it (default 4).
     cfg.recycle_segments = std::env::var("CWM_RECYCLE_SEGMENTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+        .unwrap_or(4);
     let (store, _) = Store::open(cfg).map_err(|x| e(&x))?;
     let socket = tmp.path().join("cwm.sock");
     let shm = tmp.path().join("shm");
