@@ -665,18 +665,18 @@ impl Store {
         );
     }
 
-    /// Makes every record of `seg` written so far durable: `fdatasync`, shared with concurrent
-    /// callers ([`SyncGroup`](super::sync_group::SyncGroup)); a failure makes the segment
-    /// read-only (never retried as if nothing happened) and fails every caller the sync was to
-    /// cover.
+    /// `fdatasync`s a segment; a failure makes it read-only (never retried as if nothing
+    /// happened).
     pub(super) fn sync(&self, seg: &Segment) -> Result<(), StoreError> {
-        seg.syncs.run(|| self.sync_alone(seg), || sync_failed(seg))
-    }
-
-    /// One `fdatasync` of `seg` (see [`Store::sync`]).
-    fn sync_alone(&self, seg: &Segment) -> Result<(), StoreError> {
         if seg.failed.load(Ordering::SeqCst) {
-            return Err(sync_failed(seg));
+            return Err(StoreError::Io {
+                context: format!("syncing segment {}", seg.id),
+                source: IoError::Os {
+                    op: "fdatasync",
+                    offset: 0,
+                    source: std::io::Error::from_raw_os_error(libc::EIO),
+                },
+            });
         }
         crate::fail_point!("fdatasync", _a => {
             seg.fail();
@@ -784,18 +784,6 @@ impl Store {
             return Err(StoreError::io(format!("writing a {kind:?} record"), e));
         }
         Ok(loc)
-    }
-}
-
-/// The error of a sync of `seg` that failed (or of a segment that failed before).
-fn sync_failed(seg: &Segment) -> StoreError {
-    StoreError::Io {
-        context: format!("syncing segment {}", seg.id),
-        source: IoError::Os {
-            op: "fdatasync",
-            offset: 0,
-            source: std::io::Error::from_raw_os_error(libc::EIO),
-        },
     }
 }
 

@@ -84,7 +84,6 @@ mod recovery;
 mod recycle;
 pub mod retention;
 mod segment;
-mod sync_group;
 mod types;
 mod usage;
 mod verify;

@@ -14,7 +14,6 @@ use super::format::{
     SegmentHeader, PAGE, SEGMENT_HEADER_LEN, SEGMENT_VERSION, SEGMENT_VERSION_NO_LIMIT,
 };
 use super::recovery::scan::Rec;
-use super::sync_group::SyncGroup;
 use crate::io::{self, AlignedBuf, IoEngine};
 
 /// One open segment file.
@@ -55,8 +54,6 @@ pub(crate) struct Segment {
     /// (written when it is sealed or at a clean stop). `None`: not kept (a segment loaded
     /// sealed, or whose records do not tile it: no checkpoint is written from memory).
     pub records: Mutex<Option<Vec<Kept>>>,
-    /// Concurrent `fdatasync`s of this segment share one ([`SyncGroup`]).
-    pub syncs: SyncGroup,
 }
 
 impl std::fmt::Debug for Segment {
@@ -265,7 +262,6 @@ impl Segment {
             meta_keys: Mutex::new(HashSet::new()),
             writers: AtomicU64::new(0),
             records: Mutex::new(Some(Vec::new())),
-            syncs: SyncGroup::default(),
         }
     }
 

@@ -294,7 +294,6 @@ impl Recovery<'_> {
             meta_keys: std::sync::Mutex::new(std::collections::HashSet::new()),
             writers: AtomicU64::new(0),
             records: std::sync::Mutex::new(None),
-            syncs: Default::default(),
         });
         self.report.segments += 1;
         let Scanned {
