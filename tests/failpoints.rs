@@ -263,6 +263,40 @@ fn a_slow_checkpoint_is_still_waited_for() {
     }
 }
 
+/// A segment compacted away while its checkpoint is still being written in the background
+/// (sealed a moment before): compaction waits for that write before it removes the
+/// checkpoint, so no checkpoint of a segment that left the log is left behind (it would
+/// name a file that is gone, or kept for reuse under another id).
+#[test]
+fn a_segment_compacted_while_its_checkpoint_is_written_leaves_no_checkpoint_behind() {
+    let _serial = serial();
+    for (ename, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        let (store, _) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
+        put(&store, "gone", &keys(1, 2), LEN);
+        put(&store, "kept", &keys(5, 2), LEN);
+        store.delete_window("gone", None).unwrap();
+        failpoint::set("checkpoint-write", Some(Action::Delay));
+        store.seal_active().unwrap();
+        // The checkpoint of the sealed segment is inside its delay.
+        std::thread::sleep(failpoint::DELAY / 5);
+        failpoint::clear();
+        let rep = compact_everything(&store);
+        assert_eq!(rep.segments_removed.len(), 1, "{ename}: {rep:?}");
+        store.wait_checkpoints();
+        assert_eq!(
+            files_ending(&dir, ".ckpt"),
+            0,
+            "{ename}: a checkpoint was left behind"
+        );
+        drop(store);
+        let (store, rep) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
+        assert!(rep.damaged_regions.is_empty(), "{ename}: {rep:?}");
+        check(&store, "kept", &keys(5, 2), LEN);
+    }
+}
+
 /// The bytes of a write that failed are given back: after a failed freeze (an I/O error or
 /// a short write of a block, of its manifest, or a failed sync), the store counts as used
 /// exactly what a reopen finds in its segments; a failed block write leaves nothing counted.
