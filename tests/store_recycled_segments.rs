@@ -211,6 +211,52 @@ fn a_file_is_not_written_again_while_a_reader_holds_its_segment() {
     }
 }
 
+/// A thaw that opened a window before compaction keeps reading its compacted segment; when
+/// that read finds the segment's bytes damaged, the file (kept for reuse meanwhile) is never
+/// written into again — it is removed once the reader lets go, and the next segment goes into
+/// a new file.
+#[test]
+fn a_kept_file_found_damaged_by_a_late_reader_is_not_reused() {
+    for (engine_name, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut c = cfg(dir);
+        c.recycle_segments = 1;
+        let (store, _) = Store::open_with_engine(c, engine.clone()).unwrap();
+        put(&store, "read", &keys(1, 1), LEN);
+        put(&store, "anchor", &keys(99, 3), LEN);
+        let reader = store.open_window("read").unwrap();
+        store.delete_window("read", None).unwrap();
+        compact_everything(&store);
+        let free = files(dir, "free");
+        assert_eq!(free.len(), 1, "{engine_name}: {free:?}");
+        // The medium damages the block's payload; the late reader finds it.
+        flip_bit(&free[0], 8192 + 4096 + 100, 3);
+        let mut bufs: Vec<AlignedBuf> = (0..reader.num_blocks())
+            .map(|i| AlignedBuf::zeroed(reader.record_len(i) as usize))
+            .collect();
+        let mut imgs: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
+        let err = store.read_blocks(&reader, 0, &mut imgs).unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{engine_name}: {err}");
+        drop(imgs);
+        drop(reader);
+        for i in 0..3u128 {
+            put(&store, &format!("new{i}"), &keys(200 + i, 3), LEN);
+        }
+        assert!(
+            files(dir, "free").is_empty(),
+            "{engine_name}: the damaged file is still kept"
+        );
+        let stats = store.stats().unwrap();
+        assert!(
+            stats.segments.iter().all(|s| s.record_limit == 0),
+            "{engine_name}: a segment went into the damaged file: {:?}",
+            stats.segments
+        );
+        check(&store, "anchor", &keys(99, 3), LEN);
+    }
+}
+
 #[test]
 fn a_zeroed_page_below_the_limit_of_a_reused_segment_loses_nothing() {
     for (engine_name, engine) in engines() {

@@ -7,16 +7,24 @@
 //! its records holds the old segment (an `Arc`), and keeps reading its bytes until it lets go.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use super::segment::{self, Segment};
 
 /// A file kept for reuse, and the segment it held (until nothing refers to it, the file is
-/// not handed out).
+/// not handed out) with that segment's failed and damaged flags: a reader still holding the
+/// segment may find damage in it after it was kept, and then the file is never reused.
 struct Free {
     path: PathBuf,
     held: Weak<Segment>,
+    bad: [Arc<AtomicBool>; 2],
+}
+
+impl Free {
+    fn bad(&self) -> bool {
+        self.bad.iter().any(|b| b.load(Ordering::SeqCst))
+    }
 }
 
 /// The files kept for reuse: at most `max`.
@@ -51,6 +59,7 @@ impl Recycler {
                     .map(|(_, path)| Free {
                         path,
                         held: Weak::new(),
+                        bad: Default::default(),
                     })
                     .collect(),
             ),
@@ -76,6 +85,7 @@ impl Recycler {
                     free.push(Free {
                         path,
                         held: Arc::downgrade(seg),
+                        bad: [seg.failed.clone(), seg.damaged.clone()],
                     });
                     return Ok(());
                 }
@@ -91,12 +101,20 @@ impl Recycler {
     }
 
     /// A free file nothing reads any more, taken out of the pool (the caller reuses it or
-    /// removes it).
+    /// removes it). Files whose segment was found damaged (or failed) since they were kept
+    /// are removed on the way, once nothing reads them.
     pub(crate) fn take(&self) -> Option<PathBuf> {
         let mut free = self
             .free
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        free.retain(|f| {
+            let gone = f.held.strong_count() == 0 && f.bad();
+            if gone {
+                let _ = std::fs::remove_file(&f.path);
+            }
+            !gone
+        });
         let at = free.iter().position(|f| f.held.strong_count() == 0)?;
         Some(free.swap_remove(at).path)
     }

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::checkpoint::Kept;
 use super::error::StoreError;
@@ -36,11 +36,13 @@ pub(crate) struct Segment {
     pub live: AtomicU64,
     /// No more appends: full, or a write / fdatasync failed on it.
     pub sealed: AtomicBool,
-    /// A write or fdatasync failed: the segment is read-only from now on.
-    pub failed: AtomicBool,
+    /// A write or fdatasync failed: the segment is read-only from now on. (Shared with the
+    /// recycler, which looks at it after the segment is gone.)
+    pub failed: Arc<AtomicBool>,
     /// Damage was found in it (at the open) or a header rewrite failed: its file is never
     /// kept for reuse.
-    pub damaged: AtomicBool,
+    /// (Shared with the recycler, like `failed`.)
+    pub damaged: Arc<AtomicBool>,
     /// Window-name keys of every manifest record in this segment (live or not): compaction
     /// keeps a tombstone while some other segment still holds a manifest it shadows.
     pub manifest_names: Mutex<HashSet<u128>>,
@@ -256,8 +258,8 @@ impl Segment {
             limit: AtomicU64::new(header.record_limit),
             live: AtomicU64::new(0),
             sealed: AtomicBool::new(false),
-            failed: AtomicBool::new(false),
-            damaged: AtomicBool::new(false),
+            failed: Arc::new(AtomicBool::new(false)),
+            damaged: Arc::new(AtomicBool::new(false)),
             manifest_names: Mutex::new(HashSet::new()),
             meta_keys: Mutex::new(HashSet::new()),
             writers: AtomicU64::new(0),
