@@ -21,6 +21,9 @@ use crate::store::{Class, Retention};
 /// What a session's engine reported it holds: (engine, token ids, block ids).
 type Held = (String, Vec<u32>, Vec<u64>);
 
+/// Tries a freeze refused for room gets after an eviction for it (see `op_freeze`).
+const FREEZE_ROOM_TRIES: usize = 4;
+
 impl Server {
     /// `hello`: version, protocol and capabilities.
     pub(super) fn op_hello(&self) -> Value {
@@ -137,17 +140,24 @@ impl Server {
         };
         let retry = fr.clone();
         let mut res = freeze(&self.store, &eng, fr, &self.cfg.pipeline, &opts);
-        if matches!(&res, Err(e) if e.code() == ErrorCode::QuotaExceeded) {
-            // Refused for room before a byte was written: evict unnamed windows now, as far as
-            // this window needs, and try once more (the background pass may be a second away).
+        // Refused for room before a byte was written: evict unnamed windows now, as far as
+        // this window needs, and try again (the background pass may be a second away). Other
+        // freezes finishing meanwhile may take the room first: tried again while each eviction
+        // gives some back, a few times at most — refused only when nothing unnamed is left
+        // to give up, or the log keeps filling faster than eviction frees it.
+        for _ in 0..FREEZE_ROOM_TRIES {
+            if !matches!(&res, Err(e) if e.code() == ErrorCode::QuotaExceeded) {
+                break;
+            }
             let need = self.store.room_for(
                 retry.block_ids.len() as u64,
                 eng.layout.block_bytes(),
                 retry.tokens.len() as u64,
             );
-            if self.make_room(need).unwrap_or(false) {
-                res = freeze(&self.store, &eng, retry, &self.cfg.pipeline, &opts);
+            if !self.make_room(need).unwrap_or(false) {
+                break;
             }
+            res = freeze(&self.store, &eng, retry.clone(), &self.cfg.pipeline, &opts);
         }
         if !session.is_empty() {
             self.sessions.end_freeze(&session, res.is_ok());
