@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use cwm::io::{AlignedBuf, IoEngine};
-use cwm::store::{RecoveryMode, Replace, Store, StoreConfig};
+use cwm::store::{RecoveryMode, Replace, Store, StoreConfig, StoreError, WindowReader};
 
 const LEN: u64 = 12 << 10;
 
@@ -156,14 +156,30 @@ fn new_segments_are_written_into_compacted_segments_files_and_reopen_clean() {
     }
 }
 
+/// A store that keeps one file for reuse.
+fn keeping_one(dir: &Path, engine: &Arc<dyn IoEngine>) -> Store {
+    let mut c = cfg(dir);
+    c.recycle_segments = 1;
+    Store::open_with_engine(c, engine.clone()).unwrap().0
+}
+
+/// Every block of `reader`, read into fresh buffers (and verified).
+fn read_all(store: &Store, reader: &WindowReader) -> Result<Vec<AlignedBuf>, StoreError> {
+    let mut bufs: Vec<AlignedBuf> = (0..reader.num_blocks())
+        .map(|i| AlignedBuf::zeroed(reader.record_len(i) as usize))
+        .collect();
+    let mut imgs: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
+    store.read_blocks(reader, 0, &mut imgs)?;
+    drop(imgs);
+    Ok(bufs)
+}
+
 #[test]
 fn a_file_is_not_written_again_while_a_reader_holds_its_segment() {
     for (engine_name, engine) in engines() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
-        let mut c = cfg(dir);
-        c.recycle_segments = 1;
-        let (store, _) = Store::open_with_engine(c, engine.clone()).unwrap();
+        let store = keeping_one(dir, &engine);
         // "kept" and "gone" share segment 1; the anchor fills segment 2.
         put(&store, "kept", &keys(1, 1), LEN);
         put(&store, "gone", &keys(2, 1), LEN);
@@ -186,11 +202,7 @@ fn a_file_is_not_written_again_while_a_reader_holds_its_segment() {
                 "{engine_name}: {s:?} reuses a file still read"
             );
         }
-        let mut bufs: Vec<AlignedBuf> = (0..reader.num_blocks())
-            .map(|i| AlignedBuf::zeroed(reader.record_len(i) as usize))
-            .collect();
-        let mut imgs: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
-        store.read_blocks(&reader, 0, &mut imgs).unwrap();
+        let bufs = read_all(&store, &reader).unwrap();
         for (i, b) in bufs.iter().enumerate() {
             assert_eq!(
                 reader.payload(i, b),
@@ -220,9 +232,7 @@ fn a_kept_file_found_damaged_by_a_late_reader_is_not_reused() {
     for (engine_name, engine) in engines() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
-        let mut c = cfg(dir);
-        c.recycle_segments = 1;
-        let (store, _) = Store::open_with_engine(c, engine.clone()).unwrap();
+        let store = keeping_one(dir, &engine);
         put(&store, "read", &keys(1, 1), LEN);
         put(&store, "anchor", &keys(99, 3), LEN);
         let reader = store.open_window("read").unwrap();
@@ -232,13 +242,8 @@ fn a_kept_file_found_damaged_by_a_late_reader_is_not_reused() {
         assert_eq!(free.len(), 1, "{engine_name}: {free:?}");
         // The medium damages the block's payload; the late reader finds it.
         flip_bit(&free[0], 8192 + 4096 + 100, 3);
-        let mut bufs: Vec<AlignedBuf> = (0..reader.num_blocks())
-            .map(|i| AlignedBuf::zeroed(reader.record_len(i) as usize))
-            .collect();
-        let mut imgs: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
-        let err = store.read_blocks(&reader, 0, &mut imgs).unwrap_err();
+        let err = read_all(&store, &reader).err().unwrap();
         assert!(err.to_string().contains("checksum"), "{engine_name}: {err}");
-        drop(imgs);
         drop(reader);
         for i in 0..3u128 {
             put(&store, &format!("new{i}"), &keys(200 + i, 3), LEN);
