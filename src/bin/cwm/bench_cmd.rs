@@ -110,6 +110,13 @@ pub(crate) enum BenchCmd {
         /// Eviction policy of the daemon: lru, s3fifo or fifo (default: the daemon's).
         #[arg(long, default_value_t = cwm::store::EvictionPolicy::default())]
         policy: cwm::store::EvictionPolicy,
+        /// The log's budget (`serve --capacity`).
+        #[arg(long, default_value = "256MiB", value_parser = crate::parse_size)]
+        capacity: u64,
+        /// Segment size (`serve --segment-size`); each rotation waits for the writes in
+        /// flight, so small segments cost more per byte.
+        #[arg(long, default_value = "16MiB", value_parser = crate::parse_size)]
+        segment_size: u64,
         #[command(flatten)]
         out: Output,
     },
@@ -305,10 +312,18 @@ fn measure(cmd: BenchCmd) -> Result<Measured, String> {
             seconds,
             engine,
             policy,
+            capacity,
+            segment_size,
             out,
         } => {
             let dir = out.dir();
-            let r = tools::bench::churn(&dir, clients, seconds, engine, policy, &bar(out.json))?;
+            let shape = tools::bench::ChurnShape {
+                clients,
+                seconds,
+                capacity,
+                segment_size,
+            };
+            let r = tools::bench::churn(&dir, &shape, engine, policy, &bar(out.json))?;
             let text = format!(
                 "churn ({} clients, {:.1} s, capacity {} MiB, {:?}; compaction copied {:.2} bytes per byte frozen): {} freezes ({} refused), {:.2} GB/s vs raw write {:.2} GB/s  ratio {:.3}, vs the same writes and syncs bare {:.2} GB/s  ratio {:.3}; {} thaws, {} of evicted windows; {:.0} evictions; lookup p50 {:.0} us p99 {:.0} us; freeze round trip median {:.2} ms (mean {:.2}, p99 {:.2}), durable {:.2} (gather {:.2}, write {:.2}, commit {:.2})",
                 r.clients, r.seconds, r.capacity >> 20, r.policy, r.copied_per_frozen, r.freezes, r.freeze_errors, r.freeze_gbps,

@@ -1449,6 +1449,8 @@ pub struct ChurnBench {
     pub seconds: f64,
     /// The daemon's capacity (a budget the freezes outgrow: eviction runs).
     pub capacity: u64,
+    /// The log's segment size.
+    pub segment_size: u64,
     /// Freezes acknowledged (durable), all clients.
     pub freezes: u64,
     /// Freezes refused (QUOTA_EXCEEDED and the like) or failed.
@@ -1509,6 +1511,19 @@ pub struct FreezeTimes {
     pub commit: f64,
 }
 
+/// The shape of a `cwm bench churn` run.
+#[derive(Debug, Clone, Copy)]
+pub struct ChurnShape {
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Seconds the clients run.
+    pub seconds: f64,
+    /// The log's budget.
+    pub capacity: u64,
+    /// Segment size.
+    pub segment_size: u64,
+}
+
 /// `cwm bench churn`: `clients` clients freeze unnamed windows (2 MiB each) and thaw and look
 /// up earlier ones for `seconds`, against a daemon whose budget they outgrow, so eviction and
 /// compaction run the whole time; aggregate freeze throughput against the raw disk.
@@ -1518,8 +1533,7 @@ pub struct FreezeTimes {
 )]
 pub fn churn(
     dir: &Path,
-    clients: usize,
-    seconds: f64,
+    shape: &ChurnShape,
     engine: EngineKind,
     policy: cwm::store::EvictionPolicy,
     p: &Progress,
@@ -1529,6 +1543,12 @@ pub fn churn(
     const BLOCKS: u64 = 256;
     const PER: u64 = 16; // blocks per freeze: 16 x 128 KiB = 2 MiB
     let e = |x: &dyn std::fmt::Display| x.to_string();
+    let ChurnShape {
+        clients,
+        seconds,
+        capacity,
+        segment_size,
+    } = *shape;
     let clients = clients.clamp(1, (BLOCKS / PER) as usize);
     let tmp = tempfile::Builder::new()
         .prefix("cwm-bench-churn-")
@@ -1540,10 +1560,9 @@ pub fn churn(
     let shaped_secs = seconds.clamp(1.0, 5.0);
     let sw0 = freeze_shaped_writes(eng.as_ref(), tmp.path(), clients, shape, shaped_secs)
         .map_err(|x| e(&x))?;
-    let capacity = 256u64 << 20;
     let mut cfg = StoreConfig::new(tmp.path().join("data"));
     cfg.capacity = capacity;
-    cfg.segment_size = 16 << 20;
+    cfg.segment_size = segment_size;
     cfg.engine = engine;
     // Segment files kept for reuse, as the daemon's CWM_RECYCLE_SEGMENTS sets it (default 4).
     cfg.recycle_segments = std::env::var("CWM_RECYCLE_SEGMENTS")
@@ -1702,6 +1721,7 @@ pub fn churn(
         clients,
         seconds: secs,
         capacity,
+        segment_size,
         freezes: n,
         freeze_errors: errors.load(Ordering::Relaxed),
         freeze_error_codes: codes.into_inner().unwrap_or_default(),
