@@ -677,10 +677,9 @@ impl Recovery<'_> {
 /// on is the torn tail (cut off at the open); a region before that record stays damage.
 ///
 /// What must be there: a metadata record, and a compaction copy whose original no other
-/// segment holds (`held_elsewhere` false). Metadata records are appended only once every record
-/// handed out before them is written and synced, so nothing acknowledged lies after the last
-/// one — only block records of freezes in flight (no manifest refers to them) and compaction
-/// copies. A batch of copies is written all at once, concurrently (in a reused file, where
+/// segment holds (`held_elsewhere` false). Metadata records are written only once every record
+/// handed out before them is written, so nothing acknowledged lies after the last one — only
+/// block records of freezes in flight (no manifest refers to them) and compaction copies. A batch of copies is written all at once, concurrently (in a reused file, where
 /// ext4 overwrites in place, in any order), and synced before its source can be removed: while
 /// a copy's original still stands, a crash may have left any of the batch's copies unwritten,
 /// and losing the copies loses nothing. Once the source was removed, the batch was synced, so
