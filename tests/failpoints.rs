@@ -264,9 +264,9 @@ fn a_slow_checkpoint_is_still_waited_for() {
 }
 
 /// A segment compacted away while its checkpoint is still being written in the background
-/// (sealed a moment before): compaction waits for that write before it removes the
-/// checkpoint, so no checkpoint of a segment that left the log is left behind (it would
-/// name a file that is gone, or kept for reuse under another id).
+/// (sealed a moment before): the checkpoint, written after compaction removed it, finds the
+/// log file gone and removes itself, so no checkpoint of a segment that left the log is left
+/// behind (it would name a file that is gone, or kept for reuse under another id).
 #[test]
 fn a_segment_compacted_while_its_checkpoint_is_written_leaves_no_checkpoint_behind() {
     let _serial = serial();

@@ -239,6 +239,12 @@ pub(crate) fn write(dir: &Path, seg: &Segment, covered: u64, recs: &[Kept]) -> s
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
+    // The segment left the log while this was written (a background checkpoint of a segment
+    // compaction emptied right after its seal): compaction takes the log file away before it
+    // removes the checkpoint, so one that arrived after that removal is removed here.
+    if res.is_ok() && !seg.path.exists() {
+        let _ = std::fs::remove_file(&path);
+    }
     res
 }
 

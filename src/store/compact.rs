@@ -412,11 +412,9 @@ impl Store {
         crate::fail_point!("segment-unlink", _a => {
             return Err(super::error::injected_error("segment-unlink"));
         });
-        // Its checkpoint may still be being written in the background (it was sealed a moment
-        // ago): waited for, so that the removal below is not undone by a late write.
-        self.wait_checkpoints();
-        // Out of the log: kept for a new segment to be written into (once nothing reads it),
-        // or removed.
+        // Out of the log: kept for a new segment to be written into (once nothing reads it), or
+        // removed — before its checkpoint goes (one still being written in the background
+        // removes itself once it finds the log file gone: `checkpoint::write`).
         self.recycler
             .retire(&self.cfg.dir, seg)
             .map_err(|e| StoreError::from_fs("remove", &seg.path, e))?;

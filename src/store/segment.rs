@@ -39,9 +39,9 @@ pub(crate) struct Segment {
     /// A write or fdatasync failed: the segment is read-only from now on. (Shared with the
     /// recycler, which looks at it after the segment is gone.)
     pub failed: Arc<AtomicBool>,
-    /// Damage was found in it (at the open) or a header rewrite failed: its file is never
-    /// kept for reuse.
-    /// (Shared with the recycler, like `failed`.)
+    /// Damage was found in it (at the open, by the checkpoint walk, a read or compaction) or
+    /// its record limit could not be raised: its file is never reused (shared with the
+    /// recycler, like `failed`).
     pub damaged: Arc<AtomicBool>,
     /// Window-name keys of every manifest record in this segment (live or not): compaction
     /// keeps a tombstone while some other segment still holds a manifest it shadows.
