@@ -50,13 +50,33 @@ pub(crate) struct InFlight {
     done: Condvar,
 }
 
-/// The tickets of [`InFlight`]: the next to hand out, those not yet done, and the manifests
-/// written whose `fdatasync` has not yet succeeded or failed ([`Unsynced`]).
+/// The tickets of [`InFlight`]: the next to hand out, those not yet done, and those of the
+/// manifests written whose `fdatasync` has not yet succeeded or failed ([`Unsynced`]).
 #[derive(Default)]
 struct Tickets {
     next: u64,
     outstanding: std::collections::BTreeSet<u64>,
-    unsynced: u64,
+    unsynced: std::collections::BTreeSet<u64>,
+}
+
+impl InFlight {
+    /// The ticket the next batch handed out will take (read under the appender lock: every
+    /// record handed out so far holds a lower one, or none — written under that lock).
+    pub(crate) fn next_ticket(&self) -> Result<u64, StoreError> {
+        Ok(self.tickets.lock().map_err(poisoned)?.next)
+    }
+
+    /// Waits until every batch whose ticket is below `before` is written (or failed) and, for
+    /// a manifest, its `fdatasync` succeeded or failed.
+    pub(crate) fn wait_before(&self, before: u64) -> Result<(), StoreError> {
+        let mut t = self.tickets.lock().map_err(poisoned)?;
+        while t.outstanding.range(..before).next().is_some()
+            || t.unsynced.range(..before).next().is_some()
+        {
+            t = self.done.wait(t).map_err(poisoned)?;
+        }
+        Ok(())
+    }
 }
 
 /// One batch of records counted in [`InFlight`] until dropped (written, or failed).
@@ -103,9 +123,11 @@ impl<'a> InFlightRecords<'a> {
         if let Some(id) = self.ticket.take() {
             if let Ok(mut t) = self.of.tickets.lock() {
                 t.outstanding.remove(&id);
-                t.unsynced += 1;
+                t.unsynced.insert(id);
                 self.of.done.notify_all();
-                return Unsynced { of: Some(self.of) };
+                return Unsynced {
+                    of: Some((self.of, id)),
+                };
             }
         }
         Unsynced { of: None }
@@ -114,14 +136,14 @@ impl<'a> InFlightRecords<'a> {
 
 /// A manifest written and not yet known durable (see [`InFlightRecords::into_unsynced`]).
 pub(crate) struct Unsynced<'a> {
-    of: Option<&'a InFlight>,
+    of: Option<(&'a InFlight, u64)>,
 }
 
 impl Drop for Unsynced<'_> {
     fn drop(&mut self) {
-        if let Some(of) = self.of {
+        if let Some((of, id)) = self.of {
             if let Ok(mut t) = of.tickets.lock() {
-                t.unsynced = t.unsynced.saturating_sub(1);
+                t.unsynced.remove(&id);
                 of.done.notify_all();
             }
         }
@@ -277,7 +299,7 @@ impl Store {
     /// lock.
     pub(super) fn quiesce(&self) -> Result<(), StoreError> {
         let mut t = self.in_flight.tickets.lock().map_err(poisoned)?;
-        while !t.outstanding.is_empty() || t.unsynced > 0 {
+        while !t.outstanding.is_empty() || !t.unsynced.is_empty() {
             t = self.in_flight.done.wait(t).map_err(poisoned)?;
         }
         Ok(())
@@ -422,10 +444,7 @@ impl Store {
             if Self::fits(app, len) {
                 return Ok(s.clone());
             }
-            // Everything handed out in it is written before its sealed length is recorded.
-            self.quiesce()?;
-            s.seal_recorded(self.engine.as_ref());
-            self.checkpoint_sealed(s);
+            self.seal_in_background(s)?;
         }
         let id = app.next_segment;
         crate::fail_point!("segment-rotate", a => {
@@ -573,6 +592,66 @@ impl Store {
                 loc.seg.path.display()
             ));
         }
+    }
+
+    /// A rotation's seal of the active segment `seg` (under the appender lock): it takes no
+    /// more appends from now on; the rest runs in the background, so that freezes go on
+    /// appending to the next segment meanwhile — once every record handed out in it is
+    /// written (or failed) and every manifest in it synced (or failed), its unused tail is
+    /// given back, its records synced, its sealed length recorded ([`Segment::finish_seal`])
+    /// and its checkpoint written. Until then a crash leaves it unsealed behind a newer
+    /// segment, possibly with room handed out and never written: recovery tells that from
+    /// damage by what the newer segments hold (`recovery::unwritten_tail`). Joined with the
+    /// checkpoints ([`Store::wait_checkpoints`]).
+    fn seal_in_background(&self, seg: &Arc<Segment>) -> Result<(), StoreError> {
+        if seg.sealed.load(Ordering::SeqCst) && seg.failed.load(Ordering::SeqCst) {
+            // Failed: read-only already, nothing to record or checkpoint.
+            return Ok(());
+        }
+        let before = self.in_flight.next_ticket()?;
+        seg.sealing.store(true, Ordering::SeqCst);
+        seg.sealed.store(true, Ordering::SeqCst);
+        let (seg2, dir, engine, flight) = (
+            seg.clone(),
+            self.cfg.dir.clone(),
+            self.engine.clone(),
+            self.in_flight.clone(),
+        );
+        let job = move || {
+            let seg = seg2;
+            if let Err(e) = flight.wait_before(before) {
+                crate::log::warn(&format!("sealing segment {}: {e}", seg.id));
+                seg.sealing.store(false, Ordering::SeqCst);
+                return;
+            }
+            seg.finish_seal(engine.as_ref());
+            seg.sealing.store(false, Ordering::SeqCst);
+            if let Some(recs) = seg.take_records() {
+                if !seg.failed.load(Ordering::SeqCst) {
+                    checkpoint::sync_and_write(engine.as_ref(), &dir, &seg, seg.frontier(), &recs);
+                }
+            }
+        };
+        match std::thread::Builder::new()
+            .name("cwm-seal".into())
+            .spawn(job)
+        {
+            Ok(h) => {
+                if let Ok(mut v) = self.checkpoints.lock() {
+                    v.retain(|h| !h.is_finished());
+                    v.push(h);
+                }
+            }
+            Err(e) => {
+                // No thread: sealed here, the old way (waiting for what is in flight).
+                crate::log::warn(&format!("seal thread not started ({e}); sealing in line"));
+                self.in_flight.wait_before(before)?;
+                seg.finish_seal(self.engine.as_ref());
+                seg.sealing.store(false, Ordering::SeqCst);
+                self.checkpoint_sealed(seg);
+            }
+        }
+        Ok(())
     }
 
     /// Writes the checkpoint of `seg`, just sealed with everything handed out in it written,

@@ -129,7 +129,7 @@ pub struct Store {
     state: RwLock<State>,
     appender: Mutex<Appender>,
     /// Records handed out but not yet written.
-    in_flight: append::InFlight,
+    in_flight: Arc<append::InFlight>,
     /// Commits between handing out their manifest and publishing it (`WindowWriter::commit`
     /// writes and syncs it without the appender lock): other changes of those names, and
     /// other commits referring to the blocks they publish, wait.
@@ -210,7 +210,7 @@ impl Store {
             engine,
             state: RwLock::new(state),
             appender: Mutex::new(appender),
-            in_flight: append::InFlight::default(),
+            in_flight: Arc::default(),
             committing: Mutex::new(writer::Committing::default()),
             committed: std::sync::Condvar::new(),
             used: AtomicU64::new(used),

@@ -36,6 +36,10 @@ pub(crate) struct Segment {
     pub live: AtomicU64,
     /// No more appends: full, or a write / fdatasync failed on it.
     pub sealed: AtomicBool,
+    /// Sealed by a rotation whose background part has not finished: records handed out
+    /// before it may still be in flight, and its sealed length is not recorded yet
+    /// ([`Segment::finish_seal`]). Compaction leaves it alone meanwhile.
+    pub sealing: AtomicBool,
     /// A write or fdatasync failed: the segment is read-only from now on. (Shared with the
     /// recycler, which looks at it after the segment is gone.)
     pub failed: Arc<AtomicBool>,
@@ -258,12 +262,38 @@ impl Segment {
             limit: AtomicU64::new(header.record_limit),
             live: AtomicU64::new(0),
             sealed: AtomicBool::new(false),
+            sealing: AtomicBool::new(false),
             failed: Arc::new(AtomicBool::new(false)),
             damaged: Arc::new(AtomicBool::new(false)),
             manifest_names: Mutex::new(HashSet::new()),
             meta_keys: Mutex::new(HashSet::new()),
             writers: AtomicU64::new(0),
             records: Mutex::new(Some(Vec::new())),
+        }
+    }
+
+    /// A segment found in the directory (at an open), sealed until recovery makes it the
+    /// active one again; its frontier at its first record until its records are read.
+    pub(crate) fn loaded(id: u64, file: File, path: PathBuf, header: SegmentHeader) -> Segment {
+        Segment {
+            id,
+            generation: header.generation,
+            size: header.segment_size,
+            file,
+            path,
+            header,
+            first_record: header.first_record(),
+            frontier: AtomicU64::new(header.first_record()),
+            limit: AtomicU64::new(header.record_limit),
+            live: AtomicU64::new(0),
+            sealed: AtomicBool::new(true),
+            sealing: AtomicBool::new(false),
+            failed: Arc::new(AtomicBool::new(false)),
+            damaged: Arc::new(AtomicBool::new(false)),
+            manifest_names: Mutex::new(HashSet::new()),
+            meta_keys: Mutex::new(HashSet::new()),
+            writers: AtomicU64::new(0),
+            records: Mutex::new(None),
         }
     }
 
@@ -355,12 +385,39 @@ impl Segment {
     /// Seals the segment (see [`Segment::seal`]) and records its sealed length durably in both
     /// header pages (one after the other, each synced: a torn rewrite leaves the other), so a
     /// later truncation of the file is detected. Best effort: a failed rewrite is logged, the
-    /// segment stays sealed either way.
+    /// segment stays sealed either way. Everything handed out in it must be written.
     pub fn seal_recorded(&self, engine: &dyn IoEngine) {
         if self.sealed.load(Ordering::SeqCst) {
             return;
         }
         self.seal();
+        self.record_sealed_len(engine);
+    }
+
+    /// The background part of a rotation's seal, once everything handed out in the segment
+    /// is written (or failed): gives back the unused preallocated tail, makes the records
+    /// durable, then records the sealed length ([`Segment::seal_recorded`]). The truncation
+    /// waits for this point because a file's size change waits for every direct write in
+    /// flight on it: under the appender lock, it would stall every freeze.
+    pub fn finish_seal(&self, engine: &dyn IoEngine) {
+        if !self.failed.load(Ordering::SeqCst) {
+            let _ = self.file.set_len(self.frontier());
+            // The records reach the device before the header that vouches for them.
+            if let Err(e) = engine.fdatasync(self.fd()) {
+                crate::log::warn(&format!(
+                    "fdatasync of {} before recording its sealed length failed ({e}); the \
+                     segment is now read-only",
+                    self.path.display()
+                ));
+                self.fail();
+            }
+        }
+        self.record_sealed_len(engine);
+    }
+
+    /// Writes the sealed length into both header pages (format 2 and later; nothing for a
+    /// failed segment).
+    fn record_sealed_len(&self, engine: &dyn IoEngine) {
         if self.header.version < 2 || self.failed.load(Ordering::SeqCst) {
             return;
         }

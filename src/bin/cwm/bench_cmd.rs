@@ -113,8 +113,9 @@ pub(crate) enum BenchCmd {
         /// The log's budget (`serve --capacity`).
         #[arg(long, default_value = "256MiB", value_parser = crate::parse_size)]
         capacity: u64,
-        /// Segment size (`serve --segment-size`); each rotation waits for the writes in
-        /// flight, so small segments cost more per byte.
+        /// Segment size (`serve --segment-size`); each rotation creates a segment under the
+        /// appender lock (its seal runs in the background), so small segments cost more per
+        /// byte.
         #[arg(long, default_value = "16MiB", value_parser = crate::parse_size)]
         segment_size: u64,
         #[command(flatten)]

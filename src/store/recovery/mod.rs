@@ -15,7 +15,7 @@ mod windows;
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -186,6 +186,7 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
         last: None,
         heal: None,
         page: AlignedBuf::zeroed(PAGE as usize),
+        ids: ids.clone(),
     };
     // The block index is sized once from what the checkpoints list (rehashing a million
     // entries while they arrive costs more than the checkpoints' reads).
@@ -261,6 +262,8 @@ struct Recovery<'a> {
     heal: Option<(u64, u64, RecordHeader)>,
     /// A page buffer for header reads.
     page: AlignedBuf,
+    /// The ids of the segments in the directory, in order.
+    ids: Vec<u64>,
 }
 
 impl Recovery<'_> {
@@ -276,25 +279,7 @@ impl Recovery<'_> {
             self.report.removed_empty_segments.push(id);
             return Ok(());
         };
-        let seg = Arc::new(Segment {
-            id,
-            generation: header.generation,
-            size: header.segment_size,
-            file,
-            path: path.clone(),
-            header,
-            first_record: header.first_record(),
-            frontier: AtomicU64::new(header.first_record()),
-            limit: AtomicU64::new(header.record_limit),
-            live: AtomicU64::new(0),
-            sealed: AtomicBool::new(true),
-            failed: Arc::new(AtomicBool::new(false)),
-            damaged: Arc::new(AtomicBool::new(false)),
-            manifest_names: std::sync::Mutex::new(std::collections::HashSet::new()),
-            meta_keys: std::sync::Mutex::new(std::collections::HashSet::new()),
-            writers: AtomicU64::new(0),
-            records: std::sync::Mutex::new(None),
-        });
+        let seg = Arc::new(Segment::loaded(id, file, path.clone(), header));
         self.report.segments += 1;
         let Scanned {
             recs,
@@ -363,6 +348,14 @@ impl Recovery<'_> {
             seg.file
                 .set_len(frontier)
                 .map_err(|e| StoreError::from_fs("truncate", &path, e))?;
+        }
+        // An older segment found unsealed (a crash while its rotation's seal was under way)
+        // and whole: its sealed length is recorded now, so a later truncation is caught.
+        if !newest
+            && seg.header.sealed_len == 0
+            && self.report.damaged_regions.iter().all(|d| d.0 != id)
+        {
+            seg.finish_seal(self.engine);
         }
         self.state.segments.insert(id, seg.clone());
         self.last = Some(seg);
@@ -458,7 +451,10 @@ impl Recovery<'_> {
             scan(self.engine, seg, file_len, start, last_seq)?;
         recs.extend(more);
         payloads.resize(recs.len(), None);
-        if newest && header.sealed_len == 0 && !damaged.is_empty() {
+        if header.sealed_len == 0
+            && !damaged.is_empty()
+            && (newest || self.only_fresh_blocks_after(id)?)
+        {
             let mut held = HeldElsewhere::new(self);
             unwritten_tail(&mut recs, &mut frontier, &mut torn, &mut damaged, |r| {
                 held.holds(r, id)
@@ -508,6 +504,39 @@ impl Recovery<'_> {
             clean: clean && self.cfg.use_checkpoints,
         };
         Ok(scanned)
+    }
+
+    /// For an unsealed segment `id` that is not the newest (a rotation's seal was under way at
+    /// the crash, or a failure sealed it): true when every later segment is unsealed too and
+    /// holds nothing but block records of freezes (no metadata record, no compaction copy).
+    /// Only then may room handed out in `id` be unwritten: a metadata record or a compaction
+    /// copy is written only once every record handed out before it is, and a rotation's seal
+    /// is recorded only once every record handed out in its segment is — so after any of
+    /// them, a hole in `id` is damage. Read only when `id` holds damage (a crash during a
+    /// rotation's seal): the later segments' record headers are scanned here once more.
+    fn only_fresh_blocks_after(&mut self, id: u64) -> Result<bool, StoreError> {
+        let later: Vec<u64> = self.ids.iter().copied().filter(|&i| i > id).collect();
+        for later_id in later {
+            let path = self.cfg.dir.join(segment::file_name(later_id));
+            let (file, file_len) = open_segment_file(&path)?;
+            let (header, _) =
+                read_segment_header(self.engine, &file, file_len, &path, &mut self.page)?;
+            let header = match header {
+                Ok(h) if h.segment_id == later_id && h.sealed_len == 0 => h,
+                // A crash while creating it: it holds nothing.
+                Err(HeaderError::Empty) => continue,
+                _ => return Ok(false),
+            };
+            let seg = Segment::loaded(later_id, file, path, header);
+            let (recs, ..) = scan(self.engine, &seg, file_len, seg.first_record, 0)?;
+            if recs
+                .iter()
+                .any(|r| r.h.kind != RecordKind::Block || r.h.copied)
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Writes the checkpoint of a segment found clean that had none (or an unusable or
@@ -672,9 +701,11 @@ impl Recovery<'_> {
     }
 }
 
-/// In the newest (unsealed) segment, a damaged region after the last record that must be there
-/// is room handed out at a crash and never written, and everything from the first such region
-/// on is the torn tail (cut off at the open); a region before that record stays damage.
+/// In the newest (unsealed) segment — or an unsealed one followed only by unsealed segments
+/// holding nothing but freezes' block records (a crash while its rotation's seal was under way:
+/// [`Recovery::only_fresh_blocks_after`]) — a damaged region after the last record that must be
+/// there is room handed out at a crash and never written, and everything from the first such
+/// region on is the torn tail (cut off at the open); a region before that record stays damage.
 ///
 /// What must be there: a metadata record, and a compaction copy whose original no other
 /// segment holds (`held_elsewhere` false). Metadata records are written only once every record
