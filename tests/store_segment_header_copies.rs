@@ -4,7 +4,8 @@
 //! segment (one header page, records from page 1) opens without reading a copy; a zeroed
 //! page 0 over a copy that is no version 2 header fails the open. And what `fsck --repair`
 //! sets aside: a segment bearing another segment's header, an older segment whose header
-//! pages are zeroed — but not the newest one when nothing was appended to it.
+//! pages are zeroed — but not the newest one when nothing was appended to it. `verify_log`
+//! reports copies that differ.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
 use common::*;
@@ -229,4 +230,24 @@ fn a_zeroed_header_copy_is_damage_over_exactly_page_1() {
     let r: Vec<(u64, u64)> = rep.damaged_regions.iter().map(|d| (d.1, d.2)).collect();
     assert_eq!(r, vec![(PAGE as u64, 2 * PAGE as u64)], "{rep:?}");
     assert!(rep.damaged_regions[0].3.contains("copy"), "{rep:?}");
+}
+
+/// `verify_log` (fsck, the damage sweep) compares the two copies too: a copy that verifies on
+/// its own but says something else than page 0 is reported.
+#[test]
+fn verify_log_reports_header_copies_that_differ() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seg = one_window(tmp.path());
+    let (store, rep) = reopen(tmp.path());
+    assert!(rep.damaged_regions.is_empty(), "{rep:?}");
+    assert!(store.verify_log().unwrap().is_empty());
+    let mut b = std::fs::read(&seg).unwrap();
+    let mut h = header(&b, PAGE);
+    h.created_unix_ms += 1;
+    h.encode(&mut b[PAGE..2 * PAGE]);
+    std::fs::write(&seg, &b).unwrap();
+    let problems = store.verify_log().unwrap();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].offset, PAGE as u64, "{problems:?}");
+    assert!(problems[0].what.contains("differ"), "{problems:?}");
 }

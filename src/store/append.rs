@@ -604,8 +604,9 @@ impl Store {
     /// damage by what the newer segments hold (`recovery::unwritten_tail`). Joined with the
     /// checkpoints ([`Store::wait_checkpoints`]).
     fn seal_in_background(&self, seg: &Arc<Segment>) -> Result<(), StoreError> {
-        if seg.sealed.load(Ordering::SeqCst) && seg.failed.load(Ordering::SeqCst) {
-            // Failed: read-only already, nothing to record or checkpoint.
+        if seg.sealed.load(Ordering::SeqCst) {
+            // Sealed already: by a failure (read-only, nothing to record or checkpoint), by
+            // `seal_active`, or found sealed at the open.
             return Ok(());
         }
         let before = self.in_flight.next_ticket()?;
@@ -705,7 +706,8 @@ impl Store {
         self.checkpoint_active();
     }
 
-    /// Waits for the checkpoints being written in the background.
+    /// Waits for the checkpoints being written in the background, and for rotations' seals
+    /// still under way (each waits for the records handed out in its segment).
     pub fn wait_checkpoints(&self) {
         let hs = self
             .checkpoints
