@@ -10,7 +10,10 @@
 //! segment), `segment-raise-limit` (the header rewrite raising a reused file's record limit;
 //! reached only once a file is reused, so tests/failpoints.rs checks it on its own),
 //! `checkpoint-write` (a segment checkpoint; its failure fails no operation, so
-//! it is not in [`SITES`]: tests/failpoints.rs checks it on its own), and `catalog-rewrite`
+//! it is not in [`SITES`]: tests/failpoints.rs checks it on its own), `segment-seal` (the
+//! background part of a rotation's seal, once the segment's records are written: `error`
+//! leaves its sealed length unrecorded, `delay` holds it unsealed half a second longer —
+//! for `cwm torture` to land kills there; not in [`SITES`] either), and `catalog-rewrite`
 //! (scrub about to write a damaged catalog record again; for `delay`, to race it).
 //! Actions: `error` (the operation fails with a typed
 //! I/O error), `short-write` (part of the bytes reach the file, then the operation fails),

@@ -534,3 +534,56 @@ fn a_failed_raise_of_the_record_limit_moves_the_freeze_to_a_new_file() {
         );
     }
 }
+
+/// A rotation's seal whose sealed length never reached the header (`segment-seal` error: as if
+/// the header rewrite failed, or a crash came first) leaves older segments unsealed behind the
+/// newest; the next open finds them whole — no damage, no torn tail — and records their sealed
+/// lengths.
+#[test]
+fn a_seal_left_unrecorded_is_recorded_at_the_next_open() {
+    let _serial = serial();
+    for (ename, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        let sealed_lens = |dir: &std::path::Path| -> Vec<u64> {
+            segments(dir)
+                .iter()
+                .map(|p| {
+                    let b = std::fs::read(p).unwrap();
+                    cwm::store::format::SegmentHeader::decode(&b[..4096])
+                        .unwrap()
+                        .sealed_len
+                })
+                .collect()
+        };
+        failpoint::set("segment-seal", Some(Action::Error));
+        {
+            let (store, _) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
+            for i in 0..8u128 {
+                put(&store, &format!("w{i}"), &keys(i + 1, 8), LEN);
+            }
+        }
+        failpoint::clear();
+        let before = sealed_lens(&dir);
+        assert!(before.len() >= 3, "{ename}: {before:?}");
+        assert!(before.iter().all(|&l| l == 0), "{ename}: {before:?}");
+        let (store, rep) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
+        assert!(
+            rep.damaged_regions.is_empty() && rep.torn_tails.is_empty(),
+            "{ename}: {rep:?}"
+        );
+        for i in 0..8u128 {
+            check(&store, &format!("w{i}"), &keys(i + 1, 8), LEN);
+        }
+        drop(store);
+        let after = sealed_lens(&dir);
+        let (newest, older) = after.split_last().unwrap();
+        assert!(older.iter().all(|&l| l > 0), "{ename}: {after:?}");
+        assert_eq!(*newest, 0, "{ename}: the append segment stays open");
+        let (_, rep) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
+        assert!(
+            rep.damaged_regions.is_empty() && rep.torn_tails.is_empty(),
+            "{ename}: {rep:?}"
+        );
+    }
+}

@@ -247,6 +247,15 @@ impl Drop for Written<'_> {
     }
 }
 
+/// Clears [`Segment::sealing`] when dropped.
+struct SealDone<'s>(&'s Segment);
+
+impl Drop for SealDone<'_> {
+    fn drop(&mut self) {
+        self.0.sealing.store(false, Ordering::SeqCst);
+    }
+}
+
 /// Size of the segment made for one-page records when a full-size one does not fit on the
 /// file system.
 const SMALL_SEGMENT: u64 = 16 * PAGE;
@@ -620,13 +629,20 @@ impl Store {
         );
         let job = move || {
             let seg = seg2;
+            // `sealing` is cleared however this ends (a panic included): compaction waits
+            // for it.
+            let sealed = SealDone(&seg);
             if let Err(e) = flight.wait_before(before) {
                 crate::log::warn(&format!("sealing segment {}: {e}", seg.id));
-                seg.sealing.store(false, Ordering::SeqCst);
                 return;
             }
+            crate::fail_point!("segment-seal", _a => {
+                // As if the header rewrite failed: sealed in memory, its length unrecorded
+                // (the next open records it), no checkpoint.
+                return;
+            });
             seg.finish_seal(engine.as_ref());
-            seg.sealing.store(false, Ordering::SeqCst);
+            drop(sealed);
             if let Some(recs) = seg.take_records() {
                 if !seg.failed.load(Ordering::SeqCst) {
                     checkpoint::sync_and_write(engine.as_ref(), &dir, &seg, seg.frontier(), &recs);

@@ -219,8 +219,6 @@ impl Store {
             .segments
             .values()
             .filter(|s| Some(s.id) != active && s.sealed.load(Ordering::SeqCst))
-            // Its rotation's seal is still under way: records may still be in flight there.
-            .filter(|s| !s.sealing.load(Ordering::SeqCst))
             // Freezes in progress have records there that no index holds yet.
             .filter(|s| s.writers.load(Ordering::SeqCst) == 0)
             .filter_map(|s| {
@@ -273,18 +271,6 @@ impl Store {
             .filter(|s| !s.sealed.load(Ordering::SeqCst))
             .map(|s| s.id);
         let ids: Vec<u64> = ids.iter().copied().filter(|i| Some(*i) != active).collect();
-        // A segment whose rotation's seal is still under way may still receive writes.
-        let sealing = {
-            let st = self.state.read().map_err(poisoned)?;
-            ids.iter().any(|i| {
-                st.segments
-                    .get(i)
-                    .is_some_and(|s| s.sealing.load(Ordering::SeqCst))
-            })
-        };
-        if sealing {
-            self.wait_checkpoints();
-        }
         let total = ids.len();
         let mut throttle = Throttle {
             start: Instant::now(),
@@ -299,6 +285,8 @@ impl Store {
                     None => continue,
                 }
             };
+            // Its rotation's seal may still be under way (records of it still in flight).
+            seg.wait_sealed();
             let mut tick = |bytes: u64| {
                 progress(&CompactProgress {
                     segments_done: n,

@@ -415,6 +415,14 @@ impl Segment {
         self.record_sealed_len(engine);
     }
 
+    /// Waits while a rotation's seal of the segment is under way ([`Segment::sealing`]): a
+    /// few milliseconds, the time the writes in flight in it take.
+    pub fn wait_sealed(&self) {
+        while self.sealing.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     /// Writes the sealed length into both header pages (format 2 and later; nothing for a
     /// failed segment).
     fn record_sealed_len(&self, engine: &dyn IoEngine) {

@@ -81,6 +81,10 @@ pub struct TortureSummary {
     /// Segments found written into a reused file (a compacted segment's) at the restarts,
     /// summed over them: recovery ran over such files this often.
     pub reused_segments_seen: u64,
+    /// Segments found unsealed behind a newer one at the restarts (a kill while a rotation's
+    /// seal was under way in the background), summed over them: recovery ran over such tails
+    /// this often.
+    pub unsealed_older_seen: u64,
     /// Violations found (each also printed).
     pub violations: u64,
     /// First violations, in words.
@@ -705,6 +709,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureSummary, String> {
     loop {
         let last = t0.elapsed() >= deadline
             || (cfg.max_cycles > 0 && run.sum.cycles + 1 >= cfg.max_cycles);
+        run.sum.unsealed_older_seen += unsealed_older(&run.data);
         let mut child = run.spawn()?;
         // Sometimes kill during start-up: recovery itself must survive a crash.
         if !last && run.rng.below(8) == 0 {
@@ -786,6 +791,38 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureSummary, String> {
         );
     }
     Ok(run.sum)
+}
+
+/// Segment files in `dir` other than the newest whose header records no sealed length.
+fn unsealed_older(dir: &std::path::Path) -> u64 {
+    let mut segs: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let id = name
+                        .strip_prefix("segment-")?
+                        .strip_suffix(".log")?
+                        .parse()
+                        .ok()?;
+                    Some((id, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    segs.sort();
+    segs.pop();
+    segs.iter()
+        .filter(|(_, p)| header_of(p).is_some_and(|h| h.sealed_len == 0))
+        .count() as u64
+}
+
+/// The header page of segment file `p`, when it decodes.
+fn header_of(p: &std::path::Path) -> Option<cwm::store::format::SegmentHeader> {
+    use std::io::Read;
+    let mut h = [0u8; cwm::store::format::SegmentHeader::LEN];
+    std::fs::File::open(p).and_then(|mut f| f.read_exact(&mut h)).ok()?;
+    cwm::store::format::SegmentHeader::decode(&h).ok()
 }
 
 /// Segment files in `dir` whose header carries a record limit: written into a reused file.
