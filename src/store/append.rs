@@ -825,6 +825,70 @@ impl Store {
         self.write_record(kind, loc, &img)
     }
 
+    /// Hands out room for a small record from an in-memory payload (its image returned, not
+    /// written): the caller writes it with [`Store::write_run`] before any hand-out that
+    /// rotates ([`Store::fits_as_is`] false), still under the appender lock.
+    pub(super) fn hand_out_payload(
+        &self,
+        app: &mut Appender,
+        kind: RecordKind,
+        key: u128,
+        payload: &[u8],
+    ) -> Result<(Loc, AlignedBuf), StoreError> {
+        let len = payload.len() as u64;
+        let mut img = AlignedBuf::zeroed(stored_len(kind, len) as usize);
+        let po = payload_offset(len);
+        img[po..po + payload.len()].copy_from_slice(payload);
+        let sum = payload_checksum(payload);
+        let loc = self.append(app, kind, key, len, sum, &mut img)?;
+        Ok((loc, img))
+    }
+
+    /// Writes records of `kind` handed out back to back (`locs`, in order, with their images):
+    /// one write per run of records adjacent in one segment, instead of one each. Called under
+    /// the appender lock; on a failure they are all cut back.
+    pub(super) fn write_run(
+        &self,
+        kind: RecordKind,
+        locs: &[Loc],
+        imgs: &[AlignedBuf],
+    ) -> Result<(), StoreError> {
+        let mut i = 0;
+        while i < locs.len() {
+            let mut j = i + 1;
+            while j < locs.len()
+                && locs[j].seg.id == locs[i].seg.id
+                && locs[j].offset == locs[j - 1].offset + locs[j - 1].len
+            {
+                j += 1;
+            }
+            let res = if j == i + 1 {
+                self.write_record(kind, locs[i].clone(), &imgs[i])
+                    .map(|_| ())
+            } else {
+                let total: usize = imgs[i..j].iter().map(|b| b.len()).sum();
+                let mut buf = AlignedBuf::zeroed(total);
+                let mut at = 0;
+                for b in &imgs[i..j] {
+                    buf[at..at + b.len()].copy_from_slice(b);
+                    at += b.len();
+                }
+                let whole = Loc {
+                    seg: locs[i].seg.clone(),
+                    offset: locs[i].offset,
+                    len: total as u64,
+                };
+                self.write_record(kind, whole, &buf).map(|_| ())
+            };
+            if let Err(e) = res {
+                self.cut_back(locs);
+                return Err(e);
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
     /// Hands out room for a metadata record under the appender lock without waiting for the
     /// records handed out before it: it holds a ticket, and [`Handed::write`] writes it, after
     /// the lock is released, once every record before it is written — the log's order stays

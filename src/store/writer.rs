@@ -234,6 +234,15 @@ impl Store {
             }
         }
         let mut locs: Vec<(Loc, u64)> = Vec::with_capacity(chosen.len());
+        // Written together, a run per segment (one write, not one each: the appender lock is
+        // held meanwhile), and each run before a hand-out that rotates — a segment's seal
+        // waits only for records that hold a ticket.
+        let mut imgs: Vec<AlignedBuf> = Vec::with_capacity(chosen.len());
+        let mut written = 0;
+        let write = |locs: &[(Loc, u64)], imgs: &[AlignedBuf]| {
+            let ls: Vec<Loc> = locs.iter().map(|(l, _)| l.clone()).collect();
+            self.write_run(RecordKind::Tombstone, &ls, imgs)
+        };
         for e in &chosen {
             let t = Tombstone {
                 name: e.info.name.clone(),
@@ -241,13 +250,29 @@ impl Store {
                 manifest_seq: e.info.seq,
             };
             let key = name_key(&e.info.name);
-            match self.append_payload(&mut app, RecordKind::Tombstone, key, &t.encode()) {
-                Ok(loc) => locs.push((loc, app.next_seq - 1)),
+            let payload = t.encode();
+            let len = super::format::stored_len(RecordKind::Tombstone, payload.len() as u64);
+            if locs.len() > written && !Store::fits_as_is(&app, len) {
+                if let Err(err) = write(&locs[written..], &imgs[written..]) {
+                    self.cut_back(locs.iter().map(|(l, _)| l));
+                    return Err(err);
+                }
+                written = locs.len();
+            }
+            match self.hand_out_payload(&mut app, RecordKind::Tombstone, key, &payload) {
+                Ok((loc, img)) => {
+                    locs.push((loc, app.next_seq - 1));
+                    imgs.push(img);
+                }
                 Err(err) => {
                     self.cut_back(locs.iter().map(|(l, _)| l));
                     return Err(err);
                 }
             }
+        }
+        if let Err(err) = write(&locs[written..], &imgs[written..]) {
+            self.cut_back(locs.iter().map(|(l, _)| l));
+            return Err(err);
         }
         let mut segs: Vec<&Arc<super::segment::Segment>> = Vec::new();
         for (l, _) in &locs {

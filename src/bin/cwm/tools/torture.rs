@@ -821,7 +821,9 @@ fn unsealed_older(dir: &std::path::Path) -> u64 {
 fn header_of(p: &std::path::Path) -> Option<cwm::store::format::SegmentHeader> {
     use std::io::Read;
     let mut h = [0u8; cwm::store::format::SegmentHeader::LEN];
-    std::fs::File::open(p).and_then(|mut f| f.read_exact(&mut h)).ok()?;
+    std::fs::File::open(p)
+        .and_then(|mut f| f.read_exact(&mut h))
+        .ok()?;
     cwm::store::format::SegmentHeader::decode(&h).ok()
 }
 
