@@ -8,8 +8,10 @@
 //!
 //! One batch (at most `batch_bytes`) at a time: what is live is chosen and read and verified
 //! without the appender lock (sealed segments never change); then, under it, what is still
-//! live is appended as copies, written, `fdatasync`ed and the index repointed (a record that
-//! died meanwhile is left behind: garbage never becomes live again). Only
+//! live is handed out as copies (with a ticket, like a freeze's records), and after the lock
+//! is released written once every record handed out before them is, `fdatasync`ed and the
+//! index repointed (a record that died meanwhile is left behind: garbage never becomes live
+//! again). Only
 //! after every live record of a segment is durable elsewhere is the segment dropped from the
 //! index and its file unlinked. A [`super::WindowReader`] opened before holds the segment's
 //! `Arc` (and so its open file); POSIX keeps an unlinked inode readable, and segment ids and
@@ -18,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -194,6 +196,22 @@ impl<'a> Live<'a> {
     }
 }
 
+/// Compaction copies handed out and not yet written: when dropped so (an error, a panic),
+/// they are cut back — their segment takes no more appends and is never checkpointed — so
+/// no checkpoint lists room that was never written.
+struct Unwritten<'s> {
+    store: &'s Store,
+    locs: Vec<Loc>,
+}
+
+impl Drop for Unwritten<'_> {
+    fn drop(&mut self) {
+        if !self.locs.is_empty() {
+            self.store.cut_back(&self.locs);
+        }
+    }
+}
+
 /// True when the manifest or tombstone `r` of `seg` is the newest event of its name and some
 /// other segment holds a manifest of that name (which it must keep shadowing).
 fn shadows(st: &State, seg: &Segment, r: &Rec) -> bool {
@@ -354,7 +372,7 @@ impl Store {
             let imgs = self.read_batch(seg, &batch)?;
             // ...then, under it, copy what is still live (what died meanwhile stays behind; a
             // bad read of a record that died is no reason to keep the segment).
-            let mut app = self.lock_appender()?;
+            let app = self.lock_appender()?;
             let chosen = batch.len();
             let (batch, imgs): (Vec<(&Rec, Keep)>, Vec<AlignedBuf>) = {
                 let st = self.state.read().map_err(poisoned)?;
@@ -373,10 +391,9 @@ impl Store {
                 continue;
             }
             let bytes: u64 = batch.iter().map(|(r, _)| r.len).sum();
-            self.copy_batch(&mut app, seg, &batch, imgs)?;
+            self.copy_batch(app, seg, &batch, imgs)?;
             rep.records_copied += batch.len() as u64;
             rep.bytes_copied += bytes;
-            drop(app);
             tick(rep.bytes_copied);
             throttle.after(bytes);
         }
@@ -502,44 +519,68 @@ impl Store {
             .collect())
     }
 
-    /// Copies a batch of records of `seg`, read and verified (append as copies, write, sync,
-    /// repoint the index). Called under the appender lock, with the records still live.
+    /// Copies a batch of records of `seg`, read and verified: under the appender lock (`app`,
+    /// given up here) the copies are handed out with a ticket, in runs that each fit in one
+    /// segment; each run is then written once every record handed out before it is (other
+    /// freezes append and write meanwhile), synced, and the index repointed. Records still
+    /// live when the batch was chosen under the lock; one that dies before it is repointed is
+    /// left behind (its copy is garbage).
     fn copy_batch(
         &self,
-        app: &mut Appender,
+        app: MutexGuard<'_, Appender>,
         seg: &Arc<Segment>,
         batch: &[(&Rec, Keep)],
         mut imgs: Vec<AlignedBuf>,
     ) -> Result<(), StoreError> {
-        let mut locs: Vec<Loc> = Vec::with_capacity(batch.len());
-        // Copies are no block records of a freeze: written only after all of those handed out.
-        self.quiesce()?;
-        // Written in runs that each fit in one segment: a segment is sealed (its length
-        // recorded) only once everything handed out in it is written.
-        let mut written = 0;
-        for i in 0..imgs.len() {
-            let len = imgs[i].len() as u64;
-            if locs.len() > written && !Store::fits_as_is(app, len) {
-                self.write_copies(seg, &imgs[written..i], &locs[written..])?;
-                written = locs.len();
-            }
-            match self.append_copy(app, &batch[i].0.h, &mut imgs[i]) {
-                Ok(l) => locs.push(l),
-                Err(e) => {
-                    // Space handed out but never written: no more appends after the hole.
-                    self.cut_back(&locs[written..]);
-                    return Err(e);
+        let mut app = Some(app);
+        let mut start = 0;
+        while start < batch.len() {
+            let mut guard = match app.take() {
+                Some(a) => a,
+                None => self.lock_appender()?,
+            };
+            let mut flight = self.in_flight();
+            // Declared after `flight`, dropped before it: room handed out and never written
+            // (an error, a panic) is cut back before the ticket is given back.
+            let mut pending = Unwritten {
+                store: self,
+                locs: Vec::new(),
+            };
+            // A run never spans a rotation: a segment's seal waits for the tickets taken
+            // before it, and this run's is taken at its first hand-out.
+            for i in start..batch.len() {
+                let len = imgs[i].len() as u64;
+                if !pending.locs.is_empty() && !Store::fits_as_is(&guard, len) {
+                    break;
                 }
+                pending
+                    .locs
+                    .push(self.append_copy(&mut guard, &batch[i].0.h, &mut imgs[i])?);
+                flight.add(1)?;
             }
+            drop(guard);
+            let end = start + pending.locs.len();
+            // Copies, like metadata records, are written only once every record handed out
+            // before them is (recovery's rule for room never written: FORMAT.md).
+            flight.wait_for_earlier()?;
+            self.write_copies(seg, &imgs[start..end], &pending.locs)?;
+            let locs = std::mem::take(&mut pending.locs);
+            drop(flight);
+            self.sync(&locs[0].seg)?;
+            self.repoint(seg, &batch[start..end], locs)?;
+            start = end;
         }
-        self.write_copies(seg, &imgs[written..], &locs[written..])?;
-        let mut synced: Vec<u64> = Vec::new();
-        for l in &locs {
-            if !synced.contains(&l.seg.id) {
-                self.sync(&l.seg)?;
-                synced.push(l.seg.id);
-            }
-        }
+        Ok(())
+    }
+
+    /// Points the index at the copies of `batch` (written and synced) where it still points
+    /// at the originals in `seg`.
+    fn repoint(
+        &self,
+        seg: &Arc<Segment>,
+        batch: &[(&Rec, Keep)],
+        locs: Vec<Loc>,
+    ) -> Result<(), StoreError> {
         let mut st = self.state.write().map_err(poisoned)?;
         for ((r, k), loc) in batch.iter().zip(locs) {
             match k {
