@@ -4,13 +4,15 @@
 //! sync, so that a failed record cannot reappear at the next open.
 //!
 //! Room is handed out under the appender lock; block records are written after it is released,
-//! so concurrent freezes write interleaved. Tombstones, catalog records, compaction copies and
-//! rotation first wait until every record handed out is written ([`Store::quiesce`]); a
-//! commit's manifest is handed out with a ticket and written after the lock is released, once
-//! every record of a lower ticket is written ([`Store::append_ordered`]). Either way, in the
-//! log's order, everything before a metadata record or a sealed segment's end was written, and
-//! recovery can tell the unwritten room of freezes in flight at a crash (block records after
-//! the newest segment's last metadata record) from damage.
+//! so concurrent freezes write interleaved. Tombstones and catalog records first wait until
+//! every record handed out is written ([`Store::quiesce`]); a commit's manifest and a batch of
+//! compaction copies are handed out with a ticket and written after the lock is released, once
+//! every record of a lower ticket is written ([`Store::append_ordered`]); a rotation's seal
+//! waits for the tickets taken before it in the background ([`Store::seal_in_background`]).
+//! Either way, in the log's order, everything before a metadata record, a compaction copy or
+//! a recorded sealed length was written, and recovery can tell the unwritten room of freezes
+//! in flight at a crash (block records after the last metadata record of the newest segment,
+//! or of an older one whose seal was under way) from damage.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
