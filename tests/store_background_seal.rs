@@ -106,3 +106,39 @@ fn a_hole_behind_a_sealed_later_segment_is_damage() {
     drop(store);
     assert_eq!(header(&segs[0]).sealed_len, 0);
 }
+
+/// A crash while the rotation created the next segment (its file preallocated, its header not
+/// yet written): the open removes that empty file and makes the unsealed older segment the
+/// append segment again — so it records no sealed length in it, and appends after the open
+/// are no damage at the next one.
+#[test]
+fn an_older_segment_that_becomes_the_append_segment_again_is_not_sealed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut cfg = StoreConfig::new(dir);
+    cfg.segment_size = 1 << 20;
+    {
+        let (store, _) = Store::open(cfg.clone()).unwrap();
+        put(&store, "a", &keys(1, 3), LEN);
+    }
+    let segs = segments(dir);
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    assert_eq!(header(&segs[0]).sealed_len, 0);
+    // The next segment, created and preallocated, its header never written.
+    let next = dir.join("segment-0000000002.log");
+    std::fs::write(&next, vec![0u8; 1 << 20]).unwrap();
+    let (store, rep) = Store::open(cfg.clone()).unwrap();
+    assert_eq!(rep.removed_empty_segments, vec![2], "{rep:?}");
+    assert!(rep.damaged_regions.is_empty(), "{rep:?}");
+    assert_eq!(header(&segs[0]).sealed_len, 0, "the append segment again");
+    put(&store, "b", &keys(2, 3), LEN);
+    drop(store);
+    as_after_kill(dir);
+    let (store, rep) = Store::open(cfg).unwrap();
+    assert!(
+        rep.damaged_regions.is_empty() && rep.ignored_checkpoints.is_empty(),
+        "{rep:?}"
+    );
+    check(&store, "a", &keys(1, 3), LEN);
+    check(&store, "b", &keys(2, 3), LEN);
+}

@@ -664,9 +664,10 @@ impl Store {
             Err(e) => {
                 // No thread: sealed here, the old way (waiting for what is in flight).
                 crate::log::warn(&format!("seal thread not started ({e}); sealing in line"));
+                let sealed = SealDone(seg);
                 self.in_flight.wait_before(before)?;
                 seg.finish_seal(self.engine.as_ref());
-                seg.sealing.store(false, Ordering::SeqCst);
+                drop(sealed);
                 self.checkpoint_sealed(seg);
             }
         }

@@ -187,6 +187,7 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
         heal: None,
         page: AlignedBuf::zeroed(PAGE as usize),
         ids: ids.clone(),
+        to_seal: Vec::new(),
     };
     // The block index is sized once from what the checkpoints list (rehashing a million
     // entries while they arrive costs more than the checkpoints' reads).
@@ -215,6 +216,11 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
     r.report.publish_seconds = t.elapsed().as_secs_f64();
     r.report.windows = r.state.windows.len() as u64;
     let active = r.resume_active()?;
+    for s in std::mem::take(&mut r.to_seal) {
+        if active.as_ref().is_none_or(|a| a.id != s.id) {
+            s.finish_seal(engine);
+        }
+    }
     // Past every id any file of the directory names (a free file kept for reuse, a checkpoint,
     // a segment set aside), not only the segments': a free file's
     // name never collides with a new segment's.
@@ -264,6 +270,9 @@ struct Recovery<'a> {
     page: AlignedBuf,
     /// The ids of the segments in the directory, in order.
     ids: Vec<u64>,
+    /// Older segments found unsealed and whole: their sealed lengths are recorded after the
+    /// open chose the append segment.
+    to_seal: Vec<Arc<Segment>>,
 }
 
 impl Recovery<'_> {
@@ -350,12 +359,14 @@ impl Recovery<'_> {
                 .map_err(|e| StoreError::from_fs("truncate", &path, e))?;
         }
         // An older segment found unsealed (a crash while its rotation's seal was under way)
-        // and whole: its sealed length is recorded now, so a later truncation is caught.
+        // and whole: its sealed length is recorded once the open knows it is not the append
+        // segment again (the newer one may be an empty file, removed), so a later truncation
+        // is caught.
         if !newest
             && seg.header.sealed_len == 0
             && self.report.damaged_regions.iter().all(|d| d.0 != id)
         {
-            seg.finish_seal(self.engine);
+            self.to_seal.push(seg.clone());
         }
         self.state.segments.insert(id, seg.clone());
         self.last = Some(seg);
