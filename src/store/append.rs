@@ -651,16 +651,8 @@ impl Store {
                 }
             }
         };
-        match std::thread::Builder::new()
-            .name("cwm-seal".into())
-            .spawn(job)
-        {
-            Ok(h) => {
-                if let Ok(mut v) = self.checkpoints.lock() {
-                    v.retain(|h| !h.is_finished());
-                    v.push(h);
-                }
-            }
+        match self.spawn_joined("cwm-seal", job) {
+            Ok(()) => {}
             Err(e) => {
                 // No thread: sealed here, the old way (waiting for what is in flight).
                 crate::log::warn(&format!("seal thread not started ({e}); sealing in line"));
@@ -689,18 +681,19 @@ impl Store {
         let job = move || {
             checkpoint::sync_and_write(engine.as_ref(), &dir, &seg, seg.frontier(), &recs);
         };
-        match std::thread::Builder::new()
-            .name("cwm-checkpoint".into())
-            .spawn(job)
-        {
-            Ok(h) => {
-                if let Ok(mut v) = self.checkpoints.lock() {
-                    v.retain(|h| !h.is_finished());
-                    v.push(h);
-                }
-            }
-            Err(e) => crate::log::warn(&format!("checkpoint thread not started: {e}")),
+        if let Err(e) = self.spawn_joined("cwm-checkpoint", job) {
+            crate::log::warn(&format!("checkpoint thread not started: {e}"));
         }
+    }
+
+    /// Runs `job` on a thread of its own, joined by [`Store::wait_checkpoints`].
+    fn spawn_joined(&self, name: &str, job: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+        let h = std::thread::Builder::new().name(name.into()).spawn(job)?;
+        if let Ok(mut v) = self.checkpoints.lock() {
+            v.retain(|h| !h.is_finished());
+            v.push(h);
+        }
+        Ok(())
     }
 
     /// Removes every checkpoint file (the file system is full and the log needs the room):
@@ -819,12 +812,7 @@ impl Store {
         key: u128,
         payload: &[u8],
     ) -> Result<Loc, StoreError> {
-        let len = payload.len() as u64;
-        let mut img = AlignedBuf::zeroed(stored_len(kind, len) as usize);
-        let po = payload_offset(len);
-        img[po..po + payload.len()].copy_from_slice(payload);
-        let sum = payload_checksum(payload);
-        let loc = self.append(app, kind, key, len, sum, &mut img)?;
+        let (loc, img) = self.hand_out_payload(app, kind, key, payload)?;
         self.write_record(kind, loc, &img)
     }
 

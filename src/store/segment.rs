@@ -250,31 +250,23 @@ impl Segment {
 
     /// An open segment just created (no record yet).
     fn new(id: u64, file: File, path: PathBuf, header: SegmentHeader) -> Segment {
-        Segment {
-            id,
-            generation: header.generation,
-            size: header.segment_size,
-            file,
-            path,
-            header,
-            first_record: SEGMENT_HEADER_LEN,
-            frontier: AtomicU64::new(SEGMENT_HEADER_LEN),
-            limit: AtomicU64::new(header.record_limit),
-            live: AtomicU64::new(0),
-            sealed: AtomicBool::new(false),
-            sealing: AtomicBool::new(false),
-            failed: Arc::new(AtomicBool::new(false)),
-            damaged: Arc::new(AtomicBool::new(false)),
-            manifest_names: Mutex::new(HashSet::new()),
-            meta_keys: Mutex::new(HashSet::new()),
-            writers: AtomicU64::new(0),
-            records: Mutex::new(Some(Vec::new())),
-        }
+        Segment::with(id, file, path, header, false)
     }
 
     /// A segment found in the directory (at an open), sealed until recovery makes it the
     /// active one again; its frontier at its first record until its records are read.
     pub(crate) fn loaded(id: u64, file: File, path: PathBuf, header: SegmentHeader) -> Segment {
+        Segment::with(id, file, path, header, true)
+    }
+
+    /// [`Segment::new`] (`found` false: records from the header's end, kept for its
+    /// checkpoint) or [`Segment::loaded`] (`found` true).
+    fn with(id: u64, file: File, path: PathBuf, header: SegmentHeader, found: bool) -> Segment {
+        let first_record = if found {
+            header.first_record()
+        } else {
+            SEGMENT_HEADER_LEN
+        };
         Segment {
             id,
             generation: header.generation,
@@ -282,18 +274,18 @@ impl Segment {
             file,
             path,
             header,
-            first_record: header.first_record(),
-            frontier: AtomicU64::new(header.first_record()),
+            first_record,
+            frontier: AtomicU64::new(first_record),
             limit: AtomicU64::new(header.record_limit),
             live: AtomicU64::new(0),
-            sealed: AtomicBool::new(true),
+            sealed: AtomicBool::new(found),
             sealing: AtomicBool::new(false),
             failed: Arc::new(AtomicBool::new(false)),
             damaged: Arc::new(AtomicBool::new(false)),
             manifest_names: Mutex::new(HashSet::new()),
             meta_keys: Mutex::new(HashSet::new()),
             writers: AtomicU64::new(0),
-            records: Mutex::new(None),
+            records: Mutex::new((!found).then(Vec::new)),
         }
     }
 
