@@ -5,7 +5,7 @@
 //! stays whole.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
-use common::daemon::{code, fixture};
+use common::daemon::{code, fixture, TIGHT_BUDGET};
 
 use std::time::{Duration, Instant};
 
@@ -37,16 +37,7 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn ttl_pin_and_eviction_under_a_budget() {
-    let f = fixture(&[
-        "--capacity",
-        "2MiB",
-        "--segment-size",
-        "256KiB",
-        "--eviction-interval-ms",
-        "100",
-        "--compact-interval",
-        "0",
-    ]);
+    let f = fixture(&TIGHT_BUDGET);
     let l = Layout::flash_2nbhd(2, 64, 16, 2, 64, Dtype::Bf16);
     let mut c = Client::connect(&f.daemon.socket).unwrap();
     let freeze = |c: &mut Client, name: &str, w: u32, extra: Value| -> Value {

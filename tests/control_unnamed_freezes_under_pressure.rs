@@ -5,7 +5,7 @@
 //! unnamed data is there to give up (before, about 2 % of the churn bench's freezes were).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
-use common::daemon::{code, fixture};
+use common::daemon::{code, fixture, TIGHT_BUDGET};
 
 use cwm::control::client::Client;
 use serde_json::json;
@@ -16,16 +16,7 @@ const FREEZES: u32 = 25;
 #[test]
 fn concurrent_unnamed_freezes_past_the_budget_are_all_served() {
     // 150 windows of 4 blocks (~13 MiB of records) into a 2 MiB log, freezing six at a time.
-    let f = fixture(&[
-        "--capacity",
-        "2MiB",
-        "--segment-size",
-        "256KiB",
-        "--eviction-interval-ms",
-        "100",
-        "--compact-interval",
-        "0",
-    ]);
+    let f = fixture(&TIGHT_BUDGET);
     let socket = f.daemon.socket.clone();
     let refused: Vec<String> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..CLIENTS)

@@ -835,49 +835,30 @@ impl Store {
         Ok((loc, img))
     }
 
-    /// Writes records of `kind` handed out back to back (`locs`, in order, with their images):
-    /// one write per run of records adjacent in one segment, instead of one each. Called under
-    /// the appender lock; on a failure they are all cut back.
+    /// Writes records of `kind` handed out back to back in one segment from `first` on, under
+    /// the appender lock (their images in order), with one write instead of one each; on a
+    /// failure the run is cut back ([`Store::write_record`]).
     pub(super) fn write_run(
         &self,
         kind: RecordKind,
-        locs: &[Loc],
+        first: &Loc,
         imgs: &[AlignedBuf],
     ) -> Result<(), StoreError> {
-        let mut i = 0;
-        while i < locs.len() {
-            let mut j = i + 1;
-            while j < locs.len()
-                && locs[j].seg.id == locs[i].seg.id
-                && locs[j].offset == locs[j - 1].offset + locs[j - 1].len
-            {
-                j += 1;
-            }
-            let res = if j == i + 1 {
-                self.write_record(kind, locs[i].clone(), &imgs[i])
-                    .map(|_| ())
-            } else {
-                let total: usize = imgs[i..j].iter().map(|b| b.len()).sum();
-                let mut buf = AlignedBuf::zeroed(total);
-                let mut at = 0;
-                for b in &imgs[i..j] {
-                    buf[at..at + b.len()].copy_from_slice(b);
-                    at += b.len();
-                }
-                let whole = Loc {
-                    seg: locs[i].seg.clone(),
-                    offset: locs[i].offset,
-                    len: total as u64,
-                };
-                self.write_record(kind, whole, &buf).map(|_| ())
-            };
-            if let Err(e) = res {
-                self.cut_back(locs);
-                return Err(e);
-            }
-            i = j;
+        if let [img] = imgs {
+            return self.write_record(kind, first.clone(), img).map(|_| ());
         }
-        Ok(())
+        let mut buf = AlignedBuf::zeroed(imgs.iter().map(|b| b.len()).sum());
+        let mut at = 0;
+        for b in imgs {
+            buf[at..at + b.len()].copy_from_slice(b);
+            at += b.len();
+        }
+        let whole = Loc {
+            seg: first.seg.clone(),
+            offset: first.offset,
+            len: at as u64,
+        };
+        self.write_record(kind, whole, &buf).map(|_| ())
     }
 
     /// Hands out room for a metadata record under the appender lock without waiting for the

@@ -239,9 +239,9 @@ impl Store {
         // waits only for records that hold a ticket.
         let mut imgs: Vec<AlignedBuf> = Vec::with_capacity(chosen.len());
         let mut written = 0;
-        let write = |locs: &[(Loc, u64)], imgs: &[AlignedBuf]| {
-            let ls: Vec<Loc> = locs.iter().map(|(l, _)| l.clone()).collect();
-            self.write_run(RecordKind::Tombstone, &ls, imgs)
+        let write = |locs: &[(Loc, u64)], imgs: &[AlignedBuf]| match locs.first() {
+            Some((first, _)) => self.write_run(RecordKind::Tombstone, first, imgs),
+            None => Ok(()),
         };
         for e in &chosen {
             let t = Tombstone {

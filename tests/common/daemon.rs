@@ -122,6 +122,19 @@ pub struct Fixture {
     pub mem: ShmMemory,
 }
 
+/// Daemon flags of a log that unnamed windows outgrow at once: a 2 MiB budget in 256 KiB
+/// segments, eviction every 100 ms, no background compaction.
+pub const TIGHT_BUDGET: [&str; 8] = [
+    "--capacity",
+    "2MiB",
+    "--segment-size",
+    "256KiB",
+    "--eviction-interval-ms",
+    "100",
+    "--compact-interval",
+    "0",
+];
+
 pub fn fixture(extra: &[&str]) -> Fixture {
     fixture_n(extra, 64)
 }

@@ -793,61 +793,41 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureSummary, String> {
     Ok(run.sum)
 }
 
-/// Segment files in `dir` other than the newest whose header records no sealed length.
-fn unsealed_older(dir: &std::path::Path) -> u64 {
-    let mut segs: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    let id = name
-                        .strip_prefix("segment-")?
-                        .strip_suffix(".log")?
-                        .parse()
-                        .ok()?;
-                    Some((id, e.path()))
-                })
-                .collect()
-        })
+/// The headers of the segment files (`*.log`) in `dir`, in id order (the names are
+/// zero-padded); `None` for a header that does not decode.
+fn segment_headers(dir: &std::path::Path) -> Vec<Option<cwm::store::format::SegmentHeader>> {
+    use std::io::Read;
+    let mut paths: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
-    segs.sort();
-    segs.pop();
-    segs.iter()
-        .filter(|(_, p)| header_of(p).is_some_and(|h| h.sealed_len == 0))
-        .count() as u64
+    paths.retain(|p| p.extension().is_some_and(|x| x == "log"));
+    paths.sort();
+    paths
+        .iter()
+        .map(|p| {
+            let mut h = [0u8; cwm::store::format::SegmentHeader::LEN];
+            std::fs::File::open(p)
+                .and_then(|mut f| f.read_exact(&mut h))
+                .ok()?;
+            cwm::store::format::SegmentHeader::decode(&h).ok()
+        })
+        .collect()
 }
 
-/// The header page of segment file `p`, when it decodes.
-fn header_of(p: &std::path::Path) -> Option<cwm::store::format::SegmentHeader> {
-    use std::io::Read;
-    let mut h = [0u8; cwm::store::format::SegmentHeader::LEN];
-    std::fs::File::open(p)
-        .and_then(|mut f| f.read_exact(&mut h))
-        .ok()?;
-    cwm::store::format::SegmentHeader::decode(&h).ok()
+/// Segment files in `dir` other than the newest whose header records no sealed length.
+fn unsealed_older(dir: &std::path::Path) -> u64 {
+    let mut hs = segment_headers(dir);
+    hs.pop();
+    hs.iter().flatten().filter(|h| h.sealed_len == 0).count() as u64
 }
 
 /// Segment files in `dir` whose header carries a record limit: written into a reused file.
 fn reused_segments(dir: &std::path::Path) -> u64 {
-    use std::io::Read;
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    let mut n = 0;
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.extension().is_none_or(|x| x != "log") {
-            continue;
-        }
-        let mut h = [0u8; cwm::store::format::SegmentHeader::LEN];
-        let read = std::fs::File::open(&p).and_then(|mut f| f.read_exact(&mut h));
-        if read.is_ok()
-            && cwm::store::format::SegmentHeader::decode(&h).is_ok_and(|h| h.record_limit != 0)
-        {
-            n += 1;
-        }
-    }
-    n
+    segment_headers(dir)
+        .iter()
+        .flatten()
+        .filter(|h| h.record_limit != 0)
+        .count() as u64
 }
 
 /// Copies the plain files of `from` into `to` (created).
