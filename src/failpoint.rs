@@ -18,7 +18,8 @@
 //! Actions: `error` (the operation fails with a typed
 //! I/O error), `short-write` (part of the bytes reach the file, then the operation fails),
 //! `panic`, and `delay` (the site waits half a second, then goes on as if not armed: a slow
-//! device). A site fires every time it is reached until cleared.
+//! device). A site fires every time it is reached until cleared ([`set_after`]: after letting
+//! a number of hits pass).
 //!
 //! Also here: an injected wall-clock skew for stored timestamps (`CWM_CLOCK_SKEW_MS`, EC-042).
 
@@ -77,15 +78,18 @@ mod registry {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
 
-    fn map() -> &'static Mutex<HashMap<String, Action>> {
-        static M: OnceLock<Mutex<HashMap<String, Action>>> = OnceLock::new();
+    /// Armed sites: the action, and how many hits still pass before it fires.
+    type Armed = HashMap<String, (Action, u32)>;
+
+    fn map() -> &'static Mutex<Armed> {
+        static M: OnceLock<Mutex<Armed>> = OnceLock::new();
         M.get_or_init(|| {
             let mut m = HashMap::new();
             if let Ok(spec) = std::env::var("CWM_FAILPOINTS") {
                 for item in spec.split(';').filter(|s| !s.trim().is_empty()) {
                     if let Some((name, action)) = item.split_once('=') {
                         if let Ok(a) = action.trim().parse() {
-                            m.insert(name.trim().to_string(), a);
+                            m.insert(name.trim().to_string(), (a, 0));
                         }
                     }
                 }
@@ -100,9 +104,18 @@ mod registry {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match action {
-            Some(a) => m.insert(name.to_string(), a),
+            Some(a) => m.insert(name.to_string(), (a, 0)),
             None => m.remove(name),
         };
+    }
+
+    /// Arms failpoint `name` to let its next `pass` hits go on as if not armed, then fire
+    /// `action` at every hit after them (a fault in the middle of an operation).
+    pub fn set_after(name: &str, pass: u32, action: Action) {
+        map()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.to_string(), (action, pass));
     }
 
     /// Clears every failpoint.
@@ -115,11 +128,19 @@ mod registry {
 
     /// The action armed at `name`, if any.
     pub fn hit(name: &str) -> Option<Action> {
-        let a = map()
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(name)
-            .copied();
+        let a = {
+            let mut m = map()
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match m.get_mut(name) {
+                Some((_, pass)) if *pass > 0 => {
+                    *pass -= 1;
+                    None
+                }
+                Some((a, _)) => Some(*a),
+                None => None,
+            }
+        };
         match a {
             Some(Action::Panic) => panic!("failpoint {name}: injected panic"),
             Some(Action::Delay) => {
@@ -132,7 +153,7 @@ mod registry {
 }
 
 #[cfg(feature = "failpoints")]
-pub use registry::{clear, hit, set};
+pub use registry::{clear, hit, set, set_after};
 
 /// Runs `$body` with the armed action (`Error` or `ShortWrite`; `Panic` panics inside, `Delay`
 /// waits inside and runs nothing) when

@@ -206,10 +206,11 @@ fn forget_window(st: &mut State, entry: &WindowEntry, loc: Loc, seq: u64) {
 impl Store {
     /// [`Store::delete_where`] for many windows at once (eviction): each `(name, version)`
     /// still at that version and for which `still` holds gets a tombstone, all written under
-    /// one hold of the appender lock and made durable by one sync per segment written; then
-    /// all leave the index together. Windows that changed meanwhile are skipped. Returns the
-    /// windows deleted. On a write or sync error nothing is deleted (the tombstones written
-    /// are cut back) and the error is returned.
+    /// one hold of the appender lock and made durable by one sync per segment written; the
+    /// windows of each segment's run leave the index together. Windows that changed meanwhile
+    /// are skipped. Returns the windows deleted. On a write or sync error the run it hit is cut
+    /// back (none of its windows deleted; runs in segments rotated before it stay deleted) and
+    /// the error is returned.
     pub(crate) fn delete_many(
         &self,
         victims: &[(String, u64)],
@@ -234,15 +235,14 @@ impl Store {
             }
         }
         let mut locs: Vec<(Loc, u64)> = Vec::with_capacity(chosen.len());
-        // Written together, a run per segment (one write, not one each: the appender lock is
-        // held meanwhile), and each run before a hand-out that rotates — a segment's seal
-        // waits only for records that hold a ticket.
         let mut imgs: Vec<AlignedBuf> = Vec::with_capacity(chosen.len());
-        let mut written = 0;
-        let write = |locs: &[(Loc, u64)], imgs: &[AlignedBuf]| match locs.first() {
-            Some((first, _)) => self.write_run(RecordKind::Tombstone, first, imgs),
-            None => Ok(()),
-        };
+        let mut out = Vec::with_capacity(chosen.len());
+        // Tombstones are written a run per segment (one write, not one each: the appender
+        // lock is held meanwhile). Before a hand-out that rotates, the run so far is written,
+        // synced and its windows evicted: a failure after it then cuts back only the segment
+        // it happens in — never the rotated one, whose seal (in the background) records its
+        // length and waits only for records that hold a ticket.
+        let mut from = 0;
         for e in &chosen {
             let t = Tombstone {
                 name: e.info.name.clone(),
@@ -252,12 +252,9 @@ impl Store {
             let key = name_key(&e.info.name);
             let payload = t.encode();
             let len = super::format::stored_len(RecordKind::Tombstone, payload.len() as u64);
-            if locs.len() > written && !Store::fits_as_is(&app, len) {
-                if let Err(err) = write(&locs[written..], &imgs[written..]) {
-                    self.cut_back(locs.iter().map(|(l, _)| l));
-                    return Err(err);
-                }
-                written = locs.len();
+            if locs.len() > from && !Store::fits_as_is(&app, len) {
+                self.finish_tombstones(&chosen[from..], &locs[from..], &imgs[from..], &mut out)?;
+                from = locs.len();
             }
             match self.hand_out_payload(&mut app, RecordKind::Tombstone, key, &payload) {
                 Ok((loc, img)) => {
@@ -265,35 +262,43 @@ impl Store {
                     imgs.push(img);
                 }
                 Err(err) => {
-                    self.cut_back(locs.iter().map(|(l, _)| l));
+                    self.cut_back(locs[from..].iter().map(|(l, _)| l));
                     return Err(err);
                 }
             }
         }
-        if let Err(err) = write(&locs[written..], &imgs[written..]) {
+        self.finish_tombstones(&chosen[from..], &locs[from..], &imgs[from..], &mut out)?;
+        Ok(out)
+    }
+
+    /// Writes one run of tombstones handed out in one segment (`locs`, their images `imgs`,
+    /// for the first `locs.len()` of `entries`), syncs it and forgets their windows, adding
+    /// each to `out`. When the write or the sync fails the run is cut back and none of them
+    /// is evicted.
+    fn finish_tombstones(
+        &self,
+        entries: &[WindowEntry],
+        locs: &[(Loc, u64)],
+        imgs: &[AlignedBuf],
+        out: &mut Vec<WindowInfo>,
+    ) -> Result<(), StoreError> {
+        let Some((first, _)) = locs.first() else {
+            return Ok(());
+        };
+        let res = self
+            .write_run(RecordKind::Tombstone, first, imgs)
+            .and_then(|()| self.sync(&first.seg));
+        if let Err(err) = res {
             self.cut_back(locs.iter().map(|(l, _)| l));
             return Err(err);
         }
-        let mut segs: Vec<&Arc<super::segment::Segment>> = Vec::new();
-        for (l, _) in &locs {
-            if !segs.iter().any(|s| s.id == l.seg.id) {
-                segs.push(&l.seg);
-            }
-        }
-        for seg in segs {
-            if let Err(err) = self.sync(seg) {
-                self.cut_back(locs.iter().map(|(l, _)| l));
-                return Err(err);
-            }
-        }
         let mut st = self.state.write().map_err(poisoned)?;
-        let mut out = Vec::with_capacity(chosen.len());
-        for (entry, (loc, seq)) in chosen.into_iter().zip(locs) {
+        for (entry, (loc, seq)) in entries.iter().zip(locs) {
             loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
-            forget_window(&mut st, &entry, loc, seq);
+            forget_window(&mut st, entry, loc.clone(), *seq);
             out.push(entry.info());
         }
-        Ok(out)
+        Ok(())
     }
 }
 
