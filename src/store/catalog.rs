@@ -135,15 +135,23 @@ impl Store {
         Ok(n)
     }
 
-    /// Deletes the catalog records of `keys` (the caller saw them present) under an appender lock the caller
-    /// holds: their deletion records are written, then synced once for all. Returns how many.
+    /// Deletes the catalog records of `keys` (the caller saw them present) under an appender
+    /// lock the caller holds: their deletion records are written, then synced once per
+    /// segment. Returns how many. Before an append that rotates, the deletions so far are
+    /// synced and applied, so a failure cuts back only the segment it happens in — never the
+    /// rotated one, whose length its seal records in the background.
     pub(super) fn delete_metas_locked(
         &self,
         app: &mut super::append::Appender,
         keys: &[u128],
     ) -> Result<usize, StoreError> {
         let mut locs: Vec<(u128, Loc, u64)> = Vec::with_capacity(keys.len());
+        let mut done = 0;
+        let len = super::format::stored_len(RecordKind::Meta, META_DELETED.len() as u64);
         for &key in keys {
+            if !locs.is_empty() && !Self::fits_as_is(app, len) {
+                done += self.apply_meta_deletions(std::mem::take(&mut locs))?;
+            }
             match self.append_payload(app, RecordKind::Meta, key, META_DELETED) {
                 Ok(loc) => locs.push((key, loc, app.next_seq - 1)),
                 Err(e) => {
@@ -152,15 +160,18 @@ impl Store {
                 }
             }
         }
-        let mut synced: Vec<u64> = Vec::new();
-        for (_, l, _) in &locs {
-            if !synced.contains(&l.seg.id) {
-                synced.push(l.seg.id);
-                if let Err(e) = self.sync(&l.seg) {
-                    self.cut_back(locs.iter().map(|(_, l, _)| l));
-                    return Err(e);
-                }
-            }
+        Ok(done + self.apply_meta_deletions(locs)?)
+    }
+
+    /// Syncs deletion records written in one segment and applies them to the index (cut back
+    /// when the sync fails). Returns how many.
+    fn apply_meta_deletions(&self, locs: Vec<(u128, Loc, u64)>) -> Result<usize, StoreError> {
+        let Some((_, first, _)) = locs.first() else {
+            return Ok(0);
+        };
+        if let Err(e) = self.sync(&first.seg) {
+            self.cut_back(locs.iter().map(|(_, l, _)| l));
+            return Err(e);
         }
         let mut st = self.state.write().map_err(poisoned)?;
         for (key, loc, seq) in &locs {
