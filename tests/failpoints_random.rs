@@ -1,0 +1,298 @@
+//! Random faults in random operation sequences (feature `failpoints`). Each seed runs a
+//! sequence of store operations — pinned and unnamed windows (sharing blocks), deletions,
+//! catalog writes and bulk catalog deletions, eviction passes, compaction — on small
+//! segments, so rotations, background seals and checkpoints happen throughout; one failpoint
+//! is armed at a random point, at a random site, to fire after a random number of hits (the
+//! middle of an operation, not only its first write), and stays armed until an operation
+//! fails (at most 15 operations). After every operation the store's list
+//! and catalog are what the acknowledged operations say (a failed operation changed nothing,
+//! or for the bulk ones — eviction, catalog deletion — only what they finished); at the end,
+//! after a reopen, every window and catalog value is the same and reads back bit-exactly, the
+//! index is consistent, the log accepts new windows, and — when the fault wrote nothing (an
+//! error, not a short write) — the open reports no damage and the log verifies clean.
+//!
+//! `CWM_FP_SEEDS=N` runs more seeds than CI's (`CWM_FP_SEED0` picks the first).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod common;
+use common::*;
+
+use std::collections::BTreeMap;
+
+use cwm::failpoint::{self, Action};
+use cwm::store::{Class, CompactOptions, EvictionPolicy, Store, StoreConfig};
+
+/// Every block's payload length (blocks are shared between windows by key).
+const LEN: u64 = 48 << 10;
+
+/// Sites that fail an operation, and the two that fail only background work (a seal left
+/// unrecorded, a checkpoint not written).
+const SITES: [&str; 10] = [
+    "block-write",
+    "manifest-write",
+    "meta-write",
+    "tombstone-write",
+    "fdatasync",
+    "compaction-copy",
+    "segment-rotate",
+    "segment-unlink",
+    "segment-seal",
+    "checkpoint-write",
+];
+
+/// splitmix64.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % n.max(1)
+    }
+}
+
+fn cfg(dir: &std::path::Path) -> StoreConfig {
+    let mut c = StoreConfig::new(dir);
+    c.segment_size = 1 << 20;
+    c
+}
+
+/// What the acknowledged operations say the store holds.
+#[derive(Default)]
+struct Model {
+    /// Window name → (block keys, class).
+    windows: BTreeMap<String, (Vec<u128>, Class)>,
+    metas: BTreeMap<u128, Vec<u8>>,
+}
+
+fn listed(store: &Store) -> Vec<String> {
+    store.list().unwrap().into_iter().map(|w| w.name).collect()
+}
+
+/// The store's list and catalog against the model.
+fn agree(store: &Store, m: &Model, what: &str) {
+    let names: Vec<String> = m.windows.keys().cloned().collect();
+    assert_eq!(listed(store), names, "{what}");
+    let metas: Vec<(u128, Vec<u8>)> = m.metas.iter().map(|(k, v)| (*k, v.clone())).collect();
+    let mut now = store.meta().unwrap();
+    now.sort();
+    assert_eq!(now, metas, "{what}");
+}
+
+fn put_window(store: &Store, name: &str, keys: &[u128], class: Class) -> Result<(), String> {
+    let p: Vec<Vec<u8>> = keys
+        .iter()
+        .map(|&k| payload(k as u64, LEN as usize))
+        .collect();
+    let refs: Vec<&[u8]> = p.iter().map(|v| &v[..]).collect();
+    let mut s = spec(name, keys, LEN);
+    s.retention.class = class;
+    store
+        .put_window(s, &refs)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// One random operation; updates the model by its outcome and checks what a failure left.
+/// Returns false when it failed.
+fn step(store: &Store, m: &mut Model, rng: &mut Rng, n: usize, what: &str) -> bool {
+    match rng.below(10) {
+        0..=3 => {
+            // A new window of 1–6 blocks drawn from a small pool (so windows share blocks).
+            let class = if rng.below(3) == 0 {
+                Class::Pinned
+            } else {
+                Class::Unnamed
+            };
+            let mut keys: Vec<u128> = Vec::new();
+            for _ in 0..1 + rng.below(6) {
+                let k = u128::from(rng.below(60)) + 1;
+                if !keys.contains(&k) {
+                    keys.push(k);
+                }
+            }
+            let name = format!("w{n:04}");
+            match put_window(store, &name, &keys, class) {
+                Ok(()) => {
+                    m.windows.insert(name, (keys, class));
+                    true
+                }
+                Err(e) => {
+                    assert!(!listed(store).contains(&name), "{what}: failed put {e}");
+                    false
+                }
+            }
+        }
+        4 => {
+            let Some(name) = pick(&m.windows, rng) else {
+                return true;
+            };
+            match store.delete_window(&name, None) {
+                Ok(_) => {
+                    m.windows.remove(&name);
+                    true
+                }
+                Err(e) => {
+                    assert!(listed(store).contains(&name), "{what}: {e}");
+                    false
+                }
+            }
+        }
+        5 => {
+            let k = u128::from(rng.below(40));
+            let v = format!("v{n}").into_bytes();
+            let ok = store.put_meta(k, &v).is_ok();
+            if ok {
+                m.metas.insert(k, v);
+            }
+            ok
+        }
+        6 => {
+            let keys: Vec<u128> = m
+                .metas
+                .keys()
+                .copied()
+                .filter(|_| rng.below(2) == 0)
+                .collect();
+            if store.delete_metas_if(&keys, |_, _| true).is_ok() {
+                for k in &keys {
+                    m.metas.remove(k);
+                }
+                true
+            } else {
+                // Finished per segment: each key is either deleted or still its value.
+                let now: BTreeMap<u128, Vec<u8>> = store.meta().unwrap().into_iter().collect();
+                for k in &keys {
+                    match now.get(k) {
+                        None => {
+                            m.metas.remove(k);
+                        }
+                        Some(v) => assert_eq!(Some(v), m.metas.get(k), "{what}"),
+                    }
+                }
+                false
+            }
+        }
+        7 | 8 => {
+            let live = store.block_bytes().unwrap();
+            let target = live * rng.below(4) / 4;
+            match store.evict(EvictionPolicy::Lru, target, 1 << 30) {
+                Ok(rep) => {
+                    for name in &rep.evicted {
+                        let (_, class) = m.windows.remove(name).expect("evicted a known window");
+                        assert_eq!(class, Class::Unnamed, "{what}: evicted pinned {name}");
+                    }
+                    true
+                }
+                Err(_) => {
+                    // Runs finished before the failure stay evicted: unnamed windows only.
+                    let now = listed(store);
+                    let gone: Vec<String> = m
+                        .windows
+                        .keys()
+                        .filter(|n| !now.contains(n))
+                        .cloned()
+                        .collect();
+                    for name in gone {
+                        let (_, class) = m.windows.remove(&name).unwrap();
+                        assert_eq!(class, Class::Unnamed, "{what}: lost pinned {name}");
+                    }
+                    false
+                }
+            }
+        }
+        _ => {
+            let opts = CompactOptions {
+                live_ratio: [0.5, 0.9, 1.0][rng.below(3) as usize],
+                ..Default::default()
+            };
+            store.compact(&opts, &mut |_| {}).is_ok()
+        }
+    }
+}
+
+fn pick(w: &BTreeMap<String, (Vec<u128>, Class)>, rng: &mut Rng) -> Option<String> {
+    (!w.is_empty()).then(|| w.keys().nth(rng.below(w.len() as u64) as usize).cloned())?
+}
+
+fn check_all(store: &Store, m: &Model, what: &str) {
+    agree(store, m, what);
+    for (name, (keys, _)) in &m.windows {
+        check(store, name, keys, LEN);
+    }
+    assert_eq!(
+        store.check_invariants().unwrap(),
+        Vec::<String>::new(),
+        "{what}"
+    );
+}
+
+#[test]
+fn random_faults_in_random_operations_keep_every_acknowledged_outcome() {
+    let seeds: u64 = std::env::var("CWM_FP_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
+    let seed0: u64 = std::env::var("CWM_FP_SEED0")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let engines = engines();
+    let mut faulted = 0;
+    for seed in seed0..seed0 + seeds {
+        let (ename, engine) = &engines[seed as usize % engines.len()];
+        let mut rng = Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        let ops = 40 + rng.below(40) as usize;
+        let arm_at = rng.below(ops as u64) as usize;
+        let site = SITES[rng.below(SITES.len() as u64) as usize];
+        let action = if rng.below(2) == 0 {
+            Action::Error
+        } else {
+            Action::ShortWrite
+        };
+        let pass = rng.below(6) as u32;
+        let mut m = Model::default();
+        {
+            let (store, _) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
+            // Armed from op `arm_at` until an operation fails (or 15 operations later).
+            let mut armed = false;
+            let mut hit = false;
+            for n in 0..ops {
+                if n == arm_at {
+                    failpoint::set_after(site, pass, action);
+                    armed = true;
+                }
+                let what = format!(
+                    "seed {seed} ({ename}), op {n} of {ops}, {site}={action:?} after {pass} hits armed at op {arm_at}"
+                );
+                let ok = step(&store, &mut m, &mut rng, n, &what);
+                if armed && (!ok || n >= arm_at + 15) {
+                    failpoint::clear();
+                    armed = false;
+                    hit |= !ok;
+                }
+                agree(&store, &m, &what);
+            }
+            failpoint::clear();
+            faulted += usize::from(hit);
+            let what = format!("seed {seed} ({ename}): before the reopen");
+            check_all(&store, &m, &what);
+        }
+        let what = format!("seed {seed} ({ename}): after the reopen ({site}={action:?} after {pass} hits at op {arm_at})");
+        let (store, rep) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
+        check_all(&store, &m, &what);
+        if action == Action::Error {
+            // Nothing reached the disk that was not meant to: no damage anywhere (a short
+            // write leaves torn bytes in the segment it failed, which the open reports).
+            assert!(rep.damaged_regions.is_empty(), "{what}: {rep:?}");
+            assert!(rep.damaged_records.is_empty(), "{what}: {rep:?}");
+            assert!(store.verify_log().unwrap().is_empty(), "{what}");
+        }
+        put_window(&store, "after", &[1000, 1001], Class::Pinned).unwrap();
+        check(&store, "after", &[1000, 1001], LEN);
+    }
+    eprintln!("{seeds} seeds, {faulted} with the armed operation failed");
+}
