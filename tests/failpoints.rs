@@ -701,3 +701,53 @@ fn a_catalog_deletion_failing_after_a_rotation_keeps_the_rotated_segment_whole()
         }
     }
 }
+
+/// A window deleted while compaction moves its manifest: compaction copies records without
+/// the appender lock, so its repoint can land between the delete's snapshot of the window
+/// and the delete taking it out of the index. The live bytes released must be those of the
+/// manifest where it is now — released from the snapshot's segment, the copy's segment kept
+/// counting a manifest nothing referred to (and the original's was taken twice). Both writes
+/// are slowed (`delay`) so the repoint lands while the tombstone is written.
+#[test]
+fn a_window_deleted_while_compaction_moves_its_manifest_keeps_live_bytes_right() {
+    let _serial = serial();
+    for (ename, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        let (store, _) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
+        base(&store);
+        failpoint::set("compaction-copy", Some(Action::Delay));
+        failpoint::set("tombstone-write", Some(Action::Delay));
+        std::thread::scope(|s| {
+            let c = s.spawn(|| {
+                store
+                    .compact(
+                        &CompactOptions {
+                            live_ratio: 1.0,
+                            ..Default::default()
+                        },
+                        &mut |_| {},
+                    )
+                    .unwrap()
+            });
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            store.delete_window("a", None).unwrap();
+            c.join().unwrap();
+        });
+        failpoint::clear();
+        assert_eq!(
+            store.check_invariants().unwrap(),
+            Vec::<String>::new(),
+            "{ename}"
+        );
+        drop(store);
+        let (store, _) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
+        let names: Vec<String> = store.list().unwrap().into_iter().map(|w| w.name).collect();
+        assert_eq!(names, vec!["b", "c", "u"], "{ename}");
+        assert_eq!(
+            store.check_invariants().unwrap(),
+            Vec::<String>::new(),
+            "{ename}"
+        );
+    }
+}

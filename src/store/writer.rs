@@ -191,16 +191,20 @@ impl Store {
 }
 
 /// Takes a window whose tombstone (at `loc`, sequence number `seq`) is durable out of the
-/// index: the tombstone becomes its name's newest event, its block references go.
+/// index: the tombstone becomes its name's newest event, its block references go. `entry` is
+/// the caller's snapshot; what is released is the entry the index holds now — compaction
+/// (which copies records without the appender lock) may have moved its manifest since, and
+/// the snapshot's location would take the live bytes from the segment it left.
 fn forget_window(st: &mut State, entry: &WindowEntry, loc: Loc, seq: u64) {
     let key = name_key(&entry.info.name);
     st.names.insert(key, seq);
     if let Some(old) = st.tombs.insert(key, loc) {
         old.seg.live.fetch_sub(old.len, Ordering::SeqCst);
     }
-    st.windows.remove(&entry.info.name);
-    super::index::unindex_first(st, entry);
-    release_window(st, entry);
+    if let Some(now) = st.windows.remove(&entry.info.name) {
+        super::index::unindex_first(st, &now);
+        release_window(st, &now);
+    }
 }
 
 impl Store {
