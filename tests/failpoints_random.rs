@@ -83,6 +83,16 @@ fn agree(store: &Store, m: &Model, what: &str) {
 }
 
 fn put_window(store: &Store, name: &str, keys: &[u128], class: Class) -> Result<(), String> {
+    put_replacing(store, name, keys, class, cwm::store::Replace::No)
+}
+
+fn put_replacing(
+    store: &Store,
+    name: &str,
+    keys: &[u128],
+    class: Class,
+    replace: cwm::store::Replace,
+) -> Result<(), String> {
     let p: Vec<Vec<u8>> = keys
         .iter()
         .map(|&k| payload(k as u64, LEN as usize))
@@ -90,6 +100,7 @@ fn put_window(store: &Store, name: &str, keys: &[u128], class: Class) -> Result<
     let refs: Vec<&[u8]> = p.iter().map(|v| &v[..]).collect();
     let mut s = spec(name, keys, LEN);
     s.retention.class = class;
+    s.replace = replace;
     store
         .put_window(s, &refs)
         .map(|_| ())
@@ -214,6 +225,21 @@ fn step(store: &Store, m: &mut Model, rng: &mut Rng, n: usize, what: &str) -> bo
     }
 }
 
+/// [`check`], naming the case when it fails.
+fn check_in(store: &Store, name: &str, keys: &[u128], what: &str) {
+    let (m, blocks) = store
+        .read_window(name)
+        .unwrap_or_else(|e| panic!("{what}: read {name}: {e}"));
+    let got: Vec<u128> = m.blocks.iter().map(|b| b.key).collect();
+    assert_eq!(got, keys, "{what}: {name}");
+    for (b, k) in blocks.iter().zip(keys) {
+        assert!(
+            *b == payload(*k as u64, LEN as usize),
+            "{what}: {name} bytes"
+        );
+    }
+}
+
 fn pick(w: &BTreeMap<String, (Vec<u128>, Class)>, rng: &mut Rng) -> Option<String> {
     (!w.is_empty()).then(|| w.keys().nth(rng.below(w.len() as u64) as usize).cloned())?
 }
@@ -306,7 +332,7 @@ fn random_faults_in_random_operations_keep_every_acknowledged_outcome() {
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The same with three threads at once: each puts windows (sharing blocks with the others'),
-/// deletes and pins its own, reads anyone's, writes and bulk-deletes its own catalog keys and
+/// deletes, replaces and pins its own, reads anyone's, writes and bulk-deletes its own catalog keys and
 /// runs eviction passes (which may evict the others' unnamed windows) and compactions, while
 /// one failpoint fires
 /// somewhere in the middle — so a fault lands beside other freezes' writes, commits and
@@ -350,14 +376,17 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
         // first failed operation or 30 operations later.
         let armed = std::sync::Mutex::new(None::<usize>);
         // Every window put (by name: its keys), and the pinned ones each thread holds.
-        let attempted = std::sync::Mutex::new(BTreeMap::<String, Vec<u128>>::new());
+        let attempted = std::sync::Mutex::new(BTreeMap::<String, Vec<Vec<u128>>>::new());
+        // The keys of each window's newest acknowledged version.
+        let acked = std::sync::Mutex::new(BTreeMap::<String, Vec<u128>>::new());
         let failed = std::sync::Mutex::new(Vec::<String>::new());
         let (store, _) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
         let metas: Vec<BTreeMap<u128, Vec<u8>>> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..3u64)
                 .map(|t| {
-                    let (store, ops, armed, attempted, failed, what, faulted) =
-                        (&store, &ops, &armed, &attempted, &failed, &what, &faulted);
+                    let (store, ops, armed, attempted, acked, failed, what, faulted) = (
+                        &store, &ops, &armed, &attempted, &acked, &failed, &what, &faulted,
+                    );
                     s.spawn(move || {
                         let mut rng = Rng(seed.wrapping_mul(31).wrapping_add(t) | 1);
                         let mut pinned: Vec<String> = Vec::new();
@@ -389,9 +418,13 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
                                         }
                                     }
                                     let name = format!("t{t}-w{n:02}");
-                                    attempted.lock().unwrap().insert(name.clone(), keys.clone());
+                                    attempted
+                                        .lock()
+                                        .unwrap()
+                                        .insert(name.clone(), vec![keys.clone()]);
                                     match put_window(store, &name, &keys, class) {
                                         Ok(()) => {
+                                            acked.lock().unwrap().insert(name.clone(), keys);
                                             if class == Class::Pinned {
                                                 pinned.push(name);
                                             } else {
@@ -406,7 +439,7 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
                                         }
                                     }
                                 }
-                                5 => match pinned.pop() {
+                                5 if rng.below(2) == 0 => match pinned.pop() {
                                     Some(name) => match store.delete_window(&name, None) {
                                         Ok(_) => true,
                                         Err(_) => {
@@ -414,6 +447,42 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
                                             false
                                         }
                                     },
+                                    None => true,
+                                },
+                                5 => match pinned.last() {
+                                    // A new version of its own pinned window.
+                                    Some(name) => {
+                                        let keys: Vec<u128> = (0..1 + rng.below(4))
+                                            .map(|i| u128::from(rng.below(40) * 8 + i) + 1)
+                                            .collect();
+                                        let mut keys = keys;
+                                        keys.dedup();
+                                        attempted
+                                            .lock()
+                                            .unwrap()
+                                            .entry(name.clone())
+                                            .or_default()
+                                            .push(keys.clone());
+                                        let any = cwm::store::Replace::Any;
+                                        match put_replacing(store, name, &keys, Class::Pinned, any)
+                                        {
+                                            Ok(()) => {
+                                                acked.lock().unwrap().insert(name.clone(), keys);
+                                                true
+                                            }
+                                            Err(_) => {
+                                                // The version before it stands, whole.
+                                                let old = acked.lock().unwrap()[name].clone();
+                                                check_in(
+                                                    store,
+                                                    name,
+                                                    &old,
+                                                    &format!("{what}, after a failed replace"),
+                                                );
+                                                false
+                                            }
+                                        }
+                                    }
                                     None => true,
                                 },
                                 6 => {
@@ -455,10 +524,17 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
                                         let i = rng.below(a.len() as u64) as usize;
                                         a.iter().nth(i).map(|(n, k)| (n.clone(), k.clone()))
                                     };
-                                    if let Some((name, keys)) = pick {
+                                    if let Some((name, versions)) = pick {
                                         match store.read_window(&name) {
-                                            Ok((_, blocks)) => {
-                                                for (b, k) in blocks.iter().zip(&keys) {
+                                            Ok((m, blocks)) => {
+                                                // Some version it was given, whole.
+                                                let got: Vec<u128> =
+                                                    m.blocks.iter().map(|b| b.key).collect();
+                                                assert!(
+                                                    versions.contains(&got),
+                                                    "{what}: {name} read keys {got:?}"
+                                                );
+                                                for (b, k) in blocks.iter().zip(&got) {
                                                     assert!(
                                                         *b == payload(*k as u64, LEN as usize),
                                                         "{what}: {name} read wrong bytes"
@@ -519,12 +595,12 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         failpoint::clear();
-        let attempted = attempted.into_inner().unwrap();
+        let acked = acked.into_inner().unwrap();
         let failed = failed.into_inner().unwrap();
         let names = listed(&store);
         for n in &names {
             assert!(!failed.contains(n), "{what}: failed put {n} listed");
-            check(&store, n, &attempted[n], LEN);
+            check_in(&store, n, &acked[n], &format!("{what}, at the end"));
         }
         let mut all: Vec<(u128, Vec<u8>)> = metas.into_iter().flatten().collect();
         all.sort();
@@ -541,7 +617,7 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
         let (store, _) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
         assert_eq!(listed(&store), names, "{what}: after the reopen");
         for n in &names {
-            check(&store, n, &attempted[n], LEN);
+            check_in(&store, n, &acked[n], &format!("{what}, after the reopen"));
         }
         let mut again = store.meta().unwrap();
         again.retain(|(k, _)| *k < 1000); // (pins are catalog records too)

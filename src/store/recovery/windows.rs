@@ -70,9 +70,9 @@ impl Recovery<'_> {
                 v.sort_by_key(|c| c.seq);
             }
         }
-        // Blocks already resolved to one of several records with the same sequence number (an
-        // original and its compaction copies): key -> chosen candidate index.
-        let mut chosen: KeyMap<usize> = KeyMap::default();
+        // Blocks already resolved to one of several matching records: key -> (the newest
+        // matching one, the one chosen among those up to it).
+        let mut chosen: KeyMap<(usize, usize)> = KeyMap::default();
         let mut windows: Vec<(u64, Manifest, Loc)> = live.into_values().collect();
         windows.sort_by_key(|(s, _, _)| *s);
         for (seq, m, mloc) in windows {
@@ -118,13 +118,14 @@ impl Recovery<'_> {
 }
 
 /// Resolves every block of manifest `m` (sequence number `seq`) to the newest matching record
-/// written before it (`None`: not found, lost to damage); of an original and its compaction
-/// copies, the one [`pick_duplicate`] chooses, the same for every window (`chosen`).
+/// written before it (`None`: not found, lost to damage); where several match, the one
+/// [`pick_duplicate`] chooses, the same for every window that resolves to the same newest
+/// (`chosen`).
 fn resolve_blocks<'c>(
     engine: &dyn IoEngine,
     segments: &BTreeMap<u64, Arc<Segment>>,
     cands: &'c KeyMap<Cands>,
-    chosen: &mut KeyMap<usize>,
+    chosen: &mut KeyMap<(usize, usize)>,
     m: &Manifest,
     seq: u64,
 ) -> Vec<Option<&'c Cand>> {
@@ -140,10 +141,10 @@ fn resolve_blocks<'c>(
                 return Some(&cs[i]);
             }
             let i = match chosen.get(&b.key) {
-                Some(&j) if cs[j].seq == cs[i].seq => j,
+                Some(&(newest, j)) if newest == i => j,
                 _ => {
                     let j = pick_duplicate(engine, segments, cs, i);
-                    chosen.insert(b.key, j);
+                    chosen.insert(b.key, (i, j));
                     j
                 }
             };
@@ -154,19 +155,21 @@ fn resolve_blocks<'c>(
     resolved
 }
 
-/// Of the records with the sequence number of `cs[i]` (an original and its compaction copies,
-/// identical when intact), the newest whose bytes verify; `i` when there is only one or none
-/// verifies (reads then report the damage). Only duplicates pay for reading payloads.
+/// Of the records that match `cs[i]` (same checksum and length) up to it — an original and
+/// its compaction copies, identical when intact, or copies of one block written by freezes
+/// that ran at once — the newest whose bytes verify; `i` when there is only one or none
+/// verifies (reads then report the damage). A copy written by a freeze whose write failed
+/// (torn: its header whole, its payload not) stays in the log when other records followed it,
+/// and must not shadow the intact record the committed window referred to. Only duplicates
+/// pay for reading payloads.
 fn pick_duplicate(
     engine: &dyn IoEngine,
     segments: &BTreeMap<u64, Arc<Segment>>,
     cs: &[Cand],
     i: usize,
 ) -> usize {
-    let seq = cs[i].seq;
     let dups: Vec<usize> = (0..=i)
         .rev()
-        .take_while(|&j| cs[j].seq == seq)
         .filter(|&j| cs[j].checksum == cs[i].checksum && cs[j].payload_len == cs[i].payload_len)
         .collect();
     if dups.len() < 2 {
