@@ -332,15 +332,16 @@ fn random_faults_in_random_operations_keep_every_acknowledged_outcome() {
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The same with three threads at once: each puts windows (sharing blocks with the others'),
-/// deletes, replaces and pins its own, reads anyone's, writes and bulk-deletes its own catalog keys and
-/// runs eviction passes (which may evict the others' unnamed windows) and compactions, while
-/// one failpoint fires
-/// somewhere in the middle — so a fault lands beside other freezes' writes, commits and
+/// deletes, replaces and pins its own, reads anyone's, writes and bulk-deletes its own catalog
+/// keys, forgets retention records no window uses, scrubs the catalog, and runs eviction
+/// passes (which may evict the others' unnamed windows) and compactions, while one failpoint
+/// fires somewhere in the middle — so a fault lands beside other freezes' writes, commits and
 /// seals. Each thread checks what it was told: an acknowledged pinned window stays listed
 /// until it deletes it, a failed put never appears, a read returns the window's bytes or
 /// "not found" (never damage: eviction, compaction and reused segment files beside it), its
-/// catalog keys hold what it last wrote. At the end every listed window reads back bit-exactly; after a reopen the same
-/// windows and catalog are there, the index is consistent and the log accepts new windows.
+/// catalog keys hold what it last wrote. At the end every listed window reads back
+/// bit-exactly; after a reopen the same windows (with the same class: no pin lost) and
+/// catalog are there, the index is consistent and the log accepts new windows.
 #[test]
 fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
     let _serial = SERIAL
@@ -403,7 +404,7 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
                                     failpoint::clear();
                                 }
                             }
-                            let ok = match rng.below(12) {
+                            let ok = match rng.below(15) {
                                 0..=4 => {
                                     let class = if rng.below(2) == 0 {
                                         Class::Pinned
@@ -565,6 +566,8 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
                                     }
                                     None => true,
                                 },
+                                12 => store.forget_inert_retention().is_ok(),
+                                13 => store.scrub_catalog().is_ok(),
                                 _ => store
                                     .compact(
                                         &CompactOptions {
@@ -598,6 +601,12 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
         let acked = acked.into_inner().unwrap();
         let failed = failed.into_inner().unwrap();
         let names = listed(&store);
+        let classes: Vec<(String, Class)> = store
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|w| (w.name, w.class))
+            .collect();
         for n in &names {
             assert!(!failed.contains(n), "{what}: failed put {n} listed");
             check_in(&store, n, &acked[n], &format!("{what}, at the end"));
@@ -616,6 +625,13 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
         drop(store);
         let (store, _) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
         assert_eq!(listed(&store), names, "{what}: after the reopen");
+        let again: Vec<(String, Class)> = store
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|w| (w.name, w.class))
+            .collect();
+        assert_eq!(again, classes, "{what}: classes after the reopen");
         for n in &names {
             check_in(&store, n, &acked[n], &format!("{what}, after the reopen"));
         }
