@@ -588,6 +588,18 @@ fn a_seal_left_unrecorded_is_recorded_at_the_next_open() {
     }
 }
 
+/// After a fault: the index is consistent and, once the background seals and checkpoints are
+/// done, the whole log verifies.
+fn consistent_and_verified(store: &Store, what: &str) {
+    assert_eq!(
+        store.check_invariants().unwrap(),
+        Vec::<String>::new(),
+        "{what}"
+    );
+    store.wait_checkpoints();
+    assert!(store.verify_log().unwrap().is_empty(), "{what}");
+}
+
 /// An eviction pass whose tombstones cross a segment rotation, failing at each of its
 /// tombstone writes (and syncs) in turn: the tombstones written before the failure in a segment that has
 /// since rotated (and is being sealed in the background) are never cut back — that segment's
@@ -621,13 +633,7 @@ fn an_eviction_failing_after_a_rotation_keeps_the_rotated_segment_whole() {
                 let r = store.evict(cwm::store::EvictionPolicy::Lru, 0, 1 << 30);
                 failpoint::clear();
                 let what = format!("{ename}, failing after {pass} hits of {site}: {r:?}");
-                assert_eq!(
-                    store.check_invariants().unwrap(),
-                    Vec::<String>::new(),
-                    "{what}"
-                );
-                store.wait_checkpoints();
-                assert!(store.verify_log().unwrap().is_empty(), "{what}");
+                consistent_and_verified(&store, &what);
                 names(&store)
             };
             let what = format!("{ename}, failing after {pass} hits of {site}");
@@ -678,13 +684,7 @@ fn a_catalog_deletion_failing_after_a_rotation_keeps_the_rotated_segment_whole()
                 let r = store.delete_metas_if(&all, |_, _| true);
                 failpoint::clear();
                 assert!(r.is_err(), "{what}: {r:?}");
-                assert_eq!(
-                    store.check_invariants().unwrap(),
-                    Vec::<String>::new(),
-                    "{what}"
-                );
-                store.wait_checkpoints();
-                assert!(store.verify_log().unwrap().is_empty(), "{what}");
+                consistent_and_verified(&store, &what);
                 store.meta().unwrap()
             };
             assert!(!before.is_empty(), "{what}");

@@ -26,20 +26,13 @@ use cwm::store::{Class, CompactOptions, EvictionPolicy, Store, StoreConfig};
 /// Every block's payload length (blocks are shared between windows by key).
 const LEN: u64 = 48 << 10;
 
-/// Sites that fail an operation, and the two that fail only background work (a seal left
-/// unrecorded, a checkpoint not written).
-const SITES: [&str; 10] = [
-    "block-write",
-    "manifest-write",
-    "meta-write",
-    "tombstone-write",
-    "fdatasync",
-    "compaction-copy",
-    "segment-rotate",
-    "segment-unlink",
-    "segment-seal",
-    "checkpoint-write",
-];
+/// Every site that fails an operation ([`failpoint::SITES`]), and the two that fail only
+/// background work (a seal left unrecorded, a checkpoint not written).
+fn sites() -> Vec<&'static str> {
+    let mut v = failpoint::SITES.to_vec();
+    v.extend(["segment-seal", "checkpoint-write"]);
+    v
+}
 
 /// splitmix64.
 struct Rng(u64);
@@ -113,18 +106,8 @@ fn step(store: &Store, m: &mut Model, rng: &mut Rng, n: usize, what: &str) -> bo
     match rng.below(10) {
         0..=3 => {
             // A new window of 1–6 blocks drawn from a small pool (so windows share blocks).
-            let class = if rng.below(3) == 0 {
-                Class::Pinned
-            } else {
-                Class::Unnamed
-            };
-            let mut keys: Vec<u128> = Vec::new();
-            for _ in 0..1 + rng.below(6) {
-                let k = u128::from(rng.below(60)) + 1;
-                if !keys.contains(&k) {
-                    keys.push(k);
-                }
-            }
+            let class = random_class(rng, 3);
+            let keys = random_keys(rng, 60, 6);
             let name = format!("w{n:04}");
             match put_window(store, &name, &keys, class) {
                 Ok(()) => {
@@ -240,6 +223,44 @@ fn check_in(store: &Store, name: &str, keys: &[u128], what: &str) {
     }
 }
 
+/// Up to `most` distinct block keys from `1..=pool` (small pools: windows share blocks).
+fn random_keys(rng: &mut Rng, pool: u64, most: u64) -> Vec<u128> {
+    let mut keys: Vec<u128> = Vec::new();
+    for _ in 0..1 + rng.below(most) {
+        let k = u128::from(rng.below(pool)) + 1;
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    keys
+}
+
+/// Pinned one time in `one_in`, unnamed otherwise.
+fn random_class(rng: &mut Rng, one_in: u64) -> Class {
+    if rng.below(one_in) == 0 {
+        Class::Pinned
+    } else {
+        Class::Unnamed
+    }
+}
+
+/// A number from the environment.
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// A site, an action (error or short write) and how many hits pass before it fires.
+fn random_fault(rng: &mut Rng) -> (&'static str, Action, u32) {
+    let sites = sites();
+    let site = sites[rng.below(sites.len() as u64) as usize];
+    let action = if rng.below(2) == 0 {
+        Action::Error
+    } else {
+        Action::ShortWrite
+    };
+    (site, action, rng.below(6) as u32)
+}
+
 fn pick(w: &BTreeMap<String, (Vec<u128>, Class)>, rng: &mut Rng) -> Option<String> {
     (!w.is_empty()).then(|| w.keys().nth(rng.below(w.len() as u64) as usize).cloned())?
 }
@@ -261,14 +282,8 @@ fn random_faults_in_random_operations_keep_every_acknowledged_outcome() {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let seeds: u64 = std::env::var("CWM_FP_SEEDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(24);
-    let seed0: u64 = std::env::var("CWM_FP_SEED0")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let seeds = env_u64("CWM_FP_SEEDS").unwrap_or(24);
+    let seed0 = env_u64("CWM_FP_SEED0").unwrap_or(1);
     let engines = engines();
     let mut faulted = 0;
     for seed in seed0..seed0 + seeds {
@@ -278,13 +293,7 @@ fn random_faults_in_random_operations_keep_every_acknowledged_outcome() {
         let dir = tmp.path().join("d");
         let ops = 40 + rng.below(40) as usize;
         let arm_at = rng.below(ops as u64) as usize;
-        let site = SITES[rng.below(SITES.len() as u64) as usize];
-        let action = if rng.below(2) == 0 {
-            Action::Error
-        } else {
-            Action::ShortWrite
-        };
-        let pass = rng.below(6) as u32;
+        let (site, action, pass) = random_fault(&mut rng);
         let mut m = Model::default();
         {
             let (store, _) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
@@ -347,14 +356,8 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let seeds: u64 = std::env::var("CWM_FP_SEEDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(12, |n: u64| n / 2);
-    let seed0: u64 = std::env::var("CWM_FP_SEED0")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let seeds = env_u64("CWM_FP_SEEDS").map_or(12, |n| n / 2);
+    let seed0 = env_u64("CWM_FP_SEED0").unwrap_or(1);
     let no_faults = std::env::var("CWM_FP_OFF").is_ok();
     let engines = engines();
     let faulted = std::sync::atomic::AtomicUsize::new(0);
@@ -363,13 +366,7 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("d");
-        let site = SITES[rng.below(SITES.len() as u64) as usize];
-        let action = if rng.below(2) == 0 {
-            Action::Error
-        } else {
-            Action::ShortWrite
-        };
-        let pass = rng.below(6) as u32;
+        let (site, action, pass) = random_fault(&mut rng);
         let arm_at = rng.below(60) as usize;
         let what = format!("seed {seed} ({ename}), {site}={action:?} after {pass} hits");
         let ops = std::sync::atomic::AtomicUsize::new(0);
@@ -406,18 +403,8 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
                             }
                             let ok = match rng.below(15) {
                                 0..=4 => {
-                                    let class = if rng.below(2) == 0 {
-                                        Class::Pinned
-                                    } else {
-                                        Class::Unnamed
-                                    };
-                                    let mut keys: Vec<u128> = Vec::new();
-                                    for _ in 0..1 + rng.below(5) {
-                                        let k = u128::from(rng.below(40)) + 1;
-                                        if !keys.contains(&k) {
-                                            keys.push(k);
-                                        }
-                                    }
+                                    let class = random_class(&mut rng, 2);
+                                    let keys = random_keys(&mut rng, 40, 5);
                                     let name = format!("t{t}-w{n:02}");
                                     attempted
                                         .lock()
