@@ -487,8 +487,11 @@ fn a_failed_raise_of_the_record_limit_moves_the_freeze_to_a_new_file() {
             // Segment 1 holds nothing live: compaction keeps its file for reuse.
             assert_eq!(poke(&store, "compaction-copy"), Ok(()), "{ename}");
             assert_eq!(store.stats().unwrap().free_segment_files, 1, "{ename}");
-            // The next freeze rotates into it; its first block passes the first limit.
+            // The next freeze rotates into it; its first block passes the first limit. (A file
+            // is reused only once nothing holds its old segment: background seals and
+            // checkpoints are waited for first, or a loaded machine rotates into a new file.)
             store.seal_active().unwrap();
+            store.wait_checkpoints();
             failpoint::set("segment-raise-limit", Some(Action::Error));
             let r = poke(&store, "block-write");
             failpoint::clear();
