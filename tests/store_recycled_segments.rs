@@ -83,6 +83,10 @@ fn free_four(store: &Store, dir: &Path) -> Vec<u64> {
     }
     put(store, "anchor", &keys(99, 3), LEN);
     compact_everything(store);
+    // A kept file is reused once nothing holds its old segment: a background seal or
+    // checkpoint still finishing would (on a loaded machine) send the next segment to a new
+    // file.
+    store.wait_checkpoints();
     let free = files(dir, "free");
     assert_eq!(free.len(), 4, "{free:?}");
     assert_eq!(store.stats().unwrap().free_segment_files, 4);
@@ -210,8 +214,10 @@ fn a_file_is_not_written_again_while_a_reader_holds_its_segment() {
                 "{engine_name}: block {i}"
             );
         }
-        // Once the reader lets go, the file is written again.
+        // Once the reader lets go (and the background seals and checkpoints), the file is
+        // written again.
         drop(reader);
+        store.wait_checkpoints();
         for i in 3..6u128 {
             put(&store, &format!("new{i}"), &keys(200 + i, 3), LEN);
         }
@@ -245,6 +251,7 @@ fn a_kept_file_found_damaged_by_a_late_reader_is_not_reused() {
         let err = read_all(&store, &reader).err().unwrap();
         assert!(err.to_string().contains("checksum"), "{engine_name}: {err}");
         drop(reader);
+        store.wait_checkpoints();
         for i in 0..3u128 {
             put(&store, &format!("new{i}"), &keys(200 + i, 3), LEN);
         }
