@@ -211,8 +211,8 @@ pub(super) fn recover(cfg: &StoreConfig, engine: &dyn IoEngine) -> Result<Recove
         loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
     }
     checkpoint::remove_orphans(&cfg.dir, |id| r.state.segments.contains_key(&id));
-    let live = r.apply_name_events();
-    r.publish_windows(live)?;
+    let (live, refs) = r.apply_name_events();
+    r.publish_windows(live, &refs)?;
     r.report.publish_seconds = t.elapsed().as_secs_f64();
     r.report.windows = r.state.windows.len() as u64;
     let active = r.resume_active()?;

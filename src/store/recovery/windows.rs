@@ -22,12 +22,35 @@ impl Recovery<'_> {
     /// (a manifest replaces whatever the name held; a tombstone removes the version it names).
     /// Records each name's newest event and its live tombstone in the index; returns the
     /// surviving manifest of each name: name -> (sequence number, manifest, where).
-    pub(super) fn apply_name_events(&mut self) -> BTreeMap<String, (u64, Manifest, Loc)> {
+    ///
+    /// Also returns, for each block key with several records, when manifests referred to it:
+    /// (manifest sequence number, sequence number of the name's next event or `u64::MAX`) —
+    /// what tells a block written again after it was dropped from copies written at once
+    /// ([`generation_floor`]).
+    pub(super) fn apply_name_events(&mut self) -> (BTreeMap<String, (u64, Manifest, Loc)>, Refs) {
         let state = &mut self.state;
         let mut metas = std::mem::take(&mut self.metas);
         // The sort is stable and segments were scanned in id order, so of a record and its
         // compaction copy (same sequence number) the copy comes last and wins.
         metas.sort_by_key(|(s, _)| *s);
+        let mut refs: Refs = self
+            .cands
+            .iter()
+            .filter(|(_, c)| matches!(c, Cands::Many(_)))
+            .map(|(k, _)| (*k, Vec::new()))
+            .collect();
+        // Per name: the manifest it holds (its sequence number and its keys that have several
+        // records), until the name's next event ends it.
+        let mut open: BTreeMap<String, (u64, Vec<u128>)> = BTreeMap::new();
+        let end = |refs: &mut Refs, started: Option<(u64, Vec<u128>)>, at: u64| {
+            for k in started.map(|(_, ks)| ks).unwrap_or_default() {
+                if let Some(v) = refs.get_mut(&k) {
+                    if let Some(last) = v.iter_mut().rev().find(|(_, e)| *e == u64::MAX) {
+                        last.1 = at;
+                    }
+                }
+            }
+        };
         let mut live: BTreeMap<String, (u64, Manifest, Loc)> = BTreeMap::new();
         for (seq, m) in metas {
             match m {
@@ -35,6 +58,27 @@ impl Recovery<'_> {
                     let key = name_key(&m.name);
                     state.names.insert(key, seq);
                     state.tombs.remove(&key);
+                    // (A compaction copy of the manifest already open — the same sequence
+                    // number — neither ends nor starts a reference.)
+                    let copy = open.get(&m.name).is_some_and(|(s, _)| *s == seq);
+                    if !refs.is_empty() && !copy {
+                        let mut ks: Vec<u128> = m
+                            .blocks
+                            .iter()
+                            .map(|b| b.key)
+                            .filter(|k| refs.contains_key(k))
+                            .collect();
+                        ks.sort_unstable();
+                        ks.dedup();
+                        let started = open.remove(&m.name);
+                        end(&mut refs, started, seq);
+                        for k in &ks {
+                            if let Some(v) = refs.get_mut(k) {
+                                v.push((seq, u64::MAX));
+                            }
+                        }
+                        open.insert(m.name.clone(), (seq, ks));
+                    }
                     live.insert(m.name.clone(), (seq, m, loc));
                 }
                 Meta::Tombstone(t, loc) => {
@@ -46,6 +90,8 @@ impl Recovery<'_> {
                     // the tombstone, so it is deleted: usually the version the tombstone names, but
                     // compaction may have dropped that manifest (it was dead) while an older one of
                     // the name survives in a segment not compacted yet.
+                    let started = open.remove(&t.name);
+                    end(&mut refs, started, seq);
                     live.remove(&t.name);
                 }
             }
@@ -53,7 +99,7 @@ impl Recovery<'_> {
         for loc in state.tombs.values() {
             loc.seg.live.fetch_add(loc.len, Ordering::SeqCst);
         }
-        live
+        (live, refs)
     }
 
     /// Publishes the surviving windows into the index, oldest first, each block resolved to the
@@ -63,6 +109,7 @@ impl Recovery<'_> {
     pub(super) fn publish_windows(
         &mut self,
         live: BTreeMap<String, (u64, Manifest, Loc)>,
+        refs: &Refs,
     ) -> Result<(), StoreError> {
         self.state.blocks.reserve(self.cands.len());
         for cs in self.cands.values_mut() {
@@ -80,6 +127,7 @@ impl Recovery<'_> {
                 self.engine,
                 &self.state.segments,
                 &self.cands,
+                refs,
                 &mut chosen,
                 &m,
                 seq,
@@ -125,6 +173,7 @@ fn resolve_blocks<'c>(
     engine: &dyn IoEngine,
     segments: &BTreeMap<u64, Arc<Segment>>,
     cands: &'c KeyMap<Cands>,
+    refs: &Refs,
     chosen: &mut KeyMap<(usize, usize)>,
     m: &Manifest,
     seq: u64,
@@ -143,7 +192,10 @@ fn resolve_blocks<'c>(
             let i = match chosen.get(&b.key) {
                 Some(&(newest, j)) if newest == i => j,
                 _ => {
-                    let j = pick_duplicate(engine, segments, cs, i);
+                    let floor = refs
+                        .get(&b.key)
+                        .map_or(0, |r| generation_floor(r, cs[i].seq));
+                    let j = pick_duplicate(engine, segments, cs, i, floor);
                     chosen.insert(b.key, (i, j));
                     j
                 }
@@ -162,14 +214,19 @@ fn resolve_blocks<'c>(
 /// (torn: its header whole, its payload not) stays in the log when other records followed it,
 /// and must not shadow the intact record the committed window referred to. Only duplicates
 /// pay for reading payloads.
+///
+/// Records written before `floor` (the block was dropped then, [`generation_floor`]) are an
+/// older generation: garbage, not copies made at once with `cs[i]`, and never read here.
 fn pick_duplicate(
     engine: &dyn IoEngine,
     segments: &BTreeMap<u64, Arc<Segment>>,
     cs: &[Cand],
     i: usize,
+    floor: u64,
 ) -> usize {
     let dups: Vec<usize> = (0..=i)
         .rev()
+        .take_while(|&j| cs[j].seq > floor)
         .filter(|&j| cs[j].checksum == cs[i].checksum && cs[j].payload_len == cs[i].payload_len)
         .collect();
     if dups.len() < 2 {
@@ -188,4 +245,48 @@ fn pick_duplicate(
         }
     }
     i
+}
+
+/// When manifests referred to a block key: (manifest sequence number, the sequence number of
+/// its name's next event, or `u64::MAX` while it is the name's newest), for keys with several
+/// records.
+pub(super) type Refs = KeyMap<Vec<(u64, u64)>>;
+
+/// The last moment before `at` (the newest matching record's sequence number) when no window
+/// referred to the block any more — a reference ended then and none covered it — so the block
+/// was dropped, and any record of it written after that is a new generation (a later freeze
+/// wrote it again). 0 when there is none: every record up to `at` may be a copy of one
+/// generation (compaction copies, or freezes that wrote the block at once, one of which may
+/// have failed and left a torn copy).
+fn generation_floor(refs: &[(u64, u64)], at: u64) -> u64 {
+    refs.iter()
+        .map(|&(_, e)| e)
+        .filter(|&e| e < at)
+        // Covered by a reference that began before it or at it (a replacing version that
+        // keeps the block begins where the replaced one ends).
+        .filter(|&e| !refs.iter().any(|&(s, e2)| s <= e && e < e2))
+        .max()
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::generation_floor;
+
+    #[test]
+    fn a_block_dropped_and_written_again_starts_a_generation() {
+        // Referred to from 10 to 20, dropped, written again at 30.
+        assert_eq!(generation_floor(&[(10, 20)], 30), 20);
+        // Another window held it past 20: never dropped.
+        assert_eq!(generation_floor(&[(10, 20), (15, 40)], 30), 0);
+        // Never referred to before the record: no floor (copies written at once).
+        assert_eq!(generation_floor(&[(50, u64::MAX)], 30), 0);
+        // A reference that ended after the record does not count.
+        assert_eq!(generation_floor(&[(10, 35)], 30), 0);
+        // The latest drop wins.
+        assert_eq!(generation_floor(&[(1, 5), (8, 12), (14, 18)], 30), 18);
+        // A reference ending where another starts (a replace that keeps the block): not
+        // dropped.
+        assert_eq!(generation_floor(&[(1, 10), (10, u64::MAX)], 30), 0);
+    }
 }
