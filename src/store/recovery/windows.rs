@@ -23,10 +23,9 @@ impl Recovery<'_> {
     /// Records each name's newest event and its live tombstone in the index; returns the
     /// surviving manifest of each name: name -> (sequence number, manifest, where).
     ///
-    /// Also returns, for each block key with several records, when manifests referred to it:
-    /// (manifest sequence number, sequence number of the name's next event or `u64::MAX`) —
-    /// what tells a block written again after it was dropped from copies written at once
-    /// ([`generation_floor`]).
+    /// Also returns, for each block key with several records, when manifests began and
+    /// stopped referring to it ([`Refs`]) — what tells a block written again after it was
+    /// dropped from copies written at once ([`generation_floor`]).
     pub(super) fn apply_name_events(&mut self) -> (BTreeMap<String, (u64, Manifest, Loc)>, Refs) {
         let state = &mut self.state;
         let mut metas = std::mem::take(&mut self.metas);
@@ -42,12 +41,11 @@ impl Recovery<'_> {
         // Per name: the manifest it holds (its sequence number and its keys that have several
         // records), until the name's next event ends it.
         let mut open: BTreeMap<String, (u64, Vec<u128>)> = BTreeMap::new();
+        // A manifest stops referring to its keys at its name's next event.
         let end = |refs: &mut Refs, started: Option<(u64, Vec<u128>)>, at: u64| {
             for k in started.map(|(_, ks)| ks).unwrap_or_default() {
                 if let Some(v) = refs.get_mut(&k) {
-                    if let Some(last) = v.iter_mut().rev().find(|(_, e)| *e == u64::MAX) {
-                        last.1 = at;
-                    }
+                    v.push((at, -1));
                 }
             }
         };
@@ -74,7 +72,7 @@ impl Recovery<'_> {
                         end(&mut refs, started, seq);
                         for k in &ks {
                             if let Some(v) = refs.get_mut(k) {
-                                v.push((seq, u64::MAX));
+                                v.push((seq, 1));
                             }
                         }
                         open.insert(m.name.clone(), (seq, ks));
@@ -247,31 +245,48 @@ fn pick_duplicate(
     i
 }
 
-/// When manifests referred to a block key: (manifest sequence number, the sequence number of
-/// its name's next event, or `u64::MAX` while it is the name's newest), for keys with several
-/// records.
-pub(super) type Refs = KeyMap<Vec<(u64, u64)>>;
+/// For keys with several records: each manifest's start (`+1`) and end (`-1`, at its name's
+/// next event) of referring to the key, in sequence order.
+pub(super) type Refs = KeyMap<Vec<(u64, i32)>>;
 
 /// The last moment before `at` (the newest matching record's sequence number) when no window
-/// referred to the block any more — a reference ended then and none covered it — so the block
+/// referred to the block any more — the count of references fell to zero there — so the block
 /// was dropped, and any record of it written after that is a new generation (a later freeze
 /// wrote it again). 0 when there is none: every record up to `at` may be a copy of one
 /// generation (compaction copies, or freezes that wrote the block at once, one of which may
-/// have failed and left a torn copy).
-fn generation_floor(refs: &[(u64, u64)], at: u64) -> u64 {
-    refs.iter()
-        .map(|&(_, e)| e)
-        .filter(|&e| e < at)
-        // Covered by a reference that began before it or at it (a replacing version that
-        // keeps the block begins where the replaced one ends).
-        .filter(|&e| !refs.iter().any(|&(s, e2)| s <= e && e < e2))
-        .max()
-        .unwrap_or(0)
+/// have failed and left a torn copy). Events of one sequence number are counted together (a
+/// replacing version that keeps the block starts where the replaced one ends). Linear: a
+/// shared prefix block may be referred to by every window.
+fn generation_floor(refs: &[(u64, i32)], at: u64) -> u64 {
+    let (mut count, mut floor, mut i) = (0i64, 0, 0);
+    while i < refs.len() && refs[i].0 < at {
+        let s = refs[i].0;
+        while i < refs.len() && refs[i].0 == s {
+            count += i64::from(refs[i].1);
+            i += 1;
+        }
+        if count == 0 {
+            floor = s;
+        }
+    }
+    floor
 }
 
 #[cfg(test)]
 mod tests {
-    use super::generation_floor;
+    /// `generation_floor` over references given as (start, end) intervals (`u64::MAX`: not
+    /// ended).
+    fn generation_floor(intervals: &[(u64, u64)], at: u64) -> u64 {
+        let mut ev: Vec<(u64, i32)> = Vec::new();
+        for &(s, e) in intervals {
+            ev.push((s, 1));
+            if e != u64::MAX {
+                ev.push((e, -1));
+            }
+        }
+        ev.sort_by_key(|&(t, _)| t);
+        super::generation_floor(&ev, at)
+    }
 
     #[test]
     fn a_block_dropped_and_written_again_starts_a_generation() {
