@@ -18,7 +18,9 @@
 //! Actions: `error` (the operation fails with a typed
 //! I/O error), `short-write` (part of the bytes reach the file, then the operation fails),
 //! `panic`, and `delay` (the site waits half a second, then goes on as if not armed: a slow
-//! device). A site fires every time it is reached until cleared ([`set_after`]: after letting
+//! device — unless the site was armed with `error` or `short-write` meanwhile, which then
+//! fires: a fault landing after other work ran inside the delay). A site fires every time it
+//! is reached until cleared ([`set_after`]: after letting
 //! a number of hits pass).
 //!
 //! Also here: an injected wall-clock skew for stored timestamps (`CWM_CLOCK_SKEW_MS`, EC-042).
@@ -145,7 +147,15 @@ mod registry {
             Some(Action::Panic) => panic!("failpoint {name}: injected panic"),
             Some(Action::Delay) => {
                 std::thread::sleep(super::DELAY);
-                None
+                // Re-armed meanwhile with a fault (a test landing other work inside the
+                // delay, then failing the delayed operation): that fault fires now.
+                let m = map()
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                match m.get(name) {
+                    Some((a @ (Action::Error | Action::ShortWrite), 0)) => Some(*a),
+                    _ => None,
+                }
             }
             a => a,
         }

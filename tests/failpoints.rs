@@ -754,3 +754,77 @@ fn a_window_deleted_while_compaction_moves_its_manifest_keeps_live_bytes_right()
         );
     }
 }
+
+/// A freeze's block write fails part-way (a short write) after another freeze's records were
+/// handed out behind it, so its bytes cannot be cut back: its header page is zeroed instead.
+/// Both freezes wrote a record of the same block, and the other one commits; the torn copy's
+/// header would otherwise be whole and name the same key, length and checksum as the
+/// committed copy. After the reopen the committed window reads back bit-exactly, the zeroed
+/// record is reported as a damaged region, and no header is left at the torn copy.
+#[test]
+fn a_failed_block_write_that_cannot_be_cut_back_leaves_no_header_behind() {
+    let _serial = serial();
+    for (ename, engine) in engines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        let key = 7u128;
+        {
+            let (store, _) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
+            put(&store, "base", &keys(1, 2), LEN);
+            let mut a = store.begin_window(spec("a", &[key], LEN)).unwrap();
+            let mut b = store.begin_window(spec("b", &[key], LEN)).unwrap();
+            // a's write waits in the `delay` (its room handed out); b's record is handed out
+            // and written behind it, b commits (its manifest waits for a's write); then the
+            // site is re-armed and a's write fails short.
+            failpoint::set("block-write", Some(Action::Delay));
+            std::thread::scope(|s| {
+                let ta = s.spawn(|| {
+                    let mut img = block_image(key as u64, LEN);
+                    a.write_blocks(&mut [cwm::store::BlockImage {
+                        index: 0,
+                        image: &mut img[..],
+                        checksum: None,
+                    }])
+                });
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                failpoint::clear();
+                write_block(&mut b, 0, key as u64, LEN);
+                let tb = s.spawn(|| b.commit());
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                failpoint::set("block-write", Some(Action::ShortWrite));
+                assert!(ta.join().unwrap().is_err(), "{ename}: a's write failed");
+                failpoint::clear();
+                tb.join().unwrap().unwrap();
+            });
+            drop(a);
+            check(&store, "b", &[key], LEN);
+        }
+        // The torn copy (a's, handed out first): its payload's first pages reached the file,
+        // its header page is zeros.
+        let seg = segments(&dir).into_iter().next().unwrap();
+        let bytes = std::fs::read(&seg).unwrap();
+        let p = payload(key as u64, LEN as usize);
+        let copies: Vec<usize> = (1..bytes.len() / 4096)
+            .map(|i| i * 4096)
+            .filter(|&o| bytes.len() >= o + 64 && bytes[o..o + 64] == p[..64])
+            .collect();
+        assert_eq!(copies.len(), 2, "{ename}: payload copies at {copies:?}");
+        assert!(
+            bytes[copies[0] - 4096..copies[0]].iter().all(|&x| x == 0),
+            "{ename}: the failed copy's header page is not zeroed"
+        );
+        let (store, rep) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
+        assert!(!rep.damaged_regions.is_empty(), "{ename}: {rep:?}");
+        let names: Vec<String> = store.list().unwrap().into_iter().map(|w| w.name).collect();
+        assert_eq!(names, vec!["b", "base"], "{ename}");
+        check(&store, "b", &[key], LEN);
+        check(&store, "base", &keys(1, 2), LEN);
+        assert_eq!(
+            store.check_invariants().unwrap(),
+            Vec::<String>::new(),
+            "{ename}"
+        );
+        put(&store, "after", &keys(9, 2), LEN);
+        check(&store, "after", &keys(9, 2), LEN);
+    }
+}

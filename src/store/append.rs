@@ -580,6 +580,46 @@ impl Store {
         }
     }
 
+    /// A failed batch of block records: [`Store::cut_back`]; those that could not be cut back
+    /// (records were handed out after them: concurrent freezes) get their header page
+    /// overwritten with zeros and synced (best effort, as the cut-back is). Their bytes may be
+    /// torn behind a whole header that names the same key, length and checksum as a copy
+    /// another freeze committed; zeroed, the next open finds no record there — it reports a
+    /// damaged region of a segment that failed anyway — instead of a copy that only reading
+    /// its payload tells from a good one (docs/FORMAT.md, duplicate records).
+    pub(super) fn cut_or_void_blocks<'l>(&self, locs: impl IntoIterator<Item = &'l Loc>) {
+        let locs: Vec<&Loc> = locs.into_iter().collect();
+        self.cut_back(locs.iter().copied());
+        let zeros = AlignedBuf::zeroed(PAGE as usize);
+        let mut touched: Vec<&Arc<Segment>> = Vec::new();
+        for loc in locs {
+            if loc.seg.frontier() <= loc.offset {
+                continue;
+            }
+            match self.engine.write_all_at(loc.seg.fd(), loc.offset, &zeros) {
+                Ok(()) => {
+                    if !touched.iter().any(|s| s.id == loc.seg.id) {
+                        touched.push(&loc.seg);
+                    }
+                }
+                Err(e) => crate::log::warn(&format!(
+                    "zeroing the header of a failed block record at {} of {} failed ({e}): \
+                     the next open reads its payload to tell it from a good copy",
+                    loc.offset,
+                    loc.seg.path.display()
+                )),
+            }
+        }
+        for seg in touched {
+            if let Err(e) = self.engine.fdatasync(seg.fd()) {
+                crate::log::warn(&format!(
+                    "syncing zeroed block headers in {} failed ({e})",
+                    seg.path.display()
+                ));
+            }
+        }
+    }
+
     /// A manifest that failed: [`Store::cut_back`]; when records were handed out after it
     /// (concurrent freezes), the file could not be cut back, so its pages are overwritten
     /// with zeros and synced (best effort, as the cut-back is): a commit answered with an error

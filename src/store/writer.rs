@@ -468,7 +468,7 @@ impl<'a> WindowWriter<'a> {
                     short_write(self.store.engine.as_ref(), loc, &b.image[..loc.len as usize]);
                 }
             }
-            self.store.cut_back(locs.iter().map(|l| &l.1));
+            self.store.cut_or_void_blocks(locs.iter().map(|l| &l.1));
             self.failed = Some("injected fault".into());
             return Err(injected_error("block-write"));
         });
@@ -483,8 +483,8 @@ impl<'a> WindowWriter<'a> {
         drop(ops);
         if let Err(e) = res {
             // A hole may now sit before later records: no more appends to these segments, and
-            // what this batch wrote is cut off again.
-            self.store.cut_back(locs.iter().map(|l| &l.1));
+            // what this batch wrote is cut off again (or its headers zeroed).
+            self.store.cut_or_void_blocks(locs.iter().map(|l| &l.1));
             self.failed = Some(e.to_string());
             return Err(StoreError::io(
                 format!("writing blocks of window {:?}", self.spec.name),
