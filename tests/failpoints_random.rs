@@ -519,9 +519,11 @@ fn random_faults_in_random_operations_keep_every_acknowledged_outcome() {
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The same with three threads at once: each puts windows (sharing blocks with the others'),
-/// deletes, replaces and pins its own, reads anyone's, writes and bulk-deletes its own catalog
-/// keys, forgets retention records no window uses, scrubs the catalog, and runs eviction
-/// passes (which may evict the others' unnamed windows) and compactions, while one failpoint
+/// deletes, replaces and pins its own, gives its own a TTL (one already passed: the window is
+/// gone at once and must stay gone, after the reopen too; or one hours away), reads anyone's,
+/// writes and bulk-deletes its own catalog keys, forgets retention records no window uses,
+/// scrubs the catalog, and runs expiry passes, eviction passes (which may evict the others'
+/// unnamed windows) and compactions, while one failpoint
 /// fires somewhere in the middle — so a fault lands beside other freezes' writes, commits and
 /// seals. Each thread checks what it was told: an acknowledged pinned window stays listed
 /// until it deletes it, a failed put never appears, a read returns the window's bytes or
@@ -556,12 +558,15 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
         // The keys of each window's newest acknowledged version.
         let acked = std::sync::Mutex::new(BTreeMap::<String, Vec<u128>>::new());
         let failed = std::sync::Mutex::new(Vec::<String>::new());
+        // Windows given a TTL that had passed: gone from then on, after the reopen too.
+        let expired = std::sync::Mutex::new(Vec::<String>::new());
         let (store, _) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
         let metas: Vec<BTreeMap<u128, Vec<u8>>> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..3u64)
                 .map(|t| {
-                    let (store, ops, armed, attempted, acked, failed, what, faulted) = (
+                    let (store, ops, armed, attempted, acked, failed, what, faulted, expired) = (
                         &store, &ops, &armed, &attempted, &acked, &failed, &what, &faulted,
+                        &expired,
                     );
                     s.spawn(move || {
                         let mut rng = Rng(seed.wrapping_mul(31).wrapping_add(t) | 1);
@@ -731,8 +736,45 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
                                     }
                                     None => true,
                                 },
+                                9 => match pinned.pop() {
+                                    // Its own pinned window given a TTL: one that has passed
+                                    // already (gone for every reader at once, tombstoned by a
+                                    // later expiry pass) or one ten hours away (kept).
+                                    Some(name) => {
+                                        let now = cwm::clock::now_unix_ms();
+                                        let gone = rng.below(2) == 0;
+                                        let r = cwm::store::Retention {
+                                            class: Class::Pinned,
+                                            expires_unix_ms: Some(if gone {
+                                                now - 1
+                                            } else {
+                                                now + 10 * 3_600_000
+                                            }),
+                                        };
+                                        match store.set_retention(&name, None, r) {
+                                            Ok(_) if gone => {
+                                                assert!(
+                                                    !listed(store).contains(&name),
+                                                    "{what}: expired {name} listed"
+                                                );
+                                                expired.lock().unwrap().push(name);
+                                                true
+                                            }
+                                            Ok(_) => {
+                                                pinned.push(name);
+                                                true
+                                            }
+                                            Err(_) => {
+                                                pinned.push(name);
+                                                false
+                                            }
+                                        }
+                                    }
+                                    None => true,
+                                },
                                 12 => store.forget_inert_retention().is_ok(),
                                 13 => store.scrub_catalog().is_ok(),
+                                14 if rng.below(2) == 0 => store.expire_due().is_ok(),
                                 _ => store
                                     .compact(
                                         &CompactOptions {
@@ -765,6 +807,18 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
         failpoint::clear();
         let acked = acked.into_inner().unwrap();
         let failed = failed.into_inner().unwrap();
+        let expired = expired.into_inner().unwrap();
+        let gone = |store: &Store, when: &str| {
+            for n in &expired {
+                assert!(
+                    matches!(
+                        store.read_window(n),
+                        Err(cwm::store::StoreError::NotFound(_))
+                    ),
+                    "{what}: expired {n} readable {when}"
+                );
+            }
+        };
         let names = listed(&store);
         let classes: Vec<(String, Class)> = store
             .list()
@@ -774,8 +828,10 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
             .collect();
         for n in &names {
             assert!(!failed.contains(n), "{what}: failed put {n} listed");
+            assert!(!expired.contains(n), "{what}: expired {n} listed");
             check_in(&store, n, &acked[n], &format!("{what}, at the end"));
         }
+        gone(&store, "at the end");
         let mut all: Vec<(u128, Vec<u8>)> = metas.into_iter().flatten().collect();
         all.sort();
         let mut now = store.meta().unwrap();
@@ -797,6 +853,7 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
             .map(|w| (w.name, w.class))
             .collect();
         assert_eq!(again, classes, "{what}: classes after the reopen");
+        gone(&store, "after the reopen");
         for n in &names {
             check_in(&store, n, &acked[n], &format!("{what}, after the reopen"));
         }
