@@ -1,6 +1,7 @@
 //! `cwm torture` briefly: at least 100 SIGKILLs of a serving daemon (during freezes, deletes,
 //! compactions and recovery), every acknowledged window verified after each restart, no
-//! violation, and no garbage left once everything is compacted.
+//! violation, and no garbage left once everything is compacted; TTLs given and windows seen
+//! gone after them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 mod common;
 
@@ -40,5 +41,16 @@ fn torture_survives_a_hundred_kills() {
     assert!(o.status.success(), "{line}\n{err}");
     assert!(field("kills") >= 100, "{line}");
     assert!(field("windows_verified") > 0, "{line}");
+    // The details line: "... TTLs acknowledged=N expiries seen=M ...".
+    let detail = |k: &str| -> u64 {
+        err.lines()
+            .find(|l| l.starts_with("torture: kills during recovery="))
+            .and_then(|l| l.split(&format!("{k}=")).nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{k} missing in {err}"))
+    };
+    assert!(detail("TTLs acknowledged") > 0, "{err}");
+    assert!(detail("expiries seen") > 0, "{err}");
     eprintln!("{line}\n{err}");
 }

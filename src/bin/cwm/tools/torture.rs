@@ -17,7 +17,10 @@
 //!
 //! Unnamed windows are pinned and pinned ones unpinned (retention records, deleted again once
 //! their window is gone): a window whose pin was acknowledged must be listed as pinned after
-//! every restart. Half the freezes and deletes carry an idempotency key, so their outcomes are also committed
+//! every restart. Windows are given TTLs of 1–5 s (`ttl`; the daemon's expiry pass runs every
+//! 50 ms, so kills land in its tombstones too): after a restart, a window whose TTL had
+//! surely passed when the list was asked for must be gone (tombstoned or not) and stay gone;
+//! one whose TTL surely had not must be there, unless it was unnamed (evicted). Half the freezes and deletes carry an idempotency key, so their outcomes are also committed
 //! as catalog records (kills land in catalog commits too). A second client freezes windows of
 //! its own at the same time (all sharing a first block), so kills land among concurrent
 //! freezes whose records interleave in the log; after every restart the daemon's health must
@@ -78,6 +81,10 @@ pub struct TortureSummary {
     /// Pinned windows unpinned (evictable from then on; their retention record is deleted
     /// once they are deleted or evicted).
     pub unpins_acked: u64,
+    /// TTLs acknowledged (`ttl` of 1–5 s on an acknowledged window).
+    pub ttls_acked: u64,
+    /// Windows found gone after their TTL passed (at a restart's check).
+    pub expiries_seen: u64,
     /// Segments found written into a reused file (a compacted segment's) at the restarts,
     /// summed over them: recovery ran over such files this often.
     pub reused_segments_seen: u64,
@@ -180,11 +187,34 @@ struct Run {
     /// Windows whose `pin` was acknowledged (and no `unpin` sent since): listed as pinned
     /// after every restart.
     pinned: std::collections::BTreeSet<String>,
+    /// Windows given a TTL (out of `acked` from the request on).
+    expiring: BTreeMap<String, Expiring>,
     next_window: u64,
     /// Number of the second client's next window.
     next_side: u64,
     sum: TortureSummary,
 }
+
+/// A window given a TTL: when it expires, as far as the client can tell (the daemon takes its
+/// clock between the request and the answer).
+struct Expiring {
+    tokens: Vec<u32>,
+    /// Not before this (ms since the epoch: the request's time + the TTL).
+    lower_ms: i64,
+    /// Not after this (the answer's time + the TTL; for a request the kill cut off, the
+    /// kill's).
+    upper_ms: i64,
+    /// The kill cut the request off: the TTL may not have been set at all.
+    maybe: bool,
+    /// It was unnamed: evictable before its TTL too.
+    unnamed: bool,
+    /// It was pinned (kept if the TTL is refused).
+    pinned: bool,
+}
+
+/// Slack for the clocks of the client and the daemon (one clock, read at different moments)
+/// and the daemon's millisecond rounding.
+const TTL_MARGIN_MS: i64 = 250;
 
 /// What the second client did during one op phase: windows acknowledged, the one in flight at
 /// the kill, the ones asked to be unnamed (known before the answer), windows numbered.
@@ -428,9 +458,11 @@ impl Run {
                 h["status"], h["integrity"]
             ));
         }
+        let asked = cwm::clock::now_unix_ms();
         let v = c
             .call_final(json!({"op": "list", "limit": 100000}))
             .map_err(|e| format!("list: {e}"))?;
+        let answered = cwm::clock::now_unix_ms();
         let listed: Vec<String> = v["windows"]
             .as_array()
             .map(|a| {
@@ -464,6 +496,7 @@ impl Run {
                     .collect()
             })
             .unwrap_or_default();
+        self.check_expiring(&listed, asked, answered);
         for name in self.pinned.clone() {
             match classes.get(&name).map(String::as_str) {
                 Some("pinned") => {}
@@ -485,6 +518,12 @@ impl Run {
                 if !self.deleted.contains(name) {
                     self.acked.insert(name.clone(), t);
                 }
+            } else if let Some(e) = self.expiring.get(name) {
+                // Thawed only well before its TTL (and when no eviction may take it first).
+                if !e.unnamed && e.lower_ms > answered + 2_000 {
+                    let t = e.tokens.clone();
+                    self.verify_window(c, name, &t)?;
+                }
             } else if self.deleted.contains(name) {
                 self.violation(format!("deleted window {name} is visible again"));
             } else {
@@ -494,6 +533,55 @@ impl Run {
         // What was in flight and is not listed did not happen.
         self.uncertain.clear();
         self.check(c, false)
+    }
+
+    /// The windows given a TTL against a list asked for at `asked` and answered at
+    /// `answered` (ms): surely expired when asked — gone (and from now on like a deleted
+    /// window); surely not yet expired when answered — listed (or evicted, if unnamed); in
+    /// between, either (once gone, gone for good). A window whose `ttl` the kill cut off and
+    /// that is still listed after its would-be expiry never got the TTL: acknowledged again.
+    fn check_expiring(&mut self, listed: &[String], asked: i64, answered: i64) {
+        for (name, e) in std::mem::take(&mut self.expiring) {
+            let shown = listed.contains(&name);
+            if asked > e.upper_ms.saturating_add(TTL_MARGIN_MS) {
+                if !shown {
+                    self.sum.expiries_seen += 1;
+                    self.deleted.insert(name);
+                } else if e.maybe {
+                    if e.unnamed {
+                        self.unnamed.insert(name.clone());
+                    }
+                    if e.pinned {
+                        self.pinned.insert(name.clone());
+                    }
+                    self.acked.insert(name, e.tokens);
+                } else {
+                    self.violation(format!(
+                        "window {name} listed {} ms after its TTL passed",
+                        asked - e.upper_ms
+                    ));
+                    self.deleted.insert(name);
+                }
+            } else if answered + TTL_MARGIN_MS < e.lower_ms {
+                if shown {
+                    self.expiring.insert(name, e);
+                } else if e.unnamed {
+                    self.sum.evictions_seen += 1;
+                    self.deleted.insert(name);
+                } else {
+                    self.violation(format!(
+                        "window {name} gone {} ms before its TTL",
+                        e.lower_ms - answered
+                    ));
+                    self.deleted.insert(name);
+                }
+            } else if shown {
+                self.expiring.insert(name, e);
+            } else {
+                self.sum.expiries_seen += 1;
+                self.deleted.insert(name);
+            }
+        }
     }
 
     fn check(&mut self, c: &mut Client, expect_no_garbage: bool) -> Result<(), String> {
@@ -514,6 +602,64 @@ impl Run {
             }
         }
         Ok(())
+    }
+
+    /// A TTL of 1–5 s on an acknowledged window (its class kept). False when the connection
+    /// broke (the kill).
+    fn give_ttl(&mut self, c: &mut Client) -> bool {
+        let i = self.rng.below(self.acked.len() as u64) as usize;
+        let Some(name) = self.acked.keys().nth(i).cloned() else {
+            return true;
+        };
+        let Some(tokens) = self.acked.remove(&name) else {
+            return true;
+        };
+        let secs = [1i64, 2, 5][self.rng.below(3) as usize];
+        let sent = cwm::clock::now_unix_ms();
+        let e = Expiring {
+            tokens,
+            lower_ms: sent + secs * 1000,
+            upper_ms: i64::MAX,
+            maybe: true,
+            unnamed: self.unnamed.remove(&name),
+            pinned: self.pinned.remove(&name),
+        };
+        self.expiring.insert(name.clone(), e);
+        let res = c.call_final(json!({"op": "ttl", "window": name, "seconds": secs}));
+        let upper = cwm::clock::now_unix_ms() + secs * 1000;
+        match res {
+            Ok(v) if ok(&v) => {
+                if let Some(e) = self.expiring.get_mut(&name) {
+                    e.upper_ms = upper;
+                    e.maybe = false;
+                }
+                self.sum.ttls_acked += 1;
+            }
+            Ok(v) => {
+                // Not set: the window stays as it was — unless it was evicted.
+                if let Some(e) = self.expiring.remove(&name) {
+                    if e.unnamed {
+                        self.unnamed.insert(name.clone());
+                    }
+                    if e.pinned {
+                        self.pinned.insert(name.clone());
+                    }
+                    self.acked.insert(name.clone(), e.tokens);
+                }
+                let full =
+                    v.pointer("/error/code").and_then(Value::as_str) == Some("QUOTA_EXCEEDED");
+                if !full && !self.evicted(&name, &v) {
+                    self.violation(format!("ttl of acknowledged {name} refused: {v}"));
+                }
+            }
+            Err(_) => {
+                if let Some(e) = self.expiring.get_mut(&name) {
+                    e.upper_ms = upper;
+                }
+                return false;
+            }
+        }
+        true
     }
 
     /// Random operations until the connection breaks (the kill) or `stop` is set.
@@ -615,6 +761,10 @@ impl Run {
                     }
                     Err(_) => return,
                 }
+            } else if (56..59).contains(&r) {
+                if !self.give_ttl(c) {
+                    return;
+                }
             } else if r < 75 || self.acked.len() > 48 {
                 let i = self.rng.below(self.acked.len() as u64) as usize;
                 let Some(name) = self.acked.keys().nth(i).cloned() else {
@@ -700,6 +850,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureSummary, String> {
         deleted: Default::default(),
         unnamed: Default::default(),
         pinned: Default::default(),
+        expiring: BTreeMap::new(),
         next_window: 0,
         next_side: 0,
         sum: TortureSummary::default(),
