@@ -35,7 +35,8 @@ fi
 # action, and random faults in random operation sequences. Run first, so target/release/cwm
 # is the default build again afterwards.
 # tests/clock_skew.rs (EC-042) needs the same build: it injects wall-clock skew.
-cargo test --release --features failpoints --test failpoints --test failpoints_random --test clock_skew
+cargo test --release --features failpoints --test failpoints --test failpoints_random --test clock_skew \
+  --test control_idempotency_lost_outcome
 # NVRTC, from its PyPI wheel (a compiler library: no GPU, no driver), lets the CPU suite compile
 # every CUDA kernel for sm_80 and sm_90 and run ptxas over it. Without it that test says skipped.
 NVRTC_DIR="${CWM_NVRTC_DIR:-$HOME/.cache/cwm/nvrtc}"

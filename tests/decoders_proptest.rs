@@ -65,7 +65,10 @@ fn bound(n: usize) -> usize {
 }
 
 fn sample_manifest(tokens: Vec<u32>, nblocks: usize, name: String) -> Manifest {
+    // Every encoding: an origin (version 3) for names of even length.
+    let origin = (name.len() % 2 == 0).then_some(0xfeed_u128 << 64 | nblocks as u128);
     Manifest {
+        origin,
         name,
         version: 7,
         created_unix_ms: 1_700_000_000_000,
@@ -80,7 +83,7 @@ fn sample_manifest(tokens: Vec<u32>, nblocks: usize, name: String) -> Manifest {
                 checksum: i as u64 ^ 0xdead,
             })
             .collect(),
-        // Both encodings: version 1 (default retention) and version 2 (a trailer).
+        // Version 1 (default retention) and 2 (a trailer), or 3 with either.
         retention: match nblocks % 3 {
             0 => Retention::default(),
             1 => Retention {

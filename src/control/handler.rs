@@ -33,6 +33,9 @@ pub(super) struct Ctx<'a> {
     pub uid: Option<u32>,
     /// See [`Registered`].
     pub registered: &'a Registered,
+    /// The request's origin when it carries an idempotency key ([`persist::origin`]): a
+    /// freeze commits it in its manifest.
+    pub origin: Option<u128>,
 }
 
 impl Ctx<'_> {
@@ -110,6 +113,22 @@ impl Server {
                 return ok;
             }
         }
+        let origin = req
+            .idempotency_key
+            .as_ref()
+            .zip(fingerprint.as_ref())
+            .map(|(k, fp)| persist::origin(&persist::scoped(uid, k), fp));
+        if let (Some(k), Some(fp), Some(o)) = (&req.idempotency_key, &fingerprint, origin) {
+            if let Some(line) = self.recovered_outcome(&req, o) {
+                // A freeze that committed before a crash lost its answer and outcome record:
+                // its window says so. Recorded now, so later retries replay it as usual.
+                let mut l = line;
+                l["id"] = id.clone();
+                self.send(out, &l.to_string());
+                self.remember_outcome(uid, (k, &req.op), fp.clone(), vec![l]);
+                return true;
+            }
+        }
         let sent: Mutex<Vec<Value>> = Mutex::new(Vec::new());
         let emit = |v: Value| {
             self.send(out, &v.to_string());
@@ -162,6 +181,7 @@ impl Server {
                     conn: fd,
                     uid,
                     registered,
+                    origin,
                 };
                 self.dispatch(&req, &ctx)
             }))
@@ -213,6 +233,23 @@ impl Server {
         }
         emit(last);
         succeeded
+    }
+
+    /// The answer to a retried `freeze` whose window, as it stands, was committed by this very
+    /// request (its manifest carries the request's origin) although no outcome is recorded —
+    /// the daemon stopped between the commit and the outcome record, or the record failed:
+    /// the final line of a success, rebuilt from the window (`replayed` and `recovered`
+    /// true; no `report`, which only the first run knew). None: run the request.
+    fn recovered_outcome(&self, req: &Request, origin: u128) -> Option<Value> {
+        if req.op != "freeze" {
+            return None;
+        }
+        let name = req.args.get("window")?.as_str()?;
+        let info = self.store.get(name).ok()?;
+        (info.origin == Some(origin)).then(|| {
+            json!({"ok": true, "final": true, "status": "durable", "window": info,
+                "replayed": true, "recovered": true})
+        })
     }
 
     fn dispatch(&self, req: &Request, ctx: &Ctx<'_>) -> Result<Value, ApiError> {

@@ -122,6 +122,7 @@ impl Server {
             replace: a.replace,
             salt: a.salt,
             retention: a.retention,
+            origin: ctx.origin,
         };
         // `captured` goes out from the gather thread the moment the engine's blocks are
         // free, before the writes finish.

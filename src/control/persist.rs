@@ -59,6 +59,13 @@ pub(super) fn fingerprint(op: &str, args: &Value) -> String {
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(text.as_bytes()))
 }
 
+/// The origin a request under idempotency key `scoped` (see [`scoped`]) with `fingerprint`
+/// commits in its window's manifest (xxh3-128 of both): a retry recomputes it to recognise
+/// its own window after a crash.
+pub(super) fn origin(scoped: &str, fingerprint: &str) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(format!("cwm-origin\0{scoped}\0{fingerprint}").as_bytes())
+}
+
 /// `v` as JSON text with every object's keys in sorted order (whatever order the map keeps).
 fn canonical(v: &Value, out: &mut String) {
     match v {

@@ -1045,6 +1045,7 @@ impl Server {
                 class: crate::store::Class::Unnamed,
                 expires_unix_ms: None,
             },
+            origin: None,
         };
         match self
             .remote

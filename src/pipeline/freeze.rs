@@ -202,6 +202,7 @@ fn window_spec(
         blocks: keys.iter().map(|&key| BlockDesc { key, len: bb }).collect(),
         replace: req.replace,
         retention: req.retention,
+        origin: req.origin,
     };
     Ok((spec, keys))
 }

@@ -243,6 +243,8 @@ pub struct FreezeRequest {
     pub salt: Option<String>,
     /// Class and expiry of the window (default: pinned, no expiry).
     pub retention: crate::store::Retention,
+    /// The request, when it carries an idempotency key ([`crate::store::Manifest::origin`]).
+    pub origin: Option<u128>,
 }
 
 /// What a freeze did.

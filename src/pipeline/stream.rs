@@ -376,6 +376,7 @@ mod tests {
                 .collect(),
             replace: Replace::No,
             retention: Retention::default(),
+            origin: None,
         }
     }
 

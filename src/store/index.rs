@@ -221,6 +221,7 @@ impl State {
             expires_unix_ms: m.retention.expires_unix_ms,
             last_use_unix_ms: m.created_unix_ms,
             hits: 0,
+            origin: m.origin,
         };
         let entry = WindowEntry {
             info: info.clone(),

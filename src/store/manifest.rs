@@ -13,6 +13,9 @@ const PAYLOAD_VERSION: u16 = 1;
 /// A manifest with a retention trailer (class, expiry); written only when the retention is not
 /// the default, so windows without one keep the version-1 bytes.
 const MANIFEST_V2: u16 = 2;
+/// A manifest with the retention trailer (default or not) and an origin trailer (16 bytes):
+/// written only for a window frozen under an idempotency key.
+const MANIFEST_V3: u16 = 3;
 /// Bytes of the retention trailer.
 const RETENTION_LEN: usize = 16;
 
@@ -48,6 +51,10 @@ pub struct Manifest {
     pub blocks: Vec<BlockRef>,
     /// Class and expiry at creation (changed later by [`RetentionChange`] records).
     pub retention: Retention,
+    /// The request that froze it, when it carried an idempotency key: a digest of the key,
+    /// its requester and its fields. Committed with the window, so a retry whose answer a
+    /// crash lost is told of its success even when the outcome record never reached the log.
+    pub origin: Option<u128>,
 }
 
 /// A change of a window's class or expiry after its creation (`pin`, `unpin`, `ttl`): a
@@ -253,6 +260,8 @@ impl Manifest {
                 .collect(),
             replace,
             retention,
+            // (Another instance's request: no retry here names it.)
+            origin: None,
         }
     }
 
@@ -263,8 +272,13 @@ impl Manifest {
             64 + self.layout.len() + self.tokens.len() * 4 + self.blocks.len() * 32,
         ));
         let v2 = self.retention != Retention::default();
+        let version = match (self.origin, v2) {
+            (Some(_), _) => MANIFEST_V3,
+            (None, true) => MANIFEST_V2,
+            (None, false) => PAYLOAD_VERSION,
+        };
         w.0.extend_from_slice(&MANIFEST_MAGIC);
-        w.u16(if v2 { MANIFEST_V2 } else { PAYLOAD_VERSION });
+        w.u16(version);
         w.u16(0);
         w.u64(self.version);
         w.u64(self.created_unix_ms as u64);
@@ -282,8 +296,11 @@ impl Manifest {
             w.u64(b.len);
             w.u64(b.checksum);
         }
-        if v2 {
+        if version >= MANIFEST_V2 {
             w.retention(&self.retention);
+        }
+        if let Some(o) = self.origin {
+            w.0.extend_from_slice(&o.to_le_bytes());
         }
         w.0
     }
@@ -291,7 +308,7 @@ impl Manifest {
     /// Decodes a manifest payload.
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader { b, at: 0 };
-        let payload_version = r.header(MANIFEST_MAGIC, MANIFEST_V2)?;
+        let payload_version = r.header(MANIFEST_MAGIC, MANIFEST_V3)?;
         let version = r.u64()?;
         let created_unix_ms = r.u64()? as i64;
         let name = r.string("name")?;
@@ -312,8 +329,8 @@ impl Manifest {
                 checksum: r.u64()?,
             });
         }
-        let retention = if payload_version == MANIFEST_V2 {
-            match r.retention()? {
+        let retention = match payload_version {
+            MANIFEST_V2 => match r.retention()? {
                 // One encoding per manifest: the default retention is written as version 1.
                 d if d == Retention::default() => {
                     return Err(DecodeError::Retention(
@@ -321,9 +338,14 @@ impl Manifest {
                     ))
                 }
                 d => d,
-            }
+            },
+            MANIFEST_V3 => r.retention()?,
+            _ => Retention::default(),
+        };
+        let origin = if payload_version == MANIFEST_V3 {
+            Some(r.u128()?)
         } else {
-            Retention::default()
+            None
         };
         r.finish()?;
         Ok(Self {
@@ -336,6 +358,7 @@ impl Manifest {
             tokens,
             blocks,
             retention,
+            origin,
         })
     }
 }
@@ -425,7 +448,47 @@ mod tests {
                 checksum: 11,
             }],
             retention: Retention::default(),
+            origin: None,
         }
+    }
+
+    #[test]
+    fn a_manifest_with_an_origin_is_version_3_with_both_trailers() {
+        let m = sample();
+        let v1 = m.encode();
+        for r in [
+            Retention::default(),
+            Retention {
+                class: Class::Unnamed,
+                expires_unix_ms: Some(1_800_000_000_000),
+            },
+        ] {
+            let m3 = Manifest {
+                retention: r,
+                origin: Some(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210),
+                ..m.clone()
+            };
+            let e = m3.encode();
+            assert_eq!(&e[4..6], &3u16.to_le_bytes());
+            assert_eq!(e.len(), v1.len() + RETENTION_LEN + 16);
+            assert_eq!(Manifest::decode(&e), Ok(m3));
+            for n in 0..e.len() {
+                assert!(Manifest::decode(&e[..n]).is_err(), "prefix {n}");
+            }
+            // Read as version 2, the origin is trailing bytes (or the default retention is
+            // refused).
+            let mut wrong = e.clone();
+            wrong[4..6].copy_from_slice(&2u16.to_le_bytes());
+            assert!(Manifest::decode(&wrong).is_err());
+        }
+        // A version 4 is not read.
+        let mut e = Manifest {
+            origin: Some(1),
+            ..m
+        }
+        .encode();
+        e[4..6].copy_from_slice(&4u16.to_le_bytes());
+        assert_eq!(Manifest::decode(&e), Err(DecodeError::Version(4)));
     }
 
     #[test]

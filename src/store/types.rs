@@ -86,6 +86,10 @@ pub struct WindowInfo {
     pub last_use_unix_ms: i64,
     /// Thaws from it since the store was opened.
     pub hits: u64,
+    /// The request that froze it, if it carried an idempotency key (its manifest's
+    /// [`origin`](super::Manifest::origin)); not on the wire.
+    #[serde(skip)]
+    pub origin: Option<u128>,
 }
 
 /// Whether a window may be evicted under a capacity budget.
@@ -167,6 +171,9 @@ pub struct WindowSpec {
     pub replace: Replace,
     /// Class and expiry (default: pinned, never expires).
     pub retention: Retention,
+    /// The request freezing it, when it carries an idempotency key (see
+    /// [`Manifest::origin`](super::Manifest::origin)).
+    pub origin: Option<u128>,
 }
 
 /// A block record image handed to

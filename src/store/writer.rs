@@ -613,6 +613,7 @@ impl<'a> WindowWriter<'a> {
             tokens: std::mem::take(&mut self.spec.tokens),
             blocks,
             retention: self.spec.retention,
+            origin: self.spec.origin,
         };
         let payload = m.encode();
         // 3. Manifest durable, written and synced without the appender lock.
@@ -872,9 +873,11 @@ pub(super) fn manifest_payload_len(spec: &WindowSpec) -> u64 {
         + 4 * spec.tokens.len() as u64
         + 4
         + 32 * spec.blocks.len() as u64
-        + if spec.retention == super::Retention::default() {
-            0
-        } else {
-            16 // the retention trailer (a version-2 manifest)
+        + match (spec.origin, spec.retention == super::Retention::default()) {
+            // The retention and origin trailers (a version-3 manifest).
+            (Some(_), _) => 16 + 16,
+            (None, true) => 0,
+            // The retention trailer (a version-2 manifest).
+            (None, false) => 16,
         }
 }
