@@ -65,8 +65,8 @@ pub(crate) fn torture(
                 s.cycles, s.kills, s.windows_verified, s.violations
             );
             eprintln!(
-                    "torture: kills during recovery={} freezes acknowledged={} deletes acknowledged={} compactions={} evictions seen={} pins acknowledged={} unpins acknowledged={} TTLs acknowledged={} expiries seen={} reused segments seen={} unsealed older segments seen={}",
-                    s.kills_in_recovery, s.freezes_acked, s.deletes_acked, s.compactions, s.evictions_seen, s.pins_acked, s.unpins_acked, s.ttls_acked, s.expiries_seen, s.reused_segments_seen, s.unsealed_older_seen
+                    "torture: kills during recovery={} freezes acknowledged={} deletes acknowledged={} compactions={} evictions seen={} pins acknowledged={} unpins acknowledged={} TTLs acknowledged={} expiries seen={} cut-off retries replayed={} (recovered from the window={}) reused segments seen={} unsealed older segments seen={}",
+                    s.kills_in_recovery, s.freezes_acked, s.deletes_acked, s.compactions, s.evictions_seen, s.pins_acked, s.unpins_acked, s.ttls_acked, s.expiries_seen, s.retries_replayed, s.retries_recovered, s.reused_segments_seen, s.unsealed_older_seen
                 );
             if s.violations == 0 {
                 ExitCode::SUCCESS

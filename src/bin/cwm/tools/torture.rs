@@ -20,8 +20,12 @@
 //! every restart. Windows are given TTLs of 1–5 s (`ttl`; the daemon's expiry pass runs every
 //! 50 ms, so kills land in its tombstones too): after a restart, a window whose TTL had
 //! surely passed when the list was asked for must be gone (tombstoned or not) and stay gone;
-//! one whose TTL surely had not must be there, unless it was unnamed (evicted). Half the freezes and deletes carry an idempotency key, so their outcomes are also committed
-//! as catalog records (kills land in catalog commits too). A second client freezes windows of
+//! one whose TTL surely had not must be there, unless it was unnamed (evicted).
+//!
+//! Half the freezes and deletes carry an idempotency key, so their outcomes are also committed
+//! as catalog records (kills land in catalog commits too); a pinned keyed freeze the kill cut
+//! off is retried after the restart, as a client without its answer would: if its window is
+//! there, the retry must be answered with that success and not run again. A second client freezes windows of
 //! its own at the same time (all sharing a first block), so kills land among concurrent
 //! freezes whose records interleave in the log; after every restart the daemon's health must
 //! be `ok` (a crash alone is no damage: room handed out to a freeze and never written is a torn
@@ -85,6 +89,12 @@ pub struct TortureSummary {
     pub ttls_acked: u64,
     /// Windows found gone after their TTL passed (at a restart's check).
     pub expiries_seen: u64,
+    /// Keyed freezes cut off by a kill whose window was there after the restart, retried:
+    /// answered with their success (`replayed`), never run again.
+    pub retries_replayed: u64,
+    /// Of those, answered from the window's origin (the kill came before the outcome
+    /// record).
+    pub retries_recovered: u64,
     /// Segments found written into a reused file (a compacted segment's) at the restarts,
     /// summed over them: recovery ran over such files this often.
     pub reused_segments_seen: u64,
@@ -189,6 +199,9 @@ struct Run {
     pinned: std::collections::BTreeSet<String>,
     /// Windows given a TTL (out of `acked` from the request on).
     expiring: BTreeMap<String, Expiring>,
+    /// Pinned freezes under an idempotency key that a kill cut off: retried after the restart
+    /// (name, the request, tokens).
+    retries: Vec<(String, Value, Vec<u32>)>,
     next_window: u64,
     /// Number of the second client's next window.
     next_side: u64,
@@ -222,6 +235,8 @@ const TTL_MARGIN_MS: i64 = 250;
 struct Side {
     acked: Vec<(String, Vec<u32>)>,
     uncertain: Option<(String, Vec<u32>)>,
+    /// The uncertain freeze's request, when it is a pinned one under an idempotency key.
+    retry: Option<Value>,
     unnamed: Vec<String>,
     used: u64,
 }
@@ -260,6 +275,8 @@ fn side_writer(socket: &Path, eng: &Engine, seed: u64, first: u64, stop: &Atomic
             side.unnamed.push(name.clone());
         }
         side.uncertain = Some((name.clone(), tokens.clone()));
+        let retry = (req.get("idempotency_key").is_some() && req.get("class").is_none())
+            .then(|| req.clone());
         match c.call_final(req) {
             Ok(v) if ok(&v) => {
                 side.uncertain = None;
@@ -267,7 +284,10 @@ fn side_writer(socket: &Path, eng: &Engine, seed: u64, first: u64, stop: &Atomic
             }
             // Refused (quota): it must not appear.
             Ok(_) => side.uncertain = None,
-            Err(_) => return side,
+            Err(_) => {
+                side.retry = retry;
+                return side;
+            }
         }
     }
     side
@@ -428,6 +448,9 @@ impl Run {
             self.sum.freezes_acked += 1;
         }
         if let Some((n, t)) = side.uncertain {
+            if let Some(req) = side.retry {
+                self.retries.push((n.clone(), req, t.clone()));
+            }
             self.uncertain.insert(n, t);
         }
     }
@@ -584,6 +607,54 @@ impl Run {
         }
     }
 
+    /// After [`Run::verify_all`]: every pinned freeze under an idempotency key that the kill
+    /// cut off is sent again, as a client that never had its answer would (the engine's
+    /// source blocks still hold its bytes: nothing wrote them since). When its window was
+    /// there, the retry must be answered with that success (`replayed`, version 1) and never
+    /// run again — the outcome record, or the origin in the window's manifest when the kill
+    /// came before the record; when it was not, the retry runs (and must not claim a success
+    /// no window shows).
+    fn retry_cut_off(&mut self, c: &mut Client) -> Result<(), String> {
+        for (name, req, tokens) in std::mem::take(&mut self.retries) {
+            let there = self.acked.contains_key(&name);
+            let v = c
+                .call_final(req)
+                .map_err(|e| format!("retry of {name}: {e}"))?;
+            let replayed = v["replayed"] == true;
+            match (ok(&v), there) {
+                (true, true) => {
+                    if replayed && v["window"]["version"] == 1 {
+                        self.sum.retries_replayed += 1;
+                        self.sum.retries_recovered += u64::from(v["recovered"] == true);
+                    } else {
+                        self.violation(format!(
+                            "retry of keyed freeze {name}, committed before the kill, ran \
+                             again: {v}"
+                        ));
+                    }
+                }
+                (true, false) if replayed => self.violation(format!(
+                    "retry of keyed freeze {name} replayed a success no window shows: {v}"
+                )),
+                (true, false) => {
+                    self.acked.insert(name, tokens);
+                    self.sum.freezes_acked += 1;
+                }
+                (false, true) => self.violation(format!(
+                    "retry of keyed freeze {name}, committed before the kill, refused: {v}"
+                )),
+                (false, false) => {
+                    let full =
+                        v.pointer("/error/code").and_then(Value::as_str) == Some("QUOTA_EXCEEDED");
+                    if !full {
+                        self.violation(format!("retry of keyed freeze {name} refused: {v}"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn check(&mut self, c: &mut Client, expect_no_garbage: bool) -> Result<(), String> {
         let v = c
             .call_final(json!({"op": "check"}))
@@ -698,6 +769,8 @@ impl Run {
                     req["class"] = json!("unnamed");
                     self.unnamed.insert(name.clone());
                 }
+                let retry = (req.get("idempotency_key").is_some() && req.get("class").is_none())
+                    .then(|| req.clone());
                 let res = c.call_final(req);
                 match res {
                     Ok(v) if ok(&v) => {
@@ -709,7 +782,12 @@ impl Run {
                         // Refused (e.g. quota): it must not appear.
                         self.uncertain.remove(&name);
                     }
-                    Err(_) => return,
+                    Err(_) => {
+                        if let Some(req) = retry {
+                            self.retries.push((name, req, tokens));
+                        }
+                        return;
+                    }
                 }
             } else if (50..53).contains(&r) && !self.pinned.is_empty() {
                 // Unpin a pinned window: evictable from then on (also if the kill lands before
@@ -851,6 +929,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureSummary, String> {
         unnamed: Default::default(),
         pinned: Default::default(),
         expiring: BTreeMap::new(),
+        retries: Vec::new(),
         next_window: 0,
         next_side: 0,
         sum: TortureSummary::default(),
@@ -886,6 +965,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureSummary, String> {
             return Err(format!("register refused: {reg}"));
         }
         run.verify_all(&mut c)?;
+        run.retry_cut_off(&mut c)?;
         run.sum.cycles += 1;
         run.sum.reused_segments_seen += reused_segments(&run.data);
         if last {
