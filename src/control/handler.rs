@@ -239,14 +239,20 @@ impl Server {
     /// request (its manifest carries the request's origin) although no outcome is recorded —
     /// the daemon stopped between the commit and the outcome record, or the record failed:
     /// the final line of a success, rebuilt from the window (`replayed` and `recovered`
-    /// true; no `report`, which only the first run knew). None: run the request.
+    /// true; no `report`, which only the first run knew), while the window is younger than
+    /// the idempotency TTL. None: run the request.
     fn recovered_outcome(&self, req: &Request, origin: u128) -> Option<Value> {
         if req.op != "freeze" {
             return None;
         }
         let name = req.args.get("window")?.as_str()?;
         let info = self.store.get(name).ok()?;
-        (info.origin == Some(origin)).then(|| {
+        // Only while its outcome would have been kept (`--idempotency-ttl`, counted from the
+        // commit, which is before the outcome's own time): after that a retry runs as a new
+        // request, as with any forgotten outcome.
+        let kept =
+            crate::clock::now_unix_ms().saturating_sub(info.created_unix_ms) < self.idem_ttl_ms();
+        (kept && info.origin == Some(origin)).then(|| {
             json!({"ok": true, "final": true, "status": "durable", "window": info,
                 "replayed": true, "recovered": true})
         })
