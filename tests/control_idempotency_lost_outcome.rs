@@ -9,7 +9,7 @@
 //! build: `CWM_FAILPOINTS` fails the daemon's catalog writes.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
-use common::daemon::{code, fixture, register_req, start, Fixture};
+use common::daemon::{code, fixture, restart};
 
 use cwm::control::client::Client;
 use serde_json::{json, Value};
@@ -19,21 +19,6 @@ fn freeze(window: &str, key: &str, blocks: &[u64]) -> Value {
     json!({"op": "freeze", "engine": "e1", "window": window,
         "tokens": (0..n).collect::<Vec<u32>>(), "block_ids": blocks,
         "idempotency_key": key})
-}
-
-/// Kills the daemon (-9) and starts it again over the same directories.
-fn restart(f: &mut Fixture) -> Client {
-    f.daemon.child.kill().unwrap();
-    f.daemon.child.wait().unwrap();
-    f.daemon = start(
-        &f.tmp.path().join("data"),
-        &f.tmp.path().join("cwm.sock"),
-        &f.tmp.path().join("shm"),
-        &[],
-    );
-    let mut c = Client::connect(&f.daemon.socket).unwrap();
-    assert_eq!(code(&c.call_final(register_req(&f.paths)).unwrap()), "OK");
-    c
 }
 
 fn versions(c: &mut Client, window: &str) -> Vec<u64> {
@@ -62,7 +47,7 @@ fn a_retry_after_a_lost_outcome_is_told_its_freeze_succeeded() {
     assert_eq!(code(&other), "OK", "{other}");
     drop(c);
 
-    let mut c = restart(&mut f);
+    let mut c = restart(&mut f, &[]);
     // The retry: answered as the success it was, and nothing frozen again.
     let mut retry = freeze("w1", "k1", &[0, 1, 2]);
     retry["id"] = json!("retry-1");
@@ -93,7 +78,7 @@ fn a_retry_after_a_lost_outcome_is_told_its_freeze_succeeded() {
 
     // The rebuilt outcome is recorded now (catalog writes work again): replayed after another
     // kill as any outcome is, and a different request under k1 is refused.
-    let mut c = restart(&mut f);
+    let mut c = restart(&mut f, &[]);
     let v = c.call_final(retry).unwrap();
     assert_eq!((code(&v), &v["replayed"]), ("OK", &json!(true)), "{v}");
     let v = c.call_final(freeze("w9", "k1", &[6])).unwrap();

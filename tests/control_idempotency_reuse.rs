@@ -5,7 +5,7 @@
 //! (`--idempotency-max`): the oldest are forgotten, in memory and in the log.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
-use common::daemon::{code, fixture, register_req, start, Fixture};
+use common::daemon::{code, fixture, restart};
 
 use cwm::control::client::Client;
 use serde_json::{json, Value};
@@ -14,21 +14,6 @@ fn freeze(window: &str, key: &str) -> Value {
     json!({"op": "freeze", "engine": "e1", "window": window,
         "tokens": (0..64).collect::<Vec<u32>>(), "block_ids": [0, 1, 2, 3],
         "idempotency_key": key})
-}
-
-/// Kills the daemon (-9) and starts it again over the same directories with `extra`.
-fn restart(f: &mut Fixture, extra: &[&str]) -> Client {
-    f.daemon.child.kill().unwrap();
-    f.daemon.child.wait().unwrap();
-    f.daemon = start(
-        &f.tmp.path().join("data"),
-        &f.tmp.path().join("cwm.sock"),
-        &f.tmp.path().join("shm"),
-        extra,
-    );
-    let mut c = Client::connect(&f.daemon.socket).unwrap();
-    assert_eq!(code(&c.call_final(register_req(&f.paths)).unwrap()), "OK");
-    c
 }
 
 fn exists(c: &mut Client, window: &str) -> bool {

@@ -147,18 +147,10 @@ fn put_expiring(
     class: Class,
     expires: Option<i64>,
 ) -> Result<(), String> {
-    let p: Vec<Vec<u8>> = keys
-        .iter()
-        .map(|&k| payload(k as u64, LEN as usize))
-        .collect();
-    let refs: Vec<&[u8]> = p.iter().map(|v| &v[..]).collect();
     let mut s = spec(name, keys, LEN);
     s.retention.class = class;
     s.retention.expires_unix_ms = expires;
-    store
-        .put_window(s, &refs)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    put_spec(store, s).map(|_| ()).map_err(|e| e.to_string())
 }
 
 fn put_replacing(
@@ -168,18 +160,10 @@ fn put_replacing(
     class: Class,
     replace: cwm::store::Replace,
 ) -> Result<(), String> {
-    let p: Vec<Vec<u8>> = keys
-        .iter()
-        .map(|&k| payload(k as u64, LEN as usize))
-        .collect();
-    let refs: Vec<&[u8]> = p.iter().map(|v| &v[..]).collect();
     let mut s = spec(name, keys, LEN);
     s.retention.class = class;
     s.replace = replace;
-    store
-        .put_window(s, &refs)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    put_spec(store, s).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// One random operation; updates the model by its outcome and checks what a failure left.

@@ -11,15 +11,10 @@ use cwm::store::{CompactOptions, Replace, Store};
 const LEN: u64 = 16 << 10;
 
 fn put_with(store: &Store, name: &str, keys: &[u128], origin: Option<u128>, replace: Replace) {
-    let p: Vec<Vec<u8>> = keys
-        .iter()
-        .map(|&k| payload(k as u64, LEN as usize))
-        .collect();
-    let refs: Vec<&[u8]> = p.iter().map(|v| &v[..]).collect();
     let mut s = spec(name, keys, LEN);
     s.origin = origin;
     s.replace = replace;
-    let info = store.put_window(s, &refs).unwrap();
+    let info = put_spec(store, s).unwrap();
     assert_eq!(info.origin, origin, "{name}: as committed");
 }
 

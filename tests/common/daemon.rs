@@ -224,3 +224,22 @@ pub fn assert_series(text: &str, series: &[&str]) {
         assert!(text.contains(s), "{s} in\n{text}");
     }
 }
+
+/// Kills the daemon (-9), starts it again over the same directories with `extra`, and
+/// registers the engine again.
+pub fn restart(f: &mut Fixture, extra: &[&str]) -> Client {
+    f.daemon.child.kill().expect("kill");
+    f.daemon.child.wait().expect("wait");
+    f.daemon = start(
+        &f.tmp.path().join("data"),
+        &f.tmp.path().join("cwm.sock"),
+        &f.tmp.path().join("shm"),
+        extra,
+    );
+    let mut c = Client::connect(&f.daemon.socket).expect("connect");
+    assert_eq!(
+        code(&c.call_final(register_req(&f.paths)).expect("register")),
+        "OK"
+    );
+    c
+}

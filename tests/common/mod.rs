@@ -103,14 +103,7 @@ pub fn spec(name: &str, keys: &[u128], len: u64) -> WindowSpec {
 
 /// Writes a window whose block `i` holds `payload(key, len)`.
 pub fn put(store: &Store, name: &str, keys: &[u128], len: u64) -> cwm::store::WindowInfo {
-    let payloads: Vec<Vec<u8>> = keys
-        .iter()
-        .map(|&k| payload(k as u64, len as usize))
-        .collect();
-    let refs: Vec<&[u8]> = payloads.iter().map(|p| &p[..]).collect();
-    store
-        .put_window(spec(name, keys, len), &refs)
-        .expect("put window")
+    put_spec(store, spec(name, keys, len)).expect("put window")
 }
 
 /// [`put`] with a real layout (`len` = its block bytes), for what reads the layout back: a
@@ -121,17 +114,25 @@ pub fn put_laid_out(
     keys: &[u128],
     layout: &cwm::layout::Layout,
 ) -> cwm::store::WindowInfo {
-    let len = layout.block_bytes();
-    let payloads: Vec<Vec<u8>> = keys
-        .iter()
-        .map(|&k| payload(k as u64, len as usize))
-        .collect();
-    let refs: Vec<&[u8]> = payloads.iter().map(|p| &p[..]).collect();
     let spec = WindowSpec {
         layout: layout.to_json(),
-        ..spec(name, keys, len)
+        ..spec(name, keys, layout.block_bytes())
     };
-    store.put_window(spec, &refs).expect("put window")
+    put_spec(store, spec).expect("put window")
+}
+
+/// Puts `s`, each block holding `payload(key, len)`.
+pub fn put_spec(
+    store: &Store,
+    s: WindowSpec,
+) -> Result<cwm::store::WindowInfo, cwm::store::StoreError> {
+    let payloads: Vec<Vec<u8>> = s
+        .blocks
+        .iter()
+        .map(|b| payload(b.key as u64, b.len as usize))
+        .collect();
+    let refs: Vec<&[u8]> = payloads.iter().map(|p| &p[..]).collect();
+    store.put_window(s, &refs)
 }
 
 /// Asserts a window reads back verified and bit-exact.
