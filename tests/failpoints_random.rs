@@ -317,6 +317,27 @@ fn step(store: &Store, m: &mut Model, rng: &mut Rng, n: usize, what: &str) -> bo
     }
 }
 
+/// An expired window reads NOT_FOUND.
+fn assert_gone(store: &Store, name: &str, what: &str) {
+    assert!(
+        matches!(
+            store.read_window(name),
+            Err(cwm::store::StoreError::NotFound(_))
+        ),
+        "{what}: expired {name} still readable"
+    );
+}
+
+/// Every listed window's name and class.
+fn classes(store: &Store) -> Vec<(String, Class)> {
+    store
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|w| (w.name, w.class))
+        .collect()
+}
+
 /// After a bulk operation failed part-way: the visible windows it took are unnamed ones.
 fn gone_since(store: &Store, m: &mut Model, what: &str) {
     let now = listed(store);
@@ -402,13 +423,7 @@ fn check_all_but(store: &Store, m: &Model, what: &str, leftover_file: bool) {
         check(store, name, keys, LEN);
     }
     for name in &m.expired {
-        assert!(
-            matches!(
-                store.read_window(name),
-                Err(cwm::store::StoreError::NotFound(_))
-            ),
-            "{what}: expired {name} still readable"
-        );
+        assert_gone(store, name, what);
     }
     let mut bad = store.check_invariants().unwrap();
     if leftover_file {
@@ -794,22 +809,11 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
         let expired = expired.into_inner().unwrap();
         let gone = |store: &Store, when: &str| {
             for n in &expired {
-                assert!(
-                    matches!(
-                        store.read_window(n),
-                        Err(cwm::store::StoreError::NotFound(_))
-                    ),
-                    "{what}: expired {n} readable {when}"
-                );
+                assert_gone(store, n, &format!("{what}, {when}"));
             }
         };
         let names = listed(&store);
-        let classes: Vec<(String, Class)> = store
-            .list()
-            .unwrap()
-            .into_iter()
-            .map(|w| (w.name, w.class))
-            .collect();
+        let classes_before = classes(&store);
         for n in &names {
             assert!(!failed.contains(n), "{what}: failed put {n} listed");
             assert!(!expired.contains(n), "{what}: expired {n} listed");
@@ -830,13 +834,11 @@ fn random_faults_under_concurrent_operations_keep_every_acknowledged_outcome() {
         drop(store);
         let (store, _) = Store::open_with_engine(cfg(&dir), engine.clone()).unwrap();
         assert_eq!(listed(&store), names, "{what}: after the reopen");
-        let again: Vec<(String, Class)> = store
-            .list()
-            .unwrap()
-            .into_iter()
-            .map(|w| (w.name, w.class))
-            .collect();
-        assert_eq!(again, classes, "{what}: classes after the reopen");
+        assert_eq!(
+            classes(&store),
+            classes_before,
+            "{what}: classes after the reopen"
+        );
         gone(&store, "after the reopen");
         for n in &names {
             check_in(&store, n, &acked[n], &format!("{what}, after the reopen"));

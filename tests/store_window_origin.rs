@@ -6,7 +6,7 @@
 mod common;
 use common::*;
 
-use cwm::store::{CompactOptions, Replace, Store};
+use cwm::store::{Replace, Store};
 
 const LEN: u64 = 16 << 10;
 
@@ -67,15 +67,7 @@ fn a_windows_origin_survives_reopens_and_compaction() {
                 "{ename}, checkpoints {checkpoints}: reopened"
             );
             assert_eq!(store.get("a").unwrap().origin, Some(a));
-            store
-                .compact(
-                    &CompactOptions {
-                        live_ratio: 1.0,
-                        ..Default::default()
-                    },
-                    &mut |_| {},
-                )
-                .unwrap();
+            compact_everything(&store);
             assert_eq!(origins(&store), want, "{ename}: compacted");
             drop(store);
             let (store, _) = Store::open_with_engine(cfg.clone(), engine.clone()).unwrap();

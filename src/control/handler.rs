@@ -84,8 +84,12 @@ impl Server {
             .idempotency_key
             .as_ref()
             .map(|_| persist::fingerprint(&req.op, &req.args));
-        if let Some(k) = &req.idempotency_key {
-            let prior = self.recorded_outcome(&persist::scoped(uid, k));
+        let scoped = req
+            .idempotency_key
+            .as_ref()
+            .map(|k| persist::scoped(uid, k));
+        if let (Some(k), Some(scoped)) = (&req.idempotency_key, &scoped) {
+            let prior = self.recorded_outcome(scoped);
             if let Some(o) = prior {
                 if o.fingerprint.is_some() && o.fingerprint != fingerprint {
                     let e = ApiError::validation(format!(
@@ -113,11 +117,10 @@ impl Server {
                 return ok;
             }
         }
-        let origin = req
-            .idempotency_key
+        let origin = scoped
             .as_ref()
             .zip(fingerprint.as_ref())
-            .map(|(k, fp)| persist::origin(&persist::scoped(uid, k), fp));
+            .map(|(s, fp)| persist::origin(s, fp));
         if let (Some(k), Some(fp), Some(o)) = (&req.idempotency_key, &fingerprint, origin) {
             if let Some(line) = self.recovered_outcome(&req, o) {
                 // A freeze that committed before a crash lost its answer and outcome record:

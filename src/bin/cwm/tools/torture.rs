@@ -275,8 +275,7 @@ fn side_writer(socket: &Path, eng: &Engine, seed: u64, first: u64, stop: &Atomic
             side.unnamed.push(name.clone());
         }
         side.uncertain = Some((name.clone(), tokens.clone()));
-        let retry = (req.get("idempotency_key").is_some() && req.get("class").is_none())
-            .then(|| req.clone());
+        let retry = retry_of(&req);
         match c.call_final(req) {
             Ok(v) if ok(&v) => {
                 side.uncertain = None;
@@ -291,6 +290,12 @@ fn side_writer(socket: &Path, eng: &Engine, seed: u64, first: u64, stop: &Atomic
         }
     }
     side
+}
+
+/// A freeze to retry after the kill if it cut it off: pinned (no eviction may take its window
+/// before the retry) and under an idempotency key.
+fn retry_of(req: &Value) -> Option<Value> {
+    (req.get("idempotency_key").is_some() && req.get("class").is_none()).then(|| req.clone())
 }
 
 fn ok(v: &Value) -> bool {
@@ -769,8 +774,7 @@ impl Run {
                     req["class"] = json!("unnamed");
                     self.unnamed.insert(name.clone());
                 }
-                let retry = (req.get("idempotency_key").is_some() && req.get("class").is_none())
-                    .then(|| req.clone());
+                let retry = retry_of(&req);
                 let res = c.call_final(req);
                 match res {
                     Ok(v) if ok(&v) => {
